@@ -1,0 +1,238 @@
+/*
+ * mmbridge: multimodal connectors in C.
+ *
+ * The whole public API. Every fallible call returns an mmb_status; when it is not MMB_OK the
+ * context's message (mmb_ctx_error) names the file, the tensor and the problem, and every output
+ * parameter is left untouched. Sizes are int64_t or size_t; arrays are row-major, f32 unless said.
+ *
+ * Usage (what the CLI's `connect` does; tests/test_api.c runs the same sequence):
+ *
+ *     mmb_ctx *ctx = NULL;
+ *     mmb_ctx_params cp = mmb_ctx_default_params();
+ *     if (mmb_ctx_new(&cp, &ctx) != MMB_OK) return 1;          // only fails on out-of-memory
+ *     mmb_model *m = NULL;
+ *     if (mmb_model_open(ctx, "llava-dir", &m) != MMB_OK) { puts(mmb_ctx_error(ctx)); ... }
+ *     mmb_model_info info;
+ *     mmb_model_get_info(m, &info);
+ *     // features: the hidden states the model reads (info.taps, HF indexing), each
+ *     // [batch, tokens, info.vision_width] f32
+ *     int64_t t_out = mmb_model_tokens_out(ctx, m, tokens);
+ *     size_t n = (size_t)(batch * t_out * info.out_width);
+ *     float *out = malloc(n * sizeof(float));
+ *     if (mmb_model_connect(ctx, m, &features, out, n) != MMB_OK) puts(mmb_ctx_error(ctx));
+ *     free(out); mmb_model_free(m); mmb_ctx_free(ctx);
+ */
+#ifndef MMBRIDGE_H
+#define MMBRIDGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define MMB_API
+#else
+#define MMB_API __attribute__((visibility("default")))
+#endif
+
+#define MMB_VERSION_MAJOR 0
+#define MMB_VERSION_MINOR 1
+#define MMB_VERSION_PATCH 0
+
+/* Result of every fallible call. Values are fixed; new codes are only ever appended. */
+typedef enum mmb_status {
+    MMB_OK = 0,
+    MMB_ERR_IO = 1,          /* a file could not be opened, read, mapped or written */
+    MMB_ERR_FORMAT = 2,      /* a file's contents are malformed (header, JSON, offsets, dtype) */
+    MMB_ERR_SHAPE = 3,       /* a tensor or input has the wrong shape */
+    MMB_ERR_MISSING = 4,     /* a required tensor or config key is absent */
+    MMB_ERR_UNSUPPORTED = 5, /* a known-valid but unsupported choice (projector type, activation) */
+    MMB_ERR_NOMEM = 6,       /* an allocation failed */
+    MMB_ERR_ARG = 7          /* the caller passed an invalid argument */
+} mmb_status;
+
+/* Returns a static, short English name for a status ("ok", "io error", ...). Never NULL. */
+MMB_API const char *mmb_status_str(mmb_status s);
+
+/* Returns the library version as "MAJOR.MINOR.PATCH"; a static string. */
+MMB_API const char *mmb_version(void);
+
+/* ---------------------------------------------------------------------------------------------
+ * Context: owns the thread pool, the GEMM backend choice and the last error message.
+ * A context is used by one thread at a time; models opened with it may be shared read-only.
+ */
+typedef struct mmb_ctx mmb_ctx;
+
+typedef enum mmb_gemm_backend {
+    MMB_GEMM_AUTO = 0,  /* the measured default (docs/decisions.md) */
+    MMB_GEMM_NAIVE = 1, /* the reference triple loop: the oracle, slow */
+    MMB_GEMM_OWN = 2,   /* mmbridge's packed AVX-512 / AVX2 kernel, chosen by CPUID at run time */
+    MMB_GEMM_OPENBLAS = 3 /* cblas_sgemm from the OpenBLAS the library was built against */
+} mmb_gemm_backend;
+
+typedef struct mmb_ctx_params {
+    int n_threads;            /* worker threads; <= 0 means the number of online CPUs */
+    mmb_gemm_backend gemm;    /* MMB_GEMM_AUTO unless a benchmark or test wants another */
+} mmb_ctx_params;
+
+/* Returns the default context parameters: n_threads 0 (online CPUs), gemm MMB_GEMM_AUTO. */
+MMB_API mmb_ctx_params mmb_ctx_default_params(void);
+
+/* Creates a context and starts its threads. Returns MMB_OK and sets *out, MMB_ERR_ARG for NULL
+ * pointers or a backend this build lacks (the message says which), or MMB_ERR_NOMEM. The caller
+ * frees it with mmb_ctx_free. */
+MMB_API mmb_status mmb_ctx_new(const mmb_ctx_params *p, mmb_ctx **out);
+
+/* Stops the threads and frees the context. NULL is a no-op. */
+MMB_API void mmb_ctx_free(mmb_ctx *ctx);
+
+/* Returns the number of threads the context computes with (>= 1). */
+MMB_API int mmb_ctx_threads(const mmb_ctx *ctx);
+
+/* Returns the message of the last failed call made with this context ("" if none). The string
+ * belongs to the context and stays valid until its next failing call or mmb_ctx_free. */
+MMB_API const char *mmb_ctx_error(const mmb_ctx *ctx);
+
+/* ---------------------------------------------------------------------------------------------
+ * Tensors and safetensors files.
+ */
+/* Storage types. Only F32, F16 and BF16 are computed with; the others are the remaining
+ * safetensors dtypes, accepted in a file (checkpoints carry e.g. I64 position_ids) and refused
+ * with MMB_ERR_UNSUPPORTED only when a computation needs that tensor. */
+typedef enum mmb_dtype {
+    MMB_F32 = 0, MMB_F16 = 1, MMB_BF16 = 2,
+    MMB_F64 = 3, MMB_I64 = 4, MMB_I32 = 5, MMB_I16 = 6, MMB_I8 = 7, MMB_U8 = 8, MMB_BOOL = 9,
+    MMB_U16 = 10, MMB_U32 = 11, MMB_U64 = 12, MMB_F8_E4M3 = 13, MMB_F8_E5M2 = 14
+} mmb_dtype;
+
+#define MMB_MAX_DIMS 8
+
+/* A view of an n-dimensional row-major array. `data` is not owned by the view. */
+typedef struct mmb_tensor {
+    const char *name;          /* the tensor's name in its file (owned by the file) */
+    mmb_dtype dtype;
+    int ndim;
+    int64_t shape[MMB_MAX_DIMS];
+    const void *data;          /* ndim product * dtype size bytes */
+} mmb_tensor;
+
+/* Returns the element size of a dtype in bytes. */
+MMB_API size_t mmb_dtype_size(mmb_dtype t);
+
+/* Returns the safetensors name of a dtype ("F32", "F16", "BF16", "I64", ...). */
+MMB_API const char *mmb_dtype_name(mmb_dtype t);
+
+/* Returns the number of elements of a tensor (1 for ndim 0). */
+MMB_API int64_t mmb_tensor_numel(const mmb_tensor *t);
+
+/* Converts n elements of src (of dtype t) to f32 in dst. Returns MMB_OK, or MMB_ERR_UNSUPPORTED
+ * (dst untouched) when t is not F32, F16 or BF16. */
+MMB_API mmb_status mmb_to_f32(float *dst, const void *src, mmb_dtype t, size_t n);
+
+/* A read-only, memory-mapped safetensors file. */
+typedef struct mmb_st_file mmb_st_file;
+
+/* Maps `path` and validates its whole header before returning: the 8-byte length, the JSON, each
+ * entry's dtype (a safetensors dtype name; unknown names are MMB_ERR_FORMAT), shape (non-negative, product
+ * overflow-checked), data_offsets (inside the file, begin <= end, length == numel * dtype size,
+ * no two ranges overlapping). Returns MMB_OK and sets *out, or MMB_ERR_IO / MMB_ERR_FORMAT with a
+ * message naming the file and the tensor. Free with mmb_st_close. */
+MMB_API mmb_status mmb_st_open(mmb_ctx *ctx, const char *path, mmb_st_file **out);
+
+/* Unmaps and frees. NULL is a no-op. Tensor views taken from the file become invalid. */
+MMB_API void mmb_st_close(mmb_st_file *f);
+
+/* Returns the number of tensors in the file. */
+MMB_API int mmb_st_count(const mmb_st_file *f);
+
+/* Returns a view of tensor i (0 <= i < count) in file order, or NULL when out of range. */
+MMB_API const mmb_tensor *mmb_st_at(const mmb_st_file *f, int i);
+
+/* Returns the tensor called `name`, or NULL if the file has none. */
+MMB_API const mmb_tensor *mmb_st_find(const mmb_st_file *f, const char *name);
+
+/* Returns the `__metadata__` string value for `key`, or NULL. */
+MMB_API const char *mmb_st_meta(const mmb_st_file *f, const char *key);
+
+/* Writes `n` tensors to `path` as safetensors: to `path`.tmp.PID first, then renamed over `path`,
+ * so a failure never leaves a partial file at `path`. Returns MMB_OK, MMB_ERR_ARG for duplicate
+ * or empty names, or MMB_ERR_IO. */
+MMB_API mmb_status mmb_st_write(mmb_ctx *ctx, const char *path, const mmb_tensor *tensors, int n);
+
+/* ---------------------------------------------------------------------------------------------
+ * Models: a checkpoint directory (config.json + *.safetensors, sharded through
+ * model.safetensors.index.json) with its connector and feature selection.
+ */
+typedef struct mmb_model mmb_model;
+
+#define MMB_MAX_TAPS 64
+
+typedef struct mmb_model_info {
+    const char *architecture;   /* e.g. "LlavaForConditionalGeneration", "LlavaLlamaForCausalLM" */
+    const char *layout;         /* "transformers", "transformers-old" or "llava-original" */
+    const char *connector;      /* registry name: "linear", "mlp2x_gelu", "llava", ... */
+    const char *activation;     /* "gelu", "gelu_pytorch_tanh", "quick_gelu", "silu", or "" */
+    const char *select_strategy;/* "default"/"patch" (drop token 0) or "full"/"cls_patch" (keep it) */
+    int n_taps;                 /* hidden layers read, concatenated on channels in this order */
+    int taps[MMB_MAX_TAPS];     /* HF hidden_states indices as configured (may be negative) */
+    int vision_layers;          /* encoder blocks, or 0 when the checkpoint does not say */
+    int vision_width;           /* width of one hidden state */
+    int in_width;               /* connector input width = vision_width * n_taps */
+    int out_width;              /* d_model: the LLM's embedding width */
+    int image_size, patch_size; /* 0 when unknown */
+    int64_t tokens_per_image;   /* visual tokens out per image, 0 when image size unknown */
+    int64_t params;             /* connector parameters */
+    int64_t flops_per_image;    /* connector FLOPs per image (2 per multiply-add), 0 if unknown */
+    mmb_dtype weight_dtype;     /* dtype the connector's weights are stored in */
+} mmb_model_info;
+
+/* Opens the checkpoint directory `dir`: reads config.json, maps its safetensors, detects the
+ * layout and builds the connector, checking every weight's presence, dtype and shape. f16/bf16
+ * weights are converted to f32 once here. Returns MMB_OK and sets *out; MMB_ERR_IO,
+ * MMB_ERR_FORMAT, MMB_ERR_MISSING, MMB_ERR_SHAPE or MMB_ERR_UNSUPPORTED with a message naming
+ * the file and tensor otherwise. Free with mmb_model_free. */
+MMB_API mmb_status mmb_model_open(mmb_ctx *ctx, const char *dir, mmb_model **out);
+
+/* Frees the model. NULL is a no-op. */
+MMB_API void mmb_model_free(mmb_model *m);
+
+/* Fills *out with what the model reads and produces. Strings belong to the model. Returns MMB_OK
+ * or MMB_ERR_ARG for NULL pointers. */
+MMB_API mmb_status mmb_model_get_info(const mmb_model *m, mmb_model_info *out);
+
+/* Hidden states from a vision encoder, as the connector reads them. */
+typedef struct mmb_features {
+    int64_t batch;          /* images */
+    int64_t tokens;         /* tokens per image in each hidden state, CLS included if present */
+    int64_t width;          /* channels of one hidden state */
+    int n_hidden;           /* length of the encoder's hidden_states tuple (layers + 1), used to
+                               resolve negative taps; 0 if unknown */
+    int n_taps;
+    int taps[MMB_MAX_TAPS];           /* non-negative HF indices of the buffers below */
+    const float *data[MMB_MAX_TAPS];  /* each [batch, tokens, width] */
+} mmb_features;
+
+/* Returns how many tokens per image the model emits for hidden states of `tokens` tokens per
+ * image, or -1 if it cannot take them (message set). Like transformers, the "default" / "patch"
+ * strategy drops token 0 whatever the encoder (CLS for CLIP). */
+MMB_API int64_t mmb_model_tokens_out(mmb_ctx *ctx, const mmb_model *m, int64_t tokens);
+
+/* Runs feature selection and the connector: picks the model's taps from `in` (negative taps are
+ * resolved with in->n_hidden), crops CLS as the strategy says, concatenates on channels, and
+ * writes embeddings [batch, tokens_out, out_width] to `out`, which holds `out_count` floats.
+ * Returns MMB_OK; MMB_ERR_MISSING when a tap is absent (or negative with n_hidden 0); MMB_ERR_SHAPE
+ * when the width does not match or out_count is too small; MMB_ERR_NOMEM. `out` is unchanged on
+ * failure. */
+MMB_API mmb_status mmb_model_connect(mmb_ctx *ctx, const mmb_model *m, const mmb_features *in,
+                                     float *out, size_t out_count);
+
+/* Returns the number of registered connector names, and sets *names to a static array of them. */
+MMB_API int mmb_connector_names(const char *const **names);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,101 @@
+/* A fixed thread pool: the caller is thread 0, workers 1..n-1 wait on a generation counter. */
+#include "internal.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+
+struct mmb_pool {
+    int n;
+    pthread_t *threads;
+    pthread_mutex_t mu;
+    pthread_cond_t go, done;
+    uint64_t generation;   /* bumped by each run */
+    int pending;           /* workers still running the current job */
+    bool quit;
+    mmb_pool_fn fn;
+    void *arg;
+};
+
+typedef struct { mmb_pool *p; int tid; } worker_arg;
+
+static void *worker(void *va) {
+    worker_arg *w = va;
+    mmb_pool *p = w->p;
+    int tid = w->tid;
+    free(w);
+    uint64_t seen = 0;
+    for (;;) {
+        pthread_mutex_lock(&p->mu);
+        while (p->generation == seen && !p->quit) pthread_cond_wait(&p->go, &p->mu);
+        if (p->quit) { pthread_mutex_unlock(&p->mu); return NULL; }
+        seen = p->generation;
+        mmb_pool_fn fn = p->fn;
+        void *arg = p->arg;
+        pthread_mutex_unlock(&p->mu);
+        fn(arg, tid, p->n);
+        pthread_mutex_lock(&p->mu);
+        if (--p->pending == 0) pthread_cond_signal(&p->done);
+        pthread_mutex_unlock(&p->mu);
+    }
+}
+
+mmb_status mmb__pool_new(int n, mmb_pool **out) {
+    if (n < 1) n = 1;
+    mmb_pool *p = calloc(1, sizeof *p);
+    if (!p) return MMB_ERR_NOMEM;
+    p->n = n;
+    p->threads = calloc((size_t)n, sizeof *p->threads);
+    if (!p->threads) { free(p); return MMB_ERR_NOMEM; }
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->go, NULL);
+    pthread_cond_init(&p->done, NULL);
+    for (int i = 1; i < n; i++) {
+        worker_arg *w = malloc(sizeof *w);
+        if (w) *w = (worker_arg){p, i};
+        if (!w || pthread_create(&p->threads[i], NULL, worker, w) != 0) {
+            free(w);
+            p->n = i; /* only workers 1..i-1 exist */
+            mmb__pool_free(p);
+            return MMB_ERR_NOMEM;
+        }
+    }
+    *out = p;
+    return MMB_OK;
+}
+
+void mmb__pool_free(mmb_pool *p) {
+    if (!p) return;
+    pthread_mutex_lock(&p->mu);
+    p->quit = true;
+    pthread_cond_broadcast(&p->go);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 1; i < p->n; i++) pthread_join(p->threads[i], NULL);
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->go);
+    pthread_cond_destroy(&p->done);
+    free(p->threads);
+    free(p);
+}
+
+int mmb__pool_size(const mmb_pool *p) { return p ? p->n : 1; }
+
+void mmb__pool_run(mmb_pool *p, mmb_pool_fn fn, void *arg) {
+    if (!p || p->n == 1) { fn(arg, 0, 1); return; }
+    pthread_mutex_lock(&p->mu);
+    p->fn = fn;
+    p->arg = arg;
+    p->pending = p->n - 1;
+    p->generation++;
+    pthread_cond_broadcast(&p->go);
+    pthread_mutex_unlock(&p->mu);
+    fn(arg, 0, p->n);
+    pthread_mutex_lock(&p->mu);
+    while (p->pending > 0) pthread_cond_wait(&p->done, &p->mu);
+    pthread_mutex_unlock(&p->mu);
+}
+
+void mmb__split(int64_t n, int tid, int nth, int64_t *lo, int64_t *hi) {
+    int64_t q = n / nth, r = n % nth;
+    *lo = tid * q + (tid < r ? tid : r);
+    *hi = *lo + q + (tid < r ? 1 : 0);
+}

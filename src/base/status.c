@@ -1,0 +1,32 @@
+/* Status names and the context's error message. */
+#include "internal.h"
+
+#include <stdio.h>
+
+const char *mmb_status_str(mmb_status s) {
+    switch (s) {
+    case MMB_OK: return "ok";
+    case MMB_ERR_IO: return "io error";
+    case MMB_ERR_FORMAT: return "malformed file";
+    case MMB_ERR_SHAPE: return "shape mismatch";
+    case MMB_ERR_MISSING: return "missing";
+    case MMB_ERR_UNSUPPORTED: return "unsupported";
+    case MMB_ERR_NOMEM: return "out of memory";
+    case MMB_ERR_ARG: return "invalid argument";
+    }
+    return "unknown status";
+}
+
+const char *mmb_version(void) { return "0.1.0"; }
+
+mmb_status mmb__err(mmb_ctx *ctx, mmb_status s, const char *fmt, ...) {
+    if (ctx) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(ctx->err, sizeof ctx->err, fmt, ap);
+        va_end(ap);
+    }
+    return s;
+}
+
+const char *mmb_ctx_error(const mmb_ctx *ctx) { return ctx ? ctx->err : ""; }

@@ -1,0 +1,19 @@
+/* Connector registry: checkpoint type name -> ops. */
+#include "internal.h"
+
+static const mmb_connector_ops *const all[] = {&mmb__conn_identity, &mmb__conn_mlp, &mmb__conn_resmlp};
+#define N_CONN ((int)(sizeof all / sizeof all[0]))
+
+/* Registered names (mlp covers "linear", "mlpNx_gelu" for any N >= 1, and "llava"). */
+static const char *const names[] = {"identity", "linear", "mlpNx_gelu", "llava", "simple_res"};
+
+const mmb_connector_ops *mmb__connector_find(const char *type) {
+    for (int i = 0; i < N_CONN; i++)
+        if (all[i]->accepts(type)) return all[i];
+    return NULL;
+}
+
+int mmb_connector_names(const char *const **out) {
+    if (out) *out = names;
+    return (int)(sizeof names / sizeof names[0]);
+}

@@ -1,0 +1,220 @@
+/* Internal interfaces shared by the library's files. Nothing here is public API. */
+#ifndef MMB_INTERNAL_H
+#define MMB_INTERNAL_H
+
+#include "mmbridge.h"
+
+#include <stdarg.h>
+#include <stdbool.h>
+
+/* ---- base/status.c: error messages --------------------------------------------------------- */
+
+#define MMB_ERRMSG_LEN 1024
+
+/* Formats a message into ctx (if not NULL) and returns s, so callers can `return mmb__err(...)`. */
+mmb_status mmb__err(mmb_ctx *ctx, mmb_status s, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* ---- base/arena.c: bump allocator ---------------------------------------------------------- */
+
+/* One malloc'd block carved into 64-byte aligned pieces; reset frees them all at once. */
+typedef struct mmb_arena {
+    unsigned char *base;
+    size_t cap, used;
+} mmb_arena;
+
+/* Grows the arena to at least `bytes` of capacity (discarding contents). Returns MMB_OK or
+ * MMB_ERR_NOMEM. */
+mmb_status mmb__arena_reserve(mmb_ctx *ctx, mmb_arena *a, size_t bytes);
+/* Returns a 64-byte aligned piece of `bytes`, or NULL when the reservation is exceeded. */
+void *mmb__arena_alloc(mmb_arena *a, size_t bytes);
+void mmb__arena_reset(mmb_arena *a);
+void mmb__arena_free(mmb_arena *a);
+/* Bytes arena_alloc would consume for a piece of `bytes` (for sizing a reservation). */
+size_t mmb__arena_piece(size_t bytes);
+
+/* ---- base/pool.c: thread pool -------------------------------------------------------------- */
+
+typedef struct mmb_pool mmb_pool;
+
+/* Called once per thread by mmb__pool_run: tid in [0, nth). */
+typedef void (*mmb_pool_fn)(void *arg, int tid, int nth);
+
+/* Starts n-1 workers (the caller is thread 0). Returns MMB_OK or MMB_ERR_NOMEM. */
+mmb_status mmb__pool_new(int n, mmb_pool **out);
+void mmb__pool_free(mmb_pool *p);
+int mmb__pool_size(const mmb_pool *p);
+/* Runs fn(arg, tid, nth) on every thread of the pool, the caller included, and returns when all
+ * are done. Not reentrant: fn must not call mmb__pool_run. */
+void mmb__pool_run(mmb_pool *p, mmb_pool_fn fn, void *arg);
+/* Splits [0, n) into nth near-equal contiguous ranges; sets [*lo, *hi) for tid. */
+void mmb__split(int64_t n, int tid, int nth, int64_t *lo, int64_t *hi);
+
+/* ---- the context ---------------------------------------------------------------------------- */
+
+struct mmb_ctx {
+    mmb_pool *pool;
+    mmb_gemm_backend gemm;   /* resolved: never MMB_GEMM_AUTO */
+    mmb_arena arena;         /* activations of the current forward pass */
+    char err[MMB_ERRMSG_LEN];
+};
+
+/* ---- tensor/kernels.c: elementwise and norm kernels (each with a _ref oracle) -------------- */
+
+typedef enum mmb_act {
+    MMB_ACT_NONE = 0,
+    MMB_ACT_GELU,       /* exact: 0.5 x (1 + erf(x / sqrt 2)) */
+    MMB_ACT_GELU_TANH,  /* 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
+    MMB_ACT_QUICK_GELU, /* x sigmoid(1.702 x) */
+    MMB_ACT_SILU        /* x sigmoid(x) */
+} mmb_act;
+
+/* Parses an HF ACT2FN name ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "quick_gelu",
+ * "silu", "swish"). Returns false for anything else. */
+bool mmb__act_parse(const char *name, mmb_act *out);
+const char *mmb__act_name(mmb_act a);
+
+/* x (n) -> x (n): act applied in place. */
+void mmb__act_forward(float *x, int64_t n, mmb_act a);
+void mmb__act_forward_ref(float *x, int64_t n, mmb_act a);
+
+/* x (M, C) -> out (M, C): (x - mean) / sqrt(var + eps) * w + b; w, b (C) (b may be NULL). */
+void mmb__layernorm_forward(float *out, const float *x, const float *w, const float *b,
+                            int64_t M, int64_t C, float eps);
+void mmb__layernorm_forward_ref(float *out, const float *x, const float *w, const float *b,
+                                int64_t M, int64_t C, float eps);
+
+/* out (n), a (n), b (n) -> out = a + b (out may alias a or b). */
+void mmb__add_forward(float *out, const float *a, const float *b, int64_t n);
+void mmb__add_forward_ref(float *out, const float *a, const float *b, int64_t n);
+
+/* Threaded wrappers: the same kernels split over rows by the context's pool. */
+void mmb__act_forward_mt(mmb_ctx *ctx, float *x, int64_t n, mmb_act a);
+void mmb__layernorm_forward_mt(mmb_ctx *ctx, float *out, const float *x, const float *w,
+                               const float *b, int64_t M, int64_t C, float eps);
+
+/* ---- tensor/gemm.c: linear layers ----------------------------------------------------------- */
+
+/* A linear layer y = x W^T + b, as torch.nn.Linear stores it. */
+typedef struct mmb_linear {
+    int64_t n_out, n_in;
+    const float *w;          /* (n_out, n_in), f32: mapped in place or owned_w */
+    const float *bias;       /* (n_out) or NULL */
+    float *owned_w, *owned_b;/* set when converted from f16/bf16 at load */
+    float *packed;           /* the own kernel's packed copy of w, or NULL */
+    mmb_gemm_backend backend;
+} mmb_linear;
+
+/* Binds a linear layer to tensor `w` [n_out, n_in] and optional `b` [n_out] (any float dtype;
+ * converted once to f32 if not f32) and pre-packs it for ctx's backend. Returns MMB_OK or
+ * MMB_ERR_NOMEM. Shapes are the caller's to check. */
+mmb_status mmb__linear_init(mmb_ctx *ctx, mmb_linear *l, const mmb_tensor *w, const mmb_tensor *b);
+void mmb__linear_free(mmb_linear *l);
+/* x (M, n_in) -> y (M, n_out): y = x W^T + b, threaded over ctx's pool. */
+void mmb__linear_forward(mmb_ctx *ctx, float *y, const float *x, int64_t M, const mmb_linear *l);
+
+/* The oracle: C (M, N) = A (M, K) W^T + bias; W (N, K), bias (N) or NULL. Single-threaded. */
+void mmb__gemm_ref(float *C, const float *A, const float *W, const float *bias,
+                   int64_t M, int64_t N, int64_t K);
+
+/* ---- tensor/gemm_own.c: mmbridge's packed kernel --------------------------------------------- */
+
+/* Returns the instruction set the own kernel will use: 2 AVX-512F, 1 AVX2+FMA, 0 none. */
+int mmb__gemm_own_isa(void);
+/* Floats needed to hold W (N, K) packed. */
+size_t mmb__gemm_own_packed_size(int64_t N, int64_t K);
+/* W (N, K) row-major -> dst, the own kernel's panel layout. */
+void mmb__gemm_own_pack(float *dst, const float *W, int64_t N, int64_t K);
+/* A (M, K), packed W (N, K), bias (N) or NULL -> C (M, N) = A W^T + bias, split over the pool. */
+void mmb__gemm_own(mmb_pool *pool, float *C, const float *A, const float *packed,
+                   const float *bias, int64_t M, int64_t N, int64_t K);
+
+/* ---- tensor/half.c ---------------------------------------------------------------------------- */
+float mmb__f16_to_f32(uint16_t h);
+float mmb__bf16_to_f32(uint16_t h);
+uint16_t mmb__f32_to_f16(float f);
+uint16_t mmb__f32_to_bf16(float f);
+/* Parses a safetensors dtype name; false for unknown names. */
+bool mmb__dtype_parse(const char *name, mmb_dtype *out);
+/* True for F32, F16, BF16: the dtypes the library computes with. */
+bool mmb__dtype_is_float(mmb_dtype t);
+
+/* ---- overflow-checked sizes ------------------------------------------------------------------ */
+static inline bool mmb__mul_ok(uint64_t a, uint64_t b, uint64_t *out) {
+    return !__builtin_mul_overflow(a, b, out);
+}
+static inline bool mmb__add_ok(uint64_t a, uint64_t b, uint64_t *out) {
+    return !__builtin_add_overflow(a, b, out);
+}
+
+#endif
+
+/* ---- io/safetensors.c ------------------------------------------------------------------------ */
+const char *mmb__st_path(const mmb_st_file *f);
+
+/* ---- io/checkpoint.c: a checkpoint directory ------------------------------------------------- */
+
+typedef struct cJSON cJSON;
+
+/* config.json parsed, plus every safetensors file of the directory (one, several, or the shards
+ * that model.safetensors.index.json names). */
+typedef struct mmb_ckpt {
+    char *dir;
+    cJSON *config;
+    int n_files;
+    mmb_st_file **files;
+} mmb_ckpt;
+
+/* Opens dir/config.json and the directory's safetensors. Returns MMB_OK, MMB_ERR_IO, MMB_ERR_FORMAT
+ * (malformed JSON, index naming a missing shard, a tensor in two files) or MMB_ERR_MISSING. */
+mmb_status mmb__ckpt_open(mmb_ctx *ctx, const char *dir, mmb_ckpt *out);
+void mmb__ckpt_close(mmb_ckpt *c);
+/* Returns the tensor called name in any file, and its file in *file (may be NULL), or NULL. */
+const mmb_tensor *mmb__ckpt_find(const mmb_ckpt *c, const char *name, const mmb_st_file **file);
+
+/* Binds a float tensor for computing: present, F32/F16/BF16, and of exactly the given shape
+ * (ndim dims from shape[]). Errors name the checkpoint file and the tensor. */
+mmb_status mmb__ckpt_bind(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int ndim,
+                          const int64_t *shape, const mmb_tensor **out);
+
+/* Config access. `path` is dotted ("vision_config.hidden_size"). The getters return false when the
+ * key is absent (or null); a present key of the wrong type is an MMB_ERR_FORMAT through *s. */
+bool mmb__cfg_int(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, int64_t *out, mmb_status *s);
+bool mmb__cfg_num(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, double *out, mmb_status *s);
+bool mmb__cfg_str(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, const char **out, mmb_status *s);
+bool mmb__cfg_bool(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, bool *out, mmb_status *s);
+/* An int or a list of ints (vision_feature_layer); at most `cap` values. */
+bool mmb__cfg_ints(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, int *out, int cap, int *n, mmb_status *s);
+
+/* ---- connectors/registry.c: the connector vtable ---------------------------------------------- */
+
+/* What the model tells a connector to build. */
+typedef struct mmb_conn_cfg {
+    const char *type;      /* the checkpoint's own name: "linear", "mlp2x_gelu", "llava", ... */
+    const char *prefix;    /* weight-name prefix, e.g. "model.mm_projector." */
+    int64_t in_width;      /* channels in (vision width x taps) */
+    int64_t out_width;     /* d_model */
+    mmb_act act;           /* for connectors whose activation is configurable */
+    bool bias;             /* for connectors whose bias is optional */
+    float eps;             /* norm eps, for connectors with a norm */
+} mmb_conn_cfg;
+
+typedef struct mmb_connector_ops {
+    const char *name;                                /* registry name (a pattern for mlpNx_gelu) */
+    bool (*accepts)(const char *type);               /* does this connector build `type`? */
+    mmb_status (*load)(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, void **state);
+    int64_t (*out_tokens)(const void *state, int64_t tokens_in);
+    int64_t (*out_width)(const void *state);
+    void (*cost)(const void *state, int64_t tokens_in, int64_t *params, int64_t *flops);
+    /* Floats of scratch forward needs for `rows` input rows (taken from ctx's arena). */
+    size_t (*scratch)(const void *state, int64_t rows);
+    /* x (batch, tokens, in_width) -> out (batch, out_tokens, out_width) */
+    mmb_status (*forward)(mmb_ctx *ctx, const void *state, float *out, const float *x, int64_t batch,
+                          int64_t tokens);
+    void (*free)(void *state);
+} mmb_connector_ops;
+
+/* Returns the connector that builds `type`, or NULL. */
+const mmb_connector_ops *mmb__connector_find(const char *type);
+
+extern const mmb_connector_ops mmb__conn_identity, mmb__conn_mlp, mmb__conn_resmlp;

@@ -1,0 +1,265 @@
+/* A checkpoint directory: config.json through cJSON, and its safetensors (single file, several
+ * files, or the shards named by model.safetensors.index.json). */
+#include "internal.h"
+
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_JSON (64u << 20)
+
+/* Reads and parses a whole JSON file. */
+static mmb_status read_json(mmb_ctx *ctx, const char *path, cJSON **out) {
+    FILE *fp = fopen(path, "rb");
+    if (!fp) return mmb__err(ctx, MMB_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    char *buf = NULL;
+    size_t len = 0, cap = 0;
+    mmb_status s = MMB_OK;
+    for (;;) {
+        if (len == cap) {
+            cap = cap ? cap * 2 : 65536;
+            char *nb = cap <= MAX_JSON ? realloc(buf, cap) : NULL;
+            if (!nb) { s = mmb__err(ctx, MMB_ERR_FORMAT, "%s: larger than %u bytes or out of memory", path, MAX_JSON); break; }
+            buf = nb;
+        }
+        size_t r = fread(buf + len, 1, cap - len, fp);
+        len += r;
+        if (r == 0) {
+            if (ferror(fp)) s = mmb__err(ctx, MMB_ERR_IO, "%s: read error", path);
+            break;
+        }
+    }
+    fclose(fp);
+    if (s == MMB_OK) {
+        const char *end = NULL;
+        *out = cJSON_ParseWithLengthOpts(buf, len, &end, 0);
+        if (!*out) {
+            size_t at = end ? (size_t)(end - buf) : 0;
+            s = mmb__err(ctx, MMB_ERR_FORMAT, "%s: malformed JSON near byte %zu", path, at);
+        } else if (!cJSON_IsObject(*out)) {
+            cJSON_Delete(*out);
+            s = mmb__err(ctx, MMB_ERR_FORMAT, "%s: top level is not a JSON object", path);
+        }
+    }
+    free(buf);
+    return s;
+}
+
+static char *join(const char *dir, const char *name) {
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+    if (p) snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+static mmb_status add_file(mmb_ctx *ctx, mmb_ckpt *c, const char *name) {
+    for (int i = 0; i < c->n_files; i++) {
+        const char *p = mmb__st_path(c->files[i]);
+        const char *base = strrchr(p, '/');
+        if (strcmp(base ? base + 1 : p, name) == 0) return MMB_OK;
+    }
+    if (strchr(name, '/') || strcmp(name, "..") == 0)
+        return mmb__err(ctx, MMB_ERR_FORMAT, "%s: index names a file outside the directory: '%s'", c->dir, name);
+    mmb_st_file **nf = realloc(c->files, sizeof *nf * (size_t)(c->n_files + 1));
+    char *path = join(c->dir, name);
+    if (!nf || !path) { free(path); if (nf) c->files = nf; return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir); }
+    c->files = nf;
+    mmb_status s = mmb_st_open(ctx, path, &c->files[c->n_files]);
+    free(path);
+    if (s == MMB_OK) c->n_files++;
+    return s;
+}
+
+static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* Every *.safetensors in the directory, in name order. */
+static mmb_status scan_dir(mmb_ctx *ctx, mmb_ckpt *c) {
+    DIR *d = opendir(c->dir);
+    if (!d) return mmb__err(ctx, MMB_ERR_IO, "%s: cannot open directory: %s", c->dir, strerror(errno));
+    char **names = NULL;
+    int n = 0;
+    mmb_status s = MMB_OK;
+    for (struct dirent *e; (e = readdir(d)) && s == MMB_OK;) {
+        size_t l = strlen(e->d_name);
+        if (l <= 12 || strcmp(e->d_name + l - 12, ".safetensors") != 0) continue;
+        char **nn = realloc(names, sizeof *nn * (size_t)(n + 1));
+        if (!nn || !(nn[n] = strdup(e->d_name))) { s = mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir); if (nn) names = nn; break; }
+        names = nn;
+        n++;
+    }
+    closedir(d);
+    if (names) qsort(names, (size_t)n, sizeof *names, cmp_str);
+    for (int i = 0; i < n && s == MMB_OK; i++) s = add_file(ctx, c, names[i]);
+    for (int i = 0; i < n; i++) free(names[i]);
+    free(names);
+    if (s == MMB_OK && c->n_files == 0)
+        s = mmb__err(ctx, MMB_ERR_MISSING, "%s: no *.safetensors file (pytorch_model.bin is not read; convert it "
+                     "with safetensors first)", c->dir);
+    return s;
+}
+
+static mmb_status read_index(mmb_ctx *ctx, mmb_ckpt *c, const char *ipath) {
+    cJSON *idx = NULL;
+    mmb_status s = read_json(ctx, ipath, &idx);
+    if (s != MMB_OK) return s;
+    const cJSON *wm = cJSON_GetObjectItemCaseSensitive(idx, "weight_map");
+    if (!cJSON_IsObject(wm)) s = mmb__err(ctx, MMB_ERR_FORMAT, "%s: no weight_map object", ipath);
+    for (const cJSON *e = wm ? wm->child : NULL; e && s == MMB_OK; e = e->next) {
+        if (!cJSON_IsString(e)) { s = mmb__err(ctx, MMB_ERR_FORMAT, "%s: weight_map['%s'] is not a file name", ipath, e->string); break; }
+        s = add_file(ctx, c, e->valuestring);
+        if (s == MMB_OK && !mmb__ckpt_find(c, e->string, NULL))
+            s = mmb__err(ctx, MMB_ERR_MISSING, "%s: tensor '%s' is listed in %s but not in that file", ipath,
+                         e->string, e->valuestring);
+    }
+    cJSON_Delete(idx);
+    return s;
+}
+
+/* A tensor present in two files is ambiguous: refuse it. */
+static mmb_status check_unique(mmb_ctx *ctx, const mmb_ckpt *c) {
+    for (int i = 1; i < c->n_files; i++)
+        for (int k = 0; k < mmb_st_count(c->files[i]); k++) {
+            const char *name = mmb_st_at(c->files[i], k)->name;
+            for (int j = 0; j < i; j++)
+                if (mmb_st_find(c->files[j], name))
+                    return mmb__err(ctx, MMB_ERR_FORMAT, "%s: tensor '%s' is in both %s and %s", c->dir, name,
+                                    mmb__st_path(c->files[j]), mmb__st_path(c->files[i]));
+        }
+    return MMB_OK;
+}
+
+mmb_status mmb__ckpt_open(mmb_ctx *ctx, const char *dir, mmb_ckpt *out) {
+    mmb_ckpt c = {0};
+    if (!(c.dir = strdup(dir))) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", dir);
+    char *cfg = join(dir, "config.json"), *idx = join(dir, "model.safetensors.index.json");
+    mmb_status s = (cfg && idx) ? read_json(ctx, cfg, &c.config) : mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    if (s == MMB_OK) {
+        FILE *fp = fopen(idx, "rb");
+        if (fp) { fclose(fp); s = read_index(ctx, &c, idx); }
+        else s = scan_dir(ctx, &c);
+    }
+    if (s == MMB_OK) s = check_unique(ctx, &c);
+    free(cfg);
+    free(idx);
+    if (s != MMB_OK) { mmb__ckpt_close(&c); return s; }
+    *out = c;
+    return MMB_OK;
+}
+
+void mmb__ckpt_close(mmb_ckpt *c) {
+    for (int i = 0; i < c->n_files; i++) mmb_st_close(c->files[i]);
+    free(c->files);
+    cJSON_Delete(c->config);
+    free(c->dir);
+    memset(c, 0, sizeof *c);
+}
+
+const mmb_tensor *mmb__ckpt_find(const mmb_ckpt *c, const char *name, const mmb_st_file **file) {
+    for (int i = 0; i < c->n_files; i++) {
+        const mmb_tensor *t = mmb_st_find(c->files[i], name);
+        if (t) { if (file) *file = c->files[i]; return t; }
+    }
+    return NULL;
+}
+
+static void fmt_shape(char *buf, size_t n, int ndim, const int64_t *shape) {
+    size_t o = (size_t)snprintf(buf, n, "[");
+    for (int i = 0; i < ndim && o < n; i++) o += (size_t)snprintf(buf + o, n - o, i ? ", %lld" : "%lld", (long long)shape[i]);
+    if (o < n) snprintf(buf + o, n - o, "]");
+}
+
+mmb_status mmb__ckpt_bind(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int ndim,
+                          const int64_t *shape, const mmb_tensor **out) {
+    const mmb_st_file *f = NULL;
+    const mmb_tensor *t = mmb__ckpt_find(c, name, &f);
+    if (!t) return mmb__err(ctx, MMB_ERR_MISSING, "%s: tensor '%s' is missing", c->dir, name);
+    if (!mmb__dtype_is_float(t->dtype))
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: tensor '%s': dtype %s, expected F32, F16 or BF16",
+                        mmb__st_path(f), name, mmb_dtype_name(t->dtype));
+    bool same = t->ndim == ndim;
+    for (int i = 0; i < ndim && same; i++) same = t->shape[i] == shape[i];
+    if (!same) {
+        char got[160], want[160];
+        fmt_shape(got, sizeof got, t->ndim, t->shape);
+        fmt_shape(want, sizeof want, ndim, shape);
+        return mmb__err(ctx, MMB_ERR_SHAPE, "%s: tensor '%s': shape %s, expected %s", mmb__st_path(f), name, got, want);
+    }
+    *out = t;
+    return MMB_OK;
+}
+
+/* ---- config access ---- */
+
+static const cJSON *cfg_get(const mmb_ckpt *c, const char *path) {
+    const cJSON *j = c->config;
+    char key[128];
+    while (j && *path) {
+        const char *dot = strchr(path, '.');
+        size_t n = dot ? (size_t)(dot - path) : strlen(path);
+        if (n >= sizeof key) return NULL;
+        memcpy(key, path, n);
+        key[n] = 0;
+        j = cJSON_IsObject(j) ? cJSON_GetObjectItemCaseSensitive(j, key) : NULL;
+        path += n + (dot ? 1 : 0);
+    }
+    return cJSON_IsNull(j) ? NULL : j;
+}
+
+static bool bad_type(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, const char *want, mmb_status *s) {
+    *s = mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: '%s' is not %s", c->dir, path, want);
+    return false;
+}
+
+bool mmb__cfg_num(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, double *out, mmb_status *s) {
+    const cJSON *j = cfg_get(c, path);
+    if (!j) return false;
+    if (!cJSON_IsNumber(j)) return bad_type(ctx, c, path, "a number", s);
+    *out = j->valuedouble;
+    return true;
+}
+
+bool mmb__cfg_int(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, int64_t *out, mmb_status *s) {
+    const cJSON *j = cfg_get(c, path);
+    if (!j) return false;
+    if (!cJSON_IsNumber(j) || j->valuedouble != (double)(int64_t)j->valuedouble ||
+        j->valuedouble > 1e15 || j->valuedouble < -1e15)
+        return bad_type(ctx, c, path, "an integer", s);
+    *out = (int64_t)j->valuedouble;
+    return true;
+}
+
+bool mmb__cfg_str(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, const char **out, mmb_status *s) {
+    const cJSON *j = cfg_get(c, path);
+    if (!j) return false;
+    if (!cJSON_IsString(j)) return bad_type(ctx, c, path, "a string", s);
+    *out = j->valuestring;
+    return true;
+}
+
+bool mmb__cfg_bool(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, bool *out, mmb_status *s) {
+    const cJSON *j = cfg_get(c, path);
+    if (!j) return false;
+    if (!cJSON_IsBool(j)) return bad_type(ctx, c, path, "true or false", s);
+    *out = cJSON_IsTrue(j);
+    return true;
+}
+
+bool mmb__cfg_ints(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, int *out, int cap, int *n, mmb_status *s) {
+    const cJSON *j = cfg_get(c, path);
+    if (!j) return false;
+    const cJSON *one = cJSON_IsArray(j) ? j->child : j;
+    int k = 0;
+    for (; one; one = cJSON_IsArray(j) ? one->next : NULL) {
+        if (k == cap) return bad_type(ctx, c, path, "a list of at most 64 integers", s);
+        if (!cJSON_IsNumber(one) || !(one->valuedouble > -1e6 && one->valuedouble < 1e6) ||
+            one->valuedouble != (double)(int)one->valuedouble)
+            return bad_type(ctx, c, path, "an integer or a list of integers", s);
+        out[k++] = (int)one->valuedouble;
+    }
+    if (k == 0) return bad_type(ctx, c, path, "a non-empty list", s);
+    *n = k;
+    return true;
+}

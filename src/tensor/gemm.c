@@ -1,0 +1,100 @@
+/* Linear layers: weight binding, pre-packing at load, and the GEMM backend dispatch. */
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+#ifdef MMB_HAVE_OPENBLAS
+#include <cblas.h>
+#endif
+
+void mmb__gemm_ref(float *C, const float *A, const float *W, const float *bias,
+                   int64_t M, int64_t N, int64_t K) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) {
+            double acc = bias ? bias[n] : 0.0;
+            for (int64_t k = 0; k < K; k++) acc += (double)A[m * K + k] * W[n * K + k];
+            C[m * N + n] = (float)acc;
+        }
+}
+
+/* Returns an f32 view of t: the mapped data itself when t is f32, else a converted copy in *owned. */
+static mmb_status f32_view(mmb_ctx *ctx, const mmb_tensor *t, const float **view, float **owned) {
+    size_t n = (size_t)mmb_tensor_numel(t);
+    if (t->dtype == MMB_F32 && ((uintptr_t)t->data % 4) == 0) {
+        *view = t->data;
+        return MMB_OK;
+    }
+    *owned = malloc(n ? n * sizeof(float) : 1);
+    if (!*owned) return mmb__err(ctx, MMB_ERR_NOMEM, "tensor '%s': cannot allocate %zu floats", t->name, n);
+    mmb_to_f32(*owned, t->data, t->dtype, n);
+    *view = *owned;
+    return MMB_OK;
+}
+
+mmb_status mmb__linear_init(mmb_ctx *ctx, mmb_linear *l, const mmb_tensor *w, const mmb_tensor *b) {
+    memset(l, 0, sizeof *l);
+    l->n_out = w->shape[0];
+    l->n_in = w->shape[1];
+    l->backend = ctx->gemm;
+    mmb_status s = f32_view(ctx, w, &l->w, &l->owned_w);
+    if (s == MMB_OK && b) s = f32_view(ctx, b, &l->bias, &l->owned_b);
+    if (s == MMB_OK && l->backend == MMB_GEMM_OWN) {
+        size_t bytes = mmb__gemm_own_packed_size(l->n_out, l->n_in) * sizeof(float);
+        l->packed = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+        if (!l->packed)
+            s = mmb__err(ctx, MMB_ERR_NOMEM, "tensor '%s': cannot allocate %zu bytes to pack", w->name, bytes);
+        else
+            mmb__gemm_own_pack(l->packed, l->w, l->n_out, l->n_in);
+    }
+    if (s != MMB_OK) mmb__linear_free(l);
+    return s;
+}
+
+void mmb__linear_free(mmb_linear *l) {
+    free(l->owned_w);
+    free(l->owned_b);
+    free(l->packed);
+    memset(l, 0, sizeof *l);
+}
+
+typedef struct {
+    float *y;
+    const float *x;
+    int64_t M;
+    const mmb_linear *l;
+} naive_job;
+
+static void naive_task(void *arg, int tid, int nth) {
+    naive_job *j = arg;
+    int64_t lo, hi;
+    mmb__split(j->M, tid, nth, &lo, &hi);
+    mmb__gemm_ref(j->y + lo * j->l->n_out, j->x + lo * j->l->n_in, j->l->w, j->l->bias, hi - lo,
+                  j->l->n_out, j->l->n_in);
+}
+
+void mmb__linear_forward(mmb_ctx *ctx, float *y, const float *x, int64_t M, const mmb_linear *l) {
+    switch (l->backend) {
+    case MMB_GEMM_OWN:
+        mmb__gemm_own(ctx->pool, y, x, l->packed, l->bias, M, l->n_out, l->n_in);
+        return;
+#ifdef MMB_HAVE_OPENBLAS
+    case MMB_GEMM_OPENBLAS: {
+        int64_t N = l->n_out, K = l->n_in;
+        float beta = 0.0f;
+        if (l->bias) {
+            for (int64_t m = 0; m < M; m++) memcpy(y + m * N, l->bias, (size_t)N * sizeof(float));
+            beta = 1.0f;
+        }
+        openblas_set_num_threads(mmb__pool_size(ctx->pool));
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)N, (int)K, 1.0f, x, (int)K,
+                    l->w, (int)K, beta, y, (int)N);
+        return;
+    }
+#endif
+    default: {
+        naive_job j = {y, x, M, l};
+        mmb__pool_run(ctx->pool, naive_task, &j);
+        return;
+    }
+    }
+}

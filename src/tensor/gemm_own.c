@@ -1,0 +1,447 @@
+/* mmbridge's own fp32 GEMM: C (M, N) = A (M, K) W^T + bias, W pre-packed once at load.
+ *
+ * Packed weight layout (the same for every instruction set, so a packing is valid whatever
+ * kernel runs later):
+ *   N is padded to Np = ceil(N / NR) * NR columns (NR = 32) and K is cut into blocks of KC.
+ *   The block that starts at k0 (length kc = min(KC, K - k0)) occupies Np * kc floats from
+ *   offset k0 * Np; inside it, panel p (columns p*NR .. p*NR+NR-1) occupies kc * NR floats from
+ *   p * kc * NR, stored k-major: element (k, j) at k * NR + j. Padding columns are zero.
+ *
+ * The driver (per thread, over its rows [m0, m1) and panels [p0, p1)):
+ *   for each K block (kc)                      - C accumulates block by block, same order always
+ *     for each block of MB rows                - A rows packed MR at a time into per-thread scratch
+ *       for each group of NB panels            - weight block kc x NB*NR stays in L2
+ *         for each MR-row micro-panel of A     - kc x MR stays in L1
+ *           for each panel: micro-kernel       - weights stream from L2
+ * Every output element is computed by one thread, with the same K order and the same kernel
+ * arithmetic whatever the thread count or the split, so results do not depend on threads. The
+ * bias is added in the epilogue of the last K block: C = ((C_prev + acc) + bias).
+ */
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define MMB_GEMM_X86 1
+#include <immintrin.h>
+#else
+#define MMB_GEMM_X86 0
+#endif
+
+#define NR 32            /* panel width of the packed weights */
+#ifndef MMB_GEMM_KC
+#define MMB_GEMM_KC 256  /* K block */
+#endif
+#define KC MMB_GEMM_KC
+#ifndef MMB_GEMM_MB
+#define MMB_GEMM_MB 16   /* A micro-panels packed at once (rows = MB * MR) */
+#endif
+#ifndef MMB_GEMM_NB
+#define MMB_GEMM_NB 16   /* weight panels per L2 block */
+#endif
+
+#ifndef PF_AHEAD
+#define PF_AHEAD 24      /* k iterations before the end of a micro-kernel at which C is prefetched */
+#endif
+
+#define MR512 14
+#define MR256 6
+#define MRSC 4
+#define MR_MAX 14
+
+/* ---- instruction set selection ---------------------------------------------------------------- */
+
+/* -1: not yet resolved. Resolved once; a racing first call resolves to the same value. */
+static int g_isa = -1;
+static int g_hw_isa = -1;
+
+/* What the CPU offers (and the OS enables: __builtin_cpu_supports checks XCR0 too). */
+static int hw_isa(void) {
+    int v = __atomic_load_n(&g_hw_isa, __ATOMIC_RELAXED);
+    if (v < 0) {
+        v = 0;
+#if MMB_GEMM_X86
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) v = 1;
+        if (v == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+            v = 2;
+#endif
+        __atomic_store_n(&g_hw_isa, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
+
+/* The CPU's best, lowered by MMB_GEMM_ISA=avx2|avx512|scalar (it can never raise it). */
+static int detect_isa(void) {
+    int v = hw_isa();
+    const char *e = getenv("MMB_GEMM_ISA");
+    if (e) {
+        int want = v;
+        if (!strcmp(e, "scalar")) want = 0;
+        else if (!strcmp(e, "avx2")) want = 1;
+        else if (!strcmp(e, "avx512")) want = 2;
+        if (want < v) v = want;
+    }
+    return v;
+}
+
+int mmb__gemm_own_isa(void) {
+    int v = __atomic_load_n(&g_isa, __ATOMIC_RELAXED);
+    if (v < 0) {
+        v = detect_isa();
+        __atomic_store_n(&g_isa, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
+
+/* Internal, for tests and benchmarks: forces the kernel used by later calls to
+ * min(isa, what the CPU has); isa < 0 goes back to the automatic choice (CPU and MMB_GEMM_ISA). */
+void mmb__gemm_own_force_isa(int isa);
+void mmb__gemm_own_force_isa(int isa) {
+    int v = isa < 0 ? detect_isa() : (isa < hw_isa() ? isa : hw_isa());
+    __atomic_store_n(&g_isa, v, __ATOMIC_RELAXED);
+}
+
+/* ---- packing ------------------------------------------------------------------------------------ */
+
+static int64_t npad_of(int64_t N) { return (N + NR - 1) / NR * NR; }
+
+size_t mmb__gemm_own_packed_size(int64_t N, int64_t K) {
+    if (N < 1 || K < 1) return 0;
+    return (size_t)npad_of(N) * (size_t)K;
+}
+
+void mmb__gemm_own_pack(float *dst, const float *W, int64_t N, int64_t K) {
+    if (N < 1 || K < 1) return;
+    int64_t Np = npad_of(N), P = Np / NR;
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        int64_t kc = K - k0 < KC ? K - k0 : KC;
+        float *blk = dst + k0 * Np;
+        for (int64_t p = 0; p < P; p++) {
+            float *pan = blk + p * kc * NR;
+            for (int64_t j = 0; j < NR; j++) {
+                int64_t n = p * NR + j;
+                if (n < N) {
+                    const float *w = W + n * K + k0;
+                    for (int64_t k = 0; k < kc; k++) pan[k * NR + j] = w[k];
+                } else {
+                    for (int64_t k = 0; k < kc; k++) pan[k * NR + j] = 0.0f;
+                }
+            }
+        }
+    }
+}
+
+/* A rows [0, mr) (row stride lda, kc columns) -> dst[k * MR + i], rows mr..MR-1 zero. */
+static void pack_a(float *dst, const float *A, int64_t lda, int mr, int MR, int64_t kc) {
+    for (int i = 0; i < mr; i++) {
+        const float *a = A + i * lda;
+        for (int64_t k = 0; k < kc; k++) dst[k * MR + i] = a[k];
+    }
+    for (int i = mr; i < MR; i++)
+        for (int64_t k = 0; k < kc; k++) dst[k * MR + i] = 0.0f;
+}
+
+/* ---- micro-kernels ------------------------------------------------------------------------------
+ * kern(kc, a, b, c, ldc, nc, load, bias): for i < mr, j < nc:
+ *   c[i*ldc + j] = ((load ? c[i*ldc + j] : 0) + sum_k a[k*MR + i] * b[k*NR + j]) + bias[j]
+ * (the bias term only when bias != NULL). b is one packed panel; nc <= its width. */
+
+#if MMB_GEMM_X86
+
+#define T512 __attribute__((target("avx512f,avx512vl,fma"), always_inline)) static inline
+#define T512F __attribute__((target("avx512f,avx512vl,fma"), noinline)) static
+
+/* Two zmm accumulators per row: 32 columns. */
+#define D512(i) __m512 c##i##a = _mm512_setzero_ps(), c##i##b = _mm512_setzero_ps();
+#define F512(i)                                                                 \
+    if (MR_ > i) {                                                              \
+        __m512 ai = _mm512_set1_ps(a[i]);                                       \
+        c##i##a = _mm512_fmadd_ps(ai, b0, c##i##a);                             \
+        c##i##b = _mm512_fmadd_ps(ai, b1, c##i##b);                             \
+    }
+#define S512(i)                                                                 \
+    if (MR_ > i) {                                                              \
+        float *ci = c + (int64_t)i * ldc;                                       \
+        if (load) {                                                             \
+            c##i##a = _mm512_add_ps(_mm512_maskz_loadu_ps(ma, ci), c##i##a);    \
+            c##i##b = _mm512_add_ps(_mm512_maskz_loadu_ps(mb, ci + 16), c##i##b);\
+        }                                                                       \
+        if (bias) {                                                             \
+            c##i##a = _mm512_add_ps(c##i##a, ba);                               \
+            c##i##b = _mm512_add_ps(c##i##b, bb);                               \
+        }                                                                       \
+        _mm512_mask_storeu_ps(ci, ma, c##i##a);                                 \
+        _mm512_mask_storeu_ps(ci + 16, mb, c##i##b);                            \
+    }
+#define P512(i)                                                                 \
+    if (MR_ > i) {                                                              \
+        _mm_prefetch((const char *)(c + (int64_t)i * ldc), _MM_HINT_T0);        \
+        _mm_prefetch((const char *)(c + (int64_t)i * ldc + 16), _MM_HINT_T0);   \
+    }
+#define ALL14(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13)
+
+T512 void k512_body(const int MR_, int64_t kc, const float *a, const float *b, float *c,
+                    int64_t ldc, int nc, int load, const float *bias) {
+    ALL14(D512)
+    /* C is touched after the loop: prefetch it near the end, so the weights streaming through
+     * L1 don't evict it first. */
+    int64_t kpf = kc > PF_AHEAD ? kc - PF_AHEAD : 0;
+    for (int64_t k = 0; k < kpf; k++) {
+        __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+        ALL14(F512)
+        a += MR512;
+        b += NR;
+    }
+    if (load) { ALL14(P512) }
+    for (int64_t k = kpf; k < kc; k++) {
+        __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+        ALL14(F512)
+        a += MR512;
+        b += NR;
+    }
+    __mmask16 ma = nc >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1u);
+    __mmask16 mb = nc >= 32 ? (__mmask16)0xFFFF
+                 : nc <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nc - 16)) - 1u);
+    __m512 ba = _mm512_setzero_ps(), bb = _mm512_setzero_ps();
+    if (bias) { ba = _mm512_maskz_loadu_ps(ma, bias); bb = _mm512_maskz_loadu_ps(mb, bias + 16); }
+    ALL14(S512)
+}
+
+#define K512_INST(m)                                                                    \
+    T512F void k512_##m(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, \
+                        int nc, int load, const float *bias) {                          \
+        k512_body(m, kc, a, b, c, ldc, nc, load, bias);                                 \
+    }
+K512_INST(1) K512_INST(2) K512_INST(3) K512_INST(4) K512_INST(5) K512_INST(6) K512_INST(7)
+K512_INST(8) K512_INST(9) K512_INST(10) K512_INST(11) K512_INST(12) K512_INST(13) K512_INST(14)
+
+#define T256 __attribute__((target("avx2,fma"), always_inline)) static inline
+#define T256F __attribute__((target("avx2,fma"), noinline)) static
+
+/* Two ymm accumulators per row: 16 columns (half a panel; b advances by NR per k). */
+#define D256(i) __m256 c##i##a = _mm256_setzero_ps(), c##i##b = _mm256_setzero_ps();
+#define F256(i)                                                                 \
+    if (MR_ > i) {                                                              \
+        __m256 ai = _mm256_broadcast_ss(a + i);                                 \
+        c##i##a = _mm256_fmadd_ps(ai, b0, c##i##a);                             \
+        c##i##b = _mm256_fmadd_ps(ai, b1, c##i##b);                             \
+    }
+#define S256(i)                                                                 \
+    if (MR_ > i) {                                                              \
+        float *ci = c + (int64_t)i * ldc;                                       \
+        if (full) {                                                             \
+            if (load) {                                                         \
+                c##i##a = _mm256_add_ps(_mm256_loadu_ps(ci), c##i##a);          \
+                c##i##b = _mm256_add_ps(_mm256_loadu_ps(ci + 8), c##i##b);      \
+            }                                                                   \
+            if (bias) {                                                         \
+                c##i##a = _mm256_add_ps(c##i##a, ba);                           \
+                c##i##b = _mm256_add_ps(c##i##b, bb);                           \
+            }                                                                   \
+            _mm256_storeu_ps(ci, c##i##a);                                      \
+            _mm256_storeu_ps(ci + 8, c##i##b);                                  \
+        } else {                                                                \
+            if (load) {                                                         \
+                c##i##a = _mm256_add_ps(_mm256_maskload_ps(ci, ma), c##i##a);   \
+                c##i##b = _mm256_add_ps(_mm256_maskload_ps(ci + 8, mb), c##i##b);\
+            }                                                                   \
+            if (bias) {                                                         \
+                c##i##a = _mm256_add_ps(c##i##a, ba);                           \
+                c##i##b = _mm256_add_ps(c##i##b, bb);                           \
+            }                                                                   \
+            _mm256_maskstore_ps(ci, ma, c##i##a);                               \
+            _mm256_maskstore_ps(ci + 8, mb, c##i##b);                           \
+        }                                                                       \
+    }
+#define P256(i)                                                                 \
+    if (MR_ > i) _mm_prefetch((const char *)(c + (int64_t)i * ldc), _MM_HINT_T0);
+#define ALL6(X) X(0) X(1) X(2) X(3) X(4) X(5)
+
+T256 void k256_body(const int MR_, int64_t kc, const float *a, const float *b, float *c,
+                    int64_t ldc, int nc, int load, const float *bias) {
+    ALL6(D256)
+    int64_t kpf = kc > PF_AHEAD ? kc - PF_AHEAD : 0;
+    for (int64_t k = 0; k < kpf; k++) {
+        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+        ALL6(F256)
+        a += MR256;
+        b += NR;
+    }
+    if (load) { ALL6(P256) }
+    for (int64_t k = kpf; k < kc; k++) {
+        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+        ALL6(F256)
+        a += MR256;
+        b += NR;
+    }
+    const int full = nc >= 16;
+    int32_t mk[16];
+    for (int j = 0; j < 16; j++) mk[j] = j < nc ? -1 : 0;
+    __m256i ma = _mm256_loadu_si256((const __m256i *)mk);
+    __m256i mb = _mm256_loadu_si256((const __m256i *)(mk + 8));
+    __m256 ba = _mm256_setzero_ps(), bb = _mm256_setzero_ps();
+    if (bias) {
+        if (full) { ba = _mm256_loadu_ps(bias); bb = _mm256_loadu_ps(bias + 8); }
+        else { ba = _mm256_maskload_ps(bias, ma); bb = _mm256_maskload_ps(bias + 8, mb); }
+    }
+    ALL6(S256)
+}
+
+#define K256_INST(m)                                                                    \
+    T256F void k256_##m(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, \
+                        int nc, int load, const float *bias) {                          \
+        k256_body(m, kc, a, b, c, ldc, nc, load, bias);                                 \
+    }
+K256_INST(1) K256_INST(2) K256_INST(3) K256_INST(4) K256_INST(5) K256_INST(6)
+
+#endif /* MMB_GEMM_X86 */
+
+/* Portable fallback: MRSC rows x NR columns, plain C. */
+static void ksc(int mr, int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
+                int nc, int load, const float *bias) {
+    float acc[MRSC][NR];
+    memset(acc, 0, sizeof acc);
+    for (int64_t k = 0; k < kc; k++) {
+        const float *bk = b + k * NR, *ak = a + k * MRSC;
+        for (int i = 0; i < mr; i++) {
+            float ai = ak[i];
+            for (int j = 0; j < NR; j++) acc[i][j] += ai * bk[j];
+        }
+    }
+    for (int i = 0; i < mr; i++) {
+        float *ci = c + (int64_t)i * ldc;
+        for (int j = 0; j < nc; j++) {
+            float v = load ? ci[j] + acc[i][j] : acc[i][j];
+            if (bias) v += bias[j];
+            ci[j] = v;
+        }
+    }
+}
+
+typedef void (*kern_fn)(int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
+                        int nc, int load, const float *bias);
+
+#if MMB_GEMM_X86
+static const kern_fn k512_tab[MR512 + 1] = {
+    NULL, k512_1, k512_2, k512_3, k512_4, k512_5, k512_6, k512_7,
+    k512_8, k512_9, k512_10, k512_11, k512_12, k512_13, k512_14};
+static const kern_fn k256_tab[MR256 + 1] = {NULL, k256_1, k256_2, k256_3, k256_4, k256_5, k256_6};
+#endif
+
+/* ---- the driver --------------------------------------------------------------------------------- */
+
+typedef struct {
+    float *C;
+    const float *A, *packed, *bias;
+    int64_t M, N, K, Np, P;
+    int isa, MR;
+    bool split_n;    /* split panels over threads (else rows) */
+} job;
+
+/* Scratch for MB micro-panels: used when the per-call malloc fails, else a heap block. */
+#define SCRATCH_MIN (MR_MAX * KC)
+
+static void run_range(const job *j, float *buf, int64_t mbrows, int64_t m0, int64_t m1,
+                      int64_t p0, int64_t p1) {
+    const int MR = j->MR;
+    const int64_t K = j->K, N = j->N, Np = j->Np;
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        int64_t kc = K - k0 < KC ? K - k0 : KC;
+        const float *wblk = j->packed + k0 * Np;
+        int load = k0 > 0;
+        const float *bias = (k0 + kc == K) ? j->bias : NULL;
+        for (int64_t mb = m0; mb < m1; mb += mbrows) {
+            int64_t mbn = m1 - mb < mbrows ? m1 - mb : mbrows;
+            int64_t npan = (mbn + MR - 1) / MR;
+            for (int64_t q = 0; q < npan; q++) {
+                int64_t r = mb + q * MR;
+                int mr = (int)(m1 - r < MR ? m1 - r : MR);
+                pack_a(buf + q * kc * MR, j->A + r * K + k0, K, mr, MR, kc);
+            }
+            for (int64_t pb = p0; pb < p1; pb += MMB_GEMM_NB) {
+                int64_t pe = p1 - pb < MMB_GEMM_NB ? p1 : pb + MMB_GEMM_NB;
+                for (int64_t q = 0; q < npan; q++) {
+                    int64_t r = mb + q * MR;
+                    int mr = (int)(m1 - r < MR ? m1 - r : MR);
+                    const float *ap = buf + q * kc * MR;
+                    float *crow = j->C + r * N;
+                    for (int64_t p = pb; p < pe; p++) {
+                        int64_t n0 = p * NR;
+                        int nc = (int)(N - n0 < NR ? N - n0 : NR);
+                        const float *bp = wblk + p * kc * NR;
+                        const float *bi = bias ? bias + n0 : NULL;
+                        switch (j->isa) {
+#if MMB_GEMM_X86
+                        case 2:
+                            k512_tab[mr](kc, ap, bp, crow + n0, N, nc, load, bi);
+                            break;
+                        case 1:
+                            k256_tab[mr](kc, ap, bp, crow + n0, N, nc < 16 ? nc : 16, load, bi);
+                            if (nc > 16)
+                                k256_tab[mr](kc, ap, bp + 16, crow + n0 + 16, N, nc - 16, load,
+                                             bi ? bi + 16 : NULL);
+                            break;
+#endif
+                        default:
+                            ksc(mr, kc, ap, bp, crow + n0, N, nc, load, bi);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+static void worker(void *arg, int tid, int nth) {
+    const job *j = arg;
+    int64_t m0 = 0, m1 = j->M, p0 = 0, p1 = j->P;
+    if (j->split_n) {
+        mmb__split(j->P, tid, nth, &p0, &p1);
+    } else {
+        int64_t nb = (j->M + j->MR - 1) / j->MR;
+        mmb__split(nb, tid, nth, &m0, &m1);
+        m0 *= j->MR;
+        m1 = m1 * j->MR < j->M ? m1 * j->MR : j->M;
+    }
+    if (m0 >= m1 || p0 >= p1) return;
+    int64_t kcmax = j->K < KC ? j->K : KC;
+    int64_t rows = m1 - m0;
+    int64_t mbrows = (int64_t)MMB_GEMM_MB * j->MR;
+    if (rows < mbrows) mbrows = (rows + j->MR - 1) / j->MR * j->MR;
+    float stackbuf[SCRATCH_MIN] __attribute__((aligned(64)));
+    float *heap = NULL, *buf = stackbuf;
+    if (mbrows > j->MR) {
+        size_t bytes = (size_t)mbrows * (size_t)kcmax * sizeof(float);
+        bytes = (bytes + 63) / 64 * 64;
+        heap = aligned_alloc(64, bytes);
+        if (heap) buf = heap;
+        else mbrows = j->MR; /* no memory: one micro-panel at a time from the stack */
+    }
+    run_range(j, buf, mbrows, m0, m1, p0, p1);
+    free(heap);
+}
+
+void mmb__gemm_own(mmb_pool *pool, float *C, const float *A, const float *packed,
+                   const float *bias, int64_t M, int64_t N, int64_t K) {
+    if (M < 1 || N < 1 || K < 1) return;
+    job j;
+    j.C = C; j.A = A; j.packed = packed; j.bias = bias;
+    j.M = M; j.N = N; j.K = K;
+    j.Np = npad_of(N); j.P = j.Np / NR;
+    j.isa = mmb__gemm_own_isa();
+    j.MR = j.isa == 2 ? MR512 : j.isa == 1 ? MR256 : MRSC;
+    int nth = mmb__pool_size(pool);
+    int64_t mpan = (M + j.MR - 1) / j.MR;
+    /* Panels when there are enough of them for an even split, else rows (if those are more). */
+    j.split_n = j.P >= 4 * (int64_t)nth || j.P >= mpan;
+    int64_t units = j.split_n ? j.P : mpan;
+    /* Tiny problems: no point waking threads that would get nothing or next to nothing. */
+    if (nth == 1 || units < 2 || (double)M * (double)N * (double)K < 32768.0) {
+        worker(&j, 0, 1);
+        return;
+    }
+    mmb__pool_run(pool, worker, &j);
+}

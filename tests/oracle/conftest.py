@@ -1,0 +1,61 @@
+"""Shared helpers for the oracle tests: tiny random checkpoints made with transformers'
+save_pretrained (or, for the original LLaVA layout, torch modules with LLaVA's key names),
+hidden states computed by torch, and the mmbridge CLI run on them."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("MMB_BIN", ROOT / "build" / "mmbridge"))
+
+# Tiny CLIP tower: 28x28 image, patch 14 -> 2x2 = 4 patches + CLS = 5 tokens, 3 blocks -> 4 hidden states.
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+              image_size=28, patch_size=14, projection_dim=16)
+TEXT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=128)
+
+
+def run(*args, check=True):
+    """Runs the CLI; returns the CompletedProcess. With check, a non-zero exit fails the test."""
+    p = subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"mmbridge {' '.join(map(str, args))} exited {p.returncode}:\n{p.stderr}")
+    return p
+
+
+def scaled_err(got, ref):
+    """max |got - ref| divided by max(1, max |ref|): the project's fp32 criterion (<= 1e-4)."""
+    got, ref = got.double(), ref.double()
+    return ((got - ref).abs().max() / max(1.0, ref.abs().max().item())).item()
+
+
+def save_features(path, hidden_states, meta=None):
+    """Writes hidden_states.{i} ([batch, tokens, width] f32) as mmbridge connect reads them."""
+    tensors = {f"hidden_states.{i}": h.detach().float().contiguous() for i, h in enumerate(hidden_states)}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def connect(model_dir, features, out, *extra):
+    p = run("connect", model_dir, "--features", features, "-o", out, *extra)
+    return load_file(str(out))["embeddings"], p
+
+
+@pytest.fixture(scope="session")
+def clip_hidden_states():
+    """Hidden states of a real (tiny, random) CLIPVisionModel for a batch of 2 images."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(**VISION)).eval()
+    pixels = torch.randn(2, 3, VISION["image_size"], VISION["image_size"])
+    with torch.no_grad():
+        hs = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+    return [h.clone() for h in hs]
+
+
+def write_json(path, obj):
+    Path(path).write_text(json.dumps(obj, indent=2))

@@ -1,0 +1,240 @@
+/* mmbridge: the command-line tool. `info` describes a checkpoint; `connect` runs its connector on
+ * hidden states read from a safetensors file. */
+#include "mmbridge.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static const char *usage_main =
+    "usage: mmbridge <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  info MODEL                       describe a checkpoint's connector and its costs\n"
+    "  connect MODEL --features IN -o OUT\n"
+    "                                   run the connector on hidden states, write embeddings\n"
+    "\n"
+    "MODEL is a Hugging Face checkpoint directory (config.json + *.safetensors), in transformers'\n"
+    "LlavaForConditionalGeneration layout or the original LLaVA layout (model.mm_projector.*).\n"
+    "\n"
+    "  --version                        print the version\n"
+    "  --help                           this text; `mmbridge <command> --help` for a command\n";
+
+static const char *usage_info =
+    "usage: mmbridge info MODEL [--threads N]\n"
+    "\n"
+    "Prints the architecture, key layout, connector, hidden layers read (HF hidden_states indices),\n"
+    "input and output widths, parameter count, visual tokens and FLOPs per image.\n";
+
+static const char *usage_connect =
+    "usage: mmbridge connect MODEL --features IN.safetensors -o OUT.safetensors\n"
+    "                        [--threads N] [--gemm auto|own|openblas|naive]\n"
+    "\n"
+    "IN holds tensors 'hidden_states.{i}' [batch, tokens, width] (or [tokens, width]), f32/f16/bf16,\n"
+    "indexed as transformers' output_hidden_states (0 = embeddings, i = output of block i). The\n"
+    "model's feature selection is applied: its layer(s) (negative indices are resolved with the\n"
+    "metadata key 'n_hidden_states' of IN, or the checkpoint's vision_config), the CLS strategy,\n"
+    "and concatenation on channels for a list of layers. OUT gets 'embeddings'\n"
+    "[batch, tokens_out, d_model] f32, written to a temporary file and renamed.\n"
+    "\n"
+    "  --threads N   worker threads (default: online CPUs)\n"
+    "  --gemm B      GEMM backend (default auto = the measured fastest)\n";
+
+typedef struct {
+    const char *model, *features, *output;
+    int threads;
+    mmb_gemm_backend gemm;
+} opts;
+
+static int fail(mmb_ctx *ctx, const char *what) {
+    fprintf(stderr, "mmbridge: error: %s\n", ctx ? mmb_ctx_error(ctx) : what);
+    return 1;
+}
+
+/* Parses the options shared by the commands. Returns 0, 1 for --help (printed), or 2 on error. */
+static int parse(int argc, char **argv, const char *usage, opts *o) {
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) { fputs(usage, stdout); return 1; }
+        if (strcmp(a, "--threads") == 0 && v) {
+            char *end;
+            long n = strtol(v, &end, 10);
+            if (*end || n < 1 || n > 1024) { fprintf(stderr, "mmbridge: --threads wants 1..1024\n"); return 2; }
+            o->threads = (int)n;
+            i++;
+        } else if (strcmp(a, "--gemm") == 0 && v) {
+            static const char *names[] = {"auto", "naive", "own", "openblas"};
+            int k = 0;
+            while (k < 4 && strcmp(v, names[k]) != 0) k++;
+            if (k == 4) { fprintf(stderr, "mmbridge: --gemm wants auto, own, openblas or naive\n"); return 2; }
+            o->gemm = (mmb_gemm_backend)k;
+            i++;
+        } else if (strcmp(a, "--features") == 0 && v) {
+            o->features = v;
+            i++;
+        } else if (strcmp(a, "-o") == 0 && v) {
+            o->output = v;
+            i++;
+        } else if (a[0] == '-' || o->model) {
+            fprintf(stderr, "mmbridge: unexpected argument '%s'\n%s", a, usage);
+            return 2;
+        } else
+            o->model = a;
+    }
+    if (!o->model) { fprintf(stderr, "%s", usage); return 2; }
+    return 0;
+}
+
+static mmb_ctx *make_ctx(const opts *o) {
+    mmb_ctx_params p = mmb_ctx_default_params();
+    p.n_threads = o->threads;
+    p.gemm = o->gemm;
+    mmb_ctx *ctx = NULL;
+    if (mmb_ctx_new(&p, &ctx) != MMB_OK) fprintf(stderr, "mmbridge: error: cannot create a context (backend unavailable?)\n");
+    return ctx;
+}
+
+static void print_taps(const mmb_model_info *in) {
+    for (int i = 0; i < in->n_taps; i++) printf(i ? ", %d" : "%d", in->taps[i]);
+}
+
+static int cmd_info(int argc, char **argv) {
+    opts o = {0};
+    int r = parse(argc, argv, usage_info, &o);
+    if (r) return r == 1 ? 0 : r;
+    mmb_ctx *ctx = make_ctx(&o);
+    if (!ctx) return 1;
+    mmb_model *m = NULL;
+    if (mmb_model_open(ctx, o.model, &m) != MMB_OK) { r = fail(ctx, NULL); mmb_ctx_free(ctx); return r; }
+    mmb_model_info in;
+    mmb_model_get_info(m, &in);
+    printf("model:            %s\n", o.model);
+    printf("architecture:     %s\n", in.architecture);
+    printf("layout:           %s\n", in.layout);
+    printf("connector:        %s%s%s\n", in.connector, in.activation[0] ? ", activation " : "", in.activation);
+    printf("weights:          %s\n", mmb_dtype_name(in.weight_dtype));
+    printf("hidden layers:    hidden_states[");
+    print_taps(&in);
+    printf("]%s, strategy %s\n", in.n_taps > 1 ? " concatenated on channels" : "", in.select_strategy);
+    if (in.vision_layers) printf("vision encoder:   %d layers, width %d, image %d, patch %d\n", in.vision_layers,
+                                 in.vision_width, in.image_size, in.patch_size);
+    else printf("vision encoder:   width %d (tower not in this checkpoint)\n", in.vision_width);
+    printf("input width:      %d\n", in.in_width);
+    printf("output width:     %d\n", in.out_width);
+    printf("parameters:       %lld\n", (long long)in.params);
+    if (in.tokens_per_image) {
+        printf("tokens per image: %lld\n", (long long)in.tokens_per_image);
+        printf("FLOPs per image:  %.3f GFLOP (connector)\n", (double)in.flops_per_image * 1e-9);
+    } else
+        printf("tokens per image: unknown (image size not in the config)\n");
+    mmb_model_free(m);
+    mmb_ctx_free(ctx);
+    return 0;
+}
+
+/* Reads hidden_states.{i} from f into feats (converted to f32 copies in *owned). */
+static int load_features(mmb_ctx *ctx, const char *path, mmb_st_file *f, mmb_features *ft, float **owned) {
+    memset(ft, 0, sizeof *ft);
+    for (int i = 0; i < mmb_st_count(f); i++) {
+        const mmb_tensor *t = mmb_st_at(f, i);
+        char *end;
+        if (strncmp(t->name, "hidden_states.", 14) != 0) continue;
+        long idx = strtol(t->name + 14, &end, 10);
+        if (*end || end == t->name + 14 || idx < 0 || idx > 100000) {
+            fprintf(stderr, "mmbridge: error: %s: tensor '%s': expected hidden_states.<non-negative index>\n", path, t->name);
+            return 1;
+        }
+        if (ft->n_taps == MMB_MAX_TAPS) {
+            fprintf(stderr, "mmbridge: error: %s: more than %d hidden_states tensors\n", path, MMB_MAX_TAPS);
+            return 1;
+        }
+        int64_t b = t->ndim == 3 ? t->shape[0] : 1, tok = t->shape[t->ndim - 2], w = t->shape[t->ndim - 1];
+        if ((t->ndim != 2 && t->ndim != 3) || (t->dtype != MMB_F32 && t->dtype != MMB_F16 && t->dtype != MMB_BF16)) {
+            fprintf(stderr, "mmbridge: error: %s: tensor '%s': expected [batch, tokens, width] F32/F16/BF16, got "
+                    "%d dims %s\n", path, t->name, t->ndim, mmb_dtype_name(t->dtype));
+            return 1;
+        }
+        if (ft->n_taps && (b != ft->batch || tok != ft->tokens || w != ft->width)) {
+            fprintf(stderr, "mmbridge: error: %s: tensor '%s': shape [%lld, %lld, %lld] differs from the other "
+                    "hidden states [%lld, %lld, %lld]\n", path, t->name, (long long)b, (long long)tok, (long long)w,
+                    (long long)ft->batch, (long long)ft->tokens, (long long)ft->width);
+            return 1;
+        }
+        ft->batch = b; ft->tokens = tok; ft->width = w;
+        size_t n = (size_t)(b * tok * w);
+        owned[ft->n_taps] = malloc(n ? n * sizeof(float) : 1);
+        if (!owned[ft->n_taps]) { fprintf(stderr, "mmbridge: error: out of memory\n"); return 1; }
+        mmb_to_f32(owned[ft->n_taps], t->data, t->dtype, n);
+        ft->data[ft->n_taps] = owned[ft->n_taps];
+        ft->taps[ft->n_taps++] = (int)idx;
+    }
+    (void)ctx;
+    if (!ft->n_taps) {
+        fprintf(stderr, "mmbridge: error: %s: no 'hidden_states.{i}' tensors\n", path);
+        return 1;
+    }
+    const char *nh = mmb_st_meta(f, "n_hidden_states");
+    if (nh) ft->n_hidden = atoi(nh);
+    return 0;
+}
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+static int cmd_connect(int argc, char **argv) {
+    opts o = {0};
+    int r = parse(argc, argv, usage_connect, &o);
+    if (r) return r == 1 ? 0 : r;
+    if (!o.features || !o.output) { fprintf(stderr, "mmbridge: connect needs --features and -o\n%s", usage_connect); return 2; }
+    mmb_ctx *ctx = make_ctx(&o);
+    if (!ctx) return 1;
+    mmb_model *m = NULL;
+    mmb_st_file *f = NULL;
+    float *owned[MMB_MAX_TAPS] = {0}, *out = NULL;
+    mmb_features ft;
+    mmb_model_info in;
+    r = 1;
+    if (mmb_model_open(ctx, o.model, &m) != MMB_OK || mmb_st_open(ctx, o.features, &f) != MMB_OK) { fail(ctx, NULL); goto done; }
+    mmb_model_get_info(m, &in);
+    if (load_features(ctx, o.features, f, &ft, owned)) goto done;
+    if (!ft.n_hidden && in.vision_layers) ft.n_hidden = in.vision_layers + 1;
+    int64_t t_out = mmb_model_tokens_out(ctx, m, ft.tokens);
+    if (t_out < 0) { fail(ctx, NULL); goto done; }
+    size_t n = (size_t)(ft.batch * t_out * in.out_width);
+    out = malloc(n ? n * sizeof(float) : 1);
+    if (!out) { fprintf(stderr, "mmbridge: error: out of memory for %zu floats\n", n); goto done; }
+    double t0 = now_ms();
+    if (mmb_model_connect(ctx, m, &ft, out, n) != MMB_OK) { fail(ctx, NULL); goto done; }
+    double ms = now_ms() - t0;
+    mmb_tensor e = {.name = "embeddings", .dtype = MMB_F32, .ndim = 3,
+                    .shape = {ft.batch, t_out, in.out_width}, .data = out};
+    if (mmb_st_write(ctx, o.output, &e, 1) != MMB_OK) { fail(ctx, NULL); goto done; }
+    printf("%s: %s, %lld image(s) x %lld tokens x %d -> embeddings [%lld, %lld, %d] in %.2f ms, %d thread(s) -> %s\n",
+           o.model, in.connector, (long long)ft.batch, (long long)ft.tokens, in.in_width, (long long)ft.batch,
+           (long long)t_out, in.out_width, ms, mmb_ctx_threads(ctx), o.output);
+    r = 0;
+done:
+    for (int i = 0; i < MMB_MAX_TAPS; i++) free(owned[i]);
+    free(out);
+    mmb_st_close(f);
+    mmb_model_free(m);
+    mmb_ctx_free(ctx);
+    return r;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) { fputs(usage_main, stderr); return 2; }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "--version") == 0) { printf("mmbridge %s\n", mmb_version()); return 0; }
+    if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) { fputs(usage_main, stdout); return 0; }
+    if (strcmp(cmd, "info") == 0) return cmd_info(argc - 2, argv + 2);
+    if (strcmp(cmd, "connect") == 0) return cmd_connect(argc - 2, argv + 2);
+    fprintf(stderr, "mmbridge: unknown command '%s'\n%s", cmd, usage_main);
+    return 2;
+}
