@@ -120,3 +120,17 @@ def test_half_precision_weights(tmp_path, dtype, native_bound):
     assert err32 <= 1e-4
     assert err_native <= native_bound
     assert cos >= 0.999
+
+
+def test_info_transformers_layout(tmp_path):
+    from conftest import run
+    make_llava(tmp_path, "quick_gelu", [0, -2], "full", True)
+    out = run("info", tmp_path / "llava").stdout
+    grid = (VISION["image_size"] // VISION["patch_size"]) ** 2
+    tokens = grid + 1  # "full" keeps CLS
+    d_in, d = 2 * VISION["hidden_size"], TEXT["hidden_size"]
+    assert "LlavaForConditionalGeneration" in out and "layout:           transformers" in out
+    assert "quick_gelu" in out and "hidden_states[0, -2]" in out
+    assert f"tokens per image: {tokens}\n" in out
+    assert f"parameters:       {d_in * d + d + d * d + d}\n" in out
+    assert f"{2 * tokens * (d_in * d + d * d) * 1e-9:.3f} GFLOP" in out
