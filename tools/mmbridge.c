@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 static const char *usage_main =
@@ -15,6 +16,8 @@ static const char *usage_main =
     "  info MODEL                       describe a checkpoint's connector and its costs\n"
     "  connect MODEL --features IN -o OUT\n"
     "                                   run the connector on hidden states, write embeddings\n"
+    "  demo DIR                         write a random-weight LLaVA-1.5-7B-sized checkpoint and\n"
+    "                                   features into DIR, then run info and connect on them\n"
     "\n"
     "MODEL is a Hugging Face checkpoint directory (config.json + *.safetensors), in transformers'\n"
     "LlavaForConditionalGeneration layout or the original LLaVA layout (model.mm_projector.*).\n"
@@ -228,6 +231,88 @@ done:
     return r;
 }
 
+static const char *usage_demo =
+    "usage: mmbridge demo DIR [--threads N]\n"
+    "\n"
+    "Writes DIR/llava-demo (a transformers-layout LLaVA checkpoint holding only the projector:\n"
+    "CLIP ViT-L/14-336 widths, mlp 1024 -> 4096 -> 4096, GELU, RANDOM weights from a fixed seed)\n"
+    "and DIR/features.safetensors (random hidden_states.23 for one image, 577 x 1024), then runs\n"
+    "`info` and `connect` on them. The numbers mean nothing; the shapes and the speed are real.\n";
+
+/* Deterministic N(0, 1)-ish numbers: the sum of 4 uniforms, centred and scaled. */
+static float demo_rand(uint64_t *s) {
+    float acc = 0;
+    for (int i = 0; i < 4; i++) {
+        *s ^= *s << 13; *s ^= *s >> 7; *s ^= *s << 17;
+        acc += (float)(*s >> 40) / 16777216.0f;
+    }
+    return (acc - 2.0f) * 1.7320508f;
+}
+
+static float *demo_fill(size_t n, float scale, uint64_t *seed) {
+    float *p = malloc(n * sizeof(float));
+    if (p) for (size_t i = 0; i < n; i++) p[i] = scale * demo_rand(seed);
+    return p;
+}
+
+static int cmd_demo(int argc, char **argv) {
+    opts o = {0};
+    int r = parse(argc, argv, usage_demo, &o);
+    if (r) return r == 1 ? 0 : r;
+    if (strlen(o.model) > 3000) { fprintf(stderr, "mmbridge: error: DIR is too long\n"); return 2; }
+    char model[3100], feats[3100], out[3100], cfg[3200], st[3200];
+    snprintf(model, sizeof model, "%s/llava-demo", o.model);
+    snprintf(feats, sizeof feats, "%s/features.safetensors", o.model);
+    snprintf(out, sizeof out, "%s/embeddings.safetensors", o.model);
+    snprintf(cfg, sizeof cfg, "%s/config.json", model);
+    snprintf(st, sizeof st, "%s/model.safetensors", model);
+    if ((mkdir(o.model, 0755) && errno != EEXIST) || (mkdir(model, 0755) && errno != EEXIST)) {
+        fprintf(stderr, "mmbridge: error: cannot create %s: %s\n", model, strerror(errno));
+        return 1;
+    }
+    FILE *f = fopen(cfg, "w");
+    if (!f) { fprintf(stderr, "mmbridge: error: cannot write %s: %s\n", cfg, strerror(errno)); return 1; }
+    fputs("{\n  \"architectures\": [\"LlavaForConditionalGeneration\"],\n  \"model_type\": \"llava\",\n"
+          "  \"projector_hidden_act\": \"gelu\",\n  \"vision_feature_layer\": -2,\n"
+          "  \"vision_feature_select_strategy\": \"default\",\n  \"image_seq_length\": 576,\n"
+          "  \"vision_config\": {\"model_type\": \"clip_vision_model\", \"hidden_size\": 1024,\n"
+          "    \"num_hidden_layers\": 24, \"image_size\": 336, \"patch_size\": 14},\n"
+          "  \"text_config\": {\"model_type\": \"llama\", \"hidden_size\": 4096}\n}\n", f);
+    if (fclose(f) != 0) { fprintf(stderr, "mmbridge: error: cannot write %s\n", cfg); return 1; }
+    enum { DV = 1024, D = 4096, T = 577 };
+    uint64_t seed = 0x6d6d6272696467ull;
+    float *w1 = demo_fill((size_t)D * DV, 1.0f / 32.0f, &seed), *b1 = demo_fill(D, 0.02f, &seed);
+    float *w2 = demo_fill((size_t)D * D, 1.0f / 64.0f, &seed), *b2 = demo_fill(D, 0.02f, &seed);
+    float *h = demo_fill((size_t)T * DV, 1.0f, &seed);
+    mmb_ctx *ctx = make_ctx(&o);
+    r = 1;
+    if (ctx && w1 && b1 && w2 && b2 && h) {
+        mmb_tensor t[4] = {
+            {.name = "model.multi_modal_projector.linear_1.weight", .dtype = MMB_F32, .ndim = 2, .shape = {D, DV}, .data = w1},
+            {.name = "model.multi_modal_projector.linear_1.bias", .dtype = MMB_F32, .ndim = 1, .shape = {D}, .data = b1},
+            {.name = "model.multi_modal_projector.linear_2.weight", .dtype = MMB_F32, .ndim = 2, .shape = {D, D}, .data = w2},
+            {.name = "model.multi_modal_projector.linear_2.bias", .dtype = MMB_F32, .ndim = 1, .shape = {D}, .data = b2},
+        };
+        mmb_tensor ht = {.name = "hidden_states.23", .dtype = MMB_F32, .ndim = 3, .shape = {1, T, DV}, .data = h};
+        if (mmb_st_write(ctx, st, t, 4) != MMB_OK || mmb_st_write(ctx, feats, &ht, 1) != MMB_OK) fail(ctx, NULL);
+        else r = 0;
+    } else if (ctx)
+        fprintf(stderr, "mmbridge: error: out of memory\n");
+    mmb_ctx_free(ctx);
+    free(w1); free(b1); free(w2); free(b2); free(h);
+    if (r) return r;
+    printf("wrote %s (random weights) and %s\n\n$ mmbridge info %s\n", model, feats, model);
+    fflush(stdout);
+    char threads[16];
+    snprintf(threads, sizeof threads, "%d", o.threads > 0 ? o.threads : 0);
+    char *info_argv[] = {model, "--threads", threads};
+    if ((r = cmd_info(o.threads > 0 ? 3 : 1, info_argv))) return r;
+    printf("\n$ mmbridge connect %s --features %s -o %s\n", model, feats, out);
+    fflush(stdout);
+    char *conn_argv[] = {model, "--features", feats, "-o", out, "--threads", threads};
+    return cmd_connect(o.threads > 0 ? 7 : 5, conn_argv);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) { fputs(usage_main, stderr); return 2; }
     const char *cmd = argv[1];
@@ -235,6 +320,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) { fputs(usage_main, stdout); return 0; }
     if (strcmp(cmd, "info") == 0) return cmd_info(argc - 2, argv + 2);
     if (strcmp(cmd, "connect") == 0) return cmd_connect(argc - 2, argv + 2);
+    if (strcmp(cmd, "demo") == 0) return cmd_demo(argc - 2, argv + 2);
     fprintf(stderr, "mmbridge: unknown command '%s'\n%s", cmd, usage_main);
     return 2;
 }

@@ -23,6 +23,8 @@ TEXT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_atten
 def run(*args, check=True):
     """Runs the CLI; returns the CompletedProcess. With check, a non-zero exit fails the test."""
     p = subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=300)
+    # Under the sanitized build a memory or UB error must fail the test, whatever the exit code.
+    assert "Sanitizer" not in p.stderr and "runtime error:" not in p.stderr, p.stderr
     if check and p.returncode != 0:
         raise AssertionError(f"mmbridge {' '.join(map(str, args))} exited {p.returncode}:\n{p.stderr}")
     return p

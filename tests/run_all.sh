@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every test: the header as C11 and C++, the C unit tests under ASan+UBSan, the oracle tests
+# (pytest + transformers) against the sanitized CLI, the fuzzers for a bounded number of runs,
+# and a smoke run of the benchmarks. Python packages come from tests/requirements.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+jobs=$(nproc)
+
+python3 -c "import torch, transformers, safetensors, pytest" 2>/dev/null ||
+  python3 -m pip install -q -r tests/requirements.txt
+
+echo "== public header compiles as C11 and C++ (pedantic)"
+cc -std=c11 -Wall -Wextra -Werror -pedantic -fsyntax-only -x c include/mmbridge.h
+c++ -std=c++17 -Wall -Wextra -Werror -pedantic -fsyntax-only -x c++ include/mmbridge.h
+
+echo "== ASan+UBSan build and C unit tests"
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DMMB_SANITIZE=ON >/dev/null
+cmake --build build-asan -j"$jobs" >/dev/null
+export ASAN_OPTIONS=detect_leaks=1:exitcode=99 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:exitcode=99
+ctest --test-dir build-asan --output-on-failure
+
+echo "== exported symbols carry the mmb_ prefix"
+bad=$(nm -g --defined-only build-asan/libmmbridge.so | awk '$2 ~ /[TDRB]/ {print $3}' | grep -v '^mmb_' | grep -v '^_' || true)
+[ -z "$bad" ] || { echo "unprefixed exports: $bad"; exit 1; }
+
+echo "== oracle tests against transformers (sanitized CLI)"
+MMB_BIN="$PWD/build-asan/mmbridge" python3 -m pytest tests/oracle -q -rA -p no:cacheprovider | tail -n 60
+
+echo "== fuzzers (bounded)"
+bash fuzz/run.sh build-fuzz
+
+echo "== benchmark smoke (Release)"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build -j"$jobs" >/dev/null
+./build/bench_gemm --quick
+echo "all tests passed"
