@@ -163,6 +163,53 @@ MMB_API const char *mmb_st_meta(const mmb_st_file *f, const char *key);
 MMB_API mmb_status mmb_st_write(mmb_ctx *ctx, const char *path, const mmb_tensor *tensors, int n);
 
 /* ---------------------------------------------------------------------------------------------
+ * Vision encoders: CLIP (CLIPVisionModel) and SigLIP (SiglipVisionModel) ViTs, as transformers
+ * runs them, with any set of hidden states tapped.
+ */
+typedef struct mmb_vit mmb_vit;
+
+/* Tap value meaning `last_hidden_state`: the last block's output, after post_layernorm for
+ * SigLIP (CLIP applies post_layernorm only to the pooled CLS, so there it equals the last
+ * hidden state). */
+#define MMB_TAP_LAST 0x7fffffff
+
+typedef struct mmb_vit_info {
+    const char *family;       /* "clip" or "siglip" */
+    const char *prefix;       /* weight-name prefix found, e.g. "model.vision_tower.vision_model." */
+    const char *act;          /* hidden_act */
+    float eps;                /* layer_norm_eps */
+    int layers, width, heads, intermediate, image_size, patch_size, channels;
+    int has_cls;              /* CLIP: 1 (token 0 is CLS) */
+    int64_t tokens;           /* tokens per image: (image/patch)^2 + has_cls */
+    int64_t flops_per_image;  /* all layers, 2 FLOPs per multiply-add */
+    int64_t params;
+} mmb_vit_info;
+
+/* Opens the vision encoder in checkpoint directory `dir`: a standalone CLIPVisionModel /
+ * SiglipVisionModel, a full CLIPModel / SiglipModel (vision_model.*), or the vision tower of a
+ * LLaVA checkpoint in either transformers key layout. Every weight's presence, dtype and shape is
+ * checked against the config. Returns MMB_OK and sets *out, or MMB_ERR_IO / MMB_ERR_FORMAT /
+ * MMB_ERR_MISSING / MMB_ERR_SHAPE / MMB_ERR_UNSUPPORTED (message names the file and tensor).
+ * Free with mmb_vit_free. */
+MMB_API mmb_status mmb_vit_open(mmb_ctx *ctx, const char *dir, mmb_vit **out);
+
+/* Frees the encoder. NULL is a no-op. */
+MMB_API void mmb_vit_free(mmb_vit *v);
+
+/* Fills *out. Strings belong to the encoder. Returns MMB_OK or MMB_ERR_ARG for NULL pointers. */
+MMB_API mmb_status mmb_vit_get_info(const mmb_vit *v, mmb_vit_info *out);
+
+/* Runs the encoder on pixels [batch, channels, image_size, image_size] (f32, already
+ * preprocessed) and writes the requested hidden states: outs[i] receives hidden_states[taps[i]]
+ * as [batch, tokens, width] f32 (HF indexing: 0 = embeddings after CLIP's pre_layrnorm, i = output
+ * of block i, negative counts from the end, no post-layernorm), or last_hidden_state for
+ * MMB_TAP_LAST. Only the blocks up to the deepest tap are computed and only the taps are kept.
+ * Returns MMB_OK; MMB_ERR_ARG for a tap out of range or n_taps outside 1..MMB_MAX_TAPS;
+ * MMB_ERR_NOMEM. Outputs are untouched on failure. */
+MMB_API mmb_status mmb_vit_forward(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch,
+                                   const int *taps, int n_taps, float *const *outs);
+
+/* ---------------------------------------------------------------------------------------------
  * Models: a checkpoint directory (config.json + *.safetensors, sharded through
  * model.safetensors.index.json) with its connector and feature selection.
  */
@@ -172,7 +219,9 @@ typedef struct mmb_model mmb_model;
 
 typedef struct mmb_model_info {
     const char *architecture;   /* e.g. "LlavaForConditionalGeneration", "LlavaLlamaForCausalLM" */
-    const char *layout;         /* "transformers", "transformers-old" or "llava-original" */
+    const char *layout;         /* "transformers" (model.multi_modal_projector.*), "transformers-legacy"
+                                   (multi_modal_projector.*: the hub files, and what transformers 5's
+                                   save_pretrained writes) or "llava-original" (model.mm_projector.*) */
     const char *connector;      /* registry name: "linear", "mlp2x_gelu", "llava", ... */
     const char *activation;     /* "gelu", "gelu_pytorch_tanh", "quick_gelu", "silu", or "" */
     const char *select_strategy;/* "default"/"patch" (drop token 0) or "full"/"cls_patch" (keep it) */
@@ -228,6 +277,16 @@ MMB_API int64_t mmb_model_tokens_out(mmb_ctx *ctx, const mmb_model *m, int64_t t
  * failure. */
 MMB_API mmb_status mmb_model_connect(mmb_ctx *ctx, const mmb_model *m, const mmb_features *in,
                                      float *out, size_t out_count);
+
+/* Returns the model's vision encoder (the checkpoint's own tower, or the one attached), or NULL.
+ * It belongs to the model. */
+MMB_API const mmb_vit *mmb_model_vit(const mmb_model *m);
+
+/* Attaches vision encoder v to the model, which takes ownership of it on success (replacing any
+ * tower it had): for original-layout LLaVA checkpoints whose tower is a separate directory.
+ * Returns MMB_OK, or MMB_ERR_SHAPE when v's width times the model's taps is not the connector's
+ * input width (v is then still the caller's), or MMB_ERR_ARG. */
+MMB_API mmb_status mmb_model_attach_vit(mmb_ctx *ctx, mmb_model *m, mmb_vit *v);
 
 /* Returns the number of registered connector names, and sets *names to a static array of them. */
 MMB_API int mmb_connector_names(const char *const **names);

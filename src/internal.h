@@ -177,6 +177,9 @@ const mmb_tensor *mmb__ckpt_find(const mmb_ckpt *c, const char *name, const mmb_
 mmb_status mmb__ckpt_bind(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int ndim,
                           const int64_t *shape, const mmb_tensor **out);
 
+/* Binds a 1-D float tensor of n elements and returns an f32 copy in *out (the caller frees it). */
+mmb_status mmb__ckpt_vec(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int64_t n, float **out);
+
 /* Config access. `path` is dotted ("vision_config.hidden_size"). The getters return false when the
  * key is absent (or null); a present key of the wrong type is an MMB_ERR_FORMAT through *s. */
 bool mmb__cfg_int(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, int64_t *out, mmb_status *s);
@@ -218,3 +221,26 @@ typedef struct mmb_connector_ops {
 const mmb_connector_ops *mmb__connector_find(const char *type);
 
 extern const mmb_connector_ops mmb__conn_identity, mmb__conn_mlp, mmb__conn_resmlp;
+
+/* ---- tensor/attention.c: multi-head self-attention ------------------------------------------ */
+
+/* Floats of scratch mmb__attention_forward needs on nth threads. */
+size_t mmb__attention_scratch(int nth, int64_t head_dim);
+/* qkv (batch, tokens, 3 * heads * head_dim) [q | k | v, head-major inside each] ->
+ * out (batch, tokens, heads * head_dim): softmax(q k^T / sqrt(head_dim)) v per head, no mask.
+ * Blocked with an online softmax; threaded over the context's pool. */
+void mmb__attention_forward(mmb_ctx *ctx, float *out, const float *qkv, int64_t batch, int64_t tokens,
+                            int64_t heads, int64_t head_dim, float *scratch);
+/* The oracle: full score rows in double. Returns false if it cannot allocate a row. */
+bool mmb__attention_forward_ref(float *out, const float *qkv, int64_t batch, int64_t tokens, int64_t heads,
+                                int64_t head_dim);
+
+/* ---- vision/vit.c ------------------------------------------------------------------------------ */
+
+/* Reads a CLIP/SigLIP vision config under cfg_prefix ("vision_config." or "" for a standalone
+ * vision model), filling class defaults for absent keys. */
+mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_prefix, mmb_vit_info *out);
+/* True when c holds vision-encoder weights under a known prefix. */
+bool mmb__vit_present(const mmb_ckpt *c);
+/* Loads the vision encoder whose weights are in c (c must outlive it). */
+mmb_status mmb__vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vit **out);

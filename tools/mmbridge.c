@@ -16,6 +16,7 @@ static const char *usage_main =
     "  info MODEL                       describe a checkpoint's connector and its costs\n"
     "  connect MODEL --features IN -o OUT\n"
     "                                   run the connector on hidden states, write embeddings\n"
+    "  encode MODEL IMAGE... -o OUT     images -> vision encoder -> connector -> embeddings\n"
     "  demo DIR                         write a random-weight LLaVA-1.5-7B-sized checkpoint and\n"
     "                                   features into DIR, then run info and connect on them\n"
     "\n"
@@ -46,10 +47,30 @@ static const char *usage_connect =
     "  --gemm B      GEMM backend (default auto = the measured fastest)\n";
 
 typedef struct {
-    const char *model, *features, *output;
+    const char *model, *features, *output, *pixels, *vision_tower;
+    const char *images[256];
+    int n_images;
     int threads;
     mmb_gemm_backend gemm;
+    int taps[MMB_MAX_TAPS], n_taps;
+    int positional;           /* encode takes IMAGE... after MODEL */
 } opts;
+
+/* Parses "0,8,-2" into taps. Returns 0 or 2 on error. */
+static int parse_taps(const char *v, opts *o) {
+    const char *p = v;
+    while (*p) {
+        char *end;
+        long t = strtol(p, &end, 10);
+        if (end == p || (*end && *end != ',') || t < -100000 || t > 100000 || o->n_taps == MMB_MAX_TAPS) {
+            fprintf(stderr, "mmbridge: --taps wants a comma-separated list of layer indices, e.g. 0,8,-2\n");
+            return 2;
+        }
+        o->taps[o->n_taps++] = (int)t;
+        p = *end ? end + 1 : end;
+    }
+    return 0;
+}
 
 static int fail(mmb_ctx *ctx, const char *what) {
     fprintf(stderr, "mmbridge: error: %s\n", ctx ? mmb_ctx_error(ctx) : what);
@@ -78,6 +99,21 @@ static int parse(int argc, char **argv, const char *usage, opts *o) {
         } else if (strcmp(a, "--features") == 0 && v) {
             o->features = v;
             i++;
+        } else if (strcmp(a, "--pixels") == 0 && v) {
+            o->pixels = v;
+            i++;
+        } else if (strcmp(a, "--vision-tower") == 0 && v) {
+            o->vision_tower = v;
+            i++;
+        } else if (strcmp(a, "--taps") == 0 && v) {
+            if (parse_taps(v, o)) return 2;
+            i++;
+        } else if (o->positional && o->model && a[0] != '-') {
+            if (o->n_images == (int)(sizeof o->images / sizeof o->images[0])) {
+                fprintf(stderr, "mmbridge: at most 256 images per call\n");
+                return 2;
+            }
+            o->images[o->n_images++] = a;
         } else if (strcmp(a, "-o") == 0 && v) {
             o->output = v;
             i++;
@@ -231,6 +267,161 @@ done:
     return r;
 }
 
+static const char *usage_encode =
+    "usage: mmbridge encode MODEL (IMAGE... | --pixels IN.safetensors) -o OUT.safetensors\n"
+    "                       [--taps 0,8,-2] [--vision-tower DIR] [--threads N] [--gemm B]\n"
+    "\n"
+    "Runs the vision encoder and the connector: pixels -> ViT (CLIP or SigLIP) -> the model's feature\n"
+    "selection -> connector, and writes 'embeddings' [n_images, tokens, d_model] f32. Several images\n"
+    "make one batch.\n"
+    "\n"
+    "  MODEL            a LLaVA checkpoint with its vision tower (transformers layout), an original-\n"
+    "                   layout LLaVA checkpoint with --vision-tower, or a standalone CLIP/SigLIP vision\n"
+    "                   checkpoint (then only hidden states are written, plus 'last_hidden_state')\n"
+    "  --pixels F       read preprocessed 'pixel_values' [n, channels, size, size] from F instead of\n"
+    "                   decoding images\n"
+    "  --taps LIST      also write these hidden_states.{i} (HF indices: 0 = embeddings, i = block i,\n"
+    "                   negative from the end; written under their non-negative index)\n"
+    "  --vision-tower D the CLIP/SigLIP checkpoint directory of an original-layout LLaVA model\n";
+
+/* Opens MODEL as a connector model, or as a standalone vision encoder when it has no connector. */
+static int open_encoder(mmb_ctx *ctx, const opts *o, mmb_model **m, mmb_vit **vit_only, const mmb_vit **vit) {
+    mmb_status s = mmb_model_open(ctx, o->model, m);
+    if (s == MMB_ERR_UNSUPPORTED && strstr(mmb_ctx_error(ctx), "unknown architecture")) {
+        char first[1024];
+        snprintf(first, sizeof first, "%s", mmb_ctx_error(ctx));
+        if (mmb_vit_open(ctx, o->model, vit_only) != MMB_OK) {
+            fprintf(stderr, "mmbridge: error: %s\nmmbridge: error: %s\n", first, mmb_ctx_error(ctx));
+            return 1;
+        }
+        *vit = *vit_only;
+    } else if (s != MMB_OK)
+        return fail(ctx, NULL);
+    if (*m && o->vision_tower) {
+        mmb_vit *v = NULL;
+        if (mmb_vit_open(ctx, o->vision_tower, &v) != MMB_OK) return fail(ctx, NULL);
+        if (mmb_model_attach_vit(ctx, *m, v) != MMB_OK) { mmb_vit_free(v); return fail(ctx, NULL); }
+    }
+    if (*m) *vit = mmb_model_vit(*m);
+    if (!*vit) {
+        fprintf(stderr, "mmbridge: error: %s: the checkpoint has no vision tower; pass --vision-tower DIR\n", o->model);
+        return 1;
+    }
+    return 0;
+}
+
+/* Reads pixel_values [n, C, S, S] (any float dtype) as f32. */
+static float *read_pixels(mmb_ctx *ctx, const char *path, const mmb_vit_info *vi, int64_t *n) {
+    mmb_st_file *f = NULL;
+    if (mmb_st_open(ctx, path, &f) != MMB_OK) { fail(ctx, NULL); return NULL; }
+    const mmb_tensor *t = mmb_st_find(f, "pixel_values");
+    float *px = NULL;
+    if (!t)
+        fprintf(stderr, "mmbridge: error: %s: tensor 'pixel_values' is missing\n", path);
+    else if (t->ndim != 4 || t->shape[1] != vi->channels || t->shape[2] != vi->image_size ||
+             t->shape[3] != vi->image_size || t->shape[0] < 1 || (t->dtype != MMB_F32 && t->dtype != MMB_F16 &&
+                                                                  t->dtype != MMB_BF16))
+        fprintf(stderr, "mmbridge: error: %s: tensor 'pixel_values': expected [n, %d, %d, %d] F32/F16/BF16\n", path,
+                vi->channels, vi->image_size, vi->image_size);
+    else if (!(px = malloc(sizeof(float) * (size_t)mmb_tensor_numel(t))))
+        fprintf(stderr, "mmbridge: error: out of memory\n");
+    else {
+        mmb_to_f32(px, t->data, t->dtype, (size_t)mmb_tensor_numel(t));
+        *n = t->shape[0];
+    }
+    mmb_st_close(f);
+    return px;
+}
+
+static int cmd_encode(int argc, char **argv) {
+    opts o = {.positional = 1};
+    int r = parse(argc, argv, usage_encode, &o);
+    if (r) return r == 1 ? 0 : r;
+    if (!o.output || (!o.pixels && !o.n_images) || (o.pixels && o.n_images)) {
+        fprintf(stderr, "mmbridge: encode needs -o and either images or --pixels\n%s", usage_encode);
+        return 2;
+    }
+    mmb_ctx *ctx = make_ctx(&o);
+    if (!ctx) return 1;
+    mmb_model *m = NULL;
+    mmb_vit *vit_only = NULL;
+    const mmb_vit *vit = NULL;
+    float *px = NULL, *bufs[MMB_MAX_TAPS + 1] = {0}, *emb = NULL;
+    mmb_tensor outs[MMB_MAX_TAPS + 2];
+    char names[MMB_MAX_TAPS + 1][32];
+    int n_out = 0;
+    r = 1;
+    if (open_encoder(ctx, &o, &m, &vit_only, &vit)) goto done;
+    mmb_vit_info vi;
+    mmb_vit_get_info(vit, &vi);
+    int64_t n = 0;
+    if (!(px = read_pixels(ctx, o.pixels, &vi, &n))) goto done;
+    /* Taps: the model's, then --taps, then last_hidden_state for a vision-only checkpoint. */
+    int taps[MMB_MAX_TAPS + 1], nt = 0, n_model = 0;
+    mmb_model_info mi;
+    if (m) {
+        mmb_model_get_info(m, &mi);
+        for (int i = 0; i < mi.n_taps; i++) taps[nt++] = mi.taps[i];
+        n_model = nt;
+    }
+    for (int i = 0; i < o.n_taps && nt < MMB_MAX_TAPS; i++) taps[nt++] = o.taps[i];
+    if (!m) taps[nt++] = MMB_TAP_LAST;
+    size_t per = (size_t)(n * vi.tokens * vi.width);
+    for (int i = 0; i < nt; i++)
+        if (!(bufs[i] = malloc(per * sizeof(float)))) { fprintf(stderr, "mmbridge: error: out of memory\n"); goto done; }
+    double t0 = now_ms();
+    if (mmb_vit_forward(ctx, vit, px, n, taps, nt, bufs) != MMB_OK) { fail(ctx, NULL); goto done; }
+    double t1 = now_ms();
+    int64_t t_out = 0;
+    if (m) {
+        mmb_features ft = {.batch = n, .tokens = vi.tokens, .width = vi.width, .n_hidden = vi.layers + 1};
+        for (int i = 0; i < n_model; i++) {
+            ft.taps[ft.n_taps] = taps[i] < 0 ? taps[i] + vi.layers + 1 : taps[i];
+            ft.data[ft.n_taps++] = bufs[i];
+        }
+        t_out = mmb_model_tokens_out(ctx, m, vi.tokens);
+        size_t ne = (size_t)(n * (t_out > 0 ? t_out : 0) * mi.out_width);
+        if (t_out < 0 || !(emb = malloc(ne * sizeof(float) + 1)) || mmb_model_connect(ctx, m, &ft, emb, ne) != MMB_OK) {
+            fail(ctx, NULL);
+            goto done;
+        }
+        outs[n_out++] = (mmb_tensor){.name = "embeddings", .dtype = MMB_F32, .ndim = 3,
+                                     .shape = {n, t_out, mi.out_width}, .data = emb};
+    }
+    double t2 = now_ms();
+    for (int i = n_model; i < nt; i++) {
+        int idx = taps[i] == MMB_TAP_LAST ? -1 : taps[i] < 0 ? taps[i] + vi.layers + 1 : taps[i];
+        if (idx < 0) snprintf(names[i], sizeof names[i], "last_hidden_state");
+        else snprintf(names[i], sizeof names[i], "hidden_states.%d", idx);
+        int dup = 0;
+        for (int k = 0; k < n_out; k++) dup |= strcmp(outs[k].name, names[i]) == 0;
+        if (!dup)
+            outs[n_out++] = (mmb_tensor){.name = names[i], .dtype = MMB_F32, .ndim = 3,
+                                         .shape = {n, vi.tokens, vi.width}, .data = bufs[i]};
+    }
+    if (mmb_st_write(ctx, o.output, outs, n_out) != MMB_OK) { fail(ctx, NULL); goto done; }
+    for (int64_t i = 0; i < n; i++) {
+        if (m)
+            printf("image %lld: %s %dx%d -> %s %lld tokens x %d -> %s -> %lld x %d\n", (long long)i, o.pixels,
+                   vi.image_size, vi.image_size, vi.family, (long long)vi.tokens, vi.width, mi.connector,
+                   (long long)t_out, mi.out_width);
+        else
+            printf("image %lld: %s %dx%d -> %s %lld tokens x %d\n", (long long)i, o.pixels, vi.image_size,
+                   vi.image_size, vi.family, (long long)vi.tokens, vi.width);
+    }
+    printf("encoder %.1f ms, connector %.1f ms, %d thread(s), %d tensor(s) -> %s\n", t1 - t0, t2 - t1,
+           mmb_ctx_threads(ctx), n_out, o.output);
+    r = 0;
+done:
+    for (int i = 0; i <= MMB_MAX_TAPS; i++) free(bufs[i]);
+    free(px);
+    free(emb);
+    mmb_vit_free(vit_only);
+    mmb_model_free(m);
+    mmb_ctx_free(ctx);
+    return r;
+}
+
 static const char *usage_demo =
     "usage: mmbridge demo DIR [--threads N]\n"
     "\n"
@@ -321,6 +512,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "info") == 0) return cmd_info(argc - 2, argv + 2);
     if (strcmp(cmd, "connect") == 0) return cmd_connect(argc - 2, argv + 2);
     if (strcmp(cmd, "demo") == 0) return cmd_demo(argc - 2, argv + 2);
+    if (strcmp(cmd, "encode") == 0) return cmd_encode(argc - 2, argv + 2);
     fprintf(stderr, "mmbridge: unknown command '%s'\n%s", cmd, usage_main);
     return 2;
 }

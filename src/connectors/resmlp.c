@@ -14,8 +14,7 @@
 typedef struct {
     int64_t width;
     float eps;
-    const float *ln_w, *ln_b;   /* (C), f32 views */
-    float *owned[2];
+    float *ln_w, *ln_b;         /* (C), f32 copies */
     mmb_linear fc1, fc2;        /* (C, C) each */
 } resmlp_state;
 
@@ -26,22 +25,9 @@ static void resmlp_free(void *st) {
     if (!s) return;
     mmb__linear_free(&s->fc1);
     mmb__linear_free(&s->fc2);
-    free(s->owned[0]);
-    free(s->owned[1]);
+    free(s->ln_w);
+    free(s->ln_b);
     free(s);
-}
-
-/* A 1-D float tensor as f32, converted once if stored in half precision. */
-static mmb_status bind_vec(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int64_t n, const float **view,
-                           float **owned) {
-    const mmb_tensor *t;
-    mmb_status s = mmb__ckpt_bind(ctx, c, name, 1, &n, &t);
-    if (s != MMB_OK) return s;
-    *owned = malloc((size_t)n * sizeof(float));
-    if (!*owned) return mmb__err(ctx, MMB_ERR_NOMEM, "tensor '%s': out of memory", name);
-    mmb_to_f32(*owned, t->data, t->dtype, (size_t)n);
-    *view = *owned;
-    return MMB_OK;
 }
 
 static mmb_status resmlp_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, void **out) {
@@ -53,8 +39,8 @@ static mmb_status resmlp_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cf
     char n1[512], n2[512];
     snprintf(n1, sizeof n1, "%spre_norm.weight", cfg->prefix);
     snprintf(n2, sizeof n2, "%spre_norm.bias", cfg->prefix);
-    mmb_status st = bind_vec(ctx, c, n1, C, &s->ln_w, &s->owned[0]);
-    if (st == MMB_OK) st = bind_vec(ctx, c, n2, C, &s->ln_b, &s->owned[1]);
+    mmb_status st = mmb__ckpt_vec(ctx, c, n1, C, &s->ln_w);
+    if (st == MMB_OK) st = mmb__ckpt_vec(ctx, c, n2, C, &s->ln_b);
     for (int i = 0; i < 2 && st == MMB_OK; i++) {
         const mmb_tensor *w, *b;
         snprintf(n1, sizeof n1, "%sproj.%d.weight", cfg->prefix, 2 * i);

@@ -41,6 +41,7 @@ static mmb_status read_json(mmb_ctx *ctx, const char *path, cJSON **out) {
             s = mmb__err(ctx, MMB_ERR_FORMAT, "%s: malformed JSON near byte %zu", path, at);
         } else if (!cJSON_IsObject(*out)) {
             cJSON_Delete(*out);
+            *out = NULL;
             s = mmb__err(ctx, MMB_ERR_FORMAT, "%s: top level is not a JSON object", path);
         }
     }
@@ -55,20 +56,23 @@ static char *join(const char *dir, const char *name) {
     return p;
 }
 
-static mmb_status add_file(mmb_ctx *ctx, mmb_ckpt *c, const char *name) {
+/* Opens dir/name unless already open; sets *file (may be NULL) to it. */
+static mmb_status add_file(mmb_ctx *ctx, mmb_ckpt *c, const char *name, const mmb_st_file **file) {
     for (int i = 0; i < c->n_files; i++) {
         const char *p = mmb__st_path(c->files[i]);
         const char *base = strrchr(p, '/');
-        if (strcmp(base ? base + 1 : p, name) == 0) return MMB_OK;
+        if (strcmp(base ? base + 1 : p, name) == 0) {
+            if (file) *file = c->files[i];
+            return MMB_OK;
+        }
     }
-    if (strchr(name, '/') || strcmp(name, "..") == 0)
-        return mmb__err(ctx, MMB_ERR_FORMAT, "%s: index names a file outside the directory: '%s'", c->dir, name);
     mmb_st_file **nf = realloc(c->files, sizeof *nf * (size_t)(c->n_files + 1));
     char *path = join(c->dir, name);
     if (!nf || !path) { free(path); if (nf) c->files = nf; return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir); }
     c->files = nf;
     mmb_status s = mmb_st_open(ctx, path, &c->files[c->n_files]);
     free(path);
+    if (s == MMB_OK && file) *file = c->files[c->n_files];
     if (s == MMB_OK) c->n_files++;
     return s;
 }
@@ -92,7 +96,7 @@ static mmb_status scan_dir(mmb_ctx *ctx, mmb_ckpt *c) {
     }
     closedir(d);
     if (names) qsort(names, (size_t)n, sizeof *names, cmp_str);
-    for (int i = 0; i < n && s == MMB_OK; i++) s = add_file(ctx, c, names[i]);
+    for (int i = 0; i < n && s == MMB_OK; i++) s = add_file(ctx, c, names[i], NULL);
     for (int i = 0; i < n; i++) free(names[i]);
     free(names);
     if (s == MMB_OK && c->n_files == 0)
@@ -109,8 +113,15 @@ static mmb_status read_index(mmb_ctx *ctx, mmb_ckpt *c, const char *ipath) {
     if (!cJSON_IsObject(wm)) s = mmb__err(ctx, MMB_ERR_FORMAT, "%s: no weight_map object", ipath);
     for (const cJSON *e = wm ? wm->child : NULL; e && s == MMB_OK; e = e->next) {
         if (!cJSON_IsString(e)) { s = mmb__err(ctx, MMB_ERR_FORMAT, "%s: weight_map['%s'] is not a file name", ipath, e->string); break; }
-        s = add_file(ctx, c, e->valuestring);
-        if (s == MMB_OK && !mmb__ckpt_find(c, e->string, NULL))
+        const char *name = e->valuestring;
+        if (strchr(name, '/') || strcmp(name, "..") == 0 || strcmp(name, ".") == 0 || !name[0]) {
+            s = mmb__err(ctx, MMB_ERR_FORMAT, "%s: weight_map['%s'] names a file outside the directory: '%s'", ipath,
+                         e->string, name);
+            break;
+        }
+        const mmb_st_file *f = NULL;
+        s = add_file(ctx, c, name, &f);
+        if (s == MMB_OK && !mmb_st_find(f, e->string))
             s = mmb__err(ctx, MMB_ERR_MISSING, "%s: tensor '%s' is listed in %s but not in that file", ipath,
                          e->string, e->valuestring);
     }
@@ -193,19 +204,28 @@ mmb_status mmb__ckpt_bind(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int
 
 /* ---- config access ---- */
 
-static const cJSON *cfg_get(const mmb_ckpt *c, const char *path) {
+/* The value at dotted `path`, or NULL when absent or null. A parent on the way that is present
+ * but not an object ("vision_config": 5) is an MMB_ERR_FORMAT through *s, and NULL. */
+static const cJSON *cfg_get(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, mmb_status *s) {
     const cJSON *j = c->config;
+    const char *p = path;
     char key[128];
-    while (j && *path) {
-        const char *dot = strchr(path, '.');
-        size_t n = dot ? (size_t)(dot - path) : strlen(path);
+    while (j && *p) {
+        if (!cJSON_IsObject(j)) {
+            *s = mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: '%.*s' is not an object", c->dir,
+                          (int)(p - path - 1), path);
+            return NULL;
+        }
+        const char *dot = strchr(p, '.');
+        size_t n = dot ? (size_t)(dot - p) : strlen(p);
         if (n >= sizeof key) return NULL;
-        memcpy(key, path, n);
+        memcpy(key, p, n);
         key[n] = 0;
-        j = cJSON_IsObject(j) ? cJSON_GetObjectItemCaseSensitive(j, key) : NULL;
-        path += n + (dot ? 1 : 0);
+        j = cJSON_GetObjectItemCaseSensitive(j, key);
+        p += n + (dot ? 1 : 0);
+        if (cJSON_IsNull(j)) return NULL;
     }
-    return cJSON_IsNull(j) ? NULL : j;
+    return j;
 }
 
 static bool bad_type(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, const char *want, mmb_status *s) {
@@ -214,7 +234,7 @@ static bool bad_type(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, const ch
 }
 
 bool mmb__cfg_num(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, double *out, mmb_status *s) {
-    const cJSON *j = cfg_get(c, path);
+    const cJSON *j = cfg_get(ctx, c, path, s);
     if (!j) return false;
     if (!cJSON_IsNumber(j)) return bad_type(ctx, c, path, "a number", s);
     *out = j->valuedouble;
@@ -222,17 +242,17 @@ bool mmb__cfg_num(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, double *out
 }
 
 bool mmb__cfg_int(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, int64_t *out, mmb_status *s) {
-    const cJSON *j = cfg_get(c, path);
+    const cJSON *j = cfg_get(ctx, c, path, s);
     if (!j) return false;
-    if (!cJSON_IsNumber(j) || j->valuedouble != (double)(int64_t)j->valuedouble ||
-        j->valuedouble > 1e15 || j->valuedouble < -1e15)
+    if (!cJSON_IsNumber(j) || !(j->valuedouble <= 1e15 && j->valuedouble >= -1e15) ||
+        j->valuedouble != (double)(int64_t)j->valuedouble)
         return bad_type(ctx, c, path, "an integer", s);
     *out = (int64_t)j->valuedouble;
     return true;
 }
 
 bool mmb__cfg_str(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, const char **out, mmb_status *s) {
-    const cJSON *j = cfg_get(c, path);
+    const cJSON *j = cfg_get(ctx, c, path, s);
     if (!j) return false;
     if (!cJSON_IsString(j)) return bad_type(ctx, c, path, "a string", s);
     *out = j->valuestring;
@@ -240,7 +260,7 @@ bool mmb__cfg_str(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, const char 
 }
 
 bool mmb__cfg_bool(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, bool *out, mmb_status *s) {
-    const cJSON *j = cfg_get(c, path);
+    const cJSON *j = cfg_get(ctx, c, path, s);
     if (!j) return false;
     if (!cJSON_IsBool(j)) return bad_type(ctx, c, path, "true or false", s);
     *out = cJSON_IsTrue(j);
@@ -248,12 +268,16 @@ bool mmb__cfg_bool(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, bool *out,
 }
 
 bool mmb__cfg_ints(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, int *out, int cap, int *n, mmb_status *s) {
-    const cJSON *j = cfg_get(c, path);
+    const cJSON *j = cfg_get(ctx, c, path, s);
     if (!j) return false;
     const cJSON *one = cJSON_IsArray(j) ? j->child : j;
     int k = 0;
     for (; one; one = cJSON_IsArray(j) ? one->next : NULL) {
-        if (k == cap) return bad_type(ctx, c, path, "a list of at most 64 integers", s);
+        if (k == cap) {
+            char want[64];
+            snprintf(want, sizeof want, cap == 1 ? "a single integer" : "a list of at most %d integers", cap);
+            return bad_type(ctx, c, path, want, s);
+        }
         if (!cJSON_IsNumber(one) || !(one->valuedouble > -1e6 && one->valuedouble < 1e6) ||
             one->valuedouble != (double)(int)one->valuedouble)
             return bad_type(ctx, c, path, "an integer or a list of integers", s);
@@ -262,4 +286,15 @@ bool mmb__cfg_ints(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, int *out, 
     if (k == 0) return bad_type(ctx, c, path, "a non-empty list", s);
     *n = k;
     return true;
+}
+
+mmb_status mmb__ckpt_vec(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int64_t n, float **out) {
+    const mmb_tensor *t;
+    mmb_status s = mmb__ckpt_bind(ctx, c, name, 1, &n, &t);
+    if (s != MMB_OK) return s;
+    float *v = malloc((size_t)n * sizeof(float) + 1);
+    if (!v) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: tensor '%s': out of memory", c->dir, name);
+    mmb_to_f32(v, t->data, t->dtype, (size_t)n);
+    *out = v;
+    return MMB_OK;
 }

@@ -24,6 +24,7 @@ struct mmb_st_file {
     int n;
     mmb_tensor *t;
     uint64_t *begin, *end;  /* byte ranges in the data section, per tensor */
+    void **owned;           /* per tensor: an aligned copy when the mapped bytes are misaligned */
     int n_meta;
     char **meta_k, **meta_v;
 };
@@ -32,6 +33,8 @@ void mmb_st_close(mmb_st_file *f) {
     if (!f) return;
     if (f->map) munmap(f->map, f->size);
     for (int i = 0; i < f->n; i++) free((char *)f->t[i].name);
+    for (int i = 0; f->owned && i < f->n; i++) free(f->owned[i]);
+    free(f->owned);
     for (int i = 0; i < f->n_meta; i++) { free(f->meta_k[i]); free(f->meta_v[i]); }
     free(f->t);
     free(f->begin);
@@ -54,6 +57,8 @@ static bool json_u64(const cJSON *j, uint64_t *out) {
 static mmb_status parse_meta(mmb_ctx *ctx, mmb_st_file *f, const cJSON *meta) {
     if (!cJSON_IsObject(meta))
         return mmb__err(ctx, MMB_ERR_FORMAT, "%s: __metadata__ is not an object", f->path);
+    if (f->meta_k)
+        return mmb__err(ctx, MMB_ERR_FORMAT, "%s: __metadata__ appears twice in the header", f->path);
     int n = cJSON_GetArraySize(meta);
     f->meta_k = calloc((size_t)n + 1, sizeof(char *));
     f->meta_v = calloc((size_t)n + 1, sizeof(char *));
@@ -114,6 +119,19 @@ static mmb_status parse_entry(mmb_ctx *ctx, mmb_st_file *f, const cJSON *e, uint
     t->name = strdup(name);
     if (!t->name) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", f->path);
     t->data = data + b;
+    /* The format does not promise alignment (odd header lengths occur in published files), but
+     * readers cast data to the element type: give a misaligned tensor an aligned (malloc) copy. */
+    if (bytes && (uintptr_t)t->data % mmb_dtype_size(t->dtype) != 0) {
+        void *copy = malloc((size_t)bytes);
+        if (!copy) {
+            free((char *)t->name);
+            t->name = NULL;
+            return mmb__err(ctx, MMB_ERR_NOMEM, "%s: tensor '%s': out of memory", f->path, name);
+        }
+        memcpy(copy, t->data, (size_t)bytes);
+        f->owned[f->n] = copy;
+        t->data = copy;
+    }
     f->begin[f->n] = b;
     f->end[f->n] = en;
     f->n++;
@@ -160,7 +178,8 @@ static mmb_status parse_header(mmb_ctx *ctx, mmb_st_file *f) {
     f->t = calloc((size_t)n + 1, sizeof *f->t);
     f->begin = calloc((size_t)n + 1, sizeof *f->begin);
     f->end = calloc((size_t)n + 1, sizeof *f->end);
-    mmb_status s = (f->t && f->begin && f->end) ? MMB_OK : mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", f->path);
+    f->owned = calloc((size_t)n + 1, sizeof *f->owned);
+    mmb_status s = (f->t && f->begin && f->end && f->owned) ? MMB_OK : mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", f->path);
     const unsigned char *data = f->map + 8 + hlen;
     uint64_t data_len = f->size - 8 - hlen;
     for (const cJSON *e = root->child; e && s == MMB_OK; e = e->next) {

@@ -14,16 +14,8 @@ struct mmb_model {
     bool drop_first;          /* strategy "default"/"patch": hidden_states[i][:, 1:] */
     mmb_model_info info;
     char arch[128], type[64], strategy[16];
+    mmb_vit *vit;             /* the checkpoint's own tower, or one attached; NULL if neither */
 };
-
-/* Defaults of the vision config classes, used for keys that save_pretrained left out. */
-typedef struct { const char *model_type; int width, layers, image, patch; bool cls; } vision_defaults;
-static const vision_defaults vdefaults[] = {
-    {"clip_vision_model", 768, 12, 224, 32, true},
-    {"siglip_vision_model", 768, 12, 224, 16, false},
-};
-/* LlavaConfig without a vision_config uses CLIP ViT-L/14-336. */
-static const vision_defaults llava_default_vision = {"clip_vision_model", 1024, 24, 336, 14, true};
 
 static mmb_status get_int(mmb_ctx *ctx, const mmb_ckpt *c, const char *key, int64_t def, int64_t *out) {
     mmb_status s = MMB_OK;
@@ -72,23 +64,12 @@ static mmb_status detect_original(mmb_ctx *ctx, mmb_model *m, mmb_conn_cfg *cc) 
 static mmb_status detect_transformers(mmb_ctx *ctx, mmb_model *m, mmb_conn_cfg *cc) {
     const mmb_ckpt *c = &m->ck;
     mmb_status s = MMB_OK;
-    const char *act = "gelu", *strategy = "default", *vtype = "clip_vision_model";
+    const char *act = "gelu", *strategy = "default";
     bool bias = true;
-    const vision_defaults *vd = &llava_default_vision;
-    if (cJSON_GetObjectItemCaseSensitive(c->config, "vision_config")) {
-        mmb__cfg_str(ctx, c, "vision_config.model_type", &vtype, &s);
-        vd = NULL;
-        for (size_t i = 0; i < sizeof vdefaults / sizeof vdefaults[0]; i++)
-            if (strcmp(vtype, vdefaults[i].model_type) == 0) vd = &vdefaults[i];
-        if (s == MMB_OK && !vd)
-            return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: vision_config.model_type '%s' (expected "
-                            "clip_vision_model or siglip_vision_model)", c->dir, vtype);
-    }
-    int64_t width = 0, layers = 0, image = 0, patch = 0, d_model = 0;
-    if (s == MMB_OK) s = get_int(ctx, c, "vision_config.hidden_size", vd->width, &width);
-    if (s == MMB_OK) s = get_int(ctx, c, "vision_config.num_hidden_layers", vd->layers, &layers);
-    if (s == MMB_OK) s = get_int(ctx, c, "vision_config.image_size", vd->image, &image);
-    if (s == MMB_OK) s = get_int(ctx, c, "vision_config.patch_size", vd->patch, &patch);
+    /* LlavaConfig without a vision_config uses CLIP ViT-L/14-336. */
+    mmb_vit_info vi = {.width = 1024, .layers = 24, .image_size = 336, .patch_size = 14, .has_cls = 1};
+    if (cJSON_GetObjectItemCaseSensitive(c->config, "vision_config")) s = mmb__vision_cfg(ctx, c, "vision_config.", &vi);
+    int64_t width = vi.width, layers = vi.layers, image = vi.image_size, patch = vi.patch_size, d_model = 0;
     if (s == MMB_OK) s = get_int(ctx, c, "text_config.hidden_size", 4096, &d_model);
     if (s == MMB_OK) mmb__cfg_str(ctx, c, "projector_hidden_act", &act, &s);
     if (s == MMB_OK) mmb__cfg_str(ctx, c, "vision_feature_select_strategy", &strategy, &s);
@@ -99,9 +80,9 @@ static mmb_status detect_transformers(mmb_ctx *ctx, mmb_model *m, mmb_conn_cfg *
         m->info.n_taps = 1;
     }
     if (s != MMB_OK) return s;
-    if (width <= 0 || d_model <= 0 || layers < 0 || image <= 0 || patch <= 0 || width > (1 << 20) ||
-        d_model > (1 << 20) || layers > 4096 || patch > image)
-        return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: vision or text sizes out of range", c->dir);
+    if (d_model <= 0 || d_model > (1 << 20))
+        return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: text_config.hidden_size %lld is out of range", c->dir,
+                        (long long)d_model);
     if (strcmp(strategy, "default") != 0 && strcmp(strategy, "full") != 0)
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: vision_feature_select_strategy '%s' (expected "
                         "'default' or 'full')", c->dir, strategy);
@@ -118,17 +99,51 @@ static mmb_status detect_transformers(mmb_ctx *ctx, mmb_model *m, mmb_conn_cfg *
     snprintf(m->type, sizeof m->type, "llava");
     snprintf(m->strategy, sizeof m->strategy, "%s", strategy);
     m->drop_first = strcmp(strategy, "default") == 0;
-    m->info.layout = prefix[0] == 'm' && prefix[1] == 'o' ? "transformers" : "transformers-old";
+    m->info.layout = prefix[0] == 'm' && prefix[1] == 'o' ? "transformers" : "transformers-legacy";
     m->info.vision_width = (int)width;
     m->info.vision_layers = (int)layers;
     m->info.image_size = (int)image;
     m->info.patch_size = (int)patch;
     int64_t grid = image / patch;
-    m->info.tokens_per_image = grid * grid + (vd->cls ? 1 : 0) - (m->drop_first ? 1 : 0);
+    m->info.tokens_per_image = grid * grid + vi.has_cls - (m->drop_first ? 1 : 0);
     *cc = (mmb_conn_cfg){.type = m->type, .prefix = prefix, .in_width = width * m->info.n_taps,
                          .out_width = d_model, .act = cc->act, .bias = bias, .eps = 1e-5f};
     return MMB_OK;
 }
+
+/* Attaches v (or, when NULL, the checkpoint's own tower) after checking it feeds the connector. */
+static mmb_status attach(mmb_ctx *ctx, mmb_model *m, mmb_vit *given) {
+    mmb_vit *v = given;
+    mmb_status s = v ? MMB_OK : mmb__vit_load(ctx, &m->ck, &v);
+    if (s != MMB_OK) return s;
+    mmb_vit_info vi;
+    mmb_vit_get_info(v, &vi);
+    if (vi.width * m->info.n_taps != m->info.in_width) {
+        s = mmb__err(ctx, MMB_ERR_SHAPE, "%s: the vision tower is %d wide; the connector reads %d taps into %d "
+                     "channels", m->ck.dir, vi.width, m->info.n_taps, m->info.in_width);
+        if (!given) mmb_vit_free(v);
+        return s;
+    }
+    mmb_vit_free(m->vit);
+    m->vit = v;
+    mmb_model_info *in = &m->info;
+    in->vision_width = vi.width;
+    in->vision_layers = vi.layers;
+    in->image_size = vi.image_size;
+    in->patch_size = vi.patch_size;
+    int64_t t = vi.tokens - (m->drop_first ? 1 : 0), params = 0, flops = 0;
+    in->tokens_per_image = m->ops->out_tokens(m->conn, t);
+    m->ops->cost(m->conn, t, &params, &flops);
+    in->flops_per_image = flops;
+    return MMB_OK;
+}
+
+mmb_status mmb_model_attach_vit(mmb_ctx *ctx, mmb_model *m, mmb_vit *v) {
+    if (!ctx || !m || !v) return mmb__err(ctx, MMB_ERR_ARG, "mmb_model_attach_vit: NULL argument");
+    return attach(ctx, m, v);
+}
+
+const mmb_vit *mmb_model_vit(const mmb_model *m) { return m ? m->vit : NULL; }
 
 static mmb_status build(mmb_ctx *ctx, mmb_model *m) {
     const mmb_ckpt *c = &m->ck;
@@ -184,7 +199,7 @@ static mmb_status build(mmb_ctx *ctx, mmb_model *m) {
             if (strstr(t->name, "projector") && mmb__dtype_is_float(t->dtype)) w = t;
         }
     in->weight_dtype = w ? w->dtype : MMB_F32;
-    return MMB_OK;
+    return mmb__vit_present(c) ? attach(ctx, m, NULL) : MMB_OK;
 }
 
 mmb_status mmb_model_open(mmb_ctx *ctx, const char *dir, mmb_model **out) {
@@ -204,6 +219,7 @@ mmb_status mmb_model_open(mmb_ctx *ctx, const char *dir, mmb_model **out) {
 void mmb_model_free(mmb_model *m) {
     if (!m) return;
     if (m->ops && m->conn) m->ops->free(m->conn);
+    mmb_vit_free(m->vit);
     mmb__ckpt_close(&m->ck);
     free(m);
 }

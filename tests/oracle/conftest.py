@@ -61,3 +61,29 @@ def clip_hidden_states():
 
 def write_json(path, obj):
     Path(path).write_text(json.dumps(obj, indent=2))
+
+
+def write_layout(model, d, layout):
+    """Rewrites d/model.safetensors with one of the LLaVA key layouts found in the wild:
+    "saved"   what transformers' save_pretrained writes (multi_modal_projector.*, vision_tower.*);
+    "newer"   the in-memory names (model.multi_modal_projector.*, model.vision_tower.*), as
+              transformers 4.5x checkpoints store them;
+    "hub"     the older hub files (multi_modal_projector.*, vision_tower.vision_model.*,
+              language_model.model.*), e.g. llava-hf/llava-1.5-7b-hf."""
+    if layout == "saved":
+        return
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if layout == "hub":
+        ren = {}
+        for k, v in sd.items():
+            if k.startswith("model.multi_modal_projector."):
+                k = k[len("model."):]
+            elif k.startswith("model.vision_tower."):
+                k = "vision_tower.vision_model." + k[len("model.vision_tower."):]
+            elif k.startswith("model.language_model."):
+                k = "language_model.model." + k[len("model.language_model."):]
+            elif k == "lm_head.weight":
+                k = "language_model.lm_head.weight"
+            ren[k] = v
+        sd = ren
+    save_file(sd, str(Path(d) / "model.safetensors"), metadata={"format": "pt"})

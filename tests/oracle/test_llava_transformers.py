@@ -4,7 +4,6 @@ import itertools
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from conftest import TEXT, VISION, connect, save_features, scaled_err
@@ -73,28 +72,13 @@ def test_every_gemm_backend_and_thread_count(tmp_path, gemm, threads):
     assert scaled_err(got, ref) <= 1e-4
 
 
-def to_old_layout(d):
-    """Rewrites a saved checkpoint with the older transformers key names."""
-    sd = load_file(str(d / "model.safetensors"))
-    old = {}
-    for k, v in sd.items():
-        if k.startswith("model.multi_modal_projector."):
-            k = k[len("model."):]
-        elif k.startswith("model.vision_tower."):
-            k = k[len("model."):]
-        elif k.startswith("model.language_model."):
-            k = "language_model.model." + k[len("model.language_model."):]
-        elif k == "lm_head.weight":
-            k = "language_model.lm_head.weight"
-        old[k] = v
-    save_file(old, str(d / "model.safetensors"), metadata={"format": "pt"})
-    return sorted(old)
-
-
-def test_older_key_layout(tmp_path):
+@pytest.mark.parametrize("layout,expect", [("saved", "transformers-legacy"), ("newer", "transformers"),
+                                           ("hub", "transformers-legacy")])
+def test_every_key_layout(tmp_path, layout, expect):
+    from conftest import run, write_layout
     model, d = make_llava(tmp_path, "gelu", -2, "default", True)
-    keys = to_old_layout(d)
-    assert "multi_modal_projector.linear_1.weight" in keys
+    write_layout(model, d, layout)
+    assert f"layout:           {expect}\n" in run("info", d).stdout
     _, hs, ref = features_and_reference(model, -2, "default")
     save_features(tmp_path / "f.safetensors", hs)
     got, _ = connect(d, tmp_path / "f.safetensors", tmp_path / "o.safetensors")
@@ -129,7 +113,7 @@ def test_info_transformers_layout(tmp_path):
     grid = (VISION["image_size"] // VISION["patch_size"]) ** 2
     tokens = grid + 1  # "full" keeps CLS
     d_in, d = 2 * VISION["hidden_size"], TEXT["hidden_size"]
-    assert "LlavaForConditionalGeneration" in out and "layout:           transformers" in out
+    assert "LlavaForConditionalGeneration" in out and "layout:           transformers-legacy" in out
     assert "quick_gelu" in out and "hidden_states[0, -2]" in out
     assert f"tokens per image: {tokens}\n" in out
     assert f"parameters:       {d_in * d + d + d * d + d}\n" in out

@@ -1,0 +1,367 @@
+/* CLIP and SigLIP vision transformers, as transformers' CLIPVisionModel / SiglipVisionModel run
+ * them, with hidden-state taps.
+ *
+ *   embeddings: Conv2d(C -> D, kernel = stride = patch; bias for SigLIP only) as a GEMM over
+ *               im2col rows; CLIP prepends class_embedding; + position_embedding
+ *   CLIP only:  pre_layrnorm                                   -> hidden_states[0]
+ *   block i:    x += out_proj(attn(LN1(x)));  x += fc2(act(fc1(LN2(x))))   -> hidden_states[i]
+ *   SigLIP:     last_hidden_state = post_layernorm(hidden_states[L]); CLIP: = hidden_states[L]
+ */
+#include "internal.h"
+
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    float *ln1_w, *ln1_b, *ln2_w, *ln2_b;  /* (D) */
+    float *qkv_w, *qkv_b;                  /* (3D, D), (3D): q, k, v fused at load */
+    mmb_linear qkv, out, fc1, fc2;         /* (3D, D), (D, D), (I, D), (D, I) */
+} vit_layer;
+
+struct mmb_vit {
+    mmb_ckpt ck;             /* only when opened standalone */
+    bool owns_ck;
+    mmb_vit_info info;
+    char prefix[96];
+    mmb_act act;
+    mmb_linear patch;        /* (D, C * p * p) */
+    float *cls;              /* (D), CLIP only */
+    float *pos;              /* (tokens, D) */
+    float *pre_w, *pre_b;    /* (D), CLIP only */
+    float *post_w, *post_b;  /* (D) */
+    vit_layer *layers;
+};
+
+/* The defaults of each config class, for keys save_pretrained left out. */
+static const struct {
+    const char *model_type, *family, *act;
+    int width, inter, layers, heads, image, patch;
+    float eps;
+    bool cls;
+} families[] = {
+    {"clip_vision_model", "clip", "quick_gelu", 768, 3072, 12, 12, 224, 32, 1e-5f, true},
+    {"siglip_vision_model", "siglip", "gelu_pytorch_tanh", 768, 3072, 12, 12, 224, 16, 1e-6f, false},
+};
+
+mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_prefix, mmb_vit_info *out) {
+    char key[128];
+    const char *mt = NULL;
+    mmb_status s = MMB_OK;
+    snprintf(key, sizeof key, "%smodel_type", cfg_prefix);
+    if (!mmb__cfg_str(ctx, c, key, &mt, &s)) {
+        if (s != MMB_OK) return s;
+        mt = "clip_vision_model";
+    }
+    int f = -1;
+    for (int i = 0; i < (int)(sizeof families / sizeof families[0]); i++)
+        if (strcmp(mt, families[i].model_type) == 0) f = i;
+    if (f < 0)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: vision model_type '%s' (expected "
+                        "clip_vision_model or siglip_vision_model)", c->dir, mt);
+    mmb_vit_info in = {.family = families[f].family, .act = families[f].act, .eps = families[f].eps,
+                       .has_cls = families[f].cls};
+    struct { const char *k; int def; int *dst; } ints[] = {
+        {"hidden_size", families[f].width, &in.width},     {"intermediate_size", families[f].inter, &in.intermediate},
+        {"num_hidden_layers", families[f].layers, &in.layers}, {"num_attention_heads", families[f].heads, &in.heads},
+        {"image_size", families[f].image, &in.image_size}, {"patch_size", families[f].patch, &in.patch_size},
+        {"num_channels", 3, &in.channels},
+    };
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0] && s == MMB_OK; i++) {
+        int64_t v;
+        snprintf(key, sizeof key, "%s%s", cfg_prefix, ints[i].k);
+        if (!mmb__cfg_int(ctx, c, key, &v, &s)) v = ints[i].def;
+        if (s == MMB_OK && (v < (i == 2 ? 0 : 1) || v > (1 << 20)))
+            s = mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: '%s' = %lld is out of range", c->dir, key, (long long)v);
+        *ints[i].dst = (int)v;
+    }
+    double eps = in.eps;
+    snprintf(key, sizeof key, "%slayer_norm_eps", cfg_prefix);
+    if (s == MMB_OK) mmb__cfg_num(ctx, c, key, &eps, &s);
+    snprintf(key, sizeof key, "%shidden_act", cfg_prefix);
+    if (s == MMB_OK) mmb__cfg_str(ctx, c, key, &in.act, &s);
+    if (s != MMB_OK) return s;
+    in.eps = (float)eps;
+    if (in.patch_size > in.image_size || in.width % in.heads != 0 || in.layers > 4096)
+        return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: inconsistent vision sizes (image %d, patch %d, width %d, "
+                        "heads %d)", c->dir, in.image_size, in.patch_size, in.width, in.heads);
+    int64_t g = in.image_size / in.patch_size, T = g * g + in.has_cls, D = in.width, I = in.intermediate;
+    int64_t P = (int64_t)in.channels * in.patch_size * in.patch_size;
+    in.tokens = T;
+    in.flops_per_image = 2 * g * g * D * P + in.layers * (2 * T * (4 * D * D + 2 * D * I) + 4 * T * T * D);
+    in.params = D * P + (in.family[0] == 's' ? D : 0) + T * D + (in.has_cls ? 3 * D : 0) + 2 * D +
+                in.layers * (4 * D * D + 4 * D + 2 * D * I + I + D + 4 * D);
+    *out = in;
+    return MMB_OK;
+}
+
+static void free_layer(vit_layer *l) {
+    free(l->ln1_w); free(l->ln1_b); free(l->ln2_w); free(l->ln2_b);
+    free(l->qkv_w); free(l->qkv_b);
+    mmb__linear_free(&l->qkv);
+    mmb__linear_free(&l->out);
+    mmb__linear_free(&l->fc1);
+    mmb__linear_free(&l->fc2);
+}
+
+void mmb_vit_free(mmb_vit *v) {
+    if (!v) return;
+    for (int i = 0; v->layers && i < v->info.layers; i++) free_layer(&v->layers[i]);
+    free(v->layers);
+    mmb__linear_free(&v->patch);
+    free(v->cls); free(v->pos); free(v->pre_w); free(v->pre_b); free(v->post_w); free(v->post_b);
+    if (v->owns_ck) mmb__ckpt_close(&v->ck);
+    free(v);
+}
+
+/* Binds {prefix}{name}.weight [n_out, n_in] and .bias [n_out] as a linear layer. */
+static mmb_status bind_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name,
+                              int64_t n_out, int64_t n_in, mmb_linear *l) {
+    char wn[256], bn[256];
+    snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
+    snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
+    const mmb_tensor *w, *b;
+    int64_t ws[2] = {n_out, n_in};
+    mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
+    if (s == MMB_OK) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
+    return s == MMB_OK ? mmb__linear_init(ctx, l, w, b) : s;
+}
+
+static mmb_status bind_vec2(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n,
+                            float **w, float **b) {
+    char wn[256], bn[256];
+    snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
+    snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
+    mmb_status s = mmb__ckpt_vec(ctx, c, wn, n, w);
+    return s == MMB_OK ? mmb__ckpt_vec(ctx, c, bn, n, b) : s;
+}
+
+/* q, k, v projections fused into one (3D, D) layer so a block runs one GEMM for them. */
+static mmb_status bind_qkv(mmb_ctx *ctx, const mmb_ckpt *c, const char *lp, int64_t D, vit_layer *l) {
+    l->qkv_w = malloc(sizeof(float) * (size_t)(3 * D * D));
+    l->qkv_b = malloc(sizeof(float) * (size_t)(3 * D));
+    if (!l->qkv_w || !l->qkv_b) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir);
+    static const char *const names[3] = {"q_proj", "k_proj", "v_proj"};
+    for (int i = 0; i < 3; i++) {
+        char wn[256], bn[256];
+        snprintf(wn, sizeof wn, "%sself_attn.%s.weight", lp, names[i]);
+        snprintf(bn, sizeof bn, "%sself_attn.%s.bias", lp, names[i]);
+        const mmb_tensor *w, *b;
+        int64_t ws[2] = {D, D};
+        mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
+        if (s == MMB_OK) s = mmb__ckpt_bind(ctx, c, bn, 1, &D, &b);
+        if (s != MMB_OK) return s;
+        mmb_to_f32(l->qkv_w + i * D * D, w->data, w->dtype, (size_t)(D * D));
+        mmb_to_f32(l->qkv_b + i * D, b->data, b->dtype, (size_t)D);
+    }
+    mmb_tensor w = {.name = "qkv", .dtype = MMB_F32, .ndim = 2, .shape = {3 * D, D}, .data = l->qkv_w};
+    mmb_tensor b = {.name = "qkv.bias", .dtype = MMB_F32, .ndim = 1, .shape = {3 * D}, .data = l->qkv_b};
+    return mmb__linear_init(ctx, &l->qkv, &w, &b);
+}
+
+static mmb_status load_weights(mmb_ctx *ctx, mmb_vit *v, const mmb_ckpt *c) {
+    const mmb_vit_info *in = &v->info;
+    const char *p = v->prefix;
+    int64_t D = in->width, I = in->intermediate, T = in->tokens, P = (int64_t)in->channels * in->patch_size * in->patch_size;
+    char name[256];
+    const mmb_tensor *pw, *pb = NULL;
+    int64_t pshape[4] = {D, in->channels, in->patch_size, in->patch_size};
+    snprintf(name, sizeof name, "%sembeddings.patch_embedding.weight", p);
+    mmb_status s = mmb__ckpt_bind(ctx, c, name, 4, pshape, &pw);
+    if (s == MMB_OK && !in->has_cls) {
+        snprintf(name, sizeof name, "%sembeddings.patch_embedding.bias", p);
+        s = mmb__ckpt_bind(ctx, c, name, 1, &D, &pb);
+    }
+    if (s == MMB_OK) {
+        mmb_tensor w2 = *pw;  /* the conv kernel is a (D, C*p*p) matrix in im2col order */
+        w2.ndim = 2;
+        w2.shape[1] = P;
+        s = mmb__linear_init(ctx, &v->patch, &w2, pb);
+    }
+    if (s == MMB_OK) {
+        const mmb_tensor *pos;
+        int64_t ps[2] = {T, D};
+        snprintf(name, sizeof name, "%sembeddings.position_embedding.weight", p);
+        s = mmb__ckpt_bind(ctx, c, name, 2, ps, &pos);
+        if (s == MMB_OK && !(v->pos = malloc(sizeof(float) * (size_t)(T * D))))
+            s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+        if (s == MMB_OK) mmb_to_f32(v->pos, pos->data, pos->dtype, (size_t)(T * D));
+    }
+    if (s == MMB_OK && in->has_cls) {
+        snprintf(name, sizeof name, "%sembeddings.class_embedding", p);
+        s = mmb__ckpt_vec(ctx, c, name, D, &v->cls);
+        if (s == MMB_OK) s = bind_vec2(ctx, c, p, "pre_layrnorm", D, &v->pre_w, &v->pre_b);
+    }
+    if (s == MMB_OK) s = bind_vec2(ctx, c, p, "post_layernorm", D, &v->post_w, &v->post_b);
+    if (s == MMB_OK && !(v->layers = calloc((size_t)in->layers + 1, sizeof *v->layers)))
+        s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    for (int i = 0; i < in->layers && s == MMB_OK; i++) {
+        vit_layer *l = &v->layers[i];
+        char lp[160];
+        snprintf(lp, sizeof lp, "%sencoder.layers.%d.", p, i);
+        s = bind_vec2(ctx, c, lp, "layer_norm1", D, &l->ln1_w, &l->ln1_b);
+        if (s == MMB_OK) s = bind_vec2(ctx, c, lp, "layer_norm2", D, &l->ln2_w, &l->ln2_b);
+        if (s == MMB_OK) s = bind_qkv(ctx, c, lp, D, l);
+        if (s == MMB_OK) s = bind_linear(ctx, c, lp, "self_attn.out_proj", D, D, &l->out);
+        if (s == MMB_OK) s = bind_linear(ctx, c, lp, "mlp.fc1", I, D, &l->fc1);
+        if (s == MMB_OK) s = bind_linear(ctx, c, lp, "mlp.fc2", D, I, &l->fc2);
+    }
+    return s;
+}
+
+/* The prefix under which the checkpoint keeps its vision weights, or NULL. */
+static const char *find_prefix(const mmb_ckpt *c) {
+    /* LLaVA's tower: transformers 4.5x in-memory names, transformers 5 in-memory names, the older hub
+     * files, transformers 5 save_pretrained; then a full CLIPModel/SiglipModel (or a 4.x standalone
+     * save); then a standalone vision model as transformers 5 saves it, without a prefix. */
+    static const char *const prefixes[] = {"model.vision_tower.vision_model.", "model.vision_tower.",
+                                           "vision_tower.vision_model.", "vision_tower.", "vision_model.", ""};
+    for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++) {
+        char name[160];
+        snprintf(name, sizeof name, "%sembeddings.patch_embedding.weight", prefixes[i]);
+        if (mmb__ckpt_find(c, name, NULL)) return prefixes[i];
+    }
+    return NULL;
+}
+
+bool mmb__vit_present(const mmb_ckpt *c) { return find_prefix(c) != NULL; }
+
+mmb_status mmb__vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vit **out) {
+    const char *prefix = find_prefix(c);
+    if (!prefix)
+        return mmb__err(ctx, MMB_ERR_MISSING, "%s: no vision encoder: tensor 'embeddings.patch_embedding.weight' is "
+                        "missing (looked under model.vision_tower., vision_tower., vision_model. and no prefix)", c->dir);
+    mmb_vit *v = calloc(1, sizeof *v);
+    if (!v) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    snprintf(v->prefix, sizeof v->prefix, "%s", prefix);
+    const char *cfgp = cJSON_GetObjectItemCaseSensitive(c->config, "vision_config") ? "vision_config." : "";
+    mmb_status s = mmb__vision_cfg(ctx, c, cfgp, &v->info);
+    if (s == MMB_OK && !mmb__act_parse(v->info.act, &v->act))
+        s = mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: vision hidden_act '%s' is not supported", c->dir,
+                     v->info.act);
+    if (s == MMB_OK) {
+        v->info.act = mmb__act_name(v->act);
+        v->info.prefix = v->prefix;
+        s = load_weights(ctx, v, c);
+    }
+    if (s != MMB_OK) { mmb_vit_free(v); return s; }
+    *out = v;
+    return MMB_OK;
+}
+
+mmb_status mmb_vit_open(mmb_ctx *ctx, const char *dir, mmb_vit **out) {
+    if (!ctx || !dir || !out) return mmb__err(ctx, MMB_ERR_ARG, "mmb_vit_open: NULL argument");
+    mmb_ckpt c;
+    mmb_status s = mmb__ckpt_open(ctx, dir, &c);
+    if (s != MMB_OK) return s;
+    mmb_vit *v = NULL;
+    s = mmb__vit_load(ctx, &c, &v);
+    if (s != MMB_OK) { mmb__ckpt_close(&c); return s; }
+    v->ck = c;
+    v->owns_ck = true;
+    *out = v;
+    return MMB_OK;
+}
+
+mmb_status mmb_vit_get_info(const mmb_vit *v, mmb_vit_info *out) {
+    if (!v || !out) return MMB_ERR_ARG;
+    *out = v->info;
+    return MMB_OK;
+}
+
+/* pixels (B, C, H, W) -> rows (B * g * g, C * p * p): each patch's pixels in (c, ky, kx) order. */
+static void im2col(float *rows, const float *px, int64_t B, int C, int H, int p) {
+    int g = H / p;
+    int64_t P = (int64_t)C * p * p;
+    for (int64_t b = 0; b < B; b++)
+        for (int gy = 0; gy < g; gy++)
+            for (int gx = 0; gx < g; gx++) {
+                float *r = rows + ((b * g + gy) * g + gx) * P;
+                for (int c = 0; c < C; c++)
+                    for (int ky = 0; ky < p; ky++)
+                        memcpy(r + (c * p + ky) * p, px + ((b * C + c) * H + gy * p + ky) * (int64_t)H + gx * p,
+                               sizeof(float) * (size_t)p);
+            }
+}
+
+/* x (rows, D) += y (rows, D) */
+static void add_inplace(mmb_ctx *ctx, float *x, const float *y, int64_t n) {
+    (void)ctx;
+    mmb__add_forward(x, x, y, n);
+}
+
+/* One encoder block on x (B*T, D), in place. Buffers: xn, att (B*T, D), qkv (B*T, 3D), h (B*T, I). */
+static void block_forward(mmb_ctx *ctx, const mmb_vit *v, const vit_layer *l, float *x, float *xn, float *qkv,
+                          float *att, float *h, float *asc, int64_t B) {
+    const mmb_vit_info *in = &v->info;
+    int64_t T = in->tokens, D = in->width, rows = B * T;
+    mmb__layernorm_forward_mt(ctx, xn, x, l->ln1_w, l->ln1_b, rows, D, in->eps);
+    mmb__linear_forward(ctx, qkv, xn, rows, &l->qkv);
+    mmb__attention_forward(ctx, att, qkv, B, T, in->heads, D / in->heads, asc);
+    mmb__linear_forward(ctx, xn, att, rows, &l->out);
+    add_inplace(ctx, x, xn, rows * D);
+    mmb__layernorm_forward_mt(ctx, xn, x, l->ln2_w, l->ln2_b, rows, D, in->eps);
+    mmb__linear_forward(ctx, h, xn, rows, &l->fc1);
+    mmb__act_forward_mt(ctx, h, rows * in->intermediate, v->act);
+    mmb__linear_forward(ctx, xn, h, rows, &l->fc2);
+    add_inplace(ctx, x, xn, rows * D);
+}
+
+mmb_status mmb_vit_forward(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch, const int *taps,
+                           int n_taps, float *const *outs) {
+    if (!ctx || !v || !pixels || !taps || !outs || batch < 1 || n_taps < 1 || n_taps > MMB_MAX_TAPS)
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_vit_forward: bad arguments");
+    const mmb_vit_info *in = &v->info;
+    int L = in->layers, deepest = 0, idx[MMB_MAX_TAPS];
+    for (int i = 0; i < n_taps; i++) {
+        int t = taps[i] == MMB_TAP_LAST ? L : taps[i] < 0 ? taps[i] + L + 1 : taps[i];
+        if (t < 0 || t > L)
+            return mmb__err(ctx, MMB_ERR_ARG, "hidden_states[%d] is out of range: the encoder has %d hidden states "
+                            "(indices %d..%d)", taps[i], L + 1, -(L + 1), L);
+        idx[i] = t;
+        deepest = t > deepest ? t : deepest;
+    }
+    int64_t T = in->tokens, D = in->width, I = in->intermediate, rows = batch * T, g = in->image_size / in->patch_size;
+    int64_t P = (int64_t)in->channels * in->patch_size * in->patch_size, npatch = batch * g * g;
+    size_t f = sizeof(float);
+    size_t need = mmb__arena_piece(f * (size_t)(npatch * (P > D ? P : D))) * 2 +  /* im2col rows, patch out */
+                  mmb__arena_piece(f * (size_t)(rows * D)) * 3 +                  /* x, xn, att */
+                  mmb__arena_piece(f * (size_t)(rows * 3 * D)) + mmb__arena_piece(f * (size_t)(rows * I)) +
+                  mmb__arena_piece(f * mmb__attention_scratch(mmb__pool_size(ctx->pool), D / in->heads));
+    mmb_status s = mmb__arena_reserve(ctx, &ctx->arena, need);
+    if (s != MMB_OK) return s;
+    mmb_arena *a = &ctx->arena;
+    float *cols = mmb__arena_alloc(a, f * (size_t)(npatch * (P > D ? P : D)));
+    float *emb = mmb__arena_alloc(a, f * (size_t)(npatch * (P > D ? P : D)));
+    float *x = mmb__arena_alloc(a, f * (size_t)(rows * D)), *xn = mmb__arena_alloc(a, f * (size_t)(rows * D));
+    float *att = mmb__arena_alloc(a, f * (size_t)(rows * D)), *qkv = mmb__arena_alloc(a, f * (size_t)(rows * 3 * D));
+    float *h = mmb__arena_alloc(a, f * (size_t)(rows * I));
+    float *asc = mmb__arena_alloc(a, f * mmb__attention_scratch(mmb__pool_size(ctx->pool), D / in->heads));
+
+    im2col(cols, pixels, batch, in->channels, in->image_size, in->patch_size);
+    mmb__linear_forward(ctx, emb, cols, npatch, &v->patch);
+    for (int64_t b = 0; b < batch; b++) {
+        float *xb = x + b * T * D;
+        if (in->has_cls) memcpy(xb, v->cls, f * (size_t)D);
+        memcpy(xb + in->has_cls * D, emb + b * g * g * D, f * (size_t)(g * g * D));
+        mmb__add_forward(xb, xb, v->pos, T * D);
+    }
+    if (in->has_cls) {
+        mmb__layernorm_forward_mt(ctx, xn, x, v->pre_w, v->pre_b, rows, D, in->eps);
+        memcpy(x, xn, f * (size_t)(rows * D));
+    }
+    for (int layer = 0;; layer++) {
+        for (int i = 0; i < n_taps; i++)
+            if (idx[i] == layer) {
+                if (taps[i] == MMB_TAP_LAST && !in->has_cls)
+                    mmb__layernorm_forward_mt(ctx, outs[i], x, v->post_w, v->post_b, rows, D, in->eps);
+                else
+                    memcpy(outs[i], x, f * (size_t)(rows * D));
+            }
+        if (layer == deepest) break;
+        block_forward(ctx, v, &v->layers[layer], x, xn, qkv, att, h, asc, batch);
+    }
+    mmb__arena_reset(a);
+    return MMB_OK;
+}
