@@ -7,6 +7,14 @@
 #include <stdarg.h>
 #include <stdbool.h>
 
+/* Hot elementwise loops are compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load
+ * time by the dynamic linker (GCC function multi-versioning); a plain function elsewhere. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MMB_SIMD_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#else
+#define MMB_SIMD_CLONES
+#endif
+
 /* ---- base/status.c: error messages --------------------------------------------------------- */
 
 #define MMB_ERRMSG_LEN 1024

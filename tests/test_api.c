@@ -43,7 +43,7 @@ static void make_model(mmb_ctx *ctx) {
                      "\"projector_hidden_act\":\"silu\",\"vision_feature_layer\":-1,"
                      "\"vision_feature_select_strategy\":\"default\","
                      "\"vision_config\":{\"model_type\":\"clip_vision_model\",\"hidden_size\":8,"
-                     "\"num_hidden_layers\":2,\"image_size\":4,\"patch_size\":2},"
+                     "\"num_hidden_layers\":2,\"num_attention_heads\":2,\"image_size\":4,\"patch_size\":2},"
                      "\"text_config\":{\"model_type\":\"llama\",\"hidden_size\":6}}");
     static float w1[6 * 8], b1[6], w2[6 * 6], b2[6];
     for (int i = 0; i < 6; i++) { w1[i * 8 + i] = 1.0f; w2[i * 6 + i] = 2.0f; b2[i] = 1.0f; }

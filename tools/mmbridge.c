@@ -77,6 +77,12 @@ static int fail(mmb_ctx *ctx, const char *what) {
     return 1;
 }
 
+/* Reports an error about the hidden states, naming the file they came from. */
+static int fail_in(mmb_ctx *ctx, const char *file) {
+    fprintf(stderr, "mmbridge: error: %s: %s\n", file, mmb_ctx_error(ctx));
+    return 1;
+}
+
 /* Parses the options shared by the commands. Returns 0, 1 for --help (printed), or 2 on error. */
 static int parse(int argc, char **argv, const char *usage, opts *o) {
     for (int i = 0; i < argc; i++) {
@@ -190,12 +196,12 @@ static int load_features(mmb_ctx *ctx, const char *path, mmb_st_file *f, mmb_fea
             fprintf(stderr, "mmbridge: error: %s: more than %d hidden_states tensors\n", path, MMB_MAX_TAPS);
             return 1;
         }
-        int64_t b = t->ndim == 3 ? t->shape[0] : 1, tok = t->shape[t->ndim - 2], w = t->shape[t->ndim - 1];
         if ((t->ndim != 2 && t->ndim != 3) || (t->dtype != MMB_F32 && t->dtype != MMB_F16 && t->dtype != MMB_BF16)) {
             fprintf(stderr, "mmbridge: error: %s: tensor '%s': expected [batch, tokens, width] F32/F16/BF16, got "
                     "%d dims %s\n", path, t->name, t->ndim, mmb_dtype_name(t->dtype));
             return 1;
         }
+        int64_t b = t->ndim == 3 ? t->shape[0] : 1, tok = t->shape[t->ndim - 2], w = t->shape[t->ndim - 1];
         if (ft->n_taps && (b != ft->batch || tok != ft->tokens || w != ft->width)) {
             fprintf(stderr, "mmbridge: error: %s: tensor '%s': shape [%lld, %lld, %lld] differs from the other "
                     "hidden states [%lld, %lld, %lld]\n", path, t->name, (long long)b, (long long)tok, (long long)w,
@@ -244,12 +250,12 @@ static int cmd_connect(int argc, char **argv) {
     if (load_features(ctx, o.features, f, &ft, owned)) goto done;
     if (!ft.n_hidden && in.vision_layers) ft.n_hidden = in.vision_layers + 1;
     int64_t t_out = mmb_model_tokens_out(ctx, m, ft.tokens);
-    if (t_out < 0) { fail(ctx, NULL); goto done; }
+    if (t_out < 0) { fail_in(ctx, o.features); goto done; }
     size_t n = (size_t)(ft.batch * t_out * in.out_width);
     out = malloc(n ? n * sizeof(float) : 1);
     if (!out) { fprintf(stderr, "mmbridge: error: out of memory for %zu floats\n", n); goto done; }
     double t0 = now_ms();
-    if (mmb_model_connect(ctx, m, &ft, out, n) != MMB_OK) { fail(ctx, NULL); goto done; }
+    if (mmb_model_connect(ctx, m, &ft, out, n) != MMB_OK) { fail_in(ctx, o.features); goto done; }
     double ms = now_ms() - t0;
     mmb_tensor e = {.name = "embeddings", .dtype = MMB_F32, .ndim = 3,
                     .shape = {ft.batch, t_out, in.out_width}, .data = out};

@@ -16,7 +16,8 @@
 static inline float exp_neg(float x) {
     float t = x * 1.44269504088896341f;
     t = t < -126.0f ? -126.0f : t;
-    float n = __builtin_roundf(t), f = t - n;
+    int32_t ni = (int32_t)(t - 0.5f);  /* t <= 0: truncation of t - 0.5 rounds to nearest */
+    float n = (float)ni, f = t - n;
     float p = 1.5403530393381609e-4f;
     p = p * f + 1.3333558146428443e-3f;
     p = p * f + 9.6181291076284772e-3f;
@@ -24,7 +25,7 @@ static inline float exp_neg(float x) {
     p = p * f + 2.4022650695910071e-1f;
     p = p * f + 6.9314718055994531e-1f;
     p = p * f + 1.0f;
-    union { float f; int32_t i; } u = {.i = ((int32_t)n + 127) << 23};
+    union { float f; int32_t i; } u = {.i = (ni + 127) << 23};
     return p * u.f;
 }
 
@@ -40,7 +41,7 @@ typedef struct {
 } attn_job;
 
 /* One tile of queries [q0, q0+nq) of head h in image b: out rows = softmax(q k^T * s) v. */
-static void attn_tile(const attn_job *j, float *sc, int64_t b, int64_t h, int64_t q0, int64_t nq) {
+MMB_SIMD_CLONES static void attn_tile(const attn_job *j, float *sc, int64_t b, int64_t h, int64_t q0, int64_t nq) {
     int64_t T = j->tokens, hd = j->hd, D = j->heads * hd, ld = 3 * D;
     float *s = sc, *acc = s + QB * KB, *kt = acc + QB * hd, *m = kt + KB * hd, *l = m + QB;
     const float *base = j->qkv + b * T * ld;

@@ -66,12 +66,19 @@ int64_t mmb_tensor_numel(const mmb_tensor *t) {
     return n;
 }
 
+/* The i-th 16-bit element of a buffer with no alignment promise. */
+static uint16_t load16(const unsigned char *p, size_t i) {
+    uint16_t v;
+    memcpy(&v, p + 2 * i, 2);
+    return v;
+}
+
 mmb_status mmb_to_f32(float *dst, const void *src, mmb_dtype t, size_t n) {
-    const uint16_t *h = src;
+    const unsigned char *h = src;
     switch (t) {
     case MMB_F32: memcpy(dst, src, n * 4); return MMB_OK;
-    case MMB_F16: for (size_t i = 0; i < n; i++) dst[i] = mmb__f16_to_f32(h[i]); return MMB_OK;
-    case MMB_BF16: for (size_t i = 0; i < n; i++) dst[i] = mmb__bf16_to_f32(h[i]); return MMB_OK;
+    case MMB_F16: for (size_t i = 0; i < n; i++) dst[i] = mmb__f16_to_f32(load16(h, i)); return MMB_OK;
+    case MMB_BF16: for (size_t i = 0; i < n; i++) dst[i] = mmb__bf16_to_f32(load16(h, i)); return MMB_OK;
     default: return MMB_ERR_UNSUPPORTED;
     }
 }

@@ -67,7 +67,7 @@ void mmb__add_forward_ref(float *out, const float *a, const float *b, int64_t n)
 
 /* ---- fast versions ---- */
 
-void mmb__act_forward(float *x, int64_t n, mmb_act a) {
+MMB_SIMD_CLONES void mmb__act_forward(float *x, int64_t n, mmb_act a) {
     switch (a) {
     case MMB_ACT_NONE: break;
     case MMB_ACT_GELU:
@@ -88,7 +88,7 @@ void mmb__act_forward(float *x, int64_t n, mmb_act a) {
     }
 }
 
-void mmb__layernorm_forward(float *out, const float *x, const float *w, const float *b,
+MMB_SIMD_CLONES void mmb__layernorm_forward(float *out, const float *x, const float *w, const float *b,
                             int64_t M, int64_t C, float eps) {
     for (int64_t m = 0; m < M; m++) {
         const float *r = x + m * C;
@@ -102,7 +102,7 @@ void mmb__layernorm_forward(float *out, const float *x, const float *w, const fl
     }
 }
 
-void mmb__add_forward(float *out, const float *a, const float *b, int64_t n) {
+MMB_SIMD_CLONES void mmb__add_forward(float *out, const float *a, const float *b, int64_t n) {
     for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
