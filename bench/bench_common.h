@@ -1,0 +1,188 @@
+/* Shared by the benchmarks: a monotonic clock, medians, the machine's FMA peak measured with a
+ * short calibrated loop, peak RSS, and running a Python peer that prints JSON lines. */
+#ifndef MMB_BENCH_COMMON_H
+#define MMB_BENCH_COMMON_H
+
+#include <errno.h>
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+
+static inline double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+static inline void nap(double s) {
+    struct timespec t = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
+    while (nanosleep(&t, &t) != 0 && errno == EINTR) {}
+}
+
+/* ---- FMA peak ------------------------------------------------------------------------------- */
+
+typedef double (*peak_fn)(long iters); /* returns a value derived from the result (kept alive) */
+
+#define CH12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+
+__attribute__((target("avx512f,fma"), noinline, unused)) static double peak512(long n) {
+#define I512(i) __m512 c##i = _mm512_set1_ps(0.01f * (float)(i + 1));
+#define U512(i) c##i = _mm512_fmadd_ps(c##i, x, y);
+#define R512(i) s = _mm512_add_ps(s, c##i);
+    CH12(I512)
+    __m512 x = _mm512_set1_ps(0.9999999f), y = _mm512_set1_ps(1e-7f);
+    for (long i = 0; i < n; i++) { CH12(U512) }
+    __m512 s = _mm512_setzero_ps();
+    CH12(R512)
+    return (double)_mm512_reduce_add_ps(s);
+}
+
+__attribute__((target("avx2,fma"), noinline, unused)) static double peak256(long n) {
+#define I256(i) __m256 c##i = _mm256_set1_ps(0.01f * (float)(i + 1));
+#define U256(i) c##i = _mm256_fmadd_ps(c##i, x, y);
+#define R256(i) s = _mm256_add_ps(s, c##i);
+    CH12(I256)
+    __m256 x = _mm256_set1_ps(0.9999999f), y = _mm256_set1_ps(1e-7f);
+    for (long i = 0; i < n; i++) { CH12(U256) }
+    __m256 s = _mm256_setzero_ps();
+    CH12(R256)
+    float o[8];
+    _mm256_storeu_ps(o, s);
+    return (double)(o[0] + o[7]);
+}
+
+__attribute__((target("avx512f,avx512bf16"), noinline, unused)) static double peakbf16(long n) {
+#define IBF(i) __m512 c##i = _mm512_set1_ps(0.01f * (float)(i + 1));
+#define UBF(i) c##i = _mm512_dpbf16_ps(c##i, a, b);
+#define RBF(i) s = _mm512_add_ps(s, c##i);
+    CH12(IBF)
+    __m512bh a = (__m512bh)_mm512_set1_epi32(0x33d633d6); /* bf16 ~1e-7 pairs */
+    __m512bh b = (__m512bh)_mm512_set1_epi32(0x3f803f80); /* bf16 1.0 pairs */
+    for (long i = 0; i < n; i++) {
+        CH12(UBF)
+        __asm__ volatile("" : "+v"(a));
+    }
+    __m512 s = _mm512_setzero_ps();
+    CH12(RBF)
+    return (double)_mm512_reduce_add_ps(s);
+}
+
+typedef struct {
+    peak_fn fn;
+    long iters;
+    pthread_barrier_t *bar;
+    double t, sink;
+} peak_arg;
+
+static inline void *peak_thread(void *va) {
+    peak_arg *p = va;
+    pthread_barrier_wait(p->bar);
+    double t0 = now();
+    p->sink = p->fn(p->iters);
+    p->t = now() - t0;
+    return NULL;
+}
+
+/* Flops/s of fn on nth threads together: best of 3 runs of ~0.25 s (iteration count calibrated
+ * on one thread first). flops_per_iter counts one loop iteration of one thread. */
+static inline double measure_peak(peak_fn fn, double flops_per_iter, int nth, double seconds) {
+    long n = 1 << 16;
+    for (;;) {
+        double t0 = now();
+        volatile double v = fn(n);
+        (void)v;
+        double t = now() - t0;
+        if (t > 0.02) { n = (long)((double)n * seconds / t) + 1; break; }
+        n *= 4;
+    }
+    double best = 0.0;
+    for (int r = 0; r < 3; r++) {
+        pthread_barrier_t bar;
+        pthread_barrier_init(&bar, NULL, (unsigned)nth);
+        peak_arg args[64];
+        pthread_t th[64];
+        for (int i = 0; i < nth; i++) args[i] = (peak_arg){fn, n, &bar, 0.0, 0.0};
+        for (int i = 1; i < nth; i++) pthread_create(&th[i], NULL, peak_thread, &args[i]);
+        peak_thread(&args[0]);
+        double tmax = args[0].t;
+        for (int i = 1; i < nth; i++) {
+            pthread_join(th[i], NULL);
+            if (args[i].t > tmax) tmax = args[i].t;
+        }
+        pthread_barrier_destroy(&bar);
+        double f = flops_per_iter * (double)n * nth / tmax;
+        if (f > best) best = f;
+    }
+    return best;
+}
+
+/* Best fp32 zmm, fp32 ymm and bf16 peaks (flop/s) per thread count, kept in pk (max with what is
+ * there already, so a second call after the GEMMs can only raise them). */
+static inline void measure_peaks(const int *thr, int nt, bool has512, bool has256, bool hasbf16,
+                          double psec, double pk[][3]) {
+    for (int t = 0; t < nt; t++) {
+        double v[3] = {has512 ? measure_peak(peak512, 12.0 * 32.0, thr[t], psec) : 0.0,
+                       has256 ? measure_peak(peak256, 12.0 * 16.0, thr[t], psec) : 0.0,
+                       hasbf16 ? measure_peak(peakbf16, 12.0 * 64.0, thr[t], psec) : 0.0};
+        for (int i = 0; i < 3; i++)
+            if (v[i] > pk[t][i]) pk[t][i] = v[i];
+    }
+}
+
+static inline int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Median of n values (sorts them in place). */
+static inline double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* Peak resident set of this process so far, MiB. */
+static inline double peak_rss_mib(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_maxrss / 1024.0;
+}
+
+/* The machine's fp32 FMA peak (flop/s) on nth threads: the better of the 512- and 256-bit loops. */
+static inline double fp32_peak(int nth) {
+    __builtin_cpu_init();
+    double a = __builtin_cpu_supports("avx512f") ? measure_peak(peak512, 12.0 * 32.0, nth, 0.25) : 0.0;
+    double b = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+                   ? measure_peak(peak256, 12.0 * 16.0, nth, 0.25) : 0.0;
+    return a > b ? a : b;
+}
+
+/* Runs `cmd` (a Python peer), returning its stdout (malloc'd, NUL-terminated) or NULL. */
+static inline char *run_peer(const char *cmd) {
+    FILE *p = popen(cmd, "r");
+    if (!p) return NULL;
+    size_t cap = 4096, len = 0;
+    char *buf = malloc(cap);
+    for (size_t r; buf && (r = fread(buf + len, 1, cap - len - 1, p)) > 0;) {
+        len += r;
+        if (cap - len < 2) { char *nb = realloc(buf, cap *= 2); if (!nb) { free(buf); buf = NULL; } else buf = nb; }
+    }
+    int rc = pclose(p);
+    if (buf) buf[len] = 0;
+    if (rc != 0) { free(buf); return NULL; }
+    return buf;
+}
+
+/* The number after "key": in a JSON line, or -1. */
+static inline double json_num(const char *line, const char *key) {
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\": ", key);
+    const char *p = strstr(line, pat);
+    return p ? strtod(p + strlen(pat), NULL) : -1.0;
+}
+
+#endif

@@ -1,0 +1,116 @@
+/* Encoder benchmark: CLIP ViT-L/14-336 (random weights at real size: 24 layers, 577 tokens,
+ * width 1024) followed by LLaVA-1.5's mlp2x_gelu projector to 4096, against PyTorch and
+ * onnxruntime (an ONNX export of the same torch module) in the same run and thread count.
+ *
+ *   bench_vit [--threads 1,2] [--reps N] [--layers L] [--dir CACHE] [--no-peers] [--quick]
+ *
+ * bench/peer_vit.py writes the checkpoint (transformers save_pretrained, cached in CACHE) and the
+ * pixel values, then times the peers; mmbridge runs the same weights on the same pixels through
+ * the public API (mmb_vit_forward with the last hidden state, then mmb_model_connect). Reports
+ * seconds per image (median of --reps after one warm-up), GFLOP/s, the share of the machine's
+ * fp32 FMA peak measured at start, and peak RSS (each peer's own process). */
+#include "bench_common.h"
+#include "mmbridge.h"
+
+#include <unistd.h>
+
+static int parse_list(const char *s, int *out, int cap) {
+    int n = 0;
+    for (const char *p = s; *p && n < cap;) {
+        out[n++] = atoi(p);
+        p = strchr(p, ',');
+        if (!p) break;
+        p++;
+    }
+    return n;
+}
+
+int main(int argc, char **argv) {
+    int threads[8] = {1, 2}, nt = 2, reps = 3, layers = 24, peers = 1;
+    const char *dir = "build/bench-cache";
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--threads") && i + 1 < argc) nt = parse_list(argv[++i], threads, 8);
+        else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--layers") && i + 1 < argc) layers = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--dir") && i + 1 < argc) dir = argv[++i];
+        else if (!strcmp(argv[i], "--no-peers")) peers = 0;
+        else if (!strcmp(argv[i], "--quick")) { layers = 1; reps = 1; nt = 1; peers = 0; }
+        else { fprintf(stderr, "usage: bench_vit [--threads 1,2] [--reps N] [--layers L] [--dir D] [--no-peers] [--quick]\n"); return 2; }
+    }
+    if (reps < 1 || reps > 50 || layers < 1 || layers > 24 || nt < 1) { fprintf(stderr, "bench_vit: bad option\n"); return 2; }
+    char cmd[2048], ckpt[1024], px_path[1024];
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s' && python3 bench/peer_vit.py --dir '%s' --layers %d --prepare-only 2>/dev/null", dir,
+             dir, layers);
+    char *prep = run_peer(cmd);
+    if (!prep) { fprintf(stderr, "bench_vit: %s failed (run from the repository root)\n", cmd); return 1; }
+    snprintf(ckpt, sizeof ckpt, "%s/llava-vitl336-%d", dir, layers);
+    snprintf(px_path, sizeof px_path, "%s/pixels-1.safetensors", dir);
+    free(prep);
+
+    printf("bench_vit: CLIP ViT-L/14-336 (%d layers, 577 tokens, width 1024) + mlp2x_gelu 1024->4096->4096, "
+           "1 image, fp32, median of %d\n", layers, reps);
+    printf("%-8s %-22s %10s %10s %9s %9s %10s\n", "threads", "implementation", "s/image", "GFLOP/s", "% peak",
+           "vs ours", "peak RSS");
+    for (int ti = 0; ti < nt; ti++) {
+        int th = threads[ti];
+        double peak = fp32_peak(th) * 1e-9;
+        mmb_ctx *ctx = NULL;
+        mmb_ctx_params cp = mmb_ctx_default_params();
+        cp.n_threads = th;
+        mmb_model *m = NULL;
+        mmb_st_file *pf = NULL;
+        if (mmb_ctx_new(&cp, &ctx) != MMB_OK || mmb_model_open(ctx, ckpt, &m) != MMB_OK ||
+            mmb_st_open(ctx, px_path, &pf) != MMB_OK) {
+            fprintf(stderr, "bench_vit: %s\n", ctx ? mmb_ctx_error(ctx) : "no context");
+            return 1;
+        }
+        const mmb_vit *v = mmb_model_vit(m);
+        mmb_vit_info vi;
+        mmb_model_info mi;
+        mmb_vit_get_info(v, &vi);
+        mmb_model_get_info(m, &mi);
+        const float *px = mmb_st_find(pf, "pixel_values")->data;
+        float *hs = malloc(sizeof(float) * (size_t)(vi.tokens * vi.width));
+        float *emb = malloc(sizeof(float) * (size_t)(mi.tokens_per_image * mi.out_width));
+        int tap = -1;
+        double ts[64];
+        for (int r = 0; r <= reps; r++) {
+            double t0 = now();
+            mmb_features ft = {.batch = 1, .tokens = vi.tokens, .width = vi.width, .n_hidden = vi.layers + 1,
+                               .n_taps = 1, .taps = {vi.layers}, .data = {hs}};
+            if (mmb_vit_forward(ctx, v, px, 1, &tap, 1, &hs) != MMB_OK ||
+                mmb_model_connect(ctx, m, &ft, emb, (size_t)(mi.tokens_per_image * mi.out_width)) != MMB_OK) {
+                fprintf(stderr, "bench_vit: %s\n", mmb_ctx_error(ctx));
+                return 1;
+            }
+            if (r) ts[r - 1] = now() - t0;
+        }
+        double ours = median(ts, reps), gflop = (double)(vi.flops_per_image + mi.flops_per_image) * 1e-9;
+        printf("%-8d %-22s %10.3f %10.1f %8.1f%% %9s %8.0f MiB\n", th, "mmbridge", ours, gflop / ours,
+               100.0 * gflop / ours / peak, "1.00x", peak_rss_mib());
+        fflush(stdout);
+        free(hs);
+        free(emb);
+        mmb_st_close(pf);
+        mmb_model_free(m);
+        mmb_ctx_free(ctx);
+        if (peers) {
+            snprintf(cmd, sizeof cmd, "python3 bench/peer_vit.py --dir '%s' --layers %d --threads %d --reps %d 2>/dev/null",
+                     dir, layers, th, reps);
+            char *out = run_peer(cmd);
+            for (char *line = out ? strtok(out, "\n") : NULL; line; line = strtok(NULL, "\n")) {
+                char name[64] = "?";
+                const char *q = strstr(line, "\"peer\": \"");
+                if (q) sscanf(q + 9, "%63[^\"]", name);
+                double s = json_num(line, "median_s"), rss = json_num(line, "peak_rss_mib");
+                printf("%-8d %-22s %10.3f %10.1f %8.1f%% %8.2fx %8.0f MiB\n", th, name, s, gflop / s,
+                       100.0 * gflop / s / peak, s / ours, rss);
+            }
+            if (!out) printf("%-8d %-22s %10s\n", th, "peers", "failed");
+            free(out);
+        }
+        printf("%-8d %-22s %10s %10.1f\n", th, "fp32 FMA peak", "", peak);
+        fflush(stdout);
+    }
+    return 0;
+}
