@@ -29,8 +29,20 @@ MMB_BIN="$PWD/build-asan/mmbridge" python3 -m pytest tests/oracle -q -rA -p no:c
 echo "== fuzzers (bounded)"
 bash fuzz/run.sh build-fuzz
 
-echo "== benchmark smoke (Release)"
+echo "== Release build, make install, and a program built against the installed pkg-config file"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build -j"$jobs" >/dev/null
+prefix=$(mktemp -d)
+trap 'rm -rf "$prefix"' EXIT
+cmake --install build --prefix "$prefix" >/dev/null
+libdir=$(ls -d "$prefix"/lib*)
+cc -std=c11 -Wall -Wextra -Werror tests/test_api.c -o "$prefix/api_installed" \
+  $(PKG_CONFIG_PATH="$libdir/pkgconfig" pkg-config --cflags --libs mmbridge) -lm
+(cd "$prefix" && LD_LIBRARY_PATH="$libdir" ./api_installed)
+"$prefix/bin/mmbridge" --version
+
+echo "== benchmark smoke (Release)"
 ./build/bench_gemm --quick
+./build/bench_projector --quick
+./build/bench_vit --quick --dir build/bench-cache
 echo "all tests passed"
