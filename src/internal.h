@@ -129,6 +129,9 @@ void mmb__gemm_ref(float *C, const float *A, const float *W, const float *bias,
 
 /* Returns the instruction set the own kernel will use: 2 AVX-512F, 1 AVX2+FMA, 0 none. */
 int mmb__gemm_own_isa(void);
+/* Forces min(isa, what the CPU has) for later calls (tests cover every path); isa < 0 restores
+ * the automatic choice. */
+void mmb__gemm_own_force_isa(int isa);
 /* Floats needed to hold W (N, K) packed. */
 size_t mmb__gemm_own_packed_size(int64_t N, int64_t K);
 /* W (N, K) row-major -> dst, the own kernel's panel layout. */

@@ -95,9 +95,6 @@ int mmb__gemm_own_isa(void) {
     return v;
 }
 
-/* Internal, for tests and benchmarks: forces the kernel used by later calls to
- * min(isa, what the CPU has); isa < 0 goes back to the automatic choice (CPU and MMB_GEMM_ISA). */
-void mmb__gemm_own_force_isa(int isa);
 void mmb__gemm_own_force_isa(int isa) {
     int v = isa < 0 ? detect_isa() : (isa < hw_isa() ? isa : hw_isa());
     __atomic_store_n(&g_isa, v, __ATOMIC_RELAXED);
@@ -439,7 +436,7 @@ void mmb__gemm_own(mmb_pool *pool, float *C, const float *A, const float *packed
     j.split_n = j.P >= 4 * (int64_t)nth || j.P >= mpan;
     int64_t units = j.split_n ? j.P : mpan;
     /* Tiny problems: no point waking threads that would get nothing or next to nothing. */
-    if (nth == 1 || units < 2 || (double)M * (double)N * (double)K < 32768.0) {
+    if (nth == 1 || units < 2 || (double)M * (double)N * (double)K < 262144.0) {
         worker(&j, 0, 1);
         return;
     }

@@ -1,0 +1,517 @@
+/* GEMM benchmark: mmbridge's own kernel against OpenBLAS, BLIS and oneDNN, all in one run.
+ *
+ *   bench_gemm [--threads 1,2] [--reps N] [--quick]
+ *
+ * 1. Measures the machine's FMA peak: 12 independent accumulator chains of 512-bit
+ *    (_mm512_fmadd_ps) and of 256-bit (_mm256_fmadd_ps) FMAs, 2 flops per lane, on 1 and on T
+ *    threads; and the bf16 dot-product peak (_mm512_dpbf16_ps) where avx512_bf16 exists, counted
+ *    as 4 flops per fp32 lane per instruction (2 bf16 products + 2 adds = 64 flops/instruction).
+ * 2. For each shape (M, N, K) and thread count times C (M, N) = A (M, K) W^T with W (N, K)
+ *    row-major (the nn.Linear layout), 2*M*N*K flops, median of --reps runs after 2 warm-ups:
+ *    own (weights packed once, before timing), OpenBLAS cblas_sgemm, BLIS bli_sgemm and oneDNN
+ *    dnnl_sgemm, each dlopen'ed RTLD_LOCAL so that their symbols can't collide. A library that
+ *    cannot be opened is reported as n/a.
+ * 3. OpenBLAS reads OPENBLAS_CORETYPE when it is loaded, so the other OpenBLAS configuration is
+ *    measured by re-running this binary (--openblas-child) with a changed environment: if the
+ *    environment pins OPENBLAS_CORETYPE=Haswell, the child has OPENBLAS_CORETYPE and
+ *    OPENBLAS_L2_SIZE unset ("unpinned"); if neither is set, the child gets
+ *    OPENBLAS_CORETYPE=Haswell ("pinned"); for any other setting both children run.
+ * Every peer's result is compared with ours: max |c - c_own| / max |c_own| above 1e-4 marks it
+ * incorrect ("!"). Ours is checked against the double-precision oracle on a sample of rows. */
+#include "bench_common.h"
+#include "internal.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+extern char **environ;
+
+/* ---- peers ---------------------------------------------------------------------------------- */
+
+typedef void (*cblas_sgemm_fn)(int, int, int, int, int, int, float, const float *, int,
+                               const float *, int, float, float *, int);
+typedef void (*set_threads_fn)(int);
+typedef char *(*corename_fn)(void);
+typedef void (*bli_sgemm_fn)(int, int, int64_t, int64_t, int64_t, const float *, const float *,
+                             int64_t, int64_t, const float *, int64_t, int64_t, const float *,
+                             float *, int64_t, int64_t);
+typedef void (*bli_set_threads_fn)(int64_t);
+typedef int64_t (*bli_int_size_fn)(void);
+typedef int (*dnnl_sgemm_fn)(char, char, int64_t, int64_t, int64_t, float, const float *, int64_t,
+                             const float *, int64_t, float, float *, int64_t);
+
+static struct {
+    cblas_sgemm_fn ob_gemm;
+    set_threads_fn ob_threads;
+    corename_fn ob_core;
+    bli_sgemm_fn bli_gemm;
+    bli_set_threads_fn bli_threads;
+    dnnl_sgemm_fn dnnl_gemm;
+    set_threads_fn omp_threads;
+} P;
+
+static void *sym(void *h, const char *name) { return h ? dlsym(h, name) : NULL; }
+
+static void open_openblas(void) {
+    void *h = dlopen("libopenblas.so.0", RTLD_NOW | RTLD_LOCAL);
+    P.ob_gemm = (cblas_sgemm_fn)sym(h, "cblas_sgemm");
+    P.ob_threads = (set_threads_fn)sym(h, "openblas_set_num_threads");
+    P.ob_core = (corename_fn)sym(h, "openblas_get_corename");
+    if (!P.ob_threads) P.ob_gemm = NULL;
+}
+
+static void open_peers(void) {
+    open_openblas();
+    void *h = dlopen("libblis.so.4", RTLD_NOW | RTLD_LOCAL);
+    bli_int_size_fn isz = (bli_int_size_fn)sym(h, "bli_info_get_int_type_size");
+    /* the typed API, not BLIS's cblas_sgemm: that one calls sgemm_, which an already loaded
+     * OpenBLAS could interpose */
+    if (isz && isz() == 64) {
+        P.bli_gemm = (bli_sgemm_fn)sym(h, "bli_sgemm");
+        P.bli_threads = (bli_set_threads_fn)sym(h, "bli_thread_set_num_threads");
+        if (!P.bli_threads) P.bli_gemm = NULL;
+    }
+    h = dlopen("libdnnl.so.2", RTLD_NOW | RTLD_LOCAL);
+    P.dnnl_gemm = (dnnl_sgemm_fn)sym(h, "dnnl_sgemm");
+    P.omp_threads = (set_threads_fn)dlsym(RTLD_DEFAULT, "omp_set_num_threads");
+    if (!P.omp_threads) P.omp_threads = (set_threads_fn)sym(h, "omp_set_num_threads");
+    if (!P.omp_threads)
+        P.omp_threads = (set_threads_fn)sym(dlopen("libgomp.so.1", RTLD_NOW | RTLD_LOCAL),
+                                            "omp_set_num_threads");
+    if (!P.omp_threads) P.dnnl_gemm = NULL; /* could not control its threads */
+}
+
+enum { B_OWN, B_OB, B_BLIS, B_DNNL, B_OB_HSW, B_OB_UNP, NB_ };
+
+typedef struct {
+    int64_t M, N, K;
+} shape;
+
+typedef struct {
+    float *A, *W, *packed, *C, *Cown;
+    int64_t M, N, K;
+    mmb_pool *pool;
+} prob;
+
+/* Runs backend b once with nth threads (thread setting done by the caller). Returns false if
+ * unavailable or failed. */
+static bool run_backend(int b, prob *p, float *C) {
+    const int64_t M = p->M, N = p->N, K = p->K;
+    switch (b) {
+    case B_OWN:
+        mmb__gemm_own(p->pool, C, p->A, p->packed, NULL, M, N, K);
+        return true;
+    case B_OB:
+        if (!P.ob_gemm) return false;
+        P.ob_gemm(101 /* RowMajor */, 111 /* NoTrans */, 112 /* Trans */, (int)M, (int)N, (int)K,
+                  1.0f, p->A, (int)K, p->W, (int)K, 0.0f, C, (int)N);
+        return true;
+    case B_BLIS: {
+        if (!P.bli_gemm) return false;
+        float one = 1.0f, zero = 0.0f;
+        /* B = W^T (K, N): element (k, n) at W[n*K + k]: row stride 1, column stride K */
+        P.bli_gemm(0, 0, M, N, K, &one, p->A, K, 1, p->W, 1, K, &zero, C, N, 1);
+        return true;
+    }
+    case B_DNNL:
+        if (!P.dnnl_gemm) return false;
+        return P.dnnl_gemm('N', 'T', M, N, K, 1.0f, p->A, K, p->W, K, 0.0f, C, N) == 0;
+    }
+    return false;
+}
+
+static void set_threads(int b, int nth) {
+    if (b == B_OB && P.ob_threads) P.ob_threads(nth);
+    if (b == B_BLIS && P.bli_threads) P.bli_threads(nth);
+    if ((b == B_DNNL || b == B_BLIS) && P.omp_threads) P.omp_threads(nth);
+}
+
+static int cmp_d(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Appends reps timings (seconds, after warm runs) of backend b to ts[*n]. False if unavailable. */
+static bool time_backend(int b, prob *p, int reps, int warm, float *C, double *ts, int *n) {
+    for (int i = 0; i < warm; i++)
+        if (!run_backend(b, p, C)) return false;
+    for (int r = 0; r < reps; r++) {
+        double t0 = now();
+        run_backend(b, p, C);
+        ts[(*n)++] = now() - t0;
+    }
+    return true;
+}
+
+/* GFLOP/s of the median of n timings. */
+static double median_gflops(const prob *p, double *ts, int n) {
+    qsort(ts, (size_t)n, sizeof ts[0], cmp_d);
+    double med = n % 2 ? ts[n / 2] : 0.5 * (ts[n / 2 - 1] + ts[n / 2]);
+    return 2.0 * (double)p->M * (double)p->N * (double)p->K / med * 1e-9;
+}
+
+/* max |c - ref| / max |ref| */
+static double rel_err(const float *c, const float *ref, int64_t n) {
+    double md = 0.0, mr = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        double d = fabs((double)c[i] - (double)ref[i]);
+        if (!(d <= md)) md = d; /* NaN propagates */
+        if (fabs((double)ref[i]) > mr) mr = fabs((double)ref[i]);
+    }
+    return md / (mr > 0.0 ? mr : 1.0);
+}
+
+static uint64_t rng = 0x2545F4914F6CDD1Dull;
+static float frand(void) {
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((double)(rng >> 40) / (double)(1ull << 23) - 1.0);
+}
+
+/* ---- the run -------------------------------------------------------------------------------- */
+
+#define MAXT 8
+#define MAXS 8
+#define MAXR 8
+
+typedef struct {
+    double gf[NB_];
+    double err[NB_];
+} cell;
+
+static int parse_threads(const char *s, int *out) {
+    int n = 0;
+    while (*s && n < MAXT) {
+        char *e;
+        long v = strtol(s, &e, 10);
+        if (e == s || v < 1 || v > 64) return 0;
+        out[n++] = (int)v;
+        s = *e == ',' ? e + 1 : e;
+        if (*e && *e != ',') return 0;
+    }
+    return n;
+}
+
+static bool setup_prob(prob *p, shape s) {
+    memset(p, 0, sizeof *p);
+    p->M = s.M; p->N = s.N; p->K = s.K;
+    size_t mk = (size_t)(s.M * s.K), nk = (size_t)(s.N * s.K), mn = (size_t)(s.M * s.N);
+    size_t psz = mmb__gemm_own_packed_size(s.N, s.K);
+    p->A = malloc(mk * sizeof(float));
+    p->W = malloc(nk * sizeof(float));
+    p->C = malloc(mn * sizeof(float));
+    p->Cown = malloc(mn * sizeof(float));
+    p->packed = aligned_alloc(64, (psz * sizeof(float) + 63) / 64 * 64);
+    if (!p->A || !p->W || !p->C || !p->Cown || !p->packed) return false;
+    for (size_t i = 0; i < mk; i++) p->A[i] = frand();
+    for (size_t i = 0; i < nk; i++) p->W[i] = frand();
+    memset(p->C, 0, mn * sizeof(float));
+    mmb__gemm_own_pack(p->packed, p->W, s.N, s.K);
+    mmb__gemm_own(NULL, p->Cown, p->A, p->packed, NULL, s.M, s.N, s.K);
+    return true;
+}
+
+static void free_prob(prob *p) {
+    free(p->A); free(p->W); free(p->C); free(p->Cown); free(p->packed);
+}
+
+/* Our kernel against the double-precision oracle on a few rows: max |c - ref| / max |ref|. */
+static double check_own_sample(prob *p) {
+    float *row = malloc((size_t)p->N * sizeof(float));
+    if (!row) return NAN;
+    double worst = 0.0;
+    int64_t rows[4] = {0, p->M / 3, (2 * p->M) / 3, p->M - 1};
+    for (int i = 0; i < 4; i++) {
+        mmb__gemm_ref(row, p->A + rows[i] * p->K, p->W, NULL, 1, p->N, p->K);
+        double e = rel_err(p->Cown + rows[i] * p->N, row, p->N);
+        if (!(e <= worst)) worst = e;
+    }
+    free(row);
+    return worst;
+}
+
+/* Child mode: OpenBLAS only, one line per (shape, threads): "OB <s> <t> <gflops> <relerr>". */
+static int child_main(const shape *shapes, int ns, const int *thr, int nt, int reps, int warm,
+                      int rounds) {
+    open_openblas();
+    printf("CORE %s\n", P.ob_core ? P.ob_core() : "?");
+    for (int s = 0; s < ns; s++) {
+        prob p;
+        if (!setup_prob(&p, shapes[s])) { free_prob(&p); return 1; }
+        for (int t = 0; t < nt; t++) {
+            set_threads(B_OB, thr[t]);
+            double ts[MAXR * 64];
+            int n = 0;
+            for (int r = 0; r < rounds; r++) {
+                if (!time_backend(B_OB, &p, reps, warm, p.C, ts, &n)) break;
+                nap(0.3);
+            }
+            double gf = n ? median_gflops(&p, ts, n) : -1.0;
+            double e = n ? rel_err(p.C, p.Cown, p.M * p.N) : 0.0;
+            printf("OB %d %d %.6f %.6g\n", s, t, gf, e);
+            fflush(stdout);
+        }
+        free_prob(&p);
+    }
+    return 0;
+}
+
+/* Runs this binary with --openblas-child and the given OpenBLAS environment (coretype NULL:
+ * OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE removed), filling column col. */
+static void run_child(const char *self, char **argv_child, const char *coretype, int col,
+                      cell cells[MAXS][MAXT], char *core_out, size_t core_len) {
+    size_t ne = 0;
+    while (environ[ne]) ne++;
+    char **envp = calloc(ne + 2, sizeof *envp);
+    if (!envp) return;
+    size_t k = 0;
+    for (size_t i = 0; i < ne; i++) {
+        if (!strncmp(environ[i], "OPENBLAS_CORETYPE=", 18)) continue;
+        if (!strncmp(environ[i], "OPENBLAS_L2_SIZE=", 17)) continue;
+        envp[k++] = environ[i];
+    }
+    static char ct[128];
+    if (coretype) {
+        snprintf(ct, sizeof ct, "OPENBLAS_CORETYPE=%s", coretype);
+        envp[k++] = ct;
+    }
+    envp[k] = NULL;
+    int fd[2];
+    if (pipe(fd) != 0) { free(envp); return; }
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(fd[1], 1);
+        close(fd[0]);
+        close(fd[1]);
+        execve(self, argv_child, envp);
+        _exit(127);
+    }
+    close(fd[1]);
+    free(envp);
+    if (pid < 0) { close(fd[0]); return; }
+    FILE *f = fdopen(fd[0], "r");
+    char line[512];
+    while (f && fgets(line, sizeof line, f)) {
+        int s, t;
+        double gf, e;
+        char core[128];
+        if (sscanf(line, "OB %d %d %lf %lf", &s, &t, &gf, &e) == 4 && s >= 0 && s < MAXS &&
+            t >= 0 && t < MAXT) {
+            cells[s][t].gf[col] = gf;
+            cells[s][t].err[col] = e;
+        } else if (sscanf(line, "CORE %127s", core) == 1) {
+            snprintf(core_out, core_len, "%s", core);
+        }
+    }
+    if (f) fclose(f);
+    else close(fd[0]);
+    int st;
+    waitpid(pid, &st, 0);
+}
+
+static void fmt_cell(char *buf, size_t n, double gf, double err, double peak) {
+    if (gf < 0) snprintf(buf, n, "n/a");
+    else snprintf(buf, n, "%.1f (%2.0f%%)%s", gf, 100.0 * gf / peak, err > 1e-4 ? "!" : "");
+}
+
+int main(int argc, char **argv) {
+    int thr[MAXT] = {1, 2}, nt = 2, reps = 7, warm = 2, rounds = 1;
+    bool quick = false, child = false;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
+            nt = parse_threads(argv[++i], thr);
+            if (!nt) { fprintf(stderr, "bad --threads\n"); return 2; }
+        } else if (!strcmp(argv[i], "--reps") && i + 1 < argc) {
+            reps = atoi(argv[++i]);
+            if (reps < 1 || reps > 64) { fprintf(stderr, "--reps: 1..64\n"); return 2; }
+        } else if (!strcmp(argv[i], "--rounds") && i + 1 < argc) {
+            rounds = atoi(argv[++i]);
+            if (rounds < 1 || rounds > MAXR) { fprintf(stderr, "--rounds: 1..8\n"); return 2; }
+        } else if (!strcmp(argv[i], "--quick")) {
+            quick = true;
+        } else if (!strcmp(argv[i], "--openblas-child")) {
+            child = true;
+        } else {
+            fprintf(stderr, "usage: %s [--threads 1,2] [--reps N] [--rounds R] [--quick]\n", argv[0]);
+            return 2;
+        }
+    }
+    static const shape full[] = {{576, 4096, 1024}, {576, 4096, 4096}, {577, 1024, 1024},
+                                 {577, 4096, 1024}};
+    static const shape small[] = {{64, 256, 128}, {37, 100, 65}};
+    const shape *shapes = quick ? small : full;
+    int ns = quick ? 2 : 4;
+    if (quick) {
+        warm = 1;
+        if (reps == 7) reps = 3;
+    }
+    if (child) return child_main(shapes, ns, thr, nt, reps, warm, rounds);
+
+    const char *isa_name[3] = {"scalar", "avx2+fma", "avx512f"};
+    printf("bench_gemm: own kernel isa %s; threads", isa_name[mmb__gemm_own_isa()]);
+    for (int t = 0; t < nt; t++) printf(" %d", thr[t]);
+    printf("; median of %d rounds x %d runs (each after %d warm-ups)\n", rounds, reps, warm);
+
+    /* ---- peaks ---- */
+    bool has512 = __builtin_cpu_supports("avx512f");
+    bool has256 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    bool hasbf16 = has512 && __builtin_cpu_supports("avx512bf16");
+    double psec = quick ? 0.05 : 0.25;
+    printf("\nFMA peak (12 independent chains; fp32 2 flops/lane; bf16 dpbf16 4 flops/lane):\n");
+    printf("  %-8s %14s %14s %14s\n", "threads", "fp32 zmm", "fp32 ymm", "bf16 zmm");
+    double pk[MAXT][3] = {{0}};
+    measure_peaks(thr, nt, has512, has256, hasbf16, psec, pk);
+    for (int t = 0; t < nt; t++) {
+        printf("  %-8d %9.1f GF/s %9.1f GF/s ", thr[t], pk[t][0] * 1e-9, pk[t][1] * 1e-9);
+        if (hasbf16) printf("%9.1f GF/s\n", pk[t][2] * 1e-9);
+        else printf("%14s\n", "n/a");
+    }
+
+    /* ---- GEMMs ---- */
+    open_peers();
+    const char *env_ct = getenv("OPENBLAS_CORETYPE");
+    const char *env_l2 = getenv("OPENBLAS_L2_SIZE");
+    bool env_hsw = env_ct && !strcasecmp(env_ct, "haswell");
+    bool env_unp = !env_ct && !env_l2;
+    int main_ob_col = env_hsw ? B_OB_HSW : env_unp ? B_OB_UNP : B_OB;
+    char main_core[128] = "n/a";
+    if (P.ob_core) snprintf(main_core, sizeof main_core, "%s", P.ob_core());
+
+    static cell cells[MAXS][MAXT];
+    for (int s = 0; s < MAXS; s++)
+        for (int t = 0; t < MAXT; t++)
+            for (int b = 0; b < NB_; b++) cells[s][t].gf[b] = -1.0, cells[s][t].err[b] = 0.0;
+
+    double own_check[MAXS];
+    mmb_pool *pools[MAXT] = {0};
+    for (int t = 0; t < nt; t++)
+        if (mmb__pool_new(thr[t], &pools[t]) != MMB_OK) { fprintf(stderr, "pool\n"); return 1; }
+    static prob probs[MAXS];
+    for (int s = 0; s < ns; s++) {
+        if (!setup_prob(&probs[s], shapes[s])) { fprintf(stderr, "out of memory\n"); return 1; }
+        own_check[s] = check_own_sample(&probs[s]);
+    }
+    /* rounds: every backend in turn, so that a noisy spell on the machine is shared out */
+    static double samples[MAXS][MAXT][B_DNNL + 1][MAXR * 64];
+    static int nsamp[MAXS][MAXT][B_DNNL + 1];
+    static bool unavailable[B_DNNL + 1];
+    for (int r = 0; r < rounds; r++) {
+        for (int s = 0; s < ns; s++) {
+            prob *p = &probs[s];
+            for (int b = B_OWN; b <= B_DNNL; b++) {
+                if (unavailable[b]) continue;
+                for (int t = 0; t < nt; t++) {
+                    p->pool = pools[t];
+                    set_threads(b, thr[t]);
+                    if (!time_backend(b, p, reps, warm, p->C, samples[s][t][b], &nsamp[s][t][b])) {
+                        unavailable[b] = true;
+                        break;
+                    }
+                    int col = b == B_OB ? main_ob_col : b;
+                    double e = rel_err(p->C, p->Cown, p->M * p->N);
+                    if (!(e <= cells[s][t].err[col])) cells[s][t].err[col] = e;
+                    nap(0.3); /* let spinning worker threads (OpenBLAS, OpenMP) go to sleep */
+                }
+            }
+        }
+    }
+    for (int s = 0; s < ns; s++) {
+        for (int t = 0; t < nt; t++)
+            for (int b = B_OWN; b <= B_DNNL; b++) {
+                int col = b == B_OB ? main_ob_col : b;
+                if (!unavailable[b] && nsamp[s][t][b])
+                    cells[s][t].gf[col] = median_gflops(&probs[s], samples[s][t][b], nsamp[s][t][b]);
+            }
+        free_prob(&probs[s]);
+    }
+    for (int t = 0; t < nt; t++) mmb__pool_free(pools[t]);
+
+    /* ---- the other OpenBLAS configuration(s), in children ---- */
+    char self[4096];
+    ssize_t sl = readlink("/proc/self/exe", self, sizeof self - 1);
+    char hsw_core[128] = "n/a", unp_core[128] = "n/a";
+    if (main_ob_col == B_OB_HSW) snprintf(hsw_core, sizeof hsw_core, "%s", main_core);
+    if (main_ob_col == B_OB_UNP) snprintf(unp_core, sizeof unp_core, "%s", main_core);
+    if (sl > 0 && P.ob_gemm) {
+        self[sl] = '\0';
+        char **av = calloc((size_t)argc + 2, sizeof *av);
+        if (av) {
+            for (int i = 0; i < argc; i++) av[i] = argv[i];
+            av[argc] = "--openblas-child";
+            av[argc + 1] = NULL;
+            if (main_ob_col != B_OB_HSW)
+                run_child(self, av, "Haswell", B_OB_HSW, cells, hsw_core, sizeof hsw_core);
+            if (main_ob_col != B_OB_UNP)
+                run_child(self, av, NULL, B_OB_UNP, cells, unp_core, sizeof unp_core);
+            free(av);
+        }
+    }
+
+    /* ---- peaks again (the machine may have been busy the first time); keep the best ---- */
+    measure_peaks(thr, nt, has512, has256, hasbf16, psec, pk);
+    double peak[MAXT];
+    printf("\nFMA peak, best of the measurements before and after the GEMMs:\n");
+    printf("  %-8s %14s %14s %14s\n", "threads", "fp32 zmm", "fp32 ymm", "bf16 zmm");
+    for (int t = 0; t < nt; t++) {
+        printf("  %-8d %9.1f GF/s %9.1f GF/s ", thr[t], pk[t][0] * 1e-9, pk[t][1] * 1e-9);
+        if (hasbf16) printf("%9.1f GF/s\n", pk[t][2] * 1e-9);
+        else printf("%14s\n", "n/a");
+        peak[t] = (pk[t][0] > pk[t][1] ? pk[t][0] : pk[t][1]) * 1e-9;
+        if (peak[t] <= 0.0) peak[t] = 1.0; /* no vector FMA: percentages are not meaningful */
+    }
+
+    /* ---- the table ---- */
+    printf("\nOpenBLAS: environment OPENBLAS_CORETYPE=%s OPENBLAS_L2_SIZE=%s (core %s)\n",
+           env_ct ? env_ct : "(unset)", env_l2 ? env_l2 : "(unset)", main_core);
+    printf("  OB-Haswell = OPENBLAS_CORETYPE=Haswell (core %s); OB-unpinned = both unset (core %s)\n",
+           hsw_core, unp_core);
+    printf("GFLOP/s (%% of the measured fp32 peak at that thread count); ! = result disagrees "
+           "with ours (max rel err > 1e-4)\n\n");
+    bool show_env = main_ob_col == B_OB;
+    printf("%-16s %3s  %-14s", "M x N x K", "thr", "own");
+    if (show_env) printf(" %-14s", "OB-env");
+    printf(" %-14s %-14s %-14s %-14s\n", "OB-Haswell", "OB-unpinned", "BLIS", "oneDNN");
+    static const int order[] = {B_OWN, B_OB, B_OB_HSW, B_OB_UNP, B_BLIS, B_DNNL};
+    static const char *names[NB_] = {"own", "OB-env", "BLIS", "oneDNN", "OB-Haswell",
+                                     "OB-unpinned"};
+    for (int s = 0; s < ns; s++) {
+        for (int t = 0; t < nt; t++) {
+            char sh[48];
+            snprintf(sh, sizeof sh, "%lldx%lldx%lld", (long long)shapes[s].M,
+                     (long long)shapes[s].N, (long long)shapes[s].K);
+            printf("%-16s %3d ", sh, thr[t]);
+            int best = -1;
+            for (int o = 0; o < 6; o++) {
+                int b = order[o];
+                if (b == B_OB && !show_env) continue;
+                char c[48];
+                fmt_cell(c, sizeof c, cells[s][t].gf[b], cells[s][t].err[b], peak[t]);
+                printf(" %-14s", c);
+                if (cells[s][t].gf[b] > 0 && cells[s][t].err[b] <= 1e-4 &&
+                    (best < 0 || cells[s][t].gf[b] > cells[s][t].gf[best]))
+                    best = b;
+            }
+            printf("  fastest: %s\n", best >= 0 ? names[best] : "-");
+        }
+    }
+    printf("\nown vs double-precision oracle on sampled rows (max rel err):");
+    for (int s = 0; s < ns; s++) printf(" %.2g", own_check[s]);
+    printf("\n");
+    for (int s = 0; s < ns; s++)
+        for (int t = 0; t < nt; t++)
+            for (int b = 0; b < NB_; b++)
+                if (cells[s][t].gf[b] > 0 && cells[s][t].err[b] > 1e-4)
+                    printf("INCORRECT: %s on shape %d threads %d: max rel err %.3g\n", names[b],
+                           s, thr[t], cells[s][t].err[b]);
+    return 0;
+}
