@@ -291,6 +291,114 @@ MMB_API mmb_status mmb_model_attach_vit(mmb_ctx *ctx, mmb_model *m, mmb_vit *v);
 /* Returns the number of registered connector names, and sets *names to a static array of them. */
 MMB_API int mmb_connector_names(const char *const **names);
 
+/* ---------------------------------------------------------------------------------------------
+ * Images: decoding to 8-bit RGB, and the Hugging Face image processors' preprocessing
+ * (docs/preprocessing.md gives the semantics and the measured fidelity).
+ */
+/* A decoded image: height rows of width RGB pixels, 8 bits per channel, row-major (HWC). */
+typedef struct mmb_image {
+    int width, height;
+    unsigned char *rgb;    /* height * width * 3 bytes; owned, freed by mmb_image_free */
+} mmb_image;
+
+/* Pixel limit used when a decoder is given max_pixels = 0: Pillow's DecompressionBombError
+ * threshold, 2 * 89478485 pixels. */
+#define MMB_IMAGE_DEFAULT_MAX_PIXELS ((int64_t)178956970)
+
+/* Decodes the JPEG, PNG or WebP file at `path` (format detected from the magic bytes, not the
+ * extension) to RGB exactly as transformers receives it: Pillow's Image.open, then transformers'
+ * convert_to_rgb, i.e. grey / palette / 16-bit data converted as Pillow's convert("RGB") does, and
+ * images with transparency (alpha channel, or tRNS) composited onto white. EXIF orientation is
+ * ignored, as transformers ignores it. max_pixels (0 = MMB_IMAGE_DEFAULT_MAX_PIXELS) is checked
+ * against the header before anything is allocated. Returns MMB_OK and fills *out (free it with
+ * mmb_image_free); MMB_ERR_IO (cannot open or read, a directory, not a regular file);
+ * MMB_ERR_FORMAT (empty, not an image, corrupt or truncated data); MMB_ERR_UNSUPPORTED (GIF, BMP,
+ * TIFF and other formats, CMYK/YCCK JPEG, animated WebP, more pixels than max_pixels);
+ * MMB_ERR_NOMEM; MMB_ERR_ARG (NULL path or out, negative max_pixels). Messages start with the
+ * path. *out is untouched on failure. */
+MMB_API mmb_status mmb_image_load(mmb_ctx *ctx, const char *path, int64_t max_pixels, mmb_image *out);
+
+/* As mmb_image_load, from the `n` bytes at `bytes` (not kept); `name` (may be NULL) is what the
+ * error messages call them. */
+MMB_API mmb_status mmb_image_decode(mmb_ctx *ctx, const void *bytes, size_t n, const char *name,
+                                    int64_t max_pixels, mmb_image *out);
+
+/* Frees img->rgb and zeroes *img. NULL is a no-op. */
+MMB_API void mmb_image_free(mmb_image *img);
+
+/* How `size` of preprocessor_config.json asks to resize. */
+typedef enum mmb_size_mode {
+    MMB_SIZE_HEIGHT_WIDTH = 0,  /* {"height", "width"}: exactly size_height x size_width */
+    MMB_SIZE_SHORTEST_EDGE = 1, /* {"shortest_edge"}: short side -> shortest_edge, long side int()-truncated */
+    MMB_SIZE_SHORTEST_LONGEST = 2, /* {"shortest_edge", "longest_edge"}: as transformers'
+                                      get_size_with_aspect_ratio */
+    MMB_SIZE_MAX_HEIGHT_WIDTH = 3  /* {"max_height", "max_width"}: fit inside, keeping aspect */
+} mmb_size_mode;
+
+/* Resampling filters, numbered as PIL.Image.Resampling. */
+typedef enum mmb_resample {
+    MMB_RESAMPLE_NEAREST = 0,   /* refused with MMB_ERR_UNSUPPORTED */
+    MMB_RESAMPLE_LANCZOS = 1,
+    MMB_RESAMPLE_BILINEAR = 2,
+    MMB_RESAMPLE_BICUBIC = 3,
+    MMB_RESAMPLE_BOX = 4,
+    MMB_RESAMPLE_HAMMING = 5
+} mmb_resample;
+
+/* An image processor's settings: the fields of transformers' CLIP / SigLIP / LLaVA image
+ * processors that change the pixels. Steps run in this order: pad to square, resize, center crop,
+ * rescale, normalize; the output is f32 [3, H, W]. */
+typedef struct mmb_preprocess {
+    char type[64];            /* "CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor" */
+    int do_convert_rgb;       /* informational: mmb_image is always RGB */
+    int do_pad;               /* LLaVA: pad to a square of the long side, image centred, before resizing */
+    unsigned char pad_color[3]; /* its background: int(image_mean[c] * 255), 0 without a mean */
+    int do_resize;
+    mmb_size_mode size_mode;
+    int size_height, size_width;       /* MMB_SIZE_HEIGHT_WIDTH, MMB_SIZE_MAX_HEIGHT_WIDTH */
+    int shortest_edge, longest_edge;   /* MMB_SIZE_SHORTEST_EDGE, MMB_SIZE_SHORTEST_LONGEST */
+    mmb_resample resample;
+    int do_center_crop;
+    int crop_height, crop_width;       /* zero-padded when the image is smaller, as transformers */
+    int do_rescale;
+    double rescale_factor;             /* usually 1/255 */
+    int do_normalize;
+    double image_mean[3], image_std[3];/* applied in float32: (x - mean) / std */
+} mmb_preprocess;
+
+/* Fills *out with the defaults of the transformers image processor class `type`
+ * ("CLIPImageProcessor", "SiglipImageProcessor" or "LlavaImageProcessor"; a "Fast" or "Pil" suffix
+ * is accepted). Returns MMB_OK, MMB_ERR_UNSUPPORTED for another class, or MMB_ERR_ARG for NULL. */
+MMB_API mmb_status mmb_preprocess_init(mmb_ctx *ctx, const char *type, mmb_preprocess *out);
+
+/* Reads `model_dir`/preprocessor_config.json: the class from image_processor_type (else
+ * processor_class, else feature_extractor_type), its defaults for absent or null keys, then the
+ * file's do_resize, size (dict, int or [h, w], read as transformers' get_size_dict with the class's
+ * default_to_square), resample, do_center_crop, crop_size, do_rescale, rescale_factor,
+ * do_normalize, image_mean, image_std (a number or 3 numbers), do_pad, do_convert_rgb.
+ * Returns MMB_OK and fills *out; MMB_ERR_IO (no such file); MMB_ERR_FORMAT (bad JSON, a key of the
+ * wrong type or value, naming the file and the key); MMB_ERR_MISSING (no class key, or do_center_crop
+ * without crop_size); MMB_ERR_UNSUPPORTED (another processor class,
+ * a size mode or resample filter not implemented); MMB_ERR_ARG for NULL. *out untouched on failure. */
+MMB_API mmb_status mmb_preprocess_load(mmb_ctx *ctx, const char *model_dir, mmb_preprocess *out);
+
+/* Sets *out_height, *out_width to the size of the tensor mmb_preprocess_run makes from an image of
+ * in_height x in_width (it depends on the image only when there is no center crop). Returns
+ * MMB_OK; MMB_ERR_SHAPE when a resulting side would be < 1 or > INT32_MAX; MMB_ERR_UNSUPPORTED for
+ * a resample filter or size mode that run refuses; MMB_ERR_ARG for NULL or non-positive sizes. */
+MMB_API mmb_status mmb_preprocess_output_size(mmb_ctx *ctx, const mmb_preprocess *p, int in_height,
+                                              int in_width, int *out_height, int *out_width);
+
+/* Runs the processor on `img`: writes pixel_values [3, H, W] f32 (channels first; H, W from
+ * mmb_preprocess_output_size) to `out`, which holds `out_count` floats. Resizing is Pillow's
+ * antialiased 8-bit resampling (matches Image.resize exactly for bicubic and bilinear), so the
+ * result equals the transformers PIL-backend processor's. Threads: ctx's pool. Returns MMB_OK;
+ * MMB_ERR_SHAPE when out_count < 3 * H * W; MMB_ERR_ARG for NULL pointers or an empty image;
+ * MMB_ERR_UNSUPPORTED / MMB_ERR_SHAPE as mmb_preprocess_output_size; MMB_ERR_NOMEM. `out` is
+ * untouched on failure. */
+MMB_API mmb_status mmb_preprocess_run(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_image *img, float *out,
+                                      size_t out_count);
+
 #ifdef __cplusplus
 }
 #endif

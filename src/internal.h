@@ -255,3 +255,10 @@ mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_pref
 bool mmb__vit_present(const mmb_ckpt *c);
 /* Loads the vision encoder whose weights are in c (c must outlive it). */
 mmb_status mmb__vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vit **out);
+
+/* ---- vision/preprocess.c ---------------------------------------------------------------------- */
+
+/* Pad, resize and crop (the steps before rescale/normalize): the uint8 image, HWC, malloc'd in
+ * *out (the caller frees it), of size *h x *w. The oracle tests check this stage on its own. */
+mmb_status mmb__preprocess_u8(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_image *img, unsigned char **out,
+                              int *h, int *w);
