@@ -236,6 +236,8 @@ typedef struct mmb_model_info {
     int64_t params;             /* connector parameters */
     int64_t flops_per_image;    /* connector FLOPs per image (2 per multiply-add), 0 if unknown */
     mmb_dtype weight_dtype;     /* dtype the connector's weights are stored in */
+    int pad_to_square;          /* original LLaVA image_aspect_ratio "pad": images are padded to a
+                                   square with the mean colour before the image processor runs */
 } mmb_model_info;
 
 /* Opens the checkpoint directory `dir`: reads config.json, maps its safetensors, detects the

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 static const char *usage_main =
     "usage: mmbridge <command> [options]\n"
@@ -339,6 +340,46 @@ static float *read_pixels(mmb_ctx *ctx, const char *path, const mmb_vit_info *vi
     return px;
 }
 
+/* The image processor for MODEL: its preprocessor_config.json, else the vision tower's; LLaVA's
+ * "pad" aspect mode turns on padding to a square. */
+static int load_processor(mmb_ctx *ctx, const opts *o, int pad, mmb_preprocess *p) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/preprocessor_config.json", o->model);
+    const char *dir = access(path, F_OK) == 0 || !o->vision_tower ? o->model : o->vision_tower;
+    if (mmb_preprocess_load(ctx, dir, p) != MMB_OK) return fail(ctx, NULL);
+    if (pad) p->do_pad = 1;
+    return 0;
+}
+
+/* Decodes and preprocesses every image into one batch [n, 3, S, S]. */
+static float *read_images(mmb_ctx *ctx, const opts *o, const mmb_preprocess *p, const mmb_vit_info *vi) {
+    size_t per = (size_t)3 * vi->image_size * vi->image_size;
+    float *px = malloc(per * (size_t)o->n_images * sizeof(float));
+    if (!px) { fprintf(stderr, "mmbridge: error: out of memory\n"); return NULL; }
+    for (int i = 0; i < o->n_images; i++) {
+        mmb_image img = {0};
+        int h = 0, w = 0;
+        if (mmb_image_load(ctx, o->images[i], 0, &img) != MMB_OK ||
+            mmb_preprocess_output_size(ctx, p, img.height, img.width, &h, &w) != MMB_OK) {
+            fail(ctx, NULL);
+            mmb_image_free(&img);
+            free(px);
+            return NULL;
+        }
+        if (h != vi->image_size || w != vi->image_size) {
+            fprintf(stderr, "mmbridge: error: %s: the image processor makes %dx%d pixels but the vision tower "
+                    "takes %dx%d\n", o->images[i], w, h, vi->image_size, vi->image_size);
+            mmb_image_free(&img);
+            free(px);
+            return NULL;
+        }
+        mmb_status s = mmb_preprocess_run(ctx, p, &img, px + per * (size_t)i, per);
+        mmb_image_free(&img);
+        if (s != MMB_OK) { fail(ctx, NULL); free(px); return NULL; }
+    }
+    return px;
+}
+
 static int cmd_encode(int argc, char **argv) {
     opts o = {.positional = 1};
     int r = parse(argc, argv, usage_encode, &o);
@@ -360,13 +401,18 @@ static int cmd_encode(int argc, char **argv) {
     if (open_encoder(ctx, &o, &m, &vit_only, &vit)) goto done;
     mmb_vit_info vi;
     mmb_vit_get_info(vit, &vi);
-    int64_t n = 0;
-    if (!(px = read_pixels(ctx, o.pixels, &vi, &n))) goto done;
+    mmb_model_info mi = {0};
+    if (m) mmb_model_get_info(m, &mi);
+    int64_t n = o.n_images;
+    if (o.pixels) px = read_pixels(ctx, o.pixels, &vi, &n);
+    else {
+        mmb_preprocess pp;
+        if (!load_processor(ctx, &o, mi.pad_to_square, &pp)) px = read_images(ctx, &o, &pp, &vi);
+    }
+    if (!px) goto done;
     /* Taps: the model's, then --taps, then last_hidden_state for a vision-only checkpoint. */
     int taps[MMB_MAX_TAPS + 1], nt = 0, n_model = 0;
-    mmb_model_info mi;
     if (m) {
-        mmb_model_get_info(m, &mi);
         for (int i = 0; i < mi.n_taps; i++) taps[nt++] = mi.taps[i];
         n_model = nt;
     }
@@ -407,12 +453,13 @@ static int cmd_encode(int argc, char **argv) {
     }
     if (mmb_st_write(ctx, o.output, outs, n_out) != MMB_OK) { fail(ctx, NULL); goto done; }
     for (int64_t i = 0; i < n; i++) {
+        const char *src = o.pixels ? o.pixels : o.images[i];
         if (m)
-            printf("image %lld: %s %dx%d -> %s %lld tokens x %d -> %s -> %lld x %d\n", (long long)i, o.pixels,
+            printf("image %lld: %s %dx%d -> %s %lld tokens x %d -> %s -> %lld x %d\n", (long long)i, src,
                    vi.image_size, vi.image_size, vi.family, (long long)vi.tokens, vi.width, mi.connector,
                    (long long)t_out, mi.out_width);
         else
-            printf("image %lld: %s %dx%d -> %s %lld tokens x %d\n", (long long)i, o.pixels, vi.image_size,
+            printf("image %lld: %s %dx%d -> %s %lld tokens x %d\n", (long long)i, src, vi.image_size,
                    vi.image_size, vi.family, (long long)vi.tokens, vi.width);
     }
     printf("encoder %.1f ms, connector %.1f ms, %d thread(s), %d tensor(s) -> %s\n", t1 - t0, t2 - t1,

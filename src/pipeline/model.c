@@ -36,9 +36,10 @@ static mmb_status require_int(mmb_ctx *ctx, const mmb_ckpt *c, const char *key, 
 static mmb_status detect_original(mmb_ctx *ctx, mmb_model *m, mmb_conn_cfg *cc) {
     const mmb_ckpt *c = &m->ck;
     mmb_status s = MMB_OK;
-    const char *type = "linear", *feat = "patch";
+    const char *type = "linear", *feat = "patch", *aspect = "";
     int64_t in, out;
     mmb__cfg_str(ctx, c, "mm_projector_type", &type, &s);
+    if (s == MMB_OK) mmb__cfg_str(ctx, c, "image_aspect_ratio", &aspect, &s);
     if (s == MMB_OK) mmb__cfg_str(ctx, c, "mm_vision_select_feature", &feat, &s);
     if (s == MMB_OK) s = require_int(ctx, c, "mm_hidden_size", &in);
     if (s == MMB_OK) s = require_int(ctx, c, "hidden_size", &out);
@@ -53,6 +54,7 @@ static mmb_status detect_original(mmb_ctx *ctx, mmb_model *m, mmb_conn_cfg *cc) 
     snprintf(m->strategy, sizeof m->strategy, "%s", feat);
     m->drop_first = strcmp(feat, "patch") == 0;
     m->info.layout = "llava-original";
+    m->info.pad_to_square = strcmp(aspect, "pad") == 0;
     m->info.vision_width = (int)in;
     *cc = (mmb_conn_cfg){.type = m->type, .prefix = "model.mm_projector.", .in_width = in, .out_width = out,
                          .act = MMB_ACT_GELU, .bias = true, .eps = 1e-5f};
