@@ -3,6 +3,7 @@
 #include "mmbridge.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -176,6 +177,13 @@ static int cmd_info(int argc, char **argv) {
         printf("FLOPs per image:  %.3f GFLOP (connector)\n", (double)in.flops_per_image * 1e-9);
     } else
         printf("tokens per image: unknown (image size not in the config)\n");
+    const mmb_vit *v = mmb_model_vit(m);
+    if (v) {
+        mmb_vit_info vi;
+        mmb_vit_get_info(v, &vi);
+        printf("vision tower:     %s, %lld parameters, %.3f GFLOP per image (all %d blocks)\n", vi.family,
+               (long long)vi.params, (double)vi.flops_per_image * 1e-9, vi.layers);
+    }
     mmb_model_free(m);
     mmb_ctx_free(ctx);
     return 0;
@@ -476,85 +484,143 @@ done:
 }
 
 static const char *usage_demo =
-    "usage: mmbridge demo DIR [--threads N]\n"
+    "usage: mmbridge demo DIR [IMAGE] [--threads N]\n"
     "\n"
-    "Writes DIR/llava-demo (a transformers-layout LLaVA checkpoint holding only the projector:\n"
-    "CLIP ViT-L/14-336 widths, mlp 1024 -> 4096 -> 4096, GELU, RANDOM weights from a fixed seed)\n"
-    "and DIR/features.safetensors (random hidden_states.23 for one image, 577 x 1024), then runs\n"
-    "`info` and `connect` on them. The numbers mean nothing; the shapes and the speed are real.\n";
+    "Writes DIR/llava-demo, a transformers-layout LLaVA checkpoint with RANDOM weights from a fixed\n"
+    "seed: a small CLIP vision tower (224x224, patch 14, 256 patches + CLS, 4 blocks of width 512)\n"
+    "and LLaVA-1.5-7B's projector (mlp2x_gelu to 4096), plus its preprocessor_config.json; then runs\n"
+    "`info` and `encode` on IMAGE (default data/sample.jpg). The numbers mean nothing; the pipeline,\n"
+    "the shapes and the speed are real.\n";
 
-/* Deterministic N(0, 1)-ish numbers: the sum of 4 uniforms, centred and scaled. */
-static float demo_rand(uint64_t *s) {
-    float acc = 0;
-    for (int i = 0; i < 4; i++) {
-        *s ^= *s << 13; *s ^= *s >> 7; *s ^= *s << 17;
-        acc += (float)(*s >> 40) / 16777216.0f;
-    }
-    return (acc - 2.0f) * 1.7320508f;
-}
+enum { DEMO_D = 512, DEMO_I = 2048, DEMO_L = 4, DEMO_P = 14, DEMO_S = 224, DEMO_T = 257, DEMO_OUT = 4096 };
 
-static float *demo_fill(size_t n, float scale, uint64_t *seed) {
+/* Deterministic uniform numbers in [-scale, scale). */
+static float *demo_fill(size_t n, float scale, uint64_t *s) {
     float *p = malloc(n * sizeof(float));
-    if (p) for (size_t i = 0; i < n; i++) p[i] = scale * demo_rand(seed);
+    for (size_t i = 0; p && i < n; i++) {
+        *s ^= *s << 13; *s ^= *s >> 7; *s ^= *s << 17;
+        p[i] = scale * ((float)(*s >> 40) / 8388608.0f - 1.0f);
+    }
     return p;
 }
 
+/* The demo checkpoint's tensors: name, shape, scale (norm weights are 1 + noise). */
+static int demo_write(mmb_ctx *ctx, const char *path) {
+    enum { MAXT = 11 + DEMO_L * 16 };
+    static char names[MAXT][96];
+    mmb_tensor t[MAXT];
+    float *bufs[MAXT] = {0};
+    int n = 0, r = 0;
+    uint64_t seed = 0x6d6d6272696467ull;
+    const char *v = "model.vision_tower.";
+#define ADD(scale, offset, nd, ...)                                                                   \
+    do {                                                                                            \
+        t[n] = (mmb_tensor){.name = names[n], .dtype = MMB_F32, .ndim = nd, .shape = {__VA_ARGS__}}; \
+        size_t cnt = (size_t)mmb_tensor_numel(&t[n]);                                               \
+        bufs[n] = demo_fill(cnt, scale, &seed);                                                     \
+        if (!bufs[n]) r = 1;                                                                        \
+        for (size_t k = 0; bufs[n] && k < cnt; k++) bufs[n][k] += offset;                           \
+        t[n].data = bufs[n];                                                                        \
+        n++;                                                                                        \
+    } while (0)
+    snprintf(names[n], 96, "%sembeddings.class_embedding", v); ADD(0.5f, 0, 1, DEMO_D);
+    snprintf(names[n], 96, "%sembeddings.patch_embedding.weight", v); ADD(0.05f, 0, 4, DEMO_D, 3, DEMO_P, DEMO_P);
+    snprintf(names[n], 96, "%sembeddings.position_embedding.weight", v); ADD(0.5f, 0, 2, DEMO_T, DEMO_D);
+    for (int k = 0; k < 2; k++) {
+        snprintf(names[n], 96, "%s%s.weight", v, k ? "post_layernorm" : "pre_layrnorm"); ADD(0.1f, 1, 1, DEMO_D);
+        snprintf(names[n], 96, "%s%s.bias", v, k ? "post_layernorm" : "pre_layrnorm"); ADD(0.1f, 0, 1, DEMO_D);
+    }
+    for (int l = 0; l < DEMO_L; l++) {
+        static const char *const lin[6] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                           "self_attn.out_proj", "mlp.fc1", "mlp.fc2"};
+        for (int k = 0; k < 6; k++) {
+            int64_t o = k == 4 ? DEMO_I : DEMO_D, in = k == 5 ? DEMO_I : DEMO_D;
+            snprintf(names[n], 96, "%sencoder.layers.%d.%s.weight", v, l, lin[k]); ADD(1.7f / 32, 0, 2, o, in);
+            snprintf(names[n], 96, "%sencoder.layers.%d.%s.bias", v, l, lin[k]); ADD(0.02f, 0, 1, o);
+        }
+        for (int k = 1; k <= 2; k++) {
+            snprintf(names[n], 96, "%sencoder.layers.%d.layer_norm%d.weight", v, l, k); ADD(0.1f, 1, 1, DEMO_D);
+            snprintf(names[n], 96, "%sencoder.layers.%d.layer_norm%d.bias", v, l, k); ADD(0.1f, 0, 1, DEMO_D);
+        }
+    }
+    snprintf(names[n], 96, "model.multi_modal_projector.linear_1.weight"); ADD(1.7f / 22, 0, 2, DEMO_OUT, DEMO_D);
+    snprintf(names[n], 96, "model.multi_modal_projector.linear_1.bias"); ADD(0.02f, 0, 1, DEMO_OUT);
+    snprintf(names[n], 96, "model.multi_modal_projector.linear_2.weight"); ADD(1.7f / 64, 0, 2, DEMO_OUT, DEMO_OUT);
+    snprintf(names[n], 96, "model.multi_modal_projector.linear_2.bias"); ADD(0.02f, 0, 1, DEMO_OUT);
+#undef ADD
+    if (r) fprintf(stderr, "mmbridge: error: out of memory\n");
+    else if (mmb_st_write(ctx, path, t, n) != MMB_OK) r = fail(ctx, NULL);
+    for (int i = 0; i < n; i++) free(bufs[i]);
+    return r;
+}
+
+static int write_text(const char *path, const char *text) {
+    FILE *f = fopen(path, "w");
+    if (!f || fputs(text, f) < 0 || fclose(f) != 0) {
+        fprintf(stderr, "mmbridge: error: cannot write %s: %s\n", path, strerror(errno));
+        if (f) fclose(f);
+        return 1;
+    }
+    return 0;
+}
+
 static int cmd_demo(int argc, char **argv) {
-    opts o = {0};
+    opts o = {.positional = 1};
     int r = parse(argc, argv, usage_demo, &o);
     if (r) return r == 1 ? 0 : r;
+    const char *image = o.n_images ? o.images[0] : "data/sample.jpg";
     if (strlen(o.model) > 3000) { fprintf(stderr, "mmbridge: error: DIR is too long\n"); return 2; }
-    char model[3100], feats[3100], out[3100], cfg[3200], st[3200];
+    char model[3100], out[3100], path[3200];
     snprintf(model, sizeof model, "%s/llava-demo", o.model);
-    snprintf(feats, sizeof feats, "%s/features.safetensors", o.model);
     snprintf(out, sizeof out, "%s/embeddings.safetensors", o.model);
-    snprintf(cfg, sizeof cfg, "%s/config.json", model);
-    snprintf(st, sizeof st, "%s/model.safetensors", model);
     if ((mkdir(o.model, 0755) && errno != EEXIST) || (mkdir(model, 0755) && errno != EEXIST)) {
         fprintf(stderr, "mmbridge: error: cannot create %s: %s\n", model, strerror(errno));
         return 1;
     }
-    FILE *f = fopen(cfg, "w");
-    if (!f) { fprintf(stderr, "mmbridge: error: cannot write %s: %s\n", cfg, strerror(errno)); return 1; }
-    fputs("{\n  \"architectures\": [\"LlavaForConditionalGeneration\"],\n  \"model_type\": \"llava\",\n"
-          "  \"projector_hidden_act\": \"gelu\",\n  \"vision_feature_layer\": -2,\n"
-          "  \"vision_feature_select_strategy\": \"default\",\n  \"image_seq_length\": 576,\n"
-          "  \"vision_config\": {\"model_type\": \"clip_vision_model\", \"hidden_size\": 1024,\n"
-          "    \"num_hidden_layers\": 24, \"image_size\": 336, \"patch_size\": 14},\n"
-          "  \"text_config\": {\"model_type\": \"llama\", \"hidden_size\": 4096}\n}\n", f);
-    if (fclose(f) != 0) { fprintf(stderr, "mmbridge: error: cannot write %s\n", cfg); return 1; }
-    enum { DV = 1024, D = 4096, T = 577 };
-    uint64_t seed = 0x6d6d6272696467ull;
-    float *w1 = demo_fill((size_t)D * DV, 1.0f / 32.0f, &seed), *b1 = demo_fill(D, 0.02f, &seed);
-    float *w2 = demo_fill((size_t)D * D, 1.0f / 64.0f, &seed), *b2 = demo_fill(D, 0.02f, &seed);
-    float *h = demo_fill((size_t)T * DV, 1.0f, &seed);
+    snprintf(path, sizeof path, "%s/config.json", model);
+    if (write_text(path, "{\n  \"architectures\": [\"LlavaForConditionalGeneration\"],\n  \"model_type\": \"llava\",\n"
+                         "  \"projector_hidden_act\": \"gelu\",\n  \"vision_feature_layer\": -2,\n"
+                         "  \"vision_feature_select_strategy\": \"default\",\n"
+                         "  \"vision_config\": {\"model_type\": \"clip_vision_model\", \"hidden_size\": 512,\n"
+                         "    \"intermediate_size\": 2048, \"num_hidden_layers\": 4, \"num_attention_heads\": 8,\n"
+                         "    \"image_size\": 224, \"patch_size\": 14, \"hidden_act\": \"quick_gelu\"},\n"
+                         "  \"text_config\": {\"model_type\": \"llama\", \"hidden_size\": 4096, \"intermediate_size\": 64,\n"
+                         "    \"num_hidden_layers\": 1, \"num_attention_heads\": 32, \"vocab_size\": 256}\n}\n"))
+        return 1;
+    snprintf(path, sizeof path, "%s/preprocessor_config.json", model);
+    if (write_text(path, "{\n  \"image_processor_type\": \"CLIPImageProcessor\",\n  \"size\": {\"shortest_edge\": 224},\n"
+                         "  \"crop_size\": {\"height\": 224, \"width\": 224}\n}\n"))
+        return 1;
     mmb_ctx *ctx = make_ctx(&o);
-    r = 1;
-    if (ctx && w1 && b1 && w2 && b2 && h) {
-        mmb_tensor t[4] = {
-            {.name = "model.multi_modal_projector.linear_1.weight", .dtype = MMB_F32, .ndim = 2, .shape = {D, DV}, .data = w1},
-            {.name = "model.multi_modal_projector.linear_1.bias", .dtype = MMB_F32, .ndim = 1, .shape = {D}, .data = b1},
-            {.name = "model.multi_modal_projector.linear_2.weight", .dtype = MMB_F32, .ndim = 2, .shape = {D, D}, .data = w2},
-            {.name = "model.multi_modal_projector.linear_2.bias", .dtype = MMB_F32, .ndim = 1, .shape = {D}, .data = b2},
-        };
-        mmb_tensor ht = {.name = "hidden_states.23", .dtype = MMB_F32, .ndim = 3, .shape = {1, T, DV}, .data = h};
-        if (mmb_st_write(ctx, st, t, 4) != MMB_OK || mmb_st_write(ctx, feats, &ht, 1) != MMB_OK) fail(ctx, NULL);
-        else r = 0;
-    } else if (ctx)
-        fprintf(stderr, "mmbridge: error: out of memory\n");
+    if (!ctx) return 1;
+    snprintf(path, sizeof path, "%s/model.safetensors", model);
+    r = demo_write(ctx, path);
     mmb_ctx_free(ctx);
-    free(w1); free(b1); free(w2); free(b2); free(h);
     if (r) return r;
-    printf("wrote %s (random weights) and %s\n\n$ mmbridge info %s\n", model, feats, model);
+    printf("wrote %s (random weights)\n\n$ mmbridge info %s\n", model, model);
     fflush(stdout);
     char threads[16];
-    snprintf(threads, sizeof threads, "%d", o.threads > 0 ? o.threads : 0);
+    snprintf(threads, sizeof threads, "%d", o.threads);
     char *info_argv[] = {model, "--threads", threads};
     if ((r = cmd_info(o.threads > 0 ? 3 : 1, info_argv))) return r;
-    printf("\n$ mmbridge connect %s --features %s -o %s\n", model, feats, out);
+    printf("\n$ mmbridge encode %s %s -o %s\n", model, image, out);
     fflush(stdout);
-    char *conn_argv[] = {model, "--features", feats, "-o", out, "--threads", threads};
-    return cmd_connect(o.threads > 0 ? 7 : 5, conn_argv);
+    char *enc_argv[] = {model, (char *)image, "-o", out, "--threads", threads};
+    if ((r = cmd_encode(o.threads > 0 ? 6 : 4, enc_argv))) return r;
+    ctx = make_ctx(&o);
+    mmb_st_file *f = NULL;
+    if (!ctx || mmb_st_open(ctx, out, &f) != MMB_OK) { r = fail(ctx, NULL); mmb_ctx_free(ctx); return r; }
+    const mmb_tensor *e = mmb_st_find(f, "embeddings");
+    const float *x = e->data;
+    double sum = 0, sq = 0;
+    int64_t cnt = mmb_tensor_numel(e);
+    for (int64_t i = 0; i < cnt; i++) { sum += x[i]; sq += (double)x[i] * x[i]; }
+    printf("\nembeddings [%lld, %lld, %lld]: token 0 starts %.4f %.4f %.4f %.4f; mean %.4f, rms %.4f\n",
+           (long long)e->shape[0], (long long)e->shape[1], (long long)e->shape[2], x[0], x[1], x[2], x[3],
+           sum / (double)cnt, sqrt(sq / (double)cnt));
+    mmb_st_close(f);
+    mmb_ctx_free(ctx);
+    return 0;
 }
 
 int main(int argc, char **argv) {
