@@ -209,6 +209,14 @@ MMB_API mmb_status mmb_vit_get_info(const mmb_vit *v, mmb_vit_info *out);
 MMB_API mmb_status mmb_vit_forward(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch,
                                    const int *taps, int n_taps, float *const *outs);
 
+/* As mmb_vit_forward, and where spans[i] > 1 outs[i] receives the mean of the spans[i] hidden
+ * states hidden_states[taps[i]] .. hidden_states[taps[i] + spans[i] - 1] (taps[i] resolved as in
+ * mmb_vit_forward; the range must stay inside 0..layers). A mean is kept as a running sum in
+ * outs[i] while the blocks run, so DCI's layer groups cost one buffer each, not one per layer.
+ * spans NULL, or spans[i] 0 or 1, is a single hidden state. Returns as mmb_vit_forward. */
+MMB_API mmb_status mmb_vit_forward_groups(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch,
+                                          const int *taps, const int *spans, int n_taps, float *const *outs);
+
 /* ---------------------------------------------------------------------------------------------
  * Models: a checkpoint directory (config.json + *.safetensors, sharded through
  * model.safetensors.index.json) with its connector and feature selection.
@@ -229,7 +237,8 @@ typedef struct mmb_model_info {
     int taps[MMB_MAX_TAPS];     /* HF hidden_states indices as configured (may be negative) */
     int vision_layers;          /* encoder blocks, or 0 when the checkpoint does not say */
     int vision_width;           /* width of one hidden state */
-    int in_width;               /* connector input width = vision_width * n_taps */
+    int in_width;               /* projector input width: vision_width * n_taps for LLaVA; for the Dense
+                                   Connector vision_width (STI) or vision_width * n_taps (SCI, DCI) */
     int out_width;              /* d_model: the LLM's embedding width */
     int image_size, patch_size; /* 0 when unknown */
     int64_t tokens_per_image;   /* visual tokens out per image, 0 when image size unknown */
@@ -238,6 +247,12 @@ typedef struct mmb_model_info {
     mmb_dtype weight_dtype;     /* dtype the connector's weights are stored in */
     int pad_to_square;          /* original LLaVA image_aspect_ratio "pad": images are padded to a
                                    square with the mean colour before the image processor runs */
+    int tap_spans[MMB_MAX_TAPS];/* 0 or 1: taps[i] is one hidden state; n > 1: the mean of hidden_states
+                                   taps[i] .. taps[i] + n - 1 (a Dense Connector DCI group) */
+    const char *projector;      /* the projector's type: connector, or what the Dense Connector feeds */
+    const char *dense;          /* Dense Connector variant "sti", "sci", "dci", or "" for none; its taps
+                                   are resolved (non-negative) once the encoder's depth is known, and
+                                   n_taps is 0 before that; taps[0] is the final feature */
 } mmb_model_info;
 
 /* Opens the checkpoint directory `dir`: reads config.json, maps its safetensors, detects the
@@ -264,6 +279,8 @@ typedef struct mmb_features {
     int n_taps;
     int taps[MMB_MAX_TAPS];           /* non-negative HF indices of the buffers below */
     const float *data[MMB_MAX_TAPS];  /* each [batch, tokens, width] */
+    int spans[MMB_MAX_TAPS];          /* 0 or 1: data[i] is hidden_states[taps[i]]; n > 1: the mean
+                                         of hidden_states[taps[i] .. taps[i] + n - 1] */
 } mmb_features;
 
 /* Returns how many tokens per image the model emits for hidden states of `tokens` tokens per
@@ -292,6 +309,40 @@ MMB_API mmb_status mmb_model_attach_vit(mmb_ctx *ctx, mmb_model *m, mmb_vit *v);
 
 /* Returns the number of registered connector names, and sets *names to a static array of them. */
 MMB_API int mmb_connector_names(const char *const **names);
+
+/* The Dense Connector (Yao et al., NeurIPS 2024) on top of a model's projector. Indices are HF
+ * hidden_states indices (the paper's layer l is hidden_states[l - 1]); negative count from the end. */
+typedef enum mmb_dense_type {
+    MMB_DENSE_NONE = 0,
+    MMB_DENSE_STI = 1,   /* final tokens, then each shallow layer AvgPool1d(pool, pool) over the tokens */
+    MMB_DENSE_SCI = 2,   /* [final | layer a | layer b ...] on channels */
+    MMB_DENSE_DCI = 3    /* [final | mean of group 1 | mean of group 2 ...] on channels */
+} mmb_dense_type;
+
+typedef struct mmb_dense_params {
+    mmb_dense_type type;
+    int use_final;              /* 1: final_layer is the final feature; 0: the model's select layer */
+    int final_layer;
+    int n_layers;               /* STI/SCI shallow layers; 0 = the reference's 7 and 15 */
+    int layers[MMB_MAX_TAPS];
+    int n_groups;               /* DCI groups, inclusive ranges; 0 = the reference's two halves */
+    int group_first[MMB_MAX_TAPS], group_last[MMB_MAX_TAPS];
+    int pool;                   /* STI AvgPool1d kernel = stride; 0 = 8 */
+    int64_t tokens;             /* Efficient DC: bilinear-resize the projected token grid to this
+                                   many tokens (a square); 0 = keep them all */
+} mmb_dense_params;
+
+/* Returns the parameters of the model's own Dense Connector (all zero, type MMB_DENSE_NONE, for a
+ * model without one). */
+MMB_API mmb_dense_params mmb_model_dense(const mmb_model *m);
+
+/* Puts a Dense Connector (p->type != MMB_DENSE_NONE) in front of the model's projector, replacing
+ * the one the checkpoint configured, or removes it (MMB_DENSE_NONE). The projector's input width
+ * must be the vision width times the features concatenated on channels (1 for STI, 1 + layers for
+ * SCI, 1 + groups for DCI). Returns MMB_OK; MMB_ERR_SHAPE when the widths disagree (the message
+ * names both); MMB_ERR_ARG for bad parameters (the message says which); MMB_ERR_NOMEM. The model
+ * is unchanged on failure. */
+MMB_API mmb_status mmb_model_set_dense(mmb_ctx *ctx, mmb_model *m, const mmb_dense_params *p);
 
 /* ---------------------------------------------------------------------------------------------
  * Images: decoding to 8-bit RGB, and the Hugging Face image processors' preprocessing

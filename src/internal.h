@@ -106,7 +106,8 @@ void mmb__layernorm_forward_mt(mmb_ctx *ctx, float *out, const float *x, const f
 /* A linear layer y = x W^T + b, as torch.nn.Linear stores it. */
 typedef struct mmb_linear {
     int64_t n_out, n_in;
-    const float *w;          /* (n_out, n_in), f32: mapped in place or owned_w */
+    const float *w;          /* (n_out, n_in), f32: mapped in place or owned_w; NULL once packed
+                                from a converted copy (the own backend reads only `packed`) */
     const float *bias;       /* (n_out) or NULL */
     float *owned_w, *owned_b;/* set when converted from f16/bf16 at load */
     float *packed;           /* the own kernel's packed copy of w, or NULL */
@@ -157,8 +158,6 @@ static inline bool mmb__mul_ok(uint64_t a, uint64_t b, uint64_t *out) {
 static inline bool mmb__add_ok(uint64_t a, uint64_t b, uint64_t *out) {
     return !__builtin_add_overflow(a, b, out);
 }
-
-#endif
 
 /* ---- io/safetensors.c ------------------------------------------------------------------------ */
 const char *mmb__st_path(const mmb_st_file *f);
@@ -211,6 +210,9 @@ typedef struct mmb_conn_cfg {
     mmb_act act;           /* for connectors whose activation is configurable */
     bool bias;             /* for connectors whose bias is optional */
     float eps;             /* norm eps, for connectors with a norm */
+    const char *proj_type; /* dense_*: the projector the Dense Connector feeds */
+    int select_layer;      /* dense_*: the model's select layer, the default final feature */
+    mmb_dense_params dense;/* dense_*: layers, groups, pool, tokens */
 } mmb_conn_cfg;
 
 typedef struct mmb_connector_ops {
@@ -226,12 +228,32 @@ typedef struct mmb_connector_ops {
     mmb_status (*forward)(mmb_ctx *ctx, const void *state, float *out, const float *x, int64_t batch,
                           int64_t tokens);
     void (*free)(void *state);
+    /* Optional; NULL for connectors that read the model's taps concatenated on channels. The hidden
+     * states this one reads from an encoder of n_hidden hidden states (0 = unknown) with or without a
+     * leading CLS token: taps[i] non-negative, spans[i] >= 1 (a mean over that many, from taps[i]).
+     * Returns their number (<= MMB_MAX_TAPS), or -1 with a message when it cannot resolve them. */
+    int (*needs)(mmb_ctx *ctx, const void *state, int n_hidden, bool has_cls, int *taps, int *spans);
+    /* With needs: bufs[i] (batch, tokens, width) for each need in needs() order, CLS included when
+     * tokens is a square plus one -> out (batch, out_tokens, out_width). tokens_in of out_tokens,
+     * cost and scratch's rows (batch * tokens) count the CLS token too. */
+    mmb_status (*forward_taps)(mmb_ctx *ctx, const void *state, float *out, const float *const *bufs,
+                               int64_t batch, int64_t tokens, int64_t width);
 } mmb_connector_ops;
 
 /* Returns the connector that builds `type`, or NULL. */
 const mmb_connector_ops *mmb__connector_find(const char *type);
 
-extern const mmb_connector_ops mmb__conn_identity, mmb__conn_mlp, mmb__conn_resmlp;
+extern const mmb_connector_ops mmb__conn_identity, mmb__conn_mlp, mmb__conn_resmlp, mmb__conn_dense;
+
+/* ---- connectors/dense.c ------------------------------------------------------------------------ */
+
+/* The side g of the patch grid of a hidden state of `tokens` tokens: g*g (SigLIP) or g*g + 1 (CLIP,
+ * *has_cls set); -1 when it is neither. */
+int64_t mmb__dense_grid(int64_t tokens, bool *has_cls);
+/* Features p concatenates on channels: 1 for STI, 1 + layers for SCI, 1 + groups for DCI. */
+int mmb__dense_mult(const mmb_dense_params *p);
+/* The registry name of p's variant: "dense_sti", "dense_sci", "dense_dci". */
+const char *mmb__dense_name(mmb_dense_type t);
 
 /* ---- tensor/attention.c: multi-head self-attention ------------------------------------------ */
 
@@ -262,3 +284,5 @@ mmb_status mmb__vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vit **out);
  * *out (the caller frees it), of size *h x *w. The oracle tests check this stage on its own. */
 mmb_status mmb__preprocess_u8(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_image *img, unsigned char **out,
                               int *h, int *w);
+
+#endif

@@ -56,7 +56,80 @@ typedef struct {
     mmb_gemm_backend gemm;
     int taps[MMB_MAX_TAPS], n_taps;
     int positional;           /* encode takes IMAGE... after MODEL */
+    mmb_dense_params dense;   /* --dense*, --tokens: type NONE keeps the checkpoint's own */
+    int dense_set;            /* any of them given */
 } opts;
+
+static const char *dense_help =
+    "Dense Connector (info, connect, encode):\n"
+    "  --dense V          put a Dense Connector (sti, sci or dci) in front of the projector of any\n"
+    "                     LLaVA checkpoint; its input width must be the vision width (sti) or 3x it\n"
+    "  --dense-layers L   sti/sci: paper layer numbers, the last being the final feature, e.g.\n"
+    "                     8,16,24 (the default) or 8,16,20,24. Paper layer l is hidden_states[l-1]\n"
+    "                     (1 = the embeddings / stem, 2..25 = the 24 blocks of ViT-L)\n"
+    "  --dense-groups G   dci: paper layer ranges averaged, e.g. 1-12,13-24 (the default for CLIP-L)\n"
+    "                     or 1-8,9-16,17-24; the final feature stays the model's select layer\n"
+    "  --dense-pool K     sti: AvgPool1d kernel and stride over the tokens (default 8)\n"
+    "  --tokens N         efficient DC (sci/dci): bilinear-resize the projected token grid to N\n"
+    "                     tokens, a square (144: 24x24 -> 12x12)\n";
+
+/* Parses "8,16,24" (paper numbering) into the final layer and the shallow ones, or "1-12,13-24" into
+ * groups; HF indices are one less. Returns 0 or 2. */
+static int parse_dense_list(const char *opt, const char *v, int ranges, mmb_dense_params *p) {
+    int first[MMB_MAX_TAPS], last[MMB_MAX_TAPS], n = 0;
+    const char *q = v;
+    while (*q && n < MMB_MAX_TAPS) {
+        char *end;
+        long a = strtol(q, &end, 10), b = a;
+        if (end != q && ranges && *end == '-') {
+            const char *r = end + 1;
+            b = strtol(r, &end, 10);
+            if (end == r) break;
+        }
+        if (end == q || (*end && *end != ',') || a < 1 || b < a || b > 100000) break;
+        first[n] = (int)a - 1;
+        last[n++] = (int)b - 1;
+        q = *end ? end + 1 : end;
+    }
+    if (*q || n < (ranges ? 1 : 2)) {
+        fprintf(stderr, "mmbridge: %s wants %s\n", opt, ranges ? "paper layer ranges, e.g. 1-12,13-24"
+                                                                 : "two or more paper layer numbers, e.g. 8,16,24");
+        return 2;
+    }
+    if (ranges) {
+        p->n_groups = n;
+        memcpy(p->group_first, first, sizeof first);
+        memcpy(p->group_last, last, sizeof last);
+    } else {
+        p->use_final = 1;
+        p->final_layer = first[n - 1];
+        p->n_layers = n - 1;
+        memcpy(p->layers, first, sizeof first);
+    }
+    return 0;
+}
+
+/* Parses the Dense Connector options. Returns -1 when `a` is none of them, else 0 or 2. */
+static int parse_dense(const char *a, const char *v, opts *o) {
+    long n = 0;
+    char *end = NULL;
+    if (!v) return -1;
+    if (strcmp(a, "--dense") == 0) {
+        o->dense.type = strcmp(v, "sti") == 0 ? MMB_DENSE_STI : strcmp(v, "sci") == 0 ? MMB_DENSE_SCI
+                      : strcmp(v, "dci") == 0 ? MMB_DENSE_DCI : MMB_DENSE_NONE;
+        if (!o->dense.type) { fprintf(stderr, "mmbridge: --dense wants sti, sci or dci\n"); return 2; }
+    } else if (strcmp(a, "--dense-layers") == 0 || strcmp(a, "--dense-groups") == 0) {
+        if (parse_dense_list(a, v, a[8] == 'g', &o->dense)) return 2;
+    } else if (strcmp(a, "--dense-pool") == 0 || strcmp(a, "--tokens") == 0) {
+        n = strtol(v, &end, 10);
+        if (*end || n < 1 || n > 1000000) { fprintf(stderr, "mmbridge: %s wants a positive number\n", a); return 2; }
+        if (a[2] == 'd') o->dense.pool = (int)n;
+        else o->dense.tokens = n;
+    } else
+        return -1;
+    o->dense_set = 1;
+    return 0;
+}
 
 /* Parses "0,8,-2" into taps. Returns 0 or 2 on error. */
 static int parse_taps(const char *v, opts *o) {
@@ -85,12 +158,43 @@ static int fail_in(mmb_ctx *ctx, const char *file) {
     return 1;
 }
 
+/* Applies the Dense Connector options to the model: over its own Dense Connector, or with --dense. */
+static int apply_dense(mmb_ctx *ctx, const opts *o, mmb_model *m) {
+    if (!o->dense_set) return 0;
+    mmb_dense_params p = mmb_model_dense(m), q = o->dense;
+    if (q.type) p.type = q.type;
+    if (!p.type) {
+        fprintf(stderr, "mmbridge: error: %s has no Dense Connector; --dense-layers, --dense-groups, --dense-pool "
+                "and --tokens need --dense sti|sci|dci\n", o->model);
+        return 1;
+    }
+    if (q.n_layers) {
+        p.use_final = q.use_final;
+        p.final_layer = q.final_layer;
+        p.n_layers = q.n_layers;
+        memcpy(p.layers, q.layers, sizeof p.layers);
+    }
+    if (q.n_groups) {
+        p.n_groups = q.n_groups;
+        memcpy(p.group_first, q.group_first, sizeof p.group_first);
+        memcpy(p.group_last, q.group_last, sizeof p.group_last);
+    }
+    if (q.pool) p.pool = q.pool;
+    if (q.tokens) p.tokens = q.tokens;
+    return mmb_model_set_dense(ctx, m, &p) != MMB_OK ? fail(ctx, NULL) : 0;
+}
+
 /* Parses the options shared by the commands. Returns 0, 1 for --help (printed), or 2 on error. */
 static int parse(int argc, char **argv, const char *usage, opts *o) {
+    int r;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) { fputs(usage, stdout); return 1; }
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            fputs(usage, stdout);
+            if (strstr(usage, "MODEL")) fputs(dense_help, stdout);
+            return 1;
+        }
         if (strcmp(a, "--threads") == 0 && v) {
             char *end;
             long n = strtol(v, &end, 10);
@@ -115,6 +219,9 @@ static int parse(int argc, char **argv, const char *usage, opts *o) {
             i++;
         } else if (strcmp(a, "--taps") == 0 && v) {
             if (parse_taps(v, o)) return 2;
+            i++;
+        } else if ((r = parse_dense(a, v, o)) >= 0) {
+            if (r) return r;
             i++;
         } else if (o->positional && o->model && a[0] != '-') {
             if (o->n_images == (int)(sizeof o->images / sizeof o->images[0])) {
@@ -156,6 +263,7 @@ static int cmd_info(int argc, char **argv) {
     if (!ctx) return 1;
     mmb_model *m = NULL;
     if (mmb_model_open(ctx, o.model, &m) != MMB_OK) { r = fail(ctx, NULL); mmb_ctx_free(ctx); return r; }
+    if (apply_dense(ctx, &o, m)) { mmb_model_free(m); mmb_ctx_free(ctx); return 1; }
     mmb_model_info in;
     mmb_model_get_info(m, &in);
     printf("model:            %s\n", o.model);
@@ -163,9 +271,30 @@ static int cmd_info(int argc, char **argv) {
     printf("layout:           %s\n", in.layout);
     printf("connector:        %s%s%s\n", in.connector, in.activation[0] ? ", activation " : "", in.activation);
     printf("weights:          %s\n", mmb_dtype_name(in.weight_dtype));
-    printf("hidden layers:    hidden_states[");
-    print_taps(&in);
-    printf("]%s, strategy %s\n", in.n_taps > 1 ? " concatenated on channels" : "", in.select_strategy);
+    if (in.dense[0]) {
+        mmb_dense_params dp = mmb_model_dense(m);
+        printf("dense connector:  %s -> projector %s", in.dense, in.projector);
+        if (dp.type == MMB_DENSE_STI) printf(", AvgPool1d(%d)", dp.pool ? dp.pool : 8);
+        if (dp.tokens) printf(", bilinear to %lld tokens", (long long)dp.tokens);
+        printf("\n");
+        if (in.n_taps) {
+            printf("dense reads:      final hidden_states[%d]", in.taps[0]);
+            for (int i = 1; i < in.n_taps; i++)
+                if (in.tap_spans[i] > 1) printf("%s mean of [%d..%d]", i > 1 ? "," : ";", in.taps[i],
+                                                in.taps[i] + in.tap_spans[i] - 1);
+                else printf("%s hidden_states[%d]", i > 1 ? "," : ";", in.taps[i]);
+            printf(" (paper layers: final %d", in.taps[0] + 1);
+            for (int i = 1; i < in.n_taps; i++)
+                if (in.tap_spans[i] > 1) printf(", %d-%d", in.taps[i] + 1, in.taps[i] + in.tap_spans[i]);
+                else printf(", %d", in.taps[i] + 1);
+            printf(")\n");
+        } else
+            printf("dense reads:      resolved once the vision tower is known (--vision-tower)\n");
+    } else {
+        printf("hidden layers:    hidden_states[");
+        print_taps(&in);
+        printf("]%s, strategy %s\n", in.n_taps > 1 ? " concatenated on channels" : "", in.select_strategy);
+    }
     if (in.vision_layers) printf("vision encoder:   %d layers, width %d, image %d, patch %d\n", in.vision_layers,
                                  in.vision_width, in.image_size, in.patch_size);
     else printf("vision encoder:   width %d (tower not in this checkpoint)\n", in.vision_width);
@@ -255,6 +384,7 @@ static int cmd_connect(int argc, char **argv) {
     mmb_model_info in;
     r = 1;
     if (mmb_model_open(ctx, o.model, &m) != MMB_OK || mmb_st_open(ctx, o.features, &f) != MMB_OK) { fail(ctx, NULL); goto done; }
+    if (apply_dense(ctx, &o, m)) goto done;
     mmb_model_get_info(m, &in);
     if (load_features(ctx, o.features, f, &ft, owned)) goto done;
     if (!ft.n_hidden && in.vision_layers) ft.n_hidden = in.vision_layers + 1;
@@ -312,6 +442,7 @@ static int open_encoder(mmb_ctx *ctx, const opts *o, mmb_model **m, mmb_vit **vi
         *vit = *vit_only;
     } else if (s != MMB_OK)
         return fail(ctx, NULL);
+    if (*m && apply_dense(ctx, o, *m)) return 1;
     if (*m && o->vision_tower) {
         mmb_vit *v = NULL;
         if (mmb_vit_open(ctx, o->vision_tower, &v) != MMB_OK) return fail(ctx, NULL);
@@ -419,9 +550,12 @@ static int cmd_encode(int argc, char **argv) {
     }
     if (!px) goto done;
     /* Taps: the model's, then --taps, then last_hidden_state for a vision-only checkpoint. */
-    int taps[MMB_MAX_TAPS + 1], nt = 0, n_model = 0;
+    int taps[MMB_MAX_TAPS + 1], spans[MMB_MAX_TAPS + 1] = {0}, nt = 0, n_model = 0;
     if (m) {
-        for (int i = 0; i < mi.n_taps; i++) taps[nt++] = mi.taps[i];
+        for (int i = 0; i < mi.n_taps; i++) {
+            spans[nt] = mi.tap_spans[i];  /* a Dense Connector's group means, summed as the blocks run */
+            taps[nt++] = mi.taps[i];
+        }
         n_model = nt;
     }
     for (int i = 0; i < o.n_taps && nt < MMB_MAX_TAPS; i++) taps[nt++] = o.taps[i];
@@ -430,13 +564,14 @@ static int cmd_encode(int argc, char **argv) {
     for (int i = 0; i < nt; i++)
         if (!(bufs[i] = malloc(per * sizeof(float)))) { fprintf(stderr, "mmbridge: error: out of memory\n"); goto done; }
     double t0 = now_ms();
-    if (mmb_vit_forward(ctx, vit, px, n, taps, nt, bufs) != MMB_OK) { fail(ctx, NULL); goto done; }
+    if (mmb_vit_forward_groups(ctx, vit, px, n, taps, spans, nt, bufs) != MMB_OK) { fail(ctx, NULL); goto done; }
     double t1 = now_ms();
     int64_t t_out = 0;
     if (m) {
         mmb_features ft = {.batch = n, .tokens = vi.tokens, .width = vi.width, .n_hidden = vi.layers + 1};
         for (int i = 0; i < n_model; i++) {
             ft.taps[ft.n_taps] = taps[i] < 0 ? taps[i] + vi.layers + 1 : taps[i];
+            ft.spans[ft.n_taps] = spans[i];
             ft.data[ft.n_taps++] = bufs[i];
         }
         t_out = mmb_model_tokens_out(ctx, m, vi.tokens);

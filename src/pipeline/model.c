@@ -15,7 +15,28 @@ struct mmb_model {
     mmb_model_info info;
     char arch[128], type[64], strategy[16];
     mmb_vit *vit;             /* the checkpoint's own tower, or one attached; NULL if neither */
+    mmb_conn_cfg cc;          /* the projector as the checkpoint configures it */
+    mmb_dense_params dense;   /* the Dense Connector in front of it; type MMB_DENSE_NONE: none */
+    int has_cls;              /* the encoder's: 1, 0, or -1 while unknown */
+    bool width_known;         /* vision_width comes from a vision config or tower, not from in_width */
+    int n_sel, sel[MMB_MAX_TAPS];/* the checkpoint's select layer(s) */
 };
+
+/* Vision towers named by original-layout configs (mm_vision_tower), for shapes without the tower. */
+static const struct {
+    const char *name;
+    int layers, width, image, patch, has_cls;
+} known_towers[] = {
+    {"clip-vit-large-patch14-336", 24, 1024, 336, 14, 1},
+    {"clip-vit-large-patch14", 24, 1024, 224, 14, 1},
+    {"siglip-so400m-patch14-384", 27, 1152, 384, 14, 0},
+};
+
+/* Dense Connector variants as configs name them (mm_dense_connector_type). */
+static mmb_dense_type dense_type(const char *name) {
+    return strcmp(name, "sti") == 0 ? MMB_DENSE_STI : strcmp(name, "sci") == 0 ? MMB_DENSE_SCI
+         : strcmp(name, "dci") == 0 ? MMB_DENSE_DCI : MMB_DENSE_NONE;
+}
 
 static mmb_status get_int(mmb_ctx *ctx, const mmb_ckpt *c, const char *key, int64_t def, int64_t *out) {
     mmb_status s = MMB_OK;
@@ -36,9 +57,11 @@ static mmb_status require_int(mmb_ctx *ctx, const mmb_ckpt *c, const char *key, 
 static mmb_status detect_original(mmb_ctx *ctx, mmb_model *m, mmb_conn_cfg *cc) {
     const mmb_ckpt *c = &m->ck;
     mmb_status s = MMB_OK;
-    const char *type = "linear", *feat = "patch", *aspect = "";
+    const char *type = "linear", *feat = "patch", *aspect = "", *dense = "", *tower = "";
     int64_t in, out;
     mmb__cfg_str(ctx, c, "mm_projector_type", &type, &s);
+    if (s == MMB_OK) mmb__cfg_str(ctx, c, "mm_dense_connector_type", &dense, &s);
+    if (s == MMB_OK) mmb__cfg_str(ctx, c, "mm_vision_tower", &tower, &s);
     if (s == MMB_OK) mmb__cfg_str(ctx, c, "image_aspect_ratio", &aspect, &s);
     if (s == MMB_OK) mmb__cfg_str(ctx, c, "mm_vision_select_feature", &feat, &s);
     if (s == MMB_OK) s = require_int(ctx, c, "mm_hidden_size", &in);
@@ -55,7 +78,19 @@ static mmb_status detect_original(mmb_ctx *ctx, mmb_model *m, mmb_conn_cfg *cc) 
     m->drop_first = strcmp(feat, "patch") == 0;
     m->info.layout = "llava-original";
     m->info.pad_to_square = strcmp(aspect, "pad") == 0;
-    m->info.vision_width = (int)in;
+    /* Other values of mm_dense_connector_type take the plain LLaVA path, as in the reference. */
+    m->dense.type = dense_type(dense);
+    int mult = m->dense.type ? mmb__dense_mult(&m->dense) : 1;
+    m->info.vision_width = in % mult ? 0 : (int)(in / mult);
+    const char *base = strrchr(tower, '/') ? strrchr(tower, '/') + 1 : tower;
+    for (size_t i = 0; i < sizeof known_towers / sizeof known_towers[0]; i++)
+        if (strcmp(base, known_towers[i].name) == 0 && known_towers[i].width * mult == in) {
+            m->info.vision_layers = known_towers[i].layers;
+            m->info.image_size = known_towers[i].image;
+            m->info.patch_size = known_towers[i].patch;
+            m->has_cls = known_towers[i].has_cls;
+            m->width_known = true;
+        }
     *cc = (mmb_conn_cfg){.type = m->type, .prefix = "model.mm_projector.", .in_width = in, .out_width = out,
                          .act = MMB_ACT_GELU, .bias = true, .eps = 1e-5f};
     return MMB_OK;
@@ -106,11 +141,68 @@ static mmb_status detect_transformers(mmb_ctx *ctx, mmb_model *m, mmb_conn_cfg *
     m->info.vision_layers = (int)layers;
     m->info.image_size = (int)image;
     m->info.patch_size = (int)patch;
-    int64_t grid = image / patch;
-    m->info.tokens_per_image = grid * grid + vi.has_cls - (m->drop_first ? 1 : 0);
+    m->has_cls = vi.has_cls;
+    m->width_known = true;
     *cc = (mmb_conn_cfg){.type = m->type, .prefix = prefix, .in_width = width * m->info.n_taps,
                          .out_width = d_model, .act = cc->act, .bias = bias, .eps = 1e-5f};
     return MMB_OK;
+}
+
+/* Fills the info that depends on the connector and the encoder: taps (a Dense Connector's once the
+ * encoder's depth is known), widths, tokens, costs. */
+static mmb_status refresh(mmb_ctx *ctx, mmb_model *m) {
+    mmb_model_info *in = &m->info;
+    in->connector = m->dense.type ? mmb__dense_name(m->dense.type) : m->type;
+    in->projector = m->type;
+    in->dense = m->dense.type == MMB_DENSE_STI ? "sti" : m->dense.type == MMB_DENSE_SCI ? "sci"
+              : m->dense.type == MMB_DENSE_DCI ? "dci" : "";
+    in->in_width = (int)m->cc.in_width;
+    in->out_width = (int)m->ops->out_width(m->conn);
+    memset(in->tap_spans, 0, sizeof in->tap_spans);
+    in->n_taps = m->n_sel;
+    memcpy(in->taps, m->sel, sizeof in->taps);
+    int64_t tokens = 0, flops = 0;
+    if (in->image_size && in->patch_size && m->has_cls >= 0) {
+        int64_t g = in->image_size / in->patch_size;
+        tokens = g * g + m->has_cls - (m->drop_first && !m->dense.type ? 1 : 0);
+    }
+    if (m->dense.type) {
+        in->n_taps = 0;
+        if (in->vision_layers && m->has_cls >= 0) {
+            int n = m->ops->needs(ctx, m->conn, in->vision_layers + 1, m->has_cls, in->taps, in->tap_spans);
+            if (n < 0) return MMB_ERR_ARG;
+            in->n_taps = n;
+        }
+    }
+    m->ops->cost(m->conn, tokens, &in->params, &flops);
+    in->flops_per_image = tokens ? flops : 0;
+    in->tokens_per_image = tokens ? m->ops->out_tokens(m->conn, tokens) : 0;
+    if (in->tokens_per_image < 0) in->tokens_per_image = 0;
+    return MMB_OK;
+}
+
+/* Builds m's connector: the projector m->cc, behind Dense Connector p unless p->type is NONE. */
+static mmb_status load_conn(mmb_ctx *ctx, mmb_model *m, const mmb_dense_params *p, const mmb_connector_ops **ops,
+                            void **state) {
+    mmb_conn_cfg cc = m->cc;
+    if (!mmb__connector_find(cc.type) || mmb__connector_find(cc.type)->needs) {
+        const char *const *names;
+        int n = mmb_connector_names(&names);
+        char known[256] = "";
+        for (int i = 0; i < n; i++) {
+            strncat(known, names[i], sizeof known - strlen(known) - 3);
+            if (i + 1 < n) strncat(known, ", ", sizeof known - strlen(known) - 1);
+        }
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: unknown projector type '%s' (known: %s)",
+                        m->ck.dir, cc.type, known);
+    }
+    if (p->type) {
+        cc.type = mmb__dense_name(p->type);
+        cc.proj_type = m->type;
+        cc.dense = *p;
+    }
+    *ops = mmb__connector_find(cc.type);
+    return (*ops)->load(ctx, &m->ck, &cc, state);
 }
 
 /* Attaches v (or, when NULL, the checkpoint's own tower) after checking it feeds the connector. */
@@ -120,23 +212,31 @@ static mmb_status attach(mmb_ctx *ctx, mmb_model *m, mmb_vit *given) {
     if (s != MMB_OK) return s;
     mmb_vit_info vi;
     mmb_vit_get_info(v, &vi);
-    if (vi.width * m->info.n_taps != m->info.in_width) {
-        s = mmb__err(ctx, MMB_ERR_SHAPE, "%s: the vision tower is %d wide; the connector reads %d taps into %d "
-                     "channels", m->ck.dir, vi.width, m->info.n_taps, m->info.in_width);
+    int mult = m->dense.type ? mmb__dense_mult(&m->dense) : m->n_sel;
+    if (vi.width * mult != m->info.in_width) {
+        s = mmb__err(ctx, MMB_ERR_SHAPE, "%s: the vision tower is %d wide; the connector%s%s concatenates %d hidden "
+                     "state(s) into %d channels, but the projector's input is %d wide", m->ck.dir, vi.width,
+                     m->dense.type ? " " : "", mmb__dense_name(m->dense.type), mult, vi.width * mult,
+                     m->info.in_width);
+        if (!given) mmb_vit_free(v);
+        return s;
+    }
+    mmb_model_info *in = &m->info, keep = *in;
+    int keep_cls = m->has_cls;
+    in->vision_width = vi.width;
+    in->vision_layers = vi.layers;
+    in->image_size = vi.image_size;
+    in->patch_size = vi.patch_size;
+    m->has_cls = vi.has_cls;
+    if ((s = refresh(ctx, m)) != MMB_OK) {
+        *in = keep;
+        m->has_cls = keep_cls;
         if (!given) mmb_vit_free(v);
         return s;
     }
     mmb_vit_free(m->vit);
     m->vit = v;
-    mmb_model_info *in = &m->info;
-    in->vision_width = vi.width;
-    in->vision_layers = vi.layers;
-    in->image_size = vi.image_size;
-    in->patch_size = vi.patch_size;
-    int64_t t = vi.tokens - (m->drop_first ? 1 : 0), params = 0, flops = 0;
-    in->tokens_per_image = m->ops->out_tokens(m->conn, t);
-    m->ops->cost(m->conn, t, &params, &flops);
-    in->flops_per_image = flops;
+    m->width_known = true;
     return MMB_OK;
 }
 
@@ -168,32 +268,18 @@ static mmb_status build(mmb_ctx *ctx, mmb_model *m) {
     if (s != MMB_OK) return s;
     if (m->info.n_taps > 1 && !m->info.vision_width)
         return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: several taps need the vision width", c->dir);
-    m->ops = mmb__connector_find(cc.type);
-    if (!m->ops) {
-        const char *const *names;
-        int n = mmb_connector_names(&names);
-        char known[256] = "";
-        for (int i = 0; i < n; i++) {
-            strncat(known, names[i], sizeof known - strlen(known) - 3);
-            if (i + 1 < n) strncat(known, ", ", sizeof known - strlen(known) - 1);
-        }
-        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: unknown projector type '%s' (known: %s)",
-                        c->dir, cc.type, known);
-    }
-    s = m->ops->load(ctx, c, &cc, &m->conn);
+    m->n_sel = m->info.n_taps;
+    memcpy(m->sel, m->info.taps, sizeof m->sel);
+    cc.select_layer = m->sel[0];
+    m->cc = cc;
+    s = load_conn(ctx, m, &m->dense, &m->ops, &m->conn);
+    if (s == MMB_OK) s = refresh(ctx, m);
     if (s != MMB_OK) return s;
     mmb_model_info *in = &m->info;
     in->architecture = m->arch;
-    in->connector = m->type;
     in->activation = strcmp(m->type, "identity") == 0 || strcmp(m->type, "linear") == 0 ? "" :
                      strcmp(m->type, "llava") == 0 ? mmb__act_name(cc.act) : "gelu";
     in->select_strategy = m->strategy;
-    in->in_width = (int)cc.in_width;
-    in->out_width = (int)m->ops->out_width(m->conn);
-    int64_t flops = 0;
-    m->ops->cost(m->conn, in->tokens_per_image, &in->params, &flops);
-    in->flops_per_image = in->tokens_per_image ? flops : 0;
-    if (in->tokens_per_image) in->tokens_per_image = m->ops->out_tokens(m->conn, in->tokens_per_image);
     const mmb_tensor *w = NULL;
     for (int i = 0; i < c->n_files && !w; i++)
         for (int k = 0; k < mmb_st_count(c->files[i]) && !w; k++) {
@@ -208,6 +294,7 @@ mmb_status mmb_model_open(mmb_ctx *ctx, const char *dir, mmb_model **out) {
     if (!ctx || !dir || !out) return mmb__err(ctx, MMB_ERR_ARG, "mmb_model_open: NULL argument");
     mmb_model *m = calloc(1, sizeof *m);
     if (!m) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", dir);
+    m->has_cls = -1;
     mmb_status s = mmb__ckpt_open(ctx, dir, &m->ck);
     if (s == MMB_OK) s = build(ctx, m);
     if (s != MMB_OK) {
@@ -233,6 +320,14 @@ mmb_status mmb_model_get_info(const mmb_model *m, mmb_model_info *out) {
 }
 
 int64_t mmb_model_tokens_out(mmb_ctx *ctx, const mmb_model *m, int64_t tokens) {
+    if (m->dense.type) {
+        int64_t t = m->ops->out_tokens(m->conn, tokens);
+        if (t < 1)
+            mmb__err(ctx, MMB_ERR_SHAPE, "%lld tokens per image: the Dense Connector (%s) needs a square patch grid, "
+                     "plus CLS for CLIP, and at least one token per pool window", (long long)tokens,
+                     mmb__dense_name(m->dense.type));
+        return t < 1 ? -1 : t;
+    }
     int64_t t = tokens - (m->drop_first ? 1 : 0);
     if (t < 1) {
         mmb__err(ctx, MMB_ERR_SHAPE, "%lld tokens per image: nothing left after the '%s' strategy drops CLS",
@@ -273,12 +368,69 @@ static void gather(float *x, const float *const *bufs, int n_taps, int64_t batch
                        (size_t)width * sizeof(float));
 }
 
+/* A connector that declares its needs: each is a buffer of `in` (same tap and span), or a mean the
+ * features' single hidden states make, computed here into the arena. */
+static mmb_status connect_needs(mmb_ctx *ctx, const mmb_model *m, const mmb_features *in, float *out,
+                                size_t out_count) {
+    bool cls = false;
+    int taps[MMB_MAX_TAPS], spans[MMB_MAX_TAPS];
+    if (mmb__dense_grid(in->tokens, &cls) < 0)
+        return mmb__err(ctx, MMB_ERR_SHAPE, "features: %lld tokens per image: the Dense Connector needs a square "
+                        "patch grid, plus CLS for CLIP", (long long)in->tokens);
+    int n = m->ops->needs(ctx, m->conn, in->n_hidden, cls, taps, spans);
+    if (n < 0) return MMB_ERR_MISSING;
+    int mult = mmb__dense_mult(&m->dense);
+    if (in->width * mult != m->info.in_width)
+        return mmb__err(ctx, MMB_ERR_SHAPE, "features: hidden states are %lld wide; %s concatenates %d of them into "
+                        "the projector's %d channels, so it needs width %d", (long long)in->width,
+                        m->info.connector, mult, m->info.in_width, m->info.in_width / mult);
+    int64_t T_out = mmb_model_tokens_out(ctx, m, in->tokens);
+    if (T_out < 0) return MMB_ERR_SHAPE;
+    size_t need = (size_t)(in->batch * T_out) * (size_t)m->info.out_width, one = (size_t)(in->batch * in->tokens * in->width);
+    if (out_count < need) return mmb__err(ctx, MMB_ERR_SHAPE, "output holds %zu floats, %zu needed", out_count, need);
+    const float *bufs[MMB_MAX_TAPS];
+    int n_means = 0;
+    for (int i = 0; i < n; i++) {
+        bufs[i] = NULL;
+        bool all = true;
+        for (int k = 0; k < in->n_taps; k++)
+            if (in->taps[k] == taps[i] && (in->spans[k] > 1 ? in->spans[k] : 1) == spans[i]) bufs[i] = in->data[k];
+        for (int l = taps[i]; l < taps[i] + spans[i] && spans[i] > 1; l++) {
+            bool have = false;
+            for (int k = 0; k < in->n_taps; k++) have |= in->taps[k] == l && in->spans[k] <= 1;
+            all &= have;
+        }
+        if (!bufs[i] && !(spans[i] > 1 && all))
+            return mmb__err(ctx, MMB_ERR_MISSING, "features: tensor 'hidden_states.%d' is missing (%s reads "
+                            "hidden_states[%d..%d])", taps[i], m->info.connector, taps[i], taps[i] + spans[i] - 1);
+        n_means += !bufs[i];
+    }
+    mmb_status s = mmb__arena_reserve(ctx, &ctx->arena, m->ops->scratch(m->conn, in->batch * in->tokens) *
+                                                            sizeof(float) + n_means * mmb__arena_piece(one * sizeof(float)));
+    for (int i = 0; i < n && s == MMB_OK; i++) {
+        if (bufs[i]) continue;
+        float *g = mmb__arena_alloc(&ctx->arena, one * sizeof(float));
+        for (int l = 0; l < spans[i]; l++)
+            for (int k = 0; k < in->n_taps; k++)
+                if (in->taps[k] == taps[i] + l && in->spans[k] <= 1) {
+                    if (l) mmb__add_forward(g, g, in->data[k], (int64_t)one);
+                    else memcpy(g, in->data[k], one * sizeof(float));
+                }
+        for (size_t j = 0; j < one; j++) g[j] /= (float)spans[i];
+        bufs[i] = g;
+    }
+    if (s == MMB_OK) s = m->ops->forward_taps(ctx, m->conn, out, bufs, in->batch, in->tokens, in->width);
+    mmb__arena_reset(&ctx->arena);
+    return s;
+}
+
 mmb_status mmb_model_connect(mmb_ctx *ctx, const mmb_model *m, const mmb_features *in, float *out,
                              size_t out_count) {
     if (!ctx || !m || !in || !out) return mmb__err(ctx, MMB_ERR_ARG, "mmb_model_connect: NULL argument");
     if (in->n_taps < 0 || in->n_taps > MMB_MAX_TAPS || in->batch < 1 || in->tokens < 1 || in->width < 1)
         return mmb__err(ctx, MMB_ERR_ARG, "features: bad counts (batch %lld, tokens %lld, width %lld, taps %d)",
                         (long long)in->batch, (long long)in->tokens, (long long)in->width, in->n_taps);
+    if (m->ops->needs) return connect_needs(ctx, m, in, out, out_count);
     const float *bufs[MMB_MAX_TAPS];
     mmb_status s = find_taps(ctx, m, in, bufs);
     if (s != MMB_OK) return s;
@@ -307,4 +459,37 @@ mmb_status mmb_model_connect(mmb_ctx *ctx, const mmb_model *m, const mmb_feature
     s = m->ops->forward(ctx, m->conn, out, x, in->batch, in->tokens - skip);
     mmb__arena_reset(&ctx->arena);
     return s;
+}
+
+mmb_dense_params mmb_model_dense(const mmb_model *m) {
+    return m ? m->dense : (mmb_dense_params){0};
+}
+
+mmb_status mmb_model_set_dense(mmb_ctx *ctx, mmb_model *m, const mmb_dense_params *p) {
+    if (!ctx || !m || !p) return mmb__err(ctx, MMB_ERR_ARG, "mmb_model_set_dense: NULL argument");
+    if (p->type && m->n_sel != 1)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: the Dense Connector needs one select layer; the checkpoint "
+                        "concatenates %d", m->ck.dir, m->n_sel);
+    int mult = p->type ? mmb__dense_mult(p) : m->n_sel;
+    if (m->width_known && m->info.vision_width * mult != m->cc.in_width)
+        return mmb__err(ctx, MMB_ERR_SHAPE, "%s: %s concatenates %d hidden state(s) of width %d on channels (%d), "
+                        "but the projector's input is %lld wide", m->ck.dir, p->type ? mmb__dense_name(p->type) :
+                        "the projector", mult, m->info.vision_width, m->info.vision_width * mult,
+                        (long long)m->cc.in_width);
+    const mmb_connector_ops *ops;
+    void *conn = NULL;
+    mmb_status s = load_conn(ctx, m, p, &ops, &conn);
+    if (s != MMB_OK) return s;
+    mmb_model keep = *m;
+    m->ops = ops;
+    m->conn = conn;
+    m->dense = *p;
+    if (!m->width_known) m->info.vision_width = m->cc.in_width % mult ? 0 : (int)(m->cc.in_width / mult);
+    if ((s = refresh(ctx, m)) != MMB_OK) {
+        ops->free(conn);
+        *m = keep;
+        return s;
+    }
+    keep.ops->free(keep.conn);
+    return MMB_OK;
 }

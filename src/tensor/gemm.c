@@ -45,6 +45,12 @@ mmb_status mmb__linear_init(mmb_ctx *ctx, mmb_linear *l, const mmb_tensor *w, co
             s = mmb__err(ctx, MMB_ERR_NOMEM, "tensor '%s': cannot allocate %zu bytes to pack", w->name, bytes);
         else
             mmb__gemm_own_pack(l->packed, l->w, l->n_out, l->n_in);
+        /* The packed copy is all the own kernel reads: drop a converted f32 copy now. */
+        if (l->packed && l->owned_w) {
+            free(l->owned_w);
+            l->owned_w = NULL;
+            l->w = NULL;
+        }
     }
     if (s != MMB_OK) mmb__linear_free(l);
     return s;

@@ -310,17 +310,23 @@ static void block_forward(mmb_ctx *ctx, const mmb_vit *v, const vit_layer *l, fl
 
 mmb_status mmb_vit_forward(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch, const int *taps,
                            int n_taps, float *const *outs) {
+    return mmb_vit_forward_groups(ctx, v, pixels, batch, taps, NULL, n_taps, outs);
+}
+
+mmb_status mmb_vit_forward_groups(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch,
+                                  const int *taps, const int *spans, int n_taps, float *const *outs) {
     if (!ctx || !v || !pixels || !taps || !outs || batch < 1 || n_taps < 1 || n_taps > MMB_MAX_TAPS)
         return mmb__err(ctx, MMB_ERR_ARG, "mmb_vit_forward: bad arguments");
     const mmb_vit_info *in = &v->info;
-    int L = in->layers, deepest = 0, idx[MMB_MAX_TAPS];
+    int L = in->layers, deepest = 0, idx[MMB_MAX_TAPS], span[MMB_MAX_TAPS];
     for (int i = 0; i < n_taps; i++) {
         int t = taps[i] == MMB_TAP_LAST ? L : taps[i] < 0 ? taps[i] + L + 1 : taps[i];
-        if (t < 0 || t > L)
-            return mmb__err(ctx, MMB_ERR_ARG, "hidden_states[%d] is out of range: the encoder has %d hidden states "
-                            "(indices %d..%d)", taps[i], L + 1, -(L + 1), L);
+        span[i] = spans && spans[i] > 1 ? spans[i] : 1;
+        if (t < 0 || t > L || span[i] > L + 1 - t || (span[i] > 1 && taps[i] == MMB_TAP_LAST))
+            return mmb__err(ctx, MMB_ERR_ARG, "hidden_states[%d] (mean of %d) is out of range: the encoder has %d "
+                            "hidden states (indices %d..%d)", taps[i], span[i], L + 1, -(L + 1), L);
         idx[i] = t;
-        deepest = t > deepest ? t : deepest;
+        deepest = t + span[i] - 1 > deepest ? t + span[i] - 1 : deepest;
     }
     int64_t T = in->tokens, D = in->width, I = in->intermediate, rows = batch * T, g = in->image_size / in->patch_size;
     int64_t P = (int64_t)in->channels * in->patch_size * in->patch_size, npatch = batch * g * g;
@@ -352,13 +358,17 @@ mmb_status mmb_vit_forward(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, 
         memcpy(x, xn, f * (size_t)(rows * D));
     }
     for (int layer = 0;; layer++) {
-        for (int i = 0; i < n_taps; i++)
-            if (idx[i] == layer) {
-                if (taps[i] == MMB_TAP_LAST && !in->has_cls)
-                    mmb__layernorm_forward_mt(ctx, outs[i], x, v->post_w, v->post_b, rows, D, in->eps);
-                else
-                    memcpy(outs[i], x, f * (size_t)(rows * D));
-            }
+        for (int i = 0; i < n_taps; i++) {
+            if (layer < idx[i] || layer >= idx[i] + span[i]) continue;
+            if (taps[i] == MMB_TAP_LAST && !in->has_cls)
+                mmb__layernorm_forward_mt(ctx, outs[i], x, v->post_w, v->post_b, rows, D, in->eps);
+            else if (layer == idx[i])
+                memcpy(outs[i], x, f * (size_t)(rows * D));
+            else
+                mmb__add_forward(outs[i], outs[i], x, rows * D);  /* a group's running sum */
+            if (span[i] > 1 && layer == idx[i] + span[i] - 1)
+                for (int64_t k = 0; k < rows * D; k++) outs[i][k] /= (float)span[i];
+        }
         if (layer == deepest) break;
         block_forward(ctx, v, &v->layers[layer], x, xn, qkv, att, h, asc, batch);
     }
