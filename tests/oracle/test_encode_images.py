@@ -1,18 +1,17 @@
 """`mmbridge encode MODEL IMAGE...` end to end: image files -> the checkpoint's own image processor
 -> ViT -> feature selection -> projector, against transformers running its processor on the same
 files and LlavaForConditionalGeneration.get_image_features on the result."""
-import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlavaImageProcessor,
+from safetensors.torch import load_file
+from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaImageProcessor,
                           SiglipImageProcessor, SiglipVisionConfig)
 
 from conftest import run, scaled_err
-from test_vit import TOWER, make_llava, randomize_norms
+from test_vit import TOWER, make_llava, make_original_with_tower
 
 S = TOWER["image_size"]
 
@@ -79,22 +78,10 @@ def expand2square(img, background):
 def test_original_layout_pad_aspect_with_tower_processor(tmp_path):
     """Original LLaVA: image_aspect_ratio "pad" pads with the processor's mean colour, and the image
     processor comes from the --vision-tower directory."""
-    torch.manual_seed(0)
-    tower = CLIPVisionModel(CLIPVisionConfig(**TOWER)).eval()
-    randomize_norms(tower)
-    tower.save_pretrained(tmp_path / "tower")
+    tower, proj = make_original_with_tower(tmp_path, image_aspect_ratio="pad")
     proc = CLIPImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S})
     proc.save_pretrained(tmp_path / "tower")
-    proj = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 48))
     d = tmp_path / "llava"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({
-        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "hidden_size": 48,
-        "mm_hidden_size": 32, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
-        "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
-        "mm_vision_tower": "openai/clip-vit-large-patch14-336"}))
-    save_file({f"model.mm_projector.{k}": v.contiguous() for k, v in proj.state_dict().items()},
-              str(d / "model.safetensors"))
     paths = [images(tmp_path)[i] for i in (0, 2)]  # LLaVA's load_image drops alpha; see docs/preprocessing.md
     bg = tuple(int(x * 255) for x in proc.image_mean)
     px = proc(images=[expand2square(Image.open(p).convert("RGB"), bg) for p in paths],

@@ -119,8 +119,9 @@ def test_llava_encode_matches_get_image_features(tmp_path, vision, layer, strate
     assert p.stdout.count("image ") == 3
 
 
-def test_original_layout_with_separate_vision_tower(tmp_path):
-    """An original-layout LLaVA checkpoint (model.mm_projector.*) plus --vision-tower DIR."""
+def make_original_with_tower(tmp_path, **config):
+    """A tiny CLIP tower in tmp_path/tower and an original-layout LLaVA checkpoint (mlp2x_gelu,
+    model.mm_projector.*) in tmp_path/llava; returns (tower, projector) as torch modules."""
     import json
     torch.manual_seed(0)
     tower = CLIPVisionModel(CLIPVisionConfig(**TOWER)).eval()
@@ -132,9 +133,16 @@ def test_original_layout_with_separate_vision_tower(tmp_path):
     (d / "config.json").write_text(json.dumps({
         "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "hidden_size": 48,
         "mm_hidden_size": 32, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
-        "mm_vision_select_feature": "patch", "mm_vision_tower": "openai/clip-vit-large-patch14-336"}))
+        "mm_vision_select_feature": "patch", "mm_vision_tower": "openai/clip-vit-large-patch14-336", **config}))
     save_file({f"model.mm_projector.{k}": v.contiguous() for k, v in proj.state_dict().items()},
               str(d / "model.safetensors"))
+    return tower, proj
+
+
+def test_original_layout_with_separate_vision_tower(tmp_path):
+    """An original-layout LLaVA checkpoint (model.mm_projector.*) plus --vision-tower DIR."""
+    tower, proj = make_original_with_tower(tmp_path)
+    d = tmp_path / "llava"
     px = pixels_file(tmp_path / "px.safetensors", 2, TOWER["image_size"])
     with torch.no_grad():
         ref = proj(tower(pixel_values=px, output_hidden_states=True).hidden_states[-2][:, 1:])
