@@ -6,9 +6,10 @@
  *
  * The checkpoint (random weights, transformers layout) is written to a temporary directory and
  * opened through the public API, so loading and packing happen as for a user, outside the timing.
- * The raw GEMM libraries are measured on the projector's two GEMM shapes by bench_gemm. */
+ * The raw GEMM libraries (OpenBLAS, BLIS, oneDNN) run the projector's two GEMMs alone (no bias,
+ * no GELU: a lower bound on what a projector built on them would take). */
 #include "bench_common.h"
-#include "mmbridge.h"
+#include "bench_peers.h"
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -63,6 +64,7 @@ int main(int argc, char **argv) {
         else { fprintf(stderr, "usage: bench_projector [--threads 1,2] [--reps N] [--quick]\n"); return 2; }
     }
     if (reps < 1 || reps > 60 || nt < 1) { fprintf(stderr, "bench_projector: bad option\n"); return 2; }
+    open_peers();
     char dir[] = "/tmp/mmb-bench-proj-XXXXXX";
     if (!mkdtemp(dir) || write_model(dir, tokens)) { fprintf(stderr, "bench_projector: cannot write the model\n"); return 1; }
     unsigned s = 11;
@@ -93,6 +95,26 @@ int main(int argc, char **argv) {
             mmb_model_free(m);
             mmb_ctx_free(ctx);
         }
+        /* The raw libraries: GEMM 1 (tokens x 1024 -> 4096) then GEMM 2 (4096 -> 4096). */
+        static const struct { int b; const char *name; } libs[] = {
+            {B_OB, "OpenBLAS, 2 GEMMs only"}, {B_BLIS, "BLIS, 2 GEMMs only"}, {B_DNNL, "oneDNN, 2 GEMMs only"}};
+        double lib_s[3] = {0};
+        unsigned ls = 5;
+        float *w1 = randn((size_t)D * DV, 0.03f, &ls), *w2 = randn((size_t)D * D, 0.015f, &ls);
+        float *h = malloc(sizeof(float) * (size_t)tokens * D);
+        prob p1 = {.A = x, .W = w1, .M = tokens, .N = D, .K = DV}, p2 = {.A = h, .W = w2, .M = tokens, .N = D, .K = D};
+        for (int li = 0; li < 3 && w1 && w2 && h; li++) {
+            set_threads(libs[li].b, th);
+            double ts[64];
+            bool ok = true;
+            for (int r = 0; r <= reps && ok; r++) {
+                double t0 = now();
+                ok = run_backend(libs[li].b, &p1, h) && run_backend(libs[li].b, &p2, out);
+                if (r) ts[r - 1] = now() - t0;
+            }
+            if (ok) lib_s[li] = median(ts, reps);
+        }
+        free(w1); free(w2); free(h);
         char cmd[256];
         snprintf(cmd, sizeof cmd, "python3 bench/peer_torch.py --tokens %d --threads %d --reps %d 2>/dev/null", tokens, th, reps);
         char *o = peers ? run_peer(cmd) : NULL;
@@ -102,6 +124,10 @@ int main(int argc, char **argv) {
             if (res[bi] > 0)
                 printf("%-8d %-26s %10.2f %10.1f %8.1f%% %8.2fx\n", th, backends[bi].name, res[bi] * 1e3, gflop / res[bi],
                        100 * gflop / res[bi] / peak, res[bi] / best);
+        for (int li = 0; li < 3; li++)
+            if (lib_s[li] > 0)
+                printf("%-8d %-26s %10.2f %10.1f %8.1f%% %8.2fx\n", th, libs[li].name, lib_s[li] * 1e3,
+                       gflop / lib_s[li], 100 * gflop / lib_s[li] / peak, lib_s[li] / best);
         if (torch_s > 0)
             printf("%-8d %-26s %10.2f %10.1f %8.1f%% %8.2fx\n", th, "PyTorch (same threads)", torch_s * 1e3,
                    gflop / torch_s, 100 * gflop / torch_s / peak, torch_s / best);
