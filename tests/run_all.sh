@@ -4,6 +4,8 @@
 # and a smoke run of the benchmarks. Python packages come from tests/requirements.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Debian 12's own python3 marks itself externally managed; the test oracles install beside it.
+export PIP_BREAK_SYSTEM_PACKAGES=1
 jobs=$(nproc)
 
 python3 -c "import torch, transformers, safetensors, pytest" 2>/dev/null ||
