@@ -285,12 +285,6 @@ static void im2col(float *rows, const float *px, int64_t B, int C, int H, int p)
             }
 }
 
-/* x (rows, D) += y (rows, D) */
-static void add_inplace(mmb_ctx *ctx, float *x, const float *y, int64_t n) {
-    (void)ctx;
-    mmb__add_forward(x, x, y, n);
-}
-
 /* One encoder block on x (B*T, D), in place. Buffers: xn, att (B*T, D), qkv (B*T, 3D), h (B*T, I). */
 static void block_forward(mmb_ctx *ctx, const mmb_vit *v, const vit_layer *l, float *x, float *xn, float *qkv,
                           float *att, float *h, float *asc, int64_t B) {
@@ -300,12 +294,12 @@ static void block_forward(mmb_ctx *ctx, const mmb_vit *v, const vit_layer *l, fl
     mmb__linear_forward(ctx, qkv, xn, rows, &l->qkv);
     mmb__attention_forward(ctx, att, qkv, B, T, in->heads, D / in->heads, asc);
     mmb__linear_forward(ctx, xn, att, rows, &l->out);
-    add_inplace(ctx, x, xn, rows * D);
+    mmb__add_forward(x, x, xn, rows * D);
     mmb__layernorm_forward_mt(ctx, xn, x, l->ln2_w, l->ln2_b, rows, D, in->eps);
     mmb__linear_forward(ctx, h, xn, rows, &l->fc1);
     mmb__act_forward_mt(ctx, h, rows * in->intermediate, v->act);
     mmb__linear_forward(ctx, xn, h, rows, &l->fc2);
-    add_inplace(ctx, x, xn, rows * D);
+    mmb__add_forward(x, x, xn, rows * D);
 }
 
 mmb_status mmb_vit_forward(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch, const int *taps,

@@ -33,40 +33,32 @@ def randomize_norms(model):
                 p.normal_(0.5, 0.3)
 
 
-@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
-def test_clip_vision_model_every_hidden_state(tmp_path, act):
+@pytest.mark.parametrize("name,make,taps", [
+    ("clip quick_gelu", lambda: CLIPVisionModel(CLIPVisionConfig(**TOWER, hidden_act="quick_gelu")), "0,1,2,-1"),
+    ("clip gelu", lambda: CLIPVisionModel(CLIPVisionConfig(**TOWER, hidden_act="gelu")), "0,1,2,-1"),
+    ("siglip", lambda: SiglipVisionModel(SiglipVisionConfig(**TOWER, layer_norm_eps=1e-6, vision_use_head=False)),
+     "0,1,2,3"),
+])
+def test_vision_model_every_hidden_state(tmp_path, name, make, taps):
+    """Every hidden_states[i] (no post-layernorm) and last_hidden_state (post-layernorm for SigLIP
+    only) of a standalone vision checkpoint."""
     torch.manual_seed(0)
-    model = CLIPVisionModel(CLIPVisionConfig(**TOWER, hidden_act=act)).eval()
+    model = make().eval()
     randomize_norms(model)
-    model.save_pretrained(tmp_path / "clip")
+    model.save_pretrained(tmp_path / "tower")
     px = pixels_file(tmp_path / "px.safetensors", 2, TOWER["image_size"])
     with torch.no_grad():
         ref = model(pixel_values=px, output_hidden_states=True)
-    got, _ = encode(tmp_path / "clip", tmp_path / "px.safetensors", tmp_path / "o.safetensors", "--taps", "0,1,2,-1")
+    got, _ = encode(tmp_path / "tower", tmp_path / "px.safetensors", tmp_path / "o.safetensors", "--taps", taps)
     for i, h in enumerate(ref.hidden_states):
         err = scaled_err(got[f"hidden_states.{i}"], h)
-        print(f"clip {act} hidden_states[{i}]: {err:.2e}")
-        assert err <= 1e-4
-    assert scaled_err(got["last_hidden_state"], ref.last_hidden_state) <= 1e-4
-
-
-def test_siglip_vision_model_post_layernorm_on_last_only(tmp_path):
-    torch.manual_seed(0)
-    model = SiglipVisionModel(SiglipVisionConfig(**TOWER, layer_norm_eps=1e-6, vision_use_head=False)).eval()
-    randomize_norms(model)
-    model.save_pretrained(tmp_path / "siglip")
-    px = pixels_file(tmp_path / "px.safetensors", 2, TOWER["image_size"])
-    with torch.no_grad():
-        ref = model(pixel_values=px, output_hidden_states=True)
-    got, _ = encode(tmp_path / "siglip", tmp_path / "px.safetensors", tmp_path / "o.safetensors", "--taps", "0,1,2,3")
-    for i, h in enumerate(ref.hidden_states):
-        err = scaled_err(got[f"hidden_states.{i}"], h)
-        print(f"siglip hidden_states[{i}]: {err:.2e}")
+        print(f"{name} hidden_states[{i}]: {err:.2e}")
         assert err <= 1e-4
     err = scaled_err(got["last_hidden_state"], ref.last_hidden_state)
-    print(f"siglip last_hidden_state (post-layernorm): {err:.2e}")
+    print(f"{name} last_hidden_state: {err:.2e}")
     assert err <= 1e-4
-    assert scaled_err(got["hidden_states.3"], ref.last_hidden_state) > 1e-2  # the post-LN really differs
+    if name == "siglip":  # the post-layernorm really differs from the last block's output
+        assert scaled_err(got["hidden_states.3"], ref.last_hidden_state) > 1e-2
 
 
 def test_full_clip_model_checkpoint(tmp_path):
