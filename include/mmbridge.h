@@ -250,6 +250,9 @@ typedef struct mmb_model_info {
     int tap_spans[MMB_MAX_TAPS];/* 0 or 1: taps[i] is one hidden state; n > 1: the mean of hidden_states
                                    taps[i] .. taps[i] + n - 1 (a Dense Connector DCI group) */
     const char *projector;      /* the projector's type: connector, or what the Dense Connector feeds */
+    const char *family;         /* "llava" (a tower + feature selection + projector, the fields above), or a
+                                   family that runs its own tower and connector as one model: "blip2",
+                                   "idefics", "idefics2", "idefics3", "qwen2_vl", ... (mmb_model_encode) */
     const char *dense;          /* Dense Connector variant "sti", "sci", "dci", or "" for none; its taps
                                    are resolved (non-negative) once the encoder's depth is known, and
                                    n_taps is 0 before that; taps[0] is the final feature */
@@ -306,6 +309,20 @@ MMB_API const mmb_vit *mmb_model_vit(const mmb_model *m);
  * Returns MMB_OK, or MMB_ERR_SHAPE when v's width times the model's taps is not the connector's
  * input width (v is then still the caller's), or MMB_ERR_ARG. */
 MMB_API mmb_status mmb_model_attach_vit(mmb_ctx *ctx, mmb_model *m, mmb_vit *v);
+
+/* Returns how many embeddings per image mmb_model_encode writes for pixels of height x width, or -1
+ * with a message when the model cannot take them (no vision tower, a size its encoder refuses). */
+MMB_API int64_t mmb_model_encode_tokens(mmb_ctx *ctx, const mmb_model *m, int height, int width);
+
+/* Runs the model's whole vision path on pixels [batch, 3, height, width] f32, preprocessed as the
+ * checkpoint's image processor makes them: the encoder, feature selection and the connector (for a
+ * family, its own tower and connector). Writes embeddings [batch, tokens, out_width] to `out`, which
+ * holds out_count floats (tokens from mmb_model_encode_tokens). Returns MMB_OK; MMB_ERR_MISSING when
+ * the model has no vision tower (attach one); MMB_ERR_SHAPE for a size the encoder refuses or
+ * out_count too small; MMB_ERR_ARG for NULL pointers or batch < 1; MMB_ERR_NOMEM. `out` is unchanged
+ * on failure. */
+MMB_API mmb_status mmb_model_encode(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch,
+                                    int height, int width, float *out, size_t out_count);
 
 /* Returns the number of registered connector names, and sets *names to a static array of them. */
 MMB_API int mmb_connector_names(const char *const **names);

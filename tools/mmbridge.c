@@ -269,6 +269,7 @@ static int cmd_info(int argc, char **argv) {
     printf("model:            %s\n", o.model);
     printf("architecture:     %s\n", in.architecture);
     printf("layout:           %s\n", in.layout);
+    printf("family:           %s\n", in.family);
     printf("connector:        %s%s%s\n", in.connector, in.activation[0] ? ", activation " : "", in.activation);
     printf("weights:          %s\n", mmb_dtype_name(in.weight_dtype));
     if (in.dense[0]) {
@@ -290,7 +291,7 @@ static int cmd_info(int argc, char **argv) {
             printf(")\n");
         } else
             printf("dense reads:      resolved once the vision tower is known (--vision-tower)\n");
-    } else {
+    } else if (in.n_taps) {
         printf("hidden layers:    hidden_states[");
         print_taps(&in);
         printf("]%s, strategy %s\n", in.n_taps > 1 ? " concatenated on channels" : "", in.select_strategy);
@@ -442,6 +443,13 @@ static int open_encoder(mmb_ctx *ctx, const opts *o, mmb_model **m, mmb_vit **vi
         *vit = *vit_only;
     } else if (s != MMB_OK)
         return fail(ctx, NULL);
+    mmb_model_info mi;
+    if (*m && mmb_model_get_info(*m, &mi) == MMB_OK && strcmp(mi.family, "llava") != 0) {
+        if (!o->vision_tower && !o->dense_set) return 0;
+        fprintf(stderr, "mmbridge: error: %s: a %s model brings its own tower and connector; --vision-tower and "
+                "--dense apply to LLaVA models\n", o->model, mi.family);
+        return 1;
+    }
     if (*m && apply_dense(ctx, o, *m)) return 1;
     if (*m && o->vision_tower) {
         mmb_vit *v = NULL;
@@ -456,24 +464,31 @@ static int open_encoder(mmb_ctx *ctx, const opts *o, mmb_model **m, mmb_vit **vi
     return 0;
 }
 
-/* Reads pixel_values [n, C, S, S] (any float dtype) as f32. */
-static float *read_pixels(mmb_ctx *ctx, const char *path, const mmb_vit_info *vi, int64_t *n) {
+/* Reads pixel_values [n, C, H, W] (any float dtype) as f32; `size` > 0 requires H = W = size. */
+static float *read_pixels(mmb_ctx *ctx, const char *path, int channels, int size, int64_t *n, int *h, int *w) {
     mmb_st_file *f = NULL;
     if (mmb_st_open(ctx, path, &f) != MMB_OK) { fail(ctx, NULL); return NULL; }
     const mmb_tensor *t = mmb_st_find(f, "pixel_values");
     float *px = NULL;
     if (!t)
         fprintf(stderr, "mmbridge: error: %s: tensor 'pixel_values' is missing\n", path);
-    else if (t->ndim != 4 || t->shape[1] != vi->channels || t->shape[2] != vi->image_size ||
-             t->shape[3] != vi->image_size || t->shape[0] < 1 || (t->dtype != MMB_F32 && t->dtype != MMB_F16 &&
-                                                                  t->dtype != MMB_BF16))
-        fprintf(stderr, "mmbridge: error: %s: tensor 'pixel_values': expected [n, %d, %d, %d] F32/F16/BF16\n", path,
-                vi->channels, vi->image_size, vi->image_size);
-    else if (!(px = malloc(sizeof(float) * (size_t)mmb_tensor_numel(t))))
+    else if (t->ndim != 4 || t->shape[1] != channels || t->shape[0] < 1 || t->shape[2] < 1 || t->shape[3] < 1 ||
+             t->shape[2] > (1 << 20) || t->shape[3] > (1 << 20) ||
+             (size > 0 && (t->shape[2] != size || t->shape[3] != size)) ||
+             (t->dtype != MMB_F32 && t->dtype != MMB_F16 && t->dtype != MMB_BF16)) {
+        if (size > 0)
+            fprintf(stderr, "mmbridge: error: %s: tensor 'pixel_values': expected [n, %d, %d, %d] F32/F16/BF16\n",
+                    path, channels, size, size);
+        else
+            fprintf(stderr, "mmbridge: error: %s: tensor 'pixel_values': expected [n, %d, height, width] "
+                    "F32/F16/BF16\n", path, channels);
+    } else if (!(px = malloc(sizeof(float) * (size_t)mmb_tensor_numel(t))))
         fprintf(stderr, "mmbridge: error: out of memory\n");
     else {
         mmb_to_f32(px, t->data, t->dtype, (size_t)mmb_tensor_numel(t));
         *n = t->shape[0];
+        *h = (int)t->shape[2];
+        *w = (int)t->shape[3];
     }
     mmb_st_close(f);
     return px;
@@ -490,24 +505,34 @@ static int load_processor(mmb_ctx *ctx, const opts *o, int pad, mmb_preprocess *
     return 0;
 }
 
-/* Decodes and preprocesses every image into one batch [n, 3, S, S]. */
-static float *read_images(mmb_ctx *ctx, const opts *o, const mmb_preprocess *p, const mmb_vit_info *vi) {
-    size_t per = (size_t)3 * vi->image_size * vi->image_size;
-    float *px = malloc(per * (size_t)o->n_images * sizeof(float));
-    if (!px) { fprintf(stderr, "mmbridge: error: out of memory\n"); return NULL; }
+/* Decodes and preprocesses every image into one batch [n, 3, H, W]; `size` > 0 requires H = W = size,
+ * otherwise every image must come out at the first one's size, set in *h, *w. */
+static float *read_images(mmb_ctx *ctx, const opts *o, const mmb_preprocess *p, int size, int *h, int *w) {
+    float *px = NULL;
+    size_t per = 0;
     for (int i = 0; i < o->n_images; i++) {
         mmb_image img = {0};
-        int h = 0, w = 0;
+        int ih = 0, iw = 0;
         if (mmb_image_load(ctx, o->images[i], 0, &img) != MMB_OK ||
-            mmb_preprocess_output_size(ctx, p, img.height, img.width, &h, &w) != MMB_OK) {
+            mmb_preprocess_output_size(ctx, p, img.height, img.width, &ih, &iw) != MMB_OK) {
             fail(ctx, NULL);
             mmb_image_free(&img);
             free(px);
             return NULL;
         }
-        if (h != vi->image_size || w != vi->image_size) {
-            fprintf(stderr, "mmbridge: error: %s: the image processor makes %dx%d pixels but the vision tower "
-                    "takes %dx%d\n", o->images[i], w, h, vi->image_size, vi->image_size);
+        if (!px) {
+            *h = size > 0 ? size : ih;
+            *w = size > 0 ? size : iw;
+            per = (size_t)3 * (size_t)*h * (size_t)*w;
+            if (!(px = malloc(per * (size_t)o->n_images * sizeof(float)))) {
+                fprintf(stderr, "mmbridge: error: out of memory\n");
+                mmb_image_free(&img);
+                return NULL;
+            }
+        }
+        if (ih != *h || iw != *w) {
+            fprintf(stderr, "mmbridge: error: %s: the image processor makes %dx%d pixels but the %s takes %dx%d\n",
+                    o->images[i], iw, ih, size > 0 ? "vision tower" : "batch (the first image's size)", *w, *h);
             mmb_image_free(&img);
             free(px);
             return NULL;
@@ -517,6 +542,44 @@ static float *read_images(mmb_ctx *ctx, const opts *o, const mmb_preprocess *p, 
         if (s != MMB_OK) { fail(ctx, NULL); free(px); return NULL; }
     }
     return px;
+}
+
+/* encode for a family's model (BLIP-2, IDEFICS, Qwen2-VL, ...): its processor, then
+ * mmb_model_encode on the whole batch. */
+static int encode_family(mmb_ctx *ctx, const opts *o, const mmb_model *m, const mmb_model_info *mi) {
+    int64_t n = o->n_images;
+    int h = 0, w = 0, r = 1;
+    float *px = NULL, *emb = NULL;
+    if (o->n_taps) {
+        fprintf(stderr, "mmbridge: error: --taps: a %s model's hidden states are not exposed\n", mi->family);
+        return 2;
+    }
+    if (o->pixels) px = read_pixels(ctx, o->pixels, 3, 0, &n, &h, &w);
+    else {
+        mmb_preprocess pp;
+        if (!load_processor(ctx, o, 0, &pp)) px = read_images(ctx, o, &pp, 0, &h, &w);
+    }
+    if (!px) return 1;
+    int64_t t = mmb_model_encode_tokens(ctx, m, h, w);
+    size_t ne = (size_t)(n * (t > 0 ? t : 0) * mi->out_width);
+    double t0 = now_ms();
+    if (t < 0 || !(emb = malloc(ne * sizeof(float) + 1)) || mmb_model_encode(ctx, m, px, n, h, w, emb, ne) != MMB_OK) {
+        if (t >= 0 && !emb) fprintf(stderr, "mmbridge: error: out of memory\n");
+        else fail(ctx, NULL);
+        goto done;
+    }
+    double t1 = now_ms();
+    mmb_tensor out = {.name = "embeddings", .dtype = MMB_F32, .ndim = 3, .shape = {n, t, mi->out_width}, .data = emb};
+    if (mmb_st_write(ctx, o->output, &out, 1) != MMB_OK) { fail(ctx, NULL); goto done; }
+    for (int64_t i = 0; i < n; i++)
+        printf("image %lld: %s %dx%d -> %s (%s) -> %lld x %d\n", (long long)i, o->pixels ? o->pixels : o->images[i],
+               w, h, mi->family, mi->connector, (long long)t, mi->out_width);
+    printf("encoder + connector %.1f ms, %d thread(s) -> %s\n", t1 - t0, mmb_ctx_threads(ctx), o->output);
+    r = 0;
+done:
+    free(px);
+    free(emb);
+    return r;
 }
 
 static int cmd_encode(int argc, char **argv) {
@@ -538,15 +601,20 @@ static int cmd_encode(int argc, char **argv) {
     int n_out = 0;
     r = 1;
     if (open_encoder(ctx, &o, &m, &vit_only, &vit)) goto done;
-    mmb_vit_info vi;
-    mmb_vit_get_info(vit, &vi);
     mmb_model_info mi = {0};
     if (m) mmb_model_get_info(m, &mi);
+    if (m && strcmp(mi.family, "llava") != 0) {
+        r = encode_family(ctx, &o, m, &mi);
+        goto done;
+    }
+    mmb_vit_info vi;
+    mmb_vit_get_info(vit, &vi);
     int64_t n = o.n_images;
-    if (o.pixels) px = read_pixels(ctx, o.pixels, &vi, &n);
+    int ph, pw;
+    if (o.pixels) px = read_pixels(ctx, o.pixels, vi.channels, vi.image_size, &n, &ph, &pw);
     else {
         mmb_preprocess pp;
-        if (!load_processor(ctx, &o, mi.pad_to_square, &pp)) px = read_images(ctx, &o, &pp, &vi);
+        if (!load_processor(ctx, &o, mi.pad_to_square, &pp)) px = read_images(ctx, &o, &pp, vi.image_size, &ph, &pw);
     }
     if (!px) goto done;
     /* Taps: the model's, then --taps, then last_hidden_state for a vision-only checkpoint. */

@@ -20,6 +20,8 @@ struct mmb_model {
     int has_cls;              /* the encoder's: 1, 0, or -1 while unknown */
     bool width_known;         /* vision_width comes from a vision config or tower, not from in_width */
     int n_sel, sel[MMB_MAX_TAPS];/* the checkpoint's select layer(s) */
+    const mmb_family_ops *fam;/* a family's model (fam_state) instead of tower + selection + ops */
+    void *fam_state;
 };
 
 /* Vision towers named by original-layout configs (mm_vision_tower), for shapes without the tower. */
@@ -240,8 +242,15 @@ static mmb_status attach(mmb_ctx *ctx, mmb_model *m, mmb_vit *given) {
     return MMB_OK;
 }
 
+/* The calls that assume a LLaVA-shaped model refuse a family's. */
+static mmb_status not_family(mmb_ctx *ctx, const mmb_model *m, const char *call) {
+    return m->fam ? mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: %s is a %s model, whose tower and connector run as "
+                             "one (use mmb_model_encode)", m->ck.dir, call, m->fam->name) : MMB_OK;
+}
+
 mmb_status mmb_model_attach_vit(mmb_ctx *ctx, mmb_model *m, mmb_vit *v) {
     if (!ctx || !m || !v) return mmb__err(ctx, MMB_ERR_ARG, "mmb_model_attach_vit: NULL argument");
+    if (not_family(ctx, m, "mmb_model_attach_vit")) return MMB_ERR_UNSUPPORTED;
     return attach(ctx, m, v);
 }
 
@@ -256,6 +265,14 @@ static mmb_status build(mmb_ctx *ctx, mmb_model *m) {
     mmb__cfg_str(ctx, c, "model_type", &mt, &s);
     if (s != MMB_OK) return s;
     snprintf(m->arch, sizeof m->arch, "%s", arch ? arch : mt);
+    m->info.architecture = m->arch;
+    if ((m->fam = mmb__family_find(c, arch ? arch : "", mt))) {
+        m->info.family = m->fam->name;
+        m->info.layout = "transformers";
+        m->info.select_strategy = m->info.activation = m->info.projector = m->info.dense = "";
+        return m->fam->load(ctx, c, &m->fam_state, &m->info);
+    }
+    m->info.family = "llava";
     mmb_conn_cfg cc;
     if (cJSON_GetObjectItemCaseSensitive(c->config, "mm_projector_type") ||
         cJSON_GetObjectItemCaseSensitive(c->config, "mm_hidden_size"))
@@ -276,7 +293,6 @@ static mmb_status build(mmb_ctx *ctx, mmb_model *m) {
     if (s == MMB_OK) s = refresh(ctx, m);
     if (s != MMB_OK) return s;
     mmb_model_info *in = &m->info;
-    in->architecture = m->arch;
     in->activation = strcmp(m->type, "identity") == 0 || strcmp(m->type, "linear") == 0 ? "" :
                      strcmp(m->type, "llava") == 0 ? mmb__act_name(cc.act) : "gelu";
     in->select_strategy = m->strategy;
@@ -308,6 +324,7 @@ mmb_status mmb_model_open(mmb_ctx *ctx, const char *dir, mmb_model **out) {
 void mmb_model_free(mmb_model *m) {
     if (!m) return;
     if (m->ops && m->conn) m->ops->free(m->conn);
+    if (m->fam && m->fam_state) m->fam->free(m->fam_state);
     mmb_vit_free(m->vit);
     mmb__ckpt_close(&m->ck);
     free(m);
@@ -320,6 +337,7 @@ mmb_status mmb_model_get_info(const mmb_model *m, mmb_model_info *out) {
 }
 
 int64_t mmb_model_tokens_out(mmb_ctx *ctx, const mmb_model *m, int64_t tokens) {
+    if (not_family(ctx, m, "mmb_model_tokens_out")) return -1;
     if (m->dense.type) {
         int64_t t = m->ops->out_tokens(m->conn, tokens);
         if (t < 1)
@@ -430,6 +448,7 @@ mmb_status mmb_model_connect(mmb_ctx *ctx, const mmb_model *m, const mmb_feature
     if (in->n_taps < 0 || in->n_taps > MMB_MAX_TAPS || in->batch < 1 || in->tokens < 1 || in->width < 1)
         return mmb__err(ctx, MMB_ERR_ARG, "features: bad counts (batch %lld, tokens %lld, width %lld, taps %d)",
                         (long long)in->batch, (long long)in->tokens, (long long)in->width, in->n_taps);
+    if (not_family(ctx, m, "mmb_model_connect")) return MMB_ERR_UNSUPPORTED;
     if (m->ops->needs) return connect_needs(ctx, m, in, out, out_count);
     const float *bufs[MMB_MAX_TAPS];
     mmb_status s = find_taps(ctx, m, in, bufs);
@@ -467,6 +486,7 @@ mmb_dense_params mmb_model_dense(const mmb_model *m) {
 
 mmb_status mmb_model_set_dense(mmb_ctx *ctx, mmb_model *m, const mmb_dense_params *p) {
     if (!ctx || !m || !p) return mmb__err(ctx, MMB_ERR_ARG, "mmb_model_set_dense: NULL argument");
+    if (not_family(ctx, m, "mmb_model_set_dense")) return MMB_ERR_UNSUPPORTED;
     if (p->type && m->n_sel != 1)
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: the Dense Connector needs one select layer; the checkpoint "
                         "concatenates %d", m->ck.dir, m->n_sel);
@@ -492,4 +512,46 @@ mmb_status mmb_model_set_dense(mmb_ctx *ctx, mmb_model *m, const mmb_dense_param
     }
     keep.ops->free(keep.conn);
     return MMB_OK;
+}
+
+int64_t mmb_model_encode_tokens(mmb_ctx *ctx, const mmb_model *m, int height, int width) {
+    if (!ctx || !m) return mmb__err(ctx, MMB_ERR_ARG, "mmb_model_encode_tokens: NULL argument"), -1;
+    if (m->fam) return m->fam->tokens(ctx, m->fam_state, height, width);
+    if (!m->vit)
+        return mmb__err(ctx, MMB_ERR_MISSING, "%s: the model has no vision tower (attach one)", m->ck.dir), -1;
+    mmb_vit_info vi;
+    mmb_vit_get_info(m->vit, &vi);
+    if (height != vi.image_size || width != vi.image_size)
+        return mmb__err(ctx, MMB_ERR_SHAPE, "%s: pixels of %dx%d, but the vision tower takes %dx%d", m->ck.dir, width,
+                        height, vi.image_size, vi.image_size), -1;
+    return mmb_model_tokens_out(ctx, m, vi.tokens);
+}
+
+mmb_status mmb_model_encode(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
+                            int width, float *out, size_t out_count) {
+    if (!ctx || !m || !pixels || !out || batch < 1)
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_model_encode: NULL argument or batch < 1");
+    int64_t t = mmb_model_encode_tokens(ctx, m, height, width);
+    if (t < 0) return m->fam || m->vit ? MMB_ERR_SHAPE : MMB_ERR_MISSING;
+    size_t need = (size_t)(batch * t) * (size_t)m->info.out_width;
+    if (out_count < need) return mmb__err(ctx, MMB_ERR_SHAPE, "output holds %zu floats, %zu needed", out_count, need);
+    if (m->fam) return m->fam->encode(ctx, m->fam_state, pixels, batch, height, width, out);
+    /* The tower's hidden states for the model's taps (a DCI group's mean summed as the blocks run). */
+    mmb_vit_info vi;
+    mmb_vit_get_info(m->vit, &vi);
+    mmb_features ft = {.batch = batch, .tokens = vi.tokens, .width = vi.width, .n_hidden = vi.layers + 1,
+                       .n_taps = m->info.n_taps};
+    float *bufs[MMB_MAX_TAPS] = {0};
+    size_t per = (size_t)(batch * vi.tokens * vi.width);
+    mmb_status s = MMB_OK;
+    for (int i = 0; i < ft.n_taps && s == MMB_OK; i++) {
+        ft.taps[i] = m->info.taps[i] < 0 ? m->info.taps[i] + vi.layers + 1 : m->info.taps[i];
+        ft.spans[i] = m->info.tap_spans[i];
+        if (!(bufs[i] = malloc(per * sizeof(float)))) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+        ft.data[i] = bufs[i];
+    }
+    if (s == MMB_OK) s = mmb_vit_forward_groups(ctx, m->vit, pixels, batch, ft.taps, ft.spans, ft.n_taps, bufs);
+    if (s == MMB_OK) s = mmb_model_connect(ctx, m, &ft, out, out_count);
+    for (int i = 0; i < ft.n_taps; i++) free(bufs[i]);
+    return s;
 }

@@ -1,0 +1,10 @@
+/* Family registry: checkpoints whose tower and connector run as one model (internal.h). */
+#include "internal.h"
+
+static const mmb_family_ops *const all[] = {NULL};
+
+const mmb_family_ops *mmb__family_find(const mmb_ckpt *c, const char *arch, const char *model_type) {
+    for (int i = 0; all[i]; i++)
+        if (all[i]->detect(c, arch, model_type)) return all[i];
+    return NULL;
+}
