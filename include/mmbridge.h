@@ -324,6 +324,25 @@ MMB_API int64_t mmb_model_encode_tokens(mmb_ctx *ctx, const mmb_model *m, int he
 MMB_API mmb_status mmb_model_encode(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch,
                                     int height, int width, float *out, size_t out_count);
 
+/* Video, as the Dense Connector's training-free extension (FreeVA) runs it: sample frames, encode each
+ * like an image (mmb_model_encode with batch = frames), then pool over time.
+ *
+ * Sets idx[0 .. frames) to the frames to take out of `total`: [0, total - 1] split into `frames`
+ * equal segments, each segment's midpoint (get_seq_frames, with numpy's half-to-even rounding).
+ * Frames repeat when total < frames. Returns MMB_OK, or MMB_ERR_ARG for total < 1, frames < 1 or
+ * NULL. */
+MMB_API mmb_status mmb_video_sample(mmb_ctx *ctx, int64_t total, int frames, int64_t *idx);
+
+/* Tokens mmb_temporal_pool makes from `frames` frames of `tokens` embeddings: frames * (tokens / 2). */
+MMB_API int64_t mmb_temporal_pool_tokens(int64_t frames, int64_t tokens);
+
+/* emb [frames, tokens, width] -> out [frames * (tokens / 2), width] (the LLM's single video input):
+ * MaxPool1d(kernel 2, stride 2) over each frame's token sequence (pairs of raster-adjacent tokens; an
+ * odd last token is dropped), frames concatenated in order. out may equal emb. Returns MMB_OK or
+ * MMB_ERR_ARG (NULL, frames < 1, tokens < 2, width < 1). */
+MMB_API mmb_status mmb_temporal_pool(mmb_ctx *ctx, const float *emb, int64_t frames, int64_t tokens, int64_t width,
+                                     float *out);
+
 /* Returns the number of registered connector names, and sets *names to a static array of them. */
 MMB_API int mmb_connector_names(const char *const **names);
 

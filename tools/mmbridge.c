@@ -2,6 +2,7 @@
  * hidden states read from a safetensors file. */
 #include "mmbridge.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -49,7 +50,8 @@ static const char *usage_connect =
     "  --gemm B      GEMM backend (default auto = the measured fastest)\n";
 
 typedef struct {
-    const char *model, *features, *output, *pixels, *vision_tower;
+    const char *model, *features, *output, *pixels, *vision_tower, *video;
+    int frames, no_pool;      /* --frames (0: 8), --no-pool */
     const char *images[256];
     int n_images;
     int threads;
@@ -214,6 +216,17 @@ static int parse(int argc, char **argv, const char *usage, opts *o) {
         } else if (strcmp(a, "--pixels") == 0 && v) {
             o->pixels = v;
             i++;
+        } else if (strcmp(a, "--video") == 0 && v) {
+            o->video = v;
+            i++;
+        } else if (strcmp(a, "--frames") == 0 && v) {
+            char *end;
+            long n = strtol(v, &end, 10);
+            if (*end || n < 1 || n > 256) { fprintf(stderr, "mmbridge: --frames wants 1..256\n"); return 2; }
+            o->frames = (int)n;
+            i++;
+        } else if (strcmp(a, "--no-pool") == 0) {
+            o->no_pool = 1;
         } else if (strcmp(a, "--vision-tower") == 0 && v) {
             o->vision_tower = v;
             i++;
@@ -414,8 +427,9 @@ done:
 }
 
 static const char *usage_encode =
-    "usage: mmbridge encode MODEL (IMAGE... | --pixels IN.safetensors) -o OUT.safetensors\n"
-    "                       [--taps 0,8,-2] [--vision-tower DIR] [--threads N] [--gemm B]\n"
+    "usage: mmbridge encode MODEL (IMAGE... | --pixels IN.safetensors | --video FRAMES [--frames 8]\n"
+    "                       [--no-pool]) -o OUT.safetensors [--taps 0,8,-2] [--vision-tower DIR]\n"
+    "                       [--threads N] [--gemm B]\n"
     "\n"
     "Runs the vision encoder and the connector: pixels -> ViT (CLIP or SigLIP) -> the model's feature\n"
     "selection -> connector, and writes 'embeddings' [n_images, tokens, d_model] f32. Several images\n"
@@ -428,7 +442,14 @@ static const char *usage_encode =
     "                   decoding images\n"
     "  --taps LIST      also write these hidden_states.{i} (HF indices: 0 = embeddings, i = block i,\n"
     "                   negative from the end; written under their non-negative index)\n"
-    "  --vision-tower D the CLIP/SigLIP checkpoint directory of an original-layout LLaVA model\n";
+    "  --vision-tower D the CLIP/SigLIP checkpoint directory of an original-layout LLaVA model\n"
+    "  --video FRAMES   a video as image files: a directory (its files in name order, hidden ones\n"
+    "                   skipped) or a text file listing one frame path per line (relative to the\n"
+    "                   list's directory). --frames N of them are taken, the midpoint of each of N\n"
+    "                   equal segments (FreeVA / Dense Connector); each goes through tower and\n"
+    "                   connector like an image, then MaxPool1d(2, 2) over each frame's tokens\n"
+    "                   (--no-pool keeps them all), frames concatenated in order: 'embeddings'\n"
+    "                   [1, frames * tokens / 2, d_model] (8 CLIP-L/336 frames: 2304 tokens)\n";
 
 /* Opens MODEL as a connector model, or as a standalone vision encoder when it has no connector. */
 static int open_encoder(mmb_ctx *ctx, const opts *o, mmb_model **m, mmb_vit **vit_only, const mmb_vit **vit) {
@@ -544,6 +565,98 @@ static float *read_images(mmb_ctx *ctx, const opts *o, const mmb_preprocess *p, 
     return px;
 }
 
+static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+static void free_list(char **v, int n) {
+    for (int i = 0; v && i < n; i++) free(v[i]);
+    free(v);
+}
+
+/* Appends a copy of dir/name (or name alone when dir is NULL or name is absolute) to *v. */
+static int push_path(char ***v, int *n, int *cap, const char *dir, const char *name) {
+    if (*n == *cap) {
+        char **nv = realloc(*v, sizeof **v * (size_t)(*cap = *cap ? 2 * *cap : 64));
+        if (!nv) return 1;
+        *v = nv;
+    }
+    size_t len = strlen(name) + (dir ? strlen(dir) + 2 : 1);
+    if (!((*v)[*n] = malloc(len))) return 1;
+    if (dir && name[0] != '/') snprintf((*v)[*n], len, "%s/%s", dir, name);
+    else snprintf((*v)[*n], len, "%s", name);
+    (*n)++;
+    return 0;
+}
+
+/* The frames of --video: a directory's files in name order (hidden ones skipped), or the paths a list
+ * file names one per line (blank lines skipped; relative to the list's directory). Returns a malloc'd
+ * array of malloc'd paths and their number in *n, or NULL after printing the error. */
+static char **list_frames(const char *path, int *n) {
+    char **v = NULL;
+    int cap = 0, bad = 0;
+    *n = 0;
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        fprintf(stderr, "mmbridge: error: %s: %s\n", path, strerror(errno));
+        return NULL;
+    }
+    if (S_ISDIR(st.st_mode)) {
+        DIR *d = opendir(path);
+        if (!d) { fprintf(stderr, "mmbridge: error: %s: %s\n", path, strerror(errno)); return NULL; }
+        for (struct dirent *e; !bad && (e = readdir(d));)
+            if (e->d_name[0] != '.') bad = push_path(&v, n, &cap, path, e->d_name);
+        closedir(d);
+        if (!bad && *n) qsort(v, (size_t)*n, sizeof *v, cmp_str);
+    } else {
+        FILE *f = fopen(path, "r");
+        if (!f) { fprintf(stderr, "mmbridge: error: %s: %s\n", path, strerror(errno)); return NULL; }
+        char dir[4096], line[4096];
+        snprintf(dir, sizeof dir, "%s", path);
+        char *slash = strrchr(dir, '/');
+        if (slash) *slash = 0;
+        while (!bad && fgets(line, sizeof line, f)) {
+            if (!strchr(line, '\n') && !feof(f)) {
+                fprintf(stderr, "mmbridge: error: %s: a line longer than %zu bytes\n", path, sizeof line - 2);
+                bad = 2;
+                break;
+            }
+            char *a = line, *z = line + strlen(line);
+            while (*a == ' ' || *a == '\t') a++;
+            while (z > a && (z[-1] == '\n' || z[-1] == '\r' || z[-1] == ' ' || z[-1] == '\t')) *--z = 0;
+            if (*a) bad = push_path(&v, n, &cap, slash ? dir : NULL, a);
+        }
+        fclose(f);
+    }
+    if (bad == 1) fprintf(stderr, "mmbridge: error: out of memory\n");
+    if (!bad && *n == 0) fprintf(stderr, "mmbridge: error: %s: no frames in it\n", path);
+    if (bad || *n == 0) { free_list(v, *n); return NULL; }
+    return v;
+}
+
+/* --video: the sampled frames become the images to encode. Returns 0, or 1 after printing the error. */
+static int pick_frames(mmb_ctx *ctx, opts *o, char ***all, int *n_all) {
+    if (!(*all = list_frames(o->video, n_all))) return 1;
+    int64_t idx[256];
+    int f = o->frames ? o->frames : 8;
+    if (mmb_video_sample(ctx, *n_all, f, idx) != MMB_OK) return fail(ctx, NULL);
+    for (int i = 0; i < f; i++) o->images[i] = (*all)[idx[i]];
+    o->n_images = f;
+    printf("video: %s, %d frame(s), taking %d:", o->video, *n_all, f);
+    for (int i = 0; i < f; i++) printf(" %lld", (long long)idx[i]);
+    printf("\n");
+    return 0;
+}
+
+/* --video: emb [frames, tokens, d] becomes the one input [1, frames * tokens / 2, d] (in place), or
+ * [1, frames * tokens, d] with --no-pool; *t is the token count written. */
+static int video_pool(mmb_ctx *ctx, const opts *o, float *emb, int64_t frames, int64_t tokens, int64_t d,
+                      int64_t *t) {
+    *t = frames * tokens;
+    if (o->no_pool) return 0;
+    if (mmb_temporal_pool(ctx, emb, frames, tokens, d, emb) != MMB_OK) return fail(ctx, NULL);
+    *t = mmb_temporal_pool_tokens(frames, tokens);
+    return 0;
+}
+
 /* encode for a family's model (BLIP-2, IDEFICS, Qwen2-VL, ...): its processor, then
  * mmb_model_encode on the whole batch. */
 static int encode_family(mmb_ctx *ctx, const opts *o, const mmb_model *m, const mmb_model_info *mi) {
@@ -570,6 +683,10 @@ static int encode_family(mmb_ctx *ctx, const opts *o, const mmb_model *m, const 
     }
     double t1 = now_ms();
     mmb_tensor out = {.name = "embeddings", .dtype = MMB_F32, .ndim = 3, .shape = {n, t, mi->out_width}, .data = emb};
+    if (o->video) {
+        if (video_pool(ctx, o, emb, n, t, mi->out_width, &out.shape[1])) goto done;
+        out.shape[0] = 1;
+    }
     if (mmb_st_write(ctx, o->output, &out, 1) != MMB_OK) { fail(ctx, NULL); goto done; }
     for (int64_t i = 0; i < n; i++)
         printf("image %lld: %s %dx%d -> %s (%s) -> %lld x %d\n", (long long)i, o->pixels ? o->pixels : o->images[i],
@@ -586,8 +703,12 @@ static int cmd_encode(int argc, char **argv) {
     opts o = {.positional = 1};
     int r = parse(argc, argv, usage_encode, &o);
     if (r) return r == 1 ? 0 : r;
-    if (!o.output || (!o.pixels && !o.n_images) || (o.pixels && o.n_images)) {
-        fprintf(stderr, "mmbridge: encode needs -o and either images or --pixels\n%s", usage_encode);
+    if (!o.output || (!!o.pixels + !!o.n_images + !!o.video) != 1) {
+        fprintf(stderr, "mmbridge: encode needs -o and one of: images, --pixels, --video\n%s", usage_encode);
+        return 2;
+    }
+    if ((o.frames || o.no_pool) && !o.video) {
+        fprintf(stderr, "mmbridge: --frames and --no-pool go with --video\n");
         return 2;
     }
     mmb_ctx *ctx = make_ctx(&o);
@@ -598,9 +719,15 @@ static int cmd_encode(int argc, char **argv) {
     float *px = NULL, *bufs[MMB_MAX_TAPS + 1] = {0}, *emb = NULL;
     mmb_tensor outs[MMB_MAX_TAPS + 2];
     char names[MMB_MAX_TAPS + 1][32];
-    int n_out = 0;
+    int n_out = 0, n_all = 0;
+    char **all_frames = NULL;
     r = 1;
+    if (o.video && pick_frames(ctx, &o, &all_frames, &n_all)) goto done;
     if (open_encoder(ctx, &o, &m, &vit_only, &vit)) goto done;
+    if (o.video && !m) {
+        fprintf(stderr, "mmbridge: error: %s: --video needs a model with a connector\n", o.model);
+        goto done;
+    }
     mmb_model_info mi = {0};
     if (m) mmb_model_get_info(m, &mi);
     if (m && strcmp(mi.family, "llava") != 0) {
@@ -650,6 +777,10 @@ static int cmd_encode(int argc, char **argv) {
         }
         outs[n_out++] = (mmb_tensor){.name = "embeddings", .dtype = MMB_F32, .ndim = 3,
                                      .shape = {n, t_out, mi.out_width}, .data = emb};
+        if (o.video) {
+            if (video_pool(ctx, &o, emb, n, t_out, mi.out_width, &outs[0].shape[1])) goto done;
+            outs[0].shape[0] = 1;
+        }
     }
     double t2 = now_ms();
     for (int i = n_model; i < nt; i++) {
@@ -677,6 +808,7 @@ static int cmd_encode(int argc, char **argv) {
            mmb_ctx_threads(ctx), n_out, o.output);
     r = 0;
 done:
+    free_list(all_frames, n_all);
     for (int i = 0; i <= MMB_MAX_TAPS; i++) free(bufs[i]);
     free(px);
     free(emb);

@@ -7,12 +7,14 @@ import copy
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as Fn
 from torch import nn
+from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from conftest import run, save_features, scaled_err
 from test_vit import pixels_file
@@ -213,3 +215,121 @@ def test_info_at_real_sizes(tmp_path, dense_type, width, tower, extra, tokens, r
     assert f"dense connector:  {dense_type} -> projector mlp2x_gelu" in out
     assert re.search(rf"parameters:\s+{width * 8 + 8 + 8 * 8 + 8}\b", out), out
 
+
+
+def get_seq_frames(total, desired):
+    """dc/eval/model_utils.get_seq_frames, as the spec gives it: midpoints of equal segments."""
+    seg = float(total - 1) / desired
+    return [(int(np.round(seg * i)) + int(np.round(seg * (i + 1)))) // 2 for i in range(desired)]
+
+
+def write_frames(d, n, seed=3):
+    """n random RGB frames of an odd size (the processor resizes and crops them), named in order."""
+    d.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (61, 75, 3), dtype=np.uint8)).save(d / f"f{i:03d}.png")
+    return sorted(d.glob("f*.png"))
+
+
+def video_setup(tmp_path):
+    tower = make_tower(tmp_path / "tower", "clip")
+    CLIPImageProcessor(size={"shortest_edge": CLIP["image_size"]},
+                       crop_size={"height": CLIP["image_size"], "width": CLIP["image_size"]}
+                       ).save_pretrained(tmp_path / "tower")
+    proj = make_projector(tmp_path / "dc", 3 * D, "dci", "tiny-clip")
+    return tower, proj
+
+
+def video_reference(tower, proj, paths, pool=True):
+    """ViT -> DC -> projector per frame, then temporal_aggregation (MaxPool1d(2, 2) over each frame's
+    tokens, frames concatenated): [1, T * N', H]."""
+    proc = CLIPImageProcessor.from_pretrained(str(paths[0].parent.parent / "tower"))
+    px = proc(images=[Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        e = proj(dense_reference(hidden_states(tower, "clip", px), "clip", "dci"))
+        if pool:
+            e = nn.MaxPool1d(kernel_size=2, stride=2)(e.permute(0, 2, 1)).permute(0, 2, 1)
+    return e.reshape(1, -1, H)
+
+
+@pytest.mark.parametrize("total,frames", [(11, 4), (3, 5), (20, 8)])
+def test_video_frames_from_directory(tmp_path, total, frames):
+    tower, proj = video_setup(tmp_path)
+    paths = write_frames(tmp_path / "frames", total)
+    (tmp_path / "frames" / ".hidden.png").write_bytes(b"not an image: hidden files are skipped")
+    picked = [paths[i] for i in get_seq_frames(total, frames)]
+    out = tmp_path / "v.safetensors"
+    p = run("encode", tmp_path / "dc", "--video", tmp_path / "frames", "--frames", frames, "-o", out,
+            "--vision-tower", tmp_path / "tower")
+    assert " ".join(map(str, get_seq_frames(total, frames))) in p.stdout
+    check(load_file(str(out))["embeddings"], video_reference(tower, proj, picked), f"video {total}->{frames}")
+
+
+def test_video_list_file_and_no_pool(tmp_path):
+    """A list file keeps its own order (paths relative to it); --no-pool keeps every token."""
+    tower, proj = video_setup(tmp_path)
+    paths = write_frames(tmp_path / "frames", 6)[::-1]
+    (tmp_path / "frames.txt").write_text("".join(f"  frames/{p.name}\r\n\n" for p in paths))
+    out = tmp_path / "v.safetensors"
+    run("encode", tmp_path / "dc", "--video", tmp_path / "frames.txt", "--frames", 3, "--no-pool", "-o", out,
+        "--vision-tower", tmp_path / "tower")
+    picked = [paths[i] for i in get_seq_frames(6, 3)]
+    check(load_file(str(out))["embeddings"], video_reference(tower, proj, picked, pool=False), "video list, no pool")
+
+
+def test_video_token_count_at_clip_l_grid(tmp_path):
+    """8 frames at CLIP-L/336's 24x24 grid (a thin, 2-block tower) give the paper's 2304 tokens."""
+    torch.manual_seed(0)
+    cfg = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=336,
+               patch_size=14)
+    CLIPVisionModel(CLIPVisionConfig(**cfg)).save_pretrained(tmp_path / "tower")
+    CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+                       ).save_pretrained(tmp_path / "tower")
+    make_projector(tmp_path / "llava", 8, "none", "tiny-clip")
+    write_frames(tmp_path / "frames", 9)
+    out = tmp_path / "v.safetensors"
+    run("encode", tmp_path / "llava", "--video", tmp_path / "frames", "-o", out, "--vision-tower", tmp_path / "tower")
+    assert tuple(load_file(str(out))["embeddings"].shape) == (1, 8 * 576 // 2, H)
+
+
+def test_video_bad_input(tmp_path):
+    video_setup(tmp_path)
+    (tmp_path / "empty").mkdir()
+    write_frames(tmp_path / "frames", 4)
+    (tmp_path / "frames" / "f001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "v.safetensors"
+    base = ["encode", tmp_path / "dc", "-o", out, "--vision-tower", tmp_path / "tower"]
+    for args, code, msg in [
+        (["--video", tmp_path / "empty"], 1, "no frames"),
+        (["--video", tmp_path / "missing"], 1, "missing"),
+        (["--video", tmp_path / "frames", "--frames", "2"], 1, "f001.png"),
+        (["--video", tmp_path / "frames", "--frames", "0"], 2, "--frames"),
+        (["--frames", "2", tmp_path / "frames" / "f000.png"], 2, "--frames"),
+        (["--video", tmp_path / "frames", tmp_path / "frames" / "f000.png"], 2, "one of"),
+    ]:
+        p = run(*base, *args, check=False)
+        assert p.returncode == code and msg in p.stderr, (args, p.stderr)
+        assert not out.exists()
+
+
+def test_dci_parameter_count_at_7b(tmp_path):
+    """CLIP-L DCI feeding LLaVA-1.5-7B's projector (3072 -> 4096 -> 4096): info's parameter count and
+    FLOPs are those of the torch module (the paper's 29,368,320: DC itself adds no parameters)."""
+    with torch.device("meta"):
+        proj = nn.Sequential(nn.Linear(3072, 4096), nn.GELU(), nn.Linear(4096, 4096))
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "hidden_size": 4096,
+        "mm_hidden_size": 3072, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch", "mm_dense_connector_type": "dci",
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336"}))
+    save_file({f"model.mm_projector.{k}": torch.zeros(v.shape, dtype=torch.bfloat16)
+               for k, v in proj.state_dict().items()}, str(d / "model.safetensors"))
+    out = run("info", d).stdout
+    params = sum(p.numel() for p in proj.parameters())
+    assert params == 29_368_320
+    assert re.search(rf"parameters:\s+{params}\b", out), out
+    macs = 576 * sum(m.weight.numel() for m in proj if isinstance(m, nn.Linear))
+    assert re.search(rf"FLOPs per image:\s+{2 * macs * 1e-9:.3f} GFLOP", out), out
