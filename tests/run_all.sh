@@ -47,4 +47,5 @@ echo "== benchmark smoke (Release)"
 ./build/bench_gemm --quick
 ./build/bench_projector --quick
 ./build/bench_vit --quick --dir build/bench-cache
+./build/bench_dense --quick --dir build/bench-cache
 echo "all tests passed"
