@@ -343,6 +343,31 @@ MMB_API int64_t mmb_temporal_pool_tokens(int64_t frames, int64_t tokens);
 MMB_API mmb_status mmb_temporal_pool(mmb_ctx *ctx, const float *emb, int64_t frames, int64_t tokens, int64_t width,
                                      float *out);
 
+/* A connector's costs at given sizes (mmb_connector_measure). */
+typedef struct mmb_connector_report {
+    char type[64];
+    int64_t params;            /* parameters */
+    int64_t flops_per_image;   /* 2 per multiply-add */
+    int64_t tokens_in;         /* grid x grid patch tokens (CLS dropped, as LLaVA's "default") */
+    int64_t tokens_out;        /* visual tokens handed to the LLM */
+    int64_t out_width;
+    double seconds;            /* median time of one image's forward pass */
+    int64_t weight_bytes;      /* the parameters in f32 */
+    int64_t activation_bytes;  /* input features + output + the connector's scratch */
+} mmb_connector_report;
+
+/* Builds registry connector `type` (mmb_connector_names) with random weights for features of
+ * `width` channels on a grid x grid patch grid and an LLM of width d_model, as an original-LLaVA
+ * checkpoint would configure it (mm_projector_type, mm_hidden_size, hidden_size; `config_json`,
+ * may be NULL, adds or overrides config.json keys, e.g. "{\"mm_moe_num_experts\": 8}"), runs it
+ * reps + 1 times on random features with ctx's threads and fills *out (the first run is a warm-up).
+ * Returns MMB_OK; MMB_ERR_UNSUPPORTED for an unknown type or one that reads several hidden states
+ * (the Dense Connector); MMB_ERR_SHAPE when the connector cannot take the grid; MMB_ERR_FORMAT for
+ * bad config_json; MMB_ERR_ARG; MMB_ERR_NOMEM. *out is untouched on failure. */
+MMB_API mmb_status mmb_connector_measure(mmb_ctx *ctx, const char *type, int64_t width, int64_t grid,
+                                         int64_t d_model, const char *config_json, int reps,
+                                         mmb_connector_report *out);
+
 /* Returns the number of registered connector names, and sets *names to a static array of them. */
 MMB_API int mmb_connector_names(const char *const **names);
 

@@ -168,17 +168,25 @@ typedef struct cJSON cJSON;
 
 /* config.json parsed, plus every safetensors file of the directory (one, several, or the shards
  * that model.safetensors.index.json names). */
+typedef struct mmb_synth mmb_synth;
+
 typedef struct mmb_ckpt {
     char *dir;
     cJSON *config;
     int n_files;
     mmb_st_file **files;
+    mmb_synth *synth;        /* a synthetic checkpoint (mmb__ckpt_synth): no files; every bound tensor is
+                                made on request with random values, and mmb__ckpt_find finds nothing */
 } mmb_ckpt;
 
 /* Opens dir/config.json and the directory's safetensors. Returns MMB_OK, MMB_ERR_IO, MMB_ERR_FORMAT
  * (malformed JSON, index naming a missing shard, a tensor in two files) or MMB_ERR_MISSING. */
 mmb_status mmb__ckpt_open(mmb_ctx *ctx, const char *dir, mmb_ckpt *out);
 void mmb__ckpt_close(mmb_ckpt *c);
+/* A synthetic checkpoint named `name` with config `config` (taken over): mmb__ckpt_bind returns
+ * f32 tensors of the requested shape, uniform in [-scale, scale] from a fixed seed, kept until
+ * mmb__ckpt_close. For measuring a connector's costs at any size without weights on disk. */
+mmb_status mmb__ckpt_synth(mmb_ctx *ctx, const char *name, cJSON *config, float scale, mmb_ckpt *out);
 /* Returns the tensor called name in any file, and its file in *file (may be NULL), or NULL. */
 const mmb_tensor *mmb__ckpt_find(const mmb_ckpt *c, const char *name, const mmb_st_file **file);
 

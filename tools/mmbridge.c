@@ -1,6 +1,6 @@
 /* mmbridge: the command-line tool. `info` describes a checkpoint; `connect` runs its connector on
  * hidden states read from a safetensors file. */
-#include "mmbridge.h"
+#include "cli.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -20,6 +20,8 @@ static const char *usage_main =
     "  connect MODEL --features IN -o OUT\n"
     "                                   run the connector on hidden states, write embeddings\n"
     "  encode MODEL IMAGE... -o OUT     images -> vision encoder -> connector -> embeddings\n"
+    "  compare [MODEL...]               one table of connectors' parameters, FLOPs, tokens, LLM\n"
+    "                                   prefill cost, measured latency and memory\n"
     "  demo DIR                         write a random-weight LLaVA-1.5-7B-sized checkpoint and\n"
     "                                   features into DIR, then run info and connect on them\n"
     "\n"
@@ -149,10 +151,6 @@ static int parse_taps(const char *v, opts *o) {
     return 0;
 }
 
-static int fail(mmb_ctx *ctx, const char *what) {
-    fprintf(stderr, "mmbridge: error: %s\n", ctx ? mmb_ctx_error(ctx) : what);
-    return 1;
-}
 
 /* Reports an error about the hidden states, naming the file they came from. */
 static int fail_in(mmb_ctx *ctx, const char *file) {
@@ -183,7 +181,7 @@ static int apply_dense(mmb_ctx *ctx, const opts *o, mmb_model *m) {
     }
     if (q.pool) p.pool = q.pool;
     if (q.tokens) p.tokens = q.tokens;
-    return mmb_model_set_dense(ctx, m, &p) != MMB_OK ? fail(ctx, NULL) : 0;
+    return mmb_model_set_dense(ctx, m, &p) != MMB_OK ? cli_fail(ctx, NULL) : 0;
 }
 
 /* Parses the options shared by the commands. Returns 0, 1 for --help (printed), or 2 on error. */
@@ -275,7 +273,7 @@ static int cmd_info(int argc, char **argv) {
     mmb_ctx *ctx = make_ctx(&o);
     if (!ctx) return 1;
     mmb_model *m = NULL;
-    if (mmb_model_open(ctx, o.model, &m) != MMB_OK) { r = fail(ctx, NULL); mmb_ctx_free(ctx); return r; }
+    if (mmb_model_open(ctx, o.model, &m) != MMB_OK) { r = cli_fail(ctx, NULL); mmb_ctx_free(ctx); return r; }
     if (apply_dense(ctx, &o, m)) { mmb_model_free(m); mmb_ctx_free(ctx); return 1; }
     mmb_model_info in;
     mmb_model_get_info(m, &in);
@@ -397,7 +395,7 @@ static int cmd_connect(int argc, char **argv) {
     mmb_features ft;
     mmb_model_info in;
     r = 1;
-    if (mmb_model_open(ctx, o.model, &m) != MMB_OK || mmb_st_open(ctx, o.features, &f) != MMB_OK) { fail(ctx, NULL); goto done; }
+    if (mmb_model_open(ctx, o.model, &m) != MMB_OK || mmb_st_open(ctx, o.features, &f) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
     if (apply_dense(ctx, &o, m)) goto done;
     mmb_model_get_info(m, &in);
     if (load_features(ctx, o.features, f, &ft, owned)) goto done;
@@ -412,7 +410,7 @@ static int cmd_connect(int argc, char **argv) {
     double ms = now_ms() - t0;
     mmb_tensor e = {.name = "embeddings", .dtype = MMB_F32, .ndim = 3,
                     .shape = {ft.batch, t_out, in.out_width}, .data = out};
-    if (mmb_st_write(ctx, o.output, &e, 1) != MMB_OK) { fail(ctx, NULL); goto done; }
+    if (mmb_st_write(ctx, o.output, &e, 1) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
     printf("%s: %s, %lld image(s) x %lld tokens x %d -> embeddings [%lld, %lld, %d] in %.2f ms, %d thread(s) -> %s\n",
            o.model, in.connector, (long long)ft.batch, (long long)ft.tokens, in.in_width, (long long)ft.batch,
            (long long)t_out, in.out_width, ms, mmb_ctx_threads(ctx), o.output);
@@ -463,7 +461,7 @@ static int open_encoder(mmb_ctx *ctx, const opts *o, mmb_model **m, mmb_vit **vi
         }
         *vit = *vit_only;
     } else if (s != MMB_OK)
-        return fail(ctx, NULL);
+        return cli_fail(ctx, NULL);
     mmb_model_info mi;
     if (*m && mmb_model_get_info(*m, &mi) == MMB_OK && strcmp(mi.family, "llava") != 0) {
         if (!o->vision_tower && !o->dense_set) return 0;
@@ -474,8 +472,8 @@ static int open_encoder(mmb_ctx *ctx, const opts *o, mmb_model **m, mmb_vit **vi
     if (*m && apply_dense(ctx, o, *m)) return 1;
     if (*m && o->vision_tower) {
         mmb_vit *v = NULL;
-        if (mmb_vit_open(ctx, o->vision_tower, &v) != MMB_OK) return fail(ctx, NULL);
-        if (mmb_model_attach_vit(ctx, *m, v) != MMB_OK) { mmb_vit_free(v); return fail(ctx, NULL); }
+        if (mmb_vit_open(ctx, o->vision_tower, &v) != MMB_OK) return cli_fail(ctx, NULL);
+        if (mmb_model_attach_vit(ctx, *m, v) != MMB_OK) { mmb_vit_free(v); return cli_fail(ctx, NULL); }
     }
     if (*m) *vit = mmb_model_vit(*m);
     if (!*vit) {
@@ -488,7 +486,7 @@ static int open_encoder(mmb_ctx *ctx, const opts *o, mmb_model **m, mmb_vit **vi
 /* Reads pixel_values [n, C, H, W] (any float dtype) as f32; `size` > 0 requires H = W = size. */
 static float *read_pixels(mmb_ctx *ctx, const char *path, int channels, int size, int64_t *n, int *h, int *w) {
     mmb_st_file *f = NULL;
-    if (mmb_st_open(ctx, path, &f) != MMB_OK) { fail(ctx, NULL); return NULL; }
+    if (mmb_st_open(ctx, path, &f) != MMB_OK) { cli_fail(ctx, NULL); return NULL; }
     const mmb_tensor *t = mmb_st_find(f, "pixel_values");
     float *px = NULL;
     if (!t)
@@ -521,7 +519,7 @@ static int load_processor(mmb_ctx *ctx, const opts *o, int pad, mmb_preprocess *
     char path[4096];
     snprintf(path, sizeof path, "%s/preprocessor_config.json", o->model);
     const char *dir = access(path, F_OK) == 0 || !o->vision_tower ? o->model : o->vision_tower;
-    if (mmb_preprocess_load(ctx, dir, p) != MMB_OK) return fail(ctx, NULL);
+    if (mmb_preprocess_load(ctx, dir, p) != MMB_OK) return cli_fail(ctx, NULL);
     if (pad) p->do_pad = 1;
     return 0;
 }
@@ -536,7 +534,7 @@ static float *read_images(mmb_ctx *ctx, const opts *o, const mmb_preprocess *p, 
         int ih = 0, iw = 0;
         if (mmb_image_load(ctx, o->images[i], 0, &img) != MMB_OK ||
             mmb_preprocess_output_size(ctx, p, img.height, img.width, &ih, &iw) != MMB_OK) {
-            fail(ctx, NULL);
+            cli_fail(ctx, NULL);
             mmb_image_free(&img);
             free(px);
             return NULL;
@@ -560,7 +558,7 @@ static float *read_images(mmb_ctx *ctx, const opts *o, const mmb_preprocess *p, 
         }
         mmb_status s = mmb_preprocess_run(ctx, p, &img, px + per * (size_t)i, per);
         mmb_image_free(&img);
-        if (s != MMB_OK) { fail(ctx, NULL); free(px); return NULL; }
+        if (s != MMB_OK) { cli_fail(ctx, NULL); free(px); return NULL; }
     }
     return px;
 }
@@ -637,7 +635,7 @@ static int pick_frames(mmb_ctx *ctx, opts *o, char ***all, int *n_all) {
     if (!(*all = list_frames(o->video, n_all))) return 1;
     int64_t idx[256];
     int f = o->frames ? o->frames : 8;
-    if (mmb_video_sample(ctx, *n_all, f, idx) != MMB_OK) return fail(ctx, NULL);
+    if (mmb_video_sample(ctx, *n_all, f, idx) != MMB_OK) return cli_fail(ctx, NULL);
     for (int i = 0; i < f; i++) o->images[i] = (*all)[idx[i]];
     o->n_images = f;
     printf("video: %s, %d frame(s), taking %d:", o->video, *n_all, f);
@@ -652,7 +650,7 @@ static int video_pool(mmb_ctx *ctx, const opts *o, float *emb, int64_t frames, i
                       int64_t *t) {
     *t = frames * tokens;
     if (o->no_pool) return 0;
-    if (mmb_temporal_pool(ctx, emb, frames, tokens, d, emb) != MMB_OK) return fail(ctx, NULL);
+    if (mmb_temporal_pool(ctx, emb, frames, tokens, d, emb) != MMB_OK) return cli_fail(ctx, NULL);
     *t = mmb_temporal_pool_tokens(frames, tokens);
     return 0;
 }
@@ -678,7 +676,7 @@ static int encode_family(mmb_ctx *ctx, const opts *o, const mmb_model *m, const 
     double t0 = now_ms();
     if (t < 0 || !(emb = malloc(ne * sizeof(float) + 1)) || mmb_model_encode(ctx, m, px, n, h, w, emb, ne) != MMB_OK) {
         if (t >= 0 && !emb) fprintf(stderr, "mmbridge: error: out of memory\n");
-        else fail(ctx, NULL);
+        else cli_fail(ctx, NULL);
         goto done;
     }
     double t1 = now_ms();
@@ -687,7 +685,7 @@ static int encode_family(mmb_ctx *ctx, const opts *o, const mmb_model *m, const 
         if (video_pool(ctx, o, emb, n, t, mi->out_width, &out.shape[1])) goto done;
         out.shape[0] = 1;
     }
-    if (mmb_st_write(ctx, o->output, &out, 1) != MMB_OK) { fail(ctx, NULL); goto done; }
+    if (mmb_st_write(ctx, o->output, &out, 1) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
     for (int64_t i = 0; i < n; i++)
         printf("image %lld: %s %dx%d -> %s (%s) -> %lld x %d\n", (long long)i, o->pixels ? o->pixels : o->images[i],
                w, h, mi->family, mi->connector, (long long)t, mi->out_width);
@@ -759,7 +757,7 @@ static int cmd_encode(int argc, char **argv) {
     for (int i = 0; i < nt; i++)
         if (!(bufs[i] = malloc(per * sizeof(float)))) { fprintf(stderr, "mmbridge: error: out of memory\n"); goto done; }
     double t0 = now_ms();
-    if (mmb_vit_forward_groups(ctx, vit, px, n, taps, spans, nt, bufs) != MMB_OK) { fail(ctx, NULL); goto done; }
+    if (mmb_vit_forward_groups(ctx, vit, px, n, taps, spans, nt, bufs) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
     double t1 = now_ms();
     int64_t t_out = 0;
     if (m) {
@@ -772,7 +770,7 @@ static int cmd_encode(int argc, char **argv) {
         t_out = mmb_model_tokens_out(ctx, m, vi.tokens);
         size_t ne = (size_t)(n * (t_out > 0 ? t_out : 0) * mi.out_width);
         if (t_out < 0 || !(emb = malloc(ne * sizeof(float) + 1)) || mmb_model_connect(ctx, m, &ft, emb, ne) != MMB_OK) {
-            fail(ctx, NULL);
+            cli_fail(ctx, NULL);
             goto done;
         }
         outs[n_out++] = (mmb_tensor){.name = "embeddings", .dtype = MMB_F32, .ndim = 3,
@@ -793,7 +791,7 @@ static int cmd_encode(int argc, char **argv) {
             outs[n_out++] = (mmb_tensor){.name = names[i], .dtype = MMB_F32, .ndim = 3,
                                          .shape = {n, vi.tokens, vi.width}, .data = bufs[i]};
     }
-    if (mmb_st_write(ctx, o.output, outs, n_out) != MMB_OK) { fail(ctx, NULL); goto done; }
+    if (mmb_st_write(ctx, o.output, outs, n_out) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
     for (int64_t i = 0; i < n; i++) {
         const char *src = o.pixels ? o.pixels : o.images[i];
         if (m)
@@ -884,7 +882,7 @@ static int demo_write(mmb_ctx *ctx, const char *path) {
     snprintf(names[n], 96, "model.multi_modal_projector.linear_2.bias"); ADD(0.02f, 0, 1, DEMO_OUT);
 #undef ADD
     if (r) fprintf(stderr, "mmbridge: error: out of memory\n");
-    else if (mmb_st_write(ctx, path, t, n) != MMB_OK) r = fail(ctx, NULL);
+    else if (mmb_st_write(ctx, path, t, n) != MMB_OK) r = cli_fail(ctx, NULL);
     for (int i = 0; i < n; i++) free(bufs[i]);
     return r;
 }
@@ -944,7 +942,7 @@ static int cmd_demo(int argc, char **argv) {
     if ((r = cmd_encode(o.threads > 0 ? 6 : 4, enc_argv))) return r;
     ctx = make_ctx(&o);
     mmb_st_file *f = NULL;
-    if (!ctx || mmb_st_open(ctx, out, &f) != MMB_OK) { r = fail(ctx, NULL); mmb_ctx_free(ctx); return r; }
+    if (!ctx || mmb_st_open(ctx, out, &f) != MMB_OK) { r = cli_fail(ctx, NULL); mmb_ctx_free(ctx); return r; }
     const mmb_tensor *e = mmb_st_find(f, "embeddings");
     const float *x = e->data;
     double sum = 0, sq = 0;
@@ -967,6 +965,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "connect") == 0) return cmd_connect(argc - 2, argv + 2);
     if (strcmp(cmd, "demo") == 0) return cmd_demo(argc - 2, argv + 2);
     if (strcmp(cmd, "encode") == 0) return cmd_encode(argc - 2, argv + 2);
+    if (strcmp(cmd, "compare") == 0) return cli_compare(argc - 2, argv + 2);
     fprintf(stderr, "mmbridge: unknown command '%s'\n%s", cmd, usage_main);
     return 2;
 }

@@ -160,7 +160,64 @@ mmb_status mmb__ckpt_open(mmb_ctx *ctx, const char *dir, mmb_ckpt *out) {
     return MMB_OK;
 }
 
+/* The tensors a synthetic checkpoint made, in a list. */
+typedef struct synth_tensor {
+    struct synth_tensor *next;
+    mmb_tensor t;
+    char name[];
+} synth_tensor;
+
+struct mmb_synth {
+    synth_tensor *head;
+    uint64_t state;
+    float scale;
+};
+
+mmb_status mmb__ckpt_synth(mmb_ctx *ctx, const char *name, cJSON *config, float scale, mmb_ckpt *out) {
+    mmb_ckpt c = {.config = config, .dir = strdup(name), .synth = calloc(1, sizeof(mmb_synth))};
+    if (!c.dir || !c.synth) {
+        mmb__ckpt_close(&c);
+        return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", name);
+    }
+    c.synth->state = 0x9e3779b97f4a7c15ull;
+    c.synth->scale = scale;
+    *out = c;
+    return MMB_OK;
+}
+
+static mmb_status synth_bind(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int ndim, const int64_t *shape,
+                             const mmb_tensor **out) {
+    uint64_t n = 1;
+    for (int i = 0; i < ndim; i++)
+        if (shape[i] < 0 || !mmb__mul_ok(n, (uint64_t)shape[i], &n) || n > ((uint64_t)1 << 34))
+            return mmb__err(ctx, MMB_ERR_SHAPE, "%s: tensor '%s': shape too large", c->dir, name);
+    synth_tensor *t = calloc(1, sizeof *t + strlen(name) + 1);
+    float *v = t ? malloc(n ? n * sizeof(float) : 1) : NULL;
+    if (!v) {
+        free(t);
+        return mmb__err(ctx, MMB_ERR_NOMEM, "%s: tensor '%s': out of memory", c->dir, name);
+    }
+    mmb_synth *sy = c->synth;
+    for (uint64_t i = 0; i < n; i++) {
+        sy->state ^= sy->state << 13; sy->state ^= sy->state >> 7; sy->state ^= sy->state << 17;
+        v[i] = sy->scale * ((float)(sy->state >> 40) / 8388608.0f - 1.0f);
+    }
+    strcpy(t->name, name);
+    t->t = (mmb_tensor){.name = t->name, .dtype = MMB_F32, .ndim = ndim, .data = v};
+    memcpy(t->t.shape, shape, (size_t)ndim * sizeof *shape);
+    t->next = sy->head;
+    sy->head = t;
+    *out = &t->t;
+    return MMB_OK;
+}
+
 void mmb__ckpt_close(mmb_ckpt *c) {
+    for (synth_tensor *t = c->synth ? c->synth->head : NULL, *next; t; t = next) {
+        next = t->next;
+        free((void *)t->t.data);
+        free(t);
+    }
+    free(c->synth);
     for (int i = 0; i < c->n_files; i++) mmb_st_close(c->files[i]);
     free(c->files);
     cJSON_Delete(c->config);
@@ -184,6 +241,7 @@ static void fmt_shape(char *buf, size_t n, int ndim, const int64_t *shape) {
 
 mmb_status mmb__ckpt_bind(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int ndim,
                           const int64_t *shape, const mmb_tensor **out) {
+    if (c->synth) return synth_bind(ctx, c, name, ndim, shape, out);
     const mmb_st_file *f = NULL;
     const mmb_tensor *t = mmb__ckpt_find(c, name, &f);
     if (!t) return mmb__err(ctx, MMB_ERR_MISSING, "%s: tensor '%s' is missing", c->dir, name);

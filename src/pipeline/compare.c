@@ -1,0 +1,113 @@
+/* Measuring a connector at any size: built from a synthetic checkpoint (random weights of the shapes
+ * it asks for), run on random features, timed. What `mmbridge compare` tabulates. */
+#include "internal.h"
+
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* config.json of the synthetic checkpoint: the original-LLaVA keys, then config_json's on top. */
+static mmb_status synth_config(mmb_ctx *ctx, const char *type, int64_t width, int64_t d_model,
+                               const char *config_json, cJSON **out) {
+    cJSON *cfg = cJSON_CreateObject(), *extra = config_json ? cJSON_Parse(config_json) : NULL;
+    if (config_json && !cJSON_IsObject(extra)) {
+        cJSON_Delete(cfg);
+        cJSON_Delete(extra);
+        return mmb__err(ctx, MMB_ERR_FORMAT, "config '%s': not a JSON object", config_json);
+    }
+    bool ok = cfg && cJSON_AddStringToObject(cfg, "mm_projector_type", type) &&
+              cJSON_AddNumberToObject(cfg, "mm_hidden_size", (double)width) &&
+              cJSON_AddNumberToObject(cfg, "hidden_size", (double)d_model);
+    for (cJSON *e = extra ? extra->child : NULL; ok && e; e = e->next) {
+        cJSON_DeleteItemFromObjectCaseSensitive(cfg, e->string);
+        cJSON *dup = cJSON_Duplicate(e, 1);
+        ok = dup && cJSON_AddItemToObject(cfg, e->string, dup);
+    }
+    cJSON_Delete(extra);
+    if (!ok) {
+        cJSON_Delete(cfg);
+        return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    }
+    *out = cfg;
+    return MMB_OK;
+}
+
+mmb_status mmb_connector_measure(mmb_ctx *ctx, const char *type, int64_t width, int64_t grid, int64_t d_model,
+                                 const char *config_json, int reps, mmb_connector_report *out) {
+    if (!ctx || !type || !out || width < 1 || grid < 1 || d_model < 1 || reps < 1 || reps > 1000 ||
+        width > (1 << 20) || grid > (1 << 12) || d_model > (1 << 20))
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_connector_measure: bad arguments");
+    const mmb_connector_ops *ops = mmb__connector_find(type);
+    if (!ops) return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "connector '%s' is not registered", type);
+    if (ops->needs)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "connector '%s' reads several hidden states: measure it on a "
+                        "checkpoint (mmbridge compare MODEL)", type);
+    cJSON *cfg = NULL;
+    mmb_ckpt c = {0};
+    mmb_status s = synth_config(ctx, type, width, d_model, config_json, &cfg);
+    if (s == MMB_OK) s = mmb__ckpt_synth(ctx, type, cfg, 0.05f, &c);
+    else cJSON_Delete(cfg);
+    if (s != MMB_OK) return s;
+    mmb_conn_cfg cc = {.type = type, .prefix = "model.mm_projector.", .in_width = width, .out_width = d_model,
+                       .act = MMB_ACT_GELU, .bias = true, .eps = 1e-5f};
+    void *st = NULL;
+    s = ops->load(ctx, &c, &cc, &st);
+    int64_t tokens = grid * grid, t_out = 0, params = 0, flops = 0;
+    float *x = NULL, *y = NULL;
+    double *ts = NULL;
+    if (s == MMB_OK && (t_out = ops->out_tokens(st, tokens)) < 1)
+        s = mmb__err(ctx, MMB_ERR_SHAPE, "connector '%s' cannot take a %lldx%lld grid", type, (long long)grid,
+                     (long long)grid);
+    size_t n_out = s == MMB_OK ? (size_t)t_out * (size_t)ops->out_width(st) : 0;
+    if (s == MMB_OK) {
+        ops->cost(st, tokens, &params, &flops);
+        x = malloc(sizeof(float) * (size_t)(tokens * width));
+        y = malloc(sizeof(float) * n_out + 1);
+        ts = malloc(sizeof(double) * (size_t)reps);
+        if (!x || !y || !ts) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    }
+    size_t scratch = s == MMB_OK ? ops->scratch(st, tokens) * sizeof(float) : 0;
+    if (s == MMB_OK) s = mmb__arena_reserve(ctx, &ctx->arena, scratch);
+    if (s == MMB_OK) {
+        uint64_t r = 0x2545f4914f6cdd1dull;
+        for (int64_t i = 0; i < tokens * width; i++) {
+            r ^= r << 13; r ^= r >> 7; r ^= r << 17;
+            x[i] = (float)(r >> 40) / 8388608.0f - 1.0f;
+        }
+    }
+    for (int k = 0; k <= reps && s == MMB_OK; k++) {
+        double t0 = now_s();
+        s = ops->forward(ctx, st, y, x, 1, tokens);
+        mmb__arena_reset(&ctx->arena);
+        if (k) ts[k - 1] = now_s() - t0;
+    }
+    if (s == MMB_OK) {
+        qsort(ts, (size_t)reps, sizeof *ts, cmp_double);
+        *out = (mmb_connector_report){
+            .params = params, .flops_per_image = flops, .tokens_in = tokens, .tokens_out = t_out,
+            .out_width = ops->out_width(st),
+            .seconds = reps % 2 ? ts[reps / 2] : 0.5 * (ts[reps / 2 - 1] + ts[reps / 2]),
+            .weight_bytes = params * (int64_t)sizeof(float),
+            .activation_bytes = (int64_t)(scratch + sizeof(float) * ((size_t)(tokens * width) + n_out))};
+        snprintf(out->type, sizeof out->type, "%s", type);
+    }
+    if (st) ops->free(st);
+    mmb__ckpt_close(&c);
+    free(x);
+    free(y);
+    free(ts);
+    return s;
+}
