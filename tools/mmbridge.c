@@ -742,34 +742,15 @@ static int cmd_encode(int argc, char **argv) {
         if (!load_processor(ctx, &o, mi.pad_to_square, &pp)) px = read_images(ctx, &o, &pp, vi.image_size, &ph, &pw);
     }
     if (!px) goto done;
-    /* Taps: the model's, then --taps, then last_hidden_state for a vision-only checkpoint. */
-    int taps[MMB_MAX_TAPS + 1], spans[MMB_MAX_TAPS + 1] = {0}, nt = 0, n_model = 0;
-    if (m) {
-        for (int i = 0; i < mi.n_taps; i++) {
-            spans[nt] = mi.tap_spans[i];  /* a Dense Connector's group means, summed as the blocks run */
-            taps[nt++] = mi.taps[i];
-        }
-        n_model = nt;
-    }
-    for (int i = 0; i < o.n_taps && nt < MMB_MAX_TAPS; i++) taps[nt++] = o.taps[i];
-    if (!m) taps[nt++] = MMB_TAP_LAST;
-    size_t per = (size_t)(n * vi.tokens * vi.width);
-    for (int i = 0; i < nt; i++)
-        if (!(bufs[i] = malloc(per * sizeof(float)))) { fprintf(stderr, "mmbridge: error: out of memory\n"); goto done; }
-    double t0 = now_ms();
-    if (mmb_vit_forward_groups(ctx, vit, px, n, taps, spans, nt, bufs) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
-    double t1 = now_ms();
+    /* The embeddings (mmb_model_encode: the model's taps, a DCI group's mean summed as the blocks run),
+     * then --taps (and last_hidden_state for a vision-only checkpoint) from a second pass of the tower. */
     int64_t t_out = 0;
+    double t0 = now_ms();
     if (m) {
-        mmb_features ft = {.batch = n, .tokens = vi.tokens, .width = vi.width, .n_hidden = vi.layers + 1};
-        for (int i = 0; i < n_model; i++) {
-            ft.taps[ft.n_taps] = taps[i] < 0 ? taps[i] + vi.layers + 1 : taps[i];
-            ft.spans[ft.n_taps] = spans[i];
-            ft.data[ft.n_taps++] = bufs[i];
-        }
-        t_out = mmb_model_tokens_out(ctx, m, vi.tokens);
+        t_out = mmb_model_encode_tokens(ctx, m, vi.image_size, vi.image_size);
         size_t ne = (size_t)(n * (t_out > 0 ? t_out : 0) * mi.out_width);
-        if (t_out < 0 || !(emb = malloc(ne * sizeof(float) + 1)) || mmb_model_connect(ctx, m, &ft, emb, ne) != MMB_OK) {
+        if (t_out < 0 || !(emb = malloc(ne * sizeof(float) + 1)) ||
+            mmb_model_encode(ctx, m, px, n, vi.image_size, vi.image_size, emb, ne) != MMB_OK) {
             cli_fail(ctx, NULL);
             goto done;
         }
@@ -780,8 +761,16 @@ static int cmd_encode(int argc, char **argv) {
             outs[0].shape[0] = 1;
         }
     }
+    double t1 = now_ms();
+    int taps[MMB_MAX_TAPS + 1], nt = 0;
+    for (int i = 0; i < o.n_taps && nt < MMB_MAX_TAPS; i++) taps[nt++] = o.taps[i];
+    if (!m) taps[nt++] = MMB_TAP_LAST;
+    size_t per = (size_t)(n * vi.tokens * vi.width);
+    for (int i = 0; i < nt; i++)
+        if (!(bufs[i] = malloc(per * sizeof(float)))) { fprintf(stderr, "mmbridge: error: out of memory\n"); goto done; }
+    if (nt && mmb_vit_forward(ctx, vit, px, n, taps, nt, bufs) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
     double t2 = now_ms();
-    for (int i = n_model; i < nt; i++) {
+    for (int i = 0; i < nt; i++) {
         int idx = taps[i] == MMB_TAP_LAST ? -1 : taps[i] < 0 ? taps[i] + vi.layers + 1 : taps[i];
         if (idx < 0) snprintf(names[i], sizeof names[i], "last_hidden_state");
         else snprintf(names[i], sizeof names[i], "hidden_states.%d", idx);
@@ -802,8 +791,8 @@ static int cmd_encode(int argc, char **argv) {
             printf("image %lld: %s %dx%d -> %s %lld tokens x %d\n", (long long)i, src, vi.image_size,
                    vi.image_size, vi.family, (long long)vi.tokens, vi.width);
     }
-    printf("encoder %.1f ms, connector %.1f ms, %d thread(s), %d tensor(s) -> %s\n", t1 - t0, t2 - t1,
-           mmb_ctx_threads(ctx), n_out, o.output);
+    printf("encoder + connector %.1f ms, hidden states %.1f ms, %d thread(s), %d tensor(s) -> %s\n", t1 - t0,
+           t2 - t1, mmb_ctx_threads(ctx), n_out, o.output);
     r = 0;
 done:
     free_list(all_frames, n_all);
