@@ -295,6 +295,13 @@ void mmb__attention_forward(mmb_ctx *ctx, float *out, const float *qkv, int64_t 
 /* The oracle: full score rows in double. Returns false if it cannot allocate a row. */
 bool mmb__attention_forward_ref(float *out, const float *qkv, int64_t batch, int64_t tokens, int64_t heads,
                                 int64_t head_dim);
+/* Cross-attention (BLIP-2's Q-Former, resamplers): q (batch, nq, heads * head_dim) over
+ * kv (batch, nk, 2 * heads * head_dim) [k | v, head-major inside each] -> out (batch, nq, heads * head_dim):
+ * softmax(q k^T / sqrt(head_dim)) v per head, no mask. Scratch as mmb__attention_scratch. */
+void mmb__attention_cross_forward(mmb_ctx *ctx, float *out, const float *q, const float *kv, int64_t batch,
+                                  int64_t nq, int64_t nk, int64_t heads, int64_t head_dim, float *scratch);
+bool mmb__attention_cross_forward_ref(float *out, const float *q, const float *kv, int64_t batch, int64_t nq,
+                                      int64_t nk, int64_t heads, int64_t head_dim);
 
 /* ---- vision/vit.c ------------------------------------------------------------------------------ */
 
