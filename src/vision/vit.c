@@ -120,49 +120,10 @@ void mmb_vit_free(mmb_vit *v) {
     free(v);
 }
 
-/* Binds {prefix}{name}.weight [n_out, n_in] and .bias [n_out] as a linear layer. */
-static mmb_status bind_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name,
-                              int64_t n_out, int64_t n_in, mmb_linear *l) {
-    char wn[256], bn[256];
-    snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
-    snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
-    const mmb_tensor *w, *b;
-    int64_t ws[2] = {n_out, n_in};
-    mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
-    if (s == MMB_OK) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
-    return s == MMB_OK ? mmb__linear_init(ctx, l, w, b) : s;
-}
-
-static mmb_status bind_vec2(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n,
-                            float **w, float **b) {
-    char wn[256], bn[256];
-    snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
-    snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
-    mmb_status s = mmb__ckpt_vec(ctx, c, wn, n, w);
-    return s == MMB_OK ? mmb__ckpt_vec(ctx, c, bn, n, b) : s;
-}
-
 /* q, k, v projections fused into one (3D, D) layer so a block runs one GEMM for them. */
 static mmb_status bind_qkv(mmb_ctx *ctx, const mmb_ckpt *c, const char *lp, int64_t D, vit_layer *l) {
-    l->qkv_w = malloc(sizeof(float) * (size_t)(3 * D * D));
-    l->qkv_b = malloc(sizeof(float) * (size_t)(3 * D));
-    if (!l->qkv_w || !l->qkv_b) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir);
-    static const char *const names[3] = {"q_proj", "k_proj", "v_proj"};
-    for (int i = 0; i < 3; i++) {
-        char wn[256], bn[256];
-        snprintf(wn, sizeof wn, "%sself_attn.%s.weight", lp, names[i]);
-        snprintf(bn, sizeof bn, "%sself_attn.%s.bias", lp, names[i]);
-        const mmb_tensor *w, *b;
-        int64_t ws[2] = {D, D};
-        mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
-        if (s == MMB_OK) s = mmb__ckpt_bind(ctx, c, bn, 1, &D, &b);
-        if (s != MMB_OK) return s;
-        mmb_to_f32(l->qkv_w + i * D * D, w->data, w->dtype, (size_t)(D * D));
-        mmb_to_f32(l->qkv_b + i * D, b->data, b->dtype, (size_t)D);
-    }
-    mmb_tensor w = {.name = "qkv", .dtype = MMB_F32, .ndim = 2, .shape = {3 * D, D}, .data = l->qkv_w};
-    mmb_tensor b = {.name = "qkv.bias", .dtype = MMB_F32, .ndim = 1, .shape = {3 * D}, .data = l->qkv_b};
-    return mmb__linear_init(ctx, &l->qkv, &w, &b);
+    static const char *const names[3] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"};
+    return mmb__ckpt_linear_fused(ctx, c, lp, names, 3, D, D, &l->qkv, &l->qkv_w, &l->qkv_b);
 }
 
 /* BLIP-2's qkv: one Linear (3D, D) without a bias of its own; the bias is qkv.bias (3D), as
@@ -243,21 +204,22 @@ static mmb_status load_weights(mmb_ctx *ctx, mmb_vit *v, const mmb_ckpt *c) {
     if (s == MMB_OK && in->has_cls && !v->blip2) {
         snprintf(name, sizeof name, "%sembeddings.class_embedding", p);
         s = mmb__ckpt_vec(ctx, c, name, D, &v->cls);
-        if (s == MMB_OK) s = bind_vec2(ctx, c, p, "pre_layrnorm", D, &v->pre_w, &v->pre_b);
+        if (s == MMB_OK) s = mmb__ckpt_vec2(ctx, c, p, "pre_layrnorm", D, &v->pre_w, &v->pre_b);
     }
-    if (s == MMB_OK) s = bind_vec2(ctx, c, p, "post_layernorm", D, &v->post_w, &v->post_b);
+    if (s == MMB_OK) s = mmb__ckpt_vec2(ctx, c, p, "post_layernorm", D, &v->post_w, &v->post_b);
     if (s == MMB_OK && !(v->layers = calloc((size_t)in->layers + 1, sizeof *v->layers)))
         s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     for (int i = 0; i < in->layers && s == MMB_OK; i++) {
         vit_layer *l = &v->layers[i];
         char lp[160];
         snprintf(lp, sizeof lp, "%sencoder.layers.%d.", p, i);
-        s = bind_vec2(ctx, c, lp, "layer_norm1", D, &l->ln1_w, &l->ln1_b);
-        if (s == MMB_OK) s = bind_vec2(ctx, c, lp, "layer_norm2", D, &l->ln2_w, &l->ln2_b);
+        s = mmb__ckpt_vec2(ctx, c, lp, "layer_norm1", D, &l->ln1_w, &l->ln1_b);
+        if (s == MMB_OK) s = mmb__ckpt_vec2(ctx, c, lp, "layer_norm2", D, &l->ln2_w, &l->ln2_b);
         if (s == MMB_OK) s = v->blip2 ? bind_qkv_blip2(ctx, c, lp, D, v->qkv_bias, l) : bind_qkv(ctx, c, lp, D, l);
-        if (s == MMB_OK) s = bind_linear(ctx, c, lp, v->blip2 ? "self_attn.projection" : "self_attn.out_proj", D, D, &l->out);
-        if (s == MMB_OK) s = bind_linear(ctx, c, lp, "mlp.fc1", I, D, &l->fc1);
-        if (s == MMB_OK) s = bind_linear(ctx, c, lp, "mlp.fc2", D, I, &l->fc2);
+        if (s == MMB_OK)
+            s = mmb__ckpt_linear(ctx, c, lp, v->blip2 ? "self_attn.projection" : "self_attn.out_proj", D, D, &l->out);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "mlp.fc1", I, D, &l->fc1);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "mlp.fc2", D, I, &l->fc2);
     }
     return s;
 }
