@@ -44,7 +44,8 @@ typedef struct {
 
 static bool blip2_detect(const mmb_ckpt *c, const char *arch, const char *model_type) {
     (void)c;
-    return strcmp(model_type, "blip-2") == 0 || strncmp(arch, "Blip2", 5) == 0;
+    return strcmp(model_type, "blip-2") == 0 || strcmp(arch, "Blip2ForConditionalGeneration") == 0 ||
+           strcmp(arch, "Blip2Model") == 0;
 }
 
 static void blip2_free(void *st) {
