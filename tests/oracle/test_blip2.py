@@ -91,7 +91,7 @@ def encode(d, px_path, out, *extra, check=True):
 
 
 @pytest.mark.parametrize("text,layout", [("opt", "saved"), ("opt", "q_v_bias"), ("opt", "model_prefix"),
-                                         ("t5", "saved")])
+                                         ("t5", "saved"), ("opt", "bf16")])
 def test_encode_matches_get_image_features(tmp_path, text, layout):
     d = tmp_path / "blip2"
     model = make_blip2(d, text)
@@ -99,6 +99,11 @@ def test_encode_matches_get_image_features(tmp_path, text, layout):
         rewrite(d, to_q_v_bias(model))
     elif layout == "model_prefix":
         rewrite(d, lambda sd: {k if k.startswith("language_model") else "model." + k: v for k, v in sd.items()})
+    elif layout == "bf16":  # bf16 weights, widened at load: the reference runs the same rounded weights in f32
+        with torch.no_grad():
+            for q in model.parameters():
+                q.copy_(q.bfloat16().float())
+        rewrite(d, lambda sd: {k: v.bfloat16() for k, v in sd.items()})
     px = pixels_file(tmp_path / "px.safetensors", 3, S)
     ref = features(model, px)
     got, p = encode(d, tmp_path / "px.safetensors", tmp_path / "o.safetensors", "--threads", "2")
@@ -107,6 +112,8 @@ def test_encode_matches_get_image_features(tmp_path, text, layout):
     print(f"blip2 {text} {layout}: encode vs get_image_features {err:.2e} (max |ref| {ref.abs().max():.2f})")
     assert err <= 1e-4
     assert p.stdout.count("image ") == 3
+    if layout == "bf16":
+        assert "weights:          BF16" in run("info", d).stdout
     if layout == "q_v_bias":
         # The test sees where v_bias goes: in k's third (where a bias cancels in the softmax) it moves the result.
         D = VISION["hidden_size"]
