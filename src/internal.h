@@ -321,4 +321,29 @@ mmb_status mmb__vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vit **out);
 mmb_status mmb__preprocess_u8(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_image *img, unsigned char **out,
                               int *h, int *w);
 
+/* ---- BLIP-2: cross-attention (tensor/attention.c), layers bound by name (io/checkpoint.c), the family
+ * (connectors/qformer.c) ---------------------------------------------------------------------- */
+
+/* Cross-attention (BLIP-2's Q-Former, resamplers): q (batch, nq, heads * head_dim) over
+ * kv (batch, nk, 2 * heads * head_dim) [k | v, head-major inside each] -> out (batch, nq, heads * head_dim):
+ * softmax(q k^T / sqrt(head_dim)) v per head, no mask. Scratch as mmb__attention_scratch. */
+void mmb__attention_cross_forward(mmb_ctx *ctx, float *out, const float *q, const float *kv, int64_t batch,
+                                  int64_t nq, int64_t nk, int64_t heads, int64_t head_dim, float *scratch);
+bool mmb__attention_cross_forward_ref(float *out, const float *q, const float *kv, int64_t batch, int64_t nq,
+                                      int64_t nk, int64_t heads, int64_t head_dim);
+
+/* Binds {prefix}{name}.weight [n_out, n_in] and .bias [n_out] as a linear layer. */
+mmb_status mmb__ckpt_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
+                            int64_t n_in, mmb_linear *l);
+/* f32 copies of {prefix}{name}.weight and .bias, n each (a norm's); the caller frees them. */
+mmb_status mmb__ckpt_vec2(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n,
+                          float **w, float **b);
+/* n linear layers {prefix}{names[i]}.weight [n_out, n_in] and .bias [n_out] stacked into one
+ * (n * n_out, n_in) layer, so projections that read the same input run as one GEMM (q | k | v).
+ * The stacked f32 copies go to *w and *b (set even on failure; the caller frees them after l). */
+mmb_status mmb__ckpt_linear_fused(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *const *names,
+                                  int n, int64_t n_out, int64_t n_in, mmb_linear *l, float **w, float **b);
+
+extern const mmb_family_ops mmb__family_blip2;
+
 #endif

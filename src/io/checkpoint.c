@@ -356,3 +356,48 @@ mmb_status mmb__ckpt_vec(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int6
     *out = v;
     return MMB_OK;
 }
+
+/* ---- layers bound by name ---- */
+
+mmb_status mmb__ckpt_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
+                            int64_t n_in, mmb_linear *l) {
+    char wn[256], bn[256];
+    snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
+    snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
+    const mmb_tensor *w, *b;
+    int64_t ws[2] = {n_out, n_in};
+    mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
+    if (s == MMB_OK) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
+    return s == MMB_OK ? mmb__linear_init(ctx, l, w, b) : s;
+}
+
+mmb_status mmb__ckpt_vec2(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n,
+                          float **w, float **b) {
+    char wn[256], bn[256];
+    snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
+    snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
+    mmb_status s = mmb__ckpt_vec(ctx, c, wn, n, w);
+    return s == MMB_OK ? mmb__ckpt_vec(ctx, c, bn, n, b) : s;
+}
+
+mmb_status mmb__ckpt_linear_fused(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *const *names,
+                                  int n, int64_t n_out, int64_t n_in, mmb_linear *l, float **wout, float **bout) {
+    float *wf = *wout = malloc(sizeof(float) * (size_t)(n * n_out * n_in));
+    float *bf = *bout = malloc(sizeof(float) * (size_t)(n * n_out));
+    if (!wf || !bf) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir);
+    for (int i = 0; i < n; i++) {
+        char wn[256], bn[256];
+        snprintf(wn, sizeof wn, "%s%s.weight", prefix, names[i]);
+        snprintf(bn, sizeof bn, "%s%s.bias", prefix, names[i]);
+        const mmb_tensor *w, *b;
+        int64_t ws[2] = {n_out, n_in};
+        mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
+        if (s == MMB_OK) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
+        if (s != MMB_OK) return s;
+        mmb_to_f32(wf + i * n_out * n_in, w->data, w->dtype, (size_t)(n_out * n_in));
+        mmb_to_f32(bf + i * n_out, b->data, b->dtype, (size_t)n_out);
+    }
+    mmb_tensor w = {.name = names[0], .dtype = MMB_F32, .ndim = 2, .shape = {n * n_out, n_in}, .data = wf};
+    mmb_tensor b = {.name = names[0], .dtype = MMB_F32, .ndim = 1, .shape = {n * n_out}, .data = bf};
+    return mmb__linear_init(ctx, l, &w, &b);
+}

@@ -1,11 +1,12 @@
-/* CLIP and SigLIP vision transformers, as transformers' CLIPVisionModel / SiglipVisionModel run
- * them, with hidden-state taps.
+/* CLIP, SigLIP and BLIP-2 (EVA) vision transformers, as transformers' CLIPVisionModel /
+ * SiglipVisionModel / Blip2VisionModel run them, with hidden-state taps.
  *
- *   embeddings: Conv2d(C -> D, kernel = stride = patch; bias for SigLIP only) as a GEMM over
- *               im2col rows; CLIP prepends class_embedding; + position_embedding
+ *   embeddings: Conv2d(C -> D, kernel = stride = patch; bias for SigLIP and BLIP-2) as a GEMM over
+ *               im2col rows; CLIP and BLIP-2 prepend class_embedding; + position_embedding
  *   CLIP only:  pre_layrnorm                                   -> hidden_states[0]
  *   block i:    x += out_proj(attn(LN1(x)));  x += fc2(act(fc1(LN2(x))))   -> hidden_states[i]
- *   SigLIP:     last_hidden_state = post_layernorm(hidden_states[L]); CLIP: = hidden_states[L]
+ *               (BLIP-2: one qkv Linear, its bias q_bias | 0 | v_bias; out_proj is `projection`)
+ *   SigLIP, BLIP-2: last_hidden_state = post_layernorm(hidden_states[L]); CLIP: = hidden_states[L]
  */
 #include "internal.h"
 
@@ -32,6 +33,8 @@ struct mmb_vit {
     float *pre_w, *pre_b;    /* (D), CLIP only */
     float *post_w, *post_b;  /* (D) */
     vit_layer *layers;
+    bool blip2;              /* Blip2VisionModel: patch bias, no pre_layrnorm, fused qkv, post_layernorm on all */
+    bool qkv_bias;           /* BLIP-2's vision_config.qkv_bias */
 };
 
 /* The defaults of each config class, for keys save_pretrained left out. */
@@ -43,6 +46,7 @@ static const struct {
 } families[] = {
     {"clip_vision_model", "clip", "quick_gelu", 768, 3072, 12, 12, 224, 32, 1e-5f, true},
     {"siglip_vision_model", "siglip", "gelu_pytorch_tanh", 768, 3072, 12, 12, 224, 16, 1e-6f, false},
+    {"blip_2_vision_model", "blip2", "gelu", 1408, 6144, 39, 16, 224, 14, 1e-6f, true},
 };
 
 mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_prefix, mmb_vit_info *out) {
@@ -59,7 +63,7 @@ mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_pref
         if (strcmp(mt, families[i].model_type) == 0) f = i;
     if (f < 0)
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: vision model_type '%s' (expected "
-                        "clip_vision_model or siglip_vision_model)", c->dir, mt);
+                        "clip_vision_model, siglip_vision_model or blip_2_vision_model)", c->dir, mt);
     mmb_vit_info in = {.family = families[f].family, .act = families[f].act, .eps = families[f].eps,
                        .has_cls = families[f].cls};
     struct { const char *k; int def; int *dst; } ints[] = {
@@ -90,7 +94,8 @@ mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_pref
     int64_t P = (int64_t)in.channels * in.patch_size * in.patch_size;
     in.tokens = T;
     in.flops_per_image = 2 * g * g * D * P + in.layers * (2 * T * (4 * D * D + 2 * D * I) + 4 * T * T * D);
-    in.params = D * P + (in.family[0] == 's' ? D : 0) + T * D + (in.has_cls ? 3 * D : 0) + 2 * D +
+    bool blip2 = strcmp(in.family, "blip2") == 0;  /* patch bias and CLS, no pre_layrnorm */
+    in.params = D * P + (in.family[0] == 's' || blip2 ? D : 0) + T * D + (in.has_cls ? (blip2 ? 1 : 3) * D : 0) + 2 * D +
                 in.layers * (4 * D * D + 4 * D + 2 * D * I + I + D + 4 * D);
     *out = in;
     return MMB_OK;
@@ -115,49 +120,55 @@ void mmb_vit_free(mmb_vit *v) {
     free(v);
 }
 
-/* Binds {prefix}{name}.weight [n_out, n_in] and .bias [n_out] as a linear layer. */
-static mmb_status bind_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name,
-                              int64_t n_out, int64_t n_in, mmb_linear *l) {
-    char wn[256], bn[256];
-    snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
-    snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
-    const mmb_tensor *w, *b;
-    int64_t ws[2] = {n_out, n_in};
-    mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
-    if (s == MMB_OK) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
-    return s == MMB_OK ? mmb__linear_init(ctx, l, w, b) : s;
-}
-
-static mmb_status bind_vec2(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n,
-                            float **w, float **b) {
-    char wn[256], bn[256];
-    snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
-    snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
-    mmb_status s = mmb__ckpt_vec(ctx, c, wn, n, w);
-    return s == MMB_OK ? mmb__ckpt_vec(ctx, c, bn, n, b) : s;
-}
-
 /* q, k, v projections fused into one (3D, D) layer so a block runs one GEMM for them. */
 static mmb_status bind_qkv(mmb_ctx *ctx, const mmb_ckpt *c, const char *lp, int64_t D, vit_layer *l) {
-    l->qkv_w = malloc(sizeof(float) * (size_t)(3 * D * D));
-    l->qkv_b = malloc(sizeof(float) * (size_t)(3 * D));
-    if (!l->qkv_w || !l->qkv_b) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir);
-    static const char *const names[3] = {"q_proj", "k_proj", "v_proj"};
-    for (int i = 0; i < 3; i++) {
-        char wn[256], bn[256];
-        snprintf(wn, sizeof wn, "%sself_attn.%s.weight", lp, names[i]);
-        snprintf(bn, sizeof bn, "%sself_attn.%s.bias", lp, names[i]);
-        const mmb_tensor *w, *b;
-        int64_t ws[2] = {D, D};
-        mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
-        if (s == MMB_OK) s = mmb__ckpt_bind(ctx, c, bn, 1, &D, &b);
-        if (s != MMB_OK) return s;
-        mmb_to_f32(l->qkv_w + i * D * D, w->data, w->dtype, (size_t)(D * D));
-        mmb_to_f32(l->qkv_b + i * D, b->data, b->dtype, (size_t)D);
+    static const char *const names[3] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"};
+    return mmb__ckpt_linear_fused(ctx, c, lp, names, 3, D, D, &l->qkv, &l->qkv_w, &l->qkv_b);
+}
+
+/* BLIP-2's qkv: one Linear (3D, D) without a bias of its own; the bias is qkv.bias (3D), as
+ * transformers 5 saves it, or q_bias and v_bias (D each; older transformers and the hub files),
+ * which the model fuses as q_bias | 0 | v_bias (k has none). No bias when vision_config.qkv_bias is false. */
+static mmb_status bind_qkv_blip2(mmb_ctx *ctx, const mmb_ckpt *c, const char *lp, int64_t D, bool bias, vit_layer *l) {
+    char wn[256], bn[256], qn[256], vn[256];
+    snprintf(wn, sizeof wn, "%sself_attn.qkv.weight", lp);
+    snprintf(bn, sizeof bn, "%sself_attn.qkv.bias", lp);
+    snprintf(qn, sizeof qn, "%sself_attn.q_bias", lp);
+    snprintf(vn, sizeof vn, "%sself_attn.v_bias", lp);
+    const mmb_tensor *w, *b = NULL;
+    int64_t ws[2] = {3 * D, D}, n3 = 3 * D;
+    mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
+    if (s != MMB_OK || !bias) return s == MMB_OK ? mmb__linear_init(ctx, &l->qkv, w, NULL) : s;
+    if (mmb__ckpt_find(c, bn, NULL) || !mmb__ckpt_find(c, qn, NULL)) {
+        if (!mmb__ckpt_find(c, bn, NULL))
+            return mmb__err(ctx, MMB_ERR_MISSING, "%s: tensor '%s' (or '%s' and '%s') is missing", c->dir, bn, qn, vn);
+        s = mmb__ckpt_bind(ctx, c, bn, 1, &n3, &b);
+        return s == MMB_OK ? mmb__linear_init(ctx, &l->qkv, w, b) : s;
     }
-    mmb_tensor w = {.name = "qkv", .dtype = MMB_F32, .ndim = 2, .shape = {3 * D, D}, .data = l->qkv_w};
-    mmb_tensor b = {.name = "qkv.bias", .dtype = MMB_F32, .ndim = 1, .shape = {3 * D}, .data = l->qkv_b};
-    return mmb__linear_init(ctx, &l->qkv, &w, &b);
+    float *q = NULL, *vb = NULL;
+    s = mmb__ckpt_vec(ctx, c, qn, D, &q);
+    if (s == MMB_OK) s = mmb__ckpt_vec(ctx, c, vn, D, &vb);
+    if (s == MMB_OK && !(l->qkv_b = calloc((size_t)(3 * D), sizeof(float))))
+        s = mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir);
+    if (s == MMB_OK) {
+        memcpy(l->qkv_b, q, sizeof(float) * (size_t)D);
+        memcpy(l->qkv_b + 2 * D, vb, sizeof(float) * (size_t)D);
+        mmb_tensor bt = {.name = "qkv.bias", .dtype = MMB_F32, .ndim = 1, .shape = {3 * D}, .data = l->qkv_b};
+        s = mmb__linear_init(ctx, &l->qkv, w, &bt);
+    }
+    free(q);
+    free(vb);
+    return s;
+}
+
+/* Binds `name` of exactly shape[ndim] (n elements) and returns an f32 copy in *out. */
+static mmb_status bind_copy(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int ndim, const int64_t *shape,
+                            int64_t n, float **out) {
+    const mmb_tensor *t;
+    mmb_status s = mmb__ckpt_bind(ctx, c, name, ndim, shape, &t);
+    if (s == MMB_OK && !(*out = malloc(sizeof(float) * (size_t)n))) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    if (s == MMB_OK) mmb_to_f32(*out, t->data, t->dtype, (size_t)n);
+    return s;
 }
 
 static mmb_status load_weights(mmb_ctx *ctx, mmb_vit *v, const mmb_ckpt *c) {
@@ -169,7 +180,7 @@ static mmb_status load_weights(mmb_ctx *ctx, mmb_vit *v, const mmb_ckpt *c) {
     int64_t pshape[4] = {D, in->channels, in->patch_size, in->patch_size};
     snprintf(name, sizeof name, "%sembeddings.patch_embedding.weight", p);
     mmb_status s = mmb__ckpt_bind(ctx, c, name, 4, pshape, &pw);
-    if (s == MMB_OK && !in->has_cls) {
+    if (s == MMB_OK && (!in->has_cls || v->blip2)) {
         snprintf(name, sizeof name, "%sembeddings.patch_embedding.bias", p);
         s = mmb__ckpt_bind(ctx, c, name, 1, &D, &pb);
     }
@@ -179,33 +190,36 @@ static mmb_status load_weights(mmb_ctx *ctx, mmb_vit *v, const mmb_ckpt *c) {
         w2.shape[1] = P;
         s = mmb__linear_init(ctx, &v->patch, &w2, pb);
     }
-    if (s == MMB_OK) {
-        const mmb_tensor *pos;
+    if (s == MMB_OK && v->blip2) {  /* Parameters (1, T, D) and (1, 1, D), not an nn.Embedding */
+        int64_t ps[3] = {1, T, D}, cs[3] = {1, 1, D};
+        snprintf(name, sizeof name, "%sembeddings.position_embedding", p);
+        s = bind_copy(ctx, c, name, 3, ps, T * D, &v->pos);
+        snprintf(name, sizeof name, "%sembeddings.class_embedding", p);
+        if (s == MMB_OK) s = bind_copy(ctx, c, name, 3, cs, D, &v->cls);
+    } else if (s == MMB_OK) {
         int64_t ps[2] = {T, D};
         snprintf(name, sizeof name, "%sembeddings.position_embedding.weight", p);
-        s = mmb__ckpt_bind(ctx, c, name, 2, ps, &pos);
-        if (s == MMB_OK && !(v->pos = malloc(sizeof(float) * (size_t)(T * D))))
-            s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
-        if (s == MMB_OK) mmb_to_f32(v->pos, pos->data, pos->dtype, (size_t)(T * D));
+        s = bind_copy(ctx, c, name, 2, ps, T * D, &v->pos);
     }
-    if (s == MMB_OK && in->has_cls) {
+    if (s == MMB_OK && in->has_cls && !v->blip2) {
         snprintf(name, sizeof name, "%sembeddings.class_embedding", p);
         s = mmb__ckpt_vec(ctx, c, name, D, &v->cls);
-        if (s == MMB_OK) s = bind_vec2(ctx, c, p, "pre_layrnorm", D, &v->pre_w, &v->pre_b);
+        if (s == MMB_OK) s = mmb__ckpt_vec2(ctx, c, p, "pre_layrnorm", D, &v->pre_w, &v->pre_b);
     }
-    if (s == MMB_OK) s = bind_vec2(ctx, c, p, "post_layernorm", D, &v->post_w, &v->post_b);
+    if (s == MMB_OK) s = mmb__ckpt_vec2(ctx, c, p, "post_layernorm", D, &v->post_w, &v->post_b);
     if (s == MMB_OK && !(v->layers = calloc((size_t)in->layers + 1, sizeof *v->layers)))
         s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     for (int i = 0; i < in->layers && s == MMB_OK; i++) {
         vit_layer *l = &v->layers[i];
         char lp[160];
         snprintf(lp, sizeof lp, "%sencoder.layers.%d.", p, i);
-        s = bind_vec2(ctx, c, lp, "layer_norm1", D, &l->ln1_w, &l->ln1_b);
-        if (s == MMB_OK) s = bind_vec2(ctx, c, lp, "layer_norm2", D, &l->ln2_w, &l->ln2_b);
-        if (s == MMB_OK) s = bind_qkv(ctx, c, lp, D, l);
-        if (s == MMB_OK) s = bind_linear(ctx, c, lp, "self_attn.out_proj", D, D, &l->out);
-        if (s == MMB_OK) s = bind_linear(ctx, c, lp, "mlp.fc1", I, D, &l->fc1);
-        if (s == MMB_OK) s = bind_linear(ctx, c, lp, "mlp.fc2", D, I, &l->fc2);
+        s = mmb__ckpt_vec2(ctx, c, lp, "layer_norm1", D, &l->ln1_w, &l->ln1_b);
+        if (s == MMB_OK) s = mmb__ckpt_vec2(ctx, c, lp, "layer_norm2", D, &l->ln2_w, &l->ln2_b);
+        if (s == MMB_OK) s = v->blip2 ? bind_qkv_blip2(ctx, c, lp, D, v->qkv_bias, l) : bind_qkv(ctx, c, lp, D, l);
+        if (s == MMB_OK)
+            s = mmb__ckpt_linear(ctx, c, lp, v->blip2 ? "self_attn.projection" : "self_attn.out_proj", D, D, &l->out);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "mlp.fc1", I, D, &l->fc1);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "mlp.fc2", D, I, &l->fc2);
     }
     return s;
 }
@@ -216,7 +230,8 @@ static const char *find_prefix(const mmb_ckpt *c) {
      * files, transformers 5 save_pretrained; then a full CLIPModel/SiglipModel (or a 4.x standalone
      * save); then a standalone vision model as transformers 5 saves it, without a prefix. */
     static const char *const prefixes[] = {"model.vision_tower.vision_model.", "model.vision_tower.",
-                                           "vision_tower.vision_model.", "vision_tower.", "vision_model.", ""};
+                                           "vision_tower.vision_model.", "vision_tower.", "model.vision_model.",
+                                           "vision_model.", ""};
     for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++) {
         char name[160];
         snprintf(name, sizeof name, "%sembeddings.patch_embedding.weight", prefixes[i]);
@@ -231,7 +246,7 @@ mmb_status mmb__vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vit **out) {
     const char *prefix = find_prefix(c);
     if (!prefix)
         return mmb__err(ctx, MMB_ERR_MISSING, "%s: no vision encoder: tensor 'embeddings.patch_embedding.weight' is "
-                        "missing (looked under model.vision_tower., vision_tower., vision_model. and no prefix)", c->dir);
+                        "missing (looked under model.vision_tower., vision_tower., model.vision_model., vision_model. and no prefix)", c->dir);
     mmb_vit *v = calloc(1, sizeof *v);
     if (!v) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     snprintf(v->prefix, sizeof v->prefix, "%s", prefix);
@@ -240,6 +255,12 @@ mmb_status mmb__vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vit **out) {
     if (s == MMB_OK && !mmb__act_parse(v->info.act, &v->act))
         s = mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: vision hidden_act '%s' is not supported", c->dir,
                      v->info.act);
+    if (s == MMB_OK && (v->blip2 = strcmp(v->info.family, "blip2") == 0)) {
+        char key[64];
+        v->qkv_bias = true;
+        snprintf(key, sizeof key, "%sqkv_bias", cfgp);
+        mmb__cfg_bool(ctx, c, key, &v->qkv_bias, &s);
+    }
     if (s == MMB_OK) {
         v->info.act = mmb__act_name(v->act);
         v->info.prefix = v->prefix;
@@ -347,14 +368,14 @@ mmb_status mmb_vit_forward_groups(mmb_ctx *ctx, const mmb_vit *v, const float *p
         memcpy(xb + in->has_cls * D, emb + b * g * g * D, f * (size_t)(g * g * D));
         mmb__add_forward(xb, xb, v->pos, T * D);
     }
-    if (in->has_cls) {
+    if (v->pre_w) {
         mmb__layernorm_forward_mt(ctx, xn, x, v->pre_w, v->pre_b, rows, D, in->eps);
         memcpy(x, xn, f * (size_t)(rows * D));
     }
     for (int layer = 0;; layer++) {
         for (int i = 0; i < n_taps; i++) {
             if (layer < idx[i] || layer >= idx[i] + span[i]) continue;
-            if (taps[i] == MMB_TAP_LAST && !in->has_cls)
+            if (taps[i] == MMB_TAP_LAST && (!in->has_cls || v->blip2))
                 mmb__layernorm_forward_mt(ctx, outs[i], x, v->post_w, v->post_b, rows, D, in->eps);
             else if (layer == idx[i])
                 memcpy(outs[i], x, f * (size_t)(rows * D));
