@@ -313,4 +313,12 @@ mmb_status mmb__vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vit **out);
 mmb_status mmb__preprocess_u8(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_image *img, unsigned char **out,
                               int *h, int *w);
 
+/* ---- Qwen2-VL: vision/qwen2vl.c (the family) and connectors/patch_merger.c ----------------------- */
+
+/* The PatchMerger: cfg->prefix ("visual.merger."), in_width D (one patch), out_width, eps; forward takes
+ * x (batch, tokens, D) with each m^2 consecutive tokens one merge window. Not in the registry. */
+extern const mmb_connector_ops mmb__conn_patch_merger;
+/* Qwen2VLForConditionalGeneration: its vision tower and merger as the family "qwen2_vl". */
+extern const mmb_family_ops mmb__family_qwen2vl;
+
 #endif
