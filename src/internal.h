@@ -320,5 +320,13 @@ mmb_status mmb__preprocess_u8(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_i
 extern const mmb_connector_ops mmb__conn_patch_merger;
 /* Qwen2VLForConditionalGeneration: its vision tower and merger as the family "qwen2_vl". */
 extern const mmb_family_ops mmb__family_qwen2vl;
+/* (generic, io/checkpoint.c) Binds {prefix}{name}.weight [n_out, n_in] and, if bias, {prefix}{name}.bias
+ * [n_out] as a linear layer; errors name the file and the tensor. */
+mmb_status mmb__ckpt_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
+                            int64_t n_in, bool bias, mmb_linear *l);
+/* (generic, io/checkpoint.c) A norm's {prefix}{name}.weight and .bias, (n) each, as f32 copies in *w, *b
+ * (the caller frees them). */
+mmb_status mmb__ckpt_norm(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n, float **w,
+                          float **b);
 
 #endif

@@ -33,19 +33,6 @@ static void pm_free(void *st) {
     free(s);
 }
 
-/* Binds {prefix}{name}.weight [n_out, n_in] and {prefix}{name}.bias [n_out] as a linear layer. */
-static mmb_status bind_mlp(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, int idx, int64_t n_out,
-                           int64_t n_in, mmb_linear *l) {
-    char wn[512], bn[512];
-    snprintf(wn, sizeof wn, "%smlp.%d.weight", prefix, idx);
-    snprintf(bn, sizeof bn, "%smlp.%d.bias", prefix, idx);
-    const mmb_tensor *w = NULL, *b = NULL;
-    int64_t ws[2] = {n_out, n_in};
-    mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
-    if (s == MMB_OK) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
-    return s == MMB_OK ? mmb__linear_init(ctx, l, w, b) : s;
-}
-
 static mmb_status pm_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, void **out) {
     const int64_t D = cfg->in_width;
     char name[512];
@@ -63,12 +50,9 @@ static mmb_status pm_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *c
     s->width = D;
     s->group = m * m;
     s->eps = cfg->eps;
-    snprintf(name, sizeof name, "%sln_q.weight", cfg->prefix);
-    mmb_status st = mmb__ckpt_vec(ctx, c, name, D, &s->ln_w);
-    snprintf(name, sizeof name, "%sln_q.bias", cfg->prefix);
-    if (st == MMB_OK) st = mmb__ckpt_vec(ctx, c, name, D, &s->ln_b);
-    if (st == MMB_OK) st = bind_mlp(ctx, c, cfg->prefix, 0, K, K, &s->fc1);
-    if (st == MMB_OK) st = bind_mlp(ctx, c, cfg->prefix, 2, cfg->out_width, K, &s->fc2);
+    mmb_status st = mmb__ckpt_norm(ctx, c, cfg->prefix, "ln_q", D, &s->ln_w, &s->ln_b);
+    if (st == MMB_OK) st = mmb__ckpt_linear(ctx, c, cfg->prefix, "mlp.0", K, K, true, &s->fc1);
+    if (st == MMB_OK) st = mmb__ckpt_linear(ctx, c, cfg->prefix, "mlp.2", cfg->out_width, K, true, &s->fc2);
     if (st != MMB_OK) { pm_free(s); return st; }
     *out = s;
     return MMB_OK;

@@ -111,29 +111,6 @@ static mmb_status read_config(mmb_ctx *ctx, const mmb_ckpt *c, q2_model *q) {
     return MMB_OK;
 }
 
-/* Binds {prefix}{name}.weight [n_out, n_in] and .bias [n_out] as a linear layer. */
-static mmb_status bind_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *lp, const char *name, int64_t n_out,
-                              int64_t n_in, mmb_linear *l) {
-    char wn[256], bn[256];
-    snprintf(wn, sizeof wn, "%s%s.weight", lp, name);
-    snprintf(bn, sizeof bn, "%s%s.bias", lp, name);
-    const mmb_tensor *w = NULL, *b = NULL;
-    int64_t ws[2] = {n_out, n_in};
-    mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
-    if (s == MMB_OK) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
-    return s == MMB_OK ? mmb__linear_init(ctx, l, w, b) : s;
-}
-
-/* A LayerNorm's {prefix}{name}.weight and .bias, (n) each, as f32 copies. */
-static mmb_status bind_norm(mmb_ctx *ctx, const mmb_ckpt *c, const char *lp, const char *name, int64_t n,
-                            float **w, float **b) {
-    char wn[256], bn[256];
-    snprintf(wn, sizeof wn, "%s%s.weight", lp, name);
-    snprintf(bn, sizeof bn, "%s%s.bias", lp, name);
-    mmb_status s = mmb__ckpt_vec(ctx, c, wn, n, w);
-    return s == MMB_OK ? mmb__ckpt_vec(ctx, c, bn, n, b) : s;
-}
-
 /* patch_embed.proj.weight [D, 3, T, p, p] -> patch_w (D, 3 p p), summed over T, as a linear layer. */
 static mmb_status load_patch_embed(mmb_ctx *ctx, const mmb_ckpt *c, q2_model *q) {
     const int64_t D = q->width, T = q->tpatch, pp = (int64_t)q->patch * q->patch, K = 3 * pp;
@@ -166,12 +143,12 @@ static mmb_status load_weights(mmb_ctx *ctx, const mmb_ckpt *c, q2_model *q) {
         q2_block *b = &q->blocks[i];
         char lp[64];
         snprintf(lp, sizeof lp, "%sblocks.%d.", q->prefix, i);
-        s = bind_norm(ctx, c, lp, "norm1", D, &b->n1_w, &b->n1_b);
-        if (s == MMB_OK) s = bind_norm(ctx, c, lp, "norm2", D, &b->n2_w, &b->n2_b);
-        if (s == MMB_OK) s = bind_linear(ctx, c, lp, "attn.qkv", 3 * D, D, &b->qkv);
-        if (s == MMB_OK) s = bind_linear(ctx, c, lp, "attn.proj", D, D, &b->proj);
-        if (s == MMB_OK) s = bind_linear(ctx, c, lp, "mlp.fc1", I, D, &b->fc1);
-        if (s == MMB_OK) s = bind_linear(ctx, c, lp, "mlp.fc2", D, I, &b->fc2);
+        s = mmb__ckpt_norm(ctx, c, lp, "norm1", D, &b->n1_w, &b->n1_b);
+        if (s == MMB_OK) s = mmb__ckpt_norm(ctx, c, lp, "norm2", D, &b->n2_w, &b->n2_b);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "attn.qkv", 3 * D, D, true, &b->qkv);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "attn.proj", D, D, true, &b->proj);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "mlp.fc1", I, D, true, &b->fc1);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "mlp.fc2", D, I, true, &b->fc2);
     }
     /* The merger's first Linear must be (m^2 D, m^2 D) for the configured merge size. */
     char name[96];

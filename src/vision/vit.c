@@ -118,23 +118,12 @@ void mmb_vit_free(mmb_vit *v) {
 /* Binds {prefix}{name}.weight [n_out, n_in] and .bias [n_out] as a linear layer. */
 static mmb_status bind_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name,
                               int64_t n_out, int64_t n_in, mmb_linear *l) {
-    char wn[256], bn[256];
-    snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
-    snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
-    const mmb_tensor *w, *b;
-    int64_t ws[2] = {n_out, n_in};
-    mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
-    if (s == MMB_OK) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
-    return s == MMB_OK ? mmb__linear_init(ctx, l, w, b) : s;
+    return mmb__ckpt_linear(ctx, c, prefix, name, n_out, n_in, true, l);
 }
 
 static mmb_status bind_vec2(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n,
                             float **w, float **b) {
-    char wn[256], bn[256];
-    snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
-    snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
-    mmb_status s = mmb__ckpt_vec(ctx, c, wn, n, w);
-    return s == MMB_OK ? mmb__ckpt_vec(ctx, c, bn, n, b) : s;
+    return mmb__ckpt_norm(ctx, c, prefix, name, n, w, b);
 }
 
 /* q, k, v projections fused into one (3D, D) layer so a block runs one GEMM for them. */
