@@ -167,6 +167,24 @@ def test_encode_pixels_batch(qwen, tmp_path):
     assert scaled_err(got[0], wrong) > 1e-2
 
 
+def test_module_layout(qwen, tmp_path):
+    """Weights under transformers' module names (model.visual.*) read the same as save_pretrained's
+    (visual.*)."""
+    model, d, imgs, _ = qwen
+    alt = tmp_path / "alt"
+    shutil.copytree(d, alt)
+    sd = load_file(str(alt / "model.safetensors"))
+    assert any(k.startswith("visual.") for k in sd)
+    save_file({("model." + k if k.startswith("visual.") else k): v for k, v in sd.items()},
+              str(alt / "model.safetensors"), metadata={"format": "pt"})
+    ref_in = processor(**PROC)(Image.open(imgs[(112, 56)]), return_tensors="pt")
+    ref = reference(model, ref_in["pixel_values"], ref_in["image_grid_thw"])[0]
+    run("encode", alt, imgs[(112, 56)], "-o", tmp_path / "emb.safetensors")
+    err = scaled_err(load_file(str(tmp_path / "emb.safetensors"))["embeddings"][0], ref)
+    ERRS.append(("encode image 112x56, model.visual.* keys", err))
+    assert err <= 1e-4, err
+
+
 def test_info(qwen):
     _, d, _, _ = qwen
     out = run("info", d).stdout
