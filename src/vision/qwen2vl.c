@@ -19,7 +19,6 @@
  * Weights: visual.* (save_pretrained, the hub files) or model.visual.* (transformers' module names). */
 #include "internal.h"
 
-#include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
