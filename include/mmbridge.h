@@ -446,7 +446,9 @@ typedef enum mmb_size_mode {
     MMB_SIZE_SHORTEST_EDGE = 1, /* {"shortest_edge"}: short side -> shortest_edge, long side int()-truncated */
     MMB_SIZE_SHORTEST_LONGEST = 2, /* {"shortest_edge", "longest_edge"}: as transformers'
                                       get_size_with_aspect_ratio */
-    MMB_SIZE_MAX_HEIGHT_WIDTH = 3  /* {"max_height", "max_width"}: fit inside, keeping aspect */
+    MMB_SIZE_MAX_HEIGHT_WIDTH = 3, /* {"max_height", "max_width"}: fit inside, keeping aspect */
+    MMB_SIZE_SMART = 4             /* Qwen2-VL's smart_resize: both sides multiples of resize_factor, the
+                                      aspect kept as closely as possible, min_pixels <= H * W <= max_pixels */
 } mmb_size_mode;
 
 /* Resampling filters, numbered as PIL.Image.Resampling. */
@@ -463,7 +465,8 @@ typedef enum mmb_resample {
  * processors that change the pixels. Steps run in this order: pad to square, resize, center crop,
  * rescale, normalize; the output is f32 [3, H, W]. */
 typedef struct mmb_preprocess {
-    char type[64];            /* "CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor" */
+    char type[64];            /* "CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor",
+                                 "Qwen2VLImageProcessor" */
     int do_convert_rgb;       /* informational: mmb_image is always RGB */
     int do_pad;               /* LLaVA: pad to a square of the long side, image centred, before resizing */
     unsigned char pad_color[3]; /* its background: int(image_mean[c] * 255), 0 without a mean */
@@ -478,18 +481,23 @@ typedef struct mmb_preprocess {
     double rescale_factor;             /* usually 1/255 */
     int do_normalize;
     double image_mean[3], image_std[3];/* applied in float32: (x - mean) / std */
+    int min_pixels, max_pixels;        /* MMB_SIZE_SMART: size {shortest_edge, longest_edge} or the
+                                          min_pixels / max_pixels keys (Qwen2VLImageProcessor) */
+    int resize_factor;                 /* MMB_SIZE_SMART: patch_size * merge_size (28) */
 } mmb_preprocess;
 
 /* Fills *out with the defaults of the transformers image processor class `type`
- * ("CLIPImageProcessor", "SiglipImageProcessor" or "LlavaImageProcessor"; a "Fast" or "Pil" suffix
- * is accepted). Returns MMB_OK, MMB_ERR_UNSUPPORTED for another class, or MMB_ERR_ARG for NULL. */
+ * ("CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor" or "Qwen2VLImageProcessor"; a
+ * "Fast" or "Pil" suffix is accepted). Returns MMB_OK, MMB_ERR_UNSUPPORTED for another class, or MMB_ERR_ARG for NULL. */
 MMB_API mmb_status mmb_preprocess_init(mmb_ctx *ctx, const char *type, mmb_preprocess *out);
 
 /* Reads `model_dir`/preprocessor_config.json: the class from image_processor_type (else
  * processor_class, else feature_extractor_type), its defaults for absent or null keys, then the
  * file's do_resize, size (dict, int or [h, w], read as transformers' get_size_dict with the class's
  * default_to_square), resample, do_center_crop, crop_size, do_rescale, rescale_factor,
- * do_normalize, image_mean, image_std (a number or 3 numbers), do_pad, do_convert_rgb.
+ * do_normalize, image_mean, image_std (a number or 3 numbers), do_pad, do_convert_rgb; for
+ * Qwen2VLImageProcessor size {shortest_edge, longest_edge} as min / max pixels, overridden by the
+ * min_pixels and max_pixels keys, and patch_size * merge_size as the resize factor.
  * Returns MMB_OK and fills *out; MMB_ERR_IO (no such file); MMB_ERR_FORMAT (bad JSON, a key of the
  * wrong type or value, naming the file and the key); MMB_ERR_MISSING (no class key, or do_center_crop
  * without crop_size); MMB_ERR_UNSUPPORTED (another processor class,

@@ -195,6 +195,19 @@ const mmb_tensor *mmb__ckpt_find(const mmb_ckpt *c, const char *name, const mmb_
 mmb_status mmb__ckpt_bind(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int ndim,
                           const int64_t *shape, const mmb_tensor **out);
 
+/* Binds {prefix}{name}.weight [n_out, n_in] and, if bias, {prefix}{name}.bias [n_out] as a linear layer
+ * (converted and packed as mmb__linear_init does); errors name the file and the tensor. */
+mmb_status mmb__ckpt_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
+                            int64_t n_in, bool bias, mmb_linear *l);
+/* A norm's {prefix}{name}.weight and .bias, (n) each, as f32 copies in *w, *b (the caller frees them). */
+mmb_status mmb__ckpt_norm(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n, float **w,
+                          float **b);
+/* n linear layers {prefix}{names[i]}.weight [n_out, n_in] and .bias [n_out] stacked into one
+ * (n * n_out, n_in) layer, so projections that read the same input run as one GEMM (q | k | v).
+ * The stacked f32 copies go to *w and *b (set even on failure; the caller frees them after l). */
+mmb_status mmb__ckpt_linear_fused(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *const *names,
+                                  int n, int64_t n_out, int64_t n_in, mmb_linear *l, float **w, float **b);
+
 /* Binds a 1-D float tensor of n elements and returns an f32 copy in *out (the caller frees it). */
 mmb_status mmb__ckpt_vec(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int64_t n, float **out);
 
@@ -332,18 +345,15 @@ void mmb__attention_cross_forward(mmb_ctx *ctx, float *out, const float *q, cons
 bool mmb__attention_cross_forward_ref(float *out, const float *q, const float *kv, int64_t batch, int64_t nq,
                                       int64_t nk, int64_t heads, int64_t head_dim);
 
-/* Binds {prefix}{name}.weight [n_out, n_in] and .bias [n_out] as a linear layer. */
-mmb_status mmb__ckpt_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
-                            int64_t n_in, mmb_linear *l);
-/* f32 copies of {prefix}{name}.weight and .bias, n each (a norm's); the caller frees them. */
-mmb_status mmb__ckpt_vec2(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n,
-                          float **w, float **b);
-/* n linear layers {prefix}{names[i]}.weight [n_out, n_in] and .bias [n_out] stacked into one
- * (n * n_out, n_in) layer, so projections that read the same input run as one GEMM (q | k | v).
- * The stacked f32 copies go to *w and *b (set even on failure; the caller frees them after l). */
-mmb_status mmb__ckpt_linear_fused(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *const *names,
-                                  int n, int64_t n_out, int64_t n_in, mmb_linear *l, float **w, float **b);
 
 extern const mmb_family_ops mmb__family_blip2;
+
+/* ---- Qwen2-VL: vision/qwen2vl.c (the family) and connectors/patch_merger.c ----------------------- */
+
+/* The PatchMerger: cfg->prefix ("visual.merger."), in_width D (one patch), out_width, eps; forward takes
+ * x (batch, tokens, D) with each m^2 consecutive tokens one merge window. Not in the registry. */
+extern const mmb_connector_ops mmb__conn_patch_merger;
+/* Qwen2VLForConditionalGeneration: its vision tower and merger as the family "qwen2_vl". */
+extern const mmb_family_ops mmb__family_qwen2vl;
 
 #endif

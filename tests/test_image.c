@@ -63,6 +63,11 @@ static void test_sizes(mmb_ctx *ctx) {
     CHECK(mmb_preprocess_init(ctx, "SiglipImageProcessor", &p) == MMB_OK && p.size_mode == MMB_SIZE_HEIGHT_WIDTH &&
           !p.do_center_crop && p.image_mean[0] == 0.5 && p.image_std[2] == 0.5, "siglip defaults");
     CHECK(mmb_preprocess_output_size(ctx, &p, 5, 1000, &h, &w) == MMB_OK && h == 224 && w == 224, "siglip");
+    CHECK(mmb_preprocess_init(ctx, "Qwen2VLImageProcessor", &p) == MMB_OK && p.size_mode == MMB_SIZE_SMART &&
+          p.min_pixels == 3136 && p.max_pixels == 1003520 && p.resize_factor == 28 && !p.do_center_crop, "qwen2-vl");
+    /* smart_resize: round(100 / 28) * 28, round(150 / 28) * 28; an aspect ratio over 200 is refused */
+    CHECK(mmb_preprocess_output_size(ctx, &p, 100, 150, &h, &w) == MMB_OK && h == 112 && w == 140, "%dx%d", h, w);
+    CHECK(mmb_preprocess_output_size(ctx, &p, 1, 201, &h, &w) == MMB_ERR_SHAPE, "aspect > 200");
     CHECK(mmb_preprocess_init(ctx, "ViTImageProcessor", &p) == MMB_ERR_UNSUPPORTED, "unknown class");
     p.resample = MMB_RESAMPLE_NEAREST;
     CHECK(mmb_preprocess_output_size(ctx, &p, 5, 5, &h, &w) == MMB_ERR_UNSUPPORTED, "nearest refused");

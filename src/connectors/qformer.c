@@ -103,19 +103,19 @@ static mmb_status load_layer(mmb_ctx *ctx, const mmb_ckpt *c, const blip2_state 
     static const char *const cross_names[2] = {"crossattention.attention.key", "crossattention.attention.value"};
     int64_t H = s->H;
     mmb_status st = mmb__ckpt_linear_fused(ctx, c, lp, self_names, 3, H, H, &l->qkv, &l->qkv_w, &l->qkv_b);
-    if (st == MMB_OK) st = mmb__ckpt_linear(ctx, c, lp, "attention.output.dense", H, H, &l->self_out);
-    if (st == MMB_OK) st = mmb__ckpt_vec2(ctx, c, lp, "attention.output.LayerNorm", H, &l->self_ln_w, &l->self_ln_b);
+    if (st == MMB_OK) st = mmb__ckpt_linear(ctx, c, lp, "attention.output.dense", H, H, true, &l->self_out);
+    if (st == MMB_OK) st = mmb__ckpt_norm(ctx, c, lp, "attention.output.LayerNorm", H, &l->self_ln_w, &l->self_ln_b);
     if (st == MMB_OK && l->cross) {
-        st = mmb__ckpt_linear(ctx, c, lp, "crossattention.attention.query", H, H, &l->cq);
+        st = mmb__ckpt_linear(ctx, c, lp, "crossattention.attention.query", H, H, true, &l->cq);
         if (st == MMB_OK)
             st = mmb__ckpt_linear_fused(ctx, c, lp, cross_names, 2, H, s->E, &l->ckv, &l->ckv_w, &l->ckv_b);
-        if (st == MMB_OK) st = mmb__ckpt_linear(ctx, c, lp, "crossattention.output.dense", H, H, &l->cross_out);
+        if (st == MMB_OK) st = mmb__ckpt_linear(ctx, c, lp, "crossattention.output.dense", H, H, true, &l->cross_out);
         if (st == MMB_OK)
-            st = mmb__ckpt_vec2(ctx, c, lp, "crossattention.output.LayerNorm", H, &l->cross_ln_w, &l->cross_ln_b);
+            st = mmb__ckpt_norm(ctx, c, lp, "crossattention.output.LayerNorm", H, &l->cross_ln_w, &l->cross_ln_b);
     }
-    if (st == MMB_OK) st = mmb__ckpt_linear(ctx, c, lp, "intermediate_query.dense", s->I, H, &l->fc1);
-    if (st == MMB_OK) st = mmb__ckpt_linear(ctx, c, lp, "output_query.dense", H, s->I, &l->fc2);
-    if (st == MMB_OK) st = mmb__ckpt_vec2(ctx, c, lp, "output_query.LayerNorm", H, &l->ffn_ln_w, &l->ffn_ln_b);
+    if (st == MMB_OK) st = mmb__ckpt_linear(ctx, c, lp, "intermediate_query.dense", s->I, H, true, &l->fc1);
+    if (st == MMB_OK) st = mmb__ckpt_linear(ctx, c, lp, "output_query.dense", H, s->I, true, &l->fc2);
+    if (st == MMB_OK) st = mmb__ckpt_norm(ctx, c, lp, "output_query.LayerNorm", H, &l->ffn_ln_w, &l->ffn_ln_b);
     return st;
 }
 
@@ -152,7 +152,7 @@ static mmb_status load_qformer(mmb_ctx *ctx, const mmb_ckpt *c, const char *root
     st = mmb__ckpt_bind(ctx, c, name, 3, qs, &q);
     float *ln_w = NULL, *ln_b = NULL;
     snprintf(lp, sizeof lp, "%sqformer.", root);
-    if (st == MMB_OK) st = mmb__ckpt_vec2(ctx, c, lp, "layernorm", s->H, &ln_w, &ln_b);
+    if (st == MMB_OK) st = mmb__ckpt_norm(ctx, c, lp, "layernorm", s->H, &ln_w, &ln_b);
     if (st == MMB_OK && !(s->queries = malloc(sizeof(float) * (size_t)(s->nq * s->H))))
         st = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     if (st == MMB_OK) {
@@ -169,7 +169,7 @@ static mmb_status load_qformer(mmb_ctx *ctx, const mmb_ckpt *c, const char *root
         st = load_layer(ctx, c, s, lp, &s->layer[i]);
     }
     snprintf(lp, sizeof lp, "%s", root);
-    if (st == MMB_OK) st = mmb__ckpt_linear(ctx, c, lp, "language_projection", s->Dt, s->H, &s->proj);
+    if (st == MMB_OK) st = mmb__ckpt_linear(ctx, c, lp, "language_projection", s->Dt, s->H, true, &s->proj);
     return st;
 }
 

@@ -360,20 +360,20 @@ mmb_status mmb__ckpt_vec(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int6
 /* ---- layers bound by name ---- */
 
 mmb_status mmb__ckpt_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
-                            int64_t n_in, mmb_linear *l) {
-    char wn[256], bn[256];
+                            int64_t n_in, bool bias, mmb_linear *l) {
+    char wn[512], bn[512];
     snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
     snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
-    const mmb_tensor *w, *b;
-    int64_t ws[2] = {n_out, n_in};
+    const mmb_tensor *w = NULL, *b = NULL;
+    const int64_t ws[2] = {n_out, n_in};
     mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
-    if (s == MMB_OK) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
+    if (s == MMB_OK && bias) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
     return s == MMB_OK ? mmb__linear_init(ctx, l, w, b) : s;
 }
 
-mmb_status mmb__ckpt_vec2(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n,
-                          float **w, float **b) {
-    char wn[256], bn[256];
+mmb_status mmb__ckpt_norm(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n, float **w,
+                          float **b) {
+    char wn[512], bn[512];
     snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
     snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
     mmb_status s = mmb__ckpt_vec(ctx, c, wn, n, w);

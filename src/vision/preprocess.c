@@ -27,7 +27,7 @@
 static const double CLIP_MEAN[3] = {0.48145466, 0.4578275, 0.40821073};
 static const double CLIP_STD[3] = {0.26862954, 0.26130258, 0.27577711};
 
-typedef enum { KIND_CLIP, KIND_SIGLIP, KIND_LLAVA, KIND_BLIP } proc_kind;
+typedef enum { KIND_CLIP, KIND_SIGLIP, KIND_LLAVA, KIND_BLIP, KIND_QWEN2VL } proc_kind;
 
 /* Maps a class name (with an optional Fast / Pil suffix) or a processor class to a kind. */
 static bool kind_of(const char *type, proc_kind *k) {
@@ -36,6 +36,7 @@ static bool kind_of(const char *type, proc_kind *k) {
         {"SiglipImageProcessor", KIND_SIGLIP}, {"SiglipProcessor", KIND_SIGLIP},
         {"LlavaImageProcessor", KIND_LLAVA}, {"LlavaProcessor", KIND_LLAVA},
         {"BlipImageProcessor", KIND_BLIP}, {"BlipProcessor", KIND_BLIP}, {"Blip2Processor", KIND_BLIP},
+        {"Qwen2VLImageProcessor", KIND_QWEN2VL}, {"Qwen2VLProcessor", KIND_QWEN2VL},
     };
     size_t n = strlen(type);
     if (n > 4 && !strcmp(type + n - 4, "Fast")) n -= 4;
@@ -60,7 +61,7 @@ static void pad_color_from_mean(mmb_preprocess *p) {
 static void defaults(proc_kind k, mmb_preprocess *p) {
     memset(p, 0, sizeof *p);
     static const char *names[] = {"CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor",
-                                  "BlipImageProcessor"};
+                                  "BlipImageProcessor", "Qwen2VLImageProcessor"};
     snprintf(p->type, sizeof p->type, "%s", names[k]);
     p->do_convert_rgb = 1;
     p->do_resize = 1;
@@ -68,7 +69,15 @@ static void defaults(proc_kind k, mmb_preprocess *p) {
     p->do_rescale = 1;
     p->rescale_factor = 1.0 / 255.0;
     p->do_normalize = 1;
-    if (k == KIND_SIGLIP) {
+    if (k == KIND_QWEN2VL) {
+        /* size {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}: pixel counts; factor 14 * 2 */
+        p->size_mode = MMB_SIZE_SMART;
+        p->min_pixels = 56 * 56;
+        p->max_pixels = 28 * 28 * 1280;
+        p->resize_factor = 28;
+        memcpy(p->image_mean, CLIP_MEAN, sizeof CLIP_MEAN);
+        memcpy(p->image_std, CLIP_STD, sizeof CLIP_STD);
+    } else if (k == KIND_SIGLIP) {
         p->size_mode = MMB_SIZE_HEIGHT_WIDTH;
         p->size_height = p->size_width = 224;
         for (int c = 0; c < 3; c++) p->image_mean[c] = p->image_std[c] = 0.5;
@@ -94,7 +103,7 @@ mmb_status mmb_preprocess_init(mmb_ctx *ctx, const char *type, mmb_preprocess *o
     if (!kind_of(type, &k))
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED,
                         "image processor '%s' is not supported (CLIPImageProcessor, SiglipImageProcessor, "
-                        "LlavaImageProcessor and BlipImageProcessor are)", type);
+                        "LlavaImageProcessor, BlipImageProcessor and Qwen2VLImageProcessor are)", type);
     defaults(k, out);
     return MMB_OK;
 }
@@ -204,6 +213,34 @@ static mmb_status get_triple(mmb_ctx *ctx, const char *file, const cJSON *o, con
     return MMB_OK;
 }
 
+/* Qwen2VLImageProcessor's size: {shortest_edge: min pixels, longest_edge: max pixels} (the class's when
+ * absent), each overridden by a top-level min_pixels / max_pixels key as its __init__ does; its resize
+ * needs both. The resize factor is patch_size * merge_size. */
+static mmb_status parse_smart(mmb_ctx *ctx, const char *file, const cJSON *o, mmb_preprocess *p) {
+    const cJSON *j = get(o, "size");
+    if (j && !cJSON_IsObject(j))
+        return mmb__err(ctx, MMB_ERR_FORMAT, "%s: key 'size' is not an object {shortest_edge, longest_edge}", file);
+    if (j) p->min_pixels = p->max_pixels = 0;
+    for (const cJSON *e = j ? j->child : NULL; e; e = e->next) {
+        int *dst = !strcmp(e->string, "shortest_edge") ? &p->min_pixels
+                 : !strcmp(e->string, "longest_edge") ? &p->max_pixels : NULL;
+        if (dst && !cJSON_IsNull(e) && !as_int(e, 1, INT32_MAX, dst))
+            return mmb__err(ctx, MMB_ERR_FORMAT, "%s: key 'size.%s' is not a positive integer", file, e->string);
+    }
+    int patch = 14, merge = 2;
+    static const char *const keys[] = {"min_pixels", "max_pixels", "patch_size", "merge_size"};
+    int *dst[] = {&p->min_pixels, &p->max_pixels, &patch, &merge};
+    for (int i = 0; i < 4; i++)
+        if ((j = get(o, keys[i])) && !as_int(j, 1, i < 2 ? INT32_MAX : 4096, dst[i]))
+            return mmb__err(ctx, MMB_ERR_FORMAT, "%s: key '%s' is not a positive integer%s", file, keys[i],
+                            i < 2 ? "" : " up to 4096");
+    if (p->do_resize && (!p->min_pixels || !p->max_pixels))
+        return mmb__err(ctx, MMB_ERR_FORMAT, "%s: size must have shortest_edge and longest_edge (or give the "
+                        "min_pixels and max_pixels keys)", file);
+    p->resize_factor = patch * merge;
+    return MMB_OK;
+}
+
 static mmb_status parse_config(mmb_ctx *ctx, const char *file, const cJSON *o, mmb_preprocess *p) {
     if (!cJSON_IsObject(o)) return mmb__err(ctx, MMB_ERR_FORMAT, "%s: not a JSON object", file);
     const char *type = NULL;
@@ -221,7 +258,7 @@ static mmb_status parse_config(mmb_ctx *ctx, const char *file, const cJSON *o, m
     if (!kind_of(type, &kind))
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED,
                         "%s: image processor '%s' is not supported (CLIPImageProcessor, SiglipImageProcessor, "
-                        "LlavaImageProcessor and BlipImageProcessor are)", file, type);
+                        "LlavaImageProcessor, BlipImageProcessor and Qwen2VLImageProcessor are)", file, type);
     defaults(kind, p);
     mmb_status st;
     int dts = kind == KIND_BLIP; /* the class's default_to_square: False for CLIP, SigLIP and LLaVA */
@@ -231,10 +268,13 @@ static mmb_status parse_config(mmb_ctx *ctx, const char *file, const cJSON *o, m
     if ((st = get_bool(ctx, file, o, "do_center_crop", &p->do_center_crop)) != MMB_OK) return st;
     if ((st = get_bool(ctx, file, o, "do_rescale", &p->do_rescale)) != MMB_OK) return st;
     if ((st = get_bool(ctx, file, o, "do_normalize", &p->do_normalize)) != MMB_OK) return st;
+    if (kind == KIND_QWEN2VL) p->do_center_crop = 0; /* its _preprocess has no crop step */
     int do_pad = p->do_pad;
     if ((st = get_bool(ctx, file, o, "do_pad", &do_pad)) != MMB_OK) return st;
     const cJSON *j;
-    if ((j = get(o, "size"))) {
+    if (kind == KIND_QWEN2VL) {
+        if ((st = parse_smart(ctx, file, o, p)) != MMB_OK) return st;
+    } else if ((j = get(o, "size"))) {
         size_val v;
         if ((st = parse_size(ctx, file, "size", j, dts != 0, &v)) != MMB_OK) return st;
         if (v.mode < 0) {
@@ -367,6 +407,27 @@ static mmb_status resize_size(mmb_ctx *ctx, const mmb_preprocess *p, int h, int 
         const double hs = (double)p->size_height / h, ws = (double)p->size_width / w;
         const double m = hs < ws ? hs : ws;
         return fits(ctx, "size {max_height, max_width}", trunc(h * m), trunc(w * m), oh, ow);
+    }
+    case MMB_SIZE_SMART: {
+        /* smart_resize(h, w, factor, min_pixels, max_pixels): Python's round() is half to even. */
+        const double f = p->resize_factor, hw = (double)h * (double)w;
+        if (f < 1 || p->min_pixels < 1 || p->max_pixels < 1)
+            return mmb__err(ctx, MMB_ERR_ARG, "preprocess: smart resize needs resize_factor, min_pixels and "
+                            "max_pixels >= 1");
+        if ((double)(h > w ? h : w) / (double)(h < w ? h : w) > 200)
+            return mmb__err(ctx, MMB_ERR_SHAPE, "preprocess: a %dx%d image: Qwen2-VL's smart resize needs an aspect "
+                            "ratio of at most 200", w, h);
+        double rh = nearbyint(h / f) * f, rw = nearbyint(w / f) * f;
+        if (rh * rw > p->max_pixels) {
+            const double beta = sqrt(hw / p->max_pixels);
+            rh = fmax(f, floor(h / beta / f) * f);
+            rw = fmax(f, floor(w / beta / f) * f);
+        } else if (rh * rw < p->min_pixels) {
+            const double beta = sqrt(p->min_pixels / hw);
+            rh = ceil(h * beta / f) * f;
+            rw = ceil(w * beta / f) * f;
+        }
+        return fits(ctx, "smart resize", rh, rw, oh, ow);
     }
     }
     return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "preprocess: unknown size mode %d", (int)p->size_mode);

@@ -204,22 +204,22 @@ static mmb_status load_weights(mmb_ctx *ctx, mmb_vit *v, const mmb_ckpt *c) {
     if (s == MMB_OK && in->has_cls && !v->blip2) {
         snprintf(name, sizeof name, "%sembeddings.class_embedding", p);
         s = mmb__ckpt_vec(ctx, c, name, D, &v->cls);
-        if (s == MMB_OK) s = mmb__ckpt_vec2(ctx, c, p, "pre_layrnorm", D, &v->pre_w, &v->pre_b);
+        if (s == MMB_OK) s = mmb__ckpt_norm(ctx, c, p, "pre_layrnorm", D, &v->pre_w, &v->pre_b);
     }
-    if (s == MMB_OK) s = mmb__ckpt_vec2(ctx, c, p, "post_layernorm", D, &v->post_w, &v->post_b);
+    if (s == MMB_OK) s = mmb__ckpt_norm(ctx, c, p, "post_layernorm", D, &v->post_w, &v->post_b);
     if (s == MMB_OK && !(v->layers = calloc((size_t)in->layers + 1, sizeof *v->layers)))
         s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     for (int i = 0; i < in->layers && s == MMB_OK; i++) {
         vit_layer *l = &v->layers[i];
         char lp[160];
         snprintf(lp, sizeof lp, "%sencoder.layers.%d.", p, i);
-        s = mmb__ckpt_vec2(ctx, c, lp, "layer_norm1", D, &l->ln1_w, &l->ln1_b);
-        if (s == MMB_OK) s = mmb__ckpt_vec2(ctx, c, lp, "layer_norm2", D, &l->ln2_w, &l->ln2_b);
+        s = mmb__ckpt_norm(ctx, c, lp, "layer_norm1", D, &l->ln1_w, &l->ln1_b);
+        if (s == MMB_OK) s = mmb__ckpt_norm(ctx, c, lp, "layer_norm2", D, &l->ln2_w, &l->ln2_b);
         if (s == MMB_OK) s = v->blip2 ? bind_qkv_blip2(ctx, c, lp, D, v->qkv_bias, l) : bind_qkv(ctx, c, lp, D, l);
         if (s == MMB_OK)
-            s = mmb__ckpt_linear(ctx, c, lp, v->blip2 ? "self_attn.projection" : "self_attn.out_proj", D, D, &l->out);
-        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "mlp.fc1", I, D, &l->fc1);
-        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "mlp.fc2", D, I, &l->fc2);
+            s = mmb__ckpt_linear(ctx, c, lp, v->blip2 ? "self_attn.projection" : "self_attn.out_proj", D, D, true, &l->out);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "mlp.fc1", I, D, true, &l->fc1);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "mlp.fc2", D, I, true, &l->fc2);
     }
     return s;
 }
