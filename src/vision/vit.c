@@ -6,10 +6,16 @@
  *   CLIP only:  pre_layrnorm                                   -> hidden_states[0]
  *   block i:    x += out_proj(attn(LN1(x)));  x += fc2(act(fc1(LN2(x))))   -> hidden_states[i]
  *   SigLIP:     last_hidden_state = post_layernorm(hidden_states[L]); CLIP: = hidden_states[L]
+ *
+ * Idefics2 / Idefics3 towers (Idefics2VisionTransformer, Idefics3VisionTransformer) are SigLIP with
+ * position ids from bucketised fractional patch coordinates (bucket_ids); mmbridge runs them on full,
+ * unpadded images of image_size only (patch attention mask all ones), where those ids are fixed and
+ * the position table is permuted once at load.
  */
 #include "internal.h"
 
 #include <cjson/cJSON.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,9 +46,12 @@ static const struct {
     int width, inter, layers, heads, image, patch;
     float eps;
     bool cls;
+    bool bucket;  /* Idefics2/3: position ids by bucketize (bucket_ids) */
 } families[] = {
-    {"clip_vision_model", "clip", "quick_gelu", 768, 3072, 12, 12, 224, 32, 1e-5f, true},
-    {"siglip_vision_model", "siglip", "gelu_pytorch_tanh", 768, 3072, 12, 12, 224, 16, 1e-6f, false},
+    {"clip_vision_model", "clip", "quick_gelu", 768, 3072, 12, 12, 224, 32, 1e-5f, true, false},
+    {"siglip_vision_model", "siglip", "gelu_pytorch_tanh", 768, 3072, 12, 12, 224, 16, 1e-6f, false, false},
+    {"idefics2_vision", "idefics2", "gelu_pytorch_tanh", 768, 3072, 12, 12, 224, 32, 1e-6f, false, true},
+    {"idefics3_vision", "idefics3", "gelu_pytorch_tanh", 1152, 3072, 12, 16, 224, 32, 1e-6f, false, true},
 };
 
 mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_prefix, mmb_vit_info *out) {
@@ -59,7 +68,7 @@ mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_pref
         if (strcmp(mt, families[i].model_type) == 0) f = i;
     if (f < 0)
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: vision model_type '%s' (expected "
-                        "clip_vision_model or siglip_vision_model)", c->dir, mt);
+                        "clip_vision_model, siglip_vision_model, idefics2_vision or idefics3_vision)", c->dir, mt);
     mmb_vit_info in = {.family = families[f].family, .act = families[f].act, .eps = families[f].eps,
                        .has_cls = families[f].cls};
     struct { const char *k; int def; int *dst; } ints[] = {
@@ -90,7 +99,7 @@ mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_pref
     int64_t P = (int64_t)in.channels * in.patch_size * in.patch_size;
     in.tokens = T;
     in.flops_per_image = 2 * g * g * D * P + in.layers * (2 * T * (4 * D * D + 2 * D * I) + 4 * T * T * D);
-    in.params = D * P + (in.family[0] == 's' ? D : 0) + T * D + (in.has_cls ? 3 * D : 0) + 2 * D +
+    in.params = D * P + (in.has_cls ? 0 : D) + T * D + (in.has_cls ? 3 * D : 0) + 2 * D +
                 in.layers * (4 * D * D + 4 * D + 2 * D * I + I + D + 4 * D);
     *out = in;
     return MMB_OK;
@@ -113,6 +122,43 @@ void mmb_vit_free(mmb_vit *v) {
     free(v->cls); free(v->pos); free(v->pre_w); free(v->pre_b); free(v->post_w); free(v->post_b);
     if (v->owns_ck) mmb__ckpt_close(&v->ck);
     free(v);
+}
+
+/* transformers' Idefics2VisionEmbeddings position ids along a side of nb patches, for a tower of n
+ * patches per side, in its float32 arithmetic on the CPU:
+ *   boundaries = torch.arange(1/n, 1.0, 1/n)   (float32; ceil((1 - 1/n) / (1/n)) values)
+ *   frac[i] = clamp(i * (1.0f / nb), max = 1 - 1e-6)   (float32)
+ *   ids[i] = bucketize(frac[i], boundaries, right=True) = #{boundaries <= frac[i]}
+ * torch's CPU arange computes start + step * j in double and rounds to float, except that whole
+ * blocks of 16 go through Vectorized<float>::arange (8 lanes on AVX2 and NEON), whose lane l is
+ * float(double(float(start + step * j0)) + l * step) for the lane-0 index j0. That rounding moves some
+ * boundaries by one ulp, so for some n (19, 25, 29, ...) the ids of a full image (nb = n) are not
+ * 0..n-1 (for 16, 24, 26, 27, 32, 70: they are). AVX-512 builds of torch (16 lanes) and CUDA differ
+ * for a few n again: docs/decisions.md. */
+static void bucket_ids(int nb, int n, int *ids) {
+    double start = 1.0 / n, step = 1.0 / n;
+    int64_t nbnd = (int64_t)ceil((1.0 - start) / step), nvec = nbnd / 16 * 16;
+    float fstep = 1.0f / (float)nb, fmax = (float)(1.0 - 1e-6);
+    for (int i = 0; i < nb; i++) {
+        float frac = (float)i * fstep;
+        frac = frac > fmax ? fmax : frac;
+        int id = 0;
+        for (int64_t j = 0; j < nbnd; j++) {
+            volatile double t;  /* no fused multiply-add: torch rounds the product */
+            float b;
+            if (j < nvec) {
+                t = step * (double)(j / 8 * 8);
+                float base = (float)(start + t);
+                t = (double)(j % 8) * step;
+                b = (float)((double)base + t);
+            } else {
+                t = step * (double)j;
+                b = (float)(start + t);
+            }
+            id += b <= frac;
+        }
+        ids[i] = id;
+    }
 }
 
 /* Binds {prefix}{name}.weight [n_out, n_in] and .bias [n_out] as a linear layer. */
@@ -187,6 +233,22 @@ static mmb_status load_weights(mmb_ctx *ctx, mmb_vit *v, const mmb_ckpt *c) {
         if (s == MMB_OK && !(v->pos = malloc(sizeof(float) * (size_t)(T * D))))
             s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
         if (s == MMB_OK) mmb_to_f32(v->pos, pos->data, pos->dtype, (size_t)(T * D));
+        bool bucket = false;
+        for (size_t i = 0; i < sizeof families / sizeof families[0]; i++)
+            bucket |= families[i].bucket && strcmp(in->family, families[i].family) == 0;
+        int g = in->image_size / in->patch_size, *ids = bucket ? malloc(sizeof(int) * (size_t)g) : NULL;
+        float *perm = bucket ? malloc(sizeof(float) * (size_t)(T * D)) : NULL;
+        if (bucket && (!ids || !perm)) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+        if (bucket && s == MMB_OK) {  /* token (r, c) of a full image adds row ids[r] * g + ids[c] */
+            bucket_ids(g, g, ids);
+            for (int r = 0; r < g; r++)
+                for (int cc = 0; cc < g; cc++)
+                    memcpy(perm + ((int64_t)r * g + cc) * D, v->pos + ((int64_t)ids[r] * g + ids[cc]) * D,
+                           sizeof(float) * (size_t)D);
+            memcpy(v->pos, perm, sizeof(float) * (size_t)(T * D));
+        }
+        free(ids);
+        free(perm);
     }
     if (s == MMB_OK && in->has_cls) {
         snprintf(name, sizeof name, "%sembeddings.class_embedding", p);
@@ -216,7 +278,8 @@ static const char *find_prefix(const mmb_ckpt *c) {
      * files, transformers 5 save_pretrained; then a full CLIPModel/SiglipModel (or a 4.x standalone
      * save); then a standalone vision model as transformers 5 saves it, without a prefix. */
     static const char *const prefixes[] = {"model.vision_tower.vision_model.", "model.vision_tower.",
-                                           "vision_tower.vision_model.", "vision_tower.", "vision_model.", ""};
+                                           "vision_tower.vision_model.", "vision_tower.", "vision_model.", "",
+                                           "model.vision_model." /* Idefics2/3 */};
     for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++) {
         char name[160];
         snprintf(name, sizeof name, "%sembeddings.patch_embedding.weight", prefixes[i]);
@@ -231,7 +294,8 @@ mmb_status mmb__vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vit **out) {
     const char *prefix = find_prefix(c);
     if (!prefix)
         return mmb__err(ctx, MMB_ERR_MISSING, "%s: no vision encoder: tensor 'embeddings.patch_embedding.weight' is "
-                        "missing (looked under model.vision_tower., vision_tower., vision_model. and no prefix)", c->dir);
+                        "missing (looked under model.vision_tower., vision_tower., vision_model., model.vision_model. and no "
+                        "prefix)", c->dir);
     mmb_vit *v = calloc(1, sizeof *v);
     if (!v) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     snprintf(v->prefix, sizeof v->prefix, "%s", prefix);
