@@ -340,6 +340,6 @@ bool mmb__cross_attention_forward_ref(float *out, const float *q, const float *k
  * mmb__conn_idefics2 = Idefics2Connector (SwiGLU modality_projection + perceiver resampler),
  * mmb__conn_pixel_shuffle = Idefics3Connector (pixel shuffle + modality_projection.proj). */
 extern const mmb_connector_ops mmb__conn_idefics2, mmb__conn_pixel_shuffle;
-extern const mmb_family_ops mmb__family_idefics2, mmb__family_idefics3;
+extern const mmb_family_ops mmb__family_idefics2, mmb__family_idefics3, mmb__family_smolvlm;
 
 #endif

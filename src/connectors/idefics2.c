@@ -312,6 +312,12 @@ static bool detect_idefics3(const mmb_ckpt *c, const char *arch, const char *mod
            strcmp(model_type, "idefics3") == 0;
 }
 
+static bool detect_smolvlm(const mmb_ckpt *c, const char *arch, const char *model_type) {
+    (void)c;
+    return strcmp(arch, "SmolVLMForConditionalGeneration") == 0 || strcmp(arch, "SmolVLMModel") == 0 ||
+           strcmp(model_type, "smolvlm") == 0;
+}
+
 static void fam_free(void *st) {
     fam_state *f = st;
     if (!f) return;
@@ -383,6 +389,10 @@ static mmb_status load_idefics3(mmb_ctx *ctx, const mmb_ckpt *c, void **state, m
     return fam_load(ctx, c, "idefics3", &mmb__conn_pixel_shuffle, state, info);
 }
 
+static mmb_status load_smolvlm(mmb_ctx *ctx, const mmb_ckpt *c, void **state, mmb_model_info *info) {
+    return fam_load(ctx, c, "smolvlm", &mmb__conn_pixel_shuffle, state, info);
+}
+
 static int64_t fam_tokens(mmb_ctx *ctx, const void *st, int height, int width) {
     const fam_state *f = st;
     if (height != f->vi.image_size || width != f->vi.image_size)
@@ -422,6 +432,16 @@ const mmb_family_ops mmb__family_idefics3 = {
     .name = "idefics3",
     .detect = detect_idefics3,
     .load = load_idefics3,
+    .tokens = fam_tokens,
+    .encode = fam_encode,
+    .free = fam_free,
+};
+
+/* SmolVLM (models/smolvlm): Idefics3's tower and connector under other class names. */
+const mmb_family_ops mmb__family_smolvlm = {
+    .name = "smolvlm",
+    .detect = detect_smolvlm,
+    .load = load_smolvlm,
     .tokens = fam_tokens,
     .encode = fam_encode,
     .free = fam_free,

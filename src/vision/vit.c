@@ -7,7 +7,7 @@
  *   block i:    x += out_proj(attn(LN1(x)));  x += fc2(act(fc1(LN2(x))))   -> hidden_states[i]
  *   SigLIP:     last_hidden_state = post_layernorm(hidden_states[L]); CLIP: = hidden_states[L]
  *
- * Idefics2 / Idefics3 towers (Idefics2VisionTransformer, Idefics3VisionTransformer) are SigLIP with
+ * Idefics2 / Idefics3 / SmolVLM towers (Idefics2VisionTransformer, ...) are SigLIP with
  * position ids from bucketised fractional patch coordinates (bucket_ids); mmbridge runs them on full,
  * unpadded images of image_size only (patch attention mask all ones), where those ids are fixed and
  * the position table is permuted once at load.
@@ -52,6 +52,7 @@ static const struct {
     {"siglip_vision_model", "siglip", "gelu_pytorch_tanh", 768, 3072, 12, 12, 224, 16, 1e-6f, false, false},
     {"idefics2_vision", "idefics2", "gelu_pytorch_tanh", 768, 3072, 12, 12, 224, 32, 1e-6f, false, true},
     {"idefics3_vision", "idefics3", "gelu_pytorch_tanh", 1152, 3072, 12, 16, 224, 32, 1e-6f, false, true},
+    {"smolvlm_vision", "smolvlm", "gelu_pytorch_tanh", 1152, 3072, 12, 16, 224, 32, 1e-6f, false, true},
 };
 
 mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_prefix, mmb_vit_info *out) {
@@ -68,7 +69,7 @@ mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_pref
         if (strcmp(mt, families[i].model_type) == 0) f = i;
     if (f < 0)
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: vision model_type '%s' (expected "
-                        "clip_vision_model, siglip_vision_model, idefics2_vision or idefics3_vision)", c->dir, mt);
+                        "clip_vision_model, siglip_vision_model, idefics2_vision, idefics3_vision or smolvlm_vision)", c->dir, mt);
     mmb_vit_info in = {.family = families[f].family, .act = families[f].act, .eps = families[f].eps,
                        .has_cls = families[f].cls};
     struct { const char *k; int def; int *dst; } ints[] = {

@@ -39,20 +39,22 @@ def randomize(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g))
 
 
-def build(d, family, image=28, patch=14, scale=2, seed=0):
-    """A tiny Idefics2/Idefics3ForConditionalGeneration saved in d; returns the model (eval, fp32)."""
+def build(d, family, image=28, patch=14, scale=2, seed=0, bare=False):
+    """A tiny Idefics2/Idefics3/SmolVLMForConditionalGeneration saved in d (with bare, only its inner
+    *Model, whose keys lack the "model." prefix); returns the ForConditionalGeneration model (eval, fp32)."""
     from transformers import (Idefics2Config, Idefics2ForConditionalGeneration, Idefics3Config,
-                              Idefics3ForConditionalGeneration)
+                              Idefics3ForConditionalGeneration, SmolVLMConfig, SmolVLMForConditionalGeneration)
     torch.manual_seed(seed)
     if family == "idefics2":
         cfg = Idefics2Config(text_config=TEXT, vision_config=vision(image, patch), perceiver_config=PERCEIVER)
         model = Idefics2ForConditionalGeneration(cfg)
     else:
-        cfg = Idefics3Config(text_config=TEXT, vision_config=vision(image, patch), scale_factor=scale)
-        model = Idefics3ForConditionalGeneration(cfg)
+        cls, mcls = ((Idefics3Config, Idefics3ForConditionalGeneration) if family == "idefics3" else
+                     (SmolVLMConfig, SmolVLMForConditionalGeneration))
+        model = mcls(cls(text_config=TEXT, vision_config=vision(image, patch), scale_factor=scale))
     model.eval()
     randomize(model, seed + 1)
-    model.save_pretrained(str(d))
+    (model.model if bare else model).save_pretrained(str(d))
     return model
 
 
@@ -83,17 +85,20 @@ def pixel_shuffle_swapped(x, s):
     return x.reshape(b, g // s, g // s, d * s * s).permute(0, 2, 1, 3).reshape(b, t // (s * s), d * s * s)
 
 
-@pytest.mark.parametrize("image,scale", [(28, 2), (56, 2), (56, 4)])
-def test_idefics3_encode(tmp_path, image, scale):
+@pytest.mark.parametrize("family,image,scale,bare", [("idefics3", 28, 2, False), ("idefics3", 56, 2, False),
+                                                     ("idefics3", 56, 4, False), ("smolvlm", 56, 2, False),
+                                                     ("idefics3", 28, 2, True)])
+def test_idefics3_encode(tmp_path, family, image, scale, bare):
     d = tmp_path / "m"
-    model = build(d, "idefics3", image=image, scale=scale)
+    model = build(d, family, image=image, scale=scale, bare=bare)
     pixels = torch.randn(2, 3, image, image)
     ref = reference(model, pixels)
     got, p, _ = encode(tmp_path, d, pixels)
     g = image // 14
     assert got.shape == (2, g * g // scale ** 2, TEXT["hidden_size"]) == ref.shape
     err = scaled_err(got, ref)
-    print(f"idefics3 image {image} scale {scale}: max scaled error {err:.3g}")
+    print(f"{family}{' (bare model)' if bare else ''} image {image} scale {scale}: max scaled error {err:.3g}")
+    assert info(d)["family"] == family
     assert err <= 1e-4, err
     # The comparison tells pixel-shuffle orders apart: the swapped one is far off.
     with torch.no_grad():
@@ -102,16 +107,16 @@ def test_idefics3_encode(tmp_path, image, scale):
     assert scaled_err(got, wrong) > 1e-2
 
 
-@pytest.mark.parametrize("image", [28, 56])
-def test_idefics2_encode(tmp_path, image):
+@pytest.mark.parametrize("image,bare", [(28, False), (56, False), (28, True)])
+def test_idefics2_encode(tmp_path, image, bare):
     d = tmp_path / "m"
-    model = build(d, "idefics2", image=image)
+    model = build(d, "idefics2", image=image, bare=bare)
     pixels = torch.randn(3, 3, image, image)
     ref = reference(model, pixels)
     got, p, _ = encode(tmp_path, d, pixels)
     assert got.shape == (3, PERCEIVER["resampler_n_latents"], TEXT["hidden_size"]) == ref.shape
     err = scaled_err(got, ref)
-    print(f"idefics2 image {image}: max scaled error {err:.3g}")
+    print(f"idefics2{' (bare model)' if bare else ''} image {image}: max scaled error {err:.3g}")
     assert err <= 1e-4, err
     # Latents taken as torch.ones (their init) instead of the checkpoint's would be far off.
     with torch.no_grad():
