@@ -337,15 +337,6 @@ mmb_status mmb__preprocess_u8(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_i
 /* ---- BLIP-2: cross-attention (tensor/attention.c), layers bound by name (io/checkpoint.c), the family
  * (connectors/qformer.c) ---------------------------------------------------------------------- */
 
-/* Cross-attention (BLIP-2's Q-Former, resamplers): q (batch, nq, heads * head_dim) over
- * kv (batch, nk, 2 * heads * head_dim) [k | v, head-major inside each] -> out (batch, nq, heads * head_dim):
- * softmax(q k^T / sqrt(head_dim)) v per head, no mask. Scratch as mmb__attention_scratch. */
-void mmb__attention_cross_forward(mmb_ctx *ctx, float *out, const float *q, const float *kv, int64_t batch,
-                                  int64_t nq, int64_t nk, int64_t heads, int64_t head_dim, float *scratch);
-bool mmb__attention_cross_forward_ref(float *out, const float *q, const float *kv, int64_t batch, int64_t nq,
-                                      int64_t nk, int64_t heads, int64_t head_dim);
-
-
 extern const mmb_family_ops mmb__family_blip2;
 
 /* ---- Qwen2-VL: vision/qwen2vl.c (the family) and connectors/patch_merger.c ----------------------- */
@@ -355,5 +346,34 @@ extern const mmb_family_ops mmb__family_blip2;
 extern const mmb_connector_ops mmb__conn_patch_merger;
 /* Qwen2VLForConditionalGeneration: its vision tower and merger as the family "qwen2_vl". */
 extern const mmb_family_ops mmb__family_qwen2vl;
+
+/* ---- Idefics2 / Idefics3 (idefics2): tensor/kernels.c, tensor/attention.c, connectors/idefics2.c,
+ * connectors/pixel_shuffle.c --------------------------------------------------------------------- */
+
+/* x (M, C) -> out (M, C): x / sqrt(mean(x^2) + eps) * w (Llama-style RMSNorm, no bias); w (C). */
+void mmb__rmsnorm_forward(float *out, const float *x, const float *w, int64_t M, int64_t C, float eps);
+void mmb__rmsnorm_forward_ref(float *out, const float *x, const float *w, int64_t M, int64_t C, float eps);
+void mmb__rmsnorm_forward_mt(mmb_ctx *ctx, float *out, const float *x, const float *w, int64_t M, int64_t C,
+                             float eps);
+/* out (n), a (n), b (n) -> out = a * b elementwise (out may alias a or b). */
+void mmb__mul_forward(float *out, const float *a, const float *b, int64_t n);
+void mmb__mul_forward_ref(float *out, const float *a, const float *b, int64_t n);
+
+/* q (batch, tq, ldq), k and v (batch, tk, ldkv): query head h in columns [h * head_dim, (h + 1) * head_dim)
+ * of a q row, K/V head h / (heads / kv_heads) likewise in k and v rows (grouped-query attention;
+ * kv_heads divides heads) -> out (batch, tq, heads * head_dim): softmax(q k^T / sqrt(head_dim)) v per
+ * head, no mask. The blocked kernel of mmb__attention_forward; scratch as mmb__attention_scratch. */
+void mmb__cross_attention_forward(mmb_ctx *ctx, float *out, const float *q, const float *k, const float *v,
+                                  int64_t ldq, int64_t ldkv, int64_t batch, int64_t tq, int64_t tk, int64_t heads,
+                                  int64_t kv_heads, int64_t head_dim, float *scratch);
+bool mmb__cross_attention_forward_ref(float *out, const float *q, const float *k, const float *v, int64_t ldq,
+                                      int64_t ldkv, int64_t batch, int64_t tq, int64_t tk, int64_t heads,
+                                      int64_t kv_heads, int64_t head_dim);
+
+/* The connectors, read from the family's config (not registered under a projector type):
+ * mmb__conn_idefics2 = Idefics2Connector (SwiGLU modality_projection + perceiver resampler),
+ * mmb__conn_pixel_shuffle = Idefics3Connector (pixel shuffle + modality_projection.proj). */
+extern const mmb_connector_ops mmb__conn_idefics2, mmb__conn_pixel_shuffle;
+extern const mmb_family_ops mmb__family_idefics2, mmb__family_idefics3, mmb__family_smolvlm;
 
 #endif

@@ -12,7 +12,50 @@ static float frand(unsigned *s) {
     return ((float)(*s >> 8) / 16777216.0f) * 2.0f - 1.0f;
 }
 
+/* Cross-attention with grouped K/V heads (Idefics2's perceiver): q (B, tq, ldq) over k, v (B, tk, ldkv)
+ * with kv_heads < heads, against the oracle, and the oracle against itself on K/V expanded to every
+ * head (transformers' repeat_kv). */
+static void test_cross_gqa(void) {
+    const int64_t tqs[] = {1, 4, 33}, tks[] = {5, 70}, kvs[] = {1, 2, 4};
+    const int64_t B = 2, H = 4, hd = 8, D = H * hd, ldq = D + 3;
+    mmb_ctx *ctx;
+    mmb_ctx_params p = {.n_threads = 3, .gemm = MMB_GEMM_NAIVE};
+    if (mmb_ctx_new(&p, &ctx) != MMB_OK) { CHECK(0, "ctx"); return; }
+    for (size_t a = 0; a < 3; a++)
+        for (size_t b = 0; b < 2; b++)
+            for (size_t c = 0; c < 3; c++) {
+                int64_t tq = tqs[a], tk = tks[b], KV = kvs[c], ldkv = 2 * KV * hd + 1;
+                float *q = malloc(sizeof(float) * (size_t)(B * tq * ldq)), *kv = malloc(sizeof(float) * (size_t)(B * tk * ldkv));
+                float *kx = malloc(sizeof(float) * (size_t)(B * tk * 2 * D));
+                float *o = malloc(sizeof(float) * (size_t)(B * tq * D)), *r = malloc(sizeof(float) * (size_t)(B * tq * D));
+                float *rx = malloc(sizeof(float) * (size_t)(B * tq * D));
+                float *sc = malloc(mmb__attention_scratch(3, hd) * sizeof(float));
+                unsigned s = (unsigned)(tq * 7 + tk * 3 + KV);
+                for (int64_t i = 0; i < B * tq * ldq; i++) q[i] = 3.0f * frand(&s);
+                for (int64_t i = 0; i < B * tk * ldkv; i++) kv[i] = 3.0f * frand(&s);
+                for (int64_t i = 0; i < B * tk; i++)  /* repeat_kv: head h gets K/V head h / (H / KV) */
+                    for (int64_t h = 0; h < H; h++)
+                        for (int64_t d = 0; d < hd; d++) {
+                            kx[i * 2 * D + h * hd + d] = kv[i * ldkv + h / (H / KV) * hd + d];
+                            kx[i * 2 * D + D + h * hd + d] = kv[i * ldkv + KV * hd + h / (H / KV) * hd + d];
+                        }
+                mmb__cross_attention_forward(ctx, o, q, kv, kv + KV * hd, ldq, ldkv, B, tq, tk, H, KV, hd, sc);
+                CHECK(mmb__cross_attention_forward_ref(r, q, kv, kv + KV * hd, ldq, ldkv, B, tq, tk, H, KV, hd), "ref");
+                CHECK(mmb__cross_attention_forward_ref(rx, q, kx, kx + D, ldq, 2 * D, B, tq, tk, H, H, hd), "ref");
+                double worst = 0, wx = 0;
+                for (int64_t i = 0; i < B * tq * D; i++) {
+                    worst = fmax(worst, fabs((double)o[i] - r[i]));
+                    wx = fmax(wx, fabs((double)rx[i] - r[i]));
+                }
+                CHECK(worst <= 3e-5 && wx <= 1e-6, "cross tq=%lld tk=%lld kv=%lld: %g (repeat_kv %g)", (long long)tq,
+                      (long long)tk, (long long)KV, worst, wx);
+                free(q); free(kv); free(kx); free(o); free(r); free(rx); free(sc);
+            }
+    mmb_ctx_free(ctx);
+}
+
 int main(void) {
+    test_cross_gqa();
     const int64_t tokens[] = {1, 5, 31, 32, 33, 64, 65, 197, 577};
     const int64_t hds[] = {8, 64, 72};
     for (int threads = 1; threads <= 3; threads += 2) {
@@ -50,8 +93,8 @@ int main(void) {
                 unsigned s = (unsigned)(NQ * 977 + NK);
                 for (int64_t i = 0; i < B * NQ * D; i++) q[i] = amp * frand(&s);
                 for (int64_t i = 0; i < B * NK * 2 * D; i++) kv[i] = amp * frand(&s);
-                mmb__attention_cross_forward(ctx, o, q, kv, B, NQ, NK, H, hd, sc);
-                CHECK(mmb__attention_cross_forward_ref(r, q, kv, B, NQ, NK, H, hd), "ref alloc");
+                mmb__cross_attention_forward(ctx, o, q, kv, kv + D, D, 2 * D, B, NQ, NK, H, H, hd, sc);
+                CHECK(mmb__cross_attention_forward_ref(r, q, kv, kv + D, D, 2 * D, B, NQ, NK, H, H, hd), "ref alloc");
                 double worst = 0;
                 for (int64_t i = 0; i < B * NQ * D; i++) worst = fmax(worst, fabs((double)o[i] - r[i]));
                 CHECK(worst <= 1e-5 * amp, "cross nq=%lld nk=%lld hd=%lld threads=%d: max diff %g", (long long)NQ,

@@ -72,6 +72,32 @@ static void test_layernorm_and_add(void) {
     CHECK(max_diff(a, r, C) == 0, "add");
 }
 
+static void test_rmsnorm_and_mul(void) {
+    enum { M = 7, C = 333 };
+    static float x[M * C], w[C], a[M * C], r[M * C];
+    unsigned s = 5;
+    for (int i = 0; i < M * C; i++) x[i] = 3.0f + 5.0f * frand(&s);
+    for (int i = 0; i < C; i++) w[i] = frand(&s);
+    mmb__rmsnorm_forward(a, x, w, M, C, 1e-5f);
+    mmb__rmsnorm_forward_ref(r, x, w, M, C, 1e-5f);
+    CHECK(max_diff(a, r, M * C) <= 1e-5, "rmsnorm: %g", max_diff(a, r, M * C));
+    /* A row of zeros: eps alone keeps it finite (0 out). */
+    float z[4] = {0}, wz[4] = {1, 1, 1, 1}, oz[4];
+    mmb__rmsnorm_forward(oz, z, wz, 1, 4, 1e-6f);
+    CHECK(oz[0] == 0.0f && oz[3] == 0.0f, "rmsnorm of zeros");
+    mmb_ctx *ctx;
+    mmb_ctx_params p = mmb_ctx_default_params();
+    p.n_threads = 3;
+    CHECK(mmb_ctx_new(&p, &ctx) == MMB_OK, "ctx");
+    mmb__rmsnorm_forward_mt(ctx, a, x, w, M, C, 1e-6f);
+    mmb__rmsnorm_forward_ref(r, x, w, M, C, 1e-6f);
+    CHECK(max_diff(a, r, M * C) <= 1e-5, "rmsnorm mt: %g", max_diff(a, r, M * C));
+    mmb_ctx_free(ctx);
+    mmb__mul_forward(a, x, x + C, C);
+    mmb__mul_forward_ref(r, x, x + C, C);
+    CHECK(max_diff(a, r, C) == 0, "mul");
+}
+
 static void test_gemm_naive_backend(void) {
     /* The threaded naive path of mmb__linear_forward against the single-threaded oracle. */
     enum { M = 13, N = 17, K = 19 };
@@ -132,6 +158,7 @@ static void test_pool_split(void) {
 int main(void) {
     test_acts();
     test_layernorm_and_add();
+    test_rmsnorm_and_mul();
     test_gemm_naive_backend();
     test_half();
     test_pool_split();

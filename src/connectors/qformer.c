@@ -257,7 +257,7 @@ static void layer_forward(mmb_ctx *ctx, const blip2_state *s, const qf_layer *l,
     if (l->cross) {
         mmb__linear_forward(ctx, big, x, rows, &l->cq);
         mmb__linear_forward(ctx, kv, img, B * T, &l->ckv);
-        mmb__attention_cross_forward(ctx, att, big, kv, B, s->nq, T, s->heads, hd, asc);
+        mmb__cross_attention_forward(ctx, att, big, kv, kv + s->H, s->H, 2 * s->H, B, s->nq, T, s->heads, s->heads, hd, asc);
         mmb__linear_forward(ctx, y, att, rows, &l->cross_out);
         residual_norm(ctx, x, y, l->cross_ln_w, l->cross_ln_b, rows, s);
     }

@@ -1,7 +1,7 @@
-/* Multi-head attention, self (over a fused QKV buffer) or cross (queries over a fused KV buffer):
- * blocked, with an online softmax, so no score matrix larger than one QB x KB tile ever exists;
- * threaded over (batch, head, query block). The naive version (full score rows, double
- * accumulation) is kept as the oracle. */
+/* Multi-head attention, self- (one fused QKV buffer) or cross- (separate Q, K, V with their own
+ * row strides and lengths, K/V possibly with fewer heads: grouped-query attention): blocked, with an
+ * online softmax, so no score matrix larger than one QB x KB tile ever exists; threaded over (batch,
+ * head, query block). The naive version (full score rows, double accumulation) is kept as the oracle. */
 #include "internal.h"
 
 #include <math.h>
@@ -34,32 +34,31 @@ size_t mmb__attention_scratch(int nth, int64_t head_dim) {
     return (size_t)nth * (size_t)(QB * KB + QB * head_dim + KB * head_dim + 2 * QB);
 }
 
-/* Row i of image b: q + (b * nq + i) * ldq, k / v + (b * nk + i) * ldkv; head h at column h * hd. */
 typedef struct {
     float *out;
     const float *q, *k, *v;
-    int64_t ldq, ldkv;
-    int64_t batch, nq, nk, heads, hd;
+    int64_t ldq, ldkv;        /* row strides of q and of k, v */
+    int64_t batch, tq, tk, heads, group, hd; /* query head h reads K/V head h / group */
     float *scratch;
 } attn_job;
 
 /* One tile of queries [q0, q0+nq) of head h in image b: out rows = softmax(q k^T * s) v. */
 MMB_SIMD_CLONES static void attn_tile(const attn_job *j, float *sc, int64_t b, int64_t h, int64_t q0, int64_t nq) {
-    int64_t T = j->nk, hd = j->hd, D = j->heads * hd, ld = j->ldkv;
+    int64_t Tk = j->tk, hd = j->hd, D = j->heads * hd, ldq = j->ldq, ld = j->ldkv, hk = h / j->group * hd;
     float *s = sc, *acc = s + QB * KB, *kt = acc + QB * hd, *m = kt + KB * hd, *l = m + QB;
-    const float *kb = j->k + b * T * ld, *vb = j->v + b * T * ld, *qb = j->q + b * j->nq * j->ldq;
+    const float *qb = j->q + b * j->tq * ldq, *kb = j->k + b * Tk * ld, *vb = j->v + b * Tk * ld;
     float scale = 1.0f / sqrtf((float)hd);
     for (int64_t i = 0; i < nq; i++) { m[i] = -INFINITY; l[i] = 0.0f; }
     memset(acc, 0, sizeof(float) * (size_t)(nq * hd));
-    for (int64_t k0 = 0; k0 < T; k0 += KB) {
-        int64_t nk = T - k0 < KB ? T - k0 : KB;
+    for (int64_t k0 = 0; k0 < Tk; k0 += KB) {
+        int64_t nk = Tk - k0 < KB ? Tk - k0 : KB;
         /* K tile transposed: kt[d][j] so the score loop runs over contiguous keys. */
         for (int64_t jj = 0; jj < nk; jj++) {
-            const float *kr = kb + (k0 + jj) * ld + h * hd;
+            const float *kr = kb + (k0 + jj) * ld + hk;
             for (int64_t d = 0; d < hd; d++) kt[d * KB + jj] = kr[d];
         }
         for (int64_t i = 0; i < nq; i++) {
-            const float *qr = qb + (q0 + i) * j->ldq + h * hd;
+            const float *qr = qb + (q0 + i) * ldq + h * hd;
             float *si = s + i * KB;
             for (int64_t jj = 0; jj < nk; jj++) si[jj] = 0.0f;
             for (int64_t d = 0; d < hd; d++) {
@@ -79,67 +78,69 @@ MMB_SIMD_CLONES static void attn_tile(const attn_job *j, float *sc, int64_t b, i
             float *ai = acc + i * hd;
             for (int64_t d = 0; d < hd; d++) ai[d] *= corr;
             for (int64_t jj = 0; jj < nk; jj++) {
-                const float *vr = vb + (k0 + jj) * ld + h * hd;
+                const float *vr = vb + (k0 + jj) * ld + hk;
                 float p = si[jj];
                 for (int64_t d = 0; d < hd; d++) ai[d] += p * vr[d];
             }
         }
     }
     for (int64_t i = 0; i < nq; i++) {
-        float *o = j->out + (b * j->nq + q0 + i) * D + h * hd, inv = 1.0f / l[i];
+        float *o = j->out + (b * j->tq + q0 + i) * D + h * hd, inv = 1.0f / l[i];
         for (int64_t d = 0; d < hd; d++) o[d] = acc[i * hd + d] * inv;
     }
 }
 
 static void attn_task(void *arg, int tid, int nth) {
     const attn_job *j = arg;
-    int64_t qblocks = (j->nq + QB - 1) / QB, n = j->batch * j->heads * qblocks, lo, hi;
+    int64_t qblocks = (j->tq + QB - 1) / QB, n = j->batch * j->heads * qblocks, lo, hi;
     mmb__split(n, tid, nth, &lo, &hi);
     float *sc = j->scratch + (size_t)tid * (size_t)(QB * KB + QB * j->hd + KB * j->hd + 2 * QB);
     for (int64_t w = lo; w < hi; w++) {
         int64_t qb = w % qblocks, h = (w / qblocks) % j->heads, b = w / (qblocks * j->heads);
-        int64_t q0 = qb * QB, nq = j->nq - q0 < QB ? j->nq - q0 : QB;
+        int64_t q0 = qb * QB, nq = j->tq - q0 < QB ? j->tq - q0 : QB;
         attn_tile(j, sc, b, h, q0, nq);
     }
+}
+
+void mmb__cross_attention_forward(mmb_ctx *ctx, float *out, const float *q, const float *k, const float *v,
+                                  int64_t ldq, int64_t ldkv, int64_t batch, int64_t tq, int64_t tk, int64_t heads,
+                                  int64_t kv_heads, int64_t head_dim, float *scratch) {
+    attn_job j = {out, q, k, v, ldq, ldkv, batch, tq, tk, heads, heads / kv_heads, head_dim, scratch};
+    mmb__pool_run(ctx->pool, attn_task, &j);
 }
 
 void mmb__attention_forward(mmb_ctx *ctx, float *out, const float *qkv, int64_t batch, int64_t tokens,
                             int64_t heads, int64_t head_dim, float *scratch) {
     int64_t D = heads * head_dim;
-    attn_job j = {out, qkv, qkv + D, qkv + 2 * D, 3 * D, 3 * D, batch, tokens, tokens, heads, head_dim, scratch};
-    mmb__pool_run(ctx->pool, attn_task, &j);
+    mmb__cross_attention_forward(ctx, out, qkv, qkv + D, qkv + 2 * D, 3 * D, 3 * D, batch, tokens, tokens, heads,
+                                 heads, head_dim, scratch);
 }
 
-void mmb__attention_cross_forward(mmb_ctx *ctx, float *out, const float *q, const float *kv, int64_t batch,
-                                  int64_t nq, int64_t nk, int64_t heads, int64_t head_dim, float *scratch) {
-    int64_t D = heads * head_dim;
-    attn_job j = {out, q, kv, kv + D, D, 2 * D, batch, nq, nk, heads, head_dim, scratch};
-    mmb__pool_run(ctx->pool, attn_task, &j);
-}
-
-/* The oracle on an attn_job's layout (scratch unused). */
-static bool attention_ref(const attn_job *jb) {
-    int64_t hd = jb->hd, D = jb->heads * hd;
-    double scale = 1.0 / sqrt((double)hd);
-    double *p = malloc(sizeof(double) * (size_t)(jb->nk > 0 ? jb->nk : 1));
+bool mmb__cross_attention_forward_ref(float *out, const float *q, const float *k, const float *v, int64_t ldq,
+                                      int64_t ldkv, int64_t batch, int64_t tq, int64_t tk, int64_t heads,
+                                      int64_t kv_heads, int64_t head_dim) {
+    int64_t D = heads * head_dim, group = heads / kv_heads;
+    double scale = 1.0 / sqrt((double)head_dim);
+    double *p = malloc(sizeof(double) * (size_t)tk);
     if (!p) return false;
-    for (int64_t b = 0; b < jb->batch; b++)
-        for (int64_t h = 0; h < jb->heads; h++)
-            for (int64_t i = 0; i < jb->nq; i++) {
-                const float *q = jb->q + (b * jb->nq + i) * jb->ldq + h * hd;
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t h = 0; h < heads; h++)
+            for (int64_t i = 0; i < tq; i++) {
+                const float *qr = q + (b * tq + i) * ldq + h * head_dim;
+                int64_t hk = h / group * head_dim;
                 double mx = -INFINITY, sum = 0;
-                for (int64_t j = 0; j < jb->nk; j++) {
-                    const float *k = jb->k + (b * jb->nk + j) * jb->ldkv + h * hd;
+                for (int64_t j = 0; j < tk; j++) {
+                    const float *kr = k + (b * tk + j) * ldkv + hk;
                     double dot = 0;
-                    for (int64_t d = 0; d < hd; d++) dot += (double)q[d] * k[d];
+                    for (int64_t d = 0; d < head_dim; d++) dot += (double)qr[d] * kr[d];
                     p[j] = dot * scale;
                     mx = p[j] > mx ? p[j] : mx;
                 }
-                for (int64_t j = 0; j < jb->nk; j++) sum += (p[j] = exp(p[j] - mx));
-                float *o = jb->out + (b * jb->nq + i) * D + h * hd;
-                for (int64_t d = 0; d < hd; d++) {
+                for (int64_t j = 0; j < tk; j++) sum += (p[j] = exp(p[j] - mx));
+                float *o = out + (b * tq + i) * D + h * head_dim;
+                for (int64_t d = 0; d < head_dim; d++) {
                     double a = 0;
-                    for (int64_t j = 0; j < jb->nk; j++) a += p[j] * jb->v[(b * jb->nk + j) * jb->ldkv + h * hd + d];
+                    for (int64_t j = 0; j < tk; j++) a += p[j] * v[(b * tk + j) * ldkv + hk + d];
                     o[d] = (float)(a / sum);
                 }
             }
@@ -150,13 +151,6 @@ static bool attention_ref(const attn_job *jb) {
 bool mmb__attention_forward_ref(float *out, const float *qkv, int64_t batch, int64_t tokens, int64_t heads,
                                 int64_t head_dim) {
     int64_t D = heads * head_dim;
-    attn_job j = {out, qkv, qkv + D, qkv + 2 * D, 3 * D, 3 * D, batch, tokens, tokens, heads, head_dim, NULL};
-    return attention_ref(&j);
-}
-
-bool mmb__attention_cross_forward_ref(float *out, const float *q, const float *kv, int64_t batch, int64_t nq,
-                                      int64_t nk, int64_t heads, int64_t head_dim) {
-    int64_t D = heads * head_dim;
-    attn_job j = {out, q, kv, kv + D, D, 2 * D, batch, nq, nk, heads, head_dim, NULL};
-    return attention_ref(&j);
+    return mmb__cross_attention_forward_ref(out, qkv, qkv + D, qkv + 2 * D, 3 * D, 3 * D, batch, tokens, tokens,
+                                            heads, heads, head_dim);
 }

@@ -65,6 +65,20 @@ void mmb__add_forward_ref(float *out, const float *a, const float *b, int64_t n)
     for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
+void mmb__rmsnorm_forward_ref(float *out, const float *x, const float *w, int64_t M, int64_t C, float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *r = x + m * C;
+        double ss = 0;
+        for (int64_t c = 0; c < C; c++) ss += (double)r[c] * r[c];
+        double rs = 1.0 / sqrt(ss / (double)C + eps);
+        for (int64_t c = 0; c < C; c++) out[m * C + c] = (float)(r[c] * rs * w[c]);
+    }
+}
+
+void mmb__mul_forward_ref(float *out, const float *a, const float *b, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = a[i] * b[i];
+}
+
 /* ---- fast versions ---- */
 
 MMB_SIMD_CLONES void mmb__act_forward(float *x, int64_t n, mmb_act a) {
@@ -106,6 +120,22 @@ MMB_SIMD_CLONES void mmb__add_forward(float *out, const float *a, const float *b
     for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
+MMB_SIMD_CLONES void mmb__rmsnorm_forward(float *out, const float *x, const float *w, int64_t M, int64_t C,
+                                          float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *r = x + m * C;
+        float *o = out + m * C;
+        float ss = 0;
+        for (int64_t c = 0; c < C; c++) ss += r[c] * r[c];
+        float rs = 1.0f / sqrtf(ss / (float)C + eps);
+        for (int64_t c = 0; c < C; c++) o[c] = r[c] * rs * w[c];
+    }
+}
+
+MMB_SIMD_CLONES void mmb__mul_forward(float *out, const float *a, const float *b, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = a[i] * b[i];
+}
+
 /* ---- threaded wrappers ---- */
 
 typedef struct {
@@ -140,4 +170,17 @@ void mmb__layernorm_forward_mt(mmb_ctx *ctx, float *out, const float *x, const f
                                const float *b, int64_t M, int64_t C, float eps) {
     row_job j = {out, x, w, b, M, C, eps, MMB_ACT_NONE};
     mmb__pool_run(ctx->pool, ln_task, &j);
+}
+
+static void rms_task(void *arg, int tid, int nth) {
+    row_job *j = arg;
+    int64_t lo, hi;
+    mmb__split(j->rows, tid, nth, &lo, &hi);
+    mmb__rmsnorm_forward(j->out + lo * j->cols, j->x + lo * j->cols, j->w, hi - lo, j->cols, j->eps);
+}
+
+void mmb__rmsnorm_forward_mt(mmb_ctx *ctx, float *out, const float *x, const float *w, int64_t M, int64_t C,
+                             float eps) {
+    row_job j = {out, x, w, NULL, M, C, eps, MMB_ACT_NONE};
+    mmb__pool_run(ctx->pool, rms_task, &j);
 }

@@ -7,10 +7,16 @@
  *   block i:    x += out_proj(attn(LN1(x)));  x += fc2(act(fc1(LN2(x))))   -> hidden_states[i]
  *               (BLIP-2: one qkv Linear, its bias q_bias | 0 | v_bias; out_proj is `projection`)
  *   SigLIP, BLIP-2: last_hidden_state = post_layernorm(hidden_states[L]); CLIP: = hidden_states[L]
+ *
+ * Idefics2 / Idefics3 / SmolVLM towers (Idefics2VisionTransformer, ...) are SigLIP with
+ * position ids from bucketised fractional patch coordinates (bucket_ids); mmbridge runs them on full,
+ * unpadded images of image_size only (patch attention mask all ones), where those ids are fixed and
+ * the position table is permuted once at load.
  */
 #include "internal.h"
 
 #include <cjson/cJSON.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,10 +49,14 @@ static const struct {
     int width, inter, layers, heads, image, patch;
     float eps;
     bool cls;
+    bool bucket;  /* Idefics2/3: position ids by bucketize (bucket_ids) */
 } families[] = {
-    {"clip_vision_model", "clip", "quick_gelu", 768, 3072, 12, 12, 224, 32, 1e-5f, true},
-    {"siglip_vision_model", "siglip", "gelu_pytorch_tanh", 768, 3072, 12, 12, 224, 16, 1e-6f, false},
-    {"blip_2_vision_model", "blip2", "gelu", 1408, 6144, 39, 16, 224, 14, 1e-6f, true},
+    {"clip_vision_model", "clip", "quick_gelu", 768, 3072, 12, 12, 224, 32, 1e-5f, true, false},
+    {"siglip_vision_model", "siglip", "gelu_pytorch_tanh", 768, 3072, 12, 12, 224, 16, 1e-6f, false, false},
+    {"blip_2_vision_model", "blip2", "gelu", 1408, 6144, 39, 16, 224, 14, 1e-6f, true, false},
+    {"idefics2_vision", "idefics2", "gelu_pytorch_tanh", 768, 3072, 12, 12, 224, 32, 1e-6f, false, true},
+    {"idefics3_vision", "idefics3", "gelu_pytorch_tanh", 1152, 3072, 12, 16, 224, 32, 1e-6f, false, true},
+    {"smolvlm_vision", "smolvlm", "gelu_pytorch_tanh", 1152, 3072, 12, 16, 224, 32, 1e-6f, false, true},
 };
 
 mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_prefix, mmb_vit_info *out) {
@@ -63,7 +73,8 @@ mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_pref
         if (strcmp(mt, families[i].model_type) == 0) f = i;
     if (f < 0)
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: vision model_type '%s' (expected "
-                        "clip_vision_model, siglip_vision_model or blip_2_vision_model)", c->dir, mt);
+                        "clip_vision_model, siglip_vision_model, blip_2_vision_model, idefics2_vision, idefics3_vision "
+                        "or smolvlm_vision)", c->dir, mt);
     mmb_vit_info in = {.family = families[f].family, .act = families[f].act, .eps = families[f].eps,
                        .has_cls = families[f].cls};
     struct { const char *k; int def; int *dst; } ints[] = {
@@ -94,8 +105,8 @@ mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_pref
     int64_t P = (int64_t)in.channels * in.patch_size * in.patch_size;
     in.tokens = T;
     in.flops_per_image = 2 * g * g * D * P + in.layers * (2 * T * (4 * D * D + 2 * D * I) + 4 * T * T * D);
-    bool blip2 = strcmp(in.family, "blip2") == 0;  /* patch bias and CLS, no pre_layrnorm */
-    in.params = D * P + (in.family[0] == 's' || blip2 ? D : 0) + T * D + (in.has_cls ? (blip2 ? 1 : 3) * D : 0) + 2 * D +
+    bool blip2 = strcmp(in.family, "blip2") == 0;  /* patch bias and CLS, no pre_layrnorm; no CLS: patch bias */
+    in.params = D * P + (!in.has_cls || blip2 ? D : 0) + T * D + (in.has_cls ? (blip2 ? 1 : 3) * D : 0) + 2 * D +
                 in.layers * (4 * D * D + 4 * D + 2 * D * I + I + D + 4 * D);
     *out = in;
     return MMB_OK;
@@ -118,6 +129,43 @@ void mmb_vit_free(mmb_vit *v) {
     free(v->cls); free(v->pos); free(v->pre_w); free(v->pre_b); free(v->post_w); free(v->post_b);
     if (v->owns_ck) mmb__ckpt_close(&v->ck);
     free(v);
+}
+
+/* transformers' Idefics2VisionEmbeddings position ids along a side of nb patches, for a tower of n
+ * patches per side, in its float32 arithmetic on the CPU:
+ *   boundaries = torch.arange(1/n, 1.0, 1/n)   (float32; ceil((1 - 1/n) / (1/n)) values)
+ *   frac[i] = clamp(i * (1.0f / nb), max = 1 - 1e-6)   (float32)
+ *   ids[i] = bucketize(frac[i], boundaries, right=True) = #{boundaries <= frac[i]}
+ * torch's CPU arange computes start + step * j in double and rounds to float, except that whole
+ * blocks of 16 go through Vectorized<float>::arange (8 lanes on AVX2 and NEON), whose lane l is
+ * float(double(float(start + step * j0)) + l * step) for the lane-0 index j0. That rounding moves some
+ * boundaries by one ulp, so for some n (19, 25, 29, ...) the ids of a full image (nb = n) are not
+ * 0..n-1 (for 16, 24, 26, 27, 32, 70: they are). AVX-512 builds of torch (16 lanes) and CUDA differ
+ * for a few n again: docs/decisions.md. */
+static void bucket_ids(int nb, int n, int *ids) {
+    double start = 1.0 / n, step = 1.0 / n;
+    int64_t nbnd = (int64_t)ceil((1.0 - start) / step), nvec = nbnd / 16 * 16;
+    float fstep = 1.0f / (float)nb, fmax = (float)(1.0 - 1e-6);
+    for (int i = 0; i < nb; i++) {
+        float frac = (float)i * fstep;
+        frac = frac > fmax ? fmax : frac;
+        int id = 0;
+        for (int64_t j = 0; j < nbnd; j++) {
+            volatile double t;  /* no fused multiply-add: torch rounds the product */
+            float b;
+            if (j < nvec) {
+                t = step * (double)(j / 8 * 8);
+                float base = (float)(start + t);
+                t = (double)(j % 8) * step;
+                b = (float)((double)base + t);
+            } else {
+                t = step * (double)j;
+                b = (float)(start + t);
+            }
+            id += b <= frac;
+        }
+        ids[i] = id;
+    }
 }
 
 /* q, k, v projections fused into one (3D, D) layer so a block runs one GEMM for them. */
@@ -200,6 +248,22 @@ static mmb_status load_weights(mmb_ctx *ctx, mmb_vit *v, const mmb_ckpt *c) {
         int64_t ps[2] = {T, D};
         snprintf(name, sizeof name, "%sembeddings.position_embedding.weight", p);
         s = bind_copy(ctx, c, name, 2, ps, T * D, &v->pos);
+        bool bucket = false;
+        for (size_t i = 0; i < sizeof families / sizeof families[0]; i++)
+            bucket |= families[i].bucket && strcmp(in->family, families[i].family) == 0;
+        int g = in->image_size / in->patch_size, *ids = bucket ? malloc(sizeof(int) * (size_t)g) : NULL;
+        float *perm = bucket ? malloc(sizeof(float) * (size_t)(T * D)) : NULL;
+        if (bucket && (!ids || !perm)) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+        if (bucket && s == MMB_OK) {  /* token (r, c) of a full image adds row ids[r] * g + ids[c] */
+            bucket_ids(g, g, ids);
+            for (int r = 0; r < g; r++)
+                for (int cc = 0; cc < g; cc++)
+                    memcpy(perm + ((int64_t)r * g + cc) * D, v->pos + ((int64_t)ids[r] * g + ids[cc]) * D,
+                           sizeof(float) * (size_t)D);
+            memcpy(v->pos, perm, sizeof(float) * (size_t)(T * D));
+        }
+        free(ids);
+        free(perm);
     }
     if (s == MMB_OK && in->has_cls && !v->blip2) {
         snprintf(name, sizeof name, "%sembeddings.class_embedding", p);
