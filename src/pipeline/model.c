@@ -352,7 +352,11 @@ int64_t mmb_model_tokens_out(mmb_ctx *ctx, const mmb_model *m, int64_t tokens) {
                  (long long)tokens, m->strategy);
         return -1;
     }
-    return m->ops->out_tokens(m->conn, t);
+    int64_t r = m->ops->out_tokens(m->conn, t);
+    if (r < 1)
+        mmb__err(ctx, MMB_ERR_SHAPE, "%lld tokens per image (strategy '%s'): the %s connector needs a square patch "
+                 "grid", (long long)t, m->strategy, m->type);
+    return r < 1 ? -1 : r;
 }
 
 /* Resolves the model's taps against the features: buffer index per tap, or an error. */
@@ -554,4 +558,9 @@ mmb_status mmb_model_encode(mmb_ctx *ctx, const mmb_model *m, const float *pixel
     if (s == MMB_OK) s = mmb_model_connect(ctx, m, &ft, out, out_count);
     for (int i = 0; i < ft.n_taps; i++) free(bufs[i]);
     return s;
+}
+
+int mmb_model_routing_stats(const mmb_model *m, int64_t *counts, int cap) {
+    if (!m || m->fam || !m->ops || !m->ops->routing) return 0;
+    return m->ops->routing(m->conn, counts, counts ? cap : 0);
 }
