@@ -13,56 +13,6 @@
 #define MMB_SIMD_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
 #else
 #define MMB_SIMD_CLONES
-/* ---- research connectors on a patch grid (llavaconn): tensor/conv.c, connectors/{cabstractor,ldp,
- * moe,lowrank}.c ----------------------------------------------------------------------------------- */
-
-extern const mmb_connector_ops mmb__conn_cabs, mmb__conn_ldp, mmb__conn_moe, mmb__conn_lowrank;
-
-/* io/ckpt_layers.c. Each binds tensors named {prefix}{name}.weight / .bias, checked as mmb__ckpt_bind does;
- * the f32 copies they return are the caller's to free (also after an error). */
-/* A float tensor of exactly the given shape: an f32 copy of its elements in *out. */
-mmb_status mmb__ckpt_floats(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int ndim, const int64_t *shape,
-                            float **out);
-/* A Linear [n_out, n_in] (or, when conv, a 1x1 Conv2d [n_out, n_in, 1, 1]), with bias [n_out] if asked. */
-mmb_status mmb__ckpt_linear(mmb_ctx *ctx, const mmb_ckpt *c, mmb_linear *l, const char *prefix, const char *name,
-                            int64_t n_out, int64_t n_in, bool bias, bool conv);
-/* A norm's weight and bias, both [n]. */
-mmb_status mmb__ckpt_norm(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n,
-                          float **w, float **b);
-/* A depthwise 3x3 Conv2d [C, 1, 3, 3], packed for mmb__dwconv3x3_forward into *w9, and its bias [C] if asked. */
-mmb_status mmb__ckpt_dwconv(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t C,
-                            bool bias, float **w9, float **b);
-
-/* Maps are channels-last: (B, H, W, C) row-major, i.e. a connector's (batch, tokens, channels). */
-/* w (C, 1, 3, 3) as torch stores a depthwise Conv2d weight -> w9 (9, C), the layout the kernel reads. */
-void mmb__dwconv3x3_pack(float *w9, const float *w, int64_t C);
-/* x (B, H, W, C), w9 (9, C), bias (C) or NULL -> out (B, Ho, Wo, C), Ho = (H - 1) / stride + 1 (same
- * for W): torch Conv2d(C, C, 3, stride, padding=1, groups=C). The _ref takes torch's w (C, 1, 3, 3). */
-void mmb__dwconv3x3_forward(float *out, const float *x, const float *w9, const float *bias, int64_t B, int64_t H,
-                            int64_t W, int64_t C, int stride);
-void mmb__dwconv3x3_forward_ref(float *out, const float *x, const float *w, const float *bias, int64_t B, int64_t H,
-                                int64_t W, int64_t C, int stride);
-void mmb__dwconv3x3_forward_mt(mmb_ctx *ctx, float *out, const float *x, const float *w9, const float *bias,
-                               int64_t B, int64_t H, int64_t W, int64_t C, int stride);
-/* x (B, H, W, C) -> out (B, Ho, Wo, C): torch AdaptiveAvgPool2d((Ho, Wo)); output cell i of n over a side
- * of L averages [floor(i L / n), ceil((i + 1) L / n)) (cells overlap when n does not divide L; Ho > H
- * repeats rows). */
-void mmb__adaptive_avgpool2d_forward(float *out, const float *x, int64_t B, int64_t H, int64_t W, int64_t C,
-                                     int64_t Ho, int64_t Wo);
-void mmb__adaptive_avgpool2d_forward_ref(float *out, const float *x, int64_t B, int64_t H, int64_t W, int64_t C,
-                                         int64_t Ho, int64_t Wo);
-void mmb__adaptive_avgpool2d_forward_mt(mmb_ctx *ctx, float *out, const float *x, int64_t B, int64_t H, int64_t W,
-                                        int64_t C, int64_t Ho, int64_t Wo);
-
-typedef enum mmb_se_kind {
-    MMB_SE_SILU_SIGMOID,      /* timm SEModule(act_layer=SiLU), gate sigmoid (RegNet in Honeybee) */
-    MMB_SE_RELU_HARDSIGMOID   /* torchvision SqueezeExcitation(scale_activation=Hardsigmoid) (MobileVLM) */
-} mmb_se_kind;
-/* Squeeze-and-excitation in place on x (B, HW, C): s = mean over HW (B, C); x *= gate(fc2(act(fc1(s)))).
- * fc1 (R, C) and fc2 (C, R) are the 1x1 convs with bias. scratch: B * (2 C + R) floats. */
-void mmb__se_forward(mmb_ctx *ctx, float *x, int64_t B, int64_t HW, const mmb_linear *fc1, const mmb_linear *fc2,
-                     mmb_se_kind kind, float *scratch);
-
 #endif
 
 /* ---- base/status.c: error messages --------------------------------------------------------- */
@@ -382,11 +332,15 @@ mmb_status mmb__ckpt_linear(mmb_ctx *ctx, const mmb_ckpt *c, mmb_linear *l, cons
 /* A norm's weight and bias, both [n]. */
 mmb_status mmb__ckpt_norm(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n,
                           float **w, float **b);
+/* Adds l's parameters and its FLOPs over `rows` rows to *params, *flops. */
+void mmb__linear_cost(const mmb_linear *l, int64_t rows, int64_t *params, int64_t *flops);
 /* A depthwise 3x3 Conv2d [C, 1, 3, 3], packed for mmb__dwconv3x3_forward into *w9, and its bias [C] if asked. */
 mmb_status mmb__ckpt_dwconv(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t C,
                             bool bias, float **w9, float **b);
 
 /* Maps are channels-last: (B, H, W, C) row-major, i.e. a connector's (batch, tokens, channels). */
+/* The side g of a square grid of tokens = g * g, or -1. */
+int64_t mmb__grid_side(int64_t tokens);
 /* w (C, 1, 3, 3) as torch stores a depthwise Conv2d weight -> w9 (9, C), the layout the kernel reads. */
 void mmb__dwconv3x3_pack(float *w9, const float *w, int64_t C);
 /* x (B, H, W, C), w9 (9, C), bias (C) or NULL -> out (B, Ho, Wo, C), Ho = (H - 1) / stride + 1 (same

@@ -148,42 +148,28 @@ static mmb_status cabs_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg 
     return MMB_OK;
 }
 
-/* The side of a square grid of `tokens`, or -1. */
-static int64_t grid_side(int64_t tokens) {
-    int64_t g = (int64_t)llround(sqrt((double)(tokens > 0 ? tokens : 0)));
-    return g > 0 && g * g == tokens ? g : -1;
-}
-
 static int64_t cabs_out_tokens(const void *st, int64_t tokens) {
     const cabs_state *s = st;
-    return grid_side(tokens) > 0 ? s->side * s->side : -1;
+    return mmb__grid_side(tokens) > 0 ? s->side * s->side : -1;
 }
 
 static int64_t cabs_out_width(const void *st) { return ((const cabs_state *)st)->out_w; }
 
-static int64_t lin_params(const mmb_linear *l) { return l->n_out * l->n_in + (l->bias ? l->n_out : 0); }
-
 /* Parameters and FLOPs of one block over `n` positions. */
 static void block_cost(const reg_block *b, int64_t n, int64_t *params, int64_t *flops) {
     const mmb_linear *l[] = {&b->conv1, &b->conv3, &b->down, &b->se1, &b->se2};
-    for (int i = 0; i < 5; i++) {
-        *params += lin_params(l[i]);
-        *flops += 2 * (i < 3 ? n : 1) * l[i]->n_out * l[i]->n_in;
-    }
+    for (int i = 0; i < 5; i++) mmb__linear_cost(l[i], i < 3 ? n : 1, params, flops);
     *params += 9 * b->cout + 3 * 2 * b->cout + (b->has_down ? 2 * b->cout : 0);  /* dw conv, norms */
     *flops += 2 * 9 * n * b->cout;
 }
 
 static void cabs_cost(const void *st, int64_t tokens, int64_t *params, int64_t *flops) {
     const cabs_state *s = st;
-    int64_t n = grid_side(tokens) > 0 ? tokens : 0, q = n ? s->side * s->side : 0;
+    int64_t n = mmb__grid_side(tokens) > 0 ? tokens : 0, q = n ? s->side * s->side : 0;
     *params = s->n_pos * s->in_w;
     *flops = 0;
     for (int i = 0; i < 2 * s->depth; i++) block_cost(&s->blocks[i], i < s->depth ? n : q, params, flops);
-    for (int i = 0; i < s->mlp_depth; i++) {
-        *params += lin_params(&s->readout[i]);
-        *flops += 2 * q * s->readout[i].n_out * s->readout[i].n_in;
-    }
+    for (int i = 0; i < s->mlp_depth; i++) mmb__linear_cost(&s->readout[i], q, params, flops);
 }
 
 static int64_t widest(const cabs_state *s) {
@@ -229,7 +215,7 @@ static void block_forward(mmb_ctx *ctx, const reg_block *b, float *x, int64_t g,
 static mmb_status cabs_forward(mmb_ctx *ctx, const void *st, float *out, const float *x, int64_t batch,
                                int64_t tokens) {
     const cabs_state *s = st;
-    int64_t g = grid_side(tokens), q = s->side, D = s->in_w, skip = s->n_pos - tokens;
+    int64_t g = mmb__grid_side(tokens), q = s->side, D = s->in_w, skip = s->n_pos - tokens;
     if (g < 1)
         return mmb__err(ctx, MMB_ERR_SHAPE, "c-abs: %lld tokens per image are not a square patch grid", (long long)tokens);
     if (s->n_pos && skip != 0 && skip != 1)

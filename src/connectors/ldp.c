@@ -105,28 +105,22 @@ static mmb_status ldp_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *
     return MMB_OK;
 }
 
-static int64_t grid_side(int64_t tokens) {
-    int64_t g = (int64_t)llround(sqrt((double)(tokens > 0 ? tokens : 0)));
-    return g > 0 && g * g == tokens ? g : -1;
-}
-
 /* Side of the output grid for g x g tokens in. */
 static int64_t out_side(const ldp_state *s, int64_t g) { return s->v2 ? V2_SIDE : (g - 1) / 2 + 1; }
 
 static int64_t ldp_out_tokens(const void *st, int64_t tokens) {
-    int64_t g = grid_side(tokens), o = out_side(st, g);
+    int64_t g = mmb__grid_side(tokens), o = out_side(st, g);
     return g > 0 ? o * o : -1;
 }
 
 static int64_t ldp_out_width(const void *st) { return ((const ldp_state *)st)->C; }
 
-static int64_t lin_params(const mmb_linear *l) { return l->n_out * l->n_in + (l->bias ? l->n_out : 0); }
-
 static void ldp_cost(const void *st, int64_t tokens, int64_t *params, int64_t *flops) {
     const ldp_state *s = st;
-    int64_t g = grid_side(tokens), n = g > 0 ? tokens : 0, o = g > 0 ? out_side(s, g) : 0, C = s->C;
-    *params = lin_params(&s->lin[0]) + lin_params(&s->lin[1]);
-    *flops = 2 * n * (s->lin[0].n_out * s->lin[0].n_in + s->lin[1].n_out * s->lin[1].n_in);
+    int64_t g = mmb__grid_side(tokens), n = g > 0 ? tokens : 0, o = g > 0 ? out_side(s, g) : 0, C = s->C;
+    *params = *flops = 0;
+    mmb__linear_cost(&s->lin[0], n, params, flops);
+    mmb__linear_cost(&s->lin[1], n, params, flops);
     if (s->v2) {
         *params += 10 * C;
         *flops += 2 * 9 * o * o * C;
@@ -135,8 +129,11 @@ static void ldp_cost(const void *st, int64_t tokens, int64_t *params, int64_t *f
     for (int i = 0; i < 2; i++) {
         const ir_block *b = &s->blk[i];
         int64_t m = i ? o * o : n;  /* positions after the block's depthwise conv */
-        *params += 9 * C + 4 * C + lin_params(&b->fc1) + lin_params(&b->fc2) + lin_params(&b->proj);
-        *flops += 2 * m * (9 * C + C * C) + 4 * b->fc1.n_out * C;
+        *params += 9 * C + 4 * C;  /* depthwise conv, norms */
+        *flops += 2 * m * 9 * C;
+        mmb__linear_cost(&b->fc1, 1, params, flops);
+        mmb__linear_cost(&b->fc2, 1, params, flops);
+        mmb__linear_cost(&b->proj, m, params, flops);
     }
 }
 
@@ -170,7 +167,7 @@ static void block_forward(mmb_ctx *ctx, const ir_block *b, float *y, const float
 static mmb_status ldp_forward(mmb_ctx *ctx, const void *st, float *out, const float *x, int64_t batch,
                               int64_t tokens) {
     const ldp_state *s = st;
-    int64_t g = grid_side(tokens), C = s->C;
+    int64_t g = mmb__grid_side(tokens), C = s->C;
     if (g < 1)
         return mmb__err(ctx, MMB_ERR_SHAPE, "%s: %lld tokens per image are not a square patch grid",
                         s->v2 ? "ldpnetv2" : "ldpnet", (long long)tokens);

@@ -56,11 +56,7 @@ static int64_t lowrank_out_width(const void *st) { return ((const lowrank_state 
 static void lowrank_cost(const void *st, int64_t tokens, int64_t *params, int64_t *flops) {
     const lowrank_state *s = st;
     *params = *flops = 0;
-    for (int i = 0; i < s->n; i++) {
-        const mmb_linear *l = &s->lin[i];
-        *params += l->n_out * l->n_in + (l->bias ? l->n_out : 0);
-        *flops += 2 * tokens * l->n_out * l->n_in;
-    }
+    for (int i = 0; i < s->n; i++) mmb__linear_cost(&s->lin[i], tokens, params, flops);
 }
 
 static size_t lowrank_scratch(const void *st, int64_t rows) {

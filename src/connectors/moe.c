@@ -97,13 +97,12 @@ static int64_t moe_out_width(const void *st) { return ((const moe_state *)st)->o
 /* FLOPs count the router and the k experts each token runs. */
 static void moe_cost(const void *st, int64_t tokens, int64_t *params, int64_t *flops) {
     const moe_state *s = st;
-    const mmb_linear *r = &s->router;
-    *params = r->n_out * r->n_in + (r->bias ? r->n_out : 0);
-    *flops = 2 * tokens * r->n_out * r->n_in;
+    *params = *flops = 0;
+    mmb__linear_cost(&s->router, tokens, params, flops);
     for (int i = 0; i < s->n_exp * s->depth; i++) {
-        const mmb_linear *l = &s->lin[i];
-        *params += l->n_out * l->n_in + l->n_out;
-        if (i < s->depth) *flops += 2 * tokens * s->top_k * l->n_out * l->n_in;
+        int64_t f = 0;
+        mmb__linear_cost(&s->lin[i], tokens * s->top_k, params, &f);
+        if (i < s->depth) *flops += f;  /* the experts are alike: one expert's layers, run k times per token */
     }
 }
 

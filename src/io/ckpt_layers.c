@@ -55,3 +55,8 @@ mmb_status mmb__ckpt_dwconv(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix,
     if (s == MMB_OK && bias) s = mmb__ckpt_vec(ctx, c, bn, C, b);
     return s;
 }
+
+void mmb__linear_cost(const mmb_linear *l, int64_t rows, int64_t *params, int64_t *flops) {
+    *params += l->n_out * l->n_in + (l->bias ? l->n_out : 0);
+    *flops += 2 * rows * l->n_out * l->n_in;
+}

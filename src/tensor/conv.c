@@ -11,6 +11,12 @@
 #include <math.h>
 #include <string.h>
 
+int64_t mmb__grid_side(int64_t tokens) {
+    bool cls = false;
+    int64_t g = mmb__dense_grid(tokens, &cls);
+    return cls ? -1 : g;
+}
+
 void mmb__dwconv3x3_pack(float *w9, const float *w, int64_t C) {
     for (int64_t c = 0; c < C; c++)
         for (int k = 0; k < 9; k++) w9[k * C + c] = w[c * 9 + k];
