@@ -293,8 +293,10 @@ static mmb_status build(mmb_ctx *ctx, mmb_model *m) {
     if (s == MMB_OK) s = refresh(ctx, m);
     if (s != MMB_OK) return s;
     mmb_model_info *in = &m->info;
-    in->activation = strcmp(m->type, "identity") == 0 || strcmp(m->type, "linear") == 0 ? "" :
-                     strcmp(m->type, "llava") == 0 ? mmb__act_name(cc.act) : "gelu";
+    in->activation = strcmp(m->type, "identity") == 0 || strcmp(m->type, "linear") == 0 ||
+                     strcmp(m->type, "lowrank") == 0 ? "" :
+                     strcmp(m->type, "llava") == 0 ? mmb__act_name(cc.act) : strcmp(m->type, "c-abs") == 0 ? "silu" :
+                     strcmp(m->type, "ldpnet") == 0 ? "gelu, hardswish" : "gelu";
     in->select_strategy = m->strategy;
     const mmb_tensor *w = NULL;
     for (int i = 0; i < c->n_files && !w; i++)

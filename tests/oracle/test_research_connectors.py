@@ -429,6 +429,8 @@ def test_info_reports_costs(tmp_path, ptype, make, extra, tokens):
     save_file({f"model.mm_projector.{k}": v.contiguous() for k, v in mod.state_dict().items()},
               str(tmp_path / "m" / "model.safetensors"))
     params, got_tokens, out = info(tmp_path / "m")
+    act = {"c-abs": "silu", "ldpnet": "gelu, hardswish"}.get(ptype, "gelu")
+    assert re.search(rf"connector:\s+{ptype}, activation {act}\n", out), out
     assert params == sum(p.numel() for p in mod.parameters()), out
     assert got_tokens == tokens, out
     flops = float(re.search(r"FLOPs per image:\s+([\d.]+) GFLOP", out).group(1)) * 1e9
