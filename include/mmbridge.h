@@ -521,6 +521,12 @@ MMB_API mmb_status mmb_preprocess_output_size(mmb_ctx *ctx, const mmb_preprocess
 MMB_API mmb_status mmb_preprocess_run(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_image *img, float *out,
                                       size_t out_count);
 
+/* Routing statistics of a mixture-of-experts connector (mm_projector_type "moe_mlpNx_gelu"): the tokens
+ * each expert received, summed over every connect / encode since the model was opened (a token counts
+ * once for each of its top-k experts). Fills counts[0 .. min(E, cap)) and returns E, the number of
+ * experts; 0 for NULL m or a connector that does not route. counts may be NULL (cap ignored) to ask E. */
+MMB_API int mmb_model_routing_stats(const mmb_model *m, int64_t *counts, int cap);
+
 #ifdef __cplusplus
 }
 #endif

@@ -199,6 +199,9 @@ mmb_status mmb__ckpt_bind(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int
  * (converted and packed as mmb__linear_init does); errors name the file and the tensor. */
 mmb_status mmb__ckpt_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
                             int64_t n_in, bool bias, mmb_linear *l);
+/* As mmb__ckpt_linear for a 1x1 Conv2d: weight [n_out, n_in, 1, 1]. */
+mmb_status mmb__ckpt_conv1x1(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
+                             int64_t n_in, bool bias, mmb_linear *l);
 /* A norm's {prefix}{name}.weight and .bias, (n) each, as f32 copies in *w, *b (the caller frees them). */
 mmb_status mmb__ckpt_norm(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n, float **w,
                           float **b);
@@ -259,6 +262,9 @@ typedef struct mmb_connector_ops {
      * cost and scratch's rows (batch * tokens) count the CLS token too. */
     mmb_status (*forward_taps)(mmb_ctx *ctx, const void *state, float *out, const float *const *bufs,
                                int64_t batch, int64_t tokens, int64_t width);
+    /* Optional; NULL for connectors that do not route. Tokens each expert received, summed over every
+     * forward since load: fills counts[0 .. min(E, cap)) and returns E. */
+    int (*routing)(const void *state, int64_t *counts, int cap);
 } mmb_connector_ops;
 
 /* Returns the connector that builds `type`, or NULL. */
@@ -375,5 +381,53 @@ bool mmb__cross_attention_forward_ref(float *out, const float *q, const float *k
  * mmb__conn_pixel_shuffle = Idefics3Connector (pixel shuffle + modality_projection.proj). */
 extern const mmb_connector_ops mmb__conn_idefics2, mmb__conn_pixel_shuffle;
 extern const mmb_family_ops mmb__family_idefics2, mmb__family_idefics3, mmb__family_smolvlm;
+
+/* ---- research connectors on a patch grid (llavaconn): tensor/conv.c, connectors/{cabstractor,ldp,
+ * moe,lowrank}.c ----------------------------------------------------------------------------------- */
+
+extern const mmb_connector_ops mmb__conn_cabs, mmb__conn_ldp, mmb__conn_moe, mmb__conn_lowrank;
+
+/* io/ckpt_layers.c. Each binds tensors named {prefix}{name}.weight / .bias, checked as mmb__ckpt_bind does;
+ * the f32 copies they return are the caller's to free (also after an error). */
+/* A float tensor of exactly the given shape: an f32 copy of its elements in *out. */
+mmb_status mmb__ckpt_floats(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int ndim, const int64_t *shape,
+                            float **out);
+/* Adds l's parameters and its FLOPs over `rows` rows to *params, *flops. */
+void mmb__linear_cost(const mmb_linear *l, int64_t rows, int64_t *params, int64_t *flops);
+/* A depthwise 3x3 Conv2d [C, 1, 3, 3], packed for mmb__dwconv3x3_forward into *w9, and its bias [C] if asked. */
+mmb_status mmb__ckpt_dwconv(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t C,
+                            bool bias, float **w9, float **b);
+
+/* Maps are channels-last: (B, H, W, C) row-major, i.e. a connector's (batch, tokens, channels). */
+/* The side g of a square grid of tokens = g * g, or -1. */
+int64_t mmb__grid_side(int64_t tokens);
+/* w (C, 1, 3, 3) as torch stores a depthwise Conv2d weight -> w9 (9, C), the layout the kernel reads. */
+void mmb__dwconv3x3_pack(float *w9, const float *w, int64_t C);
+/* x (B, H, W, C), w9 (9, C), bias (C) or NULL -> out (B, Ho, Wo, C), Ho = (H - 1) / stride + 1 (same
+ * for W): torch Conv2d(C, C, 3, stride, padding=1, groups=C). The _ref takes torch's w (C, 1, 3, 3). */
+void mmb__dwconv3x3_forward(float *out, const float *x, const float *w9, const float *bias, int64_t B, int64_t H,
+                            int64_t W, int64_t C, int stride);
+void mmb__dwconv3x3_forward_ref(float *out, const float *x, const float *w, const float *bias, int64_t B, int64_t H,
+                                int64_t W, int64_t C, int stride);
+void mmb__dwconv3x3_forward_mt(mmb_ctx *ctx, float *out, const float *x, const float *w9, const float *bias,
+                               int64_t B, int64_t H, int64_t W, int64_t C, int stride);
+/* x (B, H, W, C) -> out (B, Ho, Wo, C): torch AdaptiveAvgPool2d((Ho, Wo)); output cell i of n over a side
+ * of L averages [floor(i L / n), ceil((i + 1) L / n)) (cells overlap when n does not divide L; Ho > H
+ * repeats rows). */
+void mmb__adaptive_avgpool2d_forward(float *out, const float *x, int64_t B, int64_t H, int64_t W, int64_t C,
+                                     int64_t Ho, int64_t Wo);
+void mmb__adaptive_avgpool2d_forward_ref(float *out, const float *x, int64_t B, int64_t H, int64_t W, int64_t C,
+                                         int64_t Ho, int64_t Wo);
+void mmb__adaptive_avgpool2d_forward_mt(mmb_ctx *ctx, float *out, const float *x, int64_t B, int64_t H, int64_t W,
+                                        int64_t C, int64_t Ho, int64_t Wo);
+
+typedef enum mmb_se_kind {
+    MMB_SE_SILU_SIGMOID,      /* timm SEModule(act_layer=SiLU), gate sigmoid (RegNet in Honeybee) */
+    MMB_SE_RELU_HARDSIGMOID   /* torchvision SqueezeExcitation(scale_activation=Hardsigmoid) (MobileVLM) */
+} mmb_se_kind;
+/* Squeeze-and-excitation in place on x (B, HW, C): s = mean over HW (B, C); x *= gate(fc2(act(fc1(s)))).
+ * fc1 (R, C) and fc2 (C, R) are the 1x1 convs with bias. scratch: B * (2 C + R) floats. */
+void mmb__se_forward(mmb_ctx *ctx, float *x, int64_t B, int64_t HW, const mmb_linear *fc1, const mmb_linear *fc2,
+                     mmb_se_kind kind, float *scratch);
 
 #endif

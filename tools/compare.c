@@ -191,7 +191,7 @@ int cli_compare(int argc, char **argv) {
     p.n_threads = (int)threads;
     mmb_ctx *ctx = NULL;
     if (mmb_ctx_new(&p, &ctx) != MMB_OK) { fprintf(stderr, "mmbridge: error: cannot create a context\n"); return 1; }
-    /* The types: --types, or every registered name (mlpNx_gelu as mlp2x_gelu; llava is the same network). */
+    /* The types: --types, or every registered name (llava is mlp2x_gelu's network; Dense Connectors read taps). */
     char list[4096] = "";
     if (types) snprintf(list, sizeof list, "%s", types);
     else if (!n_models) {
@@ -199,7 +199,10 @@ int cli_compare(int argc, char **argv) {
         int nn = mmb_connector_names(&names);
         for (int i = 0; i < nn; i++) {
             if (!strcmp(names[i], "llava") || !strncmp(names[i], "dense_", 6)) continue;
-            const char *t = !strcmp(names[i], "mlpNx_gelu") ? "mlp2x_gelu" : names[i];
+            char t[128];  /* a pattern name (mlpNx_gelu) as its 2-layer member */
+            snprintf(t, sizeof t, "%s", names[i]);
+            char *nx = strstr(t, "Nx");
+            if (nx) *nx = '2';
             if (strlen(list) + strlen(t) + 2 < sizeof list) { if (*list) strcat(list, ","); strcat(list, t); }
         }
     }

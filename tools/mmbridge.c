@@ -382,6 +382,16 @@ static double now_ms(void) {
     return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
 }
 
+/* A mixture-of-experts connector's routing statistics, one line; nothing for other connectors. */
+static void print_routing(const mmb_model *m) {
+    int64_t counts[256];
+    int n = mmb_model_routing_stats(m, counts, 256);
+    if (n <= 0) return;
+    printf("routing: tokens per expert:");
+    for (int e = 0; e < n && e < 256; e++) printf(" %lld", (long long)counts[e]);
+    printf("\n");
+}
+
 static int cmd_connect(int argc, char **argv) {
     opts o = {0};
     int r = parse(argc, argv, usage_connect, &o);
@@ -414,6 +424,7 @@ static int cmd_connect(int argc, char **argv) {
     printf("%s: %s, %lld image(s) x %lld tokens x %d -> embeddings [%lld, %lld, %d] in %.2f ms, %d thread(s) -> %s\n",
            o.model, in.connector, (long long)ft.batch, (long long)ft.tokens, in.in_width, (long long)ft.batch,
            (long long)t_out, in.out_width, ms, mmb_ctx_threads(ctx), o.output);
+    print_routing(m);
     r = 0;
 done:
     for (int i = 0; i < MMB_MAX_TAPS; i++) free(owned[i]);
@@ -793,6 +804,7 @@ static int cmd_encode(int argc, char **argv) {
     }
     printf("encoder + connector %.1f ms, hidden states %.1f ms, %d thread(s), %d tensor(s) -> %s\n", t1 - t0,
            t2 - t1, mmb_ctx_threads(ctx), n_out, o.output);
+    if (m) print_routing(m);
     r = 0;
 done:
     free_list(all_frames, n_all);

@@ -359,16 +359,27 @@ mmb_status mmb__ckpt_vec(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int6
 
 /* ---- layers bound by name ---- */
 
-mmb_status mmb__ckpt_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
-                            int64_t n_in, bool bias, mmb_linear *l) {
+/* {prefix}{name}.weight of ndim 2 [n_out, n_in] or 4 [n_out, n_in, 1, 1], and the bias if asked. */
+static mmb_status bind_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
+                              int64_t n_in, bool bias, int ndim, mmb_linear *l) {
     char wn[512], bn[512];
     snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
     snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
     const mmb_tensor *w = NULL, *b = NULL;
-    const int64_t ws[2] = {n_out, n_in};
-    mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
+    const int64_t ws[4] = {n_out, n_in, 1, 1};
+    mmb_status s = mmb__ckpt_bind(ctx, c, wn, ndim, ws, &w);
     if (s == MMB_OK && bias) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
     return s == MMB_OK ? mmb__linear_init(ctx, l, w, b) : s;
+}
+
+mmb_status mmb__ckpt_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
+                            int64_t n_in, bool bias, mmb_linear *l) {
+    return bind_linear(ctx, c, prefix, name, n_out, n_in, bias, 2, l);
+}
+
+mmb_status mmb__ckpt_conv1x1(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
+                             int64_t n_in, bool bias, mmb_linear *l) {
+    return bind_linear(ctx, c, prefix, name, n_out, n_in, bias, 4, l);
 }
 
 mmb_status mmb__ckpt_norm(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n, float **w,

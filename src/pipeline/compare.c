@@ -19,27 +19,56 @@ static int cmp_double(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* config.json of the synthetic checkpoint: the original-LLaVA keys, then config_json's on top. */
-static mmb_status synth_config(mmb_ctx *ctx, const char *type, int64_t width, int64_t d_model,
-                               const char *config_json, cJSON **out) {
-    cJSON *cfg = cJSON_CreateObject(), *extra = config_json ? cJSON_Parse(config_json) : NULL;
-    if (config_json && !cJSON_IsObject(extra)) {
-        cJSON_Delete(cfg);
-        cJSON_Delete(extra);
-        return mmb__err(ctx, MMB_ERR_FORMAT, "config '%s': not a JSON object", config_json);
-    }
-    bool ok = cfg && cJSON_AddStringToObject(cfg, "mm_projector_type", type) &&
-              cJSON_AddNumberToObject(cfg, "mm_hidden_size", (double)width) &&
-              cJSON_AddNumberToObject(cfg, "hidden_size", (double)d_model);
-    for (cJSON *e = extra ? extra->child : NULL; ok && e; e = e->next) {
+/* Config keys a synthetic checkpoint needs beyond the LLaVA ones, for connectors that would read them
+ * from a real checkpoint's config or infer them from its tensors: the original papers' defaults
+ * ("%W" is the vision width, "%T" the patch tokens). */
+static const struct { const char *type, *json; } synth_defaults[] = {
+    {"c-abs", "{\"mm_cabs_hidden_size\": %W, \"mm_cabs_num_pos\": %T}"},
+    {"flamingo_perceiver", "{\"mm_perceiver_num_latents\": 64, \"mm_perceiver_depth\": 6, \"mm_perceiver_heads\": 8, "
+                           "\"mm_perceiver_dim_head\": 64}"},
+    {"moe_", "{\"mm_moe_num_experts\": 8, \"mm_moe_top_k\": 2}"},
+    {"lowrank", "{\"mm_lowrank_rank\": 256}"},
+};
+
+/* Adds json's keys to cfg, replacing keys it has; "%W" in json stands for `width`, "%T" for `tokens`. */
+static bool merge_json(cJSON *cfg, const char *json, int64_t width, int64_t tokens) {
+    char buf[1024];
+    size_t n = 0;
+    for (const char *p = json; *p && n < sizeof buf - 32; p++)
+        if (p[0] == '%' && (p[1] == 'W' || p[1] == 'T'))
+            n += (size_t)snprintf(buf + n, sizeof buf - n, "%lld", (long long)(*++p == 'W' ? width : tokens));
+        else
+            buf[n++] = *p;
+    buf[n] = 0;
+    cJSON *extra = cJSON_Parse(buf);
+    bool ok = cJSON_IsObject(extra);
+    for (cJSON *e = ok ? extra->child : NULL; ok && e; e = e->next) {
         cJSON_DeleteItemFromObjectCaseSensitive(cfg, e->string);
         cJSON *dup = cJSON_Duplicate(e, 1);
         ok = dup && cJSON_AddItemToObject(cfg, e->string, dup);
     }
     cJSON_Delete(extra);
+    return ok;
+}
+
+/* config.json of the synthetic checkpoint: the original-LLaVA keys, the type's defaults, then
+ * config_json's on top. */
+static mmb_status synth_config(mmb_ctx *ctx, const char *type, int64_t width, int64_t tokens, int64_t d_model,
+                               const char *config_json, cJSON **out) {
+    cJSON *cfg = cJSON_CreateObject();
+    bool ok = cfg && cJSON_AddStringToObject(cfg, "mm_projector_type", type) &&
+              cJSON_AddNumberToObject(cfg, "mm_hidden_size", (double)width) &&
+              cJSON_AddNumberToObject(cfg, "hidden_size", (double)d_model);
+    for (size_t i = 0; ok && i < sizeof synth_defaults / sizeof synth_defaults[0]; i++)
+        if (!strncmp(type, synth_defaults[i].type, strlen(synth_defaults[i].type)))
+            ok = merge_json(cfg, synth_defaults[i].json, width, tokens);
     if (!ok) {
         cJSON_Delete(cfg);
         return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    }
+    if (config_json && (strlen(config_json) >= 1024 || !merge_json(cfg, config_json, width, tokens))) {
+        cJSON_Delete(cfg);
+        return mmb__err(ctx, MMB_ERR_FORMAT, "config '%s': not a JSON object (of at most 1023 bytes)", config_json);
     }
     *out = cfg;
     return MMB_OK;
@@ -57,7 +86,7 @@ mmb_status mmb_connector_measure(mmb_ctx *ctx, const char *type, int64_t width, 
                         "checkpoint (mmbridge compare MODEL)", type);
     cJSON *cfg = NULL;
     mmb_ckpt c = {0};
-    mmb_status s = synth_config(ctx, type, width, d_model, config_json, &cfg);
+    mmb_status s = synth_config(ctx, type, width, grid * grid, d_model, config_json, &cfg);
     if (s == MMB_OK) s = mmb__ckpt_synth(ctx, type, cfg, 0.05f, &c);
     else cJSON_Delete(cfg);
     if (s != MMB_OK) return s;

@@ -293,8 +293,10 @@ static mmb_status build(mmb_ctx *ctx, mmb_model *m) {
     if (s == MMB_OK) s = refresh(ctx, m);
     if (s != MMB_OK) return s;
     mmb_model_info *in = &m->info;
-    in->activation = strcmp(m->type, "identity") == 0 || strcmp(m->type, "linear") == 0 ? "" :
-                     strcmp(m->type, "llava") == 0 ? mmb__act_name(cc.act) : "gelu";
+    in->activation = strcmp(m->type, "identity") == 0 || strcmp(m->type, "linear") == 0 ||
+                     strcmp(m->type, "lowrank") == 0 ? "" :
+                     strcmp(m->type, "llava") == 0 ? mmb__act_name(cc.act) : strcmp(m->type, "c-abs") == 0 ? "silu" :
+                     strcmp(m->type, "ldpnet") == 0 ? "gelu, hardswish" : "gelu";
     in->select_strategy = m->strategy;
     const mmb_tensor *w = NULL;
     for (int i = 0; i < c->n_files && !w; i++)
@@ -352,7 +354,11 @@ int64_t mmb_model_tokens_out(mmb_ctx *ctx, const mmb_model *m, int64_t tokens) {
                  (long long)tokens, m->strategy);
         return -1;
     }
-    return m->ops->out_tokens(m->conn, t);
+    int64_t r = m->ops->out_tokens(m->conn, t);
+    if (r < 1)
+        mmb__err(ctx, MMB_ERR_SHAPE, "%lld tokens per image (strategy '%s'): the %s connector needs a square patch "
+                 "grid", (long long)t, m->strategy, m->type);
+    return r < 1 ? -1 : r;
 }
 
 /* Resolves the model's taps against the features: buffer index per tap, or an error. */
@@ -554,4 +560,9 @@ mmb_status mmb_model_encode(mmb_ctx *ctx, const mmb_model *m, const float *pixel
     if (s == MMB_OK) s = mmb_model_connect(ctx, m, &ft, out, out_count);
     for (int i = 0; i < ft.n_taps; i++) free(bufs[i]);
     return s;
+}
+
+int mmb_model_routing_stats(const mmb_model *m, int64_t *counts, int cap) {
+    if (!m || m->fam || !m->ops || !m->ops->routing) return 0;
+    return m->ops->routing(m->conn, counts, counts ? cap : 0);
 }
