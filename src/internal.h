@@ -74,11 +74,12 @@ typedef enum mmb_act {
     MMB_ACT_GELU,       /* exact: 0.5 x (1 + erf(x / sqrt 2)) */
     MMB_ACT_GELU_TANH,  /* 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
     MMB_ACT_QUICK_GELU, /* x sigmoid(1.702 x) */
-    MMB_ACT_SILU        /* x sigmoid(x) */
+    MMB_ACT_SILU,       /* x sigmoid(x) */
+    MMB_ACT_RELU        /* max(x, 0) */
 } mmb_act;
 
 /* Parses an HF ACT2FN name ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "quick_gelu",
- * "silu", "swish"). Returns false for anything else. */
+ * "silu", "swish", "relu"). Returns false for anything else. */
 bool mmb__act_parse(const char *name, mmb_act *out);
 const char *mmb__act_name(mmb_act a);
 
@@ -292,6 +293,15 @@ size_t mmb__attention_scratch(int nth, int64_t head_dim);
  * Blocked with an online softmax; threaded over the context's pool. */
 void mmb__attention_forward(mmb_ctx *ctx, float *out, const float *qkv, int64_t batch, int64_t tokens,
                             int64_t heads, int64_t head_dim, float *scratch);
+/* q (batch, tq, ldq), k and v (batch, tk, ldkv), head h in columns [h * head_dim, (h + 1) * head_dim) of
+ * each row -> out (batch, tq, heads * head_dim): softmax(q k^T / sqrt(head_dim)) v per head, no mask.
+ * Cross-attention (tq != tk) with the same blocked kernel; scratch as mmb__attention_scratch. */
+void mmb__cross_attention_forward(mmb_ctx *ctx, float *out, const float *q, const float *k, const float *v,
+                                  int64_t ldq, int64_t ldkv, int64_t batch, int64_t tq, int64_t tk, int64_t heads,
+                                  int64_t head_dim, float *scratch);
+bool mmb__cross_attention_forward_ref(float *out, const float *q, const float *k, const float *v, int64_t ldq,
+                                      int64_t ldkv, int64_t batch, int64_t tq, int64_t tk, int64_t heads,
+                                      int64_t head_dim);
 /* The oracle: full score rows in double. Returns false if it cannot allocate a row. */
 bool mmb__attention_forward_ref(float *out, const float *qkv, int64_t batch, int64_t tokens, int64_t heads,
                                 int64_t head_dim);
