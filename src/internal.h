@@ -13,6 +13,11 @@
 #define MMB_SIMD_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
 #else
 #define MMB_SIMD_CLONES
+/* ---- connectors/perceiver.c: IDEFICS (v1) and OpenFlamingo perceiver resamplers --------------- */
+
+extern const mmb_connector_ops mmb__conn_flamingo_perceiver;
+extern const mmb_family_ops mmb__family_idefics;
+
 #endif
 
 /* ---- base/status.c: error messages --------------------------------------------------------- */
@@ -322,5 +327,10 @@ mmb_status mmb__vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vit **out);
  * *out (the caller frees it), of size *h x *w. The oracle tests check this stage on its own. */
 mmb_status mmb__preprocess_u8(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_image *img, unsigned char **out,
                               int *h, int *w);
+
+/* ---- connectors/perceiver.c: IDEFICS (v1) and OpenFlamingo perceiver resamplers --------------- */
+
+extern const mmb_connector_ops mmb__conn_flamingo_perceiver;
+extern const mmb_family_ops mmb__family_idefics;
 
 #endif

@@ -1,7 +1,7 @@
 /* Family registry: checkpoints whose tower and connector run as one model (internal.h). */
 #include "internal.h"
 
-static const mmb_family_ops *const all[] = {NULL};
+static const mmb_family_ops *const all[] = {&mmb__family_idefics, NULL};
 
 const mmb_family_ops *mmb__family_find(const mmb_ckpt *c, const char *arch, const char *model_type) {
     for (int i = 0; all[i]; i++)

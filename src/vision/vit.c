@@ -40,10 +40,16 @@ static const struct {
     int width, inter, layers, heads, image, patch;
     float eps;
     bool cls;
+    const char *width_key;  /* NULL: "hidden_size" */
 } families[] = {
-    {"clip_vision_model", "clip", "quick_gelu", 768, 3072, 12, 12, 224, 32, 1e-5f, true},
-    {"siglip_vision_model", "siglip", "gelu_pytorch_tanh", 768, 3072, 12, 12, 224, 16, 1e-6f, false},
+    {"clip_vision_model", "clip", "quick_gelu", 768, 3072, 12, 12, 224, 32, 1e-5f, true, NULL},
+    {"siglip_vision_model", "siglip", "gelu_pytorch_tanh", 768, 3072, 12, 12, 224, 16, 1e-6f, false, NULL},
+    /* IDEFICS (v1): CLIP's network under another config class (vision.py) */
+    {"idefics_vision", "idefics", "gelu", 768, 5120, 32, 16, 224, 14, 1e-5f, true, "embed_dim"},
 };
+
+/* A vision_config without model_type takes its parent model's vision class (else CLIP's). */
+static const struct { const char *parent, *vision; } parents[] = {{"idefics", "idefics_vision"}};
 
 mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_prefix, mmb_vit_info *out) {
     char key[128];
@@ -52,18 +58,22 @@ mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_pref
     snprintf(key, sizeof key, "%smodel_type", cfg_prefix);
     if (!mmb__cfg_str(ctx, c, key, &mt, &s)) {
         if (s != MMB_OK) return s;
+        const char *top = "";
+        if (cfg_prefix[0]) mmb__cfg_str(ctx, c, "model_type", &top, &s);
         mt = "clip_vision_model";
+        for (size_t i = 0; i < sizeof parents / sizeof parents[0]; i++)
+            if (strcmp(top, parents[i].parent) == 0) mt = parents[i].vision;
     }
     int f = -1;
     for (int i = 0; i < (int)(sizeof families / sizeof families[0]); i++)
         if (strcmp(mt, families[i].model_type) == 0) f = i;
     if (f < 0)
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: vision model_type '%s' (expected "
-                        "clip_vision_model or siglip_vision_model)", c->dir, mt);
+                        "clip_vision_model, siglip_vision_model or idefics_vision)", c->dir, mt);
     mmb_vit_info in = {.family = families[f].family, .act = families[f].act, .eps = families[f].eps,
                        .has_cls = families[f].cls};
     struct { const char *k; int def; int *dst; } ints[] = {
-        {"hidden_size", families[f].width, &in.width},     {"intermediate_size", families[f].inter, &in.intermediate},
+        {families[f].width_key ? families[f].width_key : "hidden_size", families[f].width, &in.width},     {"intermediate_size", families[f].inter, &in.intermediate},
         {"num_hidden_layers", families[f].layers, &in.layers}, {"num_attention_heads", families[f].heads, &in.heads},
         {"image_size", families[f].image, &in.image_size}, {"patch_size", families[f].patch, &in.patch_size},
         {"num_channels", 3, &in.channels},
@@ -216,7 +226,8 @@ static const char *find_prefix(const mmb_ckpt *c) {
      * files, transformers 5 save_pretrained; then a full CLIPModel/SiglipModel (or a 4.x standalone
      * save); then a standalone vision model as transformers 5 saves it, without a prefix. */
     static const char *const prefixes[] = {"model.vision_tower.vision_model.", "model.vision_tower.",
-                                           "vision_tower.vision_model.", "vision_tower.", "vision_model.", ""};
+                                           "vision_tower.vision_model.", "vision_tower.", "vision_model.", "",
+                                           "model.vision_model." /* IDEFICS */};
     for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++) {
         char name[160];
         snprintf(name, sizeof name, "%sembeddings.patch_embedding.weight", prefixes[i]);
