@@ -27,7 +27,7 @@
 static const double CLIP_MEAN[3] = {0.48145466, 0.4578275, 0.40821073};
 static const double CLIP_STD[3] = {0.26862954, 0.26130258, 0.27577711};
 
-typedef enum { KIND_CLIP, KIND_SIGLIP, KIND_LLAVA } proc_kind;
+typedef enum { KIND_CLIP, KIND_SIGLIP, KIND_LLAVA, KIND_IDEFICS } proc_kind;
 
 /* Maps a class name (with an optional Fast / Pil suffix) or a processor class to a kind. */
 static bool kind_of(const char *type, proc_kind *k) {
@@ -35,6 +35,7 @@ static bool kind_of(const char *type, proc_kind *k) {
         {"CLIPImageProcessor", KIND_CLIP},   {"CLIPFeatureExtractor", KIND_CLIP}, {"CLIPProcessor", KIND_CLIP},
         {"SiglipImageProcessor", KIND_SIGLIP}, {"SiglipProcessor", KIND_SIGLIP},
         {"LlavaImageProcessor", KIND_LLAVA}, {"LlavaProcessor", KIND_LLAVA},
+        {"IdeficsImageProcessor", KIND_IDEFICS}, {"IdeficsProcessor", KIND_IDEFICS},
     };
     size_t n = strlen(type);
     if (n > 4 && !strcmp(type + n - 4, "Fast")) n -= 4;
@@ -58,7 +59,8 @@ static void pad_color_from_mean(mmb_preprocess *p) {
 
 static void defaults(proc_kind k, mmb_preprocess *p) {
     memset(p, 0, sizeof *p);
-    static const char *names[] = {"CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor"};
+    static const char *names[] = {"CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor",
+                                  "IdeficsImageProcessor"};
     snprintf(p->type, sizeof p->type, "%s", names[k]);
     p->do_convert_rgb = 1;
     p->do_resize = 1;
@@ -70,6 +72,11 @@ static void defaults(proc_kind k, mmb_preprocess *p) {
         p->size_mode = MMB_SIZE_HEIGHT_WIDTH;
         p->size_height = p->size_width = 224;
         for (int c = 0; c < 3; c++) p->image_mean[c] = p->image_std[c] = 0.5;
+    } else if (k == KIND_IDEFICS) {  /* a square resize, no crop, CLIP's mean and std */
+        p->size_mode = MMB_SIZE_HEIGHT_WIDTH;
+        p->size_height = p->size_width = 224;
+        memcpy(p->image_mean, CLIP_MEAN, sizeof CLIP_MEAN);
+        memcpy(p->image_std, CLIP_STD, sizeof CLIP_STD);
     } else {
         p->size_mode = MMB_SIZE_SHORTEST_EDGE;
         p->shortest_edge = 224;
@@ -86,8 +93,8 @@ mmb_status mmb_preprocess_init(mmb_ctx *ctx, const char *type, mmb_preprocess *o
     proc_kind k;
     if (!kind_of(type, &k))
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED,
-                        "image processor '%s' is not supported (CLIPImageProcessor, SiglipImageProcessor and "
-                        "LlavaImageProcessor are)", type);
+                        "image processor '%s' is not supported (CLIPImageProcessor, SiglipImageProcessor, "
+                        "LlavaImageProcessor and IdeficsImageProcessor are)", type);
     defaults(k, out);
     return MMB_OK;
 }
@@ -213,11 +220,11 @@ static mmb_status parse_config(mmb_ctx *ctx, const char *file, const cJSON *o, m
     proc_kind kind;
     if (!kind_of(type, &kind))
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED,
-                        "%s: image processor '%s' is not supported (CLIPImageProcessor, SiglipImageProcessor and "
-                        "LlavaImageProcessor are)", file, type);
+                        "%s: image processor '%s' is not supported (CLIPImageProcessor, SiglipImageProcessor, "
+                        "LlavaImageProcessor and IdeficsImageProcessor are)", file, type);
     defaults(kind, p);
     mmb_status st;
-    int dts = 0; /* the class's default_to_square is False for all three */
+    int dts = kind == KIND_IDEFICS; /* the class's default_to_square: False for CLIP, SigLIP, LLaVA */
     if ((st = get_bool(ctx, file, o, "default_to_square", &dts)) != MMB_OK) return st;
     if ((st = get_bool(ctx, file, o, "do_convert_rgb", &p->do_convert_rgb)) != MMB_OK) return st;
     if ((st = get_bool(ctx, file, o, "do_resize", &p->do_resize)) != MMB_OK) return st;
@@ -253,6 +260,13 @@ static mmb_status parse_config(mmb_ctx *ctx, const char *file, const cJSON *o, m
             p->crop_height = v.height;
             p->crop_width = v.width;
         }
+    }
+    if (kind == KIND_IDEFICS && (j = get(o, "image_size"))) {  /* IDEFICS' alias, overriding size */
+        int n;
+        if (!as_int(j, 1, INT32_MAX, &n))
+            return mmb__err(ctx, MMB_ERR_FORMAT, "%s: key 'image_size' is not a positive integer", file);
+        p->size_mode = MMB_SIZE_HEIGHT_WIDTH;
+        p->size_height = p->size_width = n;
     }
     if (p->do_center_crop && (p->crop_height <= 0 || p->crop_width <= 0))
         return mmb__err(ctx, MMB_ERR_MISSING, "%s: do_center_crop is set but crop_size is missing", file);
