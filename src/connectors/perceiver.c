@@ -262,7 +262,8 @@ static mmb_status flamingo_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_
     p->eps = 1e-5f;
     p->D = cfg->in_width;
     snprintf(p->prefix, sizeof p->prefix, "%sperceiver.", cfg->prefix);
-    if (dim0(c, p->prefix, "latents") < 0) snprintf(p->prefix, sizeof p->prefix, "%s", cfg->prefix);
+    if (dim0(c, p->prefix, "latents") < 0 && dim0(c, cfg->prefix, "latents") >= 0)
+        snprintf(p->prefix, sizeof p->prefix, "%s", cfg->prefix);
     mmb_status s = MMB_OK;
     int64_t heads = 0, dh = 0;
     if (!mmb__cfg_int(ctx, c, "mm_perceiver_num_latents", &p->N, &s) && s == MMB_OK)
