@@ -13,6 +13,13 @@
 #define MMB_SIMD_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
 #else
 #define MMB_SIMD_CLONES
+/* ---- tensor/layers.c: composite layers ------------------------------------------------------- */
+
+/* A pre-norm MLP residual (transformer blocks, perceivers): x (rows, D) -> x + fc2(act(fc1(LN(x)))), in
+ * place; LN weights (D); fc1 (I, D), fc2 (D, I); scratch xn (rows, D), h (rows, I). */
+void mmb__ffn_residual_forward(mmb_ctx *ctx, float *x, float *xn, float *h, int64_t rows, const float *ln_w,
+                               const float *ln_b, float eps, const mmb_linear *fc1, mmb_act act, const mmb_linear *fc2);
+
 /* ---- connectors/perceiver.c: IDEFICS (v1) and OpenFlamingo perceiver resamplers --------------- */
 
 extern const mmb_connector_ops mmb__conn_flamingo_perceiver;
@@ -196,6 +203,13 @@ mmb_status mmb__ckpt_bind(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int
 /* Binds a 1-D float tensor of n elements and returns an f32 copy in *out (the caller frees it). */
 mmb_status mmb__ckpt_vec(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int64_t n, float **out);
 
+/* {prefix}{name}.weight and .bias, n floats each (a norm's), as f32 copies in *w, *b (the caller frees them). */
+mmb_status mmb__ckpt_norm(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n, float **w,
+                          float **b);
+/* {prefix}{name}.weight [n_out, n_in] (and .bias [n_out] when bias) bound as the linear layer *l. */
+mmb_status mmb__ckpt_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
+                            int64_t n_in, bool bias, mmb_linear *l);
+
 /* Config access. `path` is dotted ("vision_config.hidden_size"). The getters return false when the
  * key is absent (or null); a present key of the wrong type is an MMB_ERR_FORMAT through *s. */
 bool mmb__cfg_int(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, int64_t *out, mmb_status *s);
@@ -327,6 +341,13 @@ mmb_status mmb__vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vit **out);
  * *out (the caller frees it), of size *h x *w. The oracle tests check this stage on its own. */
 mmb_status mmb__preprocess_u8(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_image *img, unsigned char **out,
                               int *h, int *w);
+
+/* ---- tensor/layers.c: composite layers ------------------------------------------------------- */
+
+/* A pre-norm MLP residual (transformer blocks, perceivers): x (rows, D) -> x + fc2(act(fc1(LN(x)))), in
+ * place; LN weights (D); fc1 (I, D), fc2 (D, I); scratch xn (rows, D), h (rows, I). */
+void mmb__ffn_residual_forward(mmb_ctx *ctx, float *x, float *xn, float *h, int64_t rows, const float *ln_w,
+                               const float *ln_b, float eps, const mmb_linear *fc1, mmb_act act, const mmb_linear *fc2);
 
 /* ---- connectors/perceiver.c: IDEFICS (v1) and OpenFlamingo perceiver resamplers --------------- */
 

@@ -73,27 +73,6 @@ static void perc_free(void *st) {
     free(p);
 }
 
-/* {prefix}{base}.weight and .bias, n each, as f32 copies. */
-static mmb_status bind_ln(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *base, int64_t n,
-                          float **w, float **b) {
-    char wn[256], bn[256];
-    snprintf(wn, sizeof wn, "%s%s.weight", prefix, base);
-    snprintf(bn, sizeof bn, "%s%s.bias", prefix, base);
-    mmb_status s = mmb__ckpt_vec(ctx, c, wn, n, w);
-    return s == MMB_OK ? mmb__ckpt_vec(ctx, c, bn, n, b) : s;
-}
-
-/* {prefix}{base}.weight [n_out, n_in], no bias. */
-static mmb_status bind_lin(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *base, int64_t n_out,
-                           int64_t n_in, mmb_linear *l) {
-    char wn[256];
-    snprintf(wn, sizeof wn, "%s%s.weight", prefix, base);
-    const mmb_tensor *w;
-    int64_t shape[2] = {n_out, n_in};
-    mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, shape, &w);
-    return s == MMB_OK ? mmb__linear_init(ctx, l, w, NULL) : s;
-}
-
 /* Adds row 0 of the optional tensor {prefix}{name} [rows, (1,) D] to p->emb. */
 static mmb_status add_emb(mmb_ctx *ctx, const mmb_ckpt *c, perceiver *p, const char *name) {
     char n[256];
@@ -127,25 +106,25 @@ static mmb_status perc_bind(mmb_ctx *ctx, const mmb_ckpt *c, perceiver *p) {
     if (s == MMB_OK && !(p->latents = malloc(sizeof(float) * (size_t)(p->N * D))))
         s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     if (s == MMB_OK) mmb_to_f32(p->latents, lt->data, lt->dtype, (size_t)(p->N * D));
-    if (s == MMB_OK) s = bind_ln(ctx, c, p->prefix, nm->norm, D, &p->norm_w, &p->norm_b);
+    if (s == MMB_OK) s = mmb__ckpt_norm(ctx, c, p->prefix, nm->norm, D, &p->norm_w, &p->norm_b);
     if (s == MMB_OK && !(p->layers = calloc((size_t)p->depth, sizeof *p->layers)))
         s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     for (int64_t i = 0; i < p->depth && s == MMB_OK; i++) {
         perc_layer *l = &p->layers[i];
         char lp[192];
         snprintf(lp, sizeof lp, "%s%s.%lld.", p->prefix, nm->layers, (long long)i);
-        s = bind_ln(ctx, c, lp, nm->ln_ctx, D, &l->ctx_w, &l->ctx_b);
-        if (s == MMB_OK) s = bind_ln(ctx, c, lp, nm->ln_lat, D, &l->lat_w, &l->lat_b);
-        if (s == MMB_OK) s = bind_lin(ctx, c, lp, nm->q, I, D, &l->q);
-        if (s == MMB_OK && nm->kv) s = bind_lin(ctx, c, lp, nm->kv, 2 * I, D, &l->k);
-        if (s == MMB_OK && !nm->kv) s = bind_lin(ctx, c, lp, nm->k, I, D, &l->k);
-        if (s == MMB_OK && !nm->kv) s = bind_lin(ctx, c, lp, nm->v, I, D, &l->v);
-        if (s == MMB_OK && p->qk_norm) s = bind_ln(ctx, c, lp, nm->ln_q, p->hd, &l->q_w, &l->q_b);
-        if (s == MMB_OK && p->qk_norm) s = bind_ln(ctx, c, lp, nm->ln_k, p->hd, &l->k_w, &l->k_b);
-        if (s == MMB_OK) s = bind_lin(ctx, c, lp, nm->o, D, I, &l->o);
-        if (s == MMB_OK) s = bind_ln(ctx, c, lp, nm->ln_ff, D, &l->ff_w, &l->ff_b);
-        if (s == MMB_OK) s = bind_lin(ctx, c, lp, nm->ff1, F, D, &l->ff1);
-        if (s == MMB_OK) s = bind_lin(ctx, c, lp, nm->ff2, D, F, &l->ff2);
+        s = mmb__ckpt_norm(ctx, c, lp, nm->ln_ctx, D, &l->ctx_w, &l->ctx_b);
+        if (s == MMB_OK) s = mmb__ckpt_norm(ctx, c, lp, nm->ln_lat, D, &l->lat_w, &l->lat_b);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, nm->q, I, D, false, &l->q);
+        if (s == MMB_OK && nm->kv) s = mmb__ckpt_linear(ctx, c, lp, nm->kv, 2 * I, D, false, &l->k);
+        if (s == MMB_OK && !nm->kv) s = mmb__ckpt_linear(ctx, c, lp, nm->k, I, D, false, &l->k);
+        if (s == MMB_OK && !nm->kv) s = mmb__ckpt_linear(ctx, c, lp, nm->v, I, D, false, &l->v);
+        if (s == MMB_OK && p->qk_norm) s = mmb__ckpt_norm(ctx, c, lp, nm->ln_q, p->hd, &l->q_w, &l->q_b);
+        if (s == MMB_OK && p->qk_norm) s = mmb__ckpt_norm(ctx, c, lp, nm->ln_k, p->hd, &l->k_w, &l->k_b);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, nm->o, D, I, false, &l->o);
+        if (s == MMB_OK) s = mmb__ckpt_norm(ctx, c, lp, nm->ln_ff, D, &l->ff_w, &l->ff_b);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, nm->ff1, F, D, false, &l->ff1);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, nm->ff2, D, F, false, &l->ff2);
     }
     if (s == MMB_OK && nm == &flamingo_names) s = add_emb(ctx, c, p, "frame_embs");
     if (s == MMB_OK && nm == &flamingo_names) s = add_emb(ctx, c, p, "media_time_embs");
@@ -225,11 +204,7 @@ static mmb_status perc_forward(mmb_ctx *ctx, const void *st, float *out, const f
             mmb__cross_attention_forward(ctx, att, q, k, v, I, ldkv, 1, N, R, H, hd, asc);
             mmb__linear_forward(ctx, o, att, N, &l->o);
             mmb__add_forward(lat, lat, o, N * D);
-            mmb__layernorm_forward_mt(ctx, o, lat, l->ff_w, l->ff_b, N, D, p->eps);
-            mmb__linear_forward(ctx, h, o, N, &l->ff1);
-            mmb__act_forward_mt(ctx, h, N * p->F, p->act);
-            mmb__linear_forward(ctx, o, h, N, &l->ff2);
-            mmb__add_forward(lat, lat, o, N * D);
+            mmb__ffn_residual_forward(ctx, lat, o, h, N, l->ff_w, l->ff_b, p->eps, &l->ff1, p->act, &l->ff2);
         }
         mmb__layernorm_forward_mt(ctx, out + b * N * D, lat, p->norm_w, p->norm_b, N, D, p->eps);
     }

@@ -298,3 +298,24 @@ mmb_status mmb__ckpt_vec(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int6
     *out = v;
     return MMB_OK;
 }
+
+mmb_status mmb__ckpt_norm(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n, float **w,
+                          float **b) {
+    char wn[512], bn[512];
+    snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
+    snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
+    mmb_status s = mmb__ckpt_vec(ctx, c, wn, n, w);
+    return s == MMB_OK ? mmb__ckpt_vec(ctx, c, bn, n, b) : s;
+}
+
+mmb_status mmb__ckpt_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
+                            int64_t n_in, bool bias, mmb_linear *l) {
+    char wn[512], bn[512];
+    snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
+    snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
+    const mmb_tensor *w, *b = NULL;
+    int64_t ws[2] = {n_out, n_in};
+    mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
+    if (s == MMB_OK && bias) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
+    return s == MMB_OK ? mmb__linear_init(ctx, l, w, b) : s;
+}

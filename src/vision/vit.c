@@ -125,28 +125,6 @@ void mmb_vit_free(mmb_vit *v) {
     free(v);
 }
 
-/* Binds {prefix}{name}.weight [n_out, n_in] and .bias [n_out] as a linear layer. */
-static mmb_status bind_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name,
-                              int64_t n_out, int64_t n_in, mmb_linear *l) {
-    char wn[256], bn[256];
-    snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
-    snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
-    const mmb_tensor *w, *b;
-    int64_t ws[2] = {n_out, n_in};
-    mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
-    if (s == MMB_OK) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
-    return s == MMB_OK ? mmb__linear_init(ctx, l, w, b) : s;
-}
-
-static mmb_status bind_vec2(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n,
-                            float **w, float **b) {
-    char wn[256], bn[256];
-    snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
-    snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
-    mmb_status s = mmb__ckpt_vec(ctx, c, wn, n, w);
-    return s == MMB_OK ? mmb__ckpt_vec(ctx, c, bn, n, b) : s;
-}
-
 /* q, k, v projections fused into one (3D, D) layer so a block runs one GEMM for them. */
 static mmb_status bind_qkv(mmb_ctx *ctx, const mmb_ckpt *c, const char *lp, int64_t D, vit_layer *l) {
     l->qkv_w = malloc(sizeof(float) * (size_t)(3 * D * D));
@@ -201,21 +179,21 @@ static mmb_status load_weights(mmb_ctx *ctx, mmb_vit *v, const mmb_ckpt *c) {
     if (s == MMB_OK && in->has_cls) {
         snprintf(name, sizeof name, "%sembeddings.class_embedding", p);
         s = mmb__ckpt_vec(ctx, c, name, D, &v->cls);
-        if (s == MMB_OK) s = bind_vec2(ctx, c, p, "pre_layrnorm", D, &v->pre_w, &v->pre_b);
+        if (s == MMB_OK) s = mmb__ckpt_norm(ctx, c, p, "pre_layrnorm", D, &v->pre_w, &v->pre_b);
     }
-    if (s == MMB_OK) s = bind_vec2(ctx, c, p, "post_layernorm", D, &v->post_w, &v->post_b);
+    if (s == MMB_OK) s = mmb__ckpt_norm(ctx, c, p, "post_layernorm", D, &v->post_w, &v->post_b);
     if (s == MMB_OK && !(v->layers = calloc((size_t)in->layers + 1, sizeof *v->layers)))
         s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     for (int i = 0; i < in->layers && s == MMB_OK; i++) {
         vit_layer *l = &v->layers[i];
         char lp[160];
         snprintf(lp, sizeof lp, "%sencoder.layers.%d.", p, i);
-        s = bind_vec2(ctx, c, lp, "layer_norm1", D, &l->ln1_w, &l->ln1_b);
-        if (s == MMB_OK) s = bind_vec2(ctx, c, lp, "layer_norm2", D, &l->ln2_w, &l->ln2_b);
+        s = mmb__ckpt_norm(ctx, c, lp, "layer_norm1", D, &l->ln1_w, &l->ln1_b);
+        if (s == MMB_OK) s = mmb__ckpt_norm(ctx, c, lp, "layer_norm2", D, &l->ln2_w, &l->ln2_b);
         if (s == MMB_OK) s = bind_qkv(ctx, c, lp, D, l);
-        if (s == MMB_OK) s = bind_linear(ctx, c, lp, "self_attn.out_proj", D, D, &l->out);
-        if (s == MMB_OK) s = bind_linear(ctx, c, lp, "mlp.fc1", I, D, &l->fc1);
-        if (s == MMB_OK) s = bind_linear(ctx, c, lp, "mlp.fc2", D, I, &l->fc2);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "self_attn.out_proj", D, D, true, &l->out);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "mlp.fc1", I, D, true, &l->fc1);
+        if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "mlp.fc2", D, I, true, &l->fc2);
     }
     return s;
 }
@@ -306,11 +284,7 @@ static void block_forward(mmb_ctx *ctx, const mmb_vit *v, const vit_layer *l, fl
     mmb__attention_forward(ctx, att, qkv, B, T, in->heads, D / in->heads, asc);
     mmb__linear_forward(ctx, xn, att, rows, &l->out);
     mmb__add_forward(x, x, xn, rows * D);
-    mmb__layernorm_forward_mt(ctx, xn, x, l->ln2_w, l->ln2_b, rows, D, in->eps);
-    mmb__linear_forward(ctx, h, xn, rows, &l->fc1);
-    mmb__act_forward_mt(ctx, h, rows * in->intermediate, v->act);
-    mmb__linear_forward(ctx, xn, h, rows, &l->fc2);
-    mmb__add_forward(x, x, xn, rows * D);
+    mmb__ffn_residual_forward(ctx, x, xn, h, rows, l->ln2_w, l->ln2_b, in->eps, &l->fc1, v->act, &l->fc2);
 }
 
 mmb_status mmb_vit_forward(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch, const int *taps,

@@ -79,6 +79,20 @@ def encode(model_dir, inputs, out, *extra, check=True):
     return (load_file(str(out))["embeddings"] if p.returncode == 0 else None), p
 
 
+def expect_failure(tmp_path, name, tensors, config, extra, *want):
+    """A checkpoint tmp_path/name of these tensors and config fails to encode tmp_path/px.safetensors, with
+    each of `want` in the message and no output file."""
+    d = tmp_path / name
+    d.mkdir()
+    save_file(tensors, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(config))
+    out = tmp_path / f"{name}.safetensors"
+    _, p = encode(d, ["--pixels", tmp_path / "px.safetensors"], out, *extra, check=False)
+    assert p.returncode != 0 and not out.exists(), p.stderr
+    for w in want:
+        assert w in p.stderr, p.stderr
+
+
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_idefics_resampler_from_pixels(tmp_path, qk_norm):
     model = make_idefics(tmp_path / "m", qk_norm=qk_norm)
@@ -169,17 +183,7 @@ def test_idefics_bad_input(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     pixels_file(tmp_path / "px.safetensors", 1, S)
 
-    def attempt(name, tensors, config, *want):
-        d = tmp_path / name
-        d.mkdir()
-        save_file(tensors, str(d / "model.safetensors"))
-        (d / "config.json").write_text(json.dumps(config))
-        out = tmp_path / f"{name}.safetensors"
-        _, p = encode(d, ["--pixels", tmp_path / "px.safetensors"], out, check=False)
-        assert p.returncode != 0 and not out.exists(), p.stderr
-        for w in want:
-            assert w in p.stderr, p.stderr
-
+    attempt = lambda name, tensors, config, *want: expect_failure(tmp_path, name, tensors, config, [], *want)
     k = "model.perceiver_resampler.blocks.1.0.k_layer_norm.weight"
     attempt("missing", {n: t for n, t in sd.items() if n != k}, cfg, k, "missing")
     bad = dict(sd)
@@ -348,18 +352,8 @@ def test_flamingo_perceiver_bad_input(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     pixels_file(tmp_path / "px.safetensors", 1, S)
 
-    def attempt(name, tensors, config, *want):
-        d = tmp_path / name
-        d.mkdir()
-        save_file(tensors, str(d / "model.safetensors"))
-        (d / "config.json").write_text(json.dumps(config))
-        out = tmp_path / f"{name}.safetensors"
-        _, p = encode(d, ["--pixels", tmp_path / "px.safetensors"], out, "--vision-tower", tmp_path / "tower",
-                      check=False)
-        assert p.returncode != 0 and not out.exists(), p.stderr
-        for w in want:
-            assert w in p.stderr, p.stderr
-
+    tower = ["--vision-tower", tmp_path / "tower"]
+    attempt = lambda name, tensors, config, *want: expect_failure(tmp_path, name, tensors, config, tower, *want)
     p = "model.mm_projector.perceiver."
     attempt("missing", {n: t for n, t in sd.items() if n != p + "layers.1.0.to_kv.weight"}, cfg,
             p + "layers.1.0.to_kv.weight", "missing")
