@@ -129,6 +129,18 @@ def test_idefics_without_resampler(tmp_path):
     assert "family:           idefics" in info and "tokens per image: 5" in info and "identity" in info
 
 
+def test_idefics_bf16_weights(tmp_path):
+    """The hub's checkpoints are bf16: converted once at load, the result is the fp32 network on the
+    bf16-rounded weights."""
+    model = make_idefics(tmp_path / "m32", qk_norm=True)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    model.float()
+    px = pixels_file(tmp_path / "px.safetensors", 2, S)
+    got, _ = encode(tmp_path / "m", ["--pixels", tmp_path / "px.safetensors"], tmp_path / "o.safetensors")
+    assert report("idefics, bf16 weights", got, image_hidden_states(model, px)) <= 1e-4
+    assert "BF16" in run("info", tmp_path / "m").stdout
+
+
 def test_idefics_hub_style_config(tmp_path):
     """A vision_config as the hub's idefics checkpoints write it: no model_type, hidden_act or layer_norm_eps,
     so IdeficsVisionConfig's defaults (gelu, 1e-5) apply, not CLIP's (quick_gelu)."""
