@@ -13,18 +13,6 @@
 #define MMB_SIMD_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
 #else
 #define MMB_SIMD_CLONES
-/* ---- tensor/layers.c: composite layers ------------------------------------------------------- */
-
-/* A pre-norm MLP residual (transformer blocks, perceivers): x (rows, D) -> x + fc2(act(fc1(LN(x)))), in
- * place; LN weights (D); fc1 (I, D), fc2 (D, I); scratch xn (rows, D), h (rows, I). */
-void mmb__ffn_residual_forward(mmb_ctx *ctx, float *x, float *xn, float *h, int64_t rows, const float *ln_w,
-                               const float *ln_b, float eps, const mmb_linear *fc1, mmb_act act, const mmb_linear *fc2);
-
-/* ---- connectors/perceiver.c: IDEFICS (v1) and OpenFlamingo perceiver resamplers --------------- */
-
-extern const mmb_connector_ops mmb__conn_flamingo_perceiver;
-extern const mmb_family_ops mmb__family_idefics;
-
 #endif
 
 /* ---- base/status.c: error messages --------------------------------------------------------- */
