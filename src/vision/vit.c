@@ -73,7 +73,8 @@ mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_pref
     mmb_vit_info in = {.family = families[f].family, .act = families[f].act, .eps = families[f].eps,
                        .has_cls = families[f].cls};
     struct { const char *k; int def; int *dst; } ints[] = {
-        {families[f].width_key ? families[f].width_key : "hidden_size", families[f].width, &in.width},     {"intermediate_size", families[f].inter, &in.intermediate},
+        {families[f].width_key ? families[f].width_key : "hidden_size", families[f].width, &in.width},
+        {"intermediate_size", families[f].inter, &in.intermediate},
         {"num_hidden_layers", families[f].layers, &in.layers}, {"num_attention_heads", families[f].heads, &in.heads},
         {"image_size", families[f].image, &in.image_size}, {"patch_size", families[f].patch, &in.patch_size},
         {"num_channels", 3, &in.channels},
