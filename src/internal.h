@@ -74,11 +74,12 @@ typedef enum mmb_act {
     MMB_ACT_GELU,       /* exact: 0.5 x (1 + erf(x / sqrt 2)) */
     MMB_ACT_GELU_TANH,  /* 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
     MMB_ACT_QUICK_GELU, /* x sigmoid(1.702 x) */
-    MMB_ACT_SILU        /* x sigmoid(x) */
+    MMB_ACT_SILU,       /* x sigmoid(x) */
+    MMB_ACT_RELU        /* max(x, 0) */
 } mmb_act;
 
 /* Parses an HF ACT2FN name ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "quick_gelu",
- * "silu", "swish"). Returns false for anything else. */
+ * "silu", "swish", "relu"). Returns false for anything else. */
 bool mmb__act_parse(const char *name, mmb_act *out);
 const char *mmb__act_name(mmb_act a);
 
@@ -213,6 +214,7 @@ mmb_status mmb__ckpt_linear_fused(mmb_ctx *ctx, const mmb_ckpt *c, const char *p
 
 /* Binds a 1-D float tensor of n elements and returns an f32 copy in *out (the caller frees it). */
 mmb_status mmb__ckpt_vec(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int64_t n, float **out);
+
 
 /* Config access. `path` is dotted ("vision_config.hidden_size"). The getters return false when the
  * key is absent (or null); a present key of the wrong type is an MMB_ERR_FORMAT through *s. */
@@ -429,5 +431,17 @@ typedef enum mmb_se_kind {
  * fc1 (R, C) and fc2 (C, R) are the 1x1 convs with bias. scratch: B * (2 C + R) floats. */
 void mmb__se_forward(mmb_ctx *ctx, float *x, int64_t B, int64_t HW, const mmb_linear *fc1, const mmb_linear *fc2,
                      mmb_se_kind kind, float *scratch);
+
+/* ---- tensor/layers.c: composite layers ------------------------------------------------------- */
+
+/* A pre-norm MLP residual (transformer blocks, perceivers): x (rows, D) -> x + fc2(act(fc1(LN(x)))), in
+ * place; LN weights (D); fc1 (I, D), fc2 (D, I); scratch xn (rows, D), h (rows, I). */
+void mmb__ffn_residual_forward(mmb_ctx *ctx, float *x, float *xn, float *h, int64_t rows, const float *ln_w,
+                               const float *ln_b, float eps, const mmb_linear *fc1, mmb_act act, const mmb_linear *fc2);
+
+/* ---- connectors/perceiver.c: IDEFICS (v1) and OpenFlamingo perceiver resamplers --------------- */
+
+extern const mmb_connector_ops mmb__conn_flamingo_perceiver;
+extern const mmb_family_ops mmb__family_idefics;
 
 #endif

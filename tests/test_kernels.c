@@ -23,7 +23,7 @@ static void test_acts(void) {
     static float x[N], a[N], b[N];
     unsigned s = 1;
     for (int i = 0; i < N; i++) x[i] = 12.0f * frand(&s); /* covers the saturated tails */
-    const mmb_act acts[] = {MMB_ACT_GELU, MMB_ACT_GELU_TANH, MMB_ACT_QUICK_GELU, MMB_ACT_SILU};
+    const mmb_act acts[] = {MMB_ACT_GELU, MMB_ACT_GELU_TANH, MMB_ACT_QUICK_GELU, MMB_ACT_SILU, MMB_ACT_RELU};
     for (size_t k = 0; k < sizeof acts / sizeof acts[0]; k++) {
         memcpy(a, x, sizeof x);
         memcpy(b, x, sizeof x);

@@ -25,7 +25,7 @@ static int cmp_double(const void *a, const void *b) {
 static const struct { const char *type, *json; } synth_defaults[] = {
     {"c-abs", "{\"mm_cabs_hidden_size\": %W, \"mm_cabs_num_pos\": %T}"},
     {"flamingo_perceiver", "{\"mm_perceiver_num_latents\": 64, \"mm_perceiver_depth\": 6, \"mm_perceiver_heads\": 8, "
-                           "\"mm_perceiver_dim_head\": 64}"},
+                           "\"mm_perceiver_dim_head\": 64, \"mm_perceiver_ff_mult\": 4}"},
     {"moe_", "{\"mm_moe_num_experts\": 8, \"mm_moe_top_k\": 2}"},
     {"lowrank", "{\"mm_lowrank_rank\": 256}"},
 };

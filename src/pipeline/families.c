@@ -2,7 +2,7 @@
 #include "internal.h"
 
 static const mmb_family_ops *const all[] = {&mmb__family_blip2, &mmb__family_qwen2vl, &mmb__family_idefics2,
-                                            &mmb__family_idefics3, &mmb__family_smolvlm, NULL};
+                                            &mmb__family_idefics3, &mmb__family_smolvlm, &mmb__family_idefics, NULL};
 
 const mmb_family_ops *mmb__family_find(const mmb_ckpt *c, const char *arch, const char *model_type) {
     for (int i = 0; all[i]; i++)

@@ -9,7 +9,7 @@ static const struct { const char *name; mmb_act act; } act_names[] = {
     {"gelu", MMB_ACT_GELU},           {"gelu_pytorch_tanh", MMB_ACT_GELU_TANH},
     {"gelu_new", MMB_ACT_GELU_TANH},  {"gelu_fast", MMB_ACT_GELU_TANH},
     {"quick_gelu", MMB_ACT_QUICK_GELU}, {"silu", MMB_ACT_SILU},
-    {"swish", MMB_ACT_SILU},
+    {"swish", MMB_ACT_SILU},          {"relu", MMB_ACT_RELU},
 };
 
 bool mmb__act_parse(const char *name, mmb_act *out) {
@@ -25,6 +25,7 @@ const char *mmb__act_name(mmb_act a) {
     case MMB_ACT_GELU_TANH: return "gelu_pytorch_tanh";
     case MMB_ACT_QUICK_GELU: return "quick_gelu";
     case MMB_ACT_SILU: return "silu";
+    case MMB_ACT_RELU: return "relu";
     }
     return "";
 }
@@ -38,6 +39,7 @@ static double act_ref1(double x, mmb_act a) {
     case MMB_ACT_GELU_TANH: return 0.5 * x * (1.0 + tanh(sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x)));
     case MMB_ACT_QUICK_GELU: return x / (1.0 + exp(-1.702 * x));
     case MMB_ACT_SILU: return x / (1.0 + exp(-x));
+    case MMB_ACT_RELU: return x > 0 ? x : 0.0;
     }
     return x;
 }
@@ -98,6 +100,9 @@ MMB_SIMD_CLONES void mmb__act_forward(float *x, int64_t n, mmb_act a) {
         break;
     case MMB_ACT_SILU:
         for (int64_t i = 0; i < n; i++) x[i] = x[i] / (1.0f + expf(-x[i]));
+        break;
+    case MMB_ACT_RELU:
+        for (int64_t i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
         break;
     }
 }

@@ -27,7 +27,7 @@
 static const double CLIP_MEAN[3] = {0.48145466, 0.4578275, 0.40821073};
 static const double CLIP_STD[3] = {0.26862954, 0.26130258, 0.27577711};
 
-typedef enum { KIND_CLIP, KIND_SIGLIP, KIND_LLAVA, KIND_BLIP, KIND_QWEN2VL } proc_kind;
+typedef enum { KIND_CLIP, KIND_SIGLIP, KIND_LLAVA, KIND_BLIP, KIND_QWEN2VL, KIND_IDEFICS } proc_kind;
 
 /* Maps a class name (with an optional Fast / Pil suffix) or a processor class to a kind. */
 static bool kind_of(const char *type, proc_kind *k) {
@@ -37,6 +37,7 @@ static bool kind_of(const char *type, proc_kind *k) {
         {"LlavaImageProcessor", KIND_LLAVA}, {"LlavaProcessor", KIND_LLAVA},
         {"BlipImageProcessor", KIND_BLIP}, {"BlipProcessor", KIND_BLIP}, {"Blip2Processor", KIND_BLIP},
         {"Qwen2VLImageProcessor", KIND_QWEN2VL}, {"Qwen2VLProcessor", KIND_QWEN2VL},
+        {"IdeficsImageProcessor", KIND_IDEFICS}, {"IdeficsProcessor", KIND_IDEFICS},
     };
     size_t n = strlen(type);
     if (n > 4 && !strcmp(type + n - 4, "Fast")) n -= 4;
@@ -61,7 +62,7 @@ static void pad_color_from_mean(mmb_preprocess *p) {
 static void defaults(proc_kind k, mmb_preprocess *p) {
     memset(p, 0, sizeof *p);
     static const char *names[] = {"CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor",
-                                  "BlipImageProcessor", "Qwen2VLImageProcessor"};
+                                  "BlipImageProcessor", "Qwen2VLImageProcessor", "IdeficsImageProcessor"};
     snprintf(p->type, sizeof p->type, "%s", names[k]);
     p->do_convert_rgb = 1;
     p->do_resize = 1;
@@ -81,9 +82,9 @@ static void defaults(proc_kind k, mmb_preprocess *p) {
         p->size_mode = MMB_SIZE_HEIGHT_WIDTH;
         p->size_height = p->size_width = 224;
         for (int c = 0; c < 3; c++) p->image_mean[c] = p->image_std[c] = 0.5;
-    } else if (k == KIND_BLIP) {  /* 384 x 384, OpenAI CLIP mean and std, no crop */
+    } else if (k == KIND_BLIP || k == KIND_IDEFICS) {  /* a square (BLIP 384, IDEFICS 224), no crop, CLIP's mean, std */
         p->size_mode = MMB_SIZE_HEIGHT_WIDTH;
-        p->size_height = p->size_width = 384;
+        p->size_height = p->size_width = k == KIND_BLIP ? 384 : 224;
         memcpy(p->image_mean, CLIP_MEAN, sizeof CLIP_MEAN);
         memcpy(p->image_std, CLIP_STD, sizeof CLIP_STD);
     } else {
@@ -103,7 +104,8 @@ mmb_status mmb_preprocess_init(mmb_ctx *ctx, const char *type, mmb_preprocess *o
     if (!kind_of(type, &k))
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED,
                         "image processor '%s' is not supported (CLIPImageProcessor, SiglipImageProcessor, "
-                        "LlavaImageProcessor, BlipImageProcessor and Qwen2VLImageProcessor are)", type);
+                        "LlavaImageProcessor, BlipImageProcessor, Qwen2VLImageProcessor and IdeficsImageProcessor "
+                        "are)", type);
     defaults(k, out);
     return MMB_OK;
 }
@@ -258,10 +260,11 @@ static mmb_status parse_config(mmb_ctx *ctx, const char *file, const cJSON *o, m
     if (!kind_of(type, &kind))
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED,
                         "%s: image processor '%s' is not supported (CLIPImageProcessor, SiglipImageProcessor, "
-                        "LlavaImageProcessor, BlipImageProcessor and Qwen2VLImageProcessor are)", file, type);
+                        "LlavaImageProcessor, BlipImageProcessor, Qwen2VLImageProcessor and IdeficsImageProcessor "
+                        "are)", file, type);
     defaults(kind, p);
     mmb_status st;
-    int dts = kind == KIND_BLIP; /* the class's default_to_square: False for CLIP, SigLIP and LLaVA */
+    int dts = kind == KIND_BLIP || kind == KIND_IDEFICS; /* the class's default_to_square: False for CLIP, SigLIP, LLaVA */
     if ((st = get_bool(ctx, file, o, "default_to_square", &dts)) != MMB_OK) return st;
     if ((st = get_bool(ctx, file, o, "do_convert_rgb", &p->do_convert_rgb)) != MMB_OK) return st;
     if ((st = get_bool(ctx, file, o, "do_resize", &p->do_resize)) != MMB_OK) return st;
@@ -300,6 +303,13 @@ static mmb_status parse_config(mmb_ctx *ctx, const char *file, const cJSON *o, m
             p->crop_height = v.height;
             p->crop_width = v.width;
         }
+    }
+    if (kind == KIND_IDEFICS && (j = get(o, "image_size"))) {  /* IDEFICS' alias, overriding size */
+        int n;
+        if (!as_int(j, 1, INT32_MAX, &n))
+            return mmb__err(ctx, MMB_ERR_FORMAT, "%s: key 'image_size' is not a positive integer", file);
+        p->size_mode = MMB_SIZE_HEIGHT_WIDTH;
+        p->size_height = p->size_width = n;
     }
     if (p->do_center_crop && (p->crop_height <= 0 || p->crop_width <= 0))
         return mmb__err(ctx, MMB_ERR_MISSING, "%s: do_center_crop is set but crop_size is missing", file);

@@ -50,14 +50,20 @@ static const struct {
     float eps;
     bool cls;
     bool bucket;  /* Idefics2/3: position ids by bucketize (bucket_ids) */
+    const char *width_key;  /* NULL: "hidden_size" */
 } families[] = {
-    {"clip_vision_model", "clip", "quick_gelu", 768, 3072, 12, 12, 224, 32, 1e-5f, true, false},
-    {"siglip_vision_model", "siglip", "gelu_pytorch_tanh", 768, 3072, 12, 12, 224, 16, 1e-6f, false, false},
-    {"blip_2_vision_model", "blip2", "gelu", 1408, 6144, 39, 16, 224, 14, 1e-6f, true, false},
-    {"idefics2_vision", "idefics2", "gelu_pytorch_tanh", 768, 3072, 12, 12, 224, 32, 1e-6f, false, true},
-    {"idefics3_vision", "idefics3", "gelu_pytorch_tanh", 1152, 3072, 12, 16, 224, 32, 1e-6f, false, true},
-    {"smolvlm_vision", "smolvlm", "gelu_pytorch_tanh", 1152, 3072, 12, 16, 224, 32, 1e-6f, false, true},
+    {"clip_vision_model", "clip", "quick_gelu", 768, 3072, 12, 12, 224, 32, 1e-5f, true, false, NULL},
+    {"siglip_vision_model", "siglip", "gelu_pytorch_tanh", 768, 3072, 12, 12, 224, 16, 1e-6f, false, false, NULL},
+    {"blip_2_vision_model", "blip2", "gelu", 1408, 6144, 39, 16, 224, 14, 1e-6f, true, false, NULL},
+    {"idefics2_vision", "idefics2", "gelu_pytorch_tanh", 768, 3072, 12, 12, 224, 32, 1e-6f, false, true, NULL},
+    {"idefics3_vision", "idefics3", "gelu_pytorch_tanh", 1152, 3072, 12, 16, 224, 32, 1e-6f, false, true, NULL},
+    {"smolvlm_vision", "smolvlm", "gelu_pytorch_tanh", 1152, 3072, 12, 16, 224, 32, 1e-6f, false, true, NULL},
+    /* IDEFICS (v1): CLIP's network under another config class (vision.py) */
+    {"idefics_vision", "idefics", "gelu", 768, 5120, 32, 16, 224, 14, 1e-5f, true, false, "embed_dim"},
 };
+
+/* A vision_config without model_type takes its parent model's vision class (else CLIP's). */
+static const struct { const char *parent, *vision; } parents[] = {{"idefics", "idefics_vision"}};
 
 mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_prefix, mmb_vit_info *out) {
     char key[128];
@@ -66,19 +72,24 @@ mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_pref
     snprintf(key, sizeof key, "%smodel_type", cfg_prefix);
     if (!mmb__cfg_str(ctx, c, key, &mt, &s)) {
         if (s != MMB_OK) return s;
+        const char *top = "";
+        if (cfg_prefix[0]) mmb__cfg_str(ctx, c, "model_type", &top, &s);
         mt = "clip_vision_model";
+        for (size_t i = 0; i < sizeof parents / sizeof parents[0]; i++)
+            if (strcmp(top, parents[i].parent) == 0) mt = parents[i].vision;
     }
     int f = -1;
     for (int i = 0; i < (int)(sizeof families / sizeof families[0]); i++)
         if (strcmp(mt, families[i].model_type) == 0) f = i;
     if (f < 0)
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: vision model_type '%s' (expected "
-                        "clip_vision_model, siglip_vision_model, blip_2_vision_model, idefics2_vision, idefics3_vision "
-                        "or smolvlm_vision)", c->dir, mt);
+                        "clip_vision_model, siglip_vision_model, blip_2_vision_model, idefics_vision, idefics2_vision, "
+                        "idefics3_vision or smolvlm_vision)", c->dir, mt);
     mmb_vit_info in = {.family = families[f].family, .act = families[f].act, .eps = families[f].eps,
                        .has_cls = families[f].cls};
     struct { const char *k; int def; int *dst; } ints[] = {
-        {"hidden_size", families[f].width, &in.width},     {"intermediate_size", families[f].inter, &in.intermediate},
+        {families[f].width_key ? families[f].width_key : "hidden_size", families[f].width, &in.width},
+        {"intermediate_size", families[f].inter, &in.intermediate},
         {"num_hidden_layers", families[f].layers, &in.layers}, {"num_attention_heads", families[f].heads, &in.heads},
         {"image_size", families[f].image, &in.image_size}, {"patch_size", families[f].patch, &in.patch_size},
         {"num_channels", 3, &in.channels},
@@ -380,11 +391,7 @@ static void block_forward(mmb_ctx *ctx, const mmb_vit *v, const vit_layer *l, fl
     mmb__attention_forward(ctx, att, qkv, B, T, in->heads, D / in->heads, asc);
     mmb__linear_forward(ctx, xn, att, rows, &l->out);
     mmb__add_forward(x, x, xn, rows * D);
-    mmb__layernorm_forward_mt(ctx, xn, x, l->ln2_w, l->ln2_b, rows, D, in->eps);
-    mmb__linear_forward(ctx, h, xn, rows, &l->fc1);
-    mmb__act_forward_mt(ctx, h, rows * in->intermediate, v->act);
-    mmb__linear_forward(ctx, xn, h, rows, &l->fc2);
-    mmb__add_forward(x, x, xn, rows * D);
+    mmb__ffn_residual_forward(ctx, x, xn, h, rows, l->ln2_w, l->ln2_b, in->eps, &l->fc1, v->act, &l->fc2);
 }
 
 mmb_status mmb_vit_forward(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch, const int *taps,
