@@ -174,7 +174,7 @@ typedef struct mmb_vit mmb_vit;
 #define MMB_TAP_LAST 0x7fffffff
 
 typedef struct mmb_vit_info {
-    const char *family;       /* "clip" or "siglip" */
+    const char *family;       /* "clip", "siglip", "blip2", "idefics", "idefics2", "idefics3", "smolvlm" */
     const char *prefix;       /* weight-name prefix found, e.g. "model.vision_tower.vision_model." */
     const char *act;          /* hidden_act */
     float eps;                /* layer_norm_eps */
