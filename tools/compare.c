@@ -17,7 +17,8 @@ static const char *usage_compare =
     "Prints one row per connector: parameters, FLOPs per image, visual tokens handed to the LLM,\n"
     "the prefill FLOPs those tokens cost the LLM, the measured median latency, and the planned\n"
     "memory (weights in f32 + activations). Without --types, every registered connector that can\n"
-    "be built from a config alone is measured with random weights on random features of --width\n"
+    "be built from a config alone (--types all: also when MODELs are named) is measured with random\n"
+    "weights on random features of --width\n"
     "channels on a --grid x --grid patch grid (CLS dropped), projecting to --llm-width.\n"
     "--config TYPE=JSON adds config.json keys for one type (e.g. moe_mlp2x_gelu='{...}').\n"
     "Each MODEL checkpoint is measured as it is: with a vision tower (or as a family model),\n"
@@ -52,7 +53,8 @@ static int measure_model(mmb_ctx *ctx, const char *dir, int reps, int64_t grid, 
     mmb_vit_info vi = {0};
     if (v) mmb_vit_get_info(v, &vi);
     int tower = v || strcmp(mi.family, "llava") != 0;
-    int side = v ? vi.image_size : mi.image_size;
+    /* The tower's size; a family that takes any size (Qwen2-VL) gets --grid patches a side. */
+    int side = v ? vi.image_size : mi.image_size ? mi.image_size : (int)grid * (mi.patch_size ? mi.patch_size : 14);
     int64_t tin = grid * grid + 1, t = tower ? mmb_model_encode_tokens(ctx, m, side, side)
                                              : mmb_model_tokens_out(ctx, m, tin);
     if (!tower && mi.n_taps != 1) {
@@ -83,7 +85,11 @@ static int measure_model(mmb_ctx *ctx, const char *dir, int reps, int64_t grid, 
         if (s != MMB_OK) { cli_fail(ctx, NULL); goto done; }
         if (k) ts[k - 1] = now_s() - t0;
     }
-    snprintf(r->name, sizeof r->name, "%s (%s)", dir, mi.connector);
+    size_t len = strlen(dir);
+    while (len > 1 && dir[len - 1] == '/') len--;
+    const char *base = dir + len;
+    while (base > dir && base[-1] != '/') base--;
+    snprintf(r->name, sizeof r->name, "%.*s (%s)", (int)(dir + len - base), base, mi.connector);
     snprintf(r->measured, sizeof r->measured, "%s", tower ? "tower+connector" : "connector");
     r->params = mi.params;
     r->flops = mi.flops_per_image;
@@ -193,8 +199,8 @@ int cli_compare(int argc, char **argv) {
     if (mmb_ctx_new(&p, &ctx) != MMB_OK) { fprintf(stderr, "mmbridge: error: cannot create a context\n"); return 1; }
     /* The types: --types, or every registered name (llava is mlp2x_gelu's network; Dense Connectors read taps). */
     char list[4096] = "";
-    if (types) snprintf(list, sizeof list, "%s", types);
-    else if (!n_models) {
+    if (types && strcmp(types, "all") != 0) snprintf(list, sizeof list, "%s", types);
+    else if (types || !n_models) {
         const char *const *names;
         int nn = mmb_connector_names(&names);
         for (int i = 0; i < nn; i++) {
