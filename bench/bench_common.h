@@ -161,6 +161,18 @@ static inline double fp32_peak(int nth) {
     return a > b ? a : b;
 }
 
+/* Parses "1,2,4" into out (at most cap values); returns how many. */
+static inline int parse_list(const char *s, int *out, int cap) {
+    int n = 0;
+    for (const char *p = s; *p && n < cap;) {
+        out[n++] = atoi(p);
+        p = strchr(p, ',');
+        if (!p) break;
+        p++;
+    }
+    return n;
+}
+
 /* Runs `cmd` (a Python peer), returning its stdout (malloc'd, NUL-terminated) or NULL. */
 static inline char *run_peer(const char *cmd) {
     FILE *p = popen(cmd, "r");

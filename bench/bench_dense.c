@@ -19,17 +19,6 @@
 
 #define D_LLM 4096
 
-static int parse_list(const char *s, int *out, int cap) {
-    int n = 0;
-    for (const char *p = s; *p && n < cap;) {
-        out[n++] = atoi(p);
-        p = strchr(p, ',');
-        if (!p) break;
-        p++;
-    }
-    return n;
-}
-
 static float *fill(size_t n, float scale, uint64_t *s) {
     float *p = malloc(n * sizeof(float));
     for (size_t i = 0; p && i < n; i++) {

@@ -14,17 +14,6 @@
 
 #include <unistd.h>
 
-static int parse_list(const char *s, int *out, int cap) {
-    int n = 0;
-    for (const char *p = s; *p && n < cap;) {
-        out[n++] = atoi(p);
-        p = strchr(p, ',');
-        if (!p) break;
-        p++;
-    }
-    return n;
-}
-
 int main(int argc, char **argv) {
     int threads[8] = {1, 2}, nt = 2, reps = 3, layers = 24, peers = 1;
     const char *dir = "build/bench-cache";
