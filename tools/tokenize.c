@@ -2,6 +2,7 @@
  * decode, streamed decode, chat rendering), for users and for tests/oracle/test_tokenizer.py. */
 #include "cli.h"
 
+#include <cjson/cJSON.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +12,8 @@ static const char *usage_tokenize =
     "usage: mmbridge tokenize DIR [--text TEXT | --file F] [--special]\n"
     "       mmbridge tokenize DIR --decode IDS [--skip-special] [--stream]\n"
     "       mmbridge tokenize DIR --chat MESSAGES.json [--template T.jinja] [--vars VARS.json] [--gen-prompt]\n"
+    "       mmbridge tokenize DIR --batch TEXTS.json [--special]\n"
+    "       mmbridge tokenize DIR --decode-batch IDS.json [--skip-special]\n"
     "       mmbridge tokenize DIR --info\n"
     "\n"
     "DIR holds tokenizer.json (Hugging Face tokenizers format, BPE) and optionally\n"
@@ -19,6 +22,8 @@ static const char *usage_tokenize =
     "  --special                add the post-processor's special tokens (BOS for Llama)\n"
     "  --decode IDS             decode comma- or space-separated ids; prints the text as is\n"
     "  --skip-special           drop special tokens when decoding\n"
+    "  --batch F                encode each string of the JSON list in F; one line of ids each\n"
+    "  --decode-batch F         decode each id list of the JSON list in F; prints a JSON list\n"
     "  --stream                 decode one token at a time as a generator would; prints each\n"
     "                           piece handed out as one line of hex (empty line: nothing yet)\n"
     "  --chat MESSAGES.json     render a JSON list of {\"role\", \"content\"} messages (content a\n"
@@ -95,13 +100,59 @@ static int decode_cmd(mmb_ctx *ctx, const mmb_tokenizer *t, const char *list, in
     return rc;
 }
 
+/* --batch / --decode-batch: a JSON list in, one result per item out. */
+static int batch_cmd(mmb_ctx *ctx, const mmb_tokenizer *t, const char *path, int decode, int flag) {
+    char *js = slurp(path, NULL);
+    cJSON *in = js ? cJSON_Parse(js) : NULL, *it;
+    free(js);
+    if (!cJSON_IsArray(in)) {
+        cJSON_Delete(in);
+        fprintf(stderr, "mmbridge: error: %s is not a JSON list\n", path);
+        return 1;
+    }
+    int rc = 0;
+    cJSON *out = cJSON_CreateArray();
+    cJSON_ArrayForEach(it, in) {
+        if (!decode) {
+            int32_t *ids = NULL;
+            int64_t n = 0;
+            if (!cJSON_IsString(it)) { fprintf(stderr, "mmbridge: error: %s: not a string\n", path); rc = 1; break; }
+            if (mmb_tokenizer_encode(ctx, t, it->valuestring, strlen(it->valuestring), flag, &ids, &n) != MMB_OK) { rc = cli_fail(ctx, NULL); break; }
+            for (int64_t i = 0; i < n; i++) printf("%s%d", i ? " " : "", ids[i]);
+            putchar('\n');
+            free(ids);
+        } else {
+            int n = cJSON_GetArraySize(it), k = 0;
+            int32_t *ids = malloc(((size_t)n + 1) * sizeof *ids);
+            cJSON *v;
+            cJSON_ArrayForEach(v, it) ids[k++] = (int32_t)v->valuedouble;
+            char *text = NULL;
+            size_t len = 0;
+            if (mmb_tokenizer_decode(ctx, t, ids, n, flag, &text, &len) != MMB_OK) { free(ids); rc = cli_fail(ctx, NULL); break; }
+            cJSON_AddItemToArray(out, cJSON_CreateString(text));
+            free(text);
+            free(ids);
+        }
+    }
+    if (decode && rc == 0) {
+        char *o = cJSON_PrintUnformatted(out);
+        if (o) puts(o);
+        cJSON_free(o);
+    }
+    cJSON_Delete(out);
+    cJSON_Delete(in);
+    return rc;
+}
+
 int cli_tokenize(int argc, char **argv) {
     const char *dir = NULL, *text = NULL, *file = NULL, *dec = NULL, *chat = NULL, *tmpl = NULL, *vars = NULL;
+    const char *batch = NULL, *dbatch = NULL;
     int special = 0, skip = 0, stream = 0, gen = 0, info = 0;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         const char **val = !strcmp(a, "--text") ? &text : !strcmp(a, "--file") ? &file : !strcmp(a, "--decode") ? &dec
-                         : !strcmp(a, "--chat") ? &chat : !strcmp(a, "--template") ? &tmpl : !strcmp(a, "--vars") ? &vars : NULL;
+                         : !strcmp(a, "--chat") ? &chat : !strcmp(a, "--template") ? &tmpl : !strcmp(a, "--vars") ? &vars
+                         : !strcmp(a, "--batch") ? &batch : !strcmp(a, "--decode-batch") ? &dbatch : NULL;
         if (val) {
             if (i + 1 >= argc) { fprintf(stderr, "mmbridge: %s needs a value\n%s", a, usage_tokenize); return 2; }
             *val = argv[++i];
@@ -114,7 +165,7 @@ int cli_tokenize(int argc, char **argv) {
         else if (a[0] != '-' && !dir) dir = a;
         else { fprintf(stderr, "mmbridge: unexpected argument '%s'\n%s", a, usage_tokenize); return 2; }
     }
-    if (!dir || (!text && !file && !dec && !chat && !info)) { fputs(usage_tokenize, stderr); return 2; }
+    if (!dir || (!text && !file && !dec && !chat && !info && !batch && !dbatch)) { fputs(usage_tokenize, stderr); return 2; }
     mmb_ctx *ctx = NULL;
     mmb_ctx_params cp = mmb_ctx_default_params();
     cp.n_threads = 1;
@@ -130,6 +181,8 @@ int cli_tokenize(int argc, char **argv) {
                mmb_tokenizer_bos_id(t), mmb_tokenizer_eos_id(t));
         for (int i = 0; i < ns && i < 16; i++) printf("%s%d", i ? ", " : "", stop[i]);
         printf("]}\n");
+    } else if (batch || dbatch) {
+        rc = batch_cmd(ctx, t, batch ? batch : dbatch, dbatch != NULL, batch ? special : skip);
     } else if (dec) {
         rc = decode_cmd(ctx, t, dec, skip, stream);
     } else if (chat) {

@@ -136,10 +136,23 @@ def decode(d, ids, skip=False):
     return run_bytes("tokenize", d, "--decode", ",".join(map(str, ids)) or ",", *(["--skip-special"] if skip else []))
 
 
+def encode_batch(d, texts, tmp_path, special=False):
+    (tmp_path / "texts.json").write_text(json.dumps(texts, ensure_ascii=False))
+    out = run_bytes("tokenize", d, "--batch", tmp_path / "texts.json", *(["--special"] if special else []))
+    return [[int(x) for x in line.split()] for line in out.split("\n")[:-1]]
+
+
+def decode_batch(d, id_lists, tmp_path, skip=False):
+    (tmp_path / "ids.json").write_text(json.dumps(id_lists))
+    return json.loads(run_bytes("tokenize", d, "--decode-batch", tmp_path / "ids.json", *(["--skip-special"] if skip else [])))
+
+
 def test_encode_matches_tokenizers(tok_dir, tmp_path):
     kind, tok, d = tok_dir
+    assert encode(d, CORPUS[1], tmp_path) == tok.encode(CORPUS[1], add_special_tokens=False).ids  # --file, one text
     for special in (False, True):
-        got = [encode(d, text, tmp_path, special) for text in CORPUS]
+        got = encode_batch(d, CORPUS, tmp_path, special)
+        assert len(got) == len(CORPUS)
         for text, ids in zip(CORPUS, got):
             want = tok.encode(text, add_special_tokens=special).ids
             assert ids == want, f"{kind}: {text!r} (special={special}): got {ids}, want {want}"
@@ -161,15 +174,16 @@ def test_features_are_exercised(tok_dir):
 
 def test_decode_matches_tokenizers(tok_dir, tmp_path):
     kind, tok, d = tok_dir
-    for text in CORPUS:
-        ids = tok.encode(text, add_special_tokens=True).ids
-        for skip in (False, True):
-            want = tok.decode(ids, skip_special_tokens=skip)
-            assert decode(d, ids, skip) == want, f"{kind}: {text!r} skip={skip}"
+    id_lists = [tok.encode(text, add_special_tokens=True).ids for text in CORPUS]
+    for skip in (False, True):
+        got = decode_batch(d, id_lists, tmp_path, skip)
+        for text, ids, g in zip(CORPUS, id_lists, got):
+            assert g == tok.decode(ids, skip_special_tokens=skip), f"{kind}: {text!r} skip={skip}"
+    assert decode(d, id_lists[5], False) == tok.decode(id_lists[5], skip_special_tokens=False)  # --decode, exact bytes
     # broken byte sequences decode as tokenizers does (U+FFFD), token by token prefixes too
     ids = tok.encode("日本語 😀", add_special_tokens=False).ids
-    for k in range(1, len(ids) + 1):
-        assert decode(d, ids[:k]) == tok.decode(ids[:k]), f"{kind}: prefix {k} of {ids}"
+    prefixes = [ids[:k] for k in range(1, len(ids) + 1)]
+    assert decode_batch(d, prefixes, tmp_path) == [tok.decode(p, skip_special_tokens=False) for p in prefixes]
 
 
 def test_stream_decode_is_valid_utf8_and_complete(tok_dir):
@@ -195,13 +209,11 @@ def test_autotokenizer_ids_and_special_ids(tmp_path, cls):
         "tokenizer_class": cls, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": False})
     write_json(tmp_path / "generation_config.json", {"bos_token_id": 1, "eos_token_id": [2, 5]})
     hf = AutoTokenizer.from_pretrained(str(tmp_path))
-    differs = 0
-    for text in CORPUS:
-        want = hf(text).input_ids
-        assert want[:1] == [1]
-        assert encode(tmp_path, text, tmp_path, special=True) == want, text
-        assert decode(tmp_path, want, skip=True) == hf.decode(want, skip_special_tokens=True), text
-        differs += want != tok.encode(text).ids
+    wants = [hf(text).input_ids for text in CORPUS]
+    assert all(w[:1] == [1] for w in wants)
+    assert encode_batch(tmp_path, CORPUS, tmp_path, special=True) == wants
+    assert decode_batch(tmp_path, wants, tmp_path, skip=True) == [hf.decode(w, skip_special_tokens=True) for w in wants]
+    differs = sum(w != tok.encode(text).ids for text, w in zip(CORPUS, wants))
     assert (differs > 0) == (cls == "LlamaTokenizer")
     info = json.loads(run("tokenize", tmp_path, "--info").stdout)
     assert info == {"vocab_size": len(hf), "bos_id": hf.bos_token_id, "eos_id": hf.eos_token_id, "stop_ids": [2, 5]}
