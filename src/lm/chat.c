@@ -695,33 +695,38 @@ static expr *bin(jctx *J, int op, expr *a, expr *b) {
     return e;
 }
 
+typedef expr *(*parse_fn)(jctx *J);
+
+/* One left-associative level of binary operators over the next level's operands. */
+static expr *parse_binary(jctx *J, parse_fn next, const char *const *ops, const int *codes, int nops) {
+    expr *e = next(J);
+    for (;;) {
+        int op = 0;
+        for (int i = 0; i < nops && !op; i++) if (accept(J, K_OP, ops[i])) op = codes[i];
+        if (!op) return e;
+        e = bin(J, op, e, next(J));
+    }
+}
+
 static expr *parse_pow(jctx *J) {
-    expr *e = parse_unary(J);
-    while (accept(J, K_OP, "**")) e = bin(J, OP_POW, e, parse_unary(J));
-    return e;
+    static const char *const o[] = {"**"};
+    static const int c[] = {OP_POW};
+    return parse_binary(J, parse_unary, o, c, 1);
 }
 static expr *parse_mul(jctx *J) {
-    expr *e = parse_pow(J);
-    for (;;) {
-        if (accept(J, K_OP, "*")) e = bin(J, OP_MUL, e, parse_pow(J));
-        else if (accept(J, K_OP, "//")) e = bin(J, OP_FLOORDIV, e, parse_pow(J));
-        else if (accept(J, K_OP, "/")) e = bin(J, OP_DIV, e, parse_pow(J));
-        else if (accept(J, K_OP, "%")) e = bin(J, OP_MOD, e, parse_pow(J));
-        else return e;
-    }
+    static const char *const o[] = {"*", "//", "/", "%"};
+    static const int c[] = {OP_MUL, OP_FLOORDIV, OP_DIV, OP_MOD};
+    return parse_binary(J, parse_pow, o, c, 4);
 }
 static expr *parse_concat(jctx *J) {
-    expr *e = parse_mul(J);
-    while (accept(J, K_OP, "~")) e = bin(J, OP_CONCAT, e, parse_mul(J));
-    return e;
+    static const char *const o[] = {"~"};
+    static const int c[] = {OP_CONCAT};
+    return parse_binary(J, parse_mul, o, c, 1);
 }
 static expr *parse_add(jctx *J) {
-    expr *e = parse_concat(J);
-    for (;;) {
-        if (accept(J, K_OP, "+")) e = bin(J, OP_ADD, e, parse_concat(J));
-        else if (accept(J, K_OP, "-")) e = bin(J, OP_SUB, e, parse_concat(J));
-        else return e;
-    }
+    static const char *const o[] = {"+", "-"};
+    static const int c[] = {OP_ADD, OP_SUB};
+    return parse_binary(J, parse_concat, o, c, 2);
 }
 static expr *parse_cmp(jctx *J) {
     expr *e = parse_add(J);

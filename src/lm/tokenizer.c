@@ -1182,18 +1182,24 @@ static int count_leaves(const cJSON *o, const char *list_key) {
     return 1;
 }
 
-static mmb_status load_norm(loader *L, const cJSON *o) {
+typedef mmb_status (*leaf_fn)(loader *L, const cJSON *o);
+
+/* A component that may be null, one leaf, or a "Sequence" of them (nested) under list_key: calls
+ * leaf on each leaf in order. */
+static mmb_status load_seq(loader *L, const cJSON *o, const char *list_key, leaf_fn leaf) {
     if (!o || cJSON_IsNull(o)) return MMB_OK;
+    if (strcmp(jtype(o), "Sequence") != 0) return leaf(L, o);
+    const cJSON *it;
+    cJSON_ArrayForEach(it, cJSON_GetObjectItemCaseSensitive(o, list_key)) {
+        mmb_status s = load_seq(L, it, list_key, leaf);
+        if (s != MMB_OK) return s;
+    }
+    return MMB_OK;
+}
+
+static mmb_status load_norm(loader *L, const cJSON *o) {
     mmb_tokenizer *t = L->t;
     const char *ty = jtype(o);
-    if (strcmp(ty, "Sequence") == 0) {
-        const cJSON *it;
-        cJSON_ArrayForEach(it, cJSON_GetObjectItemCaseSensitive(o, "normalizers")) {
-            mmb_status s = load_norm(L, it);
-            if (s != MMB_OK) return s;
-        }
-        return MMB_OK;
-    }
     norm_op *op = &t->norm[t->n_norm];
     memset(op, 0, sizeof *op);
     if (!strcmp(ty, "NFC")) op->k = NORM_NFC;
@@ -1240,17 +1246,8 @@ static bool copy_repl(const cJSON *o, char *dst) {
 }
 
 static mmb_status load_pre(loader *L, const cJSON *o) {
-    if (!o || cJSON_IsNull(o)) return MMB_OK;
     mmb_tokenizer *t = L->t;
     const char *ty = jtype(o);
-    if (strcmp(ty, "Sequence") == 0) {
-        const cJSON *it;
-        cJSON_ArrayForEach(it, cJSON_GetObjectItemCaseSensitive(o, "pretokenizers")) {
-            mmb_status s = load_pre(L, it);
-            if (s != MMB_OK) return s;
-        }
-        return MMB_OK;
-    }
     pre_op *op = &t->pre[t->n_pre];
     memset(op, 0, sizeof *op);
     if (!strcmp(ty, "Split")) {
@@ -1304,17 +1301,8 @@ static mmb_status load_pre(loader *L, const cJSON *o) {
 }
 
 static mmb_status load_dec(loader *L, const cJSON *o) {
-    if (!o || cJSON_IsNull(o)) return MMB_OK;
     mmb_tokenizer *t = L->t;
     const char *ty = jtype(o);
-    if (strcmp(ty, "Sequence") == 0) {
-        const cJSON *it;
-        cJSON_ArrayForEach(it, cJSON_GetObjectItemCaseSensitive(o, "decoders")) {
-            mmb_status s = load_dec(L, it);
-            if (s != MMB_OK) return s;
-        }
-        return MMB_OK;
-    }
     dec_op *op = &t->dec[t->n_dec];
     memset(op, 0, sizeof *op);
     if (!strcmp(ty, "ByteLevel")) op->k = DEC_BYTELEVEL;
@@ -1362,17 +1350,9 @@ static mmb_status post_ids(loader *L, const cJSON *specials, const char *name, i
 }
 
 static mmb_status load_post(loader *L, const cJSON *o) {
-    if (!o || cJSON_IsNull(o)) return MMB_OK;
     mmb_tokenizer *t = L->t;
     const char *ty = jtype(o);
     const cJSON *it;
-    if (!strcmp(ty, "Sequence")) {
-        cJSON_ArrayForEach(it, cJSON_GetObjectItemCaseSensitive(o, "processors")) {
-            mmb_status s = load_post(L, it);
-            if (s != MMB_OK) return s;
-        }
-        return MMB_OK;
-    }
     if (!strcmp(ty, "ByteLevel")) return MMB_OK; /* offsets only */
     if (!strcmp(ty, "TemplateProcessing")) {
         const cJSON *single = cJSON_GetObjectItemCaseSensitive(o, "single");
@@ -1749,11 +1729,11 @@ mmb_status mmb_tokenizer_open(mmb_ctx *ctx, const char *dir, mmb_tokenizer **out
         t->dec = calloc((size_t)count_leaves(dj, "decoders") + 1, sizeof *t->dec);
         if (!t->norm || !t->pre || !t->dec) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     }
-    if (s == MMB_OK) s = load_norm(&L, nj);
-    if (s == MMB_OK) s = load_pre(&L, pj);
-    if (s == MMB_OK) s = load_dec(&L, dj);
+    if (s == MMB_OK) s = load_seq(&L, nj, "normalizers", load_norm);
+    if (s == MMB_OK) s = load_seq(&L, pj, "pretokenizers", load_pre);
+    if (s == MMB_OK) s = load_seq(&L, dj, "decoders", load_dec);
     if (s == MMB_OK) t->has_decoder = dj && !cJSON_IsNull(dj);
-    if (s == MMB_OK) s = load_post(&L, cJSON_GetObjectItemCaseSensitive(root, "post_processor"));
+    if (s == MMB_OK) s = load_seq(&L, cJSON_GetObjectItemCaseSensitive(root, "post_processor"), "processors", load_post);
     cJSON *tc = NULL;
     char *tc_path = NULL;
     if (s == MMB_OK) s = read_optional(ctx, dir, "tokenizer_config.json", &tc, &tc_path);
