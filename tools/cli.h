@@ -27,4 +27,7 @@ static inline double cli_median(double *v, int n) {
 /* mmbridge compare (tools/compare.c). */
 int cli_compare(int argc, char **argv);
 
+/* mmbridge tokenize (tools/tokenize.c). */
+int cli_tokenize(int argc, char **argv);
+
 #endif
