@@ -10,7 +10,7 @@
 /* Hot elementwise loops are compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load
  * time by the dynamic linker (GCC function multi-versioning); a plain function elsewhere. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MMB_SIMD_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#define MMB_SIMD_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
 #else
 #define MMB_SIMD_CLONES
 #endif
@@ -140,6 +140,14 @@ void mmb__gemm_own_pack(float *dst, const float *W, int64_t N, int64_t K);
 /* A (M, K), packed W (N, K), bias (N) or NULL -> C (M, N) = A W^T + bias, split over the pool. */
 void mmb__gemm_own(mmb_pool *pool, float *C, const float *A, const float *packed,
                    const float *bias, int64_t M, int64_t N, int64_t K);
+/* The micro-kernel on its own, for other blocked kernels (attention). MR = mmb__gemm_own_mr(isa)
+ * rows per A micro-panel (isa as mmb__gemm_own_isa returns it); panels are 32 columns wide.
+ * For i < mr <= MR, j < nc <= 32:
+ *   c[i * ldc + j] = (load ? c[i * ldc + j] : 0) + sum_{k < kc} a[k * MR + i] * b[k * 32 + j]
+ * b must be 64-byte aligned; rows i >= mr of a are not read. */
+int mmb__gemm_own_mr(int isa);
+void mmb__gemm_own_tile(int isa, int mr, int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
+                        int nc, int load);
 
 /* ---- tensor/half.c ---------------------------------------------------------------------------- */
 float mmb__f16_to_f32(uint16_t h);

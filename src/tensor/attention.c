@@ -1,108 +1,282 @@
-/* Multi-head self-attention over a fused QKV buffer: blocked, with an online softmax, so no
- * score matrix larger than one QB x KB tile ever exists; threaded over (batch, head, query block).
- * The naive version (full score rows, double accumulation) is kept as the oracle. */
+/* Multi-head self-attention over a fused QKV buffer, blocked like a GEMM: no score matrix larger
+ * than one QB x KB tile ever exists, the softmax is online, and work is threaded over (batch, head,
+ * block of QB queries). The naive version (full score rows, double accumulation) is the oracle.
+ *
+ * Per work unit (QB queries of one head) the two products run on the GEMM's micro-kernel
+ * (mmb__gemm_own_tile), in the transposed form, which needs no O(N^2) data movement:
+ *   S^T (keys x queries) = K Q^T     A = K block, MR keys per micro-panel (packed per key block)
+ *                                    B = Q^T in panels of 32 queries (packed once per unit,
+ *                                        scaled by log2(e) / sqrt(head_dim))
+ *   softmax over each column of S^T (one query) in base 2: running max m and sum l per query,
+ *   vectorised across the 32 queries of a panel; the exponentials overwrite S^T in place, which is
+ *   then exactly the B panel layout of
+ *   O^T (head_dim x queries) += V^T P^T  A = V^T block, MR head dims per micro-panel
+ *                                        B = P^T (the tile of S^T), C = O^T, rescaled by
+ *                                            2^(m_old - m_new) before each key block
+ *   out = (O^T)^T / l.
+ * Keys per block: a multiple of MR, at most KB_MAX; queries per unit: a multiple of QP, at most QB;
+ * both split the tokens evenly. */
 #include "internal.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define QB 32   /* queries per tile */
-#define KB 64   /* keys per tile */
+#define QP 32            /* queries per panel: the micro-kernel's panel width */
+#define QB (10 * QP)     /* queries per work unit, at most */
+#define KB_MAX 126       /* keys per block, at most: a multiple of every kernel's MR (4, 6, 14) */
+#define MR_CAP 16        /* >= every kernel's MR */
+#define PF_ROWS 12       /* K, V rows prefetched ahead while packing */
 
-/* exp(x) for x <= 0 (arguments of the online softmax), written so the compiler vectorises it:
- * 2^(x log2 e) split into 2^n * 2^f, f in [-0.5, 0.5], with a degree-6 polynomial for 2^f
- * (relative error about 2e-7, on the order of expf's own). */
-static inline float exp_neg(float x) {
-    float t = x * 1.44269504088896341f;
-    t = t < -126.0f ? -126.0f : t;
-    int32_t ni = (int32_t)(t - 0.5f);  /* t <= 0: truncation of t - 0.5 rounds to nearest */
-    float n = (float)ni, f = t - n;
-    float p = 1.5403530393381609e-4f;
-    p = p * f + 1.3333558146428443e-3f;
-    p = p * f + 9.6181291076284772e-3f;
-    p = p * f + 5.5504108664821580e-2f;
-    p = p * f + 2.4022650695910071e-1f;
-    p = p * f + 6.9314718055994531e-1f;
-    p = p * f + 1.0f;
-    union { float f; int32_t i; } u = {.i = (ni + 127) << 23};
-    return p * u.f;
+/* One key block of the online softmax, down the columns of one S^T panel sp (nk rows of QP = 32
+ * queries), in base 2 with the scores multiplied by `scale`: given the running max mp and sum lp
+ * of each query, sp becomes 2^(scale * s - m_new), lp = lp * 2^(m_old - m_new) + column sum, and
+ * cp = 2^(m_old - m_new), the factor the output accumulated so far must take. One version per
+ * instruction set (the kernel's), so that it never depends on the auto-vectoriser. */
+static void softmax_scalar(float *sp, int64_t nk, float *mp, float *lp, float *cp, float scale) {
+    for (int i = 0; i < QP; i++) {
+        float mx = mp[i], sum = 0.0f;
+        for (int64_t key = 0; key < nk; key++) mx = sp[key * QP + i] > mx ? sp[key * QP + i] : mx;
+        for (int64_t key = 0; key < nk; key++) sum += sp[key * QP + i] = exp2f((sp[key * QP + i] - mx) * scale);
+        cp[i] = exp2f((mp[i] - mx) * scale);
+        mp[i] = mx;
+        lp[i] = lp[i] * cp[i] + sum;
+    }
 }
 
-size_t mmb__attention_scratch(int nth, int64_t head_dim) {
-    return (size_t)nth * (size_t)(QB * KB + QB * head_dim + KB * head_dim + 2 * QB);
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+
+/* 2^t for t <= 0: 2^n * 2^f with n = round(t), f in [-0.5, 0.5] and a degree-6 polynomial for 2^f
+ * (relative error about 2e-7, on the order of exp2f's own); t below -126 gives 2^-126, which is
+ * only ever added to sums of at least 1. */
+#define EXP2_POLY(T, mul_add, set1, f)                                               \
+    T p = set1(1.5403530393381609e-4f);                                              \
+    p = mul_add(p, f, set1(1.3333558146428443e-3f));                                  \
+    p = mul_add(p, f, set1(9.6181291076284772e-3f));                                  \
+    p = mul_add(p, f, set1(5.5504108664821580e-2f));                                  \
+    p = mul_add(p, f, set1(2.4022650695910071e-1f));                                  \
+    p = mul_add(p, f, set1(6.9314718055994531e-1f));                                  \
+    p = mul_add(p, f, set1(1.0f));
+
+__attribute__((target("avx2,fma"), always_inline)) static inline __m256 exp2_neg8(__m256 t) {
+    t = _mm256_max_ps(t, _mm256_set1_ps(-126.0f));
+    __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm256_sub_ps(t, n);
+    EXP2_POLY(__m256, _mm256_fmadd_ps, _mm256_set1_ps, f)
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
+
+__attribute__((target("avx2,fma"))) static void softmax_avx2(float *sp, int64_t nk, float *mp, float *lp, float *cp,
+                                                             float scale) {
+    __m256 mx[4], sum[4], sc = _mm256_set1_ps(scale);
+    for (int v = 0; v < 4; v++) { mx[v] = _mm256_loadu_ps(mp + 8 * v); sum[v] = _mm256_setzero_ps(); }
+    for (int64_t key = 0; key < nk; key++)
+        for (int v = 0; v < 4; v++) mx[v] = _mm256_max_ps(mx[v], _mm256_load_ps(sp + key * QP + 8 * v));
+    __m256 ms[4];
+    for (int v = 0; v < 4; v++) ms[v] = _mm256_mul_ps(mx[v], sc);
+    for (int64_t key = 0; key < nk; key++)
+        for (int v = 0; v < 4; v++) {
+            float *x = sp + key * QP + 8 * v;
+            __m256 e = exp2_neg8(_mm256_fmsub_ps(_mm256_load_ps(x), sc, ms[v]));
+            _mm256_store_ps(x, e);
+            sum[v] = _mm256_add_ps(sum[v], e);
+        }
+    for (int v = 0; v < 4; v++) {
+        __m256 c = exp2_neg8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(mp + 8 * v), mx[v]), sc));
+        _mm256_storeu_ps(cp + 8 * v, c);
+        _mm256_storeu_ps(mp + 8 * v, mx[v]);
+        _mm256_storeu_ps(lp + 8 * v, _mm256_fmadd_ps(_mm256_loadu_ps(lp + 8 * v), c, sum[v]));
+    }
+}
+
+__attribute__((target("avx512f"), always_inline)) static inline __m512 exp2_neg16(__m512 t) {
+    t = _mm512_max_ps(t, _mm512_set1_ps(-126.0f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(t, n);
+    EXP2_POLY(__m512, _mm512_fmadd_ps, _mm512_set1_ps, f)
+    return _mm512_scalef_ps(p, n);
+}
+
+__attribute__((target("avx512f"))) static void softmax_avx512(float *sp, int64_t nk, float *mp, float *lp, float *cp,
+                                                              float scale) {
+    __m512 mx[2], sum[2], ms[2], sc = _mm512_set1_ps(scale);
+    for (int v = 0; v < 2; v++) { mx[v] = _mm512_loadu_ps(mp + 16 * v); sum[v] = _mm512_setzero_ps(); }
+    for (int64_t key = 0; key < nk; key++)
+        for (int v = 0; v < 2; v++) mx[v] = _mm512_max_ps(mx[v], _mm512_load_ps(sp + key * QP + 16 * v));
+    for (int v = 0; v < 2; v++) ms[v] = _mm512_mul_ps(mx[v], sc);
+    for (int64_t key = 0; key < nk; key++)
+        for (int v = 0; v < 2; v++) {
+            float *x = sp + key * QP + 16 * v;
+            __m512 e = exp2_neg16(_mm512_fmsub_ps(_mm512_load_ps(x), sc, ms[v]));
+            _mm512_store_ps(x, e);
+            sum[v] = _mm512_add_ps(sum[v], e);
+        }
+    for (int v = 0; v < 2; v++) {
+        __m512 c = exp2_neg16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(mp + 16 * v), mx[v]), sc));
+        _mm512_storeu_ps(cp + 16 * v, c);
+        _mm512_storeu_ps(mp + 16 * v, mx[v]);
+        _mm512_storeu_ps(lp + 16 * v, _mm512_fmadd_ps(_mm512_loadu_ps(lp + 16 * v), c, sum[v]));
+    }
+}
+#endif
+
+static void softmax_block(int isa, float *sp, int64_t nk, float *mp, float *lp, float *cp, float scale) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (isa == 2) { softmax_avx512(sp, nk, mp, lp, cp, scale); return; }
+    if (isa == 1) { softmax_avx2(sp, nk, mp, lp, cp, scale); return; }
+#endif
+    (void)isa;
+    softmax_scalar(sp, nk, mp, lp, cp, scale);
+}
+
+/* Floats of one thread's scratch, each piece a multiple of 16 floats (64 bytes). */
+static size_t piece(size_t n) { return (n + 15) / 16 * 16; }
+static size_t per_thread(int64_t hd) {
+    size_t h = (size_t)hd;
+    return piece(QB * h) +                           /* qp: Q^T panels */
+           piece(KB_MAX * h) +                       /* kp: K micro-panels */
+           piece((h + MR_CAP) * KB_MAX) +            /* vp: V^T micro-panels */
+           piece(QB * KB_MAX) +                      /* st: S^T, then P^T */
+           piece(h * QB) +                           /* ot: O^T */
+           piece(3 * QB) + 16;                       /* m, l, corr; 16: to align the start */
+}
+
+size_t mmb__attention_scratch(int nth, int64_t head_dim) { return (size_t)nth * per_thread(head_dim); }
 
 typedef struct {
     float *out;
-    const float *qkv;
-    int64_t batch, tokens, heads, hd;
+    const float *q, *k, *v;
+    int64_t ldq, ldkv;        /* row strides of q and of k, v */
+    int64_t batch, tq, tk, heads, hd;
     float *scratch;
+    int isa, mr;              /* micro-kernel */
+    int64_t kb, qb;           /* keys per block, queries per unit */
 } attn_job;
 
-/* One tile of queries [q0, q0+nq) of head h in image b: out rows = softmax(q k^T * s) v. */
-MMB_SIMD_CLONES static void attn_tile(const attn_job *j, float *sc, int64_t b, int64_t h, int64_t q0, int64_t nq) {
-    int64_t T = j->tokens, hd = j->hd, D = j->heads * hd, ld = 3 * D;
-    float *s = sc, *acc = s + QB * KB, *kt = acc + QB * hd, *m = kt + KB * hd, *l = m + QB;
-    const float *base = j->qkv + b * T * ld;
-    float scale = 1.0f / sqrtf((float)hd);
-    for (int64_t i = 0; i < nq; i++) { m[i] = -INFINITY; l[i] = 0.0f; }
-    memset(acc, 0, sizeof(float) * (size_t)(nq * hd));
-    for (int64_t k0 = 0; k0 < T; k0 += KB) {
-        int64_t nk = T - k0 < KB ? T - k0 : KB;
-        /* K tile transposed: kt[d][j] so the score loop runs over contiguous keys. */
-        for (int64_t jj = 0; jj < nk; jj++) {
-            const float *kr = base + (k0 + jj) * ld + D + h * hd;
-            for (int64_t d = 0; d < hd; d++) kt[d * KB + jj] = kr[d];
+typedef struct { float *qp, *kp, *vp, *st, *ot, *m, *l, *corr; } attn_bufs;
+
+/* Queries [q0, q0 + nq) of head h in image b: out rows = softmax(q k^T / sqrt(hd)) v. */
+MMB_SIMD_CLONES static void attn_unit(const attn_job *j, const attn_bufs *w, int64_t b, int64_t h, int64_t q0,
+                                      int64_t nq) {
+    const int isa = j->isa, MR = j->mr;
+    const int64_t hd = j->hd, tk = j->tk, ldq = j->ldq, ld = j->ldkv, kb = j->kb;
+    const float *Q = j->q + (b * j->tq + q0) * ldq + h * hd, *K = j->k + b * tk * ld + h * hd;
+    const float *V = j->v + b * tk * ld + h * hd;
+    float *qp = w->qp, *kp = w->kp, *vp = w->vp, *st = w->st, *ot = w->ot, *m = w->m, *l = w->l, *corr = w->corr;
+    const int npan = (int)((nq + QP - 1) / QP);
+    /* Scores are scaled (by 1/sqrt(hd), and log2(e) for base 2) inside the exponent, so Q is packed
+     * unrounded. */
+    const float scale = 1.4426950408889634f / sqrtf((float)hd);
+    /* Q^T panels: element (d, query i) of panel p at (p * hd + d) * QP + i; missing queries are 0. */
+    for (int64_t i = 0; i < npan * QP; i++) {
+        float *dst = qp + (i / QP) * hd * QP + i % QP;
+        if (i + PF_ROWS < nq)
+            for (int64_t d = 0; d < hd; d += 16) __builtin_prefetch(Q + (i + PF_ROWS) * ldq + d);
+        if (i < nq)
+            for (int64_t d = 0; d < hd; d++) dst[d * QP] = Q[i * ldq + d];
+        else
+            for (int64_t d = 0; d < hd; d++) dst[d * QP] = 0.0f;
+    }
+    for (int64_t i = 0; i < npan * QP; i++) { m[i] = -INFINITY; l[i] = 0.0f; }
+    const int dpan = (int)((hd + MR - 1) / MR);
+    for (int64_t k0 = 0; k0 < tk; k0 += kb) {
+        const int64_t nk = tk - k0 < kb ? tk - k0 : kb;
+        const int kpan = (int)((nk + MR - 1) / MR);
+        /* K micro-panels: element (d, key i) of panel r at (r * hd + d) * MR + i; V^T micro-panels:
+         * element (key, dim s * MR + i) at (s * kb + key) * MR + i. The rows are far apart (a
+         * fused QKV row each): fetch a few ahead. */
+        for (int64_t key = 0; key < nk; key++) {
+            const float *kr = K + (k0 + key) * ld, *vr = V + (k0 + key) * ld;
+            if (k0 + key + PF_ROWS < tk)
+                for (int64_t d = 0; d < hd; d += 16) {
+                    __builtin_prefetch(kr + PF_ROWS * ld + d);
+                    __builtin_prefetch(vr + PF_ROWS * ld + d);
+                }
+            float *dst = kp + (key / MR) * hd * MR + key % MR;
+            for (int64_t d = 0; d < hd; d++) dst[d * MR] = kr[d];
+            for (int s = 0; s < dpan; s++) {
+                int64_t n = hd - s * MR < MR ? hd - s * MR : MR;
+                float *dv = vp + (s * kb + key) * MR;
+                for (int64_t i = 0; i < n; i++) dv[i] = vr[s * MR + i];
+            }
         }
-        for (int64_t i = 0; i < nq; i++) {
-            const float *qr = base + (q0 + i) * ld + h * hd;
-            float *si = s + i * KB;
-            for (int64_t jj = 0; jj < nk; jj++) si[jj] = 0.0f;
-            for (int64_t d = 0; d < hd; d++) {
-                float qd = qr[d] * scale;
-                const float *kd = kt + d * KB;
-                for (int64_t jj = 0; jj < nk; jj++) si[jj] += qd * kd[jj];
+        /* S^T block: st[(p * KB_MAX + key) * QP + i] */
+        for (int r = 0; r < kpan; r++) {
+            int mr = (int)(nk - r * MR < MR ? nk - r * MR : MR);
+            for (int p = 0; p < npan; p++) {
+                int nc = (int)(nq - p * QP < QP ? nq - p * QP : QP);
+                mmb__gemm_own_tile(isa, mr, hd, kp + (int64_t)r * hd * MR, qp + p * hd * QP,
+                                   st + ((int64_t)p * KB_MAX + r * MR) * QP, QP, nc, 0);
             }
-            float mx = m[i];
-            for (int64_t jj = 0; jj < nk; jj++) mx = si[jj] > mx ? si[jj] : mx;
-            float corr = exp_neg(m[i] - mx), sum = 0.0f;
-            for (int64_t jj = 0; jj < nk; jj++) {
-                si[jj] = exp_neg(si[jj] - mx);
-                sum += si[jj];
-            }
-            m[i] = mx;
-            l[i] = l[i] * corr + sum;
-            float *ai = acc + i * hd;
-            for (int64_t d = 0; d < hd; d++) ai[d] *= corr;
-            for (int64_t jj = 0; jj < nk; jj++) {
-                const float *vr = base + (k0 + jj) * ld + 2 * D + h * hd;
-                float p = si[jj];
-                for (int64_t d = 0; d < hd; d++) ai[d] += p * vr[d];
+        }
+        /* Online softmax down each column (query). Columns past nq hold finite leftovers. */
+        for (int p = 0; p < npan; p++)
+            softmax_block(isa, st + (int64_t)p * KB_MAX * QP, nk, m + p * QP, l + p * QP, corr + p * QP, scale);
+        if (k0 > 0)
+            for (int64_t d = 0; d < hd; d++)
+                for (int64_t i = 0; i < npan * QP; i++) ot[d * QB + i] *= corr[i];
+        /* O^T (+)= V^T P^T: ot[d * QB + i] */
+        for (int s = 0; s < dpan; s++) {
+            int mr = (int)(hd - s * MR < MR ? hd - s * MR : MR);
+            for (int p = 0; p < npan; p++) {
+                int nc = (int)(nq - p * QP < QP ? nq - p * QP : QP);
+                mmb__gemm_own_tile(isa, mr, nk, vp + s * kb * MR, st + (int64_t)p * KB_MAX * QP,
+                                   ot + (int64_t)s * MR * QB + p * QP, QB, nc, k0 > 0);
             }
         }
     }
-    for (int64_t i = 0; i < nq; i++) {
-        float *o = j->out + (b * T + q0 + i) * D + h * hd, inv = 1.0f / l[i];
-        for (int64_t d = 0; d < hd; d++) o[d] = acc[i * hd + d] * inv;
+    const int64_t D = j->heads * hd;
+    for (int64_t i = 0; i < nq; i++) l[i] = 1.0f / l[i];
+    for (int64_t i0 = 0; i0 < nq; i0 += 8) {  /* 8 rows at a time: ot is read in whole lines */
+        int64_t ni = nq - i0 < 8 ? nq - i0 : 8;
+        float *o = j->out + (b * j->tq + q0 + i0) * D + h * hd;
+        for (int64_t d = 0; d < hd; d++)
+            for (int64_t i = 0; i < ni; i++) o[i * D + d] = ot[d * QB + i0 + i] * l[i0 + i];
     }
 }
 
 static void attn_task(void *arg, int tid, int nth) {
     const attn_job *j = arg;
-    int64_t qblocks = (j->tokens + QB - 1) / QB, n = j->batch * j->heads * qblocks, lo, hi;
+    int64_t qblocks = (j->tq + j->qb - 1) / j->qb, n = j->batch * j->heads * qblocks, lo, hi;
     mmb__split(n, tid, nth, &lo, &hi);
-    float *sc = j->scratch + (size_t)tid * (size_t)(QB * KB + QB * j->hd + KB * j->hd + 2 * QB);
-    for (int64_t w = lo; w < hi; w++) {
-        int64_t qb = w % qblocks, h = (w / qblocks) % j->heads, b = w / (qblocks * j->heads);
-        int64_t q0 = qb * QB, nq = j->tokens - q0 < QB ? j->tokens - q0 : QB;
-        attn_tile(j, sc, b, h, q0, nq);
+    if (lo >= hi) return;
+    float *base = j->scratch + (size_t)tid * per_thread(j->hd);
+    base += (16 - ((uintptr_t)base / sizeof(float)) % 16) % 16;  /* 64-byte aligned */
+    size_t h = (size_t)j->hd;
+    attn_bufs w;
+    w.qp = base;
+    w.kp = w.qp + piece(QB * h);
+    w.vp = w.kp + piece(KB_MAX * h);
+    w.st = w.vp + piece((h + MR_CAP) * KB_MAX);
+    w.ot = w.st + piece(QB * KB_MAX);
+    w.m = w.ot + piece(h * QB);
+    w.l = w.m + QB;
+    w.corr = w.l + QB;
+    /* Columns of the last query panel past the last query are computed on leftovers: make them finite. */
+    memset(w.st, 0, sizeof(float) * QB * KB_MAX);
+    for (int64_t u = lo; u < hi; u++) {
+        int64_t qb = u % qblocks, hh = (u / qblocks) % j->heads, b = u / (qblocks * j->heads);
+        int64_t q0 = qb * j->qb, nq = j->tq - q0 < j->qb ? j->tq - q0 : j->qb;
+        attn_unit(j, &w, b, hh, q0, nq);
     }
 }
 
 void mmb__attention_forward(mmb_ctx *ctx, float *out, const float *qkv, int64_t batch, int64_t tokens,
                             int64_t heads, int64_t head_dim, float *scratch) {
-    attn_job j = {out, qkv, batch, tokens, heads, head_dim, scratch};
+    int64_t D = heads * head_dim;
+    attn_job j = {out, qkv, qkv + D, qkv + 2 * D, 3 * D, 3 * D, batch, tokens, tokens, heads, head_dim, scratch,
+                  0, 0, 0, 0};
+    if (batch < 1 || tokens < 1 || heads < 1 || head_dim < 1) return;
+    j.isa = mmb__gemm_own_isa();
+    j.mr = mmb__gemm_own_mr(j.isa);
+    /* Even key blocks, each a whole number of micro-panels. */
+    int64_t nkb = (tokens + KB_MAX - 1) / KB_MAX, per = (tokens + nkb - 1) / nkb;
+    j.kb = (per + j.mr - 1) / j.mr * j.mr;
+    /* Even query blocks, each a whole number of panels: fewer units re-read K and V less often. */
+    int64_t nqb = (tokens + QB - 1) / QB;
+    per = (tokens + nqb - 1) / nqb;
+    j.qb = (per + QP - 1) / QP * QP;
     mmb__pool_run(ctx->pool, attn_task, &j);
 }
 

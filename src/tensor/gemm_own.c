@@ -327,6 +327,33 @@ static const kern_fn k512_tab[MR512 + 1] = {
 static const kern_fn k256_tab[MR256 + 1] = {NULL, k256_1, k256_2, k256_3, k256_4, k256_5, k256_6};
 #endif
 
+/* One micro-tile with the kernel of instruction set isa: rows mr <= MR of a packed A micro-panel
+ * a (row stride MR of that isa) times one packed panel b (nc <= NR columns). */
+static inline void tile(int isa, int mr, int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
+                        int nc, int load, const float *bias) {
+    switch (isa) {
+#if MMB_GEMM_X86
+    case 2:
+        k512_tab[mr](kc, a, b, c, ldc, nc, load, bias);
+        return;
+    case 1:
+        k256_tab[mr](kc, a, b, c, ldc, nc < 16 ? nc : 16, load, bias);
+        if (nc > 16) k256_tab[mr](kc, a, b + 16, c + 16, ldc, nc - 16, load, bias ? bias + 16 : NULL);
+        return;
+#endif
+    default:
+        ksc(mr, kc, a, b, c, ldc, nc, load, bias);
+        return;
+    }
+}
+
+int mmb__gemm_own_mr(int isa) { return isa == 2 ? MR512 : isa == 1 ? MR256 : MRSC; }
+
+void mmb__gemm_own_tile(int isa, int mr, int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
+                        int nc, int load) {
+    tile(isa, mr, kc, a, b, c, ldc, nc, load, NULL);
+}
+
 /* ---- the driver --------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -368,23 +395,7 @@ static void run_range(const job *j, float *buf, int64_t mbrows, int64_t m0, int6
                         int64_t n0 = p * NR;
                         int nc = (int)(N - n0 < NR ? N - n0 : NR);
                         const float *bp = wblk + p * kc * NR;
-                        const float *bi = bias ? bias + n0 : NULL;
-                        switch (j->isa) {
-#if MMB_GEMM_X86
-                        case 2:
-                            k512_tab[mr](kc, ap, bp, crow + n0, N, nc, load, bi);
-                            break;
-                        case 1:
-                            k256_tab[mr](kc, ap, bp, crow + n0, N, nc < 16 ? nc : 16, load, bi);
-                            if (nc > 16)
-                                k256_tab[mr](kc, ap, bp + 16, crow + n0 + 16, N, nc - 16, load,
-                                             bi ? bi + 16 : NULL);
-                            break;
-#endif
-                        default:
-                            ksc(mr, kc, ap, bp, crow + n0, N, nc, load, bi);
-                            break;
-                        }
+                        tile(j->isa, mr, kc, ap, bp, crow + n0, N, nc, load, bias ? bias + n0 : NULL);
                     }
                 }
             }
@@ -429,7 +440,7 @@ void mmb__gemm_own(mmb_pool *pool, float *C, const float *A, const float *packed
     j.M = M; j.N = N; j.K = K;
     j.Np = npad_of(N); j.P = j.Np / NR;
     j.isa = mmb__gemm_own_isa();
-    j.MR = j.isa == 2 ? MR512 : j.isa == 1 ? MR256 : MRSC;
+    j.MR = mmb__gemm_own_mr(j.isa);
     int nth = mmb__pool_size(pool);
     int64_t mpan = (M + j.MR - 1) / j.MR;
     /* Panels when there are enough of them for an even split, else rows (if those are more). */
