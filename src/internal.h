@@ -304,6 +304,17 @@ void mmb__attention_forward(mmb_ctx *ctx, float *out, const float *qkv, int64_t 
 bool mmb__attention_forward_ref(float *out, const float *qkv, int64_t batch, int64_t tokens, int64_t heads,
                                 int64_t head_dim);
 
+/* ---- tensor/vecmath.c: vectorised math (AVX2, AVX-512) ---------------------------------------- */
+
+/* x[0, n) = act(x) in place with the vector code of isa (as mmb__gemm_own_isa returns it), whole
+ * vectors only: returns how many leading elements it did (0 for isa 0 or MMB_ACT_NONE); the caller
+ * does the rest. Relative error of a few ulp (exp about 1 ulp, erfc below 1.2e-7). */
+int64_t mmb__vec_act(int isa, float *x, int64_t n, mmb_act a);
+/* One key block of an online softmax down the 32 columns of sp (nk rows of 32, 64-byte aligned), in
+ * base 2 on scores times `scale`: with running max mp[32] and sum lp[32], sp = 2^(scale (s - m_new)),
+ * lp = lp * cp + column sums, mp = m_new, cp = 2^(scale (m_old - m_new)). */
+void mmb__vec_softmax_cols(int isa, float *sp, int64_t nk, float *mp, float *lp, float *cp, float scale);
+
 /* ---- vision/vit.c ------------------------------------------------------------------------------ */
 
 /* Reads a CLIP/SigLIP vision config under cfg_prefix ("vision_config." or "" for a standalone

@@ -29,107 +29,6 @@
 #define MR_CAP 16        /* >= every kernel's MR */
 #define PF_ROWS 12       /* K, V rows prefetched ahead while packing */
 
-/* One key block of the online softmax, down the columns of one S^T panel sp (nk rows of QP = 32
- * queries), in base 2 with the scores multiplied by `scale`: given the running max mp and sum lp
- * of each query, sp becomes 2^(scale * s - m_new), lp = lp * 2^(m_old - m_new) + column sum, and
- * cp = 2^(m_old - m_new), the factor the output accumulated so far must take. One version per
- * instruction set (the kernel's), so that it never depends on the auto-vectoriser. */
-static void softmax_scalar(float *sp, int64_t nk, float *mp, float *lp, float *cp, float scale) {
-    for (int i = 0; i < QP; i++) {
-        float mx = mp[i], sum = 0.0f;
-        for (int64_t key = 0; key < nk; key++) mx = sp[key * QP + i] > mx ? sp[key * QP + i] : mx;
-        for (int64_t key = 0; key < nk; key++) sum += sp[key * QP + i] = exp2f((sp[key * QP + i] - mx) * scale);
-        cp[i] = exp2f((mp[i] - mx) * scale);
-        mp[i] = mx;
-        lp[i] = lp[i] * cp[i] + sum;
-    }
-}
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-
-/* 2^t for t <= 0: 2^n * 2^f with n = round(t), f in [-0.5, 0.5] and a degree-6 polynomial for 2^f
- * (relative error about 2e-7, on the order of exp2f's own); t below -126 gives 2^-126, which is
- * only ever added to sums of at least 1. */
-#define EXP2_POLY(T, mul_add, set1, f)                                               \
-    T p = set1(1.5403530393381609e-4f);                                              \
-    p = mul_add(p, f, set1(1.3333558146428443e-3f));                                  \
-    p = mul_add(p, f, set1(9.6181291076284772e-3f));                                  \
-    p = mul_add(p, f, set1(5.5504108664821580e-2f));                                  \
-    p = mul_add(p, f, set1(2.4022650695910071e-1f));                                  \
-    p = mul_add(p, f, set1(6.9314718055994531e-1f));                                  \
-    p = mul_add(p, f, set1(1.0f));
-
-__attribute__((target("avx2,fma"), always_inline)) static inline __m256 exp2_neg8(__m256 t) {
-    t = _mm256_max_ps(t, _mm256_set1_ps(-126.0f));
-    __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm256_sub_ps(t, n);
-    EXP2_POLY(__m256, _mm256_fmadd_ps, _mm256_set1_ps, f)
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-__attribute__((target("avx2,fma"))) static void softmax_avx2(float *sp, int64_t nk, float *mp, float *lp, float *cp,
-                                                             float scale) {
-    __m256 mx[4], sum[4], sc = _mm256_set1_ps(scale);
-    for (int v = 0; v < 4; v++) { mx[v] = _mm256_loadu_ps(mp + 8 * v); sum[v] = _mm256_setzero_ps(); }
-    for (int64_t key = 0; key < nk; key++)
-        for (int v = 0; v < 4; v++) mx[v] = _mm256_max_ps(mx[v], _mm256_load_ps(sp + key * QP + 8 * v));
-    __m256 ms[4];
-    for (int v = 0; v < 4; v++) ms[v] = _mm256_mul_ps(mx[v], sc);
-    for (int64_t key = 0; key < nk; key++)
-        for (int v = 0; v < 4; v++) {
-            float *x = sp + key * QP + 8 * v;
-            __m256 e = exp2_neg8(_mm256_fmsub_ps(_mm256_load_ps(x), sc, ms[v]));
-            _mm256_store_ps(x, e);
-            sum[v] = _mm256_add_ps(sum[v], e);
-        }
-    for (int v = 0; v < 4; v++) {
-        __m256 c = exp2_neg8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(mp + 8 * v), mx[v]), sc));
-        _mm256_storeu_ps(cp + 8 * v, c);
-        _mm256_storeu_ps(mp + 8 * v, mx[v]);
-        _mm256_storeu_ps(lp + 8 * v, _mm256_fmadd_ps(_mm256_loadu_ps(lp + 8 * v), c, sum[v]));
-    }
-}
-
-__attribute__((target("avx512f"), always_inline)) static inline __m512 exp2_neg16(__m512 t) {
-    t = _mm512_max_ps(t, _mm512_set1_ps(-126.0f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(t, n);
-    EXP2_POLY(__m512, _mm512_fmadd_ps, _mm512_set1_ps, f)
-    return _mm512_scalef_ps(p, n);
-}
-
-__attribute__((target("avx512f"))) static void softmax_avx512(float *sp, int64_t nk, float *mp, float *lp, float *cp,
-                                                              float scale) {
-    __m512 mx[2], sum[2], ms[2], sc = _mm512_set1_ps(scale);
-    for (int v = 0; v < 2; v++) { mx[v] = _mm512_loadu_ps(mp + 16 * v); sum[v] = _mm512_setzero_ps(); }
-    for (int64_t key = 0; key < nk; key++)
-        for (int v = 0; v < 2; v++) mx[v] = _mm512_max_ps(mx[v], _mm512_load_ps(sp + key * QP + 16 * v));
-    for (int v = 0; v < 2; v++) ms[v] = _mm512_mul_ps(mx[v], sc);
-    for (int64_t key = 0; key < nk; key++)
-        for (int v = 0; v < 2; v++) {
-            float *x = sp + key * QP + 16 * v;
-            __m512 e = exp2_neg16(_mm512_fmsub_ps(_mm512_load_ps(x), sc, ms[v]));
-            _mm512_store_ps(x, e);
-            sum[v] = _mm512_add_ps(sum[v], e);
-        }
-    for (int v = 0; v < 2; v++) {
-        __m512 c = exp2_neg16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(mp + 16 * v), mx[v]), sc));
-        _mm512_storeu_ps(cp + 16 * v, c);
-        _mm512_storeu_ps(mp + 16 * v, mx[v]);
-        _mm512_storeu_ps(lp + 16 * v, _mm512_fmadd_ps(_mm512_loadu_ps(lp + 16 * v), c, sum[v]));
-    }
-}
-#endif
-
-static void softmax_block(int isa, float *sp, int64_t nk, float *mp, float *lp, float *cp, float scale) {
-#if defined(__x86_64__) || defined(__i386__)
-    if (isa == 2) { softmax_avx512(sp, nk, mp, lp, cp, scale); return; }
-    if (isa == 1) { softmax_avx2(sp, nk, mp, lp, cp, scale); return; }
-#endif
-    (void)isa;
-    softmax_scalar(sp, nk, mp, lp, cp, scale);
-}
-
 /* Floats of one thread's scratch, each piece a multiple of 16 floats (64 bytes). */
 static size_t piece(size_t n) { return (n + 15) / 16 * 16; }
 static size_t per_thread(int64_t hd) {
@@ -212,7 +111,7 @@ MMB_SIMD_CLONES static void attn_unit(const attn_job *j, const attn_bufs *w, int
         }
         /* Online softmax down each column (query). Columns past nq hold finite leftovers. */
         for (int p = 0; p < npan; p++)
-            softmax_block(isa, st + (int64_t)p * KB_MAX * QP, nk, m + p * QP, l + p * QP, corr + p * QP, scale);
+            mmb__vec_softmax_cols(isa, st + (int64_t)p * KB_MAX * QP, nk, m + p * QP, l + p * QP, corr + p * QP, scale);
         if (k0 > 0)
             for (int64_t d = 0; d < hd; d++)
                 for (int64_t i = 0; i < npan * QP; i++) ot[d * QB + i] *= corr[i];

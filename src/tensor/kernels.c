@@ -67,7 +67,8 @@ void mmb__add_forward_ref(float *out, const float *a, const float *b, int64_t n)
 
 /* ---- fast versions ---- */
 
-MMB_SIMD_CLONES void mmb__act_forward(float *x, int64_t n, mmb_act a) {
+/* The libm versions: the tail the vector code leaves, and CPUs without AVX2. */
+MMB_SIMD_CLONES static void act_libm(float *x, int64_t n, mmb_act a) {
     switch (a) {
     case MMB_ACT_NONE: break;
     case MMB_ACT_GELU:
@@ -86,6 +87,11 @@ MMB_SIMD_CLONES void mmb__act_forward(float *x, int64_t n, mmb_act a) {
         for (int64_t i = 0; i < n; i++) x[i] = x[i] / (1.0f + expf(-x[i]));
         break;
     }
+}
+
+void mmb__act_forward(float *x, int64_t n, mmb_act a) {
+    int64_t done = mmb__vec_act(mmb__gemm_own_isa(), x, n, a);
+    act_libm(x + done, n - done, a);
 }
 
 MMB_SIMD_CLONES void mmb__layernorm_forward(float *out, const float *x, const float *w, const float *b,
