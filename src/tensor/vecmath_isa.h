@@ -30,6 +30,13 @@
 #define VSFX(name) name##_avx2
 #endif
 
+/* c[0] x^(n-1) + c[1] x^(n-2) + ... + c[n-1], by Horner's rule. */
+VTARGET static inline VF VSFX(poly)(VF x, const float *c, int n) {
+    VF p = V(set1_ps)(c[0]);
+    for (int i = 1; i < n; i++) p = V(fmadd_ps)(p, x, V(set1_ps)(c[i]));
+    return p;
+}
+
 /* 2^n for integral n in [-126, 127], as float bits. */
 VTARGET static inline VF VSFX(pow2i)(VI n) {
     return VCASTF(V(slli_epi32)(V(add_epi32)(n, V(set1_epi32)(127)), 23));
@@ -41,14 +48,9 @@ VTARGET static inline VF VSFX(exp2_neg)(VF t) {
     t = V(max_ps)(t, V(set1_ps)(-126.0f));
     VI n = V(cvtps_epi32)(t);  /* round to nearest */
     VF f = V(sub_ps)(t, V(cvtepi32_ps)(n));
-    VF p = V(set1_ps)(1.5403530393381609e-4f);
-    p = V(fmadd_ps)(p, f, V(set1_ps)(1.3333558146428443e-3f));
-    p = V(fmadd_ps)(p, f, V(set1_ps)(9.6181291076284772e-3f));
-    p = V(fmadd_ps)(p, f, V(set1_ps)(5.5504108664821580e-2f));
-    p = V(fmadd_ps)(p, f, V(set1_ps)(2.4022650695910071e-1f));
-    p = V(fmadd_ps)(p, f, V(set1_ps)(6.9314718055994531e-1f));
-    p = V(fmadd_ps)(p, f, V(set1_ps)(1.0f));
-    return V(mul_ps)(p, VSFX(pow2i)(n));
+    static const float c[] = {1.5403530393381609e-4f, 1.3333558146428443e-3f, 9.6181291076284772e-3f,
+                              5.5504108664821580e-2f, 2.4022650695910071e-1f, 6.9314718055994531e-1f, 1.0f};
+    return V(mul_ps)(VSFX(poly)(f, c, 7), VSFX(pow2i)(n));
 }
 
 /* e^x, x clamped to [-87.3, 88] (results 1e-38 .. 1.6e38): n = round(x / ln 2), r = x - n ln 2 in
@@ -59,13 +61,9 @@ VTARGET static inline VF VSFX(exp)(VF x) {
     VF nf = V(cvtepi32_ps)(n);
     VF r = V(fnmadd_ps)(nf, V(set1_ps)(0.693359375f), x);
     r = V(fnmadd_ps)(nf, V(set1_ps)(-2.12194440e-4f), r);
-    VF p = V(set1_ps)(1.9875691500e-4f);
-    p = V(fmadd_ps)(p, r, V(set1_ps)(1.3981999507e-3f));
-    p = V(fmadd_ps)(p, r, V(set1_ps)(8.3334519073e-3f));
-    p = V(fmadd_ps)(p, r, V(set1_ps)(4.1665795894e-2f));
-    p = V(fmadd_ps)(p, r, V(set1_ps)(1.6666665459e-1f));
-    p = V(fmadd_ps)(p, r, V(set1_ps)(5.0000001201e-1f));
-    p = V(fmadd_ps)(p, V(mul_ps)(r, r), V(add_ps)(r, V(set1_ps)(1.0f)));
+    static const float c[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
+                              1.6666665459e-1f, 5.0000001201e-1f};
+    VF p = V(fmadd_ps)(VSFX(poly)(r, c, 6), V(mul_ps)(r, r), V(add_ps)(r, V(set1_ps)(1.0f)));
     return V(mul_ps)(p, VSFX(pow2i)(n));
 }
 
@@ -80,16 +78,9 @@ VTARGET static inline VF VSFX(x_sigmoid)(VF x, VF arg) {
 VTARGET static inline VF VSFX(gelu_erf)(VF x) {
     VF z = V(mul_ps)(VABS(x), V(set1_ps)(0.70710678118654752f));
     VF t = V(div_ps)(V(set1_ps)(1.0f), V(fmadd_ps)(z, V(set1_ps)(0.5f), V(set1_ps)(1.0f)));
-    VF p = V(set1_ps)(0.17087277f);
-    p = V(fmadd_ps)(p, t, V(set1_ps)(-0.82215223f));
-    p = V(fmadd_ps)(p, t, V(set1_ps)(1.48851587f));
-    p = V(fmadd_ps)(p, t, V(set1_ps)(-1.13520398f));
-    p = V(fmadd_ps)(p, t, V(set1_ps)(0.27886807f));
-    p = V(fmadd_ps)(p, t, V(set1_ps)(-0.18628806f));
-    p = V(fmadd_ps)(p, t, V(set1_ps)(0.09678418f));
-    p = V(fmadd_ps)(p, t, V(set1_ps)(0.37409196f));
-    p = V(fmadd_ps)(p, t, V(set1_ps)(1.00002368f));
-    p = V(fmadd_ps)(p, t, V(set1_ps)(-1.26551223f));
+    static const float c[] = {0.17087277f, -0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f,
+                              -0.18628806f, 0.09678418f,  0.37409196f, 1.00002368f,  -1.26551223f};
+    VF p = VSFX(poly)(t, c, 10);
     VF ec = V(mul_ps)(t, VSFX(exp)(V(fnmadd_ps)(z, z, p)));  /* erfc(|x| / sqrt 2) */
     VF neg = V(sub_ps)(V(set1_ps)(2.0f), ec);                /* erfc(-|x| / sqrt 2) */
 #if VEC_ISA == 2
