@@ -100,6 +100,7 @@ void mmb__add_forward_ref(float *out, const float *a, const float *b, int64_t n)
 void mmb__act_forward_mt(mmb_ctx *ctx, float *x, int64_t n, mmb_act a);
 void mmb__layernorm_forward_mt(mmb_ctx *ctx, float *out, const float *x, const float *w,
                                const float *b, int64_t M, int64_t C, float eps);
+void mmb__add_forward_mt(mmb_ctx *ctx, float *out, const float *a, const float *b, int64_t n);
 
 /* ---- tensor/gemm.c: linear layers ----------------------------------------------------------- */
 

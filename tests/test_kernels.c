@@ -74,6 +74,12 @@ static void test_layernorm_and_add(void) {
     mmb__act_forward_mt(ctx, a, M * C, MMB_ACT_GELU);
     mmb__act_forward_ref(r, M * C, MMB_ACT_GELU);
     CHECK(max_diff(a, r, M * C) <= 1e-4, "gelu mt: %g", max_diff(a, r, M * C));
+    for (int64_t n = 1; n < M * C; n += n < 40 ? 13 : M * C / 3) {  /* short and odd lengths too */
+        memcpy(a, x, sizeof x);
+        mmb__add_forward_mt(ctx, a, a, x + 1, n);  /* in place, as the residual adds run */
+        mmb__add_forward_ref(r, x, x + 1, n);
+        CHECK(max_diff(a, r, n) == 0 && a[n] == x[n], "add mt n=%lld", (long long)n);
+    }
     mmb_ctx_free(ctx);
 
     mmb__add_forward(a, x, w, C);

@@ -147,3 +147,19 @@ void mmb__layernorm_forward_mt(mmb_ctx *ctx, float *out, const float *x, const f
     row_job j = {out, x, w, b, M, C, eps, MMB_ACT_NONE};
     mmb__pool_run(ctx->pool, ln_task, &j);
 }
+
+typedef struct { float *out; const float *a, *b; int64_t n; } add_job;
+
+static void add_task(void *arg, int tid, int nth) {
+    add_job *j = arg;
+    int64_t lo, hi;
+    mmb__split(j->n / 16, tid, nth, &lo, &hi);  /* 64-byte pieces: no cache line written by two threads */
+    lo *= 16;
+    hi = tid == nth - 1 ? j->n : hi * 16;
+    mmb__add_forward(j->out + lo, j->a + lo, j->b + lo, hi - lo);
+}
+
+void mmb__add_forward_mt(mmb_ctx *ctx, float *out, const float *a, const float *b, int64_t n) {
+    add_job j = {out, a, b, n};
+    mmb__pool_run(ctx->pool, add_task, &j);
+}
