@@ -1,5 +1,5 @@
 /* The blocked, threaded attention against the naive full-score oracle, over token counts that
- * straddle the tile sizes (key blocks of up to 126, query blocks of up to 320 in panels of 32),
+ * straddle the tile sizes (key blocks of up to 126, query blocks of up to 640 in panels of 32),
  * head sizes that are and are not multiples of the micro-kernels' rows (4, 6, 14), thread counts,
  * large logits (the online softmax must rescale correctly), and every micro-kernel the CPU has. */
 #include "check.h"

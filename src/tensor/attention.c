@@ -1,12 +1,11 @@
-/* Multi-head self-attention over a fused QKV buffer, blocked like a GEMM: no score matrix larger
- * than one QB x KB tile ever exists, the softmax is online, and work is threaded over (batch, head,
- * block of QB queries). The naive version (full score rows, double accumulation) is the oracle.
+/* Multi-head self-attention over a fused QKV buffer, blocked like a GEMM: no score tile larger
+ * than KB x 32 ever exists, the softmax is online, and work is threaded over (batch, head, block of
+ * queries). The naive version (full score rows, double accumulation) is the oracle.
  *
- * Per work unit (QB queries of one head) the two products run on the GEMM's micro-kernel
+ * Per work unit (up to QB queries of one head) the two products run on the GEMM's micro-kernel
  * (mmb__gemm_own_tile), in the transposed form, which needs no O(N^2) data movement:
  *   S^T (keys x queries) = K Q^T     A = K block, MR keys per micro-panel (packed per key block)
- *                                    B = Q^T in panels of 32 queries (packed once per unit,
- *                                        scaled by log2(e) / sqrt(head_dim))
+ *                                    B = Q^T in panels of 32 queries (packed once per unit)
  *   softmax over each column of S^T (one query) in base 2: running max m and sum l per query,
  *   vectorised across the 32 queries of a panel; the exponentials overwrite S^T in place, which is
  *   then exactly the B panel layout of
@@ -14,8 +13,10 @@
  *                                        B = P^T (the tile of S^T), C = O^T, rescaled by
  *                                            2^(m_old - m_new) before each key block
  *   out = (O^T)^T / l.
- * Keys per block: a multiple of MR, at most KB_MAX; queries per unit: a multiple of QP, at most QB;
- * both split the tokens evenly. */
+ * For each key block (a multiple of MR keys, at most KB_MAX, packed once per unit) the query panels
+ * go one after the other through all three steps, so one S^T tile of KB_MAX x 32 is all the score
+ * memory there is, and a unit can hold many queries: K and V are packed once per unit, and with
+ * up to QB = 640 queries a unit covers a whole head of CLIP ViT-L/14-336 (577 tokens). */
 #include "internal.h"
 
 #include <math.h>
@@ -24,7 +25,7 @@
 #include <string.h>
 
 #define QP 32            /* queries per panel: the micro-kernel's panel width */
-#define QB (10 * QP)     /* queries per work unit, at most */
+#define QB (20 * QP)     /* queries per work unit, at most */
 #define KB_MAX 126       /* keys per block, at most: a multiple of every kernel's MR (4, 6, 14) */
 #define MR_CAP 16        /* >= every kernel's MR */
 #define PF_ROWS 12       /* K, V rows prefetched ahead while packing */
@@ -36,7 +37,7 @@ static size_t per_thread(int64_t hd) {
     return piece(QB * h) +                           /* qp: Q^T panels */
            piece(KB_MAX * h) +                       /* kp: K micro-panels */
            piece((h + MR_CAP) * KB_MAX) +            /* vp: V^T micro-panels */
-           piece(QB * KB_MAX) +                      /* st: S^T, then P^T */
+           piece(QP * KB_MAX) +                      /* st: one panel of S^T, then P^T */
            piece(h * QB) +                           /* ot: O^T */
            piece(3 * QB) + 16;                       /* m, l, corr; 16: to align the start */
 }
@@ -100,29 +101,21 @@ MMB_SIMD_CLONES static void attn_unit(const attn_job *j, const attn_bufs *w, int
                 for (int64_t i = 0; i < n; i++) dv[i] = vr[s * MR + i];
             }
         }
-        /* S^T block: st[(p * KB_MAX + key) * QP + i] */
-        for (int r = 0; r < kpan; r++) {
-            int mr = (int)(nk - r * MR < MR ? nk - r * MR : MR);
-            for (int p = 0; p < npan; p++) {
-                int nc = (int)(nq - p * QP < QP ? nq - p * QP : QP);
-                mmb__gemm_own_tile(isa, mr, hd, kp + (int64_t)r * hd * MR, qp + p * hd * QP,
-                                   st + ((int64_t)p * KB_MAX + r * MR) * QP, QP, nc, 0);
-            }
-        }
-        /* Online softmax down each column (query). Columns past nq hold finite leftovers. */
-        for (int p = 0; p < npan; p++)
-            mmb__vec_softmax_cols(isa, st + (int64_t)p * KB_MAX * QP, nk, m + p * QP, l + p * QP, corr + p * QP, scale);
-        if (k0 > 0)
-            for (int64_t d = 0; d < hd; d++)
-                for (int64_t i = 0; i < npan * QP; i++) ot[d * QB + i] *= corr[i];
-        /* O^T (+)= V^T P^T: ot[d * QB + i] */
-        for (int s = 0; s < dpan; s++) {
-            int mr = (int)(hd - s * MR < MR ? hd - s * MR : MR);
-            for (int p = 0; p < npan; p++) {
-                int nc = (int)(nq - p * QP < QP ? nq - p * QP : QP);
-                mmb__gemm_own_tile(isa, mr, nk, vp + s * kb * MR, st + (int64_t)p * KB_MAX * QP,
-                                   ot + (int64_t)s * MR * QB + p * QP, QB, nc, k0 > 0);
-            }
+        for (int p = 0; p < npan; p++) {
+            const int nc = (int)(nq - p * QP < QP ? nq - p * QP : QP);
+            /* S^T panel: st[key * QP + i]. Columns past nq hold finite leftovers. */
+            for (int r = 0; r < kpan; r++)
+                mmb__gemm_own_tile(isa, (int)(nk - r * MR < MR ? nk - r * MR : MR), hd, kp + (int64_t)r * hd * MR,
+                                   qp + p * hd * QP, st + (int64_t)r * MR * QP, QP, nc, 0);
+            float *mp = m + p * QP, *lp = l + p * QP, *cp = corr + p * QP, *op = ot + p * QP;
+            mmb__vec_softmax_cols(isa, st, nk, mp, lp, cp, scale);
+            if (k0 > 0)
+                for (int64_t d = 0; d < hd; d++)
+                    for (int i = 0; i < QP; i++) op[d * QB + i] *= cp[i];
+            /* O^T panel (+)= V^T P^T: ot[d * QB + i] */
+            for (int s = 0; s < dpan; s++)
+                mmb__gemm_own_tile(isa, (int)(hd - s * MR < MR ? hd - s * MR : MR), nk, vp + s * kb * MR, st,
+                                   op + (int64_t)s * MR * QB, QB, nc, k0 > 0);
         }
     }
     const int64_t D = j->heads * hd;
@@ -148,12 +141,12 @@ static void attn_task(void *arg, int tid, int nth) {
     w.kp = w.qp + piece(QB * h);
     w.vp = w.kp + piece(KB_MAX * h);
     w.st = w.vp + piece((h + MR_CAP) * KB_MAX);
-    w.ot = w.st + piece(QB * KB_MAX);
+    w.ot = w.st + piece(QP * KB_MAX);
     w.m = w.ot + piece(h * QB);
     w.l = w.m + QB;
     w.corr = w.l + QB;
     /* Columns of the last query panel past the last query are computed on leftovers: make them finite. */
-    memset(w.st, 0, sizeof(float) * QB * KB_MAX);
+    memset(w.st, 0, sizeof(float) * QP * KB_MAX);
     for (int64_t u = lo; u < hi; u++) {
         int64_t qb = u % qblocks, hh = (u / qblocks) % j->heads, b = u / (qblocks * j->heads);
         int64_t q0 = qb * j->qb, nq = j->tq - q0 < j->qb ? j->tq - q0 : j->qb;
@@ -172,8 +165,12 @@ void mmb__attention_forward(mmb_ctx *ctx, float *out, const float *qkv, int64_t 
     /* Even key blocks, each a whole number of micro-panels. */
     int64_t nkb = (tokens + KB_MAX - 1) / KB_MAX, per = (tokens + nkb - 1) / nkb;
     j.kb = (per + j.mr - 1) / j.mr * j.mr;
-    /* Even query blocks, each a whole number of panels: fewer units re-read K and V less often. */
-    int64_t nqb = (tokens + QB - 1) / QB;
+    /* Even query blocks, each a whole number of panels, as few as give every thread 8 units or more
+     * (the split is even to an eighth): each unit packs K and V once. */
+    int nth = mmb__pool_size(ctx->pool);
+    int64_t npan = (tokens + QP - 1) / QP, nqb = (tokens + QB - 1) / QB, want = (8 * nth + batch * heads - 1) / (batch * heads);
+    nqb = want > nqb ? want : nqb;
+    nqb = nqb < npan ? nqb : npan;
     per = (tokens + nqb - 1) / nqb;
     j.qb = (per + QP - 1) / QP * QP;
     mmb__pool_run(ctx->pool, attn_task, &j);
