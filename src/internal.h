@@ -122,6 +122,8 @@ mmb_status mmb__linear_init(mmb_ctx *ctx, mmb_linear *l, const mmb_tensor *w, co
 void mmb__linear_free(mmb_linear *l);
 /* x (M, n_in) -> y (M, n_out): y = x W^T + b, threaded over ctx's pool. */
 void mmb__linear_forward(mmb_ctx *ctx, float *y, const float *x, int64_t M, const mmb_linear *l);
+/* The same followed by y = act(y); our kernel applies it to each block of y while in cache. */
+void mmb__linear_forward_act(mmb_ctx *ctx, float *y, const float *x, int64_t M, const mmb_linear *l, mmb_act act);
 
 /* The oracle: C (M, N) = A (M, K) W^T + bias; W (N, K), bias (N) or NULL. Single-threaded. */
 void mmb__gemm_ref(float *C, const float *A, const float *W, const float *bias,
@@ -141,6 +143,9 @@ void mmb__gemm_own_pack(float *dst, const float *W, int64_t N, int64_t K);
 /* A (M, K), packed W (N, K), bias (N) or NULL -> C (M, N) = A W^T + bias, split over the pool. */
 void mmb__gemm_own(mmb_pool *pool, float *C, const float *A, const float *packed,
                    const float *bias, int64_t M, int64_t N, int64_t K);
+/* The same, then C = act(C), applied block by block as each is finished. */
+void mmb__gemm_own_act(mmb_pool *pool, float *C, const float *A, const float *packed, const float *bias,
+                       int64_t M, int64_t N, int64_t K, mmb_act act);
 /* The micro-kernel on its own, for other blocked kernels (attention). MR = mmb__gemm_own_mr(isa)
  * rows per A micro-panel (isa as mmb__gemm_own_isa returns it); panels are 32 columns wide.
  * For i < mr <= MR, j < nc <= 32:

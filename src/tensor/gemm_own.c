@@ -362,6 +362,7 @@ typedef struct {
     int64_t M, N, K, Np, P;
     int isa, MR;
     bool split_n;    /* split panels over threads (else rows) */
+    mmb_act act;     /* applied to C at the end */
 } job;
 
 /* Scratch for MB micro-panels: used when the per-call malloc fails, else a heap block. */
@@ -397,6 +398,11 @@ static void run_range(const job *j, float *buf, int64_t mbrows, int64_t m0, int6
                         const float *bp = wblk + p * kc * NR;
                         tile(j->isa, mr, kc, ap, bp, crow + n0, N, nc, load, bias ? bias + n0 : NULL);
                     }
+                }
+                /* The block is final after the last K block: the activation runs while it is in cache. */
+                if (j->act != MMB_ACT_NONE && k0 + kc == K) {
+                    int64_t c0 = pb * NR, c1 = pe * NR < N ? pe * NR : N;
+                    for (int64_t r = mb; r < mb + mbn; r++) mmb__act_forward(j->C + r * N + c0, c1 - c0, j->act);
                 }
             }
         }
@@ -434,8 +440,14 @@ static void worker(void *arg, int tid, int nth) {
 
 void mmb__gemm_own(mmb_pool *pool, float *C, const float *A, const float *packed,
                    const float *bias, int64_t M, int64_t N, int64_t K) {
+    mmb__gemm_own_act(pool, C, A, packed, bias, M, N, K, MMB_ACT_NONE);
+}
+
+void mmb__gemm_own_act(mmb_pool *pool, float *C, const float *A, const float *packed, const float *bias,
+                       int64_t M, int64_t N, int64_t K, mmb_act act) {
     if (M < 1 || N < 1 || K < 1) return;
     job j;
+    j.act = act;
     j.C = C; j.A = A; j.packed = packed; j.bias = bias;
     j.M = M; j.N = N; j.K = K;
     j.Np = npad_of(N); j.P = j.Np / NR;

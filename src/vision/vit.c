@@ -296,8 +296,7 @@ static void block_forward(mmb_ctx *ctx, const mmb_vit *v, const vit_layer *l, fl
     mmb__linear_forward(ctx, xn, att, rows, &l->out);
     mmb__add_forward_mt(ctx, x, x, xn, rows * D);
     mmb__layernorm_forward_mt(ctx, xn, x, l->ln2_w, l->ln2_b, rows, D, in->eps);
-    mmb__linear_forward(ctx, h, xn, rows, &l->fc1);
-    mmb__act_forward_mt(ctx, h, rows * in->intermediate, v->act);
+    mmb__linear_forward_act(ctx, h, xn, rows, &l->fc1, v->act);
     mmb__linear_forward(ctx, xn, h, rows, &l->fc2);
     mmb__add_forward_mt(ctx, x, x, xn, rows * D);
 }
