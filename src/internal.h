@@ -55,6 +55,10 @@ int mmb__pool_size(const mmb_pool *p);
 /* Runs fn(arg, tid, nth) on every thread of the pool, the caller included, and returns when all
  * are done. Not reentrant: fn must not call mmb__pool_run. */
 void mmb__pool_run(mmb_pool *p, mmb_pool_fn fn, void *arg);
+/* Thread tid's scratch of at least `bytes` (64-byte aligned), kept by the pool from run to run and
+ * grown when asked for more (the contents are then lost); NULL if it cannot be allocated. Only
+ * thread tid of a run may use it, and only one kernel at a time. */
+void *mmb__pool_scratch(mmb_pool *p, int tid, size_t bytes);
 /* Splits [0, n) into nth near-equal contiguous ranges; sets [*lo, *hi) for tid. */
 void mmb__split(int64_t n, int tid, int nth, int64_t *lo, int64_t *hi);
 

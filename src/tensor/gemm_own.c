@@ -363,6 +363,7 @@ typedef struct {
     int isa, MR;
     bool split_n;    /* split panels over threads (else rows) */
     mmb_act act;     /* applied to C at the end */
+    mmb_pool *pool;  /* keeps the threads' packing buffers (NULL: allocate per call) */
 } job;
 
 /* Scratch for MB micro-panels: used when the per-call malloc fails, else a heap block. */
@@ -430,8 +431,10 @@ static void worker(void *arg, int tid, int nth) {
     if (mbrows > j->MR) {
         size_t bytes = (size_t)mbrows * (size_t)kcmax * sizeof(float);
         bytes = (bytes + 63) / 64 * 64;
-        heap = aligned_alloc(64, bytes);
-        if (heap) buf = heap;
+        /* The pool keeps each thread's buffer from call to call: no allocation per GEMM. */
+        float *kept = j->pool ? mmb__pool_scratch(j->pool, tid, bytes) : NULL;
+        if (!kept && !j->pool) kept = heap = aligned_alloc(64, bytes);
+        if (kept) buf = kept;
         else mbrows = j->MR; /* no memory: one micro-panel at a time from the stack */
     }
     run_range(j, buf, mbrows, m0, m1, p0, p1);
@@ -448,6 +451,7 @@ void mmb__gemm_own_act(mmb_pool *pool, float *C, const float *A, const float *pa
     if (M < 1 || N < 1 || K < 1) return;
     job j;
     j.act = act;
+    j.pool = pool;
     j.C = C; j.A = A; j.packed = packed; j.bias = bias;
     j.M = M; j.N = N; j.K = K;
     j.Np = npad_of(N); j.P = j.Np / NR;
