@@ -16,34 +16,36 @@ static float frand(unsigned *s) {
 int main(void) {
     const int64_t tokens[] = {1, 5, 31, 32, 33, 64, 65, 127, 197, 321, 577, 641};
     const int64_t hds[] = {7, 8, 64, 72};
-    for (int run = 0; run < 6; run++) {
-        int isa = run / 2, threads = run % 2 ? 3 : 1;  /* scalar, AVX2, AVX-512 micro-kernels */
-        mmb__gemm_own_force_isa(isa);
-        if (isa > 0 && mmb__gemm_own_isa() < isa) continue; /* the CPU lacks it */
-        mmb_ctx *ctx;
-        mmb_ctx_params p = {.n_threads = threads, .gemm = MMB_GEMM_NAIVE};
-        if (mmb_ctx_new(&p, &ctx) != MMB_OK) return 1;
-        for (size_t ti = 0; ti < sizeof tokens / sizeof tokens[0]; ti++)
-            for (size_t hi = 0; hi < sizeof hds / sizeof hds[0]; hi++) {
-                int64_t T = tokens[ti], hd = hds[hi], H = 3, B = 2, D = H * hd;
-                if (T >= 321 && (hd != 64 || isa + threads < 3)) continue; /* the oracle is slow: once per kernel */
-                float amp = ti % 2 ? 6.0f : 1.0f; /* large scores make exp overflow without max-subtraction */
-                size_t n = (size_t)(B * T * 3 * D);
-                float *qkv = malloc(n * sizeof(float)), *o = malloc((size_t)(B * T * D) * sizeof(float));
-                float *r = malloc((size_t)(B * T * D) * sizeof(float));
-                float *sc = malloc(mmb__attention_scratch(threads, hd) * sizeof(float));
-                unsigned s = (unsigned)(T * 131 + hd);
-                for (size_t i = 0; i < n; i++) qkv[i] = amp * frand(&s);
-                mmb__attention_forward(ctx, o, qkv, B, T, H, hd, sc);
-                CHECK(mmb__attention_forward_ref(r, qkv, B, T, H, hd), "ref alloc");
+    mmb_ctx *ctxs[2];
+    for (int c = 0; c < 2; c++) {
+        mmb_ctx_params p = {.n_threads = c ? 3 : 1, .gemm = MMB_GEMM_NAIVE};
+        if (mmb_ctx_new(&p, &ctxs[c]) != MMB_OK) return 1;
+    }
+    for (size_t ti = 0; ti < sizeof tokens / sizeof tokens[0]; ti++)
+        for (size_t hi = 0; hi < sizeof hds / sizeof hds[0]; hi++) {
+            int64_t T = tokens[ti], hd = hds[hi], H = 3, B = 2, D = H * hd;
+            if (T >= 321 && hd != 64) continue; /* the oracle is slow */
+            float amp = ti % 2 ? 6.0f : 1.0f; /* large scores make exp overflow without max-subtraction */
+            size_t n = (size_t)(B * T * 3 * D);
+            float *qkv = malloc(n * sizeof(float)), *o = malloc((size_t)(B * T * D) * sizeof(float));
+            float *r = malloc((size_t)(B * T * D) * sizeof(float));
+            float *sc = malloc(mmb__attention_scratch(3, hd) * sizeof(float));
+            unsigned s = (unsigned)(T * 131 + hd);
+            for (size_t i = 0; i < n; i++) qkv[i] = amp * frand(&s);
+            CHECK(mmb__attention_forward_ref(r, qkv, B, T, H, hd), "ref alloc");
+            for (int run = 0; run < 6; run++) {
+                int isa = run / 2, threads = run % 2 ? 3 : 1;  /* scalar, AVX2, AVX-512 micro-kernels */
+                mmb__gemm_own_force_isa(isa);
+                if (isa > 0 && mmb__gemm_own_isa() < isa) continue; /* the CPU lacks it */
+                mmb__attention_forward(ctxs[run % 2], o, qkv, B, T, H, hd, sc);
                 double worst = 0;
                 for (int64_t i = 0; i < B * T * D; i++) worst = fmax(worst, fabs((double)o[i] - r[i]));
                 CHECK(worst <= 1e-5 * amp, "T=%lld hd=%lld threads=%d isa=%d amp=%g: max diff %g", (long long)T,
                       (long long)hd, threads, isa, amp, worst);
-                free(qkv); free(o); free(r); free(sc);
             }
-        mmb_ctx_free(ctx);
-    }
+            free(qkv); free(o); free(r); free(sc);
+        }
+    for (int c = 0; c < 2; c++) mmb_ctx_free(ctxs[c]);
     mmb__gemm_own_force_isa(-1);
     return DONE("attention");
 }
