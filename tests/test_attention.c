@@ -1,5 +1,6 @@
 /* The blocked, threaded attention against the naive full-score oracle, over token counts that
- * straddle the tile sizes (key blocks of up to 126, query blocks of up to 640 in panels of 32),
+ * straddle the tile sizes (key blocks of 126 rounded up to the kernel's rows, query blocks of up to
+ * 640 in panels of 32),
  * head sizes that are and are not multiples of the micro-kernels' rows (4, 6, 14), thread counts,
  * large logits (the online softmax must rescale correctly), and every micro-kernel the CPU has. */
 #include "check.h"
@@ -14,7 +15,7 @@ static float frand(unsigned *s) {
 }
 
 int main(void) {
-    const int64_t tokens[] = {1, 5, 31, 32, 33, 64, 65, 127, 197, 321, 577, 641};
+    const int64_t tokens[] = {1, 5, 31, 32, 33, 64, 65, 126, 127, 197, 321, 577, 641};
     const int64_t hds[] = {7, 8, 64, 72};
     mmb_ctx *ctxs[2];
     for (int c = 0; c < 2; c++) {

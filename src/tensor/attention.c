@@ -14,7 +14,7 @@
  *                                            2^(m_old - m_new) before each key block
  *   out = (O^T)^T / l.
  * For each key block (a multiple of MR keys, at most KB_MAX, packed once per unit) the query panels
- * go one after the other through all three steps, so one S^T tile of KB_MAX x 32 is all the score
+ * go one after the other through all three steps, so one S^T tile of at most KB_CAP x 32 is all the score
  * memory there is, and a unit can hold many queries: K and V are packed once per unit, and with
  * up to QB = 640 queries a unit covers a whole head of CLIP ViT-L/14-336 (577 tokens). */
 #include "internal.h"
@@ -26,8 +26,9 @@
 
 #define QP 32            /* queries per panel: the micro-kernel's panel width */
 #define QB (20 * QP)     /* queries per work unit, at most */
-#define KB_MAX 126       /* keys per block, at most: a multiple of every kernel's MR (4, 6, 14) */
+#define KB_MAX 126       /* keys per block, before rounding up to a multiple of the kernel's MR */
 #define MR_CAP 16        /* >= every kernel's MR */
+#define KB_CAP (KB_MAX + MR_CAP)  /* keys per block, at most */
 #define PF_ROWS 12       /* K, V rows prefetched ahead while packing */
 
 /* Floats of one thread's scratch, each piece a multiple of 16 floats (64 bytes). */
@@ -35,9 +36,9 @@ static size_t piece(size_t n) { return (n + 15) / 16 * 16; }
 static size_t per_thread(int64_t hd) {
     size_t h = (size_t)hd;
     return piece(QB * h) +                           /* qp: Q^T panels */
-           piece(KB_MAX * h) +                       /* kp: K micro-panels */
-           piece((h + MR_CAP) * KB_MAX) +            /* vp: V^T micro-panels */
-           piece(QP * KB_MAX) +                      /* st: one panel of S^T, then P^T */
+           piece(KB_CAP * h) +                       /* kp: K micro-panels */
+           piece((h + MR_CAP) * KB_CAP) +            /* vp: V^T micro-panels */
+           piece(QP * KB_CAP) +                      /* st: one panel of S^T, then P^T */
            piece(h * QB) +                           /* ot: O^T */
            piece(3 * QB) + 16;                       /* m, l, corr; 16: to align the start */
 }
@@ -139,14 +140,14 @@ static void attn_task(void *arg, int tid, int nth) {
     attn_bufs w;
     w.qp = base;
     w.kp = w.qp + piece(QB * h);
-    w.vp = w.kp + piece(KB_MAX * h);
-    w.st = w.vp + piece((h + MR_CAP) * KB_MAX);
-    w.ot = w.st + piece(QP * KB_MAX);
+    w.vp = w.kp + piece(KB_CAP * h);
+    w.st = w.vp + piece((h + MR_CAP) * KB_CAP);
+    w.ot = w.st + piece(QP * KB_CAP);
     w.m = w.ot + piece(h * QB);
     w.l = w.m + QB;
     w.corr = w.l + QB;
     /* Columns of the last query panel past the last query are computed on leftovers: make them finite. */
-    memset(w.st, 0, sizeof(float) * QP * KB_MAX);
+    memset(w.st, 0, sizeof(float) * QP * KB_CAP);
     for (int64_t u = lo; u < hi; u++) {
         int64_t qb = u % qblocks, hh = (u / qblocks) % j->heads, b = u / (qblocks * j->heads);
         int64_t q0 = qb * j->qb, nq = j->tq - q0 < j->qb ? j->tq - q0 : j->qb;
