@@ -366,7 +366,7 @@ typedef struct {
     mmb_pool *pool;  /* keeps the threads' packing buffers (NULL: allocate per call) */
 } job;
 
-/* Scratch for MB micro-panels: used when the per-call malloc fails, else a heap block. */
+/* Scratch for one micro-panel: used when no buffer for MB of them can be had (pool or heap). */
 #define SCRATCH_MIN (MR_MAX * KC)
 
 static void run_range(const job *j, float *buf, int64_t mbrows, int64_t m0, int64_t m1,
