@@ -126,6 +126,7 @@ int main(int argc, char **argv) {
                 const char *q = strstr(line, "\"peer\": \"");
                 if (q) sscanf(q + 9, "%63[^\"]", name);
                 double s = json_num(line, "median_s") / B, rss = json_num(line, "peak_rss_mib");
+                if (s <= 0) { printf("%-8d %-6d %-22s %10s\n", th, B, name, "n/a"); continue; }
                 printf("%-8d %-6d %-22s %10.3f %10.1f %8.1f%% %8.2fx %8.0f MiB\n", th, B, name, s, gflop / s,
                        100.0 * gflop / s / peak, s / ours[bi], rss);
             }
