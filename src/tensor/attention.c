@@ -155,26 +155,33 @@ static void attn_task(void *arg, int tid, int nth) {
     }
 }
 
+/* Runs job j (out, q, k, v, strides, sizes and scratch filled in) over ctx's pool; the blocking is
+ * chosen here from the token counts, so any entry point (self-attention here, cross-attention with
+ * tq != tk and separate q, k, v) only fills the job. */
+static void attention_run(mmb_ctx *ctx, attn_job *j) {
+    if (j->batch < 1 || j->tq < 1 || j->tk < 1 || j->heads < 1 || j->hd < 1) return;
+    j->isa = mmb__gemm_own_isa();
+    j->mr = mmb__gemm_own_mr(j->isa);
+    /* Even key blocks, each a whole number of micro-panels. */
+    int64_t nkb = (j->tk + KB_MAX - 1) / KB_MAX, per = (j->tk + nkb - 1) / nkb;
+    j->kb = (per + j->mr - 1) / j->mr * j->mr;
+    /* Even query blocks, each a whole number of panels, as few as give every thread 8 units or more
+     * (the split is even to an eighth): each unit packs K and V once. */
+    int64_t nth = mmb__pool_size(ctx->pool), bh = j->batch * j->heads;
+    int64_t npan = (j->tq + QP - 1) / QP, nqb = (j->tq + QB - 1) / QB, want = (8 * nth + bh - 1) / bh;
+    nqb = want > nqb ? want : nqb;
+    nqb = nqb < npan ? nqb : npan;
+    per = (j->tq + nqb - 1) / nqb;
+    j->qb = (per + QP - 1) / QP * QP;
+    mmb__pool_run(ctx->pool, attn_task, j);
+}
+
 void mmb__attention_forward(mmb_ctx *ctx, float *out, const float *qkv, int64_t batch, int64_t tokens,
                             int64_t heads, int64_t head_dim, float *scratch) {
     int64_t D = heads * head_dim;
     attn_job j = {out, qkv, qkv + D, qkv + 2 * D, 3 * D, 3 * D, batch, tokens, tokens, heads, head_dim, scratch,
                   0, 0, 0, 0};
-    if (batch < 1 || tokens < 1 || heads < 1 || head_dim < 1) return;
-    j.isa = mmb__gemm_own_isa();
-    j.mr = mmb__gemm_own_mr(j.isa);
-    /* Even key blocks, each a whole number of micro-panels. */
-    int64_t nkb = (tokens + KB_MAX - 1) / KB_MAX, per = (tokens + nkb - 1) / nkb;
-    j.kb = (per + j.mr - 1) / j.mr * j.mr;
-    /* Even query blocks, each a whole number of panels, as few as give every thread 8 units or more
-     * (the split is even to an eighth): each unit packs K and V once. */
-    int nth = mmb__pool_size(ctx->pool);
-    int64_t npan = (tokens + QP - 1) / QP, nqb = (tokens + QB - 1) / QB, want = (8 * nth + batch * heads - 1) / (batch * heads);
-    nqb = want > nqb ? want : nqb;
-    nqb = nqb < npan ? nqb : npan;
-    per = (tokens + nqb - 1) / nqb;
-    j.qb = (per + QP - 1) / QP * QP;
-    mmb__pool_run(ctx->pool, attn_task, &j);
+    attention_run(ctx, &j);
 }
 
 bool mmb__attention_forward_ref(float *out, const float *qkv, int64_t batch, int64_t tokens, int64_t heads,
