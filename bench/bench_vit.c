@@ -2,44 +2,57 @@
  * width 1024) followed by LLaVA-1.5's mlp2x_gelu projector to 4096, against PyTorch and
  * onnxruntime (an ONNX export of the same torch module) in the same run and thread count.
  *
- *   bench_vit [--threads 1,2] [--reps N] [--layers L] [--dir CACHE] [--no-peers] [--quick]
+ *   bench_vit [--threads 1,2] [--batch 1,4] [--reps N] [--layers L] [--dir CACHE] [--no-peers] [--quick]
  *
  * bench/peer_vit.py writes the checkpoint (transformers save_pretrained, cached in CACHE) and the
  * pixel values, then times the peers; mmbridge runs the same weights on the same pixels through
  * the public API (mmb_vit_forward with the last hidden state, then mmb_model_connect). Reports
- * seconds per image (median of --reps after one warm-up), GFLOP/s, the share of the machine's
- * fp32 FMA peak measured at start, and peak RSS (each peer's own process). */
+ * seconds per image of the forward pass alone (median of --reps after one warm-up, divided by the
+ * batch), GFLOP/s, the share of the machine's fp32 FMA peak measured at start, and peak RSS (each
+ * peer's own process). Loading (mapping, converting and packing the weights) is timed apart, once
+ * per thread count, and printed on its own line: it is not part of the per-image figures. */
 #include "bench_common.h"
 #include "mmbridge.h"
 
 #include <unistd.h>
 
 int main(int argc, char **argv) {
-    int threads[8] = {1, 2}, nt = 2, reps = 3, layers = 24, peers = 1;
+    int threads[8] = {1, 2}, nt = 2, batches[8] = {1, 4}, nb = 2, reps = 3, layers = 24, peers = 1;
     const char *dir = "build/bench-cache";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc) nt = parse_list(argv[++i], threads, 8);
+        else if (!strcmp(argv[i], "--batch") && i + 1 < argc) nb = parse_list(argv[++i], batches, 8);
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--layers") && i + 1 < argc) layers = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--dir") && i + 1 < argc) dir = argv[++i];
         else if (!strcmp(argv[i], "--no-peers")) peers = 0;
-        else if (!strcmp(argv[i], "--quick")) { layers = 1; reps = 1; nt = 1; peers = 0; }
-        else { fprintf(stderr, "usage: bench_vit [--threads 1,2] [--reps N] [--layers L] [--dir D] [--no-peers] [--quick]\n"); return 2; }
+        else if (!strcmp(argv[i], "--quick")) { layers = 1; reps = 1; nt = 1; nb = 1; peers = 0; }
+        else {
+            fprintf(stderr, "usage: bench_vit [--threads 1,2] [--batch 1,4] [--reps N] [--layers L] [--dir D] "
+                            "[--no-peers] [--quick]\n");
+            return 2;
+        }
     }
-    if (reps < 1 || reps > 50 || layers < 1 || layers > 24 || nt < 1) { fprintf(stderr, "bench_vit: bad option\n"); return 2; }
+    if (reps < 1 || reps > 50 || layers < 1 || layers > 24 || nt < 1 || nb < 1) {
+        fprintf(stderr, "bench_vit: bad option\n");
+        return 2;
+    }
+    for (int bi = 0; bi < nb; bi++)
+        if (batches[bi] < 1 || batches[bi] > 64) { fprintf(stderr, "bench_vit: bad --batch\n"); return 2; }
     char cmd[2048], ckpt[1024], px_path[1024];
-    snprintf(cmd, sizeof cmd, "mkdir -p '%s' && python3 bench/peer_vit.py --dir '%s' --layers %d --prepare-only 2>/dev/null", dir,
-             dir, layers);
-    char *prep = run_peer(cmd);
-    if (!prep) { fprintf(stderr, "bench_vit: %s failed (run from the repository root)\n", cmd); return 1; }
+    for (int bi = 0; bi < nb; bi++) {
+        snprintf(cmd, sizeof cmd, "mkdir -p '%s' && python3 bench/peer_vit.py --dir '%s' --layers %d --batch %d "
+                 "--prepare-only 2>/dev/null", dir, dir, layers, batches[bi]);
+        char *prep = run_peer(cmd);
+        if (!prep) { fprintf(stderr, "bench_vit: %s failed (run from the repository root)\n", cmd); return 1; }
+        free(prep);
+    }
     snprintf(ckpt, sizeof ckpt, "%s/llava-vitl336-%d", dir, layers);
-    snprintf(px_path, sizeof px_path, "%s/pixels-1.safetensors", dir);
-    free(prep);
 
     printf("bench_vit: CLIP ViT-L/14-336 (%d layers, 577 tokens, width 1024) + mlp2x_gelu 1024->4096->4096, "
-           "1 image, fp32, median of %d\n", layers, reps);
-    printf("%-8s %-22s %10s %10s %9s %9s %10s\n", "threads", "implementation", "s/image", "GFLOP/s", "% peak",
-           "vs ours", "peak RSS");
+           "fp32, forward pass only, median of %d\n", layers, reps);
+    printf("%-8s %-6s %-22s %10s %10s %9s %9s %10s\n", "threads", "batch", "implementation", "s/image", "GFLOP/s",
+           "% peak", "vs ours", "peak RSS");
     for (int ti = 0; ti < nt; ti++) {
         int th = threads[ti];
         double peak = fp32_peak(th) * 1e-9;
@@ -47,58 +60,69 @@ int main(int argc, char **argv) {
         mmb_ctx_params cp = mmb_ctx_default_params();
         cp.n_threads = th;
         mmb_model *m = NULL;
-        mmb_st_file *pf = NULL;
-        if (mmb_ctx_new(&cp, &ctx) != MMB_OK || mmb_model_open(ctx, ckpt, &m) != MMB_OK ||
-            mmb_st_open(ctx, px_path, &pf) != MMB_OK) {
+        double t_load = now();
+        if (mmb_ctx_new(&cp, &ctx) != MMB_OK || mmb_model_open(ctx, ckpt, &m) != MMB_OK) {
             fprintf(stderr, "bench_vit: %s\n", ctx ? mmb_ctx_error(ctx) : "no context");
             return 1;
         }
+        t_load = now() - t_load;
         const mmb_vit *v = mmb_model_vit(m);
         mmb_vit_info vi;
         mmb_model_info mi;
         mmb_vit_get_info(v, &vi);
         mmb_model_get_info(m, &mi);
-        const float *px = mmb_st_find(pf, "pixel_values")->data;
-        float *hs = malloc(sizeof(float) * (size_t)(vi.tokens * vi.width));
-        float *emb = malloc(sizeof(float) * (size_t)(mi.tokens_per_image * mi.out_width));
-        int tap = -1;
-        double ts[64];
-        for (int r = 0; r <= reps; r++) {
-            double t0 = now();
-            mmb_features ft = {.batch = 1, .tokens = vi.tokens, .width = vi.width, .n_hidden = vi.layers + 1,
-                               .n_taps = 1, .taps = {vi.layers}, .data = {hs}};
-            if (mmb_vit_forward(ctx, v, px, 1, &tap, 1, &hs) != MMB_OK ||
-                mmb_model_connect(ctx, m, &ft, emb, (size_t)(mi.tokens_per_image * mi.out_width)) != MMB_OK) {
-                fprintf(stderr, "bench_vit: %s\n", mmb_ctx_error(ctx));
-                return 1;
+        double gflop = (double)(vi.flops_per_image + mi.flops_per_image) * 1e-9, ours[8];
+        for (int bi = 0; bi < nb; bi++) {
+            int B = batches[bi];
+            mmb_st_file *pf = NULL;
+            snprintf(px_path, sizeof px_path, "%s/pixels-%d.safetensors", dir, B);
+            if (mmb_st_open(ctx, px_path, &pf) != MMB_OK) { fprintf(stderr, "bench_vit: %s\n", mmb_ctx_error(ctx)); return 1; }
+            const float *px = mmb_st_find(pf, "pixel_values")->data;
+            float *hs = malloc(sizeof(float) * (size_t)(B * vi.tokens * vi.width));
+            float *emb = malloc(sizeof(float) * (size_t)(B * mi.tokens_per_image * mi.out_width));
+            int tap = -1;
+            double ts[64];
+            for (int r = 0; r <= reps; r++) {
+                double t0 = now();
+                mmb_features ft = {.batch = B, .tokens = vi.tokens, .width = vi.width, .n_hidden = vi.layers + 1,
+                                   .n_taps = 1, .taps = {vi.layers}, .data = {hs}};
+                if (mmb_vit_forward(ctx, v, px, B, &tap, 1, &hs) != MMB_OK ||
+                    mmb_model_connect(ctx, m, &ft, emb, (size_t)(B * mi.tokens_per_image * mi.out_width)) != MMB_OK) {
+                    fprintf(stderr, "bench_vit: %s\n", mmb_ctx_error(ctx));
+                    return 1;
+                }
+                if (r) ts[r - 1] = (now() - t0) / B;
             }
-            if (r) ts[r - 1] = now() - t0;
+            ours[bi] = median(ts, reps);
+            printf("%-8d %-6d %-22s %10.3f %10.1f %8.1f%% %9s %8.0f MiB\n", th, B, "mmbridge", ours[bi],
+                   gflop / ours[bi], 100.0 * gflop / ours[bi] / peak, "1.00x", peak_rss_mib());
+            fflush(stdout);
+            free(hs);
+            free(emb);
+            mmb_st_close(pf);
         }
-        double ours = median(ts, reps), gflop = (double)(vi.flops_per_image + mi.flops_per_image) * 1e-9;
-        printf("%-8d %-22s %10.3f %10.1f %8.1f%% %9s %8.0f MiB\n", th, "mmbridge", ours, gflop / ours,
-               100.0 * gflop / ours / peak, "1.00x", peak_rss_mib());
-        fflush(stdout);
-        free(hs);
-        free(emb);
-        mmb_st_close(pf);
+        printf("%-8d %-6s %-22s %10.3f s (open, convert and pack the weights; not in s/image)\n", th, "", "mmbridge load",
+               t_load);
         mmb_model_free(m);
         mmb_ctx_free(ctx);
-        if (peers) {
-            snprintf(cmd, sizeof cmd, "python3 bench/peer_vit.py --dir '%s' --layers %d --threads %d --reps %d 2>/dev/null",
-                     dir, layers, th, reps);
+        for (int bi = 0; peers && bi < nb; bi++) {
+            int B = batches[bi];
+            snprintf(cmd, sizeof cmd, "python3 bench/peer_vit.py --dir '%s' --layers %d --threads %d --batch %d "
+                     "--reps %d 2>/dev/null", dir, layers, th, B, reps);
             char *out = run_peer(cmd);
             for (char *line = out ? strtok(out, "\n") : NULL; line; line = strtok(NULL, "\n")) {
                 char name[64] = "?";
                 const char *q = strstr(line, "\"peer\": \"");
                 if (q) sscanf(q + 9, "%63[^\"]", name);
-                double s = json_num(line, "median_s"), rss = json_num(line, "peak_rss_mib");
-                printf("%-8d %-22s %10.3f %10.1f %8.1f%% %8.2fx %8.0f MiB\n", th, name, s, gflop / s,
-                       100.0 * gflop / s / peak, s / ours, rss);
+                double s = json_num(line, "median_s") / B, rss = json_num(line, "peak_rss_mib");
+                if (s <= 0) { printf("%-8d %-6d %-22s %10s\n", th, B, name, "n/a"); continue; }
+                printf("%-8d %-6d %-22s %10.3f %10.1f %8.1f%% %8.2fx %8.0f MiB\n", th, B, name, s, gflop / s,
+                       100.0 * gflop / s / peak, s / ours[bi], rss);
             }
-            if (!out) printf("%-8d %-22s %10s\n", th, "peers", "failed");
+            if (!out) printf("%-8d %-6d %-22s %10s\n", th, B, "peers", "failed");
             free(out);
         }
-        printf("%-8d %-22s %10s %10.1f\n", th, "fp32 FMA peak", "", peak);
+        printf("%-8d %-6s %-22s %10s %10.1f\n", th, "", "fp32 FMA peak", "", peak);
         fflush(stdout);
     }
     return 0;

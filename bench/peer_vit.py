@@ -89,8 +89,13 @@ if "torch" in peers:
         med, mn = timeit(lambda: wl(px))
     print(json.dumps({"peer": "pytorch " + torch.__version__.split("+")[0], "median_s": med, "min_s": mn,
                       "peak_rss_mib": rss_mib()}), flush=True)
-if "onnxruntime" in peers:
+try:
     import onnxruntime as ort
+except ImportError:  # report the missing peer and keep the others' lines (the caller needs exit 0)
+    if "onnxruntime" in peers:
+        print(json.dumps({"peer": "onnxruntime (not installed)", "median_s": -1, "min_s": -1, "peak_rss_mib": -1}))
+    peers = [p for p in peers if p != "onnxruntime"]
+if "onnxruntime" in peers:
     onnx_path = d / f"vitl336-{a.layers}-b{a.batch}.onnx"
     if not onnx_path.exists():
         torch.onnx.export(wl, (px,), str(onnx_path), dynamo=False, input_names=["px"], output_names=["emb"])

@@ -10,7 +10,7 @@
 /* Hot elementwise loops are compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load
  * time by the dynamic linker (GCC function multi-versioning); a plain function elsewhere. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MMB_SIMD_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#define MMB_SIMD_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
 #else
 #define MMB_SIMD_CLONES
 #endif
@@ -55,6 +55,10 @@ int mmb__pool_size(const mmb_pool *p);
 /* Runs fn(arg, tid, nth) on every thread of the pool, the caller included, and returns when all
  * are done. Not reentrant: fn must not call mmb__pool_run. */
 void mmb__pool_run(mmb_pool *p, mmb_pool_fn fn, void *arg);
+/* Thread tid's scratch of at least `bytes` (64-byte aligned), kept by the pool from run to run and
+ * grown when asked for more (the contents are then lost); NULL if it cannot be allocated. Only
+ * thread tid of a run may use it, and only one kernel at a time. */
+void *mmb__pool_scratch(mmb_pool *p, int tid, size_t bytes);
 /* Splits [0, n) into nth near-equal contiguous ranges; sets [*lo, *hi) for tid. */
 void mmb__split(int64_t n, int tid, int nth, int64_t *lo, int64_t *hi);
 
@@ -101,6 +105,7 @@ void mmb__add_forward_ref(float *out, const float *a, const float *b, int64_t n)
 void mmb__act_forward_mt(mmb_ctx *ctx, float *x, int64_t n, mmb_act a);
 void mmb__layernorm_forward_mt(mmb_ctx *ctx, float *out, const float *x, const float *w,
                                const float *b, int64_t M, int64_t C, float eps);
+void mmb__add_forward_mt(mmb_ctx *ctx, float *out, const float *a, const float *b, int64_t n);
 
 /* ---- tensor/gemm.c: linear layers ----------------------------------------------------------- */
 
@@ -122,6 +127,8 @@ mmb_status mmb__linear_init(mmb_ctx *ctx, mmb_linear *l, const mmb_tensor *w, co
 void mmb__linear_free(mmb_linear *l);
 /* x (M, n_in) -> y (M, n_out): y = x W^T + b, threaded over ctx's pool. */
 void mmb__linear_forward(mmb_ctx *ctx, float *y, const float *x, int64_t M, const mmb_linear *l);
+/* The same followed by y = act(y); our kernel applies it to each block of y while in cache. */
+void mmb__linear_forward_act(mmb_ctx *ctx, float *y, const float *x, int64_t M, const mmb_linear *l, mmb_act act);
 
 /* The oracle: C (M, N) = A (M, K) W^T + bias; W (N, K), bias (N) or NULL. Single-threaded. */
 void mmb__gemm_ref(float *C, const float *A, const float *W, const float *bias,
@@ -141,6 +148,17 @@ void mmb__gemm_own_pack(float *dst, const float *W, int64_t N, int64_t K);
 /* A (M, K), packed W (N, K), bias (N) or NULL -> C (M, N) = A W^T + bias, split over the pool. */
 void mmb__gemm_own(mmb_pool *pool, float *C, const float *A, const float *packed,
                    const float *bias, int64_t M, int64_t N, int64_t K);
+/* The same, then C = act(C), applied block by block as each is finished. */
+void mmb__gemm_own_act(mmb_pool *pool, float *C, const float *A, const float *packed, const float *bias,
+                       int64_t M, int64_t N, int64_t K, mmb_act act);
+/* The micro-kernel on its own, for other blocked kernels (attention). MR = mmb__gemm_own_mr(isa)
+ * rows per A micro-panel (isa as mmb__gemm_own_isa returns it); panels are 32 columns wide.
+ * For i < mr <= MR, j < nc <= 32:
+ *   c[i * ldc + j] = (load ? c[i * ldc + j] : 0) + sum_{k < kc} a[k * MR + i] * b[k * 32 + j]
+ * b must be 64-byte aligned; rows i >= mr of a are not read. */
+int mmb__gemm_own_mr(int isa);
+void mmb__gemm_own_tile(int isa, int mr, int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
+                        int nc, int load);
 
 /* ---- tensor/half.c ---------------------------------------------------------------------------- */
 float mmb__f16_to_f32(uint16_t h);
@@ -337,6 +355,17 @@ void mmb__attention_forward(mmb_ctx *ctx, float *out, const float *qkv, int64_t 
 /* The oracle: full score rows in double. Returns false if it cannot allocate a row. */
 bool mmb__attention_forward_ref(float *out, const float *qkv, int64_t batch, int64_t tokens, int64_t heads,
                                 int64_t head_dim);
+
+/* ---- tensor/vecmath.c: vectorised math (AVX2, AVX-512) ---------------------------------------- */
+
+/* x[0, n) = act(x) in place with the vector code of isa (as mmb__gemm_own_isa returns it), whole
+ * vectors only: returns how many leading elements it did (0 for isa 0 or MMB_ACT_NONE); the caller
+ * does the rest. Relative error of a few ulp (exp about 1 ulp, erfc below 1.2e-7). */
+int64_t mmb__vec_act(int isa, float *x, int64_t n, mmb_act a);
+/* One key block of an online softmax down the 32 columns of sp (nk rows of 32, 64-byte aligned), in
+ * base 2 on scores times `scale`: with running max mp[32] and sum lp[32], sp = 2^(scale (s - m_new)),
+ * lp = lp * cp + column sums, mp = m_new, cp = 2^(scale (m_old - m_new)). */
+void mmb__vec_softmax_cols(int isa, float *sp, int64_t nk, float *mp, float *lp, float *cp, float scale);
 
 /* ---- vision/vit.c ------------------------------------------------------------------------------ */
 

@@ -14,6 +14,8 @@ struct mmb_pool {
     bool quit;
     mmb_pool_fn fn;
     void *arg;
+    void **scratch;        /* per thread, kept from run to run (mmb__pool_scratch) */
+    size_t *scratch_cap;
 };
 
 typedef struct { mmb_pool *p; int tid; } worker_arg;
@@ -45,7 +47,12 @@ mmb_status mmb__pool_new(int n, mmb_pool **out) {
     if (!p) return MMB_ERR_NOMEM;
     p->n = n;
     p->threads = calloc((size_t)n, sizeof *p->threads);
-    if (!p->threads) { free(p); return MMB_ERR_NOMEM; }
+    p->scratch = calloc((size_t)n, sizeof *p->scratch);
+    p->scratch_cap = calloc((size_t)n, sizeof *p->scratch_cap);
+    if (!p->threads || !p->scratch || !p->scratch_cap) {
+        free(p->threads); free(p->scratch); free(p->scratch_cap); free(p);
+        return MMB_ERR_NOMEM;
+    }
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->go, NULL);
     pthread_cond_init(&p->done, NULL);
@@ -74,7 +81,21 @@ void mmb__pool_free(mmb_pool *p) {
     pthread_cond_destroy(&p->go);
     pthread_cond_destroy(&p->done);
     free(p->threads);
+    for (int i = 0; i < p->n; i++) free(p->scratch[i]);
+    free(p->scratch);
+    free(p->scratch_cap);
     free(p);
+}
+
+void *mmb__pool_scratch(mmb_pool *p, int tid, size_t bytes) {
+    if (!p || tid < 0 || tid >= p->n) return NULL;
+    bytes = (bytes + 63) & ~(size_t)63;
+    if (bytes > p->scratch_cap[tid]) {
+        free(p->scratch[tid]);
+        p->scratch[tid] = aligned_alloc(64, bytes);
+        p->scratch_cap[tid] = p->scratch[tid] ? bytes : 0;
+    }
+    return p->scratch[tid];
 }
 
 int mmb__pool_size(const mmb_pool *p) { return p ? p->n : 1; }

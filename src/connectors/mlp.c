@@ -113,8 +113,7 @@ static mmb_status mlp_forward(mmb_ctx *ctx, const void *st, float *out, const fl
     const float *in = x;
     for (int i = 0; i < s->depth; i++) {
         float *y = i == s->depth - 1 ? out : buf[i % 2];
-        mmb__linear_forward(ctx, y, in, rows, &s->lin[i]);
-        if (i < s->depth - 1) mmb__act_forward_mt(ctx, y, rows * d, s->act);
+        mmb__linear_forward_act(ctx, y, in, rows, &s->lin[i], i < s->depth - 1 ? s->act : MMB_ACT_NONE);
         in = y;
     }
     return MMB_OK;

@@ -77,8 +77,7 @@ static mmb_status resmlp_forward(mmb_ctx *ctx, const void *st, float *out, const
     float *h = mmb__arena_alloc(&ctx->arena, (size_t)(rows * C) * sizeof(float));
     if (!xn || !h) return mmb__err(ctx, MMB_ERR_NOMEM, "simple_res: scratch arena too small");
     mmb__layernorm_forward_mt(ctx, xn, x, s->ln_w, s->ln_b, rows, C, s->eps);
-    mmb__linear_forward(ctx, h, xn, rows, &s->fc1);
-    mmb__act_forward_mt(ctx, h, rows * C, MMB_ACT_GELU);
+    mmb__linear_forward_act(ctx, h, xn, rows, &s->fc1, MMB_ACT_GELU);
     mmb__linear_forward(ctx, out, h, rows, &s->fc2);
     mmb__add_forward(out, out, xn, rows * C);
     return MMB_OK;

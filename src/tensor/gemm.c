@@ -63,6 +63,8 @@ void mmb__linear_free(mmb_linear *l) {
     memset(l, 0, sizeof *l);
 }
 
+static void linear_plain(mmb_ctx *ctx, float *y, const float *x, int64_t M, const mmb_linear *l);
+
 typedef struct {
     float *y;
     const float *x;
@@ -79,10 +81,21 @@ static void naive_task(void *arg, int tid, int nth) {
 }
 
 void mmb__linear_forward(mmb_ctx *ctx, float *y, const float *x, int64_t M, const mmb_linear *l) {
-    switch (l->backend) {
-    case MMB_GEMM_OWN:
-        mmb__gemm_own(ctx->pool, y, x, l->packed, l->bias, M, l->n_out, l->n_in);
+    mmb__linear_forward_act(ctx, y, x, M, l, MMB_ACT_NONE);
+}
+
+void mmb__linear_forward_act(mmb_ctx *ctx, float *y, const float *x, int64_t M, const mmb_linear *l, mmb_act act) {
+    if (l->backend == MMB_GEMM_OWN) {
+        mmb__gemm_own_act(ctx->pool, y, x, l->packed, l->bias, M, l->n_out, l->n_in, act);
         return;
+    }
+    linear_plain(ctx, y, x, M, l);
+    mmb__act_forward_mt(ctx, y, M * l->n_out, act);
+}
+
+/* The backends other than our own kernel. */
+static void linear_plain(mmb_ctx *ctx, float *y, const float *x, int64_t M, const mmb_linear *l) {
+    switch (l->backend) {
 #ifdef MMB_HAVE_OPENBLAS
     case MMB_GEMM_OPENBLAS: {
         int64_t N = l->n_out, K = l->n_in;

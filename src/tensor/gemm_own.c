@@ -327,6 +327,33 @@ static const kern_fn k512_tab[MR512 + 1] = {
 static const kern_fn k256_tab[MR256 + 1] = {NULL, k256_1, k256_2, k256_3, k256_4, k256_5, k256_6};
 #endif
 
+/* One micro-tile with the kernel of instruction set isa: rows mr <= MR of a packed A micro-panel
+ * a (row stride MR of that isa) times one packed panel b (nc <= NR columns). */
+static inline void tile(int isa, int mr, int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
+                        int nc, int load, const float *bias) {
+    switch (isa) {
+#if MMB_GEMM_X86
+    case 2:
+        k512_tab[mr](kc, a, b, c, ldc, nc, load, bias);
+        return;
+    case 1:
+        k256_tab[mr](kc, a, b, c, ldc, nc < 16 ? nc : 16, load, bias);
+        if (nc > 16) k256_tab[mr](kc, a, b + 16, c + 16, ldc, nc - 16, load, bias ? bias + 16 : NULL);
+        return;
+#endif
+    default:
+        ksc(mr, kc, a, b, c, ldc, nc, load, bias);
+        return;
+    }
+}
+
+int mmb__gemm_own_mr(int isa) { return isa == 2 ? MR512 : isa == 1 ? MR256 : MRSC; }
+
+void mmb__gemm_own_tile(int isa, int mr, int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
+                        int nc, int load) {
+    tile(isa, mr, kc, a, b, c, ldc, nc, load, NULL);
+}
+
 /* ---- the driver --------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -335,9 +362,11 @@ typedef struct {
     int64_t M, N, K, Np, P;
     int isa, MR;
     bool split_n;    /* split panels over threads (else rows) */
+    mmb_act act;     /* applied to C at the end */
+    mmb_pool *pool;  /* keeps the threads' packing buffers (NULL: allocate per call) */
 } job;
 
-/* Scratch for MB micro-panels: used when the per-call malloc fails, else a heap block. */
+/* Scratch for one micro-panel: used when no buffer for MB of them can be had (pool or heap). */
 #define SCRATCH_MIN (MR_MAX * KC)
 
 static void run_range(const job *j, float *buf, int64_t mbrows, int64_t m0, int64_t m1,
@@ -368,24 +397,13 @@ static void run_range(const job *j, float *buf, int64_t mbrows, int64_t m0, int6
                         int64_t n0 = p * NR;
                         int nc = (int)(N - n0 < NR ? N - n0 : NR);
                         const float *bp = wblk + p * kc * NR;
-                        const float *bi = bias ? bias + n0 : NULL;
-                        switch (j->isa) {
-#if MMB_GEMM_X86
-                        case 2:
-                            k512_tab[mr](kc, ap, bp, crow + n0, N, nc, load, bi);
-                            break;
-                        case 1:
-                            k256_tab[mr](kc, ap, bp, crow + n0, N, nc < 16 ? nc : 16, load, bi);
-                            if (nc > 16)
-                                k256_tab[mr](kc, ap, bp + 16, crow + n0 + 16, N, nc - 16, load,
-                                             bi ? bi + 16 : NULL);
-                            break;
-#endif
-                        default:
-                            ksc(mr, kc, ap, bp, crow + n0, N, nc, load, bi);
-                            break;
-                        }
+                        tile(j->isa, mr, kc, ap, bp, crow + n0, N, nc, load, bias ? bias + n0 : NULL);
                     }
+                }
+                /* The block is final after the last K block: the activation runs while it is in cache. */
+                if (j->act != MMB_ACT_NONE && k0 + kc == K) {
+                    int64_t c0 = pb * NR, c1 = pe * NR < N ? pe * NR : N;
+                    for (int64_t r = mb; r < mb + mbn; r++) mmb__act_forward(j->C + r * N + c0, c1 - c0, j->act);
                 }
             }
         }
@@ -413,8 +431,10 @@ static void worker(void *arg, int tid, int nth) {
     if (mbrows > j->MR) {
         size_t bytes = (size_t)mbrows * (size_t)kcmax * sizeof(float);
         bytes = (bytes + 63) / 64 * 64;
-        heap = aligned_alloc(64, bytes);
-        if (heap) buf = heap;
+        /* The pool keeps each thread's buffer from call to call: no allocation per GEMM. */
+        float *kept = j->pool ? mmb__pool_scratch(j->pool, tid, bytes) : NULL;
+        if (!kept && !j->pool) kept = heap = aligned_alloc(64, bytes);
+        if (kept) buf = kept;
         else mbrows = j->MR; /* no memory: one micro-panel at a time from the stack */
     }
     run_range(j, buf, mbrows, m0, m1, p0, p1);
@@ -423,13 +443,20 @@ static void worker(void *arg, int tid, int nth) {
 
 void mmb__gemm_own(mmb_pool *pool, float *C, const float *A, const float *packed,
                    const float *bias, int64_t M, int64_t N, int64_t K) {
+    mmb__gemm_own_act(pool, C, A, packed, bias, M, N, K, MMB_ACT_NONE);
+}
+
+void mmb__gemm_own_act(mmb_pool *pool, float *C, const float *A, const float *packed, const float *bias,
+                       int64_t M, int64_t N, int64_t K, mmb_act act) {
     if (M < 1 || N < 1 || K < 1) return;
     job j;
+    j.act = act;
+    j.pool = pool;
     j.C = C; j.A = A; j.packed = packed; j.bias = bias;
     j.M = M; j.N = N; j.K = K;
     j.Np = npad_of(N); j.P = j.Np / NR;
     j.isa = mmb__gemm_own_isa();
-    j.MR = j.isa == 2 ? MR512 : j.isa == 1 ? MR256 : MRSC;
+    j.MR = mmb__gemm_own_mr(j.isa);
     int nth = mmb__pool_size(pool);
     int64_t mpan = (M + j.MR - 1) / j.MR;
     /* Panels when there are enough of them for an even split, else rows (if those are more). */

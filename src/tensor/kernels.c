@@ -83,7 +83,8 @@ void mmb__mul_forward_ref(float *out, const float *a, const float *b, int64_t n)
 
 /* ---- fast versions ---- */
 
-MMB_SIMD_CLONES void mmb__act_forward(float *x, int64_t n, mmb_act a) {
+/* The libm versions: the tail the vector code leaves, and CPUs without AVX2. */
+MMB_SIMD_CLONES static void act_libm(float *x, int64_t n, mmb_act a) {
     switch (a) {
     case MMB_ACT_NONE: break;
     case MMB_ACT_GELU:
@@ -105,6 +106,11 @@ MMB_SIMD_CLONES void mmb__act_forward(float *x, int64_t n, mmb_act a) {
         for (int64_t i = 0; i < n; i++) x[i] = x[i] > 0.0f ? x[i] : 0.0f;
         break;
     }
+}
+
+void mmb__act_forward(float *x, int64_t n, mmb_act a) {
+    int64_t done = mmb__vec_act(mmb__gemm_own_isa(), x, n, a);
+    act_libm(x + done, n - done, a);
 }
 
 MMB_SIMD_CLONES void mmb__layernorm_forward(float *out, const float *x, const float *w, const float *b,
@@ -188,4 +194,20 @@ void mmb__rmsnorm_forward_mt(mmb_ctx *ctx, float *out, const float *x, const flo
                              float eps) {
     row_job j = {out, x, w, NULL, M, C, eps, MMB_ACT_NONE};
     mmb__pool_run(ctx->pool, rms_task, &j);
+}
+
+typedef struct { float *out; const float *a, *b; int64_t n; } add_job;
+
+static void add_task(void *arg, int tid, int nth) {
+    add_job *j = arg;
+    int64_t lo, hi;
+    mmb__split(j->n / 16, tid, nth, &lo, &hi);  /* 64-byte pieces: no cache line written by two threads */
+    lo *= 16;
+    hi = tid == nth - 1 ? j->n : hi * 16;
+    mmb__add_forward(j->out + lo, j->a + lo, j->b + lo, hi - lo);
+}
+
+void mmb__add_forward_mt(mmb_ctx *ctx, float *out, const float *a, const float *b, int64_t n) {
+    add_job j = {out, a, b, n};
+    mmb__pool_run(ctx->pool, add_task, &j);
 }

@@ -6,8 +6,7 @@ void mmb__ffn_residual_forward(mmb_ctx *ctx, float *x, float *xn, float *h, int6
                                const float *ln_b, float eps, const mmb_linear *fc1, mmb_act act, const mmb_linear *fc2) {
     int64_t D = fc2->n_out;
     mmb__layernorm_forward_mt(ctx, xn, x, ln_w, ln_b, rows, D, eps);
-    mmb__linear_forward(ctx, h, xn, rows, fc1);
-    mmb__act_forward_mt(ctx, h, rows * fc1->n_out, act);
+    mmb__linear_forward_act(ctx, h, xn, rows, fc1, act);  /* the activation on each block of C while in cache */
     mmb__linear_forward(ctx, xn, h, rows, fc2);
-    mmb__add_forward(x, x, xn, rows * D);
+    mmb__add_forward_mt(ctx, x, x, xn, rows * D);
 }

@@ -390,7 +390,7 @@ static void block_forward(mmb_ctx *ctx, const mmb_vit *v, const vit_layer *l, fl
     mmb__linear_forward(ctx, qkv, xn, rows, &l->qkv);
     mmb__attention_forward(ctx, att, qkv, B, T, in->heads, D / in->heads, asc);
     mmb__linear_forward(ctx, xn, att, rows, &l->out);
-    mmb__add_forward(x, x, xn, rows * D);
+    mmb__add_forward_mt(ctx, x, x, xn, rows * D);
     mmb__ffn_residual_forward(ctx, x, xn, h, rows, l->ln2_w, l->ln2_b, in->eps, &l->fc1, v->act, &l->fc2);
 }
 
