@@ -27,4 +27,7 @@ static inline double cli_median(double *v, int n) {
 /* mmbridge compare (tools/compare.c). */
 int cli_compare(int argc, char **argv);
 
+/* mmbridge generate (tools/generate.c). */
+int cli_generate(int argc, char **argv);
+
 #endif

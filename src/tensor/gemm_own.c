@@ -327,6 +327,25 @@ static const kern_fn k512_tab[MR512 + 1] = {
 static const kern_fn k256_tab[MR256 + 1] = {NULL, k256_1, k256_2, k256_3, k256_4, k256_5, k256_6};
 #endif
 
+/* One micro-kernel call of instruction set isa: mr rows of packed A against one packed panel. */
+static void panel(int isa, int mr, int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, int nc,
+                  int load, const float *bi) {
+    switch (isa) {
+#if MMB_GEMM_X86
+    case 2:
+        k512_tab[mr](kc, ap, bp, c, ldc, nc, load, bi);
+        break;
+    case 1:
+        k256_tab[mr](kc, ap, bp, c, ldc, nc < 16 ? nc : 16, load, bi);
+        if (nc > 16) k256_tab[mr](kc, ap, bp + 16, c + 16, ldc, nc - 16, load, bi ? bi + 16 : NULL);
+        break;
+#endif
+    default:
+        ksc(mr, kc, ap, bp, c, ldc, nc, load, bi);
+        break;
+    }
+}
+
 /* ---- the driver --------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -369,22 +388,7 @@ static void run_range(const job *j, float *buf, int64_t mbrows, int64_t m0, int6
                         int nc = (int)(N - n0 < NR ? N - n0 : NR);
                         const float *bp = wblk + p * kc * NR;
                         const float *bi = bias ? bias + n0 : NULL;
-                        switch (j->isa) {
-#if MMB_GEMM_X86
-                        case 2:
-                            k512_tab[mr](kc, ap, bp, crow + n0, N, nc, load, bi);
-                            break;
-                        case 1:
-                            k256_tab[mr](kc, ap, bp, crow + n0, N, nc < 16 ? nc : 16, load, bi);
-                            if (nc > 16)
-                                k256_tab[mr](kc, ap, bp + 16, crow + n0 + 16, N, nc - 16, load,
-                                             bi ? bi + 16 : NULL);
-                            break;
-#endif
-                        default:
-                            ksc(mr, kc, ap, bp, crow + n0, N, nc, load, bi);
-                            break;
-                        }
+                        panel(j->isa, mr, kc, ap, bp, crow + n0, N, nc, load, bi);
                     }
                 }
             }
@@ -441,4 +445,22 @@ void mmb__gemm_own(mmb_pool *pool, float *C, const float *A, const float *packed
         return;
     }
     mmb__pool_run(pool, worker, &j);
+}
+
+/* ---- for drivers that pack their own panels (tensor/wgemm.c) ------------------------------------ */
+
+_Static_assert(NR == MMB_GEMM_OWN_NR && KC == MMB_GEMM_OWN_KC, "internal.h's panel constants");
+
+int mmb__gemm_own_mr(void) {
+    int isa = mmb__gemm_own_isa();
+    return isa == 2 ? MR512 : isa == 1 ? MR256 : MRSC;
+}
+
+void mmb__gemm_own_pack_a(float *dst, const float *A, int64_t lda, int mr, int64_t kc) {
+    pack_a(dst, A, lda, mr, mmb__gemm_own_mr(), kc);
+}
+
+void mmb__gemm_own_panel(int mr, int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int nc,
+                         int load, const float *bias) {
+    panel(mmb__gemm_own_isa(), mr, kc, a, b, c, ldc, nc, load, bias);
 }

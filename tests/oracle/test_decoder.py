@@ -1,0 +1,282 @@
+"""The LLM decoder (Llama, Mistral, Qwen2; the text model of LlavaForConditionalGeneration; original-layout
+LLaVA) against transformers on tiny random checkpoints made with save_pretrained: logits from ids and
+from embeddings, prefill in pieces + decode steps = one full forward, greedy generation token for token,
+the RoPE scalings, bf16 weights, tied and untied heads, and bad input."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
+                          LlavaForConditionalGeneration, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+from conftest import VISION, run, scaled_err
+
+SHAPE = dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, rms_norm_eps=1e-5,
+             bos_token_id=None, eos_token_id=None, pad_token_id=None)
+ARCH = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM)}
+
+
+def randomize(model, seed):
+    """Weights large enough for well-separated logits (greedy must not hinge on 1e-7), norms away from 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vision_tower" in name or "multi_modal_projector" in name:
+                continue
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "embed" in name else 0.12))
+
+
+def text_config(arch, **kw):
+    cfg = dict(SHAPE)
+    cfg.update(kw)
+    return ARCH[arch][0](**cfg)
+
+
+def make_lm(tmp_path, arch="llama", dtype=torch.float32, seed=0, name="lm", **kw):
+    torch.manual_seed(seed)
+    model = ARCH[arch][1](text_config(arch, **kw)).eval()
+    randomize(model, seed)
+    model.generation_config.eos_token_id = None
+    d = tmp_path / name
+    model.to(dtype).save_pretrained(d, safe_serialization=True)
+    return model.float(), d
+
+
+def make_llava_lm(tmp_path, arch, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=text_config(arch, **kw),
+                      image_token_index=SHAPE["vocab_size"] - 1)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    randomize(model, seed)
+    model.generation_config.eos_token_id = None
+    d = tmp_path / "llava"
+    model.save_pretrained(d, safe_serialization=True)
+    return model, d
+
+
+def ids_of(n, seed=1, vocab=SHAPE["vocab_size"] - 1):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def csv(ids):
+    return ",".join(str(int(i)) for i in ids)
+
+
+def mmb_logits(d, tmp_path, *args):
+    out = tmp_path / "logits.safetensors"
+    p = run("generate", d, *args, "--logits", out, "--threads", 2)
+    return load_file(str(out))["logits"], p
+
+
+def ref_logits(model, ids=None, embeds=None):
+    with torch.no_grad():
+        if embeds is not None:
+            return model(inputs_embeds=embeds[None]).logits[0].float()
+        return model(input_ids=ids[None]).logits[0].float()
+
+
+def mmb_greedy(d, ids, n, *extra):
+    p = run("generate", d, "--ids", csv(ids), "-n", n, "--print-ids", "--ignore-eos", "--threads", 2, *extra)
+    return [int(t) for t in p.stdout.split()], p
+
+
+def ref_greedy(model, ids, n):
+    with torch.no_grad():
+        out = model.generate(input_ids=ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True),
+                                       ("mistral", False)])
+def test_logits_from_ids_and_embeddings(tmp_path, arch, tied):
+    model, d = make_lm(tmp_path, arch, tie_word_embeddings=tied)
+    ids = ids_of(11)
+    got, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), "-n", 0)
+    ref = ref_logits(model, ids)
+    err = scaled_err(got, ref)
+    print(f"{arch} tied={tied}: ids scaled max err {err:.2e}")
+    assert got.shape == ref.shape and err <= 1e-4
+    emb = torch.randn(9, SHAPE["hidden_size"], generator=torch.Generator().manual_seed(3))
+    save_file({"embeds": emb.contiguous()}, str(tmp_path / "e.safetensors"))
+    got, _ = mmb_logits(d, tmp_path, "--embeds", tmp_path / "e.safetensors", "-n", 0)
+    err = scaled_err(got, ref_logits(model, embeds=emb))
+    print(f"{arch} tied={tied}: embeds scaled max err {err:.2e}")
+    assert err <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prefill_in_pieces_and_decode_steps_equal_one_forward(tmp_path, arch):
+    model, d = make_lm(tmp_path, arch)
+    ids = ids_of(10)
+    # 10 prompt positions fed as 3 + 1 + 4 + 2, then 6 decode steps: 16 rows of logits
+    got, p = mmb_logits(d, tmp_path, "--ids", csv(ids), "--chunks", "3,1,4", "-n", 7, "--print-ids", "--ignore-eos")
+    gen = [int(t) for t in p.stdout.split()]
+    assert len(gen) == 7 and got.shape[0] == 16
+    ref = ref_logits(model, torch.cat([ids, torch.tensor(gen[:6])]))
+    err = scaled_err(got, ref)
+    print(f"{arch}: pieces + decode scaled max err {err:.2e}")
+    assert err <= 1e-4
+    # and it would catch a wrong cache: the logits of a shifted sequence differ a lot
+    assert scaled_err(got[1:], ref[:-1]) > 1e-2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_greedy_32_tokens_identical(tmp_path, arch):
+    model, d = make_lm(tmp_path, arch)
+    ids = ids_of(8, seed=5)
+    got, p = mmb_greedy(d, ids, 32)
+    ref = ref_greedy(model, ids, 32)
+    print(p.stderr.strip())
+    assert got == ref
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
+    {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32, "rope_theta": 10000.0},
+])
+def test_rope_scaling(tmp_path, rope):
+    # max_position_embeddings 16: dynamic NTK rescales once the sequence passes it
+    model, d = make_lm(tmp_path, "llama", rope_parameters=dict(rope), max_position_embeddings=16)
+    ids = ids_of(12)
+    got, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), "-n", 0)
+    err = scaled_err(got, ref_logits(model, ids))
+    print(f"{rope['rope_type']}: scaled max err {err:.2e}")
+    assert err <= 1e-4
+    gen, _ = mmb_greedy(d, ids[:6], 20)
+    assert gen == ref_greedy(model, ids[:6], 20)
+    # the scaling matters: the same weights read with default RoPE give other logits (beyond 16 for dynamic)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
+    cfg["max_position_embeddings"] = 64
+    (d / "config.json").write_text(json.dumps(cfg))
+    long_ids = ids_of(30)
+    got_default, _ = mmb_logits(d, tmp_path, "--ids", csv(long_ids), "-n", 0)
+    assert scaled_err(got_default, ref_logits(model, long_ids)) > 1e-3
+
+
+def test_legacy_rope_keys(tmp_path):
+    """rope_theta + rope_scaling at the top level, as configs written before transformers 5 have them."""
+    rope = {"rope_type": "linear", "factor": 3.0, "rope_theta": 20000.0}
+    model, d = make_lm(tmp_path, "llama", rope_parameters=dict(rope))
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["rope_parameters"]
+    cfg["rope_theta"] = 20000.0
+    cfg["rope_scaling"] = {"type": "linear", "factor": 3.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    ids = ids_of(12)
+    got, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), "-n", 0)
+    assert scaled_err(got, ref_logits(model, ids)) <= 1e-4
+
+
+def test_mistral_sliding_window(tmp_path):
+    model, d = make_lm(tmp_path, "mistral", sliding_window=5)
+    ids = ids_of(14)
+    got, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), "--chunks", "4,3", "-n", 0)
+    ref = ref_logits(model, ids)
+    err = scaled_err(got, ref)
+    print(f"mistral window 5: scaled max err {err:.2e}")
+    assert err <= 1e-4
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["sliding_window"] = None
+    (d / "config.json").write_text(json.dumps(cfg))
+    got_full, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), "-n", 0)
+    assert scaled_err(got_full, ref) > 1e-3  # the window matters
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_weights(tmp_path, arch):
+    """bf16 weights stay bf16 and are widened exactly inside the products: equal to transformers in f32 on
+    the bf16-rounded weights within 1e-4; against transformers computing in bf16 the gap is bf16's own."""
+    model, d = make_lm(tmp_path, arch, dtype=torch.bfloat16)
+    ids = ids_of(12)
+    got, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), "-n", 0)
+    err32 = scaled_err(got, ref_logits(model, ids))  # model: the bf16 weights, back in f32
+    err16 = scaled_err(got, ref_logits(model.to(torch.bfloat16), ids))
+    print(f"{arch} bf16 weights: vs f32 compute {err32:.2e}, vs bf16 compute {err16:.2e}")
+    assert err32 <= 1e-4 and err16 <= 0.1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("layout", ["saved", "newer"])
+def test_llava_text_model(tmp_path, arch, layout):
+    model, d = make_llava_lm(tmp_path, arch)
+    if layout == "newer":  # model.language_model.* and lm_head.weight, as transformers 4.5x wrote them
+        sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+        assert any(k.startswith("model.language_model.") for k in sd)
+    ids = ids_of(10)
+    got, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), "-n", 0)
+    err = scaled_err(got, ref_logits(model, ids))
+    print(f"llava {arch} {layout}: scaled max err {err:.2e}")
+    assert err <= 1e-4
+    gen, _ = mmb_greedy(d, ids, 32)
+    assert gen == ref_greedy(model, ids, 32)
+
+
+def test_original_llava_layout(tmp_path):
+    """LlavaLlamaForCausalLM: the Llama weights at model.layers.*, model.embed_tokens, lm_head."""
+    model, d = make_lm(tmp_path, "llama")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama", mm_projector_type="mlp2x_gelu",
+               mm_hidden_size=32)
+    (d / "config.json").write_text(json.dumps(cfg))
+    ids = ids_of(10)
+    got, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), "-n", 0)
+    assert scaled_err(got, ref_logits(model, ids)) <= 1e-4
+
+
+def fails(args, *needles):
+    p = run(*args, check=False)
+    assert p.returncode != 0, p.stdout
+    for n in needles:
+        assert n in p.stderr, p.stderr
+    return p
+
+
+def test_bad_input(tmp_path):
+    model, d = make_lm(tmp_path, "llama")
+    ids = csv(ids_of(6))
+    # unknown architecture
+    cfg = json.loads((d / "config.json").read_text())
+    bad = dict(cfg, architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (d / "config.json").write_text(json.dumps(bad))
+    fails(["generate", d, "--ids", ids, "-n", 1], "unknown architecture 'GPT2LMHeadModel'")
+    # an unsupported RoPE type
+    (d / "config.json").write_text(json.dumps(dict(cfg, rope_parameters={"rope_type": "yarn", "factor": 2.0,
+                                                                          "rope_theta": 1e4})))
+    fails(["generate", d, "--ids", ids, "-n", 1], "rope type 'yarn' is not supported")
+    (d / "config.json").write_text(json.dumps(cfg))
+    # context overflow: 130 ids for max_position_embeddings 128
+    fails(["generate", d, "--ids", csv(ids_of(130)), "-n", 1], "context overflow", "130 tokens", "limit is 128")
+    # an id outside the vocabulary
+    fails(["generate", d, "--ids", "1,2,999", "-n", 1], "token id 999", "[0, 256)")
+    # image placeholders without images: Llava config names the image token
+    (d / "config.json").write_text(json.dumps(dict(cfg, image_token_index=7)))
+    fails(["generate", d, "--ids", "1,7,3", "-n", 1], "1 image placeholder(s) (token 7) but 0 image(s)")
+    (d / "config.json").write_text(json.dumps(cfg))
+    # a missing tensor, a wrong shape
+    sd = load_file(str(d / "model.safetensors"))
+    full = dict(sd)
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, str(d / "model.safetensors"))
+    fails(["generate", d, "--ids", ids, "-n", 1], "model.layers.1.mlp.up_proj.weight", "missing")
+    sd = dict(full)
+    sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)
+    save_file(sd, str(d / "model.safetensors"))
+    fails(["generate", d, "--ids", ids, "-n", 1], "model.layers.0.self_attn.k_proj.weight", "shape [16, 64]",
+          "expected [32, 64]")
+    # untied without a head
+    sd = dict(full)
+    del sd["lm_head.weight"]
+    save_file(sd, str(d / "model.safetensors"))
+    fails(["generate", d, "--ids", ids, "-n", 1], "lm_head.weight", "missing")
