@@ -2,6 +2,7 @@
 LLaVA) against transformers on tiny random checkpoints made with save_pretrained: logits from ids and
 from embeddings, prefill in pieces + decode steps = one full forward, greedy generation token for token,
 the RoPE scalings, bf16 weights, tied and untied heads, and bad input."""
+import copy
 import json
 
 import pytest
@@ -45,8 +46,13 @@ def make_lm(tmp_path, arch="llama", dtype=torch.float32, seed=0, name="lm", **kw
     randomize(model, seed)
     model.generation_config.eos_token_id = None
     d = tmp_path / name
+    # the f32 reference runs on the stored (rounded) weights; .to(dtype) would also round RoPE's inv_freq buffer
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.to(dtype).float())
     model.to(dtype).save_pretrained(d, safe_serialization=True)
-    return model.float(), d
+    return (ref, model) if dtype != torch.float32 else ref, d
 
 
 def make_llava_lm(tmp_path, arch, seed=0, **kw):
@@ -145,8 +151,9 @@ def test_greedy_32_tokens_identical(tmp_path, arch):
      "original_max_position_embeddings": 32, "rope_theta": 10000.0},
 ])
 def test_rope_scaling(tmp_path, rope):
-    # max_position_embeddings 16: dynamic NTK rescales once the sequence passes it
-    model, d = make_lm(tmp_path, "llama", rope_parameters=dict(rope), max_position_embeddings=16)
+    # max_position_embeddings 16: dynamic NTK rescales once the sequence passes it (llama3's is the extended one)
+    mpe = 64 if rope["rope_type"] == "llama3" else 16
+    model, d = make_lm(tmp_path, "llama", rope_parameters=dict(rope), max_position_embeddings=mpe)
     ids = ids_of(12)
     got, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), "-n", 0)
     err = scaled_err(got, ref_logits(model, ids))
@@ -197,11 +204,11 @@ def test_mistral_sliding_window(tmp_path):
 def test_bf16_weights(tmp_path, arch):
     """bf16 weights stay bf16 and are widened exactly inside the products: equal to transformers in f32 on
     the bf16-rounded weights within 1e-4; against transformers computing in bf16 the gap is bf16's own."""
-    model, d = make_lm(tmp_path, arch, dtype=torch.bfloat16)
+    (model, model16), d = make_lm(tmp_path, arch, dtype=torch.bfloat16)
     ids = ids_of(12)
     got, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), "-n", 0)
-    err32 = scaled_err(got, ref_logits(model, ids))  # model: the bf16 weights, back in f32
-    err16 = scaled_err(got, ref_logits(model.to(torch.bfloat16), ids))
+    err32 = scaled_err(got, ref_logits(model, ids))  # model: the bf16 weights, in f32
+    err16 = scaled_err(got, ref_logits(model16, ids))
     print(f"{arch} bf16 weights: vs f32 compute {err32:.2e}, vs bf16 compute {err16:.2e}")
     assert err32 <= 1e-4 and err16 <= 0.1
 
