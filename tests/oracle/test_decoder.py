@@ -287,3 +287,79 @@ def test_bad_input(tmp_path):
     del sd["lm_head.weight"]
     save_file(sd, str(d / "model.safetensors"))
     fails(["generate", d, "--ids", ids, "-n", 1], "lm_head.weight", "missing")
+
+
+# ---- type C: images spliced into the prompt -------------------------------------------------------------
+
+def make_images(tmp_path, n):
+    import numpy as np
+    from PIL import Image
+    rs = np.random.RandomState(7)
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(rs.randint(0, 256, (40 + 9 * i, 33, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def llava_with_processor(tmp_path, arch):
+    from transformers import CLIPImageProcessor
+    model, d = make_llava_lm(tmp_path, arch)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # a projector that is not near zero, so the image matters
+        for p in model.model.multi_modal_projector.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(d, safe_serialization=True)
+    proc = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    proc.save_pretrained(d)
+    return model, d, proc
+
+
+def expand(ids, image_token, per_image):
+    out = []
+    for t in ids:
+        out.extend([image_token] * per_image if t == image_token else [t])
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_generate_with_images(tmp_path, arch, n_images):
+    from PIL import Image
+    model, d, proc = llava_with_processor(tmp_path, arch)
+    img_tok = model.config.image_token_index
+    paths = make_images(tmp_path, n_images)
+    px = proc([Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+    text = ids_of(9).tolist()
+    ids = text[:2] + [img_tok] + text[2:5] + ([img_tok] if n_images == 2 else []) + text[5:]
+    per = (VISION["image_size"] // VISION["patch_size"]) ** 2  # "default" drops CLS
+    full = expand(ids, img_tok, per)
+    imgs = [a for p in paths for a in ("--image", p)]
+    got, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), *imgs, "-n", 0)
+    with torch.no_grad():
+        ref = model(input_ids=full[None], pixel_values=px).logits[0]
+    err = scaled_err(got, ref)
+    print(f"llava {arch} {n_images} image(s): {len(full)} positions, scaled max err {err:.2e}")
+    assert got.shape == ref.shape and err <= 1e-4
+    # the image matters: another image gives other logits
+    with torch.no_grad():
+        ref_other = model(input_ids=full[None], pixel_values=torch.flip(px, dims=[0, 3])).logits[0]
+    assert scaled_err(got, ref_other) > 1e-3
+    # greedy, 32 tokens
+    gen, p = mmb_greedy(d, ids, 32, *imgs)
+    with torch.no_grad():
+        out = model.generate(input_ids=full[None], pixel_values=px, attention_mask=torch.ones(1, len(full), dtype=torch.long),
+                             do_sample=False, max_new_tokens=32, min_new_tokens=32, pad_token_id=0)
+    assert gen == out[0, len(full):].tolist()
+    assert "prefill:" in p.stderr and "decode:" in p.stderr
+
+
+def test_placeholder_count_mismatch(tmp_path):
+    model, d, proc = llava_with_processor(tmp_path, "llama")
+    img_tok = model.config.image_token_index
+    paths = make_images(tmp_path, 2)
+    fails(["generate", d, "--ids", f"1,{img_tok},3", "--image", paths[0], "--image", paths[1], "-n", 1],
+          "1 image placeholder(s)", "but 2 image(s)")
+    fails(["generate", d, "--ids", f"1,{img_tok},3,{img_tok}", "--image", paths[0], "-n", 1],
+          "2 image placeholder(s)", "but 1 image(s)")
