@@ -28,7 +28,8 @@ static const char *usage_generate =
     "  --temp T        sampling temperature (default 0: greedy); --top-k K, --top-p P, --seed S\n"
     "  --stop STR      also stop when the text ends with STR (repeatable)\n"
     "  --ignore-eos    do not stop at the end-of-sequence ids\n"
-    "  --print-ids     print the generated ids, space-separated, instead of text\n"
+    "  --print-ids     print the generated ids, space-separated, instead of text (the output of\n"
+    "                  --ids and --embeds)\n"
     "  --logits OUT    write 'logits' [positions, vocab] f32: every prompt position, then every decode step\n"
     "  --chunks LIST   feed the prompt in pieces of these sizes (e.g. 3,2,1), the rest in one (tests)\n"
     "  --threads N     worker threads (default: online CPUs)\n";
@@ -121,6 +122,7 @@ static int parse_gen(int argc, char **argv, gen_opts *o) {
         fprintf(stderr, "mmbridge: generate needs MODEL and one of --prompt, --ids, --embeds\n%s", usage_generate);
         return 2;
     }
+    if (!o->prompt) o->print_ids = 1; /* no tokenizer in play: the output is ids */
     if (o->embeds && o->n_images) {
         fprintf(stderr, "mmbridge: --embeds is the whole input; it takes no --image\n");
         return 2;
