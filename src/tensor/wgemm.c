@@ -124,6 +124,36 @@ TAVX512 __attribute__((always_inline)) static inline float dot_avx512(const floa
     }
 DOT_INST(avx2, TAVX2, F32) DOT_INST(avx2, TAVX2, F16) DOT_INST(avx2, TAVX2, BF16)
 DOT_INST(avx512, TAVX512, F32) DOT_INST(avx512, TAVX512, F16) DOT_INST(avx512, TAVX512, BF16)
+
+/* pan[k * NR + j] = W[n0 + j][k0 + k] for j < nc8, k < kc8 (multiples of 8): 8 x 8 tiles widened and
+ * transposed in registers (the scalar transposing copy costs as much as the GEMM at 128 rows). */
+TAVX2 static void pack_tiles_avx2(float *pan, const void *w, mmb_dtype t, int64_t ldw, int64_t n0, int nc8,
+                                  int64_t k0, int64_t kc8) {
+    const int64_t es = t == MMB_F32 ? 4 : 2;
+    for (int j = 0; j < nc8; j += 8)
+        for (int64_t k = 0; k < kc8; k += 8) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++)
+                r[i] = ld8((const unsigned char *)w + ((n0 + j + i) * ldw + k0) * es, t, k);
+            __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+            __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+            __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+            __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            float *o = pan + k * NR + j;
+            _mm256_store_ps(o + 0 * NR, _mm256_permute2f128_ps(s0, s4, 0x20));
+            _mm256_store_ps(o + 1 * NR, _mm256_permute2f128_ps(s1, s5, 0x20));
+            _mm256_store_ps(o + 2 * NR, _mm256_permute2f128_ps(s2, s6, 0x20));
+            _mm256_store_ps(o + 3 * NR, _mm256_permute2f128_ps(s3, s7, 0x20));
+            _mm256_store_ps(o + 4 * NR, _mm256_permute2f128_ps(s0, s4, 0x31));
+            _mm256_store_ps(o + 5 * NR, _mm256_permute2f128_ps(s1, s5, 0x31));
+            _mm256_store_ps(o + 6 * NR, _mm256_permute2f128_ps(s2, s6, 0x31));
+            _mm256_store_ps(o + 7 * NR, _mm256_permute2f128_ps(s3, s7, 0x31));
+        }
+}
 #endif
 
 typedef float (*dot_fn)(const float *x, const void *w, mmb_dtype t, int64_t K);
@@ -145,19 +175,31 @@ static dot_fn pick_dot(mmb_dtype t) {
 /* Rows [n0, n0 + nc) and columns [k0, k0 + kc) of W -> pan (kc x NR, k-major), columns nc..NR-1 zero. */
 static void pack_panel(float *pan, const mmb_wmat *w, int64_t n0, int nc, int64_t k0, int64_t kc) {
     size_t es = mmb_dtype_size(w->dtype);
+    int nc8 = 0;
+    int64_t kc8 = 0;
+#if WG_X86
+    int isa = mmb__gemm_own_isa();
+    if (isa >= 1 && (w->dtype != MMB_F16 || __builtin_cpu_supports("f16c"))) {
+        nc8 = nc / 8 * 8;
+        kc8 = kc / 8 * 8;
+        pack_tiles_avx2(pan, w->data, w->dtype, w->k, n0, nc8, k0, kc8);
+    }
+#endif
     for (int j = 0; j < nc; j++) {
+        int64_t kfrom = j < nc8 ? kc8 : 0; /* the tiles did [0, kc8) of rows [0, nc8) */
+        if (kfrom == kc) continue;
         const unsigned char *row = (const unsigned char *)w->data + (size_t)((n0 + j) * w->k + k0) * es;
         if (w->dtype == MMB_BF16) {
             const uint16_t *r = (const uint16_t *)row;
-            for (int64_t k = 0; k < kc; k++) {
+            for (int64_t k = kfrom; k < kc; k++) {
                 uint32_t u = (uint32_t)r[k] << 16;
                 memcpy(&pan[k * NR + j], &u, 4);
             }
         } else if (w->dtype == MMB_F32) {
             const float *r = (const float *)row;
-            for (int64_t k = 0; k < kc; k++) pan[k * NR + j] = r[k];
+            for (int64_t k = kfrom; k < kc; k++) pan[k * NR + j] = r[k];
         } else {
-            for (int64_t k = 0; k < kc; k++) pan[k * NR + j] = cvt1(row, w->dtype, k);
+            for (int64_t k = kfrom; k < kc; k++) pan[k * NR + j] = cvt1(row, w->dtype, k);
         }
     }
     for (int j = nc; j < NR; j++)
