@@ -61,7 +61,7 @@ static float dot_scalar(const float *x, const void *w, mmb_dtype t, int64_t K) {
 #define TAVX2 __attribute__((target("avx2,fma,f16c")))
 #define TAVX512 __attribute__((target("avx512f,avx512vl,fma")))
 
-TAVX2 static inline __m256 ld8(const void *w, mmb_dtype t, int64_t k) {
+TAVX2 __attribute__((always_inline)) static inline __m256 ld8(const void *w, mmb_dtype t, int64_t k) {
     if (t == MMB_F32) return _mm256_loadu_ps((const float *)w + k);
     __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + k));
     if (t == MMB_F16) return _mm256_cvtph_ps(h);
@@ -92,7 +92,7 @@ TAVX2 __attribute__((always_inline)) static inline float dot_avx2(const float *x
     return s;
 }
 
-TAVX512 static inline __m512 ld16(const void *w, mmb_dtype t, int64_t k) {
+TAVX512 __attribute__((always_inline)) static inline __m512 ld16(const void *w, mmb_dtype t, int64_t k) {
     if (t == MMB_F32) return _mm512_loadu_ps((const float *)w + k);
     __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k));
     if (t == MMB_F16) return _mm512_cvtph_ps(h);
