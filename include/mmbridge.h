@@ -629,6 +629,121 @@ MMB_API mmb_sampler mmb_sampler_default(void);
  * pointers, vocab < 1 or vocab > INT32_MAX; MMB_ERR_NOMEM (sampling needs 8 * vocab bytes). */
 MMB_API mmb_status mmb_sample(mmb_ctx *ctx, mmb_sampler *s, const float *logits, int64_t vocab, int32_t *token);
 
+/* ---------------------------------------------------------------------------------------------
+ * Tokenizer: a checkpoint's tokenizer.json (Hugging Face `tokenizers` format), encoding and decoding
+ * as that library does. Supported: the BPE model (merges stored as "a b" strings or [a, b] pairs,
+ * byte_fallback, fuse_unk, ignore_merges, unk_token, continuing_subword_prefix / end_of_word_suffix);
+ * normalizers NFC, NFD, NFKC, NFKD, Lowercase, Prepend, Replace, Strip, Sequence; pre-tokenizers
+ * Split (String or Regex pattern, every behavior, invert), ByteLevel, Metaspace, Digits, Whitespace,
+ * WhitespaceSplit, Sequence; decoders ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace,
+ * Sequence; post-processors TemplateProcessing, ByteLevel, RobertaProcessing, BertProcessing,
+ * Sequence; added tokens with their special, normalized, lstrip, rstrip and single_word flags.
+ * Everything else (WordPiece, Unigram and WordLevel models, a Precompiled normalizer, ...) is refused
+ * at open with MMB_ERR_UNSUPPORTED naming the file and the component. docs/decisions.md has details.
+ * A tokenizer is immutable once open and may be shared by threads.
+ */
+typedef struct mmb_tokenizer mmb_tokenizer;
+
+/* Opens dir/tokenizer.json, and when present dir/tokenizer_config.json (bos_token, eos_token,
+ * unk_token, pad_token, chat_template, tokenizer_class, legacy, add_prefix_space),
+ * dir/special_tokens_map.json, dir/chat_template.jinja, dir/chat_template.json,
+ * dir/generation_config.json and dir/config.json (bos / eos ids). As transformers 5 does, the file's
+ * post-processor decides the special tokens added (add_bos_token is not read), and tokenizer_class
+ * "LlamaTokenizer" replaces the file's normalizer, pre-tokenizer and decoder with the ones that class
+ * builds (Metaspace, prepend_scheme "first"). Returns MMB_OK and sets *out; MMB_ERR_IO
+ * (no tokenizer.json), MMB_ERR_FORMAT (malformed JSON, a merge naming an absent token, a bad regex),
+ * MMB_ERR_UNSUPPORTED (a model type other than BPE, an unknown component), MMB_ERR_ARG for NULL,
+ * MMB_ERR_NOMEM. Messages name the file. */
+MMB_API mmb_status mmb_tokenizer_open(mmb_ctx *ctx, const char *dir, mmb_tokenizer **out);
+
+/* Frees t. NULL is a no-op. */
+MMB_API void mmb_tokenizer_free(mmb_tokenizer *t);
+
+/* Encodes len bytes of UTF-8 text (no NUL needed; len 0 is the empty text) into token ids, as
+ * tokenizers' Tokenizer.encode(text, add_special_tokens=add_special) does: added tokens split out
+ * first, then normalizer, pre-tokenizer, BPE, and with add_special the post-processor's tokens (BOS
+ * for Llama). *ids is malloc'd (the caller frees it; non-NULL even for zero ids), *n its length.
+ * Returns MMB_OK; MMB_ERR_ARG for NULL pointers or text that is not valid UTF-8 (the message gives
+ * the byte offset); MMB_ERR_NOMEM. Outputs untouched on failure. */
+MMB_API mmb_status mmb_tokenizer_encode(mmb_ctx *ctx, const mmb_tokenizer *t, const char *text, size_t len,
+                                        int add_special, int32_t **ids, int64_t *n);
+
+/* Decodes n ids into UTF-8 text as tokenizers' Tokenizer.decode(ids, skip_special_tokens) does
+ * (transformers' decode too: it skips clean_up_tokenization_spaces for BPE): ids the tokenizer does
+ * not know are skipped, byte sequences that are not UTF-8 become U+FFFD. *text is malloc'd and
+ * NUL-terminated (the caller frees it), *len its length without the NUL. Returns MMB_OK; MMB_ERR_ARG
+ * for NULL pointers or n < 0; MMB_ERR_NOMEM. */
+MMB_API mmb_status mmb_tokenizer_decode(mmb_ctx *ctx, const mmb_tokenizer *t, const int32_t *ids, int64_t n,
+                                        int skip_special, char **text, size_t *len);
+
+/* Streaming: decodes the growing list ids[0, n) and returns in *text (malloc'd, NUL-terminated,
+ * caller frees) only the bytes past *emitted (the count already handed out; start at 0) that are
+ * final: a trailing incomplete UTF-8 sequence, or a trailing run of U+FFFD that more byte tokens
+ * may still complete, is held back until a later call completes it or until a call with flush != 0
+ * (after the last token) hands out everything. Advances *emitted by *len. Printing each piece
+ * prints exactly mmb_tokenizer_decode's text for the final list. Returns as mmb_tokenizer_decode. */
+MMB_API mmb_status mmb_tokenizer_decode_stream(mmb_ctx *ctx, const mmb_tokenizer *t, const int32_t *ids, int64_t n,
+                                               int skip_special, int flush, size_t *emitted, char **text,
+                                               size_t *len);
+
+/* The id of a token given by its exact text (an added token's content, or a vocabulary entry in
+ * the model's own spelling, e.g. "Ġthe" or "▁the"); -1 if absent or NULL. */
+MMB_API int32_t mmb_tokenizer_token_id(const mmb_tokenizer *t, const char *token);
+
+/* The text of token `id` in the model's own spelling (an added token's content), owned by t; NULL
+ * for an unknown id. */
+MMB_API const char *mmb_tokenizer_token_text(const mmb_tokenizer *t, int32_t id);
+
+/* 1 + the largest id of the vocabulary and the added tokens: ids in [0, size) are the ones the
+ * tokenizer may produce (an id without a token in that range is skipped by decode). 0 for NULL. */
+MMB_API int64_t mmb_tokenizer_vocab_size(const mmb_tokenizer *t);
+
+/* The BOS / EOS id: tokenizer_config.json's bos_token / eos_token (else special_tokens_map.json's),
+ * as transformers' tokenizer.bos_token_id; when the tokenizer names none, generation_config.json's
+ * bos_token_id / eos_token_id, then config.json's (top level, then text_config); the first of a list.
+ * -1 when none. */
+MMB_API int32_t mmb_tokenizer_bos_id(const mmb_tokenizer *t);
+MMB_API int32_t mmb_tokenizer_eos_id(const mmb_tokenizer *t);
+
+/* Whether id is a special added token (what skip_special drops). 0 for an unknown id. */
+MMB_API int mmb_tokenizer_is_special(const mmb_tokenizer *t, int32_t id);
+
+/* The ids generation stops at, as transformers' generate() reads them: generation_config.json's
+ * eos_token_id (an int or a list), else config.json's (top level, then text_config), else the
+ * tokenizer's EOS. Copies up to cap of them to out (may be NULL when cap is 0) and returns how many
+ * there are (0 when none). */
+MMB_API int mmb_tokenizer_stop_ids(const mmb_tokenizer *t, int32_t *out, int cap);
+
+/* ---------------------------------------------------------------------------------------------
+ * Chat templates: the checkpoint's own Jinja chat template (chat_template.jinja, chat_template.json
+ * or tokenizer_config.json's chat_template, in that order) rendered by a Jinja subset, byte for
+ * byte as transformers' apply_chat_template(messages, tokenize=False) renders it.
+ */
+typedef struct mmb_chat_msg {
+    const char *role;      /* "system", "user", "assistant", ... */
+    const char *content;   /* UTF-8 text; images as the checkpoint's placeholder, e.g. "<image>\n..." */
+} mmb_chat_msg;
+
+/* Renders msgs[0, n) with the template, with add_generation_prompt, bos_token, eos_token, unk_token
+ * and pad_token set as transformers sets them. A template that iterates a message's content as a list
+ * of parts (llava-hf's processors) sees a string content as [{"type": "text", "text": content}].
+ * *out is malloc'd and NUL-terminated (the caller frees it). Returns MMB_OK; MMB_ERR_MISSING when the
+ * tokenizer has no chat template; MMB_ERR_UNSUPPORTED for a Jinja construct outside the subset (the
+ * message names it and the line); MMB_ERR_FORMAT for a template syntax error or a runtime error
+ * (raise_exception's message, an undefined attribute of an undefined value, a type error);
+ * MMB_ERR_ARG for NULL pointers or n < 0; MMB_ERR_NOMEM. */
+MMB_API mmb_status mmb_chat_render(mmb_ctx *ctx, const mmb_tokenizer *t, const mmb_chat_msg *msgs, int n,
+                                   int add_generation_prompt, char **out);
+
+/* As mmb_chat_render with the messages given as transformers takes them, a JSON array of objects
+ * (e.g. [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]), and with
+ * the template given explicitly (NULL: the tokenizer's). extra_json, when not NULL, is a JSON object
+ * of further template variables (e.g. {"tools": [...]}). t may be NULL when template is given
+ * (special tokens then undefined). Returns as mmb_chat_render, MMB_ERR_FORMAT for malformed JSON. */
+MMB_API mmb_status mmb_chat_render_json(mmb_ctx *ctx, const mmb_tokenizer *t, const char *template_text,
+                                        const char *messages_json, const char *extra_json,
+                                        int add_generation_prompt, char **out);
+
 #ifdef __cplusplus
 }
 #endif

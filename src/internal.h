@@ -225,6 +225,19 @@ bool mmb__cfg_bool(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, bool *out,
 /* An int or a list of ints (vision_feature_layer); at most `cap` values. */
 bool mmb__cfg_ints(mmb_ctx *ctx, const mmb_ckpt *c, const char *path, int *out, int cap, int *n, mmb_status *s);
 
+/* ---- lm/tokenizer.c, lm/chat.c (tokenizer and chat templates) --------------------------------- */
+
+/* Reads and parses the JSON object in `path` (io/checkpoint.c). Returns MMB_OK and sets *out (the
+ * caller cJSON_Deletes it), MMB_ERR_IO when it cannot be read, MMB_ERR_FORMAT for malformed JSON or
+ * a top level that is not an object; messages name the path. */
+mmb_status mmb__json_read(mmb_ctx *ctx, const char *path, cJSON **out);
+/* The tokenizer's chat template (chat_template.jinja, chat_template.json or tokenizer_config.json's
+ * chat_template) or NULL, and the path it came from (for messages). */
+const char *mmb__tokenizer_chat_template(const mmb_tokenizer *t, const char **source);
+/* The content of the special token `name` ("bos_token", "eos_token", "unk_token", "pad_token") as
+ * tokenizer_config.json (or special_tokens_map.json) names it, or NULL. */
+const char *mmb__tokenizer_special(const mmb_tokenizer *t, const char *name);
+
 /* ---- connectors/registry.c: the connector vtable ---------------------------------------------- */
 
 /* What the model tells a connector to build. */

@@ -30,4 +30,7 @@ int cli_compare(int argc, char **argv);
 /* mmbridge generate (tools/generate.c). */
 int cli_generate(int argc, char **argv);
 
+/* mmbridge tokenize (tools/tokenize.c). */
+int cli_tokenize(int argc, char **argv);
+
 #endif

@@ -49,6 +49,8 @@ static mmb_status read_json(mmb_ctx *ctx, const char *path, cJSON **out) {
     return s;
 }
 
+mmb_status mmb__json_read(mmb_ctx *ctx, const char *path, cJSON **out) { return read_json(ctx, path, out); }
+
 static char *join(const char *dir, const char *name) {
     size_t n = strlen(dir) + strlen(name) + 2;
     char *p = malloc(n);
