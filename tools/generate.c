@@ -21,7 +21,8 @@ static const char *usage_generate =
     "--print-ids) streams to stdout; prefill and decode speeds go to stderr at the end.\n"
     "\n"
     "  --prompt TEXT   through the chat template of tokenizer_config.json / chat_template.json, then\n"
-    "                  tokenized (--raw: tokenized verbatim)\n"
+    "                  tokenized (--raw: tokenized verbatim, with the tokenizer's BOS); without an\n"
+    "                  image placeholder (<image>) in TEXT, one per --image is put in front\n"
     "  --ids LIST      the prompt as token ids, comma-separated (no tokenizer needed)\n"
     "  --embeds FILE   the prompt as input embeddings: tensor 'embeds' [n, d_model] of a safetensors file\n"
     "  -n N            tokens to generate (default 128; 0: prefill only)\n"
@@ -253,6 +254,52 @@ done:
     return out;
 }
 
+/* --prompt: the text (with one placeholder per image put in front when it has none), through the chat
+ * template unless --raw, tokenized as transformers does (apply_chat_template adds no special tokens; a raw
+ * prompt gets the post-processor's, e.g. BOS). Returns 0, or 1 after printing the error. */
+static int prompt_ids(mmb_ctx *ctx, const gen_opts *o, const mmb_tokenizer *tok, int32_t image_token, int32_t **ids,
+                      int64_t *n) {
+    const char *ph = image_token >= 0 ? mmb_tokenizer_token_text(tok, image_token) : NULL;
+    size_t extra = ph && o->n_images && !strstr(o->prompt, ph) ? (strlen(ph) + 1) * (size_t)o->n_images : 0;
+    char *text = malloc(strlen(o->prompt) + extra + 1), *rendered = NULL;
+    if (!text) { fprintf(stderr, "mmbridge: error: out of memory\n"); return 1; }
+    text[0] = 0;
+    for (int k = 0; extra && k < o->n_images; k++) { strcat(text, ph); strcat(text, "\n"); }
+    strcat(text, o->prompt);
+    int r = 0;
+    if (!o->raw) {
+        mmb_chat_msg m = {"user", text};
+        if (mmb_chat_render(ctx, tok, &m, 1, 1, &rendered) != MMB_OK) r = cli_fail(ctx, NULL);
+    }
+    const char *in = o->raw ? text : rendered;
+    if (!r && mmb_tokenizer_encode(ctx, tok, in, strlen(in), o->raw, ids, n) != MMB_OK) r = cli_fail(ctx, NULL);
+    free(text);
+    free(rendered);
+    return r;
+}
+
+/* Text mode: prints the decoded text of gen[0, n) not printed yet and appends it to *all; returns 1 when a
+ * --stop string has appeared. */
+static int stream_text(mmb_ctx *ctx, const gen_opts *o, const mmb_tokenizer *tok, const int32_t *gen, int64_t n,
+                       int flush, size_t *emitted, char **all, size_t *all_len) {
+    char *piece = NULL;
+    size_t len = 0;
+    if (mmb_tokenizer_decode_stream(ctx, tok, gen, n, 1, flush, emitted, &piece, &len) != MMB_OK) return 0;
+    fwrite(piece, 1, len, stdout);
+    fflush(stdout);
+    char *b = realloc(*all, *all_len + len + 1);
+    if (b) {
+        memcpy(b + *all_len, piece, len);
+        *all_len += len;
+        b[*all_len] = 0;
+        *all = b;
+    }
+    free(piece);
+    for (int k = 0; b && k < o->n_stops; k++)
+        if (strstr(*all, o->stops[k])) return 1;
+    return 0;
+}
+
 /* --embeds: tensor 'embeds' [n, d] (or [1, n, d]). */
 static float *read_embeds(mmb_ctx *ctx, const char *path, int64_t d, int64_t *n) {
     mmb_st_file *f = NULL;
@@ -295,6 +342,10 @@ int cli_generate(int argc, char **argv) {
     if (mmb_ctx_new(&cp, &ctx) != MMB_OK) return cli_fail(NULL, "cannot create a context");
     mmb_lm *lm = NULL;
     mmb_kv_cache *kv = NULL;
+    mmb_tokenizer *tok = NULL;
+    int32_t *gen = NULL;
+    char *text = NULL;
+    size_t emitted = 0, text_len = 0;
     int64_t *ids64 = NULL, n_ids = 0, n = 0, *chunks = NULL, n_chunks = 0, rows = 0, cap = 0;
     int32_t *ids = NULL;
     float *emb = NULL, *lg = NULL, *all = NULL, *e1 = NULL;
@@ -304,9 +355,16 @@ int cli_generate(int argc, char **argv) {
     mmb_lm_get_info(lm, &li);
     if (o.chunks && !(chunks = parse_list("--chunks", o.chunks, 1, INT32_MAX, &n_chunks))) { r = 2; goto done; }
     if (o.prompt) {
-        fprintf(stderr, "mmbridge: error: %s: --prompt needs the tokenizer, not in this build yet; give --ids\n",
-                o.model);
-        goto done;
+        if (mmb_tokenizer_open(ctx, o.model, &tok) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
+        if (prompt_ids(ctx, &o, tok, li.image_token, &ids, &n_ids)) goto done;
+        if (!(emb = assemble(ctx, &o, lm, ids, n_ids, &n))) goto done;
+        int32_t stop[8];
+        int ns = mmb_tokenizer_stop_ids(tok, stop, 8);
+        for (int k = 0; k < ns && k < 8 && li.n_eos < 8; k++) {
+            int dup = 0;
+            for (int e = 0; e < li.n_eos; e++) dup |= li.eos[e] == stop[k];
+            if (!dup) li.eos[li.n_eos++] = stop[k];
+        }
     } else if (o.ids) {
         if (!(ids64 = parse_list("--ids", o.ids, 0, INT32_MAX, &n_ids))) { r = 2; goto done; }
         if (!(ids = malloc(sizeof *ids * (size_t)n_ids))) goto done;
@@ -340,15 +398,21 @@ int cli_generate(int argc, char **argv) {
     const float *last = o.logits ? lg + (n - 1) * li.vocab : lg;
     if (o.logits && keep_logits(&all, &rows, &cap, lg, n, li.vocab)) goto done;
     long steps = 0;
+    if (o.n_new > 0 && !(gen = malloc(sizeof *gen * (size_t)o.n_new))) goto done;
     for (long g = 0; g < o.n_new; g++) {
-        int32_t tok;
-        if (mmb_sample(ctx, &o.smp, last, li.vocab, &tok) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
-        int eos = 0;
-        for (int k = 0; k < li.n_eos && !o.ignore_eos; k++) eos |= tok == li.eos[k];
-        if (o.print_ids) printf("%s%d", g ? " " : "", (int)tok);
+        int32_t t;
+        if (mmb_sample(ctx, &o.smp, last, li.vocab, &t) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
+        gen[g] = t;
+        int eos = 0, stop = 0;
+        for (int k = 0; k < li.n_eos && !o.ignore_eos; k++) eos |= t == li.eos[k];
+        if (o.print_ids) printf("%s%d", g ? " " : "", (int)t);
+        else stop = stream_text(ctx, &o, tok, gen, g + 1, 0, &emitted, &text, &text_len);
         fflush(stdout);
-        if (eos || g + 1 == o.n_new || mmb_kv_cache_len(kv) >= kvcap) break;
-        if (mmb_lm_embed(ctx, lm, &tok, 1, e1) != MMB_OK || mmb_lm_forward(ctx, lm, kv, e1, 1, lg, 1) != MMB_OK) {
+        if (eos || stop || g + 1 == o.n_new || mmb_kv_cache_len(kv) >= kvcap) {
+            if (!o.print_ids) stream_text(ctx, &o, tok, gen, g + 1, 1, &emitted, &text, &text_len);
+            break;
+        }
+        if (mmb_lm_embed(ctx, lm, &t, 1, e1) != MMB_OK || mmb_lm_forward(ctx, lm, kv, e1, 1, lg, 1) != MMB_OK) {
             cli_fail(ctx, NULL);
             goto done;
         }
@@ -357,7 +421,7 @@ int cli_generate(int argc, char **argv) {
         if (o.logits && keep_logits(&all, &rows, &cap, lg, 1, li.vocab)) goto done;
     }
     double t2 = now_s();
-    if (o.print_ids) printf("\n");
+    printf("\n");
     fflush(stdout);
     if (o.logits) {
         mmb_tensor t = {.name = "logits", .dtype = MMB_F32, .ndim = 2, .shape = {rows, li.vocab}, .data = all};
@@ -375,6 +439,9 @@ done:
     free(lg);
     free(all);
     free(e1);
+    free(gen);
+    free(text);
+    mmb_tokenizer_free(tok);
     mmb_kv_cache_free(kv);
     mmb_lm_free(lm);
     mmb_ctx_free(ctx);

@@ -363,3 +363,90 @@ def test_placeholder_count_mismatch(tmp_path):
           "1 image placeholder(s)", "but 2 image(s)")
     fails(["generate", d, "--ids", f"1,{img_tok},3,{img_tok}", "--image", paths[0], "-n", 1],
           "2 image placeholder(s)", "but 1 image(s)")
+
+
+# ---- --prompt: the chat template and the tokenizer ------------------------------------------------------
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def tiny_tokenizer(d):
+    """A byte-level BPE trained here, with ChatML specials and LLaVA's <image>; returns its size and <image> id."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["Describe the image in a few words.", "What is in this picture? A cat on a mat.",
+              "The quick brown fox jumps over the lazy dog."] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)])
+    d.mkdir(parents=True, exist_ok=True)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "chat_template": CHATML}))
+    return tok.get_vocab_size(), tok.token_to_id("<image>")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generate_from_a_prompt(tmp_path, arch):
+    from PIL import Image
+    from transformers import AutoTokenizer, CLIPImageProcessor
+    d = tmp_path / "llava"
+    vocab, img_tok = tiny_tokenizer(d)
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=text_config(arch, vocab_size=vocab),
+                      image_token_index=img_tok)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    randomize(model, 0)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in model.model.multi_modal_projector.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(d, safe_serialization=True)
+    proc = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    proc.save_pretrained(d)
+    paths = make_images(tmp_path, 2)
+    px = proc([Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+    hf = AutoTokenizer.from_pretrained(str(d))
+    text = hf.apply_chat_template([{"role": "user", "content": "<image>\n<image>\nDescribe the image."}],
+                                  tokenize=False, add_generation_prompt=True)
+    ids = hf(text, add_special_tokens=False).input_ids
+    per = (VISION["image_size"] // VISION["patch_size"]) ** 2
+    full = expand(ids, img_tok, per)
+    imgs = [a for p in paths for a in ("--image", p)]
+    # logits: the placeholders put in front by generate (none in the prompt)
+    got, _ = mmb_logits(d, tmp_path, "--prompt", "Describe the image.", *imgs, "-n", 0)
+    with torch.no_grad():
+        ref = model(input_ids=full[None], pixel_values=px).logits[0]
+    err = scaled_err(got, ref)
+    print(f"prompt + chat template, {arch}, 2 images: {len(full)} positions, scaled max err {err:.2e}")
+    assert got.shape == ref.shape and err <= 1e-4
+    with torch.no_grad():
+        out = model.generate(input_ids=full[None], pixel_values=px, attention_mask=torch.ones(1, len(full), dtype=torch.long),
+                             do_sample=False, max_new_tokens=32, min_new_tokens=32, pad_token_id=0)
+    ref_ids = out[0, len(full):].tolist()
+    p = run("generate", d, "--prompt", "<image>\n<image>\nDescribe the image.", *imgs, "-n", 32, "--ignore-eos",
+            "--print-ids", "--threads", 2)
+    assert [int(t) for t in p.stdout.split()] == ref_ids
+    # text mode: the streamed text is the tokenizer's decode of the same ids
+    p = run("generate", d, "--prompt", "Describe the image.", *imgs, "-n", 32, "--ignore-eos", "--threads", 2)
+    assert p.stdout == hf.decode(ref_ids, skip_special_tokens=True) + "\n"
+    # --raw: no template; the raw text's ids
+    raw_ids = hf("<image> hi <image>", add_special_tokens=True).input_ids
+    got, _ = mmb_logits(d, tmp_path, "--prompt", "<image> hi <image>", "--raw", *imgs, "-n", 0)
+    with torch.no_grad():
+        ref = model(input_ids=expand(raw_ids, img_tok, per)[None], pixel_values=px).logits[0]
+    assert scaled_err(got, ref) <= 1e-4
+    # a stop string ends the text once it appears
+    full_text = hf.decode(ref_ids, skip_special_tokens=True)
+    if len(full_text) > 4:
+        stop = full_text[2:4]
+        p = run("generate", d, "--prompt", "Describe the image.", *imgs, "-n", 32, "--ignore-eos", "--stop", stop)
+        assert stop in p.stdout and len(p.stdout) < len(full_text) + 1 and full_text.startswith(p.stdout.rstrip("\n"))
+    # no tokenizer file
+    (d / "tokenizer.json").unlink()
+    fails(["generate", d, "--prompt", "Describe the image.", *imgs, "-n", 1], "tokenizer.json")
