@@ -528,6 +528,108 @@ MMB_API mmb_status mmb_preprocess_run(mmb_ctx *ctx, const mmb_preprocess *p, con
 MMB_API int mmb_model_routing_stats(const mmb_model *m, int64_t *counts, int cap);
 
 /* ---------------------------------------------------------------------------------------------
+ * The LLM: a Llama-family decoder (Llama, Vicuna, Mistral, Qwen2) as transformers runs it, with a KV
+ * cache, for generation from text ids or from embeddings (type C: visual embeddings spliced into the text).
+ *
+ *     mmb_lm *lm; mmb_kv_cache *kv;
+ *     mmb_lm_open(ctx, "dir", &lm);  mmb_lm_info li;  mmb_lm_get_info(lm, &li);
+ *     mmb_kv_cache_new(ctx, lm, n_prompt + n_new, &kv);
+ *     mmb_lm_embed(ctx, lm, ids, n_prompt, emb);                 // emb [n_prompt, d_model]
+ *     mmb_lm_forward(ctx, lm, kv, emb, n_prompt, logits, 1);     // prefill: logits [vocab] of the last
+ *     for (...) { mmb_sample(ctx, &smp, logits, li.vocab, &id); mmb_lm_embed(ctx, lm, &id, 1, emb);
+ *                 mmb_lm_forward(ctx, lm, kv, emb, 1, logits, 1); }
+ */
+typedef struct mmb_lm mmb_lm;
+typedef struct mmb_kv_cache mmb_kv_cache;
+
+typedef struct mmb_lm_info {
+    const char *arch;           /* "llama" (Llama, Vicuna), "mistral" or "qwen2": the text model's model_type */
+    const char *architecture;   /* config architectures[0], e.g. "LlavaForConditionalGeneration" */
+    const char *prefix;         /* where its weights are: "model.", "language_model.model.", ... */
+    const char *rope_type;      /* "default", "linear", "dynamic" or "llama3" */
+    int64_t vocab, d_model, layers, heads, kv_heads, head_dim, intermediate;
+    int64_t max_positions;      /* max_position_embeddings, times the factor for linear and dynamic RoPE */
+    double rope_theta, rms_eps;
+    int tied;                   /* 1: the output head is the embedding matrix */
+    mmb_dtype weight_dtype;     /* dtype of the embedding matrix (the others are used in their own dtypes) */
+    int64_t params;             /* parameters, the embedding counted once */
+    int64_t bytes_per_token;    /* weight bytes one decode step reads: every layer, the final norm and the head */
+    int32_t image_token;        /* config image_token_index / image_token_id (LLaVA's <image>), -1 if none */
+    int n_eos;                  /* end-of-sequence ids: generation_config.json's eos_token_id, else config's */
+    int32_t eos[8];
+} mmb_lm_info;
+
+/* Opens the text model in checkpoint directory `dir`: LlamaForCausalLM, MistralForCausalLM,
+ * Qwen2ForCausalLM (and the Vicuna / Llama checkpoints that use them), the language model of a
+ * LlavaForConditionalGeneration (text_config; weights under model.language_model.*,
+ * language_model.model.* or language_model.*, head lm_head.weight or language_model.lm_head.weight), or
+ * original-layout LLaVA (LlavaLlamaForCausalLM, LlavaMistralForCausalLM, LlavaQwen...: model.layers.*).
+ * Weights stay mapped in their own dtype (f32, f16, bf16) and are converted inside the products; norms and
+ * biases are copied to f32. RoPE: rope_parameters (transformers 5) or rope_theta + rope_scaling, types
+ * default, linear, dynamic (NTK, recomputed from the sequence length of each forward call as transformers
+ * does) and llama3; others are MMB_ERR_UNSUPPORTED. Every tensor's presence, dtype and shape is checked.
+ * Returns MMB_OK and sets *out; MMB_ERR_IO, MMB_ERR_FORMAT, MMB_ERR_MISSING, MMB_ERR_SHAPE,
+ * MMB_ERR_UNSUPPORTED (unknown architecture, RoPE type, ...) with a message naming the file and tensor or
+ * key; MMB_ERR_NOMEM; MMB_ERR_ARG. Free with mmb_lm_free. */
+MMB_API mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out);
+
+/* Frees the model. NULL is a no-op. Caches made for it must be freed first or after, but not used after. */
+MMB_API void mmb_lm_free(mmb_lm *lm);
+
+/* Fills *out; strings belong to the model. Returns MMB_OK or MMB_ERR_ARG for NULL pointers. */
+MMB_API mmb_status mmb_lm_get_info(const mmb_lm *lm, mmb_lm_info *out);
+
+/* The embedding rows of ids[0 .. n) -> out [n, d_model] f32. Returns MMB_OK, or MMB_ERR_ARG for NULL
+ * pointers, n < 1, or an id outside [0, vocab) (the message gives the id, its position and the vocab). */
+MMB_API mmb_status mmb_lm_embed(mmb_ctx *ctx, const mmb_lm *lm, const int32_t *ids, int64_t n, float *out);
+
+/* A KV cache for up to max_tokens positions of lm (f32 keys after RoPE and values, every layer: 8 * layers
+ * * kv_heads * head_dim * max_tokens bytes). Returns MMB_OK and sets *out; MMB_ERR_SHAPE when max_tokens
+ * exceeds the model's max_positions (the message gives both); MMB_ERR_ARG for max_tokens < 1;
+ * MMB_ERR_NOMEM. Free with mmb_kv_cache_free. */
+MMB_API mmb_status mmb_kv_cache_new(mmb_ctx *ctx, const mmb_lm *lm, int64_t max_tokens, mmb_kv_cache **out);
+
+/* Frees the cache. NULL is a no-op. */
+MMB_API void mmb_kv_cache_free(mmb_kv_cache *kv);
+
+/* Empties the cache (the next forward starts at position 0). NULL is a no-op. */
+MMB_API void mmb_kv_cache_reset(mmb_kv_cache *kv);
+
+/* Positions held: the next forward's first position. 0 for NULL. */
+MMB_API int64_t mmb_kv_cache_len(const mmb_kv_cache *kv);
+
+/* Runs the decoder on n new positions given as input embeddings embeds [n, d_model] (mmb_lm_embed's rows,
+ * or any rows: type C splices visual embeddings in), appending them to the cache, the first at position
+ * mmb_kv_cache_len(kv). Causal attention over everything cached (a sliding window where the config sets
+ * one). Long inputs run in blocks of up to 256 positions, with the same result as one block. Writes logits
+ * [n, vocab] for every new position, or with last_only [vocab] for the last one only; logits may be NULL
+ * to only fill the cache. Threads: ctx's pool; scratch: ctx's arena. Returns MMB_OK; MMB_ERR_SHAPE when
+ * the cache cannot take n more positions (context overflow: the message gives the positions cached, n, and
+ * the cache's limit), with nothing appended; MMB_ERR_ARG for NULL pointers, n < 1 or a cache made for
+ * another model; MMB_ERR_NOMEM. */
+MMB_API mmb_status mmb_lm_forward(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv, const float *embeds, int64_t n,
+                                  float *logits, int last_only);
+
+/* Picks the next token from logits, as transformers' sampling does: temperature, then top-k, then top-p
+ * (nucleus: the smallest set of most likely tokens whose probability reaches top_p), then a draw from the
+ * renormalized distribution with a xorshift64* generator seeded by `seed` (the same seed gives the same
+ * tokens on every machine). temperature <= 0 is greedy: the argmax, the lowest id on ties. */
+typedef struct mmb_sampler {
+    float temperature;   /* <= 0: greedy (the default) */
+    int top_k;           /* <= 0: off */
+    float top_p;         /* >= 1 or <= 0: off */
+    uint64_t seed;
+    uint64_t state;      /* the generator's state; 0 = take it from seed at the next draw */
+} mmb_sampler;
+
+/* Returns the default sampler: greedy, top_k 0, top_p 1, seed 0. */
+MMB_API mmb_sampler mmb_sampler_default(void);
+
+/* Sets *token to the next token for logits [vocab] (not modified). Returns MMB_OK; MMB_ERR_ARG for NULL
+ * pointers, vocab < 1 or vocab > INT32_MAX; MMB_ERR_NOMEM (sampling needs 8 * vocab bytes). */
+MMB_API mmb_status mmb_sample(mmb_ctx *ctx, mmb_sampler *s, const float *logits, int64_t vocab, int32_t *token);
+
+/* ---------------------------------------------------------------------------------------------
  * Tokenizer: a checkpoint's tokenizer.json (Hugging Face `tokenizers` format), encoding and decoding
  * as that library does. Supported: the BPE model (merges stored as "a b" strings or [a, b] pairs,
  * byte_fallback, fuse_unk, ignore_merges, unk_token, continuing_subword_prefix / end_of_word_suffix);

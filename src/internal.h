@@ -151,14 +151,14 @@ void mmb__gemm_own(mmb_pool *pool, float *C, const float *A, const float *packed
 /* The same, then C = act(C), applied block by block as each is finished. */
 void mmb__gemm_own_act(mmb_pool *pool, float *C, const float *A, const float *packed, const float *bias,
                        int64_t M, int64_t N, int64_t K, mmb_act act);
-/* The micro-kernel on its own, for other blocked kernels (attention). MR = mmb__gemm_own_mr(isa)
- * rows per A micro-panel (isa as mmb__gemm_own_isa returns it); panels are 32 columns wide.
- * For i < mr <= MR, j < nc <= 32:
- *   c[i * ldc + j] = (load ? c[i * ldc + j] : 0) + sum_{k < kc} a[k * MR + i] * b[k * 32 + j]
- * b must be 64-byte aligned; rows i >= mr of a are not read. */
+/* The micro-kernel on its own, for other blocked kernels (attention, the decoder's weight products).
+ * MR = mmb__gemm_own_mr(isa) rows per A micro-panel (isa as mmb__gemm_own_isa returns it: 14 AVX-512,
+ * 6 AVX2, 4 scalar); panels are 32 columns wide. For i < mr <= MR, j < nc <= 32:
+ *   c[i * ldc + j] = (load ? c[i * ldc + j] : 0) + sum_{k < kc} a[k * MR + i] * b[k * 32 + j] + bias[j]
+ * (bias NULL: none); b must be 64-byte aligned; rows i >= mr of a are not read. */
 int mmb__gemm_own_mr(int isa);
 void mmb__gemm_own_tile(int isa, int mr, int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
-                        int nc, int load);
+                        int nc, int load, const float *bias);
 
 /* ---- tensor/half.c ---------------------------------------------------------------------------- */
 float mmb__f16_to_f32(uint16_t h);
@@ -485,5 +485,51 @@ void mmb__ffn_residual_forward(mmb_ctx *ctx, float *x, float *xn, float *h, int6
 
 extern const mmb_connector_ops mmb__conn_flamingo_perceiver;
 extern const mmb_family_ops mmb__family_idefics;
+
+/* ---- LLM decoder (lm): tensor/gemm_own.c panel access, tensor/wgemm.c, lm/decoder.c ------------- */
+
+/* The own kernel's packed panel: NR columns wide, k-major, cut into K blocks of KC (gemm_own.c). */
+#define MMB_GEMM_OWN_NR 32
+#define MMB_GEMM_OWN_KC 256
+/* A rows [0, mr) (row stride lda, kc columns) -> dst (kc x MR, k-major), rows mr..MR-1 zero; MR is
+ * mmb__gemm_own_mr(mmb__gemm_own_isa()). */
+void mmb__gemm_own_pack_a(float *dst, const float *A, int64_t lda, int mr, int64_t kc);
+
+/* A weight matrix used in its storage dtype (F32, F16, BF16): W (n, k) row-major as nn.Linear stores it,
+ * read in place from the mapped file and converted to f32 on the fly (tensor/wgemm.c). */
+typedef struct mmb_wmat {
+    const void *data;
+    mmb_dtype dtype;
+    int64_t n, k;
+} mmb_wmat;
+
+/* Rows of x up to which mmb__wmat_part streams each weight row once (GEMV); above, it packs panels (GEMM). */
+#define MMB_WMAT_GEMV_MAX 4
+/* Floats of per-thread scratch mmb__wmat_part needs for M rows of x and K columns. */
+size_t mmb__wmat_scratch(int64_t M, int64_t K);
+/* Output columns [n0, n1) of y = x W^T + bias, single-threaded (callers split the columns over threads):
+ * x (M, w->k) row stride ldx; y0 points at column n0 of row 0 of y (row stride ldy); bias (w->n) or NULL;
+ * accumulate: y += x W^T + bias instead of y =. scratch: mmb__wmat_scratch(M, w->k) floats, 64-aligned. */
+void mmb__wmat_part(float *y0, int64_t ldy, const float *x, int64_t ldx, int64_t M, const mmb_wmat *w,
+                    const float *bias, int64_t n0, int64_t n1, int accumulate, float *scratch);
+/* The oracle: y (M, w->n) = x (M, w->k) W^T + bias, weights converted element by element, sums in double. */
+void mmb__wmat_ref(float *y, const float *x, int64_t M, const mmb_wmat *w, const float *bias);
+
+/* Hooks for fusion types A (gated cross-attention) and B (adapters / visual experts): extra work inside the
+ * decoder's layer loop. The loop runs in segments between hooks; a hook is called on the caller's thread
+ * with every worker idle, so it may use ctx's pool (mmb__pool_run, mmb__linear_forward, ...); ctx's arena
+ * is NOT free for it (the decoder's activations live there: a hook brings its own scratch).
+ * x (n, d_model) is the residual stream of the n positions of the current block, the first at position
+ * pos0; a hook changes it in place. before_layer(l) runs before layer l's input RMSNorm, after_attention(l)
+ * after layer l's attention residual and before its MLP (Flamingo's gated xattn sits before a layer,
+ * adapters after attention or around the MLP). A hook's non-OK status (with its message) ends the forward;
+ * the cache then holds the positions of the earlier blocks only. */
+typedef struct mmb_lm_hook {
+    mmb_status (*before_layer)(mmb_ctx *ctx, void *user, int layer, float *x, int64_t n, int64_t pos0);
+    mmb_status (*after_attention)(mmb_ctx *ctx, void *user, int layer, float *x, int64_t n, int64_t pos0);
+    void *user;
+} mmb_lm_hook;
+/* Installs hooks[0 .. layers) (copied; NULL removes them all). Returns MMB_OK, MMB_ERR_ARG or MMB_ERR_NOMEM. */
+mmb_status mmb__lm_set_hooks(mmb_ctx *ctx, mmb_lm *lm, const mmb_lm_hook *hooks);
 
 #endif

@@ -48,4 +48,5 @@ echo "== benchmark smoke (Release)"
 ./build/bench_projector --quick
 ./build/bench_vit --quick --dir build/bench-cache
 ./build/bench_dense --quick --dir build/bench-cache
+./build/bench_decoder --quick --dir build/bench-cache
 echo "all tests passed"

@@ -27,6 +27,9 @@ static inline double cli_median(double *v, int n) {
 /* mmbridge compare (tools/compare.c). */
 int cli_compare(int argc, char **argv);
 
+/* mmbridge generate (tools/generate.c). */
+int cli_generate(int argc, char **argv);
+
 /* mmbridge tokenize (tools/tokenize.c). */
 int cli_tokenize(int argc, char **argv);
 

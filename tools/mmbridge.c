@@ -22,6 +22,8 @@ static const char *usage_main =
     "  encode MODEL IMAGE... -o OUT     images -> vision encoder -> connector -> embeddings\n"
     "  compare [MODEL...]               one table of connectors' parameters, FLOPs, tokens, LLM\n"
     "                                   prefill cost, measured latency and memory\n"
+    "  generate MODEL --image IMG --prompt TEXT\n"
+    "                                   image(s) + prompt -> the LLM -> text, streamed\n"
     "  tokenize DIR --text T            encode / decode with a checkpoint's tokenizer, render its\n"
     "                                   chat template (see `mmbridge tokenize --help`)\n"
     "  demo DIR                         write a random-weight LLaVA-1.5-7B-sized checkpoint and\n"
@@ -968,6 +970,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "connect") == 0) return cmd_connect(argc - 2, argv + 2);
     if (strcmp(cmd, "demo") == 0) return cmd_demo(argc - 2, argv + 2);
     if (strcmp(cmd, "encode") == 0) return cmd_encode(argc - 2, argv + 2);
+    if (strcmp(cmd, "generate") == 0) return cli_generate(argc - 2, argv + 2);
     if (strcmp(cmd, "compare") == 0) return cli_compare(argc - 2, argv + 2);
     if (strcmp(cmd, "tokenize") == 0) return cli_tokenize(argc - 2, argv + 2);
     fprintf(stderr, "mmbridge: unknown command '%s'\n%s", cmd, usage_main);

@@ -109,7 +109,7 @@ MMB_SIMD_CLONES static void attn_unit(const attn_job *j, const attn_bufs *w, int
             /* S^T panel: st[key * QP + i]. Columns past nq hold finite leftovers. */
             for (int r = 0; r < kpan; r++)
                 mmb__gemm_own_tile(isa, (int)(nk - r * MR < MR ? nk - r * MR : MR), hd, kp + (int64_t)r * hd * MR,
-                                   qp + p * hd * QP, st + (int64_t)r * MR * QP, QP, nc, 0);
+                                   qp + p * hd * QP, st + (int64_t)r * MR * QP, QP, nc, 0, NULL);
             float *mp = m + p * QP, *lp = l + p * QP, *cp = corr + p * QP, *op = ot + p * QP;
             mmb__vec_softmax_cols(isa, st, nk, mp, lp, cp, scale);
             if (k0 > 0)
@@ -118,7 +118,7 @@ MMB_SIMD_CLONES static void attn_unit(const attn_job *j, const attn_bufs *w, int
             /* O^T panel (+)= V^T P^T: ot[d * QB + i] */
             for (int s = 0; s < dpan; s++)
                 mmb__gemm_own_tile(isa, (int)(hd - s * MR < MR ? hd - s * MR : MR), nk, vp + s * kb * MR, st,
-                                   op + (int64_t)s * MR * QB, QB, nc, k0 > 0);
+                                   op + (int64_t)s * MR * QB, QB, nc, k0 > 0, NULL);
         }
     }
     const int64_t D = j->heads * hd;

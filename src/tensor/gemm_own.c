@@ -350,8 +350,8 @@ static inline void tile(int isa, int mr, int64_t kc, const float *a, const float
 int mmb__gemm_own_mr(int isa) { return isa == 2 ? MR512 : isa == 1 ? MR256 : MRSC; }
 
 void mmb__gemm_own_tile(int isa, int mr, int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
-                        int nc, int load) {
-    tile(isa, mr, kc, a, b, c, ldc, nc, load, NULL);
+                        int nc, int load, const float *bias) {
+    tile(isa, mr, kc, a, b, c, ldc, nc, load, bias);
 }
 
 /* ---- the driver --------------------------------------------------------------------------------- */
@@ -468,4 +468,12 @@ void mmb__gemm_own_act(mmb_pool *pool, float *C, const float *A, const float *pa
         return;
     }
     mmb__pool_run(pool, worker, &j);
+}
+
+/* ---- for drivers that pack their own panels (tensor/wgemm.c) ------------------------------------ */
+
+_Static_assert(NR == MMB_GEMM_OWN_NR && KC == MMB_GEMM_OWN_KC, "internal.h's panel constants");
+
+void mmb__gemm_own_pack_a(float *dst, const float *A, int64_t lda, int mr, int64_t kc) {
+    pack_a(dst, A, lda, mr, mmb__gemm_own_mr(mmb__gemm_own_isa()), kc);
 }

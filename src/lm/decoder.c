@@ -1,0 +1,817 @@
+/* The Llama-family decoder (Llama, Vicuna, Mistral, Qwen2) as transformers runs it:
+ *   x = embeds; for each layer: x += o_proj(attn(rope(q), rope(k), v)) of rmsnorm(x)  (causal, GQA)
+ *                               x += down(silu(gate(h)) * up(h)), h = rmsnorm(x)
+ *   logits = head(rmsnorm(x))
+ *
+ * Layout of one forward call. The n new positions run in blocks of up to BLOCK rows; for each block the
+ * whole stack is one pool job in which every thread walks the same steps and splits each one itself,
+ * with a spin barrier between dependent steps (no wake-up of the pool per product: a decode step of a
+ * 24-layer model would otherwise pay ~200 condition-variable round trips). Steps are numbered 2l (layer
+ * l's attention half), 2l + 1 (its MLP half) and 2L (final norm + head). The hooks of types A and B
+ * (internal.h, mmb_lm_hook) sit at step boundaries: the caller runs the job over the steps between two
+ * hooks, calls the hook on its own thread, and goes on, so a hook can use the pool like any layer.
+ *
+ * Weights stay in their storage dtype (tensor/wgemm.c): one row streamed per output in decode (GEMV), a
+ * converted 32-row panel per K block in prefill (GEMM on the own micro-kernel). Norm weights and biases
+ * are f32 copies. The KV cache is f32: keys after RoPE, (layer, kv_head, position, head_dim).
+ */
+#include "internal.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 256   /* prefill rows per pool job */
+
+enum { ROPE_DEFAULT, ROPE_LINEAR, ROPE_DYNAMIC, ROPE_LLAMA3 };
+static const char *const rope_names[] = {"default", "linear", "dynamic", "llama3"};
+
+typedef struct lm_layer {
+    mmb_wmat q, k, v, o, gate, up, down;
+    float *bq, *bk, *bv, *bo, *bgate, *bup, *bdown; /* f32 copies, or NULL */
+    float *ln1, *ln2;                                /* input_layernorm, post_attention_layernorm (d) */
+    int64_t window;                                  /* sliding window (keys per query), 0 = none */
+} lm_layer;
+
+struct mmb_lm {
+    mmb_ckpt ck;
+    mmb_lm_info info;
+    char *architecture, *prefix;
+    int64_t d, I, H, KVH, hd, vocab, L, mpe;
+    float eps;
+    int rope;
+    double theta, factor, low_ff, high_ff;
+    int64_t orig_mpe;
+    float *inv_freq;           /* (hd / 2): the frequencies of every rope type but dynamic beyond mpe */
+    mmb_wmat embed, head;
+    float *norm;
+    lm_layer *layers;
+    mmb_lm_hook *hooks;        /* (L) or NULL */
+    void **owned;              /* realigned copies of weights whose file offset was not aligned */
+    int n_owned;
+};
+
+struct mmb_kv_cache {
+    const mmb_lm *lm;
+    int64_t cap, len;
+    float *k, *v;              /* (L, KVH, cap, hd) */
+};
+
+/* ---- config ------------------------------------------------------------------------------------- */
+
+typedef struct cfgr {
+    mmb_ctx *ctx;
+    const mmb_ckpt *c;
+    const char *tp;            /* "text_config." or "" */
+    mmb_status s;
+} cfgr;
+
+static const char *key(const cfgr *r, const char *k, char *buf, size_t n) {
+    snprintf(buf, n, "%s%s", r->tp, k);
+    return buf;
+}
+
+static int64_t cint(cfgr *r, const char *k, int64_t def) {
+    char b[160];
+    int64_t v = def;
+    if (r->s == MMB_OK) mmb__cfg_int(r->ctx, r->c, key(r, k, b, sizeof b), &v, &r->s);
+    return v;
+}
+
+static double cnum(cfgr *r, const char *k, double def) {
+    char b[160];
+    double v = def;
+    if (r->s == MMB_OK) mmb__cfg_num(r->ctx, r->c, key(r, k, b, sizeof b), &v, &r->s);
+    return v;
+}
+
+static bool cbool(cfgr *r, const char *k, bool def, bool *present) {
+    char b[160];
+    bool v = def, got = false;
+    if (r->s == MMB_OK) got = mmb__cfg_bool(r->ctx, r->c, key(r, k, b, sizeof b), &v, &r->s);
+    if (present) *present = got;
+    return v;
+}
+
+/* The class defaults of transformers' LlamaConfig, MistralConfig and Qwen2Config for absent keys. */
+typedef struct arch_defaults {
+    const char *name;
+    int64_t vocab, hidden, inter, layers, heads, kv_heads, mpe;
+} arch_defaults;
+static const arch_defaults archs[] = {
+    {"llama", 32000, 4096, 11008, 32, 32, 0, 2048},
+    {"mistral", 32000, 4096, 14336, 32, 32, 8, 4096 * 32},
+    {"qwen2", 151936, 4096, 22016, 32, 32, 32, 32768},
+};
+
+static const arch_defaults *find_arch(const char *model_type, const char *architecture) {
+    for (size_t i = 0; i < sizeof archs / sizeof archs[0]; i++)
+        if (model_type && strcmp(model_type, archs[i].name) == 0) return &archs[i];
+    /* Original LLaVA: model_type llava / llava_llama / llava_mistral / llava_qwen, weights at model.* */
+    if (architecture && strncmp(architecture, "Llava", 5) == 0 && strstr(architecture, "ForCausalLM")) {
+        if (strstr(architecture, "Mistral")) return &archs[1];
+        if (strstr(architecture, "Qwen")) return &archs[2];
+        return &archs[0];
+    }
+    return NULL;
+}
+
+/* rope_parameters (transformers 5) or rope_scaling + rope_theta (earlier files). */
+static mmb_status read_rope(cfgr *r, mmb_lm *lm) {
+    mmb_ctx *ctx = r->ctx;
+    const cJSON *root = r->c->config;
+    if (*r->tp) root = cJSON_GetObjectItemCaseSensitive(root, "text_config");
+    const cJSON *rp = cJSON_GetObjectItemCaseSensitive(root, "rope_parameters");
+    const char *which = "rope_parameters";
+    if (!cJSON_IsObject(rp)) {
+        rp = cJSON_GetObjectItemCaseSensitive(root, "rope_scaling");
+        which = "rope_scaling";
+    }
+    if (rp && !cJSON_IsObject(rp) && !cJSON_IsNull(rp))
+        return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: '%s%s' is not an object", r->c->dir, r->tp, which);
+    lm->theta = cnum(r, "rope_theta", 10000.0);
+    lm->factor = 1.0;
+    lm->rope = ROPE_DEFAULT;
+    if (r->s != MMB_OK) return r->s;
+    if (!cJSON_IsObject(rp)) return MMB_OK;
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(rp, "rope_type");
+    if (!cJSON_IsString(t)) t = cJSON_GetObjectItemCaseSensitive(rp, "type");
+    const char *type = cJSON_IsString(t) ? t->valuestring : "default";
+    int k = -1;
+    for (int i = 0; i < 4; i++)
+        if (strcmp(type, rope_names[i]) == 0) k = i;
+    if (k < 0)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED,
+                        "%s/config.json: %s%s: rope type '%s' is not supported (default, linear, dynamic, llama3)",
+                        r->c->dir, r->tp, which, type);
+    lm->rope = k;
+    const char *need[4] = {NULL, "factor", "factor", "factor"};
+    const char *names[] = {"rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+                           "original_max_position_embeddings", "partial_rotary_factor"};
+    double vals[6] = {lm->theta, 1.0, 1.0, 4.0, (double)lm->mpe, 1.0};
+    for (int i = 0; i < 6; i++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(rp, names[i]);
+        if (cJSON_IsNumber(v)) vals[i] = v->valuedouble;
+        else if (v && !cJSON_IsNull(v))
+            return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: %s%s.%s is not a number", r->c->dir, r->tp, which,
+                            names[i]);
+        else if (need[k] && strcmp(need[k], names[i]) == 0)
+            return mmb__err(ctx, MMB_ERR_MISSING, "%s/config.json: %s%s: rope type '%s' needs '%s'", r->c->dir,
+                            r->tp, which, type, names[i]);
+    }
+    if (vals[5] != 1.0)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: partial_rotary_factor %g is not supported (1 only)",
+                        r->c->dir, vals[5]);
+    if (!(vals[0] > 1.0) || !(vals[1] >= 1.0) || (k == ROPE_LLAMA3 && !(vals[3] > vals[2] && vals[2] > 0)))
+        return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: %s%s: bad values (rope_theta %g, factor %g, "
+                        "low_freq_factor %g, high_freq_factor %g)", r->c->dir, r->tp, which, vals[0], vals[1],
+                        vals[2], vals[3]);
+    lm->theta = vals[0];
+    lm->factor = vals[1];
+    lm->low_ff = vals[2];
+    lm->high_ff = vals[3];
+    lm->orig_mpe = (int64_t)vals[4];
+    return MMB_OK;
+}
+
+/* inv_freq[i], i < hd / 2, in float32 as transformers computes it; seq_len matters for dynamic only. */
+static void rope_inv_freq(const mmb_lm *lm, int64_t seq_len, float *inv) {
+    const int64_t dim = lm->hd;
+    float base = (float)lm->theta;
+    if (lm->rope == ROPE_DYNAMIC && seq_len > lm->mpe) {
+        float f = (float)lm->factor;
+        float t = f * (float)seq_len / (float)lm->mpe - (f - 1.0f);
+        base = (float)(lm->theta * (double)powf(t, (float)((double)dim / (double)(dim - 2))));
+    }
+    for (int64_t i = 0; i < dim / 2; i++) inv[i] = 1.0f / powf(base, (float)(2 * i) / (float)dim);
+    if (lm->rope == ROPE_LINEAR)
+        for (int64_t i = 0; i < dim / 2; i++) inv[i] /= (float)lm->factor;
+    if (lm->rope == ROPE_LLAMA3) {
+        float f = (float)lm->factor, lo = (float)lm->low_ff, hi = (float)lm->high_ff, old = (float)lm->orig_mpe;
+        float lo_wl = old / lo, hi_wl = old / hi;
+        for (int64_t i = 0; i < dim / 2; i++) {
+            float wl = 2.0f * 3.14159265358979323846f / inv[i];
+            float v = wl > lo_wl ? inv[i] / f : inv[i];
+            if (!(wl < hi_wl) && !(wl > lo_wl)) {
+                float s = (old / wl - lo) / (hi - lo);
+                v = (1.0f - s) * v / f + s * v;
+            }
+            inv[i] = v;
+        }
+    }
+}
+
+/* Appends the id or ids of j (a number or a list) to eos, without repeats. */
+static void add_ids(const cJSON *j, int32_t *eos, int *n) {
+    const cJSON *e = cJSON_IsArray(j) ? j->child : j;
+    for (; e; e = cJSON_IsArray(j) ? e->next : NULL) {
+        if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble > INT32_MAX) continue;
+        int32_t id = (int32_t)e->valuedouble;
+        bool dup = false;
+        for (int i = 0; i < *n; i++) dup |= eos[i] == id;
+        if (!dup && *n < 8) eos[(*n)++] = id;
+    }
+}
+
+/* The special ids generation needs: <image> and the end-of-sequence ids (generation_config.json first, as
+ * transformers' generate reads them, then the text config, then the top level). */
+static void read_special(mmb_lm *lm, const cJSON *text) {
+    const cJSON *root = lm->ck.config;
+    lm->info.image_token = -1;
+    const char *names[] = {"image_token_index", "image_token_id"};
+    for (int i = 0; i < 2 && lm->info.image_token < 0; i++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, names[i]);
+        if (cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble < INT32_MAX)
+            lm->info.image_token = (int32_t)v->valuedouble;
+    }
+    char path[4096];
+    snprintf(path, sizeof path, "%s/generation_config.json", lm->ck.dir);
+    FILE *f = fopen(path, "rb");
+    if (f) {
+        char *txt = NULL;
+        long n = fseek(f, 0, SEEK_END) == 0 ? ftell(f) : -1;
+        if (n > 0 && n < (1 << 20) && fseek(f, 0, SEEK_SET) == 0 && (txt = malloc((size_t)n + 1)) &&
+            fread(txt, 1, (size_t)n, f) == (size_t)n) {
+            txt[n] = 0;
+            cJSON *g = cJSON_Parse(txt);
+            if (g) add_ids(cJSON_GetObjectItemCaseSensitive(g, "eos_token_id"), lm->info.eos, &lm->info.n_eos);
+            cJSON_Delete(g);
+        }
+        free(txt);
+        fclose(f);
+    }
+    if (lm->info.n_eos == 0 && text) add_ids(cJSON_GetObjectItemCaseSensitive(text, "eos_token_id"), lm->info.eos, &lm->info.n_eos);
+    if (lm->info.n_eos == 0) add_ids(cJSON_GetObjectItemCaseSensitive(root, "eos_token_id"), lm->info.eos, &lm->info.n_eos);
+}
+
+/* ---- weights ------------------------------------------------------------------------------------ */
+
+static mmb_status bind_w(mmb_ctx *ctx, mmb_lm *lm, const char *name, int64_t n, int64_t k, mmb_wmat *w) {
+    const mmb_tensor *t;
+    int64_t shape[2] = {n, k};
+    mmb_status s = mmb__ckpt_bind(ctx, &lm->ck, name, 2, shape, &t);
+    if (s != MMB_OK) return s;
+    *w = (mmb_wmat){t->data, t->dtype, n, k};
+    size_t es = mmb_dtype_size(t->dtype);
+    if ((uintptr_t)t->data % es) { /* an odd offset in the file: a realigned copy */
+        void **no = realloc(lm->owned, sizeof *no * (size_t)(lm->n_owned + 1));
+        if (!no) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: tensor '%s': out of memory", lm->ck.dir, name);
+        lm->owned = no;
+        void *cp = malloc((size_t)(n * k) * es + 1);
+        if (!cp) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: tensor '%s': out of memory", lm->ck.dir, name);
+        memcpy(cp, t->data, (size_t)(n * k) * es);
+        lm->owned[lm->n_owned++] = cp;
+        w->data = cp;
+    }
+    return MMB_OK;
+}
+
+/* {prefix}layers.{l}.{name}.weight [n, k] and, if bias, .bias [n]. */
+static mmb_status bind_lin(mmb_ctx *ctx, mmb_lm *lm, int l, const char *name, int64_t n, int64_t k, bool bias,
+                           mmb_wmat *w, float **b) {
+    char nm[512];
+    snprintf(nm, sizeof nm, "%slayers.%d.%s.weight", lm->prefix, l, name);
+    mmb_status s = bind_w(ctx, lm, nm, n, k, w);
+    if (s == MMB_OK && bias) {
+        snprintf(nm, sizeof nm, "%slayers.%d.%s.bias", lm->prefix, l, name);
+        s = mmb__ckpt_vec(ctx, &lm->ck, nm, n, b);
+    }
+    return s;
+}
+
+static mmb_status bind_layer(mmb_ctx *ctx, mmb_lm *lm, int l, bool qkv_bias, bool o_bias, bool mlp_bias) {
+    lm_layer *y = &lm->layers[l];
+    int64_t d = lm->d, qd = lm->H * lm->hd, kd = lm->KVH * lm->hd, I = lm->I;
+    char nm[512];
+    mmb_status s = bind_lin(ctx, lm, l, "self_attn.q_proj", qd, d, qkv_bias, &y->q, &y->bq);
+    if (s == MMB_OK) s = bind_lin(ctx, lm, l, "self_attn.k_proj", kd, d, qkv_bias, &y->k, &y->bk);
+    if (s == MMB_OK) s = bind_lin(ctx, lm, l, "self_attn.v_proj", kd, d, qkv_bias, &y->v, &y->bv);
+    if (s == MMB_OK) s = bind_lin(ctx, lm, l, "self_attn.o_proj", d, qd, o_bias, &y->o, &y->bo);
+    if (s == MMB_OK) s = bind_lin(ctx, lm, l, "mlp.gate_proj", I, d, mlp_bias, &y->gate, &y->bgate);
+    if (s == MMB_OK) s = bind_lin(ctx, lm, l, "mlp.up_proj", I, d, mlp_bias, &y->up, &y->bup);
+    if (s == MMB_OK) s = bind_lin(ctx, lm, l, "mlp.down_proj", d, I, mlp_bias, &y->down, &y->bdown);
+    if (s == MMB_OK) {
+        snprintf(nm, sizeof nm, "%slayers.%d.input_layernorm.weight", lm->prefix, l);
+        s = mmb__ckpt_vec(ctx, &lm->ck, nm, d, &y->ln1);
+    }
+    if (s == MMB_OK) {
+        snprintf(nm, sizeof nm, "%slayers.%d.post_attention_layernorm.weight", lm->prefix, l);
+        s = mmb__ckpt_vec(ctx, &lm->ck, nm, d, &y->ln2);
+    }
+    return s;
+}
+
+static int64_t wbytes(const mmb_wmat *w) { return w->n * w->k * (int64_t)mmb_dtype_size(w->dtype); }
+
+void mmb_lm_free(mmb_lm *lm) {
+    if (!lm) return;
+    for (int64_t l = 0; lm->layers && l < lm->L; l++) {
+        lm_layer *y = &lm->layers[l];
+        float *f[] = {y->bq, y->bk, y->bv, y->bo, y->bgate, y->bup, y->bdown, y->ln1, y->ln2};
+        for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) free(f[i]);
+    }
+    for (int i = 0; i < lm->n_owned; i++) free(lm->owned[i]);
+    free(lm->owned);
+    free(lm->layers);
+    free(lm->norm);
+    free(lm->inv_freq);
+    free(lm->hooks);
+    free(lm->architecture);
+    free(lm->prefix);
+    mmb__ckpt_close(&lm->ck);
+    free(lm);
+}
+
+/* Reads the text config into lm (shapes, eps, RoPE, windows) and says which biases the layers carry. */
+static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_bias, bool *mlp_bias,
+                              bool *tied, int64_t **windows) {
+    mmb_ckpt *c = &lm->ck;
+    const cJSON *arr = cJSON_GetObjectItemCaseSensitive(c->config, "architectures");
+    const cJSON *a0 = cJSON_IsArray(arr) ? cJSON_GetArrayItem(arr, 0) : NULL;
+    const char *architecture = cJSON_IsString(a0) ? a0->valuestring : "";
+    const cJSON *tc = cJSON_GetObjectItemCaseSensitive(c->config, "text_config");
+    cfgr r = {ctx, c, cJSON_IsObject(tc) ? "text_config." : "", MMB_OK};
+    const char *mt = NULL;
+    mmb__cfg_str(ctx, c, *r.tp ? "text_config.model_type" : "model_type", &mt, &r.s);
+    if (r.s != MMB_OK) return r.s;
+    if (*r.tp && !mt) mt = "llama"; /* LlavaConfig's default text model */
+    const arch_defaults *ad = find_arch(mt, architecture);
+    if (!ad)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED,
+                        "%s/config.json: unknown architecture '%s' (%smodel_type '%s'): the decoder runs Llama, "
+                        "Vicuna, Mistral and Qwen2 text models", c->dir, architecture, r.tp, mt ? mt : "");
+    if (!(lm->architecture = strdup(architecture))) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    lm->info.arch = ad->name;
+    lm->vocab = cint(&r, "vocab_size", ad->vocab);
+    lm->d = cint(&r, "hidden_size", ad->hidden);
+    lm->I = cint(&r, "intermediate_size", ad->inter);
+    lm->L = cint(&r, "num_hidden_layers", ad->layers);
+    lm->H = cint(&r, "num_attention_heads", ad->heads);
+    lm->KVH = cint(&r, "num_key_value_heads", ad->kv_heads ? ad->kv_heads : lm->H);
+    lm->hd = cint(&r, "head_dim", lm->H > 0 ? lm->d / lm->H : 0);
+    lm->mpe = cint(&r, "max_position_embeddings", ad->mpe);
+    lm->eps = (float)cnum(&r, "rms_norm_eps", 1e-6);
+    const char *act = "silu";
+    char b[160];
+    if (r.s == MMB_OK) mmb__cfg_str(ctx, c, key(&r, "hidden_act", b, sizeof b), &act, &r.s);
+    bool ab = cbool(&r, "attention_bias", false, NULL), mb = cbool(&r, "mlp_bias", false, NULL);
+    bool tie_present;
+    *tied = cbool(&r, "tie_word_embeddings", false, &tie_present);
+    if (!tie_present && *r.tp && r.s == MMB_OK) mmb__cfg_bool(ctx, c, "tie_word_embeddings", tied, &r.s);
+    bool sw_on = strcmp(ad->name, "mistral") == 0 || cbool(&r, "use_sliding_window", false, NULL);
+    int64_t sw = sw_on ? cint(&r, "sliding_window", strcmp(ad->name, "mistral") == 0 ? 0 : 4096) : 0;
+    int64_t mwl = cint(&r, "max_window_layers", 28);
+    if (r.s != MMB_OK) return r.s;
+    if (strcmp(act, "silu") != 0 && strcmp(act, "swish") != 0)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: %shidden_act '%s': the decoder's MLP is SwiGLU (silu)",
+                        c->dir, r.tp, act);
+    if (lm->vocab < 1 || lm->d < 1 || lm->I < 1 || lm->L < 1 || lm->H < 1 || lm->KVH < 1 || lm->hd < 2 ||
+        lm->hd % 2 || lm->H % lm->KVH || lm->mpe < 1 || lm->L > 100000 || lm->vocab > INT32_MAX ||
+        !(lm->eps > 0) || lm->d > (1 << 20) || lm->H * lm->hd > (1 << 20) || lm->I > (1 << 22) || sw < 0)
+        return mmb__err(ctx, MMB_ERR_FORMAT,
+                        "%s/config.json: bad text model shape: vocab_size %lld, hidden_size %lld, intermediate_size "
+                        "%lld, num_hidden_layers %lld, num_attention_heads %lld, num_key_value_heads %lld (must "
+                        "divide the heads), head_dim %lld (even), max_position_embeddings %lld, rms_norm_eps %g",
+                        c->dir, (long long)lm->vocab, (long long)lm->d, (long long)lm->I, (long long)lm->L,
+                        (long long)lm->H, (long long)lm->KVH, (long long)lm->hd, (long long)lm->mpe, (double)lm->eps);
+    lm->orig_mpe = lm->mpe;
+    read_special(lm, *r.tp ? tc : NULL);
+    mmb_status s = read_rope(&r, lm);
+    if (s != MMB_OK) return s;
+    bool qwen = strcmp(ad->name, "qwen2") == 0;
+    *qkv_bias = qwen || ab;
+    *o_bias = !qwen && ab;
+    *mlp_bias = !qwen && mb;
+    /* Sliding windows: Mistral's on every layer; Qwen2's (use_sliding_window) on the layers layer_types marks
+     * "sliding_attention", or from max_window_layers on. */
+    if (!(*windows = calloc((size_t)lm->L, sizeof **windows))) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    const cJSON *root = *r.tp ? tc : c->config;
+    const cJSON *lt = cJSON_GetObjectItemCaseSensitive(root, "layer_types");
+    for (int64_t l = 0; sw && l < lm->L; l++) {
+        const cJSON *e = cJSON_IsArray(lt) ? cJSON_GetArrayItem(lt, (int)l) : NULL;
+        bool on = !qwen || (cJSON_IsString(e) ? strcmp(e->valuestring, "sliding_attention") == 0 : l >= mwl);
+        (*windows)[l] = on ? sw : 0;
+    }
+    return MMB_OK;
+}
+
+mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
+    if (!ctx || !dir || !out) return mmb__err(ctx, MMB_ERR_ARG, "mmb_lm_open: NULL argument");
+    mmb_lm *lm = calloc(1, sizeof *lm);
+    if (!lm) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    int64_t *windows = NULL;
+    bool qkv_bias = false, o_bias = false, mlp_bias = false, tied = false;
+    mmb_status s = mmb__ckpt_open(ctx, dir, &lm->ck);
+    if (s == MMB_OK) s = read_config(ctx, lm, &qkv_bias, &o_bias, &mlp_bias, &tied, &windows);
+    if (s != MMB_OK) goto fail;
+    /* Where the text model's weights are. */
+    static const char *const prefixes[] = {"model.language_model.", "language_model.model.", "language_model.",
+                                           "model."};
+    char nm[512];
+    for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0] && !lm->prefix; i++) {
+        snprintf(nm, sizeof nm, "%sembed_tokens.weight", prefixes[i]);
+        if (mmb__ckpt_find(&lm->ck, nm, NULL) && !(lm->prefix = strdup(prefixes[i]))) {
+            s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+            goto fail;
+        }
+    }
+    if (!lm->prefix) {
+        s = mmb__err(ctx, MMB_ERR_MISSING, "%s: no text model: tensor 'model.embed_tokens.weight' is missing (also "
+                     "looked for it under model.language_model., language_model.model. and language_model.)", dir);
+        goto fail;
+    }
+    snprintf(nm, sizeof nm, "%sembed_tokens.weight", lm->prefix);
+    if ((s = bind_w(ctx, lm, nm, lm->vocab, lm->d, &lm->embed)) != MMB_OK) goto fail;
+    if (tied) lm->head = lm->embed;
+    else {
+        const char *h = "lm_head.weight", *h2 = "language_model.lm_head.weight";
+        if (strcmp(lm->prefix, "language_model.model.") == 0 || strcmp(lm->prefix, "language_model.") == 0) {
+            h = h2;
+            h2 = "lm_head.weight";
+        }
+        if (!mmb__ckpt_find(&lm->ck, h, NULL) && mmb__ckpt_find(&lm->ck, h2, NULL)) h = h2;
+        if ((s = bind_w(ctx, lm, h, lm->vocab, lm->d, &lm->head)) != MMB_OK) goto fail;
+    }
+    snprintf(nm, sizeof nm, "%snorm.weight", lm->prefix);
+    if ((s = mmb__ckpt_vec(ctx, &lm->ck, nm, lm->d, &lm->norm)) != MMB_OK) goto fail;
+    if (!(lm->layers = calloc((size_t)lm->L, sizeof *lm->layers)) ||
+        !(lm->inv_freq = malloc(sizeof(float) * (size_t)(lm->hd / 2)))) {
+        s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+        goto fail;
+    }
+    rope_inv_freq(lm, 0, lm->inv_freq);
+    int64_t bytes = wbytes(&lm->head) + lm->d * 4, params = lm->vocab * lm->d * (tied ? 1 : 2) + lm->d;
+    for (int l = 0; l < lm->L; l++) {
+        if ((s = bind_layer(ctx, lm, l, qkv_bias, o_bias, mlp_bias)) != MMB_OK) goto fail;
+        lm_layer *y = &lm->layers[l];
+        y->window = windows[l];
+        const mmb_wmat *ws[] = {&y->q, &y->k, &y->v, &y->o, &y->gate, &y->up, &y->down};
+        for (int i = 0; i < 7; i++) {
+            bytes += wbytes(ws[i]);
+            params += ws[i]->n * ws[i]->k;
+        }
+        params += 2 * lm->d + (qkv_bias ? (lm->H + 2 * lm->KVH) * lm->hd : 0) + (o_bias ? lm->d : 0) +
+                  (mlp_bias ? 2 * lm->I + lm->d : 0);
+        bytes += 8 * lm->d;
+    }
+    free(windows);
+    mmb_lm_info *in = &lm->info; /* image_token and eos: read_special */
+    in->architecture = lm->architecture;
+    in->prefix = lm->prefix;
+    in->rope_type = rope_names[lm->rope];
+    in->vocab = lm->vocab;
+    in->d_model = lm->d;
+    in->layers = lm->L;
+    in->heads = lm->H;
+    in->kv_heads = lm->KVH;
+    in->head_dim = lm->hd;
+    in->intermediate = lm->I;
+    in->max_positions = lm->mpe;
+    if (lm->rope == ROPE_LINEAR || lm->rope == ROPE_DYNAMIC) in->max_positions = (int64_t)((double)lm->mpe * lm->factor);
+    in->rope_theta = lm->theta;
+    in->rms_eps = lm->eps;
+    in->tied = tied;
+    in->weight_dtype = lm->embed.dtype;
+    in->params = params;
+    in->bytes_per_token = bytes;
+    *out = lm;
+    return MMB_OK;
+fail:
+    free(windows);
+    mmb_lm_free(lm);
+    return s;
+}
+
+mmb_status mmb_lm_get_info(const mmb_lm *lm, mmb_lm_info *out) {
+    if (!lm || !out) return MMB_ERR_ARG;
+    *out = lm->info;
+    return MMB_OK;
+}
+
+mmb_status mmb__lm_set_hooks(mmb_ctx *ctx, mmb_lm *lm, const mmb_lm_hook *hooks) {
+    if (!lm) return mmb__err(ctx, MMB_ERR_ARG, "mmb__lm_set_hooks: NULL model");
+    free(lm->hooks);
+    lm->hooks = NULL;
+    if (!hooks) return MMB_OK;
+    if (!(lm->hooks = malloc(sizeof *hooks * (size_t)lm->L))) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    memcpy(lm->hooks, hooks, sizeof *hooks * (size_t)lm->L);
+    return MMB_OK;
+}
+
+mmb_status mmb_lm_embed(mmb_ctx *ctx, const mmb_lm *lm, const int32_t *ids, int64_t n, float *out) {
+    if (!lm || !ids || !out || n < 1) return mmb__err(ctx, MMB_ERR_ARG, "mmb_lm_embed: NULL argument or n < 1");
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= lm->vocab)
+            return mmb__err(ctx, MMB_ERR_ARG, "token id %d at position %lld is outside the vocabulary [0, %lld)",
+                            (int)ids[i], (long long)i, (long long)lm->vocab);
+    size_t es = mmb_dtype_size(lm->embed.dtype);
+    for (int64_t i = 0; i < n; i++)
+        mmb_to_f32(out + i * lm->d, (const unsigned char *)lm->embed.data + (size_t)(ids[i] * lm->d) * es,
+                   lm->embed.dtype, (size_t)lm->d);
+    return MMB_OK;
+}
+
+/* ---- the KV cache ------------------------------------------------------------------------------- */
+
+mmb_status mmb_kv_cache_new(mmb_ctx *ctx, const mmb_lm *lm, int64_t max_tokens, mmb_kv_cache **out) {
+    if (!lm || !out || max_tokens < 1) return mmb__err(ctx, MMB_ERR_ARG, "mmb_kv_cache_new: NULL or max_tokens < 1");
+    if (max_tokens > lm->info.max_positions)
+        return mmb__err(ctx, MMB_ERR_SHAPE, "context overflow: %lld tokens asked, the model's limit is %lld positions",
+                        (long long)max_tokens, (long long)lm->info.max_positions);
+    uint64_t n;
+    if (!mmb__mul_ok((uint64_t)(lm->L * lm->KVH * lm->hd), (uint64_t)max_tokens, &n) || n > ((uint64_t)1 << 40))
+        return mmb__err(ctx, MMB_ERR_NOMEM, "KV cache of %lld tokens is too large", (long long)max_tokens);
+    mmb_kv_cache *kv = calloc(1, sizeof *kv);
+    if (kv) {
+        kv->k = malloc(n * sizeof(float));
+        kv->v = malloc(n * sizeof(float));
+    }
+    if (!kv || !kv->k || !kv->v) {
+        mmb_kv_cache_free(kv);
+        return mmb__err(ctx, MMB_ERR_NOMEM, "KV cache of %lld tokens: cannot allocate %.1f MB", (long long)max_tokens,
+                        2.0 * (double)n * 4 / 1e6);
+    }
+    kv->lm = lm;
+    kv->cap = max_tokens;
+    *out = kv;
+    return MMB_OK;
+}
+
+void mmb_kv_cache_free(mmb_kv_cache *kv) {
+    if (!kv) return;
+    free(kv->k);
+    free(kv->v);
+    free(kv);
+}
+
+void mmb_kv_cache_reset(mmb_kv_cache *kv) {
+    if (kv) kv->len = 0;
+}
+
+int64_t mmb_kv_cache_len(const mmb_kv_cache *kv) { return kv ? kv->len : 0; }
+
+/* ---- the forward job ---------------------------------------------------------------------------- */
+
+typedef struct barrier {
+    int n;
+    int count, gen;
+} barrier;
+
+/* Every thread of the job waits until all n have arrived. Spins (the steps between barriers are short),
+ * yielding the CPU after a while so an oversubscribed machine still makes progress. */
+static void barrier_wait(barrier *b) {
+    if (b->n == 1) return;
+    int gen = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == b->n) {
+        __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&b->gen, gen + 1, __ATOMIC_RELEASE);
+        return;
+    }
+    for (int spins = 0; __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE) == gen; spins++) {
+        if (spins > 4000) sched_yield();
+#if defined(__x86_64__)
+        else __builtin_ia32_pause();
+#endif
+    }
+}
+
+typedef struct fwd_job {
+    const mmb_lm *lm;
+    mmb_kv_cache *kv;
+    int64_t M, pos0;           /* rows of this block, position of the first */
+    float *x, *xn, *qkv, *att, *gu, *h, *cosb, *sinb, *logits;
+    int64_t head_rows;         /* rows of x the head reads: the last head_rows of the block */
+    float *scratch;            /* per thread: per_thread floats */
+    size_t per_thread;
+    int64_t wscr;              /* of which the products' share; the rest is attention scores */
+    int s0, s1;                /* steps [s0, s1) */
+    barrier bar;
+} fwd_job;
+
+/* One thread's share of y (M, sum of ns) = x [W_0 | W_1 | ...]^T: each matrix's outputs are columns of its
+ * own y_i (row stride ld_i); the columns of all matrices are split in units of 8 (GEMV) or one panel. */
+typedef struct mm_out {
+    const mmb_wmat *w;
+    const float *bias;
+    float *y;
+    int64_t ldy;
+} mm_out;
+
+static void mm_units(const fwd_job *j, int tid, int nth, const float *x, int64_t ldx, int64_t M, const mm_out *o,
+                     int n, int acc) {
+    int64_t g = M <= MMB_WMAT_GEMV_MAX ? 8 : MMB_GEMM_OWN_NR, total = 0, lo, hi;
+    for (int i = 0; i < n; i++) total += (o[i].w->n + g - 1) / g;
+    mmb__split(total, tid, nth, &lo, &hi);
+    float *scr = j->scratch + j->per_thread * (size_t)tid;
+    for (int i = 0, base = 0; i < n; base += (int)((o[i].w->n + g - 1) / g), i++) {
+        int64_t u = (o[i].w->n + g - 1) / g, a = lo - base, b = hi - base;
+        if (a < 0) a = 0;
+        if (b > u) b = u;
+        if (a >= b) continue;
+        int64_t n0 = a * g, n1 = b * g < o[i].w->n ? b * g : o[i].w->n;
+        mmb__wmat_part(o[i].y + n0, o[i].ldy, x, ldx, M, o[i].w, o[i].bias, n0, n1, acc, scr);
+    }
+}
+
+static void rms_rows(const fwd_job *j, int tid, int nth, const float *w, int64_t r0, int64_t r1) {
+    int64_t lo, hi, d = j->lm->d;
+    mmb__split(r1 - r0, tid, nth, &lo, &hi);
+    if (hi > lo) mmb__rmsnorm_forward(j->xn + (r0 + lo) * d, j->x + (r0 + lo) * d, w, hi - lo, d, j->lm->eps);
+}
+
+/* One query row against cached keys [k0, k1) of one KV head: out (hd) = softmax(q K^T * scale) V. */
+MMB_SIMD_CLONES static void attend(float *out, const float *q, const float *K, const float *V, int64_t k0,
+                                   int64_t k1, int64_t hd, float scale, float *sc) {
+    float mx = -INFINITY;
+    for (int64_t t = k0; t < k1; t++) {
+        const float *kr = K + t * hd;
+        float s = 0;
+        for (int64_t e = 0; e < hd; e++) s += q[e] * kr[e];
+        s *= scale;
+        sc[t - k0] = s;
+        if (s > mx) mx = s;
+    }
+    float sum = 0;
+    for (int64_t t = k0; t < k1; t++) sum += sc[t - k0] = expf(sc[t - k0] - mx);
+    float inv = 1.0f / sum;
+    for (int64_t e = 0; e < hd; e++) out[e] = 0;
+    for (int64_t t = k0; t < k1; t++) {
+        const float *vr = V + t * hd;
+        float p = sc[t - k0] * inv;
+        for (int64_t e = 0; e < hd; e++) out[e] += p * vr[e];
+    }
+}
+
+/* rotate_half RoPE in place on one head: x[i], x[i + hd/2] by the angle of frequency i. */
+static void rope_head(float *x, const float *c, const float *s, int64_t half) {
+    for (int64_t i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * c[i] - b * s[i];
+        x[i + half] = b * c[i] + a * s[i];
+    }
+}
+
+static void attn_half(fwd_job *j, int tid, int nth, int l) {
+    const mmb_lm *lm = j->lm;
+    const lm_layer *y = &lm->layers[l];
+    const int64_t M = j->M, d = lm->d, hd = lm->hd, H = lm->H, KVH = lm->KVH, half = hd / 2;
+    const int64_t qd = H * hd, kd = KVH * hd, ldq = qd + 2 * kd, cap = j->kv->cap;
+    float *Kc = j->kv->k + (size_t)l * (size_t)(KVH * cap * hd), *Vc = j->kv->v + (size_t)l * (size_t)(KVH * cap * hd);
+    rms_rows(j, tid, nth, y->ln1, 0, M);
+    barrier_wait(&j->bar);
+    mm_out o[3] = {{&y->q, y->bq, j->qkv, ldq}, {&y->k, y->bk, j->qkv + qd, ldq}, {&y->v, y->bv, j->qkv + qd + kd, ldq}};
+    mm_units(j, tid, nth, j->xn, d, M, o, 3, 0);
+    barrier_wait(&j->bar);
+    int64_t lo, hi;
+    mmb__split(M * (H + KVH), tid, nth, &lo, &hi);
+    for (int64_t it = lo; it < hi; it++) { /* RoPE on q and k heads; k and v into the cache */
+        int64_t i = it / (H + KVH), hh = it % (H + KVH), pos = j->pos0 + i;
+        float *row = j->qkv + i * ldq;
+        rope_head(row + hh * hd, j->cosb + i * half, j->sinb + i * half, half);
+        if (hh >= H) {
+            int64_t kh = hh - H;
+            memcpy(Kc + (kh * cap + pos) * hd, row + qd + kh * hd, sizeof(float) * (size_t)hd);
+            memcpy(Vc + (kh * cap + pos) * hd, row + qd + kd + kh * hd, sizeof(float) * (size_t)hd);
+        }
+    }
+    barrier_wait(&j->bar);
+    float *sc = j->scratch + j->per_thread * (size_t)tid + j->wscr;
+    float scale = (float)(1.0 / sqrt((double)hd));
+    mmb__split(M * H, tid, nth, &lo, &hi);
+    for (int64_t it = lo; it < hi; it++) {
+        int64_t i = it / H, h = it % H, kh = h / (H / KVH), pos = j->pos0 + i;
+        int64_t k0 = y->window && pos + 1 > y->window ? pos + 1 - y->window : 0;
+        attend(j->att + i * qd + h * hd, j->qkv + i * ldq + h * hd, Kc + kh * cap * hd, Vc + kh * cap * hd, k0,
+               pos + 1, hd, scale, sc);
+    }
+    barrier_wait(&j->bar);
+    mm_out oo = {&y->o, y->bo, j->x, d};
+    mm_units(j, tid, nth, j->att, qd, M, &oo, 1, 1);
+    barrier_wait(&j->bar);
+}
+
+static void mlp_half(fwd_job *j, int tid, int nth, int l) {
+    const mmb_lm *lm = j->lm;
+    const lm_layer *y = &lm->layers[l];
+    const int64_t M = j->M, d = lm->d, I = lm->I;
+    rms_rows(j, tid, nth, y->ln2, 0, M);
+    barrier_wait(&j->bar);
+    /* gate and up over the same columns on one thread, so SwiGLU needs no barrier */
+    int64_t g = M <= MMB_WMAT_GEMV_MAX ? 8 : MMB_GEMM_OWN_NR, lo, hi;
+    mmb__split((I + g - 1) / g, tid, nth, &lo, &hi);
+    int64_t n0 = lo * g, n1 = hi * g < I ? hi * g : I;
+    if (n1 > n0) {
+        float *scr = j->scratch + j->per_thread * (size_t)tid;
+        mmb__wmat_part(j->gu + n0, 2 * I, j->xn, d, M, &y->gate, y->bgate, n0, n1, 0, scr);
+        mmb__wmat_part(j->gu + I + n0, 2 * I, j->xn, d, M, &y->up, y->bup, n0, n1, 0, scr);
+        for (int64_t m = 0; m < M; m++) {
+            const float *gr = j->gu + m * 2 * I, *ur = gr + I;
+            float *hr = j->h + m * I;
+            for (int64_t c = n0; c < n1; c++) hr[c] = gr[c] / (1.0f + expf(-gr[c])) * ur[c];
+        }
+    }
+    barrier_wait(&j->bar);
+    mm_out o = {&y->down, y->bdown, j->x, d};
+    mm_units(j, tid, nth, j->h, I, M, &o, 1, 1);
+    barrier_wait(&j->bar);
+}
+
+static void head_step(fwd_job *j, int tid, int nth) {
+    const mmb_lm *lm = j->lm;
+    int64_t r0 = j->M - j->head_rows;
+    rms_rows(j, tid, nth, lm->norm, r0, j->M);
+    barrier_wait(&j->bar);
+    mm_out o = {&lm->head, NULL, j->logits, lm->vocab};
+    mm_units(j, tid, nth, j->xn + r0 * lm->d, lm->d, j->head_rows, &o, 1, 0);
+    barrier_wait(&j->bar);
+}
+
+static void fwd_worker(void *arg, int tid, int nth) {
+    fwd_job *j = arg;
+    int L2 = (int)(2 * j->lm->L);
+    for (int s = j->s0; s < j->s1; s++) {
+        if (s == L2) head_step(j, tid, nth);
+        else if (s % 2 == 0) attn_half(j, tid, nth, s / 2);
+        else mlp_half(j, tid, nth, s / 2);
+    }
+}
+
+/* The hook that runs before step s, or NULL. */
+typedef mmb_status (*hook_fn)(mmb_ctx *, void *, int, float *, int64_t, int64_t);
+static hook_fn hook_at(const mmb_lm *lm, int s) {
+    if (!lm->hooks || s >= 2 * lm->L) return NULL;
+    const mmb_lm_hook *h = &lm->hooks[s / 2];
+    return s % 2 ? h->after_attention : h->before_layer;
+}
+
+mmb_status mmb_lm_forward(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv, const float *embeds, int64_t n,
+                          float *logits, int last_only) {
+    if (!ctx || !lm || !kv || !embeds || n < 1)
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_lm_forward: NULL argument or n < 1");
+    if (kv->lm != lm) return mmb__err(ctx, MMB_ERR_ARG, "mmb_lm_forward: the KV cache was made for another model");
+    if (n > kv->cap - kv->len)
+        return mmb__err(ctx, MMB_ERR_SHAPE,
+                        "context overflow: %lld tokens cached + %lld new = %lld, the limit is %lld (KV cache size; "
+                        "the model's max_position_embeddings allows %lld)", (long long)kv->len, (long long)n,
+                        (long long)(kv->len + n), (long long)kv->cap, (long long)lm->info.max_positions);
+    const int64_t d = lm->d, hd = lm->hd, half = hd / 2, I = lm->I;
+    const int64_t Mb = n < BLOCK ? n : BLOCK, ldq = (lm->H + 2 * lm->KVH) * hd;
+    int nth = mmb__pool_size(ctx->pool);
+    int64_t wscr = 0;
+    int64_t Ks[3] = {d, lm->H * hd, I};
+    for (int i = 0; i < 3; i++) {
+        int64_t a = (int64_t)mmb__wmat_scratch(Mb, Ks[i]);
+        if (a > wscr) wscr = a;
+    }
+    wscr = (wscr + 15) / 16 * 16;
+    size_t per = (size_t)(wscr + (kv->cap + 15) / 16 * 16);
+    size_t sizes[] = {(size_t)(Mb * d), (size_t)(Mb * d), (size_t)(Mb * ldq), (size_t)(Mb * lm->H * hd),
+                      (size_t)(Mb * 2 * I), (size_t)(Mb * I), (size_t)(Mb * half), (size_t)(Mb * half),
+                      per * (size_t)nth, (size_t)half};
+    enum { NB = sizeof sizes / sizeof sizes[0] };
+    size_t total = 0;
+    for (int i = 0; i < NB; i++) total += mmb__arena_piece(sizes[i] * sizeof(float));
+    mmb_status s = mmb__arena_reserve(ctx, &ctx->arena, total);
+    if (s != MMB_OK) return s;
+    float *buf[NB];
+    for (int i = 0; i < NB; i++) buf[i] = mmb__arena_alloc(&ctx->arena, sizes[i] * sizeof(float));
+    fwd_job j = {.lm = lm, .kv = kv, .x = buf[0], .xn = buf[1], .qkv = buf[2], .att = buf[3], .gu = buf[4],
+                 .h = buf[5], .cosb = buf[6], .sinb = buf[7], .scratch = buf[8], .per_thread = per, .wscr = wscr};
+    j.bar.n = nth;
+    float *inv = buf[9];
+    if (lm->rope == ROPE_DYNAMIC) rope_inv_freq(lm, kv->len + n, inv);
+    else memcpy(inv, lm->inv_freq, sizeof(float) * (size_t)half);
+    const int L2 = (int)(2 * lm->L);
+    for (int64_t off = 0; off < n && s == MMB_OK; off += Mb) {
+        j.M = n - off < Mb ? n - off : Mb;
+        j.pos0 = kv->len;
+        memcpy(j.x, embeds + off * d, sizeof(float) * (size_t)(j.M * d));
+        for (int64_t i = 0; i < j.M; i++)
+            for (int64_t f = 0; f < half; f++) {
+                float a = (float)(j.pos0 + i) * inv[f];
+                j.cosb[i * half + f] = cosf(a);
+                j.sinb[i * half + f] = sinf(a);
+            }
+        bool head = logits && (!last_only || off + j.M == n);
+        j.head_rows = last_only ? 1 : j.M;
+        j.logits = head ? (last_only ? logits : logits + off * lm->vocab) : NULL;
+        int end = head ? L2 + 1 : L2;
+        for (int st = 0; st < end && s == MMB_OK;) {
+            hook_fn hk = hook_at(lm, st);
+            if (hk) s = hk(ctx, lm->hooks[st / 2].user, st / 2, j.x, j.M, j.pos0);
+            if (s != MMB_OK) break;
+            int e = st + 1;
+            while (e < end && !hook_at(lm, e)) e++;
+            j.s0 = st;
+            j.s1 = e;
+            mmb__pool_run(ctx->pool, fwd_worker, &j);
+            st = e;
+        }
+        if (s == MMB_OK) kv->len += j.M;
+    }
+    mmb__arena_reset(&ctx->arena);
+    return s;
+}
