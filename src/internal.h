@@ -136,7 +136,7 @@ void mmb__gemm_ref(float *C, const float *A, const float *W, const float *bias,
 
 /* ---- tensor/gemm_own.c: mmbridge's packed kernel --------------------------------------------- */
 
-/* Returns the instruction set the own kernel will use: 2 AVX-512F, 1 AVX2+FMA, 0 none. */
+/* Returns the instruction set the own kernel will use: 2 AVX-512F, 1 AVX2+FMA+F16C, 0 none. */
 int mmb__gemm_own_isa(void);
 /* Forces min(isa, what the CPU has) for later calls (tests cover every path); isa < 0 restores
  * the automatic choice. */

@@ -24,6 +24,7 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #define MMB_GEMM_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #else
 #define MMB_GEMM_X86 0
@@ -56,14 +57,23 @@
 static int g_isa = -1;
 static int g_hw_isa = -1;
 
-/* What the CPU offers (and the OS enables: __builtin_cpu_supports checks XCR0 too). */
+#if MMB_GEMM_X86
+/* F16C (CPUID.1:ECX bit 29), asked of CPUID directly: clang's __builtin_cpu_supports has no "f16c". */
+static bool has_f16c(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+}
+#endif
+
+/* What the CPU offers (and the OS enables: __builtin_cpu_supports checks XCR0 too). Level 1 also needs
+ * F16C, which every AVX2 CPU has, so the f16-weight paths can assume it. */
 static int hw_isa(void) {
     int v = __atomic_load_n(&g_hw_isa, __ATOMIC_RELAXED);
     if (v < 0) {
         v = 0;
 #if MMB_GEMM_X86
         __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) v = 1;
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c()) v = 1;
         if (v == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
             v = 2;
 #endif

@@ -162,7 +162,7 @@ static dot_fn pick_dot(mmb_dtype t) {
 #if WG_X86
     int isa = mmb__gemm_own_isa();
     if (isa == 2) return t == MMB_BF16 ? dot_avx512_BF16 : t == MMB_F16 ? dot_avx512_F16 : dot_avx512_F32;
-    if (isa == 1 && (t != MMB_F16 || __builtin_cpu_supports("f16c")))
+    if (isa == 1)  /* level 1 includes F16C */
         return t == MMB_BF16 ? dot_avx2_BF16 : t == MMB_F16 ? dot_avx2_F16 : dot_avx2_F32;
 #else
     (void)t;
@@ -179,7 +179,7 @@ static void pack_panel(float *pan, const mmb_wmat *w, int64_t n0, int nc, int64_
     int64_t kc8 = 0;
 #if WG_X86
     int isa = mmb__gemm_own_isa();
-    if (isa >= 1 && (w->dtype != MMB_F16 || __builtin_cpu_supports("f16c"))) {
+    if (isa >= 1) {
         nc8 = nc / 8 * 8;
         kc8 = kc / 8 * 8;
         pack_tiles_avx2(pan, w->data, w->dtype, w->k, n0, nc8, k0, kc8);
