@@ -18,10 +18,10 @@
  * bias is added in the epilogue of the last K block: C = ((C_prev + acc) + bias).
  *
  * Reduced-precision weights (mmb__gemm_own_pack_dt): the same layout with 16-bit (bf16, f16) or
- * 8-bit (int8) elements. The micro-kernels widen each B vector to f32 as they load it (bf16: zero
- * extend and shift by 16; f16: F16C vcvtph2ps; int8: sign extend and convert) and do the same
- * f32 FMAs; A and C stay f32. int8 weights carry one scale per output column (absmax / 127,
- * symmetric): the epilogue computes C = (C_prev + scale * acc) + bias.
+ * 8-bit (int8) elements. The micro-kernels widen each B vector to f32 as they load it (bf16: shift
+ * or mask, columns interleaved in pairs, see bf16_pos; f16: F16C vcvtph2ps; int8: sign extend and
+ * convert) and do the same f32 FMAs; A and C stay f32. int8 weights carry one scale per output
+ * column (absmax / 127, symmetric): the epilogue computes C = (C_prev + scale * acc) + bias.
  */
 #include "internal.h"
 
@@ -119,6 +119,12 @@ size_t mmb__gemm_own_packed_size(int64_t N, int64_t K) {
 /* Element codes of the packed weights: index into the kernel tables. */
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_I8 = 3, N_DT = 4 };
 
+/* bf16 panels interleave each 16-column half: 32-bit word i holds column i in its low half and
+ * column i + 8 in its high half, so one 256-bit load gives columns 0-7 by a shift left of 16 and
+ * 8-15 by masking the low half off (2 operations per 16 weights, no lane crossing). Position of
+ * column j (0..NR-1) in a bf16 panel row: */
+static inline int bf16_pos(int j) { return (j & ~15) + 2 * (j & 7) + ((j >> 3) & 1); }
+
 static int dt_code(mmb_dtype dt) {
     return dt == MMB_BF16 ? DT_BF16 : dt == MMB_F16 ? DT_F16 : dt == MMB_I8 ? DT_I8 : DT_F32;
 }
@@ -187,7 +193,7 @@ void mmb__gemm_own_pack_dt(void *dst, float *scales, const float *W, int64_t N, 
                     float v = w ? w[k] : 0.0f;
                     size_t at = (size_t)(k * NR + j);
                     switch (code) {
-                    case DT_BF16: ((uint16_t *)pan)[at] = mmb__f32_to_bf16(v); break;
+                    case DT_BF16: ((uint16_t *)pan)[(size_t)(k * NR + bf16_pos((int)j))] = mmb__f32_to_bf16(v); break;
                     case DT_F16: ((uint16_t *)pan)[at] = mmb__f32_to_f16(v); break;
                     case DT_I8: ((int8_t *)pan)[at] = i8_of(v, scales[n]); break;
                     default: ((float *)pan)[at] = v; break;
@@ -223,18 +229,30 @@ static void pack_a(float *dst, const float *A, int64_t lda, int mr, int MR, int6
 #define T512 __attribute__((target("avx512f,avx512vl,fma"), always_inline)) static inline
 #define T512F __attribute__((target("avx512f,avx512vl,fma"), noinline)) static
 
-/* 16 packed weights of type DT from element offset off of b, widened to f32. */
+/* 16 packed weights of type DT (not bf16: see ldb2_512) from element offset off of b, widened to f32. */
 T512 __m512 ldb512(const int DT, const void *b, int off) {
     switch (DT) {
-    case DT_BF16:
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)b + off))), 16));
     case DT_F16:
         return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)b + off)));
     case DT_I8:
         return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)b + off))));
     default:
         return _mm512_load_ps((const float *)b + off);
+    }
+}
+
+/* The 32 weights of one packed panel row (columns 0-15 in *b0, 16-31 in *b1), widened to f32. */
+T512 void ldb2_512(const int DT, const void *b, __m512 *b0, __m512 *b1) {
+    if (DT == DT_BF16) {
+        const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)b), v1 = _mm256_loadu_si256((const __m256i *)b + 1);
+        *b0 = _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_slli_epi32(v0, 16)),
+                                                     _mm256_and_si256(v0, hi), 1));
+        *b1 = _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_slli_epi32(v1, 16)),
+                                                     _mm256_and_si256(v1, hi), 1));
+    } else {
+        *b0 = ldb512(DT, b, 0);
+        *b1 = ldb512(DT, b, 16);
     }
 }
 
@@ -280,14 +298,16 @@ T512 void k512_body(const int MR_, const int DT, int64_t kc, const float *a, con
      * L1 don't evict it first. */
     int64_t kpf = kc > PF_AHEAD ? kc - PF_AHEAD : 0;
     for (int64_t k = 0; k < kpf; k++) {
-        __m512 b0 = ldb512(DT, b, 0), b1 = ldb512(DT, b, 16);
+        __m512 b0, b1;
+        ldb2_512(DT, b, &b0, &b1);
         ALL14(F512)
         a += MR512;
         b += bstep;
     }
     if (load) { ALL14(P512) }
     for (int64_t k = kpf; k < kc; k++) {
-        __m512 b0 = ldb512(DT, b, 0), b1 = ldb512(DT, b, 16);
+        __m512 b0, b1;
+        ldb2_512(DT, b, &b0, &b1);
         ALL14(F512)
         a += MR512;
         b += bstep;
@@ -320,18 +340,27 @@ K512_ALL(i8, DT_I8)
 #define T256 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
 #define T256F __attribute__((target("avx2,fma,f16c"), noinline)) static
 
-/* 8 packed weights of type DT from element offset off of b, widened to f32. */
+/* 8 packed weights of type DT (not bf16: see ldb2_256) from element offset off of b, widened to f32. */
 T256 __m256 ldb256(const int DT, const void *b, int off) {
     switch (DT) {
-    case DT_BF16:
-        return _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)b + off))), 16));
     case DT_F16:
         return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)b + off)));
     case DT_I8:
         return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)b + off))));
     default:
         return _mm256_load_ps((const float *)b + off);
+    }
+}
+
+/* 16 weights of one packed panel row (a half panel: columns 0-7 in *b0, 8-15 in *b1), widened. */
+T256 void ldb2_256(const int DT, const void *b, __m256 *b0, __m256 *b1) {
+    if (DT == DT_BF16) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)b);
+        *b0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        *b1 = _mm256_and_ps(_mm256_castsi256_ps(v), _mm256_castsi256_ps(_mm256_set1_epi32((int)0xFFFF0000u)));
+    } else {
+        *b0 = ldb256(DT, b, 0);
+        *b1 = ldb256(DT, b, 8);
     }
 }
 
@@ -385,14 +414,16 @@ T256 void k256_body(const int MR_, const int DT, int64_t kc, const float *a, con
     ALL6(D256)
     int64_t kpf = kc > PF_AHEAD ? kc - PF_AHEAD : 0;
     for (int64_t k = 0; k < kpf; k++) {
-        __m256 b0 = ldb256(DT, b, 0), b1 = ldb256(DT, b, 8);
+        __m256 b0, b1;
+        ldb2_256(DT, b, &b0, &b1);
         ALL6(F256)
         a += MR256;
         b += bstep;
     }
     if (load) { ALL6(P256) }
     for (int64_t k = kpf; k < kc; k++) {
-        __m256 b0 = ldb256(DT, b, 0), b1 = ldb256(DT, b, 8);
+        __m256 b0, b1;
+        ldb2_256(DT, b, &b0, &b1);
         ALL6(F256)
         a += MR256;
         b += bstep;
@@ -432,7 +463,7 @@ static void ldb_row(float *dst, int dt, const void *b, int64_t k) {
     for (int j = 0; j < NR; j++) {
         size_t at = (size_t)(k * NR + j);
         switch (dt) {
-        case DT_BF16: dst[j] = mmb__bf16_to_f32(((const uint16_t *)b)[at]); break;
+        case DT_BF16: dst[j] = mmb__bf16_to_f32(((const uint16_t *)b)[(size_t)(k * NR + bf16_pos(j))]); break;
         case DT_F16: dst[j] = mmb__f16_to_f32(((const uint16_t *)b)[at]); break;
         case DT_I8: dst[j] = (float)((const int8_t *)b)[at]; break;
         default: dst[j] = ((const float *)b)[at]; break;
