@@ -69,7 +69,7 @@ static void test_roundtrip_and_example(void) {
         mmb_ctx_params wp = cp;
         mmb_ctx *wc = NULL;
         wp.weight_dtype = d;
-        bool ok = d == MMB_F32 || d == MMB_BF16 || d == MMB_F16 || d == MMB_I8;
+        int ok = d == MMB_F32 || d == MMB_BF16 || d == MMB_F16 || d == MMB_I8;
         CHECK((mmb_ctx_new(&wp, &wc) == MMB_OK) == ok, "weight_dtype %s %s", mmb_dtype_name((mmb_dtype)d),
               ok ? "accepted" : "refused");
         mmb_ctx_free(wc);
