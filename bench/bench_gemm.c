@@ -115,6 +115,62 @@ static void bench_attention(const int *thr, int nt, int reps, int rounds, const 
     free(out);
 }
 
+/* What int8 dot products could give on AVX2 without VNNI (no kernel uses them yet): the 6-row x
+ * 16-column micro-kernel body of the fp32 kernel (broadcast A, 2 B vectors, 12 accumulators) against
+ * the same body on u8 x s8 with vpmaddubsw (pairs -> s16) + vpmaddwd by ones (-> s32) + vpaddd, 32
+ * multiply-adds per accumulator step instead of 8; and with vpabsb / vpsignb added, which signed
+ * 8-bit activations need (vpmaddubsw takes one operand unsigned, and its s16 pair sums saturate
+ * unless the unsigned operand stays below 128). Returned per loop iteration: 12 x 64 "flops". */
+static const float i8_af[8] = {1e-3f, 2e-3f, 3e-3f, 4e-3f, 5e-3f, 6e-3f};
+static const int8_t i8_ai[32] = {1, -2, 3, 4, 5, -6, 7, 8, 9, 10, 11, 12, 13, 14, -15, 16,
+                                 17, 18, 19, 20, 21, 22, 23, 24};
+#define R6_(X) X(0) X(1) X(2) X(3) X(4) X(5)
+__attribute__((target("avx2,fma"), noinline)) static double body_f32(long n) {
+#define DF_(r) __m256 c##r##a = _mm256_setzero_ps(), c##r##b = _mm256_setzero_ps();
+#define FF_(r) { __m256 ar = _mm256_broadcast_ss(i8_af + r); c##r##a = _mm256_fmadd_ps(ar, b0, c##r##a); \
+                 c##r##b = _mm256_fmadd_ps(ar, b1, c##r##b); }
+#define SF_(r) s += c##r##a[0] + c##r##b[0];
+    R6_(DF_)
+    __m256 b0 = _mm256_set1_ps(1.0001f), b1 = _mm256_set1_ps(0.9999f);
+    for (long it = 0; it < n; it++) {
+        __asm__ volatile("" : "+x"(b0), "+x"(b1));
+        R6_(FF_)
+    }
+    float s = 0;
+    R6_(SF_)
+    return s;
+}
+__attribute__((target("avx2,fma"), always_inline)) static inline double body_i8(long n, const int sign) {
+#define DI_(r) __m256i c##r##a = _mm256_setzero_si256(), c##r##b = _mm256_setzero_si256();
+#define FI_(r) { __m256i ar = _mm256_set1_epi32(*(const int32_t *)(i8_ai + 4 * r)), w0 = b0, w1 = b1, au = ar; \
+                 if (sign) { au = _mm256_abs_epi8(ar); w0 = _mm256_sign_epi8(b0, ar); w1 = _mm256_sign_epi8(b1, ar); } \
+                 c##r##a = _mm256_add_epi32(c##r##a, _mm256_madd_epi16(_mm256_maddubs_epi16(au, w0), ones)); \
+                 c##r##b = _mm256_add_epi32(c##r##b, _mm256_madd_epi16(_mm256_maddubs_epi16(au, w1), ones)); }
+#define SI_(r) s += _mm256_extract_epi32(c##r##a, 0) + _mm256_extract_epi32(c##r##b, 0);
+    R6_(DI_)
+    __m256i b0 = _mm256_set1_epi8(3), b1 = _mm256_set1_epi8(-5), ones = _mm256_set1_epi16(1);
+    for (long it = 0; it < n; it++) {
+        __asm__ volatile("" : "+x"(b0), "+x"(b1));
+        R6_(FI_)
+    }
+    int s = 0;
+    R6_(SI_)
+    return s;
+}
+__attribute__((target("avx2,fma"), noinline)) static double body_i8_u7(long n) { return body_i8(n, 0); }
+__attribute__((target("avx2,fma"), noinline)) static double body_i8_s8(long n) { return body_i8(n, 1); }
+
+static void int8_dot_probe(void) {
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return;
+    double f = measure_peak(body_f32, 12.0 * 16.0, 1, 0.25);
+    double u = measure_peak(body_i8_u7, 12.0 * 64.0, 1, 0.25);
+    double g = measure_peak(body_i8_s8, 12.0 * 64.0, 1, 0.25);
+    printf("\nint8 dot products on AVX2 (not used by any kernel yet; 1 thread, 6x16 micro-kernel body):\n"
+           "  fp32 FMA %.1f GFLOP/s; vpmaddubsw+vpmaddwd+vpaddd %.1f (%.2fx; activations < 128 unsigned);\n"
+           "  with vpabsb+vpsignb for signed 8-bit activations %.1f (%.2fx)\n", f * 1e-9, u * 1e-9, u / f,
+           g * 1e-9, g / f);
+}
+
 /* Our kernel with reduced-precision weights (mmb__gemm_own_pack_dt): for each shape and thread count,
  * f32, bf16, f16 and int8 weights timed in turn within each round (A/B interleaved), median of
  * rounds x reps after a warm-up; GFLOP/s against the fp32 peak, the ratio to f32, the packed weight
@@ -401,6 +457,7 @@ int main(int argc, char **argv) {
         double pk1[MAXT];
         for (int t = 0; t < nt; t++) pk1[t] = (pk[t][0] > pk[t][1] ? pk[t][0] : pk[t][1]) * 1e-9;
         bench_dtypes(dt_shapes, dt_ns, thr, nt, reps, rounds, pk1);
+        int8_dot_probe();
         return 0;
     }
 
@@ -533,6 +590,7 @@ int main(int argc, char **argv) {
     }
     bench_attention(thr, nt, quick ? 1 : reps, quick ? 1 : rounds, peak);
     bench_dtypes(dt_shapes, dt_ns, thr, nt, reps, rounds, peak);
+    int8_dot_probe();
     printf("\nown vs double-precision oracle on sampled rows (max rel err):");
     for (int s = 0; s < ns; s++) printf(" %.2g", own_check[s]);
     printf("\n");
