@@ -188,3 +188,23 @@ def test_f16_range_is_refused_by_tensor_name(tmp_path):
     assert not out.exists()
     run("encode", tmp_path / "llava", "--pixels", tmp_path / "px.safetensors", "-o", out, "--dtype", "bf16")
     assert out.exists()
+
+
+@pytest.mark.parametrize("gemm", ["naive", "openblas"])
+def test_other_backends_compute_with_the_same_rounded_weights(tmp_path, gemm):
+    """--gemm naive / openblas with --dtype: f32 arithmetic on the weights rounded as the packed kernel's
+    (mmb__gemm_own_dequant), so they agree with --gemm own at that dtype to the fp32 criterion."""
+    make_llava(tmp_path / "llava", CLIPVisionConfig(**TOWER))
+    pixels_file(tmp_path / "px.safetensors", 2, TOWER["image_size"])
+    base = ["encode", tmp_path / "llava", "--pixels", tmp_path / "px.safetensors", "--threads", "2"]
+    if run(*base, "-o", tmp_path / "probe.safetensors", "--gemm", gemm, check=False).returncode != 0:
+        pytest.skip(f"--gemm {gemm} is not in this build")
+    for dt in ["bf16", "int8"]:
+        run(*base, "-o", tmp_path / "own.safetensors", "--dtype", dt)
+        run(*base, "-o", tmp_path / "other.safetensors", "--dtype", dt, "--gemm", gemm)
+        own = load_file(str(tmp_path / "own.safetensors"))["embeddings"]
+        other = load_file(str(tmp_path / "other.safetensors"))["embeddings"]
+        f32 = load_file(str(tmp_path / "probe.safetensors"))["embeddings"]
+        print(f"precision {gemm} vs own at {dt}: {scaled_err(other, own):.2e} (vs {gemm} f32: {scaled_err(other, f32):.2e})")
+        assert scaled_err(other, own) <= 1e-4
+        assert scaled_err(other, f32) > 1e-4
