@@ -91,8 +91,7 @@ MMB_API mmb_ctx_params mmb_ctx_default_params(void);
 
 /* Creates a context and starts its threads. Returns MMB_OK and sets *out, MMB_ERR_ARG for NULL
  * pointers, a backend this build lacks (the message says which) or a weight_dtype other than
- * F32, BF16, F16 and I8, or MMB_ERR_NOMEM. The caller
- * frees it with mmb_ctx_free. */
+ * F32, BF16, F16 and I8, or MMB_ERR_NOMEM. The caller frees it with mmb_ctx_free. */
 MMB_API mmb_status mmb_ctx_new(const mmb_ctx_params *p, mmb_ctx **out);
 
 /* Stops the threads and frees the context. NULL is a no-op. */

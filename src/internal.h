@@ -127,7 +127,8 @@ typedef struct mmb_linear {
 
 /* Binds a linear layer to tensor `w` [n_out, n_in] and optional `b` [n_out] (any float dtype;
  * converted once to f32 if not f32) and pre-packs it for ctx's backend. Returns MMB_OK or
- * MMB_ERR_NOMEM. Shapes are the caller's to check. */
+ * MMB_ERR_NOMEM. Shapes are the caller's to check. The weights are computed at ctx->weight_dtype
+ * (MMB_ERR_UNSUPPORTED, naming the tensor, for a weight beyond f16's range at MMB_F16). */
 mmb_status mmb__linear_init(mmb_ctx *ctx, mmb_linear *l, const mmb_tensor *w, const mmb_tensor *b);
 void mmb__linear_free(mmb_linear *l);
 /* x (M, n_in) -> y (M, n_out): y = x W^T + b, threaded over ctx's pool. */
