@@ -146,14 +146,14 @@ __attribute__((target("avx2,fma"), always_inline)) static inline double body_i8(
                  if (sign) { au = _mm256_abs_epi8(ar); w0 = _mm256_sign_epi8(b0, ar); w1 = _mm256_sign_epi8(b1, ar); } \
                  c##r##a = _mm256_add_epi32(c##r##a, _mm256_madd_epi16(_mm256_maddubs_epi16(au, w0), ones)); \
                  c##r##b = _mm256_add_epi32(c##r##b, _mm256_madd_epi16(_mm256_maddubs_epi16(au, w1), ones)); }
-#define SI_(r) s += _mm256_extract_epi32(c##r##a, 0) + _mm256_extract_epi32(c##r##b, 0);
+#define SI_(r) s += (uint32_t)_mm256_extract_epi32(c##r##a, 0) + (uint32_t)_mm256_extract_epi32(c##r##b, 0);
     R6_(DI_)
     __m256i b0 = _mm256_set1_epi8(3), b1 = _mm256_set1_epi8(-5), ones = _mm256_set1_epi16(1);
     for (long it = 0; it < n; it++) {
         __asm__ volatile("" : "+x"(b0), "+x"(b1));
         R6_(FI_)
     }
-    int s = 0;
+    uint32_t s = 0; /* the accumulators wrap (vpaddd): only kept alive, never read as a result */
     R6_(SI_)
     return s;
 }
