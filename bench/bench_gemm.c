@@ -1,6 +1,6 @@
 /* GEMM benchmark: mmbridge's own kernel against OpenBLAS, BLIS and oneDNN, all in one run.
  *
- *   bench_gemm [--threads 1,2] [--reps N] [--quick]
+ *   bench_gemm [--threads 1,2] [--reps N] [--quick] [--dtypes]
  *
  * 1. Measures the machine's FMA peak: 12 independent accumulator chains of 512-bit
  *    (_mm512_fmadd_ps) and of 256-bit (_mm256_fmadd_ps) FMAs, 2 flops per lane, on 1 and on T
@@ -16,6 +16,8 @@
  *    environment pins OPENBLAS_CORETYPE=Haswell, the child has OPENBLAS_CORETYPE and
  *    OPENBLAS_L2_SIZE unset ("unpinned"); if neither is set, the child gets
  *    OPENBLAS_CORETYPE=Haswell ("pinned"); for any other setting both children run.
+ * 4. Our kernel with f32, bf16, f16 and int8 weights (bench_dtypes), interleaved; --dtypes runs only
+ *    the peak probe and this table.
  * Every peer's result is compared with ours: max |c - c_own| / max |c_own| above 1e-4 marks it
  * incorrect ("!"). Ours is checked against the double-precision oracle on a sample of rows. */
 #include "bench_common.h"
@@ -111,6 +113,135 @@ static void bench_attention(const int *thr, int nt, int reps, int rounds, const 
     }
     free(qkv);
     free(out);
+}
+
+/* What int8 dot products could give on AVX2 without VNNI (no kernel uses them yet): the 6-row x
+ * 16-column micro-kernel body of the fp32 kernel (broadcast A, 2 B vectors, 12 accumulators) against
+ * the same body on u8 x s8 with vpmaddubsw (pairs -> s16) + vpmaddwd by ones (-> s32) + vpaddd, 32
+ * multiply-adds per accumulator step instead of 8; and with vpabsb / vpsignb added, which signed
+ * 8-bit activations need (vpmaddubsw takes one operand unsigned, and its s16 pair sums saturate
+ * unless the unsigned operand stays below 128). Returned per loop iteration: 12 x 64 "flops". */
+static const float i8_af[8] = {1e-3f, 2e-3f, 3e-3f, 4e-3f, 5e-3f, 6e-3f};
+static const int8_t i8_ai[32] = {1, -2, 3, 4, 5, -6, 7, 8, 9, 10, 11, 12, 13, 14, -15, 16,
+                                 17, 18, 19, 20, 21, 22, 23, 24};
+#define R6_(X) X(0) X(1) X(2) X(3) X(4) X(5)
+__attribute__((target("avx2,fma"), noinline)) static double body_f32(long n) {
+#define DF_(r) __m256 c##r##a = _mm256_setzero_ps(), c##r##b = _mm256_setzero_ps();
+#define FF_(r) { __m256 ar = _mm256_broadcast_ss(i8_af + r); c##r##a = _mm256_fmadd_ps(ar, b0, c##r##a); \
+                 c##r##b = _mm256_fmadd_ps(ar, b1, c##r##b); }
+#define SF_(r) s += c##r##a[0] + c##r##b[0];
+    R6_(DF_)
+    __m256 b0 = _mm256_set1_ps(1.0001f), b1 = _mm256_set1_ps(0.9999f);
+    for (long it = 0; it < n; it++) {
+        __asm__ volatile("" : "+x"(b0), "+x"(b1));
+        R6_(FF_)
+    }
+    float s = 0;
+    R6_(SF_)
+    return s;
+}
+__attribute__((target("avx2,fma"), always_inline)) static inline double body_i8(long n, const int sign) {
+#define DI_(r) __m256i c##r##a = _mm256_setzero_si256(), c##r##b = _mm256_setzero_si256();
+#define FI_(r) { __m256i ar = _mm256_set1_epi32(*(const int32_t *)(i8_ai + 4 * r)), w0 = b0, w1 = b1, au = ar; \
+                 if (sign) { au = _mm256_abs_epi8(ar); w0 = _mm256_sign_epi8(b0, ar); w1 = _mm256_sign_epi8(b1, ar); } \
+                 c##r##a = _mm256_add_epi32(c##r##a, _mm256_madd_epi16(_mm256_maddubs_epi16(au, w0), ones)); \
+                 c##r##b = _mm256_add_epi32(c##r##b, _mm256_madd_epi16(_mm256_maddubs_epi16(au, w1), ones)); }
+#define SI_(r) s += (uint32_t)_mm256_extract_epi32(c##r##a, 0) + (uint32_t)_mm256_extract_epi32(c##r##b, 0);
+    R6_(DI_)
+    __m256i b0 = _mm256_set1_epi8(3), b1 = _mm256_set1_epi8(-5), ones = _mm256_set1_epi16(1);
+    for (long it = 0; it < n; it++) {
+        __asm__ volatile("" : "+x"(b0), "+x"(b1));
+        R6_(FI_)
+    }
+    uint32_t s = 0; /* the accumulators wrap (vpaddd): only kept alive, never read as a result */
+    R6_(SI_)
+    return s;
+}
+__attribute__((target("avx2,fma"), noinline)) static double body_i8_u7(long n) { return body_i8(n, 0); }
+__attribute__((target("avx2,fma"), noinline)) static double body_i8_s8(long n) { return body_i8(n, 1); }
+
+static void int8_dot_probe(void) {
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return;
+    double f = measure_peak(body_f32, 12.0 * 16.0, 1, 0.25);
+    double u = measure_peak(body_i8_u7, 12.0 * 64.0, 1, 0.25);
+    double g = measure_peak(body_i8_s8, 12.0 * 64.0, 1, 0.25);
+    printf("\nint8 dot products on AVX2 (not used by any kernel yet; 1 thread, 6x16 micro-kernel body):\n"
+           "  fp32 FMA %.1f GFLOP/s; vpmaddubsw+vpmaddwd+vpaddd %.1f (%.2fx; activations < 128 unsigned);\n"
+           "  with vpabsb+vpsignb for signed 8-bit activations %.1f (%.2fx)\n", f * 1e-9, u * 1e-9, u / f,
+           g * 1e-9, g / f);
+}
+
+/* Our kernel with reduced-precision weights (mmb__gemm_own_pack_dt): for each shape and thread count,
+ * f32, bf16, f16 and int8 weights timed in turn within each round (A/B interleaved), median of
+ * rounds x reps after a warm-up; GFLOP/s against the fp32 peak, the ratio to f32, the packed weight
+ * bytes, and each result's max |c - c_f32| / max |c_f32| (the weights' rounding, not an error of
+ * the kernel: test_gemm checks that). */
+static void bench_dtypes(const shape *shapes, int ns, const int *thr, int nt, int reps, int rounds,
+                         const double *peak) {
+    static const mmb_dtype dts[4] = {MMB_F32, MMB_BF16, MMB_F16, MMB_I8};
+    static const char *dtn[4] = {"f32", "bf16", "f16", "int8"};
+    mmb_pool *pools[8] = {0};
+    for (int t = 0; t < nt && t < 8; t++)
+        if (mmb__pool_new(thr[t], &pools[t]) != MMB_OK) return;
+    printf("\nown kernel by weight dtype (weights widened to f32 in the micro-kernel; %% of the fp32 peak;\n"
+           "x f32 = speed relative to f32 weights; median of %d rounds x %d, dtypes interleaved)\n\n",
+           rounds, reps);
+    printf("%-16s %3s  %-6s %14s %8s %12s %10s\n", "M x N x K", "thr", "dtype", "GFLOP/s", "x f32",
+           "packed MiB", "vs f32");
+    for (int s = 0; s < ns; s++) {
+        int64_t M = shapes[s].M, N = shapes[s].N, K = shapes[s].K;
+        float *A = malloc(sizeof(float) * (size_t)(M * K)), *W = malloc(sizeof(float) * (size_t)(N * K));
+        float *C = malloc(sizeof(float) * (size_t)(M * N)), *C32 = malloc(sizeof(float) * (size_t)(M * N));
+        float *scales = malloc(sizeof(float) * (size_t)mmb__gemm_own_scales_size(N));
+        void *packed[4] = {0};
+        bool ok = A && W && C && C32 && scales;
+        for (int d = 0; d < 4 && ok; d++) {
+            size_t bytes = mmb__gemm_own_packed_bytes(N, K, dts[d]);
+            ok = (packed[d] = aligned_alloc(64, (bytes + 63) / 64 * 64)) != NULL;
+        }
+        if (!ok) {
+            fprintf(stderr, "out of memory\n");
+        } else {
+            for (int64_t i = 0; i < M * K; i++) A[i] = frand();
+            for (int64_t i = 0; i < N * K; i++) W[i] = frand();
+            /* one scale array serves int8: it is the only dtype that reads it */
+            for (int d = 0; d < 4; d++) mmb__gemm_own_pack_dt(packed[d], scales, W, N, K, dts[d]);
+            double flops = 2.0 * (double)M * (double)N * (double)K;
+            for (int t = 0; t < nt; t++) {
+                static double ts[4][512];
+                int n[4] = {0};
+                for (int r = 0; r < rounds; r++)
+                    for (int d = 0; d < 4; d++) {
+                        mmb__gemm_own_dt(pools[t], C, A, packed[d], scales, dts[d], NULL, M, N, K, MMB_ACT_NONE);
+                        for (int i = 0; i < reps && n[d] < 512; i++) {
+                            double t0 = now();
+                            mmb__gemm_own_dt(pools[t], C, A, packed[d], scales, dts[d], NULL, M, N, K,
+                                             MMB_ACT_NONE);
+                            ts[d][n[d]++] = now() - t0;
+                        }
+                    }
+                double gf32 = 0.0;
+                for (int d = 0; d < 4; d++) {
+                    qsort(ts[d], (size_t)n[d], sizeof ts[d][0], cmp_d);
+                    double med = n[d] % 2 ? ts[d][n[d] / 2] : 0.5 * (ts[d][n[d] / 2 - 1] + ts[d][n[d] / 2]);
+                    double gf = flops / med * 1e-9;
+                    if (d == 0) gf32 = gf;
+                    mmb__gemm_own_dt(pools[t], d ? C : C32, A, packed[d], scales, dts[d], NULL, M, N, K,
+                                     MMB_ACT_NONE);
+                    double bytes = (double)mmb__gemm_own_packed_bytes(N, K, dts[d]) +
+                                   (dts[d] == MMB_I8 ? 4.0 * (double)mmb__gemm_own_scales_size(N) : 0.0);
+                    char sh[48], g[32];
+                    snprintf(sh, sizeof sh, "%lldx%lldx%lld", (long long)M, (long long)N, (long long)K);
+                    snprintf(g, sizeof g, "%.1f (%2.0f%%)", gf, 100.0 * gf / peak[t]);
+                    printf("%-16s %3d  %-6s %14s %7.2fx %12.2f %10.2g\n", d ? "" : sh, thr[t], dtn[d], g,
+                           gf / gf32, bytes / 1048576.0, d ? rel_err(C, C32, M * N) : 0.0);
+                }
+            }
+        }
+        free(A); free(W); free(C); free(C32); free(scales);
+        for (int d = 0; d < 4; d++) free(packed[d]);
+    }
+    for (int t = 0; t < nt && t < 8; t++) mmb__pool_free(pools[t]);
 }
 
 /* ---- the run -------------------------------------------------------------------------------- */
@@ -262,7 +393,7 @@ static void fmt_cell(char *buf, size_t n, double gf, double err, double peak) {
 
 int main(int argc, char **argv) {
     int thr[MAXT] = {1, 2}, nt = 2, reps = 7, warm = 2, rounds = 1;
-    bool quick = false, child = false;
+    bool quick = false, child = false, dtypes_only = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
             nt = parse_threads(argv[++i], thr);
@@ -275,10 +406,12 @@ int main(int argc, char **argv) {
             if (rounds < 1 || rounds > MAXR) { fprintf(stderr, "--rounds: 1..8\n"); return 2; }
         } else if (!strcmp(argv[i], "--quick")) {
             quick = true;
+        } else if (!strcmp(argv[i], "--dtypes")) {
+            dtypes_only = true;
         } else if (!strcmp(argv[i], "--openblas-child")) {
             child = true;
         } else {
-            fprintf(stderr, "usage: %s [--threads 1,2] [--reps N] [--rounds R] [--quick]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--threads 1,2] [--reps N] [--rounds R] [--quick] [--dtypes]\n", argv[0]);
             return 2;
         }
     }
@@ -312,6 +445,20 @@ int main(int argc, char **argv) {
         printf("  %-8d %9.1f GF/s %9.1f GF/s ", thr[t], pk[t][0] * 1e-9, pk[t][1] * 1e-9);
         if (hasbf16) printf("%9.1f GF/s\n", pk[t][2] * 1e-9);
         else printf("%14s\n", "n/a");
+    }
+
+    /* The dtype table's shapes: the projector's and the ViT's, and a small-M projector call (16
+     * tokens), where the weights' bandwidth rather than the FMAs bounds the time. */
+    static const shape dt_full[] = {{576, 4096, 1024}, {576, 4096, 4096}, {577, 3072, 1024},
+                                    {577, 4096, 1024}, {577, 1024, 4096}, {16, 4096, 4096}};
+    const shape *dt_shapes = quick ? small : dt_full;
+    int dt_ns = quick ? 2 : 6;
+    if (dtypes_only) {
+        double pk1[MAXT];
+        for (int t = 0; t < nt; t++) pk1[t] = (pk[t][0] > pk[t][1] ? pk[t][0] : pk[t][1]) * 1e-9;
+        bench_dtypes(dt_shapes, dt_ns, thr, nt, reps, rounds, pk1);
+        int8_dot_probe();
+        return 0;
     }
 
     /* ---- GEMMs ---- */
@@ -442,6 +589,8 @@ int main(int argc, char **argv) {
         }
     }
     bench_attention(thr, nt, quick ? 1 : reps, quick ? 1 : rounds, peak);
+    bench_dtypes(dt_shapes, dt_ns, thr, nt, reps, rounds, peak);
+    int8_dot_probe();
     printf("\nown vs double-precision oracle on sampled rows (max rel err):");
     for (int s = 0; s < ns; s++) printf(" %.2g", own_check[s]);
     printf("\n");

@@ -3,6 +3,7 @@
  * onnxruntime (an ONNX export of the same torch module) in the same run and thread count.
  *
  *   bench_vit [--threads 1,2] [--batch 1,4] [--reps N] [--layers L] [--dir CACHE] [--no-peers] [--quick]
+ *             [--dtype f32|bf16|f16|int8]   (the linear layers' weight dtype, mmb_ctx_params.weight_dtype)
  *
  * bench/peer_vit.py writes the checkpoint (transformers save_pretrained, cached in CACHE) and the
  * pixel values, then times the peers; mmbridge runs the same weights on the same pixels through
@@ -17,7 +18,7 @@
 #include <unistd.h>
 
 int main(int argc, char **argv) {
-    int threads[8] = {1, 2}, nt = 2, batches[8] = {1, 4}, nb = 2, reps = 3, layers = 24, peers = 1;
+    int threads[8] = {1, 2}, nt = 2, batches[8] = {1, 4}, nb = 2, reps = 3, layers = 24, peers = 1, wdt = MMB_F32;
     const char *dir = "build/bench-cache";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc) nt = parse_list(argv[++i], threads, 8);
@@ -26,10 +27,16 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--layers") && i + 1 < argc) layers = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--dir") && i + 1 < argc) dir = argv[++i];
         else if (!strcmp(argv[i], "--no-peers")) peers = 0;
+        else if (!strcmp(argv[i], "--dtype") && i + 1 < argc) {
+            const char *v = argv[++i];
+            wdt = !strcmp(v, "f32") ? MMB_F32 : !strcmp(v, "bf16") ? MMB_BF16 : !strcmp(v, "f16") ? MMB_F16
+                : !strcmp(v, "int8") ? MMB_I8 : -1;
+            if (wdt < 0) { fprintf(stderr, "bench_vit: --dtype wants f32, bf16, f16 or int8\n"); return 2; }
+        }
         else if (!strcmp(argv[i], "--quick")) { layers = 1; reps = 1; nt = 1; nb = 1; peers = 0; }
         else {
             fprintf(stderr, "usage: bench_vit [--threads 1,2] [--batch 1,4] [--reps N] [--layers L] [--dir D] "
-                            "[--no-peers] [--quick]\n");
+                            "[--no-peers] [--quick] [--dtype f32|bf16|f16|int8]\n");
             return 2;
         }
     }
@@ -50,7 +57,8 @@ int main(int argc, char **argv) {
     snprintf(ckpt, sizeof ckpt, "%s/llava-vitl336-%d", dir, layers);
 
     printf("bench_vit: CLIP ViT-L/14-336 (%d layers, 577 tokens, width 1024) + mlp2x_gelu 1024->4096->4096, "
-           "fp32, forward pass only, median of %d\n", layers, reps);
+           "%s weights (activations fp32), forward pass only, median of %d\n", layers,
+           wdt == MMB_F32 ? "fp32" : wdt == MMB_BF16 ? "bf16" : wdt == MMB_F16 ? "f16" : "int8", reps);
     printf("%-8s %-6s %-22s %10s %10s %9s %9s %10s\n", "threads", "batch", "implementation", "s/image", "GFLOP/s",
            "% peak", "vs ours", "peak RSS");
     for (int ti = 0; ti < nt; ti++) {
@@ -59,6 +67,7 @@ int main(int argc, char **argv) {
         mmb_ctx *ctx = NULL;
         mmb_ctx_params cp = mmb_ctx_default_params();
         cp.n_threads = th;
+        cp.weight_dtype = wdt;
         mmb_model *m = NULL;
         double t_load = now();
         if (mmb_ctx_new(&cp, &ctx) != MMB_OK || mmb_model_open(ctx, ckpt, &m) != MMB_OK) {

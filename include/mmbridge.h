@@ -76,14 +76,22 @@ typedef enum mmb_gemm_backend {
 typedef struct mmb_ctx_params {
     int n_threads;            /* worker threads; <= 0 means the number of online CPUs */
     mmb_gemm_backend gemm;    /* MMB_GEMM_AUTO unless a benchmark or test wants another */
+    /* The dtype the linear layers' weights are computed in, whatever the checkpoint stores:
+     * MMB_F32 (default, exact), MMB_BF16 or MMB_F16 (16-bit packed weights, half the memory),
+     * MMB_I8 (int8 with one symmetric scale per output channel, a quarter). Weights are converted
+     * once at load; activations, biases, norms and accumulation stay f32. Models opened with the
+     * context use it (docs/decisions.md "Reduced-precision weights" gives the accuracy).
+     * An mmb_dtype (declared below): int here so the struct can come first. */
+    int weight_dtype;
 } mmb_ctx_params;
 
-/* Returns the default context parameters: n_threads 0 (online CPUs), gemm MMB_GEMM_AUTO. */
+/* Returns the default context parameters: n_threads 0 (online CPUs), gemm MMB_GEMM_AUTO,
+ * weight_dtype MMB_F32. */
 MMB_API mmb_ctx_params mmb_ctx_default_params(void);
 
 /* Creates a context and starts its threads. Returns MMB_OK and sets *out, MMB_ERR_ARG for NULL
- * pointers or a backend this build lacks (the message says which), or MMB_ERR_NOMEM. The caller
- * frees it with mmb_ctx_free. */
+ * pointers, a backend this build lacks (the message says which) or a weight_dtype other than
+ * F32, BF16, F16 and I8, or MMB_ERR_NOMEM. The caller frees it with mmb_ctx_free. */
 MMB_API mmb_status mmb_ctx_new(const mmb_ctx_params *p, mmb_ctx **out);
 
 /* Stops the threads and frees the context. NULL is a no-op. */

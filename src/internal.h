@@ -67,6 +67,7 @@ void mmb__split(int64_t n, int tid, int nth, int64_t *lo, int64_t *hi);
 struct mmb_ctx {
     mmb_pool *pool;
     mmb_gemm_backend gemm;   /* resolved: never MMB_GEMM_AUTO */
+    mmb_dtype weight_dtype;  /* linear layers' compute dtype: MMB_F32, MMB_BF16, MMB_F16 or MMB_I8 */
     mmb_arena arena;         /* activations of the current forward pass */
     char err[MMB_ERRMSG_LEN];
 };
@@ -118,11 +119,16 @@ typedef struct mmb_linear {
     float *owned_w, *owned_b;/* set when converted from f16/bf16 at load */
     float *packed;           /* the own kernel's packed copy of w, or NULL */
     mmb_gemm_backend backend;
+    /* Reduced-precision weights: packed holds elements of wdt (the context's weight_dtype), and
+     * for MMB_I8 `scales` the per-output scales; the other backends compute with w rounded to wdt. */
+    mmb_dtype wdt;
+    float *scales;
 } mmb_linear;
 
 /* Binds a linear layer to tensor `w` [n_out, n_in] and optional `b` [n_out] (any float dtype;
  * converted once to f32 if not f32) and pre-packs it for ctx's backend. Returns MMB_OK or
- * MMB_ERR_NOMEM. Shapes are the caller's to check. */
+ * MMB_ERR_NOMEM. Shapes are the caller's to check. The weights are computed at ctx->weight_dtype
+ * (MMB_ERR_UNSUPPORTED, naming the tensor, for a weight beyond f16's range at MMB_F16). */
 mmb_status mmb__linear_init(mmb_ctx *ctx, mmb_linear *l, const mmb_tensor *w, const mmb_tensor *b);
 void mmb__linear_free(mmb_linear *l);
 /* x (M, n_in) -> y (M, n_out): y = x W^T + b, threaded over ctx's pool. */
@@ -151,6 +157,21 @@ void mmb__gemm_own(mmb_pool *pool, float *C, const float *A, const float *packed
 /* The same, then C = act(C), applied block by block as each is finished. */
 void mmb__gemm_own_act(mmb_pool *pool, float *C, const float *A, const float *packed, const float *bias,
                        int64_t M, int64_t N, int64_t K, mmb_act act);
+/* Reduced-precision weights (docs/decisions.md "Reduced-precision weights"): the same packed
+ * layout with elements of dt = MMB_F32, MMB_BF16, MMB_F16 or MMB_I8 (int8: symmetric, one scale
+ * absmax/127 per output row of W, in `scales`, mmb__gemm_own_scales_size(N) floats). The kernels
+ * widen the weights to f32 as they load them; A, C, bias and the arithmetic stay f32. */
+bool mmb__gemm_own_dtype_ok(mmb_dtype dt);
+size_t mmb__gemm_own_packed_bytes(int64_t N, int64_t K, mmb_dtype dt);
+int64_t mmb__gemm_own_scales_size(int64_t N);
+void mmb__gemm_own_pack_dt(void *dst, float *scales, const float *W, int64_t N, int64_t K, mmb_dtype dt);
+/* C (M, N) = act(A (M, K) W^T + bias) with W packed by mmb__gemm_own_pack_dt as dt. */
+void mmb__gemm_own_dt(mmb_pool *pool, float *C, const float *A, const void *packed, const float *scales,
+                      mmb_dtype dt, const float *bias, int64_t M, int64_t N, int64_t K, mmb_act act);
+/* dst (N, K) = W rounded to dt and back to f32 (int8: q * scale), the values the kernels compute
+ * with: the reference for tests and the weights of the other backends at that dtype. */
+void mmb__gemm_own_dequant(float *dst, const float *W, int64_t N, int64_t K, mmb_dtype dt);
+
 /* The micro-kernel on its own, for other blocked kernels (attention, the decoder's weight products).
  * MR = mmb__gemm_own_mr(isa) rows per A micro-panel (isa as mmb__gemm_own_isa returns it: 14 AVX-512,
  * 6 AVX2, 4 scalar); panels are 32 columns wide. For i < mr <= MR, j < nc <= 32:

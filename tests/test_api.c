@@ -63,6 +63,17 @@ static void test_roundtrip_and_example(void) {
     CHECK(mmb_ctx_new(&cp, &ctx) == MMB_OK, "ctx");
     CHECK(mmb_ctx_threads(ctx) >= 1, "threads");
     make_model(ctx);
+    /* weight_dtype: f32 by default; the four compute dtypes accepted, the other storage types refused */
+    CHECK(cp.weight_dtype == MMB_F32, "default weight_dtype f32");
+    for (int d = 0; d <= MMB_F8_E5M2; d++) {
+        mmb_ctx_params wp = cp;
+        mmb_ctx *wc = NULL;
+        wp.weight_dtype = d;
+        int ok = d == MMB_F32 || d == MMB_BF16 || d == MMB_F16 || d == MMB_I8;
+        CHECK((mmb_ctx_new(&wp, &wc) == MMB_OK) == ok, "weight_dtype %s %s", mmb_dtype_name((mmb_dtype)d),
+              ok ? "accepted" : "refused");
+        mmb_ctx_free(wc);
+    }
 
     char path[256];
     snprintf(path, sizeof path, "%s/model.safetensors", dir);

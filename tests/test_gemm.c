@@ -39,6 +39,121 @@ static const shape shapes[] = {
 
 static int passed, failed;
 
+/* ---- reduced-precision weights (mmb__gemm_own_pack_dt / mmb__gemm_own_dt) ---------------------
+ * Each dtype's kernels against the oracle on the weights the kernels compute with (W rounded to
+ * the dtype and back, mmb__gemm_own_dequant), with the fp32 bound above; and the rounding itself
+ * against its definition: bf16 and f16 within half an ulp of the format (2^-8, 2^-11 relative;
+ * f16 subnormals 2^-25 absolute), int8 within half a step (absmax / 254) of W, with |q| <= 127.
+ * A sample of shapes (every M, N, K in {1, 7, 17, 577} appears, with tails of MR, NR and KC). */
+static const shape dt_shapes[] = {
+    {1, 1, 1},     {1, 7, 17},    {7, 17, 1},     {17, 7, 577},   {577, 17, 7},  {13, 33, 257},
+    {15, 65, 513}, {29, 577, 17}, {577, 100, 300}, {1, 577, 577}, {7, 577, 577}, {6, 32, 256},
+};
+#define N_DT_SHAPES ((int)(sizeof dt_shapes / sizeof dt_shapes[0]))
+
+static void check_rounding(const float *W, const float *Wq, int64_t N, int64_t K, mmb_dtype dt, const char *name) {
+    int64_t bad = 0;
+    for (int64_t n = 0; n < N; n++) {
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(W[n * K + k]));
+        for (int64_t k = 0; k < K; k++) {
+            double w = W[n * K + k], q = Wq[n * K + k], e = fabs(w - q), lim;
+            if (dt == MMB_BF16) lim = fabs(w) * 0x1p-8;
+            else if (dt == MMB_F16) lim = fabs(w) * 0x1p-11 + 0x1p-25;
+            else lim = amax / 254.0 * (1.0 + 1e-4);
+            if (dt == MMB_I8 && amax > 0 && fabs(q / (amax / 127.0)) > 127.0 + 1e-3) bad++;
+            else if (!(e <= lim)) bad++;
+        }
+    }
+    if (bad) {
+        failed++;
+        fprintf(stderr, "FAIL %s rounding N=%lld K=%lld: %lld weights off their bound\n", name, (long long)N,
+                (long long)K, (long long)bad);
+    } else {
+        passed++;
+    }
+}
+
+static void test_dtypes(mmb_pool **pools, int top) {
+    static const mmb_dtype dts[] = {MMB_BF16, MMB_F16, MMB_I8};
+    static const char *dt_name[] = {"bf16", "f16", "int8"};
+    const char *isa_name[3] = {"scalar", "avx2", "avx512"};
+    double worst = 0.0;
+    for (int d = 0; d < 3; d++) {
+        for (int s = 0; s < N_DT_SHAPES; s++) {
+            const int64_t M = dt_shapes[s].M, N = dt_shapes[s].N, K = dt_shapes[s].K;
+            const size_t guard = 29;
+            float *A = malloc((size_t)(M * K) * sizeof(float)), *W = malloc((size_t)(N * K) * sizeof(float));
+            float *Wq = malloc((size_t)(N * K) * sizeof(float)), *bias = malloc((size_t)N * sizeof(float));
+            float *ref = malloc((size_t)(M * N) * sizeof(float)), *C1 = malloc((size_t)(M * N) * sizeof(float));
+            float *C = malloc(((size_t)(M * N) + guard) * sizeof(float));
+            double *tol = malloc((size_t)(M * N) * sizeof(double));
+            size_t pb = mmb__gemm_own_packed_bytes(N, K, dts[d]);
+            void *packed = aligned_alloc(64, (pb + 63) / 64 * 64);
+            float *scales = malloc((size_t)mmb__gemm_own_scales_size(N) * sizeof(float));
+            if (!A || !W || !Wq || !bias || !ref || !C1 || !C || !tol || !packed || !scales) {
+                fprintf(stderr, "gemm: out of memory\n");
+                failed++;
+                return;
+            }
+            for (int64_t i = 0; i < M * K; i++) A[i] = frand();
+            /* rows of very different magnitudes (int8 scales per row), and some f16 subnormals */
+            for (int64_t n = 0; n < N; n++) {
+                float mag = (n % 3 == 0) ? 1e-2f : (n % 3 == 1) ? 1.0f : 30.0f;
+                for (int64_t k = 0; k < K; k++) W[n * K + k] = mag * frand();
+            }
+            if (N * K > 2) W[1] = 3e-6f;
+            for (int64_t i = 0; i < N; i++) bias[i] = 4.0f * frand();
+            mmb__gemm_own_dequant(Wq, W, N, K, dts[d]);
+            check_rounding(W, Wq, N, K, dts[d], dt_name[d]);
+            mmb__gemm_own_pack_dt(packed, scales, W, N, K, dts[d]);
+            mmb__gemm_ref(ref, A, Wq, bias, M, N, K);
+            for (int64_t i = 0; i < M; i++)
+                for (int64_t j = 0; j < N; j++) {
+                    double m = fabs((double)bias[j]);
+                    for (int64_t k = 0; k < K; k++) m += fabs((double)A[i * K + k] * Wq[j * K + k]);
+                    tol[i * N + j] = 1e-5 * m + 1e-6;
+                }
+            for (int isa = top; isa >= 0; isa--) {
+                mmb__gemm_own_force_isa(isa);
+                for (int t = 1; t <= 2; t++) {
+                    for (size_t i = 0; i < (size_t)(M * N); i++) C[i] = NAN;
+                    for (size_t i = 0; i < guard; i++) C[(size_t)(M * N) + i] = 12345.0f;
+                    mmb__gemm_own_dt(pools[t], C, A, packed, scales, dts[d], bias, M, N, K, MMB_ACT_NONE);
+                    int64_t bad = 0, bad_at = -1;
+                    double maxratio = 0.0;
+                    for (int64_t i = 0; i < M * N; i++) {
+                        double e = fabs((double)C[i] - (double)ref[i]);
+                        if (!(e <= tol[i]) && bad++ == 0) bad_at = i;
+                        if (!(e / tol[i] <= maxratio)) maxratio = isnan(e) ? INFINITY : e / tol[i];
+                    }
+                    int guard_ok = 1;
+                    for (size_t i = 0; i < guard; i++) guard_ok &= C[(size_t)(M * N) + i] == 12345.0f;
+                    int det_ok = 1;
+                    if (t == 1) memcpy(C1, C, (size_t)(M * N) * sizeof(float));
+                    else det_ok = memcmp(C1, C, (size_t)(M * N) * sizeof(float)) == 0;
+                    if (maxratio > worst) worst = maxratio;
+                    if (bad || !guard_ok || !det_ok) {
+                        failed++;
+                        fprintf(stderr, "FAIL gemm %s M=%lld N=%lld K=%lld isa=%s threads=%d: %lld out of bound "
+                                "(first at %lld: got %g want %g), max err / bound %.3g%s%s\n", dt_name[d],
+                                (long long)M, (long long)N, (long long)K, isa_name[isa], t, (long long)bad,
+                                (long long)bad_at, bad_at >= 0 ? (double)C[bad_at] : 0.0,
+                                bad_at >= 0 ? (double)ref[bad_at] : 0.0, maxratio,
+                                guard_ok ? "" : ", wrote past C", det_ok ? "" : ", differs from 1 thread");
+                    } else {
+                        passed++;
+                    }
+                }
+            }
+            free(A); free(W); free(Wq); free(bias); free(ref); free(C1); free(C); free(tol); free(packed);
+            free(scales);
+        }
+    }
+    mmb__gemm_own_force_isa(-1);
+    printf("gemm bf16/f16/int8: max error / bound %.3g (isa up to %s)\n", worst, isa_name[top]);
+}
+
 int main(void) {
     const char *isa_name[3] = {"scalar", "avx2", "avx512"};
     mmb__gemm_own_force_isa(-1);
@@ -156,6 +271,7 @@ int main(void) {
         }
         free(A); free(W); free(bias); free(ref); free(tol); free(C); free(C1); free(Cact); free(packed);
     }
+    test_dtypes(pools, top);
     mmb__gemm_own_force_isa(-1);
     for (int t = 1; t <= 3; t++) mmb__pool_free(pools[t]);
     printf("gemm: max abs error %.3g, max error / bound %.3g\n", worst_abs, worst_ratio);

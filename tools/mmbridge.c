@@ -36,14 +36,14 @@ static const char *usage_main =
     "  --help                           this text; `mmbridge <command> --help` for a command\n";
 
 static const char *usage_info =
-    "usage: mmbridge info MODEL [--threads N]\n"
+    "usage: mmbridge info MODEL [--threads N] [--dtype f32|bf16|f16|int8]\n"
     "\n"
     "Prints the architecture, key layout, connector, hidden layers read (HF hidden_states indices),\n"
     "input and output widths, parameter count, visual tokens and FLOPs per image.\n";
 
 static const char *usage_connect =
     "usage: mmbridge connect MODEL --features IN.safetensors -o OUT.safetensors\n"
-    "                        [--threads N] [--gemm auto|own|openblas|naive]\n"
+    "                        [--threads N] [--gemm auto|own|openblas|naive] [--dtype D]\n"
     "\n"
     "IN holds tensors 'hidden_states.{i}' [batch, tokens, width] (or [tokens, width]), f32/f16/bf16,\n"
     "indexed as transformers' output_hidden_states (0 = embeddings, i = output of block i). The\n"
@@ -53,7 +53,9 @@ static const char *usage_connect =
     "[batch, tokens_out, d_model] f32, written to a temporary file and renamed.\n"
     "\n"
     "  --threads N   worker threads (default: online CPUs)\n"
-    "  --gemm B      GEMM backend (default auto = the measured fastest)\n";
+    "  --gemm B      GEMM backend (default auto = the measured fastest)\n"
+    "  --dtype D     compute dtype of the linear layers' weights: f32 (default), bf16, f16 or int8\n"
+    "                (per-channel scales); converted once at load, activations stay f32\n";
 
 typedef struct {
     const char *model, *features, *output, *pixels, *vision_tower, *video;
@@ -62,6 +64,7 @@ typedef struct {
     int n_images;
     int threads;
     mmb_gemm_backend gemm;
+    mmb_dtype dtype;          /* --dtype: weights' compute dtype (MMB_F32 = 0 by default) */
     int taps[MMB_MAX_TAPS], n_taps;
     int positional;           /* encode takes IMAGE... after MODEL */
     mmb_dense_params dense;   /* --dense*, --tokens: type NONE keeps the checkpoint's own */
@@ -212,6 +215,14 @@ static int parse(int argc, char **argv, const char *usage, opts *o) {
             if (k == 4) { fprintf(stderr, "mmbridge: --gemm wants auto, own, openblas or naive\n"); return 2; }
             o->gemm = (mmb_gemm_backend)k;
             i++;
+        } else if (strcmp(a, "--dtype") == 0 && v) {
+            static const char *names[] = {"f32", "bf16", "f16", "int8"};
+            static const mmb_dtype dts[] = {MMB_F32, MMB_BF16, MMB_F16, MMB_I8};
+            int k = 0;
+            while (k < 4 && strcmp(v, names[k]) != 0) k++;
+            if (k == 4) { fprintf(stderr, "mmbridge: --dtype wants f32, bf16, f16 or int8\n"); return 2; }
+            o->dtype = dts[k];
+            i++;
         } else if (strcmp(a, "--features") == 0 && v) {
             o->features = v;
             i++;
@@ -261,6 +272,7 @@ static mmb_ctx *make_ctx(const opts *o) {
     mmb_ctx_params p = mmb_ctx_default_params();
     p.n_threads = o->threads;
     p.gemm = o->gemm;
+    p.weight_dtype = o->dtype;
     mmb_ctx *ctx = NULL;
     if (mmb_ctx_new(&p, &ctx) != MMB_OK) fprintf(stderr, "mmbridge: error: cannot create a context (backend unavailable?)\n");
     return ctx;
@@ -287,6 +299,8 @@ static int cmd_info(int argc, char **argv) {
     printf("family:           %s\n", in.family);
     printf("connector:        %s%s%s\n", in.connector, in.activation[0] ? ", activation " : "", in.activation);
     printf("weights:          %s\n", mmb_dtype_name(in.weight_dtype));
+    printf("compute dtype:    %s (linear layers' weights; activations f32)\n",
+           o.dtype == MMB_I8 ? "int8, per-channel scales" : mmb_dtype_name(o.dtype));
     if (in.dense[0]) {
         mmb_dense_params dp = mmb_model_dense(m);
         printf("dense connector:  %s -> projector %s", in.dense, in.projector);
@@ -442,7 +456,7 @@ done:
 static const char *usage_encode =
     "usage: mmbridge encode MODEL (IMAGE... | --pixels IN.safetensors | --video FRAMES [--frames 8]\n"
     "                       [--no-pool]) -o OUT.safetensors [--taps 0,8,-2] [--vision-tower DIR]\n"
-    "                       [--threads N] [--gemm B]\n"
+    "                       [--threads N] [--gemm B] [--dtype f32|bf16|f16|int8]\n"
     "\n"
     "Runs the vision encoder and the connector: pixels -> ViT (CLIP or SigLIP) -> the model's feature\n"
     "selection -> connector, and writes 'embeddings' [n_images, tokens, d_model] f32. Several images\n"
@@ -462,7 +476,9 @@ static const char *usage_encode =
     "                   equal segments (FreeVA / Dense Connector); each goes through tower and\n"
     "                   connector like an image, then MaxPool1d(2, 2) over each frame's tokens\n"
     "                   (--no-pool keeps them all), frames concatenated in order: 'embeddings'\n"
-    "                   [1, frames * tokens / 2, d_model] (8 CLIP-L/336 frames: 2304 tokens)\n";
+    "                   [1, frames * tokens / 2, d_model] (8 CLIP-L/336 frames: 2304 tokens)\n"
+    "  --dtype D        compute dtype of the linear layers' weights (tower and connector): f32\n"
+    "                   (default), bf16, f16 or int8 (per-channel scales); converted at load\n";
 
 /* Opens MODEL as a connector model, or as a standalone vision encoder when it has no connector. */
 static int open_encoder(mmb_ctx *ctx, const opts *o, mmb_model **m, mmb_vit **vit_only, const mmb_vit **vit) {

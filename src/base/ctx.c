@@ -5,7 +5,7 @@
 #include <unistd.h>
 
 mmb_ctx_params mmb_ctx_default_params(void) {
-    return (mmb_ctx_params){.n_threads = 0, .gemm = MMB_GEMM_AUTO};
+    return (mmb_ctx_params){.n_threads = 0, .gemm = MMB_GEMM_AUTO, .weight_dtype = MMB_F32};
 }
 
 mmb_status mmb_ctx_new(const mmb_ctx_params *p, mmb_ctx **out) {
@@ -16,6 +16,7 @@ mmb_status mmb_ctx_new(const mmb_ctx_params *p, mmb_ctx **out) {
     if (g == MMB_GEMM_OPENBLAS) return MMB_ERR_ARG;
 #endif
     if (g < MMB_GEMM_AUTO || g > MMB_GEMM_OPENBLAS) return MMB_ERR_ARG;
+    if (!mmb__gemm_own_dtype_ok((mmb_dtype)p->weight_dtype)) return MMB_ERR_ARG;
     mmb_ctx *ctx = calloc(1, sizeof *ctx);
     if (!ctx) return MMB_ERR_NOMEM;
     int n = p->n_threads;
@@ -25,6 +26,7 @@ mmb_status mmb_ctx_new(const mmb_ctx_params *p, mmb_ctx **out) {
     }
     if (mmb__pool_new(n, &ctx->pool) != MMB_OK) { free(ctx); return MMB_ERR_NOMEM; }
     ctx->gemm = g;
+    ctx->weight_dtype = (mmb_dtype)p->weight_dtype;
     *out = ctx;
     return MMB_OK;
 }

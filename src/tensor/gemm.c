@@ -31,25 +31,50 @@ static mmb_status f32_view(mmb_ctx *ctx, const mmb_tensor *t, const float **view
     return MMB_OK;
 }
 
+/* f16 holds magnitudes below 65520 (larger ones round to infinity): refuse the rest by name. */
+static mmb_status f16_range(mmb_ctx *ctx, const mmb_tensor *t, const float *w, int64_t N, int64_t K) {
+    for (int64_t i = 0; i < N * K; i++)
+        if (w[i] >= 65520.0f || w[i] <= -65520.0f)
+            return mmb__err(ctx, MMB_ERR_UNSUPPORTED,
+                            "tensor '%s': weight [%lld, %lld] = %g is outside the f16 range (use bf16 or f32)",
+                            t->name, (long long)(i / K), (long long)(i % K), (double)w[i]);
+    return MMB_OK;
+}
+
 mmb_status mmb__linear_init(mmb_ctx *ctx, mmb_linear *l, const mmb_tensor *w, const mmb_tensor *b) {
     memset(l, 0, sizeof *l);
     l->n_out = w->shape[0];
     l->n_in = w->shape[1];
     l->backend = ctx->gemm;
+    l->wdt = ctx->weight_dtype;
     mmb_status s = f32_view(ctx, w, &l->w, &l->owned_w);
     if (s == MMB_OK && b) s = f32_view(ctx, b, &l->bias, &l->owned_b);
+    if (s == MMB_OK && l->wdt == MMB_F16) s = f16_range(ctx, w, l->w, l->n_out, l->n_in);
     if (s == MMB_OK && l->backend == MMB_GEMM_OWN) {
-        size_t bytes = mmb__gemm_own_packed_size(l->n_out, l->n_in) * sizeof(float);
+        size_t bytes = mmb__gemm_own_packed_bytes(l->n_out, l->n_in, l->wdt);
         l->packed = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-        if (!l->packed)
+        if (l->packed && l->wdt == MMB_I8)
+            l->scales = malloc((size_t)mmb__gemm_own_scales_size(l->n_out) * sizeof(float));
+        if (!l->packed || (l->wdt == MMB_I8 && !l->scales))
             s = mmb__err(ctx, MMB_ERR_NOMEM, "tensor '%s': cannot allocate %zu bytes to pack", w->name, bytes);
         else
-            mmb__gemm_own_pack(l->packed, l->w, l->n_out, l->n_in);
+            mmb__gemm_own_pack_dt(l->packed, l->scales, l->w, l->n_out, l->n_in, l->wdt);
         /* The packed copy is all the own kernel reads: drop a converted f32 copy now. */
         if (l->packed && l->owned_w) {
             free(l->owned_w);
             l->owned_w = NULL;
             l->w = NULL;
+        }
+    } else if (s == MMB_OK && l->wdt != MMB_F32) {
+        /* The other backends compute in f32 with the weights rounded to wdt: the same values. */
+        size_t n = (size_t)(l->n_out * l->n_in);
+        float *q = malloc(n ? n * sizeof(float) : 1);
+        if (!q) {
+            s = mmb__err(ctx, MMB_ERR_NOMEM, "tensor '%s': cannot allocate %zu floats", w->name, n);
+        } else {
+            mmb__gemm_own_dequant(q, l->w, l->n_out, l->n_in, l->wdt);
+            free(l->owned_w);
+            l->w = l->owned_w = q;
         }
     }
     if (s != MMB_OK) mmb__linear_free(l);
@@ -60,6 +85,7 @@ void mmb__linear_free(mmb_linear *l) {
     free(l->owned_w);
     free(l->owned_b);
     free(l->packed);
+    free(l->scales);
     memset(l, 0, sizeof *l);
 }
 
@@ -86,7 +112,7 @@ void mmb__linear_forward(mmb_ctx *ctx, float *y, const float *x, int64_t M, cons
 
 void mmb__linear_forward_act(mmb_ctx *ctx, float *y, const float *x, int64_t M, const mmb_linear *l, mmb_act act) {
     if (l->backend == MMB_GEMM_OWN) {
-        mmb__gemm_own_act(ctx->pool, y, x, l->packed, l->bias, M, l->n_out, l->n_in, act);
+        mmb__gemm_own_dt(ctx->pool, y, x, l->packed, l->scales, l->wdt, l->bias, M, l->n_out, l->n_in, act);
         return;
     }
     linear_plain(ctx, y, x, M, l);

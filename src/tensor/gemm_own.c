@@ -16,6 +16,12 @@
  * Every output element is computed by one thread, with the same K order and the same kernel
  * arithmetic whatever the thread count or the split, so results do not depend on threads. The
  * bias is added in the epilogue of the last K block: C = ((C_prev + acc) + bias).
+ *
+ * Reduced-precision weights (mmb__gemm_own_pack_dt): the same layout with 16-bit (bf16, f16) or
+ * 8-bit (int8) elements. The micro-kernels widen each B vector to f32 as they load it (bf16: shift
+ * or mask, columns interleaved in pairs, see bf16_pos; f16: F16C vcvtph2ps; int8: sign extend and
+ * convert) and do the same f32 FMAs; A and C stay f32. int8 weights carry one scale per output
+ * column (absmax / 127, symmetric): the epilogue computes C = (C_prev + scale * acc) + bias.
  */
 #include "internal.h"
 
@@ -119,25 +125,96 @@ size_t mmb__gemm_own_packed_size(int64_t N, int64_t K) {
     return (size_t)npad_of(N) * (size_t)K;
 }
 
-void mmb__gemm_own_pack(float *dst, const float *W, int64_t N, int64_t K) {
+/* Element codes of the packed weights: index into the kernel tables. */
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_I8 = 3, N_DT = 4 };
+
+/* bf16 panels interleave each 16-column half: 32-bit word i holds column i in its low half and
+ * column i + 8 in its high half, so one 256-bit load gives columns 0-7 by a shift left of 16 and
+ * 8-15 by masking the low half off (2 operations per 16 weights, no lane crossing). Position of
+ * column j (0..NR-1) in a bf16 panel row: */
+static inline int bf16_pos(int j) { return (j & ~15) + 2 * (j & 7) + ((j >> 3) & 1); }
+
+static int dt_code(mmb_dtype dt) {
+    return dt == MMB_BF16 ? DT_BF16 : dt == MMB_F16 ? DT_F16 : dt == MMB_I8 ? DT_I8 : DT_F32;
+}
+
+static size_t dt_size(int code) { return code == DT_F32 ? 4 : code == DT_I8 ? 1 : 2; }
+
+bool mmb__gemm_own_dtype_ok(mmb_dtype dt) {
+    return dt == MMB_F32 || dt == MMB_BF16 || dt == MMB_F16 || dt == MMB_I8;
+}
+
+size_t mmb__gemm_own_packed_bytes(int64_t N, int64_t K, mmb_dtype dt) {
+    return mmb__gemm_own_packed_size(N, K) * dt_size(dt_code(dt));
+}
+
+int64_t mmb__gemm_own_scales_size(int64_t N) { return N < 1 ? 0 : npad_of(N); }
+
+/* Per-column int8 scale: absmax / 127 (0 for an all-zero column). */
+static float i8_scale(const float *w, int64_t K) {
+    float m = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        float a = w[k] < 0 ? -w[k] : w[k];
+        if (a > m) m = a;
+    }
+    return m / 127.0f;
+}
+
+static int8_t i8_of(float w, float scale) {
+    if (!(scale > 0.0f)) return 0;
+    float q = __builtin_nearbyintf(w / scale);
+    return (int8_t)(q > 127.0f ? 127 : q < -127.0f ? -127 : q);
+}
+
+void mmb__gemm_own_dequant(float *dst, const float *W, int64_t N, int64_t K, mmb_dtype dt) {
+    int code = dt_code(dt);
+    for (int64_t n = 0; n < N; n++) {
+        const float *w = W + n * K;
+        float *d = dst + n * K;
+        float sc = code == DT_I8 ? i8_scale(w, K) : 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            switch (code) {
+            case DT_BF16: d[k] = mmb__bf16_to_f32(mmb__f32_to_bf16(w[k])); break;
+            case DT_F16: d[k] = mmb__f16_to_f32(mmb__f32_to_f16(w[k])); break;
+            case DT_I8: d[k] = (float)i8_of(w[k], sc) * sc; break;
+            default: d[k] = w[k]; break;
+            }
+        }
+    }
+}
+
+void mmb__gemm_own_pack_dt(void *dst, float *scales, const float *W, int64_t N, int64_t K, mmb_dtype dt) {
     if (N < 1 || K < 1) return;
+    const int code = dt_code(dt);
+    const size_t es = dt_size(code);
     int64_t Np = npad_of(N), P = Np / NR;
+    if (code == DT_I8)
+        for (int64_t n = 0; n < Np; n++) scales[n] = n < N ? i8_scale(W + n * K, K) : 0.0f;
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
         int64_t kc = K - k0 < KC ? K - k0 : KC;
-        float *blk = dst + k0 * Np;
+        char *blk = (char *)dst + (size_t)(k0 * Np) * es;
         for (int64_t p = 0; p < P; p++) {
-            float *pan = blk + p * kc * NR;
+            char *pan = blk + (size_t)(p * kc * NR) * es;
             for (int64_t j = 0; j < NR; j++) {
                 int64_t n = p * NR + j;
-                if (n < N) {
-                    const float *w = W + n * K + k0;
-                    for (int64_t k = 0; k < kc; k++) pan[k * NR + j] = w[k];
-                } else {
-                    for (int64_t k = 0; k < kc; k++) pan[k * NR + j] = 0.0f;
+                const float *w = n < N ? W + n * K + k0 : NULL;
+                for (int64_t k = 0; k < kc; k++) {
+                    float v = w ? w[k] : 0.0f;
+                    size_t at = (size_t)(k * NR + j);
+                    switch (code) {
+                    case DT_BF16: ((uint16_t *)pan)[(size_t)(k * NR + bf16_pos((int)j))] = mmb__f32_to_bf16(v); break;
+                    case DT_F16: ((uint16_t *)pan)[at] = mmb__f32_to_f16(v); break;
+                    case DT_I8: ((int8_t *)pan)[at] = i8_of(v, scales[n]); break;
+                    default: ((float *)pan)[at] = v; break;
+                    }
                 }
             }
         }
     }
+}
+
+void mmb__gemm_own_pack(float *dst, const float *W, int64_t N, int64_t K) {
+    mmb__gemm_own_pack_dt(dst, NULL, W, N, K, MMB_F32);
 }
 
 /* A rows [0, mr) (row stride lda, kc columns) -> dst[k * MR + i], rows mr..MR-1 zero. */
@@ -151,14 +228,42 @@ static void pack_a(float *dst, const float *A, int64_t lda, int mr, int MR, int6
 }
 
 /* ---- micro-kernels ------------------------------------------------------------------------------
- * kern(kc, a, b, c, ldc, nc, load, bias): for i < mr, j < nc:
- *   c[i*ldc + j] = ((load ? c[i*ldc + j] : 0) + sum_k a[k*MR + i] * b[k*NR + j]) + bias[j]
- * (the bias term only when bias != NULL). b is one packed panel; nc <= its width. */
+ * kern(kc, a, b, c, ldc, nc, load, bias, scale): for i < mr, j < nc:
+ *   c[i*ldc + j] = ((load ? c[i*ldc + j] : 0) + s_j * sum_k a[k*MR + i] * b[k*NR + j]) + bias[j]
+ * (the bias term only when bias != NULL; s_j = scale[j] for int8 weights, else 1). b is one packed
+ * panel of the kernel's element type; nc <= its width. */
 
 #if MMB_GEMM_X86
 
 #define T512 __attribute__((target("avx512f,avx512vl,fma"), always_inline)) static inline
 #define T512F __attribute__((target("avx512f,avx512vl,fma"), noinline)) static
+
+/* 16 packed weights of type DT (not bf16: see ldb2_512) from element offset off of b, widened to f32. */
+T512 __m512 ldb512(const int DT, const void *b, int off) {
+    switch (DT) {
+    case DT_F16:
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)b + off)));
+    case DT_I8:
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)b + off))));
+    default:
+        return _mm512_load_ps((const float *)b + off);
+    }
+}
+
+/* The 32 weights of one packed panel row (columns 0-15 in *b0, 16-31 in *b1), widened to f32. */
+T512 void ldb2_512(const int DT, const void *b, __m512 *b0, __m512 *b1) {
+    if (DT == DT_BF16) {
+        const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)b), v1 = _mm256_loadu_si256((const __m256i *)b + 1);
+        *b0 = _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_slli_epi32(v0, 16)),
+                                                     _mm256_and_si256(v0, hi), 1));
+        *b1 = _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_slli_epi32(v1, 16)),
+                                                     _mm256_and_si256(v1, hi), 1));
+    } else {
+        *b0 = ldb512(DT, b, 0);
+        *b1 = ldb512(DT, b, 16);
+    }
+}
 
 /* Two zmm accumulators per row: 32 columns. */
 #define D512(i) __m512 c##i##a = _mm512_setzero_ps(), c##i##b = _mm512_setzero_ps();
@@ -171,6 +276,10 @@ static void pack_a(float *dst, const float *A, int64_t lda, int mr, int MR, int6
 #define S512(i)                                                                 \
     if (MR_ > i) {                                                              \
         float *ci = c + (int64_t)i * ldc;                                       \
+        if (DT == DT_I8) {                                                      \
+            c##i##a = _mm512_mul_ps(c##i##a, sa);                               \
+            c##i##b = _mm512_mul_ps(c##i##b, sb);                               \
+        }                                                                       \
         if (load) {                                                             \
             c##i##a = _mm512_add_ps(_mm512_maskz_loadu_ps(ma, ci), c##i##a);    \
             c##i##b = _mm512_add_ps(_mm512_maskz_loadu_ps(mb, ci + 16), c##i##b);\
@@ -189,43 +298,80 @@ static void pack_a(float *dst, const float *A, int64_t lda, int mr, int MR, int6
     }
 #define ALL14(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13)
 
-T512 void k512_body(const int MR_, int64_t kc, const float *a, const float *b, float *c,
-                    int64_t ldc, int nc, int load, const float *bias) {
+T512 void k512_body(const int MR_, const int DT, int64_t kc, const float *a, const void *bv, float *c,
+                    int64_t ldc, int nc, int load, const float *bias, const float *scale) {
+    const char *b = bv;
+    const size_t bstep = NR * (DT == DT_F32 ? 4 : DT == DT_I8 ? 1 : 2);
     ALL14(D512)
     /* C is touched after the loop: prefetch it near the end, so the weights streaming through
      * L1 don't evict it first. */
     int64_t kpf = kc > PF_AHEAD ? kc - PF_AHEAD : 0;
     for (int64_t k = 0; k < kpf; k++) {
-        __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+        __m512 b0, b1;
+        ldb2_512(DT, b, &b0, &b1);
         ALL14(F512)
         a += MR512;
-        b += NR;
+        b += bstep;
     }
     if (load) { ALL14(P512) }
     for (int64_t k = kpf; k < kc; k++) {
-        __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+        __m512 b0, b1;
+        ldb2_512(DT, b, &b0, &b1);
         ALL14(F512)
         a += MR512;
-        b += NR;
+        b += bstep;
     }
     __mmask16 ma = nc >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1u);
     __mmask16 mb = nc >= 32 ? (__mmask16)0xFFFF
                  : nc <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nc - 16)) - 1u);
     __m512 ba = _mm512_setzero_ps(), bb = _mm512_setzero_ps();
     if (bias) { ba = _mm512_maskz_loadu_ps(ma, bias); bb = _mm512_maskz_loadu_ps(mb, bias + 16); }
+    __m512 sa = _mm512_setzero_ps(), sb = _mm512_setzero_ps();
+    if (DT == DT_I8) { sa = _mm512_maskz_loadu_ps(ma, scale); sb = _mm512_maskz_loadu_ps(mb, scale + 16); }
     ALL14(S512)
 }
 
-#define K512_INST(m)                                                                    \
-    T512F void k512_##m(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, \
-                        int nc, int load, const float *bias) {                          \
-        k512_body(m, kc, a, b, c, ldc, nc, load, bias);                                 \
+#define K512_INST(m, dt, DT)                                                                        \
+    T512F void k512_##dt##_##m(int64_t kc, const float *a, const void *b, float *c, int64_t ldc,     \
+                               int nc, int load, const float *bias, const float *scale) {           \
+        k512_body(m, DT, kc, a, b, c, ldc, nc, load, bias, scale);                                  \
     }
-K512_INST(1) K512_INST(2) K512_INST(3) K512_INST(4) K512_INST(5) K512_INST(6) K512_INST(7)
-K512_INST(8) K512_INST(9) K512_INST(10) K512_INST(11) K512_INST(12) K512_INST(13) K512_INST(14)
+#define K512_ALL(dt, DT)                                                                            \
+    K512_INST(1, dt, DT) K512_INST(2, dt, DT) K512_INST(3, dt, DT) K512_INST(4, dt, DT)            \
+    K512_INST(5, dt, DT) K512_INST(6, dt, DT) K512_INST(7, dt, DT) K512_INST(8, dt, DT)            \
+    K512_INST(9, dt, DT) K512_INST(10, dt, DT) K512_INST(11, dt, DT) K512_INST(12, dt, DT)         \
+    K512_INST(13, dt, DT) K512_INST(14, dt, DT)
+K512_ALL(f32, DT_F32)
+K512_ALL(bf16, DT_BF16)
+K512_ALL(f16, DT_F16)
+K512_ALL(i8, DT_I8)
 
-#define T256 __attribute__((target("avx2,fma"), always_inline)) static inline
-#define T256F __attribute__((target("avx2,fma"), noinline)) static
+#define T256 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+#define T256F __attribute__((target("avx2,fma,f16c"), noinline)) static
+
+/* 8 packed weights of type DT (not bf16: see ldb2_256) from element offset off of b, widened to f32. */
+T256 __m256 ldb256(const int DT, const void *b, int off) {
+    switch (DT) {
+    case DT_F16:
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)b + off)));
+    case DT_I8:
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)b + off))));
+    default:
+        return _mm256_load_ps((const float *)b + off);
+    }
+}
+
+/* 16 weights of one packed panel row (a half panel: columns 0-7 in *b0, 8-15 in *b1), widened. */
+T256 void ldb2_256(const int DT, const void *b, __m256 *b0, __m256 *b1) {
+    if (DT == DT_BF16) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)b);
+        *b0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        *b1 = _mm256_and_ps(_mm256_castsi256_ps(v), _mm256_castsi256_ps(_mm256_set1_epi32((int)0xFFFF0000u)));
+    } else {
+        *b0 = ldb256(DT, b, 0);
+        *b1 = ldb256(DT, b, 8);
+    }
+}
 
 /* Two ymm accumulators per row: 16 columns (half a panel; b advances by NR per k). */
 #define D256(i) __m256 c##i##a = _mm256_setzero_ps(), c##i##b = _mm256_setzero_ps();
@@ -238,6 +384,10 @@ K512_INST(8) K512_INST(9) K512_INST(10) K512_INST(11) K512_INST(12) K512_INST(13
 #define S256(i)                                                                 \
     if (MR_ > i) {                                                              \
         float *ci = c + (int64_t)i * ldc;                                       \
+        if (DT == DT_I8) {                                                      \
+            c##i##a = _mm256_mul_ps(c##i##a, sa);                               \
+            c##i##b = _mm256_mul_ps(c##i##b, sb);                               \
+        }                                                                       \
         if (full) {                                                             \
             if (load) {                                                         \
                 c##i##a = _mm256_add_ps(_mm256_loadu_ps(ci), c##i##a);          \
@@ -266,22 +416,26 @@ K512_INST(8) K512_INST(9) K512_INST(10) K512_INST(11) K512_INST(12) K512_INST(13
     if (MR_ > i) _mm_prefetch((const char *)(c + (int64_t)i * ldc), _MM_HINT_T0);
 #define ALL6(X) X(0) X(1) X(2) X(3) X(4) X(5)
 
-T256 void k256_body(const int MR_, int64_t kc, const float *a, const float *b, float *c,
-                    int64_t ldc, int nc, int load, const float *bias) {
+T256 void k256_body(const int MR_, const int DT, int64_t kc, const float *a, const void *bv, float *c,
+                    int64_t ldc, int nc, int load, const float *bias, const float *scale) {
+    const char *b = bv;
+    const size_t bstep = NR * (DT == DT_F32 ? 4 : DT == DT_I8 ? 1 : 2);
     ALL6(D256)
     int64_t kpf = kc > PF_AHEAD ? kc - PF_AHEAD : 0;
     for (int64_t k = 0; k < kpf; k++) {
-        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+        __m256 b0, b1;
+        ldb2_256(DT, b, &b0, &b1);
         ALL6(F256)
         a += MR256;
-        b += NR;
+        b += bstep;
     }
     if (load) { ALL6(P256) }
     for (int64_t k = kpf; k < kc; k++) {
-        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+        __m256 b0, b1;
+        ldb2_256(DT, b, &b0, &b1);
         ALL6(F256)
         a += MR256;
-        b += NR;
+        b += bstep;
     }
     const int full = nc >= 16;
     int32_t mk[16];
@@ -293,25 +447,47 @@ T256 void k256_body(const int MR_, int64_t kc, const float *a, const float *b, f
         if (full) { ba = _mm256_loadu_ps(bias); bb = _mm256_loadu_ps(bias + 8); }
         else { ba = _mm256_maskload_ps(bias, ma); bb = _mm256_maskload_ps(bias + 8, mb); }
     }
+    __m256 sa = _mm256_setzero_ps(), sb = _mm256_setzero_ps();
+    if (DT == DT_I8) { sa = _mm256_maskload_ps(scale, ma); sb = _mm256_maskload_ps(scale + 8, mb); }
     ALL6(S256)
 }
 
-#define K256_INST(m)                                                                    \
-    T256F void k256_##m(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, \
-                        int nc, int load, const float *bias) {                          \
-        k256_body(m, kc, a, b, c, ldc, nc, load, bias);                                 \
+#define K256_INST(m, dt, DT)                                                                        \
+    T256F void k256_##dt##_##m(int64_t kc, const float *a, const void *b, float *c, int64_t ldc,     \
+                               int nc, int load, const float *bias, const float *scale) {           \
+        k256_body(m, DT, kc, a, b, c, ldc, nc, load, bias, scale);                                  \
     }
-K256_INST(1) K256_INST(2) K256_INST(3) K256_INST(4) K256_INST(5) K256_INST(6)
+#define K256_ALL(dt, DT)                                                                            \
+    K256_INST(1, dt, DT) K256_INST(2, dt, DT) K256_INST(3, dt, DT) K256_INST(4, dt, DT)            \
+    K256_INST(5, dt, DT) K256_INST(6, dt, DT)
+K256_ALL(f32, DT_F32)
+K256_ALL(bf16, DT_BF16)
+K256_ALL(f16, DT_F16)
+K256_ALL(i8, DT_I8)
 
 #endif /* MMB_GEMM_X86 */
 
+/* Row k of a packed panel of type dt, widened to f32 (the scalar kernel's B load). */
+static void ldb_row(float *dst, int dt, const void *b, int64_t k) {
+    for (int j = 0; j < NR; j++) {
+        size_t at = (size_t)(k * NR + j);
+        switch (dt) {
+        case DT_BF16: dst[j] = mmb__bf16_to_f32(((const uint16_t *)b)[(size_t)(k * NR + bf16_pos(j))]); break;
+        case DT_F16: dst[j] = mmb__f16_to_f32(((const uint16_t *)b)[at]); break;
+        case DT_I8: dst[j] = (float)((const int8_t *)b)[at]; break;
+        default: dst[j] = ((const float *)b)[at]; break;
+        }
+    }
+}
+
 /* Portable fallback: MRSC rows x NR columns, plain C. */
-static void ksc(int mr, int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
-                int nc, int load, const float *bias) {
-    float acc[MRSC][NR];
+static void ksc(int mr, int dt, int64_t kc, const float *a, const void *b, float *c, int64_t ldc,
+                int nc, int load, const float *bias, const float *scale) {
+    float acc[MRSC][NR], bk[NR];
     memset(acc, 0, sizeof acc);
     for (int64_t k = 0; k < kc; k++) {
-        const float *bk = b + k * NR, *ak = a + k * MRSC;
+        const float *ak = a + k * MRSC;
+        ldb_row(bk, dt, b, k);
         for (int i = 0; i < mr; i++) {
             float ai = ak[i];
             for (int j = 0; j < NR; j++) acc[i][j] += ai * bk[j];
@@ -320,39 +496,46 @@ static void ksc(int mr, int64_t kc, const float *a, const float *b, float *c, in
     for (int i = 0; i < mr; i++) {
         float *ci = c + (int64_t)i * ldc;
         for (int j = 0; j < nc; j++) {
-            float v = load ? ci[j] + acc[i][j] : acc[i][j];
+            float s = dt == DT_I8 ? acc[i][j] * scale[j] : acc[i][j];
+            float v = load ? ci[j] + s : s;
             if (bias) v += bias[j];
             ci[j] = v;
         }
     }
 }
 
-typedef void (*kern_fn)(int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
-                        int nc, int load, const float *bias);
+typedef void (*kern_fn)(int64_t kc, const float *a, const void *b, float *c, int64_t ldc,
+                        int nc, int load, const float *bias, const float *scale);
 
 #if MMB_GEMM_X86
-static const kern_fn k512_tab[MR512 + 1] = {
-    NULL, k512_1, k512_2, k512_3, k512_4, k512_5, k512_6, k512_7,
-    k512_8, k512_9, k512_10, k512_11, k512_12, k512_13, k512_14};
-static const kern_fn k256_tab[MR256 + 1] = {NULL, k256_1, k256_2, k256_3, k256_4, k256_5, k256_6};
+#define TAB512(dt) {NULL, k512_##dt##_1, k512_##dt##_2, k512_##dt##_3, k512_##dt##_4, k512_##dt##_5,    \
+                    k512_##dt##_6, k512_##dt##_7, k512_##dt##_8, k512_##dt##_9, k512_##dt##_10,        \
+                    k512_##dt##_11, k512_##dt##_12, k512_##dt##_13, k512_##dt##_14}
+#define TAB256(dt) {NULL, k256_##dt##_1, k256_##dt##_2, k256_##dt##_3, k256_##dt##_4, k256_##dt##_5,    \
+                    k256_##dt##_6}
+static const kern_fn k512_tab[N_DT][MR512 + 1] = {TAB512(f32), TAB512(bf16), TAB512(f16), TAB512(i8)};
+static const kern_fn k256_tab[N_DT][MR256 + 1] = {TAB256(f32), TAB256(bf16), TAB256(f16), TAB256(i8)};
 #endif
 
 /* One micro-tile with the kernel of instruction set isa: rows mr <= MR of a packed A micro-panel
- * a (row stride MR of that isa) times one packed panel b (nc <= NR columns). */
-static inline void tile(int isa, int mr, int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
-                        int nc, int load, const float *bias) {
+ * a (row stride MR of that isa) times one packed panel b of element type dt (nc <= NR columns;
+ * scale: the panel's int8 column scales). */
+static inline void tile(int isa, int dt, int mr, int64_t kc, const float *a, const void *b, float *c,
+                        int64_t ldc, int nc, int load, const float *bias, const float *scale) {
     switch (isa) {
 #if MMB_GEMM_X86
     case 2:
-        k512_tab[mr](kc, a, b, c, ldc, nc, load, bias);
+        k512_tab[dt][mr](kc, a, b, c, ldc, nc, load, bias, scale);
         return;
     case 1:
-        k256_tab[mr](kc, a, b, c, ldc, nc < 16 ? nc : 16, load, bias);
-        if (nc > 16) k256_tab[mr](kc, a, b + 16, c + 16, ldc, nc - 16, load, bias ? bias + 16 : NULL);
+        k256_tab[dt][mr](kc, a, b, c, ldc, nc < 16 ? nc : 16, load, bias, scale);
+        if (nc > 16)
+            k256_tab[dt][mr](kc, a, (const char *)b + 16 * dt_size(dt), c + 16, ldc, nc - 16, load,
+                             bias ? bias + 16 : NULL, scale ? scale + 16 : NULL);
         return;
 #endif
     default:
-        ksc(mr, kc, a, b, c, ldc, nc, load, bias);
+        ksc(mr, dt, kc, a, b, c, ldc, nc, load, bias, scale);
         return;
     }
 }
@@ -361,16 +544,19 @@ int mmb__gemm_own_mr(int isa) { return isa == 2 ? MR512 : isa == 1 ? MR256 : MRS
 
 void mmb__gemm_own_tile(int isa, int mr, int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
                         int nc, int load, const float *bias) {
-    tile(isa, mr, kc, a, b, c, ldc, nc, load, bias);
+    tile(isa, DT_F32, mr, kc, a, b, c, ldc, nc, load, bias, NULL);
 }
 
 /* ---- the driver --------------------------------------------------------------------------------- */
 
 typedef struct {
     float *C;
-    const float *A, *packed, *bias;
+    const float *A, *bias;
+    const void *packed;    /* weights of element type dt */
+    const float *scales;   /* int8: per-column scales (Np), else NULL */
     int64_t M, N, K, Np, P;
-    int isa, MR;
+    int isa, MR, dt;
+    size_t es;             /* bytes per packed weight */
     bool split_n;    /* split panels over threads (else rows) */
     mmb_act act;     /* applied to C at the end */
     mmb_pool *pool;  /* keeps the threads' packing buffers (NULL: allocate per call) */
@@ -385,7 +571,7 @@ static void run_range(const job *j, float *buf, int64_t mbrows, int64_t m0, int6
     const int64_t K = j->K, N = j->N, Np = j->Np;
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
         int64_t kc = K - k0 < KC ? K - k0 : KC;
-        const float *wblk = j->packed + k0 * Np;
+        const char *wblk = (const char *)j->packed + (size_t)(k0 * Np) * j->es;
         int load = k0 > 0;
         const float *bias = (k0 + kc == K) ? j->bias : NULL;
         for (int64_t mb = m0; mb < m1; mb += mbrows) {
@@ -406,8 +592,9 @@ static void run_range(const job *j, float *buf, int64_t mbrows, int64_t m0, int6
                     for (int64_t p = pb; p < pe; p++) {
                         int64_t n0 = p * NR;
                         int nc = (int)(N - n0 < NR ? N - n0 : NR);
-                        const float *bp = wblk + p * kc * NR;
-                        tile(j->isa, mr, kc, ap, bp, crow + n0, N, nc, load, bias ? bias + n0 : NULL);
+                        const char *bp = wblk + (size_t)(p * kc * NR) * j->es;
+                        tile(j->isa, j->dt, mr, kc, ap, bp, crow + n0, N, nc, load, bias ? bias + n0 : NULL,
+                             j->scales ? j->scales + n0 : NULL);
                     }
                 }
                 /* The block is final after the last K block: the activation runs while it is in cache. */
@@ -458,10 +645,18 @@ void mmb__gemm_own(mmb_pool *pool, float *C, const float *A, const float *packed
 
 void mmb__gemm_own_act(mmb_pool *pool, float *C, const float *A, const float *packed, const float *bias,
                        int64_t M, int64_t N, int64_t K, mmb_act act) {
+    mmb__gemm_own_dt(pool, C, A, packed, NULL, MMB_F32, bias, M, N, K, act);
+}
+
+void mmb__gemm_own_dt(mmb_pool *pool, float *C, const float *A, const void *packed, const float *scales,
+                      mmb_dtype dt, const float *bias, int64_t M, int64_t N, int64_t K, mmb_act act) {
     if (M < 1 || N < 1 || K < 1) return;
     job j;
     j.act = act;
     j.pool = pool;
+    j.dt = dt_code(dt);
+    j.es = dt_size(j.dt);
+    j.scales = j.dt == DT_I8 ? scales : NULL;
     j.C = C; j.A = A; j.packed = packed; j.bias = bias;
     j.M = M; j.N = N; j.K = K;
     j.Np = npad_of(N); j.P = j.Np / NR;
