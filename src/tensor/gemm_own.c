@@ -10,7 +10,7 @@
  * The driver (per thread, over its rows [m0, m1) and panels [p0, p1)):
  *   for each K block (kc)                      - C accumulates block by block, same order always
  *     for each block of MB rows                - A rows packed MR at a time into per-thread scratch
- *       for each group of NB panels            - weight block kc x NB*NR stays in L2
+ *       for each group of panels               - weight block of MMB_GEMM_NB_BYTES stays in L2
  *         for each MR-row micro-panel of A     - kc x MR stays in L1
  *           for each panel: micro-kernel       - weights stream from L2
  * Every output element is computed by one thread, with the same K order and the same kernel
@@ -44,8 +44,8 @@
 #ifndef MMB_GEMM_MB
 #define MMB_GEMM_MB 16   /* A micro-panels packed at once (rows = MB * MR) */
 #endif
-#ifndef MMB_GEMM_NB
-#define MMB_GEMM_NB 16   /* weight panels per L2 block */
+#ifndef MMB_GEMM_NB_BYTES
+#define MMB_GEMM_NB_BYTES (128 * 1024) /* weight bytes per L2 block: a quarter of a 512 KiB L2 */
 #endif
 
 #ifndef PF_AHEAD
@@ -571,6 +571,9 @@ static void run_range(const job *j, float *buf, int64_t mbrows, int64_t m0, int6
     const int64_t K = j->K, N = j->N, Np = j->Np;
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
         int64_t kc = K - k0 < KC ? K - k0 : KC;
+        /* Panels per L2 block: the same bytes whatever the weight type (4 f32 panels at kc = 256). */
+        int64_t nb = MMB_GEMM_NB_BYTES / (kc * NR * (int64_t)j->es);
+        if (nb < 1) nb = 1;
         const char *wblk = (const char *)j->packed + (size_t)(k0 * Np) * j->es;
         int load = k0 > 0;
         const float *bias = (k0 + kc == K) ? j->bias : NULL;
@@ -582,8 +585,8 @@ static void run_range(const job *j, float *buf, int64_t mbrows, int64_t m0, int6
                 int mr = (int)(m1 - r < MR ? m1 - r : MR);
                 pack_a(buf + q * kc * MR, j->A + r * K + k0, K, mr, MR, kc);
             }
-            for (int64_t pb = p0; pb < p1; pb += MMB_GEMM_NB) {
-                int64_t pe = p1 - pb < MMB_GEMM_NB ? p1 : pb + MMB_GEMM_NB;
+            for (int64_t pb = p0; pb < p1; pb += nb) {
+                int64_t pe = p1 - pb < nb ? p1 : pb + nb;
                 for (int64_t q = 0; q < npan; q++) {
                     int64_t r = mb + q * MR;
                     int mr = (int)(m1 - r < MR ? m1 - r : MR);
