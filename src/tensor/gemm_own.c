@@ -5,7 +5,13 @@
  *   N is padded to Np = ceil(N / NR) * NR columns (NR = 32) and K is cut into blocks of KC.
  *   The block that starts at k0 (length kc = min(KC, K - k0)) occupies Np * kc floats from
  *   offset k0 * Np; inside it, panel p (columns p*NR .. p*NR+NR-1) occupies kc * NR floats from
- *   p * kc * NR, stored k-major: element (k, j) at k * NR + j. Padding columns are zero.
+ *   p * kc * NR as two half panels of NH = 16 columns, each stored k-major: element (k, j) at
+ *   (j / NH) * kc * NH + k * NH + j % NH. Padding columns are zero. A half panel is what one AVX2
+ *   micro-kernel call reads, so it walks contiguous memory (whole cache lines, one stream).
+ *
+ * The micro-kernels also take other B panels (mmb__gemm_own_tile: attention's and wgemm's, packed
+ * on the fly as rows of NR floats): they read row k of the half panel h at b + h * bh + k * ldb, with
+ * (ldb, bh) = (NH, kc * NH) for packed weights and (NR, NH) for those.
  *
  * The driver (per thread, over its rows [m0, m1) and panels [p0, p1)):
  *   for each K block (kc)                      - C accumulates block by block, same order always
@@ -37,6 +43,7 @@
 #endif
 
 #define NR 32            /* panel width of the packed weights */
+#define NH 16            /* half panel: stored contiguously */
 #ifndef MMB_GEMM_KC
 #define MMB_GEMM_KC 256  /* K block */
 #endif
@@ -128,11 +135,11 @@ size_t mmb__gemm_own_packed_size(int64_t N, int64_t K) {
 /* Element codes of the packed weights: index into the kernel tables. */
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_I8 = 3, N_DT = 4 };
 
-/* bf16 panels interleave each 16-column half: 32-bit word i holds column i in its low half and
- * column i + 8 in its high half, so one 256-bit load gives columns 0-7 by a shift left of 16 and
- * 8-15 by masking the low half off (2 operations per 16 weights, no lane crossing). Position of
- * column j (0..NR-1) in a bf16 panel row: */
-static inline int bf16_pos(int j) { return (j & ~15) + 2 * (j & 7) + ((j >> 3) & 1); }
+/* bf16 half panels interleave their rows: 32-bit word i holds column i in its low half and column
+ * i + 8 in its high half, so one 256-bit load gives columns 0-7 by a shift left of 16 and 8-15 by
+ * masking the low half off (2 operations per 16 weights, no lane crossing). Position of column j
+ * (0..NH-1) in a bf16 half-panel row: */
+static inline int bf16_pos(int j) { return 2 * (j & 7) + ((j >> 3) & 1); }
 
 static int dt_code(mmb_dtype dt) {
     return dt == MMB_BF16 ? DT_BF16 : dt == MMB_F16 ? DT_F16 : dt == MMB_I8 ? DT_I8 : DT_F32;
@@ -200,9 +207,9 @@ void mmb__gemm_own_pack_dt(void *dst, float *scales, const float *W, int64_t N, 
                 const float *w = n < N ? W + n * K + k0 : NULL;
                 for (int64_t k = 0; k < kc; k++) {
                     float v = w ? w[k] : 0.0f;
-                    size_t at = (size_t)(k * NR + j);
+                    size_t row = (size_t)((j / NH) * kc * NH + k * NH), at = row + (size_t)(j % NH);
                     switch (code) {
-                    case DT_BF16: ((uint16_t *)pan)[(size_t)(k * NR + bf16_pos((int)j))] = mmb__f32_to_bf16(v); break;
+                    case DT_BF16: ((uint16_t *)pan)[row + (size_t)bf16_pos((int)(j % NH))] = mmb__f32_to_bf16(v); break;
                     case DT_F16: ((uint16_t *)pan)[at] = mmb__f32_to_f16(v); break;
                     case DT_I8: ((int8_t *)pan)[at] = i8_of(v, scales[n]); break;
                     default: ((float *)pan)[at] = v; break;
@@ -228,10 +235,11 @@ static void pack_a(float *dst, const float *A, int64_t lda, int mr, int MR, int6
 }
 
 /* ---- micro-kernels ------------------------------------------------------------------------------
- * kern(kc, a, b, c, ldc, nc, load, bias, scale): for i < mr, j < nc:
- *   c[i*ldc + j] = ((load ? c[i*ldc + j] : 0) + s_j * sum_k a[k*MR + i] * b[k*NR + j]) + bias[j]
- * (the bias term only when bias != NULL; s_j = scale[j] for int8 weights, else 1). b is one packed
- * panel of the kernel's element type; nc <= its width. */
+ * kern(kc, a, b, ldb, bh, c, ldc, nc, load, bias, scale): for i < mr, j < nc:
+ *   c[i*ldc + j] = ((load ? c[i*ldc + j] : 0) + s_j * sum_k a[k*MR + i] * B(k, j)) + bias[j],
+ *   B(k, j) = b[(j / NH) * bh + k * ldb + j % NH] (elements of the kernel's type; bf16: bf16_pos)
+ * (the bias term only when bias != NULL; s_j = scale[j] for int8 weights, else 1). nc <= the
+ * kernel's width: NR for AVX-512 and scalar, NH for AVX2 (tile() calls it per half). */
 
 #if MMB_GEMM_X86
 
@@ -250,18 +258,18 @@ T512 __m512 ldb512(const int DT, const void *b, int off) {
     }
 }
 
-/* The 32 weights of one packed panel row (columns 0-15 in *b0, 16-31 in *b1), widened to f32. */
-T512 void ldb2_512(const int DT, const void *b, __m512 *b0, __m512 *b1) {
+/* The 32 weights of one panel row (columns 0-15 in *b0 from b, 16-31 in *b1 from b1p), widened to f32. */
+T512 void ldb2_512(const int DT, const void *b, const void *b1p, __m512 *b0, __m512 *b1) {
     if (DT == DT_BF16) {
         const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
-        __m256i v0 = _mm256_loadu_si256((const __m256i *)b), v1 = _mm256_loadu_si256((const __m256i *)b + 1);
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)b), v1 = _mm256_loadu_si256((const __m256i *)b1p);
         *b0 = _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_slli_epi32(v0, 16)),
                                                      _mm256_and_si256(v0, hi), 1));
         *b1 = _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_slli_epi32(v1, 16)),
                                                      _mm256_and_si256(v1, hi), 1));
     } else {
         *b0 = ldb512(DT, b, 0);
-        *b1 = ldb512(DT, b, 16);
+        *b1 = ldb512(DT, b1p, 0);
     }
 }
 
@@ -298,28 +306,30 @@ T512 void ldb2_512(const int DT, const void *b, __m512 *b0, __m512 *b1) {
     }
 #define ALL14(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13)
 
-T512 void k512_body(const int MR_, const int DT, int64_t kc, const float *a, const void *bv, float *c,
-                    int64_t ldc, int nc, int load, const float *bias, const float *scale) {
-    const char *b = bv;
-    const size_t bstep = NR * (DT == DT_F32 ? 4 : DT == DT_I8 ? 1 : 2);
+T512 void k512_body(const int MR_, const int DT, int64_t kc, const float *a, const void *bv, int64_t ldb,
+                    int64_t bh, float *c, int64_t ldc, int nc, int load, const float *bias, const float *scale) {
+    const size_t es = DT == DT_F32 ? 4 : DT == DT_I8 ? 1 : 2, bstep = (size_t)ldb * es;
+    const char *b = bv, *bb1 = b + (size_t)bh * es;
     ALL14(D512)
     /* C is touched after the loop: prefetch it near the end, so the weights streaming through
      * L1 don't evict it first. */
     int64_t kpf = kc > PF_AHEAD ? kc - PF_AHEAD : 0;
     for (int64_t k = 0; k < kpf; k++) {
         __m512 b0, b1;
-        ldb2_512(DT, b, &b0, &b1);
+        ldb2_512(DT, b, bb1, &b0, &b1);
         ALL14(F512)
         a += MR512;
         b += bstep;
+        bb1 += bstep;
     }
     if (load) { ALL14(P512) }
     for (int64_t k = kpf; k < kc; k++) {
         __m512 b0, b1;
-        ldb2_512(DT, b, &b0, &b1);
+        ldb2_512(DT, b, bb1, &b0, &b1);
         ALL14(F512)
         a += MR512;
         b += bstep;
+        bb1 += bstep;
     }
     __mmask16 ma = nc >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1u);
     __mmask16 mb = nc >= 32 ? (__mmask16)0xFFFF
@@ -332,9 +342,10 @@ T512 void k512_body(const int MR_, const int DT, int64_t kc, const float *a, con
 }
 
 #define K512_INST(m, dt, DT)                                                                        \
-    T512F void k512_##dt##_##m(int64_t kc, const float *a, const void *b, float *c, int64_t ldc,     \
-                               int nc, int load, const float *bias, const float *scale) {           \
-        k512_body(m, DT, kc, a, b, c, ldc, nc, load, bias, scale);                                  \
+    T512F void k512_##dt##_##m(int64_t kc, const float *a, const void *b, int64_t ldb, int64_t bh,   \
+                               float *c, int64_t ldc, int nc, int load, const float *bias,          \
+                               const float *scale) {                                                \
+        k512_body(m, DT, kc, a, b, ldb, bh, c, ldc, nc, load, bias, scale);                         \
     }
 #define K512_ALL(dt, DT)                                                                            \
     K512_INST(1, dt, DT) K512_INST(2, dt, DT) K512_INST(3, dt, DT) K512_INST(4, dt, DT)            \
@@ -361,7 +372,7 @@ T256 __m256 ldb256(const int DT, const void *b, int off) {
     }
 }
 
-/* 16 weights of one packed panel row (a half panel: columns 0-7 in *b0, 8-15 in *b1), widened. */
+/* 16 weights of one half-panel row (columns 0-7 in *b0, 8-15 in *b1), widened. */
 T256 void ldb2_256(const int DT, const void *b, __m256 *b0, __m256 *b1) {
     if (DT == DT_BF16) {
         __m256i v = _mm256_loadu_si256((const __m256i *)b);
@@ -373,7 +384,7 @@ T256 void ldb2_256(const int DT, const void *b, __m256 *b0, __m256 *b1) {
     }
 }
 
-/* Two ymm accumulators per row: 16 columns (half a panel; b advances by NR per k). */
+/* Two ymm accumulators per row: 16 columns (half a panel; b advances by ldb per k). */
 #define D256(i) __m256 c##i##a = _mm256_setzero_ps(), c##i##b = _mm256_setzero_ps();
 #define F256(i)                                                                 \
     if (MR_ > i) {                                                              \
@@ -416,10 +427,10 @@ T256 void ldb2_256(const int DT, const void *b, __m256 *b0, __m256 *b1) {
     if (MR_ > i) _mm_prefetch((const char *)(c + (int64_t)i * ldc), _MM_HINT_T0);
 #define ALL6(X) X(0) X(1) X(2) X(3) X(4) X(5)
 
-T256 void k256_body(const int MR_, const int DT, int64_t kc, const float *a, const void *bv, float *c,
-                    int64_t ldc, int nc, int load, const float *bias, const float *scale) {
+T256 void k256_body(const int MR_, const int DT, int64_t kc, const float *a, const void *bv, int64_t ldb,
+                    float *c, int64_t ldc, int nc, int load, const float *bias, const float *scale) {
     const char *b = bv;
-    const size_t bstep = NR * (DT == DT_F32 ? 4 : DT == DT_I8 ? 1 : 2);
+    const size_t bstep = (size_t)ldb * (DT == DT_F32 ? 4 : DT == DT_I8 ? 1 : 2);
     ALL6(D256)
     int64_t kpf = kc > PF_AHEAD ? kc - PF_AHEAD : 0;
     for (int64_t k = 0; k < kpf; k++) {
@@ -453,9 +464,11 @@ T256 void k256_body(const int MR_, const int DT, int64_t kc, const float *a, con
 }
 
 #define K256_INST(m, dt, DT)                                                                        \
-    T256F void k256_##dt##_##m(int64_t kc, const float *a, const void *b, float *c, int64_t ldc,     \
-                               int nc, int load, const float *bias, const float *scale) {           \
-        k256_body(m, DT, kc, a, b, c, ldc, nc, load, bias, scale);                                  \
+    T256F void k256_##dt##_##m(int64_t kc, const float *a, const void *b, int64_t ldb, int64_t bh,   \
+                               float *c, int64_t ldc, int nc, int load, const float *bias,          \
+                               const float *scale) {                                                \
+        (void)bh; /* one half panel per call */                                                     \
+        k256_body(m, DT, kc, a, b, ldb, c, ldc, nc, load, bias, scale);                             \
     }
 #define K256_ALL(dt, DT)                                                                            \
     K256_INST(1, dt, DT) K256_INST(2, dt, DT) K256_INST(3, dt, DT) K256_INST(4, dt, DT)            \
@@ -467,12 +480,13 @@ K256_ALL(i8, DT_I8)
 
 #endif /* MMB_GEMM_X86 */
 
-/* Row k of a packed panel of type dt, widened to f32 (the scalar kernel's B load). */
-static void ldb_row(float *dst, int dt, const void *b, int64_t k) {
+/* Row k of a panel of type dt (layout: see the kernels' contract), widened to f32 (the scalar kernel's
+ * B load). */
+static void ldb_row(float *dst, int dt, const void *b, int64_t ldb, int64_t bh, int64_t k) {
     for (int j = 0; j < NR; j++) {
-        size_t at = (size_t)(k * NR + j);
+        size_t row = (size_t)((j / NH) * bh + k * ldb), at = row + (size_t)(j % NH);
         switch (dt) {
-        case DT_BF16: dst[j] = mmb__bf16_to_f32(((const uint16_t *)b)[(size_t)(k * NR + bf16_pos(j))]); break;
+        case DT_BF16: dst[j] = mmb__bf16_to_f32(((const uint16_t *)b)[row + (size_t)bf16_pos(j % NH)]); break;
         case DT_F16: dst[j] = mmb__f16_to_f32(((const uint16_t *)b)[at]); break;
         case DT_I8: dst[j] = (float)((const int8_t *)b)[at]; break;
         default: dst[j] = ((const float *)b)[at]; break;
@@ -481,13 +495,13 @@ static void ldb_row(float *dst, int dt, const void *b, int64_t k) {
 }
 
 /* Portable fallback: MRSC rows x NR columns, plain C. */
-static void ksc(int mr, int dt, int64_t kc, const float *a, const void *b, float *c, int64_t ldc,
-                int nc, int load, const float *bias, const float *scale) {
+static void ksc(int mr, int dt, int64_t kc, const float *a, const void *b, int64_t ldb, int64_t bh, float *c,
+                int64_t ldc, int nc, int load, const float *bias, const float *scale) {
     float acc[MRSC][NR], bk[NR];
     memset(acc, 0, sizeof acc);
     for (int64_t k = 0; k < kc; k++) {
         const float *ak = a + k * MRSC;
-        ldb_row(bk, dt, b, k);
+        ldb_row(bk, dt, b, ldb, bh, k);
         for (int i = 0; i < mr; i++) {
             float ai = ak[i];
             for (int j = 0; j < NR; j++) acc[i][j] += ai * bk[j];
@@ -504,8 +518,8 @@ static void ksc(int mr, int dt, int64_t kc, const float *a, const void *b, float
     }
 }
 
-typedef void (*kern_fn)(int64_t kc, const float *a, const void *b, float *c, int64_t ldc,
-                        int nc, int load, const float *bias, const float *scale);
+typedef void (*kern_fn)(int64_t kc, const float *a, const void *b, int64_t ldb, int64_t bh, float *c,
+                        int64_t ldc, int nc, int load, const float *bias, const float *scale);
 
 #if MMB_GEMM_X86
 #define TAB512(dt) {NULL, k512_##dt##_1, k512_##dt##_2, k512_##dt##_3, k512_##dt##_4, k512_##dt##_5,    \
@@ -518,33 +532,35 @@ static const kern_fn k256_tab[N_DT][MR256 + 1] = {TAB256(f32), TAB256(bf16), TAB
 #endif
 
 /* One micro-tile with the kernel of instruction set isa: rows mr <= MR of a packed A micro-panel
- * a (row stride MR of that isa) times one packed panel b of element type dt (nc <= NR columns;
- * scale: the panel's int8 column scales). */
-static inline void tile(int isa, int dt, int mr, int64_t kc, const float *a, const void *b, float *c,
-                        int64_t ldc, int nc, int load, const float *bias, const float *scale) {
+ * a (row stride MR of that isa) times one panel b of element type dt, rows ldb apart and its second
+ * half bh elements in (nc <= NR columns; scale: the panel's int8 column scales). */
+static inline void tile(int isa, int dt, int mr, int64_t kc, const float *a, const void *b, int64_t ldb,
+                        int64_t bh, float *c, int64_t ldc, int nc, int load, const float *bias,
+                        const float *scale) {
     switch (isa) {
 #if MMB_GEMM_X86
     case 2:
-        k512_tab[dt][mr](kc, a, b, c, ldc, nc, load, bias, scale);
+        k512_tab[dt][mr](kc, a, b, ldb, bh, c, ldc, nc, load, bias, scale);
         return;
     case 1:
-        k256_tab[dt][mr](kc, a, b, c, ldc, nc < 16 ? nc : 16, load, bias, scale);
-        if (nc > 16)
-            k256_tab[dt][mr](kc, a, (const char *)b + 16 * dt_size(dt), c + 16, ldc, nc - 16, load,
-                             bias ? bias + 16 : NULL, scale ? scale + 16 : NULL);
+        k256_tab[dt][mr](kc, a, b, ldb, bh, c, ldc, nc < NH ? nc : NH, load, bias, scale);
+        if (nc > NH)
+            k256_tab[dt][mr](kc, a, (const char *)b + (size_t)bh * dt_size(dt), ldb, bh, c + NH, ldc, nc - NH,
+                             load, bias ? bias + NH : NULL, scale ? scale + NH : NULL);
         return;
 #endif
     default:
-        ksc(mr, dt, kc, a, b, c, ldc, nc, load, bias, scale);
+        ksc(mr, dt, kc, a, b, ldb, bh, c, ldc, nc, load, bias, scale);
         return;
     }
 }
 
 int mmb__gemm_own_mr(int isa) { return isa == 2 ? MR512 : isa == 1 ? MR256 : MRSC; }
 
+/* b: rows of NR floats (attention's and wgemm's panels), not the packed-weight layout. */
 void mmb__gemm_own_tile(int isa, int mr, int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
                         int nc, int load, const float *bias) {
-    tile(isa, DT_F32, mr, kc, a, b, c, ldc, nc, load, bias, NULL);
+    tile(isa, DT_F32, mr, kc, a, b, NR, NH, c, ldc, nc, load, bias, NULL);
 }
 
 /* ---- the driver --------------------------------------------------------------------------------- */
@@ -596,8 +612,8 @@ static void run_range(const job *j, float *buf, int64_t mbrows, int64_t m0, int6
                         int64_t n0 = p * NR;
                         int nc = (int)(N - n0 < NR ? N - n0 : NR);
                         const char *bp = wblk + (size_t)(p * kc * NR) * j->es;
-                        tile(j->isa, j->dt, mr, kc, ap, bp, crow + n0, N, nc, load, bias ? bias + n0 : NULL,
-                             j->scales ? j->scales + n0 : NULL);
+                        tile(j->isa, j->dt, mr, kc, ap, bp, NH, kc * NH, crow + n0, N, nc, load,
+                             bias ? bias + n0 : NULL, j->scales ? j->scales + n0 : NULL);
                     }
                 }
                 /* The block is final after the last K block: the activation runs while it is in cache. */
