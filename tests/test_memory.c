@@ -13,12 +13,12 @@
  *    any checkpoint directory, e.g. the families tests/oracle/test_memory.py builds.
  *
  * ASan replaces malloc and inflates RSS: under a sanitizer build this only prints "skipped". */
-#include "check.h"
 #include "internal.h"
 #include "mmbridge.h"
 
 #include <errno.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +35,8 @@
 #endif
 
 #ifndef SANITIZED
+#include "check.h"
+
 /* The interposers: glibc's documented allocator entry points underneath (no dlsym, which itself
  * allocates), and a counter switched on around the forward (atomic: the pool's workers count too). */
 extern void *__libc_malloc(size_t);
