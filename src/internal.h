@@ -40,6 +40,10 @@ void mmb__arena_reset(mmb_arena *a);
 void mmb__arena_free(mmb_arena *a);
 /* Bytes arena_alloc would consume for a piece of `bytes` (for sizing a reservation). */
 size_t mmb__arena_piece(size_t bytes);
+/* Page-backed memory for large load-time transients (freed with the same size): unlike a heap
+ * block, its pages leave RSS when freed. NULL when out of memory. */
+void *mmb__pages_alloc(size_t bytes);
+void mmb__pages_free(void *p, size_t bytes);
 
 /* ---- base/pool.c: thread pool -------------------------------------------------------------- */
 
@@ -69,6 +73,8 @@ struct mmb_ctx {
     mmb_gemm_backend gemm;   /* resolved: never MMB_GEMM_AUTO */
     mmb_dtype weight_dtype;  /* linear layers' compute dtype: MMB_F32, MMB_BF16, MMB_F16 or MMB_I8 */
     mmb_arena arena;         /* activations of the current forward pass */
+    mmb_arena feats;         /* the tower's hidden states while the connector reads them (mmb_model_encode
+                                and the families' encode), kept from call to call like the arena */
     char err[MMB_ERRMSG_LEN];
 };
 
@@ -114,7 +120,7 @@ void mmb__add_forward_mt(mmb_ctx *ctx, float *out, const float *a, const float *
 typedef struct mmb_linear {
     int64_t n_out, n_in;
     const float *w;          /* (n_out, n_in), f32: mapped in place or owned_w; NULL once packed
-                                from a converted copy (the own backend reads only `packed`) */
+                                (the own backend reads only `packed`; the mapped pages are released) */
     const float *bias;       /* (n_out) or NULL */
     float *owned_w, *owned_b;/* set when converted from f16/bf16 at load */
     float *packed;           /* the own kernel's packed copy of w, or NULL */
@@ -201,6 +207,10 @@ static inline bool mmb__add_ok(uint64_t a, uint64_t b, uint64_t *out) {
 
 /* ---- io/safetensors.c ------------------------------------------------------------------------ */
 const char *mmb__st_path(const mmb_st_file *f);
+/* Drops the resident pages wholly inside [p, p + n) when that range lies in an open file's mapping
+ * (no-op for any other memory): for weights read once at load (packed or converted), so RSS holds
+ * them once. The data stays readable: a later read faults the pages in again from the file. */
+void mmb__release_mapped(const void *p, size_t n);
 
 /* ---- io/checkpoint.c: a checkpoint directory ------------------------------------------------- */
 
@@ -247,7 +257,8 @@ mmb_status mmb__ckpt_norm(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, c
                           float **b);
 /* n linear layers {prefix}{names[i]}.weight [n_out, n_in] and .bias [n_out] stacked into one
  * (n * n_out, n_in) layer, so projections that read the same input run as one GEMM (q | k | v).
- * The stacked f32 copies go to *w and *b (set even on failure; the caller frees them after l). */
+ * The stacked f32 copies go to *w and *b (set even on failure; the caller frees them after l); *w is
+ * NULL on success when l no longer reads it (packed or converted), so the weights are held once. */
 mmb_status mmb__ckpt_linear_fused(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *const *names,
                                   int n, int64_t n_out, int64_t n_in, mmb_linear *l, float **w, float **b);
 

@@ -43,6 +43,10 @@ cc -std=c11 -Wall -Wextra -Werror tests/test_api.c -o "$prefix/api_installed" \
 (cd "$prefix" && LD_LIBRARY_PATH="$libdir" ./api_installed)
 "$prefix/bin/mmbridge" --version
 
+echo "== memory (Release: ASan replaces malloc): peak RSS bound, no allocation in a warm forward"
+(cd build && ./test_memory)
+MMB_BIN="$PWD/build/mmbridge" python3 -m pytest tests/oracle/test_memory.py -q -p no:cacheprovider
+
 echo "== benchmark smoke (Release)"
 ./build/bench_gemm --quick
 ./build/bench_projector --quick

@@ -2,6 +2,7 @@
 #include "internal.h"
 
 #include <stdlib.h>
+#include <sys/mman.h>
 
 size_t mmb__arena_piece(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
 
@@ -30,4 +31,15 @@ void mmb__arena_free(mmb_arena *a) {
     free(a->base);
     a->base = NULL;
     a->cap = a->used = 0;
+}
+
+/* Large transients (a weight converted or stacked only to be packed) go straight to the kernel:
+ * unmapping returns their pages, where a freed heap block could stay resident as a hole. */
+void *mmb__pages_alloc(size_t bytes) {
+    void *p = mmap(NULL, bytes ? bytes : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+void mmb__pages_free(void *p, size_t bytes) {
+    if (p) munmap(p, bytes ? bytes : 1);
 }

@@ -35,6 +35,7 @@ void mmb_ctx_free(mmb_ctx *ctx) {
     if (!ctx) return;
     mmb__pool_free(ctx->pool);
     mmb__arena_free(&ctx->arena);
+    mmb__arena_free(&ctx->feats);
     free(ctx);
 }
 

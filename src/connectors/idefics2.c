@@ -407,15 +407,17 @@ static mmb_status fam_encode(mmb_ctx *ctx, const void *st, const float *pixels, 
     const fam_state *f = st;
     if (fam_tokens(ctx, st, height, width) < 0) return MMB_ERR_SHAPE;
     int64_t T = f->vi.tokens;
-    float *feat = malloc(sizeof(float) * (size_t)(batch * T * f->vi.width));
-    if (!feat) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    size_t fb = sizeof(float) * (size_t)(batch * T * f->vi.width);
+    mmb_status s = mmb__arena_reserve(ctx, &ctx->feats, fb);  /* kept from call to call */
+    if (s != MMB_OK) return s;
+    float *feat = mmb__arena_alloc(&ctx->feats, fb);
     int tap = MMB_TAP_LAST;
-    mmb_status s = mmb_vit_forward(ctx, f->vit, pixels, batch, &tap, 1, &feat);
+    s = mmb_vit_forward(ctx, f->vit, pixels, batch, &tap, 1, &feat);
     if (s == MMB_OK)
         s = mmb__arena_reserve(ctx, &ctx->arena, f->ops->scratch(f->conn, batch * T) * sizeof(float));
     if (s == MMB_OK) s = f->ops->forward(ctx, f->conn, out, feat, batch, T);
     mmb__arena_reset(&ctx->arena);
-    free(feat);
+    mmb__arena_reset(&ctx->feats);
     return s;
 }
 

@@ -355,6 +355,7 @@ mmb_status mmb__ckpt_vec(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int6
     float *v = malloc((size_t)n * sizeof(float) + 1);
     if (!v) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: tensor '%s': out of memory", c->dir, name);
     mmb_to_f32(v, t->data, t->dtype, (size_t)n);
+    mmb__release_mapped(t->data, (size_t)n * mmb_dtype_size(t->dtype));  /* the copy is what is read */
     *out = v;
     return MMB_OK;
 }
@@ -395,22 +396,34 @@ mmb_status mmb__ckpt_norm(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, c
 
 mmb_status mmb__ckpt_linear_fused(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *const *names,
                                   int n, int64_t n_out, int64_t n_in, mmb_linear *l, float **wout, float **bout) {
-    float *wf = *wout = malloc(sizeof(float) * (size_t)(n * n_out * n_in));
+    /* The own backend reads only its packed copy: the stack is then a transient in pages of its own,
+     * which leave RSS when freed; the other backends keep reading it (*wout). */
+    bool transient = ctx->gemm == MMB_GEMM_OWN;
+    size_t wbytes = sizeof(float) * (size_t)(n * n_out * n_in);
+    float *wf = transient ? mmb__pages_alloc(wbytes) : malloc(wbytes);
     float *bf = *bout = malloc(sizeof(float) * (size_t)(n * n_out));
-    if (!wf || !bf) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir);
-    for (int i = 0; i < n; i++) {
+    *wout = transient ? NULL : wf;
+    mmb_status s = wf && bf ? MMB_OK : mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir);
+    for (int i = 0; i < n && s == MMB_OK; i++) {
         char wn[256], bn[256];
         snprintf(wn, sizeof wn, "%s%s.weight", prefix, names[i]);
         snprintf(bn, sizeof bn, "%s%s.bias", prefix, names[i]);
         const mmb_tensor *w, *b;
         int64_t ws[2] = {n_out, n_in};
-        mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
+        s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
         if (s == MMB_OK) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
-        if (s != MMB_OK) return s;
+        if (s != MMB_OK) break;
         mmb_to_f32(wf + i * n_out * n_in, w->data, w->dtype, (size_t)(n_out * n_in));
         mmb_to_f32(bf + i * n_out, b->data, b->dtype, (size_t)n_out);
+        mmb__release_mapped(w->data, (size_t)(n_out * n_in) * mmb_dtype_size(w->dtype));  /* read once */
     }
     mmb_tensor w = {.name = names[0], .dtype = MMB_F32, .ndim = 2, .shape = {n * n_out, n_in}, .data = wf};
     mmb_tensor b = {.name = names[0], .dtype = MMB_F32, .ndim = 1, .shape = {n * n_out}, .data = bf};
-    return mmb__linear_init(ctx, l, &w, &b);
+    if (s == MMB_OK) s = mmb__linear_init(ctx, l, &w, &b);
+    if (transient) mmb__pages_free(wf, wbytes);
+    else if (s == MMB_OK && l->w != wf) {  /* converted to the weight dtype: the stack is no longer read */
+        free(wf);
+        *wout = NULL;
+    }
+    return s;
 }

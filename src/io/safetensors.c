@@ -8,6 +8,7 @@
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,10 +28,47 @@ struct mmb_st_file {
     void **owned;           /* per tensor: an aligned copy when the mapped bytes are misaligned */
     int n_meta;
     char **meta_k, **meta_v;
+    mmb_st_file *next_open;  /* the list of open mappings (mmb__release_mapped) */
 };
+
+/* Every open file's mapping, so that mmb__release_mapped can tell a file's pages, which refault
+ * from the file, from heap memory, which MADV_DONTNEED would zero. */
+static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
+static mmb_st_file *open_files;
+
+static void open_list_add(mmb_st_file *f) {
+    pthread_mutex_lock(&open_lock);
+    f->next_open = open_files;
+    open_files = f;
+    pthread_mutex_unlock(&open_lock);
+}
+
+static void open_list_remove(mmb_st_file *f) {
+    pthread_mutex_lock(&open_lock);
+    for (mmb_st_file **p = &open_files; *p; p = &(*p)->next_open)
+        if (*p == f) { *p = f->next_open; break; }
+    pthread_mutex_unlock(&open_lock);
+}
+
+void mmb__release_mapped(const void *p, size_t n) {
+    long ps = sysconf(_SC_PAGESIZE);
+    uintptr_t page = ps > 0 ? (uintptr_t)ps : 4096, a = (uintptr_t)p;
+    uintptr_t lo = (a + page - 1) & ~(page - 1), hi = (a + n) & ~(page - 1);  /* whole pages only */
+    if (!p || hi <= lo) return;
+    pthread_mutex_lock(&open_lock);
+    for (const mmb_st_file *f = open_files; f; f = f->next_open)
+        if (a >= (uintptr_t)f->map && a + n <= (uintptr_t)f->map + f->size) {
+            /* A private read-only file mapping: the pages are only ever the file's, and a later read
+             * faults them in again. Failure only leaves them resident, so it is ignored. */
+            (void)madvise((void *)lo, hi - lo, MADV_DONTNEED);
+            break;
+        }
+    pthread_mutex_unlock(&open_lock);
+}
 
 void mmb_st_close(mmb_st_file *f) {
     if (!f) return;
+    open_list_remove(f);
     if (f->map) munmap(f->map, f->size);
     for (int i = 0; i < f->n; i++) free((char *)f->t[i].name);
     for (int i = 0; f->owned && i < f->n; i++) free(f->owned[i]);
@@ -217,6 +255,7 @@ mmb_status mmb_st_open(mmb_ctx *ctx, const char *path, mmb_st_file **out) {
     if (fd >= 0) close(fd);
     if (s == MMB_OK) s = parse_header(ctx, f);
     if (s != MMB_OK) { mmb_st_close(f); return s; }
+    if (f->map) open_list_add(f);
     *out = f;
     return MMB_OK;
 }

@@ -548,17 +548,17 @@ mmb_status mmb_model_encode(mmb_ctx *ctx, const mmb_model *m, const float *pixel
     mmb_features ft = {.batch = batch, .tokens = vi.tokens, .width = vi.width, .n_hidden = vi.layers + 1,
                        .n_taps = m->info.n_taps};
     float *bufs[MMB_MAX_TAPS] = {0};
-    size_t per = (size_t)(batch * vi.tokens * vi.width);
-    mmb_status s = MMB_OK;
+    size_t per = (size_t)(batch * vi.tokens * vi.width) * sizeof(float);
+    /* In ctx's feature buffer, kept from call to call: the forward allocates nothing once warm. */
+    mmb_status s = mmb__arena_reserve(ctx, &ctx->feats, (size_t)ft.n_taps * mmb__arena_piece(per));
     for (int i = 0; i < ft.n_taps && s == MMB_OK; i++) {
         ft.taps[i] = m->info.taps[i] < 0 ? m->info.taps[i] + vi.layers + 1 : m->info.taps[i];
         ft.spans[i] = m->info.tap_spans[i];
-        if (!(bufs[i] = malloc(per * sizeof(float)))) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
-        ft.data[i] = bufs[i];
+        ft.data[i] = bufs[i] = mmb__arena_alloc(&ctx->feats, per);
     }
     if (s == MMB_OK) s = mmb_vit_forward_groups(ctx, m->vit, pixels, batch, ft.taps, ft.spans, ft.n_taps, bufs);
     if (s == MMB_OK) s = mmb_model_connect(ctx, m, &ft, out, out_count);
-    for (int i = 0; i < ft.n_taps; i++) free(bufs[i]);
+    mmb__arena_reset(&ctx->feats);
     return s;
 }
 

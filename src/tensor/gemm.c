@@ -17,10 +17,12 @@ void mmb__gemm_ref(float *C, const float *A, const float *W, const float *bias,
         }
 }
 
+static bool f32_in_place(const mmb_tensor *t) { return t->dtype == MMB_F32 && ((uintptr_t)t->data % 4) == 0; }
+
 /* Returns an f32 view of t: the mapped data itself when t is f32, else a converted copy in *owned. */
 static mmb_status f32_view(mmb_ctx *ctx, const mmb_tensor *t, const float **view, float **owned) {
     size_t n = (size_t)mmb_tensor_numel(t);
-    if (t->dtype == MMB_F32 && ((uintptr_t)t->data % 4) == 0) {
+    if (f32_in_place(t)) {
         *view = t->data;
         return MMB_OK;
     }
@@ -47,7 +49,17 @@ mmb_status mmb__linear_init(mmb_ctx *ctx, mmb_linear *l, const mmb_tensor *w, co
     l->n_in = w->shape[1];
     l->backend = ctx->gemm;
     l->wdt = ctx->weight_dtype;
-    mmb_status s = f32_view(ctx, w, &l->w, &l->owned_w);
+    /* For the own backend a converted weight lives only until it is packed: in pages of its own, which
+     * leave RSS when freed (a freed heap block of that size could stay resident). */
+    size_t tmp_bytes = (size_t)mmb_tensor_numel(w) * sizeof(float);
+    float *tmp = l->backend == MMB_GEMM_OWN && !f32_in_place(w) ? mmb__pages_alloc(tmp_bytes) : NULL;
+    mmb_status s = MMB_OK;
+    if (tmp) {
+        mmb_to_f32(tmp, w->data, w->dtype, (size_t)mmb_tensor_numel(w));
+        l->w = tmp;
+    } else {
+        s = f32_view(ctx, w, &l->w, &l->owned_w);
+    }
     if (s == MMB_OK && b) s = f32_view(ctx, b, &l->bias, &l->owned_b);
     if (s == MMB_OK && l->wdt == MMB_F16) s = f16_range(ctx, w, l->w, l->n_out, l->n_in);
     if (s == MMB_OK && l->backend == MMB_GEMM_OWN) {
@@ -59,12 +71,17 @@ mmb_status mmb__linear_init(mmb_ctx *ctx, mmb_linear *l, const mmb_tensor *w, co
             s = mmb__err(ctx, MMB_ERR_NOMEM, "tensor '%s': cannot allocate %zu bytes to pack", w->name, bytes);
         else
             mmb__gemm_own_pack_dt(l->packed, l->scales, l->w, l->n_out, l->n_in, l->wdt);
-        /* The packed copy is all the own kernel reads: drop a converted f32 copy now. */
-        if (l->packed && l->owned_w) {
+        /* The packed copy is all the own kernel reads (mmb__linear_forward_act): drop a converted f32
+         * copy now, and a view of the mapped file too, so that nothing reads the mapped weight again
+         * and the pages released below stay out of RSS (a stray reader crashes on NULL rather than
+         * silently faulting the whole weight back in, counting it twice again). */
+        if (l->packed) {
             free(l->owned_w);
             l->owned_w = NULL;
             l->w = NULL;
         }
+        mmb__pages_free(tmp, tmp_bytes);
+        tmp = NULL;
     } else if (s == MMB_OK && l->wdt != MMB_F32) {
         /* The other backends compute in f32 with the weights rounded to wdt: the same values. */
         size_t n = (size_t)(l->n_out * l->n_in);
@@ -77,7 +94,14 @@ mmb_status mmb__linear_init(mmb_ctx *ctx, mmb_linear *l, const mmb_tensor *w, co
             l->w = l->owned_w = q;
         }
     }
-    if (s != MMB_OK) mmb__linear_free(l);
+    /* Packed or converted, the layer no longer reads the checkpoint's bytes: let the mapped pages go
+     * (a no-op for a weight that is not in a file's mapping). */
+    if (s == MMB_OK && l->w != w->data)
+        mmb__release_mapped(w->data, (size_t)mmb_tensor_numel(w) * mmb_dtype_size(w->dtype));
+    if (s != MMB_OK) {
+        mmb__pages_free(tmp, tmp_bytes);  /* failed before packing */
+        mmb__linear_free(l);
+    }
     return s;
 }
 

@@ -227,6 +227,7 @@ static mmb_status bind_copy(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, i
     mmb_status s = mmb__ckpt_bind(ctx, c, name, ndim, shape, &t);
     if (s == MMB_OK && !(*out = malloc(sizeof(float) * (size_t)n))) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     if (s == MMB_OK) mmb_to_f32(*out, t->data, t->dtype, (size_t)n);
+    if (s == MMB_OK) mmb__release_mapped(t->data, (size_t)n * mmb_dtype_size(t->dtype));  /* read once */
     return s;
 }
 
