@@ -19,6 +19,9 @@
  *       for each group of panels               - weight block of MMB_GEMM_NB_BYTES stays in L2
  *         for each MR-row micro-panel of A     - kc x MR stays in L1
  *           for each panel: micro-kernel       - weights stream from L2
+ * With few panels per thread (N <= MMB_GEMM_DIRECT * NR on one thread) packing A would cost as
+ * much as the products it feeds (at N = 16 it halved the speed): the micro-kernel then reads A in
+ * place, row i of the micro-panel at a + i * K (the kernels take A's row and k strides).
  * Every output element is computed by one thread, with the same K order and the same kernel
  * arithmetic whatever the thread count or the split, so results do not depend on threads. The
  * bias is added in the epilogue of the last K block: C = ((C_prev + acc) + bias).
@@ -53,6 +56,10 @@
 #endif
 #ifndef MMB_GEMM_NB_BYTES
 #define MMB_GEMM_NB_BYTES (128 * 1024) /* weight bytes per L2 block: a quarter of a 512 KiB L2 */
+#endif
+
+#ifndef MMB_GEMM_DIRECT
+#define MMB_GEMM_DIRECT 8 /* at most this many panels per thread: A read in place, not packed */
 #endif
 
 #ifndef PF_AHEAD
@@ -235,8 +242,9 @@ static void pack_a(float *dst, const float *A, int64_t lda, int mr, int MR, int6
 }
 
 /* ---- micro-kernels ------------------------------------------------------------------------------
- * kern(kc, a, b, ldb, bh, c, ldc, nc, load, bias, scale): for i < mr, j < nc:
- *   c[i*ldc + j] = ((load ? c[i*ldc + j] : 0) + s_j * sum_k a[k*MR + i] * B(k, j)) + bias[j],
+ * kern(kc, a, ais, aks, b, ldb, bh, c, ldc, nc, load, bias, scale): for i < mr, j < nc:
+ *   c[i*ldc + j] = ((load ? c[i*ldc + j] : 0) + s_j * sum_k a[i*ais + k*aks] * B(k, j)) + bias[j],
+ *   (A packed: ais = 1, aks = MR; A in place: ais = its row stride, aks = 1)
  *   B(k, j) = b[(j / NH) * bh + k * ldb + j % NH] (elements of the kernel's type; bf16: bf16_pos)
  * (the bias term only when bias != NULL; s_j = scale[j] for int8 weights, else 1). nc <= the
  * kernel's width: NR for AVX-512 and scalar, NH for AVX2 (tile() calls it per half). */
@@ -277,7 +285,7 @@ T512 void ldb2_512(const int DT, const void *b, const void *b1p, __m512 *b0, __m
 #define D512(i) __m512 c##i##a = _mm512_setzero_ps(), c##i##b = _mm512_setzero_ps();
 #define F512(i)                                                                 \
     if (MR_ > i) {                                                              \
-        __m512 ai = _mm512_set1_ps(a[i]);                                       \
+        __m512 ai = _mm512_set1_ps(a[i * ais]);                                 \
         c##i##a = _mm512_fmadd_ps(ai, b0, c##i##a);                             \
         c##i##b = _mm512_fmadd_ps(ai, b1, c##i##b);                             \
     }
@@ -306,7 +314,8 @@ T512 void ldb2_512(const int DT, const void *b, const void *b1p, __m512 *b0, __m
     }
 #define ALL14(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13)
 
-T512 void k512_body(const int MR_, const int DT, int64_t kc, const float *a, const void *bv, int64_t ldb,
+T512 void k512_body(const int MR_, const int DT, int64_t kc, const float *a, int64_t ais, int64_t aks,
+                    const void *bv, int64_t ldb,
                     int64_t bh, float *c, int64_t ldc, int nc, int load, const float *bias, const float *scale) {
     const size_t es = DT == DT_F32 ? 4 : DT == DT_I8 ? 1 : 2, bstep = (size_t)ldb * es;
     const char *b = bv, *bb1 = b + (size_t)bh * es;
@@ -318,7 +327,7 @@ T512 void k512_body(const int MR_, const int DT, int64_t kc, const float *a, con
         __m512 b0, b1;
         ldb2_512(DT, b, bb1, &b0, &b1);
         ALL14(F512)
-        a += MR512;
+        a += aks;
         b += bstep;
         bb1 += bstep;
     }
@@ -327,7 +336,7 @@ T512 void k512_body(const int MR_, const int DT, int64_t kc, const float *a, con
         __m512 b0, b1;
         ldb2_512(DT, b, bb1, &b0, &b1);
         ALL14(F512)
-        a += MR512;
+        a += aks;
         b += bstep;
         bb1 += bstep;
     }
@@ -342,10 +351,11 @@ T512 void k512_body(const int MR_, const int DT, int64_t kc, const float *a, con
 }
 
 #define K512_INST(m, dt, DT)                                                                        \
-    T512F void k512_##dt##_##m(int64_t kc, const float *a, const void *b, int64_t ldb, int64_t bh,   \
+    T512F void k512_##dt##_##m(int64_t kc, const float *a, int64_t ais, int64_t aks, const void *b,  \
+                               int64_t ldb, int64_t bh,                                             \
                                float *c, int64_t ldc, int nc, int load, const float *bias,          \
                                const float *scale) {                                                \
-        k512_body(m, DT, kc, a, b, ldb, bh, c, ldc, nc, load, bias, scale);                         \
+        k512_body(m, DT, kc, a, ais, aks, b, ldb, bh, c, ldc, nc, load, bias, scale);               \
     }
 #define K512_ALL(dt, DT)                                                                            \
     K512_INST(1, dt, DT) K512_INST(2, dt, DT) K512_INST(3, dt, DT) K512_INST(4, dt, DT)            \
@@ -388,7 +398,7 @@ T256 void ldb2_256(const int DT, const void *b, __m256 *b0, __m256 *b1) {
 #define D256(i) __m256 c##i##a = _mm256_setzero_ps(), c##i##b = _mm256_setzero_ps();
 #define F256(i)                                                                 \
     if (MR_ > i) {                                                              \
-        __m256 ai = _mm256_broadcast_ss(a + i);                                 \
+        __m256 ai = _mm256_broadcast_ss(a + i * ais);                           \
         c##i##a = _mm256_fmadd_ps(ai, b0, c##i##a);                             \
         c##i##b = _mm256_fmadd_ps(ai, b1, c##i##b);                             \
     }
@@ -427,7 +437,8 @@ T256 void ldb2_256(const int DT, const void *b, __m256 *b0, __m256 *b1) {
     if (MR_ > i) _mm_prefetch((const char *)(c + (int64_t)i * ldc), _MM_HINT_T0);
 #define ALL6(X) X(0) X(1) X(2) X(3) X(4) X(5)
 
-T256 void k256_body(const int MR_, const int DT, int64_t kc, const float *a, const void *bv, int64_t ldb,
+T256 void k256_body(const int MR_, const int DT, int64_t kc, const float *a, int64_t ais, int64_t aks,
+                    const void *bv, int64_t ldb,
                     float *c, int64_t ldc, int nc, int load, const float *bias, const float *scale) {
     const char *b = bv;
     const size_t bstep = (size_t)ldb * (DT == DT_F32 ? 4 : DT == DT_I8 ? 1 : 2);
@@ -437,7 +448,7 @@ T256 void k256_body(const int MR_, const int DT, int64_t kc, const float *a, con
         __m256 b0, b1;
         ldb2_256(DT, b, &b0, &b1);
         ALL6(F256)
-        a += MR256;
+        a += aks;
         b += bstep;
     }
     if (load) { ALL6(P256) }
@@ -445,7 +456,7 @@ T256 void k256_body(const int MR_, const int DT, int64_t kc, const float *a, con
         __m256 b0, b1;
         ldb2_256(DT, b, &b0, &b1);
         ALL6(F256)
-        a += MR256;
+        a += aks;
         b += bstep;
     }
     const int full = nc >= 16;
@@ -464,11 +475,12 @@ T256 void k256_body(const int MR_, const int DT, int64_t kc, const float *a, con
 }
 
 #define K256_INST(m, dt, DT)                                                                        \
-    T256F void k256_##dt##_##m(int64_t kc, const float *a, const void *b, int64_t ldb, int64_t bh,   \
+    T256F void k256_##dt##_##m(int64_t kc, const float *a, int64_t ais, int64_t aks, const void *b,  \
+                               int64_t ldb, int64_t bh,                                             \
                                float *c, int64_t ldc, int nc, int load, const float *bias,          \
                                const float *scale) {                                                \
         (void)bh; /* one half panel per call */                                                     \
-        k256_body(m, DT, kc, a, b, ldb, c, ldc, nc, load, bias, scale);                             \
+        k256_body(m, DT, kc, a, ais, aks, b, ldb, c, ldc, nc, load, bias, scale);                   \
     }
 #define K256_ALL(dt, DT)                                                                            \
     K256_INST(1, dt, DT) K256_INST(2, dt, DT) K256_INST(3, dt, DT) K256_INST(4, dt, DT)            \
@@ -495,15 +507,15 @@ static void ldb_row(float *dst, int dt, const void *b, int64_t ldb, int64_t bh, 
 }
 
 /* Portable fallback: MRSC rows x NR columns, plain C. */
-static void ksc(int mr, int dt, int64_t kc, const float *a, const void *b, int64_t ldb, int64_t bh, float *c,
-                int64_t ldc, int nc, int load, const float *bias, const float *scale) {
+static void ksc(int mr, int dt, int64_t kc, const float *a, int64_t ais, int64_t aks, const void *b, int64_t ldb,
+                int64_t bh, float *c, int64_t ldc, int nc, int load, const float *bias, const float *scale) {
     float acc[MRSC][NR], bk[NR];
     memset(acc, 0, sizeof acc);
     for (int64_t k = 0; k < kc; k++) {
-        const float *ak = a + k * MRSC;
+        const float *ak = a + k * aks;
         ldb_row(bk, dt, b, ldb, bh, k);
         for (int i = 0; i < mr; i++) {
-            float ai = ak[i];
+            float ai = ak[i * ais];
             for (int j = 0; j < NR; j++) acc[i][j] += ai * bk[j];
         }
     }
@@ -518,8 +530,9 @@ static void ksc(int mr, int dt, int64_t kc, const float *a, const void *b, int64
     }
 }
 
-typedef void (*kern_fn)(int64_t kc, const float *a, const void *b, int64_t ldb, int64_t bh, float *c,
-                        int64_t ldc, int nc, int load, const float *bias, const float *scale);
+typedef void (*kern_fn)(int64_t kc, const float *a, int64_t ais, int64_t aks, const void *b, int64_t ldb,
+                        int64_t bh, float *c, int64_t ldc, int nc, int load, const float *bias,
+                        const float *scale);
 
 #if MMB_GEMM_X86
 #define TAB512(dt) {NULL, k512_##dt##_1, k512_##dt##_2, k512_##dt##_3, k512_##dt##_4, k512_##dt##_5,    \
@@ -534,23 +547,23 @@ static const kern_fn k256_tab[N_DT][MR256 + 1] = {TAB256(f32), TAB256(bf16), TAB
 /* One micro-tile with the kernel of instruction set isa: rows mr <= MR of a packed A micro-panel
  * a (row stride MR of that isa) times one panel b of element type dt, rows ldb apart and its second
  * half bh elements in (nc <= NR columns; scale: the panel's int8 column scales). */
-static inline void tile(int isa, int dt, int mr, int64_t kc, const float *a, const void *b, int64_t ldb,
-                        int64_t bh, float *c, int64_t ldc, int nc, int load, const float *bias,
-                        const float *scale) {
+static inline void tile(int isa, int dt, int mr, int64_t kc, const float *a, int64_t ais, int64_t aks,
+                        const void *b, int64_t ldb, int64_t bh, float *c, int64_t ldc, int nc, int load,
+                        const float *bias, const float *scale) {
     switch (isa) {
 #if MMB_GEMM_X86
     case 2:
-        k512_tab[dt][mr](kc, a, b, ldb, bh, c, ldc, nc, load, bias, scale);
+        k512_tab[dt][mr](kc, a, ais, aks, b, ldb, bh, c, ldc, nc, load, bias, scale);
         return;
     case 1:
-        k256_tab[dt][mr](kc, a, b, ldb, bh, c, ldc, nc < NH ? nc : NH, load, bias, scale);
+        k256_tab[dt][mr](kc, a, ais, aks, b, ldb, bh, c, ldc, nc < NH ? nc : NH, load, bias, scale);
         if (nc > NH)
-            k256_tab[dt][mr](kc, a, (const char *)b + (size_t)bh * dt_size(dt), ldb, bh, c + NH, ldc, nc - NH,
-                             load, bias ? bias + NH : NULL, scale ? scale + NH : NULL);
+            k256_tab[dt][mr](kc, a, ais, aks, (const char *)b + (size_t)bh * dt_size(dt), ldb, bh, c + NH, ldc,
+                             nc - NH, load, bias ? bias + NH : NULL, scale ? scale + NH : NULL);
         return;
 #endif
     default:
-        ksc(mr, dt, kc, a, b, ldb, bh, c, ldc, nc, load, bias, scale);
+        ksc(mr, dt, kc, a, ais, aks, b, ldb, bh, c, ldc, nc, load, bias, scale);
         return;
     }
 }
@@ -560,7 +573,7 @@ int mmb__gemm_own_mr(int isa) { return isa == 2 ? MR512 : isa == 1 ? MR256 : MRS
 /* b: rows of NR floats (attention's and wgemm's panels), not the packed-weight layout. */
 void mmb__gemm_own_tile(int isa, int mr, int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
                         int nc, int load, const float *bias) {
-    tile(isa, DT_F32, mr, kc, a, b, NR, NH, c, ldc, nc, load, bias, NULL);
+    tile(isa, DT_F32, mr, kc, a, 1, mmb__gemm_own_mr(isa), b, NR, NH, c, ldc, nc, load, bias, NULL);
 }
 
 /* ---- the driver --------------------------------------------------------------------------------- */
@@ -585,6 +598,8 @@ static void run_range(const job *j, float *buf, int64_t mbrows, int64_t m0, int6
                       int64_t p0, int64_t p1) {
     const int MR = j->MR;
     const int64_t K = j->K, N = j->N, Np = j->Np;
+    const bool direct = p1 - p0 <= MMB_GEMM_DIRECT;
+    const int64_t ais = direct ? K : 1, aks = direct ? 1 : MR;
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
         int64_t kc = K - k0 < KC ? K - k0 : KC;
         /* Panels per L2 block: the same bytes whatever the weight type (4 f32 panels at kc = 256). */
@@ -596,7 +611,7 @@ static void run_range(const job *j, float *buf, int64_t mbrows, int64_t m0, int6
         for (int64_t mb = m0; mb < m1; mb += mbrows) {
             int64_t mbn = m1 - mb < mbrows ? m1 - mb : mbrows;
             int64_t npan = (mbn + MR - 1) / MR;
-            for (int64_t q = 0; q < npan; q++) {
+            for (int64_t q = 0; q < npan && !direct; q++) {
                 int64_t r = mb + q * MR;
                 int mr = (int)(m1 - r < MR ? m1 - r : MR);
                 pack_a(buf + q * kc * MR, j->A + r * K + k0, K, mr, MR, kc);
@@ -606,13 +621,13 @@ static void run_range(const job *j, float *buf, int64_t mbrows, int64_t m0, int6
                 for (int64_t q = 0; q < npan; q++) {
                     int64_t r = mb + q * MR;
                     int mr = (int)(m1 - r < MR ? m1 - r : MR);
-                    const float *ap = buf + q * kc * MR;
+                    const float *ap = direct ? j->A + r * K + k0 : buf + q * kc * MR;
                     float *crow = j->C + r * N;
                     for (int64_t p = pb; p < pe; p++) {
                         int64_t n0 = p * NR;
                         int nc = (int)(N - n0 < NR ? N - n0 : NR);
                         const char *bp = wblk + (size_t)(p * kc * NR) * j->es;
-                        tile(j->isa, j->dt, mr, kc, ap, bp, NH, kc * NH, crow + n0, N, nc, load,
+                        tile(j->isa, j->dt, mr, kc, ap, ais, aks, bp, NH, kc * NH, crow + n0, N, nc, load,
                              bias ? bias + n0 : NULL, j->scales ? j->scales + n0 : NULL);
                     }
                 }
