@@ -153,6 +153,9 @@ int mmb__gemm_own_isa(void);
 /* Forces min(isa, what the CPU has) for later calls (tests cover every path); isa < 0 restores
  * the automatic choice. */
 void mmb__gemm_own_force_isa(int isa);
+/* Tests: 1 packs A into micro-panels, 0 reads it in place, -1 restores the rule (gemm_own.c's header).
+ * Either gives bit-identical results. */
+void mmb__gemm_own_force_pack_a(int mode);
 /* Floats needed to hold W (N, K) packed. */
 size_t mmb__gemm_own_packed_size(int64_t N, int64_t K);
 /* W (N, K) row-major -> dst, the own kernel's panel layout. */

@@ -119,6 +119,7 @@ static void test_dtypes(mmb_pool **pools, int top) {
                 for (int t = 1; t <= 2; t++) {
                     for (size_t i = 0; i < (size_t)(M * N); i++) C[i] = NAN;
                     for (size_t i = 0; i < guard; i++) C[(size_t)(M * N) + i] = 12345.0f;
+                    mmb__gemm_own_force_pack_a(t == 2); /* and t == 1 in place: bit-identical */
                     mmb__gemm_own_dt(pools[t], C, A, packed, scales, dts[d], bias, M, N, K, MMB_ACT_NONE);
                     int64_t bad = 0, bad_at = -1;
                     double maxratio = 0.0;
@@ -135,7 +136,7 @@ static void test_dtypes(mmb_pool **pools, int top) {
                     if (maxratio > worst) worst = maxratio;
                     if (bad || !guard_ok || !det_ok) {
                         failed++;
-                        fprintf(stderr, "FAIL gemm %s M=%lld N=%lld K=%lld isa=%s threads=%d: %lld out of bound "
+                        fprintf(stderr, "FAIL gemm %s M=%lld N=%lld K=%lld isa=%s threads=%d (A packed at 2): %lld out of bound "
                                 "(first at %lld: got %g want %g), max err / bound %.3g%s%s\n", dt_name[d],
                                 (long long)M, (long long)N, (long long)K, isa_name[isa], t, (long long)bad,
                                 (long long)bad_at, bad_at >= 0 ? (double)C[bad_at] : 0.0,
@@ -151,6 +152,7 @@ static void test_dtypes(mmb_pool **pools, int top) {
         }
     }
     mmb__gemm_own_force_isa(-1);
+    mmb__gemm_own_force_pack_a(-1);
     printf("gemm bf16/f16/int8: max error / bound %.3g (isa up to %s)\n", worst, isa_name[top]);
 }
 
@@ -214,6 +216,7 @@ int main(void) {
                 for (int t = 1; t <= 3; t++) {
                     for (size_t i = 0; i < (size_t)(M * N); i++) C[i] = NAN;
                     for (size_t i = 0; i < guard; i++) C[(size_t)(M * N) + i] = 12345.0f;
+                    mmb__gemm_own_force_pack_a(t == 2); /* and t == 1 in place: bit-identical */
                     mmb__gemm_own(pools[t], C, A, packed, b, M, N, K);
                     double maxerr = 0.0, maxratio = 0.0;
                     int64_t bad = 0, bad_at = -1;
@@ -236,7 +239,7 @@ int main(void) {
                     if (bad || !guard_ok || !det_ok) {
                         failed++;
                         fprintf(stderr,
-                                "FAIL gemm M=%lld N=%lld K=%lld bias=%d isa=%s threads=%d: "
+                                "FAIL gemm M=%lld N=%lld K=%lld bias=%d isa=%s threads=%d (A packed at 2): "
                                 "%lld elements out of bound (first at %lld: got %g want %g tol %g), "
                                 "max err %g (%.3g x bound)%s%s\n",
                                 (long long)M, (long long)N, (long long)K, with_bias, isa_name[isa],

@@ -19,9 +19,12 @@
  *       for each group of panels               - weight block of MMB_GEMM_NB_BYTES stays in L2
  *         for each MR-row micro-panel of A     - kc x MR stays in L1
  *           for each panel: micro-kernel       - weights stream from L2
- * With few panels per thread (N <= MMB_GEMM_DIRECT * NR on one thread) packing A would cost as
- * much as the products it feeds (at N = 16 it halved the speed): the micro-kernel then reads A in
- * place, row i of the micro-panel at a + i * K (the kernels take A's row and k strides).
+ * With the AVX2 and scalar kernels A is not packed: the micro-kernel reads it in place, row i of
+ * the micro-panel at a + i * K (the kernels take A's row and k strides). Packing cost as much as
+ * the products at narrow N (577x16x1024: 27 GFLOP/s packed, 70-77 in place) and was repeated by
+ * every thread (2 threads, 577x1024x4096: 172 packed, 181 in place); on the wide shapes at 1 thread
+ * the two are level (docs/decisions.md). AVX-512 keeps packing: its 14 rows, 4 KiB apart when K is
+ * a multiple of 1024, would share one L1 set beyond its 12 ways (not measurable on this machine).
  * Every output element is computed by one thread, with the same K order and the same kernel
  * arithmetic whatever the thread count or the split, so results do not depend on threads. The
  * bias is added in the epilogue of the last K block: C = ((C_prev + acc) + bias).
@@ -56,10 +59,6 @@
 #endif
 #ifndef MMB_GEMM_NB_BYTES
 #define MMB_GEMM_NB_BYTES (128 * 1024) /* weight bytes per L2 block: a quarter of a 512 KiB L2 */
-#endif
-
-#ifndef MMB_GEMM_DIRECT
-#define MMB_GEMM_DIRECT 8 /* at most this many panels per thread: A read in place, not packed */
 #endif
 
 #ifndef PF_AHEAD
@@ -129,6 +128,11 @@ void mmb__gemm_own_force_isa(int isa) {
     int v = isa < 0 ? detect_isa() : (isa < hw_isa() ? isa : hw_isa());
     __atomic_store_n(&g_isa, v, __ATOMIC_RELAXED);
 }
+
+/* -1: A packed or read in place by the rule (see the header); 0 / 1: forced (tests). */
+static int g_pack_a = -1;
+
+void mmb__gemm_own_force_pack_a(int mode) { __atomic_store_n(&g_pack_a, mode < 0 ? -1 : mode > 0, __ATOMIC_RELAXED); }
 
 /* ---- packing ------------------------------------------------------------------------------------ */
 
@@ -585,6 +589,7 @@ typedef struct {
     const float *scales;   /* int8: per-column scales (Np), else NULL */
     int64_t M, N, K, Np, P;
     int isa, MR, dt;
+    bool direct;           /* A read in place (else packed MR rows at a time) */
     size_t es;             /* bytes per packed weight */
     bool split_n;    /* split panels over threads (else rows) */
     mmb_act act;     /* applied to C at the end */
@@ -598,7 +603,7 @@ static void run_range(const job *j, float *buf, int64_t mbrows, int64_t m0, int6
                       int64_t p0, int64_t p1) {
     const int MR = j->MR;
     const int64_t K = j->K, N = j->N, Np = j->Np;
-    const bool direct = p1 - p0 <= MMB_GEMM_DIRECT;
+    const bool direct = j->direct;
     const int64_t ais = direct ? K : 1, aks = direct ? 1 : MR;
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
         int64_t kc = K - k0 < KC ? K - k0 : KC;
@@ -659,7 +664,7 @@ static void worker(void *arg, int tid, int nth) {
     if (rows < mbrows) mbrows = (rows + j->MR - 1) / j->MR * j->MR;
     float stackbuf[SCRATCH_MIN] __attribute__((aligned(64)));
     float *heap = NULL, *buf = stackbuf;
-    if (mbrows > j->MR) {
+    if (mbrows > j->MR && !j->direct) {
         size_t bytes = (size_t)mbrows * (size_t)kcmax * sizeof(float);
         bytes = (bytes + 63) / 64 * 64;
         /* The pool keeps each thread's buffer from call to call: no allocation per GEMM. */
@@ -696,6 +701,8 @@ void mmb__gemm_own_dt(mmb_pool *pool, float *C, const float *A, const void *pack
     j.Np = npad_of(N); j.P = j.Np / NR;
     j.isa = mmb__gemm_own_isa();
     j.MR = mmb__gemm_own_mr(j.isa);
+    int force = __atomic_load_n(&g_pack_a, __ATOMIC_RELAXED);
+    j.direct = force < 0 ? j.MR <= 8 : !force; /* within every AVX2-era L1's 8 ways (see the header) */
     int nth = mmb__pool_size(pool);
     int64_t mpan = (M + j.MR - 1) / j.MR;
     /* Panels when there are enough of them for an even split, else rows (if those are more). */
