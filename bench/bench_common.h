@@ -10,7 +10,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdarg.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <time.h>
 
 static inline double now(void) {
@@ -187,6 +190,133 @@ static inline char *run_peer(const char *cmd) {
     if (buf) buf[len] = 0;
     if (rc != 0) { free(buf); return NULL; }
     return buf;
+}
+
+/* ---- machine-readable output: --json FILE -------------------------------------------------- */
+
+/* Where the benchmarks write one JSON object per line (--json FILE), or NULL: the human tables on
+ * stdout are printed either way. */
+static FILE *bench_json;
+
+static inline bool json_open(const char *path) {
+    bench_json = fopen(path, "w");
+    if (!bench_json) fprintf(stderr, "cannot write %s: %s\n", path, strerror(errno));
+    return bench_json != NULL;
+}
+
+/* One JSON object: fmt gives its members without the braces. */
+__attribute__((format(printf, 1, 2))) static inline void json_line(const char *fmt, ...) {
+    if (!bench_json) return;
+    va_list ap;
+    va_start(ap, fmt);
+    fputc('{', bench_json);
+    vfprintf(bench_json, fmt, ap);
+    fputs("}\n", bench_json);
+    fflush(bench_json);
+    va_end(ap);
+}
+
+/* Median, minimum and maximum of n samples (sorts them in place); zeros when n is 0. */
+typedef struct {
+    double med, lo, hi;
+} spread;
+
+static inline spread spread_of(double *v, int n) {
+    if (n < 1) return (spread){0, 0, 0};
+    double med = median(v, n);
+    return (spread){med, v[0], v[n - 1]};
+}
+
+/* ---- a peer kept running: one request line in, one JSON line out --------------------------- */
+
+typedef struct {
+    FILE *to, *from;
+    pid_t pid;
+} peer_proc;
+
+/* Starts `sh -c cmd` with pipes on its stdin and stdout. The peer's first line (its name, or an
+ * error) is read into first. False if it could not start. */
+static inline bool peer_start(peer_proc *p, const char *cmd, char *first, size_t cap) {
+    int in[2], out[2];
+    *p = (peer_proc){NULL, NULL, -1};
+    if (pipe(in) != 0) return false;
+    if (pipe(out) != 0) { close(in[0]); close(in[1]); return false; }
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(in[0], 0);
+        dup2(out[1], 1);
+        close(in[0]); close(in[1]); close(out[0]); close(out[1]);
+        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+        _exit(127);
+    }
+    close(in[0]);
+    close(out[1]);
+    if (pid < 0) { close(in[1]); close(out[0]); return false; }
+    p->pid = pid;
+    p->to = fdopen(in[1], "w");
+    p->from = fdopen(out[0], "r");
+    if (!p->to || !p->from || !fgets(first, (int)cap, p->from)) {
+        if (cap) snprintf(first, cap, "{\"error\": \"the peer did not start: %.200s\"}", cmd);
+        return p->to && p->from;
+    }
+    return true;
+}
+
+/* Sends one request line, reads the answer line into buf. False when the peer has gone. */
+__attribute__((format(printf, 4, 5))) static inline bool peer_ask(peer_proc *p, char *buf, size_t cap,
+                                                                  const char *fmt, ...) {
+    if (!p->to || !p->from) return false;
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(p->to, fmt, ap);
+    va_end(ap);
+    fputc('\n', p->to);
+    fflush(p->to);
+    return fgets(buf, (int)cap, p->from) != NULL;
+}
+
+static inline void peer_stop(peer_proc *p) {
+    if (p->to) fclose(p->to);
+    if (p->from) fclose(p->from);
+    if (p->pid > 0) waitpid(p->pid, NULL, 0);
+    *p = (peer_proc){NULL, NULL, -1};
+}
+
+/* The numbers of the JSON array "key": [...] in line into v (at most cap); returns how many, or -1
+ * if the key is absent. */
+static inline int json_nums(const char *line, const char *key, double *v, int cap) {
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\": [", key);
+    const char *p = strstr(line, pat);
+    if (!p) return -1;
+    p += strlen(pat);
+    int n = 0;
+    while (n < cap) {
+        char *e;
+        double x = strtod(p, &e);
+        if (e == p) break;
+        v[n++] = x;
+        p = e;
+        while (*p == ',' || *p == ' ') p++;
+    }
+    return n;
+}
+
+/* The string "key": "..." in line into out (JSON escapes kept as they are); false if absent. */
+static inline bool json_str(const char *line, const char *key, char *out, size_t cap) {
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\": \"", key);
+    const char *p = strstr(line, pat);
+    if (!p || !cap) return false;
+    p += strlen(pat);
+    size_t n = 0;
+    for (; *p && *p != '"' && n + 1 < cap; p++) {
+        if (*p == '\\' && p[1]) out[n++] = *p++;
+        if (n + 1 < cap) out[n++] = *p;
+    }
+    out[n] = 0;
+    return true;
 }
 
 /* The number after "key": in a JSON line, or -1. */
