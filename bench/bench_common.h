@@ -4,6 +4,7 @@
 #define MMB_BENCH_COMMON_H
 
 #include <errno.h>
+#include <fcntl.h>
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -176,6 +177,17 @@ static inline int parse_list(const char *s, int *out, int cap) {
     return n;
 }
 
+/* Whether the comma-separated list names word. */
+static inline bool list_has(const char *list, const char *word) {
+    size_t n = strlen(word);
+    for (const char *p = list; *p;) {
+        size_t len = strcspn(p, ",");
+        if (len == n && !strncmp(p, word, n)) return true;
+        p += len + (p[len] == ',');
+    }
+    return false;
+}
+
 /* Runs `cmd` (a Python peer), returning its stdout (malloc'd, NUL-terminated) or NULL. */
 static inline char *run_peer(const char *cmd) {
     FILE *p = popen(cmd, "r");
@@ -253,6 +265,9 @@ static inline bool peer_start(peer_proc *p, const char *cmd, char *first, size_t
     close(in[0]);
     close(out[1]);
     if (pid < 0) { close(in[1]); close(out[0]); return false; }
+    /* our ends must not leak into later peers, or closing them would not end this one */
+    fcntl(in[1], F_SETFD, FD_CLOEXEC);
+    fcntl(out[0], F_SETFD, FD_CLOEXEC);
     p->pid = pid;
     p->to = fdopen(in[1], "w");
     p->from = fdopen(out[0], "r");
@@ -281,6 +296,45 @@ static inline void peer_stop(peer_proc *p) {
     if (p->from) fclose(p->from);
     if (p->pid > 0) waitpid(p->pid, NULL, 0);
     *p = (peer_proc){NULL, NULL, -1};
+}
+
+/* ---- a peer taking turns with mmbridge, one timed run per repetition ------------------------ */
+
+typedef struct {
+    peer_proc proc;
+    char name[64], why[512]; /* why: the reason it is n/a; empty while it works */
+    double ts[64], rss;      /* this batch's timings (seconds per call) and the peer's peak RSS, MiB */
+    int n;
+} timed_peer;
+
+static inline bool json_str(const char *line, const char *key, char *out, size_t cap);
+static inline int json_nums(const char *line, const char *key, double *v, int cap);
+static inline double json_num(const char *line, const char *key);
+
+/* Starts `cmd`, a peer answering `run BATCH REPS WARM` (bench/peer_common.py serve). */
+static inline void timed_peer_start(timed_peer *tp, const char *cmd) {
+    char line[1024];
+    memset(tp, 0, sizeof *tp);
+    if (!peer_start(&tp->proc, cmd, line, sizeof line) || !json_str(line, "peer", tp->name, sizeof tp->name)) {
+        if (!json_str(line, "error", tp->why, sizeof tp->why)) snprintf(tp->why, sizeof tp->why, "did not start");
+        peer_stop(&tp->proc);
+    }
+}
+
+/* One run of the peer on batch images: timed (appended to ts) or a warm-up. It naps 0.3 s first, so
+ * that neither side's worker threads are still spinning when the other starts. */
+static inline void timed_peer_run(timed_peer *tp, int batch, bool timed) {
+    char line[4096];
+    if (tp->why[0]) return;
+    nap(0.3);
+    if (!peer_ask(&tp->proc, line, sizeof line, "run %d %d %d", batch, timed, !timed)) {
+        snprintf(tp->why, sizeof tp->why, "the peer exited");
+    } else if (!json_str(line, "error", tp->why, sizeof tp->why)) {
+        if (timed && tp->n < 64 && json_nums(line, "times", tp->ts + tp->n, 1) == 1) tp->n++;
+        tp->rss = json_num(line, "peak_rss_mib");
+        return;
+    }
+    peer_stop(&tp->proc);
 }
 
 /* The numbers of the JSON array "key": [...] in line into v (at most cap); returns how many, or -1

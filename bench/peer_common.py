@@ -92,3 +92,13 @@ def serve(hello, handlers):
         except Exception as e:  # noqa: BLE001 - reported to the benchmark, which prints n/a
             r = {"error": reason(e)}
         reply(r)
+
+
+def serve_setup(setup):
+    """serve(*setup()); if setup raises, its reason is the first line (the benchmark prints the peer as
+    n/a with it) and no request is answered."""
+    try:
+        hello, handlers = setup()
+    except Exception as e:  # noqa: BLE001
+        hello, handlers = {"error": reason(e)}, {}
+    serve(hello, handlers)
