@@ -246,9 +246,9 @@ typedef struct {
     pid_t pid;
 } peer_proc;
 
-/* Starts `sh -c cmd` with pipes on its stdin and stdout. The peer's first line (its name, or an
- * error) is read into first. False if it could not start. */
-static inline bool peer_start(peer_proc *p, const char *cmd, char *first, size_t cap) {
+/* Starts `sh -c cmd` with pipes on its stdin and stdout; peer_hello then reads its first line. False
+ * if it could not start. */
+static inline bool peer_start(peer_proc *p, const char *cmd) {
     int in[2], out[2];
     *p = (peer_proc){NULL, NULL, -1};
     if (pipe(in) != 0) return false;
@@ -271,11 +271,15 @@ static inline bool peer_start(peer_proc *p, const char *cmd, char *first, size_t
     p->pid = pid;
     p->to = fdopen(in[1], "w");
     p->from = fdopen(out[0], "r");
-    if (!p->to || !p->from || !fgets(first, (int)cap, p->from)) {
-        if (cap) snprintf(first, cap, "{\"error\": \"the peer did not start: %.200s\"}", cmd);
-        return p->to && p->from;
-    }
-    return true;
+    return p->to && p->from;
+}
+
+/* The peer's first line (its name once it is ready, or an error) into first; false if it exited
+ * first. Peers started one after another load at the same time, and this waits for each. */
+static inline bool peer_hello(peer_proc *p, char *first, size_t cap) {
+    if (p->from && fgets(first, (int)cap, p->from)) return true;
+    snprintf(first, cap, "{\"error\": \"the peer exited before it was ready (run its command to see why)\"}");
+    return false;
 }
 
 /* Sends one request line, reads the answer line into buf. False when the peer has gone. */
@@ -311,11 +315,17 @@ static inline bool json_str(const char *line, const char *key, char *out, size_t
 static inline int json_nums(const char *line, const char *key, double *v, int cap);
 static inline double json_num(const char *line, const char *key);
 
-/* Starts `cmd`, a peer answering `run BATCH REPS WARM` (bench/peer_common.py serve). */
+/* Starts `cmd`, a peer answering `run BATCH REPS WARM` (bench/peer_common.py serve); timed_peer_ready
+ * waits until it has loaded. */
 static inline void timed_peer_start(timed_peer *tp, const char *cmd) {
-    char line[1024];
     memset(tp, 0, sizeof *tp);
-    if (!peer_start(&tp->proc, cmd, line, sizeof line) || !json_str(line, "peer", tp->name, sizeof tp->name)) {
+    if (!peer_start(&tp->proc, cmd)) snprintf(tp->why, sizeof tp->why, "could not start %.200s", cmd);
+}
+
+static inline void timed_peer_ready(timed_peer *tp) {
+    char line[1024];
+    if (tp->why[0]) return;
+    if (!peer_hello(&tp->proc, line, sizeof line) || !json_str(line, "peer", tp->name, sizeof tp->name)) {
         if (!json_str(line, "error", tp->why, sizeof tp->why)) snprintf(tp->why, sizeof tp->why, "did not start");
         peer_stop(&tp->proc);
     }

@@ -169,6 +169,7 @@ int main(int argc, char **argv) {
             pkey[np] = peer_names[k];
             timed_peer_start(&tp[np++], cmd);
         }
+        for (int q = 0; q < np; q++) timed_peer_ready(&tp[q]);
         double ts[5][64];
         float *emb = malloc(sizeof(float) * 720 * D_LLM);
         for (int k = 0; k <= reps; k++) {

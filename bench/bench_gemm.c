@@ -57,7 +57,8 @@ static const char *data_dir = "build/bench-cache";
 static bool torch_start(char *why, size_t cap) {
     char cmd[1200], line[1024];
     snprintf(cmd, sizeof cmd, "mkdir -p '%s' && exec python3 bench/peer_torch.py --serve 2>/dev/null", data_dir);
-    if (!peer_start(&torch_peer, cmd, line, sizeof line) || !json_str(line, "peer", torch_name, sizeof torch_name)) {
+    if (!peer_start(&torch_peer, cmd) || !peer_hello(&torch_peer, line, sizeof line) ||
+        !json_str(line, "peer", torch_name, sizeof torch_name)) {
         if (!json_str(line, "error", why, cap)) snprintf(why, cap, "bench/peer_torch.py --serve did not start");
         peer_stop(&torch_peer);
         return false;

@@ -67,6 +67,15 @@ if a.serve == "onnxruntime":
     serve_setup(ort_setup)
     raise SystemExit(0)
 
+
+def prepared():
+    print(json.dumps({"checkpoint": str(ckpt), "pixels": str(px_path(a.batch))}))
+    raise SystemExit(0)
+
+
+if a.prepare_only and all(p.exists() for p in [ckpt / "config.json", px_path(a.batch)] + [onnx_path(a.batch)] * a.onnx):
+    prepared()  # all cached: no need to import torch
+
 import torch  # noqa: E402
 
 torch.set_num_threads(a.threads)
@@ -166,6 +175,6 @@ if a.prepare_only:
                           input_names=["px"], output_names=["emb"])
     elif not (ckpt / "config.json").exists():
         build()
-    print(json.dumps({"checkpoint": str(ckpt), "pixels": str(px_path(a.batch))}))
+    prepared()
 else:
     serve_setup(torch_setup)
