@@ -2,7 +2,7 @@
  * LLaVA-1.5 path on CLIP ViT-L/14-336 (random weights at real size), all in one run, interleaved, and
  * what their visual tokens cost a 7B LLM's prefill.
  *
- *   bench_dense [--threads 1,2] [--reps N] [--dir CACHE] [--quick] [--rows llava,sti,sci,dci,dci144]
+ *   bench_dense [--threads 1,2] [--reps N] [--dir CACHE] [--quick] [--layers L] [--rows llava,sti,sci,dci,dci144]
  *               [--peers torch,compile] [--json FILE]
  *
  * The tower is bench_vit's cached checkpoint (bench/peer_vit.py writes it); the two original-layout
@@ -90,16 +90,20 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--dir") && i + 1 < argc) dir = argv[++i];
         else if (!strcmp(argv[i], "--quick")) { layers = 2; reps = 1; nt = 1; }
+        else if (!strcmp(argv[i], "--layers") && i + 1 < argc) layers = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--rows") && i + 1 < argc) row_list = argv[++i];
         else if (!strcmp(argv[i], "--peers") && i + 1 < argc) peer_list = argv[++i];
         else if (!strcmp(argv[i], "--json") && i + 1 < argc) { if (!json_open(argv[++i])) return 2; }
         else {
             fprintf(stderr, "usage: bench_dense [--threads 1,2] [--reps N] [--dir D] [--quick] "
-                            "[--rows llava,sti,sci,dci,dci144] [--peers torch,compile] [--json FILE]\n");
+                            "[--layers L] [--rows llava,sti,sci,dci,dci144] [--peers torch,compile] [--json FILE]\n");
             return 2;
         }
     }
-    if (reps < 1 || reps > 50 || nt < 1) { fprintf(stderr, "bench_dense: bad option\n"); return 2; }
+    if (reps < 1 || reps > 50 || nt < 1 || layers < 2 || layers > 24) {
+        fprintf(stderr, "bench_dense: bad option\n");
+        return 2;
+    }
     char cmd[2048], tower[1024], px_path[1024], p1024[1024], p3072[1024];
     snprintf(cmd, sizeof cmd, "mkdir -p '%s' && python3 bench/peer_vit.py --dir '%s' --layers %d --prepare-only 2>/dev/null",
              dir, dir, layers);
@@ -119,14 +123,20 @@ int main(int argc, char **argv) {
     }
     mmb_ctx_free(ctx);
 
-    /* With --quick's 2-block tower the reference's layers do not exist: read what there is. */
+    /* With a shallow tower (--quick, --layers) the reference's layers do not exist: STI and SCI read
+     * hidden_states[L/2 - 1] and [2 (L/2) - 1]; DCI averages [0, L/2) and
+     * [L/2, 2 (L/2)), as bench/peer_vit.py's DCI does. */
     mmb_dense_params sti = {.type = MMB_DENSE_STI}, sci = {.type = MMB_DENSE_SCI}, dci = {.type = MMB_DENSE_DCI},
                      eff = {.type = MMB_DENSE_DCI, .tokens = 144};
     if (layers < 16) {
+        int h = layers / 2;
         sti.n_layers = sci.n_layers = 2;
-        sti.layers[1] = sci.layers[1] = 1;
+        sti.layers[0] = sci.layers[0] = h - 1;
+        sti.layers[1] = sci.layers[1] = 2 * h - 1;
         eff.n_groups = dci.n_groups = 2;
-        dci.group_last[1] = dci.group_first[1] = eff.group_last[1] = eff.group_first[1] = 1;
+        dci.group_last[0] = eff.group_last[0] = h - 1;
+        dci.group_first[1] = eff.group_first[1] = h;
+        dci.group_last[1] = eff.group_last[1] = 2 * h - 1;
     }
     mmb_dense_params none = {.type = MMB_DENSE_NONE};
     /* Two models (the 1024- and the 3072-wide projector, each with the tower); a row sets its Dense

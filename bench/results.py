@@ -336,7 +336,8 @@ class Report:
                      "4096 mlp2x_gelu, batch 1. mmbridge runs the tower only up to the deepest hidden state read, and "
                      "so does the PyTorch peer (its last block removed); the formulation is tests/oracle/test_dense.py's "
                      "reference. The LLaVA-1.5 row (select layer -2) is the baseline that DCI adds to. Speed-ups are "
-                     "against mmbridge's DCI row; everything alternates per repetition.",
+                     "against mmbridge's DCI row; everything alternates per repetition. mmbridge's peak RSS is that "
+                     "of bench_dense's process, which holds both models (each with its tower).",
                      lambda r: f"{r.get('peer') or r['impl']} {'DCI' if r['row'] == 'dci' else 'LLaVA-1.5 (no DC)'}",
                      lambda r: r["impl"] == "mmbridge" and r["row"] == "dci")
 
@@ -377,9 +378,9 @@ def main():
         records["vit"] = run_bench(a, "bench_vit", "--threads", th, "--batch", "1" if a.quick else "1,4",
                                    "--reps", str(a.reps), "--layers", str(a.layers), "--dir", a.dir, "--peers", peers)
     if "dense" not in a.skip:
-        args = ["--threads", th, "--reps", str(a.reps), "--dir", a.dir, "--rows", "llava,dci"]
-        records["dense"] = run_bench(a, "bench_dense", *(args + (["--quick", "--peers", "torch"] if a.quick
-                                                                  else ["--peers", "torch,compile"])))
+        records["dense"] = run_bench(a, "bench_dense", "--threads", th, "--reps", str(a.reps), "--dir", a.dir,
+                                     "--layers", str(max(2, a.layers)), "--rows", "llava,dci",
+                                     "--peers", "torch" if a.quick else "torch,compile")
     if "decoder" not in a.skip:
         args = ["--quick", "--peers"] if a.quick else ["--threads", th, "--reps", str(a.reps), "--peers"]
         records["decoder"] = run_bench(a, "bench_decoder", *args, "--dir", a.dir)
