@@ -55,6 +55,8 @@ def parse_args():
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions of the encoder-level rows")
     ap.add_argument("--rounds", type=int, default=3, help="bench_gemm rounds (each: every backend in turn)")
     ap.add_argument("--skip", default="", help="comma-separated sections to leave out: gemm,vit,dense,decoder")
+    ap.add_argument("--render-only", action="store_true",
+                    help="run nothing: rewrite the report from the JSON files the last run left in BUILD")
     a = ap.parse_args()
     default_out = ROOT / "bench" / "RESULTS.md"
     a.out = Path(a.out) if a.out else (ROOT / a.build / "RESULTS-quick.md" if a.quick else default_out)
@@ -81,6 +83,8 @@ def run_bench(a, name, *args):
     """Runs BUILD/name args --json FILE from the repository root, its tables going to stderr as progress;
     returns its JSON records, and a failure note if it exited non-zero."""
     jpath = ROOT / a.build / f"{name}.jsonl"
+    if a.render_only:
+        return [json.loads(line) for line in jpath.read_text().splitlines() if line.strip()], None
     cmd = [str(ROOT / a.build / name), *args, "--json", str(jpath)]
     log("$ " + " ".join(shlex.quote(c) for c in cmd[:-2]))
     t = time.monotonic()
@@ -174,7 +178,22 @@ def na(rec):
 
 class Report:
     def __init__(self, a):
-        self.a, self.parts, self.notes, self.peak = a, [], [], {}
+        self.a, self.parts, self.peak = a, [], {}
+        self.ratios = {}  # table -> [(ratio, row, peer)] of every speed ratio shown, for the summary
+
+    def vs(self, where, peer, x):
+        """A speed ratio cell (mmbridge over peer), kept for the summary."""
+        self.ratios.setdefault(where[0], []).append((x, where[1], peer))
+        return ratio(x)
+
+    def summary(self):
+        rows = []
+        for t, rs in self.ratios.items():
+            worst, best = min(rs), max(rs)
+            rows.append([t, f"{sum(x >= 1 for x, _, _ in rs)} of {len(rs)}",
+                         f"{worst[0]:.2f}x ({worst[1]}, {worst[2]})", f"{best[0]:.2f}x ({best[1]}, {best[2]})"])
+        return "## Summary\n\n" + table(["table", "mmbridge at least as fast", "slowest against a peer",
+                                          "fastest against a peer"], rows)
 
     def add(self, *text):
         self.parts.append("\n".join(text))
@@ -223,7 +242,8 @@ class Report:
                     continue
                 bad = " (wrong result!)" if r["err"] > 1e-4 else ""
                 row.append(f"{r['gflops']:.1f} ({pct(r['gflops'], peak)}, {spread(r['gflops'], r['gflops_min'], r['gflops_max'])})"
-                           f" {ratio(own['gflops'] / r['gflops'])}{bad}")
+                           f" {self.vs(('GEMM', f'{row[0]}, {key[3]} thr'), label.get(i, i), own['gflops'] / r['gflops'])}"
+                           f"{bad}")
                 if not bad and r["gflops"] > best[1]:
                     best = (label.get(i, i), r["gflops"])
             row.append(best[0])
@@ -260,7 +280,8 @@ class Report:
                 bad = " (wrong result!)" if r.get("err", 0) > 1e-4 else ""
                 rows.append([t, name.get(r["impl"], r["impl"]) + bad, f"{r['s'] * 1e3:.2f}", spread(r["s"], r["s_min"], r["s_max"]),
                              f"{gf:.1f}", pct(gf, self.peak.get(t, 0)),
-                             ratio(r["s"] / own["s"]) if own and r is not own else ""])
+                             self.vs(("attention", f"{t} thr"), name.get(r["impl"], r["impl"]), r["s"] / own["s"])
+                             if own and r is not own else ""])
         self.add("## Attention", "",
                  f"softmax(q k^T / sqrt(d)) v, {r0.get('tokens', 577)} tokens x {r0.get('heads', 16)} heads x "
                  f"{r0.get('head_dim', 64)} (the ViT-L/14-336 block), no mask; 4 T^2 D flops. The same q, k, v "
@@ -285,7 +306,7 @@ class Report:
                  "rounding). The four dtypes alternate within each round.", "",
                  table(["M x N x K", "thr", "f32", "bf16", "f16", "int8"], rows))
 
-    def encoder(self, recs, title, intro, label, is_base):
+    def encoder(self, recs, title, intro, label, is_base, short):
         """Rows of seconds per image; each peer's speed-up is against the mmbridge row is_base picks."""
         rows = []
         key = (lambda r: (r["threads"], r.get("batch", 1)))
@@ -301,7 +322,8 @@ class Report:
                 gf = r["gflop_per_image"] / r["s_per_image"]
                 rows.append([k[0], k[1], name, f"{r['s_per_image']:.3f}", spread(r["s_per_image"], r["s_min"], r["s_max"]),
                              f"{gf:.1f}", pct(gf, peak),
-                             ratio(r["s_per_image"] / own["s_per_image"]) if own and r["impl"] != "mmbridge" else "",
+                             self.vs((short, f"{k[0]} thr, batch {k[1]}"), name, r["s_per_image"] / own["s_per_image"])
+                             if own and r["impl"] != "mmbridge" else "",
                              f"{r['peak_rss_mib']:.0f} MiB"])
         self.add(title, "", intro, "",
                  table(["threads", "batch", "implementation", "s/image (median)", "spread", "GFLOP/s", "% peak",
@@ -324,7 +346,7 @@ class Report:
                      "ORT_ENABLE_ALL). Each peer is its own process (its peak RSS is its own) kept running; after one "
                      f"warm-up each, the implementations take turns, one timed run per repetition ({self.a.reps} "
                      f"repetitions). mmbridge's load (map, convert, pack the weights) is not in s/image: {loads}.",
-                     lambda r: r.get("peer") or r["impl"], lambda r: r["impl"] == "mmbridge")
+                     lambda r: r.get("peer") or r["impl"], lambda r: r["impl"] == "mmbridge", "encoder")
 
     def dense(self, recs):
         d = [r for r in recs if r["bench"] == "dense"]
@@ -339,7 +361,7 @@ class Report:
                      "against mmbridge's DCI row; everything alternates per repetition. mmbridge's peak RSS is that "
                      "of bench_dense's process, which holds both models (each with its tower).",
                      lambda r: f"{r.get('peer') or r['impl']} {'DCI' if r['row'] == 'dci' else 'LLaVA-1.5 (no DC)'}",
-                     lambda r: r["impl"] == "mmbridge" and r["row"] == "dci")
+                     lambda r: r["impl"] == "mmbridge" and r["row"] == "dci", "encoder + DCI")
 
     def decoder(self, recs):
         dec = [r for r in recs if r["bench"] == "decoder"]
@@ -351,8 +373,10 @@ class Report:
             for r in (r for r in dec if r["threads"] == t):
                 rows.append([t, r["impl"], f"{r['prefill_tps']:.1f}", f"{r['decode_tps']:.2f}",
                              f"{100 * r['decode_tps'] / r['bound_tps']:.0f} %",
-                             ratio(own["decode_tps"] / r["decode_tps"]) if r is not own else "",
-                             ratio(own["prefill_tps"] / r["prefill_tps"]) if r is not own else "",
+                             self.vs(("decoder decode", f"{t} thr"), r["impl"], own["decode_tps"] / r["decode_tps"])
+                             if r is not own else "",
+                             self.vs(("decoder prefill", f"{t} thr"), r["impl"], own["prefill_tps"] / r["prefill_tps"])
+                             if r is not own else "",
                              f"{r['peak_rss_mib']:.0f} MiB"])
         o = dec[0]
         self.add("## LLM decoder", "",
@@ -367,9 +391,10 @@ class Report:
 
 def main():
     a = parse_args()
-    build(a.build)
+    if not a.render_only:
+        build(a.build)
     th = a.threads
-    sections, records = [], {}
+    records = {}
     if "gemm" not in a.skip:
         args = ["--threads", th, "--torch", "--dir", a.dir, "--rounds", str(a.rounds)]
         records["gemm"] = run_bench(a, "bench_gemm", *(args + (["--quick"] if a.quick else ["--reps", "3"])))
@@ -400,13 +425,19 @@ def main():
     if a.quick:
         notes.append("--quick: toy sizes, 1 repetition, 1 thread; torch.compile only at the operation level. "
                      "A smoke test of the generator, not a measurement.")
-    cmd = "python3 " + " ".join(shlex.quote(x) for x in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    run_file = ROOT / a.build / "results-run.json"  # how the figures were made, for --render-only
+    if a.render_only:
+        run = json.loads(run_file.read_text())
+    else:
+        run = {"command": "python3 " + " ".join(shlex.quote(x) for x in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+               "seconds": round(time.monotonic() - T0), "machine": machine(a)}
+        run_file.write_text(json.dumps(run))
     head = ["# mmbridge against its peers", "",
-            f"Generated by `{cmd}` in {time.monotonic() - T0:.0f} s. Ratios are mmbridge's speed over the peer's "
+            f"Generated by `{run['command']}` in {run['seconds']} s. Ratios are mmbridge's speed over the peer's "
             "(> 1: mmbridge is faster), from this one run; `±` is half the samples' range over the median.", ""]
-    head += [f"- **{k}**: {v}" for k, v in machine(a)] + [""] + [f"> {n}" for n in notes]
+    head += [f"- **{k}**: {v}" for k, v in run["machine"]] + [""] + [f"> {n}" for n in notes]
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text("\n".join(head) + "\n\n" + "\n\n".join(rep.parts) + "\n")
+    a.out.write_text("\n".join(head).rstrip() + "\n\n" + "\n\n".join([rep.summary()] + rep.parts) + "\n")
     log(f"wrote {a.out}")
 
 
