@@ -1,6 +1,6 @@
 """Regenerates bench/RESULTS.md: mmbridge against every peer, in one run, on this machine.
 
-    python3 bench/results.py                 # full size, writes bench/RESULTS.md (about 20 minutes on 2 cores)
+    python3 bench/results.py                 # full size, writes bench/RESULTS.md (23 minutes on 2 cores)
     python3 bench/results.py --quick --out build/RESULTS-quick.md   # toy sizes, well under a minute
 
 Builds build/ (CMake Release) if needed, then runs the C benchmarks with --json, each of which keeps its
