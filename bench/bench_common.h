@@ -4,13 +4,18 @@
 #define MMB_BENCH_COMMON_H
 
 #include <errno.h>
+#include <fcntl.h>
 #include <immintrin.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdarg.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <time.h>
 
 static inline double now(void) {
@@ -173,6 +178,17 @@ static inline int parse_list(const char *s, int *out, int cap) {
     return n;
 }
 
+/* Whether the comma-separated list names word. */
+static inline bool list_has(const char *list, const char *word) {
+    size_t n = strlen(word);
+    for (const char *p = list; *p;) {
+        size_t len = strcspn(p, ",");
+        if (len == n && !strncmp(p, word, n)) return true;
+        p += len + (p[len] == ',');
+    }
+    return false;
+}
+
 /* Runs `cmd` (a Python peer), returning its stdout (malloc'd, NUL-terminated) or NULL. */
 static inline char *run_peer(const char *cmd) {
     FILE *p = popen(cmd, "r");
@@ -187,6 +203,186 @@ static inline char *run_peer(const char *cmd) {
     if (buf) buf[len] = 0;
     if (rc != 0) { free(buf); return NULL; }
     return buf;
+}
+
+/* ---- machine-readable output: --json FILE -------------------------------------------------- */
+
+/* Where the benchmarks write one JSON object per line (--json FILE), or NULL: the human tables on
+ * stdout are printed either way. */
+static FILE *bench_json;
+
+static inline bool json_open(const char *path) {
+    bench_json = fopen(path, "w");
+    if (!bench_json) fprintf(stderr, "cannot write %s: %s\n", path, strerror(errno));
+    return bench_json != NULL;
+}
+
+/* One JSON object: fmt gives its members without the braces. */
+__attribute__((format(printf, 1, 2))) static inline void json_line(const char *fmt, ...) {
+    if (!bench_json) return;
+    va_list ap;
+    va_start(ap, fmt);
+    fputc('{', bench_json);
+    vfprintf(bench_json, fmt, ap);
+    fputs("}\n", bench_json);
+    fflush(bench_json);
+    va_end(ap);
+}
+
+/* Median, minimum and maximum of n samples (sorts them in place); zeros when n is 0. */
+typedef struct {
+    double med, lo, hi;
+} spread;
+
+static inline spread spread_of(double *v, int n) {
+    if (n < 1) return (spread){0, 0, 0};
+    double med = median(v, n);
+    return (spread){med, v[0], v[n - 1]};
+}
+
+/* ---- a peer kept running: one request line in, one JSON line out --------------------------- */
+
+typedef struct {
+    FILE *to, *from;
+    pid_t pid;
+} peer_proc;
+
+/* Starts `sh -c cmd` with pipes on its stdin and stdout; peer_hello then reads its first line. False
+ * if it could not start. */
+static inline bool peer_start(peer_proc *p, const char *cmd) {
+    int in[2], out[2];
+    *p = (peer_proc){NULL, NULL, -1};
+    signal(SIGPIPE, SIG_IGN); /* a peer that dies makes peer_ask fail, not the benchmark */
+    if (pipe(in) != 0) return false;
+    if (pipe(out) != 0) { close(in[0]); close(in[1]); return false; }
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(in[0], 0);
+        dup2(out[1], 1);
+        close(in[0]); close(in[1]); close(out[0]); close(out[1]);
+        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+        _exit(127);
+    }
+    close(in[0]);
+    close(out[1]);
+    if (pid < 0) { close(in[1]); close(out[0]); return false; }
+    /* our ends must not leak into later peers, or closing them would not end this one */
+    fcntl(in[1], F_SETFD, FD_CLOEXEC);
+    fcntl(out[0], F_SETFD, FD_CLOEXEC);
+    p->pid = pid;
+    p->to = fdopen(in[1], "w");
+    p->from = fdopen(out[0], "r");
+    return p->to && p->from;
+}
+
+/* The peer's first line (its name once it is ready, or an error) into first; false if it exited
+ * first. Peers started one after another load at the same time, and this waits for each. */
+static inline bool peer_hello(peer_proc *p, char *first, size_t cap) {
+    if (p->from && fgets(first, (int)cap, p->from)) return true;
+    snprintf(first, cap, "{\"error\": \"the peer exited before it was ready (run its command to see why)\"}");
+    return false;
+}
+
+/* Sends one request line, reads the answer line into buf. False when the peer has gone. */
+__attribute__((format(printf, 4, 5))) static inline bool peer_ask(peer_proc *p, char *buf, size_t cap,
+                                                                  const char *fmt, ...) {
+    if (!p->to || !p->from) return false;
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(p->to, fmt, ap);
+    va_end(ap);
+    fputc('\n', p->to);
+    fflush(p->to);
+    return fgets(buf, (int)cap, p->from) != NULL;
+}
+
+static inline void peer_stop(peer_proc *p) {
+    if (p->to) fclose(p->to);
+    if (p->from) fclose(p->from);
+    if (p->pid > 0) waitpid(p->pid, NULL, 0);
+    *p = (peer_proc){NULL, NULL, -1};
+}
+
+/* ---- a peer taking turns with mmbridge, one timed run per repetition ------------------------ */
+
+typedef struct {
+    peer_proc proc;
+    char name[64], why[512]; /* why: the reason it is n/a; empty while it works */
+    double ts[64], rss;      /* this batch's timings (seconds per call) and the peer's peak RSS, MiB */
+    int n;
+} timed_peer;
+
+static inline bool json_str(const char *line, const char *key, char *out, size_t cap);
+static inline int json_nums(const char *line, const char *key, double *v, int cap);
+static inline double json_num(const char *line, const char *key);
+
+/* Starts `cmd`, a peer answering `run BATCH REPS WARM` (bench/peer_common.py serve); timed_peer_ready
+ * waits until it has loaded. */
+static inline void timed_peer_start(timed_peer *tp, const char *cmd) {
+    memset(tp, 0, sizeof *tp);
+    if (!peer_start(&tp->proc, cmd)) snprintf(tp->why, sizeof tp->why, "could not start %.200s", cmd);
+}
+
+static inline void timed_peer_ready(timed_peer *tp) {
+    char line[1024];
+    if (tp->why[0]) return;
+    if (!peer_hello(&tp->proc, line, sizeof line) || !json_str(line, "peer", tp->name, sizeof tp->name)) {
+        if (!json_str(line, "error", tp->why, sizeof tp->why)) snprintf(tp->why, sizeof tp->why, "did not start");
+        peer_stop(&tp->proc);
+    }
+}
+
+/* One run of the peer on batch images: timed (appended to ts) or a warm-up. It naps 0.3 s first, so
+ * that neither side's worker threads are still spinning when the other starts. */
+static inline void timed_peer_run(timed_peer *tp, int batch, bool timed) {
+    char line[4096];
+    if (tp->why[0]) return;
+    nap(0.3);
+    if (!peer_ask(&tp->proc, line, sizeof line, "run %d %d %d", batch, timed, !timed)) {
+        snprintf(tp->why, sizeof tp->why, "the peer exited");
+    } else if (!json_str(line, "error", tp->why, sizeof tp->why)) {
+        if (timed && tp->n < 64 && json_nums(line, "times", tp->ts + tp->n, 1) == 1) tp->n++;
+        tp->rss = json_num(line, "peak_rss_mib");
+        return;
+    }
+    peer_stop(&tp->proc);
+}
+
+/* The numbers of the JSON array "key": [...] in line into v (at most cap); returns how many, or -1
+ * if the key is absent. */
+static inline int json_nums(const char *line, const char *key, double *v, int cap) {
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\": [", key);
+    const char *p = strstr(line, pat);
+    if (!p) return -1;
+    p += strlen(pat);
+    int n = 0;
+    while (n < cap) {
+        char *e;
+        double x = strtod(p, &e);
+        if (e == p) break;
+        v[n++] = x;
+        p = e;
+        while (*p == ',' || *p == ' ') p++;
+    }
+    return n;
+}
+
+/* The string "key": "..." in line into out (JSON escapes kept as they are); false if absent. */
+static inline bool json_str(const char *line, const char *key, char *out, size_t cap) {
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\": \"", key);
+    const char *p = strstr(line, pat);
+    if (!p || !cap) return false;
+    p += strlen(pat);
+    size_t n = 0;
+    for (; *p && *p != '"' && n + 1 < cap; p++) {
+        if (*p == '\\' && p[1]) out[n++] = *p++;
+        if (n + 1 < cap) out[n++] = *p;
+    }
+    out[n] = 0;
+    return true;
 }
 
 /* The number after "key": in a JSON line, or -1. */

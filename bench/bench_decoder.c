@@ -6,6 +6,7 @@
  * bytes read per token (weights + the KV cache at the mean context). The table gives the share of it.
  *
  *   bench_decoder [--threads 1,2] [--reps N] [--prompt P] [--decode D] [--dir CACHE] [--no-peers] [--quick]
+ *                 [--json FILE]   (one JSON object per figure)
  */
 #include "bench_common.h"
 #include "mmbridge.h"
@@ -80,10 +81,12 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--decode") && i + 1 < argc) decode = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--dir") && i + 1 < argc) dir = argv[++i];
         else if (!strcmp(argv[i], "--no-peers")) peers = 0;
+        else if (!strcmp(argv[i], "--peers")) peers = 1;
+        else if (!strcmp(argv[i], "--json") && i + 1 < argc) { if (!json_open(argv[++i])) return 2; }
         else if (!strcmp(argv[i], "--quick")) { quick = 1; reps = 1; nt = 1; peers = 0; prompt = 16; decode = 8; }
         else {
             fprintf(stderr, "usage: bench_decoder [--threads 1,2] [--reps N] [--prompt P] [--decode D] [--dir D] "
-                    "[--no-peers] [--quick]\n");
+                    "[--no-peers] [--peers] [--quick] [--json FILE]\n");
             return 2;
         }
     }
@@ -146,6 +149,10 @@ int main(int argc, char **argv) {
         double bytes = (double)li.bytes_per_token + kvb, bound = bw / bytes;
         printf("%-8d %-16s %12.1f %12.2f %10s %9.1f%% %8.0f MiB\n", th, "mmbridge", prompt / pre, decode / dec,
                "1.00x", 100.0 * (decode / dec) / bound, peak_rss_mib());
+        json_line("\"bench\": \"decoder\", \"impl\": \"mmbridge\", \"threads\": %d, \"checkpoint\": \"%s\", \"prompt\": %d, "
+                  "\"decode\": %d, \"prefill_tps\": %.6g, \"decode_tps\": %.6g, \"bound_tps\": %.6g, \"read_gbps\": %.4g, "
+                  "\"peak_rss_mib\": %.1f", th, ckpt, prompt, decode, prompt / pre, decode / dec, bound, bw * 1e-9,
+                  peak_rss_mib());
         printf("%-8d %-16s %12s %12.2f %10s %10s   (%.2f GB/s read, %.1f MB/token: weights %.1f + KV %.1f)\n", th,
                "bandwidth bound", "", bound, "", "100.0%", bw * 1e-9, bytes * 1e-6, (double)li.bytes_per_token * 1e-6,
                kvb * 1e-6);
@@ -157,8 +164,8 @@ int main(int argc, char **argv) {
         mmb_lm_free(lm);
         mmb_ctx_free(ctx);
         if (peers) {
-            snprintf(cmd, sizeof cmd, "python3 bench/peer_decoder.py --dir '%s' --threads %d --reps %d --prompt %d "
-                     "--decode %d 2>/dev/null", dir, th, reps, prompt, decode);
+            snprintf(cmd, sizeof cmd, "python3 bench/peer_decoder.py --dir '%s' %s --threads %d --reps %d --prompt %d "
+                     "--decode %d 2>/dev/null", dir, quick ? "--quick" : "", th, reps, prompt, decode);
             char *out = run_peer(cmd);
             for (char *line = out ? strtok(out, "\n") : NULL; line; line = strtok(NULL, "\n")) {
                 char name[64] = "?";
@@ -168,6 +175,9 @@ int main(int argc, char **argv) {
                 double ps = json_num(line, "prefill_s"), ds = json_num(line, "decode_s");
                 printf("%-8d %-16s %12.1f %12.2f %9.2fx %9.1f%% %8.0f MiB\n", th, name, prompt / ps, decode / ds,
                        ds / dec, 100.0 * (decode / ds) / bound, json_num(line, "peak_rss_mib"));
+                json_line("\"bench\": \"decoder\", \"impl\": \"%s\", \"threads\": %d, \"prefill_tps\": %.6g, "
+                          "\"decode_tps\": %.6g, \"bound_tps\": %.6g, \"peak_rss_mib\": %.1f", name, th, prompt / ps,
+                          decode / ds, bound, json_num(line, "peak_rss_mib"));
             }
             if (!out) printf("%-8d %-16s %12s\n", th, "peers", "failed");
             free(out);

@@ -2,7 +2,8 @@
  * LLaVA-1.5 path on CLIP ViT-L/14-336 (random weights at real size), all in one run, interleaved, and
  * what their visual tokens cost a 7B LLM's prefill.
  *
- *   bench_dense [--threads 1,2] [--reps N] [--dir CACHE] [--quick]
+ *   bench_dense [--threads 1,2] [--reps N] [--dir CACHE] [--quick] [--layers L] [--rows llava,sti,sci,dci,dci144]
+ *               [--peers torch,compile] [--json FILE]
  *
  * The tower is bench_vit's cached checkpoint (bench/peer_vit.py writes it); the two original-layout
  * projectors (mlp2x_gelu 1024 -> 4096 -> 4096 for LLaVA and STI, 3072 -> 4096 -> 4096 for SCI and
@@ -11,7 +12,10 @@
  * Reported: median seconds per image over --reps after a warm-up, the overhead against LLaVA, visual
  * tokens, vision-side GFLOP, the hidden-state buffers the encoder keeps, and the prefill TFLOP of a
  * Vicuna-7B (32 layers, width 4096, MLP 11008) on those tokens plus 64 text tokens:
- * 2 T (32 (4 d^2 + 3 d f)) + 32 * 2 d T^2 (causal attention scores and values). */
+ * 2 T (32 (4 d^2 + 3 d f)) + 32 * 2 d T^2 (causal attention scores and values).
+ * --peers: the DCI row in PyTorch (eager, compiled) on the same tower, projector and pixels
+ * (bench/peer_vit.py --serve --workload dci), kept running and taking turns with the rows. --json
+ * FILE: one JSON object per figure, with the range of the samples. */
 #include "bench_common.h"
 #include "mmbridge.h"
 
@@ -80,15 +84,26 @@ static double prefill_flops(double t) {
 
 int main(int argc, char **argv) {
     int threads[8] = {1, 2}, nt = 2, reps = 3, layers = 24;
-    const char *dir = "build/bench-cache";
+    const char *dir = "build/bench-cache", *row_list = "llava,sti,sci,dci,dci144", *peer_list = "";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc) nt = parse_list(argv[++i], threads, 8);
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--dir") && i + 1 < argc) dir = argv[++i];
         else if (!strcmp(argv[i], "--quick")) { layers = 2; reps = 1; nt = 1; }
-        else { fprintf(stderr, "usage: bench_dense [--threads 1,2] [--reps N] [--dir D] [--quick]\n"); return 2; }
+        else if (!strcmp(argv[i], "--layers") && i + 1 < argc) layers = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--rows") && i + 1 < argc) row_list = argv[++i];
+        else if (!strcmp(argv[i], "--peers") && i + 1 < argc) peer_list = argv[++i];
+        else if (!strcmp(argv[i], "--json") && i + 1 < argc) { if (!json_open(argv[++i])) return 2; }
+        else {
+            fprintf(stderr, "usage: bench_dense [--threads 1,2] [--reps N] [--dir D] [--quick] "
+                            "[--layers L] [--rows llava,sti,sci,dci,dci144] [--peers torch,compile] [--json FILE]\n");
+            return 2;
+        }
     }
-    if (reps < 1 || reps > 50 || nt < 1) { fprintf(stderr, "bench_dense: bad option\n"); return 2; }
+    if (reps < 1 || reps > 50 || nt < 1 || layers < 2 || layers > 24) {
+        fprintf(stderr, "bench_dense: bad option\n");
+        return 2;
+    }
     char cmd[2048], tower[1024], px_path[1024], p1024[1024], p3072[1024];
     snprintf(cmd, sizeof cmd, "mkdir -p '%s' && python3 bench/peer_vit.py --dir '%s' --layers %d --prepare-only 2>/dev/null",
              dir, dir, layers);
@@ -108,24 +123,37 @@ int main(int argc, char **argv) {
     }
     mmb_ctx_free(ctx);
 
-    /* With --quick's 2-block tower the reference's layers do not exist: read what there is. */
+    /* With a shallow tower (--quick, --layers) the reference's layers do not exist: STI and SCI read
+     * hidden_states[L/2 - 1] and [2 (L/2) - 1]; DCI averages [0, L/2) and
+     * [L/2, 2 (L/2)), as bench/peer_vit.py's DCI does. */
     mmb_dense_params sti = {.type = MMB_DENSE_STI}, sci = {.type = MMB_DENSE_SCI}, dci = {.type = MMB_DENSE_DCI},
                      eff = {.type = MMB_DENSE_DCI, .tokens = 144};
     if (layers < 16) {
+        int h = layers / 2;
         sti.n_layers = sci.n_layers = 2;
-        sti.layers[1] = sci.layers[1] = 1;
+        sti.layers[0] = sci.layers[0] = h - 1;
+        sti.layers[1] = sci.layers[1] = 2 * h - 1;
         eff.n_groups = dci.n_groups = 2;
-        dci.group_last[1] = dci.group_first[1] = eff.group_last[1] = eff.group_first[1] = 1;
+        dci.group_last[0] = eff.group_last[0] = h - 1;
+        dci.group_first[1] = eff.group_first[1] = h;
+        dci.group_last[1] = eff.group_last[1] = 2 * h - 1;
     }
     mmb_dense_params none = {.type = MMB_DENSE_NONE};
     /* Two models (the 1024- and the 3072-wide projector, each with the tower); a row sets its Dense
      * Connector on its model before it runs, outside the timing. */
-    struct { const char *name; int model; const mmb_dense_params *p; } rows[] = {
-        {"llava-1.5 (-2, mlp2x)", 0, &none}, {"DC sti (8,16; pool 8)", 0, &sti},
-        {"DC sci (8,16)", 1, &sci},          {"DC dci (1-12,13-24)", 1, &dci},
-        {"DC dci efficient 144", 1, &eff},
-    };
-    enum { NR = sizeof rows / sizeof rows[0] };
+    struct { const char *key, *name; int model; const mmb_dense_params *p; } all_rows[] = {
+        {"llava", "llava-1.5 (-2, mlp2x)", 0, &none}, {"sti", "DC sti (8,16; pool 8)", 0, &sti},
+        {"sci", "DC sci (8,16)", 1, &sci},            {"dci", "DC dci (1-12,13-24)", 1, &dci},
+        {"dci144", "DC dci efficient 144", 1, &eff},
+    }, rows[5];
+    int NR = 0, dci_row = -1;
+    for (int r = 0; r < 5; r++)
+        if (list_has(row_list, all_rows[r].key)) {
+            if (!strcmp(all_rows[r].key, "dci")) dci_row = NR;
+            rows[NR++] = all_rows[r];
+        }
+    if (!NR) { fprintf(stderr, "bench_dense: --rows names none of llava,sti,sci,dci,dci144\n"); return 2; }
+    static const char *peer_names[2] = {"torch", "compile"};
     printf("bench_dense: CLIP ViT-L/14-336 (%d layers) + Dense Connector + mlp2x_gelu to %d, 1 image, fp32, "
            "median of %d, rows interleaved\n", layers, D_LLM, reps);
     printf("%-8s %-24s %9s %9s %7s %10s %8s %11s %15s\n", "threads", "connector", "s/image", "overhead", "tokens",
@@ -141,9 +169,20 @@ int main(int argc, char **argv) {
         }
         if (!(m[0] = open_with(ctx, p1024, tower)) || !(m[1] = open_with(ctx, p3072, tower))) return 1;
         const float *px = mmb_st_find(pf, "pixel_values")->data;
-        double ts[NR][64];
+        timed_peer tp[2];
+        const char *pkey[2];
+        int np = 0;
+        for (int k = 0; k < 2 && dci_row >= 0; k++) {
+            if (!list_has(peer_list, peer_names[k])) continue;
+            snprintf(cmd, sizeof cmd, "exec python3 bench/peer_vit.py --serve %s --workload dci --projector '%s' "
+                     "--dir '%s' --layers %d --threads %d 2>/dev/null", peer_names[k], p3072, dir, layers, threads[ti]);
+            pkey[np] = peer_names[k];
+            timed_peer_start(&tp[np++], cmd);
+        }
+        for (int q = 0; q < np; q++) timed_peer_ready(&tp[q]);
+        double ts[5][64];
         float *emb = malloc(sizeof(float) * 720 * D_LLM);
-        for (int k = 0; k <= reps; k++)
+        for (int k = 0; k <= reps; k++) {
             for (int r = 0; r < NR; r++) {
                 mmb_model *mr = m[rows[r].model];
                 if (mmb_model_set_dense(ctx, mr, rows[r].p) != MMB_OK) {
@@ -157,6 +196,8 @@ int main(int argc, char **argv) {
                 }
                 if (k) ts[r][k - 1] = now() - t0;
             }
+            for (int q = 0; q < np; q++) timed_peer_run(&tp[q], 1, k > 0);
+        }
         double base = 0;
         for (int r = 0; r < NR; r++) {
             mmb_model *mr = m[rows[r].model];
@@ -171,14 +212,40 @@ int main(int argc, char **argv) {
                            (mi.tap_spans[i] > 1 ? mi.tap_spans[i] - 1 : 0);
                 if (last > deepest) deepest = last;
             }
-            double s = median(ts[r], reps);
+            spread sp = spread_of(ts[r], reps);
+            double s = sp.med;
             if (!r) base = s;
             double gflop = ((double)vi.flops_per_image * deepest / vi.layers + (double)mi.flops_per_image) * 1e-9;
             double kept = (double)mi.n_taps * (double)(vi.tokens * vi.width) * 4.0 / 1048576.0;
             printf("%-8d %-24s %9.3f %8.1f%% %7lld %10.1f %7.1f%% %7.1f MiB %15.2f\n", threads[ti], rows[r].name, s,
                    100.0 * (s / base - 1.0), (long long)mi.tokens_per_image, gflop, 100.0 * gflop / s / peak, kept,
                    prefill_flops((double)mi.tokens_per_image + 64) * 1e-12);
+            json_line("\"bench\": \"dense\", \"row\": \"%s\", \"name\": \"%s\", \"impl\": \"mmbridge\", \"threads\": %d, "
+                      "\"layers\": %d, \"s_per_image\": %.6g, \"s_min\": %.6g, \"s_max\": %.6g, \"n\": %d, \"tokens\": %lld, "
+                      "\"gflop_per_image\": %.6g, \"peak_gflops\": %.6g, \"peak_rss_mib\": %.1f", rows[r].key, rows[r].name,
+                      threads[ti], layers, s, sp.lo, sp.hi, reps, (long long)mi.tokens_per_image, gflop, peak,
+                      peak_rss_mib());
+            for (int q = 0; r == dci_row && q < np; q++) {
+                char label[96];
+                snprintf(label, sizeof label, "  %s", tp[q].name[0] ? tp[q].name : "peer");
+                if (tp[q].why[0] || !tp[q].n) {
+                    printf("%-8d %-24s %9s (%s)\n", threads[ti], label, "n/a", tp[q].why);
+                    json_line("\"bench\": \"dense\", \"row\": \"%s\", \"impl\": \"%s\", \"threads\": %d, "
+                              "\"error\": \"%s\"", rows[r].key, pkey[q], threads[ti], tp[q].why[0] ? tp[q].why : "no timing");
+                    continue;
+                }
+                spread pp = spread_of(tp[q].ts, tp[q].n);
+                printf("%-8d %-24s %9.3f %8.2fx %7lld %10.1f %7.1f%% (vs ours; peak RSS %.0f MiB)\n", threads[ti], label,
+                       pp.med, pp.med / s, (long long)mi.tokens_per_image, gflop, 100.0 * gflop / pp.med / peak,
+                       tp[q].rss);
+                json_line("\"bench\": \"dense\", \"row\": \"%s\", \"impl\": \"%s\", \"peer\": \"%s\", \"threads\": %d, "
+                          "\"layers\": %d, \"s_per_image\": %.6g, \"s_min\": %.6g, \"s_max\": %.6g, \"n\": %d, "
+                          "\"tokens\": %lld, \"gflop_per_image\": %.6g, \"peak_gflops\": %.6g, \"peak_rss_mib\": %.1f",
+                          rows[r].key, pkey[q], tp[q].name, threads[ti], layers, pp.med, pp.lo, pp.hi,
+                          tp[q].n, (long long)mi.tokens_per_image, gflop, peak, tp[q].rss);
+            }
         }
+        for (int q = 0; q < np; q++) peer_stop(&tp[q].proc);
         mmb_model_free(m[0]);
         mmb_model_free(m[1]);
         printf("%-8d %-24s %9s %9s %7s %10.1f\n", threads[ti], "fp32 FMA peak (GFLOP/s)", "", "", "", peak);

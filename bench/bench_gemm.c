@@ -1,6 +1,6 @@
 /* GEMM benchmark: mmbridge's own kernel against OpenBLAS, BLIS and oneDNN, all in one run.
  *
- *   bench_gemm [--threads 1,2] [--reps N] [--quick] [--dtypes]
+ *   bench_gemm [--threads 1,2] [--reps N] [--rounds R] [--quick] [--dtypes] [--torch] [--dir D] [--json FILE]
  *
  * 1. Measures the machine's FMA peak: 12 independent accumulator chains of 512-bit
  *    (_mm512_fmadd_ps) and of 256-bit (_mm256_fmadd_ps) FMAs, 2 flops per lane, on 1 and on T
@@ -18,6 +18,12 @@
  *    OPENBLAS_CORETYPE=Haswell ("pinned"); for any other setting both children run.
  * 4. Our kernel with f32, bf16, f16 and int8 weights (bench_dtypes), interleaved; --dtypes runs only
  *    the peak probe and this table.
+ * 5. --torch: PyTorch as a peer too, kept running (bench/peer_torch.py --serve) and timed in the same
+ *    rounds: torch.nn.functional.linear eager and under torch.compile, and for the attention
+ *    scaled_dot_product_attention eager, compiled and in onnxruntime (an ONNX export). The operands
+ *    are handed over as raw float32 files in --dir (default build/bench-cache).
+ * --json FILE writes every figure as one JSON object per line (bench/results.py reads it), with the
+ * median and the range of the samples; the tables on stdout are the same with or without it.
  * Every peer's result is compared with ours: max |c - c_own| / max |c_own| above 1e-4 marks it
  * incorrect ("!"). Ours is checked against the double-precision oracle on a sample of rows. */
 #include "bench_common.h"
@@ -39,9 +45,51 @@
 
 extern char **environ;
 
-static int cmp_d(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
+/* ---- PyTorch, kept running (--torch) -------------------------------------------------------- */
+
+enum { B_TORCH = NB_, B_TORCH_C, NB_ALL };
+static const char *torch_mode[NB_ALL] = {[B_TORCH] = "eager", [B_TORCH_C] = "compile"};
+static peer_proc torch_peer;
+static char torch_name[64] = "pytorch", na_reason[NB_ALL][256];
+static const char *data_dir = "build/bench-cache";
+
+/* Starts the PyTorch peer; false (with the reason in why) if it does not answer. */
+static bool torch_start(char *why, size_t cap) {
+    char cmd[1200], line[1024];
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s' && exec python3 bench/peer_torch.py --serve 2>/dev/null", data_dir);
+    if (!peer_start(&torch_peer, cmd) || !peer_hello(&torch_peer, line, sizeof line) ||
+        !json_str(line, "peer", torch_name, sizeof torch_name)) {
+        if (!json_str(line, "error", why, cap)) snprintf(why, cap, "bench/peer_torch.py --serve did not start");
+        peer_stop(&torch_peer);
+        return false;
+    }
+    return true;
+}
+
+/* Writes the raw float32 arrays a[0..n) one after another to path. */
+static bool write_f32(const char *path, const float *const *a, const int64_t *n, int k) {
+    FILE *f = fopen(path, "wb");
+    bool ok = f != NULL;
+    for (int i = 0; ok && i < k; i++) ok = fwrite(a[i], sizeof(float), (size_t)n[i], f) == (size_t)n[i];
+    if (f && fclose(f) != 0) ok = false;
+    return ok;
+}
+
+/* Asks the peer for `req` (its timings and its error against ours); appends the timings to
+ * ts[*n]. False (the reason in why) when it answers with an error. */
+static bool torch_time(const char *req, double *ts, int *n, int cap, double *err, char *why, size_t wcap) {
+    char line[8192];
+    if (!peer_ask(&torch_peer, line, sizeof line, "%s", req)) {
+        snprintf(why, wcap, "the PyTorch peer exited");
+        return false;
+    }
+    if (json_str(line, "error", why, wcap)) return false;
+    int k = json_nums(line, "times", ts + *n, cap - *n);
+    if (k < 0) { snprintf(why, wcap, "bad answer from the PyTorch peer"); return false; }
+    *n += k;
+    double e = json_num(line, "err");
+    if (err && e >= 0 && !(e <= *err)) *err = e;
+    return true;
 }
 
 /* Appends reps timings (seconds, after warm runs) of backend b to ts[*n]. False if unavailable. */
@@ -56,11 +104,13 @@ static bool time_backend(int b, prob *p, int reps, int warm, float *C, double *t
     return true;
 }
 
-/* GFLOP/s of the median of n timings. */
-static double median_gflops(const prob *p, double *ts, int n) {
-    qsort(ts, (size_t)n, sizeof ts[0], cmp_d);
-    double med = n % 2 ? ts[n / 2] : 0.5 * (ts[n / 2 - 1] + ts[n / 2]);
-    return 2.0 * (double)p->M * (double)p->N * (double)p->K / med * 1e-9;
+/* GFLOP/s of the median of n timings; *lo and *hi those of the slowest and the fastest. */
+static double median_gflops(const prob *p, double *ts, int n, double *lo, double *hi) {
+    spread sp = spread_of(ts, n);
+    double f = 2.0 * (double)p->M * (double)p->N * (double)p->K * 1e-9;
+    *lo = f / sp.hi;
+    *hi = f / sp.lo;
+    return f / sp.med;
 }
 
 /* max |c - ref| / max |ref| */
@@ -81,13 +131,32 @@ static float frand(void) {
 }
 
 /* The fused attention of CLIP ViT-L/14-336 (577 tokens, 16 heads of 64; 4 T^2 D flops), at each
- * thread count: median of rounds x reps after a warm-up, against the peak at that count. */
+ * thread count: median of rounds x reps after a warm-up, against the peak at that count. With the
+ * PyTorch peer running, its eager, compiled and onnxruntime attention take turns with ours, one
+ * timed run each per repetition, on the same q, k, v. */
 static void bench_attention(const int *thr, int nt, int reps, int rounds, const double *peak) {
     const int64_t T = 577, H = 16, hd = 64, D = H * hd;
+    enum { NA = 4 };
+    static const char *mode[NA] = {"own", "eager", "compile", "onnxruntime"};
+    int na = torch_peer.pid > 0 ? NA : 1;
     double flops = 4.0 * (double)T * (double)T * (double)D;
     float *qkv = malloc(sizeof(float) * (size_t)(T * 3 * D)), *out = malloc(sizeof(float) * (size_t)(T * D));
     if (!qkv || !out) { free(qkv); free(out); return; }
     for (int64_t i = 0; i < T * 3 * D; i++) qkv[i] = frand();
+    char path[1200], req[1400];
+    snprintf(path, sizeof path, "%s/attn-%lldx%lldx%lld.f32", data_dir, (long long)T, (long long)H, (long long)hd);
+    if (na > 1) { /* the operands and our result, for the peer */
+        mmb_ctx *c0 = NULL;
+        mmb_ctx_params cp = mmb_ctx_default_params();
+        cp.n_threads = 1;
+        float *sc = malloc(sizeof(float) * mmb__attention_scratch(1, hd));
+        if (sc && mmb_ctx_new(&cp, &c0) == MMB_OK) mmb__attention_forward(c0, out, qkv, 1, T, H, hd, sc);
+        const float *arr[2] = {qkv, out};
+        const int64_t len[2] = {T * 3 * D, T * D};
+        if (!sc || !c0 || !write_f32(path, arr, len, 2)) na = 1;
+        mmb_ctx_free(c0);
+        free(sc);
+    }
     printf("\nattention (blocked, online softmax, on the GEMM micro-kernel): %lld tokens x %lld heads x %lld\n",
            (long long)T, (long long)H, (long long)hd);
     for (int t = 0; t < nt; t++) {
@@ -96,18 +165,48 @@ static void bench_attention(const int *thr, int nt, int reps, int rounds, const 
         mmb_ctx *ctx = NULL;
         float *sc = malloc(sizeof(float) * mmb__attention_scratch(thr[t], hd));
         if (!sc || mmb_ctx_new(&cp, &ctx) != MMB_OK) { free(sc); break; }
-        double ts[512];
-        int n = 0;
-        mmb__attention_forward(ctx, out, qkv, 1, T, H, hd, sc);
-        for (int r = 0; r < rounds * reps && n < 512; r++) {
-            double t0 = now();
-            mmb__attention_forward(ctx, out, qkv, 1, T, H, hd, sc);
-            ts[n++] = now() - t0;
+        static double ts[NA][512];
+        int n[NA] = {0};
+        double err[NA] = {0};
+        char why[NA][256] = {{0}};
+        bool ok[NA] = {true, true, true, true};
+        for (int r = -1; r < rounds * reps && n[0] < 512; r++) /* r = -1: the warm-up */
+            for (int m = 0; m < na; m++) {
+                if (!ok[m]) continue;
+                if (m == 0) {
+                    double t0 = now();
+                    mmb__attention_forward(ctx, out, qkv, 1, T, H, hd, sc);
+                    if (r >= 0) ts[0][n[0]++] = now() - t0;
+                    continue;
+                }
+                nap(0.05); /* the peer's and our worker threads never spin at the same time */
+                snprintf(req, sizeof req, "attn %s %s %lld %lld %lld %d %d %d", mode[m], path, (long long)T,
+                         (long long)H, (long long)hd, thr[t], r >= 0, r < 0);
+                ok[m] = torch_time(req, ts[m], &n[m], 512, &err[m], why[m], sizeof why[m]);
+                nap(0.05);
+            }
+        for (int m = 0; m < na; m++) {
+            if (!ok[m] || !n[m]) {
+                printf("  %d thread%s: %-19s n/a (%s)\n", thr[t], thr[t] > 1 ? "s" : " ", mode[m], why[m]);
+                json_line("\"bench\": \"attention\", \"impl\": \"%s\", \"threads\": %d, \"error\": \"%s\"",
+                          mode[m], thr[t], why[m]);
+                continue;
+            }
+            spread sp = spread_of(ts[m], n[m]);
+            double gf = flops / sp.med * 1e-9;
+            if (na == 1)
+                printf("  %d thread%s: %8.2f ms %7.1f GFLOP/s (%4.1f%% of peak)\n", thr[t], thr[t] > 1 ? "s" : " ",
+                       sp.med * 1e3, gf, 100.0 * gf / peak[t]);
+            else
+                printf("  %d thread%s: %-19s %8.2f ms %7.1f GFLOP/s (%4.1f%% of peak)%s\n", thr[t],
+                       thr[t] > 1 ? "s" : " ", m ? mode[m] : "own", sp.med * 1e3, gf, 100.0 * gf / peak[t],
+                       err[m] > 1e-4 ? " ! differs from ours" : "");
+            json_line("\"bench\": \"attention\", \"impl\": \"%s\", \"peer\": \"%s\", \"threads\": %d, \"tokens\": %lld, "
+                      "\"heads\": %lld, \"head_dim\": %lld, \"flops\": %.0f, \"s\": %.6g, \"s_min\": %.6g, "
+                      "\"s_max\": %.6g, \"n\": %d, \"err\": %.3g",
+                      mode[m], m ? torch_name : "mmbridge", thr[t], (long long)T, (long long)H, (long long)hd, flops,
+                      sp.med, sp.lo, sp.hi, n[m], err[m]);
         }
-        qsort(ts, (size_t)n, sizeof ts[0], cmp_d);
-        double gf = flops / ts[n / 2] * 1e-9;
-        printf("  %d thread%s: %8.2f ms %7.1f GFLOP/s (%4.1f%% of peak)\n", thr[t], thr[t] > 1 ? "s" : " ",
-               ts[n / 2] * 1e3, gf, 100.0 * gf / peak[t]);
         mmb_ctx_free(ctx);
         free(sc);
     }
@@ -222,9 +321,8 @@ static void bench_dtypes(const shape *shapes, int ns, const int *thr, int nt, in
                     }
                 double gf32 = 0.0;
                 for (int d = 0; d < 4; d++) {
-                    qsort(ts[d], (size_t)n[d], sizeof ts[d][0], cmp_d);
-                    double med = n[d] % 2 ? ts[d][n[d] / 2] : 0.5 * (ts[d][n[d] / 2 - 1] + ts[d][n[d] / 2]);
-                    double gf = flops / med * 1e-9;
+                    spread sp = spread_of(ts[d], n[d]);
+                    double gf = flops / sp.med * 1e-9;
                     if (d == 0) gf32 = gf;
                     mmb__gemm_own_dt(pools[t], d ? C : C32, A, packed[d], scales, dts[d], NULL, M, N, K,
                                      MMB_ACT_NONE);
@@ -233,8 +331,14 @@ static void bench_dtypes(const shape *shapes, int ns, const int *thr, int nt, in
                     char sh[48], g[32];
                     snprintf(sh, sizeof sh, "%lldx%lldx%lld", (long long)M, (long long)N, (long long)K);
                     snprintf(g, sizeof g, "%.1f (%2.0f%%)", gf, 100.0 * gf / peak[t]);
+                    double e = d ? rel_err(C, C32, M * N) : 0.0;
                     printf("%-16s %3d  %-6s %14s %7.2fx %12.2f %10.2g\n", d ? "" : sh, thr[t], dtn[d], g,
-                           gf / gf32, bytes / 1048576.0, d ? rel_err(C, C32, M * N) : 0.0);
+                           gf / gf32, bytes / 1048576.0, e);
+                    json_line("\"bench\": \"dtype\", \"M\": %lld, \"N\": %lld, \"K\": %lld, \"threads\": %d, "
+                              "\"dtype\": \"%s\", \"gflops\": %.6g, \"gflops_min\": %.6g, \"gflops_max\": %.6g, "
+                              "\"x_f32\": %.4g, \"packed_mib\": %.4g, \"rel_err_vs_f32\": %.3g",
+                              (long long)M, (long long)N, (long long)K, thr[t], dtn[d], gf, flops / sp.hi * 1e-9,
+                              flops / sp.lo * 1e-9, gf / gf32, bytes / 1048576.0, e);
                 }
             }
         }
@@ -251,8 +355,8 @@ static void bench_dtypes(const shape *shapes, int ns, const int *thr, int nt, in
 #define MAXR 8
 
 typedef struct {
-    double gf[NB_];
-    double err[NB_];
+    double gf[NB_ALL], lo[NB_ALL], hi[NB_ALL]; /* GFLOP/s: the median, the slowest and fastest sample */
+    double err[NB_ALL];
 } cell;
 
 static int parse_threads(const char *s, int *out) {
@@ -306,7 +410,7 @@ static double check_own_sample(prob *p) {
     return worst;
 }
 
-/* Child mode: OpenBLAS only, one line per (shape, threads): "OB <s> <t> <gflops> <relerr>". */
+/* Child mode: OpenBLAS only, one line per (shape, threads): "OB <s> <t> <gflops> <relerr> <lo> <hi>". */
 static int child_main(const shape *shapes, int ns, const int *thr, int nt, int reps, int warm,
                       int rounds) {
     open_openblas();
@@ -322,9 +426,9 @@ static int child_main(const shape *shapes, int ns, const int *thr, int nt, int r
                 if (!time_backend(B_OB, &p, reps, warm, p.C, ts, &n)) break;
                 nap(0.3);
             }
-            double gf = n ? median_gflops(&p, ts, n) : -1.0;
+            double lo = 0, hi = 0, gf = n ? median_gflops(&p, ts, n, &lo, &hi) : -1.0;
             double e = n ? rel_err(p.C, p.Cown, p.M * p.N) : 0.0;
-            printf("OB %d %d %.6f %.6g\n", s, t, gf, e);
+            printf("OB %d %d %.6f %.6g %.6f %.6f\n", s, t, gf, e, lo, hi);
             fflush(stdout);
         }
         free_prob(&p);
@@ -370,12 +474,14 @@ static void run_child(const char *self, char **argv_child, const char *coretype,
     char line[512];
     while (f && fgets(line, sizeof line, f)) {
         int s, t;
-        double gf, e;
+        double gf, e, lo, hi;
         char core[128];
-        if (sscanf(line, "OB %d %d %lf %lf", &s, &t, &gf, &e) == 4 && s >= 0 && s < MAXS &&
+        if (sscanf(line, "OB %d %d %lf %lf %lf %lf", &s, &t, &gf, &e, &lo, &hi) == 6 && s >= 0 && s < MAXS &&
             t >= 0 && t < MAXT) {
             cells[s][t].gf[col] = gf;
             cells[s][t].err[col] = e;
+            cells[s][t].lo[col] = lo;
+            cells[s][t].hi[col] = hi;
         } else if (sscanf(line, "CORE %127s", core) == 1) {
             snprintf(core_out, core_len, "%s", core);
         }
@@ -393,7 +499,7 @@ static void fmt_cell(char *buf, size_t n, double gf, double err, double peak) {
 
 int main(int argc, char **argv) {
     int thr[MAXT] = {1, 2}, nt = 2, reps = 7, warm = 2, rounds = 1;
-    bool quick = false, child = false, dtypes_only = false;
+    bool quick = false, child = false, dtypes_only = false, with_torch = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
             nt = parse_threads(argv[++i], thr);
@@ -410,8 +516,15 @@ int main(int argc, char **argv) {
             dtypes_only = true;
         } else if (!strcmp(argv[i], "--openblas-child")) {
             child = true;
+        } else if (!strcmp(argv[i], "--torch")) {
+            with_torch = true;
+        } else if (!strcmp(argv[i], "--dir") && i + 1 < argc) {
+            data_dir = argv[++i];
+        } else if (!strcmp(argv[i], "--json") && i + 1 < argc) {
+            if (!json_open(argv[++i])) return 2;
         } else {
-            fprintf(stderr, "usage: %s [--threads 1,2] [--reps N] [--rounds R] [--quick] [--dtypes]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--threads 1,2] [--reps N] [--rounds R] [--quick] [--dtypes] [--torch] "
+                            "[--dir D] [--json FILE]\n", argv[0]);
             return 2;
         }
     }
@@ -474,34 +587,65 @@ int main(int argc, char **argv) {
     static cell cells[MAXS][MAXT];
     for (int s = 0; s < MAXS; s++)
         for (int t = 0; t < MAXT; t++)
-            for (int b = 0; b < NB_; b++) cells[s][t].gf[b] = -1.0, cells[s][t].err[b] = 0.0;
+            for (int b = 0; b < NB_ALL; b++) cells[s][t].gf[b] = -1.0, cells[s][t].err[b] = 0.0;
+    static bool unavailable[NB_ALL];
+    unavailable[B_TORCH] = unavailable[B_TORCH_C] = true;
+    if (with_torch && torch_start(na_reason[B_TORCH], sizeof na_reason[B_TORCH]))
+        unavailable[B_TORCH] = unavailable[B_TORCH_C] = false;
+    else if (with_torch)
+        snprintf(na_reason[B_TORCH_C], sizeof na_reason[B_TORCH_C], "%s", na_reason[B_TORCH]);
 
     double own_check[MAXS];
     mmb_pool *pools[MAXT] = {0};
     for (int t = 0; t < nt; t++)
         if (mmb__pool_new(thr[t], &pools[t]) != MMB_OK) { fprintf(stderr, "pool\n"); return 1; }
     static prob probs[MAXS];
+    static char opnd[MAXS][1200]; /* the operands and our result, for the PyTorch peer */
     for (int s = 0; s < ns; s++) {
         if (!setup_prob(&probs[s], shapes[s])) { fprintf(stderr, "out of memory\n"); return 1; }
         own_check[s] = check_own_sample(&probs[s]);
+        prob *p = &probs[s];
+        snprintf(opnd[s], sizeof opnd[s], "%s/gemm-%lldx%lldx%lld.f32", data_dir, (long long)p->M, (long long)p->N,
+                 (long long)p->K);
+        const float *arr[3] = {p->A, p->W, p->Cown};
+        const int64_t len[3] = {p->M * p->K, p->N * p->K, p->M * p->N};
+        if (!unavailable[B_TORCH] && !write_f32(opnd[s], arr, len, 3)) {
+            snprintf(na_reason[B_TORCH], sizeof na_reason[B_TORCH], "cannot write %.200s", opnd[s]);
+            snprintf(na_reason[B_TORCH_C], sizeof na_reason[B_TORCH_C], "cannot write %.200s", opnd[s]);
+            unavailable[B_TORCH] = unavailable[B_TORCH_C] = true;
+        }
     }
     /* rounds: every backend in turn, so that a noisy spell on the machine is shared out */
-    static double samples[MAXS][MAXT][B_DNNL + 1][MAXR * 64];
-    static int nsamp[MAXS][MAXT][B_DNNL + 1];
-    static bool unavailable[B_DNNL + 1];
+    static const int timed[] = {B_OWN, B_OB, B_BLIS, B_DNNL, B_TORCH, B_TORCH_C};
+    static double samples[MAXS][MAXT][NB_ALL][MAXR * 64];
+    static int nsamp[MAXS][MAXT][NB_ALL];
     for (int r = 0; r < rounds; r++) {
         for (int s = 0; s < ns; s++) {
             prob *p = &probs[s];
-            for (int b = B_OWN; b <= B_DNNL; b++) {
+            for (int i = 0; i < (int)(sizeof timed / sizeof timed[0]); i++) {
+                int b = timed[i];
                 if (unavailable[b]) continue;
                 for (int t = 0; t < nt; t++) {
+                    int col = b == B_OB ? main_ob_col : b;
+                    if (b >= B_TORCH) {
+                        char req[1400];
+                        snprintf(req, sizeof req, "gemm %s %.1100s %lld %lld %lld %d %d %d", torch_mode[b], opnd[s],
+                                 (long long)p->M, (long long)p->N, (long long)p->K, thr[t], reps, warm);
+                        if (!torch_time(req, samples[s][t][b], &nsamp[s][t][b], MAXR * 64, &cells[s][t].err[b],
+                                        na_reason[b], sizeof na_reason[b])) {
+                            unavailable[b] = true;
+                            break;
+                        }
+                        nap(0.3);
+                        continue;
+                    }
                     p->pool = pools[t];
                     set_threads(b, thr[t]);
                     if (!time_backend(b, p, reps, warm, p->C, samples[s][t][b], &nsamp[s][t][b])) {
                         unavailable[b] = true;
+                        snprintf(na_reason[col], sizeof na_reason[col], "library not found");
                         break;
                     }
-                    int col = b == B_OB ? main_ob_col : b;
                     double e = rel_err(p->C, p->Cown, p->M * p->N);
                     if (!(e <= cells[s][t].err[col])) cells[s][t].err[col] = e;
                     nap(0.3); /* let spinning worker threads (OpenBLAS, OpenMP) go to sleep */
@@ -511,10 +655,11 @@ int main(int argc, char **argv) {
     }
     for (int s = 0; s < ns; s++) {
         for (int t = 0; t < nt; t++)
-            for (int b = B_OWN; b <= B_DNNL; b++) {
-                int col = b == B_OB ? main_ob_col : b;
+            for (int i = 0; i < (int)(sizeof timed / sizeof timed[0]); i++) {
+                int b = timed[i], col = b == B_OB ? main_ob_col : b;
                 if (!unavailable[b] && nsamp[s][t][b])
-                    cells[s][t].gf[col] = median_gflops(&probs[s], samples[s][t][b], nsamp[s][t][b]);
+                    cells[s][t].gf[col] = median_gflops(&probs[s], samples[s][t][b], nsamp[s][t][b],
+                                                        &cells[s][t].lo[col], &cells[s][t].hi[col]);
             }
         free_prob(&probs[s]);
     }
@@ -552,6 +697,9 @@ int main(int argc, char **argv) {
         else printf("%14s\n", "n/a");
         peak[t] = (pk[t][0] > pk[t][1] ? pk[t][0] : pk[t][1]) * 1e-9;
         if (peak[t] <= 0.0) peak[t] = 1.0; /* no vector FMA: percentages are not meaningful */
+        json_line("\"bench\": \"peak\", \"threads\": %d, \"fp32_zmm\": %.6g, \"fp32_ymm\": %.6g, \"bf16_zmm\": %.6g, "
+                  "\"fp32\": %.6g, \"avx512f\": %s, \"avx512_bf16\": %s", thr[t], pk[t][0] * 1e-9, pk[t][1] * 1e-9,
+                  pk[t][2] * 1e-9, peak[t], has512 ? "true" : "false", hasbf16 ? "true" : "false");
     }
 
     /* ---- the table ---- */
@@ -564,10 +712,13 @@ int main(int argc, char **argv) {
     bool show_env = main_ob_col == B_OB;
     printf("%-16s %3s  %-14s", "M x N x K", "thr", "own");
     if (show_env) printf(" %-14s", "OB-env");
-    printf(" %-14s %-14s %-14s %-14s\n", "OB-Haswell", "OB-unpinned", "BLIS", "oneDNN");
-    static const int order[] = {B_OWN, B_OB, B_OB_HSW, B_OB_UNP, B_BLIS, B_DNNL};
-    static const char *names[NB_] = {"own", "OB-env", "BLIS", "oneDNN", "OB-Haswell",
-                                     "OB-unpinned"};
+    printf(" %-14s %-14s %-14s %-14s", "OB-Haswell", "OB-unpinned", "BLIS", "oneDNN");
+    if (with_torch) printf(" %-14s %-14s", "torch", "torch.compile");
+    printf("\n");
+    static const int order[] = {B_OWN, B_OB, B_OB_HSW, B_OB_UNP, B_BLIS, B_DNNL, B_TORCH, B_TORCH_C};
+    static const char *names[NB_ALL] = {"own", "OB-env", "BLIS", "oneDNN", "OB-Haswell",
+                                        "OB-unpinned", "torch", "torch.compile"};
+    const char *core_of[NB_ALL] = {[B_OB] = main_core, [B_OB_HSW] = hsw_core, [B_OB_UNP] = unp_core};
     for (int s = 0; s < ns; s++) {
         for (int t = 0; t < nt; t++) {
             char sh[48];
@@ -575,12 +726,24 @@ int main(int argc, char **argv) {
                      (long long)shapes[s].N, (long long)shapes[s].K);
             printf("%-16s %3d ", sh, thr[t]);
             int best = -1;
-            for (int o = 0; o < 6; o++) {
+            for (int o = 0; o < (with_torch ? 8 : 6); o++) {
                 int b = order[o];
                 if (b == B_OB && !show_env) continue;
                 char c[48];
                 fmt_cell(c, sizeof c, cells[s][t].gf[b], cells[s][t].err[b], peak[t]);
                 printf(" %-14s", c);
+                cell *ce = &cells[s][t];
+                if (ce->gf[b] < 0)
+                    json_line("\"bench\": \"gemm\", \"M\": %lld, \"N\": %lld, \"K\": %lld, \"threads\": %d, "
+                              "\"impl\": \"%s\", \"error\": \"%s\"", (long long)shapes[s].M, (long long)shapes[s].N,
+                              (long long)shapes[s].K, thr[t], names[b], na_reason[b][0] ? na_reason[b] : "not measured");
+                else
+                    json_line("\"bench\": \"gemm\", \"M\": %lld, \"N\": %lld, \"K\": %lld, \"threads\": %d, "
+                              "\"impl\": \"%s\", \"peer\": \"%s\", \"core\": \"%s\", \"gflops\": %.6g, "
+                              "\"gflops_min\": %.6g, \"gflops_max\": %.6g, \"err\": %.3g",
+                              (long long)shapes[s].M, (long long)shapes[s].N, (long long)shapes[s].K, thr[t], names[b],
+                              b >= B_TORCH ? torch_name : "", core_of[b] ? core_of[b] : "", ce->gf[b], ce->lo[b],
+                              ce->hi[b], ce->err[b]);
                 if (cells[s][t].gf[b] > 0 && cells[s][t].err[b] <= 1e-4 &&
                     (best < 0 || cells[s][t].gf[b] > cells[s][t].gf[best]))
                     best = b;
@@ -589,14 +752,19 @@ int main(int argc, char **argv) {
         }
     }
     bench_attention(thr, nt, quick ? 1 : reps, quick ? 1 : rounds, peak);
+    peer_stop(&torch_peer);
     bench_dtypes(dt_shapes, dt_ns, thr, nt, reps, rounds, peak);
     int8_dot_probe();
     printf("\nown vs double-precision oracle on sampled rows (max rel err):");
-    for (int s = 0; s < ns; s++) printf(" %.2g", own_check[s]);
+    for (int s = 0; s < ns; s++) {
+        printf(" %.2g", own_check[s]);
+        json_line("\"bench\": \"own_check\", \"M\": %lld, \"N\": %lld, \"K\": %lld, \"rel_err_vs_f64\": %.3g",
+                  (long long)shapes[s].M, (long long)shapes[s].N, (long long)shapes[s].K, own_check[s]);
+    }
     printf("\n");
     for (int s = 0; s < ns; s++)
         for (int t = 0; t < nt; t++)
-            for (int b = 0; b < NB_; b++)
+            for (int b = 0; b < NB_ALL; b++)
                 if (cells[s][t].gf[b] > 0 && cells[s][t].err[b] > 1e-4)
                     printf("INCORRECT: %s on shape %d threads %d: max rel err %.3g\n", names[b],
                            s, thr[t], cells[s][t].err[b]);

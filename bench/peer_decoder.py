@@ -6,12 +6,11 @@ stored weights) and in f32 (the same weights widened).
 Prints one JSON line per dtype: prefill and decode seconds (median of --reps) and the peak RSS."""
 import argparse
 import json
-import resource
 import statistics
 import time
 from pathlib import Path
 
-import torch
+from peer_common import rss_mib
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--dir", required=True)
@@ -23,19 +22,23 @@ ap.add_argument("--decode", type=int, default=32)
 ap.add_argument("--dtypes", default="bf16,f32")
 ap.add_argument("--prepare-only", action="store_true")
 a = ap.parse_args()
-torch.set_num_threads(a.threads)
+name = "qwen2-tiny" if a.quick else "qwen2-0.5b"
+ckpt = Path(a.dir) / name
+if a.prepare_only and (ckpt / "config.json").exists():  # cached: no need to import torch and transformers
+    print(json.dumps({"checkpoint": str(ckpt)}))
+    raise SystemExit(0)
 
+import torch  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+torch.set_num_threads(a.threads)
 
 if a.quick:
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000)
-    name = "qwen2-tiny"
 else:  # Qwen/Qwen2-0.5B
     shape = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936)
-    name = "qwen2-0.5b"
-ckpt = Path(a.dir) / name
 cfg = Qwen2Config(**shape, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
                   tie_word_embeddings=True, eos_token_id=None, bos_token_id=None)
 if not (ckpt / "config.json").exists():
@@ -66,4 +69,4 @@ for dt in a.dtypes.split(","):
                 pre.append(t1 - t0)
                 dec.append(t2 - t1)
     print(json.dumps({"peer": f"pytorch {dt}", "prefill_s": statistics.median(pre), "decode_s": statistics.median(dec),
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}), flush=True)
+                      "peak_rss_mib": rss_mib()}), flush=True)

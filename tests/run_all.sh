@@ -53,4 +53,5 @@ echo "== benchmark smoke (Release)"
 ./build/bench_vit --quick --dir build/bench-cache
 ./build/bench_dense --quick --dir build/bench-cache
 ./build/bench_decoder --quick --dir build/bench-cache
+python3 bench/results.py --quick --out build/RESULTS-quick.md
 echo "all tests passed"
