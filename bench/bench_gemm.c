@@ -351,7 +351,7 @@ static void bench_dtypes(const shape *shapes, int ns, const int *thr, int nt, in
 /* ---- the run -------------------------------------------------------------------------------- */
 
 #define MAXT 8
-#define MAXS 8
+#define MAXS 12
 #define MAXR 8
 
 typedef struct {
@@ -528,12 +528,16 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
-    /* The projector's two GEMMs, then the ViT-L/14-336 block's: qkv, out_proj, fc1, fc2. */
+    /* The projector's two GEMMs, then the ViT-L/14-336 block's: qkv, out_proj, fc1, fc2; then the
+     * narrow and short ones of the other connectors: a low-rank projector's 1024 -> 64 factor, a
+     * resampler's 64 latents through a 1024 -> 4096 projection, and 16 rows through a 4096 x 4096
+     * layer (a few visual tokens, or a decode step's batch: bandwidth-bound). */
     static const shape full[] = {{576, 4096, 1024}, {576, 4096, 4096}, {577, 3072, 1024},
-                                 {577, 1024, 1024}, {577, 4096, 1024}, {577, 1024, 4096}};
+                                 {577, 1024, 1024}, {577, 4096, 1024}, {577, 1024, 4096},
+                                 {577, 64, 1024},   {64, 4096, 1024},  {16, 4096, 4096}};
     static const shape small[] = {{64, 256, 128}, {37, 100, 65}};
     const shape *shapes = quick ? small : full;
-    int ns = quick ? 2 : 6;
+    int ns = quick ? 2 : 9;
     if (quick) {
         warm = 1;
         if (reps == 7) reps = 3;

@@ -252,7 +252,9 @@ class Report:
             wins += best[0] == "mmbridge"
         self.add("## GEMM", "",
                  "C (M, N) = A (M, K) W^T, W in the nn.Linear layout, fp32: the LLaVA-1.5 projector's two GEMMs "
-                 "(576 tokens) and the ViT-L/14-336 block's qkv, out_proj, fc1, fc2 (577 tokens). Our weights are "
+                 "(576 tokens), the ViT-L/14-336 block's qkv, out_proj, fc1, fc2 (577 tokens), then a low-rank "
+                 "projector's 1024 -> 64 factor, 64 resampler latents through 1024 -> 4096, and 16 rows through "
+                 "4096 x 4096 (bandwidth-bound). Our weights are "
                  "packed once before timing. Cell: median GFLOP/s (share of peak, ± half the samples' range) and "
                  "mmbridge's speed over that peer (> 1: mmbridge faster; bold). Backends alternate in each round "
                  f"(bench_gemm --rounds {self.a.rounds}); OpenBLAS's second configuration runs in a child process "
