@@ -21,7 +21,7 @@ struct mmb_pool {
     pthread_mutex_t mu;
     pthread_cond_t go, done;
     uint64_t generation;   /* bumped by each run */
-    int pending;           /* workers still running the current job */
+    uint64_t pending;      /* workers still running the current job */
     bool quit;
     mmb_pool_fn fn;
     void *arg;
@@ -43,20 +43,11 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-/* Spins until *v != old (returns true) or SPIN_NS pass (false). */
-static bool spin_u64(const uint64_t *v, uint64_t old) {
+/* Spins until (*v == x) == equal (returns true) or SPIN_NS pass (false). */
+static bool spin_until(const uint64_t *v, uint64_t x, bool equal) {
     int64_t end = now_ns() + SPIN_NS;
     for (int i = 0;; i++) {
-        if (__atomic_load_n(v, __ATOMIC_ACQUIRE) != old) return true;
-        if ((i & 63) == 63 && now_ns() > end) return false;
-        cpu_relax();
-    }
-}
-
-static bool spin_zero(const int *v) {
-    int64_t end = now_ns() + SPIN_NS;
-    for (int i = 0;; i++) {
-        if (__atomic_load_n(v, __ATOMIC_ACQUIRE) == 0) return true;
+        if ((__atomic_load_n(v, __ATOMIC_ACQUIRE) == x) == equal) return true;
         if ((i & 63) == 63 && now_ns() > end) return false;
         cpu_relax();
     }
@@ -69,7 +60,7 @@ static void *worker(void *va) {
     free(w);
     uint64_t seen = 0;
     for (;;) {
-        spin_u64(&p->generation, seen);
+        spin_until(&p->generation, seen, false);
         pthread_mutex_lock(&p->mu);
         while (__atomic_load_n(&p->generation, __ATOMIC_RELAXED) == seen && !p->quit)
             pthread_cond_wait(&p->go, &p->mu);
@@ -149,12 +140,12 @@ void mmb__pool_run(mmb_pool *p, mmb_pool_fn fn, void *arg) {
     pthread_mutex_lock(&p->mu);
     p->fn = fn;
     p->arg = arg;
-    p->pending = p->n - 1;
+    p->pending = (uint64_t)(p->n - 1);
     __atomic_add_fetch(&p->generation, 1, __ATOMIC_RELEASE);
     pthread_cond_broadcast(&p->go);
     pthread_mutex_unlock(&p->mu);
     fn(arg, 0, p->n);
-    if (spin_zero(&p->pending)) {
+    if (spin_until(&p->pending, 0, true)) {
         /* The last worker may still hold the mutex to signal: take it, so that it is done with p. */
         pthread_mutex_lock(&p->mu);
         pthread_mutex_unlock(&p->mu);
