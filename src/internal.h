@@ -411,6 +411,11 @@ mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_pref
 bool mmb__vit_present(const mmb_ckpt *c);
 /* Loads the vision encoder whose weights are in c (c must outlive it). */
 mmb_status mmb__vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vit **out);
+/* The last hidden state (floats = batch x tokens x width) into *out, taken from ctx->feats (empty on
+ * entry; kept from call to call, so a warm forward allocates nothing); the caller resets ctx->feats
+ * when done reading it, on failure too. */
+mmb_status mmb__vit_last_feats(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch, int64_t floats,
+                               float **out);
 
 /* ---- vision/preprocess.c ---------------------------------------------------------------------- */
 

@@ -407,12 +407,8 @@ static mmb_status fam_encode(mmb_ctx *ctx, const void *st, const float *pixels, 
     const fam_state *f = st;
     if (fam_tokens(ctx, st, height, width) < 0) return MMB_ERR_SHAPE;
     int64_t T = f->vi.tokens;
-    size_t fb = sizeof(float) * (size_t)(batch * T * f->vi.width);
-    mmb_status s = mmb__arena_reserve(ctx, &ctx->feats, fb);  /* kept from call to call */
-    if (s != MMB_OK) return s;
-    float *feat = mmb__arena_alloc(&ctx->feats, fb);
-    int tap = MMB_TAP_LAST;
-    s = mmb_vit_forward(ctx, f->vit, pixels, batch, &tap, 1, &feat);
+    float *feat;
+    mmb_status s = mmb__vit_last_feats(ctx, f->vit, pixels, batch, batch * T * f->vi.width, &feat);
     if (s == MMB_OK)
         s = mmb__arena_reserve(ctx, &ctx->arena, f->ops->scratch(f->conn, batch * T) * sizeof(float));
     if (s == MMB_OK) s = f->ops->forward(ctx, f->conn, out, feat, batch, T);

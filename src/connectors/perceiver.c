@@ -403,13 +403,13 @@ static mmb_status idefics_encode(mmb_ctx *ctx, const void *st, const float *pixe
     const idefics_state *s = st;
     if (idefics_tokens(ctx, st, height, width) < 0) return MMB_ERR_SHAPE;
     int64_t T = s->vi.tokens, D = s->vi.width;
-    const int tap = MMB_TAP_LAST;
-    size_t fb = sizeof(float) * (size_t)(batch * T * D);
-    mmb_status r = s->perc ? mmb__arena_reserve(ctx, &ctx->feats, fb) : MMB_OK;  /* kept from call to call */
-    if (r != MMB_OK) return r;
-    float *feat = s->perc ? mmb__arena_alloc(&ctx->feats, fb) : out;
-    r = mmb_vit_forward(ctx, s->vit, pixels, batch, &tap, 1, &feat);
-    if (r == MMB_OK && s->perc) {
+    if (!s->perc) {
+        const int tap = MMB_TAP_LAST;
+        return mmb_vit_forward(ctx, s->vit, pixels, batch, &tap, 1, &out);
+    }
+    float *feat;
+    mmb_status r = mmb__vit_last_feats(ctx, s->vit, pixels, batch, batch * T * D, &feat);
+    if (r == MMB_OK) {
         r = mmb__arena_reserve(ctx, &ctx->arena, sizeof(float) * perc_scratch_floats(s->perc, T, mmb__pool_size(ctx->pool)));
         if (r == MMB_OK) r = perc_forward(ctx, s->perc, out, feat, batch, T);
         mmb__arena_reset(&ctx->arena);

@@ -272,12 +272,8 @@ static mmb_status blip2_encode(mmb_ctx *ctx, const void *st, const float *pixels
     const blip2_state *s = st;
     if (blip2_tokens(ctx, s, height, width) < 0) return MMB_ERR_SHAPE;
     int64_t T = s->vi.tokens, E = s->E, H = s->H, rows = batch * s->nq, big_w = 3 * H > s->I ? 3 * H : s->I;
-    size_t ib = sizeof(float) * (size_t)(batch * T * E);
-    mmb_status r = mmb__arena_reserve(ctx, &ctx->feats, ib);  /* kept from call to call */
-    if (r != MMB_OK) return r;
-    float *img = mmb__arena_alloc(&ctx->feats, ib);
-    int last = MMB_TAP_LAST;
-    r = mmb_vit_forward(ctx, s->vit, pixels, batch, &last, 1, &img);
+    float *img;
+    mmb_status r = mmb__vit_last_feats(ctx, s->vit, pixels, batch, batch * T * E, &img);
     size_t f = sizeof(float), asz = f * mmb__attention_scratch(mmb__pool_size(ctx->pool), H / s->heads);
     size_t need = mmb__arena_piece(f * (size_t)(rows * H)) * 3 + mmb__arena_piece(f * (size_t)(rows * big_w)) +
                   mmb__arena_piece(f * (size_t)(batch * T * 2 * H)) + mmb__arena_piece(asz);

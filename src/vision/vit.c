@@ -400,6 +400,16 @@ mmb_status mmb_vit_forward(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, 
     return mmb_vit_forward_groups(ctx, v, pixels, batch, taps, NULL, n_taps, outs);
 }
 
+mmb_status mmb__vit_last_feats(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch, int64_t floats,
+                               float **out) {
+    size_t bytes = sizeof(float) * (size_t)floats;
+    mmb_status s = mmb__arena_reserve(ctx, &ctx->feats, bytes);
+    if (s != MMB_OK) return s;
+    *out = mmb__arena_alloc(&ctx->feats, bytes);
+    const int last = MMB_TAP_LAST;
+    return mmb_vit_forward(ctx, v, pixels, batch, &last, 1, out);
+}
+
 mmb_status mmb_vit_forward_groups(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch,
                                   const int *taps, const int *spans, int n_taps, float *const *outs) {
     if (!ctx || !v || !pixels || !taps || !outs || batch < 1 || n_taps < 1 || n_taps > MMB_MAX_TAPS)
