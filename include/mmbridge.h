@@ -51,7 +51,8 @@ typedef enum mmb_status {
     MMB_ERR_MISSING = 4,     /* a required tensor or config key is absent */
     MMB_ERR_UNSUPPORTED = 5, /* a known-valid but unsupported choice (projector type, activation) */
     MMB_ERR_NOMEM = 6,       /* an allocation failed */
-    MMB_ERR_ARG = 7          /* the caller passed an invalid argument */
+    MMB_ERR_ARG = 7,         /* the caller passed an invalid argument */
+    MMB_ERR_ABORTED = 8      /* the caller's abort flag stopped the work between two steps */
 } mmb_status;
 
 /* Returns a static, short English name for a status ("ok", "io error", ...). Never NULL. */
@@ -751,6 +752,273 @@ MMB_API mmb_status mmb_chat_render(mmb_ctx *ctx, const mmb_tokenizer *t, const m
 MMB_API mmb_status mmb_chat_render_json(mmb_ctx *ctx, const mmb_tokenizer *t, const char *template_text,
                                         const char *messages_json, const char *extra_json,
                                         int add_generation_prompt, char **out);
+
+/* ---------------------------------------------------------------------------------------------
+ * The multimodal model: one checkpoint directory opened through the library's family table (its
+ * vision path: processor, tower, taps, connector; its fusion; its language model and tokenizer where
+ * the directory has them), with the whole job from image files and a prompt to streamed text done
+ * here, as llama.cpp's mtmd does it (tokenize a prompt with image markers into chunks, evaluate the
+ * chunks into a KV cache, generate). Threads and the weights' compute dtype are the context's
+ * (mmb_ctx_params). tests/test_mllm.c compiles and runs this example:
+ *
+ *     mmb_ctx *ctx; mmb_ctx_params cp = mmb_ctx_default_params();
+ *     mmb_ctx_new(&cp, &ctx);
+ *     mmb_mllm *m;
+ *     if (mmb_mllm_open(ctx, "llava-dir", NULL, &m) != MMB_OK) { puts(mmb_ctx_error(ctx)); ... }
+ *     mmb_mllm_info info;  mmb_mllm_get_info(m, &info);
+ *     mmb_image img;  mmb_image_load(ctx, "cat.jpg", 0, &img);
+ *     mmb_chunks *prompt;                                           // "<image>\nWhat is this?" through
+ *     mmb_mllm_tokenize(ctx, m, "What is this?", &img, 1, MMB_TOKENIZE_CHAT, &prompt);   // the template
+ *     mmb_kv_cache *kv;  mmb_mllm_kv_new(ctx, m, mmb_chunks_positions(prompt) + 64, &kv);
+ *     mmb_gen_params gp = mmb_gen_default_params();
+ *     gp.n_predict = 64;  gp.on_token = print_piece;             // streamed text pieces
+ *     mmb_gen_result res;
+ *     mmb_mllm_generate(ctx, m, kv, prompt, &gp, &res);           // res.stop: why it stopped
+ *     mmb_chunks_free(prompt); mmb_kv_cache_free(kv); mmb_image_free(&img);
+ *     mmb_mllm_free(m); mmb_ctx_free(ctx);
+ */
+typedef struct mmb_mllm mmb_mllm;
+
+/* How the visual side reaches the language model (docs: ../shared/specs/fusion_types.md). */
+typedef enum mmb_fusion {
+    MMB_FUSION_NONE = 0, /* no language model: a vision tower alone, or a connector without its LLM */
+    MMB_FUSION_A = 1,    /* gated cross-attention layers inside the LLM (Flamingo, IDEFICS, Mllama) */
+    MMB_FUSION_B = 2,    /* custom layers inside the LLM (LLaMA-Adapter, CogVLM, mPLUG-Owl2) */
+    MMB_FUSION_C = 3,    /* projected visual tokens spliced into the text embeddings (LLaVA) */
+    MMB_FUSION_D = 4     /* discrete VQ tokens in the vocabulary (Chameleon, Emu3, Janus) */
+} mmb_fusion;
+
+/* Returns "none", "A", "B", "C" or "D" (static). */
+MMB_API const char *mmb_fusion_name(mmb_fusion f);
+
+typedef struct mmb_mllm_params {
+    const char *vision_tower;   /* the CLIP/SigLIP directory of an original-layout LLaVA checkpoint, whose
+                                   config only names its tower; NULL: the checkpoint's own */
+    /* Dense Connector settings over the checkpoint's own: type MMB_DENSE_NONE keeps the checkpoint's
+     * variant (an error for a checkpoint without one when any other field is set); each other field
+     * that is non-zero replaces the checkpoint's value (layers, groups, pool, tokens). */
+    mmb_dense_params dense;
+    int vision_only;            /* 1: do not open the language model and tokenizer even when present */
+} mmb_mllm_params;
+
+/* Returns the default parameters: all zero (the checkpoint as it is). */
+MMB_API mmb_mllm_params mmb_mllm_default_params(void);
+
+/* Opens checkpoint directory `dir`: the family table names the row that matches its config.json
+ * (architectures[0], model_type and the keys or tensors a layout is told by), which says where the
+ * tower, taps, connector, processor and LLM are and which fusion joins them. Loads the image processor
+ * (preprocessor_config.json, or the image processor nested in transformers 5's processor_config.json;
+ * for an original-layout LLaVA, the tower directory's), the vision tower, connector, LLM and
+ * tokenizer (tokenizer.json) that the directory holds, checking every weight. p may be NULL
+ * (mmb_mllm_default_params). Returns MMB_OK and sets *out; MMB_ERR_UNSUPPORTED for an architecture
+ * no row matches (the message names it and lists the supported families) or a choice a row refuses;
+ * the statuses of mmb_model_open, mmb_lm_open and mmb_tokenizer_open otherwise, with their messages.
+ * Free with mmb_mllm_free. */
+MMB_API mmb_status mmb_mllm_open(mmb_ctx *ctx, const char *dir, const mmb_mllm_params *p, mmb_mllm **out);
+
+/* Frees the model. NULL is a no-op. */
+MMB_API void mmb_mllm_free(mmb_mllm *m);
+
+typedef struct mmb_mllm_info {
+    const char *dir;
+    const char *family;         /* the family table row: "llava", "blip2", "idefics", "idefics2", "idefics3",
+                                   "smolvlm", "qwen2_vl", "clip" / "siglip" (a vision tower alone), ... */
+    const char *architecture;   /* config.json's architectures[0] (else its model_type) */
+    mmb_fusion fusion;          /* MMB_FUSION_C for LLaVA-style splicing; NONE without an LLM */
+    int has_vision, has_connector, has_lm, has_tokenizer, has_processor, has_chat_template;
+    int vision_layers, vision_width;  /* the tower: blocks and width of one hidden state */
+    int64_t vision_tokens;      /* tokens of one hidden state at the processor's fixed size, CLS included;
+                                   0 when it depends on the image (Qwen2-VL) */
+    int out_width;              /* width of an encode's output: the connector's d_model, or vision_width
+                                   for a tower alone (its last_hidden_state) */
+    int64_t tokens_per_image;   /* outputs per image at the processor's fixed size, 0 when it depends on
+                                   the image */
+    int image_size;             /* the tower's input side, 0 when it varies */
+    const char *image_marker;   /* the prompt text that stands for one image ("<image>"), "" without an LLM */
+    int32_t image_token;        /* its token id, -1 without one */
+    int64_t context;            /* the LLM's max positions, 0 without an LLM */
+    const char *processor;      /* the image processor class, "" without one */
+} mmb_mllm_info;
+
+/* Fills *out; strings belong to the model. Returns MMB_OK or MMB_ERR_ARG for NULL pointers. */
+MMB_API mmb_status mmb_mllm_get_info(const mmb_mllm *m, mmb_mllm_info *out);
+
+/* The parts, owned by the model (NULL where the directory has none): for the calls documented above. */
+MMB_API const mmb_model *mmb_mllm_model(const mmb_mllm *m);
+MMB_API const mmb_vit *mmb_mllm_vit(const mmb_mllm *m);
+MMB_API const mmb_lm *mmb_mllm_lm(const mmb_mllm *m);
+MMB_API const mmb_tokenizer *mmb_mllm_tokenizer(const mmb_mllm *m);
+MMB_API const mmb_preprocess *mmb_mllm_processor(const mmb_mllm *m);
+
+/* Encoding images: the processor, the tower and the connector in one pass. */
+typedef struct mmb_encode_out {
+    float *embeddings;          /* receives each image's outputs, the images one after another: tokens[i]
+                                   rows of out_width; NULL: hidden states only */
+    size_t embeddings_count;    /* floats embeddings holds */
+    int64_t *tokens;            /* NULL or n_images entries: rows written per image */
+    int n_taps;                 /* hidden states also wanted, from the same pass of the tower (0: none) */
+    int taps[MMB_MAX_TAPS];     /* HF hidden_states indices (negative from the end), or MMB_TAP_LAST */
+    float *hidden[MMB_MAX_TAPS];/* hidden[i] receives [n_images, vision_tokens, vision_width] for taps[i] */
+    size_t hidden_count;        /* floats each hidden[i] holds */
+} mmb_encode_out;
+
+/* Sizes an encode of imgs[0, n): sets tokens[i] (n entries) to the outputs image i makes and returns
+ * their sum, or -1 with a message (an image the processor or the tower refuses, no vision path). */
+MMB_API int64_t mmb_mllm_encode_size(mmb_ctx *ctx, const mmb_mllm *m, const mmb_image *imgs, int n, int64_t *tokens);
+
+/* Runs imgs[0, n) (8-bit RGB, as mmb_image_load decodes them) through the model's processor, tower,
+ * feature selection and connector (a tower alone: its last_hidden_state) and writes out->embeddings,
+ * plus out->taps' hidden states from the same forward pass. Images that the processor makes the same
+ * size are one batch; others are encoded one by one (hidden states need one size: MMB_ERR_SHAPE
+ * otherwise). Returns MMB_OK; MMB_ERR_SHAPE when a buffer is too small (the message gives the floats
+ * needed) or a size the tower refuses; MMB_ERR_MISSING without a vision path; MMB_ERR_ARG for NULL
+ * pointers, n < 1, a tap out of range; MMB_ERR_NOMEM. The outputs are untouched on failure. */
+MMB_API mmb_status mmb_mllm_encode(mmb_ctx *ctx, mmb_mllm *m, const mmb_image *imgs, int n, mmb_encode_out *out);
+
+/* As mmb_mllm_encode for one image decoded from the file at `path`, or from the n bytes at `bytes`
+ * (JPEG, PNG, WebP: mmb_image_decode). */
+MMB_API mmb_status mmb_mllm_encode_file(mmb_ctx *ctx, mmb_mllm *m, const char *path, mmb_encode_out *out);
+MMB_API mmb_status mmb_mllm_encode_bytes(mmb_ctx *ctx, mmb_mllm *m, const void *bytes, size_t n,
+                                         mmb_encode_out *out);
+
+/* A prompt cut into chunks: runs of text token ids, and images (preprocessed when added, so their
+ * positions are known before anything is encoded), as llama.cpp's mtmd_input_chunks. */
+typedef struct mmb_chunks mmb_chunks;
+
+typedef enum mmb_chunk_type {
+    MMB_CHUNK_TEXT = 0,   /* token ids */
+    MMB_CHUNK_IMAGE = 1,  /* one image: its embeddings take tokens positions */
+    MMB_CHUNK_EMBED = 2   /* rows of input embeddings given by the caller */
+} mmb_chunk_type;
+
+/* mmb_mllm_tokenize flags. */
+enum {
+    MMB_TOKENIZE_RAW = 0,    /* the prompt tokenized verbatim, with the tokenizer's special tokens (BOS) */
+    MMB_TOKENIZE_CHAT = 1    /* the prompt as one user message through the chat template, with the
+                                generation prompt; tokenized without special tokens, as transformers does */
+};
+
+/* Tokenizes `prompt` (UTF-8) holding the model's image marker (mmb_mllm_info.image_marker) once per
+ * image, in order; a prompt without any marker gets one per image put in front, each followed by a
+ * newline. Each marker becomes an image chunk of imgs[k] (copied: imgs may be freed afterwards), the text
+ * between them text chunks. Returns MMB_OK and sets *out; MMB_ERR_ARG when markers and images disagree
+ * in number (the message gives both) or for NULL pointers; MMB_ERR_MISSING when the model has no LLM or
+ * tokenizer (or, with MMB_TOKENIZE_CHAT, no chat template); the chat template's and the processor's
+ * errors. Free with mmb_chunks_free. */
+MMB_API mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt, const mmb_image *imgs,
+                                     int n_images, int flags, mmb_chunks **out);
+
+/* As mmb_mllm_tokenize from token ids: each id equal to the model's image token becomes an image chunk
+ * of the next of imgs[0, n_images). Returns as mmb_mllm_tokenize; MMB_ERR_ARG for an id outside the
+ * vocabulary. */
+MMB_API mmb_status mmb_mllm_chunks_from_ids(mmb_ctx *ctx, const mmb_mllm *m, const int32_t *ids, int64_t n,
+                                            const mmb_image *imgs, int n_images, mmb_chunks **out);
+
+/* An empty list, and appending to one (ids and rows are copied). Return MMB_OK, MMB_ERR_ARG (NULL,
+ * n < 1, an id outside the vocabulary, width other than the LLM's), MMB_ERR_NOMEM. */
+MMB_API mmb_status mmb_chunks_new(mmb_ctx *ctx, mmb_chunks **out);
+MMB_API mmb_status mmb_chunks_add_text(mmb_ctx *ctx, const mmb_mllm *m, mmb_chunks *c, const int32_t *ids, int64_t n);
+MMB_API mmb_status mmb_chunks_add_image(mmb_ctx *ctx, const mmb_mllm *m, mmb_chunks *c, const mmb_image *img);
+MMB_API mmb_status mmb_chunks_add_embeds(mmb_ctx *ctx, const mmb_mllm *m, mmb_chunks *c, const float *rows,
+                                         int64_t n, int64_t width);
+MMB_API void mmb_chunks_free(mmb_chunks *c);
+
+/* The chunks held, chunk i's type, and the positions chunk i (or the whole list) takes in the KV cache.
+ * 0 / MMB_CHUNK_TEXT for NULL or i out of range. */
+MMB_API int mmb_chunks_count(const mmb_chunks *c);
+MMB_API mmb_chunk_type mmb_chunks_type(const mmb_chunks *c, int i);
+MMB_API int64_t mmb_chunk_positions(const mmb_chunks *c, int i);
+MMB_API int64_t mmb_chunks_positions(const mmb_chunks *c);
+/* A text chunk's ids (owned by c) and their number in *n; NULL for another type. */
+MMB_API const int32_t *mmb_chunks_text(const mmb_chunks *c, int i, int64_t *n);
+
+/* A KV cache for the model's LLM (mmb_kv_cache_new). */
+MMB_API mmb_status mmb_mllm_kv_new(mmb_ctx *ctx, const mmb_mllm *m, int64_t max_tokens, mmb_kv_cache **out);
+
+/* Called between steps of an evaluation or a generation: `phase` is "encode" (images), "prefill" or
+ * "decode"; done of total units of that phase. */
+typedef void (*mmb_progress_fn)(void *user, const char *phase, int64_t done, int64_t total);
+
+typedef struct mmb_eval_params {
+    int64_t n_batch;            /* positions per decoder call (0: each chunk in one call) */
+    float *logits;              /* NULL, or receives the last position's logits [vocab] (all_logits 0) or
+                                   every evaluated position's [positions, vocab] (all_logits 1) */
+    int all_logits;
+    mmb_progress_fn on_progress;/* NULL: none */
+    void *user;
+    const volatile int *abort;  /* NULL, or checked between steps: non-zero stops with MMB_ERR_ABORTED */
+} mmb_eval_params;
+
+/* Evaluates the chunks into kv, from position mmb_kv_cache_len(kv): text through the LLM's embeddings,
+ * images through mmb_mllm_encode, both spliced in order (fusion C), in pieces of n_batch positions.
+ * Returns MMB_OK; MMB_ERR_SHAPE when kv cannot take the chunks (context overflow: the message gives the
+ * positions cached, the positions asked and the limit), with nothing evaluated; MMB_ERR_ABORTED when the
+ * flag was raised (kv then holds the chunks evaluated so far); MMB_ERR_MISSING without an LLM;
+ * MMB_ERR_UNSUPPORTED for a fusion type this build cannot evaluate; the statuses of mmb_mllm_encode and
+ * mmb_lm_forward. */
+MMB_API mmb_status mmb_mllm_eval(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mmb_chunks *chunks,
+                                 const mmb_eval_params *p);
+
+/* Why a generation stopped. */
+typedef enum mmb_stop {
+    MMB_STOP_EOS = 0,       /* an end-of-sequence id (generation_config / config / tokenizer) */
+    MMB_STOP_LENGTH = 1,    /* n_predict tokens */
+    MMB_STOP_CONTEXT = 2,   /* the KV cache (the model's context) is full */
+    MMB_STOP_STRING = 3,    /* a stop string appeared in the text */
+    MMB_STOP_CALLBACK = 4,  /* on_token returned non-zero */
+    MMB_STOP_ABORT = 5      /* the abort flag */
+} mmb_stop;
+
+/* Called with each generated token: its id and the text it completes (UTF-8, whole characters only;
+ * a byte token that starts a character comes with the one that ends it; len 0 then), special tokens
+ * skipped. Return non-zero to stop. */
+typedef int (*mmb_token_fn)(void *user, int32_t id, const char *piece, size_t len);
+
+typedef struct mmb_gen_params {
+    int64_t n_predict;          /* tokens to generate at most (0: prefill only) */
+    mmb_sampler sampler;
+    int ignore_eos;             /* do not stop at the end-of-sequence ids */
+    const char *const *stops;   /* stop strings (n_stops): stop once the text holds one */
+    int n_stops;
+    int64_t n_batch;            /* as mmb_eval_params */
+    mmb_token_fn on_token;      /* NULL: none */
+    /* NULL, or called with the logits of every prompt position ([n, vocab], once after the prefill)
+     * and of every decode step ([1, vocab]) */
+    void (*on_logits)(void *user, const float *logits, int64_t n, int64_t vocab);
+    mmb_progress_fn on_progress;
+    void *user;
+    const volatile int *abort;  /* as mmb_eval_params; a generation stops cleanly with MMB_STOP_ABORT */
+} mmb_gen_params;
+
+/* Returns the default: n_predict 128, greedy, the rest zero. */
+MMB_API mmb_gen_params mmb_gen_default_params(void);
+
+typedef struct mmb_gen_result {
+    mmb_stop stop;
+    int64_t n_prompt;           /* positions the prompt took */
+    int64_t n_generated;        /* tokens generated (handed to on_token) */
+    double encode_s, prefill_s, decode_s; /* wall time: images, the rest of the prompt, the decode steps */
+} mmb_gen_result;
+
+/* Evaluates `prompt` (mmb_mllm_eval) and then samples up to n_predict tokens, each fed back, streaming
+ * them through on_token. Stops at the first of the mmb_stop reasons; the cache being full is one of
+ * them, not an error. Fills *res (on MMB_ERR_ABORTED during the prompt too: the timings so far).
+ * Returns MMB_OK; the statuses of mmb_mllm_eval (the prompt alone overflowing the cache is MMB_ERR_SHAPE)
+ * and mmb_sample. */
+MMB_API mmb_status mmb_mllm_generate(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mmb_chunks *prompt,
+                                     const mmb_gen_params *p, mmb_gen_result *res);
+
+/* The family table: the number of rows, and row i's name, the architectures it matches (comma-
+ * separated) and its fusion type. Returns MMB_ERR_ARG for i out of range. */
+typedef struct mmb_family_desc {
+    const char *name;           /* "llava", "blip2", ... */
+    const char *architectures;  /* e.g. "LlavaForConditionalGeneration, LlavaLlamaForCausalLM" */
+    const char *tower, *connector, *processor;
+    mmb_fusion fusion;
+    int has_lm;                 /* the library runs its LLM (generate) */
+} mmb_family_desc;
+MMB_API int mmb_family_count(void);
+MMB_API mmb_status mmb_family_get(int i, mmb_family_desc *out);
 
 #ifdef __cplusplus
 }

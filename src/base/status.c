@@ -13,6 +13,7 @@ const char *mmb_status_str(mmb_status s) {
     case MMB_ERR_UNSUPPORTED: return "unsupported";
     case MMB_ERR_NOMEM: return "out of memory";
     case MMB_ERR_ARG: return "invalid argument";
+    case MMB_ERR_ABORTED: return "aborted";
     }
     return "unknown status";
 }
