@@ -545,7 +545,7 @@ int main(int argc, char **argv) {
     if (child) return child_main(shapes, ns, thr, nt, reps, warm, rounds);
 
     const char *isa_name[3] = {"scalar", "avx2+fma", "avx512f"};
-    printf("bench_gemm: own kernel isa %s; threads", isa_name[mmb__gemm_own_isa()]);
+    printf("bench_gemm: own kernel isa %s; threads", isa_name[mmb__cpu_isa()]);
     for (int t = 0; t < nt; t++) printf(" %d", thr[t]);
     printf("; median of %d rounds x %d runs (each after %d warm-ups)\n", rounds, reps, warm);
 

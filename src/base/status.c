@@ -1,5 +1,5 @@
 /* Status names and the context's error message. */
-#include "internal.h"
+#include "base/base.h"
 
 #include <stdio.h>
 
