@@ -34,7 +34,8 @@ static void write_file(const char *path, const char *text) {
 }
 
 /* A transformers-layout LLaVA projector: 8 -> 6 -> 6, linear weights set so the result is known
- * in closed form: W1 = 0.5 * I-like, b1 = 0, W2 = identity, act quick_gelu. */
+ * in closed form: W1 = [I6 | 0] (the first 6 of the 8 inputs), b1 = 0, W2 = 2 * I6, b2 = 1, act silu
+ * (projector_hidden_act), so out = 2 * silu(x[:6]) + 1 on every token the "default" strategy keeps. */
 static void make_model(mmb_ctx *ctx) {
     mkdir(dir, 0755);
     char path[256];
