@@ -38,6 +38,8 @@ extern "C" {
 #define MMB_API __attribute__((visibility("default")))
 #endif
 
+/* The version's one source: CMakeLists.txt reads these three lines (library SOVERSION, mmbridge.pc)
+ * and mmb_version() is built from them. Keep the form '#define MMB_VERSION_X <number>'. */
 #define MMB_VERSION_MAJOR 0
 #define MMB_VERSION_MINOR 1
 #define MMB_VERSION_PATCH 0
