@@ -5,7 +5,9 @@
  *   adaptive average pooling (torch AdaptiveAvgPool2d: bin i of n over a side of L is
  *   [floor(i L / n), ceil((i + 1) L / n)))
  *   squeeze-and-excitation (timm SEModule as RegNet builds it; torchvision SqueezeExcitation)
- * Each kernel has a _ref oracle (double accumulation, torch's NCHW weight layout) for tests/test_conv.c. */
+ * The convolution and the pooling have _ref oracles (double accumulation, torch's NCHW weight layout) for
+ * tests/test_kernels.c (test_dwconv, test_pool); squeeze-and-excitation is checked through the
+ * C-Abstractor and LDP cases of tests/oracle/test_research_connectors.py. */
 #include "tensor/tensor.h"
 
 #include <math.h>
