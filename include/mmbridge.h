@@ -500,17 +500,19 @@ typedef struct mmb_preprocess {
  * "Fast" or "Pil" suffix is accepted). Returns MMB_OK, MMB_ERR_UNSUPPORTED for another class, or MMB_ERR_ARG for NULL. */
 MMB_API mmb_status mmb_preprocess_init(mmb_ctx *ctx, const char *type, mmb_preprocess *out);
 
-/* Reads `model_dir`/preprocessor_config.json: the class from image_processor_type (else
- * processor_class, else feature_extractor_type), its defaults for absent or null keys, then the
+/* Reads `model_dir`/preprocessor_config.json, or without one the image processor that transformers 5's
+ * processor save_pretrained nests in `model_dir`/processor_config.json (its "image_processor" object; the
+ * top level's processor_class, e.g. "LlavaProcessor", is not read): the class from image_processor_type
+ * (else processor_class, else feature_extractor_type), its defaults for absent or null keys, then the
  * file's do_resize, size (dict, int or [h, w], read as transformers' get_size_dict with the class's
  * default_to_square), resample, do_center_crop, crop_size, do_rescale, rescale_factor,
  * do_normalize, image_mean, image_std (a number or 3 numbers), do_pad, do_convert_rgb; for
  * Qwen2VLImageProcessor size {shortest_edge, longest_edge} as min / max pixels, overridden by the
  * min_pixels and max_pixels keys, and patch_size * merge_size as the resize factor.
- * Returns MMB_OK and fills *out; MMB_ERR_IO (no such file); MMB_ERR_FORMAT (bad JSON, a key of the
- * wrong type or value, naming the file and the key); MMB_ERR_MISSING (no class key, or do_center_crop
- * without crop_size); MMB_ERR_UNSUPPORTED (another processor class,
- * a size mode or resample filter not implemented); MMB_ERR_ARG for NULL. *out untouched on failure. */
+ * Returns MMB_OK and fills *out; MMB_ERR_IO (neither file); MMB_ERR_FORMAT (bad JSON, a key of the
+ * wrong type or value, naming the file and the key); MMB_ERR_MISSING (no class key, do_center_crop
+ * without crop_size, or a processor_config.json without an "image_processor" object);
+ * MMB_ERR_UNSUPPORTED (another processor class, a size mode or resample filter not implemented); MMB_ERR_ARG for NULL. *out untouched on failure. */
 MMB_API mmb_status mmb_preprocess_load(mmb_ctx *ctx, const char *model_dir, mmb_preprocess *out);
 
 /* Sets *out_height, *out_width to the size of the tensor mmb_preprocess_run makes from an image of

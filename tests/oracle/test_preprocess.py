@@ -425,7 +425,7 @@ def test_bad_configs(driver, tmp_path, corpus):
         "bad_size": ({"image_processor_type": "CLIPImageProcessor", "size": {"foo": 3}}, "unknown entry 'foo'"),
         "bad_mean": ({"image_processor_type": "CLIPImageProcessor", "image_mean": [0.5, 0.5]}, "image_mean"),
         "nearest": ({"image_processor_type": "SiglipImageProcessor", "resample": 0}, "nearest"),
-        "bad_json": ("{not json", "invalid JSON"),
+        "bad_json": ("{not json", "malformed JSON"),
     }
     for name, (cfg, expect) in cases.items():
         d = tmp_path / name
