@@ -587,6 +587,95 @@ static void test_other_dirs(mmb_ctx *ctx) {
     }
 }
 
+/* ---- mmb_mllm_params: a separate tower (original layout), the Dense Connector ---- */
+
+static const char *const ORIG = "mllm_orig", *const DENSE = "mllm_dense";
+
+static void test_params(mmb_ctx *ctx) {
+    static tset s;
+    /* an original-layout LLaVA projector whose config only names its tower; no processor of its own */
+    mkdir(ORIG, 0755);
+    write_text(ORIG, "config.json", "{\"architectures\": [\"LlavaLlamaForCausalLM\"], \"mm_projector_type\": "
+               "\"mlp2x_gelu\", \"mm_hidden_size\": 16, \"hidden_size\": 32, \"mm_vision_select_layer\": -2, "
+               "\"mm_vision_tower\": \"mllm_clip\"}");
+    add(&s, 0, 0.4f, 2, D, VD, "model.mm_projector.0.weight%s", "", 0);
+    add(&s, 0, 0.1f, 1, D, 0, "model.mm_projector.0.bias%s", "", 0);
+    add(&s, 0, 0.3f, 2, D, D, "model.mm_projector.2.weight%s", "", 0);
+    add(&s, 0, 0.1f, 1, D, 0, "model.mm_projector.2.bias%s", "", 0);
+    write_tensors(ctx, ORIG, &s);
+    /* an original-layout Dense Connector checkpoint (SCI: three hidden states into the projector) */
+    mkdir(DENSE, 0755);
+    write_text(DENSE, "config.json", "{\"architectures\": [\"LlavaLlamaForCausalLM\"], \"mm_projector_type\": "
+               "\"mlp2x_gelu\", \"mm_dense_connector_type\": \"sci\", \"mm_hidden_size\": 48, \"hidden_size\": 32, "
+               "\"mm_vision_select_layer\": -2, \"mm_vision_tower\": \"mllm_clip\"}");
+    add(&s, 0, 0.4f, 2, D, 3 * VD, "model.mm_projector.0.weight%s", "", 0);
+    add(&s, 0, 0.1f, 1, D, 0, "model.mm_projector.0.bias%s", "", 0);
+    add(&s, 0, 0.3f, 2, D, D, "model.mm_projector.2.weight%s", "", 0);
+    add(&s, 0, 0.1f, 1, D, 0, "model.mm_projector.2.bias%s", "", 0);
+    write_tensors(ctx, DENSE, &s);
+
+    mmb_image img = test_image(10);
+    static float px[3 * IMG * IMG], ref[4 * D], emb[4 * D];
+    mmb_encode_out o = {.embeddings = emb, .embeddings_count = 4 * D};
+    mmb_mllm *m = NULL;
+    CHECK(mmb_mllm_open(ctx, ORIG, NULL, &m) == MMB_OK && mmb_mllm_encode(ctx, m, &img, 1, &o) == MMB_ERR_MISSING &&
+          strstr(mmb_ctx_error(ctx), "vision_tower"), "no tower: %s", mmb_ctx_error(ctx));
+    mmb_mllm_free(m);
+    mmb_mllm_params p = mmb_mllm_default_params();
+    p.vision_tower = CLIP;
+    m = NULL;
+    CHECK(mmb_mllm_open(ctx, ORIG, &p, &m) == MMB_OK, "%s", mmb_ctx_error(ctx));
+    if (m) {
+        mmb_mllm_info in;
+        mmb_mllm_get_info(m, &in);
+        CHECK(in.has_vision && in.has_processor && !in.has_lm && in.vision_tokens == VT && in.tokens_per_image == 4,
+              "the tower and its directory's processor");
+        mmb_preprocess_run(ctx, mmb_mllm_processor(m), &img, px, 3 * IMG * IMG);
+        CHECK(mmb_model_encode(ctx, mmb_mllm_model(m), px, 1, IMG, IMG, ref, 4 * D) == MMB_OK &&
+              mmb_mllm_encode(ctx, m, &img, 1, &o) == MMB_OK && memcmp(emb, ref, sizeof emb) == 0, "%s",
+              mmb_ctx_error(ctx));
+        mmb_mllm_free(m);
+    }
+    /* the checkpoint's SCI with the layers replaced (its own 7 and 15 do not exist in a 2-block tower): over
+     * hidden_states 0 and 1, the last one final (paper layers 1, 2, 3) */
+    p = mmb_mllm_default_params();
+    p.vision_tower = CLIP;
+    p.dense = (mmb_dense_params){.use_final = 1, .final_layer = 2, .n_layers = 2, .layers = {0, 1}};
+    m = NULL;
+    CHECK(mmb_mllm_open(ctx, DENSE, &p, &m) == MMB_OK, "%s", mmb_ctx_error(ctx));
+    mmb_model *ref_m = NULL;
+    mmb_vit *v = NULL;
+    mmb_dense_params dp = {0};
+    if (mmb_model_open(ctx, DENSE, &ref_m) == MMB_OK) {
+        dp = mmb_model_dense(ref_m);
+        dp.use_final = 1;
+        dp.final_layer = 2;
+        dp.n_layers = 2;
+        dp.layers[0] = 0;
+        dp.layers[1] = 1;
+    }
+    CHECK(ref_m && dp.type == MMB_DENSE_SCI && mmb_model_set_dense(ctx, ref_m, &dp) == MMB_OK &&
+          mmb_vit_open(ctx, CLIP, &v) == MMB_OK && mmb_model_attach_vit(ctx, ref_m, v) == MMB_OK, "%s",
+          mmb_ctx_error(ctx));
+    if (m && ref_m) {
+        mmb_model_info mi;
+        mmb_model_get_info(mmb_mllm_model(m), &mi);
+        CHECK(!strcmp(mi.dense, "sci") && mi.n_taps == 3 && mi.taps[0] == 2 && mi.taps[1] == 0 && mi.taps[2] == 1,
+              "dense sci, %d taps", mi.n_taps);
+        mmb_preprocess_run(ctx, mmb_mllm_processor(m), &img, px, 3 * IMG * IMG);
+        CHECK(mmb_model_encode(ctx, ref_m, px, 1, IMG, IMG, ref, 4 * D) == MMB_OK &&
+              mmb_mllm_encode(ctx, m, &img, 1, &o) == MMB_OK && memcmp(emb, ref, sizeof emb) == 0,
+              "the merged Dense Connector = mmb_model_set_dense's: %s", mmb_ctx_error(ctx));
+    }
+    mmb_model_free(ref_m);
+    mmb_mllm_free(m);
+    /* SCI in front of the 16-wide projector of the plain LLaVA: the widths disagree */
+    p.dense = (mmb_dense_params){.type = MMB_DENSE_SCI};
+    m = (mmb_mllm *)0x1;
+    CHECK(mmb_mllm_open(ctx, LLAVA, &p, &m) == MMB_ERR_SHAPE && m == (mmb_mllm *)0x1, "%s", mmb_ctx_error(ctx));
+    mmb_image_free(&img);
+}
+
 int main(void) {
     mmb_ctx *ctx = NULL;
     mmb_ctx_params cp = mmb_ctx_default_params();
@@ -604,6 +693,7 @@ int main(void) {
     }
     mmb_mllm_free(m);
     test_other_dirs(ctx);
+    test_params(ctx);
     mmb_ctx_free(ctx);
     mmb_mllm_free(NULL);
     mmb_chunks_free(NULL);

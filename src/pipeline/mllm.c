@@ -317,7 +317,8 @@ mmb_status mmb__mllm_preprocess(mmb_ctx *ctx, const mmb_mllm *m, const mmb_image
 
 mmb_status mmb__mllm_encode_pixels(mmb_ctx *ctx, const mmb_mllm *m, const float *pixels, int64_t batch, int h, int w,
                                    float *emb, size_t emb_count, const int *taps, int n_taps, float *const *hidden) {
-    if (m->model) return mmb__model_encode_taps(ctx, m->model, pixels, batch, h, w, emb, emb_count, taps, n_taps, hidden);
+    if (m->model)
+        return mmb__model_encode_taps(ctx, m->model, pixels, batch, h, w, emb, emb_count, taps, n_taps, hidden);
     if (!m->vit) return no_vision(ctx, m);
     /* A tower alone: its last_hidden_state, and the taps, from one forward. */
     if (tokens_for(ctx, m, h, w) < 0) return MMB_ERR_SHAPE;
@@ -371,9 +372,9 @@ mmb_status mmb_mllm_encode(mmb_ctx *ctx, mmb_mllm *m, const mmb_image *imgs, int
     mmb_status s = hw && tok ? MMB_OK : mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     bool same = true;
     for (int i = 0; i < n && s == MMB_OK; i++) {
-        s = image_plan(ctx, m, &imgs[i], &hw[2 * i], &hw[2 * i + 1], &tok[i]);
-        total += s == MMB_OK ? tok[i] : 0;
-        npx += s == MMB_OK ? (size_t)3 * (size_t)hw[2 * i] * (size_t)hw[2 * i + 1] : 0;
+        if ((s = image_plan(ctx, m, &imgs[i], &hw[2 * i], &hw[2 * i + 1], &tok[i])) != MMB_OK) break;
+        total += tok[i];
+        npx += (size_t)3 * (size_t)hw[2 * i] * (size_t)hw[2 * i + 1];
         same &= hw[2 * i] == hw[0] && hw[2 * i + 1] == hw[1];
     }
     const int64_t d = m->info.out_width, vt = m->info.vision_tokens, vw = m->info.vision_width;

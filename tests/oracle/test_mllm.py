@@ -127,3 +127,20 @@ def test_refusals(driver, llava, tmp_path):
     assert p.returncode == 2 and "out of range" in p.stderr, p.stderr
     p = run_driver(driver, tmp_path / "o.st", d, image, "<image> and <image>", 1)
     assert p.returncode == 2 and "2 image marker(s) '<image>' but 1 image(s)" in p.stderr, p.stderr
+
+
+def test_family_refuses_taps_and_has_no_lm(driver, tmp_path):
+    """A BLIP-2 (a family: its tower and Q-Former run as one) opens through mmb_mllm_open; taps are refused with
+    MMB_ERR_UNSUPPORTED, and without taps the prompt is refused for want of a language model it runs."""
+    from transformers import BlipImageProcessor
+    from test_blip2 import S, make_blip2
+    d = tmp_path / "blip2"
+    make_blip2(d)
+    BlipImageProcessor(size={"height": S, "width": S}).save_pretrained(d)
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.RandomState(5).randint(0, 256, (31, 40, 3), dtype=np.uint8)).save(image)
+    p = run_driver(driver, tmp_path / "o.st", d, image, PROMPT, 1, 1)
+    assert p.returncode == 2 and p.stderr.startswith("unsupported:") and "blip2" in p.stderr and \
+        "hidden states are not exposed" in p.stderr, p.stderr
+    p = run_driver(driver, tmp_path / "o.st", d, image, PROMPT, 1)
+    assert p.returncode == 2 and "no language model" in p.stderr, p.stderr
