@@ -6,13 +6,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-
-static double now_s(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -118,10 +111,10 @@ mmb_status mmb_connector_measure(mmb_ctx *ctx, const char *type, int64_t width, 
         }
     }
     for (int k = 0; k <= reps && s == MMB_OK; k++) {
-        double t0 = now_s();
+        double t0 = mmb__now_s();
         s = ops->forward(ctx, st, y, x, 1, tokens);
         mmb__arena_reset(&ctx->arena);
-        if (k) ts[k - 1] = now_s() - t0;
+        if (k) ts[k - 1] = mmb__now_s() - t0;
     }
     if (s == MMB_OK) {
         qsort(ts, (size_t)reps, sizeof *ts, cmp_double);
