@@ -199,7 +199,10 @@ static mmb_status qformer_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_c
 }
 
 /* Nq queries for any number of image tokens. */
-static int64_t qformer_out_tokens(const void *st, int64_t tokens) { (void)tokens; return ((const blip2_state *)st)->nq; }
+static int64_t qformer_out_tokens(const void *st, int64_t tokens) {
+    (void)tokens;
+    return ((const blip2_state *)st)->nq;
+}
 static int64_t qformer_out_width(const void *st) { return ((const blip2_state *)st)->Dt; }
 static const char *qformer_activation(const void *st) { return mmb__act_name(((const blip2_state *)st)->act); }
 
@@ -222,7 +225,8 @@ static void layer_forward(mmb_ctx *ctx, const blip2_state *s, const qf_layer *l,
     if (l->cross) {
         mmb__linear_forward(ctx, big, x, rows, &l->cq);
         mmb__linear_forward(ctx, kv, img, B * T, &l->ckv);
-        mmb__cross_attention_forward(ctx, att, big, kv, kv + s->H, s->H, 2 * s->H, B, s->nq, T, s->heads, s->heads, hd, asc);
+        mmb__cross_attention_forward(ctx, att, big, kv, kv + s->H, s->H, 2 * s->H, B, s->nq, T, s->heads, s->heads, hd,
+                                     asc);
         mmb__linear_forward(ctx, y, att, rows, &l->cross_out);
         residual_norm(ctx, x, y, l->cross_ln_w, l->cross_ln_b, rows, s);
     }

@@ -17,12 +17,21 @@ static const mmb__vit_part idefics2_part = {.towers = "idefics2", .conn = &mmb__
                                             .conn_prefix = "connector.",
                                             .dtype_tensor = "modality_projection.gate_proj.weight"};
 static const mmb__vit_part idefics3_part = {.towers = "idefics3", .conn = &mmb__conn_pixel_shuffle,
-                                            .conn_prefix = "connector.", .dtype_tensor = "modality_projection.proj.weight"};
+                                            .conn_prefix = "connector.",
+                                            .dtype_tensor = "modality_projection.proj.weight"};
 static const mmb__vit_part smolvlm_part = {.towers = "smolvlm", .conn = &mmb__conn_pixel_shuffle,
-                                           .conn_prefix = "connector.", .dtype_tensor = "modality_projection.proj.weight"};
+                                           .conn_prefix = "connector.",
+                                           .dtype_tensor = "modality_projection.proj.weight"};
+
+/* A row for a tower alone: no connector, no LLM; any of its hidden states. */
+#define TOWER(family, archs, types, proc)                                                                          \
+    {.name = family, .architectures = archs, .model_types = types, .layouts = "transformers", .tower = archs,        \
+     .taps = "any hidden_states", .connector = "", .processor = proc, .fusion = MMB_FUSION_NONE, .lm = "",          \
+     .vision_only = true}
 
 /* In matching order: the families, then original LLaVA (claimed by its config keys whatever the
- * architecture), then transformers' LLaVA, then the towers alone. */
+ * architecture), then transformers' LLaVA, then the towers alone that mmb_vit_open reads (named by the
+ * family of their vit.c config class, mmb_vit_info.family). */
 static const mmb__family rows[] = {
     {.name = "blip2", .architectures = "Blip2ForConditionalGeneration, Blip2Model", .model_types = "blip-2",
      .layouts = "transformers", .tower = "vision_config: Blip2VisionModel",
@@ -68,33 +77,41 @@ static const mmb__family rows[] = {
      .taps = "vision_feature_layer, vision_feature_select_strategy",
      .connector = "llava (multi_modal_projector, projector_hidden_act)", .processor = "CLIPImageProcessor",
      .fusion = MMB_FUSION_C, .lm = "text_config: Llama, Mistral, Qwen2", .lm_runs = true},
-    {.name = "clip", .architectures = "CLIPVisionModel, CLIPModel", .model_types = "clip_vision_model, clip",
-     .layouts = "transformers", .tower = "CLIPVisionModel (vision_model.*)", .taps = "any hidden_states",
-     .connector = "", .processor = "CLIPImageProcessor", .fusion = MMB_FUSION_NONE, .lm = "", .vision_only = true},
-    {.name = "siglip", .architectures = "SiglipVisionModel, SiglipModel", .model_types = "siglip_vision_model, siglip",
-     .layouts = "transformers", .tower = "SiglipVisionModel (vision_model.*)", .taps = "any hidden_states",
-     .connector = "", .processor = "SiglipImageProcessor", .fusion = MMB_FUSION_NONE, .lm = "", .vision_only = true},
+    TOWER("clip", "CLIPVisionModel, CLIPModel", "clip_vision_model, clip", "CLIPImageProcessor"),
+    TOWER("siglip", "SiglipVisionModel, SiglipModel", "siglip_vision_model, siglip", "SiglipImageProcessor"),
+    TOWER("blip2", "Blip2VisionModel", "blip_2_vision_model", "BlipImageProcessor"),
+    TOWER("idefics2", "Idefics2VisionTransformer", "idefics2_vision", "Idefics2ImageProcessor"),
+    TOWER("idefics3", "Idefics3VisionTransformer", "idefics3_vision", "Idefics3ImageProcessor"),
+    TOWER("smolvlm", "SmolVLMVisionTransformer", "smolvlm_vision", "SmolVLMImageProcessor"),
 };
 #define N_ROWS ((int)(sizeof rows / sizeof rows[0]))
 
+/* The next item of the ", "-separated list at *p (NULL: none): *item and its length *len; advances *p. */
+static bool next_item(const char **p, const char **item, size_t *len) {
+    if (!*p) return false;
+    *p += strspn(*p, ", ");
+    *item = *p;
+    *len = strcspn(*p, ",");
+    *p += *len;
+    return *len > 0;
+}
+
 bool mmb__list_has(const char *list, const char *s) {
-    size_t n = strlen(s);
-    for (const char *p = list; p && *p; p += strspn(p, ", ")) {
-        size_t len = strcspn(p, ",");
-        if (len == n && strncmp(p, s, n) == 0) return true;
-        p += len;
-    }
+    const char *item;
+    size_t len;
+    while (next_item(&list, &item, &len))
+        if (len == strlen(s) && strncmp(item, s, len) == 0) return true;
     return false;
 }
 
-/* Does config have any of the ", "-separated keys? */
+/* Does config have any of the ", "-separated keys (NULL: none)? */
 static bool has_key(const cJSON *config, const char *keys) {
+    const char *item;
+    size_t len;
     char k[64];
-    for (const char *p = keys; p && *p; p += strspn(p, ", ")) {
-        size_t len = strcspn(p, ",");
-        snprintf(k, sizeof k, "%.*s", (int)len, p);
+    while (next_item(&keys, &item, &len)) {
+        snprintf(k, sizeof k, "%.*s", (int)len, item);
         if (cJSON_GetObjectItemCaseSensitive(config, k)) return true;
-        p += len;
     }
     return false;
 }
