@@ -6,7 +6,8 @@
 #include <pthread.h>
 #include <string.h>
 
-/* X(n): the ops table mmb__conn_<n>, defined in that connector's file; the first is "identity". */
+/* X(n): the ops table mmb__conn_<n>, defined in that connector's file; the first is "identity". Names
+ * are searched in this order. */
 #define CONNECTORS(X) \
     X(identity) \
     X(mlp) \
@@ -16,7 +17,8 @@
     X(ldp) \
     X(moe) \
     X(lowrank) \
-    X(flamingo_perceiver)
+    X(flamingo_perceiver) \
+    /* the end of the list: one line "X(name) \" per connector above */
 
 #define DECLARE(n) extern const mmb_connector_ops mmb__conn_##n;
 CONNECTORS(DECLARE)
