@@ -12,17 +12,6 @@ static int cmp_double(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* Config keys a synthetic checkpoint needs beyond the LLaVA ones, for connectors that would read them
- * from a real checkpoint's config or infer them from its tensors: the original papers' defaults
- * ("%W" is the vision width, "%T" the patch tokens). */
-static const struct { const char *type, *json; } synth_defaults[] = {
-    {"c-abs", "{\"mm_cabs_hidden_size\": %W, \"mm_cabs_num_pos\": %T}"},
-    {"flamingo_perceiver", "{\"mm_perceiver_num_latents\": 64, \"mm_perceiver_depth\": 6, \"mm_perceiver_heads\": 8, "
-                           "\"mm_perceiver_dim_head\": 64, \"mm_perceiver_ff_mult\": 4}"},
-    {"moe_", "{\"mm_moe_num_experts\": 8, \"mm_moe_top_k\": 2}"},
-    {"lowrank", "{\"mm_lowrank_rank\": 256}"},
-};
-
 /* Adds json's keys to cfg, replacing keys it has; "%W" in json stands for `width`, "%T" for `tokens`. */
 static bool merge_json(cJSON *cfg, const char *json, int64_t width, int64_t tokens) {
     char buf[1024];
@@ -44,17 +33,16 @@ static bool merge_json(cJSON *cfg, const char *json, int64_t width, int64_t toke
     return ok;
 }
 
-/* config.json of the synthetic checkpoint: the original-LLaVA keys, the type's defaults, then
- * config_json's on top. */
+/* config.json of the synthetic checkpoint: the original-LLaVA keys, the defaults the connector that
+ * builds `type` gives (its synth_config), then config_json's on top. */
 static mmb_status synth_config(mmb_ctx *ctx, const char *type, int64_t width, int64_t tokens, int64_t d_model,
                                const char *config_json, cJSON **out) {
     cJSON *cfg = cJSON_CreateObject();
     bool ok = cfg && cJSON_AddStringToObject(cfg, "mm_projector_type", type) &&
               cJSON_AddNumberToObject(cfg, "mm_hidden_size", (double)width) &&
               cJSON_AddNumberToObject(cfg, "hidden_size", (double)d_model);
-    for (size_t i = 0; ok && i < sizeof synth_defaults / sizeof synth_defaults[0]; i++)
-        if (!strncmp(type, synth_defaults[i].type, strlen(synth_defaults[i].type)))
-            ok = merge_json(cfg, synth_defaults[i].json, width, tokens);
+    const mmb_connector_ops *ops = mmb__connector_find(type);
+    if (ok && ops && ops->synth_config) ok = merge_json(cfg, ops->synth_config, width, tokens);
     if (!ok) {
         cJSON_Delete(cfg);
         return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
