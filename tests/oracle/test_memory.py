@@ -12,10 +12,10 @@ import subprocess
 
 import pytest
 
+from conftest import build_dir
 from test_blip2 import S as BLIP2_S, make_blip2
 from test_idefics2 import build as build_idefics2
 from test_perceiver import S as IDEFICS_S, make_idefics
-from test_preprocess import build_dir
 from test_qwen2vl import make_model as make_qwen2vl
 
 
