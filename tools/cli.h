@@ -59,6 +59,10 @@ void cli_help(const cli_spec *s, FILE *f);
 int cli_distance(const char *a, const char *b);
 const char *cli_nearest(const char *word, const char *const *cands, int n);
 
+/* "1,-2,3" -> a malloc'd array of *n integers in [lo, hi]; NULL after printing what is wrong (opt names
+ * the option). */
+int64_t *cli_int_list(const char *opt, const char *v, int64_t lo, int64_t hi, int64_t *n);
+
 /* ---- options several commands take ------------------------------------------------------------ */
 
 typedef struct cli_ctx_opts {

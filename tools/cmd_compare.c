@@ -174,18 +174,27 @@ int cmd_compare(int argc, char **argv) {
     const char *types = NULL, *csv = NULL, *svg = NULL, *models[64], *cfgs[64];
     int n_models = 0, n_cfgs = 0;
     const cli_opt opts[] = {
-        {.name = "--width", .meta = "C", .type = CLI_INT, .dst = &width, .help = "registry rows: channels of the random features (default 1024)", .lo = 1, .hi = 1 << 16},
-        {.name = "--grid", .meta = "G", .type = CLI_INT, .dst = &grid, .help = "registry rows: a G x G patch grid, CLS dropped (default 24)", .lo = 1, .hi = 1 << 10},
-        {.name = "--llm-width", .meta = "D", .type = CLI_INT, .dst = &d, .help = "the LLM the prefill column is for, when a row brings none: width\n"
+        {.name = "--width", .meta = "C", .type = CLI_INT, .dst = &width,
+         .help = "registry rows: channels of the random features (default 1024)", .lo = 1, .hi = 1 << 16},
+        {.name = "--grid", .meta = "G", .type = CLI_INT, .dst = &grid,
+         .help = "registry rows: a G x G patch grid, CLS dropped (default 24)", .lo = 1, .hi = 1 << 10},
+        {.name = "--llm-width", .meta = "D", .type = CLI_INT, .dst = &d,
+         .help = "the LLM the prefill column is for, when a row brings none: width\n"
          "(default 4096), also the registry rows' projection width", .lo = 1, .hi = 1 << 16},
-        {.name = "--llm-layers", .meta = "L", .type = CLI_INT, .dst = &L, .help = "... its layers (default 32)", .lo = 1, .hi = 1 << 10},
-        {.name = "--llm-ffn", .meta = "F", .type = CLI_INT, .dst = &ffn, .help = "... its MLP width (default 11008)", .lo = 1, .hi = 1 << 20},
-        {.name = "--types", .meta = "T1,T2", .type = CLI_STR, .dst = &types, .help = "the registry connectors to measure (all: every one, also with MODELs)"},
-        {.name = "--config", .meta = "TYPE=JSON", .type = CLI_STRS, .dst = cfgs, .help = "config.json keys for one type, e.g. moe_mlp2x_gelu='{...}'", .count = &n_cfgs,
+        {.name = "--llm-layers", .meta = "L", .type = CLI_INT, .dst = &L,
+         .help = "... its layers (default 32)", .lo = 1, .hi = 1 << 10},
+        {.name = "--llm-ffn", .meta = "F", .type = CLI_INT, .dst = &ffn,
+         .help = "... its MLP width (default 11008)", .lo = 1, .hi = 1 << 20},
+        {.name = "--types", .meta = "T1,T2", .type = CLI_STR, .dst = &types,
+         .help = "the registry connectors to measure (all: every one, also with MODELs)"},
+        {.name = "--config", .meta = "TYPE=JSON", .type = CLI_STRS, .dst = cfgs,
+         .help = "config.json keys for one type, e.g. moe_mlp2x_gelu='{...}'", .count = &n_cfgs,
          .max = 64},
-        {.name = "--reps", .meta = "N", .type = CLI_INT, .dst = &reps, .help = "timed runs per row, after one warm-up (default 5)", .lo = 1, .hi = 1000},
+        {.name = "--reps", .meta = "N", .type = CLI_INT, .dst = &reps,
+         .help = "timed runs per row, after one warm-up (default 5)", .lo = 1, .hi = 1000},
         {.name = "--csv", .meta = "F", .type = CLI_STR, .dst = &csv, .help = "also write the table as CSV"},
-        {.name = "--svg", .meta = "F", .type = CLI_STR, .dst = &svg, .help = "also write a bar chart of latency and tokens"},
+        {.name = "--svg", .meta = "F", .type = CLI_STR, .dst = &svg,
+         .help = "also write a bar chart of latency and tokens"},
         CLI_OPT_THREADS(&threads),
     };
     const cli_spec spec = {"compare", "[MODEL...]",

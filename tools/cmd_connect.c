@@ -60,8 +60,10 @@ int cmd_connect(int argc, char **argv) {
     cli_ctx_opts co = {0};
     mmb_dense_params dense = {0};
     const cli_opt opts[] = {
-        {.name = "--features", .meta = "IN", .type = CLI_STR, .dst = &features, .help = "the hidden states: a safetensors file (required)"},
-        {.name = "-o", .meta = "OUT", .type = CLI_STR, .dst = &output, .help = "the output safetensors file (required)"},
+        {.name = "--features", .meta = "IN", .type = CLI_STR, .dst = &features,
+         .help = "the hidden states: a safetensors file (required)"},
+        {.name = "-o", .meta = "OUT", .type = CLI_STR, .dst = &output,
+         .help = "the output safetensors file (required)"},
         CLI_OPTS_CTX(&co),
         CLI_OPTS_DENSE(&dense),
     };

@@ -219,8 +219,10 @@ int cmd_demo(int argc, char **argv) {
     cli_ctx_opts co = {0};
     const char *prompt = "What is in this image?";
     const cli_opt opts[] = {
-        {.name = "--prompt", .meta = "TEXT", .type = CLI_STR, .dst = &prompt, .help = "the question asked about the image (default: What is in this image?)"},
-        {.name = "-n", .meta = "N", .type = CLI_INT, .dst = &n_new, .help = "tokens to generate (default 32)", .lo = 0, .hi = LM_CTX - 300},
+        {.name = "--prompt", .meta = "TEXT", .type = CLI_STR, .dst = &prompt,
+         .help = "the question asked about the image (default: What is in this image?)"},
+        {.name = "-n", .meta = "N", .type = CLI_INT, .dst = &n_new,
+         .help = "tokens to generate (default 32)", .lo = 0, .hi = LM_CTX - 300},
         CLI_OPT_THREADS(&co.threads),
     };
     const cli_spec spec = {"demo", "DIR [IMAGE]",

@@ -22,18 +22,12 @@ typedef struct source {
 
 /* "0,8,-2" -> taps. */
 static int parse_taps(const char *v, cli_enc *o) {
-    const char *p = v;
-    while (*p) {
-        char *end;
-        long t = strtol(p, &end, 10);
-        if (end == p || (*end && *end != ',') || t < -100000 || t > 100000 || o->n_taps == MMB_MAX_TAPS) {
-            fprintf(stderr, "mmbridge encode: --taps wants a comma-separated list of layer indices, e.g. 0,8,-2\n");
-            return 2;
-        }
-        o->taps[o->n_taps++] = (int)t;
-        p = *end ? end + 1 : end;
-    }
-    return 0;
+    int64_t n = 0, *t = cli_int_list("--taps", v, -100000, 100000, &n);
+    int ok = t && n <= MMB_MAX_TAPS;
+    if (t && !ok) fprintf(stderr, "mmbridge encode: --taps: at most %d layers\n", MMB_MAX_TAPS);
+    for (int64_t i = 0; ok && i < n; i++) o->taps[o->n_taps++] = (int)t[i];
+    free(t);
+    return ok ? 0 : 2;
 }
 
 /* Reads pixel_values [n, C, H, W] (any float dtype) as f32; `size` > 0 requires H = W = size. */
@@ -170,24 +164,31 @@ static int parse_encode(int argc, char **argv, cli_enc *o, const char **pos) {
     const char *taps = NULL;
     int np = 0;
     const cli_opt opts[] = {
-        {.name = "-o", .meta = "OUT", .type = CLI_STR, .dst = &o->output, .help = "the output safetensors file (required); '-' writes it to standard output\n"
+        {.name = "-o", .meta = "OUT", .type = CLI_STR, .dst = &o->output,
+         .help = "the output safetensors file (required); '-' writes it to standard output\n"
          "(the messages then go to standard error)"},
-        {.name = "--batch", .meta = "N", .type = CLI_INT, .dst = &o->batch, .help = "images per forward pass (default 8); a progress line per batch", .lo = 1, .hi = 4096},
-        {.name = "--pixels", .meta = "F", .type = CLI_STR, .dst = &o->pixels, .help = "read preprocessed 'pixel_values' [n, channels, size, size] from F\n"
-         "instead of decoding images"},
-        {.name = "--taps", .meta = "LIST", .type = CLI_STR, .dst = &taps, .help = "also write these hidden_states.{i} (HF indices: 0 = embeddings,\n"
+        {.name = "--batch", .meta = "N", .type = CLI_INT, .dst = &o->batch,
+         .help = "images per forward pass (default 8); a progress line per batch", .lo = 1, .hi = 4096},
+        {.name = "--pixels", .meta = "F", .type = CLI_STR, .dst = &o->pixels,
+         .help = "read preprocessed 'pixel_values' [n, channels, size, size] from F instead\n"
+         "of decoding images"},
+        {.name = "--taps", .meta = "LIST", .type = CLI_STR, .dst = &taps,
+         .help = "also write these hidden_states.{i} (HF indices: 0 = embeddings,\n"
          "i = block i, negative from the end; written under their non-negative index)"},
-        {.name = "--vision-tower", .meta = "DIR", .type = CLI_STR, .dst = &o->tower, .help = "the CLIP/SigLIP checkpoint directory of an original-layout\n"
-         "LLaVA model"},
-        {.name = "--video", .meta = "FRAMES", .type = CLI_STR, .dst = &o->video, .help = "a video as image files: a directory (its files in name order,\n"
-         "hidden ones skipped) or a text file listing one frame path per line (relative to the\n"
-         "list's directory). --frames N of them are taken, the midpoint of each of N equal\n"
-         "segments (FreeVA / Dense Connector); each goes through tower and connector like an\n"
-         "image, then MaxPool1d(2, 2) over each frame's tokens (--no-pool keeps them all),\n"
-         "frames concatenated in order: 'embeddings' [1, frames * tokens / 2, d_model]\n"
+        {.name = "--vision-tower", .meta = "DIR", .type = CLI_STR, .dst = &o->tower,
+         .help = "the CLIP/SigLIP checkpoint directory of an original-layout LLaVA model"},
+        {.name = "--video", .meta = "FRAMES", .type = CLI_STR, .dst = &o->video,
+         .help = "a video as image files: a directory (its files in name order, hidden\n"
+         "ones skipped) or a text file listing one frame path per line (relative to it).\n"
+         "--frames N of them are taken, the midpoint of each of N equal segments (FreeVA /\n"
+         "Dense Connector); each goes through tower and connector like an image, then\n"
+         "MaxPool1d(2, 2) over each frame's tokens (--no-pool keeps them all), frames\n"
+         "concatenated in order: 'embeddings' [1, frames * tokens / 2, d_model]\n"
          "(8 CLIP-L/336 frames: 2304 tokens)"},
-        {.name = "--frames", .meta = "N", .type = CLI_INT, .dst = &o->frames, .help = "--video: frames to take (default 8)", .lo = 1, .hi = 256},
-        {.name = "--no-pool", .meta = NULL, .type = CLI_FLAG, .dst = &o->no_pool, .help = "--video: keep every frame's tokens"},
+        {.name = "--frames", .meta = "N", .type = CLI_INT, .dst = &o->frames,
+         .help = "--video: frames to take (default 8)", .lo = 1, .hi = 256},
+        {.name = "--no-pool", .meta = NULL, .type = CLI_FLAG, .dst = &o->no_pool,
+         .help = "--video: keep every frame's tokens"},
         CLI_OPTS_CTX(&o->co),
         CLI_OPTS_DENSE(&o->dense),
     };

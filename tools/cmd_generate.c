@@ -16,37 +16,6 @@ static void on_sigint(int sig) {
     interrupted = 1;
 }
 
-/* "1,2,3" -> a malloc'd array; *n its length. NULL (message printed) on a bad list. */
-static int64_t *parse_list(const char *opt, const char *v, int64_t lo, int64_t hi, int64_t *n) {
-    int64_t cap = 16, *a = malloc(sizeof *a * (size_t)cap);
-    *n = 0;
-    const char *q = v;
-    while (a && *q) {
-        char *end;
-        errno = 0;
-        long long x = strtoll(q, &end, 10);
-        if (end == q || errno || x < lo || x > hi || (*end && *end != ',')) {
-            fprintf(stderr, "mmbridge: %s wants comma-separated integers in [%lld, %lld]\n", opt, (long long)lo,
-                    (long long)hi);
-            free(a);
-            return NULL;
-        }
-        if (*n == cap) {
-            int64_t *b = realloc(a, sizeof *a * (size_t)(cap *= 2));
-            if (!b) break;
-            a = b;
-        }
-        a[(*n)++] = x;
-        q = *end ? end + 1 : end;
-    }
-    if (!a || *n == 0) {
-        fprintf(stderr, a ? "mmbridge: %s is empty\n" : "mmbridge: %s: out of memory\n", opt);
-        free(a);
-        return NULL;
-    }
-    return a;
-}
-
 /* One image through the model's processor, encoder and connector: emb (*t, d) malloc'd. */
 static float *encode_image(mmb_ctx *ctx, const mmb_model *m, const char *dir, const char *path, int64_t *t) {
     mmb_model_info mi;
@@ -246,7 +215,7 @@ int cli_generate_run(mmb_ctx *ctx, const cli_gen *o) {
     if (mmb_lm_open(ctx, o->model, &lm) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
     mmb_lm_info li;
     mmb_lm_get_info(lm, &li);
-    if (o->chunks && !(chunks = parse_list("--chunks", o->chunks, 1, INT32_MAX, &n_chunks))) { r = 2; goto done; }
+    if (o->chunks && !(chunks = cli_int_list("--chunks", o->chunks, 1, INT32_MAX, &n_chunks))) { r = 2; goto done; }
     if (o->prompt) {
         if (mmb_tokenizer_open(ctx, o->model, &tok) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
         if (prompt_ids(ctx, o, tok, li.image_token, &ids, &n_ids)) goto done;
@@ -259,7 +228,7 @@ int cli_generate_run(mmb_ctx *ctx, const cli_gen *o) {
             if (!dup) li.eos[li.n_eos++] = stop[k];
         }
     } else if (o->ids) {
-        if (!(ids64 = parse_list("--ids", o->ids, 0, INT32_MAX, &n_ids))) { r = 2; goto done; }
+        if (!(ids64 = cli_int_list("--ids", o->ids, 0, INT32_MAX, &n_ids))) { r = 2; goto done; }
         if (!(ids = malloc(sizeof *ids * (size_t)n_ids))) goto done;
         for (int64_t i = 0; i < n_ids; i++) ids[i] = (int32_t)ids64[i];
         if (!(emb = assemble(ctx, o, lm, ids, n_ids, &n))) goto done;
@@ -355,26 +324,40 @@ int cmd_generate(int argc, char **argv) {
     int64_t top_k = 0;
     o.n_new = 128;
     const cli_opt opts[] = {
-        {.name = "--image", .meta = "IMG", .type = CLI_STRS, .dst = o.images, .help = "an image; each image marker of the prompt takes the next one", .count = &o.n_images,
+        {.name = "--image", .meta = "IMG", .type = CLI_STRS, .dst = o.images,
+         .help = "an image; each image marker of the prompt takes the next one", .count = &o.n_images,
          .max = CLI_MAX_IMAGES},
-        {.name = "--prompt", .meta = "TEXT", .type = CLI_STR, .dst = &o.prompt, .help = "through the chat template of tokenizer_config.json / chat_template.json,\n"
+        {.name = "--prompt", .meta = "TEXT", .type = CLI_STR, .dst = &o.prompt,
+         .help = "through the chat template of tokenizer_config.json / chat_template.json,\n"
          "then tokenized (--raw: tokenized verbatim, with the tokenizer's BOS); without an image\n"
          "marker (<image>) in TEXT, one per --image is put in front"},
         {.name = "--raw", .meta = NULL, .type = CLI_FLAG, .dst = &o.raw, .help = "no chat template"},
-        {.name = "--ids", .meta = "LIST", .type = CLI_STR, .dst = &o.ids, .help = "the prompt as token ids, comma-separated (no tokenizer needed)"},
-        {.name = "--embeds", .meta = "FILE", .type = CLI_STR, .dst = &o.embeds, .help = "the prompt as input embeddings: tensor 'embeds' [n, d_model]"},
-        {.name = "-n", .meta = "N", .type = CLI_INT, .dst = &o.n_new, .help = "tokens to generate (default 128; 0: prefill only)", .lo = 0, .hi = 1e9},
-        {.name = "--temp", .meta = "T", .type = CLI_NUM, .dst = &temp, .help = "sampling temperature (default 0: greedy)", .lo = 0, .hi = 100},
-        {.name = "--top-k", .meta = "K", .type = CLI_INT, .dst = &top_k, .help = "sample from the K most likely tokens (0: off)", .lo = 0, .hi = 1e9},
-        {.name = "--top-p", .meta = "P", .type = CLI_NUM, .dst = &top_p, .help = "nucleus sampling (1: off)", .lo = 0, .hi = 1},
-        {.name = "--seed", .meta = "S", .type = CLI_NUM, .dst = &seed, .help = "the sampler's seed (the same seed, the same tokens)", .lo = 0, .hi = 1.8e19},
-        {.name = "--stop", .meta = "STR", .type = CLI_STRS, .dst = o.stops, .help = "also stop when the text holds STR", .count = &o.n_stops, .max = CLI_MAX_STOPS},
-        {.name = "--ignore-eos", .meta = NULL, .type = CLI_FLAG, .dst = &o.ignore_eos, .help = "do not stop at the end-of-sequence ids"},
-        {.name = "--print-ids", .meta = NULL, .type = CLI_FLAG, .dst = &o.print_ids, .help = "print the generated ids, space-separated, instead of text (the\n"
+        {.name = "--ids", .meta = "LIST", .type = CLI_STR, .dst = &o.ids,
+         .help = "the prompt as token ids, comma-separated (no tokenizer needed)"},
+        {.name = "--embeds", .meta = "FILE", .type = CLI_STR, .dst = &o.embeds,
+         .help = "the prompt as input embeddings: tensor 'embeds' [n, d_model]"},
+        {.name = "-n", .meta = "N", .type = CLI_INT, .dst = &o.n_new,
+         .help = "tokens to generate (default 128; 0: prefill only)", .lo = 0, .hi = 1e9},
+        {.name = "--temp", .meta = "T", .type = CLI_NUM, .dst = &temp,
+         .help = "sampling temperature (default 0: greedy)", .lo = 0, .hi = 100},
+        {.name = "--top-k", .meta = "K", .type = CLI_INT, .dst = &top_k,
+         .help = "sample from the K most likely tokens (0: off)", .lo = 0, .hi = 1e9},
+        {.name = "--top-p", .meta = "P", .type = CLI_NUM, .dst = &top_p,
+         .help = "nucleus sampling (1: off)", .lo = 0, .hi = 1},
+        {.name = "--seed", .meta = "S", .type = CLI_NUM, .dst = &seed,
+         .help = "the sampler's seed (the same seed, the same tokens)", .lo = 0, .hi = 1.8e19},
+        {.name = "--stop", .meta = "STR", .type = CLI_STRS, .dst = o.stops,
+         .help = "also stop when the text holds STR", .count = &o.n_stops, .max = CLI_MAX_STOPS},
+        {.name = "--ignore-eos", .meta = NULL, .type = CLI_FLAG, .dst = &o.ignore_eos,
+         .help = "do not stop at the end-of-sequence ids"},
+        {.name = "--print-ids", .meta = NULL, .type = CLI_FLAG, .dst = &o.print_ids,
+         .help = "print the generated ids, space-separated, instead of text (the\n"
          "output of --ids and --embeds)"},
-        {.name = "--logits", .meta = "OUT", .type = CLI_STR, .dst = &o.logits, .help = "write 'logits' [positions, vocab] f32: every prompt position, then\n"
+        {.name = "--logits", .meta = "OUT", .type = CLI_STR, .dst = &o.logits,
+         .help = "write 'logits' [positions, vocab] f32: every prompt position, then\n"
          "every decode step"},
-        {.name = "--chunks", .meta = "LIST", .type = CLI_STR, .dst = &o.chunks, .help = "feed the prompt in pieces of these sizes (e.g. 3,2,1), the rest in one"},
+        {.name = "--chunks", .meta = "LIST", .type = CLI_STR, .dst = &o.chunks,
+         .help = "feed the prompt in pieces of these sizes (e.g. 3,2,1), the rest in one"},
         CLI_OPT_THREADS(&o.co.threads),
     };
     const cli_spec spec = {"generate", "MODEL [--image IMG]... (--prompt TEXT | --ids LIST | --embeds FILE)",

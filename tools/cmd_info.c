@@ -105,7 +105,8 @@ int cmd_info(int argc, char **argv) {
     mmb_dense_params dense = {0};
     const char *tower = NULL;
     const cli_opt opts[] = {
-        {.name = "--vision-tower", .meta = "DIR", .type = CLI_STR, .dst = &tower, .help = "the CLIP/SigLIP directory of an original-layout LLaVA checkpoint"},
+        {.name = "--vision-tower", .meta = "DIR", .type = CLI_STR, .dst = &tower,
+         .help = "the CLIP/SigLIP directory of an original-layout LLaVA checkpoint"},
         CLI_OPTS_CTX(&co),
         CLI_OPTS_DENSE(&dense),
     };

@@ -124,21 +124,32 @@ int cmd_tokenize(int argc, char **argv) {
     const char *batch = NULL, *dbatch = NULL;
     int special = 0, skip = 0, stream = 0, gen = 0, info = 0;
     const cli_opt opts[] = {
-        {.name = "--text", .meta = "TEXT", .type = CLI_STR, .dst = &text, .help = "encode TEXT; prints the ids, space separated"},
+        {.name = "--text", .meta = "TEXT", .type = CLI_STR, .dst = &text,
+         .help = "encode TEXT; prints the ids, space separated"},
         {.name = "--file", .meta = "F", .type = CLI_STR, .dst = &file, .help = "encode the bytes of F"},
-        {.name = "--special", .meta = NULL, .type = CLI_FLAG, .dst = &special, .help = "add the post-processor's special tokens (BOS for Llama)"},
-        {.name = "--decode", .meta = "IDS", .type = CLI_STR, .dst = &dec, .help = "decode comma- or space-separated ids; prints the text as is"},
-        {.name = "--skip-special", .meta = NULL, .type = CLI_FLAG, .dst = &skip, .help = "drop special tokens when decoding"},
-        {.name = "--stream", .meta = NULL, .type = CLI_FLAG, .dst = &stream, .help = "decode one token at a time as a generator would; prints each piece\n"
+        {.name = "--special", .meta = NULL, .type = CLI_FLAG, .dst = &special,
+         .help = "add the post-processor's special tokens (BOS for Llama)"},
+        {.name = "--decode", .meta = "IDS", .type = CLI_STR, .dst = &dec,
+         .help = "decode comma- or space-separated ids; prints the text as is"},
+        {.name = "--skip-special", .meta = NULL, .type = CLI_FLAG, .dst = &skip,
+         .help = "drop special tokens when decoding"},
+        {.name = "--stream", .meta = NULL, .type = CLI_FLAG, .dst = &stream,
+         .help = "decode one token at a time as a generator would; prints each piece\n"
          "handed out as one line of hex (empty line: nothing yet)"},
-        {.name = "--batch", .meta = "F", .type = CLI_STR, .dst = &batch, .help = "encode each string of the JSON list in F; one line of ids each"},
-        {.name = "--decode-batch", .meta = "F", .type = CLI_STR, .dst = &dbatch, .help = "decode each id list of the JSON list in F; prints a JSON list"},
-        {.name = "--chat", .meta = "MESSAGES.json", .type = CLI_STR, .dst = &chat, .help = "render a JSON list of {\"role\", \"content\"} messages (content a\n"
+        {.name = "--batch", .meta = "F", .type = CLI_STR, .dst = &batch,
+         .help = "encode each string of the JSON list in F; one line of ids each"},
+        {.name = "--decode-batch", .meta = "F", .type = CLI_STR, .dst = &dbatch,
+         .help = "decode each id list of the JSON list in F; prints a JSON list"},
+        {.name = "--chat", .meta = "MESSAGES.json", .type = CLI_STR, .dst = &chat,
+         .help = "render a JSON list of {\"role\", \"content\"} messages (content a\n"
          "string or a list of {\"type\": ...} parts) with the chat template"},
-        {.name = "--template", .meta = "T", .type = CLI_STR, .dst = &tmpl, .help = "use the template in file T instead of the checkpoint's"},
-        {.name = "--vars", .meta = "VARS.json", .type = CLI_STR, .dst = &vars, .help = "extra template variables (a JSON object)"},
+        {.name = "--template", .meta = "T", .type = CLI_STR, .dst = &tmpl,
+         .help = "use the template in file T instead of the checkpoint's"},
+        {.name = "--vars", .meta = "VARS.json", .type = CLI_STR, .dst = &vars,
+         .help = "extra template variables (a JSON object)"},
         {.name = "--gen-prompt", .meta = NULL, .type = CLI_FLAG, .dst = &gen, .help = "add_generation_prompt=true"},
-        {.name = "--info", .meta = NULL, .type = CLI_FLAG, .dst = &info, .help = "print vocab size, BOS, EOS and stop ids"},
+        {.name = "--info", .meta = NULL, .type = CLI_FLAG, .dst = &info,
+         .help = "print vocab size, BOS, EOS and stop ids"},
     };
     const cli_spec spec = {"tokenize", "DIR (--text T | --file F | --decode IDS | --chat M | --batch F | --decode-batch F | --info)",
         "A checkpoint's tokenizer and chat template. DIR holds tokenizer.json (Hugging Face tokenizers\n"

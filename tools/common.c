@@ -21,8 +21,7 @@ mmb_ctx *cli_ctx(const cli_ctx_opts *o) {
     p.weight_dtype = dts[o->dtype];
     mmb_ctx *ctx = NULL;
     if (mmb_ctx_new(&p, &ctx) != MMB_OK)
-        fprintf(stderr, "mmbridge: error: cannot create a context (GEMM backend '%s' not in this build?)\n",
-                o->gemm == MMB_GEMM_OPENBLAS ? "openblas" : "?");
+        fprintf(stderr, "mmbridge: error: cannot create a context (a --gemm backend this build lacks?)\n");
     return ctx;
 }
 
@@ -141,12 +140,17 @@ int cli_expand_inputs(const char *const *in, int n_in, int any_file_is_list, cha
     return 0;
 }
 
-/* A tower alone (CLIPVisionModel, SiglipVisionModel, CLIPModel, SiglipModel), which mmb_model_open
- * does not take: its message names the architecture and model_type. */
+/* A tower alone, which mmb_model_open does not take: a vision model's config (model_type
+ * clip_vision_model, siglip_vision_model, blip_2_vision_model, idefics2_vision, ...) or a whole CLIPModel /
+ * SiglipModel, told by the model_type its message names. A PaliGemma's or any other model's tower is not
+ * one: that checkpoint is refused. */
 static int tower_alone(const char *msg) {
-    return strstr(msg, "unknown architecture") &&
-           (strstr(msg, "'CLIP") || strstr(msg, "'Siglip") || strstr(msg, "model_type 'clip") ||
-            strstr(msg, "model_type 'siglip"));
+    const char *mt = strstr(msg, "unknown architecture") ? strstr(msg, "model_type '") : NULL;
+    if (!mt) return 0;
+    mt += strlen("model_type '");
+    size_t n = strcspn(mt, "'");
+    return (n == 4 && !strncmp(mt, "clip", 4)) || (n == 6 && !strncmp(mt, "siglip", 6)) ||
+           (n > 13 && !strncmp(mt + n - 13, "_vision_model", 13)) || (n > 7 && !strncmp(mt + n - 7, "_vision", 7));
 }
 
 int cli_open(mmb_ctx *ctx, const char *dir, const char *vision_tower, const mmb_dense_params *dense, cli_model *out) {

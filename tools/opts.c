@@ -68,11 +68,28 @@ void cli_help(const cli_spec *s, FILE *f) {
     }
 }
 
+/* What an option's value must be: "f32, bf16, f16 or int8", "a whole number in 1..1024", ... */
+static void wants(const cli_opt *o, char *buf, size_t n) {
+    if (o->type == CLI_INT) snprintf(buf, n, "a whole number in %.0f..%.0f", o->lo, o->hi);
+    else if (o->type == CLI_NUM) snprintf(buf, n, "a number in %g..%g", o->lo, o->hi);
+    else if (o->type == CLI_CHOICE) {
+        const char *last = strrchr(o->choices, '|');
+        size_t k = 0;
+        for (const char *c = o->choices; *c && k + 8 < n; c++) {
+            if (*c != '|') buf[k++] = *c;
+            else if (c == last) k += (size_t)snprintf(buf + k, n - k, " or ");
+            else k += (size_t)snprintf(buf + k, n - k, ", ");
+        }
+        buf[k < n ? k : n - 1] = 0;
+    } else
+        snprintf(buf, n, "%s", o->meta);
+}
+
 static int bad_value(const cli_spec *s, const cli_opt *o, const char *v) {
-    char note[96];
-    value_note(o, note, sizeof note);
-    if (v) fprintf(stderr, "mmbridge %s: %s: bad value '%s'; it wants %s%s\n", s->cmd, o->name, v, o->meta, note);
-    else fprintf(stderr, "mmbridge %s: %s wants a value (%s%s)\n", s->cmd, o->name, o->meta, note);
+    char w[160];
+    wants(o, w, sizeof w);
+    if (v) fprintf(stderr, "mmbridge %s: %s wants %s (got '%s')\n", s->cmd, o->name, w, v);
+    else fprintf(stderr, "mmbridge %s: %s wants a value: %s\n", s->cmd, o->name, w);
     return 2;
 }
 
@@ -176,6 +193,36 @@ int cli_parse(const cli_spec *s, int argc, char **argv) {
         return 2;
     }
     return 0;
+}
+
+int64_t *cli_int_list(const char *opt, const char *v, int64_t lo, int64_t hi, int64_t *n) {
+    int64_t cap = 16, *a = malloc(sizeof *a * (size_t)cap);
+    *n = 0;
+    for (const char *q = v; a && *q;) {
+        char *end;
+        errno = 0;
+        long long x = strtoll(q, &end, 10);
+        if (end == q || errno || x < lo || x > hi || (*end && *end != ',')) {
+            fprintf(stderr, "mmbridge: %s wants comma-separated integers in [%lld, %lld]\n", opt, (long long)lo,
+                    (long long)hi);
+            free(a);
+            return NULL;
+        }
+        if (*n == cap) {
+            int64_t *b = realloc(a, sizeof *a * (size_t)(cap *= 2));
+            if (!b) free(a);
+            a = b;
+            if (!a) break;
+        }
+        a[(*n)++] = x;
+        q = *end ? end + 1 : end;
+    }
+    if (!a || *n == 0) {
+        fprintf(stderr, a ? "mmbridge: %s is empty\n" : "mmbridge: %s: out of memory\n", opt);
+        free(a);
+        return NULL;
+    }
+    return a;
 }
 
 /* ---- the Dense Connector's options ---- */
