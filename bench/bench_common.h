@@ -1,11 +1,12 @@
 /* Shared by the benchmarks: a monotonic clock, medians, the machine's FMA peak measured with a
- * short calibrated loop, peak RSS, and running a Python peer that prints JSON lines. */
+ * short calibrated loop, peak RSS, and running a Python peer that prints JSON lines.
+ * The peak probes use x86 intrinsics where the target is x86 (BENCH_X86); elsewhere a portable
+ * probe (GCC vector extensions) stands in, so the benchmarks build and run on any target. */
 #ifndef MMB_BENCH_COMMON_H
 #define MMB_BENCH_COMMON_H
 
 #include <errno.h>
 #include <fcntl.h>
-#include <immintrin.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -17,6 +18,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <time.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define BENCH_X86 1
+#include <immintrin.h>
+#else
+#define BENCH_X86 0
+#endif
 
 static inline double now(void) {
     struct timespec t;
@@ -35,6 +43,48 @@ typedef double (*peak_fn)(long iters); /* returns a value derived from the resul
 
 #define CH12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 
+/* What the CPU can run of the x86 probes below (all false off x86). */
+static inline bool has_avx512f(void) {
+#if BENCH_X86
+    return __builtin_cpu_supports("avx512f");
+#else
+    return false;
+#endif
+}
+static inline bool has_avx2_fma(void) {
+#if BENCH_X86
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+}
+static inline bool has_avx512bf16(void) {
+#if BENCH_X86
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+}
+
+/* The portable probe, for a CPU without AVX2+FMA or AVX-512 (any non-x86 target): 12 chains of
+ * 4-float vectors; the build's -ffp-contract=fast makes each c * x + y one FMA where the target has
+ * one (NEON fmla). 12 x 4 x 2 flops per iteration. */
+#define PEAK_PORTABLE_FLOPS (12.0 * 4.0 * 2.0)
+typedef float bench_v4f __attribute__((vector_size(16)));
+__attribute__((noinline, unused)) static double peak_portable(long n) {
+#define IPV(i) bench_v4f c##i = {0.01f * (float)(i + 1), 0.01f * (float)(i + 1), 0.01f * (float)(i + 1), \
+                                 0.01f * (float)(i + 1)};
+#define UPV(i) c##i = c##i * x + y;
+#define RPV(i) s += c##i;
+    CH12(IPV)
+    bench_v4f x = {0.9999999f, 0.9999999f, 0.9999999f, 0.9999999f}, y = {1e-7f, 1e-7f, 1e-7f, 1e-7f};
+    for (long i = 0; i < n; i++) { CH12(UPV) }
+    bench_v4f s = {0};
+    CH12(RPV)
+    return (double)(s[0] + s[3]);
+}
+
+#if BENCH_X86
 __attribute__((target("avx512f,fma"), noinline, unused)) static double peak512(long n) {
 #define I512(i) __m512 c##i = _mm512_set1_ps(0.01f * (float)(i + 1));
 #define U512(i) c##i = _mm512_fmadd_ps(c##i, x, y);
@@ -76,6 +126,7 @@ __attribute__((target("avx512f,avx512bf16"), noinline, unused)) static double pe
     CH12(RBF)
     return (double)_mm512_reduce_add_ps(s);
 }
+#endif /* BENCH_X86 */
 
 typedef struct {
     peak_fn fn;
@@ -127,13 +178,20 @@ static inline double measure_peak(peak_fn fn, double flops_per_iter, int nth, do
 }
 
 /* Best fp32 zmm, fp32 ymm and bf16 peaks (flop/s) per thread count, kept in pk (max with what is
- * there already, so a second call after the GEMMs can only raise them). */
+ * there already, so a second call after the GEMMs can only raise them). Without either fp32 x86
+ * probe the ymm slot holds the portable probe's figure instead. */
 static inline void measure_peaks(const int *thr, int nt, bool has512, bool has256, bool hasbf16,
                           double psec, double pk[][3]) {
     for (int t = 0; t < nt; t++) {
-        double v[3] = {has512 ? measure_peak(peak512, 12.0 * 32.0, thr[t], psec) : 0.0,
-                       has256 ? measure_peak(peak256, 12.0 * 16.0, thr[t], psec) : 0.0,
-                       hasbf16 ? measure_peak(peakbf16, 12.0 * 64.0, thr[t], psec) : 0.0};
+        double v[3] = {0.0, 0.0, 0.0};
+#if BENCH_X86
+        if (has512) v[0] = measure_peak(peak512, 12.0 * 32.0, thr[t], psec);
+        if (has256) v[1] = measure_peak(peak256, 12.0 * 16.0, thr[t], psec);
+        if (hasbf16) v[2] = measure_peak(peakbf16, 12.0 * 64.0, thr[t], psec);
+#else
+        (void)has512, (void)has256, (void)hasbf16;
+#endif
+        if (!has512 && !has256) v[1] = measure_peak(peak_portable, PEAK_PORTABLE_FLOPS, thr[t], psec);
         for (int i = 0; i < 3; i++)
             if (v[i] > pk[t][i]) pk[t][i] = v[i];
     }
@@ -157,13 +215,15 @@ static inline double peak_rss_mib(void) {
     return (double)ru.ru_maxrss / 1024.0;
 }
 
-/* The machine's fp32 FMA peak (flop/s) on nth threads: the better of the 512- and 256-bit loops. */
+/* The machine's fp32 FMA peak (flop/s) on nth threads: the better of the 512- and 256-bit loops,
+ * or the portable probe's where neither runs. */
 static inline double fp32_peak(int nth) {
+    double pk[1][3] = {{0.0, 0.0, 0.0}};
+#if BENCH_X86
     __builtin_cpu_init();
-    double a = __builtin_cpu_supports("avx512f") ? measure_peak(peak512, 12.0 * 32.0, nth, 0.25) : 0.0;
-    double b = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-                   ? measure_peak(peak256, 12.0 * 16.0, nth, 0.25) : 0.0;
-    return a > b ? a : b;
+#endif
+    measure_peaks(&nth, 1, has_avx512f(), has_avx2_fma(), false, 0.25, pk);
+    return pk[0][0] > pk[0][1] ? pk[0][0] : pk[0][1];
 }
 
 /* Parses "1,2,4" into out (at most cap values); returns how many. */

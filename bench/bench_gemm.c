@@ -32,7 +32,6 @@
 
 #include <dlfcn.h>
 #include <errno.h>
-#include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -220,6 +219,7 @@ static void bench_attention(const int *thr, int nt, int reps, int rounds, const 
  * multiply-adds per accumulator step instead of 8; and with vpabsb / vpsignb added, which signed
  * 8-bit activations need (vpmaddubsw takes one operand unsigned, and its s16 pair sums saturate
  * unless the unsigned operand stays below 128). Returned per loop iteration: 12 x 64 "flops". */
+#if BENCH_X86
 static const float i8_af[8] = {1e-3f, 2e-3f, 3e-3f, 4e-3f, 5e-3f, 6e-3f};
 static const int8_t i8_ai[32] = {1, -2, 3, 4, 5, -6, 7, 8, 9, 10, 11, 12, 13, 14, -15, 16,
                                  17, 18, 19, 20, 21, 22, 23, 24};
@@ -259,8 +259,11 @@ __attribute__((target("avx2,fma"), always_inline)) static inline double body_i8(
 __attribute__((target("avx2,fma"), noinline)) static double body_i8_u7(long n) { return body_i8(n, 0); }
 __attribute__((target("avx2,fma"), noinline)) static double body_i8_s8(long n) { return body_i8(n, 1); }
 
+#endif /* BENCH_X86 */
+
 static void int8_dot_probe(void) {
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return;
+#if BENCH_X86
+    if (!has_avx2_fma()) return;
     double f = measure_peak(body_f32, 12.0 * 16.0, 1, 0.25);
     double u = measure_peak(body_i8_u7, 12.0 * 64.0, 1, 0.25);
     double g = measure_peak(body_i8_s8, 12.0 * 64.0, 1, 0.25);
@@ -268,6 +271,7 @@ static void int8_dot_probe(void) {
            "  fp32 FMA %.1f GFLOP/s; vpmaddubsw+vpmaddwd+vpaddd %.1f (%.2fx; activations < 128 unsigned);\n"
            "  with vpabsb+vpsignb for signed 8-bit activations %.1f (%.2fx)\n", f * 1e-9, u * 1e-9, u / f,
            g * 1e-9, g / f);
+#endif
 }
 
 /* Our kernel with reduced-precision weights (mmb__gemm_own_pack_dt): for each shape and thread count,
@@ -545,17 +549,16 @@ int main(int argc, char **argv) {
     if (child) return child_main(shapes, ns, thr, nt, reps, warm, rounds);
 
     const char *isa_name[3] = {"scalar", "avx2+fma", "avx512f"};
-    printf("bench_gemm: own kernel isa %s; threads", isa_name[mmb__gemm_own_isa()]);
+    printf("bench_gemm: own kernel isa %s; threads", isa_name[mmb__cpu_isa()]);
     for (int t = 0; t < nt; t++) printf(" %d", thr[t]);
     printf("; median of %d rounds x %d runs (each after %d warm-ups)\n", rounds, reps, warm);
 
     /* ---- peaks ---- */
-    bool has512 = __builtin_cpu_supports("avx512f");
-    bool has256 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    bool hasbf16 = has512 && __builtin_cpu_supports("avx512bf16");
+    bool has512 = has_avx512f(), has256 = has_avx2_fma(), hasbf16 = has_avx512bf16();
     double psec = quick ? 0.05 : 0.25;
     printf("\nFMA peak (12 independent chains; fp32 2 flops/lane; bf16 dpbf16 4 flops/lane):\n");
     printf("  %-8s %14s %14s %14s\n", "threads", "fp32 zmm", "fp32 ymm", "bf16 zmm");
+    if (!has512 && !has256) printf("  (no AVX2+FMA or AVX-512 here: fp32 ymm is the portable 4-float probe)\n");
     double pk[MAXT][3] = {{0}};
     measure_peaks(thr, nt, has512, has256, hasbf16, psec, pk);
     for (int t = 0; t < nt; t++) {
@@ -695,6 +698,7 @@ int main(int argc, char **argv) {
     double peak[MAXT];
     printf("\nFMA peak, best of the measurements before and after the GEMMs:\n");
     printf("  %-8s %14s %14s %14s\n", "threads", "fp32 zmm", "fp32 ymm", "bf16 zmm");
+    if (!has512 && !has256) printf("  (no AVX2+FMA or AVX-512 here: fp32 ymm is the portable 4-float probe)\n");
     for (int t = 0; t < nt; t++) {
         printf("  %-8d %9.1f GF/s %9.1f GF/s ", thr[t], pk[t][0] * 1e-9, pk[t][1] * 1e-9);
         if (hasbf16) printf("%9.1f GF/s\n", pk[t][2] * 1e-9);

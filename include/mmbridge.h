@@ -2,8 +2,8 @@
  * mmbridge: multimodal connectors in C.
  *
  * The whole public API. Every fallible call returns an mmb_status; when it is not MMB_OK the
- * context's message (mmb_ctx_error) names the file, the tensor and the problem, and every output
- * parameter is left untouched. Sizes are int64_t or size_t; arrays are row-major, f32 unless said.
+ * context's message (mmb_ctx_error) names the file, the tensor and the problem (except for
+ * mmb_ctx_new, which has no context to hold one), and every output parameter is left untouched. Sizes are int64_t or size_t; arrays are row-major, f32 unless said.
  *
  * Usage (what the CLI's `connect` does; tests/test_api.c runs the same sequence):
  *
@@ -38,6 +38,8 @@ extern "C" {
 #define MMB_API __attribute__((visibility("default")))
 #endif
 
+/* The version's one source: CMakeLists.txt reads these three lines (library SOVERSION, mmbridge.pc)
+ * and mmb_version() is built from them. Keep the form '#define MMB_VERSION_X <number>'. */
 #define MMB_VERSION_MAJOR 0
 #define MMB_VERSION_MINOR 1
 #define MMB_VERSION_PATCH 0
@@ -90,9 +92,14 @@ typedef struct mmb_ctx_params {
  * weight_dtype MMB_F32. */
 MMB_API mmb_ctx_params mmb_ctx_default_params(void);
 
-/* Creates a context and starts its threads. Returns MMB_OK and sets *out, MMB_ERR_ARG for NULL
- * pointers, a backend this build lacks (the message says which) or a weight_dtype other than
- * F32, BF16, F16 and I8, or MMB_ERR_NOMEM. The caller frees it with mmb_ctx_free. */
+/* Creates a context and starts its threads. Returns MMB_OK and sets *out; the caller frees it with
+ * mmb_ctx_free. On failure *out is left untouched and, as there is no context to hold one, no
+ * message is available: the status alone gives the cause.
+ *   MMB_ERR_ARG    p or out is NULL; p->gemm is not an mmb_gemm_backend value, or is
+ *                  MMB_GEMM_OPENBLAS in a build without OpenBLAS; p->weight_dtype is not MMB_F32,
+ *                  MMB_BF16, MMB_F16 or MMB_I8.
+ *   MMB_ERR_NOMEM  the context could not be allocated or a worker thread could not be started.
+ * mmb_ctx_default_params() always passes the checks, so with it only MMB_ERR_NOMEM is possible. */
 MMB_API mmb_status mmb_ctx_new(const mmb_ctx_params *p, mmb_ctx **out);
 
 /* Stops the threads and frees the context. NULL is a no-op. */

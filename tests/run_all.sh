@@ -11,6 +11,9 @@ jobs=$(nproc)
 python3 -c "import torch, transformers, safetensors, pytest" 2>/dev/null ||
   python3 -m pip install -q -r tests/requirements.txt
 
+echo "== the include graph follows the layer order"
+python3 scripts/check_layers.py
+
 echo "== public header compiles as C11 and C++ (pedantic)"
 cc -std=c11 -Wall -Wextra -Werror -pedantic -fsyntax-only -x c include/mmbridge.h
 c++ -std=c++17 -Wall -Wextra -Werror -pedantic -fsyntax-only -x c++ include/mmbridge.h

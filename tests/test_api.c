@@ -10,12 +10,17 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#define STR_(x) #x
+#define STR(x) STR_(x)
+#define VERSION_FROM_MACROS STR(MMB_VERSION_MAJOR) "." STR(MMB_VERSION_MINOR) "." STR(MMB_VERSION_PATCH)
+
 static void test_fixed_values(void) {
     CHECK(MMB_OK == 0 && MMB_ERR_IO == 1 && MMB_ERR_FORMAT == 2 && MMB_ERR_SHAPE == 3 && MMB_ERR_MISSING == 4 &&
           MMB_ERR_UNSUPPORTED == 5 && MMB_ERR_NOMEM == 6 && MMB_ERR_ARG == 7, "status values are fixed");
     CHECK(MMB_F32 == 0 && MMB_F16 == 1 && MMB_BF16 == 2, "dtype values are fixed");
     CHECK(strcmp(mmb_status_str(MMB_ERR_SHAPE), "shape mismatch") == 0, "status string");
-    CHECK(strcmp(mmb_version(), "0.1.0") == 0, "version");
+    CHECK(strcmp(mmb_version(), VERSION_FROM_MACROS) == 0, "version %s, header says %s", mmb_version(),
+          VERSION_FROM_MACROS);
     mmb_ctx_params p = mmb_ctx_default_params();
     CHECK(p.n_threads == 0 && p.gemm == MMB_GEMM_AUTO, "defaults");
     mmb_ctx_free(NULL);
@@ -34,7 +39,8 @@ static void write_file(const char *path, const char *text) {
 }
 
 /* A transformers-layout LLaVA projector: 8 -> 6 -> 6, linear weights set so the result is known
- * in closed form: W1 = 0.5 * I-like, b1 = 0, W2 = identity, act quick_gelu. */
+ * in closed form: W1 = [I6 | 0] (the first 6 of the 8 inputs), b1 = 0, W2 = 2 * I6, b2 = 1, act silu
+ * (projector_hidden_act), so out = 2 * silu(x[:6]) + 1 on every token the "default" strategy keeps. */
 static void make_model(mmb_ctx *ctx) {
     mkdir(dir, 0755);
     char path[256];

@@ -79,8 +79,8 @@ int main(void) {
             CHECK(mmb__attention_forward_ref(r, qkv, B, T, H, hd), "ref alloc");
             for (int run = 0; run < 6; run++) {
                 int isa = run / 2, threads = run % 2 ? 3 : 1;  /* scalar, AVX2, AVX-512 micro-kernels */
-                mmb__gemm_own_force_isa(isa);
-                if (isa > 0 && mmb__gemm_own_isa() < isa) continue; /* the CPU lacks it */
+                mmb__cpu_force_isa(isa);
+                if (isa > 0 && mmb__cpu_isa() < isa) continue; /* the CPU lacks it */
                 mmb__attention_forward(ctxs[run % 2], o, qkv, B, T, H, hd, sc);
                 double worst = 0;
                 for (int64_t i = 0; i < B * T * D; i++) worst = fmax(worst, fabs((double)o[i] - r[i]));
@@ -105,8 +105,8 @@ int main(void) {
             CHECK(mmb__cross_attention_forward_ref(r, q, kv, kv + D, D, 2 * D, B, NQ, NK, H, H, hd), "ref alloc");
             for (int run = 0; run < 6; run++) {
                 int isa = run / 2, threads = run % 2 ? 3 : 1;
-                mmb__gemm_own_force_isa(isa);
-                if (isa > 0 && mmb__gemm_own_isa() < isa) continue;
+                mmb__cpu_force_isa(isa);
+                if (isa > 0 && mmb__cpu_isa() < isa) continue;
                 mmb__cross_attention_forward(ctxs[run % 2], o, q, kv, kv + D, D, 2 * D, B, NQ, NK, H, H, hd, sc);
                 double worst = 0;
                 for (int64_t i = 0; i < B * NQ * D; i++) worst = fmax(worst, fabs((double)o[i] - r[i]));
@@ -116,6 +116,6 @@ int main(void) {
             free(q); free(kv); free(o); free(r); free(sc);
         }
     for (int c = 0; c < 2; c++) mmb_ctx_free(ctxs[c]);
-    mmb__gemm_own_force_isa(-1);
+    mmb__cpu_force_isa(-1);
     return DONE("attention");
 }

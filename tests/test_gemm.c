@@ -115,7 +115,7 @@ static void test_dtypes(mmb_pool **pools, int top) {
                     tol[i * N + j] = 1e-5 * m + 1e-6;
                 }
             for (int isa = top; isa >= 0; isa--) {
-                mmb__gemm_own_force_isa(isa);
+                mmb__cpu_force_isa(isa);
                 for (int t = 1; t <= 2; t++) {
                     for (size_t i = 0; i < (size_t)(M * N); i++) C[i] = NAN;
                     for (size_t i = 0; i < guard; i++) C[(size_t)(M * N) + i] = 12345.0f;
@@ -151,18 +151,18 @@ static void test_dtypes(mmb_pool **pools, int top) {
             free(scales);
         }
     }
-    mmb__gemm_own_force_isa(-1);
+    mmb__cpu_force_isa(-1);
     mmb__gemm_own_force_pack_a(-1);
     printf("gemm bf16/f16/int8: max error / bound %.3g (isa up to %s)\n", worst, isa_name[top]);
 }
 
 int main(void) {
     const char *isa_name[3] = {"scalar", "avx2", "avx512"};
-    mmb__gemm_own_force_isa(-1);
-    int hw = mmb__gemm_own_isa();
+    mmb__cpu_force_isa(-1);
+    int hw = mmb__cpu_isa();
     /* what the CPU has, whatever MMB_GEMM_ISA says */
-    mmb__gemm_own_force_isa(2);
-    int top = mmb__gemm_own_isa();
+    mmb__cpu_force_isa(2);
+    int top = mmb__cpu_isa();
     printf("gemm: automatic isa %s, cpu offers up to %s\n", isa_name[hw], isa_name[top]);
 
     mmb_pool *pools[4] = {0};
@@ -207,9 +207,9 @@ int main(void) {
                     tol[i * N + j] = 1e-5 * m + 1e-6;
                 }
             for (int isa = top; isa >= 0; isa--) {
-                mmb__gemm_own_force_isa(isa);
-                if (mmb__gemm_own_isa() != isa) {
-                    fprintf(stderr, "gemm: forcing isa %d gave %d\n", isa, mmb__gemm_own_isa());
+                mmb__cpu_force_isa(isa);
+                if (mmb__cpu_isa() != isa) {
+                    fprintf(stderr, "gemm: forcing isa %d gave %d\n", isa, mmb__cpu_isa());
                     failed++;
                     continue;
                 }
@@ -275,7 +275,7 @@ int main(void) {
         free(A); free(W); free(bias); free(ref); free(tol); free(C); free(C1); free(Cact); free(packed);
     }
     test_dtypes(pools, top);
-    mmb__gemm_own_force_isa(-1);
+    mmb__cpu_force_isa(-1);
     for (int t = 1; t <= 3; t++) mmb__pool_free(pools[t]);
     printf("gemm: max abs error %.3g, max error / bound %.3g\n", worst_abs, worst_ratio);
     printf("gemm: %d passed, %d failed\n", passed, failed);

@@ -27,8 +27,8 @@ static void test_acts(void) {
     /* Every implementation (libm, AVX2, AVX-512 where the CPU has them): within a few ulp of the
      * double reference: relative, plus 1e-7 absolute for the tails where 1 + erf or 1 + tanh cancels. */
     for (int isa = 0; isa <= 2; isa++) {
-        mmb__gemm_own_force_isa(isa);
-        if (isa > 0 && mmb__gemm_own_isa() < isa) continue;
+        mmb__cpu_force_isa(isa);
+        if (isa > 0 && mmb__cpu_isa() < isa) continue;
         for (size_t k = 0; k < sizeof acts / sizeof acts[0]; k++) {
             memcpy(a, x, sizeof x);
             memcpy(b, x, sizeof x);
@@ -40,7 +40,7 @@ static void test_acts(void) {
             CHECK(worst <= 1.0, "%s isa %d: error %g of the bound", mmb__act_name(acts[k]), isa, worst);
         }
     }
-    mmb__gemm_own_force_isa(-1);
+    mmb__cpu_force_isa(-1);
     /* Known points of the definitions: gelu(0) = 0, silu(x) -> x for large x. */
     float z[2] = {0.0f, 30.0f};
     mmb__act_forward_ref(z, 2, MMB_ACT_SILU);

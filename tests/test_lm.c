@@ -31,7 +31,7 @@ static void test_wmat(void) {
     const void *data[3] = {w32, w16, wb};
     const mmb_dtype dt[3] = {MMB_F32, MMB_F16, MMB_BF16};
     for (int isa = 0; isa <= 2; isa++) {
-        mmb__gemm_own_force_isa(isa);
+        mmb__cpu_force_isa(isa);
         size_t ns = 0;
         for (int mi = 0; mi < 4; mi++) if (mmb__wmat_scratch(Ms[mi], K) > ns) ns = mmb__wmat_scratch(Ms[mi], K);
         float *scr = aligned_alloc(64, (ns * sizeof(float) + 63) / 64 * 64);
@@ -54,7 +54,7 @@ static void test_wmat(void) {
                 }
         free(scr);
     }
-    mmb__gemm_own_force_isa(-1);
+    mmb__cpu_force_isa(-1);
     free(w32); free(w16); free(wb); free(x); free(y); free(ref); free(y0);
 }
 

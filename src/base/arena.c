@@ -1,5 +1,5 @@
 /* A bump allocator: one block, 64-byte aligned pieces, freed all at once. */
-#include "internal.h"
+#include "base/base.h"
 
 #include <stdlib.h>
 #include <sys/mman.h>

@@ -1,5 +1,5 @@
 /* The context: thread pool, GEMM backend, error message. */
-#include "internal.h"
+#include "base/base.h"
 
 #include <stdlib.h>
 #include <unistd.h>
@@ -16,7 +16,8 @@ mmb_status mmb_ctx_new(const mmb_ctx_params *p, mmb_ctx **out) {
     if (g == MMB_GEMM_OPENBLAS) return MMB_ERR_ARG;
 #endif
     if (g < MMB_GEMM_AUTO || g > MMB_GEMM_OPENBLAS) return MMB_ERR_ARG;
-    if (!mmb__gemm_own_dtype_ok((mmb_dtype)p->weight_dtype)) return MMB_ERR_ARG;
+    mmb_dtype wd = (mmb_dtype)p->weight_dtype; /* the weight dtypes the kernels compute with */
+    if (wd != MMB_F32 && wd != MMB_BF16 && wd != MMB_F16 && wd != MMB_I8) return MMB_ERR_ARG;
     mmb_ctx *ctx = calloc(1, sizeof *ctx);
     if (!ctx) return MMB_ERR_NOMEM;
     int n = p->n_threads;

@@ -7,7 +7,7 @@
  * GFLOP/s with sleeping waits, below its 1-thread rate x 2 (docs/decisions.md). The counters are
  * read with atomics while spinning and changed under the mutex, so a sleeper never misses a
  * change. */
-#include "internal.h"
+#include "base/base.h"
 
 #include <pthread.h>
 #include <stdlib.h>

@@ -1,5 +1,5 @@
 /* Status names and the context's error message. */
-#include "internal.h"
+#include "base/base.h"
 
 #include <stdio.h>
 
@@ -18,7 +18,13 @@ const char *mmb_status_str(mmb_status s) {
     return "unknown status";
 }
 
-const char *mmb_version(void) { return "0.1.0"; }
+#define MMB_STR_(x) #x
+#define MMB_STR(x) MMB_STR_(x)
+
+/* Built from the header's macros, the one place the version is written. */
+const char *mmb_version(void) {
+    return MMB_STR(MMB_VERSION_MAJOR) "." MMB_STR(MMB_VERSION_MINOR) "." MMB_STR(MMB_VERSION_PATCH);
+}
 
 mmb_status mmb__err(mmb_ctx *ctx, mmb_status s, const char *fmt, ...) {
     if (ctx) {

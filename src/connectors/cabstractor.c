@@ -14,7 +14,7 @@
  * from the tensor), mm_cabs_hidden_size (the rows of
  * net.0.b1.conv1.conv.weight). pos_emb is (1, N, D), or (1, N + 1, D) with an obsolete CLS slot that
  * Honeybee's load hook drops (its first row is skipped). */
-#include "internal.h"
+#include "connectors/connectors.h"
 
 #include <math.h>
 #include <stdio.h>

@@ -13,7 +13,7 @@
  *              block; [0..12], [13..25] for so400m's 27)
  * Efficient DC (paper 3.3, no released code): the projected N tokens, a g x g grid, are resized to
  * t x t = `tokens` as torch F.interpolate(mode="bilinear", align_corners=False). */
-#include "internal.h"
+#include "connectors/connectors.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -40,17 +40,6 @@ static bool dense_accepts(const char *type) {
     return false;
 }
 
-int64_t mmb__dense_grid(int64_t tokens, bool *has_cls) {
-    for (int cls = 0; cls < 2; cls++) {
-        int64_t n = tokens - cls, g = (int64_t)llround(sqrt((double)(n > 0 ? n : 0)));
-        if (n > 0 && g * g == n) {
-            *has_cls = cls;
-            return g;
-        }
-    }
-    return -1;
-}
-
 static int n_shallow(const mmb_dense_params *p) {
     return p->type == MMB_DENSE_DCI ? (p->n_groups ? p->n_groups : 2) : (p->n_layers ? p->n_layers : 2);
 }
@@ -75,7 +64,7 @@ static mmb_status dense_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg
         return mmb__err(ctx, MMB_ERR_ARG, "Dense Connector: bad parameters (type %d, pool %d, tokens %lld, %d "
                         "layers, %d groups)", (int)p->type, p->pool, (long long)p->tokens, p->n_layers, p->n_groups);
     bool cls = false;
-    if (p->tokens && (p->type == MMB_DENSE_STI || mmb__dense_grid(p->tokens, &cls) < 0 || cls))
+    if (p->tokens && (p->type == MMB_DENSE_STI || mmb__patch_grid(p->tokens, &cls) < 0 || cls))
         return mmb__err(ctx, MMB_ERR_ARG, "Dense Connector: %lld output tokens: the efficient form needs SCI or DCI "
                         "and a square number of tokens (e.g. 144 = 12 x 12)", (long long)p->tokens);
     for (int i = 0; p->type == MMB_DENSE_DCI && i < p->n_groups; i++)
@@ -101,7 +90,7 @@ static mmb_status dense_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg
 /* Tokens into the projector for hidden states of `tokens` tokens, or -1. */
 static int64_t proj_tokens(const dense_state *s, int64_t tokens) {
     bool cls = false;
-    int64_t g = mmb__dense_grid(tokens, &cls), n = g * g;
+    int64_t g = mmb__patch_grid(tokens, &cls), n = g * g;
     if (g < 1) return -1;
     if (s->p.type != MMB_DENSE_STI) return n;
     return n / s->p.pool < 1 ? -1 : n + n_shallow(&s->p) * (n / s->p.pool);
@@ -218,7 +207,7 @@ static mmb_status dense_forward_taps(mmb_ctx *ctx, const void *st, float *out, c
     const dense_state *s = st;
     const mmb_dense_params *p = &s->p;
     bool has_cls = false;
-    int64_t g = mmb__dense_grid(tokens, &has_cls), cls = has_cls, N = g * g, T = proj_tokens(s, tokens);
+    int64_t g = mmb__patch_grid(tokens, &has_cls), cls = has_cls, N = g * g, T = proj_tokens(s, tokens);
     int k = n_shallow(p), mult = mmb__dense_mult(p);
     if (g < 1 || T < 1 || width != s->width)
         return mmb__err(ctx, MMB_ERR_SHAPE, "Dense Connector: hidden states [%lld tokens, %lld wide]: expected a "

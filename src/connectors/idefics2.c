@@ -17,7 +17,7 @@
  * perceiver_resampler.layers.{i}.{input_latents_norm,input_context_norm,post_attention_layernorm}.weight,
  * ...layers.{i}.self_attn.{q,k,v,o}_proj.weight, ...layers.{i}.mlp.{gate,up,down}_proj.weight,
  * perceiver_resampler.norm.weight. */
-#include "internal.h"
+#include "models/models.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -55,7 +55,7 @@ static mmb_status bind_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefi
     const mmb_tensor *w;
     int64_t shape[2] = {n_out, n_in};
     mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, shape, &w);
-    return s == MMB_OK ? mmb__linear_init(ctx, l, w, NULL) : s;
+    return s == MMB_OK ? mmb__linear_bind(ctx, l, w, NULL) : s;
 }
 
 static mmb_status bind_swiglu(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, int64_t n_in, int64_t I,

@@ -1,5 +1,5 @@
 /* "identity": LLaVA's IdentityMap, forward returns its input (in width = out width). */
-#include "internal.h"
+#include "connectors/connectors.h"
 
 #include <stdlib.h>
 #include <string.h>

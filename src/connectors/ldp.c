@@ -12,7 +12,7 @@
  *               AdaptiveAvgPool2d((12, 12)), then peg.peg.0 = Conv2d(C, C, 3, 1, 1, groups=C, bias) + its input.
  *               Always 144 tokens.
  * GELU is exact (nn.GELU()); C is the LM width (hidden_size). */
-#include "internal.h"
+#include "connectors/connectors.h"
 
 #include <math.h>
 #include <stdio.h>

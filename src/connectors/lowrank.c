@@ -3,7 +3,7 @@
  *   "lowrank"             Linear(D -> r, no bias), Linear(r -> d)                     keys 0.weight, 1.*
  *   "lowrank_mlp2x_gelu"  the same, then GELU(erf), Linear(d -> d): a low-rank mlp2x   keys 0.weight, 1.*, 3.*
  * Config key: mm_lowrank_rank (r, required, >= 1; it must match 0.weight's rows). */
-#include "internal.h"
+#include "connectors/connectors.h"
 
 #include <stdlib.h>
 #include <string.h>

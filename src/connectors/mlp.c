@@ -5,7 +5,7 @@
  *   "llava"        transformers' LlavaMultiModalProjector: linear_1, ACT2FN[projector_hidden_act],
  *                  linear_2, both with bias iff multimodal_projector_bias
  * They are one network with different key names, so they share this file rather than repeat it. */
-#include "internal.h"
+#include "connectors/connectors.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,7 +46,7 @@ static mmb_status bind_layer(mmb_ctx *ctx, const mmb_ckpt *c, mmb_linear *l, con
     int64_t ws[2] = {n_out, n_in};
     mmb_status s = mmb__ckpt_bind(ctx, c, wname, 2, ws, &w);
     if (s == MMB_OK && bname) s = mmb__ckpt_bind(ctx, c, bname, 1, &n_out, &b);
-    return s == MMB_OK ? mmb__linear_init(ctx, l, w, b) : s;
+    return s == MMB_OK ? mmb__linear_bind(ctx, l, w, b) : s;
 }
 
 static mmb_status mlp_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, void **out) {

@@ -9,7 +9,7 @@
  * (p_e / sum of the chosen p) * expert_e(x).
  * Config keys: mm_moe_num_experts (E, required, 1..256, = the router's rows), mm_moe_top_k (k, required,
  * 1..E). Routing statistics (tokens each expert received, summed over forwards) through routing(). */
-#include "internal.h"
+#include "connectors/connectors.h"
 
 #include <math.h>
 #include <stdatomic.h>

@@ -8,7 +8,7 @@
  * cfg->in_width is D (one patch); m^2 is read from mlp.0.weight, whose shape must be [m^2 D, m^2 D].
  * It is not in the registry: its input order is the Qwen2-VL tower's window order, which no LLaVA
  * checkpoint's hidden states have; the qwen2_vl family (src/vision/qwen2vl.c) calls it. */
-#include "internal.h"
+#include "connectors/connectors.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -15,7 +15,7 @@
  *   out = LN(lat) (N, D)
  * Linears have no bias; every LayerNorm has a bias and eps 1e-5 (nn.LayerNorm's default). Subtracting the
  * detached row max before the softmax, as both references do, changes nothing but overflow. */
-#include "internal.h"
+#include "models/models.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>

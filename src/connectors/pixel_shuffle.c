@@ -9,7 +9,7 @@
  * Weights: {prefix}modality_projection.proj.weight [d_model, D s^2]; scale_factor from config.json
  * (default 2). The patch grid is the tower's full-image grid (vision_config image_size / patch_size):
  * a grid s does not divide is refused at load. */
-#include "internal.h"
+#include "connectors/connectors.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,7 +55,7 @@ static mmb_status ps_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *c
     const mmb_tensor *w;
     int64_t shape[2] = {cfg->out_width, vi.width * s * s};
     st = mmb__ckpt_bind(ctx, c, name, 2, shape, &w);
-    if (st == MMB_OK) st = mmb__linear_init(ctx, &ps->proj, w, NULL);
+    if (st == MMB_OK) st = mmb__linear_bind(ctx, &ps->proj, w, NULL);
     if (st != MMB_OK) { ps_free(ps); return st; }
     *out = ps;
     return MMB_OK;

@@ -12,7 +12,7 @@
  *       x = LN(x + output_query(act(intermediate_query(x))))
  *   language_projection: (B, Nq, H) -> (B, Nq, D_t)
  * Dropout is the identity at inference; no attention mask (the image mask is all ones). */
-#include "internal.h"
+#include "models/models.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>

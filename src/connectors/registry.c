@@ -1,5 +1,5 @@
 /* Connector registry: checkpoint type name -> ops. */
-#include "internal.h"
+#include "connectors/connectors.h"
 
 static const mmb_connector_ops *const all[] = {&mmb__conn_identity, &mmb__conn_mlp, &mmb__conn_resmlp,
                                                &mmb__conn_dense,

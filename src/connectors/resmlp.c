@@ -5,7 +5,7 @@
  * {prefix}pre_norm.weight/.bias [C], {prefix}proj.0.weight [C, C], .0.bias, {prefix}proj.2.weight, .2.bias.
  * LLaVA defines but never builds it, so no released checkpoint names it; "simple_res" is our
  * mm_projector_type for it. */
-#include "internal.h"
+#include "connectors/connectors.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,7 +47,7 @@ static mmb_status resmlp_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cf
         snprintf(n2, sizeof n2, "%sproj.%d.bias", cfg->prefix, 2 * i);
         st = mmb__ckpt_bind(ctx, c, n1, 2, wshape, &w);
         if (st == MMB_OK) st = mmb__ckpt_bind(ctx, c, n2, 1, &C, &b);
-        if (st == MMB_OK) st = mmb__linear_init(ctx, i ? &s->fc2 : &s->fc1, w, b);
+        if (st == MMB_OK) st = mmb__linear_bind(ctx, i ? &s->fc2 : &s->fc1, w, b);
     }
     if (st != MMB_OK) { resmlp_free(s); return st; }
     *out = s;

@@ -1,6 +1,6 @@
 /* A checkpoint directory: config.json through cJSON, and its safetensors (single file, several
  * files, or the shards named by model.safetensors.index.json). */
-#include "internal.h"
+#include "io/io.h"
 
 #include <cjson/cJSON.h>
 #include <dirent.h>
@@ -362,6 +362,14 @@ mmb_status mmb__ckpt_vec(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, int6
 
 /* ---- layers bound by name ---- */
 
+mmb_status mmb__linear_bind(mmb_ctx *ctx, mmb_linear *l, const mmb_tensor *w, const mmb_tensor *b) {
+    mmb_status s = mmb__linear_init(ctx, l, w, b);
+    /* a no-op for a weight that is not in a file's mapping */
+    if (s == MMB_OK && l->w != w->data)
+        mmb__release_mapped(w->data, (size_t)mmb_tensor_numel(w) * mmb_dtype_size(w->dtype));
+    return s;
+}
+
 /* {prefix}{name}.weight of ndim 2 [n_out, n_in] or 4 [n_out, n_in, 1, 1], and the bias if asked. */
 static mmb_status bind_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
                               int64_t n_in, bool bias, int ndim, mmb_linear *l) {
@@ -372,7 +380,7 @@ static mmb_status bind_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefi
     const int64_t ws[4] = {n_out, n_in, 1, 1};
     mmb_status s = mmb__ckpt_bind(ctx, c, wn, ndim, ws, &w);
     if (s == MMB_OK && bias) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
-    return s == MMB_OK ? mmb__linear_init(ctx, l, w, b) : s;
+    return s == MMB_OK ? mmb__linear_bind(ctx, l, w, b) : s;
 }
 
 mmb_status mmb__ckpt_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
@@ -419,7 +427,7 @@ mmb_status mmb__ckpt_linear_fused(mmb_ctx *ctx, const mmb_ckpt *c, const char *p
     }
     mmb_tensor w = {.name = names[0], .dtype = MMB_F32, .ndim = 2, .shape = {n * n_out, n_in}, .data = wf};
     mmb_tensor b = {.name = names[0], .dtype = MMB_F32, .ndim = 1, .shape = {n * n_out}, .data = bf};
-    if (s == MMB_OK) s = mmb__linear_init(ctx, l, &w, &b);
+    if (s == MMB_OK) s = mmb__linear_bind(ctx, l, &w, &b);
     if (transient) mmb__pages_free(wf, wbytes);
     else if (s == MMB_OK && l->w != wf) {  /* converted to the weight dtype: the stack is no longer read */
         free(wf);

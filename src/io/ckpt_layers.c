@@ -1,6 +1,6 @@
 /* Binding a connector's layers to checkpoint tensors by name, each checked for presence, dtype and
  * shape (errors name the file and the tensor). */
-#include "internal.h"
+#include "io/io.h"
 
 #include <stdio.h>
 #include <stdlib.h>

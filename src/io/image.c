@@ -17,7 +17,7 @@
  *   tRNS on grey / RGB       a pixel is transparent when its 8-bit value equals the tRNS value & 0xff
  *                            (for 1-bit images the value is scaled to 0/255 first, as Pillow does)
  *   alpha                    Pillow's alpha_composite onto opaque white, in its 7-bit fixed point */
-#include "internal.h"
+#include "io/io.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -3,7 +3,7 @@
  * Format: u64 little-endian header length H, H bytes of JSON, then the data section. The JSON maps
  * each tensor name to {"dtype", "shape", "data_offsets": [begin, end]} (offsets relative to the
  * data section), plus an optional "__metadata__" object of string values. */
-#include "internal.h"
+#include "io/io.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

@@ -15,7 +15,7 @@
  * converted 32-row panel per K block in prefill (GEMM on the own micro-kernel). Norm weights and biases
  * are f32 copies. The KV cache is f32: keys after RoPE, (layer, kv_head, position, head_dim).
  */
-#include "internal.h"
+#include "lm/lm.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>

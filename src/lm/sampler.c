@@ -1,6 +1,6 @@
 /* Next-token choice: greedy, or temperature -> top-k -> top-p -> a draw, the order of transformers'
  * logits processors. The generator is xorshift64* (Vigna), so a seed gives the same tokens anywhere. */
-#include "internal.h"
+#include "lm/lm.h"
 
 #include <math.h>
 #include <stdlib.h>

@@ -398,7 +398,7 @@ static mmb_status connect_needs(mmb_ctx *ctx, const mmb_model *m, const mmb_feat
                                 size_t out_count) {
     bool cls = false;
     int taps[MMB_MAX_TAPS], spans[MMB_MAX_TAPS];
-    if (mmb__dense_grid(in->tokens, &cls) < 0)
+    if (mmb__patch_grid(in->tokens, &cls) < 0)
         return mmb__err(ctx, MMB_ERR_SHAPE, "features: %lld tokens per image: the Dense Connector needs a square "
                         "patch grid, plus CLS for CLIP", (long long)in->tokens);
     int n = m->ops->needs(ctx, m->conn, in->n_hidden, cls, taps, spans);

@@ -18,7 +18,7 @@
  * go one after the other through all three steps, so one S^T tile of at most KB_CAP x 32 is all the score
  * memory there is, and a unit can hold many queries: K and V are packed once per unit, and with
  * up to QB = 640 queries a unit covers a whole head of CLIP ViT-L/14-336 (577 tokens). */
-#include "internal.h"
+#include "tensor/tensor.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -162,7 +162,7 @@ static void attn_task(void *arg, int tid, int nth) {
  * tq != tk and separate q, k, v) only fills the job. */
 static void attention_run(mmb_ctx *ctx, attn_job *j) {
     if (j->batch < 1 || j->tq < 1 || j->tk < 1 || j->heads < 1 || j->hd < 1) return;
-    j->isa = mmb__gemm_own_isa();
+    j->isa = mmb__cpu_isa();
     j->mr = mmb__gemm_own_mr(j->isa);
     /* Even key blocks, each a whole number of micro-panels. */
     int64_t nkb = (j->tk + KB_MAX - 1) / KB_MAX, per = (j->tk + nkb - 1) / nkb;

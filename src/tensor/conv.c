@@ -5,15 +5,28 @@
  *   adaptive average pooling (torch AdaptiveAvgPool2d: bin i of n over a side of L is
  *   [floor(i L / n), ceil((i + 1) L / n)))
  *   squeeze-and-excitation (timm SEModule as RegNet builds it; torchvision SqueezeExcitation)
- * Each kernel has a _ref oracle (double accumulation, torch's NCHW weight layout) for tests/test_conv.c. */
-#include "internal.h"
+ * The convolution and the pooling have _ref oracles (double accumulation, torch's NCHW weight layout) for
+ * tests/test_kernels.c (test_dwconv, test_pool); squeeze-and-excitation is checked through the
+ * C-Abstractor and LDP cases of tests/oracle/test_research_connectors.py. */
+#include "tensor/tensor.h"
 
 #include <math.h>
 #include <string.h>
 
+int64_t mmb__patch_grid(int64_t tokens, bool *has_cls) {
+    for (int cls = 0; cls < 2; cls++) {
+        int64_t n = tokens - cls, g = (int64_t)llround(sqrt((double)(n > 0 ? n : 0)));
+        if (n > 0 && g * g == n) {
+            *has_cls = cls;
+            return g;
+        }
+    }
+    return -1;
+}
+
 int64_t mmb__grid_side(int64_t tokens) {
     bool cls = false;
-    int64_t g = mmb__dense_grid(tokens, &cls);
+    int64_t g = mmb__patch_grid(tokens, &cls);
     return cls ? -1 : g;
 }
 

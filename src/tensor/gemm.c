@@ -1,5 +1,5 @@
 /* Linear layers: weight binding, pre-packing at load, and the GEMM backend dispatch. */
-#include "internal.h"
+#include "tensor/tensor.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -94,10 +94,6 @@ mmb_status mmb__linear_init(mmb_ctx *ctx, mmb_linear *l, const mmb_tensor *w, co
             l->w = l->owned_w = q;
         }
     }
-    /* Packed or converted, the layer no longer reads the checkpoint's bytes: let the mapped pages go
-     * (a no-op for a weight that is not in a file's mapping). */
-    if (s == MMB_OK && l->w != w->data)
-        mmb__release_mapped(w->data, (size_t)mmb_tensor_numel(w) * mmb_dtype_size(w->dtype));
     if (s != MMB_OK) {
         mmb__pages_free(tmp, tmp_bytes);  /* failed before packing */
         mmb__linear_free(l);

@@ -35,14 +35,13 @@
  * convert) and do the same f32 FMAs; A and C stay f32. int8 weights carry one scale per output
  * column (absmax / 127, symmetric): the epilogue computes C = (C_prev + scale * acc) + bias.
  */
-#include "internal.h"
+#include "tensor/tensor.h"
 
 #include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #define MMB_GEMM_X86 1
-#include <cpuid.h>
 #include <immintrin.h>
 #else
 #define MMB_GEMM_X86 0
@@ -69,65 +68,6 @@
 #define MR256 6
 #define MRSC 4
 #define MR_MAX 14
-
-/* ---- instruction set selection ---------------------------------------------------------------- */
-
-/* -1: not yet resolved. Resolved once; a racing first call resolves to the same value. */
-static int g_isa = -1;
-static int g_hw_isa = -1;
-
-#if MMB_GEMM_X86
-/* F16C (CPUID.1:ECX bit 29), asked of CPUID directly: clang's __builtin_cpu_supports has no "f16c". */
-static bool has_f16c(void) {
-    unsigned a, b, c, d;
-    return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
-}
-#endif
-
-/* What the CPU offers (and the OS enables: __builtin_cpu_supports checks XCR0 too). Level 1 also needs
- * F16C, which every AVX2 CPU has, so the f16-weight paths can assume it. */
-static int hw_isa(void) {
-    int v = __atomic_load_n(&g_hw_isa, __ATOMIC_RELAXED);
-    if (v < 0) {
-        v = 0;
-#if MMB_GEMM_X86
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c()) v = 1;
-        if (v == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
-            v = 2;
-#endif
-        __atomic_store_n(&g_hw_isa, v, __ATOMIC_RELAXED);
-    }
-    return v;
-}
-
-/* The CPU's best, lowered by MMB_GEMM_ISA=avx2|avx512|scalar (it can never raise it). */
-static int detect_isa(void) {
-    int v = hw_isa();
-    const char *e = getenv("MMB_GEMM_ISA");
-    if (e) {
-        int want = v;
-        if (!strcmp(e, "scalar")) want = 0;
-        else if (!strcmp(e, "avx2")) want = 1;
-        else if (!strcmp(e, "avx512")) want = 2;
-        if (want < v) v = want;
-    }
-    return v;
-}
-
-int mmb__gemm_own_isa(void) {
-    int v = __atomic_load_n(&g_isa, __ATOMIC_RELAXED);
-    if (v < 0) {
-        v = detect_isa();
-        __atomic_store_n(&g_isa, v, __ATOMIC_RELAXED);
-    }
-    return v;
-}
-
-void mmb__gemm_own_force_isa(int isa) {
-    int v = isa < 0 ? detect_isa() : (isa < hw_isa() ? isa : hw_isa());
-    __atomic_store_n(&g_isa, v, __ATOMIC_RELAXED);
-}
 
 /* -1: A packed or read in place by the rule (see the header); 0 / 1: forced (tests). */
 static int g_pack_a = -1;
@@ -699,7 +639,7 @@ void mmb__gemm_own_dt(mmb_pool *pool, float *C, const float *A, const void *pack
     j.C = C; j.A = A; j.packed = packed; j.bias = bias;
     j.M = M; j.N = N; j.K = K;
     j.Np = npad_of(N); j.P = j.Np / NR;
-    j.isa = mmb__gemm_own_isa();
+    j.isa = mmb__cpu_isa();
     j.MR = mmb__gemm_own_mr(j.isa);
     int force = __atomic_load_n(&g_pack_a, __ATOMIC_RELAXED);
     j.direct = force < 0 ? j.MR <= 8 : !force; /* within every AVX2-era L1's 8 ways (see the header) */
@@ -721,5 +661,5 @@ void mmb__gemm_own_dt(mmb_pool *pool, float *C, const float *A, const void *pack
 _Static_assert(NR == MMB_GEMM_OWN_NR && KC == MMB_GEMM_OWN_KC, "internal.h's panel constants");
 
 void mmb__gemm_own_pack_a(float *dst, const float *A, int64_t lda, int mr, int64_t kc) {
-    pack_a(dst, A, lda, mr, mmb__gemm_own_mr(mmb__gemm_own_isa()), kc);
+    pack_a(dst, A, lda, mr, mmb__gemm_own_mr(mmb__cpu_isa()), kc);
 }

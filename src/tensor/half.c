@@ -1,5 +1,5 @@
 /* IEEE half and bfloat16 conversions (round to nearest even on the way down). */
-#include "internal.h"
+#include "tensor/tensor.h"
 
 #include <string.h>
 

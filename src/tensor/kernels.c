@@ -1,6 +1,6 @@
 /* Elementwise and normalisation kernels. Each has a plain `_ref` twin kept as the test oracle;
  * the fast versions are written so the compiler vectorises them (one pass, no branches inside). */
-#include "internal.h"
+#include "tensor/tensor.h"
 
 #include <math.h>
 #include <string.h>
@@ -109,7 +109,7 @@ MMB_SIMD_CLONES static void act_libm(float *x, int64_t n, mmb_act a) {
 }
 
 void mmb__act_forward(float *x, int64_t n, mmb_act a) {
-    int64_t done = mmb__vec_act(mmb__gemm_own_isa(), x, n, a);
+    int64_t done = mmb__vec_act(mmb__cpu_isa(), x, n, a);
     act_libm(x + done, n - done, a);
 }
 

@@ -1,5 +1,5 @@
 /* Composite layers that several networks share, built from the kernels. */
-#include "internal.h"
+#include "tensor/tensor.h"
 
 /* x (rows, D) -> x + fc2(act(fc1(LN(x)))), in place; xn (rows, D) and h (rows, I) are scratch. */
 void mmb__ffn_residual_forward(mmb_ctx *ctx, float *x, float *xn, float *h, int64_t rows, const float *ln_w,

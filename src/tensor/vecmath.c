@@ -1,7 +1,7 @@
 /* Vectorised math for the kernels, AVX2 and AVX-512 from one source (vecmath_isa.h, included once
  * per instruction set): the activations and the attention's online softmax. Exact in form, not
  * bit-exact: each function states its error. */
-#include "internal.h"
+#include "tensor/tensor.h"
 
 #include <math.h>
 

@@ -10,7 +10,7 @@
  *   then each panel of 32 weight rows is converted into the own kernel's packed layout (32 x KC floats,
  *   in L1/L2) and the own micro-kernel runs it against every micro-panel.
  */
-#include "internal.h"
+#include "tensor/tensor.h"
 
 #include <string.h>
 
@@ -160,7 +160,7 @@ typedef float (*dot_fn)(const float *x, const void *w, mmb_dtype t, int64_t K);
 
 static dot_fn pick_dot(mmb_dtype t) {
 #if WG_X86
-    int isa = mmb__gemm_own_isa();
+    int isa = mmb__cpu_isa();
     if (isa == 2) return t == MMB_BF16 ? dot_avx512_BF16 : t == MMB_F16 ? dot_avx512_F16 : dot_avx512_F32;
     if (isa == 1)  /* level 1 includes F16C */
         return t == MMB_BF16 ? dot_avx2_BF16 : t == MMB_F16 ? dot_avx2_F16 : dot_avx2_F32;
@@ -178,7 +178,7 @@ static void pack_panel(float *pan, const mmb_wmat *w, int64_t n0, int nc, int64_
     int nc8 = 0;
     int64_t kc8 = 0;
 #if WG_X86
-    int isa = mmb__gemm_own_isa();
+    int isa = mmb__cpu_isa();
     if (isa >= 1) {
         nc8 = nc / 8 * 8;
         kc8 = kc / 8 * 8;
@@ -208,7 +208,7 @@ static void pack_panel(float *pan, const mmb_wmat *w, int64_t n0, int nc, int64_
 
 size_t mmb__wmat_scratch(int64_t M, int64_t K) {
     if (M <= MMB_WMAT_GEMV_MAX) return 16;
-    int64_t mr = mmb__gemm_own_mr(mmb__gemm_own_isa()), kc = K < KC ? K : KC;
+    int64_t mr = mmb__gemm_own_mr(mmb__cpu_isa()), kc = K < KC ? K : KC;
     int64_t mp = (M + mr - 1) / mr * mr;
     return (size_t)(mp * kc + (int64_t)NR * kc + 16);
 }
@@ -231,7 +231,7 @@ void mmb__wmat_part(float *y0, int64_t ldy, const float *x, int64_t ldx, int64_t
         }
         return;
     }
-    const int isa = mmb__gemm_own_isa(), MR = mmb__gemm_own_mr(isa);
+    const int isa = mmb__cpu_isa(), MR = mmb__gemm_own_mr(isa);
     const int64_t npan = (M + MR - 1) / MR;
     float *apack = scratch, *pan = scratch + npan * MR * (K < KC ? K : KC);
     pan = (float *)(((uintptr_t)pan + 63) & ~(uintptr_t)63);

@@ -13,7 +13,7 @@
  *   4. rescale: float32(float64(v) * rescale_factor);
  *   5. normalize: (x - float32(mean)) / float32(std) in float32.
  * Output: f32 [3, H, W]. */
-#include "internal.h"
+#include "vision/vision.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

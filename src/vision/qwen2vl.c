@@ -17,7 +17,7 @@
  *                of one image (cu_seqlens: one sequence per image), scale 1/sqrt(hd)
  *   merger       ln_q, 2x2 windows concatenated, mlp: src/connectors/patch_merger.c
  * Weights: visual.* (save_pretrained, the hub files) or model.visual.* (transformers' module names). */
-#include "internal.h"
+#include "models/models.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -130,7 +130,7 @@ static mmb_status load_patch_embed(mmb_ctx *ctx, const mmb_ckpt *c, q2_model *q)
                     q->patch_w[(d * 3 + ch) * pp + k] += all[((d * 3 + ch) * T + t) * pp + k];
     free(all);
     mmb_tensor w2 = {.name = "patch_embed", .dtype = MMB_F32, .ndim = 2, .shape = {D, K}, .data = q->patch_w};
-    return mmb__linear_init(ctx, &q->patch_embed, &w2, NULL);
+    return mmb__linear_bind(ctx, &q->patch_embed, &w2, NULL);
 }
 
 static mmb_status load_weights(mmb_ctx *ctx, const mmb_ckpt *c, q2_model *q) {

@@ -13,7 +13,7 @@
  * unpadded images of image_size only (patch attention mask all ones), where those ids are fixed and
  * the position table is permuted once at load.
  */
-#include "internal.h"
+#include "vision/vision.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>
@@ -197,12 +197,12 @@ static mmb_status bind_qkv_blip2(mmb_ctx *ctx, const mmb_ckpt *c, const char *lp
     const mmb_tensor *w, *b = NULL;
     int64_t ws[2] = {3 * D, D}, n3 = 3 * D;
     mmb_status s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
-    if (s != MMB_OK || !bias) return s == MMB_OK ? mmb__linear_init(ctx, &l->qkv, w, NULL) : s;
+    if (s != MMB_OK || !bias) return s == MMB_OK ? mmb__linear_bind(ctx, &l->qkv, w, NULL) : s;
     if (mmb__ckpt_find(c, bn, NULL) || !mmb__ckpt_find(c, qn, NULL)) {
         if (!mmb__ckpt_find(c, bn, NULL))
             return mmb__err(ctx, MMB_ERR_MISSING, "%s: tensor '%s' (or '%s' and '%s') is missing", c->dir, bn, qn, vn);
         s = mmb__ckpt_bind(ctx, c, bn, 1, &n3, &b);
-        return s == MMB_OK ? mmb__linear_init(ctx, &l->qkv, w, b) : s;
+        return s == MMB_OK ? mmb__linear_bind(ctx, &l->qkv, w, b) : s;
     }
     float *q = NULL, *vb = NULL;
     s = mmb__ckpt_vec(ctx, c, qn, D, &q);
@@ -213,7 +213,7 @@ static mmb_status bind_qkv_blip2(mmb_ctx *ctx, const mmb_ckpt *c, const char *lp
         memcpy(l->qkv_b, q, sizeof(float) * (size_t)D);
         memcpy(l->qkv_b + 2 * D, vb, sizeof(float) * (size_t)D);
         mmb_tensor bt = {.name = "qkv.bias", .dtype = MMB_F32, .ndim = 1, .shape = {3 * D}, .data = l->qkv_b};
-        s = mmb__linear_init(ctx, &l->qkv, w, &bt);
+        s = mmb__linear_bind(ctx, &l->qkv, w, &bt);
     }
     free(q);
     free(vb);
@@ -248,7 +248,7 @@ static mmb_status load_weights(mmb_ctx *ctx, mmb_vit *v, const mmb_ckpt *c) {
         mmb_tensor w2 = *pw;  /* the conv kernel is a (D, C*p*p) matrix in im2col order */
         w2.ndim = 2;
         w2.shape[1] = P;
-        s = mmb__linear_init(ctx, &v->patch, &w2, pb);
+        s = mmb__linear_bind(ctx, &v->patch, &w2, pb);
     }
     if (s == MMB_OK && v->blip2) {  /* Parameters (1, T, D) and (1, 1, D), not an nn.Embedding */
         int64_t ps[3] = {1, T, D}, cs[3] = {1, 1, D};

@@ -1,5 +1,5 @@
 /* Family registry: checkpoints whose tower and connector run as one model (internal.h). */
-#include "internal.h"
+#include "models/models.h"
 
 static const mmb_family_ops *const all[] = {&mmb__family_blip2, &mmb__family_qwen2vl, &mmb__family_idefics2,
                                             &mmb__family_idefics3, &mmb__family_smolvlm, &mmb__family_idefics, NULL};

@@ -8,7 +8,7 @@
  *
  * Regexes (Split patterns, written for Oniguruma) run on PCRE2 with UTF and UCP; normalization forms
  * come from utf8proc. tokenizer_config.json and friends add the special tokens and the chat template. */
-#include "internal.h"
+#include "text/text.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

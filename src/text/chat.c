@@ -12,7 +12,7 @@
  * are the ones chat templates use (see the tables below); anything else is refused by name.
  *
  * Values live in an arena freed after the render; errors unwind with longjmp to the entry point. */
-#include "internal.h"
+#include "text/text.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>

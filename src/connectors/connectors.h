@@ -1,0 +1,75 @@
+/* The connectors layer: one file per connector, each described by its ops table, and the registry. Uses the vision layer and below. */
+#ifndef MMB_CONNECTORS_H
+#define MMB_CONNECTORS_H
+
+#include "vision/vision.h"
+
+/* ---- connectors/registry.c: the connector vtable ---------------------------------------------- */
+
+/* What the model tells a connector to build. */
+typedef struct mmb_conn_cfg {
+    const char *type;      /* the checkpoint's own name: "linear", "mlp2x_gelu", "llava", ... */
+    const char *prefix;    /* weight-name prefix, e.g. "model.mm_projector." */
+    int64_t in_width;      /* channels in (vision width x taps) */
+    int64_t out_width;     /* d_model */
+    mmb_act act;           /* for connectors whose activation is configurable */
+    bool bias;             /* for connectors whose bias is optional */
+    float eps;             /* norm eps, for connectors with a norm */
+    const char *proj_type; /* dense_*: the projector the Dense Connector feeds */
+    int select_layer;      /* dense_*: the model's select layer, the default final feature */
+    mmb_dense_params dense;/* dense_*: layers, groups, pool, tokens */
+} mmb_conn_cfg;
+
+typedef struct mmb_connector_ops {
+    const char *name;                                /* registry name (a pattern for mlpNx_gelu) */
+    bool (*accepts)(const char *type);               /* does this connector build `type`? */
+    mmb_status (*load)(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, void **state);
+    int64_t (*out_tokens)(const void *state, int64_t tokens_in);
+    int64_t (*out_width)(const void *state);
+    void (*cost)(const void *state, int64_t tokens_in, int64_t *params, int64_t *flops);
+    /* Floats of scratch forward needs for `rows` input rows (taken from ctx's arena). */
+    size_t (*scratch)(const void *state, int64_t rows);
+    /* x (batch, tokens, in_width) -> out (batch, out_tokens, out_width) */
+    mmb_status (*forward)(mmb_ctx *ctx, const void *state, float *out, const float *x, int64_t batch,
+                          int64_t tokens);
+    void (*free)(void *state);
+    /* Optional; NULL for connectors that read the model's taps concatenated on channels. The hidden
+     * states this one reads from an encoder of n_hidden hidden states (0 = unknown) with or without a
+     * leading CLS token: taps[i] non-negative, spans[i] >= 1 (a mean over that many, from taps[i]).
+     * Returns their number (<= MMB_MAX_TAPS), or -1 with a message when it cannot resolve them. */
+    int (*needs)(mmb_ctx *ctx, const void *state, int n_hidden, bool has_cls, int *taps, int *spans);
+    /* With needs: bufs[i] (batch, tokens, width) for each need in needs() order, CLS included when
+     * tokens is a square plus one -> out (batch, out_tokens, out_width). tokens_in of out_tokens,
+     * cost and scratch's rows (batch * tokens) count the CLS token too. */
+    mmb_status (*forward_taps)(mmb_ctx *ctx, const void *state, float *out, const float *const *bufs,
+                               int64_t batch, int64_t tokens, int64_t width);
+    /* Optional; NULL for connectors that do not route. Tokens each expert received, summed over every
+     * forward since load: fills counts[0 .. min(E, cap)) and returns E. */
+    int (*routing)(const void *state, int64_t *counts, int cap);
+} mmb_connector_ops;
+
+/* Returns the connector that builds `type`, or NULL. */
+const mmb_connector_ops *mmb__connector_find(const char *type);
+
+extern const mmb_connector_ops mmb__conn_identity, mmb__conn_mlp, mmb__conn_resmlp, mmb__conn_dense;
+
+/* ---- connectors/dense.c ------------------------------------------------------------------------ */
+
+/* Features p concatenates on channels: 1 for STI, 1 + layers for SCI, 1 + groups for DCI. */
+int mmb__dense_mult(const mmb_dense_params *p);
+/* The registry name of p's variant: "dense_sti", "dense_sci", "dense_dci". */
+const char *mmb__dense_name(mmb_dense_type t);
+
+/* ---- connectors a family builds from its own config (not registered under a projector type) ------ */
+
+/* The PatchMerger: cfg->prefix ("visual.merger."), in_width D (one patch), out_width, eps; forward takes
+ * x (batch, tokens, D) with each m^2 consecutive tokens one merge window. Not in the registry. */
+extern const mmb_connector_ops mmb__conn_patch_merger;
+/* The connectors, read from the family's config (not registered under a projector type):
+ * mmb__conn_idefics2 = Idefics2Connector (SwiGLU modality_projection + perceiver resampler),
+ * mmb__conn_pixel_shuffle = Idefics3Connector (pixel shuffle + modality_projection.proj). */
+extern const mmb_connector_ops mmb__conn_idefics2, mmb__conn_pixel_shuffle;
+extern const mmb_connector_ops mmb__conn_cabs, mmb__conn_ldp, mmb__conn_moe, mmb__conn_lowrank;
+extern const mmb_connector_ops mmb__conn_flamingo_perceiver;
+
+#endif

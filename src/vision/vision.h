@@ -1,0 +1,29 @@
+/* The vision layer: towers (vision/vit.c, vision/qwen2vl.c) and image preprocessing (vision/preprocess.c). Uses the io layer and below. */
+#ifndef MMB_VISION_H
+#define MMB_VISION_H
+
+#include "io/io.h"
+
+/* ---- vision/vit.c ------------------------------------------------------------------------------ */
+
+/* Reads a CLIP/SigLIP vision config under cfg_prefix ("vision_config." or "" for a standalone
+ * vision model), filling class defaults for absent keys. */
+mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_prefix, mmb_vit_info *out);
+/* True when c holds vision-encoder weights under a known prefix. */
+bool mmb__vit_present(const mmb_ckpt *c);
+/* Loads the vision encoder whose weights are in c (c must outlive it). */
+mmb_status mmb__vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vit **out);
+/* The last hidden state (floats = batch x tokens x width) into *out, taken from ctx->feats (empty on
+ * entry; kept from call to call, so a warm forward allocates nothing); the caller resets ctx->feats
+ * when done reading it, on failure too. */
+mmb_status mmb__vit_last_feats(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch, int64_t floats,
+                               float **out);
+
+/* ---- vision/preprocess.c ---------------------------------------------------------------------- */
+
+/* Pad, resize and crop (the steps before rescale/normalize): the uint8 image, HWC, malloc'd in
+ * *out (the caller frees it), of size *h x *w. The oracle tests check this stage on its own. */
+mmb_status mmb__preprocess_u8(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_image *img, unsigned char **out,
+                              int *h, int *w);
+
+#endif
