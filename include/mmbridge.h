@@ -513,17 +513,20 @@ typedef struct mmb_preprocess {
  * "Fast" or "Pil" suffix is accepted). Returns MMB_OK, MMB_ERR_UNSUPPORTED for another class, or MMB_ERR_ARG for NULL. */
 MMB_API mmb_status mmb_preprocess_init(mmb_ctx *ctx, const char *type, mmb_preprocess *out);
 
-/* Reads `model_dir`/preprocessor_config.json: the class from image_processor_type (else
- * processor_class, else feature_extractor_type), its defaults for absent or null keys, then the
+/* Reads `model_dir`/preprocessor_config.json, or without one the image processor that transformers 5's
+ * processor save_pretrained nests in `model_dir`/processor_config.json (its "image_processor" object; the
+ * top level's processor_class, e.g. "LlavaProcessor", is not read): the class from image_processor_type
+ * (else processor_class, else feature_extractor_type), its defaults for absent or null keys, then the
  * file's do_resize, size (dict, int or [h, w], read as transformers' get_size_dict with the class's
  * default_to_square), resample, do_center_crop, crop_size, do_rescale, rescale_factor,
  * do_normalize, image_mean, image_std (a number or 3 numbers), do_pad, do_convert_rgb; for
  * Qwen2VLImageProcessor size {shortest_edge, longest_edge} as min / max pixels, overridden by the
  * min_pixels and max_pixels keys, and patch_size * merge_size as the resize factor.
- * Returns MMB_OK and fills *out; MMB_ERR_IO (no such file); MMB_ERR_FORMAT (bad JSON, a key of the
- * wrong type or value, naming the file and the key); MMB_ERR_MISSING (no class key, or do_center_crop
- * without crop_size); MMB_ERR_UNSUPPORTED (another processor class,
- * a size mode or resample filter not implemented); MMB_ERR_ARG for NULL. *out untouched on failure. */
+ * Returns MMB_OK and fills *out; MMB_ERR_IO (neither file); MMB_ERR_FORMAT (bad JSON, a key of the
+ * wrong type or value, naming the file and the key); MMB_ERR_MISSING (no class key, do_center_crop
+ * without crop_size, or a processor_config.json without an "image_processor" object);
+ * MMB_ERR_UNSUPPORTED (another processor class, a size mode or resample filter not implemented);
+ * MMB_ERR_ARG for NULL. *out untouched on failure. */
 MMB_API mmb_status mmb_preprocess_load(mmb_ctx *ctx, const char *model_dir, mmb_preprocess *out);
 
 /* Sets *out_height, *out_width to the size of the tensor mmb_preprocess_run makes from an image of
@@ -819,14 +822,21 @@ MMB_API mmb_mllm_params mmb_mllm_default_params(void);
 
 /* Opens checkpoint directory `dir`: the family table names the row that matches its config.json
  * (architectures[0], model_type and the keys or tensors a layout is told by), which says where the
- * tower, taps, connector, processor and LLM are and which fusion joins them. Loads the image processor
- * (preprocessor_config.json, or the image processor nested in transformers 5's processor_config.json;
- * for an original-layout LLaVA, the tower directory's), the vision tower, connector, LLM and
- * tokenizer (tokenizer.json) that the directory holds, checking every weight. p may be NULL
- * (mmb_mllm_default_params). Returns MMB_OK and sets *out; MMB_ERR_UNSUPPORTED for an architecture
- * no row matches (the message names it and lists the supported families) or a choice a row refuses;
- * the statuses of mmb_model_open, mmb_lm_open and mmb_tokenizer_open otherwise, with their messages.
- * Free with mmb_mllm_free. */
+ * tower, taps, connector, processor and LLM are and which fusion joins them. Told from config.json alone:
+ * a vision tower alone (architectures CLIPVisionModel, SiglipVisionModel, CLIPModel, SiglipModel or their
+ * model_type: family "clip" / "siglip", fusion NONE, encode gives its last_hidden_state) and a language
+ * model alone ("...ForCausalLM" without vision_config or mm_* keys: family "text", mmb_lm_open's models);
+ * everything else opens through mmb_model_open. Loads the image processor (preprocessor_config.json, or
+ * the image processor nested in transformers 5's processor_config.json; for an original-layout LLaVA, the
+ * tower directory's; none when neither has one: encoding then fails with MMB_ERR_MISSING saying so), the
+ * vision tower, connector, LLM (a LLaVA's when its weights are there; a family's LLM is not run) and
+ * tokenizer (tokenizer.json; none without the file) that the directory holds, checking every weight.
+ * p may be NULL (mmb_mllm_default_params). Returns MMB_OK and sets *out; MMB_ERR_UNSUPPORTED for an
+ * architecture nothing reads (mmb_model_open's message), or vision_tower / dense given for a family's
+ * model; MMB_ERR_ARG for them given for a tower or an LLM alone, or dense fields without a dense type on a
+ * checkpoint without a Dense Connector; MMB_ERR_SHAPE when the connector's width is not the LLM's; the
+ * statuses of mmb_model_open, mmb_model_set_dense, mmb_model_attach_vit, mmb_preprocess_load, mmb_lm_open
+ * and mmb_tokenizer_open otherwise, with their messages. Free with mmb_mllm_free. */
 MMB_API mmb_status mmb_mllm_open(mmb_ctx *ctx, const char *dir, const mmb_mllm_params *p, mmb_mllm **out);
 
 /* Frees the model. NULL is a no-op. */
@@ -835,13 +845,14 @@ MMB_API void mmb_mllm_free(mmb_mllm *m);
 typedef struct mmb_mllm_info {
     const char *dir;
     const char *family;         /* the family table row: "llava", "blip2", "idefics", "idefics2", "idefics3",
-                                   "smolvlm", "qwen2_vl", "clip" / "siglip" (a vision tower alone), ... */
+                                   "smolvlm", "qwen2_vl", "clip" / "siglip" (a vision tower alone), "text" (a
+                                   language model alone), ... */
     const char *architecture;   /* config.json's architectures[0] (else its model_type) */
     mmb_fusion fusion;          /* MMB_FUSION_C for LLaVA-style splicing; NONE without an LLM */
     int has_vision, has_connector, has_lm, has_tokenizer, has_processor, has_chat_template;
     int vision_layers, vision_width;  /* the tower: blocks and width of one hidden state */
     int64_t vision_tokens;      /* tokens of one hidden state at the processor's fixed size, CLS included;
-                                   0 when it depends on the image (Qwen2-VL) */
+                                   0 for a family's model (its hidden states are not exposed) */
     int out_width;              /* width of an encode's output: the connector's d_model, or vision_width
                                    for a tower alone (its last_hidden_state) */
     int64_t tokens_per_image;   /* outputs per image at the processor's fixed size, 0 when it depends on
@@ -856,7 +867,9 @@ typedef struct mmb_mllm_info {
 /* Fills *out; strings belong to the model. Returns MMB_OK or MMB_ERR_ARG for NULL pointers. */
 MMB_API mmb_status mmb_mllm_get_info(const mmb_mllm *m, mmb_mllm_info *out);
 
-/* The parts, owned by the model (NULL where the directory has none): for the calls documented above. */
+/* The parts, owned by the model (NULL where the directory has none): for the calls documented above.
+ * mmb_mllm_vit is the tower whose hidden states mmb_mllm_encode exposes: NULL for a family's model, whose
+ * tower runs inside mmb_model_encode; mmb_mllm_model is NULL for a tower or an LLM alone. */
 MMB_API const mmb_model *mmb_mllm_model(const mmb_mllm *m);
 MMB_API const mmb_vit *mmb_mllm_vit(const mmb_mllm *m);
 MMB_API const mmb_lm *mmb_mllm_lm(const mmb_mllm *m);
@@ -875,8 +888,9 @@ typedef struct mmb_encode_out {
     size_t hidden_count;        /* floats each hidden[i] holds */
 } mmb_encode_out;
 
-/* Sizes an encode of imgs[0, n): sets tokens[i] (n entries) to the outputs image i makes and returns
- * their sum, or -1 with a message (an image the processor or the tower refuses, no vision path). */
+/* Sizes an encode of imgs[0, n): sets tokens[i] (n entries; tokens may be NULL) to the outputs image i makes
+ * and returns their sum, or -1 with a message (an image the processor or the tower refuses, no vision path
+ * or processor), tokens untouched. */
 MMB_API int64_t mmb_mllm_encode_size(mmb_ctx *ctx, const mmb_mllm *m, const mmb_image *imgs, int n, int64_t *tokens);
 
 /* Runs imgs[0, n) (8-bit RGB, as mmb_image_load decodes them) through the model's processor, tower,
@@ -884,8 +898,11 @@ MMB_API int64_t mmb_mllm_encode_size(mmb_ctx *ctx, const mmb_mllm *m, const mmb_
  * plus out->taps' hidden states from the same forward pass. Images that the processor makes the same
  * size are one batch; others are encoded one by one (hidden states need one size: MMB_ERR_SHAPE
  * otherwise). Returns MMB_OK; MMB_ERR_SHAPE when a buffer is too small (the message gives the floats
- * needed) or a size the tower refuses; MMB_ERR_MISSING without a vision path; MMB_ERR_ARG for NULL
- * pointers, n < 1, a tap out of range; MMB_ERR_NOMEM. The outputs are untouched on failure. */
+ * needed) or a size the tower refuses; MMB_ERR_MISSING without a vision path or an image processor;
+ * MMB_ERR_UNSUPPORTED for taps on a family's model (BLIP-2, IDEFICS, Idefics2/3, Qwen2-VL: its tower and
+ * connector run as one); MMB_ERR_ARG for NULL pointers, n < 1, a tap out of range, a NULL hidden[i], nothing
+ * asked (embeddings NULL and n_taps 0), more than MMB_MAX_TAPS taps with the model's own; MMB_ERR_NOMEM.
+ * The outputs are untouched on failure. */
 MMB_API mmb_status mmb_mllm_encode(mmb_ctx *ctx, mmb_mllm *m, const mmb_image *imgs, int n, mmb_encode_out *out);
 
 /* As mmb_mllm_encode for one image decoded from the file at `path`, or from the n bytes at `bytes`
@@ -913,11 +930,12 @@ enum {
 
 /* Tokenizes `prompt` (UTF-8) holding the model's image marker (mmb_mllm_info.image_marker) once per
  * image, in order; a prompt without any marker gets one per image put in front, each followed by a
- * newline. Each marker becomes an image chunk of imgs[k] (copied: imgs may be freed afterwards), the text
- * between them text chunks. Returns MMB_OK and sets *out; MMB_ERR_ARG when markers and images disagree
- * in number (the message gives both) or for NULL pointers; MMB_ERR_MISSING when the model has no LLM or
- * tokenizer (or, with MMB_TOKENIZE_CHAT, no chat template); the chat template's and the processor's
- * errors. Free with mmb_chunks_free. */
+ * newline. Each marker becomes an image chunk of imgs[k] (preprocessed: imgs may be freed afterwards), the
+ * text between them text chunks (the ids are cut at the LLM's image token: mmb_mllm_chunks_from_ids).
+ * Returns MMB_OK and sets *out; MMB_ERR_ARG when markers and images disagree in number (the message gives
+ * both), for NULL pointers or flags other than the two; MMB_ERR_MISSING when the model has no LLM or
+ * tokenizer (or, with MMB_TOKENIZE_CHAT, no chat template; with images, no image marker); the chat
+ * template's and the processor's errors. Free with mmb_chunks_free. */
 MMB_API mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt, const mmb_image *imgs,
                                      int n_images, int flags, mmb_chunks **out);
 
@@ -927,8 +945,10 @@ MMB_API mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char
 MMB_API mmb_status mmb_mllm_chunks_from_ids(mmb_ctx *ctx, const mmb_mllm *m, const int32_t *ids, int64_t n,
                                             const mmb_image *imgs, int n_images, mmb_chunks **out);
 
-/* An empty list, and appending to one (ids and rows are copied). Return MMB_OK, MMB_ERR_ARG (NULL,
- * n < 1, an id outside the vocabulary, width other than the LLM's), MMB_ERR_NOMEM. */
+/* An empty list, and appending to one (ids and rows are copied; an image is preprocessed now). Return MMB_OK,
+ * MMB_ERR_ARG (NULL, n < 1, an id outside the vocabulary, width other than the LLM's), MMB_ERR_MISSING
+ * (a model without an LLM; an image without a vision path or processor), MMB_ERR_NOMEM; the list is
+ * unchanged on failure. A list holds no reference to the model: evaluate it with the one that made it. */
 MMB_API mmb_status mmb_chunks_new(mmb_ctx *ctx, mmb_chunks **out);
 MMB_API mmb_status mmb_chunks_add_text(mmb_ctx *ctx, const mmb_mllm *m, mmb_chunks *c, const int32_t *ids, int64_t n);
 MMB_API mmb_status mmb_chunks_add_image(mmb_ctx *ctx, const mmb_mllm *m, mmb_chunks *c, const mmb_image *img);
@@ -945,7 +965,10 @@ MMB_API int64_t mmb_chunks_positions(const mmb_chunks *c);
 /* A text chunk's ids (owned by c) and their number in *n; NULL for another type. */
 MMB_API const int32_t *mmb_chunks_text(const mmb_chunks *c, int i, int64_t *n);
 
-/* A KV cache for the model's LLM (mmb_kv_cache_new). */
+/* A KV cache for the model's LLM (mmb_kv_cache_new) of max_tokens positions; max_tokens < 1 or above the
+ * model's context (mmb_mllm_info.context) is the whole context, so "prompt + n_predict" never fails for
+ * being too long: the generation stops with MMB_STOP_CONTEXT. Returns as mmb_kv_cache_new; MMB_ERR_MISSING
+ * without an LLM; MMB_ERR_ARG for NULL pointers. */
 MMB_API mmb_status mmb_mllm_kv_new(mmb_ctx *ctx, const mmb_mllm *m, int64_t max_tokens, mmb_kv_cache **out);
 
 /* Called between steps of an evaluation or a generation: `phase` is "encode" (images), "prefill" or
@@ -963,12 +986,16 @@ typedef struct mmb_eval_params {
 } mmb_eval_params;
 
 /* Evaluates the chunks into kv, from position mmb_kv_cache_len(kv): text through the LLM's embeddings,
- * images through mmb_mllm_encode, both spliced in order (fusion C), in pieces of n_batch positions.
- * Returns MMB_OK; MMB_ERR_SHAPE when kv cannot take the chunks (context overflow: the message gives the
- * positions cached, the positions asked and the limit), with nothing evaluated; MMB_ERR_ABORTED when the
- * flag was raised (kv then holds the chunks evaluated so far); MMB_ERR_MISSING without an LLM;
- * MMB_ERR_UNSUPPORTED for a fusion type this build cannot evaluate; the statuses of mmb_mllm_encode and
- * mmb_lm_forward. */
+ * images through mmb_mllm_encode (each just before its positions), spliced in order (fusion C), each chunk in
+ * decoder calls of up to n_batch positions.
+ * Progress: "encode" once per image (done of the list's images), "prefill" after each decoder call (positions
+ * done of the list's). Returns MMB_OK; MMB_ERR_SHAPE when kv cannot take the chunks (context overflow: the
+ * message gives the positions cached, the positions asked and the limit), with nothing evaluated;
+ * MMB_ERR_ABORTED when the flag was raised (kv then holds the positions evaluated so far, the message how
+ * many, and all_logits' rows for them are written); MMB_ERR_MISSING without an LLM; MMB_ERR_UNSUPPORTED
+ * for an image chunk on a model that splices none (fusion other than C); MMB_ERR_ARG for NULL pointers, a
+ * negative n_batch, a chunk the LLM cannot take (an id outside its vocabulary, rows of another width:
+ * nothing evaluated); the statuses of mmb_mllm_encode and mmb_lm_forward. */
 MMB_API mmb_status mmb_mllm_eval(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mmb_chunks *chunks,
                                  const mmb_eval_params *p);
 
@@ -982,16 +1009,17 @@ typedef enum mmb_stop {
     MMB_STOP_ABORT = 5      /* the abort flag */
 } mmb_stop;
 
-/* Called with each generated token: its id and the text it completes (UTF-8, whole characters only;
- * a byte token that starts a character comes with the one that ends it; len 0 then), special tokens
- * skipped. Return non-zero to stop. */
+/* Called with each generated token, the end-of-sequence one included: its id and the text it completes
+ * (UTF-8, whole characters only; a byte token that starts a character comes with the one that ends it;
+ * len 0 then), special tokens skipped; piece "" without a tokenizer. Return non-zero to stop. */
 typedef int (*mmb_token_fn)(void *user, int32_t id, const char *piece, size_t len);
 
 typedef struct mmb_gen_params {
     int64_t n_predict;          /* tokens to generate at most (0: prefill only) */
     mmb_sampler sampler;
     int ignore_eos;             /* do not stop at the end-of-sequence ids */
-    const char *const *stops;   /* stop strings (n_stops): stop once the text holds one */
+    const char *const *stops;   /* stop strings (n_stops, non-empty): stop once the text holds one (the
+                                   token completing it is handed out whole); need the tokenizer */
     int n_stops;
     int64_t n_batch;            /* as mmb_eval_params */
     mmb_token_fn on_token;      /* NULL: none */
@@ -1015,9 +1043,14 @@ typedef struct mmb_gen_result {
 
 /* Evaluates `prompt` (mmb_mllm_eval) and then samples up to n_predict tokens, each fed back, streaming
  * them through on_token. Stops at the first of the mmb_stop reasons; the cache being full is one of
- * them, not an error. Fills *res (on MMB_ERR_ABORTED during the prompt too: the timings so far).
- * Returns MMB_OK; the statuses of mmb_mllm_eval (the prompt alone overflowing the cache is MMB_ERR_SHAPE)
- * and mmb_sample. */
+ * them, not an error (the last token is handed out, not fed back). With several reasons at once the first
+ * of EOS, STRING, CALLBACK, LENGTH, CONTEXT is given. The abort flag is checked before each token: raised
+ * during the decoding, the generation returns MMB_OK with MMB_STOP_ABORT. p NULL: mmb_gen_default_params.
+ * Fills *res (res may be NULL; on MMB_ERR_ABORTED during the prompt too: MMB_STOP_ABORT and the timings so
+ * far; untouched on other errors). Progress as mmb_mllm_eval, then "decode" after each token fed back (done
+ * of n_predict). Returns MMB_OK; MMB_ERR_ARG for NULL pointers, an empty prompt, a negative n_predict, NULL
+ * or empty stop strings; the statuses of mmb_mllm_eval (the prompt alone overflowing the cache is
+ * MMB_ERR_SHAPE) and mmb_sample. */
 MMB_API mmb_status mmb_mllm_generate(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mmb_chunks *prompt,
                                      const mmb_gen_params *p, mmb_gen_result *res);
 

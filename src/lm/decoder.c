@@ -398,6 +398,18 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
     return MMB_OK;
 }
 
+/* Where the text model's weights are: the prefix of its embed_tokens.weight, or NULL. */
+static const char *find_prefix(const mmb_ckpt *c) {
+    static const char *const prefixes[] = {"model.language_model.", "language_model.model.", "language_model.",
+                                           "model."};
+    for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++) {
+        char nm[64];
+        snprintf(nm, sizeof nm, "%sembed_tokens.weight", prefixes[i]);
+        if (mmb__ckpt_find(c, nm, NULL)) return prefixes[i];
+    }
+    return NULL;
+}
+
 mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
     if (!ctx || !dir || !out) return mmb__err(ctx, MMB_ERR_ARG, "mmb_lm_open: NULL argument");
     mmb_lm *lm = calloc(1, sizeof *lm);
@@ -407,16 +419,11 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
     mmb_status s = mmb__ckpt_open(ctx, dir, &lm->ck);
     if (s == MMB_OK) s = read_config(ctx, lm, &qkv_bias, &o_bias, &mlp_bias, &tied, &windows);
     if (s != MMB_OK) goto fail;
-    /* Where the text model's weights are. */
-    static const char *const prefixes[] = {"model.language_model.", "language_model.model.", "language_model.",
-                                           "model."};
     char nm[512];
-    for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0] && !lm->prefix; i++) {
-        snprintf(nm, sizeof nm, "%sembed_tokens.weight", prefixes[i]);
-        if (mmb__ckpt_find(&lm->ck, nm, NULL) && !(lm->prefix = strdup(prefixes[i]))) {
-            s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
-            goto fail;
-        }
+    const char *prefix = find_prefix(&lm->ck);
+    if (prefix && !(lm->prefix = strdup(prefix))) {
+        s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+        goto fail;
     }
     if (!lm->prefix) {
         s = mmb__err(ctx, MMB_ERR_MISSING, "%s: no text model: tensor 'model.embed_tokens.weight' is missing (also "
@@ -815,3 +822,10 @@ mmb_status mmb_lm_forward(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv, cons
     mmb__arena_reset(&ctx->arena);
     return s;
 }
+
+/* ---- for the multimodal model: declared in pipeline/pipeline.h until this floor has its own header (a floor
+ * does not include the one above it) ------------------------------------------------------------------- */
+
+bool mmb__lm_present(const mmb_ckpt *c) { return find_prefix(c) != NULL; }
+
+int64_t mmb__kv_cache_cap(const mmb_kv_cache *kv) { return kv ? kv->cap : 0; }

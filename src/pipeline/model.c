@@ -1,6 +1,6 @@
 /* Opening a checkpoint: detect its layout, read the feature selection, build the connector; and
  * running feature selection + connector on hidden states. */
-#include "internal.h"
+#include "pipeline.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -535,34 +535,58 @@ int64_t mmb_model_encode_tokens(mmb_ctx *ctx, const mmb_model *m, int height, in
 
 mmb_status mmb_model_encode(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
                             int width, float *out, size_t out_count) {
-    if (!ctx || !m || !pixels || !out || batch < 1)
-        return mmb__err(ctx, MMB_ERR_ARG, "mmb_model_encode: NULL argument or batch < 1");
-    int64_t t = mmb_model_encode_tokens(ctx, m, height, width);
-    if (t < 0) return m->fam || m->vit ? MMB_ERR_SHAPE : MMB_ERR_MISSING;
-    size_t need = (size_t)(batch * t) * (size_t)m->info.out_width;
-    if (out_count < need) return mmb__err(ctx, MMB_ERR_SHAPE, "output holds %zu floats, %zu needed", out_count, need);
-    if (m->fam) return m->fam->encode(ctx, m->fam_state, pixels, batch, height, width, out);
-    /* The tower's hidden states for the model's taps (a DCI group's mean summed as the blocks run). */
-    mmb_vit_info vi;
-    mmb_vit_get_info(m->vit, &vi);
-    mmb_features ft = {.batch = batch, .tokens = vi.tokens, .width = vi.width, .n_hidden = vi.layers + 1,
-                       .n_taps = m->info.n_taps};
-    float *bufs[MMB_MAX_TAPS] = {0};
-    size_t per = (size_t)(batch * vi.tokens * vi.width) * sizeof(float);
-    /* In ctx's feature buffer, kept from call to call: the forward allocates nothing once warm. */
-    mmb_status s = mmb__arena_reserve(ctx, &ctx->feats, (size_t)ft.n_taps * mmb__arena_piece(per));
-    for (int i = 0; i < ft.n_taps && s == MMB_OK; i++) {
-        ft.taps[i] = m->info.taps[i] < 0 ? m->info.taps[i] + vi.layers + 1 : m->info.taps[i];
-        ft.spans[i] = m->info.tap_spans[i];
-        ft.data[i] = bufs[i] = mmb__arena_alloc(&ctx->feats, per);
-    }
-    if (s == MMB_OK) s = mmb_vit_forward_groups(ctx, m->vit, pixels, batch, ft.taps, ft.spans, ft.n_taps, bufs);
-    if (s == MMB_OK) s = mmb_model_connect(ctx, m, &ft, out, out_count);
-    mmb__arena_reset(&ctx->feats);
-    return s;
+    return mmb__model_encode_taps(ctx, m, pixels, batch, height, width, out, out_count, NULL, 0, NULL);
 }
 
 int mmb_model_routing_stats(const mmb_model *m, int64_t *counts, int cap) {
     if (!m || m->fam || !m->ops || !m->ops->routing) return 0;
     return m->ops->routing(m->conn, counts, counts ? cap : 0);
+}
+
+/* ---- for the multimodal model (pipeline.h) ------------------------------------------------------- */
+
+const mmb_ckpt *mmb__model_ckpt(const mmb_model *m) { return &m->ck; }
+
+mmb_status mmb__model_encode_taps(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
+                                  int width, float *out, size_t out_count, const int *taps, int n_taps,
+                                  float *const *hidden) {
+    if (!ctx || !m || !pixels || !out || batch < 1 || n_taps < 0 || n_taps > MMB_MAX_TAPS ||
+        (n_taps && (!taps || !hidden)))
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_model_encode: NULL argument, batch < 1 or bad taps");
+    if (m->fam && n_taps)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: a %s model runs its tower and connector as one; its hidden "
+                        "states are not exposed", m->ck.dir, m->fam->name);
+    int64_t t = mmb_model_encode_tokens(ctx, m, height, width);
+    if (t < 0) return m->fam || m->vit ? MMB_ERR_SHAPE : MMB_ERR_MISSING;
+    size_t need = (size_t)(batch * t) * (size_t)m->info.out_width;
+    if (out_count < need) return mmb__err(ctx, MMB_ERR_SHAPE, "output holds %zu floats, %zu needed", out_count, need);
+    if (m->fam) return m->fam->encode(ctx, m->fam_state, pixels, batch, height, width, out);
+    /* The tower's hidden states for the model's taps (a DCI group's mean summed as the blocks run), then the
+     * caller's, in one forward pass. */
+    mmb_vit_info vi;
+    mmb_vit_get_info(m->vit, &vi);
+    const int nm = m->info.n_taps;
+    if (nm + n_taps > MMB_MAX_TAPS)
+        return mmb__err(ctx, MMB_ERR_ARG, "%d hidden states asked besides the model's %d: at most %d in all", n_taps,
+                        nm, MMB_MAX_TAPS);
+    mmb_features ft = {.batch = batch, .tokens = vi.tokens, .width = vi.width, .n_hidden = vi.layers + 1,
+                       .n_taps = nm};
+    int all[MMB_MAX_TAPS], spans[MMB_MAX_TAPS] = {0};
+    float *bufs[MMB_MAX_TAPS] = {0};
+    size_t per = (size_t)(batch * vi.tokens * vi.width) * sizeof(float);
+    /* In ctx's feature buffer, kept from call to call: the forward allocates nothing once warm. */
+    mmb_status s = mmb__arena_reserve(ctx, &ctx->feats, (size_t)nm * mmb__arena_piece(per));
+    for (int i = 0; i < nm && s == MMB_OK; i++) {
+        all[i] = ft.taps[i] = m->info.taps[i] < 0 ? m->info.taps[i] + vi.layers + 1 : m->info.taps[i];
+        spans[i] = ft.spans[i] = m->info.tap_spans[i];
+        ft.data[i] = bufs[i] = mmb__arena_alloc(&ctx->feats, per);
+    }
+    for (int i = 0; i < n_taps; i++) {
+        all[nm + i] = taps[i];
+        bufs[nm + i] = hidden[i];
+    }
+    if (s == MMB_OK) s = mmb_vit_forward_groups(ctx, m->vit, pixels, batch, all, spans, nm + n_taps, bufs);
+    if (s == MMB_OK) s = mmb_model_connect(ctx, m, &ft, out, out_count);
+    mmb__arena_reset(&ctx->feats);
+    return s;
 }

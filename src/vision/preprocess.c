@@ -1,5 +1,6 @@
 /* Image preprocessing with the semantics of transformers' PIL-backend image processors (CLIP,
- * SigLIP, LLaVA, BLIP), driven by preprocessor_config.json.
+ * SigLIP, LLaVA, BLIP), driven by preprocessor_config.json (or the image processor nested in transformers 5's
+ * processor_config.json).
  *
  * Order, as PilBackend._preprocess / LlavaImageProcessorPil._preprocess run it:
  *   1. pad to square (LLaVA do_pad): background int(mean * 255) per channel, image at
@@ -21,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* ---- class defaults ---------------------------------------------------------------------------- */
 
@@ -340,36 +342,32 @@ static mmb_status parse_config(mmb_ctx *ctx, const char *file, const cJSON *o, m
 
 mmb_status mmb_preprocess_load(mmb_ctx *ctx, const char *model_dir, mmb_preprocess *out) {
     if (!model_dir || !out) return mmb__err(ctx, MMB_ERR_ARG, "mmb_preprocess_load: NULL argument");
-    char path[4096];
+    char path[4096], where[4160];
     if ((size_t)snprintf(path, sizeof path, "%s/preprocessor_config.json", model_dir) >= sizeof path)
         return mmb__err(ctx, MMB_ERR_ARG, "%s: path too long", model_dir);
-    FILE *f = fopen(path, "rb");
-    if (!f) return mmb__err(ctx, MMB_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    size_t cap = 1 << 14, n = 0;
-    char *text = malloc(cap);
-    for (;;) {
-        if (!text) { fclose(f); return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", path); }
-        n += fread(text + n, 1, cap - 1 - n, f);
-        if (n < cap - 1) break;
-        if (cap >= (64u << 20)) {
-            free(text);
-            fclose(f);
-            return mmb__err(ctx, MMB_ERR_FORMAT, "%s: larger than 64 MiB", path);
-        }
-        char *t = realloc(text, cap * 2);
-        if (!t) free(text);
-        text = t;
-        cap *= 2;
+    /* Without preprocessor_config.json, the image processor nested in processor_config.json, as transformers
+     * 5's ProcessorMixin.save_pretrained writes it (its top level is the processor's: processor_class
+     * "LlavaProcessor", patch_size, image_token, ...). */
+    const char *nest = NULL;
+    if (access(path, F_OK) != 0) {
+        int e = errno;
+        snprintf(path, sizeof path, "%s/processor_config.json", model_dir);
+        if (access(path, F_OK) != 0)
+            return mmb__err(ctx, MMB_ERR_IO, "%s/preprocessor_config.json: cannot open: %s (and there is no "
+                            "processor_config.json)", model_dir, strerror(e));
+        nest = "image_processor";
     }
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) { free(text); return mmb__err(ctx, MMB_ERR_IO, "%s: read failed", path); }
-    text[n] = 0;
-    cJSON *root = cJSON_ParseWithLength(text, n);
-    free(text);
-    if (!root) return mmb__err(ctx, MMB_ERR_FORMAT, "%s: invalid JSON", path);
+    cJSON *root = NULL;
+    mmb_status st = mmb__json_read(ctx, path, &root);
+    if (st != MMB_OK) return st;
+    const cJSON *o = nest ? get(root, nest) : root;
+    snprintf(where, sizeof where, "%s%s", path, nest ? " (image_processor)" : "");
     mmb_preprocess p;
-    mmb_status st = parse_config(ctx, path, root, &p);
+    if (!o)
+        st = mmb__err(ctx, MMB_ERR_MISSING, "%s: no '%s' object (the image processor) and no "
+                      "preprocessor_config.json beside it", path, nest);
+    else
+        st = parse_config(ctx, where, o, &p);
     cJSON_Delete(root);
     if (st == MMB_OK) *out = p;
     return st;

@@ -20,6 +20,34 @@ TEXT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_atten
             num_key_value_heads=4, vocab_size=128)
 
 
+def build_dir():
+    """The build directory: $MMB_BUILD_DIR, else the directory of $MMB_BIN, else <repo>/build."""
+    if os.environ.get("MMB_BUILD_DIR"):
+        return Path(os.environ["MMB_BUILD_DIR"])
+    if os.environ.get("MMB_BIN"):
+        return Path(os.environ["MMB_BIN"]).resolve().parent
+    return ROOT / "build"
+
+
+def compile_driver(name, out_dir):
+    """Compiles tests/oracle/{name}.c against the build's libmmbridge.a (sanitized when the build is) into
+    out_dir; skips the test when the library is not built. Returns the executable's path."""
+    bd = build_dir()
+    lib = bd / "libmmbridge.a"
+    if not lib.exists():
+        pytest.skip(f"{lib} not built")
+    cache = (bd / "CMakeCache.txt").read_text() if (bd / "CMakeCache.txt").exists() else ""
+    san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if "MMB_SANITIZE:BOOL=ON" in cache else []
+    libs = subprocess.run(["pkg-config", "--libs", "libcjson", "libjpeg", "libpng", "libwebp", "libpcre2-8",
+                           "libutf8proc", "openblas"], capture_output=True, text=True, check=True).stdout.split()
+    exe = Path(out_dir) / name
+    cmd = [os.environ.get("CC", "cc"), "-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", *san,
+           f"-I{ROOT / 'include'}", f"-I{ROOT / 'src'}", str(ROOT / f"tests/oracle/{name}.c"),
+           str(lib), *libs, "-lpthread", "-lm", "-o", str(exe)]
+    subprocess.run(cmd, check=True)
+    return exe
+
+
 def run(*args, check=True):
     """Runs the CLI; returns the CompletedProcess. With check, a non-zero exit fails the test."""
     p = subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=300)

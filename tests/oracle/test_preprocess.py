@@ -29,33 +29,12 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def build_dir():
-    if os.environ.get("MMB_BUILD_DIR"):
-        return Path(os.environ["MMB_BUILD_DIR"])
-    if os.environ.get("MMB_BIN"):
-        return Path(os.environ["MMB_BIN"]).resolve().parent
-    return ROOT / "build"
+from conftest import compile_driver
 
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    bd = build_dir()
-    lib = bd / "libmmbridge.a"
-    if not lib.exists():
-        pytest.skip(f"{lib} not built")
-    cache = (bd / "CMakeCache.txt").read_text() if (bd / "CMakeCache.txt").exists() else ""
-    san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if "MMB_SANITIZE:BOOL=ON" in cache else []
-    libs = subprocess.run(["pkg-config", "--libs", "libcjson", "libjpeg", "libpng", "libwebp", "openblas"],
-                          capture_output=True, text=True, check=True).stdout.split()
-    exe = tmp_path_factory.mktemp("driver") / "preprocess_driver"
-    cmd = [os.environ.get("CC", "cc"), "-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", *san,
-           f"-I{ROOT / 'include'}", f"-I{ROOT / 'src'}", str(ROOT / "tests/oracle/preprocess_driver.c"),
-           str(lib), *libs, "-lpthread", "-lm", "-o", str(exe)]
-    subprocess.run(cmd, check=True)
-    return exe
+    return compile_driver("preprocess_driver", tmp_path_factory.mktemp("driver"))
 
 
 def run_driver(exe, out, image, dirs=(), max_pixels=None):
@@ -425,7 +404,7 @@ def test_bad_configs(driver, tmp_path, corpus):
         "bad_size": ({"image_processor_type": "CLIPImageProcessor", "size": {"foo": 3}}, "unknown entry 'foo'"),
         "bad_mean": ({"image_processor_type": "CLIPImageProcessor", "image_mean": [0.5, 0.5]}, "image_mean"),
         "nearest": ({"image_processor_type": "SiglipImageProcessor", "resample": 0}, "nearest"),
-        "bad_json": ("{not json", "invalid JSON"),
+        "bad_json": ("{not json", "malformed JSON"),
     }
     for name, (cfg, expect) in cases.items():
         d = tmp_path / name
@@ -444,6 +423,50 @@ def test_bad_configs(driver, tmp_path, corpus):
     from transformers import CLIPImageProcessor
     ref = CLIPImageProcessor(size=32, crop_size=24)(Image.open(imgs["rgb_100x80"][0]), return_tensors="np")
     assert np.array_equal(load_file(str(tmp_path / "o.st"))["pixels.0"], ref["pixel_values"][0])
+
+
+def tiny_fast_tokenizer():
+    """A tokenizer for the processors below: a byte-level BPE without merges, and <image>."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.mark.parametrize("kind", ["clip", "llava_pad"])
+def test_processor_config_json(driver, tmp_path, corpus, kind):
+    """A directory saved by transformers 5's LlavaProcessor.save_pretrained: processor_config.json with the image
+    processor nested under "image_processor" (top level: processor_class LlavaProcessor, patch_size, ...) and no
+    preprocessor_config.json. Its pixels equal the processor's (the one transformers loads back) exactly."""
+    import warnings
+    from transformers import AutoProcessor, CLIPImageProcessor, LlavaImageProcessor, LlavaProcessor
+    _, imgs, _ = corpus
+    ip = (CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 36}, resample=2)
+          if kind == "clip" else LlavaImageProcessor(do_pad=True, size={"shortest_edge": 30},
+                                                     crop_size={"height": 30, "width": 30}))
+    d = tmp_path / kind
+    LlavaProcessor(image_processor=ip, tokenizer=tiny_fast_tokenizer(), patch_size=14).save_pretrained(d)
+    cfg = json.loads((d / "processor_config.json").read_text())
+    assert not (d / "preprocessor_config.json").exists() and cfg["processor_class"] == "LlavaProcessor"
+    assert cfg["image_processor"]["image_processor_type"] == type(ip).__name__.replace("Pil", "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proc = AutoProcessor.from_pretrained(d, use_fast=False).image_processor
+    for name in ["rgb_100x80", "rgb_7x5"]:
+        path = imgs[name][0]
+        out = tmp_path / f"{kind}_{name}.safetensors"
+        p = run_driver(driver, out, path, [d])
+        assert p.returncode == 0, p.stderr
+        ref = proc(Image.open(path), return_tensors="np")["pixel_values"][0]
+        got = load_file(str(out))["pixels.0"]
+        assert got.shape == ref.shape and np.array_equal(got, ref), f"{kind}/{name}: {np.abs(got - ref).max()}"
+    # the nested form only: a processor_config.json without an image processor is refused, naming the file
+    cfg.pop("image_processor")
+    (d / "processor_config.json").write_text(json.dumps(cfg))
+    p = run_driver(driver, tmp_path / "o.st", imgs["rgb_7x5"][0], [d])
+    assert p.returncode == 2 and "processor_config.json" in p.stderr and "'image_processor'" in p.stderr, p.stderr
 
 
 def test_report():

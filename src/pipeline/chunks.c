@@ -1,0 +1,187 @@
+/* Prompts as chunk lists (mmb_chunks): runs of token ids, preprocessed images and rows of embeddings, in
+ * order, as llama.cpp's mtmd_input_chunks; and a prompt's text with image markers cut into one. */
+#include "pipeline.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+mmb_status mmb_chunks_new(mmb_ctx *ctx, mmb_chunks **out) {
+    if (!out) return mmb__err(ctx, MMB_ERR_ARG, "mmb_chunks_new: NULL argument");
+    mmb_chunks *c = calloc(1, sizeof *c);
+    if (!c) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    *out = c;
+    return MMB_OK;
+}
+
+void mmb_chunks_free(mmb_chunks *c) {
+    if (!c) return;
+    for (int i = 0; i < c->n; i++) {
+        free(c->c[i].ids);
+        free(c->c[i].data);
+    }
+    free(c->c);
+    free(c);
+}
+
+/* Appends ch, taking over its buffers (freed here on failure). */
+static mmb_status push(mmb_ctx *ctx, mmb_chunks *c, mmb_chunk ch) {
+    if (c->n == c->cap) {
+        int cap = c->cap ? 2 * c->cap : 8;
+        mmb_chunk *nc = realloc(c->c, sizeof *nc * (size_t)cap);
+        if (!nc) {
+            free(ch.ids);
+            free(ch.data);
+            return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+        }
+        c->c = nc;
+        c->cap = cap;
+    }
+    c->c[c->n++] = ch;
+    c->positions += ch.n;
+    c->n_images += ch.type == MMB_CHUNK_IMAGE;
+    return MMB_OK;
+}
+
+static mmb_status need_lm(mmb_ctx *ctx, const mmb_mllm *m) {
+    return m->lm ? MMB_OK : mmb__err(ctx, MMB_ERR_MISSING, "%s: the model has no language model", m->dir);
+}
+
+/* ids[0, n) inside m's vocabulary; the message gives the first id outside and its position. */
+static mmb_status check_ids(mmb_ctx *ctx, const mmb_mllm *m, const int32_t *ids, int64_t n) {
+    mmb_lm_info li;
+    mmb_lm_get_info(m->lm, &li);
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= li.vocab)
+            return mmb__err(ctx, MMB_ERR_ARG, "token id %d at position %lld is outside the vocabulary [0, %lld)",
+                            (int)ids[i], (long long)i, (long long)li.vocab);
+    return MMB_OK;
+}
+
+mmb_status mmb_chunks_add_text(mmb_ctx *ctx, const mmb_mllm *m, mmb_chunks *c, const int32_t *ids, int64_t n) {
+    if (!m || !c || !ids || n < 1) return mmb__err(ctx, MMB_ERR_ARG, "mmb_chunks_add_text: NULL argument or n < 1");
+    mmb_status s = need_lm(ctx, m);
+    if (s == MMB_OK) s = check_ids(ctx, m, ids, n);
+    if (s != MMB_OK) return s;
+    mmb_chunk ch = {.type = MMB_CHUNK_TEXT, .n = n, .ids = malloc(sizeof(int32_t) * (size_t)n)};
+    if (!ch.ids) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for %lld ids", (long long)n);
+    memcpy(ch.ids, ids, sizeof(int32_t) * (size_t)n);
+    return push(ctx, c, ch);
+}
+
+mmb_status mmb_chunks_add_image(mmb_ctx *ctx, const mmb_mllm *m, mmb_chunks *c, const mmb_image *img) {
+    if (!m || !c || !img) return mmb__err(ctx, MMB_ERR_ARG, "mmb_chunks_add_image: NULL argument");
+    mmb_chunk ch = {.type = MMB_CHUNK_IMAGE};
+    mmb_status s = need_lm(ctx, m);
+    if (s == MMB_OK) s = mmb__mllm_preprocess(ctx, m, img, &ch.data, &ch.h, &ch.w, &ch.n);
+    return s == MMB_OK ? push(ctx, c, ch) : s;
+}
+
+mmb_status mmb_chunks_add_embeds(mmb_ctx *ctx, const mmb_mllm *m, mmb_chunks *c, const float *rows, int64_t n,
+                                 int64_t width) {
+    if (!m || !c || !rows || n < 1) return mmb__err(ctx, MMB_ERR_ARG, "mmb_chunks_add_embeds: NULL argument or n < 1");
+    mmb_status s = need_lm(ctx, m);
+    if (s != MMB_OK) return s;
+    mmb_lm_info li;
+    mmb_lm_get_info(m->lm, &li);
+    if (width != li.d_model)
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_chunks_add_embeds: rows of width %lld, the LLM takes %lld",
+                        (long long)width, (long long)li.d_model);
+    size_t count = (size_t)n * (size_t)width;
+    mmb_chunk ch = {.type = MMB_CHUNK_EMBED, .n = n, .width = width, .data = malloc(sizeof(float) * count)};
+    if (!ch.data) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for %lld rows", (long long)n);
+    memcpy(ch.data, rows, sizeof(float) * count);
+    return push(ctx, c, ch);
+}
+
+int mmb_chunks_count(const mmb_chunks *c) { return c ? c->n : 0; }
+
+mmb_chunk_type mmb_chunks_type(const mmb_chunks *c, int i) {
+    return c && i >= 0 && i < c->n ? c->c[i].type : MMB_CHUNK_TEXT;
+}
+
+int64_t mmb_chunk_positions(const mmb_chunks *c, int i) { return c && i >= 0 && i < c->n ? c->c[i].n : 0; }
+
+int64_t mmb_chunks_positions(const mmb_chunks *c) { return c ? c->positions : 0; }
+
+const int32_t *mmb_chunks_text(const mmb_chunks *c, int i, int64_t *n) {
+    if (!c || i < 0 || i >= c->n || c->c[i].type != MMB_CHUNK_TEXT) return NULL;
+    if (n) *n = c->c[i].n;
+    return c->c[i].ids;
+}
+
+/* ---- from ids, from a prompt ----------------------------------------------------------------------- */
+
+mmb_status mmb_mllm_chunks_from_ids(mmb_ctx *ctx, const mmb_mllm *m, const int32_t *ids, int64_t n,
+                                    const mmb_image *imgs, int n_images, mmb_chunks **out) {
+    if (!ctx || !m || !out || n < 0 || (n && !ids) || n_images < 0 || (n_images && !imgs))
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_chunks_from_ids: NULL argument or a negative count");
+    mmb_status s = need_lm(ctx, m);
+    if (s == MMB_OK) s = check_ids(ctx, m, ids, n);
+    if (s != MMB_OK) return s;
+    const int32_t img_tok = m->info.image_token;
+    int64_t placeholders = 0;
+    for (int64_t i = 0; i < n; i++) placeholders += img_tok >= 0 && ids[i] == img_tok;
+    if (placeholders != n_images)
+        return mmb__err(ctx, MMB_ERR_ARG, "the prompt has %lld image placeholder(s) (token %d) but %d image(s) were "
+                        "given", (long long)placeholders, (int)img_tok, n_images);
+    mmb_chunks *c = NULL;
+    if ((s = mmb_chunks_new(ctx, &c)) != MMB_OK) return s;
+    for (int64_t i = 0, k = 0; i < n && s == MMB_OK;) {
+        int64_t j = i;
+        while (j < n && !(img_tok >= 0 && ids[j] == img_tok)) j++;
+        if (j > i) s = mmb_chunks_add_text(ctx, m, c, ids + i, j - i);
+        else s = mmb_chunks_add_image(ctx, m, c, &imgs[k++]), j++;
+        i = j;
+    }
+    if (s != MMB_OK) {
+        mmb_chunks_free(c);
+        return s;
+    }
+    *out = c;
+    return MMB_OK;
+}
+
+mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt, const mmb_image *imgs,
+                             int n_images, int flags, mmb_chunks **out) {
+    if (!ctx || !m || !prompt || !out || n_images < 0 || (n_images && !imgs) ||
+        (flags != MMB_TOKENIZE_RAW && flags != MMB_TOKENIZE_CHAT))
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_tokenize: NULL argument, a negative count or unknown flags");
+    mmb_status s = need_lm(ctx, m);
+    if (s != MMB_OK) return s;
+    if (!m->tok) return mmb__err(ctx, MMB_ERR_MISSING, "%s: no tokenizer: %s", m->dir, m->no_tok);
+    if (flags == MMB_TOKENIZE_CHAT && !m->info.has_chat_template)
+        return mmb__err(ctx, MMB_ERR_MISSING, "%s: the tokenizer has no chat template (tokenize with "
+                        "MMB_TOKENIZE_RAW)", m->dir);
+    const char *marker = m->info.image_marker;
+    size_t ml = strlen(marker);
+    if (n_images && !ml)
+        return mmb__err(ctx, MMB_ERR_MISSING, "%s: the model has no image marker (config.json names no image token, "
+                        "or the tokenizer has none with its id %d)", m->dir, (int)m->info.image_token);
+    int markers = 0;
+    for (const char *q = ml ? strstr(prompt, marker) : NULL; q; q = strstr(q + ml, marker)) markers++;
+    if (markers && markers != n_images)
+        return mmb__err(ctx, MMB_ERR_ARG, "the prompt holds %d image marker(s) '%s' but %d image(s) were given",
+                        markers, marker, n_images);
+    /* No marker: one per image in front, each on its own line. */
+    size_t lead = markers ? 0 : (ml + 1) * (size_t)n_images, pl = strlen(prompt);
+    char *text = malloc(lead + pl + 1), *rendered = NULL;
+    if (!text) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    for (int k = 0; lead && k < n_images; k++) {
+        memcpy(text + (size_t)k * (ml + 1), marker, ml);
+        text[(size_t)k * (ml + 1) + ml] = '\n';
+    }
+    memcpy(text + lead, prompt, pl + 1);
+    if (flags == MMB_TOKENIZE_CHAT) {
+        mmb_chat_msg msg = {"user", text};
+        s = mmb_chat_render(ctx, m->tok, &msg, 1, 1, &rendered);
+    }
+    int32_t *ids = NULL;
+    int64_t n = 0;
+    const char *in = rendered ? rendered : text;
+    if (s == MMB_OK) s = mmb_tokenizer_encode(ctx, m->tok, in, strlen(in), flags == MMB_TOKENIZE_RAW, &ids, &n);
+    if (s == MMB_OK) s = mmb_mllm_chunks_from_ids(ctx, m, ids, n, imgs, n_images, out);
+    free(ids);
+    free(rendered);
+    free(text);
+    return s;
+}

@@ -1,0 +1,226 @@
+/* Evaluating chunk lists into a KV cache (fusion C: each image's embeddings spliced in at its position) and
+ * generating from them: sampling, streamed text, the stop reasons, timings. What tools/generate.c did. */
+#include "pipeline.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+mmb_status mmb_mllm_kv_new(mmb_ctx *ctx, const mmb_mllm *m, int64_t max_tokens, mmb_kv_cache **out) {
+    if (!ctx || !m || !out) return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_kv_new: NULL argument");
+    if (!m->lm) return mmb__err(ctx, MMB_ERR_MISSING, "%s: the model has no language model", m->dir);
+    if (max_tokens < 1 || max_tokens > m->info.context) max_tokens = m->info.context;
+    return mmb_kv_cache_new(ctx, m->lm, max_tokens, out);
+}
+
+static bool aborted(const volatile int *flag) { return flag && *flag; }
+
+/* What an evaluation asks, for eval_run: the public mmb_eval_params, plus where the time goes. */
+typedef struct eval_job {
+    int64_t n_batch;
+    float *logits;
+    int all_logits;
+    mmb_progress_fn on_progress;
+    void *user;
+    const volatile int *abort;
+    double encode_s, prefill_s;  /* out: added to */
+} eval_job;
+
+/* MMB_ERR_ABORTED with a message once the caller's flag is raised, else MMB_OK. */
+static mmb_status check_abort(mmb_ctx *ctx, const eval_job *j, int64_t done, int64_t total) {
+    if (!aborted(j->abort)) return MMB_OK;
+    return mmb__err(ctx, MMB_ERR_ABORTED, "aborted: %lld of the %lld positions evaluated", (long long)done,
+                    (long long)total);
+}
+
+/* mmb_mllm_eval: the checks first (nothing evaluated when one fails), then chunk after chunk, each image
+ * encoded just before its positions, in decoder calls of up to n_batch positions. */
+static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mmb_chunks *c, eval_job *j) {
+    if (!m->lm) return mmb__err(ctx, MMB_ERR_MISSING, "%s: the model has no language model", m->dir);
+    if (j->n_batch < 0) return mmb__err(ctx, MMB_ERR_ARG, "n_batch %lld is negative", (long long)j->n_batch);
+    mmb_lm_info li;
+    mmb_lm_get_info(m->lm, &li);
+    const int64_t d = li.d_model, vocab = li.vocab, cached = mmb_kv_cache_len(kv), cap = mmb__kv_cache_cap(kv);
+    if (c->positions > cap - cached)
+        return mmb__err(ctx, MMB_ERR_SHAPE, "context overflow: %lld positions cached + %lld asked = %lld, the limit "
+                        "is %lld (KV cache size; the model's context is %lld)", (long long)cached,
+                        (long long)c->positions, (long long)(cached + c->positions), (long long)cap,
+                        (long long)m->info.context);
+    int64_t rows = 0; /* the buffer one decoder call (text) or one image's embeddings need */
+    for (int i = 0; i < c->n; i++) {
+        const mmb_chunk *ch = &c->c[i];
+        int64_t r = ch->type == MMB_CHUNK_IMAGE ? ch->n : ch->type == MMB_CHUNK_TEXT ? ch->n : 0;
+        if (ch->type == MMB_CHUNK_TEXT && j->n_batch && r > j->n_batch) r = j->n_batch;
+        rows = r > rows ? r : rows;
+        if (ch->type == MMB_CHUNK_EMBED && ch->width != d)
+            return mmb__err(ctx, MMB_ERR_ARG, "chunk %d: rows of width %lld, the LLM takes %lld", i,
+                            (long long)ch->width, (long long)d);
+        if (ch->type == MMB_CHUNK_IMAGE && m->info.fusion != MMB_FUSION_C)
+            return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: chunk %d is an image, but the model splices no images into "
+                            "its LLM (fusion %s)", m->dir, i, mmb_fusion_name(m->info.fusion));
+        for (int64_t k = 0; ch->type == MMB_CHUNK_TEXT && k < ch->n; k++)
+            if (ch->ids[k] < 0 || ch->ids[k] >= vocab)
+                return mmb__err(ctx, MMB_ERR_ARG, "chunk %d: token id %d is outside the vocabulary [0, %lld)", i,
+                                (int)ch->ids[k], (long long)vocab);
+    }
+    float *buf = malloc(sizeof(float) * (size_t)(rows * d) + 1);
+    if (!buf) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for %lld embeddings", (long long)rows);
+    mmb_status s = MMB_OK;
+    int64_t done = 0;
+    int images = 0;
+    for (int i = 0; i < c->n && s == MMB_OK; i++) {
+        const mmb_chunk *ch = &c->c[i];
+        if (ch->type == MMB_CHUNK_IMAGE) {
+            if ((s = check_abort(ctx, j, done, c->positions)) != MMB_OK) break;
+            double t0 = mmb__now_s();
+            s = mmb__mllm_encode_pixels(ctx, m, ch->data, 1, ch->h, ch->w, buf, (size_t)(ch->n * d), NULL, 0, NULL);
+            j->encode_s += mmb__now_s() - t0;
+            if (s == MMB_OK && j->on_progress) j->on_progress(j->user, "encode", ++images, c->n_images);
+        }
+        for (int64_t off = 0; off < ch->n && s == MMB_OK;) {
+            if ((s = check_abort(ctx, j, done, c->positions)) != MMB_OK) break;
+            int64_t piece = j->n_batch && j->n_batch < ch->n - off ? j->n_batch : ch->n - off;
+            bool last = i == c->n - 1 && off + piece == ch->n;
+            const float *x = ch->type == MMB_CHUNK_IMAGE ? buf + off * d
+                           : ch->type == MMB_CHUNK_EMBED ? ch->data + off * d : buf;
+            float *lg = j->logits && j->all_logits ? j->logits + done * vocab : j->logits && last ? j->logits : NULL;
+            double t0 = mmb__now_s();
+            if (ch->type == MMB_CHUNK_TEXT) s = mmb_lm_embed(ctx, m->lm, ch->ids + off, piece, buf);
+            if (s == MMB_OK) s = mmb_lm_forward(ctx, m->lm, kv, x, piece, lg, !j->all_logits);
+            j->prefill_s += mmb__now_s() - t0;
+            off += piece;
+            done += piece;
+            if (s == MMB_OK && j->on_progress) j->on_progress(j->user, "prefill", done, c->positions);
+        }
+    }
+    free(buf);
+    return s;
+}
+
+mmb_status mmb_mllm_eval(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mmb_chunks *chunks,
+                         const mmb_eval_params *p) {
+    if (!ctx || !m || !kv || !chunks) return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_eval: NULL argument");
+    mmb_eval_params dp = {0};
+    if (!p) p = &dp;
+    eval_job j = {.n_batch = p->n_batch, .logits = p->logits, .all_logits = p->all_logits,
+                  .on_progress = p->on_progress, .user = p->user, .abort = p->abort};
+    return eval_run(ctx, m, kv, chunks, &j);
+}
+
+/* ---- generation ----------------------------------------------------------------------------------- */
+
+mmb_gen_params mmb_gen_default_params(void) {
+    mmb_gen_params p = {0};
+    p.n_predict = 128;
+    p.sampler = mmb_sampler_default();
+    return p;
+}
+
+/* The text generated so far (for stop strings) and the piece handed to on_token. */
+typedef struct text_buf {
+    char *all;
+    size_t len, cap;
+} text_buf;
+
+static bool text_add(text_buf *t, const char *s, size_t n) {
+    if (t->len + n + 1 > t->cap) {
+        size_t cap = (t->len + n + 1) * 2;
+        char *b = realloc(t->all, cap);
+        if (!b) return false;
+        t->all = b;
+        t->cap = cap;
+    }
+    memcpy(t->all + t->len, s, n);
+    t->len += n;
+    t->all[t->len] = 0;
+    return true;
+}
+
+/* Whether a stop string lies in all[0, len), looking only where the bytes from `from` on can complete one. */
+static bool stop_hit(const mmb_gen_params *p, const char *all, size_t len, size_t from) {
+    for (int k = 0; k < p->n_stops; k++) {
+        size_t sl = strlen(p->stops[k]), start = from >= sl ? from - sl + 1 : 0;
+        if (len >= sl && memmem(all + start, len - start, p->stops[k], sl)) return true;
+    }
+    return false;
+}
+
+mmb_status mmb_mllm_generate(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mmb_chunks *prompt,
+                             const mmb_gen_params *p, mmb_gen_result *res) {
+    if (!ctx || !m || !kv || !prompt) return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_generate: NULL argument");
+    mmb_gen_params gp = p ? *p : mmb_gen_default_params();
+    if (gp.n_predict < 0 || gp.n_stops < 0 || (gp.n_stops && !gp.stops))
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_gen_params: negative n_predict or n_stops, or stops NULL");
+    for (int k = 0; k < gp.n_stops; k++)
+        if (!gp.stops[k] || !gp.stops[k][0]) return mmb__err(ctx, MMB_ERR_ARG, "stop string %d is NULL or empty", k);
+    if (!m->lm) return mmb__err(ctx, MMB_ERR_MISSING, "%s: the model has no language model", m->dir);
+    if (prompt->positions < 1) return mmb__err(ctx, MMB_ERR_ARG, "the prompt is empty: nothing to sample from");
+    mmb_lm_info li;
+    mmb_lm_get_info(m->lm, &li);
+    const int64_t vocab = li.vocab, n_prompt = prompt->positions, cap = mmb__kv_cache_cap(kv);
+    /* at most one token more than the cache has room for after the prompt (the last is not fed back) */
+    const int64_t room = cap - mmb_kv_cache_len(kv) - n_prompt + 1, n_gen = gp.n_predict < room ? gp.n_predict : room;
+    const size_t lg_rows = gp.on_logits ? (size_t)n_prompt : 1;
+    float *lg = malloc(sizeof(float) * lg_rows * (size_t)vocab);
+    float *e1 = malloc(sizeof(float) * (size_t)li.d_model);
+    int32_t *gen = malloc(sizeof(int32_t) * (size_t)(n_gen > 0 ? n_gen : 1));
+    if (!lg || !e1 || !gen) {
+        free(lg); free(e1); free(gen);
+        return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for the logits of %lld positions", (long long)lg_rows);
+    }
+    eval_job j = {.n_batch = gp.n_batch, .logits = lg, .all_logits = gp.on_logits != NULL,
+                  .on_progress = gp.on_progress, .user = gp.user, .abort = gp.abort};
+    mmb_gen_result r = {.n_prompt = n_prompt};
+    mmb_status s = eval_run(ctx, m, kv, prompt, &j);
+    r.encode_s = j.encode_s;
+    r.prefill_s = j.prefill_s;
+    r.stop = MMB_STOP_LENGTH;
+    if (s == MMB_ERR_ABORTED) r.stop = MMB_STOP_ABORT;
+    if (s == MMB_OK && gp.on_logits) gp.on_logits(gp.user, lg, n_prompt, vocab);
+    const float *last = lg + (lg_rows - 1) * (size_t)vocab;
+    text_buf text = {0}, piece = {0};
+    size_t emitted = 0;
+    double t0 = mmb__now_s();
+    for (int64_t g = 0; s == MMB_OK && g < gp.n_predict; g++) {
+        if (aborted(gp.abort)) { r.stop = MMB_STOP_ABORT; break; }
+        int32_t t;
+        if ((s = mmb_sample(ctx, &gp.sampler, last, vocab, &t)) != MMB_OK) break;
+        gen[g] = t;
+        r.n_generated = g + 1;
+        int reason = -1;
+        bool eos = false;
+        for (int k = 0; k < m->n_eos && !gp.ignore_eos; k++) eos |= t == m->eos[k];
+        if (eos) reason = MMB_STOP_EOS;
+        else if (g + 1 == gp.n_predict) reason = MMB_STOP_LENGTH;
+        else if (mmb_kv_cache_len(kv) >= cap) reason = MMB_STOP_CONTEXT;
+        /* The text this token completes; held-back bytes flushed with the last token. */
+        piece.len = 0;
+        for (int flush = reason >= 0; m->tok; flush = 1) {
+            char *bytes = NULL;
+            size_t n = 0, from = text.len;
+            if ((s = mmb_tokenizer_decode_stream(ctx, m->tok, gen, g + 1, 1, flush, &emitted, &bytes, &n)) != MMB_OK)
+                break;
+            bool ok = text_add(&piece, bytes, n) && (!gp.n_stops || text_add(&text, bytes, n));
+            free(bytes);
+            if (!ok) { s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for the generated text"); break; }
+            if (flush || !stop_hit(&gp, text.all, text.len, from)) break;
+            reason = MMB_STOP_STRING;
+        }
+        if (s != MMB_OK) break;
+        if (gp.on_token && gp.on_token(gp.user, t, piece.len ? piece.all : "", piece.len) && reason < 0)
+            reason = MMB_STOP_CALLBACK;
+        if (reason >= 0) { r.stop = (mmb_stop)reason; break; }
+        if ((s = mmb_lm_embed(ctx, m->lm, &t, 1, e1)) != MMB_OK || (s = mmb_lm_forward(ctx, m->lm, kv, e1, 1, lg, 1)))
+            break;
+        last = lg;
+        if (gp.on_logits) gp.on_logits(gp.user, lg, 1, vocab);
+        if (gp.on_progress) gp.on_progress(gp.user, "decode", g + 1, gp.n_predict);
+    }
+    r.decode_s = mmb__now_s() - t0;
+    free(text.all);
+    free(piece.all);
+    free(gen);
+    free(e1);
+    free(lg);
+    if ((s == MMB_OK || s == MMB_ERR_ABORTED) && res) *res = r;
+    return s;
+}

@@ -1,0 +1,436 @@
+/* The multimodal model (mmb_mllm): one checkpoint directory opened as a whole, its vision path (image
+ * processor, tower, taps, connector: mmb_model, or a vision tower alone), its language model and tokenizer;
+ * and images encoded through it. Chunk lists are chunks.c; evaluation and generation, eval.c. */
+#include "pipeline.h"
+
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+double mmb__now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+const char *mmb_fusion_name(mmb_fusion f) {
+    switch (f) {
+    case MMB_FUSION_A: return "A";
+    case MMB_FUSION_B: return "B";
+    case MMB_FUSION_C: return "C";
+    case MMB_FUSION_D: return "D";
+    case MMB_FUSION_NONE: break;
+    }
+    return "none";
+}
+
+mmb_mllm_params mmb_mllm_default_params(void) { return (mmb_mllm_params){0}; }
+
+/* ---- what the directory holds, from its config.json ------------------------------------------------ */
+
+typedef enum { KIND_MODEL, KIND_VISION, KIND_TEXT } dir_kind;
+
+/* A vision tower alone: the architectures and model types mmb_vit_open reads as a whole checkpoint. A text
+ * model alone: architectures[0] "...ForCausalLM" with no vision keys (vision_config, LLaVA's mm_*). Anything
+ * else goes to mmb_model_open, which names what it refuses. */
+static dir_kind kind_of(const cJSON *cfg, const char *arch, const char *mt) {
+    static const char *const archs[] = {"CLIPVisionModel", "SiglipVisionModel", "CLIPModel", "SiglipModel"};
+    static const char *const types[] = {"clip_vision_model", "siglip_vision_model", "clip", "siglip"};
+    for (int i = 0; i < 4; i++)
+        if (strcmp(arch, archs[i]) == 0 || strcmp(mt, types[i]) == 0) return KIND_VISION;
+    size_t n = strlen(arch), k = strlen("ForCausalLM");
+    if (n <= k || strcmp(arch + n - k, "ForCausalLM") != 0 || cJSON_GetObjectItemCaseSensitive(cfg, "vision_config"))
+        return KIND_MODEL;
+    for (const cJSON *e = cfg->child; e; e = e->next)
+        if (e->string && strncmp(e->string, "mm_", 3) == 0) return KIND_MODEL;
+    return KIND_TEXT;
+}
+
+static bool dense_set(const mmb_dense_params *d) {
+    return d->type || d->use_final || d->n_layers || d->n_groups || d->pool || d->tokens;
+}
+
+/* The caller's Dense Connector settings over the checkpoint's own (mmb_mllm_params.dense). */
+static mmb_status apply_dense(mmb_ctx *ctx, mmb_mllm *m, const mmb_dense_params *q) {
+    if (!dense_set(q)) return MMB_OK;
+    mmb_dense_params d = mmb_model_dense(m->model);
+    if (q->type) d.type = q->type;
+    if (!d.type)
+        return mmb__err(ctx, MMB_ERR_ARG, "%s has no Dense Connector: dense layers, groups, pool and tokens need a "
+                        "dense type (sti, sci or dci)", m->dir);
+    if (q->n_layers || q->use_final) {
+        d.use_final = q->use_final;
+        d.final_layer = q->final_layer;
+    }
+    if (q->n_layers) {
+        d.n_layers = q->n_layers;
+        memcpy(d.layers, q->layers, sizeof d.layers);
+    }
+    if (q->n_groups) {
+        d.n_groups = q->n_groups;
+        memcpy(d.group_first, q->group_first, sizeof d.group_first);
+        memcpy(d.group_last, q->group_last, sizeof d.group_last);
+    }
+    if (q->pool) d.pool = q->pool;
+    if (q->tokens) d.tokens = q->tokens;
+    return mmb_model_set_dense(ctx, m->model, &d);
+}
+
+/* The image processor: the directory's, else the vision tower directory's; none (the reason kept for encode's
+ * message) when neither has one. LLaVA's "pad" aspect mode pads to a square first. */
+static mmb_status load_processor(mmb_ctx *ctx, mmb_mllm *m, const char *tower_dir, bool pad) {
+    mmb_status s = mmb_preprocess_load(ctx, m->dir, &m->proc);
+    if (s == MMB_ERR_IO && tower_dir) s = mmb_preprocess_load(ctx, tower_dir, &m->proc);
+    if (s == MMB_ERR_IO) {
+        snprintf(m->no_proc, sizeof m->no_proc, "%s", mmb_ctx_error(ctx));
+        return MMB_OK;
+    }
+    if (s != MMB_OK) return s;
+    if (pad) m->proc.do_pad = 1;
+    m->info.has_processor = 1;
+    m->info.processor = m->proc.type;
+    return MMB_OK;
+}
+
+/* The language model's tokenizer (none without tokenizer.json: the reason is kept) and the stop ids: the
+ * LLM's eos ids, then the tokenizer's (mmb_tokenizer_stop_ids), each once. */
+static mmb_status load_tokenizer(mmb_ctx *ctx, mmb_mllm *m) {
+    mmb_lm_info li;
+    mmb_lm_get_info(m->lm, &li);
+    mmb_status s = mmb_tokenizer_open(ctx, m->dir, &m->tok);
+    if (s == MMB_ERR_IO) snprintf(m->no_tok, sizeof m->no_tok, "%s", mmb_ctx_error(ctx));
+    else if (s != MMB_OK) return s;
+    int32_t ids[8 + 8];
+    int n = li.n_eos < 8 ? li.n_eos : 8;
+    memcpy(ids, li.eos, sizeof(int32_t) * (size_t)n);
+    int nt = mmb_tokenizer_stop_ids(m->tok, ids + n, 8);
+    n += nt < 8 ? nt : 8;
+    for (int i = 0; i < n; i++) {
+        bool dup = false;
+        for (int k = 0; k < m->n_eos; k++) dup |= m->eos[k] == ids[i];
+        if (!dup) m->eos[m->n_eos++] = ids[i];
+    }
+    const char *marker = li.image_token >= 0 ? mmb_tokenizer_token_text(m->tok, li.image_token) : NULL;
+    m->info.image_marker = marker ? marker : "";
+    m->info.image_token = li.image_token;
+    m->info.has_tokenizer = m->tok != NULL;
+    m->info.has_chat_template = mmb__tokenizer_chat_template(m->tok, NULL) != NULL;
+    return MMB_OK;
+}
+
+/* The info that follows from the parts. */
+static void fill_info(mmb_mllm *m) {
+    mmb_mllm_info *in = &m->info;
+    mmb_model_info mi = {0};
+    if (m->model) mmb_model_get_info(m->model, &mi);
+    bool family = m->model && strcmp(mi.family, "llava") != 0;
+    in->has_vision = m->vit || family;
+    in->has_connector = m->model != NULL;
+    in->has_lm = m->lm != NULL;
+    in->fusion = m->lm && m->model ? MMB_FUSION_C : MMB_FUSION_NONE;
+    if (m->vit) {
+        mmb_vit_info vi;
+        mmb_vit_get_info(m->vit, &vi);
+        in->vision_layers = vi.layers;
+        in->vision_width = vi.width;
+        in->vision_tokens = vi.tokens;
+        in->image_size = vi.image_size;
+        in->out_width = vi.width;
+        in->tokens_per_image = vi.tokens;
+    }
+    if (m->model) {
+        if (!m->vit) {
+            in->vision_layers = mi.vision_layers;
+            in->vision_width = mi.vision_width;
+            in->image_size = mi.image_size;
+        }
+        in->out_width = mi.out_width;
+        in->tokens_per_image = mi.tokens_per_image;
+    }
+    if (m->lm) {
+        mmb_lm_info li;
+        mmb_lm_get_info(m->lm, &li);
+        in->context = li.max_positions;
+    }
+}
+
+static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const mmb_mllm_params *p) {
+    const cJSON *archs = cJSON_GetObjectItemCaseSensitive(cfg, "architectures");
+    const cJSON *mtj = cJSON_GetObjectItemCaseSensitive(cfg, "model_type");
+    const char *arch = cJSON_IsArray(archs) && cJSON_IsString(archs->child) ? archs->child->valuestring : "";
+    const char *mt = cJSON_IsString(mtj) ? mtj->valuestring : "";
+    snprintf(m->arch, sizeof m->arch, "%s", arch[0] ? arch : mt);
+    mmb_mllm_info *in = &m->info;
+    in->dir = m->dir;
+    in->architecture = m->arch;
+    in->image_marker = in->processor = "";
+    in->image_token = -1;
+    dir_kind kind = kind_of(cfg, arch, mt);
+    bool tuned = p->vision_tower || dense_set(&p->dense), llava = false;
+    mmb_status s;
+    if (kind != KIND_MODEL && tuned)
+        return mmb__err(ctx, MMB_ERR_ARG, "%s: a %s alone takes no vision_tower or dense parameters (they apply to "
+                        "LLaVA models)", m->dir, kind == KIND_VISION ? "vision tower" : "language model");
+    if (kind == KIND_VISION) {
+        if ((s = mmb_vit_open(ctx, m->dir, &m->vit_only)) != MMB_OK) return s;
+        mmb_vit_info vi;
+        mmb_vit_get_info(m->vit_only, &vi);
+        m->vit = m->vit_only;
+        in->family = vi.family;
+    } else if (kind == KIND_TEXT) {
+        in->family = "text";
+    } else {
+        if ((s = mmb_model_open(ctx, m->dir, &m->model)) != MMB_OK) return s;
+        mmb_model_info mi;
+        mmb_model_get_info(m->model, &mi);
+        in->family = mi.family;
+        llava = strcmp(mi.family, "llava") == 0;
+        if (!llava && tuned)
+            return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: a %s model brings its own tower and connector; "
+                            "vision_tower and dense apply to LLaVA models", m->dir, mi.family);
+        if ((s = apply_dense(ctx, m, &p->dense)) != MMB_OK) return s;
+        if (p->vision_tower) {
+            mmb_vit *v = NULL;
+            if ((s = mmb_vit_open(ctx, p->vision_tower, &v)) != MMB_OK) return s;
+            if ((s = mmb_model_attach_vit(ctx, m->model, v)) != MMB_OK) {
+                mmb_vit_free(v);
+                return s;
+            }
+        }
+        m->vit = mmb_model_vit(m->model);
+        mmb_model_get_info(m->model, &mi);
+        if ((s = load_processor(ctx, m, p->vision_tower, mi.pad_to_square)) != MMB_OK) return s;
+    }
+    if (kind == KIND_VISION && (s = load_processor(ctx, m, NULL, false)) != MMB_OK) return s;
+    bool lm = kind == KIND_TEXT || (llava && mmb__lm_present(mmb__model_ckpt(m->model)));
+    if (lm && !p->vision_only) {
+        if ((s = mmb_lm_open(ctx, m->dir, &m->lm)) != MMB_OK) return s;
+        mmb_lm_info li;
+        mmb_model_info mi;
+        mmb_lm_get_info(m->lm, &li);
+        if (m->model && mmb_model_get_info(m->model, &mi) == MMB_OK && mi.out_width != li.d_model)
+            return mmb__err(ctx, MMB_ERR_SHAPE, "%s: the connector makes %d-wide embeddings, the LLM takes %lld",
+                            m->dir, mi.out_width, (long long)li.d_model);
+        if ((s = load_tokenizer(ctx, m)) != MMB_OK) return s;
+    }
+    fill_info(m);
+    return MMB_OK;
+}
+
+mmb_status mmb_mllm_open(mmb_ctx *ctx, const char *dir, const mmb_mllm_params *p, mmb_mllm **out) {
+    if (!ctx || !dir || !out) return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_open: NULL argument");
+    mmb_mllm_params dp = mmb_mllm_default_params();
+    mmb_mllm *m = calloc(1, sizeof *m);
+    char *path = malloc(strlen(dir) + sizeof "/config.json");
+    if (!m || !path || !(m->dir = strdup(dir))) {
+        free(path);
+        mmb_mllm_free(m);
+        return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", dir);
+    }
+    sprintf(path, "%s/config.json", dir);
+    cJSON *cfg = NULL;
+    mmb_status s = mmb__json_read(ctx, path, &cfg);
+    free(path);
+    if (s == MMB_OK) s = build(ctx, m, cfg, p ? p : &dp);
+    cJSON_Delete(cfg);
+    if (s != MMB_OK) {
+        mmb_mllm_free(m);
+        return s;
+    }
+    *out = m;
+    return MMB_OK;
+}
+
+void mmb_mllm_free(mmb_mllm *m) {
+    if (!m) return;
+    mmb_tokenizer_free(m->tok);
+    mmb_lm_free(m->lm);
+    mmb_model_free(m->model);
+    mmb_vit_free(m->vit_only);
+    free(m->dir);
+    free(m);
+}
+
+mmb_status mmb_mllm_get_info(const mmb_mllm *m, mmb_mllm_info *out) {
+    if (!m || !out) return MMB_ERR_ARG;
+    *out = m->info;
+    return MMB_OK;
+}
+
+const mmb_model *mmb_mllm_model(const mmb_mllm *m) { return m ? m->model : NULL; }
+const mmb_vit *mmb_mllm_vit(const mmb_mllm *m) { return m ? m->vit : NULL; }
+const mmb_lm *mmb_mllm_lm(const mmb_mllm *m) { return m ? m->lm : NULL; }
+const mmb_tokenizer *mmb_mllm_tokenizer(const mmb_mllm *m) { return m ? m->tok : NULL; }
+const mmb_preprocess *mmb_mllm_processor(const mmb_mllm *m) { return m && m->info.has_processor ? &m->proc : NULL; }
+
+/* ---- encoding ------------------------------------------------------------------------------------- */
+
+static mmb_status no_vision(mmb_ctx *ctx, const mmb_mllm *m) {
+    if (m->model)
+        return mmb__err(ctx, MMB_ERR_MISSING, "%s: the checkpoint has no vision tower (an original-layout LLaVA "
+                        "config only names it: open it with mmb_mllm_params.vision_tower)", m->dir);
+    return mmb__err(ctx, MMB_ERR_MISSING, "%s: a language model alone has no vision path", m->dir);
+}
+
+/* Embeddings m makes of pixels of h x w, or -1 with a message. */
+static int64_t tokens_for(mmb_ctx *ctx, const mmb_mllm *m, int h, int w) {
+    if (m->model) return mmb_model_encode_tokens(ctx, m->model, h, w);
+    mmb_vit_info vi;
+    mmb_vit_get_info(m->vit, &vi);
+    if (h != vi.image_size || w != vi.image_size)
+        return mmb__err(ctx, MMB_ERR_SHAPE, "%s: pixels of %dx%d, but the vision tower takes %dx%d", m->dir, w, h,
+                        vi.image_size, vi.image_size), -1;
+    return vi.tokens;
+}
+
+/* The size m's processor makes of img and the embeddings that gives. */
+static mmb_status image_plan(mmb_ctx *ctx, const mmb_mllm *m, const mmb_image *img, int *h, int *w, int64_t *tokens) {
+    if (!m->info.has_vision) return no_vision(ctx, m);
+    if (!m->info.has_processor) return mmb__err(ctx, MMB_ERR_MISSING, "%s: no image processor: %s", m->dir, m->no_proc);
+    mmb_status s = mmb_preprocess_output_size(ctx, &m->proc, img->height, img->width, h, w);
+    if (s != MMB_OK) return s;
+    *tokens = tokens_for(ctx, m, *h, *w);
+    return *tokens < 0 ? MMB_ERR_SHAPE : MMB_OK;
+}
+
+mmb_status mmb__mllm_preprocess(mmb_ctx *ctx, const mmb_mllm *m, const mmb_image *img, float **pixels, int *h,
+                                int *w, int64_t *tokens) {
+    int ih, iw;
+    int64_t t;
+    mmb_status s = image_plan(ctx, m, img, &ih, &iw, &t);
+    if (s != MMB_OK) return s;
+    size_t n = (size_t)3 * (size_t)ih * (size_t)iw;
+    float *px = malloc(n * sizeof(float));
+    if (!px) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory for %dx%d pixels", m->dir, iw, ih);
+    if ((s = mmb_preprocess_run(ctx, &m->proc, img, px, n)) != MMB_OK) {
+        free(px);
+        return s;
+    }
+    *pixels = px;
+    *h = ih;
+    *w = iw;
+    *tokens = t;
+    return MMB_OK;
+}
+
+mmb_status mmb__mllm_encode_pixels(mmb_ctx *ctx, const mmb_mllm *m, const float *pixels, int64_t batch, int h, int w,
+                                   float *emb, size_t emb_count, const int *taps, int n_taps, float *const *hidden) {
+    if (m->model)
+        return mmb__model_encode_taps(ctx, m->model, pixels, batch, h, w, emb, emb_count, taps, n_taps, hidden);
+    if (!m->vit) return no_vision(ctx, m);
+    /* A tower alone: its last_hidden_state, and the taps, from one forward. */
+    if (tokens_for(ctx, m, h, w) < 0) return MMB_ERR_SHAPE;
+    if (n_taps + 1 > MMB_MAX_TAPS)
+        return mmb__err(ctx, MMB_ERR_ARG, "%d hidden states asked besides last_hidden_state: at most %d", n_taps,
+                        MMB_MAX_TAPS - 1);
+    int all[MMB_MAX_TAPS] = {MMB_TAP_LAST};
+    float *outs[MMB_MAX_TAPS] = {emb};
+    for (int i = 0; i < n_taps; i++) {
+        all[i + 1] = taps[i];
+        outs[i + 1] = hidden[i];
+    }
+    return mmb_vit_forward(ctx, m->vit, pixels, batch, all, n_taps + 1, outs);
+}
+
+int64_t mmb_mllm_encode_size(mmb_ctx *ctx, const mmb_mllm *m, const mmb_image *imgs, int n, int64_t *tokens) {
+    if (!ctx || !m || !imgs || n < 1) return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_encode_size: NULL or n < 1"), -1;
+    int64_t sum = 0;
+    for (int pass = 0; pass < 1 + !!tokens; pass++) /* tokens written once every image has passed */
+        for (int i = 0; i < n; i++) {
+            int h, w;
+            int64_t t;
+            if (image_plan(ctx, m, &imgs[i], &h, &w, &t) != MMB_OK) return -1;
+            if (pass) tokens[i] = t;
+            else sum += t;
+        }
+    return sum;
+}
+
+mmb_status mmb_mllm_encode(mmb_ctx *ctx, mmb_mllm *m, const mmb_image *imgs, int n, mmb_encode_out *out) {
+    if (!ctx || !m || !imgs || !out || n < 1 || out->n_taps < 0 || out->n_taps > MMB_MAX_TAPS)
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_encode: NULL argument, n < 1 or n_taps outside 0..%d",
+                        MMB_MAX_TAPS);
+    const int nt = out->n_taps;
+    if (!out->embeddings && !nt)
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_encode: nothing asked (no embeddings buffer, no taps)");
+    for (int i = 0; i < nt; i++)
+        if (!out->hidden[i]) return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_encode: hidden[%d] is NULL", i);
+    if (nt && !m->vit) {
+        if (m->info.has_vision)
+            return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: a %s model runs its tower and connector as one; its hidden "
+                            "states are not exposed", m->dir, m->info.family);
+        return no_vision(ctx, m);
+    }
+    /* Plan every image, then preprocess them one after another into one buffer: a batch when they are the same
+     * size, else slots encoded one by one. Everything lands in temporaries, copied out at the end. */
+    int *hw = malloc(sizeof(int) * 2 * (size_t)n);
+    int64_t *tok = malloc(sizeof(int64_t) * (size_t)n), total = 0;
+    float *px = NULL, *emb = NULL, *hid[MMB_MAX_TAPS] = {0};
+    size_t npx = 0;
+    mmb_status s = hw && tok ? MMB_OK : mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    bool same = true;
+    for (int i = 0; i < n && s == MMB_OK; i++) {
+        if ((s = image_plan(ctx, m, &imgs[i], &hw[2 * i], &hw[2 * i + 1], &tok[i])) != MMB_OK) break;
+        total += tok[i];
+        npx += (size_t)3 * (size_t)hw[2 * i] * (size_t)hw[2 * i + 1];
+        same &= hw[2 * i] == hw[0] && hw[2 * i + 1] == hw[1];
+    }
+    const int64_t d = m->info.out_width, vt = m->info.vision_tokens, vw = m->info.vision_width;
+    const size_t ne = (size_t)(total * d), nh = (size_t)(n * vt * vw);
+    if (s == MMB_OK && nt && !same)
+        s = mmb__err(ctx, MMB_ERR_SHAPE, "hidden states need one image size: the processor makes image 0 %dx%d and "
+                     "another a different size", hw[1], hw[0]);
+    if (s == MMB_OK && out->embeddings && out->embeddings_count < ne)
+        s = mmb__err(ctx, MMB_ERR_SHAPE, "embeddings holds %zu floats, %zu needed (%lld x %lld)",
+                     out->embeddings_count, ne, (long long)total, (long long)d);
+    if (s == MMB_OK && nt && out->hidden_count < nh)
+        s = mmb__err(ctx, MMB_ERR_SHAPE, "each hidden state buffer holds %zu floats, %zu needed (%d x %lld x %lld)",
+                     out->hidden_count, nh, n, (long long)vt, (long long)vw);
+    if (s == MMB_OK && (!(px = malloc(npx * sizeof(float))) || !(emb = malloc(ne * sizeof(float)))))
+        s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for %d image(s)", n);
+    for (int i = 0; i < nt && s == MMB_OK; i++)
+        if (!(hid[i] = malloc(nh * sizeof(float)))) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    size_t off = 0;
+    for (int i = 0; i < n && s == MMB_OK; i++) {
+        size_t one = (size_t)3 * (size_t)hw[2 * i] * (size_t)hw[2 * i + 1];
+        s = mmb_preprocess_run(ctx, &m->proc, &imgs[i], px + off, one);
+        off += one;
+    }
+    if (s == MMB_OK && same)
+        s = mmb__mllm_encode_pixels(ctx, m, px, n, hw[0], hw[1], emb, ne, out->taps, nt, hid);
+    off = 0;
+    for (int i = 0, row = 0; i < n && s == MMB_OK && !same; row += (int)tok[i], i++) {
+        s = mmb__mllm_encode_pixels(ctx, m, px + off, 1, hw[2 * i], hw[2 * i + 1], emb + (size_t)row * (size_t)d,
+                                    (size_t)(tok[i] * d), NULL, 0, NULL);
+        off += (size_t)3 * (size_t)hw[2 * i] * (size_t)hw[2 * i + 1];
+    }
+    if (s == MMB_OK) {
+        if (out->embeddings) memcpy(out->embeddings, emb, ne * sizeof(float));
+        for (int i = 0; i < nt; i++) memcpy(out->hidden[i], hid[i], nh * sizeof(float));
+        if (out->tokens) memcpy(out->tokens, tok, sizeof(int64_t) * (size_t)n);
+    }
+    for (int i = 0; i < nt; i++) free(hid[i]);
+    free(emb);
+    free(px);
+    free(tok);
+    free(hw);
+    return s;
+}
+
+mmb_status mmb_mllm_encode_file(mmb_ctx *ctx, mmb_mllm *m, const char *path, mmb_encode_out *out) {
+    mmb_image img = {0};
+    mmb_status s = mmb_image_load(ctx, path, 0, &img);
+    if (s == MMB_OK) s = mmb_mllm_encode(ctx, m, &img, 1, out);
+    mmb_image_free(&img);
+    return s;
+}
+
+mmb_status mmb_mllm_encode_bytes(mmb_ctx *ctx, mmb_mllm *m, const void *bytes, size_t n, mmb_encode_out *out) {
+    mmb_image img = {0};
+    mmb_status s = mmb_image_decode(ctx, bytes, n, NULL, 0, &img);
+    if (s == MMB_OK) s = mmb_mllm_encode(ctx, m, &img, 1, out);
+    mmb_image_free(&img);
+    return s;
+}

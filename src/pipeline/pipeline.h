@@ -1,0 +1,88 @@
+/* Internal interfaces of the pipeline floor (src/pipeline/): the multimodal model (mllm.c), its chunk
+ * lists (chunks.c), and what they need from the floors below (model.c's, decoder.c's additions). Nothing
+ * here is public API. */
+#ifndef MMB_PIPELINE_H
+#define MMB_PIPELINE_H
+
+#include "internal.h"
+
+/* ---- pipeline/model.c ------------------------------------------------------------------------- */
+
+/* The checkpoint m was opened from (it lives as long as m). */
+const mmb_ckpt *mmb__model_ckpt(const mmb_model *m);
+
+/* mmb_model_encode plus, from the same pass of the tower, the hidden states hidden_states[taps[i]]
+ * (HF indexing, negative from the end, or MMB_TAP_LAST) written to hidden[i] as [batch, tokens, width]
+ * f32 (the tower's tokens, CLS included, and width). The tower runs once, up to the deepest of the
+ * model's taps and these. n_taps 0 (taps, hidden may be NULL) is mmb_model_encode exactly. Returns as
+ * mmb_model_encode; MMB_ERR_ARG for a tap out of range or more than MMB_MAX_TAPS taps with the model's;
+ * MMB_ERR_UNSUPPORTED with n_taps > 0 for a family's model (its hidden states are not exposed). `out` is
+ * unchanged on failure; hidden[] may have been written. */
+mmb_status mmb__model_encode_taps(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
+                                  int width, float *out, size_t out_count, const int *taps, int n_taps,
+                                  float *const *hidden);
+
+/* ---- lm/decoder.c ------------------------------------------------------------------------------ */
+
+/* True when c holds a text model's weights (embed_tokens under a prefix mmb_lm_open looks at). */
+bool mmb__lm_present(const mmb_ckpt *c);
+/* The positions kv can hold (max_tokens of mmb_kv_cache_new); 0 for NULL. */
+int64_t mmb__kv_cache_cap(const mmb_kv_cache *kv);
+
+/* ---- pipeline/mllm.c: the multimodal model ------------------------------------------------------ */
+
+struct mmb_mllm {
+    char *dir;
+    char arch[128];
+    mmb_model *model;          /* the vision path of a LLaVA or family checkpoint, or NULL */
+    mmb_vit *vit_only;         /* a vision tower alone (CLIP / SigLIP checkpoint), or NULL */
+    const mmb_vit *vit;        /* the tower whose hidden states encode exposes: model's or vit_only; NULL for a
+                                  family (its tower is its own) or without one */
+    mmb_lm *lm;
+    mmb_tokenizer *tok;
+    mmb_preprocess proc;
+    mmb_mllm_info info;
+    int n_eos;
+    int32_t eos[16];           /* the LLM's eos ids and the tokenizer's stop ids, merged */
+    char marker[64];           /* info.image_marker */
+    char no_proc[256];         /* why there is no processor (info.has_processor 0) */
+    char no_tok[256];          /* why there is no tokenizer (info.has_tokenizer 0 with an LLM) */
+};
+
+/* Seconds on a monotonic clock. */
+double mmb__now_s(void);
+
+/* img through m's processor: *pixels (malloc'd [3, *h, *w] f32, the caller frees it) and the embeddings m
+ * makes of it in *tokens. Returns MMB_OK; MMB_ERR_MISSING without a vision path or a processor; the
+ * processor's and the tower's statuses; MMB_ERR_NOMEM. Outputs untouched on failure. */
+mmb_status mmb__mllm_preprocess(mmb_ctx *ctx, const mmb_mllm *m, const mmb_image *img, float **pixels, int *h,
+                                int *w, int64_t *tokens);
+
+/* pixels [batch, 3, h, w] (as m's processor makes them) -> emb [batch, tokens, out_width] (emb_count floats),
+ * plus hidden states taps[0, n_taps) into hidden[i] [batch, vision_tokens, vision_width], one pass of the
+ * tower. Returns as mmb__model_encode_taps (a tower alone: its last_hidden_state as emb); outputs may be
+ * written on failure (the callers hand temporaries). */
+mmb_status mmb__mllm_encode_pixels(mmb_ctx *ctx, const mmb_mllm *m, const float *pixels, int64_t batch, int h, int w,
+                                   float *emb, size_t emb_count, const int *taps, int n_taps, float *const *hidden);
+
+/* ---- pipeline/chunks.c -------------------------------------------------------------------------- */
+
+/* One chunk of a prompt. An image is kept preprocessed, pixels [3, h, w] f32, with n the embeddings it
+ * becomes (so positions are known before anything is encoded). */
+typedef struct mmb_chunk {
+    mmb_chunk_type type;
+    int64_t n;               /* positions: ids, image embeddings or rows */
+    int32_t *ids;            /* MMB_CHUNK_TEXT: n ids */
+    float *data;             /* MMB_CHUNK_IMAGE: pixels [3, h, w]; MMB_CHUNK_EMBED: rows [n, width] */
+    int h, w;                /* MMB_CHUNK_IMAGE */
+    int64_t width;           /* MMB_CHUNK_EMBED */
+} mmb_chunk;
+
+struct mmb_chunks {
+    int n, cap;
+    mmb_chunk *c;
+    int64_t positions;       /* sum of c[i].n */
+    int n_images;
+};
+
+#endif
