@@ -96,8 +96,6 @@ int cli_dense_opt(const char *name, const char *value, void *dense);
     CLI_DENSE_OPT("--tokens", "N", p, "efficient DC (sci/dci): bilinear-resize the projected token grid to N\n"  \
                   "tokens, a square (144: 24x24 -> 12x12)")
 
-/* Whether any Dense Connector option was given. */
-int cli_dense_given(const mmb_dense_params *p);
 
 /* ---- shared helpers (tools/common.c) ---------------------------------------------------------- */
 
@@ -121,19 +119,12 @@ int cli_write_text(const char *path, const char *text);
 int cli_expand_inputs(const char *const *in, int n_in, int any_file_is_list, char ***out, int *n);
 void cli_free_list(char **v, int n);
 
-/* A checkpoint as the commands open it: its model (tower + connector, or a family's), or a vision
- * tower alone. */
-typedef struct cli_model {
-    mmb_model *model;     /* NULL for a tower alone */
-    mmb_vit *own_vit;     /* a tower alone */
-    const mmb_vit *vit;   /* the tower; NULL when the checkpoint has none (original layout without --vision-tower) */
-} cli_model;
-
-/* Opens `dir` the one way every command does: the model, the Dense Connector options over its own
- * (dense may be NULL), the vision tower of an original-layout LLaVA (vision_tower may be NULL).
- * Returns 0, or 1 after printing the library's message. */
-int cli_open(mmb_ctx *ctx, const char *dir, const char *vision_tower, const mmb_dense_params *dense, cli_model *out);
-void cli_close(cli_model *m);
+/* Opens `dir` the one way every command does, through the library's family table (mmb_mllm_open): the
+ * Dense Connector options over the checkpoint's own (dense may be NULL), the vision tower of an
+ * original-layout LLaVA (vision_tower may be NULL), the LLM and tokenizer unless vision_only. Returns 0,
+ * or 1 after printing the library's message (an unsupported architecture: the families it reads). */
+int cli_open(mmb_ctx *ctx, const char *dir, const char *vision_tower, const mmb_dense_params *dense, int vision_only,
+             mmb_mllm **out);
 
 /* A mixture-of-experts connector's routing statistics, one line; nothing for other models. */
 void cli_print_routing(const mmb_model *m);
@@ -159,18 +150,18 @@ int cli_info_run(mmb_ctx *ctx, const char *dir, const char *tower, const mmb_den
 #define CLI_MAX_IMAGES 64
 #define CLI_MAX_STOPS 8
 typedef struct cli_gen {
-    const char *model, *prompt, *ids, *embeds, *logits, *chunks;
+    const char *model, *prompt, *ids, *embeds, *logits;
     const char *images[CLI_MAX_IMAGES];
     const char *stops[CLI_MAX_STOPS];
     int n_images, n_stops, raw, ignore_eos, print_ids;
-    int64_t n_new;
+    int64_t n_new, n_batch;
     mmb_sampler smp;
     cli_ctx_opts co;
 } cli_gen;
 
-/* Runs it: the prompt (with its images) through the LLM, then the generated text streamed to stdout,
- * the stop reason (context full, Ctrl-C) and the timings to stderr. Returns the exit status: 0, 1
- * (printed), 2 (a bad --ids / --chunks list) or 130 (Ctrl-C). */
+/* Runs it through mmb_mllm_generate: the generated text (or ids) streamed to stdout, the stop reason
+ * (context full, Ctrl-C) and the timings to stderr. Returns the exit status: 0, 1 (printed), 2 (a bad
+ * --ids list) or 130 (Ctrl-C). */
 int cli_generate_run(mmb_ctx *ctx, const cli_gen *g);
 
 /* ---- the commands (tools/cmd_*.c) ------------------------------------------------------------ */

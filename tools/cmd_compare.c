@@ -28,19 +28,6 @@ static int row_fail(row *r, const char *why) {
     return 1;
 }
 
-/* The checkpoint's own LLM, when the directory has one, is what the prefill column is for. */
-static void own_llm(mmb_ctx *ctx, const char *dir, row *r) {
-    mmb_lm *lm = NULL;
-    if (mmb_lm_open(ctx, dir, &lm) != MMB_OK) return;
-    mmb_lm_info li;
-    mmb_lm_get_info(lm, &li);
-    r->llm[0] = li.layers;
-    r->llm[1] = li.d_model;
-    r->llm[2] = li.intermediate;
-    r->own_llm = 1;
-    mmb_lm_free(lm);
-}
-
 /* A checkpoint as it is: its vision path on random pixels (or its connector on random features). */
 static int measure_model(mmb_ctx *ctx, const char *dir, int reps, int64_t grid, int64_t width, row *r) {
     size_t len = strlen(dir);
@@ -49,20 +36,28 @@ static int measure_model(mmb_ctx *ctx, const char *dir, int reps, int64_t grid, 
     while (base > dir && base[-1] != '/') base--;
     snprintf(r->name, sizeof r->name, "%.*s", (int)(dir + len - base), base);
     snprintf(r->measured, sizeof r->measured, "-");
-    cli_model cm;
-    if (cli_open(ctx, dir, NULL, NULL, &cm)) return row_fail(r, mmb_ctx_error(ctx));
-    if (!cm.model) {
-        cli_close(&cm);
+    mmb_mllm *mm = NULL;
+    if (cli_open(ctx, dir, NULL, NULL, 0, &mm)) return row_fail(r, mmb_ctx_error(ctx));
+    const mmb_model *m = mmb_mllm_model(mm);
+    if (!m) {
         char why[300];
-        snprintf(why, sizeof why, "%s: a vision tower alone: no connector to measure", dir);
+        snprintf(why, sizeof why, "%s: a %s alone: no connector to measure", dir,
+                 mmb_mllm_vit(mm) ? "vision tower" : "language model");
+        mmb_mllm_free(mm);
         return row_fail(r, why);
     }
-    mmb_model *m = cm.model;
     mmb_model_info mi;
     mmb_model_get_info(m, &mi);
     snprintf(r->name, sizeof r->name, "%.*s (%s)", (int)(dir + len - base), base, mi.connector);
-    own_llm(ctx, dir, r);
-    const mmb_vit *v = cm.vit;
+    if (mmb_mllm_lm(mm)) {  /* the checkpoint's own LLM is what its prefill column is for */
+        mmb_lm_info li;
+        mmb_lm_get_info(mmb_mllm_lm(mm), &li);
+        r->llm[0] = li.layers;
+        r->llm[1] = li.d_model;
+        r->llm[2] = li.intermediate;
+        r->own_llm = 1;
+    }
+    const mmb_vit *v = mmb_mllm_vit(mm);
     mmb_vit_info vi = {0};
     if (v) mmb_vit_get_info(v, &vi);
     int tower = v || strcmp(mi.family, "llava") != 0;
@@ -111,7 +106,7 @@ done:
     free(in);
     free(out);
     free(ts);
-    cli_close(&cm);
+    mmb_mllm_free(mm);
     return rc;
 }
 

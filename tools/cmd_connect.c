@@ -83,28 +83,30 @@ int cmd_connect(int argc, char **argv) {
     }
     mmb_ctx *ctx = cli_ctx(&co);
     if (!ctx) return 1;
-    cli_model cm = {0};
+    mmb_mllm *mm = NULL;
     mmb_st_file *f = NULL;
     float *owned[MMB_MAX_TAPS] = {0}, *out = NULL;
     mmb_features ft;
     mmb_model_info in;
     r = 1;
-    if (cli_open(ctx, pos[0], NULL, &dense, &cm)) goto done;
-    if (!cm.model) {
-        fprintf(stderr, "mmbridge: error: %s: a vision tower alone has no connector to run\n", pos[0]);
+    if (cli_open(ctx, pos[0], NULL, &dense, 1, &mm)) goto done;
+    const mmb_model *m = mmb_mllm_model(mm);
+    if (!m) {
+        fprintf(stderr, "mmbridge: error: %s: a %s alone has no connector to run\n", pos[0],
+                mmb_mllm_vit(mm) ? "vision tower" : "language model");
         goto done;
     }
     if (mmb_st_open(ctx, features, &f) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
-    mmb_model_get_info(cm.model, &in);
+    mmb_model_get_info(m, &in);
     if (load_features(features, f, &ft, owned)) goto done;
     if (!ft.n_hidden && in.vision_layers) ft.n_hidden = in.vision_layers + 1;
-    int64_t t_out = mmb_model_tokens_out(ctx, cm.model, ft.tokens);
+    int64_t t_out = mmb_model_tokens_out(ctx, m, ft.tokens);
     if (t_out < 0) { fail_in(ctx, features); goto done; }
     size_t n = (size_t)(ft.batch * t_out * in.out_width);
     out = malloc(n ? n * sizeof(float) : 1);
     if (!out) { fprintf(stderr, "mmbridge: error: out of memory for %zu floats\n", n); goto done; }
     double t0 = cli_now();
-    if (mmb_model_connect(ctx, cm.model, &ft, out, n) != MMB_OK) { fail_in(ctx, features); goto done; }
+    if (mmb_model_connect(ctx, m, &ft, out, n) != MMB_OK) { fail_in(ctx, features); goto done; }
     double ms = (cli_now() - t0) * 1e3;
     mmb_tensor e = {.name = "embeddings", .dtype = MMB_F32, .ndim = 3, .shape = {ft.batch, t_out, in.out_width},
                     .data = out};
@@ -112,13 +114,13 @@ int cmd_connect(int argc, char **argv) {
     printf("%s: %s, %lld image(s) x %lld tokens x %d -> embeddings [%lld, %lld, %d] in %.2f ms, %d thread(s) -> %s\n",
            pos[0], in.connector, (long long)ft.batch, (long long)ft.tokens, in.in_width, (long long)ft.batch,
            (long long)t_out, in.out_width, ms, mmb_ctx_threads(ctx), output);
-    cli_print_routing(cm.model);
+    cli_print_routing(m);
     r = 0;
 done:
     for (int i = 0; i < MMB_MAX_TAPS; i++) free(owned[i]);
     free(out);
     mmb_st_close(f);
-    cli_close(&cm);
+    mmb_mllm_free(mm);
     mmb_ctx_free(ctx);
     return r;
 }

@@ -1,162 +1,18 @@
-/* mmbridge generate: image(s) -> the model's vision encoder and connector -> embeddings spliced into the
- * prompt's text embeddings at the image placeholders -> the LLM's prefill -> decoding, streamed. */
+/* mmbridge generate: a prompt with its images, as chunks (mmb_mllm_tokenize), through mmb_mllm_generate:
+ * the images' embeddings spliced into the prompt, the LLM's prefill, decoding, streamed. */
 #include "cli.h"
 
-#include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <signal.h>
 
 /* Ctrl-C: the handler raises the flag, the generation stops between two steps and prints its timings. */
-static volatile sig_atomic_t interrupted;
+static volatile sig_atomic_t interrupted;  /* an int, as mmb_gen_params.abort wants (a compile error elsewhere) */
 
 static void on_sigint(int sig) {
     (void)sig;
     interrupted = 1;
-}
-
-/* One image through the model's processor, encoder and connector: emb (*t, d) malloc'd. */
-static float *encode_image(mmb_ctx *ctx, const mmb_model *m, const char *dir, const char *path, int64_t *t) {
-    mmb_model_info mi;
-    mmb_model_get_info(m, &mi);
-    mmb_preprocess pp;
-    mmb_image img = {0};
-    int h = 0, w = 0;
-    float *px = NULL, *emb = NULL;
-    if (mmb_preprocess_load(ctx, dir, &pp) != MMB_OK) goto fail;
-    if (mi.pad_to_square) pp.do_pad = 1;
-    if (mmb_image_load(ctx, path, 0, &img) != MMB_OK ||
-        mmb_preprocess_output_size(ctx, &pp, img.height, img.width, &h, &w) != MMB_OK)
-        goto fail;
-    size_t np = (size_t)3 * (size_t)h * (size_t)w;
-    if (!(px = malloc(np * sizeof(float)))) goto oom;
-    if (mmb_preprocess_run(ctx, &pp, &img, px, np) != MMB_OK) goto fail;
-    *t = mmb_model_encode_tokens(ctx, m, h, w);
-    if (*t < 0) goto fail;
-    size_t ne = (size_t)(*t * mi.out_width);
-    if (!(emb = malloc(ne * sizeof(float) + 1))) goto oom;
-    if (mmb_model_encode(ctx, m, px, 1, h, w, emb, ne) != MMB_OK) goto fail;
-    free(px);
-    mmb_image_free(&img);
-    return emb;
-oom:
-    fprintf(stderr, "mmbridge: error: out of memory\n");
-    goto out;
-fail:
-    cli_fail(ctx, NULL);
-out:
-    free(px);
-    free(emb);
-    mmb_image_free(&img);
-    return NULL;
-}
-
-/* The prompt's input embeddings: ids with each placeholder replaced by the next image's embeddings.
- * Returns a malloc'd (*n, d) array, or NULL after printing the error. */
-static float *assemble(mmb_ctx *ctx, const cli_gen *o, const mmb_lm *lm, const int32_t *ids, int64_t n_ids,
-                       int64_t *n) {
-    mmb_lm_info li;
-    mmb_lm_get_info(lm, &li);
-    int64_t d = li.d_model, placeholders = 0;
-    for (int64_t i = 0; i < n_ids; i++) placeholders += li.image_token >= 0 && ids[i] == li.image_token;
-    if (placeholders != o->n_images) {
-        fprintf(stderr, "mmbridge: error: the prompt has %lld image placeholder(s) (token %d) but %d image(s) "
-                "were given\n", (long long)placeholders, (int)li.image_token, o->n_images);
-        return NULL;
-    }
-    float *img[CLI_MAX_IMAGES] = {0}, *out = NULL;
-    int64_t t[CLI_MAX_IMAGES] = {0}, total = n_ids - placeholders;
-    cli_model cm = {0};
-    const mmb_model *m = NULL;
-    if (o->n_images) {
-        if (cli_open(ctx, o->model, NULL, NULL, &cm)) goto done;
-        if (!(m = cm.model)) {
-            fprintf(stderr, "mmbridge: error: %s: a vision tower alone has no LLM\n", o->model);
-            goto done;
-        }
-        mmb_model_info mi;
-        mmb_model_get_info(m, &mi);
-        if (mi.out_width != d) {
-            fprintf(stderr, "mmbridge: error: %s: the connector makes %d-wide embeddings, the LLM takes %lld\n",
-                    o->model, mi.out_width, (long long)d);
-            goto done;
-        }
-        for (int k = 0; k < o->n_images; k++) {
-            if (!(img[k] = encode_image(ctx, m, o->model, o->images[k], &t[k]))) goto done;
-            total += t[k];
-        }
-    }
-    if (!(out = malloc(sizeof(float) * (size_t)(total * d) + 1))) {
-        fprintf(stderr, "mmbridge: error: out of memory\n");
-        goto done;
-    }
-    int64_t row = 0;
-    for (int64_t i = 0, k = 0; i < n_ids; i++) {
-        if (li.image_token >= 0 && ids[i] == li.image_token) {
-            memcpy(out + row * d, img[k], sizeof(float) * (size_t)(t[k] * d));
-            row += t[k++];
-        } else {
-            if (mmb_lm_embed(ctx, lm, ids + i, 1, out + row * d) != MMB_OK) {
-                cli_fail(ctx, NULL);
-                free(out);
-                out = NULL;
-                goto done;
-            }
-            row++;
-        }
-    }
-    *n = total;
-done:
-    for (int k = 0; k < CLI_MAX_IMAGES; k++) free(img[k]);
-    cli_close(&cm);
-    return out;
-}
-
-/* --prompt: the text (with one placeholder per image put in front when it has none), through the chat
- * template unless --raw, tokenized as transformers does (apply_chat_template adds no special tokens; a raw
- * prompt gets the post-processor's, e.g. BOS). Returns 0, or 1 after printing the error. */
-static int prompt_ids(mmb_ctx *ctx, const cli_gen *o, const mmb_tokenizer *tok, int32_t image_token, int32_t **ids,
-                      int64_t *n) {
-    const char *ph = image_token >= 0 ? mmb_tokenizer_token_text(tok, image_token) : NULL;
-    size_t extra = ph && o->n_images && !strstr(o->prompt, ph) ? (strlen(ph) + 1) * (size_t)o->n_images : 0;
-    char *text = malloc(strlen(o->prompt) + extra + 1), *rendered = NULL;
-    if (!text) { fprintf(stderr, "mmbridge: error: out of memory\n"); return 1; }
-    text[0] = 0;
-    for (int k = 0; extra && k < o->n_images; k++) { strcat(text, ph); strcat(text, "\n"); }
-    strcat(text, o->prompt);
-    int r = 0;
-    if (!o->raw) {
-        mmb_chat_msg m = {"user", text};
-        if (mmb_chat_render(ctx, tok, &m, 1, 1, &rendered) != MMB_OK) r = cli_fail(ctx, NULL);
-    }
-    const char *in = o->raw ? text : rendered;
-    if (!r && mmb_tokenizer_encode(ctx, tok, in, strlen(in), o->raw, ids, n) != MMB_OK) r = cli_fail(ctx, NULL);
-    free(text);
-    free(rendered);
-    return r;
-}
-
-/* Text mode: prints the decoded text of gen[0, n) not printed yet and appends it to *all; returns 1 when a
- * --stop string has appeared. */
-static int stream_text(mmb_ctx *ctx, const cli_gen *o, const mmb_tokenizer *tok, const int32_t *gen, int64_t n,
-                       int flush, size_t *emitted, char **all, size_t *all_len) {
-    char *piece = NULL;
-    size_t len = 0;
-    if (mmb_tokenizer_decode_stream(ctx, tok, gen, n, 1, flush, emitted, &piece, &len) != MMB_OK) return 0;
-    fwrite(piece, 1, len, stdout);
-    fflush(stdout);
-    char *b = realloc(*all, *all_len + len + 1);
-    if (b) {
-        memcpy(b + *all_len, piece, len);
-        *all_len += len;
-        b[*all_len] = 0;
-        *all = b;
-    }
-    free(piece);
-    for (int k = 0; b && k < o->n_stops; k++)
-        if (strstr(*all, o->stops[k])) return 1;
-    return 0;
 }
 
 /* --embeds: tensor 'embeds' [n, d] (or [1, n, d]). */
@@ -192,127 +48,127 @@ static int keep_logits(float **all, int64_t *rows, int64_t *cap, const float *lg
 }
 
 
-/* Why the decode loop ended. */
-enum { END_EOS, END_LENGTH, END_CONTEXT, END_STOP, END_INTERRUPT };
+/* What the callbacks share. */
+typedef struct gen_state {
+    int print_ids;
+    int64_t n_out;
+    float *all;            /* --logits: the rows so far */
+    int64_t rows, cap;
+    int oom;
+} gen_state;
+
+static int on_token(void *user, int32_t id, const char *piece, size_t len) {
+    gen_state *g = user;
+    if (g->print_ids) printf("%s%d", g->n_out ? " " : "", (int)id);
+    else fwrite(piece, 1, len, stdout);
+    g->n_out++;
+    fflush(stdout);
+    return 0;
+}
+
+static void on_logits(void *user, const float *lg, int64_t n, int64_t vocab) {
+    gen_state *g = user;
+    if (!g->oom) g->oom = keep_logits(&g->all, &g->rows, &g->cap, lg, n, vocab);
+}
+
+/* The prompt as chunks: --prompt through the tokenizer (and chat template), --ids, or --embeds. */
+static int prompt_chunks(mmb_ctx *ctx, mmb_mllm *m, const cli_gen *o, const mmb_image *imgs, mmb_chunks **c) {
+    if (o->prompt)
+        return mmb_mllm_tokenize(ctx, m, o->prompt, imgs, o->n_images, o->raw ? MMB_TOKENIZE_RAW : MMB_TOKENIZE_CHAT, c)
+               != MMB_OK ? cli_fail(ctx, NULL) : 0;
+    int64_t n = 0;
+    int r = 0;
+    if (o->ids) {
+        int64_t *ids64 = cli_int_list("--ids", o->ids, 0, INT32_MAX, &n);
+        int32_t *ids = ids64 ? malloc(sizeof *ids * (size_t)n) : NULL;
+        for (int64_t i = 0; ids && i < n; i++) ids[i] = (int32_t)ids64[i];
+        if (!ids) r = ids64 ? cli_fail(NULL, "out of memory") : 2;
+        else if (mmb_mllm_chunks_from_ids(ctx, m, ids, n, imgs, o->n_images, c) != MMB_OK) r = cli_fail(ctx, NULL);
+        free(ids64);
+        free(ids);
+        return r;
+    }
+    mmb_lm_info li;
+    mmb_lm_get_info(mmb_mllm_lm(m), &li);
+    float *e = read_embeds(ctx, o->embeds, li.d_model, &n);
+    if (!e) return 1;
+    if (mmb_chunks_new(ctx, c) != MMB_OK || mmb_chunks_add_embeds(ctx, m, *c, e, n, li.d_model) != MMB_OK)
+        r = cli_fail(ctx, NULL);
+    free(e);
+    return r;
+}
 
 int cli_generate_run(mmb_ctx *ctx, const cli_gen *o) {
-    mmb_lm *lm = NULL;
+    mmb_mllm *m = NULL;
+    mmb_chunks *chunks = NULL;
     mmb_kv_cache *kv = NULL;
-    mmb_tokenizer *tok = NULL;
-    int32_t *gen = NULL;
-    char *text = NULL;
-    size_t emitted = 0, text_len = 0;
-    int64_t *ids64 = NULL, n_ids = 0, n = 0, *chunks = NULL, n_chunks = 0, rows = 0, cap = 0;
-    int32_t *ids = NULL;
-    float *emb = NULL, *lg = NULL, *all = NULL, *e1 = NULL;
-    int r = 1, print_ids = o->print_ids || !o->prompt; /* no tokenizer in play: the output is ids */
-    mmb_sampler smp = o->smp;
+    mmb_image imgs[CLI_MAX_IMAGES] = {{0}};
+    gen_state g = {.print_ids = o->print_ids || !o->prompt};  /* no tokenizer in play: the output is ids */
+    int r = 1;
     struct sigaction sa = {0}, old;
     sa.sa_handler = on_sigint;
     sigemptyset(&sa.sa_mask);
     interrupted = 0;
     sigaction(SIGINT, &sa, &old);
-    if (mmb_lm_open(ctx, o->model, &lm) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
-    mmb_lm_info li;
-    mmb_lm_get_info(lm, &li);
-    if (o->chunks && !(chunks = cli_int_list("--chunks", o->chunks, 1, INT32_MAX, &n_chunks))) { r = 2; goto done; }
-    if (o->prompt) {
-        if (mmb_tokenizer_open(ctx, o->model, &tok) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
-        if (prompt_ids(ctx, o, tok, li.image_token, &ids, &n_ids)) goto done;
-        if (!(emb = assemble(ctx, o, lm, ids, n_ids, &n))) goto done;
-        int32_t stop[8];
-        int ns = mmb_tokenizer_stop_ids(tok, stop, 8);
-        for (int k = 0; k < ns && k < 8 && li.n_eos < 8; k++) {
-            int dup = 0;
-            for (int e = 0; e < li.n_eos; e++) dup |= li.eos[e] == stop[k];
-            if (!dup) li.eos[li.n_eos++] = stop[k];
-        }
-    } else if (o->ids) {
-        if (!(ids64 = cli_int_list("--ids", o->ids, 0, INT32_MAX, &n_ids))) { r = 2; goto done; }
-        if (!(ids = malloc(sizeof *ids * (size_t)n_ids))) goto done;
-        for (int64_t i = 0; i < n_ids; i++) ids[i] = (int32_t)ids64[i];
-        if (!(emb = assemble(ctx, o, lm, ids, n_ids, &n))) goto done;
-    } else if (!(emb = read_embeds(ctx, o->embeds, li.d_model, &n)))
+    if (cli_open(ctx, o->model, NULL, NULL, 0, &m)) goto done;
+    mmb_mllm_info in;
+    mmb_mllm_get_info(m, &in);
+    if (!in.has_lm) {
+        fprintf(stderr, "mmbridge: error: %s: a %s model without a language model this build runs: nothing to "
+                "generate with\n", o->model, in.family);
         goto done;
-    if (n > li.max_positions) {
+    }
+    for (int i = 0; i < o->n_images; i++)
+        if (mmb_image_load(ctx, o->images[i], 0, &imgs[i]) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
+    if ((r = prompt_chunks(ctx, m, o, imgs, &chunks))) goto done;
+    r = 1;
+    int64_t n = mmb_chunks_positions(chunks);
+    if (n > in.context) {
         fprintf(stderr, "mmbridge: error: context overflow: the prompt is %lld tokens, the model's limit is %lld\n",
-                (long long)n, (long long)li.max_positions);
+                (long long)n, (long long)in.context);
         goto done;
     }
-    int64_t kvcap = n + o->n_new < li.max_positions ? n + o->n_new : li.max_positions;
-    if (mmb_kv_cache_new(ctx, lm, kvcap, &kv) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
-    if (!(lg = malloc(sizeof(float) * (size_t)(n * li.vocab))) || !(e1 = malloc(sizeof(float) * (size_t)li.d_model))) {
-        fprintf(stderr, "mmbridge: error: out of memory\n");
-        goto done;
-    }
-    /* prefill, in the --chunks pieces if given; Ctrl-C stops between two pieces */
-    double t0 = cli_now();
-    int64_t off = 0;
-    for (int64_t c = 0; off < n && !interrupted; c++) {
-        int64_t m = c < n_chunks && chunks[c] < n - off ? chunks[c] : n - off;
-        if (mmb_lm_forward(ctx, lm, kv, emb + off * li.d_model, m, o->logits ? lg + off * li.vocab : lg, !o->logits) !=
-            MMB_OK) {
-            cli_fail(ctx, NULL);
-            goto done;
-        }
-        off += m;
-    }
-    double t1 = cli_now();
-    const float *last = o->logits ? lg + (n - 1) * li.vocab : lg;
-    if (o->logits && off == n && keep_logits(&all, &rows, &cap, lg, n, li.vocab)) goto done;
-    long steps = 0;
-    int end = interrupted ? END_INTERRUPT : END_LENGTH;
-    if (o->n_new > 0 && !(gen = malloc(sizeof *gen * (size_t)o->n_new))) goto done;
-    for (long g = 0; g < o->n_new && end != END_INTERRUPT; g++) {
-        int32_t t;
-        if (mmb_sample(ctx, &smp, last, li.vocab, &t) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
-        gen[g] = t;
-        int eos = 0, stop = 0;
-        for (int k = 0; k < li.n_eos && !o->ignore_eos; k++) eos |= t == li.eos[k];
-        if (print_ids) printf("%s%d", g ? " " : "", (int)t);
-        else stop = stream_text(ctx, o, tok, gen, g + 1, 0, &emitted, &text, &text_len);
-        fflush(stdout);
-        end = eos ? END_EOS : stop ? END_STOP : g + 1 == o->n_new ? END_LENGTH
-            : mmb_kv_cache_len(kv) >= kvcap ? END_CONTEXT : interrupted ? END_INTERRUPT : -1;
-        if (end >= 0) {
-            if (!print_ids) stream_text(ctx, o, tok, gen, g + 1, 1, &emitted, &text, &text_len);
-            break;
-        }
-        if (mmb_lm_embed(ctx, lm, &t, 1, e1) != MMB_OK || mmb_lm_forward(ctx, lm, kv, e1, 1, lg, 1) != MMB_OK) {
-            cli_fail(ctx, NULL);
-            goto done;
-        }
-        steps++;
-        last = lg;
-        if (o->logits && keep_logits(&all, &rows, &cap, lg, 1, li.vocab)) goto done;
-    }
-    double t2 = cli_now();
+    if (mmb_mllm_kv_new(ctx, m, n + o->n_new, &kv) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
+    mmb_gen_params gp = mmb_gen_default_params();
+    gp.n_predict = o->n_new;
+    gp.sampler = o->smp;
+    gp.ignore_eos = o->ignore_eos;
+    gp.stops = o->stops;
+    gp.n_stops = o->n_stops;
+    gp.n_batch = o->n_batch;
+    gp.on_token = on_token;
+    gp.on_logits = o->logits ? on_logits : NULL;
+    gp.user = &g;
+    gp.abort = &interrupted;
+    mmb_gen_result res = {0};
+    mmb_status s = mmb_mllm_generate(ctx, m, kv, chunks, &gp, &res);
     printf("\n");
     fflush(stdout);
-    if (o->logits && end != END_INTERRUPT) {
-        mmb_tensor t = {.name = "logits", .dtype = MMB_F32, .ndim = 2, .shape = {rows, li.vocab}, .data = all};
+    int stopped = s == MMB_ERR_ABORTED || (s == MMB_OK && res.stop == MMB_STOP_ABORT);
+    if (s != MMB_OK && !stopped) { cli_fail(ctx, NULL); goto done; }
+    if (g.oom) { cli_fail(NULL, "out of memory for --logits"); goto done; }
+    if (o->logits && !stopped) {
+        mmb_lm_info li;
+        mmb_lm_get_info(mmb_mllm_lm(m), &li);
+        mmb_tensor t = {.name = "logits", .dtype = MMB_F32, .ndim = 2, .shape = {g.rows, li.vocab}, .data = g.all};
         if (mmb_st_write(ctx, o->logits, &t, 1) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
     }
-    if (end == END_CONTEXT) fprintf(stderr, "stopped: the context (%lld tokens) is full\n", (long long)li.max_positions);
-    if (end == END_INTERRUPT) fprintf(stderr, "stopped: interrupted (Ctrl-C)%s\n", off < n ? " during the prefill" : "");
-    fprintf(stderr, "prefill: %lld tokens in %.3f s (%.1f tokens/s); decode: %ld tokens in %.3f s (%.1f tokens/s); "
-            "%d thread(s)\n", (long long)off, t1 - t0, (double)off / (t1 - t0 > 0 ? t1 - t0 : 1e-9), steps, t2 - t1,
-            steps ? (double)steps / (t2 - t1 > 0 ? t2 - t1 : 1e-9) : 0.0, mmb_ctx_threads(ctx));
-    r = end == END_INTERRUPT ? 130 : 0;
+    if (res.stop == MMB_STOP_CONTEXT) fprintf(stderr, "stopped: the context (%lld tokens) is full\n", (long long)in.context);
+    if (stopped) fprintf(stderr, "stopped: interrupted (Ctrl-C)%s\n", s == MMB_ERR_ABORTED ? " during the prompt" : "");
+    double pre = res.encode_s + res.prefill_s;
+    int64_t steps = res.n_generated > 0 ? res.n_generated - 1 : 0;  /* the last token is not fed back */
+    fprintf(stderr, "prefill: %lld tokens in %.3f s (%.1f tokens/s; images %.3f s); decode: %lld tokens in %.3f s "
+            "(%.1f tokens/s); %d thread(s)\n", (long long)res.n_prompt, pre, (double)res.n_prompt / (pre > 0 ? pre : 1e-9),
+            res.encode_s, (long long)steps, res.decode_s, steps ? (double)steps / (res.decode_s > 0 ? res.decode_s : 1e-9) : 0.0,
+            mmb_ctx_threads(ctx));
+    r = stopped ? 130 : 0;
 done:
     sigaction(SIGINT, &old, NULL);
-    free(ids64);
-    free(ids);
-    free(chunks);
-    free(emb);
-    free(lg);
-    free(all);
-    free(e1);
-    free(gen);
-    free(text);
-    mmb_tokenizer_free(tok);
+    for (int i = 0; i < o->n_images; i++) mmb_image_free(&imgs[i]);
+    free(g.all);
+    mmb_chunks_free(chunks);
     mmb_kv_cache_free(kv);
-    mmb_lm_free(lm);
+    mmb_mllm_free(m);
     return r;
 }
 
@@ -356,8 +212,8 @@ int cmd_generate(int argc, char **argv) {
         {.name = "--logits", .meta = "OUT", .type = CLI_STR, .dst = &o.logits,
          .help = "write 'logits' [positions, vocab] f32: every prompt position, then\n"
          "every decode step"},
-        {.name = "--chunks", .meta = "LIST", .type = CLI_STR, .dst = &o.chunks,
-         .help = "feed the prompt in pieces of these sizes (e.g. 3,2,1), the rest in one"},
+        {.name = "--n-batch", .meta = "N", .type = CLI_INT, .dst = &o.n_batch, .lo = 0, .hi = 1 << 30,
+         .help = "prompt positions per decoder call (default 0: each chunk in one call)"},
         CLI_OPT_THREADS(&o.co.threads),
     };
     const cli_spec spec = {"generate", "MODEL [--image IMG]... (--prompt TEXT | --ids LIST | --embeds FILE)",

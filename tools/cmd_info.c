@@ -1,7 +1,6 @@
 /* mmbridge info: what a checkpoint is and what it costs. */
 #include "cli.h"
 
-#include <stdlib.h>
 #include <string.h>
 
 static void print_dense(const mmb_model *m, const mmb_model_info *in) {
@@ -54,48 +53,48 @@ static void print_model(const mmb_model *m) {
 }
 
 /* The language model and tokenizer, where the directory has them. */
-static void print_lm(mmb_ctx *ctx, const char *dir) {
-    mmb_lm *lm = NULL;
-    mmb_tokenizer *t = NULL;
-    if (mmb_lm_open(ctx, dir, &lm) == MMB_OK) {
+static void print_lm(const mmb_mllm *m, const mmb_mllm_info *in) {
+    const mmb_lm *lm = mmb_mllm_lm(m);
+    const mmb_tokenizer *t = mmb_mllm_tokenizer(m);
+    if (lm) {
         mmb_lm_info li;
         mmb_lm_get_info(lm, &li);
         printf("language model:   %s, %lld layers, width %lld, %lld heads (%lld KV), MLP %lld, vocab %lld, "
                "context %lld, %lld parameters (%s)\n", li.arch, (long long)li.layers, (long long)li.d_model,
                (long long)li.heads, (long long)li.kv_heads, (long long)li.intermediate, (long long)li.vocab,
                (long long)li.max_positions, (long long)li.params, mmb_dtype_name(li.weight_dtype));
-        if (li.image_token >= 0) printf("image token:      %d\n", (int)li.image_token);
     } else
         printf("language model:   none\n");
-    if (mmb_tokenizer_open(ctx, dir, &t) == MMB_OK) {
-        char *probe = NULL;
-        mmb_chat_msg msg = {"user", "hi"};
-        int chat = mmb_chat_render(ctx, t, &msg, 1, 1, &probe) == MMB_OK;
+    if (in->image_token >= 0) printf("image marker:     %s (token %d)\n", in->image_marker, (int)in->image_token);
+    if (t)
         printf("tokenizer:        vocab %lld, BOS %d, EOS %d, chat template %s\n", (long long)mmb_tokenizer_vocab_size(t),
-               mmb_tokenizer_bos_id(t), mmb_tokenizer_eos_id(t), chat ? "yes" : "no");
-        free(probe);
-    } else
-        printf("tokenizer:        none\n");
-    mmb_tokenizer_free(t);
-    mmb_lm_free(lm);
+               mmb_tokenizer_bos_id(t), mmb_tokenizer_eos_id(t), in->has_chat_template ? "yes" : "no");
+    else if (lm)
+        printf("tokenizer:        none (no tokenizer.json)\n");
 }
 
 int cli_info_run(mmb_ctx *ctx, const char *dir, const char *tower, const mmb_dense_params *dense, int dtype) {
-    cli_model m;
-    if (cli_open(ctx, dir, tower, dense, &m)) return 1;
+    mmb_mllm *m = NULL;
+    if (cli_open(ctx, dir, tower, dense, 0, &m)) return 1;
+    mmb_mllm_info in;
+    mmb_mllm_get_info(m, &in);
     static const char *const dts[] = {"F32", "BF16", "F16", "int8, per-channel scales"};
     printf("model:            %s\n", dir);
-    if (m.model) print_model(m.model);
+    if (mmb_mllm_model(m)) print_model(mmb_mllm_model(m));
+    else printf("architecture:     %s\nfamily:           %s\n", in.architecture, in.family);
+    printf("fusion:           %s\n", mmb_fusion_name(in.fusion));
     printf("compute dtype:    %s (linear layers' weights; activations f32)\n", dts[dtype]);
-    if (m.vit) {
+    printf("image processor:  %s\n", in.has_processor ? in.processor : "none");
+    const mmb_vit *v = mmb_mllm_vit(m);
+    if (v) {
         mmb_vit_info vi;
-        mmb_vit_get_info(m.vit, &vi);
+        mmb_vit_get_info(v, &vi);
         printf("vision tower:     %s, %lld parameters, %.3f GFLOP per image (all %d blocks)%s\n", vi.family,
                (long long)vi.params, (double)vi.flops_per_image * 1e-9, vi.layers,
-               m.model ? "" : "; a tower alone: encode writes its last_hidden_state");
+               mmb_mllm_model(m) ? "" : "; a tower alone: encode writes its last_hidden_state");
     }
-    if (m.model) print_lm(ctx, dir);
-    cli_close(&m);
+    print_lm(m, &in);
+    mmb_mllm_free(m);
     return 0;
 }
 

@@ -140,82 +140,13 @@ int cli_expand_inputs(const char *const *in, int n_in, int any_file_is_list, cha
     return 0;
 }
 
-/* A tower alone, which mmb_model_open does not take: a vision model's config (model_type
- * clip_vision_model, siglip_vision_model, blip_2_vision_model, idefics2_vision, ...) or a whole CLIPModel /
- * SiglipModel, told by the model_type its message names. A PaliGemma's or any other model's tower is not
- * one: that checkpoint is refused. */
-static int tower_alone(const char *msg) {
-    const char *mt = strstr(msg, "unknown architecture") ? strstr(msg, "model_type '") : NULL;
-    if (!mt) return 0;
-    mt += strlen("model_type '");
-    size_t n = strcspn(mt, "'");
-    return (n == 4 && !strncmp(mt, "clip", 4)) || (n == 6 && !strncmp(mt, "siglip", 6)) ||
-           (n > 13 && !strncmp(mt + n - 13, "_vision_model", 13)) || (n > 7 && !strncmp(mt + n - 7, "_vision", 7));
-}
-
-int cli_open(mmb_ctx *ctx, const char *dir, const char *vision_tower, const mmb_dense_params *dense, cli_model *out) {
-    memset(out, 0, sizeof *out);
-    mmb_status s = mmb_model_open(ctx, dir, &out->model);
-    if (s == MMB_ERR_UNSUPPORTED && tower_alone(mmb_ctx_error(ctx))) {
-        if (dense && cli_dense_given(dense)) {
-            fprintf(stderr, "mmbridge: error: %s: a vision tower alone has no projector for --dense\n", dir);
-            return 1;
-        }
-        if (mmb_vit_open(ctx, dir, &out->own_vit) != MMB_OK) return cli_fail(ctx, NULL);
-        out->vit = out->own_vit;
-        return 0;
-    }
-    if (s != MMB_OK) return cli_fail(ctx, NULL);
-    mmb_model_info mi;
-    mmb_model_get_info(out->model, &mi);
-    int given = dense && cli_dense_given(dense);
-    if (strcmp(mi.family, "llava") != 0 && (vision_tower || given)) {
-        fprintf(stderr, "mmbridge: error: %s: a %s model brings its own tower and connector; --vision-tower and "
-                "--dense apply to LLaVA models\n", dir, mi.family);
-        cli_close(out);
-        return 1;
-    }
-    if (given) {
-        mmb_dense_params p = mmb_model_dense(out->model), q = *dense;
-        if (q.type) p.type = q.type;
-        if (!p.type) {
-            fprintf(stderr, "mmbridge: error: %s has no Dense Connector; --dense-layers, --dense-groups, --dense-pool "
-                    "and --tokens need --dense sti|sci|dci\n", dir);
-            cli_close(out);
-            return 1;
-        }
-        if (q.n_layers) {
-            p.use_final = q.use_final;
-            p.final_layer = q.final_layer;
-            p.n_layers = q.n_layers;
-            memcpy(p.layers, q.layers, sizeof p.layers);
-        }
-        if (q.n_groups) {
-            p.n_groups = q.n_groups;
-            memcpy(p.group_first, q.group_first, sizeof p.group_first);
-            memcpy(p.group_last, q.group_last, sizeof p.group_last);
-        }
-        if (q.pool) p.pool = q.pool;
-        if (q.tokens) p.tokens = q.tokens;
-        if (mmb_model_set_dense(ctx, out->model, &p) != MMB_OK) { cli_close(out); return cli_fail(ctx, NULL); }
-    }
-    if (vision_tower) {
-        mmb_vit *v = NULL;
-        if (mmb_vit_open(ctx, vision_tower, &v) != MMB_OK) { cli_close(out); return cli_fail(ctx, NULL); }
-        if (mmb_model_attach_vit(ctx, out->model, v) != MMB_OK) {
-            mmb_vit_free(v);
-            cli_close(out);
-            return cli_fail(ctx, NULL);
-        }
-    }
-    out->vit = mmb_model_vit(out->model);
-    return 0;
-}
-
-void cli_close(cli_model *m) {
-    mmb_model_free(m->model);
-    mmb_vit_free(m->own_vit);
-    memset(m, 0, sizeof *m);
+int cli_open(mmb_ctx *ctx, const char *dir, const char *vision_tower, const mmb_dense_params *dense, int vision_only,
+             mmb_mllm **out) {
+    mmb_mllm_params p = mmb_mllm_default_params();
+    p.vision_tower = vision_tower;
+    if (dense) p.dense = *dense;
+    p.vision_only = vision_only;
+    return mmb_mllm_open(ctx, dir, &p, out) != MMB_OK ? cli_fail(ctx, NULL) : 0;
 }
 
 void cli_print_routing(const mmb_model *m) {

@@ -279,7 +279,3 @@ int cli_dense_opt(const char *a, const char *v, void *dense) {
     else p->tokens = n;
     return 0;
 }
-
-int cli_dense_given(const mmb_dense_params *p) {
-    return p->type || p->n_layers || p->n_groups || p->pool || p->tokens;
-}

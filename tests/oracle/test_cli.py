@@ -207,6 +207,27 @@ def test_encode_directory_list_batches_metadata(llava, tmp_path):
         assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_encode_images_with_taps_from_the_same_pass(tmp_path):
+    """--taps with image files: the hidden states come with the embeddings from one tower pass
+    (mmb_mllm_encode), as transformers' vision tower computes them."""
+    from conftest import scaled_err
+    d = tmp_path / "llava"
+    model = make_llava(d, CLIPVisionConfig(**TOWER))
+    proc = CLIPImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S})
+    proc.save_pretrained(d)
+    paths = images(tmp_path)
+    out = tmp_path / "o.safetensors"
+    run("encode", d, *paths, "--taps", "0,-2", "-o", out, "--batch", 2)
+    got = load_file(str(out))
+    px = proc(images=[Image.open(p) for p in paths], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        hs = model.model.vision_tower(pixel_values=px, output_hidden_states=True).hidden_states
+    L = TOWER["num_hidden_layers"]
+    assert set(got) == {"embeddings", "hidden_states.0", f"hidden_states.{L - 1}"}
+    assert scaled_err(got["hidden_states.0"], hs[0]) <= 1e-4
+    assert scaled_err(got[f"hidden_states.{L - 1}"], hs[-2]) <= 1e-4
+
+
 # ---- an unsupported architecture ----
 
 def paligemma(d):
