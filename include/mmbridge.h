@@ -280,11 +280,13 @@ typedef struct mmb_model_info {
                                    n_taps is 0 before that; taps[0] is the final feature */
 } mmb_model_info;
 
-/* Opens the checkpoint directory `dir`: reads config.json, maps its safetensors, detects the
- * layout and builds the connector, checking every weight's presence, dtype and shape. f16/bf16
- * weights are converted to f32 once here. Returns MMB_OK and sets *out; MMB_ERR_IO,
- * MMB_ERR_FORMAT, MMB_ERR_MISSING, MMB_ERR_SHAPE or MMB_ERR_UNSUPPORTED with a message naming
- * the file and tensor otherwise. Free with mmb_model_free. */
+/* Opens the checkpoint directory `dir`: reads config.json, maps its safetensors, finds the row of
+ * the family table (mmb_family_get) that claims it and builds its connector (or the family's own
+ * model), checking every weight's presence, dtype and shape. f16/bf16 weights are converted to f32
+ * once here. Returns MMB_OK and sets *out; MMB_ERR_UNSUPPORTED for an architecture no row claims (the
+ * message names it and lists the supported families) or a vision tower alone (a row without a
+ * connector: mmb_vit_open opens it); MMB_ERR_IO, MMB_ERR_FORMAT, MMB_ERR_MISSING, MMB_ERR_SHAPE or
+ * MMB_ERR_UNSUPPORTED with a message naming the file and tensor otherwise. Free with mmb_model_free. */
 MMB_API mmb_status mmb_model_open(mmb_ctx *ctx, const char *dir, mmb_model **out);
 
 /* Frees the model. NULL is a no-op. */

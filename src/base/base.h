@@ -13,6 +13,11 @@
 #define MMB_SIMD_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
 #else
 #define MMB_SIMD_CLONES
+/* ---- base/ctx.c: time ----------------------------------------------------------------------------- */
+
+/* Seconds on a monotonic clock. */
+double mmb__now_s(void);
+
 #endif
 
 /* ---- base/status.c: error messages --------------------------------------------------------- */
@@ -94,5 +99,10 @@ int mmb__cpu_isa(void);
 /* Forces min(isa, what the CPU has) for later calls (tests cover every path); isa < 0 restores the
  * automatic choice. */
 void mmb__cpu_force_isa(int isa);
+
+/* ---- base/ctx.c: time ----------------------------------------------------------------------------- */
+
+/* Seconds on a monotonic clock. */
+double mmb__now_s(void);
 
 #endif

@@ -2,6 +2,7 @@
 #include "base/base.h"
 
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 mmb_ctx_params mmb_ctx_default_params(void) {
@@ -41,3 +42,9 @@ void mmb_ctx_free(mmb_ctx *ctx) {
 }
 
 int mmb_ctx_threads(const mmb_ctx *ctx) { return mmb__pool_size(ctx->pool); }
+
+double mmb__now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}

@@ -39,7 +39,7 @@ typedef struct {
     mmb_linear readout[MAX_DEPTH];
 } cabs_state;
 
-static bool cabs_accepts(const char *type) { return strcmp(type, "c-abs") == 0; }
+static const char *cabs_activation(const void *st) { (void)st; return "silu"; }
 
 static void block_free(reg_block *b) {
     mmb_linear *l[] = {&b->conv1, &b->conv3, &b->down, &b->se1, &b->se2};
@@ -255,7 +255,9 @@ static mmb_status cabs_forward(mmb_ctx *ctx, const void *st, float *out, const f
 
 const mmb_connector_ops mmb__conn_cabs = {
     .name = "c-abs",
-    .accepts = cabs_accepts,
+    .names = (const char *const[]){"c-abs", NULL},
+    .activation = cabs_activation,
+    .synth_config = "{\"mm_cabs_hidden_size\": %W, \"mm_cabs_num_pos\": %T}",
     .load = cabs_load,
     .out_tokens = cabs_out_tokens,
     .out_width = cabs_out_width,

@@ -21,8 +21,20 @@ typedef struct mmb_conn_cfg {
 } mmb_conn_cfg;
 
 typedef struct mmb_connector_ops {
-    const char *name;                                /* registry name (a pattern for mlpNx_gelu) */
-    bool (*accepts)(const char *type);               /* does this connector build `type`? */
+    const char *name;                                /* what mmb_model_info.connector reports */
+    /* The names checkpoints give it (mm_projector_type, ...), NULL-terminated; a pattern such as
+     * "mlpNx_gelu" stands for the names `accepts` takes. mmb_connector_names lists them. */
+    const char *const *names;
+    /* Optional: does this connector build `type`? NULL: `type` is one of `names`. */
+    bool (*accepts)(const char *type);
+    /* Optional: the activation the loaded connector applies, as mmb_model_info.activation reports it:
+     * "gelu", "silu", "gelu, hardswish", ... or "" for none. NULL: it applies none. Read it through
+     * mmb__connector_activation. */
+    const char *(*activation)(const void *state);
+    /* Optional: config.json keys a synthetic checkpoint (mmb_connector_measure) adds to the LLaVA ones, for
+     * keys a real checkpoint's config has or its tensors imply: the original papers' defaults, as a JSON
+     * object in which "%W" stands for the vision width and "%T" for the patch tokens. NULL: none. */
+    const char *synth_config;
     mmb_status (*load)(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, void **state);
     int64_t (*out_tokens)(const void *state, int64_t tokens_in);
     int64_t (*out_width)(const void *state);
@@ -48,10 +60,10 @@ typedef struct mmb_connector_ops {
     int (*routing)(const void *state, int64_t *counts, int cap);
 } mmb_connector_ops;
 
-/* Returns the connector that builds `type`, or NULL. */
+/* Returns the registered connector that builds `type` (registry.c's list), or NULL. */
 const mmb_connector_ops *mmb__connector_find(const char *type);
-
-extern const mmb_connector_ops mmb__conn_identity, mmb__conn_mlp, mmb__conn_resmlp, mmb__conn_dense;
+/* The activation the connector state (of ops) applies: ops->activation's, or "" without one. */
+const char *mmb__connector_activation(const mmb_connector_ops *ops, const void *state);
 
 /* ---- connectors/dense.c ------------------------------------------------------------------------ */
 
@@ -65,11 +77,13 @@ const char *mmb__dense_name(mmb_dense_type t);
 /* The PatchMerger: cfg->prefix ("visual.merger."), in_width D (one patch), out_width, eps; forward takes
  * x (batch, tokens, D) with each m^2 consecutive tokens one merge window. Not in the registry. */
 extern const mmb_connector_ops mmb__conn_patch_merger;
-/* The connectors, read from the family's config (not registered under a projector type):
+/* The connectors of the families whose tower is a ViT (src/models/vit_family.c): each reads what it needs
+ * beyond cfg's prefix, in_width (the tower's) and out_width (text_config.hidden_size) from the family's config:
  * mmb__conn_idefics2 = Idefics2Connector (SwiGLU modality_projection + perceiver resampler),
- * mmb__conn_pixel_shuffle = Idefics3Connector (pixel shuffle + modality_projection.proj). */
-extern const mmb_connector_ops mmb__conn_idefics2, mmb__conn_pixel_shuffle;
-extern const mmb_connector_ops mmb__conn_cabs, mmb__conn_ldp, mmb__conn_moe, mmb__conn_lowrank;
-extern const mmb_connector_ops mmb__conn_flamingo_perceiver;
+ * mmb__conn_pixel_shuffle = Idefics3Connector (pixel shuffle + modality_projection.proj),
+ * mmb__conn_qformer = BLIP-2's Q-Former + language_projection (its own text width: OPT's, T5's d_model),
+ * mmb__conn_idefics_perceiver = IdeficsPerceiverResampler (perceiver_config; out width = in width). */
+extern const mmb_connector_ops mmb__conn_idefics2, mmb__conn_pixel_shuffle, mmb__conn_qformer,
+    mmb__conn_idefics_perceiver;
 
 #endif

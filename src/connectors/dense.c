@@ -28,16 +28,16 @@ typedef struct {
     void *proj_state;
 } dense_state;
 
-static const char *const variants[] = {"dense_sti", "dense_sci", "dense_dci"};
+static const char *const variants[] = {"dense_sti", "dense_sci", "dense_dci", NULL};
 
 const char *mmb__dense_name(mmb_dense_type t) {
     return t >= MMB_DENSE_STI && t <= MMB_DENSE_DCI ? variants[t - 1] : "";
 }
 
-static bool dense_accepts(const char *type) {
-    for (int i = 0; i < 3; i++)
-        if (strcmp(type, variants[i]) == 0) return true;
-    return false;
+/* The projector's: the Dense Connector itself only selects, pools and concatenates. */
+static const char *dense_activation(const void *st) {
+    const dense_state *s = st;
+    return mmb__connector_activation(s->proj, s->proj_state);
 }
 
 static int n_shallow(const mmb_dense_params *p) {
@@ -245,7 +245,8 @@ static mmb_status dense_forward_taps(mmb_ctx *ctx, const void *st, float *out, c
 
 const mmb_connector_ops mmb__conn_dense = {
     .name = "dense",
-    .accepts = dense_accepts,
+    .names = variants,
+    .activation = dense_activation,
     .load = dense_load,
     .out_tokens = dense_out_tokens,
     .out_width = dense_out_width,

@@ -1,5 +1,5 @@
-/* Idefics2Connector (transformers' models/idefics2/modeling_idefics2.py), and the Idefics2 / Idefics3
- * families: their SigLIP-like tower (vision/vit.c) + connector, run as one model.
+/* Idefics2Connector (transformers' models/idefics2/modeling_idefics2.py): the "idefics2" connector, which the
+ * idefics2 family runs after its SigLIP-like tower (vision/vit.c).
  *
  *   modality_projection   SwiGLU: down(act(gate x) * up x), D_v -> text intermediate_size -> d_model,
  *                         act = text_config.hidden_act, no biases
@@ -17,7 +17,7 @@
  * perceiver_resampler.layers.{i}.{input_latents_norm,input_context_norm,post_attention_layernorm}.weight,
  * ...layers.{i}.self_attn.{q,k,v,o}_proj.weight, ...layers.{i}.mlp.{gate,up,down}_proj.weight,
  * perceiver_resampler.norm.weight. */
-#include "models/models.h"
+#include "connectors/connectors.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -84,7 +84,7 @@ static void swiglu_forward(mmb_ctx *ctx, const swiglu *m, float *out, const floa
     mmb__linear_forward(ctx, out, g, rows, &m->down);
 }
 
-static bool i2_accepts(const char *type) { return strcmp(type, "idefics2") == 0; }
+static const char *i2_activation(const void *st) { return mmb__act_name(((const i2_state *)st)->proj.act); }
 
 static void i2_free(void *st) {
     i2_state *s = st;
@@ -139,13 +139,20 @@ static mmb_status perceiver_cfg(mmb_ctx *ctx, const mmb_ckpt *c, int64_t d_model
     return MMB_OK;
 }
 
-/* cfg: prefix, in_width = vision width, out_width = d_model, act = the modality projection's (text hidden_act). */
+/* cfg: prefix, in_width = vision width, out_width = d_model. The modality projection's width and activation
+ * are the text model's (text_config.intermediate_size, hidden_act). */
 static mmb_status i2_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, void **out) {
     mmb_vit_info vi;
     mmb_status st = mmb__vision_cfg(ctx, c, "vision_config.", &vi);
     int64_t I = 14336;
+    const char *proj_act = "silu";
     if (st == MMB_OK && !mmb__cfg_int(ctx, c, "text_config.intermediate_size", &I, &st) && st == MMB_OK) I = 14336;
+    if (st == MMB_OK) mmb__cfg_str(ctx, c, "text_config.hidden_act", &proj_act, &st);
     if (st != MMB_OK) return st;
+    mmb_act pa;
+    if (!mmb__act_parse(proj_act, &pa))
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: text_config.hidden_act '%s' is not supported", c->dir,
+                        proj_act);
     if (I < 1 || I > (1 << 24))
         return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: 'text_config.intermediate_size' = %lld is out of range",
                         c->dir, (long long)I);
@@ -159,7 +166,7 @@ static mmb_status i2_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *c
     int64_t d = s->d, Hd = s->H * s->hd, KVd = s->KV * s->hd;
     char p[256], lp[320];
     snprintf(p, sizeof p, "%smodality_projection.", cfg->prefix);
-    if (st == MMB_OK) st = bind_swiglu(ctx, c, p, s->Dv, I, d, cfg->act, &s->proj);
+    if (st == MMB_OK) st = bind_swiglu(ctx, c, p, s->Dv, I, d, pa, &s->proj);
     if (st == MMB_OK) {
         const mmb_tensor *t;
         int64_t shape[2] = {s->n, d};
@@ -281,7 +288,8 @@ static mmb_status i2_forward(mmb_ctx *ctx, const void *st, float *out, const flo
 
 const mmb_connector_ops mmb__conn_idefics2 = {
     .name = "idefics2",
-    .accepts = i2_accepts,
+    .names = (const char *const[]){"idefics2", NULL},
+    .activation = i2_activation,
     .load = i2_load,
     .out_tokens = i2_out_tokens,
     .out_width = i2_out_width,
@@ -289,158 +297,4 @@ const mmb_connector_ops mmb__conn_idefics2 = {
     .scratch = i2_scratch,
     .forward = i2_forward,
     .free = i2_free,
-};
-
-/* ---- the families: tower (vision/vit.c, last_hidden_state = post_layernorm) + connector ---------- */
-
-typedef struct {
-    mmb_vit *vit;
-    mmb_vit_info vi;
-    const mmb_connector_ops *ops;
-    void *conn;
-} fam_state;
-
-static bool detect_idefics2(const mmb_ckpt *c, const char *arch, const char *model_type) {
-    (void)c;
-    return strcmp(arch, "Idefics2ForConditionalGeneration") == 0 || strcmp(arch, "Idefics2Model") == 0 ||
-           strcmp(model_type, "idefics2") == 0;
-}
-
-static bool detect_idefics3(const mmb_ckpt *c, const char *arch, const char *model_type) {
-    (void)c;
-    return strcmp(arch, "Idefics3ForConditionalGeneration") == 0 || strcmp(arch, "Idefics3Model") == 0 ||
-           strcmp(model_type, "idefics3") == 0;
-}
-
-static bool detect_smolvlm(const mmb_ckpt *c, const char *arch, const char *model_type) {
-    (void)c;
-    return strcmp(arch, "SmolVLMForConditionalGeneration") == 0 || strcmp(arch, "SmolVLMModel") == 0 ||
-           strcmp(model_type, "smolvlm") == 0;
-}
-
-static void fam_free(void *st) {
-    fam_state *f = st;
-    if (!f) return;
-    if (f->conn) f->ops->free(f->conn);
-    mmb_vit_free(f->vit);
-    free(f);
-}
-
-/* Both families: the tower, then the connector `ops` with the text model's width and activation. */
-static mmb_status fam_load(mmb_ctx *ctx, const mmb_ckpt *c, const char *family, const mmb_connector_ops *ops,
-                           void **state, mmb_model_info *info) {
-    int64_t d_model = 4096;
-    const char *act = "silu", *vfam = NULL;
-    mmb_status s = MMB_OK;
-    if (!mmb__cfg_int(ctx, c, "text_config.hidden_size", &d_model, &s) && s == MMB_OK) d_model = 4096;
-    if (s == MMB_OK) mmb__cfg_str(ctx, c, "text_config.hidden_act", &act, &s);
-    if (s == MMB_OK) mmb__cfg_str(ctx, c, "vision_config.model_type", &vfam, &s);
-    if (s != MMB_OK) return s;
-    if (d_model < 1 || d_model > (1 << 20))
-        return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: 'text_config.hidden_size' = %lld is out of range", c->dir,
-                        (long long)d_model);
-    char want[32];
-    snprintf(want, sizeof want, "%s_vision", family);
-    if (!cJSON_GetObjectItemCaseSensitive(c->config, "vision_config") || !vfam || strcmp(vfam, want) != 0)
-        return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: vision_config.model_type is '%s', expected '%s'", c->dir,
-                        vfam ? vfam : "(absent)", want);
-    mmb_conn_cfg cc = {.type = ops->name, .out_width = d_model, .act = MMB_ACT_NONE};
-    if (ops == &mmb__conn_idefics2 && !mmb__act_parse(act, &cc.act))
-        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: text_config.hidden_act '%s' is not supported", c->dir,
-                        act);
-    cc.prefix = mmb__ckpt_find(c, "model.vision_model.embeddings.patch_embedding.weight", NULL) ? "model.connector."
-                                                                                                : "connector.";
-    fam_state *f = calloc(1, sizeof *f);
-    if (!f) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
-    f->ops = ops;
-    s = mmb__vit_load(ctx, c, &f->vit);
-    if (s == MMB_OK) {
-        mmb_vit_get_info(f->vit, &f->vi);
-        cc.in_width = f->vi.width;
-        s = ops->load(ctx, c, &cc, &f->conn);
-    }
-    if (s != MMB_OK) { fam_free(f); return s; }
-    int64_t T = f->vi.tokens, flops = 0;
-    info->connector = ops->name;
-    info->activation = mmb__act_name(cc.act);
-    info->vision_layers = f->vi.layers;
-    info->vision_width = f->vi.width;
-    info->in_width = f->vi.width;
-    info->out_width = (int)ops->out_width(f->conn);
-    info->image_size = f->vi.image_size;
-    info->patch_size = f->vi.patch_size;
-    info->tokens_per_image = ops->out_tokens(f->conn, T);
-    ops->cost(f->conn, T, &info->params, &flops);
-    info->flops_per_image = flops;
-    char name[160];
-    snprintf(name, sizeof name, "%s%s", cc.prefix,
-             ops == &mmb__conn_idefics2 ? "modality_projection.gate_proj.weight" : "modality_projection.proj.weight");
-    const mmb_tensor *w = mmb__ckpt_find(c, name, NULL);
-    info->weight_dtype = w ? w->dtype : MMB_F32;
-    *state = f;
-    return MMB_OK;
-}
-
-static mmb_status load_idefics2(mmb_ctx *ctx, const mmb_ckpt *c, void **state, mmb_model_info *info) {
-    return fam_load(ctx, c, "idefics2", &mmb__conn_idefics2, state, info);
-}
-
-static mmb_status load_idefics3(mmb_ctx *ctx, const mmb_ckpt *c, void **state, mmb_model_info *info) {
-    return fam_load(ctx, c, "idefics3", &mmb__conn_pixel_shuffle, state, info);
-}
-
-static mmb_status load_smolvlm(mmb_ctx *ctx, const mmb_ckpt *c, void **state, mmb_model_info *info) {
-    return fam_load(ctx, c, "smolvlm", &mmb__conn_pixel_shuffle, state, info);
-}
-
-static int64_t fam_tokens(mmb_ctx *ctx, const void *st, int height, int width) {
-    const fam_state *f = st;
-    if (height != f->vi.image_size || width != f->vi.image_size)
-        return mmb__err(ctx, MMB_ERR_SHAPE, "pixels of %dx%d: mmbridge runs the %s tower on full, unpadded images of "
-                        "its image_size %dx%d only (no patch attention mask); resize or split the image to that size",
-                        width, height, f->vi.family, f->vi.image_size, f->vi.image_size), -1;
-    return f->ops->out_tokens(f->conn, f->vi.tokens);
-}
-
-static mmb_status fam_encode(mmb_ctx *ctx, const void *st, const float *pixels, int64_t batch, int height, int width,
-                             float *out) {
-    const fam_state *f = st;
-    if (fam_tokens(ctx, st, height, width) < 0) return MMB_ERR_SHAPE;
-    int64_t T = f->vi.tokens;
-    float *feat;
-    mmb_status s = mmb__vit_last_feats(ctx, f->vit, pixels, batch, batch * T * f->vi.width, &feat);
-    if (s == MMB_OK)
-        s = mmb__arena_reserve(ctx, &ctx->arena, f->ops->scratch(f->conn, batch * T) * sizeof(float));
-    if (s == MMB_OK) s = f->ops->forward(ctx, f->conn, out, feat, batch, T);
-    mmb__arena_reset(&ctx->arena);
-    mmb__arena_reset(&ctx->feats);
-    return s;
-}
-
-const mmb_family_ops mmb__family_idefics2 = {
-    .name = "idefics2",
-    .detect = detect_idefics2,
-    .load = load_idefics2,
-    .tokens = fam_tokens,
-    .encode = fam_encode,
-    .free = fam_free,
-};
-
-const mmb_family_ops mmb__family_idefics3 = {
-    .name = "idefics3",
-    .detect = detect_idefics3,
-    .load = load_idefics3,
-    .tokens = fam_tokens,
-    .encode = fam_encode,
-    .free = fam_free,
-};
-
-/* SmolVLM (models/smolvlm): Idefics3's tower and connector under other class names. */
-const mmb_family_ops mmb__family_smolvlm = {
-    .name = "smolvlm",
-    .detect = detect_smolvlm,
-    .load = load_smolvlm,
-    .tokens = fam_tokens,
-    .encode = fam_encode,
-    .free = fam_free,
 };

@@ -6,8 +6,6 @@
 
 typedef struct { int64_t width; } identity_state;
 
-static bool identity_accepts(const char *type) { return strcmp(type, "identity") == 0; }
-
 static mmb_status identity_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, void **out) {
     (void)c;
     identity_state *s = malloc(sizeof *s);
@@ -37,7 +35,7 @@ static mmb_status identity_forward(mmb_ctx *ctx, const void *st, float *out, con
 
 const mmb_connector_ops mmb__conn_identity = {
     .name = "identity",
-    .accepts = identity_accepts,
+    .names = (const char *const[]){"identity", NULL},
     .load = identity_load,
     .out_tokens = identity_out_tokens,
     .out_width = identity_out_width,

@@ -36,7 +36,8 @@ typedef struct {
     float *peg_w, *peg_b; /* v2: packed depthwise weight, bias */
 } ldp_state;
 
-static bool ldp_accepts(const char *type) { return strcmp(type, "ldpnet") == 0 || strcmp(type, "ldpnetv2") == 0; }
+/* v1's inverted-residual blocks add hardswish to the MLP's GELU. */
+static const char *ldp_activation(const void *st) { return ((const ldp_state *)st)->v2 ? "gelu" : "gelu, hardswish"; }
 
 static void ldp_free(void *st) {
     ldp_state *s = st;
@@ -195,7 +196,8 @@ static mmb_status ldp_forward(mmb_ctx *ctx, const void *st, float *out, const fl
 
 const mmb_connector_ops mmb__conn_ldp = {
     .name = "ldpnet",
-    .accepts = ldp_accepts,
+    .names = (const char *const[]){"ldpnet", "ldpnetv2", NULL},
+    .activation = ldp_activation,
     .load = ldp_load,
     .out_tokens = ldp_out_tokens,
     .out_width = ldp_out_width,

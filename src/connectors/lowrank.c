@@ -14,9 +14,7 @@ typedef struct {
     mmb_linear lin[3];  /* U (r, D), V (d, r) + bias, then optionally (d, d) + bias */
 } lowrank_state;
 
-static bool lowrank_accepts(const char *type) {
-    return strcmp(type, "lowrank") == 0 || strcmp(type, "lowrank_mlp2x_gelu") == 0;
-}
+static const char *lowrank_activation(const void *st) { return ((const lowrank_state *)st)->n == 3 ? "gelu" : ""; }
 
 static void lowrank_free(void *st) {
     lowrank_state *s = st;
@@ -85,7 +83,9 @@ static mmb_status lowrank_forward(mmb_ctx *ctx, const void *st, float *out, cons
 
 const mmb_connector_ops mmb__conn_lowrank = {
     .name = "lowrank",
-    .accepts = lowrank_accepts,
+    .names = (const char *const[]){"lowrank", "lowrank_mlp2x_gelu", NULL},
+    .activation = lowrank_activation,
+    .synth_config = "{\"mm_lowrank_rank\": 256}",
     .load = lowrank_load,
     .out_tokens = lowrank_out_tokens,
     .out_width = lowrank_out_width,

@@ -32,6 +32,12 @@ static bool mlp_accepts(const char *type) {
     return strcmp(type, "linear") == 0 || strcmp(type, "llava") == 0 || mlp_depth(type) > 0;
 }
 
+/* One Linear ("linear", "mlp1x_gelu") applies none; deeper ones apply theirs between layers. */
+static const char *mlp_activation(const void *st) {
+    const mlp_state *s = st;
+    return s->depth > 1 ? mmb__act_name(s->act) : "";
+}
+
 static void mlp_free(void *st) {
     mlp_state *s = st;
     if (!s) return;
@@ -121,7 +127,9 @@ static mmb_status mlp_forward(mmb_ctx *ctx, const void *st, float *out, const fl
 
 const mmb_connector_ops mmb__conn_mlp = {
     .name = "mlp",
+    .names = (const char *const[]){"linear", "mlpNx_gelu", "llava", NULL},
     .accepts = mlp_accepts,
+    .activation = mlp_activation,
     .load = mlp_load,
     .out_tokens = mlp_out_tokens,
     .out_width = mlp_out_width,

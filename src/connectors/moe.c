@@ -38,6 +38,8 @@ static int moe_depth(const char *type) {
 
 static bool moe_accepts(const char *type) { return moe_depth(type) > 0; }
 
+static const char *moe_activation(const void *st) { return ((const moe_state *)st)->depth > 1 ? "gelu" : ""; }
+
 static void moe_free(void *st) {
     moe_state *s = st;
     if (!s) return;
@@ -198,7 +200,10 @@ static int moe_routing(const void *st, int64_t *counts, int cap) {
 
 const mmb_connector_ops mmb__conn_moe = {
     .name = "moe_mlpNx_gelu",
+    .names = (const char *const[]){"moe_mlpNx_gelu", NULL},
     .accepts = moe_accepts,
+    .activation = moe_activation,
+    .synth_config = "{\"mm_moe_num_experts\": 8, \"mm_moe_top_k\": 2}",
     .load = moe_load,
     .out_tokens = moe_out_tokens,
     .out_width = moe_out_width,

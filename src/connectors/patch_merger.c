@@ -7,7 +7,7 @@
  * Keys: {prefix}ln_q.{weight,bias}, {prefix}mlp.0.{weight,bias}, {prefix}mlp.2.{weight,bias}.
  * cfg->in_width is D (one patch); m^2 is read from mlp.0.weight, whose shape must be [m^2 D, m^2 D].
  * It is not in the registry: its input order is the Qwen2-VL tower's window order, which no LLaVA
- * checkpoint's hidden states have; the qwen2_vl family (src/vision/qwen2vl.c) calls it. */
+ * checkpoint's hidden states have; the qwen2_vl family (src/models/qwen2vl.c) runs it after the tower. */
 #include "connectors/connectors.h"
 
 #include <stdio.h>
@@ -21,7 +21,8 @@ typedef struct {
     mmb_linear fc1, fc2;       /* (m^2 D, m^2 D), (out, m^2 D) */
 } merger;
 
-static bool pm_accepts(const char *type) { return strcmp(type, "patch_merger") == 0; }
+/* The merger's MLP: Linear, GELU, Linear. */
+static const char *pm_activation(const void *st) { (void)st; return "gelu"; }
 
 static void pm_free(void *st) {
     merger *s = st;
@@ -98,7 +99,8 @@ static mmb_status pm_forward(mmb_ctx *ctx, const void *st, float *out, const flo
 
 const mmb_connector_ops mmb__conn_patch_merger = {
     .name = "patch_merger",
-    .accepts = pm_accepts,
+    .names = (const char *const[]){"patch_merger", NULL},
+    .activation = pm_activation,
     .load = pm_load,
     .out_tokens = pm_out_tokens,
     .out_width = pm_out_width,

@@ -1,6 +1,7 @@
-/* Flamingo-style perceiver resamplers, one network with the differences as parameters:
- *   IDEFICS (v1)  transformers' IdeficsPerceiverResampler (models/idefics/perceiver.py), run by the
- *                 "idefics" family below after its CLIP-like tower (IdeficsVisionTransformer = vit.c);
+/* Flamingo-style perceiver resamplers, one network with the differences as parameters, two connectors:
+ *   IDEFICS (v1)  transformers' IdeficsPerceiverResampler (models/idefics/perceiver.py), the
+ *                 "idefics_perceiver" connector the idefics family runs after its CLIP-like tower
+ *                 (IdeficsVisionTransformer = vit.c) when config.use_resampler;
  *   OpenFlamingo  PerceiverResampler (open_flamingo/src/helpers.py), the "flamingo_perceiver" connector
  *                 of the LLaVA path (original-layout config, model.mm_projector.*).
  *
@@ -15,7 +16,7 @@
  *   out = LN(lat) (N, D)
  * Linears have no bias; every LayerNorm has a bias and eps 1e-5 (nn.LayerNorm's default). Subtracting the
  * detached row max before the softmax, as both references do, changes nothing but overflow. */
-#include "models/models.h"
+#include "connectors/connectors.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -218,8 +219,6 @@ static mmb_status perc_forward(mmb_ctx *ctx, const void *st, float *out, const f
  * the layers present the depth, to_q [heads * dim_head, D] the inner width (dim_head 64 by default, as
  * OpenFlamingo's), layers.0.1.1 [F, D] the MLP width (ff_mult * D). Weights: {prefix}perceiver.* (the
  * Flamingo module's own names), or {prefix}* when mm_projector is the resampler itself. */
-static bool flamingo_accepts(const char *type) { return strcmp(type, "flamingo_perceiver") == 0; }
-
 /* dim 0 of {prefix}{name}, or -1 when absent. */
 static int64_t dim0(const mmb_ckpt *c, const char *prefix, const char *name) {
     char n[256];
@@ -279,6 +278,30 @@ static mmb_status flamingo_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_
     return MMB_OK;
 }
 
+/* IdeficsPerceiverConfig under perceiver_config.* (the class's defaults for absent keys), weights under
+ * cfg->prefix ("perceiver_resampler." or "model.perceiver_resampler."), width cfg->in_width (the tower's). */
+static mmb_status idefics_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, void **out) {
+    perceiver *p = calloc(1, sizeof *p);
+    if (!p) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    int64_t D = cfg->in_width;
+    *p = (perceiver){.names = &idefics_names, .D = D, .N = 64, .depth = 6, .heads = 16, .hd = 96, .F = 4 * D,
+                     .act = MMB_ACT_RELU, .eps = 1e-5f, .nth = mmb__pool_size(ctx->pool)};
+    snprintf(p->prefix, sizeof p->prefix, "%s", cfg->prefix);
+    mmb_status s = MMB_OK;
+    mmb__cfg_int(ctx, c, "perceiver_config.resampler_n_latents", &p->N, &s);
+    if (s == MMB_OK) mmb__cfg_int(ctx, c, "perceiver_config.resampler_depth", &p->depth, &s);
+    if (s == MMB_OK) mmb__cfg_int(ctx, c, "perceiver_config.resampler_n_heads", &p->heads, &s);
+    if (s == MMB_OK) mmb__cfg_int(ctx, c, "perceiver_config.resampler_head_dim", &p->hd, &s);
+    if (s == MMB_OK) mmb__cfg_bool(ctx, c, "perceiver_config.qk_layer_norms_perceiver", &p->qk_norm, &s);
+    if (s == MMB_OK) s = perc_check(ctx, c, p);
+    if (s == MMB_OK) s = perc_bind(ctx, c, p);
+    if (s != MMB_OK) { perc_free(p); return s; }
+    *out = p;
+    return MMB_OK;
+}
+
+static const char *perc_activation(const void *st) { return mmb__act_name(((const perceiver *)st)->act); }
+
 static int64_t perc_out_tokens(const void *st, int64_t tokens) { (void)tokens; return ((const perceiver *)st)->N; }
 static int64_t perc_out_width(const void *st) { return ((const perceiver *)st)->D; }
 
@@ -296,7 +319,10 @@ static size_t perc_scratch(const void *st, int64_t rows) {
 
 const mmb_connector_ops mmb__conn_flamingo_perceiver = {
     .name = "flamingo_perceiver",
-    .accepts = flamingo_accepts,
+    .names = (const char *const[]){"flamingo_perceiver", NULL},
+    .activation = perc_activation,
+    .synth_config = "{\"mm_perceiver_num_latents\": 64, \"mm_perceiver_depth\": 6, \"mm_perceiver_heads\": 8, "
+                    "\"mm_perceiver_dim_head\": 64, \"mm_perceiver_ff_mult\": 4}",
     .load = flamingo_load,
     .out_tokens = perc_out_tokens,
     .out_width = perc_out_width,
@@ -306,123 +332,15 @@ const mmb_connector_ops mmb__conn_flamingo_perceiver = {
     .free = perc_free,
 };
 
-/* ---- the IDEFICS (v1) family: IdeficsVisionTransformer, then the resampler when use_resampler -------- */
-
-/* IdeficsModel: image_hidden_states = vision_model(pixels).last_hidden_state (CLS included, no
- * post_layernorm: only the pooled CLS gets it), then perceiver_resampler(...) when config.use_resampler
- * (the top-level key; perceiver_config.use_resampler is not read). That tensor is what the gated
- * cross-attention layers attend to, and what encode writes. */
-typedef struct {
-    mmb_vit *vit;
-    mmb_vit_info vi;
-    perceiver *perc;  /* NULL without the resampler */
-} idefics_state;
-
-static bool idefics_detect(const mmb_ckpt *c, const char *arch, const char *model_type) {
-    (void)c;
-    return strcmp(model_type, "idefics") == 0 || strcmp(arch, "IdeficsForVisionText2Text") == 0 ||
-           strcmp(arch, "IdeficsModel") == 0;
-}
-
-static void idefics_free(void *st) {
-    idefics_state *s = st;
-    if (!s) return;
-    mmb_vit_free(s->vit);
-    perc_free(s->perc);
-    free(s);
-}
-
-/* perceiver_config.* of IdeficsPerceiverConfig, class defaults for absent keys. */
-static mmb_status idefics_perceiver(mmb_ctx *ctx, const mmb_ckpt *c, int64_t D, perceiver **out) {
-    perceiver *p = calloc(1, sizeof *p);
-    if (!p) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
-    *p = (perceiver){.names = &idefics_names, .D = D, .N = 64, .depth = 6, .heads = 16, .hd = 96, .F = 4 * D,
-                     .act = MMB_ACT_RELU, .eps = 1e-5f};
-    const char *pre = mmb__ckpt_find(c, "perceiver_resampler.latents", NULL) ? "perceiver_resampler."
-                                                                               : "model.perceiver_resampler.";
-    snprintf(p->prefix, sizeof p->prefix, "%s", pre);
-    mmb_status s = MMB_OK;
-    mmb__cfg_int(ctx, c, "perceiver_config.resampler_n_latents", &p->N, &s);
-    if (s == MMB_OK) mmb__cfg_int(ctx, c, "perceiver_config.resampler_depth", &p->depth, &s);
-    if (s == MMB_OK) mmb__cfg_int(ctx, c, "perceiver_config.resampler_n_heads", &p->heads, &s);
-    if (s == MMB_OK) mmb__cfg_int(ctx, c, "perceiver_config.resampler_head_dim", &p->hd, &s);
-    if (s == MMB_OK) mmb__cfg_bool(ctx, c, "perceiver_config.qk_layer_norms_perceiver", &p->qk_norm, &s);
-    if (s == MMB_OK) s = perc_check(ctx, c, p);
-    if (s == MMB_OK) s = perc_bind(ctx, c, p);
-    if (s != MMB_OK) { perc_free(p); return s; }
-    *out = p;
-    return MMB_OK;
-}
-
-static mmb_status idefics_load(mmb_ctx *ctx, const mmb_ckpt *c, void **out, mmb_model_info *info) {
-    idefics_state *st = calloc(1, sizeof *st);
-    if (!st) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
-    bool resample = false;
-    mmb_status s = MMB_OK;
-    mmb__cfg_bool(ctx, c, "use_resampler", &resample, &s);
-    if (s == MMB_OK) s = mmb__vit_load(ctx, c, &st->vit);
-    if (s == MMB_OK) mmb_vit_get_info(st->vit, &st->vi);
-    if (s == MMB_OK && !st->vi.has_cls)
-        s = mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: IDEFICS' vision model is CLIP-like, not '%s'", c->dir,
-                     st->vi.family);
-    if (s == MMB_OK && resample) s = idefics_perceiver(ctx, c, st->vi.width, &st->perc);
-    if (s != MMB_OK) { idefics_free(st); return s; }
-    const mmb_vit_info *vi = &st->vi;
-    info->connector = resample ? "idefics_perceiver" : "identity";
-    info->activation = resample ? "relu" : "";
-    info->select_strategy = "full";
-    info->n_taps = 1;
-    info->taps[0] = -1;
-    info->vision_layers = vi->layers;
-    info->vision_width = info->in_width = info->out_width = vi->width;
-    info->image_size = vi->image_size;
-    info->patch_size = vi->patch_size;
-    info->tokens_per_image = resample ? st->perc->N : vi->tokens;
-    info->params = resample ? perc_params(st->perc) : 0;
-    info->flops_per_image = resample ? perc_flops(st->perc, vi->tokens) : 0;
-    char n[192];
-    snprintf(n, sizeof n, "%s%s", resample ? st->perc->prefix : vi->prefix, resample ? "latents" :
-             "embeddings.patch_embedding.weight");
-    const mmb_tensor *t = mmb__ckpt_find(c, n, NULL);
-    info->weight_dtype = t ? t->dtype : MMB_F32;
-    *out = st;
-    return MMB_OK;
-}
-
-static int64_t idefics_tokens(mmb_ctx *ctx, const void *st, int height, int width) {
-    const idefics_state *s = st;
-    if (height != s->vi.image_size || width != s->vi.image_size)
-        return mmb__err(ctx, MMB_ERR_SHAPE, "pixels of %dx%d, but IDEFICS' vision model takes %dx%d", width, height,
-                        s->vi.image_size, s->vi.image_size), -1;
-    return s->perc ? s->perc->N : s->vi.tokens;
-}
-
-/* pixels (batch, 3, S, S) -> out (batch, N or T, D): last_hidden_state, resampled when configured. */
-static mmb_status idefics_encode(mmb_ctx *ctx, const void *st, const float *pixels, int64_t batch, int height,
-                                 int width, float *out) {
-    const idefics_state *s = st;
-    if (idefics_tokens(ctx, st, height, width) < 0) return MMB_ERR_SHAPE;
-    int64_t T = s->vi.tokens, D = s->vi.width;
-    if (!s->perc) {
-        const int tap = MMB_TAP_LAST;
-        return mmb_vit_forward(ctx, s->vit, pixels, batch, &tap, 1, &out);
-    }
-    float *feat;
-    mmb_status r = mmb__vit_last_feats(ctx, s->vit, pixels, batch, batch * T * D, &feat);
-    if (r == MMB_OK) {
-        r = mmb__arena_reserve(ctx, &ctx->arena, sizeof(float) * perc_scratch_floats(s->perc, T, mmb__pool_size(ctx->pool)));
-        if (r == MMB_OK) r = perc_forward(ctx, s->perc, out, feat, batch, T);
-        mmb__arena_reset(&ctx->arena);
-    }
-    mmb__arena_reset(&ctx->feats);
-    return r;
-}
-
-const mmb_family_ops mmb__family_idefics = {
-    .name = "idefics",
-    .detect = idefics_detect,
+const mmb_connector_ops mmb__conn_idefics_perceiver = {
+    .name = "idefics_perceiver",
+    .names = (const char *const[]){"idefics_perceiver", NULL},
+    .activation = perc_activation,
     .load = idefics_load,
-    .tokens = idefics_tokens,
-    .encode = idefics_encode,
-    .free = idefics_free,
+    .out_tokens = perc_out_tokens,
+    .out_width = perc_out_width,
+    .cost = perc_cost,
+    .scratch = perc_scratch,
+    .forward = perc_forward,
+    .free = perc_free,
 };

@@ -21,8 +21,6 @@ typedef struct {
     mmb_linear proj;    /* (out, D s^2) */
 } ps_state;
 
-static bool ps_accepts(const char *type) { return strcmp(type, "pixel_shuffle") == 0; }
-
 static void ps_free(void *st) {
     ps_state *s = st;
     if (!s) return;
@@ -110,7 +108,7 @@ static mmb_status ps_forward(mmb_ctx *ctx, const void *st, float *out, const flo
 
 const mmb_connector_ops mmb__conn_pixel_shuffle = {
     .name = "pixel_shuffle",
-    .accepts = ps_accepts,
+    .names = (const char *const[]){"pixel_shuffle", NULL},
     .load = ps_load,
     .out_tokens = ps_out_tokens,
     .out_width = ps_out_width,

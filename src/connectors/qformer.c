@@ -1,9 +1,10 @@
-/* BLIP-2's Q-Former and the blip2 family: Blip2ForConditionalGeneration's image path as
- * get_image_features runs it (transformers models/blip_2/modeling_blip_2.py), pixels -> the
- * image features handed to the language model.
+/* BLIP-2's Q-Former with its language projection, the "qformer" connector of the blip2 family:
+ * Blip2ForConditionalGeneration's image path after the tower, as get_image_features runs it
+ * (transformers models/blip_2/modeling_blip_2.py), the tower's output -> the image features handed to
+ * the language model.
  *
- *   vision_model (vit.c, family blip2): pixels (B, 3, S, S) -> last_hidden_state img (B, T, E),
- *       post_layernorm on every token, CLS included
+ *   img (B, T, E): the vision model's last_hidden_state (vit.c, family blip2: post_layernorm on every
+ *       token, CLS included)
  *   x = dropout(layernorm(query_tokens))                          (Nq, H), the same for every image
  *   layer i, BERT-style post-LN (eps qformer_config.layer_norm_eps):
  *       x = LN(x + dense(selfattn(query(x), key(x), value(x))))
@@ -12,7 +13,7 @@
  *       x = LN(x + output_query(act(intermediate_query(x))))
  *   language_projection: (B, Nq, H) -> (B, Nq, D_t)
  * Dropout is the identity at inference; no attention mask (the image mask is all ones). */
-#include "models/models.h"
+#include "connectors/connectors.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -32,8 +33,7 @@ typedef struct {
 } qf_layer;
 
 typedef struct {
-    mmb_vit *vit;
-    mmb_vit_info vi;
+    int64_t T;                         /* the tower's tokens per image (vision_config) */
     int64_t nq, H, E, I, heads, layers, freq, Dt;
     float eps;
     mmb_act act;
@@ -41,12 +41,6 @@ typedef struct {
     mmb_linear proj;                   /* language_projection (D_t, H) */
     qf_layer *layer;
 } blip2_state;
-
-static bool blip2_detect(const mmb_ckpt *c, const char *arch, const char *model_type) {
-    (void)c;
-    return strcmp(model_type, "blip-2") == 0 || strcmp(arch, "Blip2ForConditionalGeneration") == 0 ||
-           strcmp(arch, "Blip2Model") == 0;
-}
 
 static void blip2_free(void *st) {
     blip2_state *s = st;
@@ -62,7 +56,6 @@ static void blip2_free(void *st) {
     free(s->layer);
     free(s->queries);
     mmb__linear_free(&s->proj);
-    mmb_vit_free(s->vit);
     free(s);
 }
 
@@ -144,7 +137,6 @@ static mmb_status load_qformer(mmb_ctx *ctx, const mmb_ckpt *c, const char *root
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: qformer_config.hidden_act '%s' is not supported",
                         c->dir, act);
     s->eps = (float)eps;
-    s->E = s->vi.width;  /* Blip2Config sets qformer_config.encoder_hidden_size to the vision width */
     char name[256], lp[160];
     const mmb_tensor *q;
     int64_t qs[3] = {1, s->nq, s->H};
@@ -174,8 +166,9 @@ static mmb_status load_qformer(mmb_ctx *ctx, const mmb_ckpt *c, const char *root
 }
 
 /* Parameters and FLOPs per image (2 per multiply-add) of the Q-Former and the projection, for T image tokens. */
-static void qformer_cost(const blip2_state *s, int64_t *params, int64_t *flops) {
-    int64_t H = s->H, E = s->E, I = s->I, N = s->nq, T = s->vi.tokens, p = N * H + 2 * H + H * s->Dt + s->Dt, f = 0;
+static void qformer_cost(const void *st, int64_t T, int64_t *params, int64_t *flops) {
+    const blip2_state *s = st;
+    int64_t H = s->H, E = s->E, I = s->I, N = s->nq, p = N * H + 2 * H + H * s->Dt + s->Dt, f = 0;
     for (int64_t i = 0; i < s->layers; i++) {
         p += 4 * H * H + 4 * H + 2 * H + 2 * H * I + I + H + 2 * H;
         f += 2 * N * 4 * H * H + 4 * N * N * H + 4 * N * H * I;
@@ -188,55 +181,30 @@ static void qformer_cost(const blip2_state *s, int64_t *params, int64_t *flops) 
     *flops = f + 2 * N * H * s->Dt;
 }
 
-static mmb_status blip2_load(mmb_ctx *ctx, const mmb_ckpt *c, void **state, mmb_model_info *info) {
-    const char *arch = "";
-    const cJSON *archs = cJSON_GetObjectItemCaseSensitive(c->config, "architectures");
-    if (cJSON_IsArray(archs) && cJSON_IsString(archs->child)) arch = archs->child->valuestring;
-    if (arch[0] && strcmp(arch, "Blip2ForConditionalGeneration") != 0 && strcmp(arch, "Blip2Model") != 0)
-        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: architecture '%s': mmbridge reads BLIP-2's "
-                        "Blip2ForConditionalGeneration and Blip2Model (the language_projection path)", c->dir, arch);
+/* cfg: prefix = where query_tokens, qformer.* and language_projection.* are ("" as save_pretrained writes
+ * them, or "model."), in_width = the vision width E (Blip2Config sets qformer_config.encoder_hidden_size to
+ * it). The rest from the config: num_query_tokens, qformer_config, the text model's width. */
+static mmb_status qformer_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, void **state) {
+    mmb_vit_info vi;
+    mmb_status st = mmb__vision_cfg(ctx, c, "vision_config.", &vi);
+    if (st != MMB_OK) return st;
     blip2_state *s = calloc(1, sizeof *s);
     if (!s) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
-    const char *root = mmb__ckpt_find(c, "model.query_tokens", NULL) ? "model." : "";
-    mmb_status st = mmb__vit_load(ctx, c, &s->vit);
-    if (st == MMB_OK) {
-        mmb_vit_get_info(s->vit, &s->vi);
-        if (strcmp(s->vi.family, "blip2") != 0)
-            st = mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: vision_config.model_type is not 'blip_2_vision_model' "
-                          "(the tower reads as %s)", c->dir, s->vi.family);
-        else if (strncmp(s->vi.prefix, root, strlen(root)) != 0)
-            st = mmb__err(ctx, MMB_ERR_FORMAT, "%s: the vision tower is under '%s' but query_tokens under '%s'",
-                          c->dir, s->vi.prefix, root);
-    }
-    if (st == MMB_OK) st = load_qformer(ctx, c, root, s);
+    s->E = cfg->in_width;
+    s->T = vi.tokens;
+    st = load_qformer(ctx, c, cfg->prefix, s);
     if (st != MMB_OK) { blip2_free(s); return st; }
-    char name[64];
-    snprintf(name, sizeof name, "%slanguage_projection.weight", root);
-    info->connector = "qformer";
-    info->activation = mmb__act_name(s->act);
-    info->n_taps = 0;
-    info->vision_layers = s->vi.layers;
-    info->vision_width = s->vi.width;
-    info->in_width = s->vi.width;
-    info->out_width = (int)s->Dt;
-    info->image_size = s->vi.image_size;
-    info->patch_size = s->vi.patch_size;
-    info->tokens_per_image = s->nq;
-    qformer_cost(s, &info->params, &info->flops_per_image);
-    info->weight_dtype = mmb__ckpt_find(c, name, NULL)->dtype;
     *state = s;
     return MMB_OK;
 }
 
-static int64_t blip2_tokens(mmb_ctx *ctx, const void *st, int height, int width) {
-    const blip2_state *s = st;
-    if (height != s->vi.image_size || width != s->vi.image_size) {
-        mmb__err(ctx, MMB_ERR_SHAPE, "pixels of %dx%d, but BLIP-2's vision tower takes %dx%d", width, height,
-                 s->vi.image_size, s->vi.image_size);
-        return -1;
-    }
-    return s->nq;
+/* Nq queries for any number of image tokens. */
+static int64_t qformer_out_tokens(const void *st, int64_t tokens) {
+    (void)tokens;
+    return ((const blip2_state *)st)->nq;
 }
+static int64_t qformer_out_width(const void *st) { return ((const blip2_state *)st)->Dt; }
+static const char *qformer_activation(const void *st) { return mmb__act_name(((const blip2_state *)st)->act); }
 
 /* x (rows, H) <- LN(x + y), y's contents lost. */
 static void residual_norm(mmb_ctx *ctx, float *x, float *y, const float *w, const float *b, int64_t rows,
@@ -248,8 +216,8 @@ static void residual_norm(mmb_ctx *ctx, float *x, float *y, const float *w, cons
 /* One Q-Former layer on x (B * Nq, H), in place; img (B * T, E). Buffers: y, att (rows, H),
  * big (rows, max(3H, I)), kv (B * T, 2H), asc the attention scratch. */
 static void layer_forward(mmb_ctx *ctx, const blip2_state *s, const qf_layer *l, float *x, const float *img,
-                          int64_t B, float *y, float *att, float *big, float *kv, float *asc) {
-    int64_t rows = B * s->nq, hd = s->H / s->heads, T = s->vi.tokens;
+                          int64_t B, int64_t T, float *y, float *att, float *big, float *kv, float *asc) {
+    int64_t rows = B * s->nq, hd = s->H / s->heads;
     mmb__linear_forward(ctx, big, x, rows, &l->qkv);
     mmb__attention_forward(ctx, att, big, B, s->nq, s->heads, hd, asc);
     mmb__linear_forward(ctx, y, att, rows, &l->self_out);
@@ -257,7 +225,8 @@ static void layer_forward(mmb_ctx *ctx, const blip2_state *s, const qf_layer *l,
     if (l->cross) {
         mmb__linear_forward(ctx, big, x, rows, &l->cq);
         mmb__linear_forward(ctx, kv, img, B * T, &l->ckv);
-        mmb__cross_attention_forward(ctx, att, big, kv, kv + s->H, s->H, 2 * s->H, B, s->nq, T, s->heads, s->heads, hd, asc);
+        mmb__cross_attention_forward(ctx, att, big, kv, kv + s->H, s->H, 2 * s->H, B, s->nq, T, s->heads, s->heads, hd,
+                                     asc);
         mmb__linear_forward(ctx, y, att, rows, &l->cross_out);
         residual_norm(ctx, x, y, l->cross_ln_w, l->cross_ln_b, rows, s);
     }
@@ -267,36 +236,45 @@ static void layer_forward(mmb_ctx *ctx, const blip2_state *s, const qf_layer *l,
     residual_norm(ctx, x, y, l->ffn_ln_w, l->ffn_ln_b, rows, s);
 }
 
-static mmb_status blip2_encode(mmb_ctx *ctx, const void *st, const float *pixels, int64_t batch, int height,
-                               int width, float *out) {
+/* Floats of the arena pieces of one forward over `rows` = B T image rows (B images of the tower's T tokens):
+ * x, y, att (B Nq, H), big (B Nq, max(3H, I)), kv (B T, 2H), the attention scratch of up to 256 threads. */
+static size_t qformer_scratch(const void *st, int64_t rows) {
     const blip2_state *s = st;
-    if (blip2_tokens(ctx, s, height, width) < 0) return MMB_ERR_SHAPE;
-    int64_t T = s->vi.tokens, E = s->E, H = s->H, rows = batch * s->nq, big_w = 3 * H > s->I ? 3 * H : s->I;
-    float *img;
-    mmb_status r = mmb__vit_last_feats(ctx, s->vit, pixels, batch, batch * T * E, &img);
-    size_t f = sizeof(float), asz = f * mmb__attention_scratch(mmb__pool_size(ctx->pool), H / s->heads);
-    size_t need = mmb__arena_piece(f * (size_t)(rows * H)) * 3 + mmb__arena_piece(f * (size_t)(rows * big_w)) +
-                  mmb__arena_piece(f * (size_t)(batch * T * 2 * H)) + mmb__arena_piece(asz);
-    if (r == MMB_OK) r = mmb__arena_reserve(ctx, &ctx->arena, need);
-    if (r == MMB_OK) {
-        mmb_arena *a = &ctx->arena;
-        float *x = mmb__arena_alloc(a, f * (size_t)(rows * H)), *y = mmb__arena_alloc(a, f * (size_t)(rows * H));
-        float *att = mmb__arena_alloc(a, f * (size_t)(rows * H)), *big = mmb__arena_alloc(a, f * (size_t)(rows * big_w));
-        float *kv = mmb__arena_alloc(a, f * (size_t)(batch * T * 2 * H)), *asc = mmb__arena_alloc(a, asz);
-        for (int64_t b = 0; b < batch; b++) memcpy(x + b * s->nq * H, s->queries, f * (size_t)(s->nq * H));
-        for (int64_t i = 0; i < s->layers; i++) layer_forward(ctx, s, &s->layer[i], x, img, batch, y, att, big, kv, asc);
-        mmb__linear_forward(ctx, out, x, rows, &s->proj);
-        mmb__arena_reset(a);
-    }
-    mmb__arena_reset(&ctx->feats);
-    return r;
+    int64_t B = (rows + s->T - 1) / s->T, q = B * s->nq, big_w = 3 * s->H > s->I ? 3 * s->H : s->I;
+    size_t f = sizeof(float);
+    size_t bytes = 3 * mmb__arena_piece(f * (size_t)(q * s->H)) + mmb__arena_piece(f * (size_t)(q * big_w)) +
+                   mmb__arena_piece(f * (size_t)(rows * 2 * s->H)) +
+                   mmb__arena_piece(f * mmb__attention_scratch(256, s->H / s->heads));
+    return bytes / f + 1;
 }
 
-const mmb_family_ops mmb__family_blip2 = {
-    .name = "blip2",
-    .detect = blip2_detect,
-    .load = blip2_load,
-    .tokens = blip2_tokens,
-    .encode = blip2_encode,
+/* img (batch, T, E) -> out (batch, Nq, D_t); scratch from ctx's arena (qformer_scratch reserved). */
+static mmb_status qformer_forward(mmb_ctx *ctx, const void *st, float *out, const float *img, int64_t batch,
+                                  int64_t T) {
+    const blip2_state *s = st;
+    int64_t H = s->H, rows = batch * s->nq, big_w = 3 * H > s->I ? 3 * H : s->I;
+    size_t f = sizeof(float);
+    mmb_arena *a = &ctx->arena;
+    float *x = mmb__arena_alloc(a, f * (size_t)(rows * H)), *y = mmb__arena_alloc(a, f * (size_t)(rows * H));
+    float *att = mmb__arena_alloc(a, f * (size_t)(rows * H)), *big = mmb__arena_alloc(a, f * (size_t)(rows * big_w));
+    float *kv = mmb__arena_alloc(a, f * (size_t)(batch * T * 2 * H));
+    float *asc = mmb__arena_alloc(a, f * mmb__attention_scratch(mmb__pool_size(ctx->pool), H / s->heads));
+    if (!x || !y || !att || !big || !kv || !asc) return mmb__err(ctx, MMB_ERR_NOMEM, "qformer: scratch arena too small");
+    for (int64_t b = 0; b < batch; b++) memcpy(x + b * s->nq * H, s->queries, f * (size_t)(s->nq * H));
+    for (int64_t i = 0; i < s->layers; i++) layer_forward(ctx, s, &s->layer[i], x, img, batch, T, y, att, big, kv, asc);
+    mmb__linear_forward(ctx, out, x, rows, &s->proj);
+    return MMB_OK;
+}
+
+const mmb_connector_ops mmb__conn_qformer = {
+    .name = "qformer",
+    .names = (const char *const[]){"qformer", NULL},
+    .activation = qformer_activation,
+    .load = qformer_load,
+    .out_tokens = qformer_out_tokens,
+    .out_width = qformer_out_width,
+    .cost = qformer_cost,
+    .scratch = qformer_scratch,
+    .forward = qformer_forward,
     .free = blip2_free,
 };

@@ -1,26 +1,61 @@
-/* Connector registry: checkpoint type name -> ops. */
+/* Connector registry: the one list of the connectors a LLaVA-path checkpoint names (mm_projector_type,
+ * ...), each described by its own ops table (names, activation, synthetic config). Adding a connector is
+ * its file plus one X(...) line below; nothing else lists connectors. */
 #include "connectors/connectors.h"
 
-static const mmb_connector_ops *const all[] = {&mmb__conn_identity, &mmb__conn_mlp, &mmb__conn_resmlp,
-                                               &mmb__conn_dense,
-                                               &mmb__conn_cabs, &mmb__conn_ldp, &mmb__conn_moe, &mmb__conn_lowrank,
-                                               &mmb__conn_flamingo_perceiver};
+#include <pthread.h>
+#include <string.h>
+
+/* X(n): the ops table mmb__conn_<n>, defined in that connector's file; the first is "identity". Names
+ * are searched in this order. */
+#define CONNECTORS(X) \
+    X(identity) \
+    X(mlp) \
+    X(resmlp) \
+    X(dense) \
+    X(cabs) \
+    X(ldp) \
+    X(moe) \
+    X(lowrank) \
+    X(flamingo_perceiver) \
+    /* the end of the list: one line "X(name) \" per connector above */
+
+#define DECLARE(n) extern const mmb_connector_ops mmb__conn_##n;
+CONNECTORS(DECLARE)
+#define ENTRY(n) &mmb__conn_##n,
+static const mmb_connector_ops *const all[] = {CONNECTORS(ENTRY)};
 #define N_CONN ((int)(sizeof all / sizeof all[0]))
 
-/* Registered names (mlp covers "linear", "mlpNx_gelu" for any N >= 1, and "llava"; the Dense
- * Connector's are followed by one of the others). */
-static const char *const names[] = {"identity", "linear", "mlpNx_gelu", "llava", "simple_res",
-                                    "dense_sti", "dense_sci", "dense_dci",
-                                    "c-abs", "ldpnet", "ldpnetv2", "moe_mlpNx_gelu", "lowrank", "lowrank_mlp2x_gelu",
-                                    "flamingo_perceiver"};
+/* Is `type` one of ops' names? */
+static bool has_name(const mmb_connector_ops *ops, const char *type) {
+    for (const char *const *n = ops->names; n && *n; n++)
+        if (strcmp(*n, type) == 0) return true;
+    return false;
+}
+
+const char *mmb__connector_activation(const mmb_connector_ops *ops, const void *state) {
+    return ops->activation ? ops->activation(state) : "";
+}
 
 const mmb_connector_ops *mmb__connector_find(const char *type) {
     for (int i = 0; i < N_CONN; i++)
-        if (all[i]->accepts(type)) return all[i];
+        if (all[i]->accepts ? all[i]->accepts(type) : has_name(all[i], type)) return all[i];
     return NULL;
 }
 
+/* Every registered name, in registry order, built once from the ops tables (constant afterwards). */
+#define MAX_NAMES 64
+static const char *names[MAX_NAMES];
+static int n_names;
+static pthread_once_t names_once = PTHREAD_ONCE_INIT;
+
+static void collect_names(void) {
+    for (int i = 0; i < N_CONN; i++)
+        for (const char *const *n = all[i]->names; *n && n_names < MAX_NAMES; n++) names[n_names++] = *n;
+}
+
 int mmb_connector_names(const char *const **out) {
+    pthread_once(&names_once, collect_names);
     if (out) *out = names;
-    return (int)(sizeof names / sizeof names[0]);
+    return n_names;
 }

@@ -18,7 +18,7 @@ typedef struct {
     mmb_linear fc1, fc2;        /* (C, C) each */
 } resmlp_state;
 
-static bool resmlp_accepts(const char *type) { return strcmp(type, "simple_res") == 0; }
+static const char *resmlp_activation(const void *st) { (void)st; return "gelu"; }
 
 static void resmlp_free(void *st) {
     resmlp_state *s = st;
@@ -85,7 +85,8 @@ static mmb_status resmlp_forward(mmb_ctx *ctx, const void *st, float *out, const
 
 const mmb_connector_ops mmb__conn_resmlp = {
     .name = "simple_res",
-    .accepts = resmlp_accepts,
+    .names = (const char *const[]){"simple_res", NULL},
+    .activation = resmlp_activation,
     .load = resmlp_load,
     .out_tokens = resmlp_out_tokens,
     .out_width = resmlp_out_width,

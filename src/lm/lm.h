@@ -21,4 +21,11 @@ typedef struct mmb_lm_hook {
 /* Installs hooks[0 .. layers) (copied; NULL removes them all). Returns MMB_OK, MMB_ERR_ARG or MMB_ERR_NOMEM. */
 mmb_status mmb__lm_set_hooks(mmb_ctx *ctx, mmb_lm *lm, const mmb_lm_hook *hooks);
 
+/* ---- lm/decoder.c: what the pipeline asks of a checkpoint and a cache ---------------------------------- */
+
+/* True when c holds a text model's weights (embed_tokens under a prefix mmb_lm_open looks at). */
+bool mmb__lm_present(const mmb_ckpt *c);
+/* The positions kv can hold (max_tokens of mmb_kv_cache_new); 0 for NULL. */
+int64_t mmb__kv_cache_cap(const mmb_kv_cache *kv);
+
 #endif

@@ -1,41 +1,92 @@
-/* The models layer: the families, checkpoints whose tower and connector run as one model. Uses the connectors layer and below. */
+/* The models layer: the family table (models/families.c), one row per checkpoint kind, and the parts that
+ * only some families have, reached from their rows: a ViT tower + a connector run as one model
+ * (models/vit_family.c: BLIP-2, IDEFICS, Idefics2/3, SmolVLM), Qwen2-VL's tower + PatchMerger
+ * (models/qwen2vl.c). Uses the connectors layer and below; pipeline/model.c opens checkpoints through it. */
 #ifndef MMB_MODELS_H
 #define MMB_MODELS_H
 
 #include "connectors/connectors.h"
 
-/* ---- pipeline/families.c: checkpoints whose tower and connector are one model ---------------- */
+typedef struct mmb__family mmb__family;
 
-/* A family (BLIP-2, IDEFICS, Idefics2/3, Qwen2-VL, ...) reads its own config and weights and maps
- * preprocessed pixels to embeddings itself; model.c tries the families before the LLaVA layouts.
- * One file per family under src/connectors/ (the connector) or src/vision/ (its tower), registered
- * in families.c. */
+/* ---- a family's own code: tower and connector run as one model (mmb_model_encode) --------------- */
+
 typedef struct mmb_family_ops {
-    const char *name;  /* mmb_model_info.family: "blip2", "idefics", ... */
-    /* Is this checkpoint one of the family's? arch: config's architectures[0] (or ""), model_type. */
-    bool (*detect)(const mmb_ckpt *c, const char *arch, const char *model_type);
-    /* Builds the state from c (which outlives it), checking every weight's presence, dtype and shape,
-     * and fills *info: connector, select_strategy ("" if none), vision_layers, vision_width, in_width,
-     * out_width, image_size, patch_size, tokens_per_image, params, flops_per_image, weight_dtype.
-     * architecture and layout are filled by model.c. */
-    mmb_status (*load)(mmb_ctx *ctx, const mmb_ckpt *c, void **state, mmb_model_info *info);
+    /* Builds the state of row f's model from c (which outlives it), checking every weight's presence, dtype
+     * and shape, and fills *info: connector, activation, select_strategy and taps (when it reports them),
+     * vision_layers, vision_width, in_width, out_width, image_size, patch_size, tokens_per_image, params,
+     * flops_per_image, weight_dtype. architecture, layout and family are filled by model.c. */
+    mmb_status (*load)(mmb_ctx *ctx, const mmb_ckpt *c, const mmb__family *f, void **state, mmb_model_info *info);
     /* Embeddings per image for pixels of height x width, or -1 with a message when it cannot take them. */
     int64_t (*tokens)(mmb_ctx *ctx, const void *state, int height, int width);
     /* pixels (batch, 3, height, width), as the checkpoint's image processor makes them ->
-     * out (batch, tokens(height, width), out_width). Scratch comes from ctx's arena (reserved here,
-     * reset before returning). */
+     * out (batch, tokens(height, width), out_width). Scratch comes from ctx's arena and feature buffer
+     * (reserved here, reset before returning). */
     mmb_status (*encode)(mmb_ctx *ctx, const void *state, const float *pixels, int64_t batch, int height, int width,
                          float *out);
     void (*free)(void *state);
 } mmb_family_ops;
 
-/* The family that claims c, or NULL (then c is read as a LLaVA checkpoint). */
-const mmb_family_ops *mmb__family_find(const mmb_ckpt *c, const char *arch, const char *model_type);
-
-extern const mmb_family_ops mmb__family_blip2;
-/* Qwen2VLForConditionalGeneration: its vision tower and merger as the family "qwen2_vl". */
+/* models/vit_family.c: a ViT tower (vision/vit.c) whose last_hidden_state feeds a connector that reads its
+ * own settings from the family's config. */
+extern const mmb_family_ops mmb__family_vit;
+/* models/qwen2vl.c: Qwen2-VL's tower (vision/qwen2vl.c), then its PatchMerger. */
 extern const mmb_family_ops mmb__family_qwen2vl;
-extern const mmb_family_ops mmb__family_idefics2, mmb__family_idefics3, mmb__family_smolvlm;
-extern const mmb_family_ops mmb__family_idefics;
+
+/* What mmb__family_vit reads from its row (mmb__family.part). */
+typedef struct mmb__vit_part {
+    const char *towers;         /* the vit.c families its tower may read as (mmb_vit_info.family), ", "-separated */
+    const mmb_connector_ops *conn;
+    const char *conn_prefix;    /* the connector's weights, beside the tower's: under the tower's "model." (when
+                                   its prefix starts so) + this, e.g. "connector." */
+    const char *conn_switch;    /* a boolean config key without which the tower's output goes out as it is (the
+                                   "identity" connector), or NULL: always the connector */
+    const char *dtype_tensor;   /* the connector weight (under its prefix) whose dtype mmb_model_info reports */
+    bool full_last;             /* the output is hidden_states[-1] with CLS (no post_layernorm): reported as
+                                   taps [-1], strategy "full" */
+} mmb__vit_part;
+
+/* ---- models/families.c: the family table -------------------------------------------------------- */
+
+/* How a row's checkpoints lay out their keys. */
+typedef enum mmb__layout {
+    MMB__LAYOUT_TRANSFORMERS, /* save_pretrained's: model.* or the older unprefixed keys, told by tensor names */
+    MMB__LAYOUT_ORIGINAL      /* the original LLaVA repository's: model.mm_projector.*, the tower named in the
+                                 config (mm_vision_tower) and given as a separate directory */
+} mmb__layout;
+
+/* One checkpoint kind. Matching reads the strings; the rest says what the kind is made of. */
+struct mmb__family {
+    const char *name;           /* mmb_model_info.family: "llava", "blip2", ..., "clip", "siglip" */
+    const char *architectures;  /* config.json architectures[0] values it claims, ", "-separated */
+    const char *model_types;    /* model_type values it claims when the config names no architecture */
+    const char *keys;           /* config keys any of which claim the checkpoint whatever its architecture, or NULL */
+    mmb__layout layout;
+    const char *layouts;        /* the layouts as mmb_model_info.layout names them */
+    const char *tower;          /* the vision tower and where its config is */
+    const char *taps;           /* the config key that selects hidden states, or what the tower hands on */
+    const char *connector;      /* the connector and the config key naming it */
+    const char *processor;      /* the image processor class */
+    mmb_fusion fusion;          /* how the visual side reaches the LLM (NONE: no LLM) */
+    const char *lm;             /* the LLM: where its config is, which models */
+    bool lm_runs;               /* mmb_lm_open runs that LLM (Llama, Mistral, Qwen2 text models) */
+    bool vision_only;           /* a tower alone: no connector, no LLM (mmb_vit_open opens it) */
+    bool text_only;             /* a language model alone: no vision path (mmb_lm_open opens it) */
+    const mmb_family_ops *ops;  /* the family's own code; NULL: pipeline/model.c's LLaVA path (tower + feature
+                                   selection + a registered projector), or a tower alone */
+    const void *part;           /* the data ops reads from the row (mmb__vit_part for mmb__family_vit), or NULL */
+};
+
+/* The row that claims checkpoint c (its config.json): the first row whose architectures hold the config's
+ * architectures[0], or, for a config that names none, whose model_types hold its model_type, or any of whose
+ * keys the config has. Returns MMB_OK and sets *out; MMB_ERR_UNSUPPORTED when no row claims it (the message
+ * names the architecture and model_type and lists the supported families with their architectures);
+ * MMB_ERR_FORMAT for an architectures or model_type that is not a string. */
+mmb_status mmb__family_match(mmb_ctx *ctx, const mmb_ckpt *c, const mmb__family **out);
+/* Is s one of the ", "-separated items of list (NULL: none)? For the rows' lists. */
+bool mmb__list_has(const char *list, const char *s);
+/* As mmb__family_match for the checkpoint directory dir, reading only dir/config.json; MMB_ERR_IO /
+ * MMB_ERR_FORMAT when it cannot be read (mmb__json_read). */
+mmb_status mmb__family_match_dir(mmb_ctx *ctx, const char *dir, const mmb__family **out);
 
 #endif

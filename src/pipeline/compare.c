@@ -6,29 +6,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-
-static double now_s(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
 }
-
-/* Config keys a synthetic checkpoint needs beyond the LLaVA ones, for connectors that would read them
- * from a real checkpoint's config or infer them from its tensors: the original papers' defaults
- * ("%W" is the vision width, "%T" the patch tokens). */
-static const struct { const char *type, *json; } synth_defaults[] = {
-    {"c-abs", "{\"mm_cabs_hidden_size\": %W, \"mm_cabs_num_pos\": %T}"},
-    {"flamingo_perceiver", "{\"mm_perceiver_num_latents\": 64, \"mm_perceiver_depth\": 6, \"mm_perceiver_heads\": 8, "
-                           "\"mm_perceiver_dim_head\": 64, \"mm_perceiver_ff_mult\": 4}"},
-    {"moe_", "{\"mm_moe_num_experts\": 8, \"mm_moe_top_k\": 2}"},
-    {"lowrank", "{\"mm_lowrank_rank\": 256}"},
-};
 
 /* Adds json's keys to cfg, replacing keys it has; "%W" in json stands for `width`, "%T" for `tokens`. */
 static bool merge_json(cJSON *cfg, const char *json, int64_t width, int64_t tokens) {
@@ -51,17 +33,16 @@ static bool merge_json(cJSON *cfg, const char *json, int64_t width, int64_t toke
     return ok;
 }
 
-/* config.json of the synthetic checkpoint: the original-LLaVA keys, the type's defaults, then
- * config_json's on top. */
+/* config.json of the synthetic checkpoint: the original-LLaVA keys, the defaults the connector that
+ * builds `type` gives (its synth_config), then config_json's on top. */
 static mmb_status synth_config(mmb_ctx *ctx, const char *type, int64_t width, int64_t tokens, int64_t d_model,
                                const char *config_json, cJSON **out) {
     cJSON *cfg = cJSON_CreateObject();
     bool ok = cfg && cJSON_AddStringToObject(cfg, "mm_projector_type", type) &&
               cJSON_AddNumberToObject(cfg, "mm_hidden_size", (double)width) &&
               cJSON_AddNumberToObject(cfg, "hidden_size", (double)d_model);
-    for (size_t i = 0; ok && i < sizeof synth_defaults / sizeof synth_defaults[0]; i++)
-        if (!strncmp(type, synth_defaults[i].type, strlen(synth_defaults[i].type)))
-            ok = merge_json(cfg, synth_defaults[i].json, width, tokens);
+    const mmb_connector_ops *ops = mmb__connector_find(type);
+    if (ok && ops && ops->synth_config) ok = merge_json(cfg, ops->synth_config, width, tokens);
     if (!ok) {
         cJSON_Delete(cfg);
         return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
@@ -118,10 +99,10 @@ mmb_status mmb_connector_measure(mmb_ctx *ctx, const char *type, int64_t width, 
         }
     }
     for (int k = 0; k <= reps && s == MMB_OK; k++) {
-        double t0 = now_s();
+        double t0 = mmb__now_s();
         s = ops->forward(ctx, st, y, x, 1, tokens);
         mmb__arena_reset(&ctx->arena);
-        if (k) ts[k - 1] = now_s() - t0;
+        if (k) ts[k - 1] = mmb__now_s() - t0;
     }
     if (s == MMB_OK) {
         qsort(ts, (size_t)reps, sizeof *ts, cmp_double);

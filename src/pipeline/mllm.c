@@ -7,13 +7,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-
-double mmb__now_s(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
 
 const char *mmb_fusion_name(mmb_fusion f) {
     switch (f) {
@@ -27,26 +20,6 @@ const char *mmb_fusion_name(mmb_fusion f) {
 }
 
 mmb_mllm_params mmb_mllm_default_params(void) { return (mmb_mllm_params){0}; }
-
-/* ---- what the directory holds, from its config.json ------------------------------------------------ */
-
-typedef enum { KIND_MODEL, KIND_VISION, KIND_TEXT } dir_kind;
-
-/* A vision tower alone: the architectures and model types mmb_vit_open reads as a whole checkpoint. A text
- * model alone: architectures[0] "...ForCausalLM" with no vision keys (vision_config, LLaVA's mm_*). Anything
- * else goes to mmb_model_open, which names what it refuses. */
-static dir_kind kind_of(const cJSON *cfg, const char *arch, const char *mt) {
-    static const char *const archs[] = {"CLIPVisionModel", "SiglipVisionModel", "CLIPModel", "SiglipModel"};
-    static const char *const types[] = {"clip_vision_model", "siglip_vision_model", "clip", "siglip"};
-    for (int i = 0; i < 4; i++)
-        if (strcmp(arch, archs[i]) == 0 || strcmp(mt, types[i]) == 0) return KIND_VISION;
-    size_t n = strlen(arch), k = strlen("ForCausalLM");
-    if (n <= k || strcmp(arch + n - k, "ForCausalLM") != 0 || cJSON_GetObjectItemCaseSensitive(cfg, "vision_config"))
-        return KIND_MODEL;
-    for (const cJSON *e = cfg->child; e; e = e->next)
-        if (e->string && strncmp(e->string, "mm_", 3) == 0) return KIND_MODEL;
-    return KIND_TEXT;
-}
 
 static bool dense_set(const mmb_dense_params *d) {
     return d->type || d->use_final || d->n_layers || d->n_groups || d->pool || d->tokens;
@@ -120,8 +93,8 @@ static mmb_status load_tokenizer(mmb_ctx *ctx, mmb_mllm *m) {
     return MMB_OK;
 }
 
-/* The info that follows from the parts. */
-static void fill_info(mmb_mllm *m) {
+/* The info that follows from the parts and the row that opened them. */
+static void fill_info(mmb_mllm *m, const mmb__family *row) {
     mmb_mllm_info *in = &m->info;
     mmb_model_info mi = {0};
     if (m->model) mmb_model_get_info(m->model, &mi);
@@ -129,7 +102,7 @@ static void fill_info(mmb_mllm *m) {
     in->has_vision = m->vit || family;
     in->has_connector = m->model != NULL;
     in->has_lm = m->lm != NULL;
-    in->fusion = m->lm && m->model ? MMB_FUSION_C : MMB_FUSION_NONE;
+    in->fusion = m->lm && m->model ? row->fusion : MMB_FUSION_NONE;
     if (m->vit) {
         mmb_vit_info vi;
         mmb_vit_get_info(m->vit, &vi);
@@ -156,6 +129,8 @@ static void fill_info(mmb_mllm *m) {
     }
 }
 
+/* Opens what the family table's row for m->dir says the directory holds: a tower alone, a language model
+ * alone, or a model whose vision path mmb_model_open builds (with its LLM when the row runs it). */
 static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const mmb_mllm_params *p) {
     const cJSON *archs = cJSON_GetObjectItemCaseSensitive(cfg, "architectures");
     const cJSON *mtj = cJSON_GetObjectItemCaseSensitive(cfg, "model_type");
@@ -167,29 +142,22 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const mmb_m
     in->architecture = m->arch;
     in->image_marker = in->processor = "";
     in->image_token = -1;
-    dir_kind kind = kind_of(cfg, arch, mt);
-    bool tuned = p->vision_tower || dense_set(&p->dense), llava = false;
-    mmb_status s;
-    if (kind != KIND_MODEL && tuned)
+    const mmb__family *row;
+    mmb_status s = mmb__family_match_dir(ctx, m->dir, &row);
+    if (s != MMB_OK) return s;
+    in->family = row->name;
+    bool tuned = p->vision_tower || dense_set(&p->dense);
+    if ((row->vision_only || row->text_only) && tuned)
         return mmb__err(ctx, MMB_ERR_ARG, "%s: a %s alone takes no vision_tower or dense parameters (they apply to "
-                        "LLaVA models)", m->dir, kind == KIND_VISION ? "vision tower" : "language model");
-    if (kind == KIND_VISION) {
+                        "LLaVA models)", m->dir, row->vision_only ? "vision tower" : "language model");
+    if (row->vision_only) {
         if ((s = mmb_vit_open(ctx, m->dir, &m->vit_only)) != MMB_OK) return s;
-        mmb_vit_info vi;
-        mmb_vit_get_info(m->vit_only, &vi);
         m->vit = m->vit_only;
-        in->family = vi.family;
-    } else if (kind == KIND_TEXT) {
-        in->family = "text";
-    } else {
+    } else if (!row->text_only) {
         if ((s = mmb_model_open(ctx, m->dir, &m->model)) != MMB_OK) return s;
-        mmb_model_info mi;
-        mmb_model_get_info(m->model, &mi);
-        in->family = mi.family;
-        llava = strcmp(mi.family, "llava") == 0;
-        if (!llava && tuned)
+        if (row->ops && tuned)
             return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: a %s model brings its own tower and connector; "
-                            "vision_tower and dense apply to LLaVA models", m->dir, mi.family);
+                            "vision_tower and dense apply to LLaVA models", m->dir, row->name);
         if ((s = apply_dense(ctx, m, &p->dense)) != MMB_OK) return s;
         if (p->vision_tower) {
             mmb_vit *v = NULL;
@@ -200,11 +168,12 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const mmb_m
             }
         }
         m->vit = mmb_model_vit(m->model);
+        mmb_model_info mi;
         mmb_model_get_info(m->model, &mi);
         if ((s = load_processor(ctx, m, p->vision_tower, mi.pad_to_square)) != MMB_OK) return s;
     }
-    if (kind == KIND_VISION && (s = load_processor(ctx, m, NULL, false)) != MMB_OK) return s;
-    bool lm = kind == KIND_TEXT || (llava && mmb__lm_present(mmb__model_ckpt(m->model)));
+    if (row->vision_only && (s = load_processor(ctx, m, NULL, false)) != MMB_OK) return s;
+    bool lm = row->text_only || (row->lm_runs && mmb__lm_present(mmb__model_ckpt(m->model)));
     if (lm && !p->vision_only) {
         if ((s = mmb_lm_open(ctx, m->dir, &m->lm)) != MMB_OK) return s;
         mmb_lm_info li;
@@ -215,7 +184,7 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const mmb_m
                             m->dir, mi.out_width, (long long)li.d_model);
         if ((s = load_tokenizer(ctx, m)) != MMB_OK) return s;
     }
-    fill_info(m);
+    fill_info(m, row);
     return MMB_OK;
 }
 

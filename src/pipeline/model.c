@@ -1,5 +1,6 @@
-/* Opening a checkpoint: detect its layout, read the feature selection, build the connector; and
- * running feature selection + connector on hidden states. */
+/* Opening a checkpoint through the family table (models/families.c): a family's own model, or the LLaVA
+ * path (read the feature selection in the row's layout, build the registered connector); and running
+ * feature selection + connector on hidden states. */
 #include "pipeline.h"
 
 #include <cjson/cJSON.h>
@@ -20,7 +21,7 @@ struct mmb_model {
     int has_cls;              /* the encoder's: 1, 0, or -1 while unknown */
     bool width_known;         /* vision_width comes from a vision config or tower, not from in_width */
     int n_sel, sel[MMB_MAX_TAPS];/* the checkpoint's select layer(s) */
-    const mmb_family_ops *fam;/* a family's model (fam_state) instead of tower + selection + ops */
+    const mmb__family *fam;   /* a row with its own model (fam->ops, fam_state) instead of tower + selection + ops */
     void *fam_state;
 };
 
@@ -256,32 +257,36 @@ mmb_status mmb_model_attach_vit(mmb_ctx *ctx, mmb_model *m, mmb_vit *v) {
 
 const mmb_vit *mmb_model_vit(const mmb_model *m) { return m ? m->vit : NULL; }
 
+/* Opens c as the row of the family table that claims it: a family's own model (row->ops), or the LLaVA path
+ * in the row's layout. A tower alone is refused: it has no connector (mmb_vit_open opens it). */
 static mmb_status build(mmb_ctx *ctx, mmb_model *m) {
     const mmb_ckpt *c = &m->ck;
-    mmb_status s = MMB_OK;
-    const char *arch = NULL, *mt = "";
-    const cJSON *archs = cJSON_GetObjectItemCaseSensitive(c->config, "architectures");
-    if (cJSON_IsArray(archs) && cJSON_IsString(archs->child)) arch = archs->child->valuestring;
-    mmb__cfg_str(ctx, c, "model_type", &mt, &s);
+    const mmb__family *row;
+    mmb_status s = mmb__family_match(ctx, c, &row);
     if (s != MMB_OK) return s;
-    snprintf(m->arch, sizeof m->arch, "%s", arch ? arch : mt);
+    const char *mt = "";
+    const cJSON *archs = cJSON_GetObjectItemCaseSensitive(c->config, "architectures");
+    mmb__cfg_str(ctx, c, "model_type", &mt, &s);
+    snprintf(m->arch, sizeof m->arch, "%s", cJSON_IsArray(archs) && archs->child ? archs->child->valuestring : mt);
     m->info.architecture = m->arch;
-    if ((m->fam = mmb__family_find(c, arch ? arch : "", mt))) {
-        m->info.family = m->fam->name;
-        m->info.layout = "transformers";
+    m->info.family = row->name;
+    /* "unknown architecture" is the phrase the CLI's encode and info tell a tower alone by. */
+    if (row->vision_only)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: architecture '%s' (model_type '%s') is a %s vision "
+                        "tower alone, with no connector: an unknown architecture to mmb_model_open (open it with "
+                        "mmb_vit_open)", c->dir, m->arch, mt, row->name);
+    if (row->text_only)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: architecture '%s' (model_type '%s') is a language "
+                        "model alone, with no vision path (open it with mmb_lm_open or mmb_mllm_open)", c->dir,
+                        m->arch, mt);
+    if (row->ops) {
+        m->fam = row;
+        m->info.layout = row->layouts;
         m->info.select_strategy = m->info.activation = m->info.projector = m->info.dense = "";
-        return m->fam->load(ctx, c, &m->fam_state, &m->info);
+        return row->ops->load(ctx, c, row, &m->fam_state, &m->info);
     }
-    m->info.family = "llava";
     mmb_conn_cfg cc;
-    if (cJSON_GetObjectItemCaseSensitive(c->config, "mm_projector_type") ||
-        cJSON_GetObjectItemCaseSensitive(c->config, "mm_hidden_size"))
-        s = detect_original(ctx, m, &cc);
-    else if (strcmp(mt, "llava") == 0 || (arch && strcmp(arch, "LlavaForConditionalGeneration") == 0))
-        s = detect_transformers(ctx, m, &cc);
-    else
-        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: unknown architecture '%s' (model_type '%s'); "
-                        "mmbridge reads LLaVA checkpoints (transformers or original layout)", c->dir, m->arch, mt);
+    s = row->layout == MMB__LAYOUT_ORIGINAL ? detect_original(ctx, m, &cc) : detect_transformers(ctx, m, &cc);
     if (s != MMB_OK) return s;
     if (m->info.n_taps > 1 && !m->info.vision_width)
         return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: several taps need the vision width", c->dir);
@@ -293,10 +298,7 @@ static mmb_status build(mmb_ctx *ctx, mmb_model *m) {
     if (s == MMB_OK) s = refresh(ctx, m);
     if (s != MMB_OK) return s;
     mmb_model_info *in = &m->info;
-    in->activation = strcmp(m->type, "identity") == 0 || strcmp(m->type, "linear") == 0 ||
-                     strcmp(m->type, "lowrank") == 0 ? "" :
-                     strcmp(m->type, "llava") == 0 ? mmb__act_name(cc.act) : strcmp(m->type, "c-abs") == 0 ? "silu" :
-                     strcmp(m->type, "ldpnet") == 0 ? "gelu, hardswish" : "gelu";
+    in->activation = mmb__connector_activation(m->ops, m->conn);
     in->select_strategy = m->strategy;
     const mmb_tensor *w = NULL;
     for (int i = 0; i < c->n_files && !w; i++)
@@ -326,7 +328,7 @@ mmb_status mmb_model_open(mmb_ctx *ctx, const char *dir, mmb_model **out) {
 void mmb_model_free(mmb_model *m) {
     if (!m) return;
     if (m->ops && m->conn) m->ops->free(m->conn);
-    if (m->fam && m->fam_state) m->fam->free(m->fam_state);
+    if (m->fam && m->fam_state) m->fam->ops->free(m->fam_state);
     mmb_vit_free(m->vit);
     mmb__ckpt_close(&m->ck);
     free(m);
@@ -522,7 +524,7 @@ mmb_status mmb_model_set_dense(mmb_ctx *ctx, mmb_model *m, const mmb_dense_param
 
 int64_t mmb_model_encode_tokens(mmb_ctx *ctx, const mmb_model *m, int height, int width) {
     if (!ctx || !m) return mmb__err(ctx, MMB_ERR_ARG, "mmb_model_encode_tokens: NULL argument"), -1;
-    if (m->fam) return m->fam->tokens(ctx, m->fam_state, height, width);
+    if (m->fam) return m->fam->ops->tokens(ctx, m->fam_state, height, width);
     if (!m->vit)
         return mmb__err(ctx, MMB_ERR_MISSING, "%s: the model has no vision tower (attach one)", m->ck.dir), -1;
     mmb_vit_info vi;
@@ -560,7 +562,7 @@ mmb_status mmb__model_encode_taps(mmb_ctx *ctx, const mmb_model *m, const float 
     if (t < 0) return m->fam || m->vit ? MMB_ERR_SHAPE : MMB_ERR_MISSING;
     size_t need = (size_t)(batch * t) * (size_t)m->info.out_width;
     if (out_count < need) return mmb__err(ctx, MMB_ERR_SHAPE, "output holds %zu floats, %zu needed", out_count, need);
-    if (m->fam) return m->fam->encode(ctx, m->fam_state, pixels, batch, height, width, out);
+    if (m->fam) return m->fam->ops->encode(ctx, m->fam_state, pixels, batch, height, width, out);
     /* The tower's hidden states for the model's taps (a DCI group's mean summed as the blocks run), then the
      * caller's, in one forward pass. */
     mmb_vit_info vi;

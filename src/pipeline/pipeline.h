@@ -1,5 +1,5 @@
 /* Internal interfaces of the pipeline floor (src/pipeline/): the multimodal model (mllm.c), its chunk
- * lists (chunks.c), and what they need from the floors below (model.c's, decoder.c's additions). Nothing
+ * lists (chunks.c), and what they need of model.c. Nothing
  * here is public API. */
 #ifndef MMB_PIPELINE_H
 #define MMB_PIPELINE_H
@@ -22,13 +22,6 @@ mmb_status mmb__model_encode_taps(mmb_ctx *ctx, const mmb_model *m, const float 
                                   int width, float *out, size_t out_count, const int *taps, int n_taps,
                                   float *const *hidden);
 
-/* ---- lm/decoder.c ------------------------------------------------------------------------------ */
-
-/* True when c holds a text model's weights (embed_tokens under a prefix mmb_lm_open looks at). */
-bool mmb__lm_present(const mmb_ckpt *c);
-/* The positions kv can hold (max_tokens of mmb_kv_cache_new); 0 for NULL. */
-int64_t mmb__kv_cache_cap(const mmb_kv_cache *kv);
-
 /* ---- pipeline/mllm.c: the multimodal model ------------------------------------------------------ */
 
 struct mmb_mllm {
@@ -48,9 +41,6 @@ struct mmb_mllm {
     char no_proc[256];         /* why there is no processor (info.has_processor 0) */
     char no_tok[256];          /* why there is no tokenizer (info.has_tokenizer 0 with an LLM) */
 };
-
-/* Seconds on a monotonic clock. */
-double mmb__now_s(void);
 
 /* img through m's processor: *pixels (malloc'd [3, *h, *w] f32, the caller frees it) and the embeddings m
  * makes of it in *tokens. Returns MMB_OK; MMB_ERR_MISSING without a vision path or a processor; the

@@ -1,7 +1,8 @@
-/* Qwen2-VL's vision tower (transformers' Qwen2VisionTransformerPretrainedModel) with its PatchMerger:
- * the family "qwen2_vl". Pixels [B, 3, H, W] (H, W multiples of patch * merge = 28, as
- * Qwen2VLImageProcessor's smart resize makes them) -> embeddings [B, (H/28) (W/28), hidden_size].
- * Single images only: a video's frames (grid_t > 1) are not taken.
+/* Qwen2-VL's vision tower (transformers' Qwen2VisionTransformerPretrainedModel) up to its PatchMerger,
+ * which the qwen2_vl family (src/models/qwen2vl.c) runs after it. Pixels [B, 3, H, W] (H, W multiples
+ * of patch * merge = 28, as Qwen2VLImageProcessor's smart resize makes them) -> the last block's output
+ * [B, (H/14) (W/14), embed_dim] in the merge-window order. Single images only: a video's frames
+ * (grid_t > 1) are not taken.
  *
  *   patchify     the processor's order: tokens [H/p/m, W/p/m, m, m], so each m x m window of patches
  *                is m^2 consecutive tokens; a token's row is its patch's pixels (C, p, p)
@@ -17,7 +18,7 @@
  *                of one image (cu_seqlens: one sequence per image), scale 1/sqrt(hd)
  *   merger       ln_q, 2x2 windows concatenated, mlp: src/connectors/patch_merger.c
  * Weights: visual.* (save_pretrained, the hub files) or model.visual.* (transformers' module names). */
-#include "models/models.h"
+#include "vision/vision.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -31,7 +32,7 @@ typedef struct {
     mmb_linear qkv, proj, fc1, fc2;    /* (3D, D), (D, D), (I, D), (D, I) */
 } q2_block;
 
-typedef struct {
+struct mmb_q2vit {
     int depth, width, heads, inter, patch, merge, tpatch, out;
     double theta;
     mmb_act act;
@@ -40,17 +41,9 @@ typedef struct {
     mmb_linear patch_embed;
     float *inv_freq;         /* (hd / 4) */
     q2_block *blocks;
-    void *merger;            /* mmb__conn_patch_merger's state */
-} q2_model;
+};
 
-static bool q2_detect(const mmb_ckpt *c, const char *arch, const char *model_type) {
-    (void)c;
-    return strcmp(arch, "Qwen2VLForConditionalGeneration") == 0 || strcmp(arch, "Qwen2VLModel") == 0 ||
-           strcmp(model_type, "qwen2_vl") == 0;
-}
-
-static void q2_free(void *st) {
-    q2_model *q = st;
+void mmb__q2vit_free(mmb_q2vit *q) {
     if (!q) return;
     for (int i = 0; q->blocks && i < q->depth; i++) {
         q2_block *b = &q->blocks[i];
@@ -64,12 +57,11 @@ static void q2_free(void *st) {
     mmb__linear_free(&q->patch_embed);
     free(q->patch_w);
     free(q->inv_freq);
-    if (q->merger) mmb__conn_patch_merger.free(q->merger);
     free(q);
 }
 
 /* Qwen2VLVisionConfig under "vision_config.", with the class's defaults for absent keys. */
-static mmb_status read_config(mmb_ctx *ctx, const mmb_ckpt *c, q2_model *q) {
+static mmb_status read_config(mmb_ctx *ctx, const mmb_ckpt *c, mmb_q2vit *q) {
     struct { const char *key; int def, *dst; } ints[] = {
         {"depth", 32, &q->depth},          {"embed_dim", 1280, &q->width},   {"hidden_size", 3584, &q->out},
         {"num_heads", 16, &q->heads},      {"patch_size", 14, &q->patch},    {"spatial_merge_size", 2, &q->merge},
@@ -111,7 +103,7 @@ static mmb_status read_config(mmb_ctx *ctx, const mmb_ckpt *c, q2_model *q) {
 }
 
 /* patch_embed.proj.weight [D, 3, T, p, p] -> patch_w (D, 3 p p), summed over T, as a linear layer. */
-static mmb_status load_patch_embed(mmb_ctx *ctx, const mmb_ckpt *c, q2_model *q) {
+static mmb_status load_patch_embed(mmb_ctx *ctx, const mmb_ckpt *c, mmb_q2vit *q) {
     const int64_t D = q->width, T = q->tpatch, pp = (int64_t)q->patch * q->patch, K = 3 * pp;
     char name[96];
     snprintf(name, sizeof name, "%spatch_embed.proj.weight", q->prefix);
@@ -133,7 +125,7 @@ static mmb_status load_patch_embed(mmb_ctx *ctx, const mmb_ckpt *c, q2_model *q)
     return mmb__linear_bind(ctx, &q->patch_embed, &w2, NULL);
 }
 
-static mmb_status load_weights(mmb_ctx *ctx, const mmb_ckpt *c, q2_model *q) {
+static mmb_status load_weights(mmb_ctx *ctx, const mmb_ckpt *c, mmb_q2vit *q) {
     const int64_t D = q->width, I = q->inter, hd = D / q->heads;
     mmb_status s = load_patch_embed(ctx, c, q);
     if (s == MMB_OK && !(q->blocks = calloc((size_t)q->depth, sizeof *q->blocks)))
@@ -149,15 +141,6 @@ static mmb_status load_weights(mmb_ctx *ctx, const mmb_ckpt *c, q2_model *q) {
         if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "mlp.fc1", I, D, true, &b->fc1);
         if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, lp, "mlp.fc2", D, I, true, &b->fc2);
     }
-    /* The merger's first Linear must be (m^2 D, m^2 D) for the configured merge size. */
-    char name[96];
-    snprintf(name, sizeof name, "%smerger.mlp.0.weight", q->prefix);
-    const int64_t K = D * q->merge * q->merge, ks[2] = {K, K};
-    const mmb_tensor *t;
-    if (s == MMB_OK) s = mmb__ckpt_bind(ctx, c, name, 2, ks, &t);
-    snprintf(name, sizeof name, "%smerger.", q->prefix);
-    mmb_conn_cfg cc = {.type = "patch_merger", .prefix = name, .in_width = D, .out_width = q->out, .eps = Q2_EPS};
-    if (s == MMB_OK) s = mmb__conn_patch_merger.load(ctx, c, &cc, &q->merger);
     if (s == MMB_OK && !(q->inv_freq = malloc(sizeof(float) * (size_t)(hd / 4))))
         s = mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir);
     /* 1 / theta^(arange(0, hd/2, 2) / (hd/2)), in float32 as torch computes it */
@@ -166,8 +149,8 @@ static mmb_status load_weights(mmb_ctx *ctx, const mmb_ckpt *c, q2_model *q) {
     return s;
 }
 
-static mmb_status q2_load(mmb_ctx *ctx, const mmb_ckpt *c, void **state, mmb_model_info *info) {
-    q2_model *q = calloc(1, sizeof *q);
+mmb_status mmb__q2vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_q2vit **out) {
+    mmb_q2vit *q = calloc(1, sizeof *q);
     if (!q) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir);
     static const char *const prefixes[] = {"visual.", "model.visual."};
     snprintf(q->prefix, sizeof q->prefix, "%s", prefixes[0]);
@@ -178,28 +161,17 @@ static mmb_status q2_load(mmb_ctx *ctx, const mmb_ckpt *c, void **state, mmb_mod
     }
     mmb_status s = read_config(ctx, c, q);
     if (s == MMB_OK) s = load_weights(ctx, c, q);
-    if (s != MMB_OK) { q2_free(q); return s; }
-    int64_t params = 0, flops = 0;
-    mmb__conn_patch_merger.cost(q->merger, 0, &params, &flops);
-    char name[96];
-    snprintf(name, sizeof name, "%smerger.mlp.0.weight", q->prefix);
-    info->connector = "patch_merger";
-    info->vision_layers = q->depth;
-    info->vision_width = q->width;
-    info->in_width = q->width * q->merge * q->merge;
-    info->out_width = q->out;
-    info->image_size = 0;      /* any multiple of patch * merge */
-    info->patch_size = q->patch;
-    info->tokens_per_image = 0;
-    info->params = params;
-    info->flops_per_image = 0;
-    info->weight_dtype = mmb__ckpt_find(c, name, NULL)->dtype;
-    *state = q;
+    if (s != MMB_OK) { mmb__q2vit_free(q); return s; }
+    *out = q;
     return MMB_OK;
 }
 
-static int64_t q2_tokens(mmb_ctx *ctx, const void *st, int height, int width) {
-    const q2_model *q = st;
+mmb_q2vit_info mmb__q2vit_info(const mmb_q2vit *q) {
+    return (mmb_q2vit_info){.depth = q->depth, .width = q->width, .patch = q->patch, .merge = q->merge,
+                            .out = q->out, .eps = Q2_EPS, .prefix = q->prefix};
+}
+
+int64_t mmb__q2vit_tokens(mmb_ctx *ctx, const mmb_q2vit *q, int height, int width) {
     const int f = q->patch * q->merge;
     if (height < f || width < f || height % f || width % f) {
         mmb__err(ctx, MMB_ERR_SHAPE, "pixels of %dx%d: Qwen2-VL takes a height and width that are multiples of %d "
@@ -207,7 +179,7 @@ static int64_t q2_tokens(mmb_ctx *ctx, const void *st, int height, int width) {
                  height, f, q->patch, q->merge);
         return -1;
     }
-    return (int64_t)(height / f) * (width / f);
+    return (int64_t)(height / q->patch) * (width / q->patch);
 }
 
 /* Row and column, in the grid of gw patches per row, of token t in the merge-window order. */
@@ -233,7 +205,7 @@ static void patchify(float *rows, const float *px, int64_t B, int H, int W, int 
 
 /* The rotary tables of one image, (T, hd) as [cos (hd/2) | sin (hd/2)] per token: angle j is
  * row * inv_freq[j] for j < hd/4, column * inv_freq[j - hd/4] after (float32, as torch). */
-static void rope_tables(float *cs, const q2_model *q, int64_t T, int64_t gw) {
+static void rope_tables(float *cs, const mmb_q2vit *q, int64_t T, int64_t gw) {
     const int64_t hd = q->width / q->heads, quarter = hd / 4;
     for (int64_t t = 0; t < T; t++) {
         int64_t gy, gx;
@@ -274,7 +246,7 @@ static void rope_fn(void *arg, int tid, int nth) {
 }
 
 /* One block on x (B*T, D), in place. Buffers: xn, att (B*T, D), qkv (B*T, 3D), h (B*T, I). */
-static void block_forward(mmb_ctx *ctx, const q2_model *q, const q2_block *l, float *x, float *xn, float *qkv,
+static void block_forward(mmb_ctx *ctx, const mmb_q2vit *q, const q2_block *l, float *x, float *xn, float *qkv,
                           float *att, float *h, float *asc, const float *cs, int64_t B, int64_t T) {
     const int64_t D = q->width, rows = B * T, hd = D / q->heads;
     mmb__layernorm_forward_mt(ctx, xn, x, l->n1_w, l->n1_b, rows, D, Q2_EPS);
@@ -291,10 +263,9 @@ static void block_forward(mmb_ctx *ctx, const q2_model *q, const q2_block *l, fl
     mmb__add_forward(x, x, xn, rows * D);
 }
 
-static mmb_status q2_encode(mmb_ctx *ctx, const void *st, const float *pixels, int64_t B, int height, int width,
-                            float *out) {
-    const q2_model *q = st;
-    const int64_t T = q2_tokens(ctx, st, height, width) * q->merge * q->merge;
+mmb_status mmb__q2vit_forward(mmb_ctx *ctx, const mmb_q2vit *q, const float *pixels, int64_t B, int height, int width,
+                              float *x) {
+    const int64_t T = mmb__q2vit_tokens(ctx, q, height, width);
     if (T < 0) return MMB_ERR_SHAPE;
     const int64_t D = q->width, hd = D / q->heads, P = 3 * (int64_t)q->patch * q->patch, gw = width / q->patch;
     const int64_t wide = P > q->inter ? P : q->inter;  /* the patch rows, then the MLP's hidden layer */
@@ -306,30 +277,19 @@ static mmb_status q2_encode(mmb_ctx *ctx, const void *st, const float *pixels, i
         return mmb__err(ctx, MMB_ERR_NOMEM, "qwen2_vl: %lld images of %dx%d: sizes overflow", (long long)B, width,
                         height);
     const size_t f = sizeof(float);
-    size_t need = mmb__arena_piece(f * n[0]) + mmb__arena_piece(f * n[1]) + 3 * mmb__arena_piece(f * n[2]) +
-                  mmb__arena_piece(f * n[3]) + mmb__arena_piece(f * asc_n) +
-                  f * mmb__conn_patch_merger.scratch(q->merger, (int64_t)rows);
+    size_t need = mmb__arena_piece(f * n[0]) + mmb__arena_piece(f * n[1]) + 2 * mmb__arena_piece(f * n[2]) +
+                  mmb__arena_piece(f * n[3]) + mmb__arena_piece(f * asc_n);
     mmb_status s = mmb__arena_reserve(ctx, &ctx->arena, need);
     if (s != MMB_OK) return s;
     mmb_arena *a = &ctx->arena;
     float *wbuf = mmb__arena_alloc(a, f * n[0]), *qkv = mmb__arena_alloc(a, f * n[1]);
-    float *x = mmb__arena_alloc(a, f * n[2]), *xn = mmb__arena_alloc(a, f * n[2]), *att = mmb__arena_alloc(a, f * n[2]);
+    float *xn = mmb__arena_alloc(a, f * n[2]), *att = mmb__arena_alloc(a, f * n[2]);
     float *cs = mmb__arena_alloc(a, f * n[3]), *asc = mmb__arena_alloc(a, f * asc_n);
     patchify(wbuf, pixels, B, height, width, q->patch, q->merge);
     mmb__linear_forward(ctx, x, wbuf, (int64_t)rows, &q->patch_embed);
     rope_tables(cs, q, T, gw);
     for (int i = 0; i < q->depth; i++)
         block_forward(ctx, q, &q->blocks[i], x, xn, qkv, att, wbuf, asc, cs, B, T);
-    s = mmb__conn_patch_merger.forward(ctx, q->merger, out, x, B, T);
     mmb__arena_reset(a);
-    return s;
+    return MMB_OK;
 }
-
-const mmb_family_ops mmb__family_qwen2vl = {
-    .name = "qwen2_vl",
-    .detect = q2_detect,
-    .load = q2_load,
-    .tokens = q2_tokens,
-    .encode = q2_encode,
-    .free = q2_free,
-};

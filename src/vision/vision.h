@@ -19,6 +19,29 @@ mmb_status mmb__vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vit **out);
 mmb_status mmb__vit_last_feats(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch, int64_t floats,
                                float **out);
 
+/* ---- vision/qwen2vl.c: Qwen2-VL's tower, without its PatchMerger --------------------------------- */
+
+typedef struct mmb_q2vit mmb_q2vit;
+
+typedef struct mmb_q2vit_info {
+    int depth, width, patch, merge;  /* blocks, embed_dim D, patch_size, spatial_merge_size m */
+    int out;                         /* vision_config.hidden_size: the merger's output width */
+    float eps;                       /* the LayerNorms' (1e-6, fixed by the class), the merger's ln_q too */
+    const char *prefix;              /* "visual." or "model.visual.": the merger is {prefix}merger. */
+} mmb_q2vit_info;
+
+/* Loads the tower under vision_config.* and visual.* / model.visual.* (c must outlive it), checking every
+ * weight. Free with mmb__q2vit_free (NULL is a no-op). */
+mmb_status mmb__q2vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_q2vit **out);
+void mmb__q2vit_free(mmb_q2vit *q);
+mmb_q2vit_info mmb__q2vit_info(const mmb_q2vit *q);
+/* Patches of an image of height x width (multiples of patch * merge), or -1 with a message. */
+int64_t mmb__q2vit_tokens(mmb_ctx *ctx, const mmb_q2vit *q, int height, int width);
+/* pixels (B, 3, height, width) -> x (B * mmb__q2vit_tokens, D): the last block's output, each m^2
+ * consecutive rows one merge window. Scratch from ctx's arena (reserved here, reset before returning). */
+mmb_status mmb__q2vit_forward(mmb_ctx *ctx, const mmb_q2vit *q, const float *pixels, int64_t B, int height, int width,
+                              float *x);
+
 /* ---- vision/preprocess.c ---------------------------------------------------------------------- */
 
 /* Pad, resize and crop (the steps before rescale/normalize): the uint8 image, HWC, malloc'd in
