@@ -35,9 +35,25 @@ static void usage(FILE *f) {
         fputc('\n', f);
     }
     fprintf(f, "\nMODEL is a checkpoint directory as save_pretrained writes it (config.json + *.safetensors),\n"
-               "opened through the library's family table: `mmbridge info MODEL` says which family it is, and\n"
-               "an architecture the table does not support is refused with the list of supported families.\n"
-               "\n"
+               "opened through the library's family table; an architecture it does not list is refused.\n"
+               "The families (architectures; 'generate' where the library runs the LLM):\n");
+    /* the table's rows, those of one family on one line */
+    int n = mmb_family_count();
+    for (int i = 0; i < n; i++) {
+        mmb_family_desc d, e;
+        mmb_family_get(i, &d);
+        int seen = 0, lm = d.has_lm;
+        for (int k = 0; k < i && !seen; k++) seen = mmb_family_get(k, &e) == MMB_OK && !strcmp(e.name, d.name);
+        if (seen) continue;
+        fprintf(f, "  %-10s %s", d.name, d.architectures);
+        for (int k = i + 1; k < n; k++)
+            if (mmb_family_get(k, &e) == MMB_OK && !strcmp(e.name, d.name)) {
+                fprintf(f, ", %s", e.architectures);
+                lm |= e.has_lm;
+            }
+        fprintf(f, "%s\n", lm ? "; generate" : "");
+    }
+    fprintf(f, "\n"
                "  --version                             print the version\n"
                "  -h, --help                            this text; `mmbridge <command> --help` for a command\n");
 }

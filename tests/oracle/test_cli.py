@@ -53,6 +53,9 @@ def test_help_is_generated_and_tells_the_truth():
     h = run("encode", "--help").stdout
     assert re.search(r"--threads N .*\[1\.\.1024\]", h) and "(f32|bf16|f16|int8)" in h and "--batch N" in h
     assert "demo" in top and "generate" in run("demo", "--help").stdout
+    # the family table, from the library
+    assert re.search(r"^  llava .*LlavaForConditionalGeneration.*; generate$", top, re.M), top
+    assert re.search(r"^  clip .*CLIPVisionModel", top, re.M) and "PaliGemma" not in top
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -245,10 +248,14 @@ def test_unsupported_architecture_is_refused_by_every_command(tmp_path):
     img = images(tmp_path)[0]
     out = tmp_path / "o.safetensors"
     (tmp_path / "f.safetensors").write_bytes(b"")
+    first = None
     for args in [["info", d], ["encode", d, img, "-o", out], ["connect", d, "--features", tmp_path / "f.safetensors",
                  "-o", out], ["compare", d, "--reps", 1], ["generate", d, "--ids", "1,2", "-n", 1],
                  ["generate", d, "--image", img, "--ids", "299,1", "-n", 1]]:
         p = run(*args, check=False)
         assert p.returncode == 1, (args, p.stdout, p.stderr)
-        assert "PaliGemmaForConditionalGeneration" in p.stderr, (args, p.stderr)
+        line = p.stderr.splitlines()[0]
+        assert "PaliGemmaForConditionalGeneration" in line and "supported families" in line, (args, p.stderr)
+        assert first is None or line == first, (args, line, first)  # the one open call, the one message
+        first = line
         assert not out.exists()
