@@ -84,7 +84,8 @@ typedef struct cli_ctx_opts {
 
 /* The Dense Connector options, into an mmb_dense_params (type NONE keeps the checkpoint's own). */
 int cli_dense_opt(const char *name, const char *value, void *dense);
-#define CLI_DENSE_OPT(nm, mt, p, hl) {.name = (nm), .meta = (mt), .type = CLI_CUSTOM, .dst = (p), .fn = cli_dense_opt, .help = (hl)}
+#define CLI_DENSE_OPT(nm, mt, p, hl)                                                                            \
+    {.name = (nm), .meta = (mt), .type = CLI_CUSTOM, .dst = (p), .fn = cli_dense_opt, .help = (hl)}
 #define CLI_OPTS_DENSE(p)                                                                                       \
     CLI_DENSE_OPT("--dense", "V", p, "put a Dense Connector (sti, sci or dci) in front of the projector of any\n" \
                   "LLaVA checkpoint; its input width must be the vision width (sti) or 3x it"),                  \

@@ -175,9 +175,11 @@ typedef struct outputs {
 } outputs;
 
 static int alloc_outputs(outputs *o, int n_taps) {
-    if (!(o->emb = malloc(sizeof(float) * (size_t)(o->n * o->t) * (size_t)o->width + 1))) return cli_fail(NULL, "out of memory");
+    if (!(o->emb = malloc(sizeof(float) * (size_t)(o->n * o->t) * (size_t)o->width + 1)))
+        return cli_fail(NULL, "out of memory");
     for (int i = 0; i < n_taps; i++)
-        if (!(o->hidden[i] = malloc(sizeof(float) * o->per_h * (size_t)o->n + 1))) return cli_fail(NULL, "out of memory");
+        if (!(o->hidden[i] = malloc(sizeof(float) * o->per_h * (size_t)o->n + 1)))
+            return cli_fail(NULL, "out of memory");
     return 0;
 }
 
@@ -227,7 +229,8 @@ static int encode_pixels(mmb_ctx *ctx, const mmb_mllm *m, const cli_enc *e, cons
     const mmb_model *model = mmb_mllm_model(m);
     const mmb_vit *vit = mmb_mllm_vit(m);
     const float *p = px + (size_t)3 * (size_t)h * (size_t)w * (size_t)i0;
-    if (!out->t && (out->t = model ? mmb_model_encode_tokens(ctx, model, h, w) : (int64_t)(out->per_h / (size_t)out->width)) <= 0)
+    if (!out->t && (out->t = model ? mmb_model_encode_tokens(ctx, model, h, w)
+                                   : (int64_t)(out->per_h / (size_t)out->width)) <= 0)
         return cli_fail(ctx, NULL);
     if (!out->emb && alloc_outputs(out, e->n_taps)) return 1;
     float *emb = out->emb + (size_t)(i0 * out->t) * (size_t)out->width;
@@ -275,7 +278,8 @@ int cli_encode_run(mmb_ctx *ctx, const cli_enc *e) {
     if (e->pixels) {
         if (read_pixels(ctx, e->pixels, vi.channels ? vi.channels : 3, vi.image_size, &px, &n, &h, &w)) goto done;
     } else {
-        if (e->video ? pick_frames(ctx, e, msg, &paths, &n) : cli_expand_inputs(e->inputs, e->n_inputs, 0, &paths, &n_paths))
+        if (e->video ? pick_frames(ctx, e, msg, &paths, &n)
+                     : cli_expand_inputs(e->inputs, e->n_inputs, 0, &paths, &n_paths))
             goto done;
         if (!e->video) n = n_paths;
         if (!(orig = calloc((size_t)n * 4, sizeof *orig))) { cli_fail(NULL, "out of memory"); goto done; }
@@ -337,7 +341,8 @@ int cli_encode_run(mmb_ctx *ctx, const cli_enc *e) {
         fprintf(msg, "image %lld: %s ", (long long)i, e->pixels ? e->pixels : paths[i]);
         if (orig) fprintf(msg, "%dx%d -> %dx%d -> ", orig[4 * i], orig[4 * i + 1], orig[4 * i + 2], orig[4 * i + 3]);
         else fprintf(msg, "%dx%d -> ", w, h);
-        if (in.vision_tokens) fprintf(msg, "%s %lld tokens x %d -> ", vit_family, (long long)in.vision_tokens, in.vision_width);
+        if (in.vision_tokens)
+            fprintf(msg, "%s %lld tokens x %d -> ", vit_family, (long long)in.vision_tokens, in.vision_width);
         else fprintf(msg, "%s ", in.family);
         fprintf(msg, "%s -> %lld x %d\n", model ? mi.connector : "last_hidden_state", (long long)out.t, out.width);
     }

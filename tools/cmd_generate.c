@@ -158,9 +158,9 @@ int cli_generate_run(mmb_ctx *ctx, const cli_gen *o) {
     double pre = res.encode_s + res.prefill_s;
     int64_t steps = res.n_generated > 0 ? res.n_generated - 1 : 0;  /* the last token is not fed back */
     fprintf(stderr, "prefill: %lld tokens in %.3f s (%.1f tokens/s; images %.3f s); decode: %lld tokens in %.3f s "
-            "(%.1f tokens/s); %d thread(s)\n", (long long)res.n_prompt, pre, (double)res.n_prompt / (pre > 0 ? pre : 1e-9),
-            res.encode_s, (long long)steps, res.decode_s, steps ? (double)steps / (res.decode_s > 0 ? res.decode_s : 1e-9) : 0.0,
-            mmb_ctx_threads(ctx));
+            "(%.1f tokens/s); %d thread(s)\n", (long long)res.n_prompt, pre,
+            (double)res.n_prompt / (pre > 0 ? pre : 1e-9), res.encode_s, (long long)steps, res.decode_s,
+            steps ? (double)steps / (res.decode_s > 0 ? res.decode_s : 1e-9) : 0.0, mmb_ctx_threads(ctx));
     r = stopped ? 130 : 0;
 done:
     sigaction(SIGINT, &old, NULL);

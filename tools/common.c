@@ -82,7 +82,10 @@ static int push_dir(const char *path, char ***v, int *n, int *cap) {
         if (e->d_name[0] != '.') bad = push_path(v, n, cap, path, e->d_name);
     closedir(d);
     if (bad) return bad;
-    if (*n == first) { fprintf(stderr, "mmbridge: error: %s: an empty directory (no frames, no images in it)\n", path); return 2; }
+    if (*n == first) {
+        fprintf(stderr, "mmbridge: error: %s: an empty directory (no frames, no images in it)\n", path);
+        return 2;
+    }
     qsort(*v + first, (size_t)(*n - first), sizeof **v, cmp_str);
     return 0;
 }
@@ -108,7 +111,10 @@ static int push_listed(const char *path, char ***v, int *n, int *cap) {
         if (*a) bad = push_path(v, n, cap, slash ? dir : NULL, a);
     }
     fclose(f);
-    if (!bad && *n == first) { fprintf(stderr, "mmbridge: error: %s: an empty list (no frames, no image paths in it)\n", path); bad = 2; }
+    if (!bad && *n == first) {
+        fprintf(stderr, "mmbridge: error: %s: an empty list (no frames, no image paths in it)\n", path);
+        bad = 2;
+    }
     return bad;
 }
 
