@@ -178,6 +178,12 @@ MMB_API const char *mmb_st_meta(const mmb_st_file *f, const char *key);
  * or empty names, or MMB_ERR_IO. */
 MMB_API mmb_status mmb_st_write(mmb_ctx *ctx, const char *path, const mmb_tensor *tensors, int n);
 
+/* As mmb_st_write, with the file's `__metadata__` holding the n_meta string pairs keys[i]: values[i]
+ * (UTF-8; mmb_st_meta and safetensors' safe_open(...).metadata() read them back). Returns as
+ * mmb_st_write, and MMB_ERR_ARG for an empty or NULL key, a NULL value or a key given twice. */
+MMB_API mmb_status mmb_st_write_meta(mmb_ctx *ctx, const char *path, const mmb_tensor *tensors, int n,
+                                     const char *const *keys, const char *const *values, int n_meta);
+
 /* ---------------------------------------------------------------------------------------------
  * Vision encoders: CLIP (CLIPVisionModel) and SigLIP (SiglipVisionModel) ViTs, as transformers
  * runs them, with any set of hidden states tapped.

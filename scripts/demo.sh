@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set-up and demo in one command: Debian packages, a Release build, then `mmbridge demo`, which
-# writes a random-weight LLaVA-1.5-7B-sized projector checkpoint plus one image's hidden states
-# and runs `info` and `connect` on them.
+# writes a random-weight LlavaForConditionalGeneration checkpoint (a small CLIP tower, a
+# LLaVA-1.5-7B-sized projector, a one-layer LLM, a byte-level BPE tokenizer with a chat template)
+# and runs info, encode and generate on data/sample.jpg through the library, streaming the text.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh

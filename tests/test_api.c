@@ -140,8 +140,37 @@ static void test_roundtrip_and_example(void) {
     mmb_ctx_free(ctx);
 }
 
+/* mmb_st_write_meta: the metadata read back by mmb_st_meta, and bad keys refused with no file written. */
+static void test_write_meta(void) {
+    mmb_ctx *ctx = NULL;
+    mmb_ctx_params cp = mmb_ctx_default_params();
+    CHECK(mmb_ctx_new(&cp, &ctx) == MMB_OK, "ctx");
+    float x[3] = {1, 2, 3};
+    mmb_tensor t = {.name = "x", .dtype = MMB_F32, .ndim = 1, .shape = {3}, .data = x};
+    const char *keys[] = {"input.0", "input.1", "note"}, *vals[] = {"cat.jpg", "d\u00e9j\u00e0 \"vu\".png", ""};
+    const char *path = "api_test_meta.safetensors";
+    CHECK(mmb_st_write_meta(ctx, path, &t, 1, keys, vals, 3) == MMB_OK, "write meta: %s", mmb_ctx_error(ctx));
+    mmb_st_file *f = NULL;
+    CHECK(mmb_st_open(ctx, path, &f) == MMB_OK, "open: %s", mmb_ctx_error(ctx));
+    for (int i = 0; f && i < 3; i++) {
+        const char *v = mmb_st_meta(f, keys[i]);
+        CHECK(v && strcmp(v, vals[i]) == 0, "meta %s read back", keys[i]);
+    }
+    CHECK(f && mmb_st_count(f) == 1 && mmb_st_meta(f, "missing") == NULL, "one tensor, no other key");
+    mmb_st_close(f);
+    const char *dup[] = {"a", "a"}, *empty[] = {""}, *two[] = {"1", "2"};
+    remove(path);
+    CHECK(mmb_st_write_meta(ctx, path, &t, 1, dup, two, 2) == MMB_ERR_ARG, "duplicate key refused");
+    CHECK(mmb_st_write_meta(ctx, path, &t, 1, empty, two, 1) == MMB_ERR_ARG, "empty key refused");
+    CHECK(access(path, F_OK) != 0, "nothing written for refused metadata");
+    CHECK(mmb_st_write_meta(ctx, path, &t, 1, NULL, NULL, 0) == MMB_OK, "no metadata is mmb_st_write");
+    remove(path);
+    mmb_ctx_free(ctx);
+}
+
 int main(void) {
     test_fixed_values();
     test_roundtrip_and_example();
+    test_write_meta();
     return DONE("api");
 }

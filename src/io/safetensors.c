@@ -280,10 +280,14 @@ const char *mmb__st_path(const mmb_st_file *f) { return f->path; }
 
 /* ---- writer ---- */
 
-static char *build_header(const mmb_tensor *ts, int n, uint64_t *data_len) {
+static char *build_header(const mmb_tensor *ts, int n, const char *const *keys, const char *const *values, int n_meta,
+                          uint64_t *data_len) {
     cJSON *root = cJSON_CreateObject();
     uint64_t off = 0;
     bool ok = root != NULL;
+    cJSON *meta = ok && n_meta > 0 ? cJSON_AddObjectToObject(root, "__metadata__") : NULL;
+    ok = ok && (n_meta == 0 || meta);
+    for (int i = 0; i < n_meta && ok; i++) ok = cJSON_AddStringToObject(meta, keys[i], values[i]) != NULL;
     for (int i = 0; i < n && ok; i++) {
         cJSON *e = cJSON_AddObjectToObject(root, ts[i].name);
         cJSON *sh = e ? cJSON_AddArrayToObject(e, "shape") : NULL;
@@ -303,7 +307,20 @@ static char *build_header(const mmb_tensor *ts, int n, uint64_t *data_len) {
 }
 
 mmb_status mmb_st_write(mmb_ctx *ctx, const char *path, const mmb_tensor *ts, int n) {
-    if (!path || (!ts && n > 0) || n < 0) return mmb__err(ctx, MMB_ERR_ARG, "mmb_st_write: bad arguments");
+    return mmb_st_write_meta(ctx, path, ts, n, NULL, NULL, 0);
+}
+
+mmb_status mmb_st_write_meta(mmb_ctx *ctx, const char *path, const mmb_tensor *ts, int n, const char *const *keys,
+                             const char *const *values, int n_meta) {
+    if (!path || (!ts && n > 0) || n < 0 || n_meta < 0 || (n_meta > 0 && (!keys || !values)))
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_st_write: bad arguments");
+    for (int i = 0; i < n_meta; i++) {
+        if (!keys[i] || !keys[i][0] || !values[i])
+            return mmb__err(ctx, MMB_ERR_ARG, "%s: metadata entry %d has an empty key or a NULL value", path, i);
+        for (int j = 0; j < i; j++)
+            if (strcmp(keys[i], keys[j]) == 0)
+                return mmb__err(ctx, MMB_ERR_ARG, "%s: metadata key '%s' given twice", path, keys[i]);
+    }
     for (int i = 0; i < n; i++) {
         if (!ts[i].name || !ts[i].name[0] || strcmp(ts[i].name, "__metadata__") == 0)
             return mmb__err(ctx, MMB_ERR_ARG, "%s: tensor %d has an empty or reserved name", path, i);
@@ -314,7 +331,7 @@ mmb_status mmb_st_write(mmb_ctx *ctx, const char *path, const mmb_tensor *ts, in
                 return mmb__err(ctx, MMB_ERR_ARG, "%s: tensor name '%s' given twice", path, ts[i].name);
     }
     uint64_t data_len;
-    char *hdr = build_header(ts, n, &data_len);
+    char *hdr = build_header(ts, n, keys, values, n_meta, &data_len);
     if (!hdr) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: cannot build the header", path);
     size_t hl = strlen(hdr), padded = (hl + 7) & ~(size_t)7;
     char *tmp = malloc(strlen(path) + 32);

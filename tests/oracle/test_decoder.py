@@ -122,8 +122,8 @@ def test_logits_from_ids_and_embeddings(tmp_path, arch, tied):
 def test_prefill_in_pieces_and_decode_steps_equal_one_forward(tmp_path, arch):
     model, d = make_lm(tmp_path, arch)
     ids = ids_of(10)
-    # 10 prompt positions fed as 3 + 1 + 4 + 2, then 6 decode steps: 16 rows of logits
-    got, p = mmb_logits(d, tmp_path, "--ids", csv(ids), "--chunks", "3,1,4", "-n", 7, "--print-ids", "--ignore-eos")
+    # 10 prompt positions fed as 3 + 3 + 3 + 1 (decoder calls of --n-batch 3), then 6 decode steps: 16 rows of logits
+    got, p = mmb_logits(d, tmp_path, "--ids", csv(ids), "--n-batch", 3, "-n", 7, "--print-ids", "--ignore-eos")
     gen = [int(t) for t in p.stdout.split()]
     assert len(gen) == 7 and got.shape[0] == 16
     ref = ref_logits(model, torch.cat([ids, torch.tensor(gen[:6])]))
@@ -188,7 +188,7 @@ def test_legacy_rope_keys(tmp_path):
 def test_mistral_sliding_window(tmp_path):
     model, d = make_lm(tmp_path, "mistral", sliding_window=5)
     ids = ids_of(14)
-    got, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), "--chunks", "4,3", "-n", 0)
+    got, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), "--n-batch", 4, "-n", 0)
     ref = ref_logits(model, ids)
     err = scaled_err(got, ref)
     print(f"mistral window 5: scaled max err {err:.2e}")
@@ -231,12 +231,19 @@ def test_llava_text_model(tmp_path, arch, layout):
 
 
 def test_original_llava_layout(tmp_path):
-    """LlavaLlamaForCausalLM: the Llama weights at model.layers.*, model.embed_tokens, lm_head."""
+    """LlavaLlamaForCausalLM: the Llama weights at model.layers.*, model.embed_tokens, lm_head, beside the
+    projector (model.mm_projector.*) of a whole original-layout checkpoint."""
     model, d = make_lm(tmp_path, "llama")
     cfg = json.loads((d / "config.json").read_text())
     cfg.update(architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama", mm_projector_type="mlp2x_gelu",
-               mm_hidden_size=32)
+               mm_hidden_size=32, mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+               mm_vision_tower="openai/clip-vit-large-patch14-336")
     (d / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(str(d / "model.safetensors"))
+    h = SHAPE["hidden_size"]
+    sd.update({"model.mm_projector.0.weight": torch.zeros(h, 32), "model.mm_projector.0.bias": torch.zeros(h),
+               "model.mm_projector.2.weight": torch.zeros(h, h), "model.mm_projector.2.bias": torch.zeros(h)})
+    save_file(sd, str(d / "model.safetensors"))
     ids = ids_of(10)
     got, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), "-n", 0)
     assert scaled_err(got, ref_logits(model, ids)) <= 1e-4
@@ -257,7 +264,7 @@ def test_bad_input(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     bad = dict(cfg, architectures=["GPT2LMHeadModel"], model_type="gpt2")
     (d / "config.json").write_text(json.dumps(bad))
-    fails(["generate", d, "--ids", ids, "-n", 1], "unknown architecture 'GPT2LMHeadModel'")
+    fails(["generate", d, "--ids", ids, "-n", 1], "architecture 'GPT2LMHeadModel'", "supported families")
     # an unsupported RoPE type
     (d / "config.json").write_text(json.dumps(dict(cfg, rope_parameters={"rope_type": "yarn", "factor": 2.0,
                                                                           "rope_theta": 1e4})))

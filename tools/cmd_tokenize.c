@@ -8,31 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *usage_tokenize =
-    "usage: mmbridge tokenize DIR [--text TEXT | --file F] [--special]\n"
-    "       mmbridge tokenize DIR --decode IDS [--skip-special] [--stream]\n"
-    "       mmbridge tokenize DIR --chat MESSAGES.json [--template T.jinja] [--vars VARS.json] [--gen-prompt]\n"
-    "       mmbridge tokenize DIR --batch TEXTS.json [--special]\n"
-    "       mmbridge tokenize DIR --decode-batch IDS.json [--skip-special]\n"
-    "       mmbridge tokenize DIR --info\n"
-    "\n"
-    "DIR holds tokenizer.json (Hugging Face tokenizers format, BPE) and optionally\n"
-    "tokenizer_config.json, chat_template.json / .jinja, generation_config.json, config.json.\n"
-    "  --text TEXT / --file F   encode TEXT (or the bytes of F); prints the ids, space separated\n"
-    "  --special                add the post-processor's special tokens (BOS for Llama)\n"
-    "  --decode IDS             decode comma- or space-separated ids; prints the text as is\n"
-    "  --skip-special           drop special tokens when decoding\n"
-    "  --batch F                encode each string of the JSON list in F; one line of ids each\n"
-    "  --decode-batch F         decode each id list of the JSON list in F; prints a JSON list\n"
-    "  --stream                 decode one token at a time as a generator would; prints each\n"
-    "                           piece handed out as one line of hex (empty line: nothing yet)\n"
-    "  --chat MESSAGES.json     render a JSON list of {\"role\", \"content\"} messages (content a\n"
-    "                           string or a list of {\"type\": ...} parts) with the chat template\n"
-    "  --template T             use the template in file T instead of the checkpoint's\n"
-    "  --vars VARS.json         extra template variables (a JSON object)\n"
-    "  --gen-prompt             add_generation_prompt=true\n"
-    "  --info                   print vocab size, BOS, EOS and stop ids\n";
-
 static char *slurp(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
@@ -144,28 +119,50 @@ static int batch_cmd(mmb_ctx *ctx, const mmb_tokenizer *t, const char *path, int
     return rc;
 }
 
-int cli_tokenize(int argc, char **argv) {
+int cmd_tokenize(int argc, char **argv) {
     const char *dir = NULL, *text = NULL, *file = NULL, *dec = NULL, *chat = NULL, *tmpl = NULL, *vars = NULL;
     const char *batch = NULL, *dbatch = NULL;
     int special = 0, skip = 0, stream = 0, gen = 0, info = 0;
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i];
-        const char **val = !strcmp(a, "--text") ? &text : !strcmp(a, "--file") ? &file : !strcmp(a, "--decode") ? &dec
-                         : !strcmp(a, "--chat") ? &chat : !strcmp(a, "--template") ? &tmpl : !strcmp(a, "--vars") ? &vars
-                         : !strcmp(a, "--batch") ? &batch : !strcmp(a, "--decode-batch") ? &dbatch : NULL;
-        if (val) {
-            if (i + 1 >= argc) { fprintf(stderr, "mmbridge: %s needs a value\n%s", a, usage_tokenize); return 2; }
-            *val = argv[++i];
-        } else if (!strcmp(a, "--special")) special = 1;
-        else if (!strcmp(a, "--skip-special")) skip = 1;
-        else if (!strcmp(a, "--stream")) stream = 1;
-        else if (!strcmp(a, "--gen-prompt")) gen = 1;
-        else if (!strcmp(a, "--info")) info = 1;
-        else if (!strcmp(a, "--help") || !strcmp(a, "-h")) { fputs(usage_tokenize, stdout); return 0; }
-        else if (a[0] != '-' && !dir) dir = a;
-        else { fprintf(stderr, "mmbridge: unexpected argument '%s'\n%s", a, usage_tokenize); return 2; }
+    const cli_opt opts[] = {
+        {.name = "--text", .meta = "TEXT", .type = CLI_STR, .dst = &text,
+         .help = "encode TEXT; prints the ids, space separated"},
+        {.name = "--file", .meta = "F", .type = CLI_STR, .dst = &file, .help = "encode the bytes of F"},
+        {.name = "--special", .meta = NULL, .type = CLI_FLAG, .dst = &special,
+         .help = "add the post-processor's special tokens (BOS for Llama)"},
+        {.name = "--decode", .meta = "IDS", .type = CLI_STR, .dst = &dec,
+         .help = "decode comma- or space-separated ids; prints the text as is"},
+        {.name = "--skip-special", .meta = NULL, .type = CLI_FLAG, .dst = &skip,
+         .help = "drop special tokens when decoding"},
+        {.name = "--stream", .meta = NULL, .type = CLI_FLAG, .dst = &stream,
+         .help = "decode one token at a time as a generator would; prints each piece\n"
+         "handed out as one line of hex (empty line: nothing yet)"},
+        {.name = "--batch", .meta = "F", .type = CLI_STR, .dst = &batch,
+         .help = "encode each string of the JSON list in F; one line of ids each"},
+        {.name = "--decode-batch", .meta = "F", .type = CLI_STR, .dst = &dbatch,
+         .help = "decode each id list of the JSON list in F; prints a JSON list"},
+        {.name = "--chat", .meta = "MESSAGES.json", .type = CLI_STR, .dst = &chat,
+         .help = "render a JSON list of {\"role\", \"content\"} messages (content a\n"
+         "string or a list of {\"type\": ...} parts) with the chat template"},
+        {.name = "--template", .meta = "T", .type = CLI_STR, .dst = &tmpl,
+         .help = "use the template in file T instead of the checkpoint's"},
+        {.name = "--vars", .meta = "VARS.json", .type = CLI_STR, .dst = &vars,
+         .help = "extra template variables (a JSON object)"},
+        {.name = "--gen-prompt", .meta = NULL, .type = CLI_FLAG, .dst = &gen, .help = "add_generation_prompt=true"},
+        {.name = "--info", .meta = NULL, .type = CLI_FLAG, .dst = &info,
+         .help = "print vocab size, BOS, EOS and stop ids"},
+    };
+    const cli_spec spec = {"tokenize", "DIR (--text T | --file F | --decode IDS | --chat M | --batch F | --decode-batch F | --info)",
+        "A checkpoint's tokenizer and chat template. DIR holds tokenizer.json (Hugging Face tokenizers\n"
+        "format, BPE) and optionally tokenizer_config.json, chat_template.json / .jinja,\n"
+        "generation_config.json, config.json.\n",
+        opts, CLI_N(opts), &dir, 1, 1, NULL};
+    int r = cli_parse(&spec, argc, argv);
+    if (r) return r == 1 ? 0 : r;
+    if (!text && !file && !dec && !chat && !info && !batch && !dbatch) {
+        fprintf(stderr, "mmbridge tokenize: needs one of --text, --file, --decode, --chat, --batch, --decode-batch, "
+                "--info\n");
+        return 2;
     }
-    if (!dir || (!text && !file && !dec && !chat && !info && !batch && !dbatch)) { fputs(usage_tokenize, stderr); return 2; }
     mmb_ctx *ctx = NULL;
     mmb_ctx_params cp = mmb_ctx_default_params();
     cp.n_threads = 1;

@@ -1,0 +1,125 @@
+/* mmbridge info: what a checkpoint is and what it costs. */
+#include "cli.h"
+
+#include <string.h>
+
+static void print_dense(const mmb_model *m, const mmb_model_info *in) {
+    mmb_dense_params dp = mmb_model_dense(m);
+    printf("dense connector:  %s -> projector %s", in->dense, in->projector);
+    if (dp.type == MMB_DENSE_STI) printf(", AvgPool1d(%d)", dp.pool ? dp.pool : 8);
+    if (dp.tokens) printf(", bilinear to %lld tokens", (long long)dp.tokens);
+    printf("\n");
+    if (!in->n_taps) {
+        printf("dense reads:      resolved once the vision tower is known (--vision-tower)\n");
+        return;
+    }
+    printf("dense reads:      final hidden_states[%d]", in->taps[0]);
+    for (int i = 1; i < in->n_taps; i++)
+        if (in->tap_spans[i] > 1) printf("%s mean of [%d..%d]", i > 1 ? "," : ";", in->taps[i],
+                                         in->taps[i] + in->tap_spans[i] - 1);
+        else printf("%s hidden_states[%d]", i > 1 ? "," : ";", in->taps[i]);
+    printf(" (paper layers: final %d", in->taps[0] + 1);
+    for (int i = 1; i < in->n_taps; i++)
+        if (in->tap_spans[i] > 1) printf(", %d-%d", in->taps[i] + 1, in->taps[i] + in->tap_spans[i]);
+        else printf(", %d", in->taps[i] + 1);
+    printf(")\n");
+}
+
+static void print_model(const mmb_model *m) {
+    mmb_model_info in;
+    mmb_model_get_info(m, &in);
+    printf("architecture:     %s\n", in.architecture);
+    printf("layout:           %s\n", in.layout);
+    printf("family:           %s\n", in.family);
+    printf("connector:        %s%s%s\n", in.connector, in.activation[0] ? ", activation " : "", in.activation);
+    printf("weights:          %s\n", mmb_dtype_name(in.weight_dtype));
+    if (in.dense[0]) print_dense(m, &in);
+    else if (in.n_taps) {
+        printf("hidden layers:    hidden_states[");
+        for (int i = 0; i < in.n_taps; i++) printf(i ? ", %d" : "%d", in.taps[i]);
+        printf("]%s, strategy %s\n", in.n_taps > 1 ? " concatenated on channels" : "", in.select_strategy);
+    }
+    if (in.vision_layers) printf("vision encoder:   %d layers, width %d, image %d, patch %d\n", in.vision_layers,
+                                 in.vision_width, in.image_size, in.patch_size);
+    else printf("vision encoder:   width %d (tower not in this checkpoint)\n", in.vision_width);
+    printf("input width:      %d\n", in.in_width);
+    printf("output width:     %d\n", in.out_width);
+    printf("parameters:       %lld\n", (long long)in.params);
+    if (in.tokens_per_image) {
+        printf("tokens per image: %lld\n", (long long)in.tokens_per_image);
+        printf("FLOPs per image:  %.3f GFLOP (connector)\n", (double)in.flops_per_image * 1e-9);
+    } else
+        printf("tokens per image: unknown (image size not in the config)\n");
+}
+
+/* The language model and tokenizer, where the directory has them. */
+static void print_lm(const mmb_mllm *m, const mmb_mllm_info *in) {
+    const mmb_lm *lm = mmb_mllm_lm(m);
+    const mmb_tokenizer *t = mmb_mllm_tokenizer(m);
+    if (lm) {
+        mmb_lm_info li;
+        mmb_lm_get_info(lm, &li);
+        printf("language model:   %s, %lld layers, width %lld, %lld heads (%lld KV), MLP %lld, vocab %lld, "
+               "context %lld, %lld parameters (%s)\n", li.arch, (long long)li.layers, (long long)li.d_model,
+               (long long)li.heads, (long long)li.kv_heads, (long long)li.intermediate, (long long)li.vocab,
+               (long long)li.max_positions, (long long)li.params, mmb_dtype_name(li.weight_dtype));
+    } else
+        printf("language model:   none\n");
+    if (in->image_token >= 0) printf("image marker:     %s (token %d)\n", in->image_marker, (int)in->image_token);
+    if (t)
+        printf("tokenizer:        vocab %lld, BOS %d, EOS %d, chat template %s\n", (long long)mmb_tokenizer_vocab_size(t),
+               mmb_tokenizer_bos_id(t), mmb_tokenizer_eos_id(t), in->has_chat_template ? "yes" : "no");
+    else if (lm)
+        printf("tokenizer:        none (no tokenizer.json)\n");
+}
+
+int cli_info_run(mmb_ctx *ctx, const char *dir, const char *tower, const mmb_dense_params *dense, int dtype) {
+    mmb_mllm *m = NULL;
+    if (cli_open(ctx, dir, tower, dense, 0, &m)) return 1;
+    mmb_mllm_info in;
+    mmb_mllm_get_info(m, &in);
+    static const char *const dts[] = {"F32", "BF16", "F16", "int8, per-channel scales"};
+    printf("model:            %s\n", dir);
+    if (mmb_mllm_model(m)) print_model(mmb_mllm_model(m));
+    else printf("architecture:     %s\nfamily:           %s\n", in.architecture, in.family);
+    printf("fusion:           %s\n", mmb_fusion_name(in.fusion));
+    printf("compute dtype:    %s (linear layers' weights; activations f32)\n", dts[dtype]);
+    printf("image processor:  %s\n", in.has_processor ? in.processor : "none");
+    const mmb_vit *v = mmb_mllm_vit(m);
+    if (v) {
+        mmb_vit_info vi;
+        mmb_vit_get_info(v, &vi);
+        printf("vision tower:     %s, %lld parameters, %.3f GFLOP per image (all %d blocks)%s\n", vi.family,
+               (long long)vi.params, (double)vi.flops_per_image * 1e-9, vi.layers,
+               mmb_mllm_model(m) ? "" : "; a tower alone: encode writes its last_hidden_state");
+    }
+    print_lm(m, &in);
+    mmb_mllm_free(m);
+    return 0;
+}
+
+int cmd_info(int argc, char **argv) {
+    const char *pos[1];
+    cli_ctx_opts co = {0};
+    mmb_dense_params dense = {0};
+    const char *tower = NULL;
+    const cli_opt opts[] = {
+        {.name = "--vision-tower", .meta = "DIR", .type = CLI_STR, .dst = &tower,
+         .help = "the CLIP/SigLIP directory of an original-layout LLaVA checkpoint"},
+        CLI_OPTS_CTX(&co),
+        CLI_OPTS_DENSE(&dense),
+    };
+    const cli_spec spec = {"info", "MODEL",
+        "Prints what MODEL is: its architecture, key layout and family; the connector (hidden layers read,\n"
+        "as HF hidden_states indices, input and output widths, parameters, visual tokens and FLOPs per\n"
+        "image); the vision tower; the language model and tokenizer where the directory has them.\n",
+        opts, CLI_N(opts), pos, 1, 1, NULL};
+    int r = cli_parse(&spec, argc, argv);
+    if (r) return r == 1 ? 0 : r;
+    mmb_ctx *ctx = cli_ctx(&co);
+    if (!ctx) return 1;
+    r = cli_info_run(ctx, pos[0], tower, &dense, co.dtype);
+    mmb_ctx_free(ctx);
+    return r;
+}
+
