@@ -270,11 +270,10 @@ static mmb_status build(mmb_ctx *ctx, mmb_model *m) {
     snprintf(m->arch, sizeof m->arch, "%s", cJSON_IsArray(archs) && archs->child ? archs->child->valuestring : mt);
     m->info.architecture = m->arch;
     m->info.family = row->name;
-    /* "unknown architecture" is the phrase the CLI's encode and info tell a tower alone by. */
     if (row->vision_only)
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: architecture '%s' (model_type '%s') is a %s vision "
-                        "tower alone, with no connector: an unknown architecture to mmb_model_open (open it with "
-                        "mmb_vit_open)", c->dir, m->arch, mt, row->name);
+                        "tower alone, with no connector (open it with mmb_vit_open or mmb_mllm_open)", c->dir, m->arch, mt,
+                        row->name);
     if (row->text_only)
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: architecture '%s' (model_type '%s') is a language "
                         "model alone, with no vision path (open it with mmb_lm_open or mmb_mllm_open)", c->dir,
