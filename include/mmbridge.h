@@ -907,6 +907,17 @@ MMB_API int64_t mmb_mllm_encode_size(mmb_ctx *ctx, const mmb_mllm *m, const mmb_
  * The outputs are untouched on failure. */
 MMB_API mmb_status mmb_mllm_encode(mmb_ctx *ctx, mmb_mllm *m, const mmb_image *imgs, int n, mmb_encode_out *out);
 
+/* The outputs per image an encode makes of pixels of height x width (as the processor makes them), or -1
+ * with a message (a size the tower refuses, no vision path). */
+MMB_API int64_t mmb_mllm_pixel_tokens(mmb_ctx *ctx, const mmb_mllm *m, int height, int width);
+
+/* As mmb_mllm_encode on pixels [n, 3, height, width] f32 that the model's processor already made (what
+ * transformers' processor returns as pixel_values): the tower, feature selection and connector, and
+ * out->taps from the same pass; out->tokens (n entries) all get the one count. Returns as
+ * mmb_mllm_encode (MMB_ERR_SHAPE for a size the tower refuses). */
+MMB_API mmb_status mmb_mllm_encode_pixels(mmb_ctx *ctx, mmb_mllm *m, const float *pixels, int n, int height,
+                                          int width, mmb_encode_out *out);
+
 /* As mmb_mllm_encode for one image decoded from the file at `path`, or from the n bytes at `bytes`
  * (JPEG, PNG, WebP: mmb_image_decode). */
 MMB_API mmb_status mmb_mllm_encode_file(mmb_ctx *ctx, mmb_mllm *m, const char *path, mmb_encode_out *out);

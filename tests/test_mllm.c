@@ -336,6 +336,19 @@ static void test_equals_parts(mmb_ctx *ctx, mmb_mllm *m) {
     CHECK(memcmp(hid0, vref[0], sizeof hid0) == 0 && memcmp(hid1, vref[1], sizeof hid1) == 0,
           "hidden states = mmb_vit_forward's, bit for bit");
     CHECK(memcmp(emb, emb + 4 * D, 4 * D * sizeof(float)) != 0, "the two images differ");
+    /* the same from the preprocessed pixels, and the size the tower refuses */
+    static float emb2[2 * 4 * D], hid2[2 * VT * VD];
+    int64_t tok2[2] = {0};
+    mmb_encode_out o2 = {.embeddings = emb2, .embeddings_count = 2 * 4 * D, .tokens = tok2, .n_taps = 1, .taps = {-1},
+                         .hidden = {hid2}, .hidden_count = 2 * VT * VD};
+    CHECK(mmb_mllm_pixel_tokens(ctx, m, IMG, IMG) == 4 && mmb_mllm_pixel_tokens(ctx, m, IMG + 1, IMG) == -1,
+          "pixel tokens");
+    CHECK(mmb_mllm_encode_pixels(ctx, m, px, 2, IMG, IMG, &o2) == MMB_OK && tok2[0] == 4 && tok2[1] == 4 &&
+          memcmp(emb2, ref, sizeof emb2) == 0 && memcmp(hid2, vref[1], sizeof hid2) == 0,
+          "encode_pixels = mmb_model_encode and mmb_vit_forward, bit for bit: %s", mmb_ctx_error(ctx));
+    emb2[0] = 12345.0f;
+    CHECK(mmb_mllm_encode_pixels(ctx, m, px, 2, IMG + 1, IMG + 1, &o2) == MMB_ERR_SHAPE && emb2[0] == 12345.0f,
+          "a size the tower refuses, output untouched");
 
     /* the prompt's logits: eval = one forward of the embeddings spliced by hand at the marker; the image one
      * position later is far off */

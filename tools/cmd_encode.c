@@ -183,6 +183,19 @@ static int alloc_outputs(outputs *o, int n_taps) {
     return 0;
 }
 
+/* Where inputs [i0, i0 + nb) go in *out (allocated at the first batch, once out->t is known): *eo. */
+static int batch_out(outputs *out, const cli_enc *e, int64_t i0, int64_t nb, mmb_encode_out *eo) {
+    if (!out->emb && alloc_outputs(out, e->n_taps)) return 1;
+    *eo = (mmb_encode_out){.embeddings = out->emb + (size_t)(i0 * out->t) * (size_t)out->width,
+                           .embeddings_count = (size_t)(nb * out->t) * (size_t)out->width, .n_taps = e->n_taps,
+                           .hidden_count = out->per_h * (size_t)nb};
+    for (int i = 0; i < e->n_taps; i++) {
+        eo->taps[i] = e->taps[i];
+        eo->hidden[i] = out->hidden[i] + out->per_h * (size_t)i0;
+    }
+    return 0;
+}
+
 /* Images [i0, i0 + nb) of paths: decoded (their sizes kept in orig), then mmb_mllm_encode. */
 static int encode_images(mmb_ctx *ctx, mmb_mllm *m, const cli_enc *e, char **paths, int64_t i0, int64_t nb, int *orig,
                          outputs *out) {
@@ -206,14 +219,8 @@ static int encode_images(mmb_ctx *ctx, mmb_mllm *m, const cli_enc *e, char **pat
             goto done;
         }
     }
-    if (!out->emb && alloc_outputs(out, e->n_taps)) goto done;
-    mmb_encode_out eo = {.embeddings = out->emb + (size_t)(i0 * out->t) * (size_t)out->width,
-                         .embeddings_count = (size_t)(nb * out->t) * (size_t)out->width, .n_taps = e->n_taps,
-                         .hidden_count = out->per_h * (size_t)nb};
-    for (int i = 0; i < e->n_taps; i++) {
-        eo.taps[i] = e->taps[i];
-        eo.hidden[i] = out->hidden[i] + out->per_h * (size_t)i0;
-    }
+    mmb_encode_out eo;
+    if (batch_out(out, e, i0, nb, &eo)) goto done;
     r = mmb_mllm_encode(ctx, m, imgs, (int)nb, &eo) != MMB_OK ? cli_fail(ctx, NULL) : 0;
 done:
     for (int64_t i = 0; imgs && i < nb; i++) mmb_image_free(&imgs[i]);
@@ -222,29 +229,14 @@ done:
     return r;
 }
 
-/* --pixels [i0, i0 + nb): the model's encode on them, and the taps (a tower alone: its last_hidden_state
- * first) from its tower. */
-static int encode_pixels(mmb_ctx *ctx, const mmb_mllm *m, const cli_enc *e, const float *px, int h, int w, int64_t i0,
+/* --pixels [i0, i0 + nb): mmb_mllm_encode_pixels, the taps from the same tower pass. */
+static int encode_pixels(mmb_ctx *ctx, mmb_mllm *m, const cli_enc *e, const float *px, int h, int w, int64_t i0,
                          int64_t nb, outputs *out) {
-    const mmb_model *model = mmb_mllm_model(m);
-    const mmb_vit *vit = mmb_mllm_vit(m);
+    mmb_encode_out eo;
     const float *p = px + (size_t)3 * (size_t)h * (size_t)w * (size_t)i0;
-    if (!out->t && (out->t = model ? mmb_model_encode_tokens(ctx, model, h, w)
-                                   : (int64_t)(out->per_h / (size_t)out->width)) <= 0)
-        return cli_fail(ctx, NULL);
-    if (!out->emb && alloc_outputs(out, e->n_taps)) return 1;
-    float *emb = out->emb + (size_t)(i0 * out->t) * (size_t)out->width;
-    if (model && mmb_model_encode(ctx, model, p, nb, h, w, emb, (size_t)(nb * out->t) * (size_t)out->width) != MMB_OK)
-        return cli_fail(ctx, NULL);
-    int taps[MMB_MAX_TAPS + 1], nt = 0;
-    float *hb[MMB_MAX_TAPS + 1];
-    if (!model) { taps[nt] = MMB_TAP_LAST; hb[nt++] = emb; }
-    for (int i = 0; i < e->n_taps; i++) { taps[nt] = e->taps[i]; hb[nt++] = out->hidden[i] + out->per_h * (size_t)i0; }
-    if (nt && !vit) {
-        fprintf(stderr, "mmbridge: error: --taps: a %s model's hidden states are not exposed\n", e->model);
-        return 2;
-    }
-    return nt && mmb_vit_forward(ctx, vit, p, nb, taps, nt, hb) != MMB_OK ? cli_fail(ctx, NULL) : 0;
+    if (!out->t && (out->t = mmb_mllm_pixel_tokens(ctx, m, h, w)) <= 0) return cli_fail(ctx, NULL);
+    if (batch_out(out, e, i0, nb, &eo)) return 1;
+    return mmb_mllm_encode_pixels(ctx, m, p, (int)nb, h, w, &eo) != MMB_OK ? cli_fail(ctx, NULL) : 0;
 }
 
 int cli_encode_run(mmb_ctx *ctx, const cli_enc *e) {
@@ -269,6 +261,12 @@ int cli_encode_run(mmb_ctx *ctx, const cli_enc *e) {
         fprintf(stderr, "mmbridge: error: %s: %s\n", e->model, model ? "the checkpoint has no vision tower (an "
                 "original-layout LLaVA config only names it); pass --vision-tower DIR" : "a language model alone has "
                 "no vision path");
+        goto done;
+    }
+    if (e->n_taps && !mmb_mllm_vit(m)) {
+        fprintf(stderr, "mmbridge: error: --taps: a %s model runs its tower and connector as one; its hidden states "
+                "are not exposed\n", in.family);
+        r = 2;
         goto done;
     }
     if (e->video && !model) {

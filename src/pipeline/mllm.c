@@ -317,38 +317,34 @@ int64_t mmb_mllm_encode_size(mmb_ctx *ctx, const mmb_mllm *m, const mmb_image *i
     return sum;
 }
 
-mmb_status mmb_mllm_encode(mmb_ctx *ctx, mmb_mllm *m, const mmb_image *imgs, int n, mmb_encode_out *out) {
-    if (!ctx || !m || !imgs || !out || n < 1 || out->n_taps < 0 || out->n_taps > MMB_MAX_TAPS)
-        return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_encode: NULL argument, n < 1 or n_taps outside 0..%d",
-                        MMB_MAX_TAPS);
-    const int nt = out->n_taps;
-    if (!out->embeddings && !nt)
-        return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_encode: nothing asked (no embeddings buffer, no taps)");
-    for (int i = 0; i < nt; i++)
-        if (!out->hidden[i]) return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_encode: hidden[%d] is NULL", i);
-    if (nt && !m->vit) {
+/* The checks every encode makes of *out before anything runs. */
+static mmb_status check_out(mmb_ctx *ctx, const mmb_mllm *m, const char *call, int n, const mmb_encode_out *out) {
+    if (!ctx || !m || !out || n < 1 || out->n_taps < 0 || out->n_taps > MMB_MAX_TAPS)
+        return mmb__err(ctx, MMB_ERR_ARG, "%s: NULL argument, n < 1 or n_taps outside 0..%d", call, MMB_MAX_TAPS);
+    if (!out->embeddings && !out->n_taps)
+        return mmb__err(ctx, MMB_ERR_ARG, "%s: nothing asked (no embeddings buffer, no taps)", call);
+    for (int i = 0; i < out->n_taps; i++)
+        if (!out->hidden[i]) return mmb__err(ctx, MMB_ERR_ARG, "%s: hidden[%d] is NULL", call, i);
+    if (out->n_taps && !m->vit) {
         if (m->info.has_vision)
             return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: a %s model runs its tower and connector as one; its hidden "
                             "states are not exposed", m->dir, m->info.family);
         return no_vision(ctx, m);
     }
-    /* Plan every image, then preprocess them one after another into one buffer: a batch when they are the same
-     * size, else slots encoded one by one. Everything lands in temporaries, copied out at the end. */
-    int *hw = malloc(sizeof(int) * 2 * (size_t)n);
-    int64_t *tok = malloc(sizeof(int64_t) * (size_t)n), total = 0;
-    float *px = NULL, *emb = NULL, *hid[MMB_MAX_TAPS] = {0};
-    size_t npx = 0;
-    mmb_status s = hw && tok ? MMB_OK : mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
-    bool same = true;
-    for (int i = 0; i < n && s == MMB_OK; i++) {
-        if ((s = image_plan(ctx, m, &imgs[i], &hw[2 * i], &hw[2 * i + 1], &tok[i])) != MMB_OK) break;
-        total += tok[i];
-        npx += (size_t)3 * (size_t)hw[2 * i] * (size_t)hw[2 * i + 1];
-        same &= hw[2 * i] == hw[0] && hw[2 * i + 1] == hw[1];
-    }
+    return MMB_OK;
+}
+
+/* n images' pixels px (one after another, image i hw[2i] x hw[2i + 1], tok[i] embeddings; `same`: one size,
+ * so one batch) through m into temporaries, then copied to *out: outputs untouched on failure. */
+static mmb_status encode_out(mmb_ctx *ctx, const mmb_mllm *m, const float *px, int n, const int *hw,
+                             const int64_t *tok, bool same, mmb_encode_out *out) {
+    const int nt = out->n_taps;
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) total += tok[i];
     const int64_t d = m->info.out_width, vt = m->info.vision_tokens, vw = m->info.vision_width;
     const size_t ne = (size_t)(total * d), nh = (size_t)(n * vt * vw);
-    if (s == MMB_OK && nt && !same)
+    mmb_status s = MMB_OK;
+    if (nt && !same)
         s = mmb__err(ctx, MMB_ERR_SHAPE, "hidden states need one image size: the processor makes image 0 %dx%d and "
                      "another a different size", hw[1], hw[0]);
     if (s == MMB_OK && out->embeddings && out->embeddings_count < ne)
@@ -357,19 +353,13 @@ mmb_status mmb_mllm_encode(mmb_ctx *ctx, mmb_mllm *m, const mmb_image *imgs, int
     if (s == MMB_OK && nt && out->hidden_count < nh)
         s = mmb__err(ctx, MMB_ERR_SHAPE, "each hidden state buffer holds %zu floats, %zu needed (%d x %lld x %lld)",
                      out->hidden_count, nh, n, (long long)vt, (long long)vw);
-    if (s == MMB_OK && (!(px = malloc(npx * sizeof(float))) || !(emb = malloc(ne * sizeof(float)))))
+    float *emb = NULL, *hid[MMB_MAX_TAPS] = {0};
+    if (s == MMB_OK && !(emb = malloc(ne * sizeof(float) + 1)))
         s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for %d image(s)", n);
     for (int i = 0; i < nt && s == MMB_OK; i++)
-        if (!(hid[i] = malloc(nh * sizeof(float)))) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+        if (!(hid[i] = malloc(nh * sizeof(float) + 1))) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    if (s == MMB_OK && same) s = mmb__mllm_encode_pixels(ctx, m, px, n, hw[0], hw[1], emb, ne, out->taps, nt, hid);
     size_t off = 0;
-    for (int i = 0; i < n && s == MMB_OK; i++) {
-        size_t one = (size_t)3 * (size_t)hw[2 * i] * (size_t)hw[2 * i + 1];
-        s = mmb_preprocess_run(ctx, &m->proc, &imgs[i], px + off, one);
-        off += one;
-    }
-    if (s == MMB_OK && same)
-        s = mmb__mllm_encode_pixels(ctx, m, px, n, hw[0], hw[1], emb, ne, out->taps, nt, hid);
-    off = 0;
     for (int i = 0, row = 0; i < n && s == MMB_OK && !same; row += (int)tok[i], i++) {
         s = mmb__mllm_encode_pixels(ctx, m, px + off, 1, hw[2 * i], hw[2 * i + 1], emb + (size_t)row * (size_t)d,
                                     (size_t)(tok[i] * d), NULL, 0, NULL);
@@ -382,7 +372,64 @@ mmb_status mmb_mllm_encode(mmb_ctx *ctx, mmb_mllm *m, const mmb_image *imgs, int
     }
     for (int i = 0; i < nt; i++) free(hid[i]);
     free(emb);
+    return s;
+}
+
+mmb_status mmb_mllm_encode(mmb_ctx *ctx, mmb_mllm *m, const mmb_image *imgs, int n, mmb_encode_out *out) {
+    mmb_status s = check_out(ctx, m, "mmb_mllm_encode", n, out);
+    if (s == MMB_OK && !imgs) s = mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_encode: NULL images");
+    if (s != MMB_OK) return s;
+    /* Plan every image, then preprocess them one after another into one buffer: a batch when they are the same
+     * size, else slots encoded one by one. */
+    int *hw = malloc(sizeof(int) * 2 * (size_t)n);
+    int64_t *tok = malloc(sizeof(int64_t) * (size_t)n);
+    float *px = NULL;
+    size_t npx = 0;
+    s = hw && tok ? MMB_OK : mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    bool same = true;
+    for (int i = 0; i < n && s == MMB_OK; i++) {
+        if ((s = image_plan(ctx, m, &imgs[i], &hw[2 * i], &hw[2 * i + 1], &tok[i])) != MMB_OK) break;
+        npx += (size_t)3 * (size_t)hw[2 * i] * (size_t)hw[2 * i + 1];
+        same &= hw[2 * i] == hw[0] && hw[2 * i + 1] == hw[1];
+    }
+    if (s == MMB_OK && !(px = malloc(npx * sizeof(float))))
+        s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for %d image(s)", n);
+    size_t off = 0;
+    for (int i = 0; i < n && s == MMB_OK; i++) {
+        size_t one = (size_t)3 * (size_t)hw[2 * i] * (size_t)hw[2 * i + 1];
+        s = mmb_preprocess_run(ctx, &m->proc, &imgs[i], px + off, one);
+        off += one;
+    }
+    if (s == MMB_OK) s = encode_out(ctx, m, px, n, hw, tok, same, out);
     free(px);
+    free(tok);
+    free(hw);
+    return s;
+}
+
+int64_t mmb_mllm_pixel_tokens(mmb_ctx *ctx, const mmb_mllm *m, int height, int width) {
+    if (!ctx || !m) return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_pixel_tokens: NULL argument"), -1;
+    if (!m->info.has_vision) return no_vision(ctx, m), -1;
+    return tokens_for(ctx, m, height, width);
+}
+
+mmb_status mmb_mllm_encode_pixels(mmb_ctx *ctx, mmb_mllm *m, const float *pixels, int n, int height, int width,
+                                  mmb_encode_out *out) {
+    mmb_status s = check_out(ctx, m, "mmb_mllm_encode_pixels", n, out);
+    if (s == MMB_OK && (!pixels || height < 1 || width < 1))
+        s = mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_encode_pixels: NULL pixels or a side < 1");
+    if (s != MMB_OK) return s;
+    int64_t t = mmb_mllm_pixel_tokens(ctx, m, height, width);
+    if (t < 0) return MMB_ERR_SHAPE;
+    int *hw = malloc(sizeof(int) * 2 * (size_t)n);
+    int64_t *tok = malloc(sizeof(int64_t) * (size_t)n);
+    s = hw && tok ? MMB_OK : mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    for (int i = 0; i < n && s == MMB_OK; i++) {
+        hw[2 * i] = height;
+        hw[2 * i + 1] = width;
+        tok[i] = t;
+    }
+    if (s == MMB_OK) s = encode_out(ctx, m, pixels, n, hw, tok, true, out);
     free(tok);
     free(hw);
     return s;
