@@ -3,9 +3,13 @@
  *
  * The whole public API. Every fallible call returns an mmb_status; when it is not MMB_OK the
  * context's message (mmb_ctx_error) names the file, the tensor and the problem (except for
- * mmb_ctx_new, which has no context to hold one), and every output parameter is left untouched. Sizes are int64_t or size_t; arrays are row-major, f32 unless said.
+ * mmb_ctx_new, which has no context to hold one), and every output parameter is left untouched.
+ * Sizes are int64_t or size_t; arrays are row-major, f32 unless said.
  *
- * Usage (what the CLI's `connect` does; tests/test_api.c runs the same sequence):
+ * The whole job, from a checkpoint directory and images to streamed text, is the multimodal model
+ * (mmb_mllm, "The multimodal model" below; tests/test_mllm.c runs its example). The parts under it stay
+ * public: the connector model on hidden states you computed yourself (what the CLI's `connect` does;
+ * tests/test_api.c runs this sequence):
  *
  *     mmb_ctx *ctx = NULL;
  *     mmb_ctx_params cp = mmb_ctx_default_params();
