@@ -22,7 +22,7 @@ double mmb__now_s(void);
 
 /* ---- base/status.c: error messages --------------------------------------------------------- */
 
-#define MMB_ERRMSG_LEN 1024
+#define MMB_ERRMSG_LEN 4096 /* room for a long path and the family table's list */
 
 /* Formats a message into ctx (if not NULL) and returns s, so callers can `return mmb__err(...)`. */
 mmb_status mmb__err(mmb_ctx *ctx, mmb_status s, const char *fmt, ...)

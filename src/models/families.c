@@ -150,7 +150,7 @@ static mmb_status match(mmb_ctx *ctx, const cJSON *config, const char *where, co
             *out = &rows[i];
             return MMB_OK;
         }
-    char families[768];
+    char families[1536];
     list_families(families, sizeof families);
     if (arch)
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: architecture '%s' (model_type '%s') is not supported; %s", where,
