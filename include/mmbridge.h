@@ -1066,8 +1066,8 @@ typedef struct mmb_gen_result {
  * Fills *res (res may be NULL; on MMB_ERR_ABORTED during the prompt too: MMB_STOP_ABORT and the timings so
  * far; untouched on other errors). Progress as mmb_mllm_eval, then "decode" after each token fed back (done
  * of n_predict). Returns MMB_OK; MMB_ERR_ARG for NULL pointers, an empty prompt, a negative n_predict, NULL
- * or empty stop strings; the statuses of mmb_mllm_eval (the prompt alone overflowing the cache is
- * MMB_ERR_SHAPE) and mmb_sample. */
+ * or empty stop strings; MMB_ERR_MISSING for stop strings without a tokenizer; the statuses of
+ * mmb_mllm_eval (the prompt alone overflowing the cache is MMB_ERR_SHAPE) and mmb_sample. */
 MMB_API mmb_status mmb_mllm_generate(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mmb_chunks *prompt,
                                      const mmb_gen_params *p, mmb_gen_result *res);
 

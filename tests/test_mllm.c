@@ -380,6 +380,17 @@ static void test_equals_parts(mmb_ctx *ctx, mmb_mllm *m) {
     mmb_image_free(&imgs[1]);
 }
 
+/* An on_token that asks to stop at its at-th token. */
+typedef struct counter {
+    int n, at;
+} counter;
+
+static int stop_at(void *user, int32_t id, const char *piece, size_t len) {
+    counter *c = user;
+    (void)id, (void)piece, (void)len;
+    return ++c->n == c->at;
+}
+
 /* ---- abort, a full context ---- */
 
 typedef struct stopper {
@@ -464,8 +475,27 @@ static void test_abort_and_context(mmb_ctx *ctx, mmb_mllm *m) {
         CHECK(mmb_mllm_generate(ctx, m, kv, c, &gp, &res) == MMB_OK && res.stop == MMB_STOP_STRING &&
               strstr(col2.text, stop) && col2.n <= col.n && memcmp(col.ids, col2.ids, sizeof(int32_t) * col2.n) == 0,
               "stop string '%s': '%s' (of '%s')", stop, col2.text, col.text);
+        /* the stop string completed by the last token n_predict allows: STRING, not LENGTH */
+        gp.n_predict = col2.n;
+        collect col3 = {0};
+        gp.user = &col3;
+        mmb_kv_cache_reset(kv);
+        CHECK(mmb_mllm_generate(ctx, m, kv, c, &gp, &res) == MMB_OK && res.stop == MMB_STOP_STRING &&
+              res.n_generated == col2.n, "stop string on the last token: stop %d", (int)res.stop);
         gp.n_stops = 0;
     }
+    /* on_token saying stop: CALLBACK, also on the last token n_predict allows (not LENGTH) */
+    for (int at = 3; at <= 4; at++) {
+        counter cn = {.at = 3};
+        gp.on_token = stop_at;
+        gp.user = &cn;
+        gp.n_predict = at;
+        mmb_kv_cache_reset(kv);
+        CHECK(mmb_mllm_generate(ctx, m, kv, c, &gp, &res) == MMB_OK && res.stop == MMB_STOP_CALLBACK &&
+              res.n_generated == 3 && cn.n == 3, "on_token stop at 3 of %d: stop %d after %lld", at, (int)res.stop,
+              (long long)res.n_generated);
+    }
+    gp.on_token = NULL;
     mmb_kv_cache_free(kv);
     mmb_chunks_free(c);
     mmb_image_free(&img);
@@ -576,6 +606,13 @@ static void test_other_dirs(mmb_ctx *ctx) {
         CHECK(mmb_mllm_generate(ctx, m, kv, c, &gp, &res) == MMB_OK && col.len == 0 &&
               (res.stop == MMB_STOP_LENGTH ? col.n == 5 : res.stop == MMB_STOP_EOS && col.ids[col.n - 1] == 7),
               "ids only: stop %d after %d", (int)res.stop, col.n);
+        const char *stops[1] = {"a"};
+        gp.stops = stops;
+        gp.n_stops = 1;
+        res.n_prompt = -5;
+        CHECK(mmb_mllm_generate(ctx, m, kv, c, &gp, &res) == MMB_ERR_MISSING && res.n_prompt == -5 &&
+              strstr(mmb_ctx_error(ctx), "stop strings need"), "stop strings without a tokenizer: %s",
+              mmb_ctx_error(ctx));
         mmb_image img = test_image(9);
         mmb_encode_out o = {0};
         static float emb[4];

@@ -153,6 +153,8 @@ mmb_status mmb_mllm_generate(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const 
     for (int k = 0; k < gp.n_stops; k++)
         if (!gp.stops[k] || !gp.stops[k][0]) return mmb__err(ctx, MMB_ERR_ARG, "stop string %d is NULL or empty", k);
     if (!m->lm) return mmb__err(ctx, MMB_ERR_MISSING, "%s: the model has no language model", m->dir);
+    if (gp.n_stops && !m->tok)
+        return mmb__err(ctx, MMB_ERR_MISSING, "%s: stop strings need the model's tokenizer (tokenizer.json)", m->dir);
     if (prompt->positions < 1) return mmb__err(ctx, MMB_ERR_ARG, "the prompt is empty: nothing to sample from");
     mmb_lm_info li;
     mmb_lm_get_info(m->lm, &li);
@@ -186,15 +188,14 @@ mmb_status mmb_mllm_generate(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const 
         if ((s = mmb_sample(ctx, &gp.sampler, last, vocab, &t)) != MMB_OK) break;
         gen[g] = t;
         r.n_generated = g + 1;
-        int reason = -1;
         bool eos = false;
         for (int k = 0; k < m->n_eos && !gp.ignore_eos; k++) eos |= t == m->eos[k];
-        if (eos) reason = MMB_STOP_EOS;
-        else if (g + 1 == gp.n_predict) reason = MMB_STOP_LENGTH;
-        else if (mmb_kv_cache_len(kv) >= cap) reason = MMB_STOP_CONTEXT;
-        /* The text this token completes; held-back bytes flushed with the last token. */
+        const bool last_tok = g + 1 == gp.n_predict || mmb_kv_cache_len(kv) >= cap;
+        int reason = eos ? MMB_STOP_EOS : -1;
+        /* The text this token completes: held-back bytes are flushed with the last token, and with a token
+         * that completes a stop string (it becomes the last). */
         piece.len = 0;
-        for (int flush = reason >= 0; m->tok; flush = 1) {
+        for (int flush = eos || last_tok; m->tok; flush = 1) {
             char *bytes = NULL;
             size_t n = 0, from = text.len;
             if ((s = mmb_tokenizer_decode_stream(ctx, m->tok, gen, g + 1, 1, flush, &emitted, &bytes, &n)) != MMB_OK)
@@ -202,12 +203,13 @@ mmb_status mmb_mllm_generate(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const 
             bool ok = text_add(&piece, bytes, n) && (!gp.n_stops || text_add(&text, bytes, n));
             free(bytes);
             if (!ok) { s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for the generated text"); break; }
-            if (flush || !stop_hit(&gp, text.all, text.len, from)) break;
-            reason = MMB_STOP_STRING;
+            if (reason < 0 && stop_hit(&gp, text.all, text.len, from)) reason = MMB_STOP_STRING;
+            if (flush || reason < 0) break;
         }
         if (s != MMB_OK) break;
         if (gp.on_token && gp.on_token(gp.user, t, piece.len ? piece.all : "", piece.len) && reason < 0)
             reason = MMB_STOP_CALLBACK;
+        if (reason < 0 && last_tok) reason = g + 1 == gp.n_predict ? MMB_STOP_LENGTH : MMB_STOP_CONTEXT;
         if (reason >= 0) { r.stop = (mmb_stop)reason; break; }
         if ((s = mmb_lm_embed(ctx, m->lm, &t, 1, e1)) != MMB_OK || (s = mmb_lm_forward(ctx, m->lm, kv, e1, 1, lg, 1)))
             break;
