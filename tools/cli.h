@@ -151,7 +151,7 @@ int cli_info_run(mmb_ctx *ctx, const char *dir, const char *tower, const mmb_den
 #define CLI_MAX_IMAGES 64
 #define CLI_MAX_STOPS 8
 typedef struct cli_gen {
-    const char *model, *prompt, *ids, *embeds, *logits;
+    const char *model, *tower, *prompt, *ids, *embeds, *logits;
     const char *images[CLI_MAX_IMAGES];
     const char *stops[CLI_MAX_STOPS];
     int n_images, n_stops, raw, ignore_eos, print_ids;

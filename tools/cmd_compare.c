@@ -10,7 +10,7 @@
 
 typedef struct {
     char name[160], measured[24];
-    char error[400];           /* why the row could not be measured; "" when it was */
+    char error[4096];          /* why the row could not be measured (the library's message, whole); "" when it was */
     int64_t params, flops, tokens;
     int64_t llm[3];            /* the LLM the prefill column is for: layers, width, MLP width */
     int own_llm;               /* 1: the checkpoint's own LLM, 0: the --llm-* sizes */
@@ -40,7 +40,7 @@ static int measure_model(mmb_ctx *ctx, const char *dir, int reps, int64_t grid, 
     if (cli_open(ctx, dir, NULL, NULL, 0, &mm)) return row_fail(r, mmb_ctx_error(ctx));
     const mmb_model *m = mmb_mllm_model(mm);
     if (!m) {
-        char why[300];
+        char why[4096];
         snprintf(why, sizeof why, "%s: a %s alone: no connector to measure", dir,
                  mmb_mllm_vit(mm) ? "vision tower" : "language model");
         mmb_mllm_free(mm);
@@ -69,7 +69,7 @@ static int measure_model(mmb_ctx *ctx, const char *dir, int reps, int64_t grid, 
     double *ts = NULL;
     int rc = 1;
     if (!tower && mi.n_taps != 1) {
-        char why[300];
+        char why[4096];
         snprintf(why, sizeof why, "%s: a connector reading %d hidden states needs its vision tower to be measured",
                  dir, mi.n_taps);
         row_fail(r, why);

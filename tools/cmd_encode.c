@@ -34,6 +34,7 @@ static int write_output(mmb_ctx *ctx, const char *output, const mmb_tensor *t, i
     close(fd);
     int r = mmb_st_write_meta(ctx, tmp, t, n, keys, vals, n_meta) != MMB_OK ? cli_fail(ctx, NULL) : 0;
     FILE *f = r ? NULL : fopen(tmp, "rb");
+    if (!r && !f) r = cli_fail(NULL, strerror(errno));
     char buf[1 << 16];
     size_t k;
     while (f && (k = fread(buf, 1, sizeof buf, f)) > 0)

@@ -110,7 +110,7 @@ int cli_generate_run(mmb_ctx *ctx, const cli_gen *o) {
     sigemptyset(&sa.sa_mask);
     interrupted = 0;
     sigaction(SIGINT, &sa, &old);
-    if (cli_open(ctx, o->model, NULL, NULL, 0, &m)) goto done;
+    if (cli_open(ctx, o->model, o->tower, NULL, 0, &m)) goto done;
     mmb_mllm_info in;
     mmb_mllm_get_info(m, &in);
     if (!in.has_lm) {
@@ -142,10 +142,10 @@ int cli_generate_run(mmb_ctx *ctx, const cli_gen *o) {
     gp.abort = &interrupted;
     mmb_gen_result res = {0};
     mmb_status s = mmb_mllm_generate(ctx, m, kv, chunks, &gp, &res);
-    printf("\n");
-    fflush(stdout);
     int stopped = s == MMB_ERR_ABORTED || (s == MMB_OK && res.stop == MMB_STOP_ABORT);
     if (s != MMB_OK && !stopped) { cli_fail(ctx, NULL); goto done; }
+    printf("\n");
+    fflush(stdout);
     if (g.oom) { cli_fail(NULL, "out of memory for --logits"); goto done; }
     if (o->logits && !stopped) {
         mmb_lm_info li;
@@ -183,6 +183,8 @@ int cmd_generate(int argc, char **argv) {
         {.name = "--image", .meta = "IMG", .type = CLI_STRS, .dst = o.images,
          .help = "an image; each image marker of the prompt takes the next one", .count = &o.n_images,
          .max = CLI_MAX_IMAGES},
+        {.name = "--vision-tower", .meta = "DIR", .type = CLI_STR, .dst = &o.tower,
+         .help = "the CLIP/SigLIP checkpoint directory of an original-layout LLaVA model"},
         {.name = "--prompt", .meta = "TEXT", .type = CLI_STR, .dst = &o.prompt,
          .help = "through the chat template of tokenizer_config.json / chat_template.json,\n"
          "then tokenized (--raw: tokenized verbatim, with the tokenizer's BOS); without an image\n"

@@ -169,6 +169,9 @@ static mmb_status read_rope(cfgr *r, mmb_lm *lm) {
         return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: %s%s: bad values (rope_theta %g, factor %g, "
                         "low_freq_factor %g, high_freq_factor %g)", r->c->dir, r->tp, which, vals[0], vals[1],
                         vals[2], vals[3]);
+    if ((k == ROPE_LINEAR || k == ROPE_DYNAMIC) && !((double)lm->mpe * vals[1] <= 9007199254740992.0))
+        return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: %s%s: factor %g times max_position_embeddings %lld is "
+                        "beyond any context (2^53 positions)", r->c->dir, r->tp, which, vals[1], (long long)lm->mpe);
     lm->theta = vals[0];
     lm->factor = vals[1];
     lm->low_ff = vals[2];

@@ -239,7 +239,8 @@ const mmb_preprocess *mmb_mllm_processor(const mmb_mllm *m) { return m && m->inf
 static mmb_status no_vision(mmb_ctx *ctx, const mmb_mllm *m) {
     if (m->model)
         return mmb__err(ctx, MMB_ERR_MISSING, "%s: the checkpoint has no vision tower (an original-layout LLaVA "
-                        "config only names it: open it with mmb_mllm_params.vision_tower)", m->dir);
+                        "config only names it: give its directory, mmb_mllm_params.vision_tower or the CLI's "
+                        "--vision-tower)", m->dir);
     return mmb__err(ctx, MMB_ERR_MISSING, "%s: a language model alone has no vision path", m->dir);
 }
 
@@ -360,7 +361,7 @@ static mmb_status encode_out(mmb_ctx *ctx, const mmb_mllm *m, const float *px, i
         if (!(hid[i] = malloc(nh * sizeof(float) + 1))) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     if (s == MMB_OK && same) s = mmb__mllm_encode_pixels(ctx, m, px, n, hw[0], hw[1], emb, ne, out->taps, nt, hid);
     size_t off = 0;
-    for (int i = 0, row = 0; i < n && s == MMB_OK && !same; row += (int)tok[i], i++) {
+    for (int64_t i = 0, row = 0; i < n && s == MMB_OK && !same; row += tok[i], i++) {
         s = mmb__mllm_encode_pixels(ctx, m, px + off, 1, hw[2 * i], hw[2 * i + 1], emb + (size_t)row * (size_t)d,
                                     (size_t)(tok[i] * d), NULL, 0, NULL);
         off += (size_t)3 * (size_t)hw[2 * i] * (size_t)hw[2 * i + 1];

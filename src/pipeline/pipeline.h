@@ -37,9 +37,8 @@ struct mmb_mllm {
     mmb_mllm_info info;
     int n_eos;
     int32_t eos[16];           /* the LLM's eos ids and the tokenizer's stop ids, merged */
-    char marker[64];           /* info.image_marker */
-    char no_proc[256];         /* why there is no processor (info.has_processor 0) */
-    char no_tok[256];          /* why there is no tokenizer (info.has_tokenizer 0 with an LLM) */
+    char no_proc[MMB_ERRMSG_LEN]; /* why there is no processor (info.has_processor 0) */
+    char no_tok[MMB_ERRMSG_LEN];  /* why there is no tokenizer (info.has_tokenizer 0 with an LLM) */
 };
 
 /* img through m's processor: *pixels (malloc'd [3, *h, *w] f32, the caller frees it) and the embeddings m
