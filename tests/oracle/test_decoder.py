@@ -269,6 +269,10 @@ def test_bad_input(tmp_path):
     (d / "config.json").write_text(json.dumps(dict(cfg, rope_parameters={"rope_type": "yarn", "factor": 2.0,
                                                                           "rope_theta": 1e4})))
     fails(["generate", d, "--ids", ids, "-n", 1], "rope type 'yarn' is not supported")
+    # a linear factor that takes the context past any int64 position count (it used to come out negative)
+    (d / "config.json").write_text(json.dumps(dict(cfg, max_position_embeddings=2 ** 40, rope_parameters={
+        "rope_type": "linear", "factor": 1e10, "rope_theta": 1e4})))
+    fails(["generate", d, "--ids", ids, "-n", 1], "beyond any context")
     (d / "config.json").write_text(json.dumps(cfg))
     # context overflow: 130 ids for max_position_embeddings 128
     fails(["generate", d, "--ids", csv(ids_of(130)), "-n", 1], "context overflow", "130 tokens", "limit is 128")
