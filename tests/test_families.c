@@ -6,10 +6,23 @@
 #include "check.h"
 #include "internal.h"
 
+#include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+
+/* The row claiming dir/config.json (mmb__family_match_config on the parsed file). */
+static mmb_status match_dir(mmb_ctx *ctx, const char *dir, const mmb__family **out) {
+    char path[256];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    cJSON *config;
+    mmb_status s = mmb__json_read(ctx, path, &config);
+    if (s != MMB_OK) return s;
+    s = mmb__family_match_config(ctx, config, path, out);
+    cJSON_Delete(config);
+    return s;
+}
 
 static void write_config(const char *dir, const char *json) {
     mkdir(dir, 0755);
@@ -42,7 +55,7 @@ static void check_refused(mmb_ctx *ctx, const char *dir, const char *json, const
         CHECK(strstr(e, item) && strstr(e, d.architectures), "%s: lists %s (%s): %s", dir, d.name, d.architectures, e);
     }
     const mmb__family *row = NULL;
-    CHECK(mmb__family_match_dir(ctx, dir, &row) == MMB_ERR_UNSUPPORTED && !row, "%s: by directory too", dir);
+    CHECK(match_dir(ctx, dir, &row) == MMB_ERR_UNSUPPORTED && !row, "%s: by directory too", dir);
 }
 
 static void test_refusals(mmb_ctx *ctx) {
@@ -55,8 +68,8 @@ static void test_refusals(mmb_ctx *ctx) {
     check_refused(ctx, "fam_bare", "{\"model_type\":\"bogus\"}", "model_type 'bogus' (no architectures)");
     write_config("fam_badtype", "{\"architectures\":[\"LlavaForConditionalGeneration\"],\"model_type\":3}");
     const mmb__family *row = NULL;
-    CHECK(mmb__family_match_dir(ctx, "fam_badtype", &row) == MMB_ERR_FORMAT, "a model_type that is not a string");
-    CHECK(mmb__family_match_dir(ctx, "fam_absent", &row) == MMB_ERR_IO, "no config.json");
+    CHECK(match_dir(ctx, "fam_badtype", &row) == MMB_ERR_FORMAT, "a model_type that is not a string");
+    CHECK(match_dir(ctx, "fam_absent", &row) == MMB_ERR_IO, "no config.json");
 }
 
 /* Every row is listed, and a config naming any of its architectures (or, with none, its model types)
@@ -80,7 +93,7 @@ static void test_rows(mmb_ctx *ctx) {
             snprintf(json, sizeof json, "{\"architectures\":[\"%s\"]}", a);
             write_config("fam_row", json);
             const mmb__family *row = NULL;
-            CHECK(mmb__family_match_dir(ctx, "fam_row", &row) == MMB_OK && row && strcmp(row->name, d.name) == 0,
+            CHECK(match_dir(ctx, "fam_row", &row) == MMB_OK && row && strcmp(row->name, d.name) == 0,
                   "%s -> %s (got %s)", a, d.name, row ? row->name : mmb_ctx_error(ctx));
         }
     }
@@ -88,13 +101,13 @@ static void test_rows(mmb_ctx *ctx) {
           seen_llava, seen_text);
     const mmb__family *row = NULL;
     write_config("fam_row", "{\"model_type\":\"qwen2_vl\"}");
-    CHECK(mmb__family_match_dir(ctx, "fam_row", &row) == MMB_OK && strcmp(row->name, "qwen2_vl") == 0 && row->ops,
+    CHECK(match_dir(ctx, "fam_row", &row) == MMB_OK && strcmp(row->name, "qwen2_vl") == 0 && row->ops,
           "model_type alone");
     write_config("fam_row", "{\"architectures\":[\"SomeLlavaForCausalLM\"],\"mm_projector_type\":\"linear\"}");
-    CHECK(mmb__family_match_dir(ctx, "fam_row", &row) == MMB_OK && row->layout == MMB__LAYOUT_ORIGINAL && row->lm_runs,
+    CHECK(match_dir(ctx, "fam_row", &row) == MMB_OK && row->layout == MMB__LAYOUT_ORIGINAL && row->lm_runs,
           "original LLaVA by its keys");
     write_config("fam_row", "{\"architectures\":[\"IdeficsForVisionText2Text\"]}");
-    CHECK(mmb__family_match_dir(ctx, "fam_row", &row) == MMB_OK && row->fusion == MMB_FUSION_A && !row->lm_runs,
+    CHECK(match_dir(ctx, "fam_row", &row) == MMB_OK && row->fusion == MMB_FUSION_A && !row->lm_runs,
           "IDEFICS: fusion A, its LLM not run");
 }
 
@@ -130,7 +143,7 @@ static void test_tower_alone(mmb_ctx *ctx) {
     }
     CHECK(mmb_st_write(ctx, "fam_clip/model.safetensors", t, N) == MMB_OK, "write: %s", mmb_ctx_error(ctx));
     const mmb__family *row = NULL;
-    CHECK(mmb__family_match_dir(ctx, dir, &row) == MMB_OK && strcmp(row->name, "clip") == 0 && row->vision_only &&
+    CHECK(match_dir(ctx, dir, &row) == MMB_OK && strcmp(row->name, "clip") == 0 && row->vision_only &&
           row->fusion == MMB_FUSION_NONE && !row->ops, "the clip row");
     mmb_vit *v = NULL;
     CHECK(mmb_vit_open(ctx, dir, &v) == MMB_OK, "opens: %s", mmb_ctx_error(ctx));

@@ -135,8 +135,7 @@ static void list_families(char *buf, size_t cap) {
     }
 }
 
-/* The matcher over config (the file `where`, for messages). */
-static mmb_status match(mmb_ctx *ctx, const cJSON *config, const char *where, const mmb__family **out) {
+mmb_status mmb__family_match_config(mmb_ctx *ctx, const cJSON *config, const char *where, const mmb__family **out) {
     const cJSON *archs = cJSON_GetObjectItemCaseSensitive(config, "architectures");
     const cJSON *a0 = cJSON_IsArray(archs) ? archs->child : NULL, *mt = cJSON_GetObjectItemCaseSensitive(config,
                                                                                                          "model_type");
@@ -162,18 +161,7 @@ static mmb_status match(mmb_ctx *ctx, const cJSON *config, const char *where, co
 mmb_status mmb__family_match(mmb_ctx *ctx, const mmb_ckpt *c, const mmb__family **out) {
     char where[4096];
     snprintf(where, sizeof where, "%s/config.json", c->dir);
-    return match(ctx, c->config, where, out);
-}
-
-mmb_status mmb__family_match_dir(mmb_ctx *ctx, const char *dir, const mmb__family **out) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/config.json", dir);
-    cJSON *config;
-    mmb_status s = mmb__json_read(ctx, path, &config);
-    if (s != MMB_OK) return s;
-    s = match(ctx, config, path, out);
-    cJSON_Delete(config);
-    return s;
+    return mmb__family_match_config(ctx, c->config, where, out);
 }
 
 int mmb_family_count(void) { return N_ROWS; }

@@ -85,8 +85,8 @@ struct mmb__family {
 mmb_status mmb__family_match(mmb_ctx *ctx, const mmb_ckpt *c, const mmb__family **out);
 /* Is s one of the ", "-separated items of list (NULL: none)? For the rows' lists. */
 bool mmb__list_has(const char *list, const char *s);
-/* As mmb__family_match for the checkpoint directory dir, reading only dir/config.json; MMB_ERR_IO /
- * MMB_ERR_FORMAT when it cannot be read (mmb__json_read). */
-mmb_status mmb__family_match_dir(mmb_ctx *ctx, const char *dir, const mmb__family **out);
+/* As mmb__family_match for a config.json already parsed (`where` names it in messages). */
+mmb_status mmb__family_match_config(mmb_ctx *ctx, const cJSON *config, const char *where,
+                                    const mmb__family **out);
 
 #endif

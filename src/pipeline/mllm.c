@@ -131,7 +131,7 @@ static void fill_info(mmb_mllm *m, const mmb__family *row) {
 
 /* Opens what the family table's row for m->dir says the directory holds: a tower alone, a language model
  * alone, or a model whose vision path mmb_model_open builds (with its LLM when the row runs it). */
-static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const mmb_mllm_params *p) {
+static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const char *where, const mmb_mllm_params *p) {
     const cJSON *archs = cJSON_GetObjectItemCaseSensitive(cfg, "architectures");
     const cJSON *mtj = cJSON_GetObjectItemCaseSensitive(cfg, "model_type");
     const char *arch = cJSON_IsArray(archs) && cJSON_IsString(archs->child) ? archs->child->valuestring : "";
@@ -143,7 +143,7 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const mmb_m
     in->image_marker = in->processor = "";
     in->image_token = -1;
     const mmb__family *row;
-    mmb_status s = mmb__family_match_dir(ctx, m->dir, &row);
+    mmb_status s = mmb__family_match_config(ctx, cfg, where, &row);
     if (s != MMB_OK) return s;
     in->family = row->name;
     bool tuned = p->vision_tower || dense_set(&p->dense);
@@ -201,8 +201,8 @@ mmb_status mmb_mllm_open(mmb_ctx *ctx, const char *dir, const mmb_mllm_params *p
     sprintf(path, "%s/config.json", dir);
     cJSON *cfg = NULL;
     mmb_status s = mmb__json_read(ctx, path, &cfg);
+    if (s == MMB_OK) s = build(ctx, m, cfg, path, p ? p : &dp);
     free(path);
-    if (s == MMB_OK) s = build(ctx, m, cfg, p ? p : &dp);
     cJSON_Delete(cfg);
     if (s != MMB_OK) {
         mmb_mllm_free(m);
