@@ -14,20 +14,15 @@ mmb_status mmb_mllm_kv_new(mmb_ctx *ctx, const mmb_mllm *m, int64_t max_tokens, 
 
 static bool aborted(const volatile int *flag) { return flag && *flag; }
 
-/* What an evaluation asks, for eval_run: the public mmb_eval_params, plus where the time goes. */
+/* An evaluation: the caller's parameters, plus where the time goes. */
 typedef struct eval_job {
-    int64_t n_batch;
-    float *logits;
-    int all_logits;
-    mmb_progress_fn on_progress;
-    void *user;
-    const volatile int *abort;
+    mmb_eval_params p;
     double encode_s, prefill_s;  /* out: added to */
 } eval_job;
 
 /* MMB_ERR_ABORTED with a message once the caller's flag is raised, else MMB_OK. */
 static mmb_status check_abort(mmb_ctx *ctx, const eval_job *j, int64_t done, int64_t total) {
-    if (!aborted(j->abort)) return MMB_OK;
+    if (!aborted(j->p.abort)) return MMB_OK;
     return mmb__err(ctx, MMB_ERR_ABORTED, "aborted: %lld of the %lld positions evaluated", (long long)done,
                     (long long)total);
 }
@@ -36,7 +31,7 @@ static mmb_status check_abort(mmb_ctx *ctx, const eval_job *j, int64_t done, int
  * encoded just before its positions, in decoder calls of up to n_batch positions. */
 static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mmb_chunks *c, eval_job *j) {
     if (!m->lm) return mmb__err(ctx, MMB_ERR_MISSING, "%s: the model has no language model", m->dir);
-    if (j->n_batch < 0) return mmb__err(ctx, MMB_ERR_ARG, "n_batch %lld is negative", (long long)j->n_batch);
+    if (j->p.n_batch < 0) return mmb__err(ctx, MMB_ERR_ARG, "n_batch %lld is negative", (long long)j->p.n_batch);
     mmb_lm_info li;
     mmb_lm_get_info(m->lm, &li);
     const int64_t d = li.d_model, vocab = li.vocab, cached = mmb_kv_cache_len(kv), cap = mmb__kv_cache_cap(kv);
@@ -49,7 +44,7 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
     for (int i = 0; i < c->n; i++) {
         const mmb_chunk *ch = &c->c[i];
         int64_t r = ch->type == MMB_CHUNK_IMAGE ? ch->n : ch->type == MMB_CHUNK_TEXT ? ch->n : 0;
-        if (ch->type == MMB_CHUNK_TEXT && j->n_batch && r > j->n_batch) r = j->n_batch;
+        if (ch->type == MMB_CHUNK_TEXT && j->p.n_batch && r > j->p.n_batch) r = j->p.n_batch;
         rows = r > rows ? r : rows;
         if (ch->type == MMB_CHUNK_EMBED && ch->width != d)
             return mmb__err(ctx, MMB_ERR_ARG, "chunk %d: rows of width %lld, the LLM takes %lld", i,
@@ -74,22 +69,22 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
             double t0 = mmb__now_s();
             s = mmb__mllm_encode_pixels(ctx, m, ch->data, 1, ch->h, ch->w, buf, (size_t)(ch->n * d), NULL, 0, NULL);
             j->encode_s += mmb__now_s() - t0;
-            if (s == MMB_OK && j->on_progress) j->on_progress(j->user, "encode", ++images, c->n_images);
+            if (s == MMB_OK && j->p.on_progress) j->p.on_progress(j->p.user, "encode", ++images, c->n_images);
         }
         for (int64_t off = 0; off < ch->n && s == MMB_OK;) {
             if ((s = check_abort(ctx, j, done, c->positions)) != MMB_OK) break;
-            int64_t piece = j->n_batch && j->n_batch < ch->n - off ? j->n_batch : ch->n - off;
+            int64_t piece = j->p.n_batch && j->p.n_batch < ch->n - off ? j->p.n_batch : ch->n - off;
             bool last = i == c->n - 1 && off + piece == ch->n;
             const float *x = ch->type == MMB_CHUNK_IMAGE ? buf + off * d
                            : ch->type == MMB_CHUNK_EMBED ? ch->data + off * d : buf;
-            float *lg = j->logits && j->all_logits ? j->logits + done * vocab : j->logits && last ? j->logits : NULL;
+            float *lg = j->p.logits && j->p.all_logits ? j->p.logits + done * vocab : j->p.logits && last ? j->p.logits : NULL;
             double t0 = mmb__now_s();
             if (ch->type == MMB_CHUNK_TEXT) s = mmb_lm_embed(ctx, m->lm, ch->ids + off, piece, buf);
-            if (s == MMB_OK) s = mmb_lm_forward(ctx, m->lm, kv, x, piece, lg, !j->all_logits);
+            if (s == MMB_OK) s = mmb_lm_forward(ctx, m->lm, kv, x, piece, lg, !j->p.all_logits);
             j->prefill_s += mmb__now_s() - t0;
             off += piece;
             done += piece;
-            if (s == MMB_OK && j->on_progress) j->on_progress(j->user, "prefill", done, c->positions);
+            if (s == MMB_OK && j->p.on_progress) j->p.on_progress(j->p.user, "prefill", done, c->positions);
         }
     }
     free(buf);
@@ -101,8 +96,7 @@ mmb_status mmb_mllm_eval(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mmb_
     if (!ctx || !m || !kv || !chunks) return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_eval: NULL argument");
     mmb_eval_params dp = {0};
     if (!p) p = &dp;
-    eval_job j = {.n_batch = p->n_batch, .logits = p->logits, .all_logits = p->all_logits,
-                  .on_progress = p->on_progress, .user = p->user, .abort = p->abort};
+    eval_job j = {.p = *p};
     return eval_run(ctx, m, kv, chunks, &j);
 }
 
@@ -169,8 +163,8 @@ mmb_status mmb_mllm_generate(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const 
         free(lg); free(e1); free(gen);
         return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for the logits of %lld positions", (long long)lg_rows);
     }
-    eval_job j = {.n_batch = gp.n_batch, .logits = lg, .all_logits = gp.on_logits != NULL,
-                  .on_progress = gp.on_progress, .user = gp.user, .abort = gp.abort};
+    eval_job j = {.p = {.n_batch = gp.n_batch, .logits = lg, .all_logits = gp.on_logits != NULL,
+                        .on_progress = gp.on_progress, .user = gp.user, .abort = gp.abort}};
     mmb_gen_result r = {.n_prompt = n_prompt};
     mmb_status s = eval_run(ctx, m, kv, prompt, &j);
     r.encode_s = j.encode_s;
