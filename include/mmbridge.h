@@ -382,6 +382,7 @@ typedef struct mmb_connector_report {
     double seconds;            /* median time of one image's forward pass */
     int64_t weight_bytes;      /* the parameters in f32 */
     int64_t activation_bytes;  /* input features + output + the connector's scratch */
+    int with_tower;            /* mmb_model_measure: 1 when the timed pass ran the vision tower too */
 } mmb_connector_report;
 
 /* Builds registry connector `type` (mmb_connector_names) with random weights for features of
@@ -395,6 +396,18 @@ typedef struct mmb_connector_report {
 MMB_API mmb_status mmb_connector_measure(mmb_ctx *ctx, const char *type, int64_t width, int64_t grid,
                                          int64_t d_model, const char *config_json, int reps,
                                          mmb_connector_report *out);
+
+/* Measures model m as it is opened. With a vision tower (its own, an attached one, or a family's), its
+ * whole vision path (mmb_model_encode) on fixed pseudo-random pixels of the tower's size (a tower that
+ * takes any size: grid patches a side); without one, feature selection and the connector
+ * (mmb_model_connect) on features of the model's vision width (else `width`) for a grid x grid patch grid
+ * plus CLS. Runs reps + 1 times with ctx's threads (the first a warm-up) and fills *out: type = the
+ * connector, params, FLOPs and tokens as mmb_model_get_info reports them, the median time, with_tower,
+ * activation_bytes = input + output. Returns MMB_OK; MMB_ERR_UNSUPPORTED for a connector reading several
+ * hidden states without its tower; the statuses of mmb_model_encode / mmb_model_connect; MMB_ERR_ARG (NULL,
+ * grid, width or reps out of range); MMB_ERR_NOMEM. *out is untouched on failure. */
+MMB_API mmb_status mmb_model_measure(mmb_ctx *ctx, const mmb_model *m, int64_t grid, int64_t width, int reps,
+                                     mmb_connector_report *out);
 
 /* Returns the number of registered connector names, and sets *names to a static array of them. */
 MMB_API int mmb_connector_names(const char *const **names);

@@ -107,7 +107,6 @@ int cli_fail(mmb_ctx *ctx, const char *what);
 mmb_ctx *cli_ctx(const cli_ctx_opts *o);
 
 double cli_now(void);                  /* seconds, monotonic */
-double cli_median(double *v, int n);   /* of n > 0 values (sorts them) */
 
 /* Writes `text` to path; returns 0 or 1 after printing why. */
 int cli_write_text(const char *path, const char *text);

@@ -57,55 +57,20 @@ static int measure_model(mmb_ctx *ctx, const char *dir, int reps, int64_t grid, 
         r->llm[2] = li.intermediate;
         r->own_llm = 1;
     }
-    const mmb_vit *v = mmb_mllm_vit(mm);
-    mmb_vit_info vi = {0};
-    if (v) mmb_vit_get_info(v, &vi);
-    int tower = v || strcmp(mi.family, "llava") != 0;
-    /* The tower's size; a family that takes any size (Qwen2-VL) gets --grid patches a side. */
-    int side = v ? vi.image_size : mi.image_size ? mi.image_size : (int)grid * (mi.patch_size ? mi.patch_size : 14);
-    int64_t tin = grid * grid + 1, t = tower ? mmb_model_encode_tokens(ctx, m, side, side)
-                                             : mmb_model_tokens_out(ctx, m, tin);
-    float *in = NULL, *out = NULL;
-    double *ts = NULL;
-    int rc = 1;
-    if (!tower && mi.n_taps != 1) {
+    mmb_connector_report rep;
+    int rc = mmb_model_measure(ctx, m, grid, width, reps, &rep) != MMB_OK;
+    if (rc) {
         char why[4096];
-        snprintf(why, sizeof why, "%s: a connector reading %d hidden states needs its vision tower to be measured",
-                 dir, mi.n_taps);
+        snprintf(why, sizeof why, "%s: %s", dir, mmb_ctx_error(ctx));
         row_fail(r, why);
-        goto done;
+    } else {
+        snprintf(r->measured, sizeof r->measured, "%s", rep.with_tower ? "tower+connector" : "connector");
+        r->params = rep.params;
+        r->flops = rep.flops_per_image;
+        r->tokens = rep.tokens_out;
+        r->seconds = rep.seconds;
+        r->mem_mib = (double)(rep.weight_bytes + rep.activation_bytes) / 1048576.0;
     }
-    if (t < 0) { row_fail(r, mmb_ctx_error(ctx)); goto done; }
-    int64_t w = tower ? 0 : mi.vision_width ? mi.vision_width : width;
-    size_t nin = tower ? (size_t)3 * side * side : (size_t)(tin * w), nout = (size_t)t * mi.out_width;
-    if (!(in = malloc(nin * sizeof(float))) || !(out = malloc(nout * sizeof(float) + 1)) ||
-        !(ts = malloc(sizeof(double) * (size_t)reps))) {
-        row_fail(r, "out of memory");
-        goto done;
-    }
-    for (size_t i = 0; i < nin; i++) in[i] = (float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f;
-    /* The one hidden state read; a depth the checkpoint does not give is taken as just deep enough. */
-    int tap = mi.taps[0], n_hidden = mi.vision_layers ? mi.vision_layers + 1 : tap < 0 ? -tap : tap + 1;
-    mmb_features ft = {.batch = 1, .tokens = tin, .width = w, .n_hidden = n_hidden, .n_taps = 1,
-                       .taps = {tap < 0 ? tap + n_hidden : tap}, .data = {in}};
-    for (int k = 0; k <= reps; k++) {
-        double t0 = cli_now();
-        mmb_status s = tower ? mmb_model_encode(ctx, m, in, 1, side, side, out, nout)
-                             : mmb_model_connect(ctx, m, &ft, out, nout);
-        if (s != MMB_OK) { row_fail(r, mmb_ctx_error(ctx)); goto done; }
-        if (k) ts[k - 1] = cli_now() - t0;
-    }
-    snprintf(r->measured, sizeof r->measured, "%s", tower ? "tower+connector" : "connector");
-    r->params = mi.params;
-    r->flops = mi.flops_per_image;
-    r->tokens = t;
-    r->seconds = cli_median(ts, reps);
-    r->mem_mib = ((double)mi.params * 4.0 + (double)(nin + nout) * 4.0) / 1048576.0;
-    rc = 0;
-done:
-    free(in);
-    free(out);
-    free(ts);
     mmb_mllm_free(mm);
     return rc;
 }

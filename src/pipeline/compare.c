@@ -1,5 +1,6 @@
 /* Measuring a connector at any size: built from a synthetic checkpoint (random weights of the shapes
- * it asks for), run on random features, timed. What `mmbridge compare` tabulates. */
+ * it asks for), run on random features, timed; and measuring a model as it is opened. What `mmbridge
+ * compare` tabulates. */
 #include "internal.h"
 
 #include <cjson/cJSON.h>
@@ -10,6 +11,12 @@
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
+}
+
+/* The median of ts[0, n) (n > 0; sorts them). */
+static double median(double *ts, int n) {
+    qsort(ts, (size_t)n, sizeof *ts, cmp_double);
+    return n % 2 ? ts[n / 2] : 0.5 * (ts[n / 2 - 1] + ts[n / 2]);
 }
 
 /* Adds json's keys to cfg, replacing keys it has; "%W" in json stands for `width`, "%T" for `tokens`. */
@@ -105,11 +112,10 @@ mmb_status mmb_connector_measure(mmb_ctx *ctx, const char *type, int64_t width, 
         if (k) ts[k - 1] = mmb__now_s() - t0;
     }
     if (s == MMB_OK) {
-        qsort(ts, (size_t)reps, sizeof *ts, cmp_double);
         *out = (mmb_connector_report){
             .params = params, .flops_per_image = flops, .tokens_in = tokens, .tokens_out = t_out,
             .out_width = ops->out_width(st),
-            .seconds = reps % 2 ? ts[reps / 2] : 0.5 * (ts[reps / 2 - 1] + ts[reps / 2]),
+            .seconds = median(ts, reps),
             .weight_bytes = params * (int64_t)sizeof(float),
             .activation_bytes = (int64_t)(scratch + sizeof(float) * ((size_t)(tokens * width) + n_out))};
         snprintf(out->type, sizeof out->type, "%s", type);
@@ -117,6 +123,55 @@ mmb_status mmb_connector_measure(mmb_ctx *ctx, const char *type, int64_t width, 
     if (st) ops->free(st);
     mmb__ckpt_close(&c);
     free(x);
+    free(y);
+    free(ts);
+    return s;
+}
+
+mmb_status mmb_model_measure(mmb_ctx *ctx, const mmb_model *m, int64_t grid, int64_t width, int reps,
+                             mmb_connector_report *out) {
+    if (!ctx || !m || !out || grid < 1 || grid > (1 << 12) || width < 1 || width > (1 << 20) || reps < 1 ||
+        reps > 1000)
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_model_measure: bad arguments");
+    mmb_model_info mi;
+    mmb_model_get_info(m, &mi);
+    const mmb_vit *v = mmb_model_vit(m);
+    mmb_vit_info vi = {0};
+    if (v) mmb_vit_get_info(v, &vi);
+    const bool tower = v || strcmp(mi.family, "llava") != 0;
+    if (!tower && mi.n_taps != 1)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "a connector reading %d hidden states needs its vision tower to be "
+                        "measured", mi.n_taps);
+    /* The tower's size; a family that takes any size (Qwen2-VL) gets grid patches a side. */
+    const int side = v ? vi.image_size
+                   : mi.image_size ? mi.image_size : (int)grid * (mi.patch_size ? mi.patch_size : 14);
+    const int64_t tin = grid * grid + 1, w = tower ? 0 : mi.vision_width ? mi.vision_width : width;
+    const int64_t t = tower ? mmb_model_encode_tokens(ctx, m, side, side) : mmb_model_tokens_out(ctx, m, tin);
+    if (t < 0) return MMB_ERR_SHAPE;
+    const size_t nin = tower ? (size_t)3 * (size_t)side * (size_t)side : (size_t)(tin * w),
+                 nout = (size_t)t * (size_t)mi.out_width;
+    float *in = malloc(nin * sizeof(float)), *y = malloc(nout * sizeof(float) + 1);
+    double *ts = malloc(sizeof(double) * (size_t)reps);
+    mmb_status s = in && y && ts ? MMB_OK : mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    for (size_t i = 0; s == MMB_OK && i < nin; i++) in[i] = (float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f;
+    /* The one hidden state read; a depth the checkpoint does not give is taken as just deep enough. */
+    const int tap = mi.taps[0], n_hidden = mi.vision_layers ? mi.vision_layers + 1 : tap < 0 ? -tap : tap + 1;
+    mmb_features ft = {.batch = 1, .tokens = tin, .width = w, .n_hidden = n_hidden, .n_taps = 1,
+                       .taps = {tap < 0 ? tap + n_hidden : tap}, .data = {in}};
+    for (int k = 0; k <= reps && s == MMB_OK; k++) {
+        double t0 = mmb__now_s();
+        s = tower ? mmb_model_encode(ctx, m, in, 1, side, side, y, nout) : mmb_model_connect(ctx, m, &ft, y, nout);
+        if (k) ts[k - 1] = mmb__now_s() - t0;
+    }
+    if (s == MMB_OK) {
+        *out = (mmb_connector_report){
+            .params = mi.params, .flops_per_image = mi.flops_per_image, .tokens_in = tower ? 0 : tin,
+            .tokens_out = t, .out_width = mi.out_width, .seconds = median(ts, reps),
+            .weight_bytes = mi.params * (int64_t)sizeof(float),
+            .activation_bytes = (int64_t)((nin + nout) * sizeof(float)), .with_tower = tower};
+        snprintf(out->type, sizeof out->type, "%s", mi.connector);
+    }
+    free(in);
     free(y);
     free(ts);
     return s;
