@@ -881,6 +881,13 @@ typedef struct mmb_mllm_info {
     int32_t image_token;        /* its token id, -1 without one */
     int64_t context;            /* the LLM's max positions, 0 without an LLM */
     const char *processor;      /* the image processor class, "" without one */
+    /* Fusion A (gated cross-attention inside the LLM), 0 otherwise: the layers, their parameters, FLOPs per
+     * text position that sees one image (its projections, attention over the image's tokens_per_image
+     * visual tokens, the gated MLP), and per image the visual keys and values kept (bytes, every layer) and
+     * the FLOPs of computing them, once per prompt. Against fusion C, where an image costs tokens_per_image
+     * positions of LLM prefill and KV cache instead. */
+    int xattn_layers;
+    int64_t xattn_params, xattn_flops_per_token, xattn_kv_bytes_per_image, xattn_kv_flops_per_image;
 } mmb_mllm_info;
 
 /* Fills *out; strings belong to the model. Returns MMB_OK or MMB_ERR_ARG for NULL pointers. */

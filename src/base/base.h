@@ -71,6 +71,15 @@ void *mmb__pool_scratch(mmb_pool *p, int tid, size_t bytes);
 /* Splits [0, n) into nth near-equal contiguous ranges; sets [*lo, *hi) for tid. */
 void mmb__split(int64_t n, int tid, int nth, int64_t *lo, int64_t *hi);
 
+/* A spin barrier for the nth threads of one pool job ({.n = nth}, the rest zero): mmb__barrier_wait returns
+ * once all n have arrived. It spins (the steps between barriers are short), yielding the CPU after a while so
+ * an oversubscribed machine still makes progress. */
+typedef struct mmb_barrier {
+    int n;
+    int count, gen;
+} mmb_barrier;
+void mmb__barrier_wait(mmb_barrier *b);
+
 /* ---- the context ---------------------------------------------------------------------------- */
 
 struct mmb_ctx {

@@ -19,7 +19,6 @@
 
 #include <cjson/cJSON.h>
 #include <math.h>
-#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,13 +39,16 @@ struct mmb_lm {
     mmb_ckpt ck;
     mmb_lm_info info;
     char *architecture, *prefix;
+    const char *infix;         /* between layers.{l}. and a layer's names: "" or OpenFlamingo's "decoder_layer." */
     int64_t d, I, H, KVH, hd, vocab, L, mpe;
+    int64_t extra;             /* IDEFICS' additional_vocab_size: ids [vocab, vocab + extra) and their logits */
     float eps;
     int rope;
     double theta, factor, low_ff, high_ff;
     int64_t orig_mpe;
     float *inv_freq;           /* (hd / 2): the frequencies of every rope type but dynamic beyond mpe */
     mmb_wmat embed, head;
+    mmb_wmat embed2, head2;    /* the decoupled embedding's and head's additional rows (extra, d), when extra */
     float *norm;
     lm_layer *layers;
     mmb_lm_hook *hooks;        /* (L) or NULL */
@@ -105,6 +107,7 @@ static const arch_defaults archs[] = {
     {"llama", 32000, 4096, 11008, 32, 32, 0, 2048},
     {"mistral", 32000, 4096, 14336, 32, 32, 8, 4096 * 32},
     {"qwen2", 151936, 4096, 22016, 32, 32, 32, 32768},
+    {"idefics", 32000, 4096, 11008, 32, 32, 0, 2048},  /* IdeficsConfig: a Llama with its own config class */
 };
 
 static const arch_defaults *find_arch(const char *model_type, const char *architecture) {
@@ -252,7 +255,7 @@ static void read_special(mmb_lm *lm, const cJSON *text) {
 
 /* ---- weights ------------------------------------------------------------------------------------ */
 
-static mmb_status bind_w(mmb_ctx *ctx, mmb_lm *lm, const char *name, int64_t n, int64_t k, mmb_wmat *w) {
+mmb_status mmb__lm_bind(mmb_ctx *ctx, mmb_lm *lm, const char *name, int64_t n, int64_t k, mmb_wmat *w) {
     const mmb_tensor *t;
     int64_t shape[2] = {n, k};
     mmb_status s = mmb__ckpt_bind(ctx, &lm->ck, name, 2, shape, &t);
@@ -276,10 +279,10 @@ static mmb_status bind_w(mmb_ctx *ctx, mmb_lm *lm, const char *name, int64_t n, 
 static mmb_status bind_lin(mmb_ctx *ctx, mmb_lm *lm, int l, const char *name, int64_t n, int64_t k, bool bias,
                            mmb_wmat *w, float **b) {
     char nm[512];
-    snprintf(nm, sizeof nm, "%slayers.%d.%s.weight", lm->prefix, l, name);
-    mmb_status s = bind_w(ctx, lm, nm, n, k, w);
+    snprintf(nm, sizeof nm, "%slayers.%d.%s%s.weight", lm->prefix, l, lm->infix, name);
+    mmb_status s = mmb__lm_bind(ctx, lm, nm, n, k, w);
     if (s == MMB_OK && bias) {
-        snprintf(nm, sizeof nm, "%slayers.%d.%s.bias", lm->prefix, l, name);
+        snprintf(nm, sizeof nm, "%slayers.%d.%s%s.bias", lm->prefix, l, lm->infix, name);
         s = mmb__ckpt_vec(ctx, &lm->ck, nm, n, b);
     }
     return s;
@@ -297,11 +300,11 @@ static mmb_status bind_layer(mmb_ctx *ctx, mmb_lm *lm, int l, bool qkv_bias, boo
     if (s == MMB_OK) s = bind_lin(ctx, lm, l, "mlp.up_proj", I, d, mlp_bias, &y->up, &y->bup);
     if (s == MMB_OK) s = bind_lin(ctx, lm, l, "mlp.down_proj", d, I, mlp_bias, &y->down, &y->bdown);
     if (s == MMB_OK) {
-        snprintf(nm, sizeof nm, "%slayers.%d.input_layernorm.weight", lm->prefix, l);
+        snprintf(nm, sizeof nm, "%slayers.%d.%sinput_layernorm.weight", lm->prefix, l, lm->infix);
         s = mmb__ckpt_vec(ctx, &lm->ck, nm, d, &y->ln1);
     }
     if (s == MMB_OK) {
-        snprintf(nm, sizeof nm, "%slayers.%d.post_attention_layernorm.weight", lm->prefix, l);
+        snprintf(nm, sizeof nm, "%slayers.%d.%spost_attention_layernorm.weight", lm->prefix, l, lm->infix);
         s = mmb__ckpt_vec(ctx, &lm->ck, nm, d, &y->ln2);
     }
     return s;
@@ -357,6 +360,7 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
     lm->hd = cint(&r, "head_dim", lm->H > 0 ? lm->d / lm->H : 0);
     lm->mpe = cint(&r, "max_position_embeddings", ad->mpe);
     lm->eps = (float)cnum(&r, "rms_norm_eps", 1e-6);
+    lm->extra = cint(&r, "additional_vocab_size", 0);
     const char *act = "silu";
     char b[160];
     if (r.s == MMB_OK) mmb__cfg_str(ctx, c, key(&r, "hidden_act", b, sizeof b), &act, &r.s);
@@ -372,14 +376,17 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: %shidden_act '%s': the decoder's MLP is SwiGLU (silu)",
                         c->dir, r.tp, act);
     if (lm->vocab < 1 || lm->d < 1 || lm->I < 1 || lm->L < 1 || lm->H < 1 || lm->KVH < 1 || lm->hd < 2 ||
-        lm->hd % 2 || lm->H % lm->KVH || lm->mpe < 1 || lm->L > 100000 || lm->vocab > INT32_MAX ||
+        lm->hd % 2 || lm->H % lm->KVH || lm->mpe < 1 || lm->L > 100000 || lm->extra < 0 || lm->extra > (1 << 20) ||
+        lm->vocab + lm->extra > INT32_MAX ||
         !(lm->eps > 0) || lm->d > (1 << 20) || lm->H * lm->hd > (1 << 20) || lm->I > (1 << 22) || sw < 0)
         return mmb__err(ctx, MMB_ERR_FORMAT,
                         "%s/config.json: bad text model shape: vocab_size %lld, hidden_size %lld, intermediate_size "
                         "%lld, num_hidden_layers %lld, num_attention_heads %lld, num_key_value_heads %lld (must "
-                        "divide the heads), head_dim %lld (even), max_position_embeddings %lld, rms_norm_eps %g",
-                        c->dir, (long long)lm->vocab, (long long)lm->d, (long long)lm->I, (long long)lm->L,
-                        (long long)lm->H, (long long)lm->KVH, (long long)lm->hd, (long long)lm->mpe, (double)lm->eps);
+                        "divide the heads), head_dim %lld (even), max_position_embeddings %lld, rms_norm_eps %g, "
+                        "additional_vocab_size %lld", c->dir, (long long)lm->vocab, (long long)lm->d, (long long)lm->I,
+                        (long long)lm->L,
+                        (long long)lm->H, (long long)lm->KVH, (long long)lm->hd, (long long)lm->mpe, (double)lm->eps,
+                        (long long)lm->extra);
     lm->orig_mpe = lm->mpe;
     read_special(lm, *r.tp ? tc : NULL);
     mmb_status s = read_rope(&r, lm);
@@ -404,7 +411,7 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
 /* Where the text model's weights are: the prefix of its embed_tokens.weight, or NULL. */
 static const char *find_prefix(const mmb_ckpt *c) {
     static const char *const prefixes[] = {"model.language_model.", "language_model.model.", "language_model.",
-                                           "model."};
+                                           "lang_encoder.model.", "model."};
     for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++) {
         char nm[64];
         snprintf(nm, sizeof nm, "%sembed_tokens.weight", prefixes[i]);
@@ -433,17 +440,27 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
                      "looked for it under model.language_model., language_model.model. and language_model.)", dir);
         goto fail;
     }
+    /* OpenFlamingo wraps each decoder layer in a FlamingoLayer: layers.{l}.decoder_layer.* */
+    snprintf(nm, sizeof nm, "%slayers.0.decoder_layer.input_layernorm.weight", lm->prefix);
+    lm->infix = mmb__ckpt_find(&lm->ck, nm, NULL) ? "decoder_layer." : "";
     snprintf(nm, sizeof nm, "%sembed_tokens.weight", lm->prefix);
-    if ((s = bind_w(ctx, lm, nm, lm->vocab, lm->d, &lm->embed)) != MMB_OK) goto fail;
-    if (tied) lm->head = lm->embed;
-    else {
+    if ((s = mmb__lm_bind(ctx, lm, nm, lm->vocab, lm->d, &lm->embed)) != MMB_OK) goto fail;
+    snprintf(nm, sizeof nm, "%sembed_tokens.additional_embedding.weight", lm->prefix);
+    if (lm->extra && (s = mmb__lm_bind(ctx, lm, nm, lm->extra, lm->d, &lm->embed2)) != MMB_OK) goto fail;
+    if (tied) {
+        lm->head = lm->embed;
+        lm->head2 = lm->embed2;
+    } else {
         const char *h = "lm_head.weight", *h2 = "language_model.lm_head.weight";
         if (strcmp(lm->prefix, "language_model.model.") == 0 || strcmp(lm->prefix, "language_model.") == 0) {
             h = h2;
             h2 = "lm_head.weight";
         }
+        if (strcmp(lm->prefix, "lang_encoder.model.") == 0) h = "lang_encoder.lm_head.weight";
         if (!mmb__ckpt_find(&lm->ck, h, NULL) && mmb__ckpt_find(&lm->ck, h2, NULL)) h = h2;
-        if ((s = bind_w(ctx, lm, h, lm->vocab, lm->d, &lm->head)) != MMB_OK) goto fail;
+        if ((s = mmb__lm_bind(ctx, lm, h, lm->vocab, lm->d, &lm->head)) != MMB_OK) goto fail;
+        snprintf(nm, sizeof nm, "%.*sadditional_fc.weight", (int)(strlen(h) - strlen("weight")), h);
+        if (lm->extra && (s = mmb__lm_bind(ctx, lm, nm, lm->extra, lm->d, &lm->head2)) != MMB_OK) goto fail;
     }
     snprintf(nm, sizeof nm, "%snorm.weight", lm->prefix);
     if ((s = mmb__ckpt_vec(ctx, &lm->ck, nm, lm->d, &lm->norm)) != MMB_OK) goto fail;
@@ -453,7 +470,8 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
         goto fail;
     }
     rope_inv_freq(lm, 0, lm->inv_freq);
-    int64_t bytes = wbytes(&lm->head) + lm->d * 4, params = lm->vocab * lm->d * (tied ? 1 : 2) + lm->d;
+    int64_t bytes = wbytes(&lm->head) + (lm->extra ? wbytes(&lm->head2) : 0) + lm->d * 4,
+            params = (lm->vocab + lm->extra) * lm->d * (tied ? 1 : 2) + lm->d;
     for (int l = 0; l < lm->L; l++) {
         if ((s = bind_layer(ctx, lm, l, qkv_bias, o_bias, mlp_bias)) != MMB_OK) goto fail;
         lm_layer *y = &lm->layers[l];
@@ -472,7 +490,7 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
     in->architecture = lm->architecture;
     in->prefix = lm->prefix;
     in->rope_type = rope_names[lm->rope];
-    in->vocab = lm->vocab;
+    in->vocab = lm->vocab + lm->extra;
     in->d_model = lm->d;
     in->layers = lm->L;
     in->heads = lm->H;
@@ -514,13 +532,15 @@ mmb_status mmb__lm_set_hooks(mmb_ctx *ctx, mmb_lm *lm, const mmb_lm_hook *hooks)
 mmb_status mmb_lm_embed(mmb_ctx *ctx, const mmb_lm *lm, const int32_t *ids, int64_t n, float *out) {
     if (!lm || !ids || !out || n < 1) return mmb__err(ctx, MMB_ERR_ARG, "mmb_lm_embed: NULL argument or n < 1");
     for (int64_t i = 0; i < n; i++)
-        if (ids[i] < 0 || ids[i] >= lm->vocab)
+        if (ids[i] < 0 || ids[i] >= lm->vocab + lm->extra)
             return mmb__err(ctx, MMB_ERR_ARG, "token id %d at position %lld is outside the vocabulary [0, %lld)",
-                            (int)ids[i], (long long)i, (long long)lm->vocab);
-    size_t es = mmb_dtype_size(lm->embed.dtype);
-    for (int64_t i = 0; i < n; i++)
-        mmb_to_f32(out + i * lm->d, (const unsigned char *)lm->embed.data + (size_t)(ids[i] * lm->d) * es,
-                   lm->embed.dtype, (size_t)lm->d);
+                            (int)ids[i], (long long)i, (long long)(lm->vocab + lm->extra));
+    for (int64_t i = 0; i < n; i++) { /* IDEFICS' decoupled embedding: ids from vocab on are the additional rows */
+        const mmb_wmat *e = ids[i] < lm->vocab ? &lm->embed : &lm->embed2;
+        int64_t row = ids[i] < lm->vocab ? ids[i] : ids[i] - lm->vocab;
+        mmb_to_f32(out + i * lm->d, (const unsigned char *)e->data + (size_t)(row * lm->d) * mmb_dtype_size(e->dtype),
+                   e->dtype, (size_t)lm->d);
+    }
     return MMB_OK;
 }
 
@@ -565,29 +585,6 @@ int64_t mmb_kv_cache_len(const mmb_kv_cache *kv) { return kv ? kv->len : 0; }
 
 /* ---- the forward job ---------------------------------------------------------------------------- */
 
-typedef struct barrier {
-    int n;
-    int count, gen;
-} barrier;
-
-/* Every thread of the job waits until all n have arrived. Spins (the steps between barriers are short),
- * yielding the CPU after a while so an oversubscribed machine still makes progress. */
-static void barrier_wait(barrier *b) {
-    if (b->n == 1) return;
-    int gen = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
-    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == b->n) {
-        __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&b->gen, gen + 1, __ATOMIC_RELEASE);
-        return;
-    }
-    for (int spins = 0; __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE) == gen; spins++) {
-        if (spins > 4000) sched_yield();
-#if defined(__x86_64__)
-        else __builtin_ia32_pause();
-#endif
-    }
-}
-
 typedef struct fwd_job {
     const mmb_lm *lm;
     mmb_kv_cache *kv;
@@ -598,32 +595,12 @@ typedef struct fwd_job {
     size_t per_thread;
     int64_t wscr;              /* of which the products' share; the rest is attention scores */
     int s0, s1;                /* steps [s0, s1) */
-    barrier bar;
+    mmb_barrier bar;
 } fwd_job;
 
-/* One thread's share of y (M, sum of ns) = x [W_0 | W_1 | ...]^T: each matrix's outputs are columns of its
- * own y_i (row stride ld_i); the columns of all matrices are split in units of 8 (GEMV) or one panel. */
-typedef struct mm_out {
-    const mmb_wmat *w;
-    const float *bias;
-    float *y;
-    int64_t ldy;
-} mm_out;
-
-static void mm_units(const fwd_job *j, int tid, int nth, const float *x, int64_t ldx, int64_t M, const mm_out *o,
-                     int n, int acc) {
-    int64_t g = M <= MMB_WMAT_GEMV_MAX ? 8 : MMB_GEMM_OWN_NR, total = 0, lo, hi;
-    for (int i = 0; i < n; i++) total += (o[i].w->n + g - 1) / g;
-    mmb__split(total, tid, nth, &lo, &hi);
-    float *scr = j->scratch + j->per_thread * (size_t)tid;
-    for (int i = 0, base = 0; i < n; base += (int)((o[i].w->n + g - 1) / g), i++) {
-        int64_t u = (o[i].w->n + g - 1) / g, a = lo - base, b = hi - base;
-        if (a < 0) a = 0;
-        if (b > u) b = u;
-        if (a >= b) continue;
-        int64_t n0 = a * g, n1 = b * g < o[i].w->n ? b * g : o[i].w->n;
-        mmb__wmat_part(o[i].y + n0, o[i].ldy, x, ldx, M, o[i].w, o[i].bias, n0, n1, acc, scr);
-    }
+static void mm_units(const fwd_job *j, int tid, int nth, const float *x, int64_t ldx, int64_t M,
+                     const mmb_wmat_out *o, int n, int acc) {
+    mmb__wmat_share(tid, nth, x, ldx, M, o, n, acc, j->scratch + j->per_thread * (size_t)tid);
 }
 
 static void rms_rows(const fwd_job *j, int tid, int nth, const float *w, int64_t r0, int64_t r1) {
@@ -632,9 +609,8 @@ static void rms_rows(const fwd_job *j, int tid, int nth, const float *w, int64_t
     if (hi > lo) mmb__rmsnorm_forward(j->xn + (r0 + lo) * d, j->x + (r0 + lo) * d, w, hi - lo, d, j->lm->eps);
 }
 
-/* One query row against cached keys [k0, k1) of one KV head: out (hd) = softmax(q K^T * scale) V. */
-MMB_SIMD_CLONES static void attend(float *out, const float *q, const float *K, const float *V, int64_t k0,
-                                   int64_t k1, int64_t hd, float scale, float *sc) {
+MMB_SIMD_CLONES void mmb__lm_attend(float *out, const float *q, const float *K, const float *V, int64_t k0,
+                                    int64_t k1, int64_t hd, float scale, float *sc) {
     float mx = -INFINITY;
     for (int64_t t = k0; t < k1; t++) {
         const float *kr = K + t * hd;
@@ -671,10 +647,10 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
     const int64_t qd = H * hd, kd = KVH * hd, ldq = qd + 2 * kd, cap = j->kv->cap;
     float *Kc = j->kv->k + (size_t)l * (size_t)(KVH * cap * hd), *Vc = j->kv->v + (size_t)l * (size_t)(KVH * cap * hd);
     rms_rows(j, tid, nth, y->ln1, 0, M);
-    barrier_wait(&j->bar);
-    mm_out o[3] = {{&y->q, y->bq, j->qkv, ldq}, {&y->k, y->bk, j->qkv + qd, ldq}, {&y->v, y->bv, j->qkv + qd + kd, ldq}};
+    mmb__barrier_wait(&j->bar);
+    mmb_wmat_out o[3] = {{&y->q, y->bq, j->qkv, ldq}, {&y->k, y->bk, j->qkv + qd, ldq}, {&y->v, y->bv, j->qkv + qd + kd, ldq}};
     mm_units(j, tid, nth, j->xn, d, M, o, 3, 0);
-    barrier_wait(&j->bar);
+    mmb__barrier_wait(&j->bar);
     int64_t lo, hi;
     mmb__split(M * (H + KVH), tid, nth, &lo, &hi);
     for (int64_t it = lo; it < hi; it++) { /* RoPE on q and k heads; k and v into the cache */
@@ -687,20 +663,20 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
             memcpy(Vc + (kh * cap + pos) * hd, row + qd + kd + kh * hd, sizeof(float) * (size_t)hd);
         }
     }
-    barrier_wait(&j->bar);
+    mmb__barrier_wait(&j->bar);
     float *sc = j->scratch + j->per_thread * (size_t)tid + j->wscr;
     float scale = (float)(1.0 / sqrt((double)hd));
     mmb__split(M * H, tid, nth, &lo, &hi);
     for (int64_t it = lo; it < hi; it++) {
         int64_t i = it / H, h = it % H, kh = h / (H / KVH), pos = j->pos0 + i;
         int64_t k0 = y->window && pos + 1 > y->window ? pos + 1 - y->window : 0;
-        attend(j->att + i * qd + h * hd, j->qkv + i * ldq + h * hd, Kc + kh * cap * hd, Vc + kh * cap * hd, k0,
+        mmb__lm_attend(j->att + i * qd + h * hd, j->qkv + i * ldq + h * hd, Kc + kh * cap * hd, Vc + kh * cap * hd, k0,
                pos + 1, hd, scale, sc);
     }
-    barrier_wait(&j->bar);
-    mm_out oo = {&y->o, y->bo, j->x, d};
+    mmb__barrier_wait(&j->bar);
+    mmb_wmat_out oo = {&y->o, y->bo, j->x, d};
     mm_units(j, tid, nth, j->att, qd, M, &oo, 1, 1);
-    barrier_wait(&j->bar);
+    mmb__barrier_wait(&j->bar);
 }
 
 static void mlp_half(fwd_job *j, int tid, int nth, int l) {
@@ -708,7 +684,7 @@ static void mlp_half(fwd_job *j, int tid, int nth, int l) {
     const lm_layer *y = &lm->layers[l];
     const int64_t M = j->M, d = lm->d, I = lm->I;
     rms_rows(j, tid, nth, y->ln2, 0, M);
-    barrier_wait(&j->bar);
+    mmb__barrier_wait(&j->bar);
     /* gate and up over the same columns on one thread, so SwiGLU needs no barrier */
     int64_t g = M <= MMB_WMAT_GEMV_MAX ? 8 : MMB_GEMM_OWN_NR, lo, hi;
     mmb__split((I + g - 1) / g, tid, nth, &lo, &hi);
@@ -723,20 +699,21 @@ static void mlp_half(fwd_job *j, int tid, int nth, int l) {
             for (int64_t c = n0; c < n1; c++) hr[c] = gr[c] / (1.0f + expf(-gr[c])) * ur[c];
         }
     }
-    barrier_wait(&j->bar);
-    mm_out o = {&y->down, y->bdown, j->x, d};
+    mmb__barrier_wait(&j->bar);
+    mmb_wmat_out o = {&y->down, y->bdown, j->x, d};
     mm_units(j, tid, nth, j->h, I, M, &o, 1, 1);
-    barrier_wait(&j->bar);
+    mmb__barrier_wait(&j->bar);
 }
 
 static void head_step(fwd_job *j, int tid, int nth) {
     const mmb_lm *lm = j->lm;
     int64_t r0 = j->M - j->head_rows;
     rms_rows(j, tid, nth, lm->norm, r0, j->M);
-    barrier_wait(&j->bar);
-    mm_out o = {&lm->head, NULL, j->logits, lm->vocab};
-    mm_units(j, tid, nth, j->xn + r0 * lm->d, lm->d, j->head_rows, &o, 1, 0);
-    barrier_wait(&j->bar);
+    mmb__barrier_wait(&j->bar);
+    const int64_t V = lm->vocab + lm->extra; /* IDEFICS' decoupled head: the additional logits after the others */
+    mmb_wmat_out o[2] = {{&lm->head, NULL, j->logits, V}, {&lm->head2, NULL, j->logits + lm->vocab, V}};
+    mm_units(j, tid, nth, j->xn + r0 * lm->d, lm->d, j->head_rows, o, lm->extra ? 2 : 1, 0);
+    mmb__barrier_wait(&j->bar);
 }
 
 static void fwd_worker(void *arg, int tid, int nth) {
@@ -807,7 +784,7 @@ mmb_status mmb_lm_forward(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv, cons
             }
         bool head = logits && (!last_only || off + j.M == n);
         j.head_rows = last_only ? 1 : j.M;
-        j.logits = head ? (last_only ? logits : logits + off * lm->vocab) : NULL;
+        j.logits = head ? (last_only ? logits : logits + off * (lm->vocab + lm->extra)) : NULL;
         int end = head ? L2 + 1 : L2;
         for (int st = 0; st < end && s == MMB_OK;) {
             hook_fn hk = hook_at(lm, st);
@@ -830,5 +807,7 @@ mmb_status mmb_lm_forward(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv, cons
  * does not include the one above it) ------------------------------------------------------------------- */
 
 bool mmb__lm_present(const mmb_ckpt *c) { return find_prefix(c) != NULL; }
+
+const mmb_ckpt *mmb__lm_ckpt(const mmb_lm *lm) { return &lm->ck; }
 
 int64_t mmb__kv_cache_cap(const mmb_kv_cache *kv) { return kv ? kv->cap : 0; }

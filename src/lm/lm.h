@@ -21,11 +21,64 @@ typedef struct mmb_lm_hook {
 /* Installs hooks[0 .. layers) (copied; NULL removes them all). Returns MMB_OK, MMB_ERR_ARG or MMB_ERR_NOMEM. */
 mmb_status mmb__lm_set_hooks(mmb_ctx *ctx, mmb_lm *lm, const mmb_lm_hook *hooks);
 
-/* ---- lm/decoder.c: what the pipeline asks of a checkpoint and a cache ---------------------------------- */
+/* ---- lm/decoder.c: what the hooks and the pipeline ask of the decoder ---------------------------------- */
+
+/* The checkpoint lm was opened from (it lives as long as lm). */
+const mmb_ckpt *mmb__lm_ckpt(const mmb_lm *lm);
+/* Binds tensor `name` [n, k] of lm's checkpoint as a weight matrix used in its storage dtype (a realigned
+ * copy, owned by lm, when its file offset is not aligned). Errors name the file and the tensor. */
+mmb_status mmb__lm_bind(mmb_ctx *ctx, mmb_lm *lm, const char *name, int64_t n, int64_t k, mmb_wmat *w);
+/* One query row against keys [k0, k1) of one head, K and V (rows of hd floats): out (hd) =
+ * softmax(q K^T * scale) V; sc: k1 - k0 floats of scratch. */
+void mmb__lm_attend(float *out, const float *q, const float *K, const float *V, int64_t k0, int64_t k1, int64_t hd,
+                    float scale, float *sc);
 
 /* True when c holds a text model's weights (embed_tokens under a prefix mmb_lm_open looks at). */
 bool mmb__lm_present(const mmb_ckpt *c);
 /* The positions kv can hold (max_tokens of mmb_kv_cache_new); 0 for NULL. */
 int64_t mmb__kv_cache_cap(const mmb_kv_cache *kv);
+
+/* ---- lm/xattn.c: fusion type A, gated cross-attention layers inside the decoder ------------------------ */
+
+/* The gated cross-attention layers of a type-A checkpoint (IDEFICS' IdeficsGatedCrossAttentionLayer, or
+ * OpenFlamingo's GatedCrossAttentionBlock), installed as lm's before_layer hooks; the visual keys and
+ * values of the prompt's images, computed once when the images are added; and which images each position
+ * sees. One conversation at a time: the media and the positions' state belong to the layers, not to a
+ * KV cache. */
+typedef struct mmb__xattn mmb__xattn;
+
+/* What the layers cost (mmb_mllm_info's xattn_* fields). */
+typedef struct mmb__xattn_cost {
+    int layers;                 /* gated layers */
+    int64_t params;             /* their parameters */
+    int64_t flops_per_token;    /* per text position, seeing one image: projections, attention over its tokens,
+                                   the gated MLP */
+    int64_t kv_bytes_per_image; /* the visual keys and values kept for one image, every layer */
+    int64_t kv_flops_per_image; /* computing them, once per image */
+} mmb__xattn_cost;
+
+/* Opens the layers of `kind` ("idefics" or "open_flamingo") from lm's checkpoint and config for visual tokens
+ * of width vis_dim, tokens_per_image of them per image; image_token is the token that marks an image in the
+ * text, eod_token the end-of-document token after which IDEFICS' text sees no image until the next (-1:
+ * none). Installs the hooks (lm must outlive *out). Returns MMB_OK; MMB_ERR_MISSING / MMB_ERR_SHAPE /
+ * MMB_ERR_FORMAT / MMB_ERR_UNSUPPORTED for a missing tensor, a K/V width other than vis_dim, a gate of the
+ * wrong shape, a bad or unsupported setting (each naming the layer and tensor); MMB_ERR_NOMEM. */
+mmb_status mmb__xattn_open(mmb_ctx *ctx, mmb_lm *lm, const char *kind, int64_t vis_dim, int64_t tokens_per_image,
+                           int32_t image_token, int32_t eod_token, mmb__xattn **out);
+/* Removes the hooks from lm and frees x (NULL: nothing). */
+void mmb__xattn_free(mmb_ctx *ctx, mmb__xattn *x);
+/* Drops the media and the positions' state (a new prompt from position 0). */
+void mmb__xattn_clear(mmb__xattn *x);
+/* Appends n images, media (n, tokens_per_image, vis_dim) f32: every layer's keys and values of them are
+ * computed now, on ctx's pool, and kept. Returns MMB_OK, MMB_ERR_ARG, MMB_ERR_NOMEM (nothing added). */
+mmb_status mmb__xattn_add_media(mmb_ctx *ctx, mmb__xattn *x, const float *media, int64_t n);
+int64_t mmb__xattn_images(const mmb__xattn *x);
+/* Records positions [pos, pos + n): their token ids (NULL: rows that are no token, as embeddings) decide
+ * which images they see (an image token starts the next image; IDEFICS: none after eod_token until the
+ * next image), or, with carry, each sees what position pos - 1 saw (generated tokens, as transformers'
+ * and OpenFlamingo's generation do). pos <= the positions recorded (earlier ones are overwritten).
+ * Returns MMB_OK, MMB_ERR_ARG or MMB_ERR_NOMEM. */
+mmb_status mmb__xattn_feed(mmb_ctx *ctx, mmb__xattn *x, int64_t pos, const int32_t *ids, int64_t n, bool carry);
+void mmb__xattn_get_cost(const mmb__xattn *x, mmb__xattn_cost *out);
 
 #endif

@@ -72,6 +72,10 @@ struct mmb__family {
     bool lm_runs;               /* mmb_lm_open runs that LLM (Llama, Mistral, Qwen2 text models) */
     bool vision_only;           /* a tower alone: no connector, no LLM (mmb_vit_open opens it) */
     bool text_only;             /* a language model alone: no vision path (mmb_lm_open opens it) */
+    const char *xattn;          /* fusion A: the gated cross-attention layers' kind (lm/xattn.c), or NULL */
+    const char *image_marker;   /* the token that marks an image in the text when the config names none */
+    const char *image_wrap;     /* the token around each image's marker (IDEFICS' <fake_token_around_image>:
+                                   wrap marker wrap, or marker wrap after an image), or NULL */
     const mmb_family_ops *ops;  /* the family's own code; NULL: pipeline/model.c's LLaVA path (tower + feature
                                    selection + a registered projector), or a tower alone */
     const void *part;           /* the data ops reads from the row (mmb__vit_part for mmb__family_vit), or NULL */

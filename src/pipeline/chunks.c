@@ -2,6 +2,7 @@
  * order, as llama.cpp's mtmd_input_chunks; and a prompt's text with image markers cut into one. */
 #include "pipeline.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -72,7 +73,18 @@ mmb_status mmb_chunks_add_image(mmb_ctx *ctx, const mmb_mllm *m, mmb_chunks *c, 
     if (!m || !c || !img) return mmb__err(ctx, MMB_ERR_ARG, "mmb_chunks_add_image: NULL argument");
     mmb_chunk ch = {.type = MMB_CHUNK_IMAGE};
     mmb_status s = need_lm(ctx, m);
+    if (s == MMB_OK && m->xattn && m->info.image_token < 0)
+        s = mmb__err(ctx, MMB_ERR_MISSING, "%s: the model's images need their marker token (%s), which the "
+                     "tokenizer lacks", m->dir, m->info.image_marker);
     if (s == MMB_OK) s = mmb__mllm_preprocess(ctx, m, img, &ch.data, &ch.h, &ch.w, &ch.n);
+    if (s == MMB_OK && m->xattn) { /* fusion A: the image is its marker token's one position in the text */
+        ch.n = 1;
+        if (!(ch.ids = malloc(sizeof(int32_t)))) {
+            free(ch.data);
+            return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+        }
+        ch.ids[0] = m->info.image_token;
+    }
     return s == MMB_OK ? push(ctx, c, ch) : s;
 }
 
@@ -141,6 +153,33 @@ mmb_status mmb_mllm_chunks_from_ids(mmb_ctx *ctx, const mmb_mllm *m, const int32
     return MMB_OK;
 }
 
+/* IDEFICS' processor on a prompt with image markers: each piece of text between them stripped of spaces
+ * (item.strip(" ")), and each marker wrapped: wrap marker wrap, or marker wrap right after another image
+ * (nothing but spaces between). *text is replaced. */
+static mmb_status wrap_markers(mmb_ctx *ctx, const char *marker, const char *wrap, char **text) {
+    size_t ml = strlen(marker), wl = strlen(wrap), n = 0;
+    for (const char *q = strstr(*text, marker); q; q = strstr(q + ml, marker)) n++;
+    char *out = malloc(strlen(*text) + n * 2 * wl + 1), *o = out;
+    if (!out) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    bool after_image = false;
+    for (const char *p = *text;;) {
+        const char *q = strstr(p, marker), *e = q ? q : p + strlen(p);
+        while (p < e && *p == ' ') p++;
+        while (e > p && e[-1] == ' ') e--;
+        if (e > p) after_image = false;
+        memcpy(o, p, (size_t)(e - p));
+        o += e - p;
+        if (!q) break;
+        o += sprintf(o, "%s%s%s", after_image ? "" : wrap, marker, wrap);
+        after_image = true;
+        p = q + ml;
+    }
+    *o = 0;
+    free(*text);
+    *text = out;
+    return MMB_OK;
+}
+
 mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt, const mmb_image *imgs,
                              int n_images, int flags, mmb_chunks **out) {
     if (!ctx || !m || !prompt || !out || n_images < 0 || (n_images && !imgs) ||
@@ -162,15 +201,20 @@ mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt
     if (markers && markers != n_images)
         return mmb__err(ctx, MMB_ERR_ARG, "the prompt holds %d image marker(s) '%s' but %d image(s) were given",
                         markers, marker, n_images);
-    /* No marker: one per image in front, each on its own line. */
+    /* No marker: one per image in front, each on its own line (IDEFICS' processor: the images first). */
+    const char sep = m->image_wrap ? ' ' : '\n';
     size_t lead = markers ? 0 : (ml + 1) * (size_t)n_images, pl = strlen(prompt);
     char *text = malloc(lead + pl + 1), *rendered = NULL;
     if (!text) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     for (int k = 0; lead && k < n_images; k++) {
         memcpy(text + (size_t)k * (ml + 1), marker, ml);
-        text[(size_t)k * (ml + 1) + ml] = '\n';
+        text[(size_t)k * (ml + 1) + ml] = sep;
     }
     memcpy(text + lead, prompt, pl + 1);
+    if (m->image_wrap && (s = wrap_markers(ctx, marker, m->image_wrap, &text)) != MMB_OK) {
+        free(text);
+        return s;
+    }
     if (flags == MMB_TOKENIZE_CHAT) {
         mmb_chat_msg msg = {"user", text};
         s = mmb_chat_render(ctx, m->tok, &msg, 1, 1, &rendered);

@@ -1,5 +1,8 @@
-/* Evaluating chunk lists into a KV cache (fusion C: each image's embeddings spliced in at its position) and
- * generating from them: sampling, streamed text, the stop reasons, timings. What tools/generate.c did. */
+/* Evaluating chunk lists into a KV cache and generating from them: sampling, streamed text, the stop reasons,
+ * timings. Fusion C: each image's embeddings are spliced in at its positions. Fusion A: an image is its marker
+ * token's one position; its visual tokens go to the gated cross-attention layers (lm/xattn.c), whose keys and
+ * values are computed once, when the image is evaluated, and every position is recorded with its token so
+ * the layers know which images it sees (generated tokens see what the prompt's last position saw). */
 #include "pipeline.h"
 
 #include <stdlib.h>
@@ -49,7 +52,7 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
         if (ch->type == MMB_CHUNK_EMBED && ch->width != d)
             return mmb__err(ctx, MMB_ERR_ARG, "chunk %d: rows of width %lld, the LLM takes %lld", i,
                             (long long)ch->width, (long long)d);
-        if (ch->type == MMB_CHUNK_IMAGE && m->info.fusion != MMB_FUSION_C)
+        if (ch->type == MMB_CHUNK_IMAGE && m->info.fusion != MMB_FUSION_C && !m->xattn)
             return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: chunk %d is an image, but the model splices no images into "
                             "its LLM (fusion %s)", m->dir, i, mmb_fusion_name(m->info.fusion));
         for (int64_t k = 0; ch->type == MMB_CHUNK_TEXT && k < ch->n; k++)
@@ -57,9 +60,15 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
                 return mmb__err(ctx, MMB_ERR_ARG, "chunk %d: token id %d is outside the vocabulary [0, %lld)", i,
                                 (int)ch->ids[k], (long long)vocab);
     }
-    float *buf = malloc(sizeof(float) * (size_t)(rows * d) + 1);
-    if (!buf) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for %lld embeddings", (long long)rows);
+    const size_t nmedia = m->xattn && c->n_images ? (size_t)(m->info.tokens_per_image * m->info.out_width) : 0;
+    float *buf = malloc(sizeof(float) * (size_t)(rows * d) + 1), *media = nmedia ? malloc(sizeof(float) * nmedia) : NULL;
+    if (!buf || (nmedia && !media)) {
+        free(buf);
+        free(media);
+        return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for %lld embeddings", (long long)rows);
+    }
     mmb_status s = MMB_OK;
+    if (m->xattn && cached == 0) mmb__xattn_clear(m->xattn);
     int64_t done = 0;
     int images = 0;
     for (int i = 0; i < c->n && s == MMB_OK; i++) {
@@ -67,7 +76,11 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
         if (ch->type == MMB_CHUNK_IMAGE) {
             if ((s = check_abort(ctx, j, done, c->positions)) != MMB_OK) break;
             double t0 = mmb__now_s();
-            s = mmb__mllm_encode_pixels(ctx, m, ch->data, 1, ch->h, ch->w, buf, (size_t)(ch->n * d), NULL, 0, NULL);
+            if (m->xattn) {
+                s = mmb__mllm_encode_pixels(ctx, m, ch->data, 1, ch->h, ch->w, media, nmedia, NULL, 0, NULL);
+                if (s == MMB_OK) s = mmb__xattn_add_media(ctx, m->xattn, media, 1);
+            } else s = mmb__mllm_encode_pixels(ctx, m, ch->data, 1, ch->h, ch->w, buf, (size_t)(ch->n * d), NULL, 0,
+                                               NULL);
             j->encode_s += mmb__now_s() - t0;
             if (s == MMB_OK && j->p.on_progress) j->p.on_progress(j->p.user, "encode", ++images, c->n_images);
         }
@@ -75,11 +88,13 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
             if ((s = check_abort(ctx, j, done, c->positions)) != MMB_OK) break;
             int64_t piece = j->p.n_batch && j->p.n_batch < ch->n - off ? j->p.n_batch : ch->n - off;
             bool last = i == c->n - 1 && off + piece == ch->n;
-            const float *x = ch->type == MMB_CHUNK_IMAGE ? buf + off * d
-                           : ch->type == MMB_CHUNK_EMBED ? ch->data + off * d : buf;
+            const bool ids = ch->type == MMB_CHUNK_TEXT || (ch->type == MMB_CHUNK_IMAGE && m->xattn);
+            const float *x = ids ? buf : ch->type == MMB_CHUNK_IMAGE ? buf + off * d : ch->data + off * d;
             float *lg = j->p.logits && j->p.all_logits ? j->p.logits + done * vocab : j->p.logits && last ? j->p.logits : NULL;
             double t0 = mmb__now_s();
-            if (ch->type == MMB_CHUNK_TEXT) s = mmb_lm_embed(ctx, m->lm, ch->ids + off, piece, buf);
+            if (ids) s = mmb_lm_embed(ctx, m->lm, ch->ids + off, piece, buf);
+            if (s == MMB_OK && m->xattn)
+                s = mmb__xattn_feed(ctx, m->xattn, mmb_kv_cache_len(kv), ids ? ch->ids + off : NULL, piece, false);
             if (s == MMB_OK) s = mmb_lm_forward(ctx, m->lm, kv, x, piece, lg, !j->p.all_logits);
             j->prefill_s += mmb__now_s() - t0;
             off += piece;
@@ -88,6 +103,7 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
         }
     }
     free(buf);
+    free(media);
     return s;
 }
 
@@ -205,7 +221,9 @@ mmb_status mmb_mllm_generate(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const 
             reason = MMB_STOP_CALLBACK;
         if (reason < 0 && last_tok) reason = g + 1 == gp.n_predict ? MMB_STOP_LENGTH : MMB_STOP_CONTEXT;
         if (reason >= 0) { r.stop = (mmb_stop)reason; break; }
-        if ((s = mmb_lm_embed(ctx, m->lm, &t, 1, e1)) != MMB_OK || (s = mmb_lm_forward(ctx, m->lm, kv, e1, 1, lg, 1)))
+        if ((s = mmb_lm_embed(ctx, m->lm, &t, 1, e1)) != MMB_OK ||
+            (m->xattn && (s = mmb__xattn_feed(ctx, m->xattn, mmb_kv_cache_len(kv), &t, 1, true)) != MMB_OK) ||
+            (s = mmb_lm_forward(ctx, m->lm, kv, e1, 1, lg, 1)) != MMB_OK)
             break;
         last = lg;
         if (gp.on_logits) gp.on_logits(gp.user, lg, 1, vocab);

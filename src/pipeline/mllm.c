@@ -68,8 +68,9 @@ static mmb_status load_processor(mmb_ctx *ctx, mmb_mllm *m, const char *tower_di
 }
 
 /* The language model's tokenizer (none without tokenizer.json: the reason is kept) and the stop ids: the
- * LLM's eos ids, then the tokenizer's (mmb_tokenizer_stop_ids), each once. */
-static mmb_status load_tokenizer(mmb_ctx *ctx, mmb_mllm *m) {
+ * LLM's eos ids, then the tokenizer's (mmb_tokenizer_stop_ids), each once. The image marker: the config's
+ * image token, else the row's marker as the tokenizer has it. */
+static mmb_status load_tokenizer(mmb_ctx *ctx, mmb_mllm *m, const mmb__family *row) {
     mmb_lm_info li;
     mmb_lm_get_info(m->lm, &li);
     mmb_status s = mmb_tokenizer_open(ctx, m->dir, &m->tok);
@@ -85,9 +86,11 @@ static mmb_status load_tokenizer(mmb_ctx *ctx, mmb_mllm *m) {
         for (int k = 0; k < m->n_eos; k++) dup |= m->eos[k] == ids[i];
         if (!dup) m->eos[m->n_eos++] = ids[i];
     }
-    const char *marker = li.image_token >= 0 ? mmb_tokenizer_token_text(m->tok, li.image_token) : NULL;
+    int32_t img = li.image_token;
+    if (img < 0 && row->image_marker && m->tok) img = mmb_tokenizer_token_id(m->tok, row->image_marker);
+    const char *marker = img >= 0 ? mmb_tokenizer_token_text(m->tok, img) : NULL;
     m->info.image_marker = marker ? marker : "";
-    m->info.image_token = li.image_token;
+    m->info.image_token = marker ? img : -1;
     m->info.has_tokenizer = m->tok != NULL;
     m->info.has_chat_template = mmb__tokenizer_chat_template(m->tok, NULL) != NULL;
     return MMB_OK;
@@ -179,10 +182,27 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const char 
         mmb_lm_info li;
         mmb_model_info mi;
         mmb_lm_get_info(m->lm, &li);
-        if (m->model && mmb_model_get_info(m->model, &mi) == MMB_OK && mi.out_width != li.d_model)
+        if (m->model && mmb_model_get_info(m->model, &mi) == MMB_OK && !row->xattn && mi.out_width != li.d_model)
             return mmb__err(ctx, MMB_ERR_SHAPE, "%s: the connector makes %d-wide embeddings, the LLM takes %lld",
                             m->dir, mi.out_width, (long long)li.d_model);
-        if ((s = load_tokenizer(ctx, m)) != MMB_OK) return s;
+        if ((s = load_tokenizer(ctx, m, row)) != MMB_OK) return s;
+        if (row->xattn && m->model) { /* fusion A: the visual tokens reach the LLM through its gated layers */
+            if (mi.tokens_per_image < 1)
+                return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: a %s model's images must make a fixed number of "
+                                "visual tokens", m->dir, row->name);
+            s = mmb__xattn_open(ctx, m->lm, row->xattn, mi.out_width, mi.tokens_per_image, m->info.image_token,
+                                mmb_tokenizer_eos_id(m->tok), &m->xattn);
+            if (s != MMB_OK) return s;
+            m->image_wrap = row->image_wrap && m->tok && mmb_tokenizer_token_id(m->tok, row->image_wrap) >= 0
+                          ? row->image_wrap : NULL;
+            mmb__xattn_cost xc;
+            mmb__xattn_get_cost(m->xattn, &xc);
+            in->xattn_layers = xc.layers;
+            in->xattn_params = xc.params;
+            in->xattn_flops_per_token = xc.flops_per_token;
+            in->xattn_kv_bytes_per_image = xc.kv_bytes_per_image;
+            in->xattn_kv_flops_per_image = xc.kv_flops_per_image;
+        }
     }
     fill_info(m, row);
     return MMB_OK;
@@ -215,6 +235,7 @@ mmb_status mmb_mllm_open(mmb_ctx *ctx, const char *dir, const mmb_mllm_params *p
 void mmb_mllm_free(mmb_mllm *m) {
     if (!m) return;
     mmb_tokenizer_free(m->tok);
+    mmb__xattn_free(NULL, m->xattn);
     mmb_lm_free(m->lm);
     mmb_model_free(m->model);
     mmb_vit_free(m->vit_only);

@@ -32,6 +32,8 @@ struct mmb_mllm {
     const mmb_vit *vit;        /* the tower whose hidden states encode exposes: model's or vit_only; NULL for a
                                   family (its tower is its own) or without one */
     mmb_lm *lm;
+    mmb__xattn *xattn;         /* fusion A: the LLM's gated cross-attention layers, or NULL */
+    const char *image_wrap;    /* fusion A (IDEFICS): the token around an image marker in the text, or NULL */
     mmb_tokenizer *tok;
     mmb_preprocess proc;
     mmb_mllm_info info;

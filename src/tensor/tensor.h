@@ -241,6 +241,19 @@ size_t mmb__wmat_scratch(int64_t M, int64_t K);
  * accumulate: y += x W^T + bias instead of y =. scratch: mmb__wmat_scratch(M, w->k) floats, 64-aligned. */
 void mmb__wmat_part(float *y0, int64_t ldy, const float *x, int64_t ldx, int64_t M, const mmb_wmat *w,
                     const float *bias, int64_t n0, int64_t n1, int accumulate, float *scratch);
+/* One output of mmb__wmat_share: y (row stride ldy) = x W^T + bias (bias NULL: none). */
+typedef struct mmb_wmat_out {
+    const mmb_wmat *w;
+    const float *bias;
+    float *y;
+    int64_t ldy;
+} mmb_wmat_out;
+/* Thread tid of nth's share of the products o[0 .. n) of the same x (M rows, row stride ldx): the columns of
+ * all matrices split in units of 8 (GEMV, M <= MMB_WMAT_GEMV_MAX) or one micro-kernel panel, so a pool job
+ * computes them all in one step. accumulate as mmb__wmat_part; scratch: the thread's own,
+ * mmb__wmat_scratch(M, K) floats for the largest K of the matrices. */
+void mmb__wmat_share(int tid, int nth, const float *x, int64_t ldx, int64_t M, const mmb_wmat_out *o, int n,
+                     int accumulate, float *scratch);
 /* The oracle: y (M, w->n) = x (M, w->k) W^T + bias, weights converted element by element, sums in double. */
 void mmb__wmat_ref(float *y, const float *x, int64_t M, const mmb_wmat *w, const float *bias);
 

@@ -255,3 +255,18 @@ void mmb__wmat_part(float *y0, int64_t ldy, const float *x, int64_t ldx, int64_t
         }
     }
 }
+
+void mmb__wmat_share(int tid, int nth, const float *x, int64_t ldx, int64_t M, const mmb_wmat_out *o, int n,
+                     int accumulate, float *scratch) {
+    int64_t g = M <= MMB_WMAT_GEMV_MAX ? 8 : MMB_GEMM_OWN_NR, total = 0, lo, hi;
+    for (int i = 0; i < n; i++) total += (o[i].w->n + g - 1) / g;
+    mmb__split(total, tid, nth, &lo, &hi);
+    for (int i = 0, base = 0; i < n; base += (int)((o[i].w->n + g - 1) / g), i++) {
+        int64_t u = (o[i].w->n + g - 1) / g, a = lo - base, b = hi - base;
+        if (a < 0) a = 0;
+        if (b > u) b = u;
+        if (a >= b) continue;
+        int64_t n0 = a * g, n1 = b * g < o[i].w->n ? b * g : o[i].w->n;
+        mmb__wmat_part(o[i].y + n0, o[i].ldy, x, ldx, M, o[i].w, o[i].bias, n0, n1, accumulate, scratch);
+    }
+}
