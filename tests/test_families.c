@@ -107,8 +107,8 @@ static void test_rows(mmb_ctx *ctx) {
     CHECK(match_dir(ctx, "fam_row", &row) == MMB_OK && row->layout == MMB__LAYOUT_ORIGINAL && row->lm_runs,
           "original LLaVA by its keys");
     write_config("fam_row", "{\"architectures\":[\"IdeficsForVisionText2Text\"]}");
-    CHECK(match_dir(ctx, "fam_row", &row) == MMB_OK && row->fusion == MMB_FUSION_A && !row->lm_runs,
-          "IDEFICS: fusion A, its LLM not run");
+    CHECK(match_dir(ctx, "fam_row", &row) == MMB_OK && row->fusion == MMB_FUSION_A && row->lm_runs &&
+          row->xattn && strcmp(row->xattn, "idefics") == 0, "IDEFICS: fusion A, its LLM run with IDEFICS' gated layers");
 }
 
 /* A CLIPVisionModel of one block (width 8, 28 px, patch 14): its row is the tower alone, mmb_vit_open

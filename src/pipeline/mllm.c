@@ -90,7 +90,7 @@ static mmb_status load_tokenizer(mmb_ctx *ctx, mmb_mllm *m, const mmb__family *r
     if (img < 0 && row->image_marker && m->tok) img = mmb_tokenizer_token_id(m->tok, row->image_marker);
     const char *marker = img >= 0 ? mmb_tokenizer_token_text(m->tok, img) : NULL;
     m->info.image_marker = marker ? marker : "";
-    m->info.image_token = marker ? img : -1;
+    m->info.image_token = img;
     m->info.has_tokenizer = m->tok != NULL;
     m->info.has_chat_template = mmb__tokenizer_chat_template(m->tok, NULL) != NULL;
     return MMB_OK;

@@ -136,6 +136,7 @@ def test_logits_and_greedy_match_transformers(tmp_path, cfg):
     cases = {"1 image": ["User:", p1, "Describe this image.\nAssistant:"],
              "2 images": ["User:", p1, "What is in the picture?", p2, "Two dogs. Assistant:"],
              "2 images in a row": [p1, p2, "What is in the picture?"],
+             "end of document": ["User:", p1, "A cat.</s>User: and this one? Two dogs.", p2, "Assistant:"],
              "text only": ["User: Describe this image. Assistant:"]}
     for label, items in cases.items():
         enc = inputs(proc, items) if len(items) > 1 else text_only_inputs(proc, items[0])
