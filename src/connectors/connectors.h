@@ -86,4 +86,18 @@ extern const mmb_connector_ops mmb__conn_patch_merger;
 extern const mmb_connector_ops mmb__conn_idefics2, mmb__conn_pixel_shuffle, mmb__conn_qformer,
     mmb__conn_idefics_perceiver;
 
+/* OpenFlamingo's PerceiverResampler (connectors/perceiver.c) with its settings given by the family (the
+ * open_flamingo checkpoint's "perceiver" section) rather than read from the LLaVA path's mm_perceiver_*
+ * keys and the tensors: weights {prefix}latents [num_latents, dim], {prefix}layers.{i}.0.{norm_media,
+ * norm_latents,to_q,to_kv,to_out}, {prefix}layers.{i}.1.{0,1,3}, {prefix}norm, each checked for presence and
+ * shape; optional {prefix}frame_embs / media_time_embs add their row 0 (one frame, one media). The state runs
+ * through mmb__conn_flamingo_perceiver's ops (forward, out_tokens, cost, scratch, free): out (batch,
+ * num_latents, dim) from x (batch, tokens, dim). */
+typedef struct mmb__perceiver_cfg {
+    int64_t dim, depth, heads, dim_head, num_latents, ff_mult;
+} mmb__perceiver_cfg;
+extern const mmb_connector_ops mmb__conn_flamingo_perceiver;
+mmb_status mmb__flamingo_perceiver_load(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix,
+                                        const mmb__perceiver_cfg *cfg, void **out);
+
 #endif

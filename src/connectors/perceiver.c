@@ -3,7 +3,8 @@
  *                 "idefics_perceiver" connector the idefics family runs after its CLIP-like tower
  *                 (IdeficsVisionTransformer = vit.c) when config.use_resampler;
  *   OpenFlamingo  PerceiverResampler (open_flamingo/src/helpers.py), the "flamingo_perceiver" connector
- *                 of the LLaVA path (original-layout config, model.mm_projector.*).
+ *                 of the LLaVA path (original-layout config, model.mm_projector.*), and the open_flamingo
+ *                 family's resampler (models/open_flamingo.c: perceiver.*, its config's "perceiver" settings).
  *
  *   x (T, D): one image's features; Flamingo adds frame_embs[0] and media_time_embs[0] when present
  *             (one frame, one media: F = T_media = 1)
@@ -227,14 +228,21 @@ static int64_t dim0(const mmb_ckpt *c, const char *prefix, const char *name) {
     return t && t->ndim >= 1 ? t->shape[0] : -1;
 }
 
-static mmb_status flamingo_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, void **out) {
+/* An OpenFlamingo resampler of width D, sizes not yet set. */
+static perceiver *flamingo_new(mmb_ctx *ctx, int64_t D) {
     perceiver *p = calloc(1, sizeof *p);
-    if (!p) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    if (!p) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory"), NULL;
     p->names = &flamingo_names;
     p->nth = mmb__pool_size(ctx->pool);
     p->act = MMB_ACT_GELU;
     p->eps = 1e-5f;
-    p->D = cfg->in_width;
+    p->D = D;
+    return p;
+}
+
+static mmb_status flamingo_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, void **out) {
+    perceiver *p = flamingo_new(ctx, cfg->in_width);
+    if (!p) return MMB_ERR_NOMEM;
     snprintf(p->prefix, sizeof p->prefix, "%sperceiver.", cfg->prefix);
     if (dim0(c, p->prefix, "latents") < 0 && dim0(c, cfg->prefix, "latents") >= 0)
         snprintf(p->prefix, sizeof p->prefix, "%s", cfg->prefix);
@@ -272,6 +280,23 @@ static mmb_status flamingo_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_
         p->F = F;
     }
     if (s == MMB_OK) s = perc_check(ctx, c, p);
+    if (s == MMB_OK) s = perc_bind(ctx, c, p);
+    if (s != MMB_OK) { perc_free(p); return s; }
+    *out = p;
+    return MMB_OK;
+}
+
+mmb_status mmb__flamingo_perceiver_load(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix,
+                                        const mmb__perceiver_cfg *cfg, void **out) {
+    perceiver *p = flamingo_new(ctx, cfg->dim);
+    if (!p) return MMB_ERR_NOMEM;
+    snprintf(p->prefix, sizeof p->prefix, "%s", prefix);
+    p->N = cfg->num_latents;
+    p->depth = cfg->depth;
+    p->heads = cfg->heads;
+    p->hd = cfg->dim_head;
+    p->F = cfg->ff_mult >= 1 && cfg->ff_mult <= 64 ? cfg->ff_mult * cfg->dim : 0;  /* else refused by perc_check */
+    mmb_status s = perc_check(ctx, c, p);
     if (s == MMB_OK) s = perc_bind(ctx, c, p);
     if (s != MMB_OK) { perc_free(p); return s; }
     *out = p;

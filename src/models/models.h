@@ -1,7 +1,7 @@
 /* The models layer: the family table (models/families.c), one row per checkpoint kind, and the parts that
  * only some families have, reached from their rows: a ViT tower + a connector run as one model
  * (models/vit_family.c: BLIP-2, IDEFICS, Idefics2/3, SmolVLM), Qwen2-VL's tower + PatchMerger
- * (models/qwen2vl.c). Uses the connectors layer and below; pipeline/model.c opens checkpoints through it. */
+ * (models/qwen2vl.c), OpenFlamingo's CLIP tower + PerceiverResampler (models/open_flamingo.c). Uses the connectors layer and below; pipeline/model.c opens checkpoints through it. */
 #ifndef MMB_MODELS_H
 #define MMB_MODELS_H
 
@@ -25,6 +25,9 @@ typedef struct mmb_family_ops {
     mmb_status (*encode)(mmb_ctx *ctx, const void *state, const float *pixels, int64_t batch, int height, int width,
                          float *out);
     void (*free)(void *state);
+    /* Optional: the directory whose preprocessor_config.json is the model's image processor when the
+     * checkpoint's own directory has none (a tower kept in a directory of its own), or NULL. */
+    const char *(*processor_dir)(const void *state);
 } mmb_family_ops;
 
 /* models/vit_family.c: a ViT tower (vision/vit.c) whose last_hidden_state feeds a connector that reads its
@@ -32,6 +35,9 @@ typedef struct mmb_family_ops {
 extern const mmb_family_ops mmb__family_vit;
 /* models/qwen2vl.c: Qwen2-VL's tower (vision/qwen2vl.c), then its PatchMerger. */
 extern const mmb_family_ops mmb__family_qwen2vl;
+/* models/open_flamingo.c: OpenFlamingo's vision side: a CLIP tower in the directory config.vision_tower names,
+ * its patch tokens (vision_feature), the PerceiverResampler under perceiver.* (config.perceiver's settings). */
+extern const mmb_family_ops mmb__family_open_flamingo;
 
 /* What mmb__family_vit reads from its row (mmb__family.part). */
 typedef struct mmb__vit_part {

@@ -51,7 +51,8 @@ static mmb_status apply_dense(mmb_ctx *ctx, mmb_mllm *m, const mmb_dense_params 
     return mmb_model_set_dense(ctx, m->model, &d);
 }
 
-/* The image processor: the directory's, else the vision tower directory's; none (the reason kept for encode's
+/* The image processor: the directory's, else the vision tower directory's (the one given, or the family's
+ * own: mmb__model_processor_dir); none (the reason kept for encode's
  * message) when neither has one. LLaVA's "pad" aspect mode pads to a square first. */
 static mmb_status load_processor(mmb_ctx *ctx, mmb_mllm *m, const char *tower_dir, bool pad) {
     mmb_status s = mmb_preprocess_load(ctx, m->dir, &m->proc);
@@ -173,7 +174,8 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const char 
         m->vit = mmb_model_vit(m->model);
         mmb_model_info mi;
         mmb_model_get_info(m->model, &mi);
-        if ((s = load_processor(ctx, m, p->vision_tower, mi.pad_to_square)) != MMB_OK) return s;
+        const char *tower_dir = p->vision_tower ? p->vision_tower : mmb__model_processor_dir(m->model);
+        if ((s = load_processor(ctx, m, tower_dir, mi.pad_to_square)) != MMB_OK) return s;
     }
     if (row->vision_only && (s = load_processor(ctx, m, NULL, false)) != MMB_OK) return s;
     bool lm = row->text_only || (row->lm_runs && mmb__lm_present(mmb__model_ckpt(m->model)));

@@ -548,6 +548,10 @@ int mmb_model_routing_stats(const mmb_model *m, int64_t *counts, int cap) {
 
 const mmb_ckpt *mmb__model_ckpt(const mmb_model *m) { return &m->ck; }
 
+const char *mmb__model_processor_dir(const mmb_model *m) {
+    return m->fam && m->fam->ops->processor_dir ? m->fam->ops->processor_dir(m->fam_state) : NULL;
+}
+
 mmb_status mmb__model_encode_taps(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
                                   int width, float *out, size_t out_count, const int *taps, int n_taps,
                                   float *const *hidden) {

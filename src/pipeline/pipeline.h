@@ -10,6 +10,9 @@
 
 /* The checkpoint m was opened from (it lives as long as m). */
 const mmb_ckpt *mmb__model_ckpt(const mmb_model *m);
+/* Where m's image processor lives when m's directory has none: its family's tower directory
+ * (mmb_family_ops.processor_dir), or NULL. */
+const char *mmb__model_processor_dir(const mmb_model *m);
 
 /* mmb_model_encode plus, from the same pass of the tower, the hidden states hidden_states[taps[i]]
  * (HF indexing, negative from the end, or MMB_TAP_LAST) written to hidden[i] as [batch, tokens, width]

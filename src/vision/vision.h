@@ -18,6 +18,10 @@ mmb_status mmb__vit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vit **out);
  * when done reading it, on failure too. */
 mmb_status mmb__vit_last_feats(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch, int64_t floats,
                                float **out);
+/* The tower's post_layernorm on `rows` rows of its width in x, in place: for features that apply it to
+ * tokens other than the pooled CLS (OpenFlamingo's "patch_ln_post"; transformers' CLIPVisionModel applies
+ * it to pooler_output alone). */
+void mmb__vit_post_norm(mmb_ctx *ctx, const mmb_vit *v, float *x, int64_t rows);
 
 /* ---- vision/qwen2vl.c: Qwen2-VL's tower, without its PatchMerger --------------------------------- */
 

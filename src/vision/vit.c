@@ -410,6 +410,10 @@ mmb_status mmb__vit_last_feats(mmb_ctx *ctx, const mmb_vit *v, const float *pixe
     return mmb_vit_forward(ctx, v, pixels, batch, &last, 1, out);
 }
 
+void mmb__vit_post_norm(mmb_ctx *ctx, const mmb_vit *v, float *x, int64_t rows) {
+    mmb__layernorm_forward_mt(ctx, x, x, v->post_w, v->post_b, rows, v->info.width, v->info.eps);
+}
+
 mmb_status mmb_vit_forward_groups(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch,
                                   const int *taps, const int *spans, int n_taps, float *const *outs) {
     if (!ctx || !v || !pixels || !taps || !outs || batch < 1 || n_taps < 1 || n_taps > MMB_MAX_TAPS)
