@@ -69,7 +69,7 @@ static const mmb__family rows[] = {
      .taps = "hidden_states[-1] without CLS (vision_feature: patch, or patch_ln_post)",
      .connector = "flamingo_perceiver (perceiver.*, config perceiver)", .processor = "CLIPImageProcessor (the tower's)",
      .fusion = MMB_FUSION_A, .lm = "text_config: Llama with gated cross-attention blocks (lang_encoder.*)",
-     .lm_runs = true, .ops = &mmb__family_open_flamingo},
+     .lm_runs = true, .xattn = "open_flamingo", .ops = &mmb__family_open_flamingo},
     {.name = "llava", .architectures = "LlavaLlamaForCausalLM, LlavaMistralForCausalLM, LlavaQwenForCausalLM",
      .model_types = "llava_llama, llava_mistral, llava_qwen", .keys = "mm_projector_type, mm_hidden_size",
      .layout = MMB__LAYOUT_ORIGINAL, .layouts = "llava-original",

@@ -1,7 +1,7 @@
 /* Evaluating chunk lists into a KV cache and generating from them: sampling, streamed text, the stop reasons,
  * timings. Fusion C: each image's embeddings are spliced in at its positions. Fusion A: an image is its marker
- * token's one position; its visual tokens go to the gated cross-attention layers (lm/xattn.c), whose keys and
- * values are computed once, when the image is evaluated, and every position is recorded with its token so
+ * token's one position; the visual tokens of every image of the prompt go to the gated cross-attention layers
+ * (lm/xattn.c) first, whose keys and values are computed then, once, and every position is recorded with its token so
  * the layers know which images it sees (generated tokens see what the prompt's last position saw). */
 #include "pipeline.h"
 
@@ -68,19 +68,27 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
         return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for %lld embeddings", (long long)rows);
     }
     mmb_status s = MMB_OK;
-    if (m->xattn && cached == 0) mmb__xattn_clear(m->xattn);
-    int64_t done = 0;
     int images = 0;
+    if (m->xattn && cached == 0) mmb__xattn_clear(m->xattn);
+    /* Fusion A: every image of the prompt first (OpenFlamingo's text before the first image, attending all the
+     * media, reads the later images too) */
+    for (int i = 0; m->xattn && i < c->n && s == MMB_OK; i++) {
+        const mmb_chunk *ch = &c->c[i];
+        if (ch->type != MMB_CHUNK_IMAGE) continue;
+        if ((s = check_abort(ctx, j, 0, c->positions)) != MMB_OK) break;
+        double t0 = mmb__now_s();
+        s = mmb__mllm_encode_pixels(ctx, m, ch->data, 1, ch->h, ch->w, media, nmedia, NULL, 0, NULL);
+        if (s == MMB_OK) s = mmb__xattn_add_media(ctx, m->xattn, media, 1);
+        j->encode_s += mmb__now_s() - t0;
+        if (s == MMB_OK && j->p.on_progress) j->p.on_progress(j->p.user, "encode", ++images, c->n_images);
+    }
+    int64_t done = 0;
     for (int i = 0; i < c->n && s == MMB_OK; i++) {
         const mmb_chunk *ch = &c->c[i];
-        if (ch->type == MMB_CHUNK_IMAGE) {
+        if (ch->type == MMB_CHUNK_IMAGE && !m->xattn) {
             if ((s = check_abort(ctx, j, done, c->positions)) != MMB_OK) break;
             double t0 = mmb__now_s();
-            if (m->xattn) {
-                s = mmb__mllm_encode_pixels(ctx, m, ch->data, 1, ch->h, ch->w, media, nmedia, NULL, 0, NULL);
-                if (s == MMB_OK) s = mmb__xattn_add_media(ctx, m->xattn, media, 1);
-            } else s = mmb__mllm_encode_pixels(ctx, m, ch->data, 1, ch->h, ch->w, buf, (size_t)(ch->n * d), NULL, 0,
-                                               NULL);
+            s = mmb__mllm_encode_pixels(ctx, m, ch->data, 1, ch->h, ch->w, buf, (size_t)(ch->n * d), NULL, 0, NULL);
             j->encode_s += mmb__now_s() - t0;
             if (s == MMB_OK && j->p.on_progress) j->p.on_progress(j->p.user, "encode", ++images, c->n_images);
         }
