@@ -222,8 +222,8 @@ static void add_ids(const cJSON *j, int32_t *eos, int *n) {
     }
 }
 
-/* The special ids generation needs: <image> and the end-of-sequence ids (generation_config.json first, as
- * transformers' generate reads them, then the text config, then the top level). */
+/* The special ids generation needs: <image> and the end-of-sequence ids (OpenFlamingo's end of chunk, then
+ * generation_config.json, as transformers' generate reads them, then the text config, then the top level). */
 static void read_special(mmb_lm *lm, const cJSON *text) {
     const cJSON *root = lm->ck.config;
     lm->info.image_token = -1;
@@ -233,6 +233,8 @@ static void read_special(mmb_lm *lm, const cJSON *text) {
         if (cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble < INT32_MAX)
             lm->info.image_token = (int32_t)v->valuedouble;
     }
+    /* OpenFlamingo's Flamingo.generate stops at <|endofchunk|> (its eos_token_id defaults to eoc_token_id) */
+    add_ids(cJSON_GetObjectItemCaseSensitive(root, "end_of_chunk_token_id"), lm->info.eos, &lm->info.n_eos);
     char path[4096];
     snprintf(path, sizeof path, "%s/generation_config.json", lm->ck.dir);
     FILE *f = fopen(path, "rb");

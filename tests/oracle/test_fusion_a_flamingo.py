@@ -187,3 +187,19 @@ def test_bad_input(tmp_path):
     shutil.copytree(d, every)
     (every / "config.json").write_text(json.dumps(dict(cfg, cross_attn_every_n_layers=1)))
     fails(["info", every], "lang_encoder.gated_cross_attn_layers.0.", "missing")
+
+
+def test_generation_stops_at_the_end_of_chunk(tmp_path):
+    """Flamingo.generate's eos_token_id defaults to <|endofchunk|>: made here the id greedy decoding reaches
+    fifth, so the stop is seen."""
+    d = tmp_path / "of"
+    model = make_open_flamingo(d, n_every=1)
+    paths = images(tmp_path, 1)
+    prompt = PROMPTS["1 image"]
+    full = ref_greedy(model, pixels(d, paths), ids_of(model, prompt), 24)
+    stop = full[4]
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, end_of_chunk_token_id=stop)))
+    p = run("generate", d, "--raw", "--prompt", prompt, "--image", paths[0], "-n", 24, "--print-ids", "--threads", 2)
+    got = [int(t) for t in p.stdout.split()]
+    assert got == full[:full.index(stop) + 1]
