@@ -592,6 +592,10 @@ typedef struct mmb_lm_info {
     const char *prefix;         /* where its weights are: "model.", "language_model.model.", ... */
     const char *rope_type;      /* "default", "linear", "dynamic" or "llama3" */
     int64_t vocab, d_model, layers, heads, kv_heads, head_dim, intermediate;
+    int64_t embed_rows;         /* the ids the embedding takes: vocab, or more (Mllama's 8 rows past the logits,
+                                   its <|image|> among them) */
+    int n_replaced;             /* layers a fusion-A model replaces by its cross-attention layers (Mllama's
+                                   cross_attention_layers): no self-attention, no KV cache entries of their own */
     int64_t max_positions;      /* max_position_embeddings, times the factor for linear and dynamic RoPE */
     double rope_theta, rms_eps;
     int tied;                   /* 1: the output head is the embedding matrix */

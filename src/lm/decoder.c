@@ -33,6 +33,7 @@ typedef struct lm_layer {
     float *bq, *bk, *bv, *bo, *bgate, *bup, *bdown; /* f32 copies, or NULL */
     float *ln1, *ln2;                                /* input_layernorm, post_attention_layernorm (d) */
     int64_t window;                                  /* sliding window (keys per query), 0 = none */
+    bool replaced;                                   /* Mllama's cross-attention layer: a hook runs it whole */
 } lm_layer;
 
 struct mmb_lm {
@@ -42,6 +43,7 @@ struct mmb_lm {
     const char *infix;         /* between layers.{l}. and a layer's names: "" or OpenFlamingo's "decoder_layer." */
     int64_t d, I, H, KVH, hd, vocab, L, mpe;
     int64_t extra;             /* IDEFICS' additional_vocab_size: ids [vocab, vocab + extra) and their logits */
+    int64_t embed_only;        /* Mllama: embedding rows past vocab + extra that have no logits (8) */
     float eps;
     int rope;
     double theta, factor, low_ff, high_ff;
@@ -108,6 +110,7 @@ static const arch_defaults archs[] = {
     {"mistral", 32000, 4096, 14336, 32, 32, 8, 4096 * 32},
     {"qwen2", 151936, 4096, 22016, 32, 32, 32, 32768},
     {"idefics", 32000, 4096, 11008, 32, 32, 0, 2048},  /* IdeficsConfig: a Llama with its own config class */
+    {"mllama_text_model", 128256, 4096, 14336, 40, 32, 8, 131072}, /* MllamaTextConfig: Llama 3.1 + cross layers */
 };
 
 static const arch_defaults *find_arch(const char *model_type, const char *architecture) {
@@ -335,7 +338,7 @@ void mmb_lm_free(mmb_lm *lm) {
 
 /* Reads the text config into lm (shapes, eps, RoPE, windows) and says which biases the layers carry. */
 static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_bias, bool *mlp_bias,
-                              bool *tied, int64_t **windows) {
+                              bool *tied, int64_t **windows, bool **replaced) {
     mmb_ckpt *c = &lm->ck;
     const cJSON *arr = cJSON_GetObjectItemCaseSensitive(c->config, "architectures");
     const cJSON *a0 = cJSON_IsArray(arr) ? cJSON_GetArrayItem(arr, 0) : NULL;
@@ -407,6 +410,23 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
         bool on = !qwen || (cJSON_IsString(e) ? strcmp(e->valuestring, "sliding_attention") == 0 : l >= mwl);
         (*windows)[l] = on ? sw : 0;
     }
+    /* Mllama: its cross-attention layers sit in the layer list (text_config.cross_attention_layers), and its
+     * embedding has 8 rows past the vocabulary (nn.Embedding(vocab_size + 8)) */
+    if (strcmp(ad->name, "mllama_text_model") != 0) return MMB_OK;
+    lm->embed_only = 8;
+    if (!(*replaced = calloc((size_t)lm->L, sizeof **replaced))) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    int xl[256], nx = 0;
+    mmb_status s2 = MMB_OK;
+    if (!mmb__cfg_ints(ctx, c, *r.tp ? "text_config.cross_attention_layers" : "cross_attention_layers", xl, 256, &nx,
+                       &s2))
+        return s2 != MMB_OK ? s2 : mmb__err(ctx, MMB_ERR_MISSING, "%s/config.json: an Mllama text model without "
+                                            "cross_attention_layers", c->dir);
+    for (int i = 0; i < nx; i++) {
+        if (xl[i] < 0 || xl[i] >= lm->L || (*replaced)[xl[i]])
+            return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: cross_attention_layers[%d] = %d: not a layer index "
+                            "in [0, %lld), or repeated", c->dir, i, xl[i], (long long)lm->L);
+        (*replaced)[xl[i]] = true;
+    }
     return MMB_OK;
 }
 
@@ -427,9 +447,9 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
     mmb_lm *lm = calloc(1, sizeof *lm);
     if (!lm) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     int64_t *windows = NULL;
-    bool qkv_bias = false, o_bias = false, mlp_bias = false, tied = false;
+    bool qkv_bias = false, o_bias = false, mlp_bias = false, tied = false, *replaced = NULL;
     mmb_status s = mmb__ckpt_open(ctx, dir, &lm->ck);
-    if (s == MMB_OK) s = read_config(ctx, lm, &qkv_bias, &o_bias, &mlp_bias, &tied, &windows);
+    if (s == MMB_OK) s = read_config(ctx, lm, &qkv_bias, &o_bias, &mlp_bias, &tied, &windows, &replaced);
     if (s != MMB_OK) goto fail;
     char nm[512];
     const char *prefix = find_prefix(&lm->ck);
@@ -446,11 +466,12 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
     snprintf(nm, sizeof nm, "%slayers.0.decoder_layer.input_layernorm.weight", lm->prefix);
     lm->infix = mmb__ckpt_find(&lm->ck, nm, NULL) ? "decoder_layer." : "";
     snprintf(nm, sizeof nm, "%sembed_tokens.weight", lm->prefix);
-    if ((s = mmb__lm_bind(ctx, lm, nm, lm->vocab, lm->d, &lm->embed)) != MMB_OK) goto fail;
+    if ((s = mmb__lm_bind(ctx, lm, nm, lm->vocab + lm->embed_only, lm->d, &lm->embed)) != MMB_OK) goto fail;
     snprintf(nm, sizeof nm, "%sembed_tokens.additional_embedding.weight", lm->prefix);
     if (lm->extra && (s = mmb__lm_bind(ctx, lm, nm, lm->extra, lm->d, &lm->embed2)) != MMB_OK) goto fail;
     if (tied) {
         lm->head = lm->embed;
+        lm->head.n = lm->vocab;
         lm->head2 = lm->embed2;
     } else {
         const char *h = "lm_head.weight", *h2 = "language_model.lm_head.weight";
@@ -473,10 +494,15 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
     }
     rope_inv_freq(lm, 0, lm->inv_freq);
     int64_t bytes = wbytes(&lm->head) + (lm->extra ? wbytes(&lm->head2) : 0) + lm->d * 4,
-            params = (lm->vocab + lm->extra) * lm->d * (tied ? 1 : 2) + lm->d;
+            params = (lm->vocab + lm->extra) * lm->d * (tied ? 1 : 2) + lm->embed_only * lm->d + lm->d;
     for (int l = 0; l < lm->L; l++) {
-        if ((s = bind_layer(ctx, lm, l, qkv_bias, o_bias, mlp_bias)) != MMB_OK) goto fail;
         lm_layer *y = &lm->layers[l];
+        if (replaced && replaced[l]) { /* its hook binds its weights */
+            y->replaced = true;
+            lm->info.n_replaced++;
+            continue;
+        }
+        if ((s = bind_layer(ctx, lm, l, qkv_bias, o_bias, mlp_bias)) != MMB_OK) goto fail;
         y->window = windows[l];
         const mmb_wmat *ws[] = {&y->q, &y->k, &y->v, &y->o, &y->gate, &y->up, &y->down};
         for (int i = 0; i < 7; i++) {
@@ -488,7 +514,9 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
         bytes += 8 * lm->d;
     }
     free(windows);
-    mmb_lm_info *in = &lm->info; /* image_token and eos: read_special */
+    free(replaced);
+    mmb_lm_info *in = &lm->info; /* image_token, eos and n_replaced: read_special, the layers */
+    in->embed_rows = lm->vocab + lm->extra + lm->embed_only;
     in->architecture = lm->architecture;
     in->prefix = lm->prefix;
     in->rope_type = rope_names[lm->rope];
@@ -511,6 +539,7 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
     return MMB_OK;
 fail:
     free(windows);
+    free(replaced);
     mmb_lm_free(lm);
     return s;
 }
@@ -534,12 +563,13 @@ mmb_status mmb__lm_set_hooks(mmb_ctx *ctx, mmb_lm *lm, const mmb_lm_hook *hooks)
 mmb_status mmb_lm_embed(mmb_ctx *ctx, const mmb_lm *lm, const int32_t *ids, int64_t n, float *out) {
     if (!lm || !ids || !out || n < 1) return mmb__err(ctx, MMB_ERR_ARG, "mmb_lm_embed: NULL argument or n < 1");
     for (int64_t i = 0; i < n; i++)
-        if (ids[i] < 0 || ids[i] >= lm->vocab + lm->extra)
+        if (ids[i] < 0 || ids[i] >= lm->info.embed_rows)
             return mmb__err(ctx, MMB_ERR_ARG, "token id %d at position %lld is outside the vocabulary [0, %lld)",
-                            (int)ids[i], (long long)i, (long long)(lm->vocab + lm->extra));
+                            (int)ids[i], (long long)i, (long long)lm->info.embed_rows);
     for (int64_t i = 0; i < n; i++) { /* IDEFICS' decoupled embedding: ids from vocab on are the additional rows */
-        const mmb_wmat *e = ids[i] < lm->vocab ? &lm->embed : &lm->embed2;
-        int64_t row = ids[i] < lm->vocab ? ids[i] : ids[i] - lm->vocab;
+        bool second = lm->extra && ids[i] >= lm->vocab;
+        const mmb_wmat *e = second ? &lm->embed2 : &lm->embed;
+        int64_t row = second ? ids[i] - lm->vocab : ids[i];
         mmb_to_f32(out + i * lm->d, (const unsigned char *)e->data + (size_t)(row * lm->d) * mmb_dtype_size(e->dtype),
                    e->dtype, (size_t)lm->d);
     }
@@ -722,6 +752,7 @@ static void fwd_worker(void *arg, int tid, int nth) {
     fwd_job *j = arg;
     int L2 = (int)(2 * j->lm->L);
     for (int s = j->s0; s < j->s1; s++) {
+        if (s < L2 && j->lm->layers[s / 2].replaced) continue; /* its hook ran it */
         if (s == L2) head_step(j, tid, nth);
         else if (s % 2 == 0) attn_half(j, tid, nth, s / 2);
         else mlp_half(j, tid, nth, s / 2);
@@ -811,5 +842,7 @@ mmb_status mmb_lm_forward(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv, cons
 bool mmb__lm_present(const mmb_ckpt *c) { return find_prefix(c) != NULL; }
 
 const mmb_ckpt *mmb__lm_ckpt(const mmb_lm *lm) { return &lm->ck; }
+
+bool mmb__lm_replaced(const mmb_lm *lm, int l) { return lm && l >= 0 && l < lm->L && lm->layers[l].replaced; }
 
 int64_t mmb__kv_cache_cap(const mmb_kv_cache *kv) { return kv ? kv->cap : 0; }

@@ -28,6 +28,9 @@ const mmb_ckpt *mmb__lm_ckpt(const mmb_lm *lm);
 /* Binds tensor `name` [n, k] of lm's checkpoint as a weight matrix used in its storage dtype (a realigned
  * copy, owned by lm, when its file offset is not aligned). Errors name the file and the tensor. */
 mmb_status mmb__lm_bind(mmb_ctx *ctx, mmb_lm *lm, const char *name, int64_t n, int64_t k, mmb_wmat *w);
+/* Whether layer l is replaced by a fusion-A layer (Mllama's cross_attention_layers): the decoder skips its
+ * steps, its before_layer hook runs it. */
+bool mmb__lm_replaced(const mmb_lm *lm, int l);
 /* One query row against keys [k0, k1) of one head, K and V (rows of hd floats): out (hd) =
  * softmax(q K^T * scale) V; sc: k1 - k0 floats of scratch. */
 void mmb__lm_attend(float *out, const float *q, const float *K, const float *V, int64_t k0, int64_t k1, int64_t hd,
@@ -57,8 +60,9 @@ typedef struct mmb__xattn_cost {
     int64_t kv_flops_per_image; /* computing them, once per image */
 } mmb__xattn_cost;
 
-/* Opens the layers of `kind` ("idefics" or "open_flamingo") from lm's checkpoint and config for visual tokens
- * of width vis_dim, tokens_per_image of them per image; image_token is the token that marks an image in the
+/* Opens the layers of `kind` ("idefics", "open_flamingo" or "mllama": the decoder's replaced layers) from lm's
+ * checkpoint and config for visual tokens of width vis_dim, tokens_per_image of them per image (for the costs;
+ * each image brings its own, mmb__xattn_add_media); image_token is the token that marks an image in the
  * text, eod_token the end-of-document token after which IDEFICS' text sees no image until the next (-1:
  * none). Installs the hooks (lm must outlive *out). Returns MMB_OK; MMB_ERR_MISSING / MMB_ERR_SHAPE /
  * MMB_ERR_FORMAT / MMB_ERR_UNSUPPORTED for a missing tensor, a K/V width other than vis_dim, a gate of the
@@ -69,9 +73,10 @@ mmb_status mmb__xattn_open(mmb_ctx *ctx, mmb_lm *lm, const char *kind, int64_t v
 void mmb__xattn_free(mmb_ctx *ctx, mmb__xattn *x);
 /* Drops the media and the positions' state (a new prompt from position 0). */
 void mmb__xattn_clear(mmb__xattn *x);
-/* Appends n images, media (n, tokens_per_image, vis_dim) f32: every layer's keys and values of them are
- * computed now, on ctx's pool, and kept. Returns MMB_OK, MMB_ERR_ARG, MMB_ERR_NOMEM (nothing added). */
-mmb_status mmb__xattn_add_media(mmb_ctx *ctx, mmb__xattn *x, const float *media, int64_t n);
+/* Appends one image, media (tokens, vis_dim) f32, of which text attends the first `attended` tokens (all but
+ * Mllama's padding tiles): every layer's keys and values of them are computed now, on ctx's pool, and kept.
+ * Returns MMB_OK, MMB_ERR_ARG, MMB_ERR_NOMEM (nothing added). */
+mmb_status mmb__xattn_add_media(mmb_ctx *ctx, mmb__xattn *x, const float *media, int64_t tokens, int64_t attended);
 int64_t mmb__xattn_images(const mmb__xattn *x);
 /* Records positions [pos, pos + n): their token ids (NULL: rows that are no token, as embeddings) decide
  * which images they see (an image token starts the next image; IDEFICS: none after eod_token until the

@@ -52,9 +52,9 @@ static mmb_status check_ids(mmb_ctx *ctx, const mmb_mllm *m, const int32_t *ids,
     mmb_lm_info li;
     mmb_lm_get_info(m->lm, &li);
     for (int64_t i = 0; i < n; i++)
-        if (ids[i] < 0 || ids[i] >= li.vocab)
+        if (ids[i] < 0 || ids[i] >= li.embed_rows)
             return mmb__err(ctx, MMB_ERR_ARG, "token id %d at position %lld is outside the vocabulary [0, %lld)",
-                            (int)ids[i], (long long)i, (long long)li.vocab);
+                            (int)ids[i], (long long)i, (long long)li.embed_rows);
     return MMB_OK;
 }
 

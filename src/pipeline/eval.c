@@ -56,9 +56,9 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
             return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: chunk %d is an image, but the model splices no images into "
                             "its LLM (fusion %s)", m->dir, i, mmb_fusion_name(m->info.fusion));
         for (int64_t k = 0; ch->type == MMB_CHUNK_TEXT && k < ch->n; k++)
-            if (ch->ids[k] < 0 || ch->ids[k] >= vocab)
+            if (ch->ids[k] < 0 || ch->ids[k] >= li.embed_rows)
                 return mmb__err(ctx, MMB_ERR_ARG, "chunk %d: token id %d is outside the vocabulary [0, %lld)", i,
-                                (int)ch->ids[k], (long long)vocab);
+                                (int)ch->ids[k], (long long)li.embed_rows);
     }
     const size_t nmedia = m->xattn && c->n_images ? (size_t)(m->info.tokens_per_image * m->info.out_width) : 0;
     float *buf = malloc(sizeof(float) * (size_t)(rows * d) + 1), *media = nmedia ? malloc(sizeof(float) * nmedia) : NULL;
@@ -78,7 +78,8 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
         if ((s = check_abort(ctx, j, 0, c->positions)) != MMB_OK) break;
         double t0 = mmb__now_s();
         s = mmb__mllm_encode_pixels(ctx, m, ch->data, 1, ch->h, ch->w, media, nmedia, NULL, 0, NULL);
-        if (s == MMB_OK) s = mmb__xattn_add_media(ctx, m->xattn, media, 1);
+        if (s == MMB_OK) s = mmb__xattn_add_media(ctx, m->xattn, media, m->info.tokens_per_image,
+                                                  m->info.tokens_per_image);
         j->encode_s += mmb__now_s() - t0;
         if (s == MMB_OK && j->p.on_progress) j->p.on_progress(j->p.user, "encode", ++images, c->n_images);
     }
