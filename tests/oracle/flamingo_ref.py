@@ -236,7 +236,7 @@ def vision_features(model, pixel_values):
         out = model.vision_encoder(pixel_values=_pixels(pixel_values), output_hidden_states=True)
         h = out.hidden_states[-1]
         if model.vision_feature == "patch_ln_post":
-            enc = model.vision_encoder  # transformers 5's CLIPVisionModel holds the layers itself; 4.x under vision_model
+            enc = model.vision_encoder  # transformers 5's CLIPVisionModel holds its layers; 4.x's, vision_model
             h = getattr(enc, "vision_model", enc).post_layernorm(h)
         elif model.vision_feature != "patch":
             raise ValueError(f"vision_feature {model.vision_feature!r}")
@@ -409,7 +409,7 @@ def make_open_flamingo(d, *, n_every=1, immediate=True, vision_feature="patch", 
     and ff_gate drawn with |g| in [0.4, 1.2], random sign), or (attn, ff) for every block ((0, 0): the blocks are
     the identity). tower, text, perceiver, xattn: overrides of TOWER, TEXT, PERCEIVER, XATTN. Returns the
     OpenFlamingoRef (its .dir is d, .tokenizer the tokenizer)."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
     tcfg, xcfg = dict(TOWER, **(tower or {})), dict(XATTN, **(xattn or {}))

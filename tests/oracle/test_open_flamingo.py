@@ -155,11 +155,11 @@ def test_bad_input(tmp_path):
     k = "perceiver.layers.1.0.to_kv.weight"
     attempt("missing", k, "missing", tensors={n: t for n, t in sd.items() if n != k})
     attempt("no_latents", "perceiver.latents", tensors={n: t for n, t in sd.items() if n != "perceiver.latents"})
-    attempt("depth", "perceiver.layers.2.0.norm_media.weight", config=dict(cfg, perceiver=dict(cfg["perceiver"], depth=3)))
-    attempt("latents", "perceiver.latents", "[4, 32]", config=dict(cfg, perceiver=dict(cfg["perceiver"], num_latents=4)))
-    attempt("heads", "perceiver.layers.0.0.to_q.weight", "[12, 32]",
-            config=dict(cfg, perceiver=dict(cfg["perceiver"], heads=3, dim_head=4)))
-    attempt("ff_mult", "perceiver sizes out of range", config=dict(cfg, perceiver=dict(cfg["perceiver"], ff_mult=0)))
+    perc = lambda **kw: dict(cfg, perceiver=dict(cfg["perceiver"], **kw))  # noqa: E731
+    attempt("depth", "perceiver.layers.2.0.norm_media.weight", config=perc(depth=3))
+    attempt("latents", "perceiver.latents", "[4, 32]", config=perc(num_latents=4))
+    attempt("heads", "perceiver.layers.0.0.to_q.weight", "[12, 32]", config=perc(heads=3, dim_head=4))
+    attempt("ff_mult", "perceiver sizes out of range", config=perc(ff_mult=0))
     attempt("feature", "vision_feature 'cls'", config=dict(cfg, vision_feature="cls"))
     attempt("feature_type", "vision_feature", config=dict(cfg, vision_feature=3))
     attempt("time_embs", "media_time_embs", tensors=dict(sd, **{"perceiver.media_time_embs": torch.zeros(2, 1, 32)}))
@@ -169,8 +169,9 @@ def test_bad_input(tmp_path):
     d.mkdir()
     shutil.copy(tmp_path / "m" / "model.safetensors", d)
     (d / "config.json").write_text(json.dumps(cfg))
-    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, image_size=S, patch_size=14)).save_pretrained(d / "vision_tower")
+    sig = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                             image_size=S, patch_size=14)
+    SiglipVisionModel(sig).save_pretrained(d / "vision_tower")
     _, p = encode(d, ["--pixels", tmp_path / "px.safetensors"], tmp_path / "sig.safetensors", check=False)
     assert p.returncode != 0 and "CLIP" in p.stderr and not (tmp_path / "sig.safetensors").exists(), p.stderr
     # pixels of another size
@@ -279,3 +280,157 @@ def test_reference_round_trip(tmp_path):
     assert torch.equal(ref_vision(model, px), ref_vision(again, px))
     assert again.tokenizer.convert_tokens_to_ids("<image>") == model.media_token_id
     assert vision_features(model, px).shape == (2, 4, 32)
+
+
+# ---- scripts/convert_open_flamingo.py --------------------------------------------------------------------------
+
+CONVERT = ROOT / "scripts" / "convert_open_flamingo.py"
+
+
+def convert(*args):
+    """The script as a command."""
+    return subprocess.run([sys.executable, str(CONVERT), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def convert_here(*args):
+    """The script's main() in this process (no start-up of torch per call), as a CompletedProcess."""
+    import contextlib
+    import importlib.util
+    import io
+    spec = importlib.util.spec_from_file_location("convert_open_flamingo", CONVERT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = mod.main(list(map(str, args)))
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+
+
+def users_files(model, d, full_clip=False, **ckpt_kw):
+    """What an OpenFlamingo user has for `model`: its checkpoint.pt (trainable parameters), the Hugging Face Llama
+    it was built on (the vocabulary before OpenFlamingo's tokens, with that tokenizer) and the CLIP tower (a
+    CLIPVisionModel, or with full_clip a whole CLIPModel as openai/clip-vit-large-patch14 is)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, LlamaConfig, LlamaForCausalLM
+    d.mkdir()
+    torch.save(trainable_state_dict(model, **ckpt_kw), d / "checkpoint.pt")
+    tok = base_tokenizer()
+    V = len(tok)
+    cfg = model.lang_encoder.config.to_dict()
+    cfg.update(vocab_size=V, pad_token_id=None)
+    llama = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"})).eval()
+    sd = plain_llama(model).state_dict()
+    sd = {k: (v[:V] if k in ("model.embed_tokens.weight", "lm_head.weight") else v) for k, v in sd.items()}
+    llama.load_state_dict(sd)
+    llama.save_pretrained(d / "llama", safe_serialization=True)
+    tok.save_pretrained(d / "llama")
+    tower = model.vision_encoder
+    if full_clip:
+        tc = tower.config.to_dict()
+        clip = CLIPModel(CLIPConfig(vision_config=tc, text_config=dict(hidden_size=16, intermediate_size=32,
+                                                                         num_hidden_layers=1, num_attention_heads=2,
+                                                                         vocab_size=64, bos_token_id=0,
+                                                                         eos_token_id=1, pad_token_id=1),
+                                    projection_dim=8)).eval()
+        clip.vision_model.load_state_dict(tower.state_dict())
+        clip.save_pretrained(d / "clip", safe_serialization=True)
+    else:
+        tower.save_pretrained(d / "clip", safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S}).save_pretrained(d / "clip")
+    # the added tokens' lm_head rows: the converter writes the mean of the others (OpenFlamingo never trains them)
+    with torch.no_grad():
+        head = model.lang_encoder.lm_head.weight
+        head[V:] = head[:V].mean(0)
+    return d / "checkpoint.pt", d / "llama", d / "clip"
+
+
+@pytest.mark.parametrize("case", ["bare", "training_checkpoint", "full_clip"])
+def test_convert(tmp_path, case):
+    model = make_open_flamingo(tmp_path / "ref", n_every=2, immediate=case != "bare", seed=6,
+                               vision_feature="patch_ln_post" if case == "full_clip" else "patch")
+    ckpt, llama, clip = users_files(model, tmp_path / "user", full_clip=case == "full_clip",
+                                    both_names=case == "bare", wrapped=case == "training_checkpoint")
+    out = tmp_path / "converted"
+    extra = ["--vision-feature", model.vision_feature, "--xattn-heads", "2", "--perceiver-heads", "2"]
+    extra += [] if model.immediate else ["--attend-all-media"]  # (heads: OpenFlamingo's are 8; the tiny model's 2)
+    if case == "training_checkpoint":
+        extra += ["--cross-attn-every-n-layers", "2"]
+    run_it = convert if case == "bare" else convert_here  # once as a command; in this process otherwise (faster)
+    p = run_it(ckpt, "--llama", llama, "--vision", clip, "-o", out, *extra)
+    assert p.returncode == 0, p.stderr
+    print(p.stdout.strip())
+    cfg = json.loads((out / "config.json").read_text())
+    want = json.loads((tmp_path / "ref" / "config.json").read_text())
+    for k in ("architectures", "model_type", "cross_attn_every_n_layers", "only_attend_immediate_media",
+              "image_token_id", "end_of_chunk_token_id", "xattn_heads", "xattn_dim_head", "xattn_ff_mult", "vis_dim",
+              "vision_tower", "vision_feature", "perceiver"):
+        assert cfg[k] == want[k], (k, cfg[k], want[k])
+    assert cfg["text_config"]["vocab_size"] == want["text_config"]["vocab_size"]
+    names = set(load_file(str(out / "model.safetensors")))
+    assert names == set(load_file(str(tmp_path / "ref" / "model.safetensors"))), names
+    assert not any(".gated_cross_attn_layer." in n for n in names)
+    # the converted directory is the same model: the reference on it, and mmbridge's vision side
+    again = load_open_flamingo(out)
+    ids = prompt_ids(model, PROMPT)
+    px = torch.randn(2, 3, S, S)
+    err = scaled_err(ref_logits(again, px, ids), ref_logits(model, px, ids))
+    print(f"converted ({case}): reference logits {err:.2e}")
+    assert err <= 1e-6
+    save_file({"pixel_values": px}, str(tmp_path / "px.safetensors"))
+    got, _ = encode(out, ["--pixels", tmp_path / "px.safetensors"], tmp_path / "o.safetensors")
+    assert report(f"converted ({case}): mmbridge vision", got, ref_vision(model, px)) <= 1e-4
+    # never over an existing directory
+    before = sorted(q.name for q in out.iterdir())
+    p = convert_here(ckpt, "--llama", llama, "--vision", clip, "-o", out, *extra)
+    assert p.returncode != 0 and "exists" in p.stderr and sorted(q.name for q in out.iterdir()) == before
+
+
+def test_convert_bad_input(tmp_path):
+    model = make_open_flamingo(tmp_path / "ref", n_every=2, seed=8)
+    ckpt, llama, clip = users_files(model, tmp_path / "user")
+    sd = torch.load(ckpt, weights_only=True)
+
+    def attempt(name, *want, checkpoint=None, args=(), llama_dir=llama, clip_dir=clip):
+        path = ckpt
+        if checkpoint is not None:
+            path = tmp_path / f"{name}.pt"
+            torch.save(checkpoint, path)
+        out = tmp_path / name
+        p = convert_here(path, "--llama", llama_dir, "--vision", clip_dir, "-o", out, "--xattn-heads", "2",
+                    "--perceiver-heads", "2", *args)
+        assert p.returncode != 0 and not out.exists(), p.stderr
+        assert not list(tmp_path.glob(f".{name}.tmp-*"))
+        for w in want:
+            assert w in p.stderr, p.stderr
+        print(f"{name}: {p.stderr.strip().splitlines()[-1]}")
+
+    attempt("every", "gated blocks at decoder layers [1, 3]", "[0, 1, 2, 3]", args=["--cross-attn-every-n-layers", "1"])
+    blk = "lang_encoder.model.layers.1.gated_cross_attn_layer.attn.to_kv.weight"
+    attempt("missing", "gated block 1", "attn.to_kv.weight", checkpoint={
+        k: v for k, v in sd.items() if k not in (blk, "lang_encoder.gated_cross_attn_layers.1.attn.to_kv.weight")})
+    differ, gate = dict(sd), "lang_encoder.gated_cross_attn_layers.1.attn_gate"
+    differ[gate] = sd[gate] + 1
+    attempt("differ", "differ", checkpoint=differ)
+    attempt("perceiver", "perceiver.layers.1.1.3.weight",
+            checkpoint={k: v for k, v in sd.items() if k != "perceiver.layers.1.1.3.weight"})
+    attempt("vision_encoder", "fine-tuned vision encoder",
+            checkpoint=dict(sd, **{"vision_encoder.conv1.weight": torch.zeros(1)}))
+    attempt("mpt", "MPT", checkpoint=dict(sd, **{"lang_encoder.transformer.blocks.0.attn.Wqkv.weight": torch.zeros(1)}))
+    attempt("unknown", "does not know", checkpoint=dict(sd, **{"lang_encoder.something": torch.zeros(1)}))
+    attempt("vocab", "embed_tokens", "[306, 48]",
+            checkpoint=dict(sd, **{"lang_encoder.model.embed_tokens.weight": torch.zeros(306, 48)}))
+    attempt("pickle", "--unsafe-pickle", checkpoint={"model_state_dict": sd, "args": argparse_like()})
+    # an MPT language model directory
+    mpt = tmp_path / "mpt"
+    shutil.copytree(llama, mpt)
+    cfg = json.loads((mpt / "config.json").read_text())
+    (mpt / "config.json").write_text(json.dumps(dict(cfg, model_type="mpt")))
+    attempt("mpt_dir", "only Llama", llama_dir=mpt)
+    # a CLIP tower of another width
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     image_size=S, patch_size=14)).save_pretrained(tmp_path / "clip48")
+    attempt("tower_width", "48 wide", "resampler 32", clip_dir=tmp_path / "clip48")
+
+
+class argparse_like:  # a pickled object that torch.load(weights_only=True) refuses
+    pass
