@@ -28,6 +28,9 @@ typedef struct mmb_family_ops {
     /* Optional: the directory whose preprocessor_config.json is the model's image processor when the
      * checkpoint's own directory has none (a tower kept in a directory of its own), or NULL. */
     const char *(*processor_dir)(const void *state);
+    /* Optional (fusion A): of the tokens(height, width) an image makes, the leading ones text attends (Mllama:
+     * the real tiles' of its max_num_tiles); NULL: all of them. */
+    int64_t (*attended)(mmb_ctx *ctx, const void *state, int height, int width);
 } mmb_family_ops;
 
 /* models/vit_family.c: a ViT tower (vision/vit.c) whose last_hidden_state feeds a connector that reads its

@@ -189,10 +189,8 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const char 
                             m->dir, mi.out_width, (long long)li.d_model);
         if ((s = load_tokenizer(ctx, m, row)) != MMB_OK) return s;
         if (row->xattn && m->model) { /* fusion A: the visual tokens reach the LLM through its gated layers */
-            if (mi.tokens_per_image < 1)
-                return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: a %s model's images must make a fixed number of "
-                                "visual tokens", m->dir, row->name);
-            s = mmb__xattn_open(ctx, m->lm, row->xattn, mi.out_width, mi.tokens_per_image, m->info.image_token,
+            s = mmb__xattn_open(ctx, m->lm, row->xattn, mi.out_width, mi.tokens_per_image > 0 ? mi.tokens_per_image : 1,
+                                m->info.image_token,
                                 mmb_tokenizer_eos_id(m->tok), &m->xattn);
             if (s != MMB_OK) return s;
             m->image_wrap = row->image_wrap && m->tok && mmb_tokenizer_token_id(m->tok, row->image_wrap) >= 0

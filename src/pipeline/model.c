@@ -548,6 +548,11 @@ int mmb_model_routing_stats(const mmb_model *m, int64_t *counts, int cap) {
 
 const mmb_ckpt *mmb__model_ckpt(const mmb_model *m) { return &m->ck; }
 
+int64_t mmb__model_attended(mmb_ctx *ctx, const mmb_model *m, int height, int width) {
+    if (m->fam && m->fam->ops->attended) return m->fam->ops->attended(ctx, m->fam_state, height, width);
+    return mmb_model_encode_tokens(ctx, m, height, width);
+}
+
 const char *mmb__model_processor_dir(const mmb_model *m) {
     return m->fam && m->fam->ops->processor_dir ? m->fam->ops->processor_dir(m->fam_state) : NULL;
 }

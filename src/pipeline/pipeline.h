@@ -13,6 +13,9 @@ const mmb_ckpt *mmb__model_ckpt(const mmb_model *m);
 /* Where m's image processor lives when m's directory has none: its family's tower directory
  * (mmb_family_ops.processor_dir), or NULL. */
 const char *mmb__model_processor_dir(const mmb_model *m);
+/* Of the embeddings m makes of pixels of height x width, the leading ones a fusion-A LLM's text attends (its
+ * family's mmb_family_ops.attended; else all: mmb_model_encode_tokens), or -1 with a message. */
+int64_t mmb__model_attended(mmb_ctx *ctx, const mmb_model *m, int height, int width);
 
 /* mmb_model_encode plus, from the same pass of the tower, the hidden states hidden_states[taps[i]]
  * (HF indexing, negative from the end, or MMB_TAP_LAST) written to hidden[i] as [batch, tokens, width]
