@@ -34,6 +34,8 @@ typedef struct lm_layer {
     float *ln1, *ln2;                                /* input_layernorm, post_attention_layernorm (d) */
     int64_t window;                                  /* sliding window (keys per query), 0 = none */
     bool replaced;                                   /* Mllama's cross-attention layer: a hook runs it whole */
+    int64_t slot;                                    /* its keys and values in the cache: the layers before it
+                                                        that are not replaced */
 } lm_layer;
 
 struct mmb_lm {
@@ -504,6 +506,7 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
         }
         if ((s = bind_layer(ctx, lm, l, qkv_bias, o_bias, mlp_bias)) != MMB_OK) goto fail;
         y->window = windows[l];
+        y->slot = l - lm->info.n_replaced;
         const mmb_wmat *ws[] = {&y->q, &y->k, &y->v, &y->o, &y->gate, &y->up, &y->down};
         for (int i = 0; i < 7; i++) {
             bytes += wbytes(ws[i]);
@@ -584,7 +587,9 @@ mmb_status mmb_kv_cache_new(mmb_ctx *ctx, const mmb_lm *lm, int64_t max_tokens, 
         return mmb__err(ctx, MMB_ERR_SHAPE, "context overflow: %lld tokens asked, the model's limit is %lld positions",
                         (long long)max_tokens, (long long)lm->info.max_positions);
     uint64_t n;
-    if (!mmb__mul_ok((uint64_t)(lm->L * lm->KVH * lm->hd), (uint64_t)max_tokens, &n) || n > ((uint64_t)1 << 40))
+    /* no entries for the replaced layers (Mllama's cross-attention ones keep their visual keys themselves) */
+    const int64_t L = lm->L - lm->info.n_replaced;
+    if (!mmb__mul_ok((uint64_t)(L * lm->KVH * lm->hd), (uint64_t)max_tokens, &n) || n > ((uint64_t)1 << 40))
         return mmb__err(ctx, MMB_ERR_NOMEM, "KV cache of %lld tokens is too large", (long long)max_tokens);
     mmb_kv_cache *kv = calloc(1, sizeof *kv);
     if (kv) {
@@ -677,7 +682,8 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
     const lm_layer *y = &lm->layers[l];
     const int64_t M = j->M, d = lm->d, hd = lm->hd, H = lm->H, KVH = lm->KVH, half = hd / 2;
     const int64_t qd = H * hd, kd = KVH * hd, ldq = qd + 2 * kd, cap = j->kv->cap;
-    float *Kc = j->kv->k + (size_t)l * (size_t)(KVH * cap * hd), *Vc = j->kv->v + (size_t)l * (size_t)(KVH * cap * hd);
+    const size_t at = (size_t)y->slot * (size_t)(KVH * cap * hd);
+    float *Kc = j->kv->k + at, *Vc = j->kv->v + at;
     rms_rows(j, tid, nth, y->ln1, 0, M);
     mmb__barrier_wait(&j->bar);
     mmb_wmat_out o[3] = {{&y->q, y->bq, j->qkv, ldq}, {&y->k, y->bk, j->qkv + qd, ldq}, {&y->v, y->bv, j->qkv + qd + kd, ldq}};
