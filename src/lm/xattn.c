@@ -408,7 +408,10 @@ void mmb__xattn_get_cost(const mmb__xattn *x, mmb__xattn_cost *out) {
     mmb__xattn_cost c = {0};
     if (x) {
         const int64_t d = x->d, in = x->inner, ff = x->ff, nmlp = x->kind == XA_IDEFICS ? 3 : 2;
-        int64_t per = in * d * 2 + 2 * in * x->vis + nmlp * ff * d + 4 * d + (x->qk_norm ? 2 * x->hd : 0);
+        /* q, o; k, v from the vision width; the MLP's matrices; two RMSNorm weights (IDEFICS) or two LayerNorms'
+         * weight and bias (OpenFlamingo); two gates, 1 or d each; IDEFICS' two head_dim norms */
+        const int64_t norms = x->kind == XA_IDEFICS ? 2 * d : 4 * d, gates = x->vector_gates ? 2 * d : 2;
+        int64_t per = in * d * 2 + 2 * in * x->vis + nmlp * ff * d + norms + gates + (x->qk_norm ? 2 * x->hd : 0);
         c.layers = x->nb;
         c.params = per * x->nb;
         c.flops_per_token = x->nb * (2 * (2 * in * d + nmlp * ff * d) + 4 * x->T * in);
