@@ -1,5 +1,7 @@
 /* mmbridge compare: one table of connectors' costs, measured on this machine: the registry's
- * connectors built at a given size (mmb_connector_measure), and any checkpoints named. */
+ * connectors built at a given size (mmb_connector_measure), and any checkpoints named; and what one image
+ * costs the LLM, fusion C (its tokens are prefill positions and KV cache) against fusion A (gated
+ * cross-attention layers read them, mmb_mllm_info's xattn_* figures). */
 #include "cli.h"
 
 #include <errno.h>
@@ -13,7 +15,15 @@ typedef struct {
     char error[4096];          /* why the row could not be measured (the library's message, whole); "" when it was */
     int64_t params, flops, tokens;
     int64_t llm[3];            /* the LLM the prefill column is for: layers, width, MLP width */
+    int64_t q_width, kv_width; /* its attention's query width (heads x head_dim) and K/V width (kv_heads x
+                                  head_dim); d for the --llm-* sizes */
     int own_llm;               /* 1: the checkpoint's own LLM, 0: the --llm-* sizes */
+    int fusion_a;              /* 1: gated cross-attention layers read the tokens, 0: they are spliced (C) */
+    /* what one image costs the LLM: positions it takes in the sequence, FLOPs of its keys and values computed
+     * once outside the prefill (fusion A's gated layers), bytes of keys and values kept, FLOPs each later text
+     * position spends on it */
+    int64_t positions, kv_flops, kv_bytes, text_flops;
+    int64_t xattn_layers, xattn_params; /* fusion A: the gated layers and their parameters (0 for C) */
     double seconds, prefill, mem_mib;
 } row;
 
@@ -55,7 +65,20 @@ static int measure_model(mmb_ctx *ctx, const char *dir, int reps, int64_t grid, 
         r->llm[0] = li.layers;
         r->llm[1] = li.d_model;
         r->llm[2] = li.intermediate;
+        r->q_width = li.heads * li.head_dim;
+        r->kv_width = li.kv_heads * li.head_dim;
         r->own_llm = 1;
+        mmb_mllm_info in;
+        mmb_mllm_get_info(mm, &in);
+        if (in.fusion == MMB_FUSION_A) { /* the image is one marker position; the gated layers pay for it */
+            r->fusion_a = 1;
+            r->positions = 1;
+            r->kv_flops = in.xattn_kv_flops_per_image;
+            r->kv_bytes = in.xattn_kv_bytes_per_image;
+            r->text_flops = in.xattn_flops_per_token;
+            r->xattn_layers = in.xattn_layers;
+            r->xattn_params = in.xattn_params;
+        }
     }
     mmb_connector_report rep;
     int rc = mmb_model_measure(ctx, m, grid, width, reps, &rep) != MMB_OK;
@@ -76,12 +99,17 @@ static int measure_model(mmb_ctx *ctx, const char *dir, int reps, int64_t grid, 
 }
 
 static void write_csv(FILE *f, const row *rows, int n) {
-    fprintf(f, "connector,measured,params,gflop_per_image,visual_tokens,llm_prefill_tflop,latency_ms,memory_mib,llm\n");
+    fprintf(f, "connector,measured,params,gflop_per_image,visual_tokens,llm_prefill_tflop,latency_ms,memory_mib,llm,"
+            "fusion,llm_positions,xattn_kv_flops_per_image,llm_kv_bytes_per_image,llm_flops_per_text_token,"
+            "xattn_layers,xattn_params\n");
     for (int i = 0; i < n; i++)
-        fprintf(f, "\"%s\",%s,%lld,%.9g,%lld,%.9g,%.9g,%.9g,%lldx%lldx%lld %s\n", rows[i].name, rows[i].measured,
-                (long long)rows[i].params, (double)rows[i].flops * 1e-9, (long long)rows[i].tokens,
+        fprintf(f, "\"%s\",%s,%lld,%.9g,%lld,%.9g,%.9g,%.9g,%lldx%lldx%lld %s,%s,%lld,%lld,%lld,%lld,%lld,%lld\n",
+                rows[i].name, rows[i].measured, (long long)rows[i].params, (double)rows[i].flops * 1e-9, (long long)rows[i].tokens,
                 rows[i].prefill * 1e-12, rows[i].seconds * 1e3, rows[i].mem_mib, (long long)rows[i].llm[0],
-                (long long)rows[i].llm[1], (long long)rows[i].llm[2], rows[i].own_llm ? "checkpoint" : "given");
+                (long long)rows[i].llm[1], (long long)rows[i].llm[2], rows[i].own_llm ? "checkpoint" : "given",
+                rows[i].fusion_a ? "A" : "C", (long long)rows[i].positions, (long long)rows[i].kv_flops,
+                (long long)rows[i].kv_bytes, (long long)rows[i].text_flops, (long long)rows[i].xattn_layers,
+                (long long)rows[i].xattn_params);
 }
 
 /* Two bar panels, latency (ms) and visual tokens, one row per connector, scaled to each maximum. */
@@ -139,7 +167,7 @@ int cmd_compare(int argc, char **argv) {
         {.name = "--grid", .meta = "G", .type = CLI_INT, .dst = &grid,
          .help = "registry rows: a G x G patch grid, CLS dropped (default 24)", .lo = 1, .hi = 1 << 10},
         {.name = "--llm-width", .meta = "D", .type = CLI_INT, .dst = &d,
-         .help = "the LLM the prefill column is for, when a row brings none: width\n"
+         .help = "the LLM the LLM-side columns are for, when a row brings none: width\n"
          "(default 4096), also the registry rows' projection width", .lo = 1, .hi = 1 << 16},
         {.name = "--llm-layers", .meta = "L", .type = CLI_INT, .dst = &L,
          .help = "... its layers (default 32)", .lo = 1, .hi = 1 << 10},
@@ -152,27 +180,39 @@ int cmd_compare(int argc, char **argv) {
          .max = 64},
         {.name = "--reps", .meta = "N", .type = CLI_INT, .dst = &reps,
          .help = "timed runs per row, after one warm-up (default 5)", .lo = 1, .hi = 1000},
-        {.name = "--csv", .meta = "F", .type = CLI_STR, .dst = &csv, .help = "also write the table as CSV"},
+        {.name = "--csv", .meta = "F", .type = CLI_STR, .dst = &csv, .help = "also write both tables as one CSV"},
         {.name = "--svg", .meta = "F", .type = CLI_STR, .dst = &svg,
          .help = "also write a bar chart of latency and tokens"},
         CLI_OPT_THREADS(&threads),
     };
     const cli_spec spec = {"compare", "[MODEL...]",
-        "Prints one row per connector: parameters, FLOPs per image, visual tokens handed to the LLM,\n"
-        "the prefill FLOPs those tokens cost the LLM, the measured median latency, and the planned\n"
-        "memory (weights in f32 + activations). Without --types, every registered connector that can\n"
-        "be built from a config alone (--types all: also when MODELs are named) is measured with random\n"
-        "weights on random features of --width channels on a --grid x --grid patch grid (CLS dropped),\n"
-        "projecting to --llm-width.\n"
+        "Prints two tables, one row per connector in each. The first: parameters, FLOPs per image,\n"
+        "visual tokens the connector makes, the measured median latency, and the planned memory\n"
+        "(weights in f32 + activations). The second: what one image costs the LLM, by fusion type.\n"
+        "Fusion C (the registry's connectors, LLaVA-style checkpoints): the tokens are T positions\n"
+        "of the prompt: their prefill FLOPs, 2 T L (4 d^2 + 3 d f) + 2 L d T^2 (a Llama-style decoder\n"
+        "of L layers, width d, MLP width f; the defaults are a 7B: 32, 4096, 11008), their keys and\n"
+        "values in the KV cache, 2 L T kv 4 bytes (kv = kv_heads x head_dim), and 4 L T q FLOPs that\n"
+        "every later text position spends attending them (q = heads x head_dim; kv = q = d for the\n"
+        "--llm-* sizes). Fusion A (IDEFICS: gated cross-attention layers inside the LLM): the image\n"
+        "takes one marker position and no prefill; the gated layers compute its visual keys and values\n"
+        "once (x-attn K/V FLOPs) and keep them (bytes, every gated layer), and every text position\n"
+        "pays their FLOPs (projections, attention over the T tokens, gated MLP: mmbridge info's\n"
+        "cross-attention line).\n"
+        "Without --types, every registered connector that can be built from a config alone (--types\n"
+        "all: also when MODELs are named) is measured with random weights on random features of\n"
+        "--width channels on a --grid x --grid patch grid (CLS dropped), projecting to --llm-width.\n"
         "Each MODEL checkpoint is measured as it is: with a vision tower (or as a family model), its\n"
-        "whole vision path on random pixels; without one, its connector on random features. Its\n"
-        "prefill column is for its own LLM when the directory has one (a LLaVA's text_config and\n"
-        "weights), else for the --llm-* sizes; the 'llm' column says which.\n"
-        "LLM prefill FLOPs for T visual tokens: 2 T L (4 d^2 + 3 d f) + 2 L d T^2 (a Llama-style\n"
-        "decoder of L layers, width d, MLP width f; the defaults are a 7B: 32, 4096, 11008).\n"
+        "whole vision path on random pixels; without one, its connector on random features. Its LLM\n"
+        "columns are for its own LLM when the directory has one (a LLaVA's text_config and weights,\n"
+        "IDEFICS' decoder), else for the --llm-* sizes; the LLM column says which.\n"
+        "--csv writes both tables as one: connector, measured, params, gflop_per_image, visual_tokens,\n"
+        "llm_prefill_tflop, latency_ms, memory_mib, llm, then fusion (A or C), llm_positions,\n"
+        "xattn_kv_flops_per_image (0 for C), llm_kv_bytes_per_image, llm_flops_per_text_token,\n"
+        "xattn_layers and xattn_params (0 for C); these last six exact integers.\n"
         "A row that cannot be measured (an unsupported checkpoint, an unknown type) is reported in the\n"
-        "table with its error, the others are still measured; the exit status is then 1 and --csv /\n"
-        "--svg are not written (a file is only written when it holds every row).\n",
+        "first table with its error, the others are still measured; the exit status is then 1 and\n"
+        "--csv / --svg are not written (a file is only written when it holds every row).\n",
         opts, CLI_N(opts), models, 0, 64, &n_models};
     int r = cli_parse(&spec, argc, argv);
     if (r) return r == 1 ? 0 : r;
@@ -225,36 +265,60 @@ int cmd_compare(int argc, char **argv) {
     }
     for (int i = 0; i < n_models; i++) failed += measure_model(ctx, models[i], (int)reps, grid, width, &rows[n++]);
     for (int i = 0; i < n; i++) {
-        if (!rows[i].own_llm) {
-            rows[i].llm[0] = L;
-            rows[i].llm[1] = d;
-            rows[i].llm[2] = ffn;
+        row *w = &rows[i];
+        if (!w->own_llm) {
+            w->llm[0] = L;
+            w->llm[1] = d;
+            w->llm[2] = ffn;
+            w->q_width = w->kv_width = d;
         }
-        rows[i].prefill = prefill_flops((double)rows[i].tokens, (double)rows[i].llm[0], (double)rows[i].llm[1],
-                                        (double)rows[i].llm[2]);
+        if (w->fusion_a) continue; /* no prefill positions for the image: its costs came with the checkpoint */
+        /* fusion C: the image's tokens are prefill positions, kept in the KV cache (keys and values, f32, every
+         * layer), and every later text position attends them (scores and the weighted sum) */
+        w->prefill = prefill_flops((double)w->tokens, (double)w->llm[0], (double)w->llm[1], (double)w->llm[2]);
+        w->positions = w->tokens;
+        w->kv_bytes = 2 * w->llm[0] * w->tokens * w->kv_width * (int64_t)sizeof(float);
+        w->text_flops = 4 * w->llm[0] * w->tokens * w->q_width;
     }
     char title[256];
     snprintf(title, sizeof title, "vision width %lld, %lldx%lld grid, LLM width %lld (%lld layers, MLP %lld) unless "
              "the checkpoint has one, %d thread(s), median of %lld", (long long)width, (long long)grid, (long long)grid,
              (long long)d, (long long)L, (long long)ffn, mmb_ctx_threads(ctx), (long long)reps);
     printf("%s\n", title);
-    printf("| %-28s | %-15s | %12s | %10s | %6s | %15s | %11s | %10s | %-22s |\n", "connector", "measured", "params",
-           "GFLOP/img", "tokens", "LLM prefill TF", "latency ms", "memory MiB", "LLM (layers x d x f)");
-    printf("|%.30s|%.17s|%.14s|%.12s|%.8s|%.17s|%.13s|%.12s|%.24s|\n", "------------------------------",
-           "-----------------", "--------------", "------------", "--------", "-----------------",
-           "-------------", "------------", "------------------------");
+    printf("| %-28s | %-15s | %12s | %10s | %6s | %11s | %10s |\n", "connector", "measured", "params", "GFLOP/img",
+           "tokens", "latency ms", "memory MiB");
+    printf("|%.30s|%.17s|%.14s|%.12s|%.8s|%.13s|%.12s|\n", "------------------------------", "-----------------",
+           "--------------", "------------", "--------", "-------------", "------------");
     for (int i = 0; i < n; i++) {
         const row *w = &rows[i];
         if (w->error[0]) {
             printf("| %-28s | %-15s | error: %s\n", w->name, w->measured, w->error);
             continue;
         }
-        char llm[64];
+        printf("| %-28s | %-15s | %12lld | %10.3f | %6lld | %11.3f | %10.1f |\n", w->name, w->measured,
+               (long long)w->params, (double)w->flops * 1e-9, (long long)w->tokens, w->seconds * 1e3, w->mem_mib);
+    }
+    printf("\nwhat one image costs the LLM (C: its tokens are prefill positions kept in the KV cache; A: gated "
+           "cross-attention layers read them)\n");
+    printf("| %-28s | %-6s | %-21s | %9s | %13s | %13s | %10s | %14s | %-22s |\n", "connector", "fusion",
+           "x-attn layers, params", "positions", "prefill TFLOP", "x-attn K/V GF", "K/V MiB", "MFLOP/text pos",
+           "LLM (layers x d x f)");
+    printf("|%.30s|%.8s|%.23s|%.11s|%.15s|%.15s|%.12s|%.16s|%.24s|\n", "------------------------------", "--------",
+           "-----------------------", "-----------", "---------------", "---------------", "------------",
+           "----------------", "------------------------");
+    for (int i = 0; i < n; i++) {
+        const row *w = &rows[i];
+        if (w->error[0]) continue;
+        char llm[64], xa[48] = "-", kvf[32] = "-"; /* fusion C: its keys and values are part of the prefill */
         snprintf(llm, sizeof llm, "%lldx%lldx%lld %s", (long long)w->llm[0], (long long)w->llm[1],
                  (long long)w->llm[2], w->own_llm ? "(own)" : "");
-        printf("| %-28s | %-15s | %12lld | %10.3f | %6lld | %15.3f | %11.3f | %10.1f | %-22s |\n", w->name, w->measured,
-               (long long)w->params, (double)w->flops * 1e-9, (long long)w->tokens, w->prefill * 1e-12,
-               w->seconds * 1e3, w->mem_mib, llm);
+        if (w->fusion_a) {
+            snprintf(xa, sizeof xa, "%lld, %lld", (long long)w->xattn_layers, (long long)w->xattn_params);
+            snprintf(kvf, sizeof kvf, "%.3f", (double)w->kv_flops * 1e-9);
+        }
+        printf("| %-28s | %-6s | %-21s | %9lld | %13.3f | %13s | %10.3f | %14.3f | %-22s |\n", w->name,
+               w->fusion_a ? "A" : "C", xa, (long long)w->positions, w->prefill * 1e-12, kvf,
+               (double)w->kv_bytes / 1048576.0, (double)w->text_flops * 1e-6, llm);
     }
     int rc = failed ? 1 : 0;
     if (failed) fprintf(stderr, "mmbridge compare: %d of %d row(s) could not be measured%s\n", failed, n,

@@ -66,12 +66,13 @@ static void print_lm(const mmb_mllm *m, const mmb_mllm_info *in) {
     } else
         printf("language model:   none\n");
     if (in->image_token >= 0) printf("image marker:     %s (token %d)\n", in->image_marker, (int)in->image_token);
-    if (in->fusion == MMB_FUSION_A)
-        printf("cross-attention:  %d gated layers, %lld parameters; %.3f MFLOP per text position seeing one image; "
-               "per image %lld visual tokens, %.1f KiB of keys and values kept, %.3f MFLOP to compute them once "
+    if (in->fusion == MMB_FUSION_A) /* exact counts: compare's CSV and the tests read the same figures */
+        printf("cross-attention:  %d gated layers, %lld parameters; %lld FLOP per text position seeing one image; "
+               "per image %lld visual tokens, %lld bytes of keys and values kept, %lld FLOP to compute them "
+               "once "
                "(fusion C would spend %lld positions of LLM prefill and KV cache on it)\n", in->xattn_layers,
-               (long long)in->xattn_params, (double)in->xattn_flops_per_token * 1e-6, (long long)in->tokens_per_image,
-               (double)in->xattn_kv_bytes_per_image / 1024.0, (double)in->xattn_kv_flops_per_image * 1e-6,
+               (long long)in->xattn_params, (long long)in->xattn_flops_per_token, (long long)in->tokens_per_image,
+               (long long)in->xattn_kv_bytes_per_image, (long long)in->xattn_kv_flops_per_image,
                (long long)in->tokens_per_image);
     if (t)
         printf("tokenizer:        vocab %lld, BOS %d, EOS %d, chat template %s\n", (long long)mmb_tokenizer_vocab_size(t),

@@ -12,8 +12,8 @@ static const struct {
     {"connect", "MODEL --features IN -o OUT", "run the connector on hidden states, write embeddings", cmd_connect},
     {"encode", "MODEL INPUT... -o OUT", "images (files, directories, lists) -> tower -> connector -> embeddings",
      cmd_encode},
-    {"compare", "[MODEL...]", "one table of connectors' parameters, FLOPs, tokens, LLM prefill cost,\n"
-     "measured latency and memory", cmd_compare},
+    {"compare", "[MODEL...]", "connectors' parameters, FLOPs, tokens, measured latency and memory, and\n"
+     "what an image costs the LLM (fusion C: prefill, KV cache; A: gated layers)", cmd_compare},
     {"generate", "MODEL [--image IMG]... --prompt TEXT", "image(s) + prompt -> the LLM -> text, streamed", cmd_generate},
     {"tokenize", "DIR --text T", "encode / decode with a checkpoint's tokenizer, render its chat template",
      cmd_tokenize},

@@ -106,11 +106,15 @@ def test_compare_uses_the_checkpoints_llm_and_reports_bad_rows(llava, tmp_path):
     # an unsupported directory and a missing one are rows with their error; the good row is still measured
     p = run("compare", bad, llava, tmp_path / "missing", "--reps", 1, "--csv", tmp_path / "c3.csv", check=False)
     assert p.returncode == 1, p.stderr
-    rows = [l for l in p.stdout.splitlines() if l.startswith("| ") and "connector" not in l.split("|")[1]]
+    first, cost = p.stdout.split("what one image costs the LLM", 1)
+    rows = [l for l in first.splitlines() if l.startswith("| ") and "connector" not in l.split("|")[1]]
     assert len(rows) == 3, p.stdout
     assert "error:" in rows[0] and "PaliGemmaForConditionalGeneration" in rows[0]
     assert "error:" not in rows[1] and "tower+connector" in rows[1]
     assert "error:" in rows[2] and "missing" in rows[2]
+    # the LLM-side table lists the measured row alone
+    cost_rows = [l for l in cost.splitlines() if l.startswith("| ") and "connector" not in l.split("|")[1]]
+    assert len(cost_rows) == 1 and cost_rows[0].split("|")[2].strip() == "C", p.stdout
     assert "2 of 3 row(s) could not be measured" in p.stderr
     assert not (tmp_path / "c3.csv").exists()
     assert "exit status is then 1" in run("compare", "--help").stdout

@@ -1,17 +1,30 @@
 """mmbridge compare: the cost table's columns against torch modules' parameter counts and the
-documented prefill formula, the CSV and SVG outputs, checkpoint rows, and bad options."""
+documented prefill formula, the CSV and SVG outputs, checkpoint rows, what an image costs the LLM for fusion C
+(prefill positions, KV cache, attention of later text) beside fusion A (IDEFICS' gated cross-attention) in one
+table, and bad options."""
 import csv
+import re
 import xml.etree.ElementTree as ET
 
 import torch
 from torch import nn
 
-from conftest import run
+from conftest import VISION, run
 from test_dense import make_projector, make_tower, D, H
 
 
 def prefill(t, L=32, d=4096, f=11008):
     return 2 * t * L * (4 * d * d + 3 * d * f) + 2 * L * d * t * t
+
+
+def check_type_c(r, L, q, kv):
+    """A fusion-C row: the image's tokens are its LLM positions, kept in the KV cache (keys and values, f32,
+    every layer, kv = kv_heads x head_dim wide) and attended by every later text position (q wide)."""
+    t = int(r["visual_tokens"])
+    assert r["fusion"] == "C" and int(r["llm_positions"]) == t
+    assert int(r["llm_kv_bytes_per_image"]) == 2 * L * t * kv * 4
+    assert int(r["llm_flops_per_text_token"]) == 4 * L * t * q
+    assert int(r["xattn_kv_flops_per_image"]) == int(r["xattn_layers"]) == int(r["xattn_params"]) == 0
 
 
 def test_registry_rows_match_torch_modules(tmp_path):
@@ -30,6 +43,7 @@ def test_registry_rows_match_torch_modules(tmp_path):
         assert float(r["latency_ms"]) >= 0 and r["measured"] == "connector"
         t = int(r["visual_tokens"])
         assert abs(float(r["llm_prefill_tflop"]) - prefill(t, d=DM) * 1e-12) < 1e-6
+        check_type_c(r, 32, DM, DM)  # the --llm-* sizes: K/V and query width d
         assert r["connector"] in p.stdout
     assert int(rows["mlp2x_gelu"]["visual_tokens"]) == G * G
     svg = ET.parse(tmp_path / "c.svg").getroot()
@@ -48,7 +62,46 @@ def test_checkpoint_row_and_llm_size(tmp_path):
     assert r["measured"] == "connector" and int(r["visual_tokens"]) == 9
     t = int(r["visual_tokens"])
     assert abs(float(r["llm_prefill_tflop"]) - prefill(t, 2, 8, 16) * 1e-12) < 1e-15
+    check_type_c(r, 2, 8, 8)
     assert "llava" in p.stdout
+
+
+def test_type_c_and_type_a_in_one_table(tmp_path):
+    """A registry connector (the --llm-* sizes), a LLaVA with its own GQA LLM (K/V narrower than d) and an
+    IDEFICS (fusion A) in one run: the C rows pay prefill positions and KV cache for the image's tokens, the
+    A row one marker position and its gated layers' costs, counted independently from transformers."""
+    from test_decoder import make_llava_lm
+    from test_fusion_a import images, make_idefics
+    from test_xattn_cost import independent_costs
+    llava, ld = make_llava_lm(tmp_path, "llama")
+    idefics, proc = make_idefics(tmp_path / "idefics", layers=4, interval=2, alpha="vector", qk_norm=True)
+    (img,) = images(tmp_path, 1)
+    want = independent_costs(idefics, proc, img)
+    p = run("compare", "--types", "linear", ld, tmp_path / "idefics", "--width", 16, "--grid", 3, "--llm-width", 24,
+            "--llm-layers", 3, "--llm-ffn", 40, "--reps", 1, "--threads", 2, "--csv", tmp_path / "c.csv")
+    lin, lv, ide = list(csv.DictReader(open(tmp_path / "c.csv")))
+    assert lin["connector"] == "linear" and lin["llm"] == "3x24x40 given"
+    check_type_c(lin, 3, 24, 24)
+    tc = llava.config.text_config
+    L, hd = tc.num_hidden_layers, tc.hidden_size // tc.num_attention_heads
+    assert tc.num_key_value_heads < tc.num_attention_heads
+    assert lv["llm"] == f"{L}x{tc.hidden_size}x{tc.intermediate_size} checkpoint"
+    assert int(lv["visual_tokens"]) == (VISION["image_size"] // VISION["patch_size"]) ** 2  # CLS dropped
+    check_type_c(lv, L, tc.num_attention_heads * hd, tc.num_key_value_heads * hd)
+    t = int(lv["visual_tokens"])
+    want_prefill = prefill(t, L, tc.hidden_size, tc.intermediate_size)
+    assert abs(float(lv["llm_prefill_tflop"]) - want_prefill * 1e-12) < 1e-15
+    assert ide["fusion"] == "A" and int(ide["visual_tokens"]) == want["T"]
+    assert int(ide["llm_positions"]) == 1 and float(ide["llm_prefill_tflop"]) == 0
+    assert int(ide["xattn_layers"]) == want["layers"] and int(ide["xattn_params"]) == want["params"]
+    assert int(ide["xattn_kv_flops_per_image"]) == want["kv_flops"]
+    assert int(ide["llm_kv_bytes_per_image"]) == want["kv_bytes"]
+    assert int(ide["llm_flops_per_text_token"]) == want["per_token"]
+    # the printed table: each row in the LLM-side table with its fusion type
+    cost = p.stdout.split("what one image costs the LLM", 1)[1]
+    for r, f in [(lin, "C"), (lv, "C"), (ide, "A")]:
+        assert re.search(r"^\| " + re.escape(r["connector"]) + r" +\| " + f + r" ", cost, re.M), p.stdout
+    assert re.search(r"\| A +\| %s, %s " % (want["layers"], want["params"]), cost), p.stdout
 
 
 def test_bad_options(tmp_path):
