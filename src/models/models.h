@@ -1,7 +1,8 @@
 /* The models layer: the family table (models/families.c), one row per checkpoint kind, and the parts that
  * only some families have, reached from their rows: a ViT tower + a connector run as one model
  * (models/vit_family.c: BLIP-2, IDEFICS, Idefics2/3, SmolVLM), Qwen2-VL's tower + PatchMerger
- * (models/qwen2vl.c), OpenFlamingo's CLIP tower + PerceiverResampler (models/open_flamingo.c). Uses the connectors layer and below; pipeline/model.c opens checkpoints through it. */
+ * (models/qwen2vl.c), OpenFlamingo's CLIP tower + PerceiverResampler (models/open_flamingo.c), Llama 3.2
+ * Vision's tiled tower + projector (models/mllama.c). Uses the connectors layer and below; pipeline/model.c opens checkpoints through it. */
 #ifndef MMB_MODELS_H
 #define MMB_MODELS_H
 
@@ -28,6 +29,9 @@ typedef struct mmb_family_ops {
     /* Optional: the directory whose preprocessor_config.json is the model's image processor when the
      * checkpoint's own directory has none (a tower kept in a directory of its own), or NULL. */
     const char *(*processor_dir)(const void *state);
+    /* Optional: refuses (with a message naming `dir`) an image processor whose pixels the model cannot take
+     * (Mllama: its tiles must be the tower's), when the multimodal model opens both; NULL: any. */
+    mmb_status (*check_processor)(mmb_ctx *ctx, const void *state, const mmb_preprocess *p, const char *dir);
 } mmb_family_ops;
 
 /* models/vit_family.c: a ViT tower (vision/vit.c) whose last_hidden_state feeds a connector that reads its
@@ -38,6 +42,9 @@ extern const mmb_family_ops mmb__family_qwen2vl;
 /* models/open_flamingo.c: OpenFlamingo's vision side: a CLIP tower in the directory config.vision_tower names,
  * its patch tokens (vision_feature), the PerceiverResampler under perceiver.* (config.perceiver's settings). */
 extern const mmb_family_ops mmb__family_open_flamingo;
+/* models/mllama.c: Llama 3.2 Vision's tower (vision/mllama.c: tiles, local and gated global encoders), then
+ * multi_modal_projector; an image's rows are its real tiles' tokens. */
+extern const mmb_family_ops mmb__family_mllama;
 
 /* What mmb__family_vit reads from its row (mmb__family.part). */
 typedef struct mmb__vit_part {

@@ -176,6 +176,8 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const char 
         mmb_model_get_info(m->model, &mi);
         const char *tower_dir = p->vision_tower ? p->vision_tower : mmb__model_processor_dir(m->model);
         if ((s = load_processor(ctx, m, tower_dir, mi.pad_to_square)) != MMB_OK) return s;
+        if (m->info.has_processor && (s = mmb__model_check_processor(ctx, m->model, &m->proc, m->dir)) != MMB_OK)
+            return s;
     }
     if (row->vision_only && (s = load_processor(ctx, m, NULL, false)) != MMB_OK) return s;
     bool lm = row->text_only || (row->lm_runs && mmb__lm_present(mmb__model_ckpt(m->model)));

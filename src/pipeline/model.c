@@ -552,6 +552,11 @@ const char *mmb__model_processor_dir(const mmb_model *m) {
     return m->fam && m->fam->ops->processor_dir ? m->fam->ops->processor_dir(m->fam_state) : NULL;
 }
 
+mmb_status mmb__model_check_processor(mmb_ctx *ctx, const mmb_model *m, const mmb_preprocess *p, const char *dir) {
+    if (!m->fam || !m->fam->ops->check_processor) return MMB_OK;
+    return m->fam->ops->check_processor(ctx, m->fam_state, p, dir);
+}
+
 mmb_status mmb__model_encode_taps(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
                                   int width, float *out, size_t out_count, const int *taps, int n_taps,
                                   float *const *hidden) {

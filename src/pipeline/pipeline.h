@@ -13,6 +13,9 @@ const mmb_ckpt *mmb__model_ckpt(const mmb_model *m);
 /* Where m's image processor lives when m's directory has none: its family's tower directory
  * (mmb_family_ops.processor_dir), or NULL. */
 const char *mmb__model_processor_dir(const mmb_model *m);
+/* MMB_OK when m can take the pixels processor p makes (its family's mmb_family_ops.check_processor), else its
+ * status and message (naming dir). */
+mmb_status mmb__model_check_processor(mmb_ctx *ctx, const mmb_model *m, const mmb_preprocess *p, const char *dir);
 
 /* mmb_model_encode plus, from the same pass of the tower, the hidden states hidden_states[taps[i]]
  * (HF indexing, negative from the end, or MMB_TAP_LAST) written to hidden[i] as [batch, tokens, width]

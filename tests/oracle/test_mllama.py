@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from conftest import run, scaled_err
 from test_preprocess import driver, run_driver  # noqa: F401  (driver is a fixture)
 
+ERRS = []  # (what, scaled max error), printed by test_report
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -171,3 +172,101 @@ def test_bad_processor_configs(driver, tmp_path, case):  # noqa: F811
         "image_processor_type": "MllamaImageProcessor", "size": {"height": 28, "width": 28}, **extra}))
     p = run_driver(driver, tmp_path / "px.safetensors", save_image(tmp_path / "i.png", 30, 40, 0), [d])
     assert p.returncode == 2 and needle in p.stderr, p.stderr
+
+
+# ---- (b) the vision model and projector ------------------------------------------------------------
+
+# Two configs: 4 tiles, 3 local + 2 global layers, intermediates [0, 2], tile 28 / patch 14 (P = 5, pad 3);
+# 2 tiles, 4 local + 1 global, intermediates [3, 1, 0] (out of order), tile 42 (P = 10, pad 6), 2 heads.
+CONFIGS = {
+    "t4": dict(vision=dict(hidden_size=32, num_hidden_layers=3, num_global_layers=2, attention_heads=4,
+                           intermediate_size=64, vision_output_dim=32 * 3, image_size=28, patch_size=14,
+                           max_num_tiles=4, intermediate_layers_indices=[0, 2]),
+               text_d=48),
+    "t2": dict(vision=dict(hidden_size=24, num_hidden_layers=4, num_global_layers=1, attention_heads=2,
+                           intermediate_size=40, vision_output_dim=24 * 4, image_size=42, patch_size=14,
+                           max_num_tiles=2, intermediate_layers_indices=[3, 1, 0],
+                           supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]]),
+               text_d=40),
+}
+
+
+def make_model(d, cfg, seed=0):
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+    v = cfg["vision"]
+    config = MllamaConfig(
+        vision_config=v,
+        text_config=dict(hidden_size=cfg["text_d"], intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, cross_attention_layers=[1], bos_token_id=1,
+                         eos_token_id=2, pad_token_id=3),
+        image_token_index=299)
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not (name.startswith("model.vision_model.") or name.startswith("model.multi_modal_projector.")):
+                continue
+            if "layernorm" in name and name.endswith("weight"):
+                p.normal_(0.8, 0.3)   # LayerNorms away from 1 / 0, so a missing one shows
+            elif name.endswith("gate") or "gate_attn" in name or "gate_ffn" in name:
+                p.uniform_(0.3, 1.2)  # every gate matters: tanh well inside (0, 1)
+            elif "embedding" in name:
+                p.normal_(0.0, 0.5)
+            else:
+                p.normal_(0.0, 0.15)  # outputs of order 1, not the init's near-zero
+    model.save_pretrained(d)
+    processor(size={"height": v["image_size"], "width": v["image_size"]},
+              max_image_tiles=v["max_num_tiles"]).save_pretrained(d)
+    return model
+
+
+def vision_reference(model, inputs, vision_model=None):
+    """MllamaModel's path to cross_attention_states: vision_model then multi_modal_projector; the real tiles
+    of image 0, (num_tiles * P, text hidden)."""
+    vm = vision_model or model.model.vision_model
+    with torch.no_grad():
+        st = vm(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"],
+                aspect_ratio_mask=inputs["aspect_ratio_mask"]).last_hidden_state
+        proj = model.model.multi_modal_projector(st)
+    nt = inputs["num_tiles"][0][0]
+    return proj[0, 0, :nt].reshape(nt * st.shape[-2], -1), st[0, 0, :nt]
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def mllama(request, tmp_path_factory):
+    name = request.param
+    root = tmp_path_factory.mktemp(f"mllama_{name}")
+    d = root / "model"
+    model = make_model(d, CONFIGS[name])
+    t = CONFIGS[name]["vision"]["image_size"]
+    # square, landscape, portrait, tiny, thin, large: every canvas the tiles allow
+    sizes = [(t, t), (t - 2, 2 * t - 3), (2 * t - 3, t - 2), (t, 2 * t + 5), (3 * t, t), (5, 7), (3, 20 * t),
+             (20 * t, 9), (4 * t, 3 * t), (t + 3, 3 * t)]
+    imgs = {hw: save_image(root / f"img_{hw[0]}x{hw[1]}.png", *hw, seed=i) for i, hw in enumerate(sizes)}
+    return name, model, d, imgs, root
+
+
+def test_encode_images(mllama, tmp_path):
+    """`mmbridge encode MODEL IMAGE` = the projector's output on the vision model's last_hidden_state for the
+    real tiles, tile-major then patch; every canvas the config allows is met."""
+    name, model, d, imgs, _ = mllama
+    cfg = CONFIGS[name]["vision"]
+    t, mt = cfg["image_size"], cfg["max_num_tiles"]
+    P = (t // cfg["patch_size"]) ** 2 + 1
+    proc = processor(size={"height": t, "width": t}, max_image_tiles=mt)
+    canvases = set()
+    for hw, path in imgs.items():
+        inputs = proc(Image.open(path), return_tensors="pt")
+        ref, _ = vision_reference(model, inputs)
+        out = tmp_path / "emb.safetensors"
+        run("encode", d, path, "-o", out)
+        got = load_file(str(out))["embeddings"]
+        nt = inputs["num_tiles"][0][0]
+        canvases.add(inputs["aspect_ratio_ids"][0, 0].item())
+        assert got.shape == (1, nt * P, CONFIGS[name]["text_d"]), (hw, got.shape)
+        err = scaled_err(got[0], ref)
+        print(hw, err)
+        ERRS.append((f"{name} encode image {hw[0]}x{hw[1]} ({nt} tiles)", err))
+        assert err <= 1e-4, (hw, err)
+        assert ref.abs().max() > 0.5  # a real signal, not the near-zero of an untrained init
+    assert len(canvases) == len(supported(mt)), canvases
