@@ -154,12 +154,9 @@ static mmb_status read_config(mmb_ctx *ctx, const mmb_ckpt *c, mmb_mlvit *v) {
     if (in->patches > (1 << 20))
         return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: vision_config: %lld patches a tile is too many", c->dir,
                         (long long)in->patches);
+    /* g^2 + 1 is 1, 2 or 5 mod 8 (a square is 0, 1 or 4), so there is always padding, and transformers' mask
+     * slice attention_mask[:, :, -pad:] never meets pad = 0 (which would mark every token invalid) */
     in->pad = (int)((8 - in->patches % 8) % 8);
-    if (in->pad == 0)
-        /* transformers' mask then sets attention_mask[:, :, -0:] = 0, i.e. every token invalid */
-        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: vision_config: (image_size / patch_size)^2 + 1 = "
-                        "%lld tokens a tile is a multiple of 8: transformers' aspect-ratio mask then masks every "
-                        "token (its slice [-0:]), which is not supported", c->dir, (long long)in->patches);
     if (n_ratios(in->max_tiles) > in->n_ratios)
         return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: vision_config: max_num_tiles %d makes %d aspect ratios "
                         "(the processor's ids), but supported_aspect_ratios has %d", c->dir, in->max_tiles,
@@ -313,7 +310,7 @@ mmb_status mmb__mlvit_canvas(mmb_ctx *ctx, const mmb_mlvit *v, int height, int w
                         t, t, t);
     const int r = height / t, c = width / t;
     if ((int64_t)r * c > mt)
-        return mmb__err(ctx, MMB_ERR_SHAPE, "pixels of %dx%d are %dx%d = %lld tiles of %d, more than the "
+        return mmb__err(ctx, MMB_ERR_SHAPE, "pixels of %dx%d are %d rows x %d columns = %lld tiles of %d, more than the "
                         "checkpoint's max_num_tiles %d", width, height, r, c, (long long)r * c, t, mt);
     *rows = r;
     *cols = c;

@@ -265,8 +265,195 @@ def test_encode_images(mllama, tmp_path):
         canvases.add(inputs["aspect_ratio_ids"][0, 0].item())
         assert got.shape == (1, nt * P, CONFIGS[name]["text_d"]), (hw, got.shape)
         err = scaled_err(got[0], ref)
-        print(hw, err)
         ERRS.append((f"{name} encode image {hw[0]}x{hw[1]} ({nt} tiles)", err))
         assert err <= 1e-4, (hw, err)
         assert ref.abs().max() > 0.5  # a real signal, not the near-zero of an untrained init
     assert len(canvases) == len(supported(mt)), canvases
+
+
+def tiles_as_pixels(inputs):
+    """The processor's real tiles of image 0 as `--pixels` takes them: the same floats, tile after tile, in the
+    [3, rows t, cols t] shape mmb_preprocess_output_size gives (rows, cols from the aspect ratio id)."""
+    nt = inputs["num_tiles"][0][0]
+    mt = inputs["pixel_values"].shape[2]
+    rows, cols = supported(mt)[inputs["aspect_ratio_ids"][0, 0].item() - 1]
+    t = inputs["pixel_values"].shape[-1]
+    assert rows * cols == nt
+    return inputs["pixel_values"][0, 0, :nt].reshape(3, rows * t, cols * t)
+
+
+def test_encode_batch_and_pixels(mllama, tmp_path):
+    """Two images of one canvas: one encode call (a batch of 2), and `--pixels` [2, 3, rows t, cols t] made of the
+    processor's pixel_values; both equal the reference image by image."""
+    name, model, d, imgs, _ = mllama
+    cfg = CONFIGS[name]["vision"]
+    t = cfg["image_size"]
+    proc = processor(size={"height": t, "width": t}, max_image_tiles=cfg["max_num_tiles"])
+    a = save_image(tmp_path / "a.png", t - 2, 2 * t - 3, seed=11)
+    b = save_image(tmp_path / "b.png", t - 1, 2 * t - 4, seed=12)
+    ins = [proc(Image.open(p), return_tensors="pt") for p in (a, b)]
+    assert ins[0]["aspect_ratio_ids"].tolist() == ins[1]["aspect_ratio_ids"].tolist() == [[2]]  # 1 x 2
+    ref = torch.stack([vision_reference(model, i)[0] for i in ins])
+    out = tmp_path / "emb.safetensors"
+    run("encode", d, a, b, "-o", out)
+    got = load_file(str(out))["embeddings"]
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    err = scaled_err(got, ref)
+    ERRS.append((f"{name} encode 2 images in a batch (1x2 tiles)", err))
+    assert err <= 1e-4, err
+    save_file({"pixel_values": torch.stack([tiles_as_pixels(i) for i in ins]).contiguous()},
+              str(tmp_path / "px.safetensors"))
+    run("encode", d, "--pixels", tmp_path / "px.safetensors", "-o", out)
+    got = load_file(str(out))["embeddings"]
+    err = scaled_err(got, ref)
+    ERRS.append((f"{name} encode --pixels, batch of 2 (1x2 tiles)", err))
+    assert err <= 1e-4, err
+
+
+def test_wrong_variants_far(mllama, tmp_path):
+    """What the test can tell apart: the reference without the gated positional embedding's gate (gate 0:
+    the full position embedding, no tile-position term), with the tiles in column-major order, and with the
+    intermediate features concatenated layer after layer instead of interleaved are all far from our output,
+    which is within 1e-4 of the reference."""
+    import copy
+    name, model, d, imgs, _ = mllama
+    cfg = CONFIGS[name]["vision"]
+    t = cfg["image_size"]
+    proc = processor(size={"height": t, "width": t}, max_image_tiles=cfg["max_num_tiles"])
+    path = imgs[(2 * t - 3, t - 2)]  # 2 x 1 tiles
+    inputs = proc(Image.open(path), return_tensors="pt")
+    out = tmp_path / "emb.safetensors"
+    run("encode", d, path, "-o", out)
+    got = load_file(str(out))["embeddings"][0]
+    ref, states = vision_reference(model, inputs)
+    assert scaled_err(got, ref) <= 1e-4
+    # no gate on the gated positional embedding
+    vm = copy.deepcopy(model.model.vision_model)
+    with torch.no_grad():
+        vm.gated_positional_embedding.gate.zero_()
+    no_gate, _ = vision_reference(model, inputs, vm)
+    # the two tiles swapped (column-major order over a 2 x 1 canvas)
+    swapped = dict(inputs)
+    swapped["pixel_values"] = inputs["pixel_values"].clone()
+    swapped["pixel_values"][0, 0, [0, 1]] = inputs["pixel_values"][0, 0, [1, 0]]
+    wrong_order, _ = vision_reference(model, swapped)
+    # [final | layer k's D features after each other]
+    D, K = cfg["hidden_size"], len(cfg["intermediate_layers_indices"])
+    inter = states[..., D:].reshape(*states.shape[:-1], D, K).transpose(-1, -2).reshape(*states.shape[:-1], D * K)
+    with torch.no_grad():
+        concat = model.model.multi_modal_projector(torch.cat([states[..., :D], inter], -1)).reshape(ref.shape)
+    for what, wrong in [("no positional gate", no_gate), ("tiles swapped", wrong_order), ("concatenated", concat)]:
+        e = scaled_err(got, wrong)
+        ERRS.append((f"{name} wrong variant '{what}' (must be far)", e))
+        assert e > 1e-2, (what, e)
+
+
+def test_module_layout(mllama, tmp_path):
+    """Weights under the module names (model.vision_model.*, model.multi_modal_projector.*) read the same as
+    save_pretrained's (vision_model.*, multi_modal_projector.*)."""
+    name, model, d, imgs, _ = mllama
+    alt = tmp_path / "alt"
+    shutil.copytree(d, alt)
+    sd = load_file(str(alt / "model.safetensors"))
+    assert any(k.startswith("vision_model.") for k in sd) and "multi_modal_projector.weight" in sd
+    ren = {("model." + k if k.startswith(("vision_model.", "multi_modal_projector.")) else k): v for k, v in sd.items()}
+    save_file(ren, str(alt / "model.safetensors"), metadata={"format": "pt"})
+    t = CONFIGS[name]["vision"]["image_size"]
+    path = imgs[(3 * t, t)]
+    inputs = processor(size={"height": t, "width": t},
+                       max_image_tiles=CONFIGS[name]["vision"]["max_num_tiles"])(Image.open(path), return_tensors="pt")
+    ref, _ = vision_reference(model, inputs)
+    run("encode", alt, path, "-o", tmp_path / "emb.safetensors")
+    err = scaled_err(load_file(str(tmp_path / "emb.safetensors"))["embeddings"][0], ref)
+    ERRS.append((f"{name} encode, model.vision_model.* keys", err))
+    assert err <= 1e-4, err
+
+
+def test_info(mllama):
+    name, _, d, _, _ = mllama
+    out = run("info", d).stdout
+    v = CONFIGS[name]["vision"]
+    assert "family:           mllama" in out and "multi_modal_projector" in out, out
+    assert f"input width:      {v['vision_output_dim']}" in out, out
+    assert f"output width:     {CONFIGS[name]['text_d']}" in out, out
+    assert "MllamaImageProcessor" in out and "varies with the image" in out, out
+
+
+# ---- (c) bad input -----------------------------------------------------------------------------------
+
+def test_bad_pixels(mllama, tmp_path):
+    """--pixels whose canvas has more tiles than max_num_tiles, sides that are not multiples of the tile: refused
+    with a message naming the sizes, no output file."""
+    name, _, d, _, _ = mllama
+    t, mt = CONFIGS[name]["vision"]["image_size"], CONFIGS[name]["vision"]["max_num_tiles"]
+    out = tmp_path / "emb.safetensors"
+    too_many = (3 * t, 2 * t) if mt == 4 else (t, 3 * t)
+    cases = [(too_many, f"more than the checkpoint's max_num_tiles {mt}"),
+             ((t * mt, t * mt), f"more than the checkpoint's max_num_tiles {mt}"),
+             ((t + 1, t), f"multiples of {t}"), ((t, t // 2), f"multiples of {t}")]
+    for (h, w), needle in cases:
+        save_file({"pixel_values": torch.randn(1, 3, h, w)}, str(tmp_path / "px.safetensors"))
+        p = run("encode", d, "--pixels", tmp_path / "px.safetensors", "-o", out, check=False)
+        assert p.returncode == 1 and needle in p.stderr, (h, w, p.stderr)
+        assert f"{w}x{h}" in p.stderr, p.stderr
+        assert not out.exists()
+
+
+def corrupt(src, dst, drop=None, reshape=None, config=None, proc=None):
+    shutil.copytree(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    if drop:
+        del sd[drop]
+    if reshape:
+        sd[reshape] = sd[reshape][..., :-1].contiguous()
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    if config:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["vision_config"].update(config)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if proc is not None:
+        pc = json.loads((dst / "preprocessor_config.json").read_text())
+        pc.update(proc)
+        (dst / "preprocessor_config.json").write_text(json.dumps(pc))
+    return dst
+
+
+BAD = {
+    "missing_gate": (dict(drop="vision_model.global_transformer.layers.0.gate_ffn"),
+                     "vision_model.global_transformer.layers.0.gate_ffn"),
+    "missing_tile_pos": (dict(drop="vision_model.gated_positional_embedding.tile_embedding.weight"),
+                         "vision_model.gated_positional_embedding.tile_embedding.weight"),
+    "missing_proj_bias": (dict(drop="multi_modal_projector.bias"), "multi_modal_projector.bias"),
+    "missing_layer": (dict(drop="vision_model.transformer.layers.1.self_attn.k_proj.weight"),
+                      "vision_model.transformer.layers.1.self_attn.k_proj.weight"),
+    "shape_pre_tile": (dict(reshape="vision_model.pre_tile_positional_embedding.embedding.weight"),
+                       "vision_model.pre_tile_positional_embedding.embedding.weight"),
+    "shape_proj": (dict(reshape="multi_modal_projector.weight"), "multi_modal_projector.weight"),
+    "ratios": (dict(config={"supported_aspect_ratios": [[1, 1]]}), "supported_aspect_ratios"),
+    "inter_index": (dict(config={"intermediate_layers_indices": [0, 9]}), "intermediate_layers_indices"),
+    "output_dim": (dict(config={"vision_output_dim": 7}), "vision_output_dim"),
+    "act": (dict(config={"hidden_act": "relu6"}), "hidden_act"),
+    "proc_tiles": (dict(proc={"max_image_tiles": 3}), "max_num_tiles"),
+    "proc_tile_size": (dict(proc={"size": {"height": 56, "width": 56}}), "vision_config.image_size"),
+    "proc_no_pad": (dict(proc={"do_pad": False}), "do_pad false"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_checkpoint(mllama, tmp_path, case):
+    """A broken checkpoint or processor: a clear error naming the culprit, exit 1, no output."""
+    name, _, d, imgs, _ = mllama
+    if name != "t4":
+        pytest.skip("one config is enough")
+    kw, needle = BAD[case]
+    bad = corrupt(d, tmp_path / "bad", **kw)
+    out = tmp_path / "emb.safetensors"
+    p = run("encode", bad, next(iter(imgs.values())), "-o", out, check=False)
+    assert p.returncode == 1 and needle in p.stderr, (p.returncode, p.stderr)
+    assert not out.exists()
+
+
+def test_report():
+    """Prints the measured errors (pytest -s)."""
+    for name, err in ERRS:
+        print(f"mllama {name}: scaled max error {err:.2e}")
