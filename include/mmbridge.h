@@ -278,7 +278,7 @@ typedef struct mmb_model_info {
     const char *projector;      /* the projector's type: connector, or what the Dense Connector feeds */
     const char *family;         /* "llava" (a tower + feature selection + projector, the fields above), or a
                                    family that runs its own tower and connector as one model: "blip2",
-                                   "idefics", "idefics2", "idefics3", "qwen2_vl", ... (mmb_model_encode) */
+                                   "idefics", "idefics2", "idefics3", "qwen2_vl", "mllama", ... (mmb_model_encode) */
     const char *dense;          /* Dense Connector variant "sti", "sci", "dci", or "" for none; its taps
                                    are resolved (non-negative) once the encoder's depth is known, and
                                    n_taps is 0 before that; taps[0] is the final feature */
@@ -942,7 +942,7 @@ MMB_API int64_t mmb_mllm_encode_size(mmb_ctx *ctx, const mmb_mllm *m, const mmb_
  * size are one batch; others are encoded one by one (hidden states need one size: MMB_ERR_SHAPE
  * otherwise). Returns MMB_OK; MMB_ERR_SHAPE when a buffer is too small (the message gives the floats
  * needed) or a size the tower refuses; MMB_ERR_MISSING without a vision path or an image processor;
- * MMB_ERR_UNSUPPORTED for taps on a family's model (BLIP-2, IDEFICS, Idefics2/3, Qwen2-VL: its tower and
+ * MMB_ERR_UNSUPPORTED for taps on a family's model (BLIP-2, IDEFICS, Idefics2/3, Qwen2-VL, Mllama: its tower and
  * connector run as one); MMB_ERR_ARG for NULL pointers, n < 1, a tap out of range, a NULL hidden[i], nothing
  * asked (embeddings NULL and n_taps 0), more than MMB_MAX_TAPS taps with the model's own; MMB_ERR_NOMEM.
  * The outputs are untouched on failure. */

@@ -110,8 +110,9 @@ static void test_rows(mmb_ctx *ctx) {
     CHECK(match_dir(ctx, "fam_row", &row) == MMB_OK && row->fusion == MMB_FUSION_A && row->lm_runs &&
           row->xattn && strcmp(row->xattn, "idefics") == 0, "IDEFICS: fusion A, its LLM run with IDEFICS' gated layers");
     write_config("fam_row", "{\"model_type\":\"mllama\"}");
-    CHECK(match_dir(ctx, "fam_row", &row) == MMB_OK && strcmp(row->name, "mllama") == 0 && row->fusion == MMB_FUSION_A &&
-          row->ops == &mmb__family_mllama, "Llama 3.2 Vision: fusion A, its own tower and projector");
+    CHECK(match_dir(ctx, "fam_row", &row) == MMB_OK && strcmp(row->name, "mllama") == 0 &&
+          row->fusion == MMB_FUSION_A && row->ops == &mmb__family_mllama,
+          "Llama 3.2 Vision: fusion A, its own tower and projector");
     /* aspect_ratio_ids: get_all_supported_aspect_ratios(4) = (1,1) (1,2) (1,3) (1,4) (2,1) (2,2) (3,1) (4,1), from 1 */
     static const int ratios4[8][2] = {{1, 1}, {1, 2}, {1, 3}, {1, 4}, {2, 1}, {2, 2}, {3, 1}, {4, 1}};
     for (int i = 0; i < 8; i++)

@@ -74,12 +74,13 @@ static int64_t ml_tokens(mmb_ctx *ctx, const void *st, int height, int width) {
     return mmb__mlvit_tokens(ctx, m->vit, height, width);
 }
 
-/* The tower's output in ctx's feature buffer, then the projector straight into out. */
-static mmb_status ml_encode(mmb_ctx *ctx, const void *st, const float *pixels, int64_t B, int height, int width,
-                            float *out) {
-    const ml_state *m = st;
-    const int64_t T = mmb__mlvit_tokens(ctx, m->vit, height, width);
+/* The tower's output in ctx's feature buffer, then the projector straight into out: the real tiles' rows, or
+ * (all) every one of max_num_tiles tiles'. */
+static mmb_status encode_rows(mmb_ctx *ctx, const ml_state *m, const float *pixels, int64_t B, int height, int width,
+                              bool all, float *out) {
+    int64_t T = mmb__mlvit_tokens(ctx, m->vit, height, width);
     if (T < 0) return MMB_ERR_SHAPE;
+    if (all) T = m->vi.max_tiles * m->vi.patches;
     uint64_t rows, n;
     if (!mmb__mul_ok((uint64_t)B, (uint64_t)T, &rows) || !mmb__mul_ok(rows, (uint64_t)m->vi.out_width, &n) ||
         n > SIZE_MAX / 64)
@@ -88,10 +89,28 @@ static mmb_status ml_encode(mmb_ctx *ctx, const void *st, const float *pixels, i
     const size_t bytes = sizeof(float) * (size_t)n;
     mmb_status s = mmb__arena_reserve(ctx, &ctx->feats, mmb__arena_piece(bytes));
     float *x = s == MMB_OK ? mmb__arena_alloc(&ctx->feats, bytes) : NULL;
-    if (s == MMB_OK) s = mmb__mlvit_forward(ctx, m->vit, pixels, B, height, width, x);
+    if (s == MMB_OK) s = mmb__mlvit_forward(ctx, m->vit, pixels, B, height, width, all, x);
     if (s == MMB_OK) mmb__linear_forward(ctx, out, x, (int64_t)rows, &m->proj);
     mmb__arena_reset(&ctx->feats);
     return s;
+}
+
+static mmb_status ml_encode(mmb_ctx *ctx, const void *st, const float *pixels, int64_t B, int height, int width,
+                            float *out) {
+    return encode_rows(ctx, st, pixels, B, height, width, false, out);
+}
+
+/* What the text side's cross-attention reads: max_num_tiles P rows an image, the real tiles first, then the
+ * padding tiles' (a zero tile's states, which still carry the tile and position embeddings), as
+ * cross_attention_states[image * max_num_tiles + tile] holds them. */
+static int64_t ml_xattn_tokens(const void *st) {
+    const ml_state *m = st;
+    return m->vi.max_tiles * m->vi.patches;
+}
+
+static mmb_status ml_encode_xattn(mmb_ctx *ctx, const void *st, const float *pixels, int64_t B, int height, int width,
+                                  float *out) {
+    return encode_rows(ctx, st, pixels, B, height, width, true, out);
 }
 
 /* The processor must cut the tower's tiles: MllamaImageProcessor's tiles of image_size, as many at most as
@@ -115,4 +134,6 @@ const mmb_family_ops mmb__family_mllama = {
     .encode = ml_encode,
     .free = ml_free,
     .check_processor = ml_check_processor,
+    .xattn_tokens = ml_xattn_tokens,
+    .encode_xattn = ml_encode_xattn,
 };

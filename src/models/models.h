@@ -32,6 +32,13 @@ typedef struct mmb_family_ops {
     /* Optional: refuses (with a message naming `dir`) an image processor whose pixels the model cannot take
      * (Mllama: its tiles must be the tower's), when the multimodal model opens both; NULL: any. */
     mmb_status (*check_processor)(mmb_ctx *ctx, const void *state, const mmb_preprocess *p, const char *dir);
+    /* Optional, fusion A: when the LLM's cross-attention reads more rows an image than encode writes (Mllama:
+     * transformers' cross_attention_states hold all max_num_tiles tiles, the padding ones included, and the text
+     * rows that see no tile attend to them all unmasked), the rows per image (the same for every image) and
+     * their encode, as encode otherwise. NULL: the LLM reads encode's rows. */
+    int64_t (*xattn_tokens)(const void *state);
+    mmb_status (*encode_xattn)(mmb_ctx *ctx, const void *state, const float *pixels, int64_t batch, int height,
+                               int width, float *out);
 } mmb_family_ops;
 
 /* models/vit_family.c: a ViT tower (vision/vit.c) whose last_hidden_state feeds a connector that reads its

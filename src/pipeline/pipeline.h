@@ -16,6 +16,14 @@ const char *mmb__model_processor_dir(const mmb_model *m);
 /* MMB_OK when m can take the pixels processor p makes (its family's mmb_family_ops.check_processor), else its
  * status and message (naming dir). */
 mmb_status mmb__model_check_processor(mmb_ctx *ctx, const mmb_model *m, const mmb_preprocess *p, const char *dir);
+/* Fusion A: the rows per image m's LLM cross-attends to (mmb_family_ops.xattn_tokens: Mllama's max_num_tiles P,
+ * the padding tiles included), or 0 when they are mmb_model_encode's rows. */
+int64_t mmb__model_xattn_tokens(const mmb_model *m);
+/* Those rows for pixels [batch, 3, height, width] (as the processor makes them) into out [batch,
+ * mmb__model_xattn_tokens, out_width] (out_count floats); m without them: mmb_model_encode. Returns as
+ * mmb_model_encode. */
+mmb_status mmb__model_encode_xattn(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
+                                   int width, float *out, size_t out_count);
 
 /* mmb_model_encode plus, from the same pass of the tower, the hidden states hidden_states[taps[i]]
  * (HF indexing, negative from the end, or MMB_TAP_LAST) written to hidden[i] as [batch, tokens, width]

@@ -310,8 +310,8 @@ mmb_status mmb__mlvit_canvas(mmb_ctx *ctx, const mmb_mlvit *v, int height, int w
                         t, t, t);
     const int r = height / t, c = width / t;
     if ((int64_t)r * c > mt)
-        return mmb__err(ctx, MMB_ERR_SHAPE, "pixels of %dx%d are %d rows x %d columns = %lld tiles of %d, more than the "
-                        "checkpoint's max_num_tiles %d", width, height, r, c, (long long)r * c, t, mt);
+        return mmb__err(ctx, MMB_ERR_SHAPE, "pixels of %dx%d are %d rows x %d columns = %lld tiles of %d, more than "
+                        "the checkpoint's max_num_tiles %d", width, height, r, c, (long long)r * c, t, mt);
     *rows = r;
     *cols = c;
     *aspect_id = mmb__mllama_aspect_id(mt, r, c);
@@ -417,7 +417,7 @@ static void table_row(float *dst, const mmb_tensor *t, int id, float g) {
 }
 
 mmb_status mmb__mlvit_forward(mmb_ctx *ctx, const mmb_mlvit *v, const float *pixels, int64_t B, int height, int width,
-                              float *out) {
+                              bool all_tiles, float *out) {
     int rows_c = 0, cols_c = 0, aid = 0;
     mmb_status s = mmb__mlvit_canvas(ctx, v, height, width, &rows_c, &cols_c, &aid);
     if (s != MMB_OK) return s;
@@ -426,17 +426,25 @@ mmb_status mmb__mlvit_forward(mmb_ctx *ctx, const mmb_mlvit *v, const float *pix
     const int64_t nt = (int64_t)rows_c * cols_c, N = T * L, nv = nt * P, K = in->n_inter, W = in->out_width;
     const int64_t g = in->image_size / in->patch, PP = 3 * (int64_t)in->patch * in->patch, npatch = B * nt * g * g;
     const int64_t hd = D / in->heads;
+    /* every buffer is at most rows x wide floats (the intermediates: K D < W; the tables: T P D) */
+    int64_t wide = I > 3 * D ? I : 3 * D;
+    wide = wide > W ? wide : W;
+    wide = wide > PP ? wide : PP;
     uint64_t rows, n_big;
-    if (!mmb__mul_ok((uint64_t)B, (uint64_t)N, &rows) || !mmb__mul_ok(rows, (uint64_t)(I > 3 * D ? I : 3 * D), &n_big) ||
+    if (!mmb__mul_ok((uint64_t)B, (uint64_t)N, &rows) || !mmb__mul_ok(rows, (uint64_t)wide, &n_big) ||
         n_big > SIZE_MAX / 64)
-        return mmb__err(ctx, MMB_ERR_NOMEM, "mllama: %lld images of %dx%d: sizes overflow", (long long)B, width, height);
+        return mmb__err(ctx, MMB_ERR_NOMEM, "mllama: %lld images of %dx%d: sizes overflow", (long long)B, width,
+                        height);
     const size_t f = sizeof(float);
     const size_t sz_cols = f * (size_t)(npatch * (PP > D ? PP : D)), sz_x = f * (size_t)rows * (size_t)D;
+    const int64_t np = all_tiles ? (T - nt) * P : 0;  /* the padding tiles' tokens an image, when asked */
     const size_t sz_inter = f * (size_t)(B * nv * D) * (size_t)K, sz_tab = f * (size_t)(T * P * D + 2 * T * D);
+    const size_t sz_interp = f * (size_t)(B * np * D) * (size_t)K;
     const size_t asc_n = mmb__attention_scratch(mmb__pool_size(ctx->pool), hd);
     size_t need = 2 * mmb__arena_piece(sz_cols) + 3 * mmb__arena_piece(sz_x) +
-                  mmb__arena_piece(f * (size_t)rows * (size_t)(3 * D)) + mmb__arena_piece(f * (size_t)rows * (size_t)I) +
-                  mmb__arena_piece(sz_inter) + mmb__arena_piece(sz_tab) + mmb__arena_piece(f * asc_n);
+                  mmb__arena_piece(f * (size_t)rows * (size_t)(3 * D)) +
+                  mmb__arena_piece(f * (size_t)rows * (size_t)I) + mmb__arena_piece(sz_inter) +
+                  mmb__arena_piece(sz_interp) + mmb__arena_piece(sz_tab) + mmb__arena_piece(f * asc_n);
     if ((s = mmb__arena_reserve(ctx, &ctx->arena, need)) != MMB_OK) return s;
     mmb_arena *a = &ctx->arena;
     float *cols = mmb__arena_alloc(a, sz_cols), *pe = mmb__arena_alloc(a, sz_cols);
@@ -444,7 +452,8 @@ mmb_status mmb__mlvit_forward(mmb_ctx *ctx, const mmb_mlvit *v, const float *pix
     ml_bufs bf = {.B = B, .N = N, .nv = nv, .xn = mmb__arena_alloc(a, sz_x), .att = mmb__arena_alloc(a, sz_x),
                   .qkv = mmb__arena_alloc(a, f * (size_t)rows * (size_t)(3 * D)),
                   .h = mmb__arena_alloc(a, f * (size_t)rows * (size_t)I)};
-    float *inter = mmb__arena_alloc(a, sz_inter), *tab = mmb__arena_alloc(a, sz_tab);
+    float *inter = mmb__arena_alloc(a, sz_inter), *interp = mmb__arena_alloc(a, sz_interp);
+    float *tab = mmb__arena_alloc(a, sz_tab);
     bf.asc = mmb__arena_alloc(a, f * asc_n);
     float *tile_pos = tab, *pre = tab + T * P * D, *post = pre + T * D;
     table_row(tile_pos, v->tile_pos, aid, v->g_pos);
@@ -484,8 +493,13 @@ mmb_status mmb__mlvit_forward(mmb_ctx *ctx, const mmb_mlvit *v, const float *pix
         layer_forward(ctx, v, &v->layers[l], x, &bf);
         for (int64_t k = 0; k < K; k++)  /* hidden_states[l] for the intermediate indices: the valid rows */
             if (in->inter_idx[k] == l)
-                for (int64_t b = 0; b < B; b++)
+                for (int64_t b = 0; b < B; b++) {
                     memcpy(inter + (k * B + b) * nv * D, x + b * N * D, f * (size_t)(nv * D));
+                    for (int64_t j = 0; j < np; j++) {  /* and the padding tiles' first P tokens */
+                        const float *src = x + (b * N + nv + nt * pad + j / P * L + j % P) * D;
+                        memcpy(interp + ((k * B + b) * np + j) * D, src, f * (size_t)D);
+                    }
+                }
     }
     mmb__layernorm_forward_mt(ctx, bf.xn, x, v->post_w, v->post_b, (int64_t)rows, D, LN_OUTER_EPS);
     memcpy(x, bf.xn, sz_x);
@@ -497,13 +511,18 @@ mmb_status mmb__mlvit_forward(mmb_ctx *ctx, const mmb_mlvit *v, const float *pix
         }
     for (int l = in->layers; l < in->layers + in->global_layers; l++) layer_forward(ctx, v, &v->layers[l], x, &bf);
 
-    /* out (B nv, W): [final | intermediate k's element d at D + d K + k] */
+    /* out (B nv, W): [final | intermediate k's element d at D + d K + k]; all_tiles: (B T P, W), the padding
+     * tiles' P tokens after the real ones */
+    const int64_t per = all_tiles ? T * P : nv;
     for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < nv; i++) {
-            float *o = out + (b * nv + i) * W;
-            memcpy(o, x + (b * N + i) * D, f * (size_t)D);
+        for (int64_t i = 0; i < per; i++) {
+            float *o = out + (b * per + i) * W;
+            /* token i of the output: a valid one, or patch (i - nv) % P of padding tile nt + (i - nv) / P */
+            const int64_t src_i = i < nv ? i : nv + nt * pad + (i - nv) / P * L + (i - nv) % P;
+            memcpy(o, x + (b * N + src_i) * D, f * (size_t)D);
             for (int64_t k = 0; k < K; k++) {
-                const float *src = inter + ((k * B + b) * nv + i) * D;
+                const float *src = i < nv ? inter + ((k * B + b) * nv + i) * D
+                                          : interp + ((k * B + b) * (per - nv) + (i - nv)) * D;
                 for (int64_t d = 0; d < D; d++) o[D + d * K + k] = src[d];
             }
         }

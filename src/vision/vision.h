@@ -82,10 +82,11 @@ mmb_status mmb__mlvit_canvas(mmb_ctx *ctx, const mmb_mlvit *v, int height, int w
 int64_t mmb__mlvit_tokens(mmb_ctx *ctx, const mmb_mlvit *v, int height, int width);
 /* pixels (B images of rows * cols tiles (3, t, t), one image after another) -> out (B, rows cols P,
  * out_width): the vision model's last_hidden_state of the real tiles, tile-major then patch (CLS first),
- * [final | the intermediate layers interleaved]. Scratch from ctx's arena (reserved here, reset before
- * returning). */
+ * [final | the intermediate layers interleaved]. all_tiles: out (B, max_tiles P, out_width), every tile as
+ * transformers' last_hidden_state[b, 0] holds it, the padding tiles after the real ones. Scratch from ctx's
+ * arena (reserved here, reset before returning). */
 mmb_status mmb__mlvit_forward(mmb_ctx *ctx, const mmb_mlvit *v, const float *pixels, int64_t B, int height, int width,
-                              float *out);
+                              bool all_tiles, float *out);
 
 /* ---- vision/preprocess.c ---------------------------------------------------------------------- */
 

@@ -453,6 +453,50 @@ def test_bad_checkpoint(mllama, tmp_path, case):
     assert not out.exists()
 
 
+# ---- (d) what the text side reads: every tile ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def xattn_driver(tmp_path_factory):
+    from conftest import compile_driver
+    return compile_driver("mllama_driver", tmp_path_factory.mktemp("mllama_driver"))
+
+
+def test_cross_attention_states(mllama, xattn_driver, tmp_path):
+    """mmb__model_encode_xattn = transformers' cross_attention_states of the image: all max_num_tiles tiles, the
+    padding tiles' rows included (the text rows that see no tile, e.g. BOS before <|image|>, attend to them all
+    unmasked, and full_text_row_masked_out_mask zeroes only their MLP), real tiles first; its first rows are
+    mmb_model_encode's."""
+    import subprocess
+    name, model, d, imgs, _ = mllama
+    cfg = CONFIGS[name]["vision"]
+    t, mt = cfg["image_size"], cfg["max_num_tiles"]
+    P = (t // cfg["patch_size"]) ** 2 + 1
+    proc = processor(size={"height": t, "width": t}, max_image_tiles=mt)
+    for hw in [(t, t), (2 * t - 3, t - 2)]:  # 1 tile, 2 tiles
+        path = imgs[hw]
+        out = tmp_path / "x.safetensors"
+        p = subprocess.run([str(xattn_driver), str(out), str(d), str(path)], capture_output=True, text=True,
+                           timeout=120)
+        assert "Sanitizer" not in p.stderr and "runtime error:" not in p.stderr, p.stderr
+        assert p.returncode == 0, p.stderr
+        got = load_file(str(out))
+        inputs = proc(Image.open(path), return_tensors="pt")
+        with torch.no_grad():
+            st = model.model.vision_model(pixel_values=inputs["pixel_values"],
+                                          aspect_ratio_ids=inputs["aspect_ratio_ids"],
+                                          aspect_ratio_mask=inputs["aspect_ratio_mask"]).last_hidden_state
+            cas = model.model.multi_modal_projector(st).reshape(-1, st.shape[-2], CONFIGS[name]["text_d"])
+        assert cas.shape[0] == mt and got["rows"].item() == mt * P
+        ref = cas.reshape(mt * P, -1)
+        err = scaled_err(got["xattn"], ref)
+        nt = inputs["num_tiles"][0][0]
+        ERRS.append((f"{name} cross-attention states, all {mt} tiles ({nt} real)", err))
+        assert err <= 1e-4, err
+        assert torch.equal(got["xattn"][:nt * P], got["embeddings"])
+        if nt < mt:  # the padding tiles' rows are not zeros: they matter to the text side
+            assert ref[nt * P:].abs().max() > 0.1
+
+
 def test_report():
     """Prints the measured errors (pytest -s)."""
     for name, err in ERRS:
