@@ -267,7 +267,8 @@ typedef struct mmb_model_info {
                                    Connector vision_width (STI) or vision_width * n_taps (SCI, DCI) */
     int out_width;              /* d_model: the LLM's embedding width */
     int image_size, patch_size; /* 0 when unknown */
-    int64_t tokens_per_image;   /* visual tokens out per image, 0 when image size unknown */
+    int64_t tokens_per_image;   /* visual tokens out per image, 0 when image size unknown or it varies
+                                   with the image (Qwen2-VL: its grid; Mllama: its tiles) */
     int64_t params;             /* connector parameters */
     int64_t flops_per_image;    /* connector FLOPs per image (2 per multiply-add), 0 if unknown */
     mmb_dtype weight_dtype;     /* dtype the connector's weights are stored in */
