@@ -267,7 +267,8 @@ typedef struct mmb_model_info {
                                    Connector vision_width (STI) or vision_width * n_taps (SCI, DCI) */
     int out_width;              /* d_model: the LLM's embedding width */
     int image_size, patch_size; /* 0 when unknown */
-    int64_t tokens_per_image;   /* visual tokens out per image, 0 when image size unknown */
+    int64_t tokens_per_image;   /* visual tokens out per image, 0 when image size unknown or it varies
+                                   with the image (Qwen2-VL: its grid; Mllama: its tiles) */
     int64_t params;             /* connector parameters */
     int64_t flops_per_image;    /* connector FLOPs per image (2 per multiply-add), 0 if unknown */
     mmb_dtype weight_dtype;     /* dtype the connector's weights are stored in */
@@ -278,7 +279,7 @@ typedef struct mmb_model_info {
     const char *projector;      /* the projector's type: connector, or what the Dense Connector feeds */
     const char *family;         /* "llava" (a tower + feature selection + projector, the fields above), or a
                                    family that runs its own tower and connector as one model: "blip2",
-                                   "idefics", "idefics2", "idefics3", "qwen2_vl", ... (mmb_model_encode) */
+                                   "idefics", "idefics2", "idefics3", "qwen2_vl", "mllama", ... (mmb_model_encode) */
     const char *dense;          /* Dense Connector variant "sti", "sci", "dci", or "" for none; its taps
                                    are resolved (non-negative) once the encoder's depth is known, and
                                    n_taps is 0 before that; taps[0] is the final feature */
@@ -488,8 +489,12 @@ typedef enum mmb_size_mode {
     MMB_SIZE_SHORTEST_LONGEST = 2, /* {"shortest_edge", "longest_edge"}: as transformers'
                                       get_size_with_aspect_ratio */
     MMB_SIZE_MAX_HEIGHT_WIDTH = 3, /* {"max_height", "max_width"}: fit inside, keeping aspect */
-    MMB_SIZE_SMART = 4             /* Qwen2-VL's smart_resize: both sides multiples of resize_factor, the
+    MMB_SIZE_SMART = 4,            /* Qwen2-VL's smart_resize: both sides multiples of resize_factor, the
                                       aspect kept as closely as possible, min_pixels <= H * W <= max_pixels */
+    MMB_SIZE_TILES = 5             /* Mllama's tiling (MllamaImageProcessor): a canvas of rows x cols tiles of
+                                      tile_size, rows * cols <= max_image_tiles, chosen as get_optimal_tiled_canvas
+                                      does; the image resized into it keeping its aspect
+                                      (get_image_size_fit_to_canvas), then zero-padded at the bottom and right */
 } mmb_size_mode;
 
 /* Resampling filters, numbered as PIL.Image.Resampling. */
@@ -504,7 +509,12 @@ typedef enum mmb_resample {
 
 /* An image processor's settings: the fields of transformers' CLIP / SigLIP / LLaVA image
  * processors that change the pixels. Steps run in this order: pad to square, resize, center crop,
- * rescale, normalize; the output is f32 [3, H, W]. */
+ * rescale, normalize; the output is f32 [3, H, W].
+ * MMB_SIZE_TILES (MllamaImageProcessor) instead: choose the canvas, resize into it, pad with zeros at the
+ * bottom and right, rescale, normalize, split into tiles; the output is the canvas's rows * cols tiles one
+ * after another, row-major over the canvas, each [3, tile_size, tile_size]: f32 [rows * cols, 3, tile_size,
+ * tile_size] (transformers' pixel_values[0, image, :rows * cols]), and mmb_preprocess_output_size gives
+ * H = rows * tile_size, W = cols * tile_size (3 * H * W floats), from which rows and cols follow. */
 typedef struct mmb_preprocess {
     char type[64];            /* "CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor",
                                  "Qwen2VLImageProcessor" */
@@ -525,11 +535,15 @@ typedef struct mmb_preprocess {
     int min_pixels, max_pixels;        /* MMB_SIZE_SMART: size {shortest_edge, longest_edge} or the
                                           min_pixels / max_pixels keys (Qwen2VLImageProcessor) */
     int resize_factor;                 /* MMB_SIZE_SMART: patch_size * merge_size (28) */
+    int max_image_tiles;               /* MMB_SIZE_TILES: at most this many tiles an image (Mllama: 4) */
+    int tile_size;                     /* MMB_SIZE_TILES: a tile's side, size {height, width} (square; Mllama
+                                          560), also in size_height and size_width */
 } mmb_preprocess;
 
 /* Fills *out with the defaults of the transformers image processor class `type`
- * ("CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor" or "Qwen2VLImageProcessor"; a
- * "Fast" or "Pil" suffix is accepted). Returns MMB_OK, MMB_ERR_UNSUPPORTED for another class, or MMB_ERR_ARG for NULL. */
+ * ("CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor", "BlipImageProcessor",
+ * "Qwen2VLImageProcessor", "IdeficsImageProcessor" or "MllamaImageProcessor"; a "Fast" or "Pil" suffix is
+ * accepted). Returns MMB_OK, MMB_ERR_UNSUPPORTED for another class, or MMB_ERR_ARG for NULL. */
 MMB_API mmb_status mmb_preprocess_init(mmb_ctx *ctx, const char *type, mmb_preprocess *out);
 
 /* Reads `model_dir`/preprocessor_config.json, or without one the image processor that transformers 5's
@@ -540,7 +554,9 @@ MMB_API mmb_status mmb_preprocess_init(mmb_ctx *ctx, const char *type, mmb_prepr
  * default_to_square), resample, do_center_crop, crop_size, do_rescale, rescale_factor,
  * do_normalize, image_mean, image_std (a number or 3 numbers), do_pad, do_convert_rgb; for
  * Qwen2VLImageProcessor size {shortest_edge, longest_edge} as min / max pixels, overridden by the
- * min_pixels and max_pixels keys, and patch_size * merge_size as the resize factor.
+ * min_pixels and max_pixels keys, and patch_size * merge_size as the resize factor; for
+ * MllamaImageProcessor size {height, width} (equal: the tile size) and max_image_tiles (MMB_SIZE_TILES;
+ * do_pad and do_resize false, which its class refuses too, are MMB_ERR_UNSUPPORTED).
  * Returns MMB_OK and fills *out; MMB_ERR_IO (neither file); MMB_ERR_FORMAT (bad JSON, a key of the
  * wrong type or value, naming the file and the key); MMB_ERR_MISSING (no class key, do_center_crop
  * without crop_size, or a processor_config.json without an "image_processor" object);
@@ -549,14 +565,16 @@ MMB_API mmb_status mmb_preprocess_init(mmb_ctx *ctx, const char *type, mmb_prepr
 MMB_API mmb_status mmb_preprocess_load(mmb_ctx *ctx, const char *model_dir, mmb_preprocess *out);
 
 /* Sets *out_height, *out_width to the size of the tensor mmb_preprocess_run makes from an image of
- * in_height x in_width (it depends on the image only when there is no center crop). Returns
+ * in_height x in_width (it depends on the image only when there is no center crop; MMB_SIZE_TILES: the
+ * canvas, rows * tile_size x cols * tile_size, whose tiles run writes one after another). Returns
  * MMB_OK; MMB_ERR_SHAPE when a resulting side would be < 1 or > INT32_MAX; MMB_ERR_UNSUPPORTED for
  * a resample filter or size mode that run refuses; MMB_ERR_ARG for NULL or non-positive sizes. */
 MMB_API mmb_status mmb_preprocess_output_size(mmb_ctx *ctx, const mmb_preprocess *p, int in_height,
                                               int in_width, int *out_height, int *out_width);
 
 /* Runs the processor on `img`: writes pixel_values [3, H, W] f32 (channels first; H, W from
- * mmb_preprocess_output_size) to `out`, which holds `out_count` floats. Resizing is Pillow's
+ * mmb_preprocess_output_size; MMB_SIZE_TILES: the same 3 * H * W floats as [rows * cols, 3, tile_size,
+ * tile_size], the tiles row-major over the canvas) to `out`, which holds `out_count` floats. Resizing is Pillow's
  * antialiased 8-bit resampling (matches Image.resize exactly for bicubic and bilinear), so the
  * result equals the transformers PIL-backend processor's. Threads: ctx's pool. Returns MMB_OK;
  * MMB_ERR_SHAPE when out_count < 3 * H * W; MMB_ERR_ARG for NULL pointers or an empty image;
@@ -929,7 +947,7 @@ MMB_API int64_t mmb_mllm_encode_size(mmb_ctx *ctx, const mmb_mllm *m, const mmb_
  * size are one batch; others are encoded one by one (hidden states need one size: MMB_ERR_SHAPE
  * otherwise). Returns MMB_OK; MMB_ERR_SHAPE when a buffer is too small (the message gives the floats
  * needed) or a size the tower refuses; MMB_ERR_MISSING without a vision path or an image processor;
- * MMB_ERR_UNSUPPORTED for taps on a family's model (BLIP-2, IDEFICS, Idefics2/3, Qwen2-VL: its tower and
+ * MMB_ERR_UNSUPPORTED for taps on a family's model (BLIP-2, IDEFICS, Idefics2/3, Qwen2-VL, Mllama: its tower and
  * connector run as one); MMB_ERR_ARG for NULL pointers, n < 1, a tap out of range, a NULL hidden[i], nothing
  * asked (embeddings NULL and n_taps 0), more than MMB_MAX_TAPS taps with the model's own; MMB_ERR_NOMEM.
  * The outputs are untouched on failure. */

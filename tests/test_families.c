@@ -109,6 +109,17 @@ static void test_rows(mmb_ctx *ctx) {
     write_config("fam_row", "{\"architectures\":[\"IdeficsForVisionText2Text\"]}");
     CHECK(match_dir(ctx, "fam_row", &row) == MMB_OK && row->fusion == MMB_FUSION_A && row->lm_runs &&
           row->xattn && strcmp(row->xattn, "idefics") == 0, "IDEFICS: fusion A, its LLM run with IDEFICS' gated layers");
+    write_config("fam_row", "{\"model_type\":\"mllama\"}");
+    CHECK(match_dir(ctx, "fam_row", &row) == MMB_OK && strcmp(row->name, "mllama") == 0 &&
+          row->fusion == MMB_FUSION_A && row->ops == &mmb__family_mllama,
+          "Llama 3.2 Vision: fusion A, its own tower and projector");
+    /* aspect_ratio_ids: get_all_supported_aspect_ratios(4) = (1,1) (1,2) (1,3) (1,4) (2,1) (2,2) (3,1) (4,1), from 1 */
+    static const int ratios4[8][2] = {{1, 1}, {1, 2}, {1, 3}, {1, 4}, {2, 1}, {2, 2}, {3, 1}, {4, 1}};
+    for (int i = 0; i < 8; i++)
+        CHECK(mmb__mllama_aspect_id(4, ratios4[i][0], ratios4[i][1]) == i + 1, "aspect id of %dx%d", ratios4[i][0],
+              ratios4[i][1]);
+    CHECK(mmb__mllama_aspect_id(4, 2, 3) == 0 && mmb__mllama_aspect_id(2, 2, 1) == 3 &&
+          mmb__mllama_aspect_id(1, 1, 1) == 1 && mmb__mllama_aspect_id(1, 1, 2) == 0, "aspect ids, 1 and 2 tiles");
 }
 
 /* A CLIPVisionModel of one block (width 8, 28 px, patch 14): its row is the tower alone, mmb_vit_open

@@ -68,6 +68,16 @@ static void test_sizes(mmb_ctx *ctx) {
     /* smart_resize: round(100 / 28) * 28, round(150 / 28) * 28; an aspect ratio over 200 is refused */
     CHECK(mmb_preprocess_output_size(ctx, &p, 100, 150, &h, &w) == MMB_OK && h == 112 && w == 140, "%dx%d", h, w);
     CHECK(mmb_preprocess_output_size(ctx, &p, 1, 201, &h, &w) == MMB_ERR_SHAPE, "aspect > 200");
+    CHECK(mmb_preprocess_init(ctx, "MllamaImageProcessorPil", &p) == MMB_OK && p.size_mode == MMB_SIZE_TILES &&
+          p.tile_size == 224 && p.max_image_tiles == 4 && p.resample == MMB_RESAMPLE_BILINEAR && !p.do_pad &&
+          p.image_mean[0] == 0.5, "mllama defaults");
+    /* get_optimal_tiled_canvas: 300x500 fits no canvas upscaled, 2x2 is the largest downscale; 100x300 upscales
+     * least into 1x2 (scale min(224/100, 448/300)); 10x1000 into 1x4 */
+    CHECK(mmb_preprocess_output_size(ctx, &p, 300, 500, &h, &w) == MMB_OK && h == 448 && w == 448, "%dx%d", h, w);
+    CHECK(mmb_preprocess_output_size(ctx, &p, 100, 300, &h, &w) == MMB_OK && h == 224 && w == 448, "%dx%d", h, w);
+    CHECK(mmb_preprocess_output_size(ctx, &p, 10, 1000, &h, &w) == MMB_OK && h == 224 && w == 896, "%dx%d", h, w);
+    p.max_image_tiles = 0;
+    CHECK(mmb_preprocess_output_size(ctx, &p, 10, 10, &h, &w) == MMB_ERR_ARG, "no tiles refused");
     CHECK(mmb_preprocess_init(ctx, "ViTImageProcessor", &p) == MMB_ERR_UNSUPPORTED, "unknown class");
     p.resample = MMB_RESAMPLE_NEAREST;
     CHECK(mmb_preprocess_output_size(ctx, &p, 5, 5, &h, &w) == MMB_ERR_UNSUPPORTED, "nearest refused");

@@ -91,7 +91,8 @@ static int parse_encode(int argc, char **argv, cli_enc *o, const char **pos) {
         "          skipped) or a list file (.txt or .lst: one path per line, relative to the list)\n"
         "\n"
         "--pixels skips the processor: the model's encode runs on the given pixels, and --taps (or a tower\n"
-        "alone's last_hidden_state) come from a forward of its tower.\n"
+        "alone's last_hidden_state) come from a forward of its tower. Mllama's pixels are an image's tiles\n"
+        "one after another (row-major over its canvas), stored as [n, 3, rows * tile, cols * tile].\n"
         "\n"
         "Each image prints its original and processed sizes, e.g.\n"
         "  image 0: cat.jpg 640x480 -> 336x336 -> clip 577 tokens x 1024 -> mlp2x_gelu -> 576 x 4096\n",

@@ -49,7 +49,8 @@ static void print_model(const mmb_model *m) {
         printf("tokens per image: %lld\n", (long long)in.tokens_per_image);
         printf("FLOPs per image:  %.3f GFLOP (connector)\n", (double)in.flops_per_image * 1e-9);
     } else
-        printf("tokens per image: unknown (image size not in the config)\n");
+        printf("tokens per image: %s\n", in.image_size ? "varies with the image's processed size (tiles, grid)"
+                                                      : "unknown (image size not in the config)");
 }
 
 /* The language model and tokenizer, where the directory has them. */

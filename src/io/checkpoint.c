@@ -409,9 +409,10 @@ mmb_status mmb__ckpt_linear_fused(mmb_ctx *ctx, const mmb_ckpt *c, const char *p
     bool transient = ctx->gemm == MMB_GEMM_OWN;
     size_t wbytes = sizeof(float) * (size_t)(n * n_out * n_in);
     float *wf = transient ? mmb__pages_alloc(wbytes) : malloc(wbytes);
-    float *bf = *bout = malloc(sizeof(float) * (size_t)(n * n_out));
+    float *bf = bout ? malloc(sizeof(float) * (size_t)(n * n_out)) : NULL;
+    if (bout) *bout = bf;
     *wout = transient ? NULL : wf;
-    mmb_status s = wf && bf ? MMB_OK : mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir);
+    mmb_status s = wf && (bf || !bout) ? MMB_OK : mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir);
     for (int i = 0; i < n && s == MMB_OK; i++) {
         char wn[256], bn[256];
         snprintf(wn, sizeof wn, "%s%s.weight", prefix, names[i]);
@@ -419,15 +420,15 @@ mmb_status mmb__ckpt_linear_fused(mmb_ctx *ctx, const mmb_ckpt *c, const char *p
         const mmb_tensor *w, *b;
         int64_t ws[2] = {n_out, n_in};
         s = mmb__ckpt_bind(ctx, c, wn, 2, ws, &w);
-        if (s == MMB_OK) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
+        if (s == MMB_OK && bf) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
         if (s != MMB_OK) break;
         mmb_to_f32(wf + i * n_out * n_in, w->data, w->dtype, (size_t)(n_out * n_in));
-        mmb_to_f32(bf + i * n_out, b->data, b->dtype, (size_t)n_out);
+        if (bf) mmb_to_f32(bf + i * n_out, b->data, b->dtype, (size_t)n_out);
         mmb__release_mapped(w->data, (size_t)(n_out * n_in) * mmb_dtype_size(w->dtype));  /* read once */
     }
     mmb_tensor w = {.name = names[0], .dtype = MMB_F32, .ndim = 2, .shape = {n * n_out, n_in}, .data = wf};
     mmb_tensor b = {.name = names[0], .dtype = MMB_F32, .ndim = 1, .shape = {n * n_out}, .data = bf};
-    if (s == MMB_OK) s = mmb__linear_bind(ctx, l, &w, &b);
+    if (s == MMB_OK) s = mmb__linear_bind(ctx, l, &w, bf ? &b : NULL);
     if (transient) mmb__pages_free(wf, wbytes);
     else if (s == MMB_OK && l->w != wf) {  /* converted to the weight dtype: the stack is no longer read */
         free(wf);

@@ -60,7 +60,8 @@ mmb_status mmb__ckpt_norm(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, c
 /* n linear layers {prefix}{names[i]}.weight [n_out, n_in] and .bias [n_out] stacked into one
  * (n * n_out, n_in) layer, so projections that read the same input run as one GEMM (q | k | v).
  * The stacked f32 copies go to *w and *b (set even on failure; the caller frees them after l); *w is
- * NULL on success when l no longer reads it (packed or converted), so the weights are held once. */
+ * NULL on success when l no longer reads it (packed or converted), so the weights are held once.
+ * b NULL: layers without biases (no .bias read). */
 mmb_status mmb__ckpt_linear_fused(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *const *names,
                                   int n, int64_t n_out, int64_t n_in, mmb_linear *l, float **w, float **b);
 

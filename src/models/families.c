@@ -70,6 +70,12 @@ static const mmb__family rows[] = {
      .connector = "flamingo_perceiver (perceiver.*, config perceiver)", .processor = "CLIPImageProcessor (the tower's)",
      .fusion = MMB_FUSION_A, .lm = "text_config: Llama with gated cross-attention blocks (lang_encoder.*)",
      .lm_runs = true, .xattn = "open_flamingo", .ops = &mmb__family_open_flamingo},
+    {.name = "mllama", .architectures = "MllamaForConditionalGeneration", .model_types = "mllama",
+     .layouts = "transformers", .tower = "vision_config: MllamaVisionModel (tiles by aspect ratio, local + gated "
+     "global encoders)", .taps = "last_hidden_state: the final state and intermediate_layers_indices, real tiles only",
+     .connector = "multi_modal_projector", .processor = "MllamaImageProcessor", .fusion = MMB_FUSION_A,
+     .lm = "text_config: Llama 3.1 with MllamaCrossAttentionDecoderLayers at cross_attention_layers",
+     .lm_runs = true, .xattn = "mllama", .raw_bos = true, .ops = &mmb__family_mllama},
     {.name = "llava", .architectures = "LlavaLlamaForCausalLM, LlavaMistralForCausalLM, LlavaQwenForCausalLM",
      .model_types = "llava_llama, llava_mistral, llava_qwen", .keys = "mm_projector_type, mm_hidden_size",
      .layout = MMB__LAYOUT_ORIGINAL, .layouts = "llava-original",

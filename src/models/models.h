@@ -1,7 +1,8 @@
 /* The models layer: the family table (models/families.c), one row per checkpoint kind, and the parts that
  * only some families have, reached from their rows: a ViT tower + a connector run as one model
  * (models/vit_family.c: BLIP-2, IDEFICS, Idefics2/3, SmolVLM), Qwen2-VL's tower + PatchMerger
- * (models/qwen2vl.c), OpenFlamingo's CLIP tower + PerceiverResampler (models/open_flamingo.c). Uses the connectors layer and below; pipeline/model.c opens checkpoints through it. */
+ * (models/qwen2vl.c), OpenFlamingo's CLIP tower + PerceiverResampler (models/open_flamingo.c), Llama 3.2
+ * Vision's tiled tower + projector (models/mllama.c). Uses the connectors layer and below; pipeline/model.c opens checkpoints through it. */
 #ifndef MMB_MODELS_H
 #define MMB_MODELS_H
 
@@ -28,9 +29,16 @@ typedef struct mmb_family_ops {
     /* Optional: the directory whose preprocessor_config.json is the model's image processor when the
      * checkpoint's own directory has none (a tower kept in a directory of its own), or NULL. */
     const char *(*processor_dir)(const void *state);
-    /* Optional (fusion A): of the tokens(height, width) an image makes, the leading ones text attends (Mllama:
-     * the real tiles' of its max_num_tiles); NULL: all of them. */
-    int64_t (*attended)(mmb_ctx *ctx, const void *state, int height, int width);
+    /* Optional: refuses (with a message naming `dir`) an image processor whose pixels the model cannot take
+     * (Mllama: its tiles must be the tower's), when the multimodal model opens both; NULL: any. */
+    mmb_status (*check_processor)(mmb_ctx *ctx, const void *state, const mmb_preprocess *p, const char *dir);
+    /* Optional, fusion A: when the LLM's cross-attention reads more rows an image than encode writes (Mllama:
+     * transformers' cross_attention_states hold all max_num_tiles tiles, the padding ones included, and the text
+     * rows that see no tile attend to them all unmasked), the rows per image (the same for every image) and
+     * their encode, as encode otherwise. NULL: the LLM reads encode's rows. */
+    int64_t (*xattn_tokens)(const void *state);
+    mmb_status (*encode_xattn)(mmb_ctx *ctx, const void *state, const float *pixels, int64_t batch, int height,
+                               int width, float *out);
 } mmb_family_ops;
 
 /* models/vit_family.c: a ViT tower (vision/vit.c) whose last_hidden_state feeds a connector that reads its
@@ -41,6 +49,9 @@ extern const mmb_family_ops mmb__family_qwen2vl;
 /* models/open_flamingo.c: OpenFlamingo's vision side: a CLIP tower in the directory config.vision_tower names,
  * its patch tokens (vision_feature), the PerceiverResampler under perceiver.* (config.perceiver's settings). */
 extern const mmb_family_ops mmb__family_open_flamingo;
+/* models/mllama.c: Llama 3.2 Vision's tower (vision/mllama.c: tiles, local and gated global encoders), then
+ * multi_modal_projector; an image's rows are its real tiles' tokens. */
+extern const mmb_family_ops mmb__family_mllama;
 
 /* What mmb__family_vit reads from its row (mmb__family.part). */
 typedef struct mmb__vit_part {
@@ -85,6 +96,8 @@ struct mmb__family {
     const char *image_marker;   /* the token that marks an image in the text when the config names none */
     const char *image_wrap;     /* the token around each image's marker (IDEFICS' <fake_token_around_image>:
                                    wrap marker wrap, or marker wrap after an image), or NULL */
+    bool raw_bos;               /* a raw prompt without the BOS text gets it after its leading image markers, then
+                                   the tokenizer's own (MllamaProcessor's build_string_from_input) */
     const mmb_family_ops *ops;  /* the family's own code; NULL: pipeline/model.c's LLaVA path (tower + feature
                                    selection + a registered projector), or a tower alone */
     const void *part;           /* the data ops reads from the row (mmb__vit_part for mmb__family_vit), or NULL */

@@ -180,6 +180,23 @@ static mmb_status wrap_markers(mmb_ctx *ctx, const char *marker, const char *wra
     return MMB_OK;
 }
 
+/* MllamaProcessor's build_string_from_input: a prompt without the BOS text gets it after its leading image
+ * markers (the tokenizer then adds its own in front). *text is replaced. */
+static mmb_status bos_after_images(mmb_ctx *ctx, const mmb_mllm *m, const char *marker, char **text) {
+    const char *bos = mmb_tokenizer_token_text(m->tok, mmb_tokenizer_bos_id(m->tok));
+    if (!bos || !*bos || strstr(*text, bos)) return MMB_OK;
+    size_t ml = strlen(marker), lead = 0, bl = strlen(bos), n = strlen(*text);
+    while (ml && strncmp(*text + lead, marker, ml) == 0) lead += ml;
+    char *out = malloc(n + bl + 1);
+    if (!out) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    memcpy(out, *text, lead);
+    memcpy(out + lead, bos, bl);
+    memcpy(out + lead + bl, *text + lead, n - lead + 1);
+    free(*text);
+    *text = out;
+    return MMB_OK;
+}
+
 mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt, const mmb_image *imgs,
                              int n_images, int flags, mmb_chunks **out) {
     if (!ctx || !m || !prompt || !out || n_images < 0 || (n_images && !imgs) ||
@@ -212,6 +229,10 @@ mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt
     }
     memcpy(text + lead, prompt, pl + 1);
     if (m->image_wrap && (s = wrap_markers(ctx, marker, m->image_wrap, &text)) != MMB_OK) {
+        free(text);
+        return s;
+    }
+    if (m->raw_bos && flags == MMB_TOKENIZE_RAW && (s = bos_after_images(ctx, m, marker, &text)) != MMB_OK) {
         free(text);
         return s;
     }

@@ -60,12 +60,14 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
                 return mmb__err(ctx, MMB_ERR_ARG, "chunk %d: token id %d is outside the vocabulary [0, %lld)", i,
                                 (int)ch->ids[k], (long long)li.embed_rows);
     }
-    /* fusion A: each image's visual tokens (its own count: mmb__mllm_preprocess) and the ones text attends */
+    /* fusion A: the rows each image's keys and values come from (Mllama: every max_num_tiles tile,
+     * mmb__model_xattn_tokens), of which text attends encode's (the real tiles) */
     int64_t most = 0;
     for (int i = 0; m->xattn && i < c->n; i++)
         if (c->c[i].type == MMB_CHUNK_IMAGE) {
-            int64_t t = mmb_model_encode_tokens(ctx, m->model, c->c[i].h, c->c[i].w);
+            int64_t t = mmb_model_encode_tokens(ctx, m->model, c->c[i].h, c->c[i].w), x = mmb__model_xattn_tokens(m->model);
             if (t < 0) return MMB_ERR_SHAPE;
+            t = x > t ? x : t;
             most = t > most ? t : most;
         }
     const size_t nmedia = (size_t)(most * m->info.out_width);
@@ -85,11 +87,9 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
         if (ch->type != MMB_CHUNK_IMAGE) continue;
         if ((s = check_abort(ctx, j, 0, c->positions)) != MMB_OK) break;
         double t0 = mmb__now_s();
-        int64_t t = mmb_model_encode_tokens(ctx, m->model, ch->h, ch->w), a = mmb__model_attended(ctx, m->model, ch->h,
-                                                                                                   ch->w);
-        s = t < 0 || a < 0 ? MMB_ERR_SHAPE : mmb__mllm_encode_pixels(ctx, m, ch->data, 1, ch->h, ch->w, media, nmedia,
-                                                                       NULL, 0, NULL);
-        if (s == MMB_OK) s = mmb__xattn_add_media(ctx, m->xattn, media, t, a);
+        int64_t a = mmb_model_encode_tokens(ctx, m->model, ch->h, ch->w), t = mmb__model_xattn_tokens(m->model);
+        s = a < 0 ? MMB_ERR_SHAPE : mmb__model_encode_xattn(ctx, m->model, ch->data, 1, ch->h, ch->w, media, nmedia);
+        if (s == MMB_OK) s = mmb__xattn_add_media(ctx, m->xattn, media, t ? t : a, a);
         j->encode_s += mmb__now_s() - t0;
         if (s == MMB_OK && j->p.on_progress) j->p.on_progress(j->p.user, "encode", ++images, c->n_images);
     }

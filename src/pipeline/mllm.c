@@ -176,6 +176,8 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const char 
         mmb_model_get_info(m->model, &mi);
         const char *tower_dir = p->vision_tower ? p->vision_tower : mmb__model_processor_dir(m->model);
         if ((s = load_processor(ctx, m, tower_dir, mi.pad_to_square)) != MMB_OK) return s;
+        if (m->info.has_processor && (s = mmb__model_check_processor(ctx, m->model, &m->proc, m->dir)) != MMB_OK)
+            return s;
     }
     if (row->vision_only && (s = load_processor(ctx, m, NULL, false)) != MMB_OK) return s;
     bool lm = row->text_only || (row->lm_runs && mmb__lm_present(mmb__model_ckpt(m->model)));
@@ -189,12 +191,14 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const char 
                             m->dir, mi.out_width, (long long)li.d_model);
         if ((s = load_tokenizer(ctx, m, row)) != MMB_OK) return s;
         if (row->xattn && m->model) { /* fusion A: the visual tokens reach the LLM through its gated layers */
-            s = mmb__xattn_open(ctx, m->lm, row->xattn, mi.out_width, mi.tokens_per_image > 0 ? mi.tokens_per_image : 1,
+            int64_t per = mmb__model_xattn_tokens(m->model) ? mmb__model_xattn_tokens(m->model) : mi.tokens_per_image;
+            s = mmb__xattn_open(ctx, m->lm, row->xattn, mi.out_width, per > 0 ? per : 1,
                                 m->info.image_token,
                                 mmb_tokenizer_eos_id(m->tok), &m->xattn);
             if (s != MMB_OK) return s;
             m->image_wrap = row->image_wrap && m->tok && mmb_tokenizer_token_id(m->tok, row->image_wrap) >= 0
                           ? row->image_wrap : NULL;
+            m->raw_bos = row->raw_bos;
             mmb__xattn_cost xc;
             mmb__xattn_get_cost(m->xattn, &xc);
             in->xattn_layers = xc.layers;

@@ -548,13 +548,29 @@ int mmb_model_routing_stats(const mmb_model *m, int64_t *counts, int cap) {
 
 const mmb_ckpt *mmb__model_ckpt(const mmb_model *m) { return &m->ck; }
 
-int64_t mmb__model_attended(mmb_ctx *ctx, const mmb_model *m, int height, int width) {
-    if (m->fam && m->fam->ops->attended) return m->fam->ops->attended(ctx, m->fam_state, height, width);
-    return mmb_model_encode_tokens(ctx, m, height, width);
-}
-
 const char *mmb__model_processor_dir(const mmb_model *m) {
     return m->fam && m->fam->ops->processor_dir ? m->fam->ops->processor_dir(m->fam_state) : NULL;
+}
+
+mmb_status mmb__model_check_processor(mmb_ctx *ctx, const mmb_model *m, const mmb_preprocess *p, const char *dir) {
+    if (!m->fam || !m->fam->ops->check_processor) return MMB_OK;
+    return m->fam->ops->check_processor(ctx, m->fam_state, p, dir);
+}
+
+int64_t mmb__model_xattn_tokens(const mmb_model *m) {
+    return m && m->fam && m->fam->ops->xattn_tokens ? m->fam->ops->xattn_tokens(m->fam_state) : 0;
+}
+
+mmb_status mmb__model_encode_xattn(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
+                                   int width, float *out, size_t out_count) {
+    const int64_t t = mmb__model_xattn_tokens(m);
+    if (!t) return mmb_model_encode(ctx, m, pixels, batch, height, width, out, out_count);
+    if (!ctx || !pixels || !out || batch < 1)
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb__model_encode_xattn: NULL argument or batch < 1");
+    if (mmb_model_encode_tokens(ctx, m, height, width) < 0) return MMB_ERR_SHAPE;
+    const size_t need = (size_t)(batch * t) * (size_t)m->info.out_width;
+    if (out_count < need) return mmb__err(ctx, MMB_ERR_SHAPE, "output holds %zu floats, %zu needed", out_count, need);
+    return m->fam->ops->encode_xattn(ctx, m->fam_state, pixels, batch, height, width, out);
 }
 
 mmb_status mmb__model_encode_taps(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,

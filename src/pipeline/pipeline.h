@@ -13,9 +13,17 @@ const mmb_ckpt *mmb__model_ckpt(const mmb_model *m);
 /* Where m's image processor lives when m's directory has none: its family's tower directory
  * (mmb_family_ops.processor_dir), or NULL. */
 const char *mmb__model_processor_dir(const mmb_model *m);
-/* Of the embeddings m makes of pixels of height x width, the leading ones a fusion-A LLM's text attends (its
- * family's mmb_family_ops.attended; else all: mmb_model_encode_tokens), or -1 with a message. */
-int64_t mmb__model_attended(mmb_ctx *ctx, const mmb_model *m, int height, int width);
+/* MMB_OK when m can take the pixels processor p makes (its family's mmb_family_ops.check_processor), else its
+ * status and message (naming dir). */
+mmb_status mmb__model_check_processor(mmb_ctx *ctx, const mmb_model *m, const mmb_preprocess *p, const char *dir);
+/* Fusion A: the rows per image m's LLM cross-attends to (mmb_family_ops.xattn_tokens: Mllama's max_num_tiles P,
+ * the padding tiles included), or 0 when they are mmb_model_encode's rows. */
+int64_t mmb__model_xattn_tokens(const mmb_model *m);
+/* Those rows for pixels [batch, 3, height, width] (as the processor makes them) into out [batch,
+ * mmb__model_xattn_tokens, out_width] (out_count floats); m without them: mmb_model_encode. Returns as
+ * mmb_model_encode. */
+mmb_status mmb__model_encode_xattn(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
+                                   int width, float *out, size_t out_count);
 
 /* mmb_model_encode plus, from the same pass of the tower, the hidden states hidden_states[taps[i]]
  * (HF indexing, negative from the end, or MMB_TAP_LAST) written to hidden[i] as [batch, tokens, width]
@@ -40,6 +48,7 @@ struct mmb_mllm {
     mmb_lm *lm;
     mmb__xattn *xattn;         /* fusion A: the LLM's gated cross-attention layers, or NULL */
     const char *image_wrap;    /* fusion A (IDEFICS): the token around an image marker in the text, or NULL */
+    bool raw_bos;              /* the row's raw_bos (Mllama) */
     mmb_tokenizer *tok;
     mmb_preprocess proc;
     mmb_mllm_info info;

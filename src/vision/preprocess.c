@@ -13,7 +13,13 @@
  *      image is smaller than the crop;
  *   4. rescale: float32(float64(v) * rescale_factor);
  *   5. normalize: (x - float32(mean)) / float32(std) in float32.
- * Output: f32 [3, H, W]. */
+ * Output: f32 [3, H, W].
+ *
+ * MllamaImageProcessorPil (MMB_SIZE_TILES) replaces steps 1-3 by its own: the canvas of rows x cols tiles
+ * (get_optimal_tiled_canvas), the resize into it keeping the aspect (get_image_size_fit_to_canvas, then
+ * Image.resize, bilinear by default), zeros padded at the bottom and right up to the canvas (in uint8, so
+ * they normalize to -mean / std); after 4-5 the canvas is split into its tiles, written one after another
+ * (row-major over the canvas), each [3, tile, tile]. */
 #include "vision/vision.h"
 
 #include <cjson/cJSON.h>
@@ -29,7 +35,11 @@
 static const double CLIP_MEAN[3] = {0.48145466, 0.4578275, 0.40821073};
 static const double CLIP_STD[3] = {0.26862954, 0.26130258, 0.27577711};
 
-typedef enum { KIND_CLIP, KIND_SIGLIP, KIND_LLAVA, KIND_BLIP, KIND_QWEN2VL, KIND_IDEFICS } proc_kind;
+typedef enum { KIND_CLIP, KIND_SIGLIP, KIND_LLAVA, KIND_BLIP, KIND_QWEN2VL, KIND_IDEFICS, KIND_MLLAMA } proc_kind;
+
+#define SUPPORTED_CLASSES "CLIPImageProcessor, SiglipImageProcessor, LlavaImageProcessor, BlipImageProcessor, " \
+                          "Qwen2VLImageProcessor, IdeficsImageProcessor and MllamaImageProcessor are"
+#define MAX_IMAGE_TILES 256  /* far above any checkpoint's (Llama 3.2: 4); bounds the canvas search */
 
 /* Maps a class name (with an optional Fast / Pil suffix) or a processor class to a kind. */
 static bool kind_of(const char *type, proc_kind *k) {
@@ -40,6 +50,7 @@ static bool kind_of(const char *type, proc_kind *k) {
         {"BlipImageProcessor", KIND_BLIP}, {"BlipProcessor", KIND_BLIP}, {"Blip2Processor", KIND_BLIP},
         {"Qwen2VLImageProcessor", KIND_QWEN2VL}, {"Qwen2VLProcessor", KIND_QWEN2VL},
         {"IdeficsImageProcessor", KIND_IDEFICS}, {"IdeficsProcessor", KIND_IDEFICS},
+        {"MllamaImageProcessor", KIND_MLLAMA}, {"MllamaProcessor", KIND_MLLAMA},
     };
     size_t n = strlen(type);
     if (n > 4 && !strcmp(type + n - 4, "Fast")) n -= 4;
@@ -64,7 +75,8 @@ static void pad_color_from_mean(mmb_preprocess *p) {
 static void defaults(proc_kind k, mmb_preprocess *p) {
     memset(p, 0, sizeof *p);
     static const char *names[] = {"CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor",
-                                  "BlipImageProcessor", "Qwen2VLImageProcessor", "IdeficsImageProcessor"};
+                                  "BlipImageProcessor", "Qwen2VLImageProcessor", "IdeficsImageProcessor",
+                                  "MllamaImageProcessor"};
     snprintf(p->type, sizeof p->type, "%s", names[k]);
     p->do_convert_rgb = 1;
     p->do_resize = 1;
@@ -80,6 +92,14 @@ static void defaults(proc_kind k, mmb_preprocess *p) {
         p->resize_factor = 28;
         memcpy(p->image_mean, CLIP_MEAN, sizeof CLIP_MEAN);
         memcpy(p->image_std, CLIP_STD, sizeof CLIP_STD);
+    } else if (k == KIND_MLLAMA) {
+        /* MllamaImageProcessorPil: bilinear, size 224x224 (the tile), max_image_tiles 4, IMAGENET_STANDARD
+         * mean and std (0.5); its do_pad is the tiles' padding, not LLaVA's square (p->do_pad stays 0) */
+        p->size_mode = MMB_SIZE_TILES;
+        p->size_height = p->size_width = p->tile_size = 224;
+        p->max_image_tiles = 4;
+        p->resample = MMB_RESAMPLE_BILINEAR;
+        for (int c = 0; c < 3; c++) p->image_mean[c] = p->image_std[c] = 0.5;
     } else if (k == KIND_SIGLIP) {
         p->size_mode = MMB_SIZE_HEIGHT_WIDTH;
         p->size_height = p->size_width = 224;
@@ -104,10 +124,8 @@ mmb_status mmb_preprocess_init(mmb_ctx *ctx, const char *type, mmb_preprocess *o
     if (!type || !out) return mmb__err(ctx, MMB_ERR_ARG, "mmb_preprocess_init: NULL argument");
     proc_kind k;
     if (!kind_of(type, &k))
-        return mmb__err(ctx, MMB_ERR_UNSUPPORTED,
-                        "image processor '%s' is not supported (CLIPImageProcessor, SiglipImageProcessor, "
-                        "LlavaImageProcessor, BlipImageProcessor, Qwen2VLImageProcessor and IdeficsImageProcessor "
-                        "are)", type);
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "image processor '%s' is not supported (" SUPPORTED_CLASSES ")",
+                        type);
     defaults(k, out);
     return MMB_OK;
 }
@@ -245,6 +263,27 @@ static mmb_status parse_smart(mmb_ctx *ctx, const char *file, const cJSON *o, mm
     return MMB_OK;
 }
 
+/* MllamaImageProcessor, after the common keys: size must be {height, width} with height == width (the tile:
+ * _validate_size), max_image_tiles a positive integer, do_pad and do_resize true
+ * (_validate_mllama_preprocess_arguments refuses False). */
+static mmb_status parse_tiles(mmb_ctx *ctx, const char *file, const cJSON *o, int do_pad, mmb_preprocess *p) {
+    if (!do_pad || !p->do_resize)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: MllamaImageProcessor with do_%s false is not supported (its "
+                        "class refuses it too)", file, !do_pad ? "pad" : "resize");
+    if ((p->size_mode != MMB_SIZE_HEIGHT_WIDTH && p->size_mode != MMB_SIZE_TILES) || p->size_height != p->size_width)
+        return mmb__err(ctx, MMB_ERR_FORMAT, "%s: MllamaImageProcessor's size must be {height, width} with height == "
+                        "width (the tile), got %s %dx%d", file,
+                        p->size_mode == MMB_SIZE_HEIGHT_WIDTH ? "height x width" : "another kind of size",
+                        p->size_height, p->size_width);
+    const cJSON *j = get(o, "max_image_tiles");
+    if (j && !as_int(j, 1, MAX_IMAGE_TILES, &p->max_image_tiles))
+        return mmb__err(ctx, MMB_ERR_FORMAT, "%s: key 'max_image_tiles' is not an integer in 1..%d", file,
+                        MAX_IMAGE_TILES);
+    p->size_mode = MMB_SIZE_TILES;
+    p->tile_size = p->size_height;
+    return MMB_OK;
+}
+
 static mmb_status parse_config(mmb_ctx *ctx, const char *file, const cJSON *o, mmb_preprocess *p) {
     if (!cJSON_IsObject(o)) return mmb__err(ctx, MMB_ERR_FORMAT, "%s: not a JSON object", file);
     const char *type = NULL;
@@ -260,21 +299,20 @@ static mmb_status parse_config(mmb_ctx *ctx, const char *file, const cJSON *o, m
                         "%s: no image_processor_type, processor_class or feature_extractor_type key", file);
     proc_kind kind;
     if (!kind_of(type, &kind))
-        return mmb__err(ctx, MMB_ERR_UNSUPPORTED,
-                        "%s: image processor '%s' is not supported (CLIPImageProcessor, SiglipImageProcessor, "
-                        "LlavaImageProcessor, BlipImageProcessor, Qwen2VLImageProcessor and IdeficsImageProcessor "
-                        "are)", file, type);
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: image processor '%s' is not supported (" SUPPORTED_CLASSES ")",
+                        file, type);
     defaults(kind, p);
     mmb_status st;
-    int dts = kind == KIND_BLIP || kind == KIND_IDEFICS; /* the class's default_to_square: False for CLIP, SigLIP, LLaVA */
+    /* the class's default_to_square: False for CLIP, SigLIP, LLaVA */
+    int dts = kind == KIND_BLIP || kind == KIND_IDEFICS || kind == KIND_MLLAMA;
     if ((st = get_bool(ctx, file, o, "default_to_square", &dts)) != MMB_OK) return st;
     if ((st = get_bool(ctx, file, o, "do_convert_rgb", &p->do_convert_rgb)) != MMB_OK) return st;
     if ((st = get_bool(ctx, file, o, "do_resize", &p->do_resize)) != MMB_OK) return st;
     if ((st = get_bool(ctx, file, o, "do_center_crop", &p->do_center_crop)) != MMB_OK) return st;
     if ((st = get_bool(ctx, file, o, "do_rescale", &p->do_rescale)) != MMB_OK) return st;
     if ((st = get_bool(ctx, file, o, "do_normalize", &p->do_normalize)) != MMB_OK) return st;
-    if (kind == KIND_QWEN2VL) p->do_center_crop = 0; /* its _preprocess has no crop step */
-    int do_pad = p->do_pad;
+    if (kind == KIND_QWEN2VL || kind == KIND_MLLAMA) p->do_center_crop = 0; /* their _preprocess has no crop step */
+    int do_pad = kind == KIND_MLLAMA ? 1 : p->do_pad; /* MllamaImageProcessor: do_pad True (the tiles) */
     if ((st = get_bool(ctx, file, o, "do_pad", &do_pad)) != MMB_OK) return st;
     const cJSON *j;
     if (kind == KIND_QWEN2VL) {
@@ -331,7 +369,9 @@ static mmb_status parse_config(mmb_ctx *ctx, const char *file, const cJSON *o, m
     if ((st = get_triple(ctx, file, o, "image_mean", p->image_mean)) != MMB_OK) return st;
     if ((st = get_triple(ctx, file, o, "image_std", p->image_std)) != MMB_OK) return st;
     pad_color_from_mean(p);
-    if (kind == KIND_LLAVA) {
+    if (kind == KIND_MLLAMA) {
+        if ((st = parse_tiles(ctx, file, o, do_pad, p)) != MMB_OK) return st;
+    } else if (kind == KIND_LLAVA) {
         p->do_pad = do_pad;
     } else if (do_pad && get(o, "pad_size")) {
         /* PilBackend pads the normalized batch to pad_size; for one image without pad_size it is a no-op. */
@@ -380,6 +420,60 @@ static mmb_status fits(mmb_ctx *ctx, const char *what, double h, double w, int *
         return mmb__err(ctx, MMB_ERR_SHAPE, "preprocess: %s gives a %gx%g image", what, h, w);
     *oh = (int)h;
     *ow = (int)w;
+    return MMB_OK;
+}
+
+/* MllamaImageProcessor's canvas for an image of h x w: get_optimal_tiled_canvas over the arrangements
+ * (rows, cols) with rows * cols <= max_tiles in get_all_supported_aspect_ratios' order (rows outer, cols
+ * inner). Each canvas's scale is min(rows t / h, cols t / w) in float64, as numpy divides; the smallest
+ * scale >= 1 if any (upscaling), else the largest; among canvases of exactly that scale the first of the
+ * smallest area (np.argmin). */
+static void tiles_canvas(int h, int w, int max_tiles, int t, int *rows, int *cols) {
+    double best = 0;
+    bool up = false, have = false;
+    int64_t area = 0;
+    for (int r = 1; r <= max_tiles; r++)
+        for (int c = 1; r * c <= max_tiles; c++) {
+            const double sh = (double)((int64_t)r * t) / h, sw = (double)((int64_t)c * t) / w;
+            const double sc = sw > sh ? sh : sw;
+            const bool u = sc >= 1;
+            const int64_t a = (int64_t)r * t * ((int64_t)c * t);
+            /* a better scale: any upscaling beats every downscaling; then the smaller upscale or the larger
+             * downscale; an equal scale only for a smaller area */
+            bool take = !have || (u && !up) ||
+                        (u == up && (u ? sc < best : sc > best)) || (u == up && sc == best && a < area);
+            if (take) {
+                best = sc;
+                up = u;
+                area = a;
+                have = true;
+                *rows = r;
+                *cols = c;
+            }
+        }
+}
+
+/* get_image_size_fit_to_canvas: the size the image is resized to inside a ch x cw canvas of tiles of t. */
+static void tiles_fit(int h, int w, int ch, int cw, int t, int *oh, int *ow) {
+    const int tw = w < t ? t : w > cw ? cw : w, th = h < t ? t : h > ch ? ch : h;  /* np.clip(side, t, canvas) */
+    const double sh = (double)th / h, sw = (double)tw / w;
+    if (sw < sh) {
+        double nh = floor((double)h * sw);
+        *ow = tw;
+        *oh = nh < 1 ? 1 : nh > th ? th : (int)nh;  /* min(floor(...) or 1, target_height) */
+    } else {
+        double nw = floor((double)w * sh);
+        *oh = th;
+        *ow = nw < 1 ? 1 : nw > tw ? tw : (int)nw;
+    }
+}
+
+static mmb_status check_tiles(mmb_ctx *ctx, const mmb_preprocess *p) {
+    if (p->tile_size < 1 || p->max_image_tiles < 1 || p->max_image_tiles > MAX_IMAGE_TILES ||
+        (int64_t)p->tile_size * p->max_image_tiles > INT32_MAX)
+        return mmb__err(ctx, MMB_ERR_ARG, "preprocess: tiles need tile_size >= 1 and max_image_tiles in 1..%d "
+                        "(their product within INT32_MAX), got %d and %d", MAX_IMAGE_TILES, p->tile_size,
+                        p->max_image_tiles);
     return MMB_OK;
 }
 
@@ -436,6 +530,14 @@ static mmb_status resize_size(mmb_ctx *ctx, const mmb_preprocess *p, int h, int 
             rw = ceil(w * beta / f) * f;
         }
         return fits(ctx, "smart resize", rh, rw, oh, ow);
+    }
+    case MMB_SIZE_TILES: {
+        mmb_status st = check_tiles(ctx, p);
+        if (st != MMB_OK) return st;
+        int rows, cols;
+        tiles_canvas(h, w, p->max_image_tiles, p->tile_size, &rows, &cols);
+        tiles_fit(h, w, rows * p->tile_size, cols * p->tile_size, p->tile_size, oh, ow);
+        return MMB_OK;
     }
     }
     return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "preprocess: unknown size mode %d", (int)p->size_mode);
@@ -502,6 +604,15 @@ static mmb_status plan(mmb_ctx *ctx, const mmb_preprocess *p, int h, int w, int 
     if (p->do_resize && (st = resize_size(ctx, p, *ph, *pw, rh, rw)) != MMB_OK) return st;
     *oh = *rh; *ow = *rw;
     if (p->do_center_crop) { *oh = p->crop_height; *ow = p->crop_width; }
+    if (p->size_mode == MMB_SIZE_TILES) {  /* the canvas the resized image is padded to */
+        if (!p->do_resize || p->do_pad || p->do_center_crop)
+            return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "preprocess: tiles (MMB_SIZE_TILES) go with do_resize and "
+                            "without do_pad (a square) or do_center_crop");
+        int rows, cols;
+        tiles_canvas(h, w, p->max_image_tiles, p->tile_size, &rows, &cols);
+        *oh = rows * p->tile_size;
+        *ow = cols * p->tile_size;
+    }
     return MMB_OK;
 }
 
@@ -738,8 +849,9 @@ mmb_status mmb__preprocess_u8(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_i
     } else {
         /* center_crop: offset (h - ch) // 2 when the image is big enough; otherwise the image sits
          * ceil((ch - h) / 2) into a zero canvas. */
-        const int dy = h >= oh ? (h - oh) / 2 : -((oh - h + 1) / 2);
-        const int dx = w >= ow ? (w - ow) / 2 : -((ow - w + 1) / 2);
+        int dy = h >= oh ? (h - oh) / 2 : -((oh - h + 1) / 2);
+        int dx = w >= ow ? (w - ow) / 2 : -((ow - w + 1) / 2);
+        if (p->size_mode == MMB_SIZE_TILES) dy = dx = 0;  /* Mllama's pad: zeros at the bottom and right */
         for (int y = 0; y < oh; y++) {
             unsigned char *dst = cropped + (size_t)y * ow * 3;
             const int sy = y + dy;
@@ -779,7 +891,9 @@ mmb_status mmb_preprocess_run(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_i
     unsigned char *u8;
     int h, w;
     if ((st = mmb__preprocess_u8(ctx, p, img, &u8, &h, &w)) != MMB_OK) return st;
-    /* transformers: rescale in float64 then cast to float32; normalize in float32. */
+    /* transformers: rescale in float64 then cast to float32; normalize in float32. Tiles: tile (r, c) of the
+     * canvas is written as plane-major [3, t, t] at tile r * cols + c (split_to_tiles). */
+    const int t = p->size_mode == MMB_SIZE_TILES ? p->tile_size : 0, cols = t ? ow / t : 0;
     for (int c = 0; c < 3; c++) {
         const float mean = (float)p->image_mean[c], std = (float)p->image_std[c];
         float lut[256];
@@ -787,6 +901,16 @@ mmb_status mmb_preprocess_run(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_i
             float x = p->do_rescale ? (float)((double)v * p->rescale_factor) : (float)v;
             if (p->do_normalize) x = (x - mean) / std;
             lut[v] = x;
+        }
+        if (t) {
+            const size_t tt = (size_t)t * t;
+            for (int y = 0; y < oh; y++)
+                for (int tc = 0; tc < cols; tc++) {
+                    float *dst = out + ((size_t)(y / t * cols + tc) * 3 + c) * tt + (size_t)(y % t) * t;
+                    const unsigned char *src = u8 + ((size_t)y * ow + (size_t)tc * t) * 3 + c;
+                    for (int x = 0; x < t; x++) dst[x] = lut[src[3 * x]];
+                }
+            continue;
         }
         float *dst = out + (size_t)c * plane;
         for (size_t i = 0; i < plane; i++) dst[i] = lut[u8[3 * i + c]];

@@ -1,4 +1,4 @@
-/* The vision layer: towers (vision/vit.c, vision/qwen2vl.c) and image preprocessing (vision/preprocess.c). Uses the io layer and below. */
+/* The vision layer: towers (vision/vit.c, vision/qwen2vl.c, vision/mllama.c) and image preprocessing (vision/preprocess.c). Uses the io layer and below. */
 #ifndef MMB_VISION_H
 #define MMB_VISION_H
 
@@ -45,6 +45,48 @@ int64_t mmb__q2vit_tokens(mmb_ctx *ctx, const mmb_q2vit *q, int height, int widt
  * consecutive rows one merge window. Scratch from ctx's arena (reserved here, reset before returning). */
 mmb_status mmb__q2vit_forward(mmb_ctx *ctx, const mmb_q2vit *q, const float *pixels, int64_t B, int height, int width,
                               float *x);
+
+/* ---- vision/mllama.c: Llama 3.2 Vision's tower (MllamaVisionModel), without its projector ---------- */
+
+typedef struct mmb_mlvit mmb_mlvit;
+
+typedef struct mmb_mlvit_info {
+    int width, layers, global_layers, heads, inter;  /* hidden_size D, num_hidden_layers, num_global_layers, ... */
+    int image_size, patch, channels;                  /* image_size is the tile's side */
+    int max_tiles;                                    /* max_num_tiles: the tiles every image is computed with */
+    int n_ratios;                                     /* max_aspect_ratio_id: len(supported_aspect_ratios) */
+    int64_t patches;                                  /* P = (image_size / patch)^2 + 1 tokens a tile, CLS first */
+    int pad;                                          /* pad patches a tile: (8 - P % 8) % 8, never 0 */
+    int n_inter;                                      /* intermediate_layers_indices, resolved (non-negative) */
+    int inter_idx[MMB_MAX_TAPS];
+    int out_width;                                    /* vision_output_dim = D (1 + n_inter) */
+    float eps;                                        /* norm_eps (the layers'; layernorm_pre/post: 1e-5) */
+    const char *prefix;                               /* "vision_model." or "model.vision_model." */
+    int64_t params, flops_per_image;                  /* the tower's, for max_tiles tiles (always all computed) */
+} mmb_mlvit_info;
+
+/* The 1-based index of (rows, cols) in get_all_supported_aspect_ratios(max_tiles) (rows outer, cols inner, rows
+ * * cols <= max_tiles): the aspect_ratio_id MllamaImageProcessor gives that canvas; 0 when it has none. */
+int mmb__mllama_aspect_id(int max_tiles, int rows, int cols);
+/* Loads the tower under vision_config.* and vision_model.* / model.vision_model.* (c must outlive it: the tile
+ * embeddings stay in its mapping), checking every weight. Free with mmb__mlvit_free (NULL is a no-op). */
+mmb_status mmb__mlvit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_mlvit **out);
+void mmb__mlvit_free(mmb_mlvit *v);
+mmb_mlvit_info mmb__mlvit_info(const mmb_mlvit *v);
+/* The canvas of pixels of height x width (rows image_size x cols image_size, as mmb_preprocess_run's tiles):
+ * rows, cols and the aspect_ratio_id; MMB_ERR_SHAPE with a message for sides that are not multiples of the
+ * tile, or more tiles than max_num_tiles. */
+mmb_status mmb__mlvit_canvas(mmb_ctx *ctx, const mmb_mlvit *v, int height, int width, int *rows, int *cols,
+                             int *aspect_id);
+/* Rows of output an image of height x width makes: its rows * cols real tiles' P tokens; -1 with a message. */
+int64_t mmb__mlvit_tokens(mmb_ctx *ctx, const mmb_mlvit *v, int height, int width);
+/* pixels (B images of rows * cols tiles (3, t, t), one image after another) -> out (B, rows cols P,
+ * out_width): the vision model's last_hidden_state of the real tiles, tile-major then patch (CLS first),
+ * [final | the intermediate layers interleaved]. all_tiles: out (B, max_tiles P, out_width), every tile as
+ * transformers' last_hidden_state[b, 0] holds it, the padding tiles after the real ones. Scratch from ctx's
+ * arena (reserved here, reset before returning). */
+mmb_status mmb__mlvit_forward(mmb_ctx *ctx, const mmb_mlvit *v, const float *pixels, int64_t B, int height, int width,
+                              bool all_tiles, float *out);
 
 /* ---- vision/preprocess.c ---------------------------------------------------------------------- */
 
