@@ -181,3 +181,46 @@ def test_bad_input(tmp_path):
     save_file(t, str(gate / "model.safetensors"), metadata={"format": "pt"})
     r = run("info", gate, check=False)
     assert r.returncode != 0 and "cross_attn_mlp_gate" in r.stderr
+
+
+# ---- wrong variants -------------------------------------------------------------------------------------------
+
+def variant_logits(model, enc, variant):
+    from transformers.models.mllama import modeling_mllama as mm
+    e = dict(enc)
+    if variant == "padding tiles attended":
+        e["cross_attention_mask"] = (enc["cross_attention_mask"].sum(-1, keepdim=True) > 0).expand_as(
+            enc["cross_attention_mask"]).long()
+        with torch.no_grad():
+            return model(**e).logits[0].float()
+    old = mm._prepare_cross_attention_mask
+
+    def patched(mask, num_vision_tokens, dtype):
+        m, full = old(mask, num_vision_tokens, dtype)
+        if variant == "masked rows' MLP applied":
+            return m, torch.ones_like(full)
+        # masked rows keep their all -inf row: a uniform softmax instead of an unmasked one
+        b, t = mask.shape[:2]
+        inv = 1.0 - mask.repeat_interleave(num_vision_tokens, dim=3).view(b, t, -1)[:, None].to(dtype)
+        return inv.masked_fill(inv.bool(), torch.finfo(dtype).min), full
+    mm._prepare_cross_attention_mask = patched
+    try:
+        with torch.no_grad():
+            return model(**e).logits[0].float()
+    finally:
+        mm._prepare_cross_attention_mask = old
+
+
+@pytest.mark.parametrize("variant", ["padding tiles attended", "masked rows' MLP applied", "masked rows uniform"])
+def test_wrong_variants_are_far_off(tmp_path, variant):
+    d = tmp_path / "mllama"
+    model, proc = make_mllama(d)
+    p = images(tmp_path, [(20, 70), (90, 33)])  # 1x3 / 3x1 canvases of 4 tiles: padding tiles present
+    prompt = "Look: <|image|>A cat sits on a mat.<|image|>What is in the picture?"
+    want, enc = ref(model, proc, prompt, p)
+    assert enc["aspect_ratio_mask"][0].sum() < 2 * model.config.vision_config.max_num_tiles
+    got = mmb_logits(d, tmp_path, prompt, p)
+    assert scaled_err(got, want) <= 1e-4
+    far = scaled_err(got, variant_logits(model, enc, variant))
+    print(f"Mllama, {variant}: scaled max err {far:.3e}")
+    assert far > 1e-2
