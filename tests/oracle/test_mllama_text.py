@@ -224,3 +224,22 @@ def test_wrong_variants_are_far_off(tmp_path, variant):
     far = scaled_err(got, variant_logits(model, enc, variant))
     print(f"Mllama, {variant}: scaled max err {far:.3e}")
     assert far > 1e-2
+
+
+def test_bf16_weights_stay_bf16(tmp_path):
+    """A bf16 checkpoint is read in place: the LLM reports BF16 weights and a decode step reads bf16 bytes, and
+    the logits equal transformers' float32 run of the same (bf16-rounded) weights."""
+    from transformers import MllamaForConditionalGeneration
+    d = tmp_path / "mllama"
+    model, proc = make_mllama(d)
+    b = tmp_path / "bf16"
+    shutil.copytree(d, b)
+    model.to(torch.bfloat16).save_pretrained(b, safe_serialization=True)
+    info = run("info", b).stdout
+    assert "parameters (BF16)" in info, info
+    ref32 = MllamaForConditionalGeneration.from_pretrained(b, torch_dtype=torch.float32).eval()
+    p = images(tmp_path, [(30, 31)])
+    prompt = "<|image|>Describe this image in one sentence."
+    want, _ = ref(ref32, proc, prompt, p)
+    got = mmb_logits(b, tmp_path, prompt, p)
+    assert scaled_err(got, want) <= 1e-4
