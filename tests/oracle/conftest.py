@@ -58,6 +58,19 @@ def run(*args, check=True):
     return p
 
 
+def random_images(tmp_path, shapes, seed):
+    """PNG files img{i}.png of uniform random RGB pixels, one per (height, width) in shapes; their paths."""
+    import numpy as np
+    from PIL import Image
+    rs = np.random.RandomState(seed)
+    paths = []
+    for i, (h, w) in enumerate(shapes):
+        p = Path(tmp_path) / f"img{i}.png"
+        Image.fromarray(rs.randint(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
 def scaled_err(got, ref):
     """max |got - ref| divided by max(1, max |ref|): the project's fp32 criterion (<= 1e-4)."""
     got, ref = got.double(), ref.double()

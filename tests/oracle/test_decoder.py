@@ -12,7 +12,7 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, Llava
                           LlavaForConditionalGeneration, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
-from conftest import VISION, run, scaled_err
+from conftest import VISION, run, scaled_err, random_images
 
 SHAPE = dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, rms_norm_eps=1e-5,
@@ -303,15 +303,7 @@ def test_bad_input(tmp_path):
 # ---- type C: images spliced into the prompt -------------------------------------------------------------
 
 def make_images(tmp_path, n):
-    import numpy as np
-    from PIL import Image
-    rs = np.random.RandomState(7)
-    paths = []
-    for i in range(n):
-        p = tmp_path / f"img{i}.png"
-        Image.fromarray(rs.randint(0, 256, (40 + 9 * i, 33, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
+    return random_images(tmp_path, [(40 + 9 * i, 33) for i in range(n)], 7)
 
 
 def llava_with_processor(tmp_path, arch):

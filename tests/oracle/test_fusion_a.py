@@ -11,10 +11,9 @@ after the decoder layer, no tanh on the gates, every position seeing every image
 (K/V width, a gate's shape, more images than markers) fails with a clear error."""
 import json
 
-import numpy as np
 import pytest
 import torch
-from conftest import run, scaled_err
+from conftest import run, scaled_err, random_images
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -84,13 +83,7 @@ def make_idefics(d, *, layers=2, interval=1, alpha="float", qk_norm=False, resam
 
 
 def images(tmp_path, n):
-    rs = np.random.RandomState(5)
-    paths = []
-    for i in range(n):
-        p = tmp_path / f"img{i}.png"
-        Image.fromarray(rs.randint(0, 256, (31 + 7 * i, 29, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
+    return random_images(tmp_path, [(31 + 7 * i, 29) for i in range(n)], 5)
 
 
 def inputs(proc, items):

@@ -10,23 +10,16 @@ layer, no tanh on the gates, every position attending every image) are far off; 
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from conftest import run, scaled_err
+from conftest import run, scaled_err, random_images
 from flamingo_ref import make_open_flamingo, plain_llama, ref_greedy, ref_logits
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 
 def images(tmp_path, n):
-    rs = np.random.RandomState(9)
-    paths = []
-    for i in range(n):
-        p = tmp_path / f"img{i}.png"
-        Image.fromarray(rs.randint(0, 256, (30 + 5 * i, 34, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
+    return random_images(tmp_path, [(30 + 5 * i, 34) for i in range(n)], 9)
 
 
 def pixels(d, paths):

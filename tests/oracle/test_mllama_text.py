@@ -12,10 +12,9 @@ replacing the decoder layer, masked rows' MLP applied) are far off. Bad input fa
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from conftest import run, scaled_err
+from conftest import run, scaled_err, random_images
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -86,13 +85,7 @@ def make_mllama(d, *, tiles=4, layers=5, cross=(1, 3), global_layers=1, intermed
 
 
 def images(tmp_path, shapes):
-    rs = np.random.RandomState(4)
-    paths = []
-    for i, (h, w) in enumerate(shapes):
-        p = tmp_path / f"img{i}.png"
-        Image.fromarray(rs.randint(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
+    return random_images(tmp_path, shapes, 4)
 
 
 def ref(model, proc, prompt, paths):
