@@ -71,6 +71,37 @@ def random_images(tmp_path, shapes, seed):
     return paths
 
 
+def fails(args, *needles):
+    """Runs the CLI with args, which must fail (non-zero exit) with each of needles in its stderr."""
+    p = run(*args, check=False)
+    assert p.returncode != 0, p.stdout
+    for n in needles:
+        assert n in p.stderr, p.stderr
+    return p
+
+
+def corrupt(src, dst, drop=None, reshape=None, config=None, proc=None):
+    """A copy of checkpoint src at dst with tensor `drop` removed, tensor `reshape` one column short, `config`
+    merged into its vision_config and `proc` into its preprocessor_config.json; returns dst."""
+    import shutil
+    shutil.copytree(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    if drop:
+        del sd[drop]
+    if reshape:
+        sd[reshape] = sd[reshape][..., :-1].contiguous()
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    if config:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["vision_config"].update(config)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if proc is not None:
+        pc = json.loads((dst / "preprocessor_config.json").read_text())
+        pc.update(proc)
+        (dst / "preprocessor_config.json").write_text(json.dumps(pc))
+    return dst
+
+
 def scaled_err(got, ref):
     """max |got - ref| divided by max(1, max |ref|): the project's fp32 criterion (<= 1e-4)."""
     got, ref = got.double(), ref.double()

@@ -12,7 +12,7 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, Llava
                           LlavaForConditionalGeneration, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
-from conftest import VISION, run, scaled_err, random_images
+from conftest import VISION, run, scaled_err, random_images, fails
 
 SHAPE = dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, rms_norm_eps=1e-5,
@@ -247,14 +247,6 @@ def test_original_llava_layout(tmp_path):
     ids = ids_of(10)
     got, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), "-n", 0)
     assert scaled_err(got, ref_logits(model, ids)) <= 1e-4
-
-
-def fails(args, *needles):
-    p = run(*args, check=False)
-    assert p.returncode != 0, p.stdout
-    for n in needles:
-        assert n in p.stderr, p.stderr
-    return p
 
 
 def test_bad_input(tmp_path):

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from conftest import run, scaled_err, random_images
+from conftest import run, scaled_err, random_images, fails
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -277,14 +277,6 @@ def test_wrong_variants_are_far_off(tmp_path, variant):
 
 
 # ---- bad input --------------------------------------------------------------------------------------------
-
-def fails(args, *needles):
-    p = run(*args, check=False)
-    assert p.returncode != 0, p.stdout
-    for n in needles:
-        assert n in p.stderr, p.stderr
-    return p
-
 
 def rewrite(d, fn):
     f = d / "model.safetensors"

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run, scaled_err, random_images
+from conftest import run, scaled_err, random_images, fails
 from flamingo_ref import make_open_flamingo, plain_llama, ref_greedy, ref_logits
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -148,13 +148,6 @@ def test_wrong_variants_are_far_off(tmp_path, variant):
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
-
-def fails(args, *needles):
-    p = run(*args, check=False)
-    assert p.returncode != 0, p.stdout
-    for n in needles:
-        assert n in p.stderr, p.stderr
-
 
 def test_bad_input(tmp_path):
     d = tmp_path / "of"

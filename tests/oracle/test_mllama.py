@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import run, scaled_err
+from conftest import run, scaled_err, corrupt
 from test_preprocess import driver, run_driver  # noqa: F401  (driver is a fixture)
 
 ERRS = []  # (what, scaled max error), printed by test_report
@@ -397,25 +397,6 @@ def test_bad_pixels(mllama, tmp_path):
         assert p.returncode == 1 and needle in p.stderr, (h, w, p.stderr)
         assert f"{w}x{h}" in p.stderr, p.stderr
         assert not out.exists()
-
-
-def corrupt(src, dst, drop=None, reshape=None, config=None, proc=None):
-    shutil.copytree(src, dst)
-    sd = load_file(str(dst / "model.safetensors"))
-    if drop:
-        del sd[drop]
-    if reshape:
-        sd[reshape] = sd[reshape][..., :-1].contiguous()
-    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    if config:
-        cfg = json.loads((dst / "config.json").read_text())
-        cfg["vision_config"].update(config)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    if proc is not None:
-        pc = json.loads((dst / "preprocessor_config.json").read_text())
-        pc.update(proc)
-        (dst / "preprocessor_config.json").write_text(json.dumps(pc))
-    return dst
 
 
 BAD = {

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import run, scaled_err
+from conftest import run, scaled_err, corrupt
 from test_preprocess import driver, run_driver  # noqa: F401  (driver is a fixture)
 
 TEXT_D = 48
@@ -190,23 +190,6 @@ def test_info(qwen):
     out = run("info", d).stdout
     assert "family:           qwen2_vl" in out and "patch_merger" in out, out
     assert "input width:      128" in out and f"output width:     {TEXT_D}" in out, out
-
-
-def corrupt(src, dst, drop=None, reshape=None, config=None, proc=None):
-    shutil.copytree(src, dst)
-    sd = load_file(str(dst / "model.safetensors"))
-    if drop:
-        del sd[drop]
-    if reshape:
-        sd[reshape] = sd[reshape][..., :-1].contiguous()
-    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    if config:
-        cfg = json.loads((dst / "config.json").read_text())
-        cfg["vision_config"].update(config)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    if proc is not None:
-        (dst / "preprocessor_config.json").write_text(json.dumps(proc))
-    return dst
 
 
 BAD = {
