@@ -1,7 +1,7 @@
 """Fusion type A's decode cost: an IDEFICS (IdeficsForVisionText2Text) with IDEFICS-9B's layer ratio on random
 weights, decoding with and without its gated cross-attention layers, in mmbridge and in PyTorch, in one run.
 
-    python3 bench/bench_fusion_a.py                      # full size (about 30 minutes on 2 cores)
+    python3 bench/bench_fusion_a.py                      # full size (about 40 minutes on 2 cores)
     python3 bench/bench_fusion_a.py --quick              # toy sizes, 1 repetition, 1 thread: a smoke run
     python3 bench/bench_fusion_a.py --append bench/RESULTS.md   # also writes its section into RESULTS.md
 
@@ -30,7 +30,7 @@ implementations take turns, one run each per repetition (the order rotated), --r
 The bound: decode reads every weight once per step, so tokens/s <= read bandwidth / bytes per token. The
 bandwidth is bench_decoder's probe (build/bench_decoder --bandwidth: a streaming AVX2 read of 1 GiB on the
 same threads, best of 5; the probe bench/RESULTS.md's decoder table uses), run before and after each
-thread count's repetitions, the best kept. Bytes per token: the weights a step must read (the decoder
+group of repetitions; the best of the run at a thread count is its bound. Bytes per token: the weights a step must read (the decoder
 layers, final norm and head; with xattn also the gated layers' q, o, MLP, norms and gates, but not k_proj
 and v_proj, whose product is computed once per image), plus the visual keys and values (f32) and the
 self-attention KV cache (f32) at the mean context. The same bound for every implementation of a model.
@@ -274,7 +274,7 @@ DECODE_RE = re.compile(r"prefill: (\d+) tokens in ([\d.]+) s .*decode: (\d+) tok
 
 
 def mmbridge(a, args, threads, n):
-    """One `mmbridge generate` run: (prefill tok/s, decode tok/s, ids, prompt positions, peak RSS MiB)."""
+    """One `mmbridge generate` run: (prefill tok/s, decode tok/s, the generated ids, prompt positions)."""
     cmd = [str(ROOT / a.build / "mmbridge"), "generate", *map(str, args), "-n", str(n), "--ignore-eos",
            "--print-ids", "--threads", str(threads)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -473,7 +473,8 @@ def report(a, res, meta):
         f"{a.decode} tokens after the {r0['prompt_len']}-position prompt (--ignore-eos); tokens/s of the "
         f"{a.decode - 1} decode steps, median of {a.reps} runs; the four implementations take turns, one run "
         "each per repetition (the order rotated); `±` is half the range over the median. % of bound: of the "
-        "read bandwidth (bench_decoder --bandwidth, best of the probes before and after the repetitions) over "
+        "read bandwidth (bench_decoder --bandwidth, the best of the probes run before and after each group of "
+        "repetitions at that thread count) over "
         f"the bytes a step must read ({byte_txt}; self-attention KV at the mean context included). overhead: "
         "seconds per token with the gated layers over without (the bound's row: the bytes' ratio, its floor). "
         "mmbridge speed-up: mmbridge's tokens/s over PyTorch's, with / without. PyTorch runs in the benchmark's "
@@ -506,7 +507,7 @@ def machine_lines(a, bws):
                          f"(Python {platform.python_version()})")
     keep = ["CPU", "ISA", "cores", "memory", "compiler", "Python peers", "date", "commit"]
     lines = [f"- **{k}**: {m[k]}" for k in keep if k in m]
-    lines.insert(4, "- **read bandwidth** (bench_decoder --bandwidth, best of the run): " +
+    lines.insert(4, "- **read bandwidth** (bench_decoder --bandwidth, the best probe of the run): " +
                  ", ".join(f"{t} thr {b * 1e-9:.1f} GB/s" for t, b in sorted(bws.items())))
     try:
         load = Path("/proc/loadavg").read_text().split()[:3]
@@ -552,10 +553,10 @@ def main():
         bx, parts_x = bytes_per_token(di, a.shape, prompt_len, n, True)
         bp, parts_p = bytes_per_token(dl, a.shape, prompt_len, n, False)
         runners = {
-            "mmbridge xattn": lambda th: mmbridge(a, [di, "--raw", "--prompt", PROMPT, "--image", img], th, n),
-            "mmbridge plain": lambda th: mmbridge(a, [dl, "--ids", ",".join(map(str, ids))], th, n),
-            "pytorch xattn": lambda th: tp.run_idefics(n),
-            "pytorch plain": lambda th: tp.run_llama(n),
+            "mmbridge xattn": lambda th, k: mmbridge(a, [di, "--raw", "--prompt", PROMPT, "--image", img], th, k),
+            "mmbridge plain": lambda th, k: mmbridge(a, [dl, "--ids", ",".join(map(str, ids))], th, k),
+            "pytorch xattn": lambda th, k: tp.run_idefics(k),
+            "pytorch plain": lambda th, k: tp.run_llama(k),
         }
         impls = [i for i in IMPLS if i in a.impls]
         for th in a.threads:
@@ -564,8 +565,7 @@ def main():
             log(f"{dt}, {th} thread(s): {bw * 1e-9:.1f} GB/s read; warm-up")
             runs = {i: {"prefill": [], "decode": [], "ids": None} for i in impls}
             for i in impls:  # warm-up: the page cache, torch's first-call allocations; and the checks
-                _, _, wids, npos = (runners[i](th) if i.startswith("mmbridge") else
-                                    (tp.run_idefics(4) if i == "pytorch xattn" else tp.run_llama(4)))
+                npos = runners[i](th, 4)[3]
                 if npos != prompt_len:
                     raise RuntimeError(f"{i}: the prompt is {npos} positions, the processor's is {prompt_len}")
             if "pytorch xattn" in impls and th == a.threads[0]:
@@ -575,7 +575,7 @@ def main():
             for r in range(a.reps):
                 order = impls[r % len(impls):] + impls[:r % len(impls)]
                 for i in order:
-                    pre, dec, out_ids, _ = runners[i](th)
+                    pre, dec, out_ids, _ = runners[i](th, n)
                     runs[i]["prefill"].append(pre)
                     runs[i]["decode"].append(dec)
                     runs[i]["ids"] = out_ids
@@ -583,7 +583,7 @@ def main():
                     ", ".join(f"{i} {runs[i]['decode'][-1]:.2f}" for i in impls) + " tok/s")
             attr = tp.attribution(min(n, 16)) if "pytorch xattn" in impls else None
             bw = max(bw, bandwidth(a, [th])[th])
-            bws[th] = max(bws.get(th, 0), bw)
+            bws[th] = max(bws.get(th, 0), bw)  # the bound: the best probe of the whole run at this thread count
             ag = {}
             for kind in ("xattn", "plain"):
                 m, p = runs.get(f"mmbridge {kind}"), runs.get(f"pytorch {kind}")
@@ -591,22 +591,25 @@ def main():
                     ag[f"pytorch {kind}"] = agree(m["ids"], p["ids"])
             if "mmbridge xattn" in runs and "mmbridge plain" in runs:  # the gated layers change the output
                 ag["with vs without"] = agree(runs["mmbridge xattn"]["ids"], runs["mmbridge plain"]["ids"])
-            res[(dt, th)] = dict(bw=bw, runs=runs, agree=ag, prompt_len=prompt_len, dtype=dt, attr=attr,
+            res[(dt, th)] = dict(probe=bw, runs=runs, agree=ag, prompt_len=prompt_len, dtype=dt, attr=attr,
                                  bytes=dict(xattn=bx, plain=bp, parts_x=parts_x, parts_p=parts_p))
-            if jf:
-                for i, rr in runs.items():
-                    jf.write(json.dumps({"bench": "fusion_a", "dtype": dt, "threads": th, "impl": i,
-                                         "decode_tps": med(rr["decode"]), "decode_tps_all": rr["decode"],
-                                         "prefill_tps": med(rr["prefill"]),
-                                         "bound_tps": bw / (bx if i.endswith("xattn") else bp),
-                                         "read_gbps": bw * 1e-9, "bytes_per_token": bx if i.endswith("xattn") else bp,
-                                         "shape": a.shape, "decode": n, "prompt": prompt_len}) + "\n")
-                jf.flush()
         del tp
+    for (dt, th), r in res.items():
+        r["bw"] = bws[th]
+        for i, rr in r["runs"].items() if jf else ():
+            b = r["bytes"]["xattn" if i.endswith("xattn") else "plain"]
+            jf.write(json.dumps({"bench": "fusion_a", "dtype": dt, "threads": th, "impl": i,
+                                 "decode_tps": med(rr["decode"]), "decode_tps_all": rr["decode"],
+                                 "prefill_tps": med(rr["prefill"]), "bound_tps": r["bw"] / b,
+                                 "read_gbps": r["bw"] * 1e-9, "probe_gbps": r["probe"] * 1e-9, "bytes_per_token": b,
+                                 "attribution": r["attr"] if i == "pytorch xattn" else None, "shape": a.shape,
+                                 "decode": n, "prompt": r["prompt_len"]}) + "\n")
+    if jf:
+        jf.close()
     meta = {"torch": torch.__version__.split("+")[0]}
     body = report(a, res, meta)
     cmd = "python3 " + shlex.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-    head = [f"## Fusion type A (IDEFICS): decode with and without the gated cross-attention layers", "",
+    head = ["## Fusion type A (IDEFICS): decode with and without the gated cross-attention layers", "",
             f"Generated by `{cmd}` in {time.monotonic() - T0:.0f} s"
             + (" (--quick: toy sizes, a smoke run, not a measurement)" if a.quick else "") + ".", ""]
     section = "\n".join(head + machine_lines(a, bws) + ["", body])
