@@ -1,7 +1,7 @@
 """Fusion type A's decode cost: an IDEFICS (IdeficsForVisionText2Text) with IDEFICS-9B's layer ratio on random
 weights, decoding with and without its gated cross-attention layers, in mmbridge and in PyTorch, in one run.
 
-    python3 bench/bench_fusion_a.py                      # full size (about 40 minutes on 2 cores)
+    python3 bench/bench_fusion_a.py                      # full size (25-40 minutes on 2 cores)
     python3 bench/bench_fusion_a.py --quick              # toy sizes, 1 repetition, 1 thread: a smoke run
     python3 bench/bench_fusion_a.py --append bench/RESULTS.md   # also writes its section into RESULTS.md
 
