@@ -7,6 +7,8 @@
  *
  *   bench_decoder [--threads 1,2] [--reps N] [--prompt P] [--decode D] [--dir CACHE] [--no-peers] [--quick]
  *                 [--json FILE]   (one JSON object per figure)
+ *   bench_decoder --bandwidth [--threads 1,2] [--quick] [--json FILE]
+ *                 only the read bandwidth probe at each thread count (bench/bench_fusion_a.py's bound)
  */
 #include "bench_common.h"
 #include "mmbridge.h"
@@ -86,7 +88,7 @@ static double measure_bw(int nth, size_t bytes) {
 }
 
 int main(int argc, char **argv) {
-    int threads[8] = {1, 2}, nt = 2, reps = 3, prompt = 128, decode = 32, peers = 1, quick = 0;
+    int threads[8] = {1, 2}, nt = 2, reps = 3, prompt = 128, decode = 32, peers = 1, quick = 0, bw_only = 0;
     const char *dir = "build/bench-cache";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc) nt = parse_list(argv[++i], threads, 8);
@@ -97,14 +99,24 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--no-peers")) peers = 0;
         else if (!strcmp(argv[i], "--peers")) peers = 1;
         else if (!strcmp(argv[i], "--json") && i + 1 < argc) { if (!json_open(argv[++i])) return 2; }
+        else if (!strcmp(argv[i], "--bandwidth")) bw_only = 1;
         else if (!strcmp(argv[i], "--quick")) { quick = 1; reps = 1; nt = 1; peers = 0; prompt = 16; decode = 8; }
         else {
             fprintf(stderr, "usage: bench_decoder [--threads 1,2] [--reps N] [--prompt P] [--decode D] [--dir D] "
-                    "[--no-peers] [--peers] [--quick] [--json FILE]\n");
+                    "[--no-peers] [--peers] [--quick] [--json FILE]\n"
+                    "       bench_decoder --bandwidth [--threads 1,2] [--quick] [--json FILE]\n");
             return 2;
         }
     }
     if (reps < 1 || reps > 50 || prompt < 1 || decode < 1 || nt < 1) { fprintf(stderr, "bench_decoder: bad option\n"); return 2; }
+    if (bw_only) { /* the probe alone, for a benchmark that states its decode against the same bound */
+        for (int ti = 0; ti < nt; ti++) {
+            double bw = measure_bw(threads[ti], quick ? ((size_t)64 << 20) : ((size_t)1 << 30));
+            printf("bandwidth: %d thread(s): %.2f GB/s read\n", threads[ti], bw * 1e-9);
+            json_line("\"bench\": \"bandwidth\", \"threads\": %d, \"read_gbps\": %.4g", threads[ti], bw * 1e-9);
+        }
+        return 0;
+    }
     char cmd[2048], ckpt[1024];
     snprintf(cmd, sizeof cmd, "mkdir -p '%s' && python3 bench/peer_decoder.py --dir '%s' %s --prepare-only 2>/dev/null",
              dir, dir, quick ? "--quick" : "");

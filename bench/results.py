@@ -11,7 +11,8 @@ peers running and alternates them with mmbridge repetition by repetition:
   bench_vit    CLIP ViT-L/14-336 + mlp2x_gelu against PyTorch eager, torch.compile and onnxruntime
   bench_dense  the Dense Connector (DCI) against the same in PyTorch
   bench_decoder  a Qwen2-0.5B-shaped decoder against PyTorch (the peer runs after ours, not interleaved)
-and writes one markdown file with the machine description. Medians of the samples, their spread, the share
+and writes one markdown file with the machine description (keeping the sections other benchmarks put in
+it between their markers: bench_fusion_a.py --append). Medians of the samples, their spread, the share
 of the measured fp32 FMA peak and mmbridge's speed ratio against each peer (> 1: mmbridge is faster), all
 from this one run. Progress goes to stderr. A peer or library that cannot run is an n/a cell with its reason.
 """
@@ -439,7 +440,11 @@ def main():
             "(> 1: mmbridge is faster), from this one run; `±` is half the samples' range over the median.", ""]
     head += [f"- **{k}**: {v}" for k, v in run["machine"]] + [""] + [f"> {n}" for n in notes]
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text("\n".join(head).rstrip() + "\n\n" + "\n\n".join([rep.summary()] + rep.parts) + "\n")
+    # sections other benchmarks wrote into the file between their markers (bench_fusion_a.py --append) stay
+    kept = re.findall(r"<!-- [\w.]+: begin -->.*?<!-- [\w.]+: end -->\n?", a.out.read_text(), re.S) \
+        if a.out.exists() else []
+    a.out.write_text("\n".join(head).rstrip() + "\n\n" + "\n\n".join([rep.summary()] + rep.parts) + "\n"
+                     + "".join("\n" + k.rstrip("\n") + "\n" for k in kept))
     log(f"wrote {a.out}")
 
 

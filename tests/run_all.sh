@@ -57,4 +57,5 @@ echo "== benchmark smoke (Release)"
 ./build/bench_dense --quick --dir build/bench-cache
 ./build/bench_decoder --quick --dir build/bench-cache
 python3 bench/results.py --quick --out build/RESULTS-quick.md
+python3 bench/bench_fusion_a.py --quick --dir build/bench-cache --append build/RESULTS-quick.md >/dev/null
 echo "all tests passed"
