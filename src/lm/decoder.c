@@ -36,6 +36,12 @@ typedef struct lm_layer {
     bool replaced;                                   /* Mllama's cross-attention layer: a hook runs it whole */
     int64_t slot;                                    /* its keys and values in the cache: the layers before it
                                                         that are not replaced */
+    struct lm_layer *alt;                            /* type B's second weight set (expert 1), or NULL; what it
+                                                        shares with this one is the same pointers */
+    float *pk, *pv, *pgate;                          /* LLaMA-Adapter's prompt: keys and values (KVH, plen, hd),
+                                                        the per-head gate (H); NULL without one */
+    int64_t plen;
+    bool pbias2;                                     /* o_proj's bias added twice (PEFT) */
 } lm_layer;
 
 struct mmb_lm {
@@ -55,6 +61,8 @@ struct mmb_lm {
     mmb_wmat embed2, head2;    /* the decoupled embedding's and head's additional rows (extra, d), when extra */
     float *norm;
     lm_layer *layers;
+    int experts;               /* weight sets per layer: 1, or 2 (type B: CogVLM, mPLUG-Owl2) */
+    int64_t expert_params;     /* the second set's own parameters */
     mmb_lm_hook *hooks;        /* (L) or NULL */
     void **owned;              /* realigned copies of weights whose file offset was not aligned */
     int n_owned;
@@ -63,6 +71,7 @@ struct mmb_lm {
 struct mmb_kv_cache {
     const mmb_lm *lm;
     int64_t cap, len;
+    int64_t shift;             /* a row's RoPE position is its index minus shift (mmb__lm_rows.rope_pos) */
     float *k, *v;              /* (L, KVH, cap, hd) */
 };
 
@@ -282,39 +291,124 @@ mmb_status mmb__lm_bind(mmb_ctx *ctx, mmb_lm *lm, const char *name, int64_t n, i
     return MMB_OK;
 }
 
-/* {prefix}layers.{l}.{name}.weight [n, k] and, if bias, .bias [n]. */
-static mmb_status bind_lin(mmb_ctx *ctx, mmb_lm *lm, int l, const char *name, int64_t n, int64_t k, bool bias,
+/* The names of one layer's weights after {prefix}layers.{l}.{infix}. qkv: one fused [q; k; v] matrix in
+ * place of q, k and v. In a second set, NULL is a weight shared with the first. */
+typedef struct layer_names {
+    const char *qkv, *q, *k, *v, *o, *gate, *up, *down, *ln1, *ln2;
+} layer_names;
+
+/* How a checkpoint names its layers: the plain Llama names, or a type-B model's two sets, told by the first
+ * set's probe tensor in layer 0. The plain scheme's biases are the config's; a type-B model's config does
+ * not say, so there a bias is used where the file has one (CogVLM's vision QKV has, its language QKV not). */
+typedef struct layer_scheme {
+    const char *probe;
+    int sets;
+    layer_names set[2];
+} layer_scheme;
+static const layer_scheme schemes[] = {
+    {"self_attn.language_expert_query_key_value", 2,     /* CogVLM's visual expert */
+     {{"self_attn.language_expert_query_key_value", NULL, NULL, NULL, "self_attn.language_expert_dense",
+       "mlp.language_mlp.gate_proj", "mlp.language_mlp.up_proj", "mlp.language_mlp.down_proj", "input_layernorm",
+       "post_attention_layernorm"},
+      {"self_attn.vision_expert_query_key_value", NULL, NULL, NULL, "self_attn.vision_expert_dense",
+       "mlp.vision_mlp.gate_proj", "mlp.vision_mlp.up_proj", "mlp.vision_mlp.down_proj", NULL, NULL}}},
+    {"self_attn.k_proj.multiway.0", 2,                   /* mPLUG-Owl2's modality-adaptive module */
+     {{NULL, "self_attn.q_proj", "self_attn.k_proj.multiway.0", "self_attn.v_proj.multiway.0", "self_attn.o_proj",
+       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm.multiway.0",
+       "post_attention_layernorm.multiway.0"},
+      {NULL, NULL, "self_attn.k_proj.multiway.1", "self_attn.v_proj.multiway.1", NULL, NULL, NULL, NULL,
+       "input_layernorm.multiway.1", "post_attention_layernorm.multiway.1"}}},
+    {NULL, 1,
+     {{NULL, "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+       "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"}}},
+};
+
+enum { BIAS_NO, BIAS_YES, BIAS_IF_PRESENT };
+
+/* {prefix}layers.{l}.{infix}{name}.weight [n, k] and its .bias [n] (bias: BIAS_*; *b stays NULL without). */
+static mmb_status bind_lin(mmb_ctx *ctx, mmb_lm *lm, int l, const char *name, int64_t n, int64_t k, int bias,
                            mmb_wmat *w, float **b) {
     char nm[512];
     snprintf(nm, sizeof nm, "%slayers.%d.%s%s.weight", lm->prefix, l, lm->infix, name);
     mmb_status s = mmb__lm_bind(ctx, lm, nm, n, k, w);
-    if (s == MMB_OK && bias) {
-        snprintf(nm, sizeof nm, "%slayers.%d.%s%s.bias", lm->prefix, l, lm->infix, name);
+    snprintf(nm, sizeof nm, "%slayers.%d.%s%s.bias", lm->prefix, l, lm->infix, name);
+    if (s == MMB_OK && (bias == BIAS_YES || (bias == BIAS_IF_PRESENT && mmb__ckpt_find(&lm->ck, nm, NULL))))
         s = mmb__ckpt_vec(ctx, &lm->ck, nm, n, b);
+    return s;
+}
+
+/* A copy of floats [off, off + n) of v (NULL: NULL), into *out. */
+static mmb_status slice_vec(mmb_ctx *ctx, const float *v, int64_t off, int64_t n, float **out) {
+    *out = NULL;
+    if (!v) return MMB_OK;
+    if (!(*out = malloc(sizeof(float) * (size_t)n))) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    memcpy(*out, v + off, sizeof(float) * (size_t)n);
+    return MMB_OK;
+}
+
+/* Binds the weights set `nm` names into y; base: set 0 (whose weights a NULL name shares), or NULL for
+ * set 0 itself. */
+static mmb_status bind_set(mmb_ctx *ctx, mmb_lm *lm, int l, const layer_names *nm, const lm_layer *base,
+                           int qkv_bias, int o_bias, int mlp_bias, lm_layer *y) {
+    int64_t d = lm->d, qd = lm->H * lm->hd, kd = lm->KVH * lm->hd, I = lm->I;
+    if (base) { /* what the set shares */
+        y->q = base->q, y->k = base->k, y->v = base->v, y->o = base->o;
+        y->gate = base->gate, y->up = base->up, y->down = base->down;
+        y->bq = base->bq, y->bk = base->bk, y->bv = base->bv, y->bo = base->bo;
+        y->bgate = base->bgate, y->bup = base->bup, y->bdown = base->bdown;
+        y->ln1 = base->ln1, y->ln2 = base->ln2;
+    }
+    mmb_status s = MMB_OK;
+    if (nm->qkv) { /* one fused matrix: q, k and v are row ranges of it */
+        mmb_wmat w;
+        float *b = NULL;
+        s = bind_lin(ctx, lm, l, nm->qkv, qd + 2 * kd, d, qkv_bias, &w, &b);
+        if (s == MMB_OK) {
+            size_t row = (size_t)d * mmb_dtype_size(w.dtype);
+            y->q = (mmb_wmat){w.data, w.dtype, qd, d};
+            y->k = (mmb_wmat){(const char *)w.data + (size_t)qd * row, w.dtype, kd, d};
+            y->v = (mmb_wmat){(const char *)w.data + (size_t)(qd + kd) * row, w.dtype, kd, d};
+            s = slice_vec(ctx, b, 0, qd, &y->bq);
+            if (s == MMB_OK) s = slice_vec(ctx, b, qd, kd, &y->bk);
+            if (s == MMB_OK) s = slice_vec(ctx, b, qd + kd, kd, &y->bv);
+        }
+        free(b);
+    }
+    const struct { const char *name; int64_t n, k; int bias; mmb_wmat *w; float **b; } lin[] = {
+        {nm->q, qd, d, qkv_bias, &y->q, &y->bq},         {nm->k, kd, d, qkv_bias, &y->k, &y->bk},
+        {nm->v, kd, d, qkv_bias, &y->v, &y->bv},         {nm->o, d, qd, o_bias, &y->o, &y->bo},
+        {nm->gate, I, d, mlp_bias, &y->gate, &y->bgate}, {nm->up, I, d, mlp_bias, &y->up, &y->bup},
+        {nm->down, d, I, mlp_bias, &y->down, &y->bdown},
+    };
+    for (size_t i = 0; i < sizeof lin / sizeof lin[0] && s == MMB_OK; i++) {
+        if (!lin[i].name) continue;
+        *lin[i].b = NULL;
+        s = bind_lin(ctx, lm, l, lin[i].name, lin[i].n, lin[i].k, lin[i].bias, lin[i].w, lin[i].b);
+        if (base && s == MMB_OK) lm->expert_params += lin[i].n * lin[i].k + (*lin[i].b ? lin[i].n : 0);
+    }
+    if (base && nm->qkv && s == MMB_OK) lm->expert_params += (qd + 2 * kd) * d + (y->bq ? qd + 2 * kd : 0);
+    const char *norms[2] = {nm->ln1, nm->ln2};
+    float **nw[2] = {&y->ln1, &y->ln2};
+    for (int i = 0; i < 2 && s == MMB_OK; i++) {
+        if (!norms[i]) continue;
+        char nmb[512];
+        snprintf(nmb, sizeof nmb, "%slayers.%d.%s%s.weight", lm->prefix, l, lm->infix, norms[i]);
+        *nw[i] = NULL;
+        s = mmb__ckpt_vec(ctx, &lm->ck, nmb, d, nw[i]);
+        if (base && s == MMB_OK) lm->expert_params += d;
     }
     return s;
 }
 
-static mmb_status bind_layer(mmb_ctx *ctx, mmb_lm *lm, int l, bool qkv_bias, bool o_bias, bool mlp_bias) {
+static mmb_status bind_layer(mmb_ctx *ctx, mmb_lm *lm, int l, const layer_scheme *sc, bool qkv_bias, bool o_bias,
+                             bool mlp_bias) {
     lm_layer *y = &lm->layers[l];
-    int64_t d = lm->d, qd = lm->H * lm->hd, kd = lm->KVH * lm->hd, I = lm->I;
-    char nm[512];
-    mmb_status s = bind_lin(ctx, lm, l, "self_attn.q_proj", qd, d, qkv_bias, &y->q, &y->bq);
-    if (s == MMB_OK) s = bind_lin(ctx, lm, l, "self_attn.k_proj", kd, d, qkv_bias, &y->k, &y->bk);
-    if (s == MMB_OK) s = bind_lin(ctx, lm, l, "self_attn.v_proj", kd, d, qkv_bias, &y->v, &y->bv);
-    if (s == MMB_OK) s = bind_lin(ctx, lm, l, "self_attn.o_proj", d, qd, o_bias, &y->o, &y->bo);
-    if (s == MMB_OK) s = bind_lin(ctx, lm, l, "mlp.gate_proj", I, d, mlp_bias, &y->gate, &y->bgate);
-    if (s == MMB_OK) s = bind_lin(ctx, lm, l, "mlp.up_proj", I, d, mlp_bias, &y->up, &y->bup);
-    if (s == MMB_OK) s = bind_lin(ctx, lm, l, "mlp.down_proj", d, I, mlp_bias, &y->down, &y->bdown);
-    if (s == MMB_OK) {
-        snprintf(nm, sizeof nm, "%slayers.%d.%sinput_layernorm.weight", lm->prefix, l, lm->infix);
-        s = mmb__ckpt_vec(ctx, &lm->ck, nm, d, &y->ln1);
-    }
-    if (s == MMB_OK) {
-        snprintf(nm, sizeof nm, "%slayers.%d.%spost_attention_layernorm.weight", lm->prefix, l, lm->infix);
-        s = mmb__ckpt_vec(ctx, &lm->ck, nm, d, &y->ln2);
-    }
-    return s;
+    int qb = qkv_bias ? BIAS_YES : BIAS_NO, ob = o_bias ? BIAS_YES : BIAS_NO, mb = mlp_bias ? BIAS_YES : BIAS_NO;
+    if (sc->probe) qb = ob = mb = BIAS_IF_PRESENT;
+    mmb_status s = bind_set(ctx, lm, l, &sc->set[0], NULL, qb, ob, mb, y);
+    if (s != MMB_OK || sc->sets < 2) return s;
+    if (!(y->alt = calloc(1, sizeof *y->alt))) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    return bind_set(ctx, lm, l, &sc->set[1], y, qb, ob, mb, y->alt);
 }
 
 static int64_t wbytes(const mmb_wmat *w) { return w->n * w->k * (int64_t)mmb_dtype_size(w->dtype); }
@@ -322,9 +416,18 @@ static int64_t wbytes(const mmb_wmat *w) { return w->n * w->k * (int64_t)mmb_dty
 void mmb_lm_free(mmb_lm *lm) {
     if (!lm) return;
     for (int64_t l = 0; lm->layers && l < lm->L; l++) {
-        lm_layer *y = &lm->layers[l];
+        lm_layer *y = &lm->layers[l], *a = y->alt;
         float *f[] = {y->bq, y->bk, y->bv, y->bo, y->bgate, y->bup, y->bdown, y->ln1, y->ln2};
         for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) free(f[i]);
+        if (a) { /* what the second set does not share */
+            float *g[] = {a->bq, a->bk, a->bv, a->bo, a->bgate, a->bup, a->bdown, a->ln1, a->ln2};
+            for (size_t i = 0; i < sizeof g / sizeof g[0]; i++)
+                if (g[i] != f[i]) free(g[i]);
+            free(a);
+        }
+        free(y->pk);
+        free(y->pv);
+        free(y->pgate);
     }
     for (int i = 0; i < lm->n_owned; i++) free(lm->owned[i]);
     free(lm->owned);
@@ -495,6 +598,14 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
         goto fail;
     }
     rope_inv_freq(lm, 0, lm->inv_freq);
+    const layer_scheme *sc = &schemes[sizeof schemes / sizeof schemes[0] - 1];
+    for (size_t i = 0; i + 1 < sizeof schemes / sizeof schemes[0]; i++) {
+        int l0 = 0;
+        while (replaced && l0 < lm->L - 1 && replaced[l0]) l0++;
+        snprintf(nm, sizeof nm, "%slayers.%d.%s%s.weight", lm->prefix, l0, lm->infix, schemes[i].probe);
+        if (mmb__ckpt_find(&lm->ck, nm, NULL)) sc = &schemes[i];
+    }
+    lm->experts = sc->sets;
     int64_t bytes = wbytes(&lm->head) + (lm->extra ? wbytes(&lm->head2) : 0) + lm->d * 4,
             params = (lm->vocab + lm->extra) * lm->d * (tied ? 1 : 2) + lm->embed_only * lm->d + lm->d;
     for (int l = 0; l < lm->L; l++) {
@@ -504,7 +615,7 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
             lm->info.n_replaced++;
             continue;
         }
-        if ((s = bind_layer(ctx, lm, l, qkv_bias, o_bias, mlp_bias)) != MMB_OK) goto fail;
+        if ((s = bind_layer(ctx, lm, l, sc, qkv_bias, o_bias, mlp_bias)) != MMB_OK) goto fail;
         y->window = windows[l];
         y->slot = l - lm->info.n_replaced;
         const mmb_wmat *ws[] = {&y->q, &y->k, &y->v, &y->o, &y->gate, &y->up, &y->down};
@@ -512,8 +623,8 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
             bytes += wbytes(ws[i]);
             params += ws[i]->n * ws[i]->k;
         }
-        params += 2 * lm->d + (qkv_bias ? (lm->H + 2 * lm->KVH) * lm->hd : 0) + (o_bias ? lm->d : 0) +
-                  (mlp_bias ? 2 * lm->I + lm->d : 0);
+        params += 2 * lm->d + (y->bq ? (lm->H + 2 * lm->KVH) * lm->hd : 0) + (y->bo ? lm->d : 0) +
+                  (y->bgate ? 2 * lm->I + lm->d : 0);
         bytes += 8 * lm->d;
     }
     free(windows);
@@ -536,7 +647,7 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
     in->rms_eps = lm->eps;
     in->tied = tied;
     in->weight_dtype = lm->embed.dtype;
-    in->params = params;
+    in->params = params + lm->expert_params;
     in->bytes_per_token = bytes;
     *out = lm;
     return MMB_OK;
@@ -615,7 +726,7 @@ void mmb_kv_cache_free(mmb_kv_cache *kv) {
 }
 
 void mmb_kv_cache_reset(mmb_kv_cache *kv) {
-    if (kv) kv->len = 0;
+    if (kv) kv->len = kv->shift = 0;
 }
 
 int64_t mmb_kv_cache_len(const mmb_kv_cache *kv) { return kv ? kv->len : 0; }
@@ -627,10 +738,12 @@ typedef struct fwd_job {
     mmb_kv_cache *kv;
     int64_t M, pos0;           /* rows of this block, position of the first */
     float *x, *xn, *qkv, *att, *gu, *h, *cosb, *sinb, *logits;
+    const uint8_t *expert;     /* (M) each row's weight set, or NULL: set 0 */
     int64_t head_rows;         /* rows of x the head reads: the last head_rows of the block */
     float *scratch;            /* per thread: per_thread floats */
     size_t per_thread;
     int64_t wscr;              /* of which the products' share; the rest is attention scores */
+    int64_t sc_len;            /* of which the scores' share; then hd floats of the adapter prompt's output */
     int s0, s1;                /* steps [s0, s1) */
     mmb_barrier bar;
 } fwd_job;
@@ -640,10 +753,27 @@ static void mm_units(const fwd_job *j, int tid, int nth, const float *x, int64_t
     mmb__wmat_share(tid, nth, x, ldx, M, o, n, acc, j->scratch + j->per_thread * (size_t)tid);
 }
 
-static void rms_rows(const fwd_job *j, int tid, int nth, const float *w, int64_t r0, int64_t r1) {
+/* The weight set of row r0 of the block, and in *r1 the end of the run of rows that share it. */
+static const lm_layer *set_of(const fwd_job *j, const lm_layer *y, int64_t r0, int64_t r1max, int64_t *r1) {
+    int64_t e = r0 + 1;
+    if (!j->expert) e = r1max;
+    else
+        while (e < r1max && j->expert[e] == j->expert[r0]) e++;
+    *r1 = e;
+    return j->expert && j->expert[r0] ? y->alt : y;
+}
+
+/* xn rows [r0, r1) = rmsnorm(x) with the weight of each row's set (which: 0 input, 1 post-attention norm),
+ * or with w for all (y NULL: the final norm). */
+static void rms_rows(const fwd_job *j, int tid, int nth, const lm_layer *y, int which, const float *w, int64_t r0,
+                     int64_t r1) {
     int64_t lo, hi, d = j->lm->d;
     mmb__split(r1 - r0, tid, nth, &lo, &hi);
-    if (hi > lo) mmb__rmsnorm_forward(j->xn + (r0 + lo) * d, j->x + (r0 + lo) * d, w, hi - lo, d, j->lm->eps);
+    for (int64_t a = r0 + lo, b; a < r0 + hi; a = b) {
+        const lm_layer *z = y ? set_of(j, y, a, r0 + hi, &b) : NULL;
+        if (!y) b = r0 + hi;
+        mmb__rmsnorm_forward(j->xn + a * d, j->x + a * d, z ? (which ? z->ln2 : z->ln1) : w, b - a, d, j->lm->eps);
+    }
 }
 
 MMB_SIMD_CLONES void mmb__lm_attend(float *out, const float *q, const float *K, const float *V, int64_t k0,
@@ -684,10 +814,14 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
     const int64_t qd = H * hd, kd = KVH * hd, ldq = qd + 2 * kd, cap = j->kv->cap;
     const size_t at = (size_t)y->slot * (size_t)(KVH * cap * hd);
     float *Kc = j->kv->k + at, *Vc = j->kv->v + at;
-    rms_rows(j, tid, nth, y->ln1, 0, M);
+    rms_rows(j, tid, nth, y, 0, NULL, 0, M);
     mmb__barrier_wait(&j->bar);
-    mmb_wmat_out o[3] = {{&y->q, y->bq, j->qkv, ldq}, {&y->k, y->bk, j->qkv + qd, ldq}, {&y->v, y->bv, j->qkv + qd + kd, ldq}};
-    mm_units(j, tid, nth, j->xn, d, M, o, 3, 0);
+    for (int64_t r0 = 0, r1; r0 < M; r0 = r1) { /* each run of rows through its set's projections */
+        const lm_layer *w = set_of(j, y, r0, M, &r1);
+        float *q = j->qkv + r0 * ldq;
+        mmb_wmat_out o[3] = {{&w->q, w->bq, q, ldq}, {&w->k, w->bk, q + qd, ldq}, {&w->v, w->bv, q + qd + kd, ldq}};
+        mm_units(j, tid, nth, j->xn + r0 * d, d, r1 - r0, o, 3, 0);
+    }
     mmb__barrier_wait(&j->bar);
     int64_t lo, hi;
     mmb__split(M * (H + KVH), tid, nth, &lo, &hi);
@@ -702,18 +836,31 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
         }
     }
     mmb__barrier_wait(&j->bar);
-    float *sc = j->scratch + j->per_thread * (size_t)tid + j->wscr;
+    float *sc = j->scratch + j->per_thread * (size_t)tid + j->wscr, *pa = sc + j->sc_len;
     float scale = (float)(1.0 / sqrt((double)hd));
     mmb__split(M * H, tid, nth, &lo, &hi);
     for (int64_t it = lo; it < hi; it++) {
         int64_t i = it / H, h = it % H, kh = h / (H / KVH), pos = j->pos0 + i;
         int64_t k0 = y->window && pos + 1 > y->window ? pos + 1 - y->window : 0;
-        mmb__lm_attend(j->att + i * qd + h * hd, j->qkv + i * ldq + h * hd, Kc + kh * cap * hd, Vc + kh * cap * hd, k0,
-               pos + 1, hd, scale, sc);
+        float *out = j->att + i * qd + h * hd;
+        const float *q = j->qkv + i * ldq + h * hd;
+        mmb__lm_attend(out, q, Kc + kh * cap * hd, Vc + kh * cap * hd, k0, pos + 1, hd, scale, sc);
+        if (y->plen) { /* LLaMA-Adapter: the prompt's own softmax, gated, added before o_proj */
+            mmb__lm_attend(pa, q, y->pk + kh * y->plen * hd, y->pv + kh * y->plen * hd, 0, y->plen, hd, scale, sc);
+            for (int64_t e = 0; e < hd; e++) out[e] += y->pgate[h] * pa[e];
+        }
     }
     mmb__barrier_wait(&j->bar);
-    mmb_wmat_out oo = {&y->o, y->bo, j->x, d};
-    mm_units(j, tid, nth, j->att, qd, M, &oo, 1, 1);
+    for (int64_t r0 = 0, r1; r0 < M; r0 = r1) {
+        const lm_layer *w = set_of(j, y, r0, M, &r1);
+        mmb_wmat_out oo = {&w->o, w->bo, j->x + r0 * d, d};
+        mm_units(j, tid, nth, j->att + r0 * qd, qd, r1 - r0, &oo, 1, 1);
+        if (w->bo && y->pbias2) { /* PEFT's o_proj on the adapter's output adds the bias again */
+            mmb__split(r1 - r0, tid, nth, &lo, &hi);
+            for (int64_t i = r0 + lo; i < r0 + hi; i++)
+                for (int64_t e = 0; e < d; e++) j->x[i * d + e] += w->bo[e];
+        }
+    }
     mmb__barrier_wait(&j->bar);
 }
 
@@ -721,32 +868,37 @@ static void mlp_half(fwd_job *j, int tid, int nth, int l) {
     const mmb_lm *lm = j->lm;
     const lm_layer *y = &lm->layers[l];
     const int64_t M = j->M, d = lm->d, I = lm->I;
-    rms_rows(j, tid, nth, y->ln2, 0, M);
+    rms_rows(j, tid, nth, y, 1, NULL, 0, M);
     mmb__barrier_wait(&j->bar);
-    /* gate and up over the same columns on one thread, so SwiGLU needs no barrier */
-    int64_t g = M <= MMB_WMAT_GEMV_MAX ? 8 : MMB_GEMM_OWN_NR, lo, hi;
-    mmb__split((I + g - 1) / g, tid, nth, &lo, &hi);
-    int64_t n0 = lo * g, n1 = hi * g < I ? hi * g : I;
-    if (n1 > n0) {
-        float *scr = j->scratch + j->per_thread * (size_t)tid;
-        mmb__wmat_part(j->gu + n0, 2 * I, j->xn, d, M, &y->gate, y->bgate, n0, n1, 0, scr);
-        mmb__wmat_part(j->gu + I + n0, 2 * I, j->xn, d, M, &y->up, y->bup, n0, n1, 0, scr);
-        for (int64_t m = 0; m < M; m++) {
-            const float *gr = j->gu + m * 2 * I, *ur = gr + I;
-            float *hr = j->h + m * I;
+    for (int64_t r0 = 0, r1; r0 < M; r0 = r1) {
+        const lm_layer *w = set_of(j, y, r0, M, &r1);
+        /* gate and up over the same columns on one thread, so SwiGLU needs no barrier */
+        int64_t Mr = r1 - r0, g = Mr <= MMB_WMAT_GEMV_MAX ? 8 : MMB_GEMM_OWN_NR, lo, hi;
+        mmb__split((I + g - 1) / g, tid, nth, &lo, &hi);
+        int64_t n0 = lo * g, n1 = hi * g < I ? hi * g : I;
+        if (n1 <= n0) continue;
+        float *scr = j->scratch + j->per_thread * (size_t)tid, *gu = j->gu + r0 * 2 * I;
+        mmb__wmat_part(gu + n0, 2 * I, j->xn + r0 * d, d, Mr, &w->gate, w->bgate, n0, n1, 0, scr);
+        mmb__wmat_part(gu + I + n0, 2 * I, j->xn + r0 * d, d, Mr, &w->up, w->bup, n0, n1, 0, scr);
+        for (int64_t m = 0; m < Mr; m++) {
+            const float *gr = gu + m * 2 * I, *ur = gr + I;
+            float *hr = j->h + (r0 + m) * I;
             for (int64_t c = n0; c < n1; c++) hr[c] = gr[c] / (1.0f + expf(-gr[c])) * ur[c];
         }
     }
     mmb__barrier_wait(&j->bar);
-    mmb_wmat_out o = {&y->down, y->bdown, j->x, d};
-    mm_units(j, tid, nth, j->h, I, M, &o, 1, 1);
+    for (int64_t r0 = 0, r1; r0 < M; r0 = r1) {
+        const lm_layer *w = set_of(j, y, r0, M, &r1);
+        mmb_wmat_out o = {&w->down, w->bdown, j->x + r0 * d, d};
+        mm_units(j, tid, nth, j->h + r0 * I, I, r1 - r0, &o, 1, 1);
+    }
     mmb__barrier_wait(&j->bar);
 }
 
 static void head_step(fwd_job *j, int tid, int nth) {
     const mmb_lm *lm = j->lm;
     int64_t r0 = j->M - j->head_rows;
-    rms_rows(j, tid, nth, lm->norm, r0, j->M);
+    rms_rows(j, tid, nth, NULL, 0, lm->norm, r0, j->M);
     mmb__barrier_wait(&j->bar);
     const int64_t V = lm->vocab + lm->extra; /* IDEFICS' decoupled head: the additional logits after the others */
     mmb_wmat_out o[2] = {{&lm->head, NULL, j->logits, V}, {&lm->head2, NULL, j->logits + lm->vocab, V}};
@@ -775,8 +927,23 @@ static hook_fn hook_at(const mmb_lm *lm, int s) {
 
 mmb_status mmb_lm_forward(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv, const float *embeds, int64_t n,
                           float *logits, int last_only) {
+    return mmb__lm_forward_rows(ctx, lm, kv, embeds, n, logits, last_only, NULL);
+}
+
+mmb_status mmb__lm_forward_rows(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv, const float *embeds, int64_t n,
+                                float *logits, int last_only, const mmb__lm_rows *rows) {
     if (!ctx || !lm || !kv || !embeds || n < 1)
         return mmb__err(ctx, MMB_ERR_ARG, "mmb_lm_forward: NULL argument or n < 1");
+    const uint8_t *expert = rows ? rows->expert : NULL;
+    const int64_t *rope_pos = rows ? rows->rope_pos : NULL;
+    for (int64_t i = 0; i < n && (expert || rope_pos); i++) {
+        if (expert && expert[i] >= lm->experts)
+            return mmb__err(ctx, MMB_ERR_ARG, "row %lld asks for weight set %d; the model has %d", (long long)i,
+                            (int)expert[i], lm->experts);
+        if (rope_pos && rope_pos[i] < 0)
+            return mmb__err(ctx, MMB_ERR_ARG, "row %lld: negative RoPE position %lld", (long long)i,
+                            (long long)rope_pos[i]);
+    }
     if (kv->lm != lm) return mmb__err(ctx, MMB_ERR_ARG, "mmb_lm_forward: the KV cache was made for another model");
     if (n > kv->cap - kv->len)
         return mmb__err(ctx, MMB_ERR_SHAPE,
@@ -793,7 +960,11 @@ mmb_status mmb_lm_forward(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv, cons
         if (a > wscr) wscr = a;
     }
     wscr = (wscr + 15) / 16 * 16;
-    size_t per = (size_t)(wscr + (kv->cap + 15) / 16 * 16);
+    int64_t sc_len = kv->cap;
+    for (int64_t l = 0; l < lm->L; l++)
+        if (lm->layers[l].plen > sc_len) sc_len = lm->layers[l].plen;
+    sc_len = (sc_len + 15) / 16 * 16;
+    size_t per = (size_t)(wscr + sc_len + (hd + 15) / 16 * 16);
     size_t sizes[] = {(size_t)(Mb * d), (size_t)(Mb * d), (size_t)(Mb * ldq), (size_t)(Mb * lm->H * hd),
                       (size_t)(Mb * 2 * I), (size_t)(Mb * I), (size_t)(Mb * half), (size_t)(Mb * half),
                       per * (size_t)nth, (size_t)half};
@@ -805,7 +976,8 @@ mmb_status mmb_lm_forward(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv, cons
     float *buf[NB];
     for (int i = 0; i < NB; i++) buf[i] = mmb__arena_alloc(&ctx->arena, sizes[i] * sizeof(float));
     fwd_job j = {.lm = lm, .kv = kv, .x = buf[0], .xn = buf[1], .qkv = buf[2], .att = buf[3], .gu = buf[4],
-                 .h = buf[5], .cosb = buf[6], .sinb = buf[7], .scratch = buf[8], .per_thread = per, .wscr = wscr};
+                 .h = buf[5], .cosb = buf[6], .sinb = buf[7], .scratch = buf[8], .per_thread = per, .wscr = wscr,
+                 .sc_len = sc_len};
     j.bar.n = nth;
     float *inv = buf[9];
     if (lm->rope == ROPE_DYNAMIC) rope_inv_freq(lm, kv->len + n, inv);
@@ -814,10 +986,12 @@ mmb_status mmb_lm_forward(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv, cons
     for (int64_t off = 0; off < n && s == MMB_OK; off += Mb) {
         j.M = n - off < Mb ? n - off : Mb;
         j.pos0 = kv->len;
+        j.expert = expert ? expert + off : NULL;
         memcpy(j.x, embeds + off * d, sizeof(float) * (size_t)(j.M * d));
         for (int64_t i = 0; i < j.M; i++)
             for (int64_t f = 0; f < half; f++) {
-                float a = (float)(j.pos0 + i) * inv[f];
+                int64_t rp = rope_pos ? rope_pos[off + i] : j.pos0 + i - kv->shift;
+                float a = (float)rp * inv[f];
                 j.cosb[i * half + f] = cosf(a);
                 j.sinb[i * half + f] = sinf(a);
             }
@@ -837,6 +1011,7 @@ mmb_status mmb_lm_forward(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv, cons
             st = e;
         }
         if (s == MMB_OK) kv->len += j.M;
+        if (s == MMB_OK && rope_pos) kv->shift = kv->len - 1 - rope_pos[off + j.M - 1];
     }
     mmb__arena_reset(&ctx->arena);
     return s;
@@ -852,3 +1027,64 @@ const mmb_ckpt *mmb__lm_ckpt(const mmb_lm *lm) { return &lm->ck; }
 bool mmb__lm_replaced(const mmb_lm *lm, int l) { return lm && l >= 0 && l < lm->L && lm->layers[l].replaced; }
 
 int64_t mmb__kv_cache_cap(const mmb_kv_cache *kv) { return kv ? kv->cap : 0; }
+
+/* ---- type B: expert sets and adapter prompts ------------------------------------------------------------ */
+
+int mmb__lm_experts(const mmb_lm *lm) { return lm ? lm->experts : 0; }
+
+int64_t mmb__lm_expert_params(const mmb_lm *lm) { return lm ? lm->expert_params : 0; }
+
+int64_t mmb__lm_prompt_len(const mmb_lm *lm, int l) { return lm && l >= 0 && l < lm->L ? lm->layers[l].plen : 0; }
+
+typedef struct prompt_job {
+    const float *x;
+    int64_t M, d;
+    mmb_wmat_out o[2];
+    float *scratch;
+    size_t per;
+} prompt_job;
+
+static void prompt_worker(void *arg, int tid, int nth) {
+    prompt_job *p = arg;
+    mmb__wmat_share(tid, nth, p->x, p->d, p->M, p->o, 2, 0, p->scratch + p->per * (size_t)tid);
+}
+
+mmb_status mmb__lm_set_prompt(mmb_ctx *ctx, mmb_lm *lm, int l, const float *prompt, int64_t len, const float *gate,
+                              bool o_bias_twice) {
+    if (!ctx || !lm || l < 0 || l >= lm->L || lm->layers[l].replaced || len < 0 || len > 65536 ||
+        (prompt && len && !gate))
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb__lm_set_prompt: bad layer %d, prompt length %lld or NULL gate", l,
+                        (long long)len);
+    lm_layer *y = &lm->layers[l];
+    if (!prompt || !len) {
+        free(y->pk), free(y->pv), free(y->pgate);
+        y->pk = y->pv = y->pgate = NULL;
+        y->plen = 0;
+        return MMB_OK;
+    }
+    const int64_t kd = lm->KVH * lm->hd, hd = lm->hd;
+    int nth = mmb__pool_size(ctx->pool);
+    size_t per = (mmb__wmat_scratch(len, lm->d) + 15) / 16 * 16;
+    float *kv = malloc(sizeof(float) * (size_t)(2 * len * kd)), *pk = malloc(sizeof(float) * (size_t)(len * kd)),
+          *pv = malloc(sizeof(float) * (size_t)(len * kd)), *g = malloc(sizeof(float) * (size_t)lm->H),
+          *scr = aligned_alloc(64, sizeof(float) * per * (size_t)nth);
+    mmb_status s = MMB_OK;
+    if (!kv || !pk || !pv || !g || !scr) {
+        s = mmb__err(ctx, MMB_ERR_NOMEM, "adapter prompt of layer %d: out of memory", l);
+        free(pk), free(pv), free(g);
+    } else {
+        prompt_job p = {prompt, len, lm->d, {{&y->k, y->bk, kv, 2 * kd}, {&y->v, y->bv, kv + kd, 2 * kd}}, scr, per};
+        mmb__pool_run(ctx->pool, prompt_worker, &p);
+        for (int64_t t = 0; t < len; t++) /* head-major, as the cache: (KVH, len, hd) */
+            for (int64_t h = 0; h < lm->KVH; h++) {
+                memcpy(pk + (h * len + t) * hd, kv + t * 2 * kd + h * hd, sizeof(float) * (size_t)hd);
+                memcpy(pv + (h * len + t) * hd, kv + t * 2 * kd + kd + h * hd, sizeof(float) * (size_t)hd);
+            }
+        memcpy(g, gate, sizeof(float) * (size_t)lm->H);
+        free(y->pk), free(y->pv), free(y->pgate);
+        y->pk = pk, y->pv = pv, y->pgate = g, y->plen = len, y->pbias2 = o_bias_twice;
+    }
+    free(kv);
+    free(scr);
+    return s;
+}

@@ -36,6 +36,44 @@ bool mmb__lm_replaced(const mmb_lm *lm, int l);
 void mmb__lm_attend(float *out, const float *q, const float *K, const float *V, int64_t k0, int64_t k1, int64_t hd,
                     float scale, float *sc);
 
+/* ---- fusion type B inside the decoder's layers ------------------------------------------------------ */
+
+/* Two weight sets per layer (type B's experts), told from the checkpoint's tensor names at mmb_lm_open:
+ * CogVLM's visual expert (self_attn.{language,vision}_expert_query_key_value, _dense, mlp.{language,
+ * vision}_mlp.*: QKV, o_proj and the MLP per set, the norms shared) and mPLUG-Owl2's modality-adaptive
+ * module (self_attn.{k,v}_proj.multiway.{0,1}, {input,post_attention}_layernorm.multiway.{0,1}: K, V and
+ * both norms per set; Q, O and the MLP shared). Set 0 is the text one. Returns 2 for such a model, else 1. */
+int mmb__lm_experts(const mmb_lm *lm);
+/* What the second set adds: its parameters (the tensors it does not share with set 0). */
+int64_t mmb__lm_expert_params(const mmb_lm *lm);
+
+/* Per-row options of one mmb__lm_forward_rows call (either pointer NULL: the default).
+ *   expert[i]:   0 or 1, the weight set row i runs through (values past the model's sets: an error);
+ *   rope_pos[i]: the position RoPE rotates row i's query and key by, instead of its cache index minus the
+ *                cache's shift; after the call the shift is the last row's index minus its rope_pos, so
+ *                later rows (decode steps) go on from rope_pos[n - 1] + 1 (CogVLM gives all of an image's
+ *                tokens one position). mmb_kv_cache_reset zeroes the shift. */
+typedef struct mmb__lm_rows {
+    const uint8_t *expert;
+    const int64_t *rope_pos;
+} mmb__lm_rows;
+/* mmb_lm_forward with per-row options (rows NULL: mmb_lm_forward). Same returns; MMB_ERR_ARG for an expert
+ * value the model has no set for or a negative rope_pos (nothing evaluated). */
+mmb_status mmb__lm_forward_rows(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv, const float *embeds, int64_t n,
+                                float *logits, int last_only, const mmb__lm_rows *rows);
+
+/* LLaMA-Adapter's adaption prompt in layer l: prompt (len, d) goes through the layer's own k_proj and v_proj
+ * (their biases included, no RoPE; text set), now, on ctx's pool; every query of the layer attends the len
+ * keys in a softmax of its own, scaled per head by gate[h] (H floats: PEFT's adaption_gate repeated, or V2's
+ * tanh(gate)), and the result is added to the attention output before o_proj. o_bias_twice: o_proj's bias
+ * is added once more (PEFT runs o_proj on the adapter's output separately). prompt NULL (or len 0) removes
+ * layer l's prompt. Returns MMB_OK; MMB_ERR_ARG (l out of range or a replaced layer, len < 0 or > 65536,
+ * gate NULL with a prompt), MMB_ERR_NOMEM (the layer unchanged). */
+mmb_status mmb__lm_set_prompt(mmb_ctx *ctx, mmb_lm *lm, int l, const float *prompt, int64_t len, const float *gate,
+                              bool o_bias_twice);
+/* The prompt positions of layer l (0: none). */
+int64_t mmb__lm_prompt_len(const mmb_lm *lm, int l);
+
 /* True when c holds a text model's weights (embed_tokens under a prefix mmb_lm_open looks at). */
 bool mmb__lm_present(const mmb_ckpt *c);
 /* The positions kv can hold (max_tokens of mmb_kv_cache_new); 0 for NULL. */
