@@ -257,4 +257,25 @@ void mmb__wmat_share(int tid, int nth, const float *x, int64_t ldx, int64_t M, c
 /* The oracle: y (M, w->n) = x (M, w->k) W^T + bias, weights converted element by element, sums in double. */
 void mmb__wmat_ref(float *y, const float *x, int64_t M, const mmb_wmat *w, const float *bias);
 
+/* ---- tensor/grad.c: backward passes and the optimiser, for training ------------------------------------ */
+
+/* y (M, n_out) = x (M, n_in) W^T + b for mutable f32 weights w (n_out, n_in), b (n_out) or NULL (packed here,
+ * each call). Returns MMB_OK or MMB_ERR_NOMEM. */
+mmb_status mmb__train_linear_forward(mmb_ctx *ctx, float *y, const float *x, int64_t M, const float *w,
+                                     const float *b, int64_t n_out, int64_t n_in);
+/* The backward of that layer for the output gradient dy (M, n_out): dw (n_out, n_in) += dy^T x and
+ * db (n_out) += the column sums of dy (each NULL: not wanted), dx (M, n_in) = dy W (NULL: not wanted).
+ * Returns MMB_OK or MMB_ERR_NOMEM. */
+mmb_status mmb__train_linear_backward(mmb_ctx *ctx, const float *x, const float *dy, int64_t M, const float *w,
+                                      int64_t n_out, int64_t n_in, float *dw, float *db, float *dx);
+/* dx (n) *= act'(x): the derivative of mmb__act_forward at its input x (exact GELU, tanh GELU, quick GELU,
+ * SiLU, ReLU; NONE: unchanged), in double. */
+void mmb__act_backward(float *dx, const float *x, int64_t n, mmb_act a);
+/* AdamW as torch.optim.AdamW steps it (decoupled weight decay first, bias corrections): */
+typedef struct mmb_adamw {
+    double lr, beta1, beta2, eps, weight_decay;
+} mmb_adamw;
+/* One step t (1-based) of w (n) with gradient g and moments m, v (n each, zero before step 1). */
+void mmb__adamw_step(float *w, const float *g, float *m, float *v, int64_t n, const mmb_adamw *o, int64_t t);
+
 #endif
