@@ -121,6 +121,7 @@ static const arch_defaults archs[] = {
     {"mistral", 32000, 4096, 14336, 32, 32, 8, 4096 * 32},
     {"qwen2", 151936, 4096, 22016, 32, 32, 32, 32768},
     {"idefics", 32000, 4096, 11008, 32, 32, 0, 2048},  /* IdeficsConfig: a Llama with its own config class */
+    {"mplug_owl2", 32000, 4096, 11008, 32, 32, 0, 2048},  /* MPLUGOwl2Config: its own LlamaConfig (eps 1e-6) */
     {"mllama_text_model", 128256, 4096, 14336, 40, 32, 8, 131072}, /* MllamaTextConfig: Llama 3.1 + cross layers */
 };
 
