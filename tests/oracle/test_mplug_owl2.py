@@ -18,7 +18,7 @@ the mean colour, then CLIPImageProcessor (the original CLI's default image_aspec
 
 Checked: the encode output within 1e-4 scaled; the prefill logits of prompts with one and two images and of a
 text-only prompt within 1e-4; 24 greedy tokens identical. Wrong variants (modality 0's K/V for the image rows
-too, modality 0's norms for them) are far off. Bad input: a missing multiway tensor (the error names the file and
+too, modality 0's norms for them) are far off. Bad input: a missing multiway tensor (the error names the checkpoint and
 the tensor), a missing abstractor tensor, a grid_size that does not fit the tower, and a marker count that does
 not match the images."""
 import json
@@ -525,13 +525,16 @@ def test_bad_input(owl, tmp_path):
     miss = "model.layers.1.self_attn.v_proj.multiway.1.weight"
     b = broken("no_multiway", lambda sd, cfg: sd.pop(miss))
     fails(["generate", b, "--raw", "--prompt", prompt("a"), "--image", paths[0], "-n", 1],
-          "model.safetensors", miss)
+          str(b), miss, "missing")
+    k1 = "model.layers.0.self_attn.k_proj.multiway.1.weight"
+    b = broken("short_multiway", lambda sd, cfg: sd.update({k1: sd[k1][:, :-1].contiguous()}))
+    fails(["info", b], "model.safetensors", k1)
     norm = "model.layers.0.post_attention_layernorm.multiway.1.weight"
     b = broken("no_norm", lambda sd, cfg: sd.pop(norm))
-    fails(["info", b], "model.safetensors", norm)
+    fails(["info", b], str(b), norm)
     ab = "model.visual_abstractor.encoder.layers.1.crossattention.normk.weight"
     b = broken("no_abs", lambda sd, cfg: sd.pop(ab))
-    fails(["encode", b, paths[0], "-o", tmp_path / "x.safetensors"], "model.safetensors", ab)
+    fails(["encode", b, paths[0], "-o", tmp_path / "x.safetensors"], str(b), ab)
     b = broken("grid", lambda sd, cfg: cfg["visual_config"]["visual_abstractor"].update(grid_size=3))
     fails(["encode", b, paths[0], "-o", tmp_path / "x.safetensors"], "grid_size 3")
     fails(["generate", d, "--raw", "--prompt", prompt("a", 2), "--image", paths[0], "-n", 1], "2 image marker(s)")
