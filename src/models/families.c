@@ -82,7 +82,7 @@ static const mmb__family rows[] = {
      .connector = "visual_abstractor (learned queries, visual_fc, vit_eos)",
      .processor = "CLIPImageProcessor (image_aspect_ratio pad, the original CLI's default)", .fusion = MMB_FUSION_B,
      .lm = "this config: Llama 2 with the modality-adaptive module (multiway K/V and norms, model.*)",
-     .lm_runs = true, .image_marker = "<|image|>", .ops = &mmb__family_mplug_owl2},
+     .lm_runs = true, .image_marker = "<|image|>", .image_expert = true, .ops = &mmb__family_mplug_owl2},
     {.name = "llava", .architectures = "LlavaLlamaForCausalLM, LlavaMistralForCausalLM, LlavaQwenForCausalLM",
      .model_types = "llava_llama, llava_mistral, llava_qwen", .keys = "mm_projector_type, mm_hidden_size",
      .layout = MMB__LAYOUT_ORIGINAL, .layouts = "llava-original",
