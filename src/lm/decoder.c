@@ -123,6 +123,7 @@ static const arch_defaults archs[] = {
     {"mistral", 32000, 4096, 14336, 32, 32, 8, 4096 * 32, false},
     {"qwen2", 151936, 4096, 22016, 32, 32, 32, 32768, false},
     {"idefics", 32000, 4096, 11008, 32, 32, 0, 2048, false},  /* IdeficsConfig: a Llama with its own config class */
+    {"mplug_owl2", 32000, 4096, 11008, 32, 32, 0, 2048, false},  /* MPLUGOwl2Config: its own LlamaConfig (eps 1e-6) */
     {"mllama_text_model", 128256, 4096, 14336, 40, 32, 8, 131072, false}, /* MllamaTextConfig: Llama 3.1 + cross layers */
     /* LLaMA-Adapter V2 (scripts/convert_llama_adapter_v2.py): Meta's LLaMA with its bias tuning's biases */
     {"llama_adapter_v2", 32000, 4096, 11008, 32, 32, 0, 2048, true},

@@ -52,6 +52,9 @@ extern const mmb_family_ops mmb__family_open_flamingo;
 /* models/mllama.c: Llama 3.2 Vision's tower (vision/mllama.c: tiles, local and gated global encoders), then
  * multi_modal_projector; an image's rows are its real tiles' tokens. */
 extern const mmb_family_ops mmb__family_mllama;
+/* models/mplug_owl2.c: mPLUG-Owl2's tower (vision/mplug_owl2.c), then its visual abstractor (learned queries
+ * cross-attending the image, visual_fc, vit_eos appended): num_learnable_queries + 1 rows an image. */
+extern const mmb_family_ops mmb__family_mplug_owl2;
 
 /* What mmb__family_vit reads from its row (mmb__family.part). */
 typedef struct mmb__vit_part {

@@ -88,6 +88,30 @@ int64_t mmb__mlvit_tokens(mmb_ctx *ctx, const mmb_mlvit *v, int height, int widt
 mmb_status mmb__mlvit_forward(mmb_ctx *ctx, const mmb_mlvit *v, const float *pixels, int64_t B, int height, int width,
                               bool all_tiles, float *out);
 
+/* ---- vision/mplug_owl2.c: mPLUG-Owl2's tower (MplugOwlVisionModel), without its visual abstractor ---- */
+
+typedef struct mmb_owlvit mmb_owlvit;
+
+typedef struct mmb_owlvit_info {
+    int width, layers, heads, inter, image_size, patch;  /* hidden_size D, num_hidden_layers, ... */
+    int64_t tokens;                                      /* (image_size / patch)^2 + 1, CLS first */
+    float eps;                                           /* layer_norm_eps (every LayerNorm of the tower) */
+    int64_t params, flops_per_image;
+} mmb_owlvit_info;
+
+/* Loads the tower: its config under cfg_prefix ("visual_config.visual_model.", MplugOwlVisionConfig's defaults
+ * for absent keys), its weights under prefix ("model.vision_model."), every one checked (c must outlive it).
+ * Errors name the file and the tensor. Free with mmb__owlvit_free (NULL is a no-op). */
+mmb_status mmb__owlvit_load(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_prefix, const char *prefix,
+                            mmb_owlvit **out);
+void mmb__owlvit_free(mmb_owlvit *v);
+mmb_owlvit_info mmb__owlvit_info(const mmb_owlvit *v);
+/* pixels (B, 3, image_size, image_size) -> out (B, tokens, D): last_hidden_state (post_layernorm on every
+ * token). MMB_ERR_SHAPE with a message for another size. Scratch from ctx's arena (reserved here, reset before
+ * returning). */
+mmb_status mmb__owlvit_forward(mmb_ctx *ctx, const mmb_owlvit *v, const float *pixels, int64_t B, int height,
+                               int width, float *out);
+
 /* ---- vision/preprocess.c ---------------------------------------------------------------------- */
 
 /* Pad, resize and crop (the steps before rescale/normalize): the uint8 image, HWC, malloc'd in
