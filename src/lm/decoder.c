@@ -122,11 +122,14 @@ static const arch_defaults archs[] = {
     {"qwen2", 151936, 4096, 22016, 32, 32, 32, 32768},
     {"idefics", 32000, 4096, 11008, 32, 32, 0, 2048},  /* IdeficsConfig: a Llama with its own config class */
     {"mllama_text_model", 128256, 4096, 14336, 40, 32, 8, 131072}, /* MllamaTextConfig: Llama 3.1 + cross layers */
+    {"cogvlm", 32000, 4096, 11008, 32, 32, 0, 2048},  /* CogVLMConfig (remote code): Vicuna-7B + the visual expert */
 };
 
 static const arch_defaults *find_arch(const char *model_type, const char *architecture) {
     for (size_t i = 0; i < sizeof archs / sizeof archs[0]; i++)
         if (model_type && strcmp(model_type, archs[i].name) == 0) return &archs[i];
+    /* CogVLM's remote-code config.json may carry no model_type */
+    if (architecture && strcmp(architecture, "CogVLMForCausalLM") == 0) return &archs[5];
     /* Original LLaVA: model_type llava / llava_llama / llava_mistral / llava_qwen, weights at model.* */
     if (architecture && strncmp(architecture, "Llava", 5) == 0 && strstr(architecture, "ForCausalLM")) {
         if (strstr(architecture, "Mistral")) return &archs[1];

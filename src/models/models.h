@@ -2,7 +2,7 @@
  * only some families have, reached from their rows: a ViT tower + a connector run as one model
  * (models/vit_family.c: BLIP-2, IDEFICS, Idefics2/3, SmolVLM), Qwen2-VL's tower + PatchMerger
  * (models/qwen2vl.c), OpenFlamingo's CLIP tower + PerceiverResampler (models/open_flamingo.c), Llama 3.2
- * Vision's tiled tower + projector (models/mllama.c). Uses the connectors layer and below; pipeline/model.c opens checkpoints through it. */
+ * Vision's tiled tower + projector (models/mllama.c), CogVLM's EVA2-CLIP + GLU (models/cogvlm.c). Uses the connectors layer and below; pipeline/model.c opens checkpoints through it. */
 #ifndef MMB_MODELS_H
 #define MMB_MODELS_H
 
@@ -32,6 +32,10 @@ typedef struct mmb_family_ops {
     /* Optional: refuses (with a message naming `dir`) an image processor whose pixels the model cannot take
      * (Mllama: its tiles must be the tower's), when the multimodal model opens both; NULL: any. */
     mmb_status (*check_processor)(mmb_ctx *ctx, const void *state, const mmb_preprocess *p, const char *dir);
+    /* Optional: the image processor when neither the checkpoint's directory nor processor_dir has a
+     * preprocessor_config.json (CogVLM: its remote code's torchvision transform, built into the model, not
+     * saved), into *p; NULL: none. */
+    mmb_status (*processor)(mmb_ctx *ctx, const void *state, mmb_preprocess *p);
     /* Optional, fusion A: when the LLM's cross-attention reads more rows an image than encode writes (Mllama:
      * transformers' cross_attention_states hold all max_num_tiles tiles, the padding ones included, and the text
      * rows that see no tile attend to them all unmasked), the rows per image (the same for every image) and
@@ -52,6 +56,9 @@ extern const mmb_family_ops mmb__family_open_flamingo;
 /* models/mllama.c: Llama 3.2 Vision's tower (vision/mllama.c: tiles, local and gated global encoders), then
  * multi_modal_projector; an image's rows are its real tiles' tokens. */
 extern const mmb_family_ops mmb__family_mllama;
+/* models/cogvlm.c: CogVLM's EVA2-CLIP tower (vision/cogvlm.c), its GLU adapter and the boi / eoi rows: an
+ * image's rows are (boi, grid^2 patches, eoi) of the LLM's width. */
+extern const mmb_family_ops mmb__family_cogvlm;
 
 /* What mmb__family_vit reads from its row (mmb__family.part). */
 typedef struct mmb__vit_part {

@@ -52,11 +52,12 @@ static mmb_status apply_dense(mmb_ctx *ctx, mmb_mllm *m, const mmb_dense_params 
 }
 
 /* The image processor: the directory's, else the vision tower directory's (the one given, or the family's
- * own: mmb__model_processor_dir); none (the reason kept for encode's
+ * own: mmb__model_processor_dir), else the family's built-in one (mmb__model_processor); none (the reason kept for encode's
  * message) when neither has one. LLaVA's "pad" aspect mode pads to a square first. */
 static mmb_status load_processor(mmb_ctx *ctx, mmb_mllm *m, const char *tower_dir, bool pad) {
     mmb_status s = mmb_preprocess_load(ctx, m->dir, &m->proc);
     if (s == MMB_ERR_IO && tower_dir) s = mmb_preprocess_load(ctx, tower_dir, &m->proc);
+    if (s == MMB_ERR_IO && m->model && mmb__model_processor(ctx, m->model, &m->proc) == MMB_OK) s = MMB_OK;
     if (s == MMB_ERR_IO) {
         snprintf(m->no_proc, sizeof m->no_proc, "%s", mmb_ctx_error(ctx));
         return MMB_OK;
