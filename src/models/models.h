@@ -105,6 +105,10 @@ struct mmb__family {
                                    wrap marker wrap, or marker wrap after an image), or NULL */
     bool raw_bos;               /* a raw prompt without the BOS text gets it after its leading image markers, then
                                    the tokenizer's own (MllamaProcessor's build_string_from_input) */
+    bool image_first;           /* the prompt is BOS, the image's rows, then the text tokenized alone without special
+                                   tokens (CogVLM's build_conversation_input_ids; at most one image); chat mode
+                                   wraps the text as config.template_version says ('chat': "Question: {q}
+                                   Answer:", 'vqa': "Question: {q} Short answer:", 'base': as it is) */
     const mmb_family_ops *ops;  /* the family's own code; NULL: pipeline/model.c's LLaVA path (tower + feature
                                    selection + a registered projector), or a tower alone */
     const void *part;           /* the data ops reads from the row (mmb__vit_part for mmb__family_vit), or NULL */

@@ -191,6 +191,17 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const char 
             return mmb__err(ctx, MMB_ERR_SHAPE, "%s: the connector makes %d-wide embeddings, the LLM takes %lld",
                             m->dir, mi.out_width, (long long)li.d_model);
         if ((s = load_tokenizer(ctx, m, row)) != MMB_OK) return s;
+        if (row->image_first) { /* CogVLM: _history_to_prompt's templates */
+            const char *tv = "chat";
+            mmb__cfg_str(ctx, mmb__model_ckpt(m->model), "template_version", &tv, &s);
+            if (s != MMB_OK) return s;
+            if (strcmp(tv, "chat") == 0) m->query_fmt = "Question: %s Answer:";
+            else if (strcmp(tv, "vqa") == 0) m->query_fmt = "Question: %s Short answer:";
+            else if (strcmp(tv, "base") == 0) m->query_fmt = "%s";
+            else
+                return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: template_version '%s' (base, chat and vqa "
+                                "are known)", m->dir, tv);
+        }
         if (row->xattn && m->model) { /* fusion A: the visual tokens reach the LLM through its gated layers */
             int64_t per = mmb__model_xattn_tokens(m->model) ? mmb__model_xattn_tokens(m->model) : mi.tokens_per_image;
             s = mmb__xattn_open(ctx, m->lm, row->xattn, mi.out_width, per > 0 ? per : 1,

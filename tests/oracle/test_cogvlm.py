@@ -288,7 +288,7 @@ def test_encode_matches_reference(ckpt, tmp_path):
 
 def test_logits_and_greedy_match_reference(ckpt, tmp_path):
     d, w, tok, img = ckpt
-    for label, image in (("image", img), ("text only", None)):
+    for label, image in (("text only", None), ("image", img)):
         ids, tt = conversation(tok, QUERY, image)
         with torch.no_grad():
             want = forward_ref(w, ids, tt, image)
