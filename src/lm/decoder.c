@@ -1031,6 +1031,8 @@ bool mmb__lm_replaced(const mmb_lm *lm, int l) { return lm && l >= 0 && l < lm->
 
 int64_t mmb__kv_cache_cap(const mmb_kv_cache *kv) { return kv ? kv->cap : 0; }
 
+int64_t mmb__kv_cache_shift(const mmb_kv_cache *kv) { return kv ? kv->shift : 0; }
+
 /* ---- type B: expert sets and adapter prompts ------------------------------------------------------------ */
 
 int mmb__lm_experts(const mmb_lm *lm) { return lm ? lm->experts : 0; }

@@ -78,6 +78,8 @@ int64_t mmb__lm_prompt_len(const mmb_lm *lm, int l);
 bool mmb__lm_present(const mmb_ckpt *c);
 /* The positions kv can hold (max_tokens of mmb_kv_cache_new); 0 for NULL. */
 int64_t mmb__kv_cache_cap(const mmb_kv_cache *kv);
+/* kv's RoPE shift: the next row's default RoPE position is its index minus it (mmb__lm_rows.rope_pos); 0 for NULL. */
+int64_t mmb__kv_cache_shift(const mmb_kv_cache *kv);
 
 /* ---- lm/xattn.c: fusion type A, gated cross-attention layers inside the decoder ------------------------ */
 

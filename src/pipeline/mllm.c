@@ -191,6 +191,8 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const char 
             return mmb__err(ctx, MMB_ERR_SHAPE, "%s: the connector makes %d-wide embeddings, the LLM takes %lld",
                             m->dir, mi.out_width, (long long)li.d_model);
         if ((s = load_tokenizer(ctx, m, row)) != MMB_OK) return s;
+        m->image_expert = row->image_expert && mmb__lm_experts(m->lm) > 1;
+        m->image_one_position = row->image_one_position;
         if (row->image_first) { /* CogVLM: _history_to_prompt's templates */
             const char *tv = "chat";
             mmb__cfg_str(ctx, mmb__model_ckpt(m->model), "template_version", &tv, &s);

@@ -52,6 +52,7 @@ struct mmb_mllm {
     mmb__xattn *xattn;         /* fusion A: the LLM's gated cross-attention layers, or NULL */
     const char *image_wrap;    /* fusion A (IDEFICS): the token around an image marker in the text, or NULL */
     bool raw_bos;              /* the row's raw_bos (Mllama) */
+    bool image_expert, image_one_position; /* the row's (fusion B, CogVLM) */
     const char *query_fmt;     /* the row's image_first (CogVLM): the chat mode's "%s" wrapper of the text, else NULL */
     mmb_tokenizer *tok;
     mmb_preprocess proc;
