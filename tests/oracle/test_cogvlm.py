@@ -304,6 +304,25 @@ def test_logits_and_greedy_match_reference(ckpt, tmp_path):
     assert [int(t) for t in r.stdout.split()] == want
 
 
+def test_raw_prompt_and_split_batches(ckpt, tmp_path):
+    """--raw is template 'base' (the query as it is, after BOS and the image); --n-batch 4 cuts the image's 11 rows
+    across decoder calls, with the same experts and positions."""
+    d, w, tok, img = ckpt
+    ids, tt = conversation(tok, QUERY, img)
+    text = tok.encode(QUERY, add_special_tokens=False)
+    n_img = int((tt == VISION).sum())
+    raw_ids = torch.tensor([[tok.bos_token_id] + [0] * n_img + text])
+    raw_tt = torch.tensor([[LANG] + [VISION] * n_img + [LANG] * len(text)])
+    out = tmp_path / "l.safetensors"
+    with torch.no_grad():
+        want = forward_ref(w, raw_ids, raw_tt, img)
+        run("generate", d, "--raw", "--prompt", QUERY, "--image", img, "-n", 0, "--logits", out, "--threads", 2)
+        assert scaled_err(load_file(str(out))["logits"], want) <= 1e-4
+        want = forward_ref(w, ids, tt, img)
+        run("generate", d, "--prompt", QUERY, "--image", img, "-n", 0, "--logits", out, "--n-batch", 4)
+        assert scaled_err(load_file(str(out))["logits"], want) <= 1e-4
+
+
 @pytest.mark.parametrize("variant", ["vision expert on text rows", "sequential positions",
                                      "eoi through the vision expert"])
 def test_wrong_variants_are_far_off(ckpt, tmp_path, variant):
