@@ -105,11 +105,14 @@ struct mmb__family {
                                    wrap marker wrap, or marker wrap after an image), or NULL */
     bool raw_bos;               /* a raw prompt without the BOS text gets it after its leading image markers, then
                                    the tokenizer's own (MllamaProcessor's build_string_from_input) */
-    bool image_expert;          /* fusion B: an image's rows run through the LLM's second weight set (the visual
-                                   expert), but its last (CogVLM's get_expert_mask: eoi, followed by a text row) */
-    bool image_one_position;    /* fusion B: an image's rows take RoPE positions p (first), p + 1 (every inner one),
-                                   p + 2 (last), p the first's own; the text after it goes on from p + 3
-                                   (CogVLM's build_position_ids) */
+    bool image_expert;          /* fusion B: an image's rows run through the LLM's second weight set (CogVLM's
+                                   visual expert, mPLUG-Owl2's modality-adaptive module) */
+    bool image_one_position;    /* fusion B: an image's rows but its first and last share one RoPE position (CogVLM's
+                                   build_position_ids: first p, the inner rows p + 1, last p + 2) */
+    const char *adapter;        /* fusion B: the adapter kind (lm/adapter.c) the image's encode output becomes the
+                                   prompts of (LLaMA-Adapter V2); its image takes no positions in the text; or NULL */
+    bool image_last_text;       /* with image_expert: the image's last row takes the text set (CogVLM's get_expert_mask
+                                   gives a row the vision expert when the next row is VISION too: eoi's next is text) */
     bool image_first;           /* the prompt is BOS, the image's rows, then the text tokenized alone without special
                                    tokens (CogVLM's build_conversation_input_ids; at most one image); chat mode
                                    wraps the text as config.template_version says ('chat': "Question: {q}

@@ -52,7 +52,10 @@ struct mmb_mllm {
     mmb__xattn *xattn;         /* fusion A: the LLM's gated cross-attention layers, or NULL */
     const char *image_wrap;    /* fusion A (IDEFICS): the token around an image marker in the text, or NULL */
     bool raw_bos;              /* the row's raw_bos (Mllama) */
-    bool image_expert, image_one_position; /* the row's (fusion B, CogVLM) */
+    mmb__adapter *adapter;     /* fusion B: LLaMA-Adapter's prompts (a PEFT adapter, or V2's), or NULL */
+    bool image_expert;         /* fusion B: image rows through the LLM's second weight set (the row's) */
+    bool image_one_position;   /* fusion B: CogVLM's positions for an image's rows (the row's) */
+    bool image_last_text;      /* fusion B: an image's last row through the text weight set (the row's, CogVLM) */
     const char *query_fmt;     /* the row's image_first (CogVLM): the chat mode's "%s" wrapper of the text, else NULL */
     mmb_tokenizer *tok;
     mmb_preprocess proc;
