@@ -127,11 +127,15 @@ static const arch_defaults archs[] = {
     {"mllama_text_model", 128256, 4096, 14336, 40, 32, 8, 131072, false}, /* MllamaTextConfig: Llama 3.1 + cross layers */
     /* LLaMA-Adapter V2 (scripts/convert_llama_adapter_v2.py): Meta's LLaMA with its bias tuning's biases */
     {"llama_adapter_v2", 32000, 4096, 11008, 32, 32, 0, 2048, true},
+    {"cogvlm", 32000, 4096, 11008, 32, 32, 0, 2048, false}, /* CogVLMConfig (remote code): Vicuna-7B + the visual expert */
 };
 
 static const arch_defaults *find_arch(const char *model_type, const char *architecture) {
     for (size_t i = 0; i < sizeof archs / sizeof archs[0]; i++)
         if (model_type && strcmp(model_type, archs[i].name) == 0) return &archs[i];
+    /* CogVLM's remote-code config.json may carry no model_type */
+    for (size_t i = 0; architecture && strcmp(architecture, "CogVLMForCausalLM") == 0 && i < sizeof archs / sizeof archs[0]; i++)
+        if (strcmp(archs[i].name, "cogvlm") == 0) return &archs[i];
     /* Original LLaVA: model_type llava / llava_llama / llava_mistral / llava_qwen, weights at model.* */
     if (architecture && strncmp(architecture, "Llava", 5) == 0 && strstr(architecture, "ForCausalLM")) {
         if (strstr(architecture, "Mistral")) return &archs[1];
@@ -862,6 +866,7 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
         mmb_wmat_out oo = {&w->o, w->bo, j->x + r0 * d, d};
         mm_units(j, tid, nth, j->att + r0 * qd, qd, r1 - r0, &oo, 1, 1);
         if (w->bo && y->pbias2) { /* PEFT's o_proj on the adapter's output adds the bias again */
+            mmb__barrier_wait(&j->bar); /* the product's columns are split over the threads, these rows are not */
             mmb__split(r1 - r0, tid, nth, &lo, &hi);
             for (int64_t i = r0 + lo; i < r0 + hi; i++)
                 for (int64_t e = 0; e < d; e++) j->x[i * d + e] += w->bo[e];

@@ -83,6 +83,13 @@ static const mmb__family rows[] = {
      .processor = "CLIPImageProcessor (image_aspect_ratio pad, the original CLI's default)", .fusion = MMB_FUSION_B,
      .lm = "this config: Llama 2 with the modality-adaptive module (multiway K/V and norms, model.*)",
      .lm_runs = true, .image_marker = "<|image|>", .image_expert = true, .ops = &mmb__family_mplug_owl2},
+    {.name = "cogvlm", .architectures = "CogVLMForCausalLM", .model_types = "cogvlm", .layouts = "cogvlm (remote code)",
+     .tower = "vision_config: EVA2-CLIP (model.vision.transformer, norms after each sub-layer)",
+     .taps = "the last layer's patch tokens (CLS dropped)", .connector = "glu (model.vision.linear_proj) + boi/eoi",
+     .processor = "built in: bicubic resize to image_size, CLIP mean/std (the remote code's torchvision transform)",
+     .fusion = MMB_FUSION_B, .lm = "this config: Vicuna with the visual expert (model.layers.*: language_expert_* "
+     "and vision_expert_* weight sets)", .lm_runs = true, .image_expert = true, .image_one_position = true,
+     .image_last_text = true, .image_first = true, .ops = &mmb__family_cogvlm},
     {.name = "llava", .architectures = "LlavaLlamaForCausalLM, LlavaMistralForCausalLM, LlavaQwenForCausalLM",
      .model_types = "llava_llama, llava_mistral, llava_qwen", .keys = "mm_projector_type, mm_hidden_size",
      .layout = MMB__LAYOUT_ORIGINAL, .layouts = "llava-original",

@@ -2,7 +2,7 @@
  * only some families have, reached from their rows: a ViT tower + a connector run as one model
  * (models/vit_family.c: BLIP-2, IDEFICS, Idefics2/3, SmolVLM), Qwen2-VL's tower + PatchMerger
  * (models/qwen2vl.c), OpenFlamingo's CLIP tower + PerceiverResampler (models/open_flamingo.c), Llama 3.2
- * Vision's tiled tower + projector (models/mllama.c). Uses the connectors layer and below; pipeline/model.c opens checkpoints through it. */
+ * Vision's tiled tower + projector (models/mllama.c), CogVLM's EVA2-CLIP + GLU (models/cogvlm.c). Uses the connectors layer and below; pipeline/model.c opens checkpoints through it. */
 #ifndef MMB_MODELS_H
 #define MMB_MODELS_H
 
@@ -32,6 +32,10 @@ typedef struct mmb_family_ops {
     /* Optional: refuses (with a message naming `dir`) an image processor whose pixels the model cannot take
      * (Mllama: its tiles must be the tower's), when the multimodal model opens both; NULL: any. */
     mmb_status (*check_processor)(mmb_ctx *ctx, const void *state, const mmb_preprocess *p, const char *dir);
+    /* Optional: the image processor when neither the checkpoint's directory nor processor_dir has a
+     * preprocessor_config.json (CogVLM: its remote code's torchvision transform, built into the model, not
+     * saved), into *p; NULL: none. */
+    mmb_status (*processor)(mmb_ctx *ctx, const void *state, mmb_preprocess *p);
     /* Optional, fusion A: when the LLM's cross-attention reads more rows an image than encode writes (Mllama:
      * transformers' cross_attention_states hold all max_num_tiles tiles, the padding ones included, and the text
      * rows that see no tile attend to them all unmasked), the rows per image (the same for every image) and
@@ -55,6 +59,9 @@ extern const mmb_family_ops mmb__family_mllama;
 /* models/mplug_owl2.c: mPLUG-Owl2's tower (vision/mplug_owl2.c), then its visual abstractor (learned queries
  * cross-attending the image, visual_fc, vit_eos appended): num_learnable_queries + 1 rows an image. */
 extern const mmb_family_ops mmb__family_mplug_owl2;
+/* models/cogvlm.c: CogVLM's EVA2-CLIP tower (vision/cogvlm.c), its GLU adapter and the boi / eoi rows: an
+ * image's rows are (boi, grid^2 patches, eoi) of the LLM's width. */
+extern const mmb_family_ops mmb__family_cogvlm;
 
 /* What mmb__family_vit reads from its row (mmb__family.part). */
 typedef struct mmb__vit_part {
@@ -107,6 +114,12 @@ struct mmb__family {
                                    build_position_ids: first p, the inner rows p + 1, last p + 2) */
     const char *adapter;        /* fusion B: the adapter kind (lm/adapter.c) the image's encode output becomes the
                                    prompts of (LLaMA-Adapter V2); its image takes no positions in the text; or NULL */
+    bool image_last_text;       /* with image_expert: the image's last row takes the text set (CogVLM's get_expert_mask
+                                   gives a row the vision expert when the next row is VISION too: eoi's next is text) */
+    bool image_first;           /* the prompt is BOS, the image's rows, then the text tokenized alone without special
+                                   tokens (CogVLM's build_conversation_input_ids; at most one image); chat mode
+                                   wraps the text as config.template_version says ('chat': "Question: {q}
+                                   Answer:", 'vqa': "Question: {q} Short answer:", 'base': as it is) */
     const mmb_family_ops *ops;  /* the family's own code; NULL: pipeline/model.c's LLaVA path (tower + feature
                                    selection + a registered projector), or a tower alone */
     const void *part;           /* the data ops reads from the row (mmb__vit_part for mmb__family_vit), or NULL */

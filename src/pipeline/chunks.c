@@ -209,6 +209,36 @@ static mmb_status bos_after_images(mmb_ctx *ctx, const mmb_mllm *m, const char *
     return MMB_OK;
 }
 
+/* CogVLM's build_conversation_input_ids: [BOS], the image's rows, then the text (chat: m->query_fmt around the
+ * prompt) tokenized without special tokens. */
+static mmb_status image_first_prompt(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt, const mmb_image *imgs,
+                                     int n_images, int flags, mmb_chunks **out) {
+    if (n_images > 1)
+        return mmb__err(ctx, MMB_ERR_ARG, "%s: a %s prompt takes at most one image (build_conversation_input_ids); %d "
+                        "were given", m->dir, m->info.family, n_images);
+    const char *fmt = flags == MMB_TOKENIZE_CHAT ? m->query_fmt : "%s";
+    size_t len = strlen(fmt) + strlen(prompt) + 1;
+    char *text = malloc(len);
+    if (!text) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    snprintf(text, len, fmt, prompt);
+    int32_t *ids = NULL, bos = mmb_tokenizer_bos_id(m->tok);
+    int64_t n = 0;
+    mmb_chunks *c = NULL;
+    mmb_status s = mmb_tokenizer_encode(ctx, m->tok, text, strlen(text), 0, &ids, &n);
+    free(text);
+    if (s == MMB_OK) s = mmb_chunks_new(ctx, &c);
+    if (s == MMB_OK && bos >= 0) s = mmb_chunks_add_text(ctx, m, c, &bos, 1);
+    if (s == MMB_OK && n_images) s = mmb_chunks_add_image(ctx, m, c, &imgs[0]);
+    if (s == MMB_OK && n) s = mmb_chunks_add_text(ctx, m, c, ids, n);
+    free(ids);
+    if (s != MMB_OK) {
+        mmb_chunks_free(c);
+        return s;
+    }
+    *out = c;
+    return MMB_OK;
+}
+
 mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt, const mmb_image *imgs,
                              int n_images, int flags, mmb_chunks **out) {
     if (!ctx || !m || !prompt || !out || n_images < 0 || (n_images && !imgs) ||
@@ -217,6 +247,7 @@ mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt
     mmb_status s = need_lm(ctx, m);
     if (s != MMB_OK) return s;
     if (!m->tok) return mmb__err(ctx, MMB_ERR_MISSING, "%s: no tokenizer: %s", m->dir, m->no_tok);
+    if (m->query_fmt) return image_first_prompt(ctx, m, prompt, imgs, n_images, flags, out);
     if (flags == MMB_TOKENIZE_CHAT && !m->info.has_chat_template)
         return mmb__err(ctx, MMB_ERR_MISSING, "%s: the tokenizer has no chat template (tokenize with "
                         "MMB_TOKENIZE_RAW)", m->dir);

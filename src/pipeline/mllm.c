@@ -52,11 +52,12 @@ static mmb_status apply_dense(mmb_ctx *ctx, mmb_mllm *m, const mmb_dense_params 
 }
 
 /* The image processor: the directory's, else the vision tower directory's (the one given, or the family's
- * own: mmb__model_processor_dir); none (the reason kept for encode's
+ * own: mmb__model_processor_dir), else the family's built-in one (mmb__model_processor); none (the reason kept for encode's
  * message) when neither has one. LLaVA's "pad" aspect mode pads to a square first. */
 static mmb_status load_processor(mmb_ctx *ctx, mmb_mllm *m, const char *tower_dir, bool pad) {
     mmb_status s = mmb_preprocess_load(ctx, m->dir, &m->proc);
     if (s == MMB_ERR_IO && tower_dir) s = mmb_preprocess_load(ctx, tower_dir, &m->proc);
+    if (s == MMB_ERR_IO && m->model && mmb__model_processor(ctx, m->model, &m->proc) == MMB_OK) s = MMB_OK;
     if (s == MMB_ERR_IO) {
         snprintf(m->no_proc, sizeof m->no_proc, "%s", mmb_ctx_error(ctx));
         return MMB_OK;
@@ -190,6 +191,17 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const char 
             return mmb__err(ctx, MMB_ERR_SHAPE, "%s: the connector makes %d-wide embeddings, the LLM takes %lld",
                             m->dir, mi.out_width, (long long)li.d_model);
         if ((s = load_tokenizer(ctx, m, row)) != MMB_OK) return s;
+        if (row->image_first) { /* CogVLM: _history_to_prompt's templates */
+            const char *tv = "chat";
+            mmb__cfg_str(ctx, mmb__model_ckpt(m->model), "template_version", &tv, &s);
+            if (s != MMB_OK) return s;
+            if (strcmp(tv, "chat") == 0) m->query_fmt = "Question: %s Answer:";
+            else if (strcmp(tv, "vqa") == 0) m->query_fmt = "Question: %s Short answer:";
+            else if (strcmp(tv, "base") == 0) m->query_fmt = "%s";
+            else
+                return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: template_version '%s' (base, chat and vqa "
+                                "are known)", m->dir, tv);
+        }
         if (row->xattn && m->model) { /* fusion A: the visual tokens reach the LLM through its gated layers */
             int64_t per = mmb__model_xattn_tokens(m->model) ? mmb__model_xattn_tokens(m->model) : mi.tokens_per_image;
             s = mmb__xattn_open(ctx, m->lm, row->xattn, mi.out_width, per > 0 ? per : 1,
@@ -210,6 +222,7 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const char 
         /* fusion B: the LLM's own layers changed */
         m->image_expert = row->image_expert && m->model;
         m->image_one_position = row->image_one_position && m->model;
+        m->image_last_text = row->image_last_text && m->image_expert;
         if (m->image_expert && mmb__lm_experts(m->lm) < 2)
             return mmb__err(ctx, MMB_ERR_MISSING, "%s: a %s model's LLM has a second weight set per layer for its "
                             "image rows, but the layers have none (layer 0's expert tensors are missing)", m->dir,

@@ -557,6 +557,11 @@ mmb_status mmb__model_check_processor(mmb_ctx *ctx, const mmb_model *m, const mm
     return m->fam->ops->check_processor(ctx, m->fam_state, p, dir);
 }
 
+mmb_status mmb__model_processor(mmb_ctx *ctx, const mmb_model *m, mmb_preprocess *p) {
+    if (!m || !m->fam || !m->fam->ops->processor) return MMB_ERR_IO;
+    return m->fam->ops->processor(ctx, m->fam_state, p);
+}
+
 int64_t mmb__model_xattn_tokens(const mmb_model *m) {
     return m && m->fam && m->fam->ops->xattn_tokens ? m->fam->ops->xattn_tokens(m->fam_state) : 0;
 }

@@ -16,6 +16,9 @@ const char *mmb__model_processor_dir(const mmb_model *m);
 /* MMB_OK when m can take the pixels processor p makes (its family's mmb_family_ops.check_processor), else its
  * status and message (naming dir). */
 mmb_status mmb__model_check_processor(mmb_ctx *ctx, const mmb_model *m, const mmb_preprocess *p, const char *dir);
+/* The family's own image processor (mmb_family_ops.processor: CogVLM's built-in transform) into *p; MMB_ERR_IO
+ * (nothing set, no message) when the family has none. */
+mmb_status mmb__model_processor(mmb_ctx *ctx, const mmb_model *m, mmb_preprocess *p);
 /* Fusion A: the rows per image m's LLM cross-attends to (mmb_family_ops.xattn_tokens: Mllama's max_num_tiles P,
  * the padding tiles included), or 0 when they are mmb_model_encode's rows. */
 int64_t mmb__model_xattn_tokens(const mmb_model *m);
@@ -52,6 +55,8 @@ struct mmb_mllm {
     mmb__adapter *adapter;     /* fusion B: LLaMA-Adapter's prompts (a PEFT adapter, or V2's), or NULL */
     bool image_expert;         /* fusion B: image rows through the LLM's second weight set (the row's) */
     bool image_one_position;   /* fusion B: CogVLM's positions for an image's rows (the row's) */
+    bool image_last_text;      /* fusion B: an image's last row through the text weight set (the row's, CogVLM) */
+    const char *query_fmt;     /* the row's image_first (CogVLM): the chat mode's "%s" wrapper of the text, else NULL */
     mmb_tokenizer *tok;
     mmb_preprocess proc;
     mmb_mllm_info info;

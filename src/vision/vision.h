@@ -1,4 +1,4 @@
-/* The vision layer: towers (vision/vit.c, vision/qwen2vl.c, vision/mllama.c) and image preprocessing (vision/preprocess.c). Uses the io layer and below. */
+/* The vision layer: towers (vision/vit.c, vision/qwen2vl.c, vision/mllama.c, vision/cogvlm.c) and image preprocessing (vision/preprocess.c). Uses the io layer and below. */
 #ifndef MMB_VISION_H
 #define MMB_VISION_H
 
@@ -110,6 +110,30 @@ mmb_owlvit_info mmb__owlvit_info(const mmb_owlvit *v);
  * token). MMB_ERR_SHAPE with a message for another size. Scratch from ctx's arena (reserved here, reset before
  * returning). */
 mmb_status mmb__owlvit_forward(mmb_ctx *ctx, const mmb_owlvit *v, const float *pixels, int64_t B, int height,
+                               int width, float *out);
+
+/* ---- vision/cogvlm.c: CogVLM's EVA2-CLIP tower (visual.py's patch_embedding + transformer) ---------- */
+
+typedef struct mmb_cogvit mmb_cogvit;
+
+typedef struct mmb_cogvit_info {
+    int width, inter, layers, heads, patch, image_size;  /* vision_config: hidden_size, ..., image_size */
+    int grid;                                          /* image_size / patch_size */
+    int64_t tokens;                                    /* grid^2: the output rows an image (the CLS dropped) */
+    float eps;                                         /* layer_norm_eps */
+    const char *prefix;                                /* "model.vision." */
+    int64_t params, flops_per_image;
+} mmb_cogvit_info;
+
+/* Loads the tower under vision_config.* and model.vision.* (c must outlive it), checking every weight (errors
+ * name the file and the tensor). Free with mmb__cogvit_free (NULL is a no-op). */
+mmb_status mmb__cogvit_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb_cogvit **out);
+void mmb__cogvit_free(mmb_cogvit *v);
+mmb_cogvit_info mmb__cogvit_info(const mmb_cogvit *v);
+/* pixels (B, 3, image_size, image_size) -> out (B, grid^2, width): the last layer's patch tokens (the CLS
+ * dropped, as EVA2CLIPModel's x[:, 1:]). MMB_ERR_SHAPE with a message for another size. Scratch from ctx's
+ * arena (reserved here, reset before returning). */
+mmb_status mmb__cogvit_forward(mmb_ctx *ctx, const mmb_cogvit *v, const float *pixels, int64_t B, int height,
                                int width, float *out);
 
 /* ---- vision/preprocess.c ---------------------------------------------------------------------- */
