@@ -33,8 +33,10 @@ of the CLIP tower (--clip-heads: clip's build_model takes width / 64).
 
 LoRA (LORA-BIAS-7B) is merged into the weights: W + l2 l1 for wq, wk, wv, wo, w1, w2, w3, and new_gate folded
 into the gate (atanh(new_gate * tanh(gate))). The original runs the adapter prompts through wk and wv WITHOUT
-their LoRA; merged, they go through the merged weights: not the original's numbers when lora_wk/lora_wv are
-non-zero (docs/decisions.md gives the measured difference).
+their LoRA: for the adapted layers the unmerged ones are written too, as self_attn.adapter_k_proj.weight (rows
+permuted as k_proj's) and self_attn.adapter_v_proj.weight. A reader that sends the prompts through the merged
+k_proj / v_proj instead is not the original when lora_wk / lora_wv are non-zero (docs/decisions.md gives the
+measured difference).
 """
 import argparse
 import json
@@ -323,7 +325,7 @@ def llama_tensors(params, base, over, qlen_layers, path, base_path, lora_cfg):
         raise ConvertError(f"{path}: LoRA tensors but config w_lora false")
     if lora_cfg.get("w_lora") and not lora:
         raise ConvertError(f"{path}: config w_lora true but no LoRA tensors (llama.layers.*.attention.lora_*)")
-    merged = 0
+    merged, base_kv = 0, {}
     for l in range(L):
         for tgt in LORA_TARGETS:
             a, b = lora.pop((l, tgt, 1), None), lora.pop((l, tgt, 2), None)
@@ -333,6 +335,8 @@ def llama_tensors(params, base, over, qlen_layers, path, base_path, lora_cfg):
                 raise ConvertError(f"{path}: tensor 'llama.layers.{l}.{tgt.split('.')[0]}.lora_{tgt.split('.')[1]}"
                                    f"_l{1 if a is None else 2}.weight' is missing (LoRA needs l1 and l2)")
             w = sd[f"layers.{l}.{tgt}.weight"]
+            if tgt in ("attention.wk", "attention.wv"):
+                base_kv[(l, tgt)] = w  # the adapter prompts' own: the original runs them through wk, wv without LoRA
             if a.ndim != 2 or b.ndim != 2 or a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0] or a.shape[0] != b.shape[1]:
                 raise ConvertError(f"{path}: LoRA of 'llama.layers.{l}.{tgt}': l1 {shape_of(a)}, l2 {shape_of(b)} for a "
                                    f"weight of {shape_of(w)} (rank {r})")
@@ -368,6 +372,10 @@ def llama_tensors(params, base, over, qlen_layers, path, base_path, lora_cfg):
                                    "gate can only express values inside (-1, 1)")
             g = eff.atanh()
         out[f"model.layers.{l}.self_attn.adapter_gate"] = g.to(gates[l].dtype)
+        for tgt, name, perm in (("attention.wk", "adapter_k_proj", True), ("attention.wv", "adapter_v_proj", False)):
+            if (l, tgt) in base_kv:
+                w = base_kv[(l, tgt)]
+                out[f"model.layers.{l}.self_attn.{name}.weight"] = permute_rows(w, H) if perm else w
     info = {"dim": dim, "layers": L, "heads": H, "inter": inter, "vocab": vocab, "lora_merged": merged,
             "eps": params.get("norm_eps", 1e-5)}
     return out, info

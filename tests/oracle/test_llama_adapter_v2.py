@@ -549,6 +549,93 @@ def test_chat_template_is_format_prompt(tmp_path):
         assert got.rstrip("\n") == want, got
 
 
+# ---- (d) the converted LLM tensors, read as Hugging Face Llama names would be --------------------------------
+
+def hf_logits(sd, cfg, vq, ids, merged_kv=False):
+    """The converted checkpoint computed as its names say (transformers' Llama: rotate_half RoPE, the biases the file
+    has, the adapter prompts adapter_query + visual_query through the layer's k_proj / v_proj, their own softmax
+    scaled by tanh(adapter_gate)): what the decoder must compute, from the file alone."""
+    D, L, H = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    hd, T, eps = D // H, len(ids), cfg["rms_norm_eps"]
+    inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, hd, 2).double() / hd))
+    ang = torch.outer(torch.arange(T).double(), inv)
+    cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None].float(), torch.cat([ang.sin()] * 2, -1)[:, None].float()
+
+    def lin(x, name):
+        y = x @ sd[name + ".weight"].T
+        return y + sd[name + ".bias"] if name + ".bias" in sd else y
+
+    def norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def rot(t):
+        return t * cos + torch.cat([-t[..., hd // 2:], t[..., : hd // 2]], -1) * sin
+
+    Q, ql = cfg["query_len"], cfg["query_layer"]
+    aq = sd["adapter_query.weight"].reshape(ql, Q, D)
+    h = sd["model.embed_tokens.weight"][torch.tensor(ids)]
+    mask = torch.triu(torch.full((T, T), float("-inf")), diagonal=1)
+    for l in range(L):
+        p = f"model.layers.{l}."
+        x = norm(h, sd[p + "input_layernorm.weight"])
+        q = rot(lin(x, p + "self_attn.q_proj").view(T, H, hd)).transpose(0, 1)
+        k = rot(lin(x, p + "self_attn.k_proj").view(T, H, hd)).transpose(0, 1)
+        v = lin(x, p + "self_attn.v_proj").view(T, H, hd).transpose(0, 1)
+        o = F.softmax(q @ k.transpose(1, 2) / math.sqrt(hd) + mask, -1) @ v
+        if l >= L - ql:
+            pr = aq[l - (L - ql)] + vq
+            kn, vn = p + "self_attn.adapter_k_proj", p + "self_attn.adapter_v_proj"  # unmerged LoRA's, when written
+            kn = p + "self_attn.k_proj" if merged_kv or kn + ".weight" not in sd else kn
+            vn = p + "self_attn.v_proj" if merged_kv or vn + ".weight" not in sd else vn
+            ak = lin(pr, kn).view(Q, H, hd).transpose(0, 1)
+            av = lin(pr, vn).view(Q, H, hd).transpose(0, 1)
+            g = sd[p + "self_attn.adapter_gate"].tanh()[:, None, None]
+            o = o + g * F.softmax(q @ ak.transpose(1, 2) / math.sqrt(hd), -1) @ av
+        h = h + lin(o.transpose(0, 1).reshape(T, D), p + "self_attn.o_proj")
+        x = norm(h, sd[p + "post_attention_layernorm.weight"])
+        h = h + lin(F.silu(lin(x, p + "mlp.gate_proj")) * lin(x, p + "mlp.up_proj"), p + "mlp.down_proj")
+    return norm(h, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
+
+
+@pytest.mark.parametrize("lora", ["none", "lora_text_only", "lora"])
+def test_converted_llm_matches_reference(tmp_path, lora):
+    """The converter loses nothing: the converted tensors, computed as their names say, give the original's logits.
+    LoRA merged: exact while lora_wk / lora_wv are zero (the adapter prompts then see the same wk, wv); with them
+    non-zero the merged wk, wv also reach the prompts, which the original's do not: the difference is measured."""
+    d = tmp_path / "orig"
+    d.mkdir()
+    tok = tokenizer_json(d / "tokenizer.json")
+    torch.manual_seed(8)
+    model = randomize(LlamaAdapter(tok.get_vocab_size(), lora_rank=4 if lora != "none" else 0), 8).eval()
+    if lora == "lora_text_only":
+        with torch.no_grad():
+            for layer in model.llama.layers:
+                layer.attention.lora_wk_l2.weight.zero_()
+                layer.attention.lora_wv_l2.weight.zero_()
+    save_original(model, d, tok.get_vocab_size(), 4 if lora != "none" else 0)
+    p = convert(d, tmp_path / "m")
+    sd = load_file(str(tmp_path / "m" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    ids = ref_ids(d, "Please introduce this painting.")
+    with torch.no_grad():
+        vq = model.forward_visual(pixels(tmp_path / "px.safetensors", 1))
+        ref = model.forward_inference(vq, torch.tensor([ids]))[0]
+        got = hf_logits(sd, cfg, vq[0], ids)
+        err = report(f"converted LLM ({lora})", got, ref)
+        for v in ("no_tanh", "merged_softmax"):
+            e = scaled_err(got, model.forward_inference(vq, torch.tensor([ids]), v)[0])
+            print(f"  wrong variant {v}: {e:.2e}")
+            assert e > 1e-2, v
+    assert err <= 1e-4
+    assert (f"model.layers.{LLAMA['n_layers'] - 1}.self_attn.adapter_k_proj.weight" in sd) == (lora != "none")
+    if lora != "none":  # a reader that sends the prompts through the merged k_proj / v_proj instead
+        with torch.no_grad():
+            e = scaled_err(hf_logits(sd, cfg, vq[0], ids, merged_kv=True), ref)
+        print(f"  the adapter prompts through the merged k_proj / v_proj: {e:.2e}")
+        assert (e <= 1e-4) == (lora == "lora_text_only")
+    assert ("LoRA pair(s) merged" in p.stdout) and (("0 LoRA" in p.stdout) == (lora == "none"))
+
+
 # ---- (d) the LLM side: logits and greedy tokens ----------------------------------------------------------------
 
 def lm_side_present():
