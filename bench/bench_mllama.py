@@ -276,6 +276,15 @@ def nbytes(dtype, shape):
     return n
 
 
+def kernel_isa():
+    """The kernel mmbridge's CPU dispatch picks (base/cpu.c): AVX-512 with avx512f and avx512vl, else AVX2 + FMA."""
+    try:
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "(unknown)"
+    return "avx512f+avx512vl+fma" if {"avx512f", "avx512vl"} <= set(flags) else "avx2+fma"
+
+
 def bytes_per_token(d, s, prompt_len, decode):
     """(bytes one decode step must read, its parts)."""
     t = tensors(d)
@@ -288,7 +297,7 @@ def bytes_per_token(d, s, prompt_len, decode):
     self_kv = (s["layers"] - len(s["cross"])) * 2 * s["kv_heads"] * (s["hidden"] // s["heads"]) * 4 * ctx
     return weights + visual + self_kv, dict(weights=weights, visual_kv=visual, self_kv=self_kv,
                                             kv_proj=sum(nbytes(*t[k]) for k in per_image),
-                                            head=sum(nbytes(*t[k]) for k in text if k.startswith("lm_head")))
+                                            head=sum(nbytes(*t[k]) for k in text if k.endswith("lm_head.weight")))
 
 
 # ---- the probes -----------------------------------------------------------------------------------------------
@@ -338,7 +347,8 @@ def mmb_generate(a, d, img, th, n):
     m = GEN_RE.search(p.stderr)
     if not m:
         raise RuntimeError(f"no timings in mmbridge's stderr: {p.stderr.strip()[-300:]}")
-    return dict(decode=int(m.group(4)) / float(m.group(5)), images=float(m.group(3)),
+    # printed to the ms: a toy model (--quick) can show 0.000
+    return dict(decode=int(m.group(4)) / max(float(m.group(5)), 5e-4), images=float(m.group(3)),
                 prefill=float(m.group(2)) - float(m.group(3)), ids=[int(x) for x in p.stdout.split()],
                 prompt=int(m.group(1)))
 
@@ -522,8 +532,8 @@ def report(a, res, meta):
         f"{s['tiles']} tiles of {s['tile']} ({parts['positions']} positions each, {parts['padded']} padded). Text: "
         f"hidden {s['hidden']}, MLP {s['inter']}, {s['heads']} heads / {s['kv_heads']} KV heads, vocabulary "
         f"{s['vocab']}, {s['layers']} layers with cross_attention_layers {s['cross']} (11B: 40 layers, 8 cross). "
-        f"Threads: {', '.join(map(str, a.threads))}; ISA: mmbridge's own kernel avx2+fma (bf16 weights widened to "
-        "f32 in the micro-kernel), PyTorch's CPU kernels (oneDNN / its own) on the same machine.",
+        f"Threads: {', '.join(map(str, a.threads))}; ISA: mmbridge's own kernel {kernel_isa()} (bf16 weights widened "
+        "to f32 in the micro-kernel), PyTorch's CPU kernels (oneDNN / its own) on the same machine.",
         "",
         f"**Vision encode**, s/image (median of {a.reps} runs; one 4-tile image, {fl * 1e-12:.2f} TFLOP: "
         f"{nlay} layers' projections and MLP {parts['linear'] * 1e-12:.2f}, attention over the "

@@ -856,6 +856,9 @@ typedef struct mmb_mllm_params {
      * that is non-zero replaces the checkpoint's value (layers, groups, pool, tokens). */
     mmb_dense_params dense;
     int vision_only;            /* 1: do not open the language model and tokenizer even when present */
+    const char *adapter;        /* a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) of
+                                   type ADAPTION_PROMPT (LLaMA-Adapter) put on the LLM (a Llama or Mistral
+                                   model), or NULL */
 } mmb_mllm_params;
 
 /* Returns the default parameters: all zero (the checkpoint as it is). */
@@ -910,6 +913,15 @@ typedef struct mmb_mllm_info {
      * positions of LLM prefill and KV cache instead. */
     int xattn_layers;
     int64_t xattn_params, xattn_flops_per_token, xattn_kv_bytes_per_image, xattn_kv_flops_per_image;
+    /* Fusion B (layers of the LLM changed), 0 otherwise. expert_sets: weight sets per layer (2: CogVLM's visual
+     * expert, mPLUG-Owl2's modality-adaptive module; each position runs one set, so a set adds parameters but no
+     * FLOPs per position); adapter_layers / adapter_len: LLaMA-Adapter's adapted layers and prompt vectors per
+     * layer (a PEFT adapter too). added_params: what the design adds over the plain LLM (the second sets' own
+     * tensors; the prompts, adapter queries and gates); added_flops_per_token: per text position (the
+     * prompts' attention); adapter_flops_per_image: the prompts' keys and values (per image for V2, once at load
+     * for PEFT). */
+    int expert_sets, adapter_layers;
+    int64_t adapter_len, added_params, added_flops_per_token, adapter_flops_per_image;
 } mmb_mllm_info;
 
 /* Fills *out; strings belong to the model. Returns MMB_OK or MMB_ERR_ARG for NULL pointers. */

@@ -121,10 +121,11 @@ void cli_free_list(char **v, int n);
 
 /* Opens `dir` the one way every command does, through the library's family table (mmb_mllm_open): the
  * Dense Connector options over the checkpoint's own (dense may be NULL), the vision tower of an
- * original-layout LLaVA (vision_tower may be NULL), the LLM and tokenizer unless vision_only. Returns 0,
- * or 1 after printing the library's message (an unsupported architecture: the families it reads). */
+ * original-layout LLaVA (vision_tower may be NULL), the LLM and tokenizer unless vision_only, a PEFT
+ * adapter directory on the LLM (adapter may be NULL). Returns 0, or 1 after printing the library's message
+ * (an unsupported architecture: the families it reads). */
 int cli_open(mmb_ctx *ctx, const char *dir, const char *vision_tower, const mmb_dense_params *dense, int vision_only,
-             mmb_mllm **out);
+             const char *adapter, mmb_mllm **out);
 
 /* A mixture-of-experts connector's routing statistics, one line; nothing for other models. */
 void cli_print_routing(const mmb_model *m);
@@ -144,13 +145,14 @@ typedef struct cli_enc {
 int cli_encode_run(mmb_ctx *ctx, const cli_enc *e);
 
 /* Prints what `info` prints about `dir`. Returns the exit status: 0 or 1 (printed). */
-int cli_info_run(mmb_ctx *ctx, const char *dir, const char *tower, const mmb_dense_params *dense, int dtype);
+int cli_info_run(mmb_ctx *ctx, const char *dir, const char *tower, const mmb_dense_params *dense, int dtype,
+                 const char *adapter);
 
 /* A generation: what `generate` parses, and what `demo` fills in. */
 #define CLI_MAX_IMAGES 64
 #define CLI_MAX_STOPS 8
 typedef struct cli_gen {
-    const char *model, *tower, *prompt, *ids, *embeds, *logits;
+    const char *model, *tower, *adapter, *prompt, *ids, *embeds, *logits;
     const char *images[CLI_MAX_IMAGES];
     const char *stops[CLI_MAX_STOPS];
     int n_images, n_stops, raw, ignore_eos, print_ids;

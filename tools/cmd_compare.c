@@ -47,7 +47,7 @@ static int measure_model(mmb_ctx *ctx, const char *dir, int reps, int64_t grid, 
     snprintf(r->name, sizeof r->name, "%.*s", (int)(dir + len - base), base);
     snprintf(r->measured, sizeof r->measured, "-");
     mmb_mllm *mm = NULL;
-    if (cli_open(ctx, dir, NULL, NULL, 0, &mm)) return row_fail(r, mmb_ctx_error(ctx));
+    if (cli_open(ctx, dir, NULL, NULL, 0, NULL, &mm)) return row_fail(r, mmb_ctx_error(ctx));
     const mmb_model *m = mmb_mllm_model(mm);
     if (!m) {
         char why[4096];

@@ -89,7 +89,7 @@ int cmd_connect(int argc, char **argv) {
     mmb_features ft;
     mmb_model_info in;
     r = 1;
-    if (cli_open(ctx, pos[0], NULL, &dense, 1, &mm)) goto done;
+    if (cli_open(ctx, pos[0], NULL, &dense, 1, NULL, &mm)) goto done;
     const mmb_model *m = mmb_mllm_model(mm);
     if (!m) {
         fprintf(stderr, "mmbridge: error: %s: a %s alone has no connector to run\n", pos[0],

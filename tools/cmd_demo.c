@@ -252,7 +252,7 @@ int cmd_demo(int argc, char **argv) {
     if (!r) {
         printf("wrote %s (random weights)\n\n$ mmbridge info %s\n", model, model);
         fflush(stdout);
-        r = cli_info_run(ctx, model, NULL, NULL, 0);
+        r = cli_info_run(ctx, model, NULL, NULL, 0, NULL);
     }
     if (!r) {
         printf("\n$ mmbridge encode %s %s -o %s\n", model, image, out);

@@ -250,7 +250,7 @@ int cli_encode_run(mmb_ctx *ctx, const cli_enc *e) {
     float *px = NULL;
     outputs out = {0};
     int64_t n = 0;
-    if (cli_open(ctx, e->model, e->tower, &e->dense, 1, &m)) goto done;
+    if (cli_open(ctx, e->model, e->tower, &e->dense, 1, NULL, &m)) goto done;
     mmb_mllm_info in;
     mmb_mllm_get_info(m, &in);
     const mmb_model *model = mmb_mllm_model(m);

@@ -110,7 +110,7 @@ int cli_generate_run(mmb_ctx *ctx, const cli_gen *o) {
     sigemptyset(&sa.sa_mask);
     interrupted = 0;
     sigaction(SIGINT, &sa, &old);
-    if (cli_open(ctx, o->model, o->tower, NULL, 0, &m)) goto done;
+    if (cli_open(ctx, o->model, o->tower, NULL, 0, o->adapter, &m)) goto done;
     mmb_mllm_info in;
     mmb_mllm_get_info(m, &in);
     if (!in.has_lm) {
@@ -185,6 +185,9 @@ int cmd_generate(int argc, char **argv) {
          .max = CLI_MAX_IMAGES},
         {.name = "--vision-tower", .meta = "DIR", .type = CLI_STR, .dst = &o.tower,
          .help = "the CLIP/SigLIP checkpoint directory of an original-layout LLaVA model"},
+        {.name = "--adapter", .meta = "DIR", .type = CLI_STR, .dst = &o.adapter,
+         .help = "a PEFT LLaMA-Adapter directory (adapter_config.json, adapter_model.safetensors)\n"
+         "put on the model's Llama or Mistral LLM"},
         {.name = "--prompt", .meta = "TEXT", .type = CLI_STR, .dst = &o.prompt,
          .help = "through the chat template of tokenizer_config.json / chat_template.json,\n"
          "then tokenized (--raw: tokenized verbatim, with the tokenizer's BOS); without an image\n"

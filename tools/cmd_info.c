@@ -75,6 +75,15 @@ static void print_lm(const mmb_mllm *m, const mmb_mllm_info *in) {
                (long long)in->xattn_params, (long long)in->xattn_flops_per_token, (long long)in->tokens_per_image,
                (long long)in->xattn_kv_bytes_per_image, (long long)in->xattn_kv_flops_per_image,
                (long long)in->tokens_per_image);
+    if (in->expert_sets > 1)
+        printf("expert sets:      %d weight sets per layer (image rows run the second), %lld parameters added over the "
+               "plain LLM, no FLOPs per position added (each position runs one set)\n", in->expert_sets,
+               (long long)in->added_params);
+    if (in->adapter_layers)
+        printf("adapter:          %d adapted layers x %lld prompt vectors; %lld parameters added; %lld FLOP per text "
+               "position added; %lld FLOP for the prompts' keys and values (%s)\n", in->adapter_layers,
+               (long long)in->adapter_len, (long long)(in->added_params), (long long)in->added_flops_per_token,
+               (long long)in->adapter_flops_per_image, in->has_vision ? "per image" : "once, at load");
     if (t)
         printf("tokenizer:        vocab %lld, BOS %d, EOS %d, chat template %s\n", (long long)mmb_tokenizer_vocab_size(t),
                mmb_tokenizer_bos_id(t), mmb_tokenizer_eos_id(t), in->has_chat_template ? "yes" : "no");
@@ -82,9 +91,10 @@ static void print_lm(const mmb_mllm *m, const mmb_mllm_info *in) {
         printf("tokenizer:        none (no tokenizer.json)\n");
 }
 
-int cli_info_run(mmb_ctx *ctx, const char *dir, const char *tower, const mmb_dense_params *dense, int dtype) {
+int cli_info_run(mmb_ctx *ctx, const char *dir, const char *tower, const mmb_dense_params *dense, int dtype,
+                 const char *adapter) {
     mmb_mllm *m = NULL;
-    if (cli_open(ctx, dir, tower, dense, 0, &m)) return 1;
+    if (cli_open(ctx, dir, tower, dense, 0, adapter, &m)) return 1;
     mmb_mllm_info in;
     mmb_mllm_get_info(m, &in);
     static const char *const dts[] = {"F32", "BF16", "F16", "int8, per-channel scales"};
@@ -111,10 +121,12 @@ int cmd_info(int argc, char **argv) {
     const char *pos[1];
     cli_ctx_opts co = {0};
     mmb_dense_params dense = {0};
-    const char *tower = NULL;
+    const char *tower = NULL, *adapter = NULL;
     const cli_opt opts[] = {
         {.name = "--vision-tower", .meta = "DIR", .type = CLI_STR, .dst = &tower,
          .help = "the CLIP/SigLIP directory of an original-layout LLaVA checkpoint"},
+        {.name = "--adapter", .meta = "DIR", .type = CLI_STR, .dst = &adapter,
+         .help = "a PEFT LLaMA-Adapter directory put on the LLM (its costs are shown)"},
         CLI_OPTS_CTX(&co),
         CLI_OPTS_DENSE(&dense),
     };
@@ -127,7 +139,7 @@ int cmd_info(int argc, char **argv) {
     if (r) return r == 1 ? 0 : r;
     mmb_ctx *ctx = cli_ctx(&co);
     if (!ctx) return 1;
-    r = cli_info_run(ctx, pos[0], tower, &dense, co.dtype);
+    r = cli_info_run(ctx, pos[0], tower, &dense, co.dtype, adapter);
     mmb_ctx_free(ctx);
     return r;
 }

@@ -137,9 +137,10 @@ int cli_expand_inputs(const char *const *in, int n_in, int any_file_is_list, cha
 }
 
 int cli_open(mmb_ctx *ctx, const char *dir, const char *vision_tower, const mmb_dense_params *dense, int vision_only,
-             mmb_mllm **out) {
+             const char *adapter, mmb_mllm **out) {
     mmb_mllm_params p = mmb_mllm_default_params();
     p.vision_tower = vision_tower;
+    p.adapter = adapter;
     if (dense) p.dense = *dense;
     p.vision_only = vision_only;
     return mmb_mllm_open(ctx, dir, &p, out) != MMB_OK ? cli_fail(ctx, NULL) : 0;

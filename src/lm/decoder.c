@@ -62,6 +62,7 @@ struct mmb_lm {
     float *norm;
     lm_layer *layers;
     int experts;               /* weight sets per layer: 1, or 2 (type B: CogVLM, mPLUG-Owl2) */
+    bool file_biases;          /* biases where the file has them (arch_defaults.file_biases) */
     int64_t expert_params;     /* the second set's own parameters */
     mmb_lm_hook *hooks;        /* (L) or NULL */
     void **owned;              /* realigned copies of weights whose file offset was not aligned */
@@ -115,13 +116,16 @@ static bool cbool(cfgr *r, const char *k, bool def, bool *present) {
 typedef struct arch_defaults {
     const char *name;
     int64_t vocab, hidden, inter, layers, heads, kv_heads, mpe;
+    bool file_biases;          /* the config names no biases: a layer has those its file holds */
 } arch_defaults;
 static const arch_defaults archs[] = {
-    {"llama", 32000, 4096, 11008, 32, 32, 0, 2048},
-    {"mistral", 32000, 4096, 14336, 32, 32, 8, 4096 * 32},
-    {"qwen2", 151936, 4096, 22016, 32, 32, 32, 32768},
-    {"idefics", 32000, 4096, 11008, 32, 32, 0, 2048},  /* IdeficsConfig: a Llama with its own config class */
-    {"mllama_text_model", 128256, 4096, 14336, 40, 32, 8, 131072}, /* MllamaTextConfig: Llama 3.1 + cross layers */
+    {"llama", 32000, 4096, 11008, 32, 32, 0, 2048, false},
+    {"mistral", 32000, 4096, 14336, 32, 32, 8, 4096 * 32, false},
+    {"qwen2", 151936, 4096, 22016, 32, 32, 32, 32768, false},
+    {"idefics", 32000, 4096, 11008, 32, 32, 0, 2048, false},  /* IdeficsConfig: a Llama with its own config class */
+    {"mllama_text_model", 128256, 4096, 14336, 40, 32, 8, 131072, false}, /* MllamaTextConfig: Llama 3.1 + cross layers */
+    /* LLaMA-Adapter V2 (scripts/convert_llama_adapter_v2.py): Meta's LLaMA with its bias tuning's biases */
+    {"llama_adapter_v2", 32000, 4096, 11008, 32, 32, 0, 2048, true},
 };
 
 static const arch_defaults *find_arch(const char *model_type, const char *architecture) {
@@ -404,7 +408,7 @@ static mmb_status bind_layer(mmb_ctx *ctx, mmb_lm *lm, int l, const layer_scheme
                              bool mlp_bias) {
     lm_layer *y = &lm->layers[l];
     int qb = qkv_bias ? BIAS_YES : BIAS_NO, ob = o_bias ? BIAS_YES : BIAS_NO, mb = mlp_bias ? BIAS_YES : BIAS_NO;
-    if (sc->probe) qb = ob = mb = BIAS_IF_PRESENT;
+    if (sc->probe || lm->file_biases) qb = ob = mb = BIAS_IF_PRESENT;
     mmb_status s = bind_set(ctx, lm, l, &sc->set[0], NULL, qb, ob, mb, y);
     if (s != MMB_OK || sc->sets < 2) return s;
     if (!(y->alt = calloc(1, sizeof *y->alt))) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
@@ -461,6 +465,7 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
                         "Vicuna, Mistral and Qwen2 text models", c->dir, architecture, r.tp, mt ? mt : "");
     if (!(lm->architecture = strdup(architecture))) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     lm->info.arch = ad->name;
+    lm->file_biases = ad->file_biases;
     lm->vocab = cint(&r, "vocab_size", ad->vocab);
     lm->d = cint(&r, "hidden_size", ad->hidden);
     lm->I = cint(&r, "intermediate_size", ad->inter);
@@ -1027,6 +1032,8 @@ const mmb_ckpt *mmb__lm_ckpt(const mmb_lm *lm) { return &lm->ck; }
 bool mmb__lm_replaced(const mmb_lm *lm, int l) { return lm && l >= 0 && l < lm->L && lm->layers[l].replaced; }
 
 int64_t mmb__kv_cache_cap(const mmb_kv_cache *kv) { return kv ? kv->cap : 0; }
+
+int64_t mmb__kv_cache_rope_next(const mmb_kv_cache *kv) { return kv ? kv->len - kv->shift : 0; }
 
 /* ---- type B: expert sets and adapter prompts ------------------------------------------------------------ */
 

@@ -78,6 +78,8 @@ int64_t mmb__lm_prompt_len(const mmb_lm *lm, int l);
 bool mmb__lm_present(const mmb_ckpt *c);
 /* The positions kv can hold (max_tokens of mmb_kv_cache_new); 0 for NULL. */
 int64_t mmb__kv_cache_cap(const mmb_kv_cache *kv);
+/* The RoPE position the next row appended to kv gets by default: its length minus its shift (mmb__lm_rows). */
+int64_t mmb__kv_cache_rope_next(const mmb_kv_cache *kv);
 
 /* ---- lm/xattn.c: fusion type A, gated cross-attention layers inside the decoder ------------------------ */
 
@@ -123,5 +125,40 @@ int64_t mmb__xattn_images(const mmb__xattn *x);
  * Returns MMB_OK, MMB_ERR_ARG or MMB_ERR_NOMEM. */
 mmb_status mmb__xattn_feed(mmb_ctx *ctx, mmb__xattn *x, int64_t pos, const int32_t *ids, int64_t n, bool carry);
 void mmb__xattn_get_cost(const mmb__xattn *x, mmb__xattn_cost *out);
+
+/* ---- lm/adapter.c: LLaMA-Adapter's prompts (fusion type B) ------------------------------------------- */
+
+/* The adaption prompts of lm's top layers (PEFT's AdaptionPrompt, or LLaMA-Adapter V2's adapter queries), set
+ * in the decoder through mmb__lm_set_prompt. One conversation at a time: V2's image lives in lm's layers. */
+typedef struct mmb__adapter mmb__adapter;
+
+typedef struct mmb__adapter_cost {
+    int layers;                 /* adapted layers */
+    int64_t prompt_len;         /* prompt vectors per layer */
+    int64_t params;             /* the prompts and gates (V2: adapter_query and the gates) */
+    int64_t flops_per_token;    /* per text position: attention over the prompts, every adapted layer */
+    int64_t flops_per_prompt;   /* the prompts' keys and values, once per image (V2) or at load (PEFT) */
+} mmb__adapter_cost;
+
+/* Reads a PEFT ADAPTION_PROMPT adapter directory (adapter_config.json + adapter_model.safetensors) for lm (a
+ * Llama or Mistral model) and installs its prompts. Returns MMB_OK; MMB_ERR_IO / MMB_ERR_FORMAT for unreadable
+ * or malformed files; MMB_ERR_UNSUPPORTED for another peft_type or target, another base architecture, or a
+ * dtype other than F32/F16/BF16; MMB_ERR_SHAPE for more adapter_layers than lm has or a prompt of another
+ * width (the adapter of another base model); MMB_ERR_MISSING for a missing tensor (messages name the file
+ * and the tensor); MMB_ERR_NOMEM. lm is unchanged on failure. Free with mmb__adapter_free (which removes the
+ * prompts). */
+mmb_status mmb__adapter_open_peft(mmb_ctx *ctx, mmb_lm *lm, const char *dir, mmb__adapter **out);
+/* The adapter of kind "llama_adapter_v2" from lm's own checkpoint (config query_len, query_layer;
+ * adapter_query.weight, {prefix}layers.{l}.self_attn.adapter_gate); its prompts start as adapter_query alone.
+ * Returns as mmb__adapter_open_peft. */
+mmb_status mmb__adapter_open(mmb_ctx *ctx, mmb_lm *lm, const char *kind, mmb__adapter **out);
+void mmb__adapter_free(mmb_ctx *ctx, mmb__adapter *a);
+/* The rows of visual query an image must bring (V2's query_len), 0 for an adapter that takes no image. */
+int64_t mmb__adapter_rows(const mmb__adapter *a);
+/* V2: every adapted layer's prompt becomes its adapter query + visual (rows, d), on ctx's pool; visual NULL:
+ * the adapter query alone. Returns MMB_OK; MMB_ERR_ARG for rows other than mmb__adapter_rows;
+ * MMB_ERR_UNSUPPORTED for an image on a PEFT adapter; MMB_ERR_NOMEM. */
+mmb_status mmb__adapter_image(mmb_ctx *ctx, mmb__adapter *a, const float *visual, int64_t rows);
+void mmb__adapter_get_cost(const mmb__adapter *a, mmb__adapter_cost *out);
 
 #endif

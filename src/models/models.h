@@ -104,6 +104,12 @@ struct mmb__family {
                                    wrap marker wrap, or marker wrap after an image), or NULL */
     bool raw_bos;               /* a raw prompt without the BOS text gets it after its leading image markers, then
                                    the tokenizer's own (MllamaProcessor's build_string_from_input) */
+    bool image_expert;          /* fusion B: an image's rows run through the LLM's second weight set (CogVLM's
+                                   visual expert, mPLUG-Owl2's modality-adaptive module) */
+    bool image_one_position;    /* fusion B: an image's rows but its first and last share one RoPE position (CogVLM's
+                                   build_position_ids: first p, the inner rows p + 1, last p + 2) */
+    const char *adapter;        /* fusion B: the adapter kind (lm/adapter.c) the image's encode output becomes the
+                                   prompts of (LLaMA-Adapter V2); its image takes no positions in the text; or NULL */
     const mmb_family_ops *ops;  /* the family's own code; NULL: pipeline/model.c's LLaVA path (tower + feature
                                    selection + a registered projector), or a tower alone */
     const void *part;           /* the data ops reads from the row (mmb__vit_part for mmb__family_vit), or NULL */

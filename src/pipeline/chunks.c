@@ -77,6 +77,7 @@ mmb_status mmb_chunks_add_image(mmb_ctx *ctx, const mmb_mllm *m, mmb_chunks *c, 
         s = mmb__err(ctx, MMB_ERR_MISSING, "%s: the model's images need their marker token (%s), which the "
                      "tokenizer lacks", m->dir, m->info.image_marker);
     if (s == MMB_OK) s = mmb__mllm_preprocess(ctx, m, img, &ch.data, &ch.h, &ch.w, &ch.n);
+    if (s == MMB_OK && mmb__adapter_rows(m->adapter)) ch.n = 0; /* LLaMA-Adapter V2: it becomes the prompts */
     if (s == MMB_OK && m->xattn) { /* fusion A: the image is its marker token's one position in the text */
         ch.n = 1;
         if (!(ch.ids = malloc(sizeof(int32_t)))) {
@@ -130,13 +131,24 @@ mmb_status mmb_mllm_chunks_from_ids(mmb_ctx *ctx, const mmb_mllm *m, const int32
     mmb_status s = need_lm(ctx, m);
     if (s == MMB_OK) s = check_ids(ctx, m, ids, n);
     if (s != MMB_OK) return s;
+    mmb_chunks *c = NULL;
+    if (mmb__adapter_rows(m->adapter)) { /* LLaMA-Adapter V2: its one image is no text, it goes in front */
+        if (n_images > 1)
+            return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: LLaMA-Adapter V2 takes one image per prompt, %d were "
+                            "given", m->dir, n_images);
+        if ((s = mmb_chunks_new(ctx, &c)) != MMB_OK) return s;
+        if (n_images) s = mmb_chunks_add_image(ctx, m, c, &imgs[0]);
+        if (s == MMB_OK && n) s = mmb_chunks_add_text(ctx, m, c, ids, n);
+        if (s != MMB_OK) mmb_chunks_free(c);
+        else *out = c;
+        return s;
+    }
     const int32_t img_tok = m->info.image_token;
     int64_t placeholders = 0;
     for (int64_t i = 0; i < n; i++) placeholders += img_tok >= 0 && ids[i] == img_tok;
     if (placeholders != n_images)
         return mmb__err(ctx, MMB_ERR_ARG, "the prompt has %lld image placeholder(s) (token %d) but %d image(s) were "
                         "given", (long long)placeholders, (int)img_tok, n_images);
-    mmb_chunks *c = NULL;
     if ((s = mmb_chunks_new(ctx, &c)) != MMB_OK) return s;
     for (int64_t i = 0, k = 0; i < n && s == MMB_OK;) {
         int64_t j = i;
@@ -208,9 +220,9 @@ mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt
     if (flags == MMB_TOKENIZE_CHAT && !m->info.has_chat_template)
         return mmb__err(ctx, MMB_ERR_MISSING, "%s: the tokenizer has no chat template (tokenize with "
                         "MMB_TOKENIZE_RAW)", m->dir);
-    const char *marker = m->info.image_marker;
+    const char *marker = mmb__adapter_rows(m->adapter) ? "" : m->info.image_marker; /* V2: images are no text */
     size_t ml = strlen(marker);
-    if (n_images && !ml)
+    if (n_images && !ml && !mmb__adapter_rows(m->adapter))
         return mmb__err(ctx, MMB_ERR_MISSING, "%s: the model has no image marker (config.json names no image token, "
                         "or the tokenizer has none with its id %d)", m->dir, (int)m->info.image_token);
     int markers = 0;
@@ -220,7 +232,7 @@ mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt
                         markers, marker, n_images);
     /* No marker: one per image in front, each on its own line (IDEFICS' processor: the images first). */
     const char sep = m->image_wrap ? ' ' : '\n';
-    size_t lead = markers ? 0 : (ml + 1) * (size_t)n_images, pl = strlen(prompt);
+    size_t lead = markers || !ml ? 0 : (ml + 1) * (size_t)n_images, pl = strlen(prompt);
     char *text = malloc(lead + pl + 1), *rendered = NULL;
     if (!text) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     for (int k = 0; lead && k < n_images; k++) {

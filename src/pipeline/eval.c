@@ -52,7 +52,11 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
         if (ch->type == MMB_CHUNK_EMBED && ch->width != d)
             return mmb__err(ctx, MMB_ERR_ARG, "chunk %d: rows of width %lld, the LLM takes %lld", i,
                             (long long)ch->width, (long long)d);
-        if (ch->type == MMB_CHUNK_IMAGE && m->info.fusion != MMB_FUSION_C && !m->xattn)
+        if (ch->type == MMB_CHUNK_IMAGE && mmb__adapter_rows(m->adapter) && (cached || i))
+            return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: chunk %d is an image; LLaMA-Adapter V2's one image comes "
+                            "first in a conversation", m->dir, i);
+        if (ch->type == MMB_CHUNK_IMAGE && m->info.fusion != MMB_FUSION_C && !m->xattn && !m->image_expert &&
+            !mmb__adapter_rows(m->adapter))
             return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: chunk %d is an image, but the model splices no images into "
                             "its LLM (fusion %s)", m->dir, i, mmb_fusion_name(m->info.fusion));
         for (int64_t k = 0; ch->type == MMB_CHUNK_TEXT && k < ch->n; k++)
@@ -93,9 +97,31 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
         j->encode_s += mmb__now_s() - t0;
         if (s == MMB_OK && j->p.on_progress) j->p.on_progress(j->p.user, "encode", ++images, c->n_images);
     }
+    /* LLaMA-Adapter V2: the image (or none) becomes every adapted layer's prompt before the text */
+    if (mmb__adapter_rows(m->adapter) && cached == 0 && s == MMB_OK) {
+        const mmb_chunk *ch = c->n && c->c[0].type == MMB_CHUNK_IMAGE ? &c->c[0] : NULL;
+        int64_t r = mmb__adapter_rows(m->adapter);
+        float *vq = ch ? malloc(sizeof(float) * (size_t)(r * d)) : NULL;
+        double t0 = mmb__now_s();
+        if (ch && !vq) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for the visual query");
+        if (ch && s == MMB_OK) s = mmb__mllm_encode_pixels(ctx, m, ch->data, 1, ch->h, ch->w, vq, (size_t)(r * d), NULL, 0, NULL);
+        if (s == MMB_OK) s = mmb__adapter_image(ctx, m->adapter, vq, r);
+        free(vq);
+        j->encode_s += mmb__now_s() - t0;
+        if (ch && s == MMB_OK && j->p.on_progress) j->p.on_progress(j->p.user, "encode", ++images, c->n_images);
+    }
+    /* fusion B: an image's rows through the LLM's second weight set, and CogVLM's positions for them */
+    int64_t nb = j->p.n_batch ? j->p.n_batch : rows;
+    uint8_t *experts = m->image_expert ? malloc((size_t)nb + 1) : NULL;
+    int64_t *rope = m->image_one_position ? malloc(sizeof(int64_t) * (size_t)(nb + 1)) : NULL;
+    if ((m->image_expert && !experts) || (m->image_one_position && !rope))
+        s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    if (experts) memset(experts, 1, (size_t)nb + 1);
     int64_t done = 0;
     for (int i = 0; i < c->n && s == MMB_OK; i++) {
         const mmb_chunk *ch = &c->c[i];
+        const int64_t rope0 = mmb__kv_cache_rope_next(kv); /* the position of an image's first row */
+        if (ch->type == MMB_CHUNK_IMAGE && !m->xattn && mmb__adapter_rows(m->adapter)) continue;
         if (ch->type == MMB_CHUNK_IMAGE && !m->xattn) {
             if ((s = check_abort(ctx, j, done, c->positions)) != MMB_OK) break;
             double t0 = mmb__now_s();
@@ -114,7 +140,13 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
             if (ids) s = mmb_lm_embed(ctx, m->lm, ch->ids + off, piece, buf);
             if (s == MMB_OK && m->xattn)
                 s = mmb__xattn_feed(ctx, m->xattn, mmb_kv_cache_len(kv), ids ? ch->ids + off : NULL, piece, false);
-            if (s == MMB_OK) s = mmb_lm_forward(ctx, m->lm, kv, x, piece, lg, !j->p.all_logits);
+            const bool image = ch->type == MMB_CHUNK_IMAGE && !m->xattn;
+            mmb__lm_rows rw = {image ? experts : NULL, image ? rope : NULL};
+            for (int64_t k = 0; rw.rope_pos && k < piece; k++) { /* first p, inner p + 1, last p + 2 */
+                int64_t at = off + k;
+                rope[k] = rope0 + (at == 0 ? 0 : at < ch->n - 1 ? 1 : ch->n > 2 ? 2 : 1);
+            }
+            if (s == MMB_OK) s = mmb__lm_forward_rows(ctx, m->lm, kv, x, piece, lg, !j->p.all_logits, &rw);
             j->prefill_s += mmb__now_s() - t0;
             off += piece;
             done += piece;
@@ -123,6 +155,8 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
     }
     free(buf);
     free(media);
+    free(experts);
+    free(rope);
     return s;
 }
 

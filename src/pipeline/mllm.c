@@ -184,7 +184,7 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const char 
     if (lm && !p->vision_only) {
         if ((s = mmb_lm_open(ctx, m->dir, &m->lm)) != MMB_OK) return s;
         mmb_lm_info li;
-        mmb_model_info mi;
+        mmb_model_info mi = {0};
         mmb_lm_get_info(m->lm, &li);
         if (m->model && mmb_model_get_info(m->model, &mi) == MMB_OK && !row->xattn && mi.out_width != li.d_model)
             return mmb__err(ctx, MMB_ERR_SHAPE, "%s: the connector makes %d-wide embeddings, the LLM takes %lld",
@@ -207,6 +207,32 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const char 
             in->xattn_kv_bytes_per_image = xc.kv_bytes_per_image;
             in->xattn_kv_flops_per_image = xc.kv_flops_per_image;
         }
+        /* fusion B: the LLM's own layers changed */
+        m->image_expert = row->image_expert && m->model;
+        m->image_one_position = row->image_one_position && m->model;
+        if (m->image_expert && mmb__lm_experts(m->lm) < 2)
+            return mmb__err(ctx, MMB_ERR_MISSING, "%s: a %s model's LLM has a second weight set per layer for its "
+                            "image rows, but the layers have none (layer 0's expert tensors are missing)", m->dir,
+                            row->name);
+        if (row->adapter && p->adapter)
+            return mmb__err(ctx, MMB_ERR_ARG, "%s: the model has its own adapter; another cannot be added", m->dir);
+        if (row->adapter && m->model) s = mmb__adapter_open(ctx, m->lm, row->adapter, &m->adapter);
+        else if (p->adapter) s = mmb__adapter_open_peft(ctx, m->lm, p->adapter, &m->adapter);
+        if (s != MMB_OK) return s;
+        if (mmb__adapter_rows(m->adapter) && mi.tokens_per_image != mmb__adapter_rows(m->adapter))
+            return mmb__err(ctx, MMB_ERR_SHAPE, "%s: the vision side makes %lld rows an image, the adapter's prompts "
+                            "have %lld", m->dir, (long long)mi.tokens_per_image,
+                            (long long)mmb__adapter_rows(m->adapter));
+        mmb__adapter_cost ac;
+        mmb__adapter_get_cost(m->adapter, &ac);
+        in->expert_sets = mmb__lm_experts(m->lm);
+        in->adapter_layers = ac.layers;
+        in->adapter_len = ac.prompt_len;
+        in->added_params = mmb__lm_expert_params(m->lm) + ac.params;
+        in->added_flops_per_token = ac.flops_per_token;
+        in->adapter_flops_per_image = ac.flops_per_prompt;
+    } else if (p->adapter) {
+        return mmb__err(ctx, MMB_ERR_ARG, "%s: an adapter needs the model's LLM, which is not opened here", m->dir);
     }
     fill_info(m, row);
     return MMB_OK;
@@ -240,6 +266,7 @@ void mmb_mllm_free(mmb_mllm *m) {
     if (!m) return;
     mmb_tokenizer_free(m->tok);
     mmb__xattn_free(NULL, m->xattn);
+    mmb__adapter_free(NULL, m->adapter);
     mmb_lm_free(m->lm);
     mmb_model_free(m->model);
     mmb_vit_free(m->vit_only);

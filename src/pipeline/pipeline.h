@@ -49,6 +49,9 @@ struct mmb_mllm {
     mmb__xattn *xattn;         /* fusion A: the LLM's gated cross-attention layers, or NULL */
     const char *image_wrap;    /* fusion A (IDEFICS): the token around an image marker in the text, or NULL */
     bool raw_bos;              /* the row's raw_bos (Mllama) */
+    mmb__adapter *adapter;     /* fusion B: LLaMA-Adapter's prompts (a PEFT adapter, or V2's), or NULL */
+    bool image_expert;         /* fusion B: image rows through the LLM's second weight set (the row's) */
+    bool image_one_position;   /* fusion B: CogVLM's positions for an image's rows (the row's) */
     mmb_tokenizer *tok;
     mmb_preprocess proc;
     mmb_mllm_info info;
