@@ -76,7 +76,7 @@ static const mmb__family rows[] = {
      .connector = "clip_proj + visual_query through visual_blocks (timm) + visual_proj: query_len visual queries",
      .processor = "CLIPImageProcessor", .fusion = MMB_FUSION_B,
      .lm = "this config: LLaMA with biases, adapter prompts in the top query_layer layers (model.*)",
-     .ops = &mmb__family_llama_adapter_v2},
+     .lm_runs = true, .adapter = "llama_adapter_v2", .ops = &mmb__family_llama_adapter_v2},
     {.name = "mllama", .architectures = "MllamaForConditionalGeneration", .model_types = "mllama",
      .layouts = "transformers", .tower = "vision_config: MllamaVisionModel (tiles by aspect ratio, local + gated "
      "global encoders)", .taps = "last_hidden_state: the final state and intermediate_layers_indices, real tiles only",

@@ -364,6 +364,17 @@ def make(tmp_path, seed=0, lora_rank=0):
     return model, d, tmp_path / "m"
 
 
+@pytest.fixture(scope="module")
+def bias(tmp_path_factory):
+    """One BIAS-style model (no LoRA), converted once for the tests that only read it."""
+    return make(tmp_path_factory.mktemp("bias"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    return compile_driver("mllm_driver", tmp_path_factory.mktemp("drv"))
+
+
 def pixels(path, n, seed=2):
     torch.manual_seed(seed)
     px = torch.randn(n, 3, S, S)
@@ -386,8 +397,8 @@ def report(label, got, ref):
 # ---- (a) the vision side: `mmbridge encode` writes the visual queries -----------------------------------------
 
 @pytest.mark.parametrize("n", [1, 2])
-def test_visual_query_matches_reference(tmp_path, n):
-    model, _, m = make(tmp_path, seed=n)
+def test_visual_query_matches_reference(tmp_path, bias, n):
+    model, _, m = bias
     px = pixels(tmp_path / "px.safetensors", n)
     with torch.no_grad():
         ref = model.forward_visual(px)
@@ -403,11 +414,11 @@ def test_visual_query_matches_reference(tmp_path, n):
             assert err > 1e-2, v
 
 
-def test_info_and_image_files(tmp_path):
+def test_info_and_image_files(tmp_path, bias):
     """encode on PNG files through preprocessor_config.json (CLIPImageProcessor as clip.load's transform: short side
     to 28 bicubic, center crop, CLIP's mean and std), checked against transformers' CLIPImageProcessor; `info`."""
     from transformers import CLIPImageProcessor
-    model, _, m = make(tmp_path, seed=3)
+    model, _, m = bias
     proc = CLIPImageProcessor.from_pretrained(m)
     assert proc.crop_size == {"height": S, "width": S} and proc.resample == 3
     rng = np.random.default_rng(0)
@@ -427,10 +438,10 @@ def test_info_and_image_files(tmp_path):
     assert f"parameters:       {n}\n" in info, info
 
 
-def test_converted_names(tmp_path):
+def test_converted_names(bias):
     """The converted file: HF Llama names, q/k rows permuted (checked by rotating both ways), gates raw, the
     adapter checkpoint's norms over the base's."""
-    model, d, m = make(tmp_path, seed=4)
+    model, d, m = bias
     sd = load_file(str(m / "model.safetensors"))
     cfg = json.loads((m / "config.json").read_text())
     assert cfg["model_type"] == "llama_adapter_v2" and cfg["query_len"] == VIS["query_len"]
@@ -493,8 +504,8 @@ def test_converter_refuses_other_width(tmp_path):
     assert p.returncode != 0 and "llama.layers.1.attention.wq.bias" in p.stderr and "[64]" in p.stderr, p.stderr
 
 
-def test_bad_converted_dir(tmp_path):
-    _, _, m = make(tmp_path, seed=5)
+def test_bad_converted_dir(tmp_path, bias):
+    _, _, m = bias
     pixels(tmp_path / "px.safetensors", 1)
     sd = load_file(str(m / "model.safetensors"))
     cfg = json.loads((m / "config.json").read_text())
@@ -535,8 +546,8 @@ def format_prompt(instruction):  # utils.py, prompt_no_input
             f"request.\n\n### Instruction:\n{instruction}\n\n### Response:")
 
 
-def test_chat_template_is_format_prompt(tmp_path):
-    _, _, m = make(tmp_path, seed=6)
+def test_chat_template_is_format_prompt(tmp_path, bias):
+    _, _, m = bias
     from transformers import PreTrainedTokenizerFast
     tok = PreTrainedTokenizerFast.from_pretrained(m)
     instr = "Please introduce this painting."
@@ -597,7 +608,7 @@ def hf_logits(sd, cfg, vq, ids, merged_kv=False):
     return norm(h, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
 
 
-@pytest.mark.parametrize("lora", ["none", "lora_text_only", "lora"])
+@pytest.mark.parametrize("lora", ["lora_text_only", "lora"])  # "none": test_logits_and_greedy, through mmbridge
 def test_converted_llm_matches_reference(tmp_path, lora):
     """The converter loses nothing: the converted tensors, computed as their names say, give the original's logits.
     LoRA merged: exact while lora_wk / lora_wv are zero (the adapter prompts then see the same wk, wv); with them
@@ -656,12 +667,39 @@ def ref_greedy(model, vq, ids, n, variant=None):
     return ids[-n:]
 
 
+LORA_GAP = pytest.mark.xfail(strict=True, reason="lm/adapter.c sends V2's prompts through the merged k_proj / v_proj; "
+                              "the original's skip LoRA (the converter writes adapter_k_proj / adapter_v_proj for it)")
+
+
 @pytest.mark.skipif(not lm_side_present(), reason="the LLM side (src/lm/adapter.c, the lead's) is not merged yet")
-@pytest.mark.parametrize("lora", [0, 4])
-def test_logits_and_greedy(tmp_path, lora):
+@pytest.mark.parametrize("lora", ["none", "lora_text_only", pytest.param("lora", marks=LORA_GAP)])
+def test_logits_and_greedy(tmp_path, bias, driver, lora):
+    if lora == "none":
+        model, d, m = bias
+    else:
+        model, d, m = lora_model(tmp_path, lora)
+    run_llm(tmp_path, model, d, m, driver, lora)
+
+
+def lora_model(tmp_path, lora):
+    d = tmp_path / "orig"
+    d.mkdir()
+    tok = tokenizer_json(d / "tokenizer.json")
+    rank = 0 if lora == "none" else 4
+    model = randomize(LlamaAdapter(tok.get_vocab_size(), lora_rank=rank), 7).eval()
+    if lora == "lora_text_only":  # lora_wk, lora_wv zero: the adapter prompts see the same wk, wv merged or not
+        with torch.no_grad():
+            for layer in model.llama.layers:
+                layer.attention.lora_wk_l2.weight.zero_()
+                layer.attention.lora_wv_l2.weight.zero_()
+    save_original(model, d, tok.get_vocab_size(), rank)
+    m = tmp_path / "m"
+    convert(d, m)
+    return model, d, m
+
+
+def run_llm(tmp_path, model, d, m, drv, lora):
     from transformers import CLIPImageProcessor
-    model, d, m = make(tmp_path, seed=7 + lora, lora_rank=lora)
-    drv = compile_driver("mllm_driver", tmp_path)
     img = tmp_path / "im.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 33, 3), dtype=np.uint8)).save(img)
     instr = "Please introduce this painting."
@@ -677,7 +715,7 @@ def test_logits_and_greedy(tmp_path, lora):
         vq = model.forward_visual(px)
         ref = model.forward_inference(vq, torch.tensor([ids]))[0]
     got = out["logits"]
-    label = f"llama_adapter_v2 logits ({'LoRA rank %d merged' % lora if lora else 'BIAS'})"
+    label = f"llama_adapter_v2 logits ({lora})"
     err = report(label, got, ref[-got.shape[0]:])
     want = ref_greedy(model, vq, ids, 24)
     same = out["generated"].tolist() == want
@@ -686,9 +724,4 @@ def test_logits_and_greedy(tmp_path, lora):
         with torch.no_grad():
             print(f"  wrong variant {v}: {scaled_err(got, model.forward_inference(vq, torch.tensor([ids]), v)[0][-got.shape[0]:]):.2e}")
             assert scaled_err(got, model.forward_inference(vq, torch.tensor([ids]), v)[0][-got.shape[0]:]) > 1e-2
-    if not lora:
-        assert err <= 1e-4 and same
-    else:
-        # merged LoRA: the adapter prompts go through wk, wv with their LoRA (the original: without); measured
-        # and reported, and the merge of the text path checked with lora_wk, lora_wv zero below
-        print(f"  (LoRA merged: the adapter's k/v through merged wk/wv: {err:.2e})")
+    assert err <= 1e-4 and same
