@@ -70,6 +70,13 @@ static const mmb__family rows[] = {
      .connector = "flamingo_perceiver (perceiver.*, config perceiver)", .processor = "CLIPImageProcessor (the tower's)",
      .fusion = MMB_FUSION_A, .lm = "text_config: Llama with gated cross-attention blocks (lang_encoder.*)",
      .lm_runs = true, .xattn = "open_flamingo", .ops = &mmb__family_open_flamingo},
+    {.name = "llama_adapter_v2", .architectures = "LlamaAdapterV2ForCausalLM", .model_types = "llama_adapter_v2",
+     .layouts = "llama_adapter_v2", .tower = "vision_config: CLIP (vision_tower.vision_model.*)",
+     .taps = "hidden_states[-1] with CLS, ln_post on every token, CLIP's proj",
+     .connector = "clip_proj + visual_query through visual_blocks (timm) + visual_proj: query_len visual queries",
+     .processor = "CLIPImageProcessor", .fusion = MMB_FUSION_B,
+     .lm = "this config: LLaMA with biases, adapter prompts in the top query_layer layers (model.*)",
+     .lm_runs = true, .adapter = "llama_adapter_v2", .ops = &mmb__family_llama_adapter_v2},
     {.name = "mllama", .architectures = "MllamaForConditionalGeneration", .model_types = "mllama",
      .layouts = "transformers", .tower = "vision_config: MllamaVisionModel (tiles by aspect ratio, local + gated "
      "global encoders)", .taps = "last_hidden_state: the final state and intermediate_layers_indices, real tiles only",

@@ -2,7 +2,9 @@
  * only some families have, reached from their rows: a ViT tower + a connector run as one model
  * (models/vit_family.c: BLIP-2, IDEFICS, Idefics2/3, SmolVLM), Qwen2-VL's tower + PatchMerger
  * (models/qwen2vl.c), OpenFlamingo's CLIP tower + PerceiverResampler (models/open_flamingo.c), Llama 3.2
- * Vision's tiled tower + projector (models/mllama.c), CogVLM's EVA2-CLIP + GLU (models/cogvlm.c). Uses the connectors layer and below; pipeline/model.c opens checkpoints through it. */
+ * Vision's tiled tower + projector (models/mllama.c), CogVLM's EVA2-CLIP + GLU (models/cogvlm.c), mPLUG-Owl2's
+ * tower + visual abstractor (models/mplug_owl2.c), LLaMA-Adapter V2's visual queries (models/llama_adapter_v2.c).
+ * Uses the connectors layer and below; pipeline/model.c opens checkpoints through it. */
 #ifndef MMB_MODELS_H
 #define MMB_MODELS_H
 
@@ -53,6 +55,11 @@ extern const mmb_family_ops mmb__family_qwen2vl;
 /* models/open_flamingo.c: OpenFlamingo's vision side: a CLIP tower in the directory config.vision_tower names,
  * its patch tokens (vision_feature), the PerceiverResampler under perceiver.* (config.perceiver's settings). */
 extern const mmb_family_ops mmb__family_open_flamingo;
+/* models/llama_adapter_v2.c: LLaMA-Adapter V2 multimodal's vision side: the CLIP tower (vision_tower.vision_model.*),
+ * ln_post on every token and CLIP's proj, clip_proj(_norm), visual_query before the tokens through visual_blocks.*
+ * (timm Blocks), the first query_len rows through visual_proj(_norm): (query_len, hidden_size) per image, the
+ * visual queries added to the adapter prompts. */
+extern const mmb_family_ops mmb__family_llama_adapter_v2;
 /* models/mllama.c: Llama 3.2 Vision's tower (vision/mllama.c: tiles, local and gated global encoders), then
  * multi_modal_projector; an image's rows are its real tiles' tokens. */
 extern const mmb_family_ops mmb__family_mllama;
