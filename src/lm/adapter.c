@@ -30,11 +30,14 @@ struct mmb__adapter {
     int64_t len, d, H;
     float *prompt;             /* (layers, len, d): PEFT's prompts, or V2's adapter_query */
     float *gate;               /* (layers, H): as the decoder applies them */
+    mmb_wmat *kw;              /* V2: (layers, 2) the prompts' own k / v weights where the file has them
+                                  (adapter_k_proj / adapter_v_proj: wk, wv without the LoRA merged), or NULL */
 };
 
 void mmb__adapter_free(mmb_ctx *ctx, mmb__adapter *a) {
     if (!a) return;
-    for (int i = 0; i < a->layers; i++) mmb__lm_set_prompt(ctx, a->lm, a->first + i, NULL, 0, NULL, false);
+    for (int i = 0; i < a->layers; i++) mmb__lm_set_prompt(ctx, a->lm, a->first + i, NULL, 0, NULL, false, NULL, NULL);
+    free(a->kw);
     free(a->prompt);
     free(a->gate);
     free(a);
@@ -50,8 +53,9 @@ static mmb_status install(mmb_ctx *ctx, mmb__adapter *a, const float *visual) {
         const float *src = a->prompt + (size_t)i * per;
         if (visual)
             for (size_t e = 0; e < per; e++) p[e] = src[e] + visual[e];
+        const mmb_wmat *k = a->kw && a->kw[2 * i].data ? &a->kw[2 * i] : NULL, *v = k ? &a->kw[2 * i + 1] : NULL;
         s = mmb__lm_set_prompt(ctx, a->lm, a->first + i, visual ? p : src, a->len, a->gate + (size_t)i * (size_t)a->H,
-                               !a->v2);
+                               !a->v2, k, v);
     }
     free(p);
     return s;
@@ -177,6 +181,10 @@ mmb_status mmb__adapter_open(mmb_ctx *ctx, mmb_lm *lm, const char *kind, mmb__ad
     if (!a) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir);
     a->v2 = true;
     float *q = NULL, *g = NULL;
+    if (!(a->kw = calloc((size_t)(2 * layers), sizeof *a->kw))) {
+        mmb__adapter_free(ctx, a);
+        return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir);
+    }
     int64_t qs[2] = {layers * len, li.d_model};
     s = mmb__ckpt_floats(ctx, c, "adapter_query.weight", 2, qs, &q);
     if (s == MMB_OK) memcpy(a->prompt, q, sizeof(float) * (size_t)(layers * len * li.d_model));
@@ -187,6 +195,16 @@ mmb_status mmb__adapter_open(mmb_ctx *ctx, mmb_lm *lm, const char *kind, mmb__ad
         for (int64_t h = 0; h < li.heads; h++) a->gate[(size_t)i * (size_t)li.heads + (size_t)h] = tanhf(g[h]);
         free(g);
         g = NULL;
+        /* the prompts' k / v without LoRA, when the converter wrote them (both or neither) */
+        char kn[256], vn[256];
+        snprintf(kn, sizeof kn, "%slayers.%d.self_attn.adapter_k_proj.weight", li.prefix, a->first + i);
+        snprintf(vn, sizeof vn, "%slayers.%d.self_attn.adapter_v_proj.weight", li.prefix, a->first + i);
+        bool hk = mmb__ckpt_find(c, kn, NULL) != NULL, hv = mmb__ckpt_find(c, vn, NULL) != NULL;
+        int64_t kd = li.kv_heads * li.head_dim;
+        if (hk != hv) s = mmb__err(ctx, MMB_ERR_MISSING, "%s: tensor '%s' is missing (its pair is there)", c->dir,
+                                   hk ? vn : kn);
+        if (s == MMB_OK && hk) s = mmb__lm_bind(ctx, lm, kn, kd, li.d_model, &a->kw[2 * i]);
+        if (s == MMB_OK && hk) s = mmb__lm_bind(ctx, lm, vn, kd, li.d_model, &a->kw[2 * i + 1]);
     }
     free(q);
     free(g);

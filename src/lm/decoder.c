@@ -1063,7 +1063,7 @@ static void prompt_worker(void *arg, int tid, int nth) {
 }
 
 mmb_status mmb__lm_set_prompt(mmb_ctx *ctx, mmb_lm *lm, int l, const float *prompt, int64_t len, const float *gate,
-                              bool o_bias_twice) {
+                              bool o_bias_twice, const mmb_wmat *pk_w, const mmb_wmat *pv_w) {
     if (!ctx || !lm || l < 0 || l >= lm->L || lm->layers[l].replaced || len < 0 || len > 65536 ||
         (prompt && len && !gate))
         return mmb__err(ctx, MMB_ERR_ARG, "mmb__lm_set_prompt: bad layer %d, prompt length %lld or NULL gate", l,
@@ -1086,7 +1086,8 @@ mmb_status mmb__lm_set_prompt(mmb_ctx *ctx, mmb_lm *lm, int l, const float *prom
         s = mmb__err(ctx, MMB_ERR_NOMEM, "adapter prompt of layer %d: out of memory", l);
         free(pk), free(pv), free(g);
     } else {
-        prompt_job p = {prompt, len, lm->d, {{&y->k, y->bk, kv, 2 * kd}, {&y->v, y->bv, kv + kd, 2 * kd}}, scr, per};
+        prompt_job p = {prompt, len, lm->d, {{pk_w ? pk_w : &y->k, y->bk, kv, 2 * kd}, {pv_w ? pv_w : &y->v, y->bv,
+                                                                                          kv + kd, 2 * kd}}, scr, per};
         mmb__pool_run(ctx->pool, prompt_worker, &p);
         for (int64_t t = 0; t < len; t++) /* head-major, as the cache: (KVH, len, hd) */
             for (int64_t h = 0; h < lm->KVH; h++) {

@@ -63,14 +63,15 @@ mmb_status mmb__lm_forward_rows(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv
                                 float *logits, int last_only, const mmb__lm_rows *rows);
 
 /* LLaMA-Adapter's adaption prompt in layer l: prompt (len, d) goes through the layer's own k_proj and v_proj
- * (their biases included, no RoPE; text set), now, on ctx's pool; every query of the layer attends the len
+ * (their biases included, no RoPE; text set), or through pk / pv (kv_heads * head_dim, d) when given (V2's
+ * unmerged wk / wv: its LoRA does not reach the prompts; the layer's biases still apply), now, on ctx's pool; every query of the layer attends the len
  * keys in a softmax of its own, scaled per head by gate[h] (H floats: PEFT's adaption_gate repeated, or V2's
  * tanh(gate)), and the result is added to the attention output before o_proj. o_bias_twice: o_proj's bias
  * is added once more (PEFT runs o_proj on the adapter's output separately). prompt NULL (or len 0) removes
  * layer l's prompt. Returns MMB_OK; MMB_ERR_ARG (l out of range or a replaced layer, len < 0 or > 65536,
  * gate NULL with a prompt), MMB_ERR_NOMEM (the layer unchanged). */
 mmb_status mmb__lm_set_prompt(mmb_ctx *ctx, mmb_lm *lm, int l, const float *prompt, int64_t len, const float *gate,
-                              bool o_bias_twice);
+                              bool o_bias_twice, const mmb_wmat *pk, const mmb_wmat *pv);
 /* The prompt positions of layer l (0: none). */
 int64_t mmb__lm_prompt_len(const mmb_lm *lm, int l);
 

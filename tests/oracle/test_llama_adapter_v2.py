@@ -649,10 +649,6 @@ def test_converted_llm_matches_reference(tmp_path, lora):
 
 # ---- (d) the LLM side: logits and greedy tokens ----------------------------------------------------------------
 
-def lm_side_present():
-    return (ROOT / "src" / "lm" / "adapter.c").exists()
-
-
 def ref_ids(d, instr):
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
@@ -667,12 +663,7 @@ def ref_greedy(model, vq, ids, n, variant=None):
     return ids[-n:]
 
 
-LORA_GAP = pytest.mark.xfail(strict=True, reason="lm/adapter.c sends V2's prompts through the merged k_proj / v_proj; "
-                              "the original's skip LoRA (the converter writes adapter_k_proj / adapter_v_proj for it)")
-
-
-@pytest.mark.skipif(not lm_side_present(), reason="the LLM side (src/lm/adapter.c, the lead's) is not merged yet")
-@pytest.mark.parametrize("lora", ["none", "lora_text_only", pytest.param("lora", marks=LORA_GAP)])
+@pytest.mark.parametrize("lora", ["none", "lora_text_only", "lora"])
 def test_logits_and_greedy(tmp_path, bias, driver, lora):
     if lora == "none":
         model, d, m = bias
