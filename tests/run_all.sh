@@ -31,6 +31,14 @@ bad=$(nm -g --defined-only build-asan/libmmbridge.so | awk '$2 ~ /[TDRB]/ {print
 echo "== oracle tests against transformers (sanitized CLI)"
 MMB_BIN="$PWD/build-asan/mmbridge" python3 -m pytest tests/oracle -q -rA -p no:cacheprovider | tail -n 60
 
+echo "== ThreadSanitizer: the pool's jobs and the decoder's barriers (C tests and the CLI on the threaded paths)"
+cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMMB_TSAN=ON -DMMB_BUILD_BENCH=OFF >/dev/null
+cmake --build build-tsan -j"$jobs" >/dev/null
+TSAN_OPTIONS=halt_on_error=1:exitcode=66 ctest --test-dir build-tsan -R 'test_(api|attention|lm|mllm)$' --output-on-failure
+TSAN_OPTIONS=halt_on_error=1:exitcode=66 MMB_BIN="$PWD/build-tsan/mmbridge" python3 -m pytest -q -p no:cacheprovider \
+  tests/oracle/test_decoder.py tests/oracle/test_llama_adapter.py tests/oracle/test_fusion_a.py \
+  tests/oracle/test_cogvlm.py tests/oracle/test_mplug_owl2.py | tail -n 3
+
 echo "== fuzzers (bounded)"
 bash fuzz/run.sh build-fuzz
 

@@ -8,8 +8,9 @@
 #include <stdbool.h>
 
 /* Hot elementwise loops are compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load
- * time by the dynamic linker (GCC function multi-versioning); a plain function elsewhere. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+ * time by the dynamic linker (GCC function multi-versioning); a plain function elsewhere, and under
+ * ThreadSanitizer, whose instrumented ifunc resolvers would run before its runtime is up. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__)
 #define MMB_SIMD_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
 #else
 #define MMB_SIMD_CLONES

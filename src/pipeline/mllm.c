@@ -374,8 +374,8 @@ int64_t mmb_mllm_encode_size(mmb_ctx *ctx, const mmb_mllm *m, const mmb_image *i
     int64_t sum = 0;
     for (int pass = 0; pass < 1 + !!tokens; pass++) /* tokens written once every image has passed */
         for (int i = 0; i < n; i++) {
-            int h, w;
-            int64_t t;
+            int h = 0, w = 0;
+            int64_t t = 0;
             if (image_plan(ctx, m, &imgs[i], &h, &w, &t) != MMB_OK) return -1;
             if (pass) tokens[i] = t;
             else sum += t;
