@@ -1,7 +1,8 @@
 /* mmbridge compare: one table of connectors' costs, measured on this machine: the registry's
  * connectors built at a given size (mmb_connector_measure), and any checkpoints named; and what one image
  * costs the LLM, fusion C (its tokens are prefill positions and KV cache) against fusion A (gated
- * cross-attention layers read them, mmb_mllm_info's xattn_* figures). */
+ * cross-attention layers read them, mmb_mllm_info's xattn_* figures) and fusion B (a second weight set per
+ * layer for C's positions, or adapter prompts: mmb_mllm_info's added_* and adapter_* figures). */
 #include "cli.h"
 
 #include <errno.h>
@@ -18,12 +19,16 @@ typedef struct {
     int64_t q_width, kv_width; /* its attention's query width (heads x head_dim) and K/V width (kv_heads x
                                   head_dim); d for the --llm-* sizes */
     int own_llm;               /* 1: the checkpoint's own LLM, 0: the --llm-* sizes */
-    int fusion_a;              /* 1: gated cross-attention layers read the tokens, 0: they are spliced (C) */
+    char fusion;               /* 'A': gated cross-attention layers read the tokens; 'B': layers of the LLM changed
+                                  (expert weight sets, with the tokens spliced as C's, or adapter prompts); 'C':
+                                  spliced */
+    int adapter;               /* B: the image becomes adapter prompts (no positions) */
     /* what one image costs the LLM: positions it takes in the sequence, FLOPs of its keys and values computed
      * once outside the prefill (fusion A's gated layers), bytes of keys and values kept, FLOPs each later text
      * position spends on it */
     int64_t positions, kv_flops, kv_bytes, text_flops;
-    int64_t xattn_layers, xattn_params; /* fusion A: the gated layers and their parameters (0 for C) */
+    int64_t xattn_layers, xattn_params; /* A: the gated layers and their parameters; B: the changed layers and the
+                                           parameters the design adds (0 for C) */
     double seconds, prefill, mem_mib;
 } row;
 
@@ -70,8 +75,18 @@ static int measure_model(mmb_ctx *ctx, const char *dir, int reps, int64_t grid, 
         r->own_llm = 1;
         mmb_mllm_info in;
         mmb_mllm_get_info(mm, &in);
+        if (in.fusion == MMB_FUSION_B) { /* the second weight sets (or the adapter's prompts) are what B adds */
+            r->fusion = 'B';
+            r->xattn_layers = in.adapter_layers ? in.adapter_layers : in.expert_sets > 1 ? li.layers : 0;
+            r->xattn_params = in.added_params;
+            r->text_flops = in.added_flops_per_token;
+            if ((r->adapter = in.adapter_layers > 0)) { /* V2: the image is the prompts' keys and values */
+                r->kv_flops = in.adapter_flops_per_image;
+                r->kv_bytes = 2 * (int64_t)in.adapter_layers * in.adapter_len * r->kv_width * (int64_t)sizeof(float);
+            }
+        }
         if (in.fusion == MMB_FUSION_A) { /* the image is one marker position; the gated layers pay for it */
-            r->fusion_a = 1;
+            r->fusion = 'A';
             r->positions = 1;
             r->kv_flops = in.xattn_kv_flops_per_image;
             r->kv_bytes = in.xattn_kv_bytes_per_image;
@@ -107,7 +122,7 @@ static void write_csv(FILE *f, const row *rows, int n) {
                 rows[i].name, rows[i].measured, (long long)rows[i].params, (double)rows[i].flops * 1e-9, (long long)rows[i].tokens,
                 rows[i].prefill * 1e-12, rows[i].seconds * 1e3, rows[i].mem_mib, (long long)rows[i].llm[0],
                 (long long)rows[i].llm[1], (long long)rows[i].llm[2], rows[i].own_llm ? "checkpoint" : "given",
-                rows[i].fusion_a ? "A" : "C", (long long)rows[i].positions, (long long)rows[i].kv_flops,
+                rows[i].fusion ? (char[2]){rows[i].fusion, 0} : "C", (long long)rows[i].positions, (long long)rows[i].kv_flops,
                 (long long)rows[i].kv_bytes, (long long)rows[i].text_flops, (long long)rows[i].xattn_layers,
                 (long long)rows[i].xattn_params);
 }
@@ -198,7 +213,11 @@ int cmd_compare(int argc, char **argv) {
         "takes one marker position and no prefill; the gated layers compute its visual keys and values\n"
         "once (x-attn K/V FLOPs) and keep them (bytes, every gated layer), and every text position\n"
         "pays their FLOPs (projections, attention over the T tokens, gated MLP: mmbridge info's\n"
-        "cross-attention line).\n"
+        "cross-attention line). Fusion B: CogVLM's and mPLUG-Owl2's image rows are prefill positions\n"
+        "as C's, through a second weight set per layer: 'added layers, params' are every layer and the\n"
+        "parameters the second sets add (no FLOPs per position: each runs one set); LLaMA-Adapter V2's\n"
+        "image takes no position: it becomes the adapted layers' prompts, whose keys and values are\n"
+        "computed once (K/V FLOPs, bytes) and which every text position attends (MFLOP/text pos).\n"
         "Without --types, every registered connector that can be built from a config alone (--types\n"
         "all: also when MODELs are named) is measured with random weights on random features of\n"
         "--width channels on a --grid x --grid patch grid (CLS dropped), projecting to --llm-width.\n"
@@ -207,8 +226,8 @@ int cmd_compare(int argc, char **argv) {
         "columns are for its own LLM when the directory has one (a LLaVA's text_config and weights,\n"
         "IDEFICS' decoder), else for the --llm-* sizes; the LLM column says which.\n"
         "--csv writes both tables as one: connector, measured, params, gflop_per_image, visual_tokens,\n"
-        "llm_prefill_tflop, latency_ms, memory_mib, llm, then fusion (A or C), llm_positions,\n"
-        "xattn_kv_flops_per_image (0 for C), llm_kv_bytes_per_image, llm_flops_per_text_token,\n"
+        "llm_prefill_tflop, latency_ms, memory_mib, llm, then fusion (A, B or C), llm_positions,\n"
+        "xattn_kv_flops_per_image (A, B's adapters; 0 for C), llm_kv_bytes_per_image, llm_flops_per_text_token,\n"
         "xattn_layers and xattn_params (0 for C); these last six exact integers.\n"
         "A row that cannot be measured (an unsupported checkpoint, an unknown type) is reported in the\n"
         "first table with its error, the others are still measured; the exit status is then 1 and\n"
@@ -272,13 +291,13 @@ int cmd_compare(int argc, char **argv) {
             w->llm[2] = ffn;
             w->q_width = w->kv_width = d;
         }
-        if (w->fusion_a) continue; /* no prefill positions for the image: its costs came with the checkpoint */
+        if (w->fusion == 'A' || w->adapter) continue; /* no prefill positions: its costs came with the checkpoint */
         /* fusion C: the image's tokens are prefill positions, kept in the KV cache (keys and values, f32, every
          * layer), and every later text position attends them (scores and the weighted sum) */
         w->prefill = prefill_flops((double)w->tokens, (double)w->llm[0], (double)w->llm[1], (double)w->llm[2]);
         w->positions = w->tokens;
         w->kv_bytes = 2 * w->llm[0] * w->tokens * w->kv_width * (int64_t)sizeof(float);
-        w->text_flops = 4 * w->llm[0] * w->tokens * w->q_width;
+        w->text_flops = 4 * w->llm[0] * w->tokens * w->q_width; /* B's expert sets add no FLOPs a position */
     }
     char title[256];
     snprintf(title, sizeof title, "vision width %lld, %lldx%lld grid, LLM width %lld (%lld layers, MLP %lld) unless "
@@ -299,9 +318,10 @@ int cmd_compare(int argc, char **argv) {
                (long long)w->params, (double)w->flops * 1e-9, (long long)w->tokens, w->seconds * 1e3, w->mem_mib);
     }
     printf("\nwhat one image costs the LLM (C: its tokens are prefill positions kept in the KV cache; A: gated "
-           "cross-attention layers read them)\n");
+           "cross-attention layers read them; B: C's positions through a second weight set per layer, or adapter "
+           "prompts: the added layers, the parameters and the FLOPs per text position the design adds)\n");
     printf("| %-28s | %-6s | %-21s | %9s | %13s | %13s | %10s | %14s | %-22s |\n", "connector", "fusion",
-           "x-attn layers, params", "positions", "prefill TFLOP", "x-attn K/V GF", "K/V MiB", "MFLOP/text pos",
+           "added layers, params", "positions", "prefill TFLOP", "x-attn K/V GF", "K/V MiB", "MFLOP/text pos",
            "LLM (layers x d x f)");
     printf("|%.30s|%.8s|%.23s|%.11s|%.15s|%.15s|%.12s|%.16s|%.24s|\n", "------------------------------", "--------",
            "-----------------------", "-----------", "---------------", "---------------", "------------",
@@ -312,12 +332,10 @@ int cmd_compare(int argc, char **argv) {
         char llm[64], xa[48] = "-", kvf[32] = "-"; /* fusion C: its keys and values are part of the prefill */
         snprintf(llm, sizeof llm, "%lldx%lldx%lld %s", (long long)w->llm[0], (long long)w->llm[1],
                  (long long)w->llm[2], w->own_llm ? "(own)" : "");
-        if (w->fusion_a) {
-            snprintf(xa, sizeof xa, "%lld, %lld", (long long)w->xattn_layers, (long long)w->xattn_params);
-            snprintf(kvf, sizeof kvf, "%.3f", (double)w->kv_flops * 1e-9);
-        }
+        if (w->fusion) snprintf(xa, sizeof xa, "%lld, %lld", (long long)w->xattn_layers, (long long)w->xattn_params);
+        if (w->fusion == 'A' || w->adapter) snprintf(kvf, sizeof kvf, "%.3f", (double)w->kv_flops * 1e-9);
         printf("| %-28s | %-6s | %-21s | %9lld | %13.3f | %13s | %10.3f | %14.3f | %-22s |\n", w->name,
-               w->fusion_a ? "A" : "C", xa, (long long)w->positions, w->prefill * 1e-12, kvf,
+               w->fusion ? (char[2]){w->fusion, 0} : "C", xa, (long long)w->positions, w->prefill * 1e-12, kvf,
                (double)w->kv_bytes / 1048576.0, (double)w->text_flops * 1e-6, llm);
     }
     int rc = failed ? 1 : 0;
