@@ -100,4 +100,34 @@ extern const mmb_connector_ops mmb__conn_flamingo_perceiver;
 mmb_status mmb__flamingo_perceiver_load(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix,
                                         const mmb__perceiver_cfg *cfg, void **out);
 
+/* ---- training (stage 1): trainable connectors ---------------------------------------------------------- */
+
+/* One trainable parameter: its checkpoint key, shape, the f32 master weight and its gradient (numel each). */
+typedef struct mmb__tparam {
+    char name[192];
+    int ndim;
+    int64_t shape[2];
+    int64_t numel;
+    float *w, *g;
+} mmb__tparam;
+
+/* connectors/mlp.c: the LLaVA projectors ("linear", "mlpNx_gelu", "llava" with its activation) on mutable f32
+ * masters. Does mmb__mlp_train_open build `type`? */
+bool mmb__mlp_trainable(const char *type);
+typedef struct mmb__mlp_train mmb__mlp_train;
+/* The projector cfg names (type, prefix, in_width, out_width, act, bias), its weights from c (their keys as
+ * mmb__conn_mlp reads them; each checked for presence and shape), or, c NULL, nn.Linear's default init
+ * (U(-1/sqrt(in), 1/sqrt(in)), from seed). Gradients start at 0. Returns MMB_OK, MMB_ERR_UNSUPPORTED for
+ * another type, the checkpoint's statuses, MMB_ERR_NOMEM. */
+mmb_status mmb__mlp_train_open(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, uint64_t seed,
+                               mmb__mlp_train **out);
+void mmb__mlp_train_free(mmb__mlp_train *t);
+/* Its parameters (owned by t; the trainer updates w in place and reads and zeroes g). Returns their number. */
+int mmb__mlp_train_params(mmb__mlp_train *t, mmb__tparam **p);
+int64_t mmb__mlp_train_out_width(const mmb__mlp_train *t);
+/* x (rows, in_width) -> out (rows, out_width), keeping what the backward needs (rows of activations). */
+mmb_status mmb__mlp_train_forward(mmb_ctx *ctx, mmb__mlp_train *t, const float *x, int64_t rows, float *out);
+/* The last forward's backward for dout (rows, out_width) times scale: every parameter's g += its gradient. */
+mmb_status mmb__mlp_train_backward(mmb_ctx *ctx, mmb__mlp_train *t, const float *dout, float scale);
+
 #endif

@@ -578,6 +578,9 @@ mmb_status mmb__model_encode_xattn(mmb_ctx *ctx, const mmb_model *m, const float
     return m->fam->ops->encode_xattn(ctx, m->fam_state, pixels, batch, height, width, out);
 }
 
+static mmb_status tower_taps(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, const int *taps,
+                             int n_taps, float *const *hidden, mmb_features *out);
+
 mmb_status mmb__model_encode_taps(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
                                   int width, float *out, size_t out_count, const int *taps, int n_taps,
                                   float *const *hidden) {
@@ -592,8 +595,17 @@ mmb_status mmb__model_encode_taps(mmb_ctx *ctx, const mmb_model *m, const float 
     size_t need = (size_t)(batch * t) * (size_t)m->info.out_width;
     if (out_count < need) return mmb__err(ctx, MMB_ERR_SHAPE, "output holds %zu floats, %zu needed", out_count, need);
     if (m->fam) return m->fam->ops->encode(ctx, m->fam_state, pixels, batch, height, width, out);
-    /* The tower's hidden states for the model's taps (a DCI group's mean summed as the blocks run), then the
-     * caller's, in one forward pass. */
+    mmb_features ft;
+    mmb_status s = tower_taps(ctx, m, pixels, batch, taps, n_taps, hidden, &ft);
+    if (s == MMB_OK) s = mmb_model_connect(ctx, m, &ft, out, out_count);
+    mmb__arena_reset(&ctx->feats);
+    return s;
+}
+
+/* The tower's hidden states for the model's taps (a DCI group's mean summed as the blocks run) into *ft, in
+ * ctx's feature buffer (the caller resets it), then the caller's taps into hidden, in one forward pass. */
+static mmb_status tower_taps(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, const int *taps,
+                             int n_taps, float *const *hidden, mmb_features *out) {
     mmb_vit_info vi;
     mmb_vit_get_info(m->vit, &vi);
     const int nm = m->info.n_taps;
@@ -617,7 +629,37 @@ mmb_status mmb__model_encode_taps(mmb_ctx *ctx, const mmb_model *m, const float 
         bufs[nm + i] = hidden[i];
     }
     if (s == MMB_OK) s = mmb_vit_forward_groups(ctx, m->vit, pixels, batch, all, spans, nm + n_taps, bufs);
-    if (s == MMB_OK) s = mmb_model_connect(ctx, m, &ft, out, out_count);
-    mmb__arena_reset(&ctx->feats);
+    *out = ft;
     return s;
+}
+
+mmb_status mmb__model_projector_input(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
+                                      int width, float **x, int64_t *rows, mmb_conn_cfg *cc) {
+    if (!ctx || !m || !pixels || !x || !rows || !cc || batch < 1)
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb__model_projector_input: NULL argument or batch < 1");
+    if (m->fam || m->dense.type || m->ops->needs)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: training reads a LLaVA projector's input; a %s model's "
+                        "connector is not one", m->ck.dir, m->fam ? m->fam->name : m->info.connector);
+    if (!m->vit) return mmb__err(ctx, MMB_ERR_MISSING, "%s: no vision tower", m->ck.dir);
+    if (mmb_model_encode_tokens(ctx, m, height, width) < 0) return MMB_ERR_SHAPE;
+    mmb_features ft;
+    mmb_status s = tower_taps(ctx, m, pixels, batch, NULL, 0, NULL, &ft);
+    int64_t skip = m->drop_first ? 1 : 0, T = ft.tokens - skip, W = ft.width * m->info.n_taps;
+    float *g = s == MMB_OK ? malloc(sizeof(float) * (size_t)(batch * T * W)) : NULL;
+    if (s == MMB_OK && !g) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for %lld rows", (long long)(batch * T));
+    const float *bufs[MMB_MAX_TAPS];
+    if (s == MMB_OK) s = find_taps(ctx, m, &ft, bufs);
+    if (s == MMB_OK && W != m->info.in_width)
+        s = mmb__err(ctx, MMB_ERR_SHAPE, "%s: the taps give %lld channels, the projector reads %d", m->ck.dir,
+                     (long long)W, m->info.in_width);
+    if (s == MMB_OK) gather(g, bufs, m->info.n_taps, batch, ft.tokens, ft.width, skip);
+    mmb__arena_reset(&ctx->feats);
+    if (s != MMB_OK) {
+        free(g);
+        return s;
+    }
+    *x = g;
+    *rows = T;
+    *cc = m->cc;
+    return MMB_OK;
 }

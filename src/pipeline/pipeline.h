@@ -39,6 +39,14 @@ mmb_status mmb__model_encode_taps(mmb_ctx *ctx, const mmb_model *m, const float 
                                   int width, float *out, size_t out_count, const int *taps, int n_taps,
                                   float *const *hidden);
 
+/* Training (pipeline/train.c): the rows m's LLaVA projector reads for pixels [batch, 3, height, width]: the
+ * tower's taps, gathered as mmb_model_connect does (CLS dropped per the strategy), into *x (malloc'd, batch *
+ * *rows rows of the projector's in_width; the caller frees it), and the projector's config in *cc (its strings
+ * belong to m). Returns MMB_OK; MMB_ERR_UNSUPPORTED for a family's model or a Dense Connector; MMB_ERR_MISSING
+ * without a tower; the tower's statuses. */
+mmb_status mmb__model_projector_input(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
+                                      int width, float **x, int64_t *rows, mmb_conn_cfg *cc);
+
 /* ---- pipeline/mllm.c: the multimodal model ------------------------------------------------------ */
 
 struct mmb_mllm {
