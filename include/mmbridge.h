@@ -58,7 +58,8 @@ typedef enum mmb_status {
     MMB_ERR_UNSUPPORTED = 5, /* a known-valid but unsupported choice (projector type, activation) */
     MMB_ERR_NOMEM = 6,       /* an allocation failed */
     MMB_ERR_ARG = 7,         /* the caller passed an invalid argument */
-    MMB_ERR_ABORTED = 8      /* the caller's abort flag stopped the work between two steps */
+    MMB_ERR_ABORTED = 8,     /* the caller's abort flag stopped the work between two steps */
+    MMB_ERR_NUMERIC = 9      /* a computation gave NaN or infinity (a training loss) */
 } mmb_status;
 
 /* Returns a static, short English name for a status ("ok", "io error", ...). Never NULL. */
@@ -1124,6 +1125,79 @@ typedef struct mmb_gen_result {
  * mmb_mllm_eval (the prompt alone overflowing the cache is MMB_ERR_SHAPE) and mmb_sample. */
 MMB_API mmb_status mmb_mllm_generate(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mmb_chunks *prompt,
                                      const mmb_gen_params *p, mmb_gen_result *res);
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Stage-1 training: a LLaVA projector trained through the frozen tower and LLM (LLaVA's pretraining recipe).
+ *
+ * The data is LLaVA's pretraining JSON: a list of {"image": path, "conversations": [{"from": "human", "value":
+ * "<image>\n..."}, {"from": "gpt", "value": caption}]}; each sample is LLaVA's preprocess_plain: the image's
+ * tokens then caption + "\n", tokenized as tokenizer_image_token does (the tokenizer's BOS first), the loss on the
+ * caption's tokens only (BOS and image positions are IGNORE_INDEX). The tower is run once per image; what the
+ * projector reads (its input rows, f32) is cached in cache_dir (safetensors shards of 64 samples, written
+ * atomically), and every later pass reads the cache. A step is `batch` samples in order (no shuffle; the data's
+ * order), in micro-batches of micro_batch samples: the loss of a micro-batch is the mean over its target tokens,
+ * and a step's gradient the mean of its micro-batches' (LLaVA's per-device means, averaged over the devices).
+ * Then the gradient's global norm is clipped to max_grad_norm, and AdamW (torch.optim.AdamW: decoupled weight
+ * decay, bias corrections) steps with the learning rate of transformers' get_cosine_schedule_with_warmup
+ * (warm-up over ceil(warmup_ratio * steps) steps from 0, then cosine to 0; the rate of step s is the schedule at
+ * s, so a step 0 with warm-up has rate 0). Master weights, moments and gradients are f32.
+ */
+typedef struct mmb_train_params {
+    const char *model;          /* the LLaVA checkpoint directory: tower, projector (its initial weights), LLM and
+                                   tokenizer (a transformers LlavaForConditionalGeneration or original LLaVA) */
+    const char *vision_tower;   /* as mmb_mllm_params (original LLaVA), or NULL */
+    const char *data;           /* the JSON file */
+    const char *image_dir;      /* the images' paths are relative to it (LLaVA's --image_folder); NULL: the JSON
+                                   file's directory */
+    const char *out;            /* the output directory (created; must not hold another run's files unless resume) */
+    const char *cache_dir;      /* the feature cache; NULL: out/features */
+    int random_init;            /* 1: the projector starts from nn.Linear's default init (seed), not the checkpoint */
+    double lr, weight_decay, warmup_ratio, beta1, beta2, eps, max_grad_norm; /* 0: the defaults below */
+    int64_t batch, micro_batch; /* samples per step (256), per micro-batch (16; it divides batch) */
+    int64_t epochs;             /* passes over the data (1) */
+    int64_t max_steps;          /* > 0: stop after this many steps (the schedule still spans them all) */
+    int64_t save_every;         /* steps between resume checkpoints (50; the last step always) */
+    uint64_t seed;              /* random_init's */
+    int resume;                 /* 1: continue from out/checkpoint.safetensors (its step, moments, weights) */
+    int skip_bad;               /* 1: an image that cannot be read or decoded, or a sample longer than the LLM's
+                                   context, is skipped and counted (out/skipped.txt); 0: it stops the run */
+    /* Called after each step: step (1-based) of steps, its loss (the mean of its micro-batches' means), the rate
+     * it used, the LLM's positions (image rows and text) per second over this call's steps, and the seconds
+     * left at that pace. Non-zero: stop after writing a checkpoint (MMB_ERR_ABORTED). NULL: none. */
+    int (*on_step)(void *user, int64_t step, int64_t steps, double loss, double lr, double tokens_per_s,
+                   double eta_s);
+    /* Called as the cache is made: the sample just done (1-based) of the samples. NULL: none. */
+    void (*on_cache)(void *user, int64_t done, int64_t total);
+    void *user;
+} mmb_train_params;
+
+/* The defaults: lr 1e-3, weight_decay 0, warmup_ratio 0.03, betas 0.9 / 0.999, eps 1e-8, max_grad_norm 1, batch
+ * 256, micro_batch 16, epochs 1, save_every 50, the rest 0 / NULL. */
+MMB_API mmb_train_params mmb_train_default_params(void);
+
+typedef struct mmb_train_result {
+    int64_t steps;              /* steps done (all of them, the resumed ones included) */
+    int64_t samples, skipped;   /* samples in the data, and those skipped (skip_bad) */
+    int64_t cached;             /* images run through the tower in this call (0 when the cache had them all) */
+    double last_loss;           /* the last step's loss */
+    double seconds;             /* this call's wall time */
+} mmb_train_result;
+
+/* Trains the projector of p->model on p->data and writes into p->out:
+ *   mm_projector.safetensors   LLaVA's layout (model.mm_projector.* keys, as --pretrain_mm_mlp_adapter reads);
+ *   hf/                        for a transformers checkpoint: a LlavaForConditionalGeneration directory (its
+ *                              config, tokenizer and processor files copied, its weights with
+ *                              multi_modal_projector.* replaced), which transformers and mmbridge load;
+ *   checkpoint.safetensors     the resume point (weights, moments, step, data position), every save_every steps;
+ *   loss.csv, loss.png         step, loss, rate; the loss curve.
+ * Every file is written to a temporary name and renamed. Returns MMB_OK; MMB_ERR_ARG for bad parameters (batch
+ * not a multiple of micro_batch, out holding a run without resume); MMB_ERR_UNSUPPORTED for a model whose
+ * connector is not a LLaVA projector (linear, mlpNx_gelu, llava) or without an LLM, tokenizer or tower;
+ * MMB_ERR_FORMAT for malformed data (the message names the sample) or a checkpoint that is not this run's;
+ * MMB_ERR_IO for an unreadable image without skip_bad (naming it); MMB_ERR_SHAPE for a sample longer than the
+ * context without skip_bad; MMB_ERR_NUMERIC (a NaN or infinite loss: the step is not applied, the last checkpoint
+ * is kept); MMB_ERR_ABORTED; the statuses of the parts. res may be NULL. */
+MMB_API mmb_status mmb_train(mmb_ctx *ctx, const mmb_train_params *p, mmb_train_result *res);
 
 /* The family table: the number of rows, and row i's name, the architectures it matches (comma-
  * separated) and its fusion type. Returns MMB_ERR_ARG for i out of range. */

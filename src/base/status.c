@@ -14,6 +14,7 @@ const char *mmb_status_str(mmb_status s) {
     case MMB_ERR_NOMEM: return "out of memory";
     case MMB_ERR_ARG: return "invalid argument";
     case MMB_ERR_ABORTED: return "aborted";
+    case MMB_ERR_NUMERIC: return "not a number";
     }
     return "unknown status";
 }

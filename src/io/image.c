@@ -316,6 +316,40 @@ static void png_run(mmb_ctx *ctx, png_state *s, const char *name, int64_t max_pi
     s->st = MMB_OK;
 }
 
+/* Writing: libpng's simplified API into memory, then a temporary file renamed into place. */
+mmb_status mmb__png_write(mmb_ctx *ctx, const char *path, const unsigned char *rgb, int width, int height) {
+    if (!path || !rgb || width < 1 || height < 1) return mmb__err(ctx, MMB_ERR_ARG, "mmb__png_write: bad argument");
+    png_image im;
+    memset(&im, 0, sizeof im);
+    im.version = PNG_IMAGE_VERSION;
+    im.width = (png_uint_32)width;
+    im.height = (png_uint_32)height;
+    im.format = PNG_FORMAT_RGB;
+    png_alloc_size_t n = 0;
+    if (!png_image_write_to_memory(&im, NULL, &n, 0, rgb, 0, NULL))
+        return mmb__err(ctx, MMB_ERR_IO, "%s: cannot encode the PNG: %s", path, im.message);
+    unsigned char *buf = malloc(n);
+    if (!buf) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", path);
+    mmb_status st = MMB_OK;
+    if (!png_image_write_to_memory(&im, buf, &n, 0, rgb, 0, NULL))
+        st = mmb__err(ctx, MMB_ERR_IO, "%s: cannot encode the PNG: %s", path, im.message);
+    char *tmp = st == MMB_OK ? malloc(strlen(path) + 8) : NULL;
+    if (st == MMB_OK && !tmp) st = mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", path);
+    if (tmp) {
+        sprintf(tmp, "%s.tmp", path);
+        FILE *f = fopen(tmp, "wb");
+        bool ok = f && fwrite(buf, 1, n, f) == n;
+        if (f && fclose(f) != 0) ok = false;
+        if (!ok || rename(tmp, path) != 0) {
+            st = mmb__err(ctx, MMB_ERR_IO, "%s: cannot write: %s", path, strerror(errno));
+            remove(tmp);
+        }
+    }
+    free(tmp);
+    free(buf);
+    return st;
+}
+
 static mmb_status decode_png(mmb_ctx *ctx, const unsigned char *buf, size_t n, const char *name,
                              int64_t max_pixels, mmb_image *out) {
     png_state *s = calloc(1, sizeof *s);

@@ -92,4 +92,9 @@ mmb_status mmb__ckpt_floats(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, i
 mmb_status mmb__ckpt_dwconv(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t C,
                             bool bias, float **w9, float **b);
 
+/* ---- io/image.c ------------------------------------------------------------------------------- */
+/* Writes rgb (height x width x 3 bytes) as an 8-bit RGB PNG at path (a temporary file renamed into place).
+ * Returns MMB_OK, MMB_ERR_ARG, MMB_ERR_IO or MMB_ERR_NOMEM. */
+mmb_status mmb__png_write(mmb_ctx *ctx, const char *path, const unsigned char *rgb, int width, int height);
+
 #endif

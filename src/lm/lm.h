@@ -162,4 +162,14 @@ int64_t mmb__adapter_rows(const mmb__adapter *a);
 mmb_status mmb__adapter_image(mmb_ctx *ctx, mmb__adapter *a, const float *visual, int64_t rows);
 void mmb__adapter_get_cost(const mmb__adapter *a, mmb__adapter_cost *out);
 
+/* ---- lm/backward.c: the frozen decoder's backward, for stage-1 training -------------------------------- */
+
+/* Next-token cross-entropy of the frozen decoder on one sequence and its gradient with respect to the input
+ * embeddings. embeds (n, d) f32; labels (n) as transformers' LlamaForCausalLM takes them: the loss of position
+ * i's logits against labels[i + 1] for every i + 1 < n with labels[i + 1] != -100 (IGNORE_INDEX). Adds the
+ * summed token losses to *loss_sum and their number to *count; writes d_embeds (n, d) = the gradient of that
+ * SUM with respect to embeds. No KV cache is used or changed. */
+mmb_status mmb__lm_loss_backward(mmb_ctx *ctx, const mmb_lm *lm, const float *embeds, const int32_t *labels,
+                                 int64_t n, double *loss_sum, int64_t *count, float *d_embeds);
+
 #endif

@@ -633,6 +633,8 @@ static mmb_status tower_taps(mmb_ctx *ctx, const mmb_model *m, const float *pixe
     return s;
 }
 
+const mmb_conn_cfg *mmb__model_conn_cfg(const mmb_model *m) { return &m->cc; }
+
 mmb_status mmb__model_projector_input(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
                                       int width, float **x, int64_t *rows, mmb_conn_cfg *cc) {
     if (!ctx || !m || !pixels || !x || !rows || !cc || batch < 1)

@@ -44,6 +44,8 @@ mmb_status mmb__model_encode_taps(mmb_ctx *ctx, const mmb_model *m, const float 
  * *rows rows of the projector's in_width; the caller frees it), and the projector's config in *cc (its strings
  * belong to m). Returns MMB_OK; MMB_ERR_UNSUPPORTED for a family's model or a Dense Connector; MMB_ERR_MISSING
  * without a tower; the tower's statuses. */
+/* m's projector configuration (its type, key prefix, widths, activation), owned by m. */
+const mmb_conn_cfg *mmb__model_conn_cfg(const mmb_model *m);
 mmb_status mmb__model_projector_input(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
                                       int width, float **x, int64_t *rows, mmb_conn_cfg *cc);
 
