@@ -173,6 +173,7 @@ int cmd_connect(int argc, char **argv);
 int cmd_encode(int argc, char **argv);
 int cmd_compare(int argc, char **argv);
 int cmd_generate(int argc, char **argv);
+int cmd_train(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_demo(int argc, char **argv);
 

@@ -15,6 +15,8 @@ static const struct {
     {"compare", "[MODEL...]", "connectors' parameters, FLOPs, tokens, measured latency and memory, and\n"
      "what an image costs the LLM (fusion C: prefill, KV cache; A: gated layers)", cmd_compare},
     {"generate", "MODEL [--image IMG]... --prompt TEXT", "image(s) + prompt -> the LLM -> text, streamed", cmd_generate},
+    {"train", "MODEL --data JSON -o DIR", "stage-1 training: a LLaVA projector through the frozen tower and LLM",
+     cmd_train},
     {"tokenize", "DIR --text T", "encode / decode with a checkpoint's tokenizer, render its chat template",
      cmd_tokenize},
     {"demo", "DIR [IMAGE]", "write a random-weight LLaVA checkpoint (a LLaVA-1.5-7B-sized projector, a\n"
