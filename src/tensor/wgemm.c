@@ -299,6 +299,7 @@ TAVX2 static void pack_rows_avx2(float *pan, const mmb_wmat *w, int64_t n0, int6
     for (int64_t k = 0; k < kc; k++) {
         const unsigned char *row = (const unsigned char *)w->data + ((n0 + k) * w->k + c0) * es;
         float *o = pan + k * NR;
+        if (k + 8 < kc) _mm_prefetch((const char *)row + 8 * w->k * es, _MM_HINT_T0); /* strided rows */
         _mm256_store_ps(o, ld8(row, w->dtype, 0));
         _mm256_store_ps(o + 8, ld8(row, w->dtype, 8));
         _mm256_store_ps(o + 16, ld8(row, w->dtype, 16));

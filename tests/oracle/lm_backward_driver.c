@@ -6,8 +6,9 @@
  *       OUT: loss_sum [1] F64, count [1] I64, d_embeds [n, d] F32
  *   lm_backward_driver --claim MODEL_DIR N
  *       calls it with n = N on zero (untouched, calloc'd) embeddings and labels: for the length refusals
- *   lm_backward_driver --time MODEL_DIR N REPS [THREADS]
- *       random embeddings, the last N / 8 positions as targets; prints the median seconds of a plain forward
+ *   lm_backward_driver --time MODEL_DIR N REPS [THREADS [TARGETS]]
+ *       random embeddings, the last TARGETS positions (default N / 8) as targets; prints the median seconds of
+ *       a plain forward
  *       (mmb_lm_forward over the N positions from a fresh cache, last logits only) and of the backward
  * Exit 0; 2 with "status: message" when the library refuses; 1 on misuse. */
 #include "lm/lm.h"
@@ -56,7 +57,7 @@ static int claim(const char *dir, int64_t n) {
     return rc;
 }
 
-static int timing(const char *dir, int64_t n, int reps, int threads) {
+static int timing(const char *dir, int64_t n, int reps, int threads, int64_t targets) {
     mmb_ctx *ctx = NULL;
     mmb_lm *lm = NULL;
     int rc = open_model(dir, threads, &ctx, &lm);
@@ -78,7 +79,7 @@ static int timing(const char *dir, int64_t n, int reps, int threads) {
         r ^= r << 13, r ^= r >> 7, r ^= r << 17;
         e[i] = (float)((double)(r >> 11) / 9007199254740992.0 - 0.5);
     }
-    for (int64_t i = 0; i < n; i++) lab[i] = i >= n - n / 8 ? (int32_t)(i * 7919 % in.vocab) : MMB_IGNORE_INDEX;
+    for (int64_t i = 0; i < n; i++) lab[i] = i >= n - targets ? (int32_t)(i * 7919 % in.vocab) : MMB_IGNORE_INDEX;
     double loss = 0;
     int64_t cnt = 0;
     for (int k = 0; k < reps + 1; k++) { /* the first of each: warm-up */
@@ -108,11 +109,12 @@ done:
 
 int main(int argc, char **argv) {
     if (argc == 4 && strcmp(argv[1], "--claim") == 0) return claim(argv[2], atoll(argv[3]));
-    if ((argc == 5 || argc == 6) && strcmp(argv[1], "--time") == 0)
-        return timing(argv[2], atoll(argv[3]), atoi(argv[4]), argc == 6 ? atoi(argv[5]) : 2);
+    if (argc >= 5 && argc <= 7 && strcmp(argv[1], "--time") == 0)
+        return timing(argv[2], atoll(argv[3]), atoi(argv[4]), argc >= 6 ? atoi(argv[5]) : 2,
+                      argc == 7 ? atoll(argv[6]) : atoll(argv[3]) / 8);
     if (argc != 4 && argc != 5) {
         fprintf(stderr, "usage: %s MODEL_DIR IN.safetensors OUT.safetensors [THREADS]\n"
-                "       %s --claim MODEL_DIR N\n       %s --time MODEL_DIR N REPS [THREADS]\n", argv[0], argv[0],
+                "       %s --claim MODEL_DIR N\n       %s --time MODEL_DIR N REPS [THREADS [TARGETS]]\n", argv[0], argv[0],
                 argv[0]);
         return 1;
     }
