@@ -18,7 +18,7 @@
  * D = dO . O), the softmax's log-sum-exp per head (H) and the MLP's gate and up (2 I); plus x_L (d) once.
  * The normed inputs and the SwiGLU product are not kept: with no weight gradients nothing reads them (the norm
  * backward recomputes r from x). Qwen2-0.5B: 13582 floats (54 KB) per position per layer, 1.3 MB per position
- * over its 24 layers. Sequences whose kept activations would pass MMB_LM_BWD_MAX_BYTES are refused. Besides:
+ * over its 24 layers (Vicuna-7B: 6.0 MB). Sequences whose kept activations would pass MMB_LM_BWD_MAX_BYTES are refused. Besides:
  * per position d + 3 I + H hd + (H + 2 KVH) hd + H + hd floats of working rows, the head's logits for 64 rows
  * at a time (64 vocab floats), and each thread's product scratch.
  *

@@ -193,8 +193,9 @@ void mmb__lm_rope_freqs(const mmb_lm *lm, int64_t seq_len, float *inv);
 
 /* The labels value that marks a position without a target (transformers' and LLaVA's IGNORE_INDEX). */
 #define MMB_IGNORE_INDEX (-100)
-/* The most bytes of activations mmb__lm_loss_backward keeps for one sequence (4 GiB). */
-#define MMB_LM_BWD_MAX_BYTES ((int64_t)1 << 32)
+/* The most bytes of activations mmb__lm_loss_backward keeps for one sequence (16 GiB: 2870 positions of a
+ * Vicuna-7B, 1834 of a 13B, 13139 of a Qwen2-0.5B; LLaVA's stage-1 samples are ~620). */
+#define MMB_LM_BWD_MAX_BYTES ((int64_t)1 << 34)
 /* Floats kept per position for one sequence: every layer's (lm/backward.c's header), plus the final
  * residual stream. */
 int64_t mmb__lm_bwd_floats_per_pos(const mmb_lm *lm);

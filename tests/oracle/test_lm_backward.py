@@ -38,11 +38,11 @@ def embeds_of(n=N_POS, seed=3):
     return torch.randn(n, SHAPE["hidden_size"], generator=torch.Generator().manual_seed(seed))
 
 
-def run_driver(driver, d, tmp_path, emb, lab, check=True):
+def run_driver(driver, d, tmp_path, emb, lab, check=True, threads=2):
     import subprocess
     fin, fout = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
     save_file({"embeds": emb.float().contiguous(), "labels": lab.long().contiguous()}, str(fin))
-    p = subprocess.run([str(driver), str(d), str(fin), str(fout), "2"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([str(driver), str(d), str(fin), str(fout), str(threads)], capture_output=True, text=True, timeout=120)
     assert "Sanitizer" not in p.stderr and "runtime error:" not in p.stderr, p.stderr
     if not check:
         return p
@@ -60,10 +60,10 @@ def torch_loss_grad(model, emb, lab):
     return loss.item(), int((lab[1:] != IGNORE).sum()), e.grad.detach()
 
 
-def check(driver, model, d, tmp_path, what, emb=None, lab=None):
+def check(driver, model, d, tmp_path, what, emb=None, lab=None, threads=2):
     emb = embeds_of() if emb is None else emb
     lab = llava_labels() if lab is None else lab
-    loss, cnt, grad = run_driver(driver, d, tmp_path, emb, lab)
+    loss, cnt, grad = run_driver(driver, d, tmp_path, emb, lab, threads=threads)
     rloss, rcnt, rgrad = torch_loss_grad(model, emb, lab)
     rel = abs(loss - rloss) / abs(rloss)
     err = scaled_err(grad, rgrad)
@@ -101,9 +101,11 @@ def test_bf16_weights(driver, tmp_path, arch):
 
 
 def test_row_blocks_and_head_chunks(driver, tmp_path):
-    """300 positions: two row blocks of the products (256 rows each call), 119 targets: two chunks of the head."""
+    """300 positions: two row blocks of the products (256 rows each call), 119 targets: two chunks of the head;
+    3 threads, so the column splits are uneven (64 columns = 2 panels of 32 on 3 threads)."""
     model, d = make_lm(tmp_path, "mistral", sliding_window=40, max_position_embeddings=512)
-    check(driver, model, d, tmp_path, "mistral window 40, 300 positions", embeds_of(300), llava_labels(300, 180))
+    check(driver, model, d, tmp_path, "mistral window 40, 300 positions, 3 threads", embeds_of(300),
+          llava_labels(300, 180), threads=3)
 
 
 def test_no_target_and_all_targets(driver, tmp_path):
@@ -251,11 +253,12 @@ def test_bad_input(driver, tmp_path):
     n = SHAPE["max_position_embeddings"] + 1
     p = run_driver(driver, d, tmp_path, embeds_of(n), llava_labels(n), check=False)
     assert p.returncode == 2 and f"a sequence of {n} positions; the model has 128" in p.stderr, p.stderr
-    # the activation limit: 64 thin layers keep 35136 floats a position, so 40000 positions pass 4 GiB
-    _, d64 = make_lm(tmp_path, "llama", name="deep", num_hidden_layers=64, max_position_embeddings=1 << 16)
-    p = subprocess.run([str(driver), "--claim", str(d64), "40000"], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and "over the limit of 4.29 GB" in p.stderr and "at most 30559 positions" in p.stderr, \
-        p.stderr
+    # the activation limit: 64 thin layers keep 35136 floats a position, so 130000 positions pass 16 GiB (refused
+    # before the untouched inputs are read)
+    _, d64 = make_lm(tmp_path, "llama", name="deep", num_hidden_layers=64, max_position_embeddings=1 << 17)
+    p = subprocess.run([str(driver), "--claim", str(d64), "130000"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "would keep 18.27 GB of activations (35136 floats per position), over the limit " \
+        "of 17.18 GB" in p.stderr and "at most 122238 positions" in p.stderr, p.stderr
     print(p.stderr.strip())
 
 
