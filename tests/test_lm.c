@@ -58,6 +58,47 @@ static void test_wmat(void) {
     free(w32); free(w16); free(wb); free(x); free(y); free(ref); free(y0);
 }
 
+/* dx = dy W in every storage dtype and instruction set, column ranges split inside a panel, against the
+ * double-sum oracle; N past one K block (300 > 256) and M past one micro-panel. */
+static void test_wmat_t(void) {
+    const int64_t N = 300, K = 45, Ms[] = {1, 5, 17};
+    float *w32 = malloc(sizeof(float) * N * K), *dy = malloc(sizeof(float) * 17 * N);
+    uint16_t *w16 = malloc(2 * N * K), *wb = malloc(2 * N * K);
+    float *dx = malloc(sizeof(float) * 17 * K), *ref = malloc(sizeof(float) * 17 * K), *x0 = malloc(sizeof(float) * 17 * K);
+    for (int64_t i = 0; i < N * K; i++) {
+        w32[i] = frand();
+        w16[i] = mmb__f32_to_f16(w32[i]);
+        wb[i] = mmb__f32_to_bf16(w32[i]);
+    }
+    for (int64_t i = 0; i < 17 * N; i++) dy[i] = frand();
+    const void *data[3] = {w32, w16, wb};
+    const mmb_dtype dt[3] = {MMB_F32, MMB_F16, MMB_BF16};
+    for (int isa = 0; isa <= 2; isa++) {
+        mmb__cpu_force_isa(isa);
+        size_t ns = mmb__wmat_t_scratch(17, N);
+        float *scr = aligned_alloc(64, (ns * sizeof(float) + 63) / 64 * 64);
+        for (int t = 0; t < 3; t++)
+            for (int mi = 0; mi < 3; mi++)
+                for (int acc = 0; acc < 2; acc++) {
+                    int64_t M = Ms[mi];
+                    mmb_wmat w = {data[t], dt[t], N, K};
+                    mmb__wmat_ref_t(ref, dy, M, &w);
+                    for (int64_t i = 0; i < M * K; i++) dx[i] = x0[i] = frand();
+                    if (acc)
+                        for (int64_t i = 0; i < M * K; i++) ref[i] += x0[i];
+                    mmb__wmat_part_t(dx, K, dy, N, M, &w, 0, 13, acc, scr);
+                    mmb__wmat_part_t(dx + 13, K, dy, N, M, &w, 13, K, acc, scr);
+                    double e = 0;
+                    for (int64_t i = 0; i < M * K; i++) e = fmax(e, fabs((double)dx[i] - ref[i]));
+                    CHECK(e < 1e-4, "transposed: isa %d dtype %d M %lld acc %d: max err %g", isa, t, (long long)M,
+                          acc, e);
+                }
+        free(scr);
+    }
+    mmb__cpu_force_isa(-1);
+    free(w32); free(w16); free(wb); free(dy); free(dx); free(ref); free(x0);
+}
+
 /* ---- a tiny random Llama checkpoint ---- */
 enum { D = 32, FF = 48, L = 2, H = 4, KVH = 2, V = 50, HD = D / H };
 
@@ -240,6 +281,7 @@ static void test_sampler(void) {
 
 int main(void) {
     test_wmat();
+    test_wmat_t();
     test_hooks_and_cache();
     test_sampler();
     return DONE("test_lm");

@@ -1102,3 +1102,25 @@ mmb_status mmb__lm_set_prompt(mmb_ctx *ctx, mmb_lm *lm, int l, const float *prom
     free(scr);
     return s;
 }
+
+/* ---- for lm/backward.c: a read-only view of the weights (lm.h, "the frozen decoder's backward") --------- */
+
+void mmb__lm_get_view(const mmb_lm *lm, mmb__lm_view *v) {
+    *v = (mmb__lm_view){.d = lm->d, .I = lm->I, .H = lm->H, .KVH = lm->KVH, .hd = lm->hd, .vocab = lm->vocab,
+                        .L = lm->L, .extra = lm->extra, .eps = lm->eps, .norm = lm->norm, .head = &lm->head,
+                        .hooks = lm->hooks != NULL, .experts = lm->experts,
+                        .n_replaced = lm->info.n_replaced, .max_positions = lm->info.max_positions};
+}
+
+void mmb__lm_get_layer(const mmb_lm *lm, int l, mmb__lm_layer_view *v) {
+    const lm_layer *y = &lm->layers[l];
+    *v = (mmb__lm_layer_view){.q = &y->q, .k = &y->k, .v = &y->v, .o = &y->o, .gate = &y->gate, .up = &y->up,
+                              .down = &y->down, .bq = y->bq, .bk = y->bk, .bv = y->bv, .bo = y->bo,
+                              .bgate = y->bgate, .bup = y->bup, .bdown = y->bdown, .ln1 = y->ln1, .ln2 = y->ln2,
+                              .window = y->window, .replaced = y->replaced, .prompt = y->plen};
+}
+
+void mmb__lm_rope_freqs(const mmb_lm *lm, int64_t seq_len, float *inv) {
+    if (lm->rope == ROPE_DYNAMIC) rope_inv_freq(lm, seq_len, inv);
+    else memcpy(inv, lm->inv_freq, sizeof(float) * (size_t)(lm->hd / 2));
+}

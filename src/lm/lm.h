@@ -162,13 +162,57 @@ int64_t mmb__adapter_rows(const mmb__adapter *a);
 mmb_status mmb__adapter_image(mmb_ctx *ctx, mmb__adapter *a, const float *visual, int64_t rows);
 void mmb__adapter_get_cost(const mmb__adapter *a, mmb__adapter_cost *out);
 
-/* ---- lm/backward.c: the frozen decoder's backward, for stage-1 training -------------------------------- */
+/* ---- lm/backward.c: the frozen decoder's backward (stage-1 training) -------------------------------- */
+
+/* What lm/backward.c reads of the decoder (lm/decoder.c's accessors; the structs stay private there).
+ * The pointers live as long as lm. */
+typedef struct mmb__lm_view {
+    int64_t d, I, H, KVH, hd, vocab, L;
+    int64_t extra;               /* IDEFICS' additional vocabulary (a second head), 0 without */
+    float eps;
+    const float *norm;           /* the final RMSNorm's weight (d) */
+    const mmb_wmat *head;        /* lm_head (vocab, d), or the tied embedding's first vocab rows */
+    bool hooks;                  /* fusion-A / type-B hooks installed */
+    int experts;                 /* weight sets per layer (2: type B's second set) */
+    int n_replaced;              /* layers a hook runs instead (Mllama's cross-attention ones) */
+    int64_t max_positions;
+} mmb__lm_view;
+typedef struct mmb__lm_layer_view {
+    const mmb_wmat *q, *k, *v, *o, *gate, *up, *down;
+    const float *bq, *bk, *bv, *bo, *bgate, *bup, *bdown; /* f32 or NULL */
+    const float *ln1, *ln2;                                /* (d) */
+    int64_t window;                                        /* keys per query, 0: none */
+    bool replaced;
+    int64_t prompt;                                        /* LLaMA-Adapter prompt positions, 0: none */
+} mmb__lm_layer_view;
+void mmb__lm_get_view(const mmb_lm *lm, mmb__lm_view *v);
+/* Layer l < v.L of lm. */
+void mmb__lm_get_layer(const mmb_lm *lm, int l, mmb__lm_layer_view *v);
+/* RoPE's inverse frequencies (hd / 2 floats) for a forward over seq_len positions from 0, as the decoder
+ * uses them (only the dynamic scaling depends on seq_len). */
+void mmb__lm_rope_freqs(const mmb_lm *lm, int64_t seq_len, float *inv);
+
+/* The labels value that marks a position without a target (transformers' and LLaVA's IGNORE_INDEX). */
+#define MMB_IGNORE_INDEX (-100)
+/* The most bytes of activations mmb__lm_loss_backward keeps for one sequence (16 GiB: 2870 positions of a
+ * Vicuna-7B, 1834 of a 13B, 13139 of a Qwen2-0.5B; LLaVA's stage-1 samples are ~620). */
+#define MMB_LM_BWD_MAX_BYTES ((int64_t)1 << 34)
+/* Floats kept per position for one sequence: every layer's (lm/backward.c's header), plus the final
+ * residual stream. */
+int64_t mmb__lm_bwd_floats_per_pos(const mmb_lm *lm);
 
 /* Next-token cross-entropy of the frozen decoder on one sequence and its gradient with respect to the input
  * embeddings. embeds (n, d) f32; labels (n) as transformers' LlamaForCausalLM takes them: the loss of position
- * i's logits against labels[i + 1] for every i + 1 < n with labels[i + 1] != -100 (IGNORE_INDEX). Adds the
- * summed token losses to *loss_sum and their number to *count; writes d_embeds (n, d) = the gradient of that
- * SUM with respect to embeds. No KV cache is used or changed. */
+ * i's logits against labels[i + 1] for every i + 1 < n with labels[i + 1] != -100 (IGNORE_INDEX; labels[0] is
+ * never a target and not read). Adds the summed token losses (double) to *loss_sum and their number to
+ * *count; writes d_embeds (n, d) = the gradient of that SUM with respect to embeds (the caller scales it by
+ * 1 / the tokens of its batch; all zero when no position has a target). No KV cache is used or changed.
+ * Scratch: its own (the activations of the n positions, malloc'd), freed before returning.
+ * Returns MMB_OK; MMB_ERR_ARG (NULL pointer, n < 2, a label outside [0, vocab) and not -100, naming the
+ * position); MMB_ERR_SHAPE (n beyond the model's positions, or activations beyond MMB_LM_BWD_MAX_BYTES);
+ * MMB_ERR_UNSUPPORTED for what the backward does not cover: hooks installed (fusion A), replaced layers,
+ * adapter prompts, a second expert weight set, IDEFICS' additional vocabulary; MMB_ERR_NOMEM. On an error
+ * *loss_sum, *count and d_embeds are unchanged. */
 mmb_status mmb__lm_loss_backward(mmb_ctx *ctx, const mmb_lm *lm, const float *embeds, const int32_t *labels,
                                  int64_t n, double *loss_sum, int64_t *count, float *d_embeds);
 

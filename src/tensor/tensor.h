@@ -278,4 +278,16 @@ typedef struct mmb_adamw {
 /* One step t (1-based) of w (n) with gradient g and moments m, v (n each, zero before step 1). */
 void mmb__adamw_step(float *w, const float *g, float *m, float *v, int64_t n, const mmb_adamw *o, int64_t t);
 
+/* The transposed product, the backward of y = x W^T with respect to x: dx (M, w->k) = dy (M, w->n) W, with W
+ * read in its storage dtype. Output columns [c0, c1) on the calling thread (callers split the columns):
+ * dy row stride lddy; dx0 points at column c0 of row 0 of dx (row stride lddx); accumulate: dx += dy W.
+ * For each block of MMB_GEMM_OWN_KC rows of W, dy's columns are packed once into the own kernel's A
+ * micro-panels and each 32-column block of those W rows, widened to f32 as it lies (no transposition),
+ * is the B panel. scratch: mmb__wmat_t_scratch(M, w->n) floats, 64-aligned. */
+size_t mmb__wmat_t_scratch(int64_t M, int64_t N);
+void mmb__wmat_part_t(float *dx0, int64_t lddx, const float *dy, int64_t lddy, int64_t M, const mmb_wmat *w,
+                      int64_t c0, int64_t c1, int accumulate, float *scratch);
+/* The oracle: dx (M, w->k) = dy (M, w->n) W, sums in double. */
+void mmb__wmat_ref_t(float *dx, const float *dy, int64_t M, const mmb_wmat *w);
+
 #endif

@@ -270,3 +270,95 @@ void mmb__wmat_share(int tid, int nth, const float *x, int64_t ldx, int64_t M, c
         mmb__wmat_part(o[i].y + n0, o[i].ldy, x, ldx, M, o[i].w, o[i].bias, n0, n1, accumulate, scratch);
     }
 }
+
+/* ---- the transposed product dx = dy W (the backward of y = x W^T) ---------------------------------- */
+
+/* pan[k * NR + j] = W[n0 + k][c0 + j] for k < kc, j < nc (widened to f32), columns nc..NR-1 zero: a
+ * panel of the transposed product is a block of W's rows as they lie, so no transposition is needed. */
+static void pack_rows_scalar(float *pan, const mmb_wmat *w, int64_t n0, int64_t kc, int64_t c0, int nc) {
+    size_t es = mmb_dtype_size(w->dtype);
+    for (int64_t k = 0; k < kc; k++) {
+        const unsigned char *row = (const unsigned char *)w->data + (size_t)((n0 + k) * w->k + c0) * es;
+        float *o = pan + k * NR;
+        if (w->dtype == MMB_F32) memcpy(o, row, sizeof(float) * (size_t)nc);
+        else if (w->dtype == MMB_BF16)
+            for (int j = 0; j < nc; j++) {
+                uint32_t u = (uint32_t)((const uint16_t *)row)[j] << 16;
+                memcpy(&o[j], &u, 4);
+            }
+        else
+            for (int j = 0; j < nc; j++) o[j] = cvt1(row, w->dtype, j);
+        for (int j = nc; j < NR; j++) o[j] = 0.0f;
+    }
+}
+
+#if WG_X86
+/* The same for full panels (nc == NR), 8 columns per load. */
+TAVX2 static void pack_rows_avx2(float *pan, const mmb_wmat *w, int64_t n0, int64_t kc, int64_t c0) {
+    const int64_t es = w->dtype == MMB_F32 ? 4 : 2;
+    for (int64_t k = 0; k < kc; k++) {
+        const unsigned char *row = (const unsigned char *)w->data + ((n0 + k) * w->k + c0) * es;
+        float *o = pan + k * NR;
+        if (k + 8 < kc) _mm_prefetch((const char *)row + 8 * w->k * es, _MM_HINT_T0); /* strided rows */
+        _mm256_store_ps(o, ld8(row, w->dtype, 0));
+        _mm256_store_ps(o + 8, ld8(row, w->dtype, 8));
+        _mm256_store_ps(o + 16, ld8(row, w->dtype, 16));
+        _mm256_store_ps(o + 24, ld8(row, w->dtype, 24));
+    }
+}
+#endif
+
+static void pack_rows(float *pan, const mmb_wmat *w, int64_t n0, int64_t kc, int64_t c0, int nc) {
+#if WG_X86
+    if (nc == NR && mmb__cpu_isa() >= 1) {
+        pack_rows_avx2(pan, w, n0, kc, c0);
+        return;
+    }
+#endif
+    pack_rows_scalar(pan, w, n0, kc, c0, nc);
+}
+
+size_t mmb__wmat_t_scratch(int64_t M, int64_t N) {
+    int64_t mr = mmb__gemm_own_mr(mmb__cpu_isa()), kc = N < KC ? N : KC;
+    int64_t mp = (M + mr - 1) / mr * mr;
+    return (size_t)(mp * kc + (int64_t)NR * kc + 16);
+}
+
+void mmb__wmat_part_t(float *dx0, int64_t lddx, const float *dy, int64_t lddy, int64_t M, const mmb_wmat *w,
+                      int64_t c0, int64_t c1, int accumulate, float *scratch) {
+    const int64_t N = w->n;
+    if (M < 1 || c1 <= c0) return;
+    const int isa = mmb__cpu_isa(), MR = mmb__gemm_own_mr(isa);
+    const int64_t npan = (M + MR - 1) / MR;
+    float *apack = scratch, *pan = scratch + npan * MR * (N < KC ? N : KC);
+    pan = (float *)(((uintptr_t)pan + 63) & ~(uintptr_t)63);
+    for (int64_t n0 = 0; n0 < N; n0 += KC) {
+        int64_t kc = N - n0 < KC ? N - n0 : KC;
+        int load = accumulate || n0 > 0;
+        for (int64_t q = 0; q < npan; q++) {
+            int mr = (int)(M - q * MR < MR ? M - q * MR : MR);
+            mmb__gemm_own_pack_a(apack + q * kc * MR, dy + q * MR * lddy + n0, lddy, mr, kc);
+        }
+        for (int64_t p = c0; p < c1; p += NR) {
+            int nc = (int)(c1 - p < NR ? c1 - p : NR);
+            pack_rows(pan, w, n0, kc, p, nc);
+            for (int64_t q = 0; q < npan; q++) {
+                int mr = (int)(M - q * MR < MR ? M - q * MR : MR);
+                mmb__gemm_own_tile(isa, mr, kc, apack + q * kc * MR, pan, dx0 + q * MR * lddx + (p - c0), lddx, nc,
+                                   load, NULL);
+            }
+        }
+    }
+}
+
+void mmb__wmat_ref_t(float *dx, const float *dy, int64_t M, const mmb_wmat *w) {
+    size_t es = mmb_dtype_size(w->dtype);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < w->k; c++) {
+            double acc = 0.0;
+            for (int64_t n = 0; n < w->n; n++)
+                acc += (double)dy[m * w->n + n] * cvt1((const unsigned char *)w->data + (size_t)(n * w->k) * es,
+                                                       w->dtype, c);
+            dx[m * w->k + c] = (float)acc;
+        }
+}
