@@ -19,7 +19,7 @@ static void hms(char *b, size_t n, double s) {
 }
 
 static int on_step(void *user, int64_t step, int64_t steps, double loss, double lr, double tps, double eta) {
-    (void)user;
+    const int64_t stop_after = *(const int64_t *)user;
     char e[32], bar[31];
     hms(e, sizeof e, eta);
     int fill = steps ? (int)(30 * step / steps) : 30;
@@ -28,7 +28,7 @@ static int on_step(void *user, int64_t step, int64_t steps, double loss, double 
     fprintf(stderr, "\rstep %lld/%lld [%s] loss %.4f lr %.3g %.0f tok/s ETA %s ", (long long)step, (long long)steps,
             bar, loss, lr, tps, e);
     if (step == steps) fputc('\n', stderr);
-    return interrupted;
+    return interrupted || (stop_after && step >= stop_after);
 }
 
 static void on_cache(void *user, int64_t done, int64_t total) {
@@ -40,7 +40,8 @@ int cmd_train(int argc, char **argv) {
     const char *pos[1];
     cli_ctx_opts co = {0};
     mmb_train_params p = mmb_train_default_params();
-    int64_t batch = p.batch, micro = p.micro_batch, epochs = 1, max_steps = 0, save = p.save_every, seed = 0;
+    int64_t batch = p.batch, micro = p.micro_batch, epochs = 1, max_steps = 0, save = p.save_every, seed = 0,
+            stop_after = 0;
     double warm = p.warmup_ratio;
     const cli_opt opts[] = {
         {.name = "--data", .meta = "JSON", .type = CLI_STR, .dst = &p.data,
@@ -75,6 +76,9 @@ int cmd_train(int argc, char **argv) {
          .help = "start the projector from nn.Linear's default init (--seed), not the checkpoint's"},
         {.name = "--seed", .meta = "S", .type = CLI_INT, .dst = &seed, .help = "--random-init's seed", .lo = 0,
          .hi = 1ll << 62},
+        {.name = "--stop-after", .meta = "N", .type = CLI_INT, .dst = &stop_after,
+         .help = "pause after step N with a checkpoint (as Ctrl-C does; --resume goes on)", .lo = 0,
+         .hi = 1ll << 40},
         {.name = "--resume", .meta = NULL, .type = CLI_FLAG, .dst = &p.resume,
          .help = "continue from OUT/checkpoint.safetensors"},
         {.name = "--skip-bad", .meta = NULL, .type = CLI_FLAG, .dst = &p.skip_bad,
@@ -105,6 +109,7 @@ int cmd_train(int argc, char **argv) {
     p.warmup_ratio = warm > 0 ? warm : -1; /* 0 asked: no warm-up */
     p.on_step = on_step;
     p.on_cache = on_cache;
+    p.user = &stop_after;
     mmb_ctx *ctx = cli_ctx(&co);
     if (!ctx) return 1;
     struct sigaction sa = {0}, old;

@@ -515,6 +515,18 @@ static mmb_status write_hf(trainer *t) {
     return s;
 }
 
+/* The steps [1, n] of out/loss.csv, when it has them (a resumed run's curve goes on from it). */
+static void read_curve(const trainer *t, double *loss, double *lr, int64_t n) {
+    char *path = out_path(t, "loss.csv"), line[128];
+    FILE *f = path ? fopen(path, "r") : NULL;
+    long long k;
+    double a, b;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "%lld,%lf,%lf", &k, &a, &b) == 3 && k >= 1 && k <= n) loss[k - 1] = a, lr[k - 1] = b;
+    if (f) fclose(f);
+    free(path);
+}
+
 /* loss.csv and loss.png (the curve on a white 640 x 360 canvas, the loss axis from 0 to its maximum). */
 static mmb_status write_curve(trainer *t, const double *loss, const double *lr, int64_t n) {
     mmb_ctx *ctx = t->ctx;
@@ -681,6 +693,7 @@ mmb_status mmb_train(mmb_ctx *ctx, const mmb_train_params *pin, mmb_train_result
     if (s == MMB_OK && p.resume && stat(ck, &st) == 0) s = load_checkpoint(&t, steps, &step);
     double *losses = calloc((size_t)steps + 1, sizeof(double)), *lrs = calloc((size_t)steps + 1, sizeof(double));
     if (s == MMB_OK && (!losses || !lrs)) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    if (s == MMB_OK && step) read_curve(&t, losses, lrs, step); /* the resumed steps' part of the curve */
     /* the run's sequence: the samples in order, epoch after epoch, the skipped ones left out */
     int64_t kept = t.n - t.skipped, *order = s == MMB_OK ? malloc(sizeof(int64_t) * (size_t)(kept + 1)) : NULL;
     if (s == MMB_OK && !order) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
@@ -725,8 +738,7 @@ mmb_status mmb_train(mmb_ctx *ctx, const mmb_train_params *pin, mmb_train_result
         if ((step + 1) % p.save_every == 0 || step + 1 == steps || stop) s = save_checkpoint(&t, step + 1, steps);
         if (s == MMB_OK && stop) {
             s = mmb__err(ctx, MMB_ERR_ABORTED, "stopped after step %lld of %lld (checkpoint written)",
-                         (long long)(step + 1), (long long)steps);
-            step++;
+                         (long long)(step + 1), (long long)steps); /* the loop's increment counts this step */
         }
     }
     if (s == MMB_OK) s = write_projector(&t);
@@ -735,7 +747,10 @@ mmb_status mmb_train(mmb_ctx *ctx, const mmb_train_params *pin, mmb_train_result
         mmb_model_get_info(mmb_mllm_model(t.m), &mi);
         if (strncmp(mi.layout, "transformers", 12) == 0) s = write_hf(&t);
     }
-    if (s == MMB_OK) s = write_curve(&t, losses + done0, lrs + done0, steps - done0);
+    if (s == MMB_OK || s == MMB_ERR_ABORTED) { /* the curve so far, also when stopped */
+        mmb_status c = write_curve(&t, losses, lrs, step);
+        if (s == MMB_OK) s = c;
+    }
     if (res && (s == MMB_OK || s == MMB_ERR_ABORTED))
         *res = (mmb_train_result){.steps = step, .samples = t.n, .skipped = t.skipped, .cached = t.cached,
                                   .last_loss = last, .seconds = mmb__now_s() - t0};

@@ -38,6 +38,7 @@ def compile_driver(name, out_dir):
         pytest.skip(f"{lib} not built")
     cache = (bd / "CMakeCache.txt").read_text() if (bd / "CMakeCache.txt").exists() else ""
     san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if "MMB_SANITIZE:BOOL=ON" in cache else []
+    san += ["-fsanitize=thread"] if "MMB_TSAN:BOOL=ON" in cache else []
     libs = subprocess.run(["pkg-config", "--libs", "libcjson", "libjpeg", "libpng", "libwebp", "libpcre2-8",
                            "libutf8proc", "openblas"], capture_output=True, text=True, check=True).stdout.split()
     exe = Path(out_dir) / name
