@@ -55,6 +55,11 @@ typedef struct mmb_connector_ops {
      * cost and scratch's rows (batch * tokens) count the CLS token too. */
     mmb_status (*forward_taps)(mmb_ctx *ctx, const void *state, float *out, const float *const *bufs,
                                int64_t batch, int64_t tokens, int64_t width);
+    /* Optional, with needs (training): the rows the connector's projector reads, from bufs as forward_taps
+     * takes them, into *x (malloc'd, batch * *rows rows of the projector's input width; the caller frees it).
+     * MMB_ERR_UNSUPPORTED when the projector's output is transformed further. NULL: not trainable. */
+    mmb_status (*projector_input)(mmb_ctx *ctx, const void *state, const float *const *bufs, int64_t batch,
+                                  int64_t tokens, int64_t width, float **x, int64_t *rows);
     /* Optional; NULL for connectors that do not route. Tokens each expert received, summed over every
      * forward since load: fills counts[0 .. min(E, cap)) and returns E. */
     int (*routing)(const void *state, int64_t *counts, int cap);

@@ -202,21 +202,26 @@ static void bilinear(float *dst, const float *src, int64_t g, int64_t t, int64_t
     }
 }
 
-static mmb_status dense_forward_taps(mmb_ctx *ctx, const void *st, float *out, const float *const *bufs,
-                                     int64_t batch, int64_t tokens, int64_t width) {
-    const dense_state *s = st;
+/* The projector's T rows an image for hidden states of `tokens` tokens, or MMB_ERR_SHAPE. */
+static mmb_status check_taps(mmb_ctx *ctx, const dense_state *s, int64_t tokens, int64_t width, int64_t *T) {
+    bool has_cls = false;
+    int64_t g = mmb__patch_grid(tokens, &has_cls);
+    *T = proj_tokens(s, tokens);
+    if (g < 1 || *T < 1 || width != s->width)
+        return mmb__err(ctx, MMB_ERR_SHAPE, "Dense Connector: hidden states [%lld tokens, %lld wide]: expected a "
+                        "square patch grid (plus CLS) %lld wide", (long long)tokens, (long long)width,
+                        (long long)s->width);
+    return MMB_OK;
+}
+
+/* x (batch, T, width * mult): the selected, pooled and concatenated features the projector reads. */
+static void combine(const dense_state *s, float *x, const float *const *bufs, int64_t batch, int64_t tokens,
+                    int64_t width) {
     const mmb_dense_params *p = &s->p;
     bool has_cls = false;
     int64_t g = mmb__patch_grid(tokens, &has_cls), cls = has_cls, N = g * g, T = proj_tokens(s, tokens);
     int k = n_shallow(p), mult = mmb__dense_mult(p);
-    if (g < 1 || T < 1 || width != s->width)
-        return mmb__err(ctx, MMB_ERR_SHAPE, "Dense Connector: hidden states [%lld tokens, %lld wide]: expected a "
-                        "square patch grid (plus CLS) %lld wide", (long long)tokens, (long long)width,
-                        (long long)s->width);
-    int64_t W = width * mult, d = dense_out_width(st);
-    float *x = mmb__arena_alloc(&ctx->arena, (size_t)(batch * T * W) * sizeof(float));
-    float *y = p->tokens ? mmb__arena_alloc(&ctx->arena, (size_t)(batch * T * d) * sizeof(float)) : out;
-    if (!x || !y) return mmb__err(ctx, MMB_ERR_NOMEM, "Dense Connector: scratch arena too small");
+    int64_t W = width * mult;
     for (int64_t b = 0; b < batch; b++) {
         float *xb = x + b * T * W;
         copy_rows(xb, W, bufs[0] + (b * tokens + cls) * width, N, width);
@@ -236,14 +241,48 @@ static mmb_status dense_forward_taps(mmb_ctx *ctx, const void *st, float *out, c
                 }
         }
     }
-    mmb_status r = s->proj->forward(ctx, s->proj_state, y, x, batch, T);
+}
+
+static mmb_status dense_forward_taps(mmb_ctx *ctx, const void *st, float *out, const float *const *bufs,
+                                     int64_t batch, int64_t tokens, int64_t width) {
+    const dense_state *s = st;
+    const mmb_dense_params *p = &s->p;
+    int64_t T, g = mmb__patch_grid(tokens, &(bool){false}), N = g * g;
+    mmb_status r = check_taps(ctx, s, tokens, width, &T);
+    if (r != MMB_OK) return r;
+    int64_t W = width * mmb__dense_mult(p), d = dense_out_width(st);
+    float *x = mmb__arena_alloc(&ctx->arena, (size_t)(batch * T * W) * sizeof(float));
+    float *y = p->tokens ? mmb__arena_alloc(&ctx->arena, (size_t)(batch * T * d) * sizeof(float)) : out;
+    if (!x || !y) return mmb__err(ctx, MMB_ERR_NOMEM, "Dense Connector: scratch arena too small");
+    combine(s, x, bufs, batch, tokens, width);
+    r = s->proj->forward(ctx, s->proj_state, y, x, batch, T);
     if (r != MMB_OK || !p->tokens) return r;
     int64_t t = (int64_t)llround(sqrt((double)p->tokens));
     for (int64_t b = 0; b < batch; b++) bilinear(out + b * p->tokens * d, y + b * N * d, g, t, d);
     return MMB_OK;
 }
 
+/* Training: the projector's input, the combined features (the efficient form's resize after the projector has
+ * no backward here). */
+static mmb_status dense_projector_input(mmb_ctx *ctx, const void *st, const float *const *bufs, int64_t batch,
+                                        int64_t tokens, int64_t width, float **x, int64_t *rows) {
+    const dense_state *s = st;
+    if (s->p.tokens)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "Dense Connector: the efficient form (%lld tokens) resizes the "
+                        "projector's output; training reads the full grid (no --tokens)", (long long)s->p.tokens);
+    int64_t T;
+    mmb_status r = check_taps(ctx, s, tokens, width, &T);
+    if (r != MMB_OK) return r;
+    float *o = malloc(sizeof(float) * (size_t)(batch * T * width * mmb__dense_mult(&s->p)));
+    if (!o) return mmb__err(ctx, MMB_ERR_NOMEM, "Dense Connector: out of memory for %lld rows", (long long)(batch * T));
+    combine(s, o, bufs, batch, tokens, width);
+    *x = o;
+    *rows = T;
+    return MMB_OK;
+}
+
 const mmb_connector_ops mmb__conn_dense = {
+    .projector_input = dense_projector_input,
     .name = "dense",
     .names = variants,
     .activation = dense_activation,

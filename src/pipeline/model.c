@@ -394,9 +394,10 @@ static void gather(float *x, const float *const *bufs, int n_taps, int64_t batch
 }
 
 /* A connector that declares its needs: each is a buffer of `in` (same tap and span), or a mean the
- * features' single hidden states make, computed here into the arena. */
-static mmb_status connect_needs(mmb_ctx *ctx, const mmb_model *m, const mmb_features *in, float *out,
-                                size_t out_count) {
+ * features' single hidden states make, computed here into the arena (reserved for `scratch` bytes more; the
+ * caller resets it). */
+static mmb_status needs_bufs(mmb_ctx *ctx, const mmb_model *m, const mmb_features *in, size_t scratch,
+                             const float **bufs) {
     bool cls = false;
     int taps[MMB_MAX_TAPS], spans[MMB_MAX_TAPS];
     if (mmb__patch_grid(in->tokens, &cls) < 0)
@@ -409,11 +410,7 @@ static mmb_status connect_needs(mmb_ctx *ctx, const mmb_model *m, const mmb_feat
         return mmb__err(ctx, MMB_ERR_SHAPE, "features: hidden states are %lld wide; %s concatenates %d of them into "
                         "the projector's %d channels, so it needs width %d", (long long)in->width,
                         m->info.connector, mult, m->info.in_width, m->info.in_width / mult);
-    int64_t T_out = mmb_model_tokens_out(ctx, m, in->tokens);
-    if (T_out < 0) return MMB_ERR_SHAPE;
-    size_t need = (size_t)(in->batch * T_out) * (size_t)m->info.out_width, one = (size_t)(in->batch * in->tokens * in->width);
-    if (out_count < need) return mmb__err(ctx, MMB_ERR_SHAPE, "output holds %zu floats, %zu needed", out_count, need);
-    const float *bufs[MMB_MAX_TAPS];
+    size_t one = (size_t)(in->batch * in->tokens * in->width);
     int n_means = 0;
     for (int i = 0; i < n; i++) {
         bufs[i] = NULL;
@@ -430,8 +427,7 @@ static mmb_status connect_needs(mmb_ctx *ctx, const mmb_model *m, const mmb_feat
                             "hidden_states[%d..%d])", taps[i], m->info.connector, taps[i], taps[i] + spans[i] - 1);
         n_means += !bufs[i];
     }
-    mmb_status s = mmb__arena_reserve(ctx, &ctx->arena, m->ops->scratch(m->conn, in->batch * in->tokens) *
-                                                            sizeof(float) + n_means * mmb__arena_piece(one * sizeof(float)));
+    mmb_status s = mmb__arena_reserve(ctx, &ctx->arena, scratch + n_means * mmb__arena_piece(one * sizeof(float)));
     for (int i = 0; i < n && s == MMB_OK; i++) {
         if (bufs[i]) continue;
         float *g = mmb__arena_alloc(&ctx->arena, one * sizeof(float));
@@ -444,6 +440,17 @@ static mmb_status connect_needs(mmb_ctx *ctx, const mmb_model *m, const mmb_feat
         for (size_t j = 0; j < one; j++) g[j] /= (float)spans[i];
         bufs[i] = g;
     }
+    return s;
+}
+
+static mmb_status connect_needs(mmb_ctx *ctx, const mmb_model *m, const mmb_features *in, float *out,
+                                size_t out_count) {
+    int64_t T_out = mmb_model_tokens_out(ctx, m, in->tokens);
+    if (T_out < 0) return MMB_ERR_SHAPE;
+    size_t need = (size_t)(in->batch * T_out) * (size_t)m->info.out_width;
+    if (out_count < need) return mmb__err(ctx, MMB_ERR_SHAPE, "output holds %zu floats, %zu needed", out_count, need);
+    const float *bufs[MMB_MAX_TAPS];
+    mmb_status s = needs_bufs(ctx, m, in, m->ops->scratch(m->conn, in->batch * in->tokens) * sizeof(float), bufs);
     if (s == MMB_OK) s = m->ops->forward_taps(ctx, m->conn, out, bufs, in->batch, in->tokens, in->width);
     mmb__arena_reset(&ctx->arena);
     return s;
@@ -639,13 +646,22 @@ mmb_status mmb__model_projector_input(mmb_ctx *ctx, const mmb_model *m, const fl
                                       int width, float **x, int64_t *rows, mmb_conn_cfg *cc) {
     if (!ctx || !m || !pixels || !x || !rows || !cc || batch < 1)
         return mmb__err(ctx, MMB_ERR_ARG, "mmb__model_projector_input: NULL argument or batch < 1");
-    if (m->fam || m->dense.type || m->ops->needs)
+    if (m->fam || (m->ops->needs && !m->ops->projector_input))
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: training reads a LLaVA projector's input; a %s model's "
                         "connector is not one", m->ck.dir, m->fam ? m->fam->name : m->info.connector);
     if (!m->vit) return mmb__err(ctx, MMB_ERR_MISSING, "%s: no vision tower", m->ck.dir);
     if (mmb_model_encode_tokens(ctx, m, height, width) < 0) return MMB_ERR_SHAPE;
     mmb_features ft;
     mmb_status s = tower_taps(ctx, m, pixels, batch, NULL, 0, NULL, &ft);
+    if (m->ops->needs) { /* a Dense Connector: its combined features */
+        const float *nb[MMB_MAX_TAPS];
+        if (s == MMB_OK) s = needs_bufs(ctx, m, &ft, 0, nb);
+        if (s == MMB_OK) s = m->ops->projector_input(ctx, m->conn, nb, batch, ft.tokens, ft.width, x, rows);
+        mmb__arena_reset(&ctx->arena);
+        mmb__arena_reset(&ctx->feats);
+        if (s == MMB_OK) *cc = m->cc;
+        return s;
+    }
     int64_t skip = m->drop_first ? 1 : 0, T = ft.tokens - skip, W = ft.width * m->info.n_taps;
     float *g = s == MMB_OK ? malloc(sizeof(float) * (size_t)(batch * T * W)) : NULL;
     if (s == MMB_OK && !g) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for %lld rows", (long long)(batch * T));

@@ -630,9 +630,10 @@ static mmb_status setup(trainer *t, mmb_train_params *p) {
                         "LLM and tokenizer", p->model);
     mmb_model_info mi;
     mmb_model_get_info(mo, &mi);
-    if (strcmp(mi.family, "llava") != 0 || mi.dense[0] || !mmb__mlp_trainable(mi.connector))
+    if (strcmp(mi.family, "llava") != 0 || !mmb__mlp_trainable(mmb__model_conn_cfg(mo)->type))
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: a %s model with connector '%s': the trainer trains LLaVA "
-                        "projectors (linear, mlpNx_gelu, llava)", p->model, mi.family, mi.connector);
+                        "projectors (linear, mlpNx_gelu, llava; behind a Dense Connector too)", p->model, mi.family,
+                        mi.connector);
     /* the projector's config, from one encode of a blank image (it also checks the tower runs) */
     t->in_w = mi.in_width;
     t->d = mi.out_width;

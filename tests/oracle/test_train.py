@@ -91,16 +91,21 @@ def features(model, proc, paths):
     return out
 
 
-def ref_train(model, proc, tok, data, paths, steps, batch, micro, lr=1e-3, warmup=0.03, clip=1.0, bos=True,
-              step_mean=False):
+def ref_train(model, proc, tok, data, paths, steps, batch, micro, bos=True, step_mean=False, **kw):
+    """ref_loop on a LlavaForConditionalGeneration: its features, projector and LLM."""
+    lm = model.model.language_model
+    return ref_loop(model.model.multi_modal_projector, lm, model.lm_head, lm.embed_tokens, features(model, proc, paths),
+                    tok, data, steps, batch, micro, bos, step_mean, **kw)
+
+
+def ref_loop(projector, lm, head, emb, feats, tok, data, steps, batch, micro, bos, step_mean, lr=1e-3, warmup=0.03,
+             clip=1.0):
     """The PyTorch loop mmb_train documents: preprocess_plain's sequences, each micro-batch's loss its token mean,
     a step's loss the mean of its micro-batches', clip_grad_norm_, torch.optim.AdamW, transformers' cosine
     schedule with warm-up. step_mean: the wrong variant of one token mean over the whole step."""
-    proj = copy.deepcopy(model.model.multi_modal_projector)
-    lm, head, emb = model.model.language_model, model.lm_head, model.model.language_model.embed_tokens
+    proj = copy.deepcopy(projector)
     for p in list(lm.parameters()) + list(head.parameters()):
         p.requires_grad_(False)
-    feats = features(model, proc, paths)
     ids = [tok.encode(s["conversations"][1]["value"] + "\n", add_special_tokens=False).ids for s in data]
     opt = torch.optim.AdamW(proj.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(steps * warmup), steps)
@@ -109,10 +114,8 @@ def ref_train(model, proc, tok, data, paths, steps, batch, micro, lr=1e-3, warmu
     for step in range(steps):
         a = (step % per_epoch) * batch
         idx = list(range(a, min(a + batch, len(data))))
-        micros = [idx[i:i + micro] for i in range(0, len(idx), micro)]
+        micros = [idx] if step_mean else [idx[i:i + micro] for i in range(0, len(idx), micro)]
         total = 0
-        if step_mean:
-            micros = [idx]
         for mb in micros:
             tokens = sum(len(ids[k]) for k in mb)
             s = 0
@@ -289,3 +292,58 @@ def test_bad_input(tmp_path):
     fails(["train", d, "--data", js, "-o", tmp_path / "o6", *common, "--skip-bad"], "the loss is nan")
     # a batch that the micro-batches do not divide
     fails(["train", d, "--data", js, "-o", tmp_path / "o7", "--batch", 3, "--micro-batch", 2], "multiple")
+
+
+# ---- a Dense Connector in front of the projector --------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["sti", "sci", "dci"])
+def test_dense_connector_training_matches_pytorch(tmp_path, variant):
+    """An original-layout Dense Connector checkpoint (mm_dense_connector_type, a tower directory beside it): its
+    projector trained on the combined hidden states (dense_connector.py's, as test_dense.py's reference makes them)."""
+    from PIL import Image
+    from transformers import CLIPVisionModel
+    from test_dense import CLIP, dense_reference, make_tower
+    from test_decoder import ARCH
+    tower_dir, d = tmp_path / "tower", tmp_path / "dc"
+    tower = make_tower(tower_dir, "clip")
+    proc = CLIPImageProcessor(size={"shortest_edge": CLIP["image_size"]},
+                              crop_size={"height": CLIP["image_size"], "width": CLIP["image_size"]})
+    proc.save_pretrained(tower_dir)
+    tok = tokenizer(d, True)
+    cfg = text_config("llama", vocab_size=tok.get_vocab_size())
+    torch.manual_seed(0)
+    lm = ARCH["llama"][1](cfg).eval()
+    randomize(lm, 0)
+    W = CLIP["hidden_size"] * (1 if variant == "sti" else 3)
+    proj = build_projector("mlp2x_gelu", W, cfg.hidden_size)
+    with torch.no_grad():
+        for p in proj.parameters():
+            p.normal_(0, 0.2)
+    lm.save_pretrained(d, safe_serialization=True)
+    conf = json.loads((d / "config.json").read_text())
+    conf.update(architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama", mm_hidden_size=W,
+                mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+                mm_dense_connector_type=variant, mm_vision_tower="tiny-clip")
+    write_json(d / "config.json", conf)
+    sd = load_file(str(d / "model.safetensors"))
+    sd.update({f"model.mm_projector.{k}": v.contiguous() for k, v in proj.state_dict().items()})
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    js, data, paths = make_data(tmp_path, 6)
+    out = tmp_path / "run"
+    run("train", d, "--vision-tower", tower_dir, "--data", js, "-o", out, "--threads", 2, "--batch", 2,
+        "--micro-batch", 1, "--epochs", 3, "--max-steps", 8)
+    feats = []
+    with torch.no_grad():
+        for p in paths:
+            pv = proc(images=Image.open(p).convert("RGB"), return_tensors="pt")["pixel_values"]
+            hs = tower(pixel_values=pv, output_hidden_states=True).hidden_states
+            feats.append(dense_reference(hs, "clip", variant)[0])
+    ref, ref_losses = ref_loop(proj, lm.model, lm.lm_head, lm.model.embed_tokens, feats, tok, data, 8, 2, 1, True,
+                               False)
+    got = load_file(str(out / "mm_projector.safetensors"))
+    for n, p in ref.named_parameters():
+        e = scaled_err(got[f"model.mm_projector.{n}"], p.detach())
+        print(f"dense {variant}: {n} after 8 steps {e:.2e} scaled")
+        assert e < 1e-4, (n, e)
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses_of(out), ref_losses)) < 1e-4
+    assert not (out / "hf").exists()  # an original-layout checkpoint: LLaVA's layout only
