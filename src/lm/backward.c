@@ -77,6 +77,7 @@ typedef struct bwd_job {
     mmb_barrier bar;
 } bwd_job;
 
+/* Thread tid's scratch: j->per floats, the products' first j->wscr, then the attention's. */
 static float *scr_of(const bwd_job *j, int tid) { return j->scratch + j->per * (size_t)tid; }
 
 /* y = x W^T + b for the outputs o[0 .. no) (y pointers at row 0), all n rows in blocks of RB; this thread's
@@ -197,6 +198,7 @@ MMB_SIMD_CLONES static void dkv_row(const bwd_job *j, const float *QKV, const fl
         }
 }
 
+/* Layer l's forward over the n rows from its input X_l: keeps XM_l, QKV_l, O_l, LSE_l, GU_l and writes X_{l+1}. */
 static void fwd_layer(bwd_job *j, int tid, int nth, int l) {
     const mmb__lm_layer_view *y = &j->ly[l];
     const int64_t n = j->n, d = j->d, I = j->I, H = j->H, KVH = j->KVH, hd = j->hd, ldq = j->ldq;
@@ -384,6 +386,8 @@ static void head_step(bwd_job *j, int tid, int nth) {
     mmb__barrier_wait(&j->bar);
 }
 
+/* The pool job: the forward, the head and the backward; j->dx (= d_embeds) ends as the gradient of the loss
+ * sum with respect to the embeddings, j->tloss[8 tid] as each thread's share of the loss. */
 static void worker(void *arg, int tid, int nth) {
     bwd_job *j = arg;
     for (int l = 0; l < j->v.L; l++) fwd_layer(j, tid, nth, l);

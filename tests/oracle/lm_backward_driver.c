@@ -10,6 +10,9 @@
  *       random embeddings, the last TARGETS positions (default N / 8) as targets; prints the median seconds of
  *       a plain forward
  *       (mmb_lm_forward over the N positions from a fresh cache, last logits only) and of the backward
+ *   lm_backward_driver --kernels M N K REPS
+ *       one thread: GFLOP/s of y (M, N) = x W^T (mmb__wmat_part, the forward's product) and of dx (M, K) = dy W
+ *       (mmb__wmat_part_t, the backward's) for a random W (N, K) in f32 and bf16, medians of REPS
  * Exit 0; 2 with "status: message" when the library refuses; 1 on misuse. */
 #include "lm/lm.h"
 
@@ -107,7 +110,36 @@ done:
     return rc;
 }
 
+static int kernels(int64_t M, int64_t N, int64_t K, int reps) {
+    float *w = malloc(sizeof(float) * (size_t)(N * K)), *x = malloc(sizeof(float) * (size_t)(M * (N > K ? N : K)));
+    float *y = malloc(sizeof(float) * (size_t)(M * (N > K ? N : K)));
+    uint16_t *wb = malloc(sizeof(uint16_t) * (size_t)(N * K));
+    size_t ns = mmb__wmat_scratch(M, K) > mmb__wmat_t_scratch(M, N) ? mmb__wmat_scratch(M, K) : mmb__wmat_t_scratch(M, N);
+    float *scr = aligned_alloc(64, (ns * sizeof(float) + 63) / 64 * 64);
+    double *t = malloc(sizeof(double) * (size_t)reps);
+    if (!w || !x || !y || !wb || !scr || !t) return 1;
+    for (int64_t i = 0; i < N * K; i++) w[i] = (float)((i * 7919) % 1000) / 1000.0f - 0.5f, wb[i] = mmb__f32_to_bf16(w[i]);
+    for (int64_t i = 0; i < M * (N > K ? N : K); i++) x[i] = (float)((i * 104729) % 1000) / 1000.0f - 0.5f;
+    for (int dt = 0; dt < 2; dt++)
+        for (int tr = 0; tr < 2; tr++) {
+            mmb_wmat wm = {dt ? (const void *)wb : (const void *)w, dt ? MMB_BF16 : MMB_F32, N, K};
+            for (int r = 0; r < reps; r++) {
+                double t0 = mmb__now_s();
+                if (tr) mmb__wmat_part_t(y, K, x, N, M, &wm, 0, K, 0, scr);
+                else mmb__wmat_part(y, N, x, K, M, &wm, NULL, 0, N, 0, scr);
+                t[r] = mmb__now_s() - t0;
+            }
+            qsort(t, (size_t)reps, sizeof(double), cmp_d);
+            printf("%s %-22s M %lld N %lld K %lld: %.1f GFLOP/s\n", dt ? "bf16" : "f32 ", tr ? "dx = dy W (part_t)" : "y = x W^T (part)",
+                   (long long)M, (long long)N, (long long)K, 2.0 * (double)(M * N * K) / t[reps / 2] / 1e9);
+        }
+    free(w), free(x), free(y), free(wb), free(scr), free(t);
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 6 && strcmp(argv[1], "--kernels") == 0)
+        return kernels(atoll(argv[2]), atoll(argv[3]), atoll(argv[4]), atoi(argv[5]));
     if (argc == 4 && strcmp(argv[1], "--claim") == 0) return claim(argv[2], atoll(argv[3]));
     if (argc >= 5 && argc <= 7 && strcmp(argv[1], "--time") == 0)
         return timing(argv[2], atoll(argv[3]), atoi(argv[4]), argc >= 6 ? atoi(argv[5]) : 2,
