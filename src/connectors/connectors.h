@@ -116,23 +116,35 @@ typedef struct mmb__tparam {
     float *w, *g;
 } mmb__tparam;
 
-/* connectors/mlp.c: the LLaVA projectors ("linear", "mlpNx_gelu", "llava" with its activation) on mutable f32
- * masters. Does mmb__mlp_train_open build `type`? */
-bool mmb__mlp_trainable(const char *type);
-typedef struct mmb__mlp_train mmb__mlp_train;
-/* The projector cfg names (type, prefix, in_width, out_width, act, bias), its weights from c (their keys as
- * mmb__conn_mlp reads them; each checked for presence and shape), or, c NULL, nn.Linear's default init
- * (U(-1/sqrt(in), 1/sqrt(in)), from seed). Gradients start at 0. Returns MMB_OK, MMB_ERR_UNSUPPORTED for
- * another type, the checkpoint's statuses, MMB_ERR_NOMEM. */
-mmb_status mmb__mlp_train_open(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, uint64_t seed,
-                               mmb__mlp_train **out);
-void mmb__mlp_train_free(mmb__mlp_train *t);
-/* Its parameters (owned by t; the trainer updates w in place and reads and zeroes g). Returns their number. */
-int mmb__mlp_train_params(mmb__mlp_train *t, mmb__tparam **p);
-int64_t mmb__mlp_train_out_width(const mmb__mlp_train *t);
-/* x (rows, in_width) -> out (rows, out_width), keeping what the backward needs (rows of activations). */
-mmb_status mmb__mlp_train_forward(mmb_ctx *ctx, mmb__mlp_train *t, const float *x, int64_t rows, float *out);
-/* The last forward's backward for dout (rows, out_width) times scale: every parameter's g += its gradient. */
-mmb_status mmb__mlp_train_backward(mmb_ctx *ctx, mmb__mlp_train *t, const float *dout, float scale);
+/* A trainable connector: the same network on mutable f32 master weights, with a forward that keeps what its
+ * backward needs. connectors/mlp.c (mmb__train_mlp: "linear", "mlpNx_gelu", "llava" with its activation) and
+ * connectors/resmlp.c (mmb__train_resmlp: "simple_res"). */
+typedef struct mmb__trainable_ops {
+    const char *name;
+    bool (*accepts)(const char *type);
+    /* The connector cfg names (type, prefix, in_width, out_width, act, bias, eps), its weights from c (their keys
+     * as the connector's load reads them, each checked for presence and shape), or, c NULL, nn.Linear's and
+     * nn.LayerNorm's default init (uniform +-1/sqrt(in) from seed; norms 1 and 0). Gradients start at 0.
+     * Returns MMB_OK, the checkpoint's statuses, MMB_ERR_NOMEM. */
+    mmb_status (*open)(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, uint64_t seed, void **out);
+    void (*free)(void *t);
+    /* Its parameters (owned by t; the trainer updates w in place and reads and zeroes g). Returns their number. */
+    int (*params)(void *t, mmb__tparam **p);
+    int64_t (*out_width)(const void *t);
+    /* x (rows, in_width) -> out (rows, out_width), keeping what the backward needs (rows of activations). */
+    mmb_status (*forward)(mmb_ctx *ctx, void *t, const float *x, int64_t rows, float *out);
+    /* The last forward's backward for dout (rows, out_width) times scale: every parameter's g += its gradient. */
+    mmb_status (*backward)(mmb_ctx *ctx, void *t, const float *dout, float scale);
+} mmb__trainable_ops;
+extern const mmb__trainable_ops mmb__train_mlp, mmb__train_resmlp;
+/* connectors/trainable.c: a parameter's master and gradient (numel floats each, zeroed) for key `name` of shape
+ * [n0, n1] ([n0] when n1 is 0); its free; its weights from c (the key, of that shape); a uniform init in
+ * [-bound, bound) from the splitmix64 stream *state. Return MMB_OK, MMB_ERR_NOMEM or the checkpoint's status. */
+mmb_status mmb__tparam_new(mmb_ctx *ctx, mmb__tparam *p, const char *name, int64_t n0, int64_t n1);
+void mmb__tparam_free(mmb__tparam *p);
+mmb_status mmb__tparam_load(mmb_ctx *ctx, const mmb_ckpt *c, mmb__tparam *p);
+void mmb__tparam_uniform(mmb__tparam *p, float bound, uint64_t *state);
+/* The trainable connector that builds `type` (connectors/registry.c's list), or NULL. */
+const mmb__trainable_ops *mmb__trainable_find(const char *type);
 
 #endif

@@ -142,7 +142,7 @@ const mmb_connector_ops mmb__conn_mlp = {
 
 /* ---- training (stage 1): the same network on mutable f32 master weights ---------------------------------- */
 
-struct mmb__mlp_train {
+typedef struct mlp_train {
     int depth;
     mmb_act act;
     int64_t dim[MAX_DEPTH + 1];  /* dim[0] in, dim[i + 1] layer i's out */
@@ -151,52 +151,22 @@ struct mmb__mlp_train {
     float *w[MAX_DEPTH], *b[MAX_DEPTH], *gw[MAX_DEPTH], *gb[MAX_DEPTH];
     float *saved;                /* the forward's layer inputs and pre-activations: rows x sum of widths */
     int64_t rows, cap;           /* rows of the last forward, and what saved holds */
-};
+} mlp_train;
 
-bool mmb__mlp_trainable(const char *type) { return type && mlp_accepts(type); }
 
-static mmb_status tparam(mmb_ctx *ctx, mmb__mlp_train *t, const char *name, int64_t n0, int64_t n1, float **w,
-                         float **g) {
-    mmb__tparam *p = &t->p[t->np];
-    if (strlen(name) >= sizeof p->name) return mmb__err(ctx, MMB_ERR_ARG, "%s: the key is too long", name);
-    memcpy(p->name, name, strlen(name) + 1);
-    p->ndim = n1 ? 2 : 1;
-    p->shape[0] = n0;
-    p->shape[1] = n1;
-    p->numel = n0 * (n1 ? n1 : 1);
-    p->w = calloc((size_t)p->numel, sizeof(float));
-    p->g = calloc((size_t)p->numel, sizeof(float));
-    if (!p->w || !p->g) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory for a trainable copy", name);
-    *w = p->w;
-    *g = p->g;
-    t->np++;
-    return MMB_OK;
-}
-
-void mmb__mlp_train_free(mmb__mlp_train *t) {
+static void train_free(void *st) {
+    mlp_train *t = st;
     if (!t) return;
-    for (int i = 0; i < t->np; i++) {
-        free(t->p[i].w);
-        free(t->p[i].g);
-    }
+    for (int i = 0; i < t->np; i++) mmb__tparam_free(&t->p[i]);
     free(t->saved);
     free(t);
 }
 
-/* splitmix64: the random init's stream */
-static uint64_t mix(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-mmb_status mmb__mlp_train_open(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, uint64_t seed,
-                               mmb__mlp_train **out) {
-    if (!mmb__mlp_trainable(cfg->type))
+static mmb_status train_open(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, uint64_t seed, void **out) {
+    if (!mlp_accepts(cfg->type))
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "connector '%s' cannot be trained (linear, mlpNx_gelu, llava can)",
                         cfg->type);
-    mmb__mlp_train *t = calloc(1, sizeof *t);
+    mlp_train *t = calloc(1, sizeof *t);
     if (!t) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     bool hf = strcmp(cfg->type, "llava") == 0, lin = strcmp(cfg->type, "linear") == 0;
     t->depth = hf ? 2 : lin ? 1 : mlp_depth(cfg->type);
@@ -218,58 +188,59 @@ mmb_status mmb__mlp_train_open(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_c
         }
         int64_t n = cfg->out_width, k = t->dim[i];
         t->dim[i + 1] = n;
-        s = tparam(ctx, t, wn, n, k, &t->w[i], &t->gw[i]);
-        if (s == MMB_OK && bias) s = tparam(ctx, t, bn, n, 0, &t->b[i], &t->gb[i]);
+        mmb__tparam *pw = &t->p[t->np], *pb = bias ? &t->p[t->np + 1] : NULL;
+        s = mmb__tparam_new(ctx, pw, wn, n, k);
+        t->np++;
+        if (s == MMB_OK && pb) s = mmb__tparam_new(ctx, pb, bn, n, 0), t->np++;
         if (s != MMB_OK) break;
-        if (c) { /* the checkpoint's weights */
-            float *f = NULL;
-            int64_t ws[2] = {n, k};
-            s = mmb__ckpt_floats(ctx, c, wn, 2, ws, &f);
-            if (s == MMB_OK) memcpy(t->w[i], f, sizeof(float) * (size_t)(n * k));
-            free(f);
-            f = NULL;
-            if (s == MMB_OK && bias) s = mmb__ckpt_floats(ctx, c, bn, 1, &n, &f);
-            if (s == MMB_OK && bias) memcpy(t->b[i], f, sizeof(float) * (size_t)n);
-            free(f);
-        } else { /* nn.Linear's reset_parameters: U(-1/sqrt(in), 1/sqrt(in)) for the weight and the bias */
-            uint64_t st = seed * 0x100000001B3ull + (uint64_t)i;
-            float bound = (float)(1.0 / sqrt((double)k));
-            for (int64_t e = 0; e < n * k; e++) t->w[i][e] = bound * (float)((double)(mix(&st) >> 11) * 0x1p-52 - 1);
-            for (int64_t e = 0; bias && e < n; e++) t->b[i][e] = bound * (float)((double)(mix(&st) >> 11) * 0x1p-52 - 1);
+        t->w[i] = pw->w, t->gw[i] = pw->g;
+        if (pb) t->b[i] = pb->w, t->gb[i] = pb->g;
+        uint64_t st = seed * 0x100000001B3ull + (uint64_t)i;
+        float bound = (float)(1.0 / sqrt((double)k)); /* nn.Linear's reset_parameters: U(-1/sqrt(in), 1/sqrt(in)) */
+        if (c) s = mmb__tparam_load(ctx, c, pw);
+        else mmb__tparam_uniform(pw, bound, &st);
+        if (s == MMB_OK && pb) {
+            if (c) s = mmb__tparam_load(ctx, c, pb);
+            else mmb__tparam_uniform(pb, bound, &st);
         }
     }
     if (s != MMB_OK) {
-        mmb__mlp_train_free(t);
+        train_free(t);
         return s;
     }
     *out = t;
     return MMB_OK;
 }
 
-int mmb__mlp_train_params(mmb__mlp_train *t, mmb__tparam **p) {
+static int train_params(void *st, mmb__tparam **p) {
+    mlp_train *t = st;
     *p = t->p;
     return t->np;
 }
 
-int64_t mmb__mlp_train_out_width(const mmb__mlp_train *t) { return t->dim[t->depth]; }
+static int64_t train_out_width(const void *st) {
+    const mlp_train *t = st;
+    return t->dim[t->depth];
+}
 
 /* The forward keeps, for `rows` rows: A_i, layer i's input (rows, dim[i]), for every layer, and Z_i, layer i's
  * pre-activation output (rows, dim[i + 1]), for every layer but the last (A_{i+1} = act(Z_i)). */
-static int64_t saved_floats(const mmb__mlp_train *t, int64_t rows) {
+static int64_t saved_floats(const mlp_train *t, int64_t rows) {
     int64_t n = 0;
     for (int i = 0; i < t->depth; i++) n += t->dim[i] + (i < t->depth - 1 ? t->dim[i + 1] : 0);
     return n * rows;
 }
 
-static float *saved_a(const mmb__mlp_train *t, int i) {
+static float *saved_a(const mlp_train *t, int i) {
     int64_t off = 0;
     for (int k = 0; k < i; k++) off += t->dim[k] + t->dim[k + 1];
     return t->saved + off * t->rows;
 }
 
-static float *saved_z(const mmb__mlp_train *t, int i) { return saved_a(t, i) + t->dim[i] * t->rows; }
+static float *saved_z(const mlp_train *t, int i) { return saved_a(t, i) + t->dim[i] * t->rows; }
 
-mmb_status mmb__mlp_train_forward(mmb_ctx *ctx, mmb__mlp_train *t, const float *x, int64_t rows, float *out) {
+static mmb_status train_forward(mmb_ctx *ctx, void *st, const float *x, int64_t rows, float *out) {
+    mlp_train *t = st;
     int64_t need = saved_floats(t, rows);
     if (need > t->cap) {
         free(t->saved);
@@ -296,7 +267,8 @@ mmb_status mmb__mlp_train_forward(mmb_ctx *ctx, mmb__mlp_train *t, const float *
     return s;
 }
 
-mmb_status mmb__mlp_train_backward(mmb_ctx *ctx, mmb__mlp_train *t, const float *dout, float scale) {
+static mmb_status train_backward(mmb_ctx *ctx, void *st, const float *dout, float scale) {
+    mlp_train *t = st;
     int64_t wide = 0, rows = t->rows;
     for (int i = 0; i <= t->depth; i++) wide = t->dim[i] > wide ? t->dim[i] : wide;
     float *d = malloc(sizeof(float) * (size_t)(rows * wide)), *dn = malloc(sizeof(float) * (size_t)(rows * wide));
@@ -317,3 +289,8 @@ mmb_status mmb__mlp_train_backward(mmb_ctx *ctx, mmb__mlp_train *t, const float 
     free(dn);
     return s;
 }
+
+const mmb__trainable_ops mmb__train_mlp = {
+    .name = "mlp", .accepts = mlp_accepts, .open = train_open, .free = train_free, .params = train_params,
+    .out_width = train_out_width, .forward = train_forward, .backward = train_backward,
+};

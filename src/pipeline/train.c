@@ -54,7 +54,8 @@ typedef struct trainer {
     mmb_ctx *ctx;
     const mmb_train_params *p;
     mmb_mllm *m;
-    mmb__mlp_train *proj;
+    const mmb__trainable_ops *ops;
+    void *proj;
     mmb__tparam *tp;
     int np;
     float **mom, **vel;        /* AdamW's moments per parameter */
@@ -342,12 +343,12 @@ static mmb_status micro_batch(trainer *t, const int64_t *idx, int n, double scal
         int64_t b = t->bos >= 0, n_pos = b + R + sm->n_ids, cnt = 0;
         if (b) s = mmb_lm_embed(ctx, lm, &t->bos, 1, emb);
         if (s == MMB_OK) s = cached_input(t, idx[k], x);
-        if (s == MMB_OK) s = mmb__mlp_train_forward(ctx, t->proj, x, R, emb + b * t->d);
+        if (s == MMB_OK) s = t->ops->forward(ctx, t->proj, x, R, emb + b * t->d);
         if (s == MMB_OK) s = mmb_lm_embed(ctx, lm, sm->ids, sm->n_ids, emb + (b + R) * t->d);
         for (int64_t i = 0; i < n_pos; i++) lab[i] = i < b + R ? IGNORE : sm->ids[i - b - R];
         double ls = 0;
         if (s == MMB_OK) s = mmb__lm_loss_backward(ctx, lm, emb, lab, n_pos, &ls, &cnt, g);
-        if (s == MMB_OK) s = mmb__mlp_train_backward(ctx, t->proj, g + b * t->d, (float)(scale / (double)tok));
+        if (s == MMB_OK) s = t->ops->backward(ctx, t->proj, g + b * t->d, (float)(scale / (double)tok));
         sum += ls;
         *positions += n_pos;
     }
@@ -588,7 +589,7 @@ static void trainer_free(trainer *t) {
     }
     free(t->mom);
     free(t->vel);
-    mmb__mlp_train_free(t->proj);
+    if (t->ops) t->ops->free(t->proj);
     mmb_mllm_free(t->m);
     free(t->cache);
     free(t->out);
@@ -630,10 +631,10 @@ static mmb_status setup(trainer *t, mmb_train_params *p) {
                         "LLM and tokenizer", p->model);
     mmb_model_info mi;
     mmb_model_get_info(mo, &mi);
-    if (strcmp(mi.family, "llava") != 0 || !mmb__mlp_trainable(mmb__model_conn_cfg(mo)->type))
+    if (strcmp(mi.family, "llava") != 0 || !(t->ops = mmb__trainable_find(mmb__model_conn_cfg(mo)->type)))
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: a %s model with connector '%s': the trainer trains LLaVA "
-                        "projectors (linear, mlpNx_gelu, llava; behind a Dense Connector too)", p->model, mi.family,
-                        mi.connector);
+                        "projectors (linear, mlpNx_gelu, llava, simple_res; behind a Dense Connector too)", p->model,
+                        mi.family, mi.connector);
     /* the projector's config, from one encode of a blank image (it also checks the tower runs) */
     t->in_w = mi.in_width;
     t->d = mi.out_width;
@@ -675,11 +676,10 @@ mmb_status mmb_train(mmb_ctx *ctx, const mmb_train_params *pin, mmb_train_result
     /* the projector from the checkpoint's weights (or a fresh init) */
     if (s == MMB_OK) {
         t.cc = *mmb__model_conn_cfg(mmb_mllm_model(t.m));
-        s = mmb__mlp_train_open(ctx, p.random_init ? NULL : mmb__model_ckpt(mmb_mllm_model(t.m)), &t.cc, p.seed,
-                                &t.proj);
+        s = t.ops->open(ctx, p.random_init ? NULL : mmb__model_ckpt(mmb_mllm_model(t.m)), &t.cc, p.seed, &t.proj);
     }
     if (s == MMB_OK) {
-        t.np = mmb__mlp_train_params(t.proj, &t.tp);
+        t.np = t.ops->params(t.proj, &t.tp);
         t.mom = calloc((size_t)t.np, sizeof *t.mom);
         t.vel = calloc((size_t)t.np, sizeof *t.vel);
         for (int i = 0; t.mom && t.vel && i < t.np; i++) {

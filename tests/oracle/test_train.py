@@ -157,7 +157,7 @@ def driver(tmp_path_factory):
     return compile_driver("train_driver", tmp_path_factory.mktemp("drv"))
 
 
-@pytest.mark.parametrize("kind", ["llava-gelu", "llava-silu", "linear", "mlp2x_gelu", "mlp3x_gelu"])
+@pytest.mark.parametrize("kind", ["llava-gelu", "llava-silu", "linear", "mlp2x_gelu", "mlp3x_gelu", "simple_res"])
 def test_projector_gradients_match_autograd(tmp_path, driver, kind):
     g = torch.Generator().manual_seed(1)
     if kind.startswith("llava"):
@@ -166,7 +166,7 @@ def test_projector_gradients_match_autograd(tmp_path, driver, kind):
     else:
         d = tmp_path / kind
         proj, prefix = make_original(d, kind), "model.mm_projector."
-    d_in = next(proj.parameters()).shape[1]
+    d_in = proj.pre_norm.weight.shape[0] if kind == "simple_res" else next(proj.parameters()).shape[1]
     x = torch.randn(11, d_in, generator=g)
     dout = torch.randn(11, next(reversed(list(proj.parameters()))).shape[0], generator=g)
     save_file({"x": x, "dout": dout}, str(tmp_path / "in.safetensors"))
@@ -192,6 +192,35 @@ def test_projector_gradients_match_autograd(tmp_path, driver, kind):
         assert scaled_err(got[f"g.{prefix}{'linear_1.weight' if kind.startswith('llava') else '0.weight'}"],
                           wrong.detach()) > 1e-2
         assert w1.grad is not None
+
+
+@pytest.mark.parametrize("arch,bos", [("llama", True), ("qwen2", False)])
+def test_gradients_through_the_llm_match_autograd(tmp_path, driver, arch, bos):
+    """End to end: one sample's caption loss through the frozen LLM, its gradient at the projector's weights."""
+    model, d, proc, tok = make_llava(tmp_path, arch, bos)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(9, VIS["hidden_size"], generator=g)
+    ids = tok.encode("a cat on the mat\n", add_special_tokens=False).ids
+    save_file({"x": x, "ids": torch.tensor(ids, dtype=torch.int32),
+               "bos": torch.tensor([0 if bos else -1], dtype=torch.int32)}, str(tmp_path / "in.safetensors"))
+    r = subprocess.run([str(driver), "--e2e", str(d), str(tmp_path / "in.safetensors"), str(tmp_path / "o.safetensors")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Sanitizer" not in r.stderr, r.stderr
+    got = load_file(str(tmp_path / "o.safetensors"))
+    proj = model.model.multi_modal_projector
+    lm, emb = model.model.language_model, model.model.language_model.embed_tokens
+    proj.zero_grad()
+    v = proj(x)
+    e = torch.cat(([emb(torch.tensor([0]))] if bos else []) + [v, emb(torch.tensor(ids))])[None]
+    labels = torch.tensor([-100] * (int(bos) + len(v)) + ids)
+    logits = model.lm_head(lm(inputs_embeds=e).last_hidden_state)[0]
+    loss = torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100)
+    loss.backward()
+    assert abs(float(got["loss"][0]) - float(loss)) < 1e-5 * abs(float(loss))
+    for n, p in proj.named_parameters():
+        err = scaled_err(got[f"g.multi_modal_projector.{n}"], p.grad)
+        print(f"{arch} end to end {n}: gradient {err:.2e} scaled")
+        assert err < 1e-4, (n, err)
 
 
 # ---- training against a PyTorch loop ------------------------------------------------------------------------
