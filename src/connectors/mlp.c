@@ -56,6 +56,20 @@ static mmb_status bind_layer(mmb_ctx *ctx, const mmb_ckpt *c, mmb_linear *l, con
     return s == MMB_OK ? mmb__linear_bind(ctx, l, w, b) : s;
 }
 
+/* Layer i's weight and bias keys, as the three layouts name them (the file's header). */
+static void layer_keys(const mmb_conn_cfg *cfg, int i, char *w, char *b, size_t n) {
+    if (strcmp(cfg->type, "llava") == 0) {
+        snprintf(w, n, "%slinear_%d.weight", cfg->prefix, i + 1);
+        snprintf(b, n, "%slinear_%d.bias", cfg->prefix, i + 1);
+    } else if (strcmp(cfg->type, "linear") == 0) {
+        snprintf(w, n, "%sweight", cfg->prefix);
+        snprintf(b, n, "%sbias", cfg->prefix);
+    } else {
+        snprintf(w, n, "%s%d.weight", cfg->prefix, 2 * i);
+        snprintf(b, n, "%s%d.bias", cfg->prefix, 2 * i);
+    }
+}
+
 static mmb_status mlp_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *cfg, void **out) {
     mlp_state *s = calloc(1, sizeof *s);
     if (!s) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
@@ -66,16 +80,7 @@ static mmb_status mlp_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg *
     mmb_status st = MMB_OK;
     for (int i = 0; i < depth && st == MMB_OK; i++) {
         char w[512], b[512];
-        if (hf) {
-            snprintf(w, sizeof w, "%slinear_%d.weight", cfg->prefix, i + 1);
-            snprintf(b, sizeof b, "%slinear_%d.bias", cfg->prefix, i + 1);
-        } else if (lin) {
-            snprintf(w, sizeof w, "%sweight", cfg->prefix);
-            snprintf(b, sizeof b, "%sbias", cfg->prefix);
-        } else {
-            snprintf(w, sizeof w, "%s%d.weight", cfg->prefix, 2 * i);
-            snprintf(b, sizeof b, "%s%d.bias", cfg->prefix, 2 * i);
-        }
+        layer_keys(cfg, i, w, b, sizeof w);
         st = bind_layer(ctx, c, &s->lin[i], w, bias ? b : NULL, cfg->out_width, i ? cfg->out_width : cfg->in_width);
         if (st == MMB_OK) s->depth = i + 1;
     }
@@ -176,16 +181,7 @@ static mmb_status train_open(mmb_ctx *ctx, const mmb_ckpt *c, const mmb_conn_cfg
     mmb_status s = MMB_OK;
     for (int i = 0; i < t->depth && s == MMB_OK; i++) {
         char wn[512], bn[512];
-        if (hf) {
-            snprintf(wn, sizeof wn, "%slinear_%d.weight", cfg->prefix, i + 1);
-            snprintf(bn, sizeof bn, "%slinear_%d.bias", cfg->prefix, i + 1);
-        } else if (lin) {
-            snprintf(wn, sizeof wn, "%sweight", cfg->prefix);
-            snprintf(bn, sizeof bn, "%sbias", cfg->prefix);
-        } else {
-            snprintf(wn, sizeof wn, "%s%d.weight", cfg->prefix, 2 * i);
-            snprintf(bn, sizeof bn, "%s%d.bias", cfg->prefix, 2 * i);
-        }
+        layer_keys(cfg, i, wn, bn, sizeof wn);
         int64_t n = cfg->out_width, k = t->dim[i];
         t->dim[i + 1] = n;
         mmb__tparam *pw = &t->p[t->np], *pb = bias ? &t->p[t->np + 1] : NULL;

@@ -146,28 +146,6 @@ static void rope_rot(float *x, const float *c, const float *s, int64_t half, flo
 /* First key query i sees in a layer with window w (0: none), as the decoder's forward. */
 static int64_t key0(int64_t i, int64_t w) { return w && i + 1 > w ? i + 1 - w : 0; }
 
-/* One query row of one head: out (hd) = softmax(scale q K^T) V over keys [k0, k1) (rows of stride ld),
- * *lse = the log-sum-exp of the scaled scores; sc: k1 - k0 floats. */
-MMB_SIMD_CLONES static void attend_row(float *out, float *lse, const float *q, const float *K, const float *Vv,
-                                       int64_t ld, int64_t k0, int64_t k1, int64_t hd, float scale, float *sc) {
-    float mx = -INFINITY;
-    for (int64_t t = k0; t < k1; t++) {
-        float s = dot(q, K + t * ld, hd) * scale;
-        sc[t - k0] = s;
-        if (s > mx) mx = s;
-    }
-    float sum = 0;
-    for (int64_t t = k0; t < k1; t++) sum += sc[t - k0] = expf(sc[t - k0] - mx);
-    float inv = 1.0f / sum;
-    for (int64_t e = 0; e < hd; e++) out[e] = 0;
-    for (int64_t t = k0; t < k1; t++) {
-        const float *vr = Vv + t * ld;
-        float p = sc[t - k0] * inv;
-        for (int64_t e = 0; e < hd; e++) out[e] += p * vr[e];
-    }
-    *lse = mx + logf(sum);
-}
-
 /* dq (hd) = scale sum_t ds_t k_t over keys [k0, k1) of one query row (q, its dO, D = dO . O, lse). */
 MMB_SIMD_CLONES static void dq_row(float *dq, const float *q, const float *dO, float D, float lse, const float *K,
                                    const float *Vv, int64_t ld, int64_t k0, int64_t k1, int64_t hd, float scale) {
@@ -223,7 +201,7 @@ static void fwd_layer(bwd_job *j, int tid, int nth, int l) {
     for (int64_t it = tid; it < n * H; it += nth) { /* cyclic: the causal rows grow with i */
         int64_t i = it / H, h = it % H, kh = h / (H / KVH);
         const float *K = QKV + j->qd + kh * hd;
-        attend_row(O + i * j->qd + h * hd, LSE + i * H + h, QKV + i * ldq + h * hd, K, K + j->kd, ldq,
+        mmb__lm_attend(O + i * j->qd + h * hd, LSE + i * H + h, QKV + i * ldq + h * hd, K, K + j->kd, ldq,
                    key0(i, y->window), i + 1, hd, j->scale, sc);
     }
     mmb__barrier_wait(&j->bar);

@@ -786,11 +786,11 @@ static void rms_rows(const fwd_job *j, int tid, int nth, const lm_layer *y, int 
     }
 }
 
-MMB_SIMD_CLONES void mmb__lm_attend(float *out, const float *q, const float *K, const float *V, int64_t k0,
-                                    int64_t k1, int64_t hd, float scale, float *sc) {
+MMB_SIMD_CLONES void mmb__lm_attend(float *out, float *lse, const float *q, const float *K, const float *V,
+                                    int64_t ld, int64_t k0, int64_t k1, int64_t hd, float scale, float *sc) {
     float mx = -INFINITY;
     for (int64_t t = k0; t < k1; t++) {
-        const float *kr = K + t * hd;
+        const float *kr = K + t * ld;
         float s = 0;
         for (int64_t e = 0; e < hd; e++) s += q[e] * kr[e];
         s *= scale;
@@ -802,10 +802,11 @@ MMB_SIMD_CLONES void mmb__lm_attend(float *out, const float *q, const float *K, 
     float inv = 1.0f / sum;
     for (int64_t e = 0; e < hd; e++) out[e] = 0;
     for (int64_t t = k0; t < k1; t++) {
-        const float *vr = V + t * hd;
+        const float *vr = V + t * ld;
         float p = sc[t - k0] * inv;
         for (int64_t e = 0; e < hd; e++) out[e] += p * vr[e];
     }
+    if (lse) *lse = mx + logf(sum);
 }
 
 /* rotate_half RoPE in place on one head: x[i], x[i + hd/2] by the angle of frequency i. */
@@ -854,9 +855,10 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
         int64_t k0 = y->window && pos + 1 > y->window ? pos + 1 - y->window : 0;
         float *out = j->att + i * qd + h * hd;
         const float *q = j->qkv + i * ldq + h * hd;
-        mmb__lm_attend(out, q, Kc + kh * cap * hd, Vc + kh * cap * hd, k0, pos + 1, hd, scale, sc);
+        mmb__lm_attend(out, NULL, q, Kc + kh * cap * hd, Vc + kh * cap * hd, hd, k0, pos + 1, hd, scale, sc);
         if (y->plen) { /* LLaMA-Adapter: the prompt's own softmax, gated, added before o_proj */
-            mmb__lm_attend(pa, q, y->pk + kh * y->plen * hd, y->pv + kh * y->plen * hd, 0, y->plen, hd, scale, sc);
+            mmb__lm_attend(pa, NULL, q, y->pk + kh * y->plen * hd, y->pv + kh * y->plen * hd, hd, 0, y->plen, hd, scale,
+                           sc);
             for (int64_t e = 0; e < hd; e++) out[e] += y->pgate[h] * pa[e];
         }
     }

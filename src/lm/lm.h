@@ -31,10 +31,11 @@ mmb_status mmb__lm_bind(mmb_ctx *ctx, mmb_lm *lm, const char *name, int64_t n, i
 /* Whether layer l is replaced by a fusion-A layer (Mllama's cross_attention_layers): the decoder skips its
  * steps, its before_layer hook runs it. */
 bool mmb__lm_replaced(const mmb_lm *lm, int l);
-/* One query row against keys [k0, k1) of one head, K and V (rows of hd floats): out (hd) =
- * softmax(q K^T * scale) V; sc: k1 - k0 floats of scratch. */
-void mmb__lm_attend(float *out, const float *q, const float *K, const float *V, int64_t k0, int64_t k1, int64_t hd,
-                    float scale, float *sc);
+/* One query row against keys [k0, k1) of one head, K and V (rows of ld floats, hd used): out (hd) =
+ * softmax(q K^T * scale) V, and *lse (lse NULL: not wanted) the log-sum-exp of the scaled scores (the backward's
+ * statistics); sc: k1 - k0 floats of scratch. */
+void mmb__lm_attend(float *out, float *lse, const float *q, const float *K, const float *V, int64_t ld, int64_t k0,
+                    int64_t k1, int64_t hd, float scale, float *sc);
 
 /* ---- fusion type B inside the decoder's layers ------------------------------------------------------ */
 

@@ -562,7 +562,7 @@ static void attend_images(const mmb__xattn *x, float *out, const float *q, const
     for (int64_t k = lo + 1; one && !all && k < hi; k++) one = x->vis_tok[k] == x->off[k + 1] - x->off[k];
     if (one) { /* one run of tokens */
         if (!all) t1 = x->off[hi - 1] + x->vis_tok[hi - 1];
-        mmb__lm_attend(out, q, K, V, t0, t1, hd, scale, sc);
+        mmb__lm_attend(out, NULL, q, K, V, hd, t0, t1, hd, scale, sc);
         return;
     }
     /* Mllama's real tiles of several images: the scores of each image's attended tokens, one softmax */

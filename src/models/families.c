@@ -104,7 +104,8 @@ static const mmb__family rows[] = {
      .taps = "mm_vision_select_layer, mm_vision_select_feature (the Dense Connector's: mm_dense_connector_type)",
      .connector = "mm_projector_type: a registered connector, behind the Dense Connector when mm_dense_connector_type",
      .processor = "CLIPImageProcessor (the tower's; image_aspect_ratio pad)", .fusion = MMB_FUSION_C,
-     .lm = "this config: Llama, Mistral, Qwen2 (model.*)", .lm_runs = true},
+     .lm = "this config: Llama, Mistral, Qwen2 (model.*)", .lm_runs = true,
+     .image_marker = "<image>"}, /* DEFAULT_IMAGE_TOKEN: text, cut by tokenizer_image_token */
     {.name = "llava", .architectures = "LlavaForConditionalGeneration", .model_types = "llava",
      .layouts = "transformers, transformers-legacy",
      .tower = "vision_config: CLIP or SigLIP (CLIP ViT-L/14-336 without one)",

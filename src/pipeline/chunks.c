@@ -239,6 +239,47 @@ static mmb_status image_first_prompt(mmb_ctx *ctx, const mmb_mllm *m, const char
     return MMB_OK;
 }
 
+/* LLaVA's tokenizer_image_token, for a marker the tokenizer has no token for (original LLaVA's <image>,
+ * mPLUG-Owl2's <|image|>): the text cut at each marker, each piece tokenized on its own (with the tokenizer's
+ * specials when `special`), the BOS a piece then starts with dropped but for the first piece's, and the images
+ * between the pieces. */
+static mmb_status split_at_markers(mmb_ctx *ctx, const mmb_mllm *m, const char *text, const char *marker,
+                                   bool special, const mmb_image *imgs, int n_images, mmb_chunks **out) {
+    mmb_chunks *c = NULL;
+    mmb_status s = mmb_chunks_new(ctx, &c);
+    const size_t ml = strlen(marker);
+    const int32_t bos = mmb_tokenizer_bos_id(m->tok);
+    bool first_bos = false;
+    int k = 0;
+    for (const char *p = text; s == MMB_OK;) {
+        const char *q = strstr(p, marker), *e = q ? q : p + strlen(p);
+        int32_t *ids = NULL;
+        int64_t n = 0;
+        s = mmb_tokenizer_encode(ctx, m->tok, p, (size_t)(e - p), special, &ids, &n);
+        if (s == MMB_OK && p == text) first_bos = n > 0 && bos >= 0 && ids[0] == bos;
+        int64_t skip = p != text && first_bos && n > 0 && ids[0] == bos; /* x[offset:] */
+        if (s == MMB_OK && n > skip) s = mmb_chunks_add_text(ctx, m, c, ids + skip, n - skip);
+        free(ids);
+        if (!q || s != MMB_OK) break;
+        if (k >= n_images) {
+            s = mmb__err(ctx, MMB_ERR_ARG, "the prompt holds more image markers '%s' than the %d image(s) given",
+                         marker, n_images);
+            break;
+        }
+        s = mmb_chunks_add_image(ctx, m, c, &imgs[k++]);
+        p = q + ml;
+    }
+    if (s == MMB_OK && k != n_images)
+        s = mmb__err(ctx, MMB_ERR_ARG, "the prompt holds %d image marker(s) '%s' but %d image(s) were given", k,
+                     marker, n_images);
+    if (s != MMB_OK) {
+        mmb_chunks_free(c);
+        return s;
+    }
+    *out = c;
+    return MMB_OK;
+}
+
 mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt, const mmb_image *imgs,
                              int n_images, int flags, mmb_chunks **out) {
     if (!ctx || !m || !prompt || !out || n_images < 0 || (n_images && !imgs) ||
@@ -286,8 +327,10 @@ mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt
     int32_t *ids = NULL;
     int64_t n = 0;
     const char *in = rendered ? rendered : text;
-    if (s == MMB_OK) s = mmb_tokenizer_encode(ctx, m->tok, in, strlen(in), flags == MMB_TOKENIZE_RAW, &ids, &n);
-    if (s == MMB_OK) s = mmb_mllm_chunks_from_ids(ctx, m, ids, n, imgs, n_images, out);
+    if (s == MMB_OK && ml && m->info.image_token < 0) /* a text marker: the pieces between them, tokenized apart */
+        s = split_at_markers(ctx, m, in, marker, flags == MMB_TOKENIZE_RAW, imgs, n_images, out);
+    else if (s == MMB_OK) s = mmb_tokenizer_encode(ctx, m->tok, in, strlen(in), flags == MMB_TOKENIZE_RAW, &ids, &n);
+    if (s == MMB_OK && !(ml && m->info.image_token < 0)) s = mmb_mllm_chunks_from_ids(ctx, m, ids, n, imgs, n_images, out);
     free(ids);
     free(rendered);
     free(text);

@@ -90,7 +90,9 @@ static mmb_status load_tokenizer(mmb_ctx *ctx, mmb_mllm *m, const mmb__family *r
     }
     int32_t img = li.image_token;
     if (img < 0 && row->image_marker && m->tok) img = mmb_tokenizer_token_id(m->tok, row->image_marker);
-    const char *marker = img >= 0 ? mmb_tokenizer_token_text(m->tok, img) : NULL;
+    /* a marker the tokenizer has no token for stays text: the prompt is cut there (tokenizer_image_token) */
+    const char *marker = img >= 0 ? mmb_tokenizer_token_text(m->tok, img) : m->tok && !row->xattn ? row->image_marker
+                                                                                                  : NULL;
     m->info.image_marker = marker ? marker : "";
     m->info.image_token = img;
     m->info.has_tokenizer = m->tok != NULL;

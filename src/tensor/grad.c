@@ -17,26 +17,22 @@ static void transpose(float *dst, const float *src, int64_t r, int64_t c) {
                 for (int64_t j = j0; j < j0 + B && j < c; j++) dst[j * r + i] = src[i * c + j];
 }
 
-/* C (M, N) = A (M, K) B^T for B (N, K), through the packed kernel (a packed copy of B made here). */
-static mmb_status gemm_nt(mmb_ctx *ctx, float *C, const float *A, const float *B, int64_t M, int64_t N, int64_t K) {
+/* C (M, N) = A (M, K) B^T + bias for B (N, K), bias (N) or NULL, through the packed kernel (a packed copy of B
+ * made here). */
+static mmb_status gemm_nt(mmb_ctx *ctx, float *C, const float *A, const float *B, const float *bias, int64_t M,
+                          int64_t N, int64_t K) {
     float *pk = aligned_alloc(64, (mmb__gemm_own_packed_size(N, K) * sizeof(float) + 63) & ~(size_t)63);
-    if (!pk) return mmb__err(ctx, MMB_ERR_NOMEM, "linear backward: out of memory for a %lld x %lld panel copy",
-                             (long long)N, (long long)K);
+    if (!pk) return mmb__err(ctx, MMB_ERR_NOMEM, "linear: out of memory for a %lld x %lld panel copy", (long long)N,
+                             (long long)K);
     mmb__gemm_own_pack(pk, B, N, K);
-    mmb__gemm_own(ctx->pool, C, A, pk, NULL, M, N, K);
+    mmb__gemm_own(ctx->pool, C, A, pk, bias, M, N, K);
     free(pk);
     return MMB_OK;
 }
 
 mmb_status mmb__train_linear_forward(mmb_ctx *ctx, float *y, const float *x, int64_t M, const float *w,
                                      const float *b, int64_t n_out, int64_t n_in) {
-    float *pk = aligned_alloc(64, (mmb__gemm_own_packed_size(n_out, n_in) * sizeof(float) + 63) & ~(size_t)63);
-    if (!pk) return mmb__err(ctx, MMB_ERR_NOMEM, "linear: out of memory for a %lld x %lld panel copy",
-                             (long long)n_out, (long long)n_in);
-    mmb__gemm_own_pack(pk, w, n_out, n_in);
-    mmb__gemm_own(ctx->pool, y, x, pk, b, M, n_out, n_in);
-    free(pk);
-    return MMB_OK;
+    return gemm_nt(ctx, y, x, w, b, M, n_out, n_in);
 }
 
 mmb_status mmb__train_linear_backward(mmb_ctx *ctx, const float *x, const float *dy, int64_t M, const float *w,
@@ -50,7 +46,7 @@ mmb_status mmb__train_linear_backward(mmb_ctx *ctx, const float *x, const float 
     if (s == MMB_OK && dw) { /* dW (n_out, n_in) += dY^T (n_out, M) X; the kernel's B is X^T (n_in, M) */
         transpose(t1, dy, M, n_out);
         transpose(t2, x, M, n_in);
-        s = gemm_nt(ctx, g, t1, t2, n_out, n_in, M);
+        s = gemm_nt(ctx, g, t1, t2, NULL, n_out, n_in, M);
         for (int64_t i = 0; s == MMB_OK && i < n_out * n_in; i++) dw[i] += g[i];
     }
     if (s == MMB_OK && db)
@@ -58,7 +54,7 @@ mmb_status mmb__train_linear_backward(mmb_ctx *ctx, const float *x, const float 
             for (int64_t j = 0; j < n_out; j++) db[j] += dy[m * n_out + j];
     if (s == MMB_OK && dx) { /* dX (M, n_in) = dY W; the kernel's B is W^T (n_in, n_out) */
         transpose(t2, w, n_out, n_in);
-        s = gemm_nt(ctx, dx, dy, t2, M, n_in, n_out);
+        s = gemm_nt(ctx, dx, dy, t2, NULL, M, n_in, n_out);
     }
     free(t1);
     free(t2);
