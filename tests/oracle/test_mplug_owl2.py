@@ -509,6 +509,30 @@ def test_logits_and_greedy_match_reference(owl, tmp_path):
     assert [int(t) for t in r.stdout.split()] == want
 
 
+def test_marker_not_in_the_tokenizer(owl, tmp_path):
+    """The hub's Llama 2 tokenizer has no <|image|> token: the prompt is then cut at the marker's text and the pieces
+    tokenized apart, as tokenizer_image_token does (here it gives the same ids as the added token, so the same
+    logits as the reference)."""
+    import shutil
+    d, model, tok, ip, paths = owl
+    plain = tmp_path / "owl-plain-tokenizer"
+    shutil.copytree(d, plain)
+    tj = json.loads((plain / "tokenizer.json").read_text())
+    tj["added_tokens"] = [t for t in tj["added_tokens"] if t["content"] != MARK]
+    (plain / "tokenizer.json").write_text(json.dumps(tj))
+    from tokenizers import Tokenizer
+    assert Tokenizer.from_file(str(plain / "tokenizer.json")).token_to_id(MARK) is None
+    for text, imgs in [(prompt("Describe the image."), paths[:1]),
+                       (f"USER: {MARK}A cat sits on a mat.{MARK}Two dogs. ASSISTANT:", [paths[2], paths[0]])]:
+        with torch.no_grad():
+            want = model(tokenizer_image_token(text, tok), pixels(ip, imgs))
+        got = mmb_logits(plain, tmp_path, text, imgs)
+        err = scaled_err(got, want)
+        print(f"mPLUG-Owl2, <|image|> as text: scaled max err {err:.2e}")
+        assert got.shape == want.shape and err <= 1e-4
+    fails(["generate", plain, "--raw", "--prompt", prompt("x", 2), "--image", paths[0], "-n", 1], "marker")
+
+
 def test_bad_input(owl, tmp_path):
     d, model, tok, ip, paths = owl
 
