@@ -26,7 +26,8 @@ second layer's input gradient); the LLM forward (projections and MLP 2 P x weigh
 head_dim), its backward (dX = dY W: the projections' FLOPs again; attention twice its forward: the gradients of the
 scores and of q, k, v; the probabilities recomputed: once more), and the head forward and backward at the caption's
 positions. The share of the fp32 FMA peak measured here (bench_gemm's probe). Memory: the peak RSS of mmbridge's
-process (the mapped bf16 weights included), and PyTorch's growth during a step. The 558K estimate: the measured
+process (the mapped bf16 weights included), and the growth of PyTorch's peak RSS over its first step (its
+activations and the autograd graph). The 558K estimate: the measured
 seconds per sample times 558,128 samples (the tower's caching pass not included); the 64-core one scales this
 machine's per-core rate at 2 threads to 64 cores, an extrapolation, not a measurement.
 """
@@ -165,15 +166,26 @@ def mmb_train(a, d, js, cache, out, th, steps):
     shutil.rmtree(out, ignore_errors=True)
     cmd = [ROOT / a.build / "mmbridge", "train", d, "--data", js, "-o", out, "--cache", cache, "--batch", a.batch,
            "--micro-batch", a.micro_batch, "--max-steps", steps, "--epochs", 1000, "--threads", th]
-    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out_s, err = p.communicate()
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    import tempfile
+    with tempfile.TemporaryFile("w+") as errf:
+        p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=errf, text=True)
+        hwm = 0  # VmHWM of the process after its exec (wait4's maxrss would count the forked Python's pages)
+        while p.poll() is None:
+            try:
+                st = Path(f"/proc/{p.pid}/status").read_text()
+                if re.search(r"^Name:\s+mmbridge$", st, re.M):  # after the exec
+                    hwm = max(hwm, int(re.search(r"VmHWM:\s+(\d+) kB", st).group(1)))
+            except (OSError, AttributeError):
+                pass
+            time.sleep(0.05)
+        errf.seek(0)
+        err = errf.read()
     if p.returncode:
         raise RuntimeError(f"mmbridge train exited {p.returncode}: {err.strip()[-400:]}")
     m = STEP_RE.findall(err.replace("\r", "\n"))
     if not m:
         raise RuntimeError(f"no progress line in mmbridge's stderr: {err.strip()[-300:]}")
-    return float(m[-1][3]), ru.ru_maxrss / 1024, float(m[-1][2])
+    return float(m[-1][3]), hwm / 1024, float(m[-1][2])
 
 
 class Torch:
@@ -222,14 +234,20 @@ class Torch:
         self.opt.zero_grad()
         return positions
 
-    def timed(self, th, steps):
+    def warm(self, th):
+        """One untimed step; returns the growth of the process's peak RSS over it (MiB): a step's memory."""
         import torch
         torch.set_num_threads(th)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.step(0)
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+    def timed(self, th, steps):
+        import torch
+        torch.set_num_threads(th)
         t = time.perf_counter()
         pos = sum(self.step(k) for k in range(steps))
-        rate = pos / (time.perf_counter() - t)
-        return rate, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        return pos / (time.perf_counter() - t)
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------
@@ -249,12 +267,12 @@ def main():
     mmb_train(a, d, js, cache, a.dir / "train-out", max(a.threads), 1)
     log("PyTorch: loading, its features")
     tp = Torch(a, d, js)
-    tp.timed(max(a.threads), 1)  # warm-up
+    torch_mem = tp.warm(max(a.threads))
     fl, parts = flops_per_sample(a.s, rows, a.caption)
     peak, res = {}, {}
     for th in a.threads:
         peak[th] = max(fma_peak(a.build, th), peak.get(th, 0))
-        r = res.setdefault(th, {"mmbridge": [], "pytorch": [], "rss": [], "torch_mem": []})
+        r = res.setdefault(th, {"mmbridge": [], "pytorch": [], "rss": []})
         for rep in range(a.reps):
             order = ["mmbridge", "pytorch"] if rep % 2 == 0 else ["pytorch", "mmbridge"]
             for impl in order:
@@ -263,9 +281,7 @@ def main():
                     r["mmbridge"].append(rate)
                     r["rss"].append(rss)
                 else:
-                    rate, grow = tp.timed(th, a.steps)
-                    r["pytorch"].append(rate)
-                    r["torch_mem"].append(grow)
+                    r["pytorch"].append(tp.timed(th, a.steps))
             log(f"{th} thr, rep {rep + 1}/{a.reps}: mmbridge {r['mmbridge'][-1]:.0f} pos/s, "
                 f"pytorch {r['pytorch'][-1]:.0f} pos/s")
         peak[th] = max(fma_peak(a.build, th), peak[th])
@@ -297,7 +313,7 @@ def main():
                            f"{100 * gf / peak[th]:.0f} %", f"{med(r['mmbridge']) / med(r['pytorch']):.2f}x"
                            if impl == "mmbridge" else "",
                            f"{med(r['rss']):.0f} MiB peak RSS" if impl == "mmbridge"
-                           else f"+{med(r['torch_mem']):.0f} MiB during a step"])
+                           else f"+{torch_mem:.0f} MiB over its first step"])
     lines.append(table(["threads", "implementation", "positions/s", "samples/s", "GFLOP/s", "% of FMA peak",
                         "mmbridge speed-up", "memory"], rows_t))
     th2 = max(a.threads)
