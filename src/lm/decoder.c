@@ -512,11 +512,12 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
         !(lm->eps > 0) || lm->d > (1 << 20) || lm->H * lm->hd > (1 << 20) || lm->I > (1 << 22) || sw < 0)
         return mmb__err(ctx, MMB_ERR_FORMAT,
                         "%s/config.json: bad text model shape: vocab_size %lld, hidden_size %lld, intermediate_size "
-                        "%lld, num_hidden_layers %lld, num_attention_heads %lld, num_key_value_heads %lld (must "
+                        "%lld, num_hidden_layers %lld, num_attention_heads %lld, %s %lld (must "
                         "divide the heads), head_dim %lld (even), max_position_embeddings %lld, rms_norm_eps %g, "
                         "additional_vocab_size %lld", c->dir, (long long)lm->vocab, (long long)lm->d, (long long)lm->I,
                         (long long)lm->L,
-                        (long long)lm->H, (long long)lm->KVH, (long long)lm->hd, (long long)lm->mpe, (double)lm->eps,
+                        (long long)lm->H, ad->kv_key ? ad->kv_key : "num_key_value_heads", (long long)lm->KVH,
+                        (long long)lm->hd, (long long)lm->mpe, (double)lm->eps,
                         (long long)lm->extra);
     lm->orig_mpe = lm->mpe;
     read_special(lm, *r.tp ? tc : NULL);
