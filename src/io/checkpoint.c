@@ -370,27 +370,39 @@ mmb_status mmb__linear_bind(mmb_ctx *ctx, mmb_linear *l, const mmb_tensor *w, co
     return s;
 }
 
-/* {prefix}{name}.weight of ndim 2 [n_out, n_in] or 4 [n_out, n_in, 1, 1], and the bias if asked. */
+/* {prefix}{name}.weight, [n_out, n_in] (ndim 2) or a Conv2d's [n_out, n_in, k, k] (ndim 4), bound as an
+ * (n_out, n_in k k) linear layer (the kernel flattened in (c, ky, kx) order, as im2col rows are), and its
+ * .bias [n_out] when bias. */
 static mmb_status bind_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
-                              int64_t n_in, bool bias, int ndim, mmb_linear *l) {
+                              int64_t n_in, int64_t k, bool bias, int ndim, mmb_linear *l) {
     char wn[512], bn[512];
     snprintf(wn, sizeof wn, "%s%s.weight", prefix, name);
     snprintf(bn, sizeof bn, "%s%s.bias", prefix, name);
     const mmb_tensor *w = NULL, *b = NULL;
-    const int64_t ws[4] = {n_out, n_in, 1, 1};
+    const int64_t ws[4] = {n_out, n_in, k, k};
     mmb_status s = mmb__ckpt_bind(ctx, c, wn, ndim, ws, &w);
     if (s == MMB_OK && bias) s = mmb__ckpt_bind(ctx, c, bn, 1, &n_out, &b);
-    return s == MMB_OK ? mmb__linear_bind(ctx, l, w, b) : s;
+    if (s != MMB_OK) return s;
+    mmb_tensor w2 = *w;
+    w2.ndim = 2;
+    w2.shape[1] = n_in * k * k;
+    return mmb__linear_bind(ctx, l, &w2, b);
 }
 
 mmb_status mmb__ckpt_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
                             int64_t n_in, bool bias, mmb_linear *l) {
-    return bind_linear(ctx, c, prefix, name, n_out, n_in, bias, 2, l);
+    return bind_linear(ctx, c, prefix, name, n_out, n_in, 1, bias, 2, l);
 }
 
 mmb_status mmb__ckpt_conv1x1(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
                              int64_t n_in, bool bias, mmb_linear *l) {
-    return bind_linear(ctx, c, prefix, name, n_out, n_in, bias, 4, l);
+    return bind_linear(ctx, c, prefix, name, n_out, n_in, 1, bias, 4, l);
+}
+
+mmb_status mmb__ckpt_conv(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
+                          int64_t n_in, int64_t k, bool bias, mmb_linear *l) {
+    if (k < 1 || k > 64) return mmb__err(ctx, MMB_ERR_ARG, "%s%s: kernel size %lld", prefix, name, (long long)k);
+    return bind_linear(ctx, c, prefix, name, n_out, n_in, k, bias, 4, l);
 }
 
 mmb_status mmb__ckpt_norm(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n, float **w,

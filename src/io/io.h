@@ -54,6 +54,10 @@ mmb_status mmb__ckpt_linear(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix,
 /* As mmb__ckpt_linear for a 1x1 Conv2d: weight [n_out, n_in, 1, 1]. */
 mmb_status mmb__ckpt_conv1x1(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
                              int64_t n_in, bool bias, mmb_linear *l);
+/* As mmb__ckpt_linear for a Conv2d of kernel = stride = k (no padding): weight [n_out, n_in, k, k] as an
+ * (n_out, n_in k k) layer over im2col rows in (c, ky, kx) order (mmb__conv_rows). */
+mmb_status mmb__ckpt_conv(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n_out,
+                          int64_t n_in, int64_t k, bool bias, mmb_linear *l);
 /* A norm's {prefix}{name}.weight and .bias, (n) each, as f32 copies in *w, *b (the caller frees them). */
 mmb_status mmb__ckpt_norm(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t n, float **w,
                           float **b);

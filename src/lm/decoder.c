@@ -117,25 +117,36 @@ typedef struct arch_defaults {
     const char *name;
     int64_t vocab, hidden, inter, layers, heads, kv_heads, mpe;
     bool file_biases;          /* the config names no biases: a layer has those its file holds */
+    double theta;              /* the RoPE base without rope_theta (0: 10000) */
+    const char *kv_key;        /* the K/V head count's key (NULL: num_key_value_heads) */
 } arch_defaults;
 static const arch_defaults archs[] = {
-    {"llama", 32000, 4096, 11008, 32, 32, 0, 2048, false},
-    {"mistral", 32000, 4096, 14336, 32, 32, 8, 4096 * 32, false},
-    {"qwen2", 151936, 4096, 22016, 32, 32, 32, 32768, false},
-    {"idefics", 32000, 4096, 11008, 32, 32, 0, 2048, false},  /* IdeficsConfig: a Llama with its own config class */
-    {"mplug_owl2", 32000, 4096, 11008, 32, 32, 0, 2048, false},  /* MPLUGOwl2Config: its own LlamaConfig (eps 1e-6) */
-    {"mllama_text_model", 128256, 4096, 14336, 40, 32, 8, 131072, false}, /* MllamaTextConfig: Llama 3.1 + cross layers */
+    {"llama", 32000, 4096, 11008, 32, 32, 0, 2048, false, 0, NULL},
+    {"mistral", 32000, 4096, 14336, 32, 32, 8, 4096 * 32, false, 0, NULL},
+    {"qwen2", 151936, 4096, 22016, 32, 32, 32, 32768, false, 0, NULL},
+    {"idefics", 32000, 4096, 11008, 32, 32, 0, 2048, false, 0, NULL},  /* IdeficsConfig: a Llama with its own config class */
+    {"mplug_owl2", 32000, 4096, 11008, 32, 32, 0, 2048, false, 0, NULL},  /* MPLUGOwl2Config: its own LlamaConfig (eps 1e-6) */
+    {"mllama_text_model", 128256, 4096, 14336, 40, 32, 8, 131072, false, 0, NULL}, /* MllamaTextConfig: Llama 3.1 + cross layers */
     /* LLaMA-Adapter V2 (scripts/convert_llama_adapter_v2.py): Meta's LLaMA with its bias tuning's biases */
-    {"llama_adapter_v2", 32000, 4096, 11008, 32, 32, 0, 2048, true},
-    {"cogvlm", 32000, 4096, 11008, 32, 32, 0, 2048, false}, /* CogVLMConfig (remote code): Vicuna-7B + the visual expert */
+    {"llama_adapter_v2", 32000, 4096, 11008, 32, 32, 0, 2048, true, 0, NULL},
+    {"cogvlm", 32000, 4096, 11008, 32, 32, 0, 2048, false, 0, NULL}, /* CogVLMConfig (remote code): Vicuna-7B + the visual expert */
+    /* CogVLM2 (cogvlm2-llama3-chat-19B's remote code): Llama 3 8B + the visual expert; VisionExpertAttention
+     * groups K/V by num_multi_query_heads and builds its rotary embedding with base=500000 in code */
+    {"cogvlm2", 128256, 4096, 14336, 32, 32, 8, 8192, false, 500000.0, "num_multi_query_heads"},
 };
 
-static const arch_defaults *find_arch(const char *model_type, const char *architecture) {
+/* The defaults row for a config of model_type and architecture (either NULL); config: the one they came from. */
+static const arch_defaults *find_arch(const char *model_type, const char *architecture, const cJSON *config) {
+    /* CogVLM's remote-code config.json may carry no model_type; CogVLM2 has the same architecture name (and
+     * model_type, if any) and is told by num_multi_query_heads, which only its code reads (models/cogvlm.c tells
+     * its conv by the same key) */
+    const bool cog = (architecture && strcmp(architecture, "CogVLMForCausalLM") == 0) ||
+                     (model_type && strcmp(model_type, "cogvlm") == 0);
+    const bool v2 = cJSON_GetObjectItemCaseSensitive(config, "num_multi_query_heads") != NULL;
+    for (size_t i = 0; cog && i < sizeof archs / sizeof archs[0]; i++)
+        if (strncmp(archs[i].name, "cogvlm", 6) == 0 && (archs[i].kv_key != NULL) == v2) return &archs[i];
     for (size_t i = 0; i < sizeof archs / sizeof archs[0]; i++)
         if (model_type && strcmp(model_type, archs[i].name) == 0) return &archs[i];
-    /* CogVLM's remote-code config.json may carry no model_type */
-    for (size_t i = 0; architecture && strcmp(architecture, "CogVLMForCausalLM") == 0 && i < sizeof archs / sizeof archs[0]; i++)
-        if (strcmp(archs[i].name, "cogvlm") == 0) return &archs[i];
     /* Original LLaVA: model_type llava / llava_llama / llava_mistral / llava_qwen, weights at model.* */
     if (architecture && strncmp(architecture, "Llava", 5) == 0 && strstr(architecture, "ForCausalLM")) {
         if (strstr(architecture, "Mistral")) return &archs[1];
@@ -145,8 +156,8 @@ static const arch_defaults *find_arch(const char *model_type, const char *archit
     return NULL;
 }
 
-/* rope_parameters (transformers 5) or rope_scaling + rope_theta (earlier files). */
-static mmb_status read_rope(cfgr *r, mmb_lm *lm) {
+/* rope_parameters (transformers 5) or rope_scaling + rope_theta (earlier files); without rope_theta, ad's base. */
+static mmb_status read_rope(cfgr *r, const arch_defaults *ad, mmb_lm *lm) {
     mmb_ctx *ctx = r->ctx;
     const cJSON *root = r->c->config;
     if (*r->tp) root = cJSON_GetObjectItemCaseSensitive(root, "text_config");
@@ -158,7 +169,7 @@ static mmb_status read_rope(cfgr *r, mmb_lm *lm) {
     }
     if (rp && !cJSON_IsObject(rp) && !cJSON_IsNull(rp))
         return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: '%s%s' is not an object", r->c->dir, r->tp, which);
-    lm->theta = cnum(r, "rope_theta", 10000.0);
+    lm->theta = cnum(r, "rope_theta", ad->theta > 0 ? ad->theta : 10000.0);
     lm->factor = 1.0;
     lm->rope = ROPE_DEFAULT;
     if (r->s != MMB_OK) return r->s;
@@ -463,7 +474,7 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
     mmb__cfg_str(ctx, c, *r.tp ? "text_config.model_type" : "model_type", &mt, &r.s);
     if (r.s != MMB_OK) return r.s;
     if (*r.tp && !mt) mt = "llama"; /* LlavaConfig's default text model */
-    const arch_defaults *ad = find_arch(mt, architecture);
+    const arch_defaults *ad = find_arch(mt, architecture, c->config);
     if (!ad)
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED,
                         "%s/config.json: unknown architecture '%s' (%smodel_type '%s'): the decoder runs Llama, "
@@ -476,7 +487,7 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
     lm->I = cint(&r, "intermediate_size", ad->inter);
     lm->L = cint(&r, "num_hidden_layers", ad->layers);
     lm->H = cint(&r, "num_attention_heads", ad->heads);
-    lm->KVH = cint(&r, "num_key_value_heads", ad->kv_heads ? ad->kv_heads : lm->H);
+    lm->KVH = cint(&r, ad->kv_key ? ad->kv_key : "num_key_value_heads", ad->kv_heads ? ad->kv_heads : lm->H);
     lm->hd = cint(&r, "head_dim", lm->H > 0 ? lm->d / lm->H : 0);
     lm->mpe = cint(&r, "max_position_embeddings", ad->mpe);
     lm->eps = (float)cnum(&r, "rms_norm_eps", 1e-6);
@@ -501,15 +512,16 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
         !(lm->eps > 0) || lm->d > (1 << 20) || lm->H * lm->hd > (1 << 20) || lm->I > (1 << 22) || sw < 0)
         return mmb__err(ctx, MMB_ERR_FORMAT,
                         "%s/config.json: bad text model shape: vocab_size %lld, hidden_size %lld, intermediate_size "
-                        "%lld, num_hidden_layers %lld, num_attention_heads %lld, num_key_value_heads %lld (must "
+                        "%lld, num_hidden_layers %lld, num_attention_heads %lld, %s %lld (must "
                         "divide the heads), head_dim %lld (even), max_position_embeddings %lld, rms_norm_eps %g, "
                         "additional_vocab_size %lld", c->dir, (long long)lm->vocab, (long long)lm->d, (long long)lm->I,
                         (long long)lm->L,
-                        (long long)lm->H, (long long)lm->KVH, (long long)lm->hd, (long long)lm->mpe, (double)lm->eps,
+                        (long long)lm->H, ad->kv_key ? ad->kv_key : "num_key_value_heads", (long long)lm->KVH,
+                        (long long)lm->hd, (long long)lm->mpe, (double)lm->eps,
                         (long long)lm->extra);
     lm->orig_mpe = lm->mpe;
     read_special(lm, *r.tp ? tc : NULL);
-    mmb_status s = read_rope(&r, lm);
+    mmb_status s = read_rope(&r, ad, lm);
     if (s != MMB_OK) return s;
     bool qwen = strcmp(ad->name, "qwen2") == 0;
     *qkv_bias = qwen || ab;

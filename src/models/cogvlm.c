@@ -11,11 +11,19 @@
  * intermediate_size are the language model's (the top level of config.json). The LLM (model.*, with the
  * visual expert's two weight sets per layer) is lm/decoder.c's.
  *
+ * CogVLM2 (THUDM/cogvlm2-llama3-chat-19B, the same architecture name; told by its config's
+ * num_multi_query_heads, a key CogVLM's has not; the decoder reads the same key for its grouped K/V heads) puts
+ * EVA2CLIPModel.conv between the tower and the adapter:
+ *   conv           Conv2d(vision hidden_size -> vision hidden_size, kernel = stride = 2, with bias) over the
+ *                  (grid, grid) map of patch tokens: (grid / 2)^2 tokens, row-major, then the GLU as above
+ * so an image is (grid / 2)^2 + 2 rows, as build_conversation_input_ids counts them.
+ *
  * The checkpoint ships no preprocessor_config.json: build_conversation_input_ids' torchvision transform is
  * Resize((image_size, image_size), BICUBIC) on the PIL image, ToTensor, Normalize(CLIP's mean and std), which
  * is a CLIPImageProcessor resizing to exactly image_size x image_size, without a center crop (processor()). */
 #include "models/models.h"
 
+#include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +34,9 @@ typedef struct {
     mmb_cogvit *vit;
     mmb_cogvit_info vi;
     int64_t d, inter;                         /* the LLM's hidden_size, intermediate_size */
+    bool conv_on;                             /* CogVLM2: conv (2x2, stride 2) before the GLU */
+    int64_t side, tokens;                     /* the grid the GLU reads: its side and side^2 */
+    mmb_linear conv;                          /* (vision width, 4 vision width) + bias, when conv_on */
     mmb_linear proj, gate, up, down;          /* linear_proj, gate_proj, dense_h_to_4h, dense_4h_to_h */
     float *ln_w, *ln_b, *boi, *eoi;           /* (d) each */
 } cog_state;
@@ -34,6 +45,7 @@ static void cog_free(void *st) {
     cog_state *m = st;
     if (!m) return;
     mmb__linear_free(&m->proj);
+    mmb__linear_free(&m->conv);
     mmb__linear_free(&m->gate);
     mmb__linear_free(&m->up);
     mmb__linear_free(&m->down);
@@ -58,6 +70,14 @@ static mmb_status cog_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb__family *f
     if (s == MMB_OK && (m->d < 1 || m->d > (1 << 20) || m->inter < 1 || m->inter > (1 << 22)))
         s = mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: hidden_size %lld / intermediate_size %lld is out of range",
                      c->dir, (long long)m->d, (long long)m->inter);
+    m->conv_on = cJSON_GetObjectItemCaseSensitive(c->config, "num_multi_query_heads") != NULL;
+    m->side = m->vi.grid / (m->conv_on ? 2 : 1);
+    m->tokens = m->side * m->side;
+    if (s == MMB_OK && m->conv_on && m->side < 1)
+        s = mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: CogVLM2's 2x2 conv needs a patch grid of 2 or more; "
+                     "vision_config.image_size / patch_size is %d", c->dir, m->vi.grid);
+    if (s == MMB_OK && m->conv_on)
+        s = mmb__ckpt_conv(ctx, c, "model.vision.", "conv", m->vi.width, m->vi.width, 2, true, &m->conv);
     const char *p = "model.vision.linear_proj.";
     if (s == MMB_OK) s = mmb__ckpt_linear(ctx, c, p, "linear_proj", m->d, m->vi.width, false, &m->proj);
     if (s == MMB_OK) s = mmb__ckpt_norm(ctx, c, p, "norm1", m->d, &m->ln_w, &m->ln_b);
@@ -80,13 +100,14 @@ static mmb_status cog_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb__family *f
     info->out_width = (int)m->d;
     info->image_size = m->vi.image_size;
     info->patch_size = m->vi.patch;
-    info->tokens_per_image = m->vi.tokens + 2;
+    info->tokens_per_image = m->tokens + 2;
     info->params = m->vi.params + 2 * m->d;
     info->flops_per_image = m->vi.flops_per_image;
-    mmb__linear_cost(&m->proj, m->vi.tokens, &info->params, &info->flops_per_image);
-    mmb__linear_cost(&m->gate, m->vi.tokens, &info->params, &info->flops_per_image);
-    mmb__linear_cost(&m->up, m->vi.tokens, &info->params, &info->flops_per_image);
-    mmb__linear_cost(&m->down, m->vi.tokens, &info->params, &info->flops_per_image);
+    if (m->conv_on) mmb__linear_cost(&m->conv, m->tokens, &info->params, &info->flops_per_image);
+    mmb__linear_cost(&m->proj, m->tokens, &info->params, &info->flops_per_image);
+    mmb__linear_cost(&m->gate, m->tokens, &info->params, &info->flops_per_image);
+    mmb__linear_cost(&m->up, m->tokens, &info->params, &info->flops_per_image);
+    mmb__linear_cost(&m->down, m->tokens, &info->params, &info->flops_per_image);
     info->params += 2 * m->d;  /* norm1 */
     info->weight_dtype = w ? w->dtype : MMB_F32;
     *state = m;
@@ -100,7 +121,7 @@ static int64_t cog_tokens(mmb_ctx *ctx, const void *st, int height, int width) {
                  "image_size)", width, height, m->vi.image_size, m->vi.image_size);
         return -1;
     }
-    return m->vi.tokens + 2;
+    return m->tokens + 2;
 }
 
 typedef struct {
@@ -117,27 +138,37 @@ static void swiglu_fn(void *arg, int tid, int nth) {
     for (int64_t i = lo; i < hi; i++) j->g[i] *= j->u[i];
 }
 
+/* pixels (B, 3, S, S) -> out (B, tokens + 2, d): the tower's (B, grid^2, vision width), CogVLM2's conv to
+ * (B, side^2, vision width), the GLU to d, boi and eoi around each image. Scratch from ctx->feats. */
 static mmb_status cog_encode(mmb_ctx *ctx, const void *st, const float *pixels, int64_t B, int height, int width,
                              float *out) {
     const cog_state *m = st;
     if (cog_tokens(ctx, st, height, width) < 0) return MMB_ERR_SHAPE;
-    const int64_t G = m->vi.tokens, D = m->vi.width, d = m->d, I = m->inter;
-    uint64_t rows, nv, nd, ni;
-    if (!mmb__mul_ok((uint64_t)B, (uint64_t)G, &rows) || !mmb__mul_ok(rows, (uint64_t)D, &nv) ||
+    const int64_t G = m->tokens, D = m->vi.width, d = m->d, I = m->inter;
+    uint64_t rows, vrows, nv, nc, nd, ni;
+    if (!mmb__mul_ok((uint64_t)B, (uint64_t)G, &rows) || !mmb__mul_ok((uint64_t)B, (uint64_t)m->vi.tokens, &vrows) ||
+        !mmb__mul_ok(vrows, (uint64_t)D, &nv) || !mmb__mul_ok(rows, 4 * (uint64_t)D, &nc) ||
         !mmb__mul_ok(rows, (uint64_t)d, &nd) || !mmb__mul_ok(rows, (uint64_t)I, &ni) || nv > SIZE_MAX / 64 ||
-        nd > SIZE_MAX / 64 || ni > SIZE_MAX / 64)
+        nc > SIZE_MAX / 64 || nd > SIZE_MAX / 64 || ni > SIZE_MAX / 64)
         return mmb__err(ctx, MMB_ERR_NOMEM, "cogvlm: %lld images of %dx%d: sizes overflow", (long long)B, width,
                         height);
     const size_t f = sizeof(float);
     size_t need = mmb__arena_piece(f * nv) + 2 * mmb__arena_piece(f * nd) + 2 * mmb__arena_piece(f * ni);
+    if (m->conv_on) need += mmb__arena_piece(f * nc) + mmb__arena_piece(f * (size_t)(rows * (uint64_t)D));
     mmb_status s = mmb__arena_reserve(ctx, &ctx->feats, need);
     if (s != MMB_OK) return s;
     mmb_arena *a = &ctx->feats;
     float *v = mmb__arena_alloc(a, f * nv), *x = mmb__arena_alloc(a, f * nd), *xn = mmb__arena_alloc(a, f * nd);
     float *g = mmb__arena_alloc(a, f * ni), *u = mmb__arena_alloc(a, f * ni);
     s = mmb__cogvit_forward(ctx, m->vit, pixels, B, height, width, v);
+    const int64_t R = (int64_t)rows;
+    if (s == MMB_OK && m->conv_on) { /* the (grid, grid) map through the 2x2 stride-2 conv */
+        float *cols = mmb__arena_alloc(a, f * nc), *vc = mmb__arena_alloc(a, f * (size_t)(R * D));
+        mmb__conv_rows(cols, v, B, m->vi.grid, m->vi.grid, D, 2);
+        mmb__linear_forward(ctx, vc, cols, R, &m->conv);
+        v = vc;
+    }
     if (s == MMB_OK) {
-        const int64_t R = (int64_t)rows;
         mmb__linear_forward(ctx, x, v, R, &m->proj);
         mmb__layernorm_forward_mt(ctx, xn, x, m->ln_w, m->ln_b, R, d, GLU_LN_EPS);
         mmb__act_forward_mt(ctx, xn, R * d, MMB_ACT_GELU);

@@ -92,10 +92,10 @@ static const mmb__family rows[] = {
      .lm_runs = true, .image_marker = "<|image|>", .image_expert = true, .ops = &mmb__family_mplug_owl2},
     {.name = "cogvlm", .architectures = "CogVLMForCausalLM", .model_types = "cogvlm", .layouts = "cogvlm (remote code)",
      .tower = "vision_config: EVA2-CLIP (model.vision.transformer, norms after each sub-layer)",
-     .taps = "the last layer's patch tokens (CLS dropped)", .connector = "glu (model.vision.linear_proj) + boi/eoi",
+     .taps = "the last layer's patch tokens (CLS dropped)", .connector = "glu (model.vision.linear_proj) + boi/eoi; CogVLM2: model.vision.conv (2x2, stride 2) first",
      .processor = "built in: bicubic resize to image_size, CLIP mean/std (the remote code's torchvision transform)",
      .fusion = MMB_FUSION_B, .lm = "this config: Vicuna with the visual expert (model.layers.*: language_expert_* "
-     "and vision_expert_* weight sets)", .lm_runs = true, .image_expert = true, .image_one_position = true,
+     "and vision_expert_* weight sets); CogVLM2 (num_multi_query_heads): Llama 3, grouped K/V, RoPE base 500000", .lm_runs = true, .image_expert = true, .image_one_position = true,
      .image_last_text = true, .image_first = true, .ops = &mmb__family_cogvlm},
     {.name = "llava", .architectures = "LlavaLlamaForCausalLM, LlavaMistralForCausalLM, LlavaQwenForCausalLM",
      .model_types = "llava_llama, llava_mistral, llava_qwen", .keys = "mm_projector_type, mm_hidden_size",

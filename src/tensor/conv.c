@@ -105,6 +105,20 @@ void mmb__dwconv3x3_forward_mt(mmb_ctx *ctx, float *out, const float *x, const f
 }
 
 /* Bin i of n over a side of L: [floor(i L / n), ceil((i + 1) L / n)). */
+void mmb__conv_rows(float *rows, const float *x, int64_t B, int64_t H, int64_t W, int64_t C, int k) {
+    const int64_t Ho = H / k, Wo = W / k, kk = (int64_t)k * k;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t oy = 0; oy < Ho; oy++)
+            for (int64_t ox = 0; ox < Wo; ox++) {
+                float *r = rows + ((b * Ho + oy) * Wo + ox) * C * kk;
+                for (int ky = 0; ky < k; ky++)
+                    for (int kx = 0; kx < k; kx++) {
+                        const float *src = x + ((b * H + oy * k + ky) * W + ox * k + kx) * C;
+                        for (int64_t c = 0; c < C; c++) r[c * kk + ky * k + kx] = src[c];
+                    }
+            }
+}
+
 static int64_t bin_lo(int64_t i, int64_t L, int64_t n) { return i * L / n; }
 static int64_t bin_hi(int64_t i, int64_t L, int64_t n) { return ((i + 1) * L + n - 1) / n; }
 

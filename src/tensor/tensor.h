@@ -189,6 +189,11 @@ void mmb__dwconv3x3_forward_ref(float *out, const float *x, const float *w, cons
                                 int64_t W, int64_t C, int stride);
 void mmb__dwconv3x3_forward_mt(mmb_ctx *ctx, float *out, const float *x, const float *w9, const float *bias,
                                int64_t B, int64_t H, int64_t W, int64_t C, int stride);
+/* The im2col rows of a Conv2d of kernel = stride = k, no padding, over channels-last maps: x (B, H, W, C) ->
+ * rows (B, H / k, W / k, C k k), each row in (c, ky, kx) order as torch flattens the weight (O, C, k, k), so the
+ * conv is the linear layer mmb__ckpt_conv binds, over these rows; a remainder of H or W under k is dropped, as
+ * torch does. */
+void mmb__conv_rows(float *rows, const float *x, int64_t B, int64_t H, int64_t W, int64_t C, int k);
 /* x (B, H, W, C) -> out (B, Ho, Wo, C): torch AdaptiveAvgPool2d((Ho, Wo)); output cell i of n over a side
  * of L averages [floor(i L / n), ceil((i + 1) L / n)) (cells overlap when n does not divide L; Ho > H
  * repeats rows). */

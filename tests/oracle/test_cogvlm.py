@@ -33,6 +33,9 @@ LM = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attenti
           max_position_embeddings=2048, hidden_act="silu")
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 LANG, VISION = 0, 1
+# A model's shapes and its code's constants: the reference below takes one (test_cogvlm2.py passes CogVLM2's).
+# theta: the RoPE base (FastRotaryEmbedding's, fixed in the code); down: EVA2CLIPModel.conv's stride (1: none).
+V1 = dict(vis=VIS, lm=LM, theta=10000.0, down=1)
 
 
 def tokenizer(d):
@@ -56,13 +59,17 @@ def tokenizer(d):
                                                          eos_token="</s>", unk_token="<unk>")
 
 
-def make_cogvlm(d, seed=0, vision_bias=False):
+def make_cogvlm(d, seed=0, vision_bias=False, cfg=V1, make_tokenizer=tokenizer, config=None):
     """A tiny CogVLM checkpoint: the state dict of CogVLMForCausalLM in its own names, random. vision_bias: the
-    vision expert's QKV with a bias (CogVLM2's form; cogvlm-chat-hf's has none). Returns (weights, tokenizer)."""
-    vocab, tok = tokenizer(d)
+    vision expert's QKV with a bias (CogVLM2's form; cogvlm-chat-hf's has none). cfg: the shapes (V1 or CogVLM2's,
+    whose lm has num_multi_query_heads and whose down 2 adds model.vision.conv); make_tokenizer(d) -> (vocab,
+    tokenizer); config: keys over config.json's. Returns (weights, tokenizer)."""
+    VIS, LM = cfg["vis"], cfg["lm"]
+    vocab, tok = make_tokenizer(d)
     g = torch.Generator().manual_seed(seed)
     D, I, H, Iv = LM["hidden_size"], LM["intermediate_size"], VIS["hidden_size"], VIS["intermediate_size"]
     p, P = VIS["patch_size"], VIS["num_positions"]
+    qkv = D + 2 * LM.get("num_multi_query_heads", LM["num_attention_heads"]) * (D // LM["num_attention_heads"])
 
     def r(*shape, s=0.15):
         return torch.randn(*shape, generator=g) * s
@@ -76,13 +83,13 @@ def make_cogvlm(d, seed=0, vision_bias=False):
         w[q + "input_layernorm.weight"] = norm(D)
         w[q + "post_attention_layernorm.weight"] = norm(D)
         for e in ("language", "vision"):
-            w[q + f"self_attn.{e}_expert_query_key_value.weight"] = r(3 * D, D)
+            w[q + f"self_attn.{e}_expert_query_key_value.weight"] = r(qkv, D)
             w[q + f"self_attn.{e}_expert_dense.weight"] = r(D, D)
             w[q + f"mlp.{e}_mlp.gate_proj.weight"] = r(I, D)
             w[q + f"mlp.{e}_mlp.up_proj.weight"] = r(I, D)
             w[q + f"mlp.{e}_mlp.down_proj.weight"] = r(D, I)
         if vision_bias:
-            w[q + "self_attn.vision_expert_query_key_value.bias"] = r(3 * D)
+            w[q + "self_attn.vision_expert_query_key_value.bias"] = r(qkv)
     v = "model.vision."
     w[v + "patch_embedding.proj.weight"] = r(H, 3, p, p, s=0.05)
     w[v + "patch_embedding.proj.bias"] = r(H)
@@ -96,6 +103,9 @@ def make_cogvlm(d, seed=0, vision_bias=False):
         w[q + "attention.dense.weight"], w[q + "attention.dense.bias"] = r(H, H), r(H)
         w[q + "mlp.fc1.weight"], w[q + "mlp.fc1.bias"] = r(Iv, H), r(Iv)
         w[q + "mlp.fc2.weight"], w[q + "mlp.fc2.bias"] = r(H, Iv), r(H)
+    if cfg["down"] > 1:
+        k = cfg["down"]
+        w[v + "conv.weight"], w[v + "conv.bias"] = r(H, H, k, k, s=0.3), r(H)
     q = v + "linear_proj."
     w[q + "linear_proj.weight"] = r(D, H, s=0.3)
     w[q + "norm1.weight"], w[q + "norm1.bias"] = norm(D), r(D)
@@ -108,15 +118,18 @@ def make_cogvlm(d, seed=0, vision_bias=False):
                         "AutoModelForCausalLM": "modeling_cogvlm.CogVLMForCausalLM"},
            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "initializer_range": 0.02,
            "template_version": "chat", "tie_word_embeddings": False, "torch_dtype": "float32",
-           "use_cache": True, "vocab_size": vocab, **LM, "vision_config": dict(VIS)}
+           "use_cache": True, "vocab_size": vocab, **LM, "vision_config": dict(VIS), **(config or {})}
     (d / "config.json").write_text(json.dumps(cfg, indent=2))
     return w, tok
 
 
 # ---- the reference, from modeling_cogvlm.py / visual.py -----------------------------------------------------
 
-def vision_ref(w, pixels):
-    """EVA2CLIPModel.forward: pixels (B, 3, S, S) -> (B, grid^2 + 2, hidden): boi, GLU(patch tokens), eoi."""
+def vision_ref(w, pixels, cfg=V1, variant=None):
+    """EVA2CLIPModel.forward: pixels (B, 3, S, S) -> (B, n^2 + 2, hidden): boi, GLU(patch tokens), eoi; n = grid,
+    or grid / 2 after CogVLM2's conv (cfg down 2) on the (B, hidden, grid, grid) map of the patch tokens.
+    variant "transposed grid": the map's rows and columns swapped before the conv (a wrong im2col order)."""
+    VIS = cfg["vis"]
     v, H, nh, eps = "model.vision.", VIS["hidden_size"], VIS["num_heads"], VIS["layer_norm_eps"]
     x = F.conv2d(pixels, w[v + "patch_embedding.proj.weight"], w[v + "patch_embedding.proj.bias"],
                  stride=VIS["patch_size"])
@@ -136,6 +149,12 @@ def vision_ref(w, pixels):
         x = x + F.layer_norm(m, (H,), w[q + "post_attention_layernorm.weight"], w[q + "post_attention_layernorm.bias"],
                              eps)
     x = x[:, 1:]
+    if cfg["down"] > 1:
+        g = int(round(x.shape[1] ** 0.5))
+        x = x.reshape(B, g, g, H).permute(0, 3, 1, 2)
+        if variant == "transposed grid":
+            x = x.transpose(2, 3)
+        x = F.conv2d(x, w[v + "conv.weight"], w[v + "conv.bias"], stride=cfg["down"]).flatten(2).transpose(1, 2)
     q = v + "linear_proj."
     x = F.linear(x, w[q + "linear_proj.weight"])
     x = F.gelu(F.layer_norm(x, (x.shape[-1],), w[q + "norm1.weight"], w[q + "norm1.bias"], 1e-5))
@@ -165,8 +184,8 @@ def expert_mask(tt):
     return m
 
 
-def rms(x, wt):
-    return wt * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + LM["rms_norm_eps"]))
+def rms(x, wt, eps=LM["rms_norm_eps"]):
+    return wt * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
 def rotate_half(x):
@@ -174,11 +193,16 @@ def rotate_half(x):
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def lm_ref(w, embeds, pos, vmask):
-    """CogVLMModel.llm_forward + lm_head on one sequence: embeds (L, D), position ids (L), vision mask (L)."""
+def lm_ref(w, embeds, pos, vmask, cfg=V1, variant=None):
+    """CogVLMModel.llm_forward + lm_head on one sequence: embeds (L, D), position ids (L), vision mask (L).
+    CogVLM2's VisionExpertAttention: q | k | v split [heads, kv, kv] head widths, kv = num_multi_query_heads, each
+    K/V head repeated for heads / kv consecutive query heads (unsqueeze(2).expand); the RoPE base cfg theta.
+    variant "K/V heads interleaved": query head h reads K/V head h % kv instead (a wrong grouping)."""
+    LM = cfg["lm"]
     D, nh = LM["hidden_size"], LM["num_attention_heads"]
+    kv = LM.get("num_multi_query_heads", nh)
     hd, L = D // nh, embeds.shape[0]
-    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+    inv = 1.0 / (cfg["theta"] ** (torch.arange(0, hd, 2).float() / hd))
     t = torch.arange(int(pos.max()) + 1, dtype=inv.dtype)
     emb = torch.cat([torch.outer(t, inv)] * 2, dim=-1)
     cos, sin = emb.cos()[pos], emb.sin()[pos]  # (L, hd)
@@ -193,43 +217,51 @@ def lm_ref(w, embeds, pos, vmask):
 
     for i in range(LM["num_hidden_layers"]):
         q = f"model.layers.{i}."
-        h = rms(x, w[q + "input_layernorm.weight"])
+        eps = LM["rms_norm_eps"]
+        h = rms(x, w[q + "input_layernorm.weight"], eps)
         qkv = expert(h, q + "self_attn.{}_expert_query_key_value.weight")
-        qs, ks, vs = (t.view(L, nh, hd).transpose(0, 1) for t in qkv.split(D, dim=-1))
+        qs, ks, vs = (t.reshape(L, -1, hd).transpose(0, 1) for t in qkv.split([D, kv * hd, kv * hd], dim=-1))
         qs, ks = qs * cos + rotate_half(qs) * sin, ks * cos + rotate_half(ks) * sin
+        if variant == "K/V heads interleaved":
+            ks, vs = ks.repeat(nh // kv, 1, 1), vs.repeat(nh // kv, 1, 1)
+        else:
+            ks, vs = ks.repeat_interleave(nh // kv, dim=0), vs.repeat_interleave(nh // kv, dim=0)
         a = torch.softmax(qs @ ks.transpose(-1, -2) / hd ** 0.5 + causal, dim=-1) @ vs
         a = a.transpose(0, 1).reshape(L, D)
         x = x + expert(a, q + "self_attn.{}_expert_dense.weight", bias=False)
-        h = rms(x, w[q + "post_attention_layernorm.weight"])
+        h = rms(x, w[q + "post_attention_layernorm.weight"], eps)
         gate = expert(h, q + "mlp.{}_mlp.gate_proj.weight", bias=False)
         up = expert(h, q + "mlp.{}_mlp.up_proj.weight", bias=False)
         x = x + torch.where(vm, F.linear(F.silu(gate) * up, w[q + "mlp.vision_mlp.down_proj.weight"]),
                             F.linear(F.silu(gate) * up, w[q + "mlp.language_mlp.down_proj.weight"]))
-    return F.linear(rms(x, w["model.norm.weight"]), w["lm_head.weight"])
+    return F.linear(rms(x, w["model.norm.weight"], LM["rms_norm_eps"]), w["lm_head.weight"])
 
 
-def pixels_ref(path):
+def pixels_ref(path, cfg=V1):
     """build_conversation_input_ids' transform: Resize((S, S), BICUBIC) on the PIL image, ToTensor, Normalize."""
-    S = VIS["image_size"]
+    S = cfg["vis"]["image_size"]
     img = Image.open(path).convert("RGB").resize((S, S), Image.BICUBIC)
     t = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
     return ((t - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None])[None]
 
 
-def conversation(tok, query, image):
-    """build_conversation_input_ids (template 'chat'): ids and token_type_ids; image rows as pad ids."""
-    n_img = (VIS["image_size"] // VIS["patch_size"]) ** 2 + 2 if image is not None else 0
+def conversation(tok, query, image, cfg=V1):
+    """build_conversation_input_ids (template 'chat'): ids and token_type_ids; image rows as pad ids (CogVLM2's
+    code counts (image_size // patch_size // 2)^2 + 2 of them)."""
+    VIS = cfg["vis"]
+    n_img = (VIS["image_size"] // VIS["patch_size"] // cfg["down"]) ** 2 + 2 if image is not None else 0
     text = tok.encode(f"Question: {query} Answer:", add_special_tokens=False)
     ids = [tok.bos_token_id] + [0] * n_img + text
     tt = [LANG] + [VISION] * n_img + [LANG] * len(text)
     return torch.tensor([ids]), torch.tensor([tt])
 
 
-def forward_ref(w, ids, tt, image, variant=None):
-    """Logits (L, vocab) of the whole sequence as CogVLMForCausalLM computes them."""
+def forward_ref(w, ids, tt, image, variant=None, cfg=V1):
+    """Logits (L, vocab) of the whole sequence as CogVLMForCausalLM computes them (variant: a wrong one, as named
+    here, in vision_ref or in lm_ref)."""
     x = w["model.embed_tokens.weight"][ids[0]].clone()
     if image is not None:
-        x[tt[0] == VISION] = vision_ref(w, pixels_ref(image))[0]
+        x[tt[0] == VISION] = vision_ref(w, pixels_ref(image, cfg), cfg, variant)[0]
     pos, vm = build_position_ids(tt)[0], expert_mask(tt)[0]
     if variant == "vision expert on text rows":
         vm = torch.ones_like(vm)
@@ -237,15 +269,15 @@ def forward_ref(w, ids, tt, image, variant=None):
         pos = torch.arange(ids.shape[1])
     elif variant == "eoi through the vision expert":
         vm = tt[0] == VISION
-    return lm_ref(w, x, pos, vm)
+    return lm_ref(w, x, pos, vm, cfg, variant)
 
 
-def greedy_ref(w, ids, tt, image, n):
+def greedy_ref(w, ids, tt, image, n, cfg=V1):
     """generate(do_sample=False): each new token LANGUAGE; with the cache a decode row's expert mask is computed on
     it alone (never vision) and its position is the last + 1, which a full recompute reproduces."""
     out = []
     for _ in range(n):
-        t = int(forward_ref(w, ids, tt, image)[-1].argmax())
+        t = int(forward_ref(w, ids, tt, image, cfg=cfg)[-1].argmax())
         out.append(t)
         ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
         tt = torch.cat([tt, torch.tensor([[LANG]])], dim=1)
