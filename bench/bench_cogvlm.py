@@ -1,7 +1,7 @@
 """CogVLM's visual expert (fusion type B) at CogVLM-17B's layer shapes on random bf16 weights: the prefill and
 decode cost of the expert over the plain LLM, in mmbridge, PyTorch and llama.cpp (llama-cpp-python), in one run.
 
-    python3 bench/bench_cogvlm.py                      # 17B widths, 5 layers (about 20 minutes on 2 cores)
+    python3 bench/bench_cogvlm.py                      # 17B widths, 5 layers (about 13 minutes on 2 cores)
     python3 bench/bench_cogvlm.py --quick              # toy sizes, 1 repetition, 1 thread: a smoke run
     python3 bench/bench_cogvlm.py --append bench/RESULTS.md   # also writes its section into RESULTS.md
 
@@ -44,8 +44,11 @@ Timed, the LLM only (the tower, the adapter and the splice of the image rows not
   converter needs sentencepiece, its requirement, for the Llama vocabulary path), --outtype bf16. Its cogvlm
   graph picks the expert per batch: a batch of token ids runs the language set, a batch of embeddings the
   vision set. So the CogVLM GGUF gets BOS as a token, the 1227 image rows (mmbridge's `encode` output) as one
-  batch of embeddings, the text as tokens; the plain GGUF all P ids in one batch. Context defaults
-  (llama_context_default_params: n_ubatch 512, flash attention auto, f16 KV cache); positions sequential.
+  batch of embeddings, the text as tokens; the plain GGUF all P ids in one batch; and, to tell the graph's
+  cost from the vision set's, the CogVLM GGUF with all P ids (its text path). Context defaults
+  (llama_context_default_params: n_ubatch 512, flash attention auto, f16 KV cache); positions sequential. The
+  cogvlm graph has no output-row selection: it hands back the first row's logits where only the last row's
+  are asked for, so its runs ask for every row of the last batch (the text's) and take the last.
 
 Prefill: tokens/s of the P positions; % of the fp32 FMA peak measured here (bench_gemm's probe, 12 independent
 FMA chains a thread; its bf16 dot-product probe, vdpbf16ps, is twice that on AVX512-BF16 hardware: PyTorch's and
@@ -94,7 +97,8 @@ SIZES = {
     "quick": dict(hidden=64, inter=176, heads=4, layers=2, vocab=512, image=70,
                   v_hidden=32, v_inter=64, v_heads=2, v_layers=1),
 }
-IMPLS = ["mmbridge cogvlm", "mmbridge plain", "pytorch cogvlm", "pytorch plain", "llama.cpp cogvlm", "llama.cpp plain"]
+IMPLS = ["mmbridge cogvlm", "mmbridge plain", "pytorch cogvlm", "pytorch plain", "llama.cpp cogvlm", "llama.cpp plain",
+         "llama.cpp cogvlm ids"]
 
 
 def log(msg):
@@ -432,27 +436,41 @@ GEN_RE = re.compile(r"prefill: (\d+) tokens in ([\d.]+) s \((?:.*images ([\d.]+)
                     r"decode: (\d+) tokens in ([\d.]+) s")
 
 
+def proc_mem(pid, peak):
+    """Folds /proc/PID/status's VmHWM, RssAnon and RssFile (bytes) into the dict peak (their maxima)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            k, _, v = line.partition(":")
+            if k in ("VmHWM", "RssAnon", "RssFile"):
+                peak[k] = max(peak.get(k, 0), int(v.split()[0]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return peak
+
+
 def run_child(cmd, env=None):
-    """Runs cmd: (stdout, stderr, the peak RSS of that process alone in bytes, from wait4)."""
-    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    """Runs cmd: (stdout, stderr, its memory: the maxima of VmHWM, RssAnon, RssFile, polled every 0.1 s from
+    /proc; wait4's ru_maxrss would not do: exec keeps the parent's high-water mark)."""
     import selectors
+    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     sel = selectors.DefaultSelector()
     sel.register(p.stdout, selectors.EVENT_READ)
     sel.register(p.stderr, selectors.EVENT_READ)
     chunks = {p.stdout: [], p.stderr: []}
+    peak = {}
     while sel.get_map():
-        for key, _ in sel.select():
+        for key, _ in sel.select(timeout=0.1):
             data = os.read(key.fileobj.fileno(), 1 << 16)
             if not data:
                 sel.unregister(key.fileobj)
             else:
                 chunks[key.fileobj].append(data)
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
+        proc_mem(p.pid, peak)
+    p.wait()
     out, err = b"".join(chunks[p.stdout]).decode(), b"".join(chunks[p.stderr]).decode("utf-8", "replace")
     if p.returncode:
         raise RuntimeError(f"{shlex.join(map(str, cmd))} exited {p.returncode}: {err.strip()[-800:]}")
-    return out, err, ru.ru_maxrss * 1024
+    return out, err, peak
 
 
 def mmb_generate(a, args, th, n):
@@ -835,11 +853,12 @@ def convert(a, src, d, out, kind):
     return out, notes
 
 
-def llama_run(a, gguf, th, n, ids_head, rows_file, ids_tail):
+def llama_run(a, gguf, th, n, ids_head, rows_file, ids_tail, tail_all=False, return_logits=False):
     """One llama.cpp run in a child process (this script with --llama-child): dict(prefill s, decode tok/s, ids,
-    rss, info)."""
+    rss, info). The prompt in batches: ids_head, the rows (a batch of embeddings), ids_tail (each batch present
+    when not empty); the logits of the last row, or with tail_all of every row of the last batch."""
     req = dict(gguf=str(gguf), threads=th, n=n, head=ids_head, rows=str(rows_file) if rows_file else None,
-               tail=ids_tail)
+               tail=ids_tail, tail_all=tail_all, return_logits=return_logits)
     env = dict(os.environ, OMP_NUM_THREADS=str(th))
     out, err, rss = run_child([sys.executable, __file__, "--llama-child", json.dumps(req)], env=env)
     r = json.loads(out.strip().splitlines()[-1])
@@ -876,6 +895,7 @@ def llama_child(req):
     cp.n_ctx = total + req["n"] + 16
     cp.n_batch = max(total, 512)
     cp.n_threads = cp.n_threads_batch = req["threads"]
+    cp.no_perf = False
     ctx = L.llama_init_from_model(model, cp)
     if not ctx:
         raise SystemExit("llama.cpp could not make a context")
@@ -887,7 +907,7 @@ def llama_child(req):
         b = L.llama_batch_init(len(toks), 0, 1)
         for i, t in enumerate(toks):
             b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0] = t, pos0 + i, 1, 0
-            b.logits[i] = 1 if (last_logits and i == len(toks) - 1) else 0
+            b.logits[i] = 0
         b.n_tokens = len(toks)
         return b
 
@@ -908,22 +928,37 @@ def llama_child(req):
         return int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(vocab,))))
 
     batches, pos = [], 0
-    if rows is not None:
+    if req["head"]:
         batches.append(token_batch(req["head"], 0, False))
-        batches.append(embd_batch(rows, len(req["head"])))
-        batches.append(token_batch(req["tail"], len(req["head"]) + len(rows), True))
+        pos += len(req["head"])
+    if rows is not None:
+        batches.append(embd_batch(rows, pos))
+        pos += len(rows)
+    if req["tail"]:
+        batches.append(token_batch(req["tail"], pos, True))
+    last = batches[-1]
+    if req.get("tail_all"):
+        for i in range(last.n_tokens):
+            last.logits[i] = 1
     else:
-        batches.append(token_batch(req["head"] + req["tail"], 0, True))
+        last.logits[last.n_tokens - 1] = 1
     step = L.llama_batch_init(1, 0, 1)
     step.n_tokens, step.n_seq_id[0], step.seq_id[0][0], step.logits[0] = 1, 1, 0, 1
     # warm-up (as llama.cpp's common_init does: one token, then the memory cleared)
     step.token[0], step.pos[0] = req["head"][0], 0
     decode(step)
     L.llama_memory_clear(mem, True)
+    L.llama_perf_context_reset(ctx)
     t0 = time.perf_counter()
     for b in batches:
         decode(b)
     t1 = time.perf_counter()
+    handed = {}
+    if req.get("return_logits"):  # for the check of --quick: the row llama.cpp hands back, and the batch's first
+        row = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(vocab,))
+        handed["logits_last"] = row.tolist()
+        if req.get("tail_all"):
+            handed["logits_first"] = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, 0), shape=(vocab,)).tolist()
     tok, out = argmax(), []
     out.append(tok)
     p = total
@@ -944,7 +979,10 @@ def llama_child(req):
            grab(r"(CPU_\w+|CPU) model buffer")]
     info = ("n_batch {}, n_ubatch {}, flash attention {} ({}), KV cache K {} V {}, weights in the {} buffer "
             "(mmap)").format(*got)
-    print(json.dumps(dict(prefill=t1 - t0, decode=(req["n"] - 1) / (t2 - t1), ids=out, positions=total, info=info)))
+    pf = L.llama_perf_context(ctx)  # llama.cpp's own: batches of more than one row are "prompt eval"
+    perf = dict(p_eval_s=pf.t_p_eval_ms * 1e-3, n_p_eval=pf.n_p_eval, eval_s=pf.t_eval_ms * 1e-3, n_eval=pf.n_eval)
+    print(json.dumps(dict(prefill=t1 - t0, decode=(req["n"] - 1) / (t2 - t1), ids=out, positions=total, info=info,
+                          perf=perf, **handed)))
     for b in batches + [step]:
         L.llama_batch_free(b)
     L.llama_free(ctx)
@@ -1028,7 +1066,8 @@ def report(a, res, meta):
                      for th, r in res.items() if r["runs"].get("mmbridge cogvlm"))
     agreements = "; ".join(f"{th} thr: " + ", ".join(f"{k} {v}" for k, v in r["agree"].items())
                            for th, r in res.items() if r.get("agree"))
-    rss = ", ".join(f"{k} {v * 1e-9:.1f} GB" for k, v in meta["rss"].items())
+    rss = "; ".join(f"{k} {v.get('VmHWM', 0) * 1e-9:.2f} GB (anonymous {v.get('RssAnon', 0) * 1e-9:.2f}, "
+                    f"file-backed {v.get('RssFile', 0) * 1e-9:.2f})" for k, v in meta["rss"].items())
     files = ", ".join(f"{k} {v * 1e-9:.2f} GB" for k, v in meta["files"].items())
     text = [
         f"CogVLMForCausalLM (cogvlm-chat-hf's remote code) on random bf16 weights at CogVLM-17B's LLM widths, "
@@ -1066,13 +1105,37 @@ def report(a, res, meta):
                "expert's cost", "mmbridge speed-up"], drow),
         "",
         f"mmbridge `generate`'s image encode (the tower, the GLU adapter, boi/eoi; subtracted from its prefill): "
-        f"{imgs or 'n/a'}. Peak RSS (file pages of the mapped weights included): {rss or 'n/a'}. Files (each a "
-        f"separate set of page-cache pages): {files}. llama.cpp's context: {meta.get('llama_info', 'n/a')}.",
+        f"{imgs or 'n/a'}. Peak RSS (VmHWM; and the largest anonymous and file-backed parts, polled; the "
+        f"file-backed pages are the mapped weights, the page cache's, shared by every process mapping the same "
+        f"file): {rss or 'n/a'}. The files (each its own page-cache pages): {files}; "
+        f"{sum(meta['files'].values()) * 1e-9:.1f} GB in all. llama.cpp's context: {meta.get('llama_info', 'n/a')}.",
         "",
         f"Greedy ids identical, of {a.decode} (leading): {agreements or 'n/a'} (mmbridge computes in f32 on bf16 "
         "weights, PyTorch and llama.cpp in bf16: on random weights near-ties part them; llama.cpp's CogVLM is "
         "not the remote code's on the image: its vision set also takes eoi, and its positions are sequential).",
     ]
+    extra = []
+    for th, r in res.items():
+        t, p, c = r["runs"].get("llama.cpp cogvlm ids"), r["runs"].get("llama.cpp plain"), r["runs"].get("llama.cpp cogvlm")
+        if t:
+            pt, dt = P / med([x["prefill"] for x in t]), med([x["decode"] for x in t])
+            extra.append(f"{th} thr: prefill {spread([P / x['prefill'] for x in t], '{:.1f}')} tok/s, decode "
+                         f"{spread([x['decode'] for x in t])} tok/s"
+                         + (f" (plain over it: {P / med([x['prefill'] for x in p]) / pt:.3f}x and "
+                            f"{med([x['decode'] for x in p]) / dt:.3f}x" if p else "")
+                         + (f"; it over the image path: {pt / (P / med([x['prefill'] for x in c])):.3f}x prefill"
+                            if c else "") + (")" if p else ""))
+    if extra:
+        lost = 2 * s["hidden"] * s["vocab"] * (P - 1)
+        text += ["", f"llama.cpp's CogVLM GGUF fed all {P} positions as ids (BOS and the image's rows as one batch of "
+                 f"ids, then the {P - 1 - rows} text ids: its text path, the language set only), which separates its "
+                 "cogvlm graph's own cost from the vision set's: " + "; ".join(extra) + ". That graph "
+                 "(src/models/cogvlm.cpp) has no output-row selection (no inp_out_ids, which llama.cpp's Llama graph "
+                 f"has): lm_head runs on every row of every batch ({lost * 1e-9:.0f} GFLOP more than one row's, "
+                 f"{100 * lost / fl:.0f} % of the prefill's FLOPs), and where only the last row's logits are asked "
+                 "for, llama.cpp hands back the first row's (" + (meta["last_row_check"] if meta.get("last_row_check") else
+                 "bench_cogvlm.py --quick checks it") + "); so the CogVLM GGUF's runs ask for the logits of every row of their last batch "
+                 "(the text) and take the last."]
     cn = meta.get("convert_notes", {})
     if cn:
         text += ["", "llama.cpp's converter (convert_hf_to_gguf.py of the llama-cpp-python "
@@ -1199,14 +1262,21 @@ def main():
     ids_t, tt_t = torch.tensor([ids]), torch.tensor([tt])
     rows_t = torch.from_numpy(rows).to(torch.bfloat16)
     n = a.decode
+    torch_mem = {}
     runners = {
         "mmbridge cogvlm": lambda th: mmb_generate(a, [dc, "--raw", "--prompt", PROMPT, "--image", img], th, n),
         "mmbridge plain": lambda th: mmb_generate(a, [dp, "--ids", ",".join(map(str, ids))], th, n),
         "pytorch cogvlm": lambda th: dict(zip(("prefill", "decode", "ids"), tp.run_cog(ids_t, tt_t, rows_t, n)),
-                                          positions=P),
-        "pytorch plain": lambda th: dict(zip(("prefill", "decode", "ids"), tp.run_plain(ids_t, n)), positions=P),
-        "llama.cpp cogvlm": lambda th: llama_run(a, gg["cogvlm"], th, n, [1], rows_file, text),
+                                          positions=P, mem=proc_mem(os.getpid(), torch_mem)),
+        "pytorch plain": lambda th: dict(zip(("prefill", "decode", "ids"), tp.run_plain(ids_t, n)), positions=P,
+                                         mem=proc_mem(os.getpid(), torch_mem)),
+        # the CogVLM GGUF: the logits of every row of the last batch, of which the last row's is taken: its graph
+        # has no output-row selection (inp_out_ids), so with only the last row's asked for, llama.cpp hands back
+        # the first row's
+        "llama.cpp cogvlm": lambda th: llama_run(a, gg["cogvlm"], th, n, [1], rows_file, text, tail_all=True),
         "llama.cpp plain": lambda th: llama_run(a, gg["plain"], th, n, ids, None, []),
+        "llama.cpp cogvlm ids": lambda th: llama_run(a, gg["cogvlm"], th, n, ids[:-len(text)], None, text,
+                                                     tail_all=True),
     }
     res = {}
     jf = open(a.json, "w") if a.json else None
@@ -1232,7 +1302,8 @@ def main():
                     raise RuntimeError(f"{i}: the prompt is {x['positions']} positions, the bench's {P}")
                 runs[i].append(x)
                 if x.get("rss"):
-                    meta["rss"][i] = max(meta["rss"].get(i, 0), x["rss"])
+                    for k, v in x["rss"].items():
+                        meta["rss"].setdefault(i, {})[k] = max(meta["rss"].get(i, {}).get(k, 0), v)
                 if x.get("info"):
                     meta["llama_info"] = x["info"]
             log(f"{th} thr, rep {r + 1}/{a.reps}: " + ", ".join(
@@ -1246,16 +1317,20 @@ def main():
         ag = {}
         for x, y in (("mmbridge cogvlm", "pytorch cogvlm"), ("mmbridge plain", "pytorch plain"),
                      ("mmbridge plain", "llama.cpp plain"), ("mmbridge cogvlm", "llama.cpp cogvlm"),
-                     ("mmbridge cogvlm", "mmbridge plain")):
+                     ("llama.cpp cogvlm ids", "llama.cpp plain"), ("mmbridge cogvlm", "mmbridge plain")):
             if runs.get(x) and runs.get(y):
                 ag[f"{x} vs {y}"] = agree(runs[x][-1]["ids"], runs[y][-1]["ids"])
         res[th] = dict(runs=runs, agree=ag)
+        if a.quick and "cogvlm" in gg:
+            one = llama_run(a, gg["cogvlm"], th, 2, ids[:-len(text)], None, text, return_logits=True)
+            every = llama_run(a, gg["cogvlm"], th, 2, ids[:-len(text)], None, text, tail_all=True, return_logits=True)
+            last, first = torch.tensor(every["logits_last"]), torch.tensor(every["logits_first"])
+            got = torch.tensor(one["logits_last"])
+            meta["last_row_check"] = (f"checked by --quick: the logits handed back with only the last row's asked for "
+                                      f"are {ref_err(got, last):.1e} (scaled) off the last row's and "
+                                      f"{ref_err(got, first):.1e} off the first row's of that batch")
     if tp:
-        try:
-            meta["rss"]["this process (PyTorch)"] = int(next(
-                l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")).split()[1]) * 1024
-        except (OSError, StopIteration):
-            pass
+        meta["rss"]["this process (PyTorch)"] = proc_mem(os.getpid(), torch_mem)
     if jf:
         for th, r in res.items():
             for i, xs in r["runs"].items():
