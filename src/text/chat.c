@@ -1159,6 +1159,7 @@ static bool equal(jctx *J, val a, val b) {
     case T_UNDEF: case T_NONE: return true;
     case T_STR: return cmp_str(a, b) == 0;
     case T_LIST:
+        if (a.u.l == b.u.l) return true; /* Python compares items by identity first */
         if (a.u.l->n != b.u.l->n) return false;
         deeper(J, 0);
         step(J, 0, (uint64_t)a.u.l->n);
@@ -1166,6 +1167,7 @@ static bool equal(jctx *J, val a, val b) {
         J->depth--;
         return r;
     case T_DICT:
+        if (a.u.d == b.u.d) return true;
         if (a.u.d->n != b.u.d->n) return false;
         deeper(J, 0);
         step(J, 0, (uint64_t)a.u.d->n * (uint64_t)a.u.d->n);
@@ -2000,6 +2002,7 @@ static int exec_node(jctx *J, const node *n) {
         }
         int cnt = items.u.l->n;
         for (int i = 0; i < cnt; i++) {
+            step(J, n->line, 1);
             push_scope(J);
             val loop = v_dict(J);
             d_setc(J, loop.u.d, "index", v_int(i + 1));
