@@ -1747,7 +1747,10 @@ static val filter(jctx *J, const expr *e, val v, val *args, int line) {
             snprintf(tmp, sizeof tmp, "%.*s", (int)v.u.s.n, v.u.s.p);
             errno = 0;
             long long x = strtoll(tmp, &end, 10);
-            if (errno == ERANGE || v.u.s.n >= sizeof tmp) int_overflow(J, line, "int");
+            bool digits = v.u.s.n > 0;
+            for (size_t i = 0; i < v.u.s.n && digits; i++) digits = strchr("0123456789+-_ \t\n", v.u.s.p[i]) != NULL;
+            if (digits && (errno == ERANGE || v.u.s.n >= sizeof tmp)) int_overflow(J, line, "int");
+            if (v.u.s.n >= sizeof tmp) return v_int(0);
             return v_int(*end || end == tmp ? 0 : x);
         }
         return arg_or(e, args, 0, "default", v_int(0));
