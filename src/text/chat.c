@@ -11,18 +11,46 @@
  * + - * / // % ~, comparisons, in / not in, and / or / not, a if c else b. Filters, tests and methods
  * are the ones chat templates use (see the tables below); anything else is refused by name.
  *
- * Values live in an arena freed after the render; errors unwind with longjmp to the entry point. */
+ * Values live in an arena freed after the render; errors unwind with longjmp to the entry point.
+ *
+ * A template is a program from the internet (issue 20), so a render is bounded; each limit is an
+ * MMB_ERR_FORMAT naming the template and the limit:
+ *   - JMAX_DEPTH: one depth counter shared by the parser (parentheses, `not`, unary minus, blocks) and
+ *     every recursive walker (evaluation, statement bodies, printing, tojson, equality, JSON input), so
+ *     no input overflows the C stack; printing and tojson also refuse a container that contains itself.
+ *     The templates of tests/oracle/test_chat_template.py (Llama 2 / 3, Mistral, Vicuna, llava-hf,
+ *     Qwen2 / 2.5 / 2-VL) reach depth 10, all of these counted together.
+ *   - JMAX_STEPS: evaluated expressions, executed statements and loop iterations (plus one step per
+ *     list item a filter walks and per 64 bytes a string method scans). Those templates take 41k-108k
+ *     steps for 2000 messages; 20M steps run in ~0.4 s.
+ *   - JMAX_OUTPUT: bytes of rendered text (a 1M-token prompt is ~4 MB).
+ *   - JMAX_ARENA: bytes of the arena, which keeps every intermediate value until the end of the render
+ *     (3-7 KB a message in those templates; 'x' * n is refused before it allocates).
+ *   - JMAX_RANGE: range() lengths, Jinja2's sandbox's MAX_RANGE.
+ * Integers are exact int64; a result beyond 64 bits (9223372036854775807 * 2, 3 ** 100, a literal
+ * beyond int64, (-2**63) // -1) is refused: Jinja2 computes a Python big integer there, and promoting
+ * to float would print a different number without an error. Division and modulo by zero are errors as
+ * in Python. */
 #include "text/text.h"
 
 #include <cjson/cJSON.h>
+#include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <utf8proc.h>
+
+#define JMAX_DEPTH 256
+#define JMAX_STEPS 20000000ull
+#define JMAX_OUTPUT ((size_t)64 << 20)
+#define JMAX_ARENA ((size_t)512 << 20)
+#define JMAX_RANGE 100000
 
 /* ---- arena ----------------------------------------------------------------------------------- */
 
@@ -122,11 +150,19 @@ struct jctx {
     /* output */
     char *out;
     size_t on, ocap;
-    int depth;
+    /* limits (see the top of the file) */
+    int depth;                       /* shared by the parser and every recursive walker */
+    uint64_t steps;
+    size_t arena;                    /* bytes taken from the arena */
+    const void *active[JMAX_DEPTH + 1]; /* containers being printed (cycle detection) */
+    int nactive;
 };
 
 static void *jalloc(jctx *J, size_t n) {
+    if (n > JMAX_ARENA || J->arena + n > JMAX_ARENA)
+        fail(J, MMB_ERR_FORMAT, 0, "the template needs more than %zu MiB of working memory (the arena limit)", JMAX_ARENA >> 20);
     n = (n + 15) & ~(size_t)15;
+    J->arena += n;
     if (!J->mem || J->mem->used + n > J->mem->cap) {
         size_t cap = n > 65536 ? n : 65536;
         blk *b = malloc(sizeof *b + cap);
@@ -158,6 +194,26 @@ static _Noreturn void fail(jctx *J, mmb_status s, int line, const char *fmt, ...
     if (line > 0) mmb__err(J->ctx, s, "chat template (%s) line %d: %s", J->src_name, line, msg);
     else mmb__err(J->ctx, s, "chat template (%s): %s", J->src_name, msg);
     longjmp(J->jb, (int)s);
+}
+
+/* The shared depth counter: every recursive function calls deeper() on entry and J->depth-- on return
+ * (an error unwinds past the decrements, and the render ends). */
+static void deeper(jctx *J, int line) {
+    if (++J->depth > JMAX_DEPTH)
+        fail(J, MMB_ERR_FORMAT, line, "nesting deeper than %d levels (the depth limit, shared by expressions, blocks and values)", JMAX_DEPTH);
+}
+
+static void step(jctx *J, int line, uint64_t n) {
+    J->steps += n;
+    if (J->steps > JMAX_STEPS)
+        fail(J, MMB_ERR_FORMAT, line, "the template ran more than %llu steps (the execution budget)", (unsigned long long)JMAX_STEPS);
+}
+
+/* Cycle detection for the printers: a container being printed that is reached again. */
+static void enter_container(jctx *J, const void *p, int line, const char *what) {
+    for (int i = 0; i < J->nactive; i++)
+        if (J->active[i] == p) fail(J, MMB_ERR_FORMAT, line, "%s: a namespace or list that contains itself (a cycle)", what);
+    J->active[J->nactive++] = p; /* nactive <= depth <= JMAX_DEPTH: deeper() runs first */
 }
 
 /* ---- value helpers ------------------------------------------------------------------------------- */
@@ -233,6 +289,8 @@ typedef struct jbuf { char *p; size_t n, cap; } jbuf;
 
 static void jb_put(jctx *J, jbuf *b, const char *s, size_t n) {
     if (b->n + n + 1 > b->cap) {
+        if (n > JMAX_ARENA || b->n + n + 1 > JMAX_ARENA)
+            fail(J, MMB_ERR_FORMAT, 0, "a string longer than %zu MiB (the arena limit)", JMAX_ARENA >> 20);
         size_t c = b->cap ? b->cap * 2 : 64;
         while (c < b->n + n + 1) c *= 2;
         char *np = jalloc(J, c);
@@ -297,11 +355,17 @@ static void to_str(jctx *J, jbuf *b, val v, bool nested) {
     case T_FLOAT: fmt_float(tmp, sizeof tmp, v.u.f); jb_str(J, b, tmp); break;
     case T_STR: if (nested) repr_str(J, b, v); else jb_put(J, b, v.u.s.p, v.u.s.n); break;
     case T_LIST:
+        deeper(J, 0);
+        enter_container(J, v.u.l, 0, "printing");
         jb_str(J, b, "[");
         for (int i = 0; i < v.u.l->n; i++) { if (i) jb_str(J, b, ", "); to_str(J, b, v.u.l->v[i], true); }
         jb_str(J, b, "]");
+        J->nactive--;
+        J->depth--;
         break;
     case T_DICT: case T_NS:
+        deeper(J, 0);
+        enter_container(J, v.u.d, 0, "printing");
         jb_str(J, b, v.t == T_NS ? "<Namespace {" : "{");
         for (int i = 0; i < v.u.d->n; i++) {
             if (i) jb_str(J, b, ", ");
@@ -310,6 +374,8 @@ static void to_str(jctx *J, jbuf *b, val v, bool nested) {
             to_str(J, b, v.u.d->v[i], true);
         }
         jb_str(J, b, v.t == T_NS ? "}>" : "}");
+        J->nactive--;
+        J->depth--;
         break;
     case T_FN: jb_str(J, b, "<function>"); break;
     }
@@ -356,6 +422,8 @@ static void to_json(jctx *J, jbuf *b, val v, int indent, int level, int line) {
         int n = isl ? v.u.l->n : v.u.d->n;
         jb_str(J, b, isl ? "[" : "{");
         if (n == 0) { jb_str(J, b, isl ? "]" : "}"); return; }
+        deeper(J, line);
+        enter_container(J, isl ? (const void *)v.u.l : (const void *)v.u.d, line, "tojson");
         for (int i = 0; i < n; i++) {
             if (i) jb_str(J, b, indent >= 0 ? "," : ", ");
             if (indent >= 0) {
@@ -370,6 +438,8 @@ static void to_json(jctx *J, jbuf *b, val v, int indent, int level, int line) {
             for (int k = 0; k < indent * level; k++) jb_str(J, b, " ");
         }
         jb_str(J, b, isl ? "]" : "}");
+        J->nactive--;
+        J->depth--;
         return;
     }
     default: fail(J, MMB_ERR_FORMAT, line, "tojson: a %s is not JSON serializable", type_name(v));
@@ -555,12 +625,21 @@ static expr *parse_primary(jctx *J) {
         return e;
     }
     if (t->k == K_INT || t->k == K_FLOAT) {
-        char num[64];
+        char num[400];
         size_t k = 0;
         for (size_t i = 0; i < t->n && k < sizeof num - 1; i++) if (t->p[i] != '_') num[k++] = t->p[i];
         num[k] = 0;
         e = mk(J, E_LIT);
-        e->lit = t->k == K_INT ? v_int(strtoll(num, NULL, 10)) : v_float(strtod(num, NULL));
+        errno = 0;
+        if (t->k == K_INT) {
+            long long x = strtoll(num, NULL, 10);
+            if (errno == ERANGE || k == sizeof num - 1)
+                fail(J, MMB_ERR_FORMAT, J->line, "the integer literal %.40s%s is beyond 64 bits (mmbridge's integers are int64)", num, k > 40 ? "..." : "");
+            e->lit = v_int(x);
+        } else {
+            if (k == sizeof num - 1) fail(J, MMB_ERR_FORMAT, J->line, "a float literal of more than %zu characters", sizeof num - 2);
+            e->lit = v_float(strtod(num, NULL));
+        }
         J->tpos++;
         return e;
     }
@@ -621,7 +700,12 @@ static expr *parse_postfix(jctx *J, expr *e) {
             expr *a = mk(J, E_ATTR);
             a->a = e;
             struct tok *t = peek(J);
-            if (t->k == K_INT) { a->t = E_ITEM; a->b = mk(J, E_LIT); a->b->lit = v_int(strtoll(t->p, NULL, 10)); J->tpos++; }
+            if (t->k == K_INT) {
+                errno = 0;
+                long long x = strtoll(t->p, NULL, 10);
+                if (errno == ERANGE) fail(J, MMB_ERR_FORMAT, J->line, "an index beyond 64 bits");
+                a->t = E_ITEM; a->b = mk(J, E_LIT); a->b->lit = v_int(x); J->tpos++;
+            }
             else a->name = expect_name(J);
             e = a;
         } else if (accept(J, K_OP, "[")) {
@@ -682,8 +766,15 @@ static expr *parse_filters(jctx *J, expr *e) {
 }
 
 static expr *parse_unary(jctx *J) {
-    if (accept(J, K_OP, "-")) { expr *e = mk(J, E_NEG); e->a = parse_unary(J); return e; }
-    if (accept(J, K_OP, "+")) return parse_unary(J);
+    expr *e;
+    bool neg = accept(J, K_OP, "-");
+    if (neg || accept(J, K_OP, "+")) { /* a chain of signs nests */
+        deeper(J, J->line);
+        e = parse_unary(J);
+        J->depth--;
+        if (neg) { expr *n = mk(J, E_NEG); n->a = e; e = n; }
+        return e;
+    }
     return parse_filters(J, parse_postfix(J, parse_primary(J)));
 }
 
@@ -745,8 +836,12 @@ static expr *parse_cmp(jctx *J) {
     }
 }
 static expr *parse_not(jctx *J) {
-    if (accept(J, K_NAME, "not")) { expr *e = mk(J, E_NOT); e->a = parse_not(J); return e; }
-    return parse_cmp(J);
+    if (!accept(J, K_NAME, "not")) return parse_cmp(J);
+    deeper(J, J->line); /* a chain of `not` nests */
+    expr *e = mk(J, E_NOT);
+    e->a = parse_not(J);
+    J->depth--;
+    return e;
 }
 static expr *parse_and(jctx *J) {
     expr *e = parse_not(J);
@@ -759,6 +854,7 @@ static expr *parse_or(jctx *J) {
     return e;
 }
 static expr *parse_expr(jctx *J) {
+    deeper(J, J->line);
     expr *e = parse_or(J);
     while (accept(J, K_NAME, "if")) {
         expr *c = mk(J, E_COND);
@@ -767,6 +863,7 @@ static expr *parse_expr(jctx *J) {
         c->c = accept(J, K_NAME, "else") ? parse_expr(J) : NULL;
         e = c;
     }
+    J->depth--;
     return e;
 }
 
@@ -929,7 +1026,7 @@ static size_t next_open(const jctx *J, size_t from) {
 static int parse_body(jctx *J, node *body, const char *const *ends, bool *strip_next) {
     nlist l = {0};
     int found = -1;
-    if (++J->depth > 200) fail(J, MMB_ERR_UNSUPPORTED, J->line, "blocks nested more than 200 deep");
+    deeper(J, J->line);
     while (J->pos < J->len) {
         size_t o = next_open(J, J->pos);
         /* the text up to the tag; a "-" closer before it strips its leading whitespace */
@@ -1030,29 +1127,57 @@ static int cmp_str(val a, val b) {
     return c ? c : (a.u.s.n > b.u.s.n) - (a.u.s.n < b.u.s.n);
 }
 
-static bool equal(val a, val b) {
-    if (is_num(a) && is_num(b)) {
-        if (a.t != T_FLOAT && b.t != T_FLOAT) return (a.t == T_INT ? a.u.i : a.u.b) == (b.t == T_INT ? b.u.i : b.u.b);
-        double x = a.t == T_FLOAT ? a.u.f : a.t == T_INT ? (double)a.u.i : a.u.b;
-        double y = b.t == T_FLOAT ? b.u.f : b.t == T_INT ? (double)b.u.i : b.u.b;
-        return x == y;
+static int64_t ival(val v) { return v.t == T_INT ? v.u.i : v.u.b; } /* T_INT or T_BOOL */
+
+/* Compares an int with a float exactly, as Python does: -1, 0, 1, or 2 when unordered (NaN). */
+static int cmp_int_float(int64_t i, double f) {
+    if (isnan(f)) return 2;
+    if (f >= 9223372036854775808.0) return -1;
+    if (f < -9223372036854775808.0) return 1;
+    double fl = floor(f);
+    int64_t k = (int64_t)fl;
+    if (i != k) return i < k ? -1 : 1;
+    return f > fl ? -1 : 0;
+}
+
+/* Compares two numbers (int, float or bool) exactly: -1, 0, 1, or 2 when unordered. */
+static int cmp_num(val a, val b) {
+    if (a.t != T_FLOAT && b.t != T_FLOAT) { int64_t x = ival(a), y = ival(b); return (x > y) - (x < y); }
+    if (a.t == T_FLOAT && b.t == T_FLOAT) {
+        if (isnan(a.u.f) || isnan(b.u.f)) return 2;
+        return (a.u.f > b.u.f) - (a.u.f < b.u.f);
     }
+    if (a.t == T_FLOAT) { int c = cmp_int_float(ival(b), a.u.f); return c == 2 ? 2 : -c; }
+    return cmp_int_float(ival(a), b.u.f);
+}
+
+static bool equal(jctx *J, val a, val b) {
+    if (is_num(a) && is_num(b)) return cmp_num(a, b) == 0;
     if (a.t != b.t) return false;
+    bool r = true;
     switch (a.t) {
     case T_UNDEF: case T_NONE: return true;
     case T_STR: return cmp_str(a, b) == 0;
     case T_LIST:
+        if (a.u.l == b.u.l) return true; /* Python compares items by identity first */
         if (a.u.l->n != b.u.l->n) return false;
-        for (int i = 0; i < a.u.l->n; i++) if (!equal(a.u.l->v[i], b.u.l->v[i])) return false;
-        return true;
+        deeper(J, 0);
+        step(J, 0, (uint64_t)a.u.l->n);
+        for (int i = 0; i < a.u.l->n && r; i++) r = equal(J, a.u.l->v[i], b.u.l->v[i]);
+        J->depth--;
+        return r;
     case T_DICT:
+        if (a.u.d == b.u.d) return true;
         if (a.u.d->n != b.u.d->n) return false;
-        for (int i = 0; i < a.u.d->n; i++) {
+        deeper(J, 0);
+        step(J, 0, (uint64_t)a.u.d->n * (uint64_t)a.u.d->n);
+        for (int i = 0; i < a.u.d->n && r; i++) {
             int k = d_find(b.u.d, a.u.d->k[i].u.s.p, a.u.d->k[i].u.s.n);
-            if (k < 0 || !equal(a.u.d->v[i], b.u.d->v[k])) return false;
+            r = k >= 0 && equal(J, a.u.d->v[i], b.u.d->v[k]);
         }
-        return true;
-    default: return a.u.d == b.u.d;
+        J->depth--;
+        return r;
+    default: return a.u.d == b.u.d; /* a namespace or a function: identity, as in Python */
     }
 }
 
@@ -1144,7 +1269,10 @@ static val slice(jctx *J, val obj, val lo, val hi, val st, int line) {
     int64_t a = lo.t == T_INT ? clampi(lo.u.i, n, step < 0) : (step > 0 ? 0 : n - 1);
     int64_t b = hi.t == T_INT ? clampi(hi.u.i, n, step < 0) : (step > 0 ? n : -1);
     val r = v_list(J);
-    for (int64_t i = a; step > 0 ? i < b : i > b; i += step) l_push(J, r.u.l, l.u.l->v[i]);
+    for (int64_t i = a; step > 0 ? i < b : i > b;) {
+        l_push(J, r.u.l, l.u.l->v[i]);
+        if (__builtin_add_overflow(i, step, &i)) break;
+    }
     if (!isstr) return r;
     jbuf s = {0};
     jb_put(J, &s, "", 0);
@@ -1159,6 +1287,41 @@ static val concat(jctx *J, val a, val b) {
     return v_str(s.p, s.n);
 }
 
+static _Noreturn void int_overflow(jctx *J, int line, const char *op) {
+    fail(J, MMB_ERR_FORMAT, line, "integer overflow in %s: the exact result needs more than 64 bits (Jinja2 would compute a Python "
+         "big integer; mmbridge refuses rather than print a rounded number)", op);
+}
+
+/* s * count (str or list), refused before it allocates past the arena limit. */
+static val repeat(jctx *J, val s, int64_t count, int line) {
+    if (count < 0) count = 0;
+    size_t unit = s.t == T_STR ? s.u.s.n : (size_t)s.u.l->n * sizeof(val);
+    if (unit && (uint64_t)count > (JMAX_ARENA - J->arena) / unit)
+        fail(J, MMB_ERR_FORMAT, line, "%s * %lld needs more than %zu MiB (the arena limit)", type_name(s), (long long)count, JMAX_ARENA >> 20);
+    if (s.t == T_LIST) {
+        if ((uint64_t)count * (uint64_t)s.u.l->n > INT_MAX / 2) fail(J, MMB_ERR_FORMAT, line, "a list too long");
+        val r = v_list(J);
+        for (int64_t i = 0; i < count; i++) for (int k = 0; k < s.u.l->n; k++) l_push(J, r.u.l, s.u.l->v[k]);
+        return r;
+    }
+    char *p = jalloc(J, unit * (size_t)count + 1);
+    for (int64_t i = 0; i < count; i++) memcpy(p + (size_t)i * unit, s.u.s.p, unit);
+    p[unit * (size_t)count] = 0;
+    return v_str(p, unit * (size_t)count);
+}
+
+/* Python's float // and % (floatobject.c's float_divmod). */
+static void float_divmod(double vx, double wx, double *fdiv, double *fmodv) {
+    double mod = fmod(vx, wx), div = (vx - mod) / wx;
+    if (mod) { if ((wx < 0) != (mod < 0)) { mod += wx; div -= 1.0; } }
+    else mod = copysign(0.0, wx);
+    double fl;
+    if (div) { fl = floor(div); if (div - fl > 0.5) fl += 1.0; }
+    else fl = copysign(0.0, vx / wx);
+    *fdiv = fl;
+    *fmodv = mod;
+}
+
 static val binop(jctx *J, int op, val a, val b, int line) {
     switch (op) {
     case OP_ADD:
@@ -1169,50 +1332,21 @@ static val binop(jctx *J, int op, val a, val b, int line) {
             for (int i = 0; i < b.u.l->n; i++) l_push(J, r.u.l, b.u.l->v[i]);
             return r;
         }
-        if (is_num(a) && is_num(b)) {
-            if (a.t != T_FLOAT && b.t != T_FLOAT) return v_int((int64_t)num(J, a, line, "+") + (int64_t)num(J, b, line, "+"));
-            return v_float(num(J, a, line, "+") + num(J, b, line, "+"));
-        }
+        if (is_num(a) && is_num(b)) break;
         if (a.t == T_UNDEF || b.t == T_UNDEF)
             fail(J, MMB_ERR_FORMAT, line, "'%s' is undefined (in +)", (a.t == T_UNDEF ? a : b).name ? (a.t == T_UNDEF ? a : b).name : "value");
         fail(J, MMB_ERR_FORMAT, line, "cannot add %s and %s", type_name(a), type_name(b));
     case OP_CONCAT: return concat(J, stringify(J, a), stringify(J, b));
-    case OP_SUB: case OP_MUL: case OP_DIV: case OP_FLOORDIV: case OP_MOD: case OP_POW: {
-        if (op == OP_MUL && a.t == T_STR && (b.t == T_INT || b.t == T_BOOL)) {
-            jbuf s = {0};
-            jb_put(J, &s, "", 0);
-            for (int64_t i = 0; i < (b.t == T_INT ? b.u.i : b.u.b); i++) jb_put(J, &s, a.u.s.p, a.u.s.n);
-            return v_str(s.p, s.n);
-        }
-        double x = num(J, a, line, "arithmetic"), y = num(J, b, line, "arithmetic");
-        bool ints = a.t != T_FLOAT && b.t != T_FLOAT;
-        if ((op == OP_DIV || op == OP_FLOORDIV || op == OP_MOD) && y == 0) fail(J, MMB_ERR_FORMAT, line, "division by zero");
-        if (ints) {
-            int64_t p = (int64_t)x, q = (int64_t)y;
-            switch (op) {
-            case OP_SUB: return v_int(p - q);
-            case OP_MUL: return v_int(p * q);
-            case OP_DIV: return v_float(x / y);
-            case OP_FLOORDIV: { int64_t d = p / q; if ((p % q != 0) && ((p < 0) != (q < 0))) d--; return v_int(d); }
-            case OP_MOD: { int64_t m = p % q; if (m != 0 && ((m < 0) != (q < 0))) m += q; return v_int(m); }
-            default: if (q >= 0) { int64_t r = 1; for (int64_t i = 0; i < q; i++) r *= p; return v_int(r); } return v_float(pow(x, y));
-            }
-        }
-        switch (op) {
-        case OP_SUB: return v_float(x - y);
-        case OP_MUL: return v_float(x * y);
-        case OP_DIV: return v_float(x / y);
-        case OP_FLOORDIV: return v_float(floor(x / y));
-        case OP_MOD: { double m = fmod(x, y); if (m != 0 && ((m < 0) != (y < 0))) m += y; return v_float(m); }
-        default: return v_float(pow(x, y));
-        }
-    }
-    case OP_EQ: return v_bool(equal(a, b));
-    case OP_NE: return v_bool(!equal(a, b));
+    case OP_SUB: case OP_MUL: case OP_DIV: case OP_FLOORDIV: case OP_MOD: case OP_POW:
+        if (op == OP_MUL && (a.t == T_STR || a.t == T_LIST) && (b.t == T_INT || b.t == T_BOOL)) return repeat(J, a, ival(b), line);
+        if (op == OP_MUL && (b.t == T_STR || b.t == T_LIST) && (a.t == T_INT || a.t == T_BOOL)) return repeat(J, b, ival(a), line);
+        break;
+    case OP_EQ: return v_bool(equal(J, a, b));
+    case OP_NE: return v_bool(!equal(J, a, b));
     case OP_LT: case OP_GT: case OP_LE: case OP_GE: {
         int c;
         if (a.t == T_STR && b.t == T_STR) c = cmp_str(a, b);
-        else if (is_num(a) && is_num(b)) { double x = num(J, a, line, ""), y = num(J, b, line, ""); c = (x > y) - (x < y); }
+        else if (is_num(a) && is_num(b)) { c = cmp_num(a, b); if (c == 2) return v_bool(false); }
         else fail(J, MMB_ERR_FORMAT, line, "cannot compare %s and %s", type_name(a), type_name(b));
         return v_bool(op == OP_LT ? c < 0 : op == OP_GT ? c > 0 : op == OP_LE ? c <= 0 : c >= 0);
     }
@@ -1220,19 +1354,73 @@ static val binop(jctx *J, int op, val a, val b, int line) {
         bool r = false;
         if (b.t == T_STR && !b.parts) {
             if (a.t != T_STR) fail(J, MMB_ERR_FORMAT, line, "'in <string>' requires a string on the left, got %s", type_name(a));
+            step(J, line, b.u.s.n >> 6);
             r = a.u.s.n == 0 || memmem(b.u.s.p, b.u.s.n, a.u.s.p, a.u.s.n) != NULL;
         } else if (b.t == T_DICT || b.t == T_NS) {
             r = a.t == T_STR && d_find(b.u.d, a.u.s.p, a.u.s.n) >= 0;
         } else if (b.t == T_LIST || b.parts) {
             val l = iterable(J, b, line);
-            for (int i = 0; i < l.u.l->n && !r; i++) r = equal(a, l.u.l->v[i]);
+            for (int i = 0; i < l.u.l->n && !r; i++) { step(J, line, 1); r = equal(J, a, l.u.l->v[i]); }
         } else if (b.t != T_UNDEF) {
             fail(J, MMB_ERR_FORMAT, line, "argument of type %s is not iterable", type_name(b));
         }
         return v_bool(op == OP_IN ? r : !r);
     }
+    default: fail(J, MMB_ERR_FORMAT, line, "bad operator");
     }
-    fail(J, MMB_ERR_FORMAT, line, "bad operator");
+    /* numbers: exact int64 when both are ints (or bools), else Python's float semantics */
+    static const char *const opname[] = {"", "+", "-", "*", "/", "//", "%", "**"};
+    double x = num(J, a, line, "arithmetic"), y = num(J, b, line, "arithmetic");
+    if ((op == OP_DIV || op == OP_FLOORDIV || op == OP_MOD) && y == 0)
+        fail(J, MMB_ERR_FORMAT, line, "division by zero (%s)", opname[op]);
+    if (a.t != T_FLOAT && b.t != T_FLOAT) {
+        int64_t p = ival(a), q = ival(b), r;
+        switch (op) {
+        case OP_ADD: if (__builtin_add_overflow(p, q, &r)) int_overflow(J, line, "+"); return v_int(r);
+        case OP_SUB: if (__builtin_sub_overflow(p, q, &r)) int_overflow(J, line, "-"); return v_int(r);
+        case OP_MUL: if (__builtin_mul_overflow(p, q, &r)) int_overflow(J, line, "*"); return v_int(r);
+        case OP_DIV: return v_float((double)p / (double)q);
+        case OP_FLOORDIV: {
+            if (p == INT64_MIN && q == -1) int_overflow(J, line, "//");
+            int64_t d = p / q;
+            if ((p % q != 0) && ((p < 0) != (q < 0))) d--;
+            return v_int(d);
+        }
+        case OP_MOD: {
+            if (q == -1) return v_int(0); /* INT64_MIN % -1 would trap */
+            int64_t m = p % q;
+            if (m != 0 && ((m < 0) != (q < 0))) m += q;
+            return v_int(m);
+        }
+        default: /* ** */
+            if (q < 0) {
+                if (p == 0) fail(J, MMB_ERR_FORMAT, line, "0 cannot be raised to a negative power (division by zero)");
+                return v_float(pow((double)p, (double)q));
+            }
+            r = 1;
+            for (uint64_t e = (uint64_t)q; e; ) {
+                if ((e & 1) && __builtin_mul_overflow(r, p, &r)) int_overflow(J, line, "**");
+                e >>= 1;
+                if (e && __builtin_mul_overflow(p, p, &p)) int_overflow(J, line, "**");
+            }
+            return v_int(r);
+        }
+    }
+    switch (op) {
+    case OP_ADD: return v_float(x + y);
+    case OP_SUB: return v_float(x - y);
+    case OP_MUL: return v_float(x * y);
+    case OP_DIV: return v_float(x / y);
+    case OP_FLOORDIV: { double d, m; float_divmod(x, y, &d, &m); return v_float(d); }
+    case OP_MOD: { double d, m; float_divmod(x, y, &d, &m); return v_float(m); }
+    default: {
+        if (x == 0 && y < 0) fail(J, MMB_ERR_FORMAT, line, "0.0 cannot be raised to a negative power (division by zero)");
+        if (x < 0 && isfinite(y) && y != floor(y)) fail(J, MMB_ERR_FORMAT, line, "a negative number to a fractional power is complex");
+        double r = pow(x, y);
+        if (isinf(r) && isfinite(x) && isfinite(y)) fail(J, MMB_ERR_FORMAT, line, "float overflow in ** (Python raises OverflowError)");
+        return v_float(r);
+    }
+    }
 }
 
 /* Python's str.isspace for one code point. */
@@ -1370,6 +1558,7 @@ static bool run_test(jctx *J, const char *name, val v, const val *args, int narg
 /* A method call obj.name(args) on a str, dict or list. */
 static bool call_method(jctx *J, val obj, const char *m, const expr *e, val *args, int line, val *out) {
     val none = v_none();
+    step(J, line, obj.t == T_STR ? obj.u.s.n >> 6 : obj.t == T_DICT ? (uint64_t)obj.u.d->n : 0);
     if (obj.t == T_STR) {
         if (!strcmp(m, "strip") || !strcmp(m, "lstrip") || !strcmp(m, "rstrip")) {
             val c = arg_or(e, args, 0, "chars", none);
@@ -1460,11 +1649,14 @@ static val call_global(jctx *J, int fn, const expr *e, val *args, int line) {
         if (e->nargs == 1) b = args[0].u.i;
         else if (e->nargs >= 2) { a = args[0].u.i; b = args[1].u.i; if (e->nargs == 3) s = args[2].u.i; }
         if (s == 0 || e->nargs < 1 || e->nargs > 3) fail(J, MMB_ERR_FORMAT, line, "bad range() arguments");
+        uint64_t len = 0; /* computed before anything is built; unsigned differences cannot overflow */
+        if (s > 0 && a < b) len = ((uint64_t)b - (uint64_t)a - 1) / (uint64_t)s + 1;
+        else if (s < 0 && a > b) len = ((uint64_t)a - (uint64_t)b - 1) / (0 - (uint64_t)s) + 1;
+        if (len > JMAX_RANGE)
+            fail(J, MMB_ERR_FORMAT, line, "range() of %llu items: more than MAX_RANGE (%d), the range limit of Jinja2's sandbox",
+                 (unsigned long long)len, JMAX_RANGE);
         val r = v_list(J);
-        for (int64_t i = a; s > 0 ? i < b : i > b; i += s) {
-            if (r.u.l->n > 1000000) fail(J, MMB_ERR_FORMAT, line, "range() too long");
-            l_push(J, r.u.l, v_int(i));
-        }
+        for (uint64_t k = 0; k < len; k++) l_push(J, r.u.l, v_int((int64_t)((uint64_t)a + k * (uint64_t)s)));
         return r;
     }
     case FN_STRFTIME: {
@@ -1506,10 +1698,14 @@ static bool run_test(jctx *J, const char *name, val v, const val *args, int narg
         return cmp_str(c, v) == 0;
     }
     if (nargs >= 1) {
-        if (!strcmp(name, "equalto") || !strcmp(name, "eq") || !strcmp(name, "==") || !strcmp(name, "sameas")) return equal(v, args[0]);
-        if (!strcmp(name, "ne") || !strcmp(name, "!=")) return !equal(v, args[0]);
+        if (!strcmp(name, "equalto") || !strcmp(name, "eq") || !strcmp(name, "==") || !strcmp(name, "sameas")) return equal(J, v, args[0]);
+        if (!strcmp(name, "ne") || !strcmp(name, "!=")) return !equal(J, v, args[0]);
         if (!strcmp(name, "in")) return truthy(binop(J, OP_IN, v, args[0], line));
-        if (!strcmp(name, "divisibleby")) return v.t == T_INT && args[0].t == T_INT && args[0].u.i && v.u.i % args[0].u.i == 0;
+        if (!strcmp(name, "divisibleby")) {
+            if (v.t != T_INT || args[0].t != T_INT) return false;
+            if (args[0].u.i == 0) fail(J, MMB_ERR_FORMAT, line, "divisibleby(0): division by zero");
+            return args[0].u.i == -1 || v.u.i % args[0].u.i == 0;
+        }
     }
     fail(J, MMB_ERR_UNSUPPORTED, line, "the test '%s' is not supported by mmbridge's Jinja subset", name);
 }
@@ -1517,6 +1713,7 @@ static bool run_test(jctx *J, const char *name, val v, const val *args, int narg
 static val filter(jctx *J, const expr *e, val v, val *args, int line) {
     const char *f = e->name;
     val none = v_none();
+    step(J, line, v.t == T_LIST ? (uint64_t)v.u.l->n : v.t == T_DICT ? (uint64_t)v.u.d->n : v.t == T_STR ? v.u.s.n >> 6 : 0);
     if (!strcmp(f, "trim")) { val c = arg_or(e, args, 0, "chars", none); return py_strip(J, stringify(J, v), c.t == T_STR ? &c : NULL, true, true); }
     if (!strcmp(f, "length") || !strcmp(f, "count")) return v_int(py_len(J, v, line));
     if (!strcmp(f, "upper")) return py_case(J, stringify(J, v), CASE_UPPER);
@@ -1539,16 +1736,33 @@ static val filter(jctx *J, const expr *e, val v, val *args, int line) {
     }
     if (!strcmp(f, "int")) {
         if (v.t == T_INT) return v;
-        if (v.t == T_FLOAT) return v_int((int64_t)v.u.f);
+        if (v.t == T_FLOAT) {
+            if (isnan(v.u.f) || isinf(v.u.f)) return arg_or(e, args, 0, "default", v_int(0));
+            if (!(v.u.f > -9223372036854775809.0 && v.u.f < 9223372036854775808.0)) int_overflow(J, line, "int");
+            return v_int((int64_t)v.u.f);
+        }
         if (v.t == T_BOOL) return v_int(v.u.b);
-        if (v.t == T_STR) { char *end; char tmp[64]; snprintf(tmp, sizeof tmp, "%.*s", (int)v.u.s.n, v.u.s.p); long long x = strtoll(tmp, &end, 10); return v_int(*end ? 0 : x); }
+        if (v.t == T_STR) {
+            char *end, tmp[64];
+            snprintf(tmp, sizeof tmp, "%.*s", (int)v.u.s.n, v.u.s.p);
+            errno = 0;
+            long long x = strtoll(tmp, &end, 10);
+            bool digits = v.u.s.n > 0;
+            for (size_t i = 0; i < v.u.s.n && digits; i++) digits = strchr("0123456789+-_ \t\n", v.u.s.p[i]) != NULL;
+            if (digits && (errno == ERANGE || v.u.s.n >= sizeof tmp)) int_overflow(J, line, "int");
+            if (v.u.s.n >= sizeof tmp) return v_int(0);
+            return v_int(*end || end == tmp ? 0 : x);
+        }
         return arg_or(e, args, 0, "default", v_int(0));
     }
     if (!strcmp(f, "float")) {
         if (is_num(v)) return v_float(num(J, v, line, "float"));
         return arg_or(e, args, 0, "default", v_float(0));
     }
-    if (!strcmp(f, "abs")) { if (v.t == T_INT) return v_int(v.u.i < 0 ? -v.u.i : v.u.i); return v_float(fabs(num(J, v, line, "abs"))); }
+    if (!strcmp(f, "abs")) {
+        if (v.t == T_INT || v.t == T_BOOL) { if (ival(v) == INT64_MIN) int_overflow(J, line, "abs"); return v_int(ival(v) < 0 ? -ival(v) : ival(v)); }
+        return v_float(fabs(num(J, v, line, "abs")));
+    }
     if (!strcmp(f, "default") || !strcmp(f, "d")) {
         val d = arg_or(e, args, 0, "default_value", v_cstr("")), b = arg_or(e, args, 1, "boolean", v_bool(false));
         return (v.t == T_UNDEF || (truthy(b) && !truthy(v))) ? d : v;
@@ -1637,7 +1851,7 @@ static val filter(jctx *J, const expr *e, val v, val *args, int line) {
     fail(J, MMB_ERR_UNSUPPORTED, line, "the filter '%s' is not supported by mmbridge's Jinja subset", f);
 }
 
-static val eval(jctx *J, const expr *e) {
+static val eval_inner(jctx *J, const expr *e) {
     switch (e->t) {
     case E_LIT: return e->lit;
     case E_NAME: return lookup(J, e->name);
@@ -1679,7 +1893,10 @@ static val eval(jctx *J, const expr *e) {
     case E_NOT: return v_bool(!truthy(eval(J, e->a)));
     case E_NEG: {
         val v = eval(J, e->a);
-        if (v.t == T_INT) return v_int(-v.u.i);
+        if (v.t == T_INT || v.t == T_BOOL) {
+            if (ival(v) == INT64_MIN) int_overflow(J, e->line, "unary -");
+            return v_int(-ival(v));
+        }
         return v_float(-num(J, v, e->line, "unary -"));
     }
     case E_AND: { val a = eval(J, e->a); return truthy(a) ? eval(J, e->b) : a; }
@@ -1699,11 +1916,21 @@ static val eval(jctx *J, const expr *e) {
     fail(J, MMB_ERR_FORMAT, e->line, "bad expression");
 }
 
+static val eval(jctx *J, const expr *e) {
+    deeper(J, e->line);
+    step(J, e->line, 1);
+    val v = eval_inner(J, e);
+    J->depth--;
+    return v;
+}
+
 /* ---- execution ------------------------------------------------------------------------------ */
 
 enum { FLOW_NEXT, FLOW_BREAK, FLOW_CONTINUE };
 
 static void emit(jctx *J, const char *s, size_t n) {
+    if (n > JMAX_OUTPUT || J->on + n > JMAX_OUTPUT)
+        fail(J, MMB_ERR_FORMAT, 0, "the rendered text would exceed %zu MiB (the output limit)", JMAX_OUTPUT >> 20);
     if (J->on + n + 1 > J->ocap) {
         size_t c = J->ocap ? J->ocap * 2 : 4096;
         while (c < J->on + n + 1) c *= 2;
@@ -1778,6 +2005,7 @@ static int exec_node(jctx *J, const node *n) {
         }
         int cnt = items.u.l->n;
         for (int i = 0; i < cnt; i++) {
+            step(J, n->line, 1);
             push_scope(J);
             val loop = v_dict(J);
             d_setc(J, loop.u.d, "index", v_int(i + 1));
@@ -1805,16 +2033,26 @@ static int exec_node(jctx *J, const node *n) {
 }
 
 static int exec_body(jctx *J, const node *b) {
-    for (int i = 0; b && i < b->nkids; i++) {
-        int fl = exec_node(J, b->kids[i]);
-        if (fl != FLOW_NEXT) return fl;
+    int fl = FLOW_NEXT;
+    deeper(J, b ? b->line : 0);
+    for (int i = 0; b && i < b->nkids && fl == FLOW_NEXT; i++) {
+        step(J, b->kids[i]->line, 1);
+        fl = exec_node(J, b->kids[i]);
     }
-    return FLOW_NEXT;
+    J->depth--;
+    return fl;
 }
 
 /* ---- entry points ----------------------------------------------------------------------------- */
 
+static val from_json_inner(jctx *J, const cJSON *j, bool content);
 static val from_json(jctx *J, const cJSON *j, bool content) {
+    deeper(J, 0);
+    val v = from_json_inner(J, j, content);
+    J->depth--;
+    return v;
+}
+static val from_json_inner(jctx *J, const cJSON *j, bool content) {
     if (cJSON_IsNull(j) || !j) return v_none();
     if (cJSON_IsBool(j)) return v_bool(cJSON_IsTrue(j));
     if (cJSON_IsNumber(j)) {
