@@ -68,18 +68,18 @@ import hashlib
 import json
 import mmap
 import os
-import platform
 import re
 import shlex
-import statistics
 import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_lib  # noqa: E402
+from bench_lib import agree, kernel_isa, med, spread, table  # noqa: E402
 T0 = time.monotonic()
 try:
     LOAD0 = ", ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -402,32 +402,13 @@ def decode_bytes(dc):
     return tot, parts
 
 
-def kernel_isa():
-    """The kernel mmbridge's CPU dispatch picks (base/cpu.c): AVX-512 with avx512f and avx512vl, else AVX2 + FMA."""
-    try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "(unknown)"
-    return "avx512f+avx512vl+fma" if {"avx512f", "avx512vl"} <= set(flags) else "avx2+fma"
-
-
-# ---- the probes -----------------------------------------------------------------------------------------------
-
 def bandwidth(a, th):
-    """bench_decoder's read-bandwidth probe (bytes/s) on th threads."""
-    cmd = [str(ROOT / a.build / "bench_decoder"), "--bandwidth", "--threads", str(th)] + (["--quick"] if a.quick else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    m = re.search(r"(\d+) thread\(s\): ([\d.]+) GB/s", out)
-    return float(m.group(2)) * 1e9
+    return bench_lib.bandwidth(a.build, th, a.quick)
 
 
 def fma_peak(a, th):
-    """bench_gemm's FMA peak probes on th threads: (fp32 flop/s, the better of its zmm and ymm loops; bf16
-    dpbf16 flop/s or None)."""
-    cmd = [str(ROOT / a.build / "bench_gemm"), "--dtypes", "--quick", "--reps", "1", "--threads", str(th)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    m = re.search(rf"^\s+{th}\s+([\d.]+) GF/s\s+([\d.]+) GF/s(?:\s+([\d.]+) GF/s)?", out, re.M)
-    return max(float(m.group(1)), float(m.group(2))) * 1e9, float(m.group(3)) * 1e9 if m.group(3) else None
+    """(fp32 flop/s, bf16 dpbf16 flop/s or None) on th threads."""
+    return bench_lib.fma_probes(a.build, th)
 
 
 # ---- mmbridge ---------------------------------------------------------------------------------------------------
@@ -991,29 +972,6 @@ def llama_child(req):
 
 # ---- the report -------------------------------------------------------------------------------------------------
 
-def med(xs):
-    return statistics.median(xs)
-
-
-def spread(xs, fmt="{:.2f}"):
-    m = med(xs)
-    return fmt.format(m) + (f" ±{50 * (max(xs) - min(xs)) / m:.0f} %" if len(xs) > 1 else "")
-
-
-def table(head, rows):
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    return "\n".join(out + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
-
-
-def agree(x, y):
-    n = 0
-    for p, q in zip(x, y):
-        if p != q:
-            break
-        n += 1
-    return n
-
-
 NAMES = {"mmbridge": "mmbridge `generate`", "pytorch": "PyTorch {torch}, bf16 (the remote code's module)",
          "llama.cpp": "llama.cpp (llama-cpp-python {llama}), bf16 GGUF"}
 
@@ -1151,41 +1109,11 @@ def report(a, res, meta):
 
 
 def machine_lines(a, meta):
-    sys.path.insert(0, str(ROOT / "bench"))
-    import results  # the machine description results.py writes
-    m = dict(results.machine(SimpleNamespace(build=a.build)))
-    m["Python peers"] = (f"torch {results.pyversion('torch')}, llama-cpp-python {meta.get('llama_version')} "
-                         f"(Python {platform.python_version()})")
-    keep = ["CPU", "ISA", "cores", "memory", "compiler", "Python peers", "date", "commit"]
-    lines = [f"- **{k}**: {m[k]}" for k in keep if k in m]
-    lines.insert(4, "- **FMA peak** (bench_gemm's probes, the best of the run): " + ", ".join(
-        f"{t} thr {p * 1e-9:.1f} GFLOP/s fp32" + (f", {meta['peak16'][t] * 1e-9:.1f} bf16 (dpbf16)"
-                                                 if meta["peak16"].get(t) else "")
-        for t, p in sorted(meta["peak"].items())))
-    lines.insert(5, "- **read bandwidth** (bench_decoder --bandwidth, the best probe of the run): " +
-                 ", ".join(f"{t} thr {b * 1e-9:.1f} GB/s" for t, b in sorted(meta["bw"].items())))
-    try:
-        load = Path("/proc/loadavg").read_text().split()[:3]
-        lines.append(f"- **load average** (1, 5, 15 min) at the start: {LOAD0}; at the end: {', '.join(load)} "
-                     f"(other work on the machine; {os.cpu_count()} CPUs)")
-    except OSError:
-        pass
-    return lines
-
-
-BEGIN, END = "<!-- bench_cogvlm.py: begin -->", "<!-- bench_cogvlm.py: end -->"
+    return bench_lib.machine_lines(a.build, meta["peak"], LOAD0, meta["bw"], meta.get("peak16"))
 
 
 def append(path, section):
-    """Writes section between BEGIN/END in path: in place of an earlier one, else at the end."""
-    p = Path(path)
-    old = p.read_text() if p.exists() else ""
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):].lstrip("\n")
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    p.write_text(new)
+    bench_lib.append(path, "bench_cogvlm.py", section)
 
 
 def main():

@@ -36,22 +36,21 @@ and v_proj, whose product is computed once per image), plus the visual keys and 
 self-attention KV cache (f32) at the mean context. The same bound for every implementation of a model.
 """
 import argparse
-import datetime
 import hashlib
 import json
 import os
-import platform
 import re
 import shlex
-import statistics
 import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_lib  # noqa: E402
+from bench_lib import agree, med, spread, table  # noqa: E402
 T0 = time.monotonic()
 try:
     LOAD0 = ", ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -400,32 +399,6 @@ def bandwidth(a, threads):
     return {int(m.group(1)): float(m.group(2)) * 1e9 for m in re.finditer(r"(\d+) thread\(s\): ([\d.]+) GB/s", out)}
 
 
-def agree(x, y):
-    """How many leading ids two runs share."""
-    n = 0
-    for p, q in zip(x, y):
-        if p != q:
-            break
-        n += 1
-    return n
-
-
-# ---- the report -------------------------------------------------------------------------------------------
-
-def med(xs):
-    return statistics.median(xs)
-
-
-def spread(xs):
-    m = med(xs)
-    return f"{m:.2f}" + (f" ±{50 * (max(xs) - min(xs)) / m:.0f} %" if len(xs) > 1 else "")
-
-
-def table(head, rows):
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    return "\n".join(out + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
-
-
 def report(a, res, meta):
     rows = []
     for (dt, th), r in res.items():
@@ -502,37 +475,11 @@ def report(a, res, meta):
 
 
 def machine_lines(a, bws):
-    sys.path.insert(0, str(ROOT / "bench"))
-    import results  # the machine description results.py writes
-    m = dict(results.machine(SimpleNamespace(build=a.build)))
-    m["Python peers"] = (f"torch {results.pyversion('torch')}, transformers {results.pyversion('transformers')} "
-                         f"(Python {platform.python_version()})")
-    keep = ["CPU", "ISA", "cores", "memory", "compiler", "Python peers", "date", "commit"]
-    lines = [f"- **{k}**: {m[k]}" for k in keep if k in m]
-    lines.insert(4, "- **read bandwidth** (bench_decoder --bandwidth, the best probe of the run): " +
-                 ", ".join(f"{t} thr {b * 1e-9:.1f} GB/s" for t, b in sorted(bws.items())))
-    try:
-        load = Path("/proc/loadavg").read_text().split()[:3]
-        lines.append(f"- **load average** (1, 5, 15 min) at the start: {LOAD0}; at the end: {', '.join(load)} "
-                     f"(other work on the machine; {os.cpu_count()} CPUs)")
-    except OSError:
-        pass
-    return lines
-
-
-BEGIN, END = "<!-- bench_fusion_a.py: begin -->", "<!-- bench_fusion_a.py: end -->"
+    return bench_lib.machine_lines(a.build, {}, LOAD0, bws)
 
 
 def append(path, section):
-    """Writes section between BEGIN/END in path: in place of an earlier one, else at the end."""
-    p = Path(path)
-    old = p.read_text() if p.exists() else ""
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):].lstrip("\n")
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    p.write_text(new)
+    bench_lib.append(path, "bench_fusion_a.py", section)
 
 
 def main():
