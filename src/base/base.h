@@ -5,6 +5,7 @@
 #include "mmbridge.h"
 
 #include <stdarg.h>
+#include <stdio.h>
 #include <stdbool.h>
 
 /* Hot elementwise loops are compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load
@@ -134,5 +135,19 @@ int mmb__strmap_put(mmb__strmap *m, const char *key, int64_t val, int64_t *old);
 bool mmb__strmap_get(const mmb__strmap *m, const char *key, int64_t *val);
 /* Frees the table (not the keys) and leaves an empty map. */
 void mmb__strmap_free(mmb__strmap *m);
+
+
+/* ---- base/file.c: opening inputs ------------------------------------------------------------------ */
+
+/* "a FIFO", "a character device", ... for a st_mode that is not a regular file (for messages). */
+const char *mmb__file_kind(unsigned mode);
+/* Opens path read-only when it is a regular file. The open is non-blocking, so a FIFO without a
+ * writer, a terminal, a device or a socket cannot block it, and fstat refuses anything but a regular
+ * file at once (MMB_ERR_IO, "PATH: is a FIFO, not a regular file: refused"). Returns MMB_OK with the
+ * descriptor (blocking, close-on-exec) in *fd and its size in *size (if not NULL); MMB_ERR_IO
+ * otherwise, with errno as the failing call left it (EINVAL for a non-regular file). */
+mmb_status mmb__open_input(mmb_ctx *ctx, const char *path, int *fd, size_t *size);
+/* As mmb__open_input, as a FILE * for "rb" reads (the caller fcloses it). */
+mmb_status mmb__fopen_input(mmb_ctx *ctx, const char *path, FILE **out);
 
 #endif

@@ -8,13 +8,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #define MAX_JSON (64u << 20)
 
 /* Reads and parses a whole JSON file. */
 static mmb_status read_json(mmb_ctx *ctx, const char *path, cJSON **out) {
-    FILE *fp = fopen(path, "rb");
-    if (!fp) return mmb__err(ctx, MMB_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    FILE *fp = NULL;
+    mmb_status so = mmb__fopen_input(ctx, path, &fp);  /* a FIFO, device or socket: refused at once */
+    if (so != MMB_OK) return so;
     char *buf = NULL;
     size_t len = 0, cap = 0;
     mmb_status s = MMB_OK;
@@ -156,8 +158,8 @@ mmb_status mmb__ckpt_open(mmb_ctx *ctx, const char *dir, mmb_ckpt *out) {
     char *cfg = join(dir, "config.json"), *idx = join(dir, "model.safetensors.index.json");
     mmb_status s = (cfg && idx) ? read_json(ctx, cfg, &c.config) : mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     if (s == MMB_OK) {
-        FILE *fp = fopen(idx, "rb");
-        if (fp) { fclose(fp); s = read_index(ctx, &c, idx); }
+        struct stat st;  /* present in any form: read_index refuses what is not a regular file */
+        if (stat(idx, &st) == 0 || errno != ENOENT) s = read_index(ctx, &c, idx);
         else s = scan_dir(ctx, &c);
     }
     if (s == MMB_OK) s = check_unique(ctx, &c);

@@ -243,14 +243,9 @@ mmb_status mmb_st_open(mmb_ctx *ctx, const char *path, mmb_st_file **out) {
         free(f);
         return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", path);
     }
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    struct stat st;
-    mmb_status s = MMB_OK;
-    if (fd < 0) s = mmb__err(ctx, MMB_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    else if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
-        s = mmb__err(ctx, MMB_ERR_IO, "%s: not a regular file", path);
-    else {
-        f->size = (size_t)st.st_size;
+    int fd = -1;
+    mmb_status s = mmb__open_input(ctx, path, &fd, &f->size);  /* a FIFO, device or socket: refused at once */
+    if (s == MMB_OK) {
         if (f->size > 0) {
             void *m = mmap(NULL, f->size, PROT_READ, MAP_PRIVATE, fd, 0);
             if (m == MAP_FAILED) s = mmb__err(ctx, MMB_ERR_IO, "%s: cannot map: %s", path, strerror(errno));

@@ -271,7 +271,8 @@ static void read_special(mmb_lm *lm, const cJSON *text) {
     add_ids(cJSON_GetObjectItemCaseSensitive(root, "end_of_chunk_token_id"), lm->info.eos, &lm->info.n_eos);
     char path[4096];
     snprintf(path, sizeof path, "%s/generation_config.json", lm->ck.dir);
-    FILE *f = fopen(path, "rb");
+    FILE *f = NULL;
+    if (mmb__fopen_input(NULL, path, &f) != MMB_OK) f = NULL;  /* optional: absent or not a regular file */
     if (f) {
         char *txt = NULL;
         long n = fseek(f, 0, SEEK_END) == 0 ? ftell(f) : -1;

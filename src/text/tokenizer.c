@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <utf8proc.h>
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
@@ -1540,12 +1541,9 @@ static mmb_status read_optional(mmb_ctx *ctx, const char *dir, const char *name,
     *out = NULL;
     char *p = join_path(dir, name);
     if (!p) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
-    FILE *f = fopen(p, "rb");
+    struct stat st;  /* present in any form: mmb__json_read refuses what is not a regular file */
     mmb_status s = MMB_OK;
-    if (f) {
-        fclose(f);
-        s = mmb__json_read(ctx, p, out);
-    }
+    if (stat(p, &st) == 0 || errno != ENOENT) s = mmb__json_read(ctx, p, out);
     if (path_out && *out) *path_out = p;
     else free(p);
     return s;
@@ -1572,8 +1570,8 @@ static int json_ids(const cJSON *o, const char *key, int32_t *out, int cap) {
 }
 
 static char *read_text_file(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
+    FILE *f = NULL;
+    if (mmb__fopen_input(NULL, path, &f) != MMB_OK) return NULL;
     sbuf b = {0};
     char buf[65536];
     size_t r;
@@ -1704,10 +1702,11 @@ mmb_status mmb_tokenizer_open(mmb_ctx *ctx, const char *dir, mmb_tokenizer **out
     for (int b = 0; b < 256; b++) t->c2b[t->b2c[b]] = b;
     loader L = {ctx, t, t->path};
     cJSON *root = NULL;
-    FILE *f = fopen(t->path, "rb");
-    mmb_status s;
-    if (!f) s = mmb__err(ctx, MMB_ERR_IO, "%s: cannot open the tokenizer: %s", t->path, strerror(errno));
-    else {
+    FILE *f = NULL;
+    mmb_status s = mmb__fopen_input(ctx, t->path, &f);  /* a FIFO, device or socket: refused at once */
+    if (s != MMB_OK && errno != EINVAL)
+        s = mmb__err(ctx, MMB_ERR_IO, "%s: cannot open the tokenizer: %s", t->path, strerror(errno));
+    else if (s == MMB_OK) {
         fclose(f);
         s = mmb__json_read(ctx, t->path, &root);
     }

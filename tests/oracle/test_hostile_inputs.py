@@ -141,3 +141,61 @@ def test_million_entries_across_shards(tmp_path, ckpt, base):
             "b-extra.safetensors", timeout=100)
     (ckpt / "b-extra.safetensors").write_bytes(st_bytes(many_entries(half, "b")))
     hostile(["connect", ckpt, "--features", base[1], "-o", out], timeout=100, ok=True)
+
+
+# ---- part 4 (inputs): a FIFO, a device or a socket in place of a file -------------------------------
+
+def make_special(path, kind):
+    """Puts a non-regular file at path: a FIFO nobody writes, a character device (a symlink to
+    /dev/zero, which reads forever, or /dev/tty, which blocks), or a listening unix socket (the
+    socket object is returned, to keep it open)."""
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "socket":
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(path))
+        s.listen(1)
+        return s
+    return None
+
+
+KINDS = ["fifo", "zero", "socket"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "model.safetensors.index.json"])
+def test_special_file_in_checkpoint(tmp_path, ckpt, base, name, kind):
+    keep = make_special(ckpt / name, kind)
+    words = ["not a regular file"] if kind == "socket" and name != "model.safetensors" else ["not a regular file"]
+    hostile(["connect", ckpt, "--features", base[1], "-o", tmp_path / "o.safetensors"], name, *words, timeout=30)
+    if keep:
+        keep.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_special_features_file(tmp_path, base, kind):
+    p = tmp_path / "feats.safetensors"
+    keep = make_special(p, kind)
+    hostile(["connect", base[0], "--features", p, "-o", tmp_path / "o.safetensors"], str(p), "not a regular file",
+            timeout=30)
+    if keep:
+        keep.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_special_tokenizer_json(tmp_path, ckpt, kind):
+    keep = make_special(ckpt / "tokenizer.json", kind)
+    hostile(["tokenize", ckpt, "--text", "hi"], "tokenizer.json", "not a regular file", timeout=30)
+    if keep:
+        keep.close()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+def test_special_image(tmp_path, ckpt, kind):
+    p = tmp_path / "img.png"
+    make_special(p, kind)
+    hostile(["encode", ckpt, p, "-o", tmp_path / "o.safetensors"], "img.png", timeout=30)
