@@ -40,6 +40,11 @@ static int decode_cmd(mmb_ctx *ctx, const mmb_tokenizer *t, const char *list, in
             fprintf(stderr, "mmbridge: --decode: '%s' is not a list of ids\n", list);
             return 2;
         }
+        if (v < 0 || v > INT32_MAX || (*end && *end != ',' && *end != ' ')) {  /* no silent truncation */
+            fprintf(stderr, "mmbridge: --decode: '%.*s' is not a token id (0 to %d)\n", (int)(end - p), p, INT32_MAX);
+            free(ids);
+            return 2;
+        }
         if (n == cap) {
             int32_t *ni = realloc(ids, (size_t)(cap *= 2) * sizeof *ids);
             if (!ni) { free(ids); ids = NULL; break; }

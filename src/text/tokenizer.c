@@ -1336,7 +1336,18 @@ static mmb_status load_dec(loader *L, const cJSON *o) {
     return MMB_OK;
 }
 
-/* Appends a special token's ids (by name in the post-processor's special_tokens, or by content). */
+/* A post-processor id: a JSON integer in [0, the vocabulary size), else MMB_ERR_FORMAT naming the token. */
+static mmb_status post_id(loader *L, const cJSON *v, const char *name, int32_t *out) {
+    double d = cJSON_IsNumber(v) ? v->valuedouble : -1;
+    if (!(d >= 0 && d < (double)L->t->n_ids) || d != (double)(int64_t)d)
+        return mmb__err(L->ctx, MMB_ERR_FORMAT, "%s: post_processor: special token '%s': id %.17g is not an id of the "
+                        "vocabulary [0, %d)", L->path, name, d, (int)L->t->n_ids);
+    *out = (int32_t)d;
+    return MMB_OK;
+}
+
+/* Appends a special token's ids (by name in the post-processor's special_tokens, or by content); each
+ * id must be in the vocabulary. */
 static mmb_status post_ids(loader *L, const cJSON *specials, const char *name, int32_t *dst, int *n) {
     const cJSON *sp = cJSON_GetObjectItemCaseSensitive(specials, name);
     const cJSON *ids = cJSON_GetObjectItemCaseSensitive(sp, "ids"), *it;
@@ -1345,7 +1356,9 @@ static mmb_status post_ids(loader *L, const cJSON *specials, const char *name, i
     cJSON_ArrayForEach(it, ids) {
         if (!cJSON_IsNumber(it) || *n >= 8)
             return mmb__err(L->ctx, MMB_ERR_FORMAT, "%s: post_processor: bad ids for '%s'", L->path, name);
-        dst[(*n)++] = (int32_t)it->valuedouble;
+        mmb_status s = post_id(L, it, name, &dst[*n]);
+        if (s != MMB_OK) return s;
+        ++*n;
     }
     return MMB_OK;
 }
@@ -1375,8 +1388,9 @@ static mmb_status load_post(loader *L, const cJSON *o) {
         const cJSON *cls = cJSON_GetObjectItemCaseSensitive(o, "cls"), *sep = cJSON_GetObjectItemCaseSensitive(o, "sep");
         if (cJSON_GetArraySize(cls) != 2 || cJSON_GetArraySize(sep) != 2)
             return mmb__err(L->ctx, MMB_ERR_FORMAT, "%s: post_processor %s needs cls and sep", L->path, ty);
-        t->post_pre[0] = (int32_t)cJSON_GetArrayItem(cls, 1)->valuedouble;
-        t->post_post[0] = (int32_t)cJSON_GetArrayItem(sep, 1)->valuedouble;
+        mmb_status s = post_id(L, cJSON_GetArrayItem(cls, 1), "cls", &t->post_pre[0]);
+        if (s == MMB_OK) s = post_id(L, cJSON_GetArrayItem(sep, 1), "sep", &t->post_post[0]);
+        if (s != MMB_OK) return s;
         t->n_post_pre = t->n_post_post = 1;
         return MMB_OK;
     }
