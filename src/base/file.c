@@ -16,13 +16,16 @@ const char *mmb__file_kind(unsigned mode) {
 
 mmb_status mmb__open_input(mmb_ctx *ctx, const char *path, int *fd_out, size_t *size) {
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    struct stat st;
     if (fd < 0) {
         int e = errno;
-        mmb_status s = mmb__err(ctx, MMB_ERR_IO, "%s: cannot open: %s", path, strerror(e));
+        bool special = stat(path, &st) == 0 && !S_ISREG(st.st_mode);  /* a socket: ENXIO */
+        mmb_status s = special ? mmb__err(ctx, MMB_ERR_IO, "%s: is %s, not a regular file: refused", path,
+                                          mmb__file_kind(st.st_mode))
+                               : mmb__err(ctx, MMB_ERR_IO, "%s: cannot open: %s", path, strerror(e));
         errno = e;
         return s;
     }
-    struct stat st;
     if (fstat(fd, &st) != 0) {
         int e = errno;
         close(fd);

@@ -152,6 +152,12 @@ static mmb_status check_unique(mmb_ctx *ctx, const mmb_ckpt *c) {
     return s;
 }
 
+mmb_status mmb__ckpt_verify(mmb_ctx *ctx, const mmb_ckpt *c) {
+    mmb_status s = MMB_OK;
+    for (int i = 0; c && i < c->n_files && s == MMB_OK; i++) s = mmb__st_verify(ctx, c->files[i]);
+    return s;
+}
+
 mmb_status mmb__ckpt_open(mmb_ctx *ctx, const char *dir, mmb_ckpt *out) {
     mmb_ckpt c = {0};
     if (!(c.dir = strdup(dir))) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", dir);

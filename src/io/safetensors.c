@@ -30,6 +30,7 @@ struct mmb_st_file {
     char **meta_k, **meta_v;
     mmb_st_file *next_open;  /* the list of open mappings (mmb__release_mapped) */
     mmb__strmap names;       /* tensor name -> index in t: the header's duplicate check and mmb_st_find */
+    int fd;                  /* kept open while mapped: mmb__st_verify fstats it (truncation while open) */
 };
 
 /* Every open file's mapping, so that mmb__release_mapped can tell a file's pages, which refault
@@ -71,6 +72,7 @@ void mmb_st_close(mmb_st_file *f) {
     if (!f) return;
     open_list_remove(f);
     if (f->map) munmap(f->map, f->size);
+    if (f->fd >= 0) close(f->fd);
     for (int i = 0; i < f->n; i++) free((char *)f->t[i].name);
     for (int i = 0; f->owned && i < f->n; i++) free(f->owned[i]);
     free(f->owned);
@@ -244,6 +246,7 @@ mmb_status mmb_st_open(mmb_ctx *ctx, const char *path, mmb_st_file **out) {
         return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", path);
     }
     int fd = -1;
+    f->fd = -1;
     mmb_status s = mmb__open_input(ctx, path, &fd, &f->size);  /* a FIFO, device or socket: refused at once */
     if (s == MMB_OK) {
         if (f->size > 0) {
@@ -252,7 +255,8 @@ mmb_status mmb_st_open(mmb_ctx *ctx, const char *path, mmb_st_file **out) {
             else f->map = m;
         }
     }
-    if (fd >= 0) close(fd);
+    if (fd >= 0 && (s != MMB_OK || !f->map)) close(fd);
+    else if (fd >= 0) f->fd = fd;
     if (s == MMB_OK) s = parse_header(ctx, f);
     if (s != MMB_OK) { mmb_st_close(f); return s; }
     if (f->map) open_list_add(f);
@@ -270,6 +274,18 @@ const mmb_tensor *mmb_st_find(const mmb_st_file *f, const char *name) {
 }
 
 uint64_t mmb__st_probes(const mmb_st_file *f) { return f->names.probes; }
+
+mmb_status mmb__st_verify(mmb_ctx *ctx, const mmb_st_file *f) {
+    struct stat st;
+    if (!f || f->fd < 0) return MMB_OK;
+    if (fstat(f->fd, &st) != 0)
+        return mmb__err(ctx, MMB_ERR_IO, "%s: cannot stat the open file: %s", f->path, strerror(errno));
+    if ((uint64_t)st.st_size < (uint64_t)f->size)
+        return mmb__err(ctx, MMB_ERR_IO, "%s: truncated while open (%lld bytes, %zu when opened): its mapped "
+                        "weights are gone; reopen the model (replace checkpoints by writing a new file and renaming "
+                        "it, never in place)", f->path, (long long)st.st_size, f->size);
+    return MMB_OK;
+}
 
 const char *mmb_st_meta(const mmb_st_file *f, const char *key) {
     for (int i = 0; i < f->n_meta; i++)

@@ -426,6 +426,10 @@ mmb_status mmb_vit_forward_groups(mmb_ctx *ctx, const mmb_vit *v, const float *p
                                   const int *taps, const int *spans, int n_taps, float *const *outs) {
     if (!ctx || !v || !pixels || !taps || !outs || batch < 1 || n_taps < 1 || n_taps > MMB_MAX_TAPS)
         return mmb__err(ctx, MMB_ERR_ARG, "mmb_vit_forward: bad arguments");
+    if (v->owns_ck) {  /* a file truncated since open would raise SIGBUS in the reads below */
+        mmb_status vs = mmb__ckpt_verify(ctx, &v->ck);
+        if (vs != MMB_OK) return vs;
+    }
     const mmb_vit_info *in = &v->info;
     int L = in->layers, deepest = 0, idx[MMB_MAX_TAPS], span[MMB_MAX_TAPS];
     for (int i = 0; i < n_taps; i++) {

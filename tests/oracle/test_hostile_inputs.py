@@ -299,3 +299,17 @@ def test_preprocessor_size_huge(tmp_path, ckpt, size):
     from PIL import Image
     Image.new("RGB", (8, 8)).save(img)
     hostile(["encode", ckpt, img, "-o", tmp_path / "o.safetensors"], "pixels")
+
+
+# ---- part 2: a mapped file truncated while open ---------------------------------------------------
+
+def test_truncated_while_open_is_caught(tmp_path, base, probe):
+    """The re-check a forward pass makes (mmb__st_verify, called by mmb_model_connect, mmb_model_encode,
+    mmb_lm_forward and a standalone tower's forward) sees a file truncated in place since it was opened
+    and returns MMB_ERR_IO naming it, where reading the mapping would raise SIGBUS."""
+    p = tmp_path / "m.safetensors"
+    shutil.copy(base[0] / "model.safetensors", p)
+    r = subprocess.run([str(probe), str(p), "truncate"], capture_output=True, text=True, timeout=60,
+                       preexec_fn=limited())
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    assert "truncated while open" in r.stderr and str(p) in r.stderr, r.stderr
