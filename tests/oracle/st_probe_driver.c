@@ -3,6 +3,7 @@
  * by a count instead of a clock. With a second argument "truncate", it then truncates the open file to
  * half its size and prints what mmb__st_verify says (the re-check before a forward pass), exiting 3 when
  * the truncation is caught. Exits 1 with the library's message when the file is refused. */
+#define _POSIX_C_SOURCE 200809L /* truncate(), which -std=c11 hides */
 #include "internal.h"
 
 #include <stdio.h>
