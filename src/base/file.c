@@ -23,7 +23,7 @@ mmb_status mmb__open_input(mmb_ctx *ctx, const char *path, int *fd_out, size_t *
         mmb_status s = special ? mmb__err(ctx, MMB_ERR_IO, "%s: is %s, not a regular file: refused", path,
                                           mmb__file_kind(st.st_mode))
                                : mmb__err(ctx, MMB_ERR_IO, "%s: cannot open: %s", path, strerror(e));
-        errno = e;
+        errno = special ? EINVAL : e;  /* the contract: EINVAL for a non-regular file, ENXIO included */
         return s;
     }
     if (fstat(fd, &st) != 0) {
