@@ -277,11 +277,17 @@ def test_metadata_number_whole(tmp_path, base, value):
     hostile(["connect", base[0], "--features", p, "-o", tmp_path / "o.safetensors"], "n_hidden_states")
 
 
-def test_rope_factor_huge(tmp_path, ckpt):
-    """A linear RoPE factor of 1e300: refused naming the factor, never a negative position limit."""
+@pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])
+@pytest.mark.parametrize("kind", ["linear", "dynamic"])
+def test_rope_factor_huge(tmp_path, ckpt, key, kind):
+    """A linear or dynamic RoPE factor of 1e300 (the types whose factor multiplies the position limit):
+    refused naming the factor, never a negative position limit. The fixture (transformers v5) writes
+    rope_parameters, which the library reads before rope_scaling: the rope_scaling case drops it, or
+    the huge factor would sit in a dict nobody reads (as this test's first version did, exiting 0)."""
     def f(c):
         tc = c.get("text_config", c)
-        tc["rope_scaling"] = {"type": "linear", "rope_type": "linear", "factor": 1e300}
+        tc.pop("rope_parameters", None)
+        tc[key] = {"type": kind, "rope_type": kind, "rope_theta": 10000.0, "factor": 1e300}
     edit_json(ckpt / "config.json", f)
     p = hostile(["info", ckpt], "factor")
     assert "-9223372036854775808" not in p.stderr + p.stdout
