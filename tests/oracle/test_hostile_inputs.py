@@ -295,7 +295,12 @@ def test_rope_factor_huge(tmp_path, ckpt, key, kind):
 
 @pytest.mark.parametrize("size", [{"height": 1 << 30, "width": 1 << 30}, {"shortest_edge": 1 << 30}])
 def test_preprocessor_size_huge(tmp_path, ckpt, size):
-    """A size of 2^30: refused before allocating (the memory bound would kill an attempt)."""
+    """A size of 2^30: refused before allocating (the memory bound would kill an attempt). The fixture
+    ships no preprocessor_config.json: a valid CLIP one (the tower's 28 px) is written first, then
+    made hostile."""
+    from transformers import CLIPImageProcessor
+    S = VISION["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S}).save_pretrained(ckpt)
     pp = ckpt / "preprocessor_config.json"
     def f(c):
         c["size"] = size
