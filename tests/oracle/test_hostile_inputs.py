@@ -257,6 +257,18 @@ def test_decode_id_out_of_range(tmp_path, ids):
     hostile(["tokenize", d, "--decode", ids])
 
 
+@pytest.mark.parametrize("ids", [[4294967301], [-1], [1e300], [2.5], ["5"], 5])
+def test_decode_batch_id_out_of_range(tmp_path, ids):
+    """--decode-batch, as --decode: an id that is not an int32 >= 0 is refused, never cast."""
+    from test_tokenizer import KINDS
+    d = tmp_path / "tok"
+    d.mkdir()
+    KINDS["llama2"]().save(str(d / "tokenizer.json"))
+    f = tmp_path / "ids.json"
+    f.write_text(json.dumps([[1, 2], ids]))
+    hostile(["tokenize", d, "--decode-batch", f], "item 1", "token ids")
+
+
 @pytest.mark.parametrize("name", ["hidden_states.02", "hidden_states.+2", "hidden_states. 2", "hidden_states.-0",
                                   "hidden_states.2 ", "hidden_states.", "hidden_states.0x2"])
 def test_feature_names_strict(tmp_path, base, name):
