@@ -2,6 +2,8 @@
 #include "cli.h"
 
 #include <stdlib.h>
+#include <errno.h>
+#include <stdbool.h>
 #include <string.h>
 
 /* Reads hidden_states.{i} from f into ft (converted to f32 copies in owned). Returns 0 or 1 (printed). */
@@ -11,8 +13,13 @@ static int load_features(const char *path, mmb_st_file *f, mmb_features *ft, flo
         const mmb_tensor *t = mmb_st_at(f, i);
         char *end;
         if (strncmp(t->name, "hidden_states.", 14) != 0) continue;
-        long idx = strtol(t->name + 14, &end, 10);
-        if (*end || end == t->name + 14 || idx < 0 || idx > 100000) {
+        /* strictly "hidden_states." then decimal digits: no sign, space or leading zero, so that no two
+         * names alias one index */
+        const char *dg = t->name + 14;
+        bool digits = *dg >= '0' && *dg <= '9' && !(dg[0] == '0' && dg[1]);
+        for (const char *q = dg; digits && *q; q++) digits = *q >= '0' && *q <= '9';
+        long idx = digits && strlen(dg) <= 6 ? strtol(dg, &end, 10) : -1;
+        if (idx < 0 || idx > 100000) {
             fprintf(stderr, "mmbridge: error: %s: tensor '%s': expected hidden_states.<non-negative index>\n", path, t->name);
             return 1;
         }
@@ -45,7 +52,17 @@ static int load_features(const char *path, mmb_st_file *f, mmb_features *ft, flo
         return 1;
     }
     const char *nh = mmb_st_meta(f, "n_hidden_states");
-    if (nh) ft->n_hidden = atoi(nh);
+    if (nh) {  /* the whole value a decimal integer, or refused */
+        char *end;
+        errno = 0;
+        long v = strtol(nh, &end, 10);
+        if (!(*nh >= '0' && *nh <= '9') || *end || errno || v < 1 || v > 100000) {
+            fprintf(stderr, "mmbridge: error: %s: metadata 'n_hidden_states' = '%s' is not an integer in [1, 100000]\n",
+                    path, nh);
+            return 1;
+        }
+        ft->n_hidden = (int)v;
+    }
     return 0;
 }
 

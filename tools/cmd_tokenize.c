@@ -40,6 +40,11 @@ static int decode_cmd(mmb_ctx *ctx, const mmb_tokenizer *t, const char *list, in
             fprintf(stderr, "mmbridge: --decode: '%s' is not a list of ids\n", list);
             return 2;
         }
+        if (v < 0 || v > INT32_MAX || (*end && *end != ',' && *end != ' ')) {  /* no silent truncation */
+            fprintf(stderr, "mmbridge: --decode: '%.*s' is not a token id (0 to %d)\n", (int)(end - p), p, INT32_MAX);
+            free(ids);
+            return 2;
+        }
         if (n == cap) {
             int32_t *ni = realloc(ids, (size_t)(cap *= 2) * sizeof *ids);
             if (!ni) { free(ids); ids = NULL; break; }
@@ -99,8 +104,20 @@ static int batch_cmd(mmb_ctx *ctx, const mmb_tokenizer *t, const char *path, int
         } else {
             int n = cJSON_GetArraySize(it), k = 0;
             int32_t *ids = malloc(((size_t)n + 1) * sizeof *ids);
+            if (!ids) { fprintf(stderr, "mmbridge: error: out of memory\n"); rc = 1; break; }
             cJSON *v;
-            cJSON_ArrayForEach(v, it) ids[k++] = (int32_t)v->valuedouble;
+            cJSON_ArrayForEach(v, it) {  /* as --decode: no silent truncation (a cast of 1e300 is undefined) */
+                double d = cJSON_IsNumber(v) ? v->valuedouble : -1.0;
+                if (!(d >= 0 && d <= INT32_MAX && d == (double)(int32_t)d)) break;
+                ids[k++] = (int32_t)d;
+            }
+            if (k != n || !cJSON_IsArray(it)) {
+                fprintf(stderr, "mmbridge: error: %s: item %d: not a list of token ids (0 to %d)\n", path,
+                        cJSON_GetArraySize(out), INT32_MAX);
+                free(ids);
+                rc = 1;
+                break;
+            }
             char *text = NULL;
             size_t len = 0;
             if (mmb_tokenizer_decode(ctx, t, ids, n, flag, &text, &len) != MMB_OK) { free(ids); rc = cli_fail(ctx, NULL); break; }

@@ -5,6 +5,7 @@
 #include "mmbridge.h"
 
 #include <stdarg.h>
+#include <stdio.h>
 #include <stdbool.h>
 
 /* Hot elementwise loops are compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load
@@ -114,5 +115,39 @@ void mmb__cpu_force_isa(int isa);
 
 /* Seconds on a monotonic clock. */
 double mmb__now_s(void);
+
+
+/* ---- base/strmap.c: string -> index hash map ---------------------------------------------------- */
+
+/* Open addressing, linear probing, FNV-1a; expected O(1) per operation, so n insertions take O(n).
+ * Keys are borrowed: each must stay valid, unchanged, while the map holds it. Zero-initialise to
+ * start ({0}). `probes` counts the key comparisons that mmb__strmap_put made (for tests that bound the work). */
+typedef struct mmb__strmap {
+    const char **keys;
+    int64_t *vals;
+    size_t cap, n;
+    uint64_t probes;
+} mmb__strmap;
+/* Inserts key -> val unless key is present. Returns 1 when inserted, 0 when key was already there
+ * (its value in *old if old is not NULL; nothing changes), -1 when out of memory (nothing changes). */
+int mmb__strmap_put(mmb__strmap *m, const char *key, int64_t val, int64_t *old);
+/* True when key is present; its value in *val (if not NULL). */
+bool mmb__strmap_get(const mmb__strmap *m, const char *key, int64_t *val);
+/* Frees the table (not the keys) and leaves an empty map. */
+void mmb__strmap_free(mmb__strmap *m);
+
+
+/* ---- base/file.c: opening inputs ------------------------------------------------------------------ */
+
+/* "a FIFO", "a character device", ... for a st_mode that is not a regular file (for messages). */
+const char *mmb__file_kind(unsigned mode);
+/* Opens path read-only when it is a regular file. The open is non-blocking, so a FIFO without a
+ * writer, a terminal, a device or a socket cannot block it, and fstat refuses anything but a regular
+ * file at once (MMB_ERR_IO, "PATH: is a FIFO, not a regular file: refused"). Returns MMB_OK with the
+ * descriptor (blocking, close-on-exec) in *fd and its size in *size (if not NULL); MMB_ERR_IO
+ * otherwise, with errno as the failing call left it (EINVAL for a non-regular file). */
+mmb_status mmb__open_input(mmb_ctx *ctx, const char *path, int *fd, size_t *size);
+/* As mmb__open_input, as a FILE * for "rb" reads (the caller fcloses it). */
+mmb_status mmb__fopen_input(mmb_ctx *ctx, const char *path, FILE **out);
 
 #endif

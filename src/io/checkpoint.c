@@ -8,13 +8,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #define MAX_JSON (64u << 20)
 
 /* Reads and parses a whole JSON file. */
 static mmb_status read_json(mmb_ctx *ctx, const char *path, cJSON **out) {
-    FILE *fp = fopen(path, "rb");
-    if (!fp) return mmb__err(ctx, MMB_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    FILE *fp = NULL;
+    mmb_status so = mmb__fopen_input(ctx, path, &fp);  /* a FIFO, device or socket: refused at once */
+    if (so != MMB_OK) return so;
     char *buf = NULL;
     size_t len = 0, cap = 0;
     mmb_status s = MMB_OK;
@@ -58,16 +60,8 @@ static char *join(const char *dir, const char *name) {
     return p;
 }
 
-/* Opens dir/name unless already open; sets *file (may be NULL) to it. */
+/* Opens dir/name as the next file of c (the caller opens each name once); sets *file (may be NULL) to it. */
 static mmb_status add_file(mmb_ctx *ctx, mmb_ckpt *c, const char *name, const mmb_st_file **file) {
-    for (int i = 0; i < c->n_files; i++) {
-        const char *p = mmb__st_path(c->files[i]);
-        const char *base = strrchr(p, '/');
-        if (strcmp(base ? base + 1 : p, name) == 0) {
-            if (file) *file = c->files[i];
-            return MMB_OK;
-        }
-    }
     mmb_st_file **nf = realloc(c->files, sizeof *nf * (size_t)(c->n_files + 1));
     char *path = join(c->dir, name);
     if (!nf || !path) { free(path); if (nf) c->files = nf; return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir); }
@@ -111,6 +105,7 @@ static mmb_status read_index(mmb_ctx *ctx, mmb_ckpt *c, const char *ipath) {
     cJSON *idx = NULL;
     mmb_status s = read_json(ctx, ipath, &idx);
     if (s != MMB_OK) return s;
+    mmb__strmap shards = {0};
     const cJSON *wm = cJSON_GetObjectItemCaseSensitive(idx, "weight_map");
     if (!cJSON_IsObject(wm)) s = mmb__err(ctx, MMB_ERR_FORMAT, "%s: no weight_map object", ipath);
     for (const cJSON *e = wm ? wm->child : NULL; e && s == MMB_OK; e = e->next) {
@@ -121,27 +116,46 @@ static mmb_status read_index(mmb_ctx *ctx, mmb_ckpt *c, const char *ipath) {
                          e->string, name);
             break;
         }
+        /* Each shard is opened once: a map from its name (borrowed from idx) to its index in c->files. */
         const mmb_st_file *f = NULL;
-        s = add_file(ctx, c, name, &f);
+        int64_t at;
+        if (mmb__strmap_get(&shards, name, &at)) f = c->files[at];
+        else if ((s = add_file(ctx, c, name, &f)) == MMB_OK &&
+                 mmb__strmap_put(&shards, name, c->n_files - 1, NULL) < 0)
+            s = mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", ipath);
         if (s == MMB_OK && !mmb_st_find(f, e->string))
             s = mmb__err(ctx, MMB_ERR_MISSING, "%s: tensor '%s' is listed in %s but not in that file", ipath,
                          e->string, e->valuestring);
     }
+    mmb__strmap_free(&shards);
     cJSON_Delete(idx);
     return s;
 }
 
-/* A tensor present in two files is ambiguous: refuse it. */
+/* A tensor present in two files is ambiguous: refuse it. One hash set over every file's names (each
+ * file's own names are already unique), so n tensors in all take O(n). */
 static mmb_status check_unique(mmb_ctx *ctx, const mmb_ckpt *c) {
-    for (int i = 1; i < c->n_files; i++)
-        for (int k = 0; k < mmb_st_count(c->files[i]); k++) {
+    if (c->n_files < 2) return MMB_OK;
+    mmb__strmap all = {0};
+    mmb_status s = MMB_OK;
+    for (int i = 0; i < c->n_files && s == MMB_OK; i++)
+        for (int k = 0; k < mmb_st_count(c->files[i]) && s == MMB_OK; k++) {
             const char *name = mmb_st_at(c->files[i], k)->name;
-            for (int j = 0; j < i; j++)
-                if (mmb_st_find(c->files[j], name))
-                    return mmb__err(ctx, MMB_ERR_FORMAT, "%s: tensor '%s' is in both %s and %s", c->dir, name,
-                                    mmb__st_path(c->files[j]), mmb__st_path(c->files[i]));
+            int64_t j;
+            int r = mmb__strmap_put(&all, name, i, &j);
+            if (r < 0) s = mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", c->dir);
+            else if (r == 0)
+                s = mmb__err(ctx, MMB_ERR_FORMAT, "%s: tensor '%s' is in both %s and %s", c->dir, name,
+                             mmb__st_path(c->files[j]), mmb__st_path(c->files[i]));
         }
-    return MMB_OK;
+    mmb__strmap_free(&all);
+    return s;
+}
+
+mmb_status mmb__ckpt_verify(mmb_ctx *ctx, const mmb_ckpt *c) {
+    mmb_status s = MMB_OK;
+    for (int i = 0; c && i < c->n_files && s == MMB_OK; i++) s = mmb__st_verify(ctx, c->files[i]);
+    return s;
 }
 
 mmb_status mmb__ckpt_open(mmb_ctx *ctx, const char *dir, mmb_ckpt *out) {
@@ -150,8 +164,8 @@ mmb_status mmb__ckpt_open(mmb_ctx *ctx, const char *dir, mmb_ckpt *out) {
     char *cfg = join(dir, "config.json"), *idx = join(dir, "model.safetensors.index.json");
     mmb_status s = (cfg && idx) ? read_json(ctx, cfg, &c.config) : mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     if (s == MMB_OK) {
-        FILE *fp = fopen(idx, "rb");
-        if (fp) { fclose(fp); s = read_index(ctx, &c, idx); }
+        struct stat st;  /* present in any form: read_index refuses what is not a regular file */
+        if (stat(idx, &st) == 0 || errno != ENOENT) s = read_index(ctx, &c, idx);
         else s = scan_dir(ctx, &c);
     }
     if (s == MMB_OK) s = check_unique(ctx, &c);

@@ -483,27 +483,14 @@ mmb_status mmb_image_decode(mmb_ctx *ctx, const void *bytes, size_t n, const cha
 
 mmb_status mmb_image_load(mmb_ctx *ctx, const char *path, int64_t max_pixels, mmb_image *out) {
     if (!path || !out) return mmb__err(ctx, MMB_ERR_ARG, "mmb_image_load: NULL %s", path ? "output" : "path");
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return mmb__err(ctx, MMB_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        int e = errno;
+    int fd = -1;
+    size_t n = 0;
+    mmb_status so = mmb__open_input(ctx, path, &fd, &n);  /* a FIFO, device or socket: refused at once */
+    if (so != MMB_OK) return so;
+    if (n > SIZE_MAX / 2) {
         close(fd);
-        return mmb__err(ctx, MMB_ERR_IO, "%s: cannot stat: %s", path, strerror(e));
+        return mmb__err(ctx, MMB_ERR_IO, "%s: file too large (%zu bytes)", path, n);
     }
-    if (S_ISDIR(sb.st_mode)) {
-        close(fd);
-        return mmb__err(ctx, MMB_ERR_IO, "%s: is a directory, not an image file", path);
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        close(fd);
-        return mmb__err(ctx, MMB_ERR_IO, "%s: not a regular file", path);
-    }
-    if ((uint64_t)sb.st_size > SIZE_MAX / 2) {
-        close(fd);
-        return mmb__err(ctx, MMB_ERR_IO, "%s: file too large (%lld bytes)", path, (long long)sb.st_size);
-    }
-    size_t n = (size_t)sb.st_size;
     unsigned char *buf = malloc(n ? n : 1);
     if (!buf) {
         close(fd);

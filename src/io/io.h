@@ -6,6 +6,13 @@
 
 /* ---- io/safetensors.c ------------------------------------------------------------------------ */
 const char *mmb__st_path(const mmb_st_file *f);
+/* The key comparisons the header's duplicate-name check made while opening f (for tests that bound
+ * the parse's work: linear in the entries, where a pairwise check makes n^2 / 2). */
+uint64_t mmb__st_probes(const mmb_st_file *f);
+/* Checks that f's file still holds every mapped byte (fstat on the descriptor kept open, so a file
+ * replaced by rename, whose old inode the mapping keeps, passes). MMB_OK, or MMB_ERR_IO naming the file
+ * when it was truncated while open: reading its mapped weights would raise SIGBUS. */
+mmb_status mmb__st_verify(mmb_ctx *ctx, const mmb_st_file *f);
 /* Drops the resident pages wholly inside [p, p + n) when that range lies in an open file's mapping
  * (no-op for any other memory): for weights read once at load (packed or converted), so RSS holds
  * them once. The data stays readable: a later read faults the pages in again from the file. */
@@ -32,6 +39,8 @@ typedef struct mmb_ckpt {
  * (malformed JSON, index naming a missing shard, a tensor in two files) or MMB_ERR_MISSING. */
 mmb_status mmb__ckpt_open(mmb_ctx *ctx, const char *dir, mmb_ckpt *out);
 void mmb__ckpt_close(mmb_ckpt *c);
+/* mmb__st_verify on each of c's files: called before each forward pass that reads mapped weights. */
+mmb_status mmb__ckpt_verify(mmb_ctx *ctx, const mmb_ckpt *c);
 /* A synthetic checkpoint named `name` with config `config` (taken over): mmb__ckpt_bind returns
  * f32 tensors of the requested shape, uniform in [-scale, scale] from a fixed seed, kept until
  * mmb__ckpt_close. For measuring a connector's costs at any size without weights on disk. */

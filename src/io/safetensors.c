@@ -29,6 +29,8 @@ struct mmb_st_file {
     int n_meta;
     char **meta_k, **meta_v;
     mmb_st_file *next_open;  /* the list of open mappings (mmb__release_mapped) */
+    mmb__strmap names;       /* tensor name -> index in t: the header's duplicate check and mmb_st_find */
+    int fd;                  /* kept open while mapped: mmb__st_verify fstats it (truncation while open) */
 };
 
 /* Every open file's mapping, so that mmb__release_mapped can tell a file's pages, which refault
@@ -70,6 +72,7 @@ void mmb_st_close(mmb_st_file *f) {
     if (!f) return;
     open_list_remove(f);
     if (f->map) munmap(f->map, f->size);
+    if (f->fd >= 0) close(f->fd);
     for (int i = 0; i < f->n; i++) free((char *)f->t[i].name);
     for (int i = 0; f->owned && i < f->n; i++) free(f->owned[i]);
     free(f->owned);
@@ -79,6 +82,7 @@ void mmb_st_close(mmb_st_file *f) {
     free(f->end);
     free(f->meta_k);
     free(f->meta_v);
+    mmb__strmap_free(&f->names);
     free(f->path);
     free(f);
 }
@@ -222,10 +226,13 @@ static mmb_status parse_header(mmb_ctx *ctx, mmb_st_file *f) {
     uint64_t data_len = f->size - 8 - hlen;
     for (const cJSON *e = root->child; e && s == MMB_OK; e = e->next) {
         if (strcmp(e->string, "__metadata__") == 0) { s = parse_meta(ctx, f, e); continue; }
-        if (mmb_st_find(f, e->string))
+        if ((s = parse_entry(ctx, f, e, data_len, data)) != MMB_OK) break;
+        /* The name goes in the hash set (expected O(1)), so a header of n entries parses in O(n log n)
+         * with the overlap check's sort; the name is the tensor's own copy, which outlives the set. */
+        int r = mmb__strmap_put(&f->names, f->t[f->n - 1].name, f->n - 1, NULL);
+        if (r < 0) s = mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", f->path);
+        else if (r == 0)
             s = mmb__err(ctx, MMB_ERR_FORMAT, "%s: tensor '%s' appears twice in the header", f->path, e->string);
-        else
-            s = parse_entry(ctx, f, e, data_len, data);
     }
     cJSON_Delete(root);
     return s == MMB_OK ? check_overlap(ctx, f) : s;
@@ -238,21 +245,18 @@ mmb_status mmb_st_open(mmb_ctx *ctx, const char *path, mmb_st_file **out) {
         free(f);
         return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", path);
     }
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    struct stat st;
-    mmb_status s = MMB_OK;
-    if (fd < 0) s = mmb__err(ctx, MMB_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    else if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
-        s = mmb__err(ctx, MMB_ERR_IO, "%s: not a regular file", path);
-    else {
-        f->size = (size_t)st.st_size;
+    int fd = -1;
+    f->fd = -1;
+    mmb_status s = mmb__open_input(ctx, path, &fd, &f->size);  /* a FIFO, device or socket: refused at once */
+    if (s == MMB_OK) {
         if (f->size > 0) {
             void *m = mmap(NULL, f->size, PROT_READ, MAP_PRIVATE, fd, 0);
             if (m == MAP_FAILED) s = mmb__err(ctx, MMB_ERR_IO, "%s: cannot map: %s", path, strerror(errno));
             else f->map = m;
         }
     }
-    if (fd >= 0) close(fd);
+    if (fd >= 0 && (s != MMB_OK || !f->map)) close(fd);
+    else if (fd >= 0) f->fd = fd;
     if (s == MMB_OK) s = parse_header(ctx, f);
     if (s != MMB_OK) { mmb_st_close(f); return s; }
     if (f->map) open_list_add(f);
@@ -265,9 +269,22 @@ int mmb_st_count(const mmb_st_file *f) { return f->n; }
 const mmb_tensor *mmb_st_at(const mmb_st_file *f, int i) { return i >= 0 && i < f->n ? &f->t[i] : NULL; }
 
 const mmb_tensor *mmb_st_find(const mmb_st_file *f, const char *name) {
-    for (int i = 0; i < f->n; i++)
-        if (strcmp(f->t[i].name, name) == 0) return &f->t[i];
-    return NULL;
+    int64_t i;
+    return name && mmb__strmap_get(&f->names, name, &i) ? &f->t[i] : NULL;
+}
+
+uint64_t mmb__st_probes(const mmb_st_file *f) { return f->names.probes; }
+
+mmb_status mmb__st_verify(mmb_ctx *ctx, const mmb_st_file *f) {
+    struct stat st;
+    if (!f || f->fd < 0) return MMB_OK;
+    if (fstat(f->fd, &st) != 0)
+        return mmb__err(ctx, MMB_ERR_IO, "%s: cannot stat the open file: %s", f->path, strerror(errno));
+    if ((uint64_t)st.st_size < (uint64_t)f->size)
+        return mmb__err(ctx, MMB_ERR_IO, "%s: truncated while open (%lld bytes, %zu when opened): its mapped "
+                        "weights are gone; reopen the model (replace checkpoints by writing a new file and renaming "
+                        "it, never in place)", f->path, (long long)st.st_size, f->size);
+    return MMB_OK;
 }
 
 const char *mmb_st_meta(const mmb_st_file *f, const char *key) {

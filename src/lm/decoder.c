@@ -271,7 +271,8 @@ static void read_special(mmb_lm *lm, const cJSON *text) {
     add_ids(cJSON_GetObjectItemCaseSensitive(root, "end_of_chunk_token_id"), lm->info.eos, &lm->info.n_eos);
     char path[4096];
     snprintf(path, sizeof path, "%s/generation_config.json", lm->ck.dir);
-    FILE *f = fopen(path, "rb");
+    FILE *f = NULL;
+    if (mmb__fopen_input(NULL, path, &f) != MMB_OK) f = NULL;  /* optional: absent or not a regular file */
     if (f) {
         char *txt = NULL;
         long n = fseek(f, 0, SEEK_END) == 0 ? ftell(f) : -1;
@@ -959,6 +960,8 @@ mmb_status mmb__lm_forward_rows(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv
                                 float *logits, int last_only, const mmb__lm_rows *rows) {
     if (!ctx || !lm || !kv || !embeds || n < 1)
         return mmb__err(ctx, MMB_ERR_ARG, "mmb_lm_forward: NULL argument or n < 1");
+    mmb_status vs = mmb__ckpt_verify(ctx, &lm->ck);  /* truncated since open: MMB_ERR_IO, not SIGBUS */
+    if (vs != MMB_OK) return vs;
     const uint8_t *expert = rows ? rows->expert : NULL;
     const int64_t *rope_pos = rows ? rows->rope_pos : NULL;
     for (int64_t i = 0; i < n && (expert || rope_pos); i++) {

@@ -53,8 +53,8 @@ static mmb_status open_tower(mmb_ctx *ctx, const mmb_ckpt *c, of_state *f) {
         return mmb__err(ctx, MMB_ERR_ARG, "%s/config.json: the vision_tower path is too long", c->dir);
     char path[4096 + 16];
     snprintf(path, sizeof path, "%s/config.json", f->tower_dir);
-    FILE *fp = fopen(path, "rb");
-    if (!fp)
+    FILE *fp = NULL;
+    if (mmb__fopen_input(NULL, path, &fp) != MMB_OK)
         return mmb__err(ctx, MMB_ERR_IO, "%s/config.json: vision_tower '%s': %s cannot be read (an OpenFlamingo "
                         "checkpoint keeps its CLIP tower as a CLIPVisionModel directory beside model.safetensors: "
                         "config.json, model.safetensors, preprocessor_config.json)", c->dir, rel, path);

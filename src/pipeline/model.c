@@ -463,6 +463,8 @@ mmb_status mmb_model_connect(mmb_ctx *ctx, const mmb_model *m, const mmb_feature
         return mmb__err(ctx, MMB_ERR_ARG, "features: bad counts (batch %lld, tokens %lld, width %lld, taps %d)",
                         (long long)in->batch, (long long)in->tokens, (long long)in->width, in->n_taps);
     if (not_family(ctx, m, "mmb_model_connect")) return MMB_ERR_UNSUPPORTED;
+    mmb_status vs = mmb__ckpt_verify(ctx, &m->ck);  /* truncated since open: MMB_ERR_IO, not SIGBUS */
+    if (vs != MMB_OK) return vs;
     if (m->ops->needs) return connect_needs(ctx, m, in, out, out_count);
     const float *bufs[MMB_MAX_TAPS];
     mmb_status s = find_taps(ctx, m, in, bufs);
@@ -594,6 +596,8 @@ mmb_status mmb__model_encode_taps(mmb_ctx *ctx, const mmb_model *m, const float 
     if (!ctx || !m || !pixels || !out || batch < 1 || n_taps < 0 || n_taps > MMB_MAX_TAPS ||
         (n_taps && (!taps || !hidden)))
         return mmb__err(ctx, MMB_ERR_ARG, "mmb_model_encode: NULL argument, batch < 1 or bad taps");
+    mmb_status vs = mmb__ckpt_verify(ctx, &m->ck);  /* truncated since open: MMB_ERR_IO, not SIGBUS */
+    if (vs != MMB_OK) return vs;
     if (m->fam && n_taps)
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: a %s model runs its tower and connector as one; its hidden "
                         "states are not exposed", m->ck.dir, m->fam->name);

@@ -70,8 +70,9 @@ typedef struct trainer {
 /* ---- data ------------------------------------------------------------------------------------------ */
 
 static mmb_status read_text(mmb_ctx *ctx, const char *path, char **out) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return mmb__err(ctx, MMB_ERR_IO, "%s: %s", path, strerror(errno));
+    FILE *f = NULL;
+    mmb_status so = mmb__fopen_input(ctx, path, &f);  /* a FIFO, device or socket: refused at once */
+    if (so != MMB_OK) return so;
     struct stat st;
     mmb_status s = MMB_OK;
     if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode))
@@ -461,8 +462,9 @@ static mmb_status copy_file(mmb_ctx *ctx, const char *src, const char *dst, cons
     snprintf(a, sizeof a, "%s/%s", src, name);
     snprintf(b, sizeof b, "%s/%s", dst, name);
     snprintf(tmp, sizeof tmp, "%s.tmp", b);
-    FILE *in = fopen(a, "rb"), *out = in ? fopen(tmp, "wb") : NULL;
-    mmb_status s = in && out ? MMB_OK : mmb__err(ctx, MMB_ERR_IO, "%s: %s", in ? tmp : a, strerror(errno));
+    FILE *in = NULL, *out = NULL;
+    mmb_status s = mmb__fopen_input(ctx, a, &in);  /* a FIFO, device or socket: refused at once */
+    if (s == MMB_OK && !(out = fopen(tmp, "wb"))) s = mmb__err(ctx, MMB_ERR_IO, "%s: %s", tmp, strerror(errno));
     char buf[65536];
     size_t n;
     while (s == MMB_OK && (n = fread(buf, 1, sizeof buf, in)) > 0)
@@ -519,7 +521,8 @@ static mmb_status write_hf(trainer *t) {
 /* The steps [1, n] of out/loss.csv, when it has them (a resumed run's curve goes on from it). */
 static void read_curve(const trainer *t, double *loss, double *lr, int64_t n) {
     char *path = out_path(t, "loss.csv"), line[128];
-    FILE *f = path ? fopen(path, "r") : NULL;
+    FILE *f = NULL;
+    if (path && mmb__fopen_input(NULL, path, &f) != MMB_OK) f = NULL;  /* absent or not a regular file: none */
     long long k;
     double a, b;
     while (f && fgets(line, sizeof line, f))

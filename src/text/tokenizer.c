@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <utf8proc.h>
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
@@ -1335,7 +1336,18 @@ static mmb_status load_dec(loader *L, const cJSON *o) {
     return MMB_OK;
 }
 
-/* Appends a special token's ids (by name in the post-processor's special_tokens, or by content). */
+/* A post-processor id: a JSON integer in [0, the vocabulary size), else MMB_ERR_FORMAT naming the token. */
+static mmb_status post_id(loader *L, const cJSON *v, const char *name, int32_t *out) {
+    double d = cJSON_IsNumber(v) ? v->valuedouble : -1;
+    if (!(d >= 0 && d < (double)L->t->n_ids) || d != (double)(int64_t)d)
+        return mmb__err(L->ctx, MMB_ERR_FORMAT, "%s: post_processor: special token '%s': id %.17g is not an id of the "
+                        "vocabulary [0, %d)", L->path, name, d, (int)L->t->n_ids);
+    *out = (int32_t)d;
+    return MMB_OK;
+}
+
+/* Appends a special token's ids (by name in the post-processor's special_tokens, or by content); each
+ * id must be in the vocabulary. */
 static mmb_status post_ids(loader *L, const cJSON *specials, const char *name, int32_t *dst, int *n) {
     const cJSON *sp = cJSON_GetObjectItemCaseSensitive(specials, name);
     const cJSON *ids = cJSON_GetObjectItemCaseSensitive(sp, "ids"), *it;
@@ -1344,7 +1356,9 @@ static mmb_status post_ids(loader *L, const cJSON *specials, const char *name, i
     cJSON_ArrayForEach(it, ids) {
         if (!cJSON_IsNumber(it) || *n >= 8)
             return mmb__err(L->ctx, MMB_ERR_FORMAT, "%s: post_processor: bad ids for '%s'", L->path, name);
-        dst[(*n)++] = (int32_t)it->valuedouble;
+        mmb_status s = post_id(L, it, name, &dst[*n]);
+        if (s != MMB_OK) return s;
+        ++*n;
     }
     return MMB_OK;
 }
@@ -1374,8 +1388,9 @@ static mmb_status load_post(loader *L, const cJSON *o) {
         const cJSON *cls = cJSON_GetObjectItemCaseSensitive(o, "cls"), *sep = cJSON_GetObjectItemCaseSensitive(o, "sep");
         if (cJSON_GetArraySize(cls) != 2 || cJSON_GetArraySize(sep) != 2)
             return mmb__err(L->ctx, MMB_ERR_FORMAT, "%s: post_processor %s needs cls and sep", L->path, ty);
-        t->post_pre[0] = (int32_t)cJSON_GetArrayItem(cls, 1)->valuedouble;
-        t->post_post[0] = (int32_t)cJSON_GetArrayItem(sep, 1)->valuedouble;
+        mmb_status s = post_id(L, cJSON_GetArrayItem(cls, 1), "cls", &t->post_pre[0]);
+        if (s == MMB_OK) s = post_id(L, cJSON_GetArrayItem(sep, 1), "sep", &t->post_post[0]);
+        if (s != MMB_OK) return s;
         t->n_post_pre = t->n_post_post = 1;
         return MMB_OK;
     }
@@ -1540,12 +1555,9 @@ static mmb_status read_optional(mmb_ctx *ctx, const char *dir, const char *name,
     *out = NULL;
     char *p = join_path(dir, name);
     if (!p) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
-    FILE *f = fopen(p, "rb");
+    struct stat st;  /* present in any form: mmb__json_read refuses what is not a regular file */
     mmb_status s = MMB_OK;
-    if (f) {
-        fclose(f);
-        s = mmb__json_read(ctx, p, out);
-    }
+    if (stat(p, &st) == 0 || errno != ENOENT) s = mmb__json_read(ctx, p, out);
     if (path_out && *out) *path_out = p;
     else free(p);
     return s;
@@ -1572,8 +1584,8 @@ static int json_ids(const cJSON *o, const char *key, int32_t *out, int cap) {
 }
 
 static char *read_text_file(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
+    FILE *f = NULL;
+    if (mmb__fopen_input(NULL, path, &f) != MMB_OK) return NULL;
     sbuf b = {0};
     char buf[65536];
     size_t r;
@@ -1704,10 +1716,11 @@ mmb_status mmb_tokenizer_open(mmb_ctx *ctx, const char *dir, mmb_tokenizer **out
     for (int b = 0; b < 256; b++) t->c2b[t->b2c[b]] = b;
     loader L = {ctx, t, t->path};
     cJSON *root = NULL;
-    FILE *f = fopen(t->path, "rb");
-    mmb_status s;
-    if (!f) s = mmb__err(ctx, MMB_ERR_IO, "%s: cannot open the tokenizer: %s", t->path, strerror(errno));
-    else {
+    FILE *f = NULL;
+    mmb_status s = mmb__fopen_input(ctx, t->path, &f);  /* a FIFO, device or socket: refused at once */
+    if (s != MMB_OK && errno != EINVAL)
+        s = mmb__err(ctx, MMB_ERR_IO, "%s: cannot open the tokenizer: %s", t->path, strerror(errno));
+    else if (s == MMB_OK) {
         fclose(f);
         s = mmb__json_read(ctx, t->path, &root);
     }

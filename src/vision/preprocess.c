@@ -593,23 +593,41 @@ static mmb_status check_params(mmb_ctx *ctx, const mmb_preprocess *p) {
     return MMB_OK;
 }
 
-/* Sizes after each step for an image of h x w. */
+/* The most pixels any one buffer of the preprocessor may hold (the padded, the resized and the output
+ * image): 2^26 = 8192 x 8192, so the f32 output is at most 768 MiB. Far above any processor's real sizes
+ * (Qwen2-VL's max_pixels is about 1M, Mllama's canvas 4 tiles of 560^2); a config that asks for more
+ * (a size of 2^30) is refused before anything is allocated. */
+#define MAX_PIXELS ((int64_t)1 << 26)
+
+static mmb_status check_pixels(mmb_ctx *ctx, const char *what, int64_t h, int64_t w) {
+    if (h > MAX_PIXELS || w > MAX_PIXELS || h * w > MAX_PIXELS)
+        return mmb__err(ctx, MMB_ERR_SHAPE, "preprocess: the %s image would be %lldx%lld, more than the limit of "
+                        "%lld pixels", what, (long long)h, (long long)w, (long long)MAX_PIXELS);
+    return MMB_OK;
+}
+
+/* Sizes after each step for an image of h x w; each at most MAX_PIXELS pixels, else MMB_ERR_SHAPE. */
 static mmb_status plan(mmb_ctx *ctx, const mmb_preprocess *p, int h, int w, int *ph, int *pw, int *rh, int *rw,
                        int *oh, int *ow) {
     mmb_status st = check_params(ctx, p);
     if (st != MMB_OK) return st;
     *ph = h; *pw = w;
     if (p->do_pad) *ph = *pw = h > w ? h : w;
+    if ((st = check_pixels(ctx, "padded", *ph, *pw)) != MMB_OK) return st;
     *rh = *ph; *rw = *pw;
     if (p->do_resize && (st = resize_size(ctx, p, *ph, *pw, rh, rw)) != MMB_OK) return st;
+    if ((st = check_pixels(ctx, "resized", *rh, *rw)) != MMB_OK) return st;
     *oh = *rh; *ow = *rw;
     if (p->do_center_crop) { *oh = p->crop_height; *ow = p->crop_width; }
+    if ((st = check_pixels(ctx, "output", *oh, *ow)) != MMB_OK) return st;
     if (p->size_mode == MMB_SIZE_TILES) {  /* the canvas the resized image is padded to */
         if (!p->do_resize || p->do_pad || p->do_center_crop)
             return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "preprocess: tiles (MMB_SIZE_TILES) go with do_resize and "
                             "without do_pad (a square) or do_center_crop");
         int rows, cols;
         tiles_canvas(h, w, p->max_image_tiles, p->tile_size, &rows, &cols);
+        if ((st = check_pixels(ctx, "tiled", (int64_t)rows * p->tile_size, (int64_t)cols * p->tile_size)) != MMB_OK)
+            return st;
         *oh = rows * p->tile_size;
         *ow = cols * p->tile_size;
     }

@@ -115,6 +115,14 @@ mmb_status mmb__vision_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cfg_pref
     int64_t g = in.image_size / in.patch_size, T = g * g + in.has_cls, D = in.width, I = in.intermediate;
     int64_t P = (int64_t)in.channels * in.patch_size * in.patch_size;
     in.tokens = T;
+    /* The estimates in double first: sizes a config may give (each up to 2^20) can overflow int64. */
+    double Td = (double)T, Dd = (double)D, flops = 2.0 * (double)g * (double)g * Dd * (double)P +
+        in.layers * (2.0 * Td * (4.0 * Dd * Dd + 2.0 * Dd * I) + 4.0 * Td * Td * Dd);
+    double params = Dd * (double)P + Td * Dd + 4.0 * Dd + in.layers * (4.0 * Dd * Dd + 10.0 * Dd + 2.0 * Dd * I + I);
+    if (!(flops < 0x1p62) || !(params < 0x1p62))
+        return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: vision sizes beyond any model (image %d, patch %d, "
+                        "width %d, %d layers, intermediate %d give %.3g FLOPs per image)", c->dir, in.image_size,
+                        in.patch_size, in.width, in.layers, in.intermediate, flops);
     in.flops_per_image = 2 * g * g * D * P + in.layers * (2 * T * (4 * D * D + 2 * D * I) + 4 * T * T * D);
     bool blip2 = strcmp(in.family, "blip2") == 0;  /* patch bias and CLS, no pre_layrnorm; no CLS: patch bias */
     in.params = D * P + (!in.has_cls || blip2 ? D : 0) + T * D + (in.has_cls ? (blip2 ? 1 : 3) * D : 0) + 2 * D +
@@ -418,6 +426,10 @@ mmb_status mmb_vit_forward_groups(mmb_ctx *ctx, const mmb_vit *v, const float *p
                                   const int *taps, const int *spans, int n_taps, float *const *outs) {
     if (!ctx || !v || !pixels || !taps || !outs || batch < 1 || n_taps < 1 || n_taps > MMB_MAX_TAPS)
         return mmb__err(ctx, MMB_ERR_ARG, "mmb_vit_forward: bad arguments");
+    if (v->owns_ck) {  /* a file truncated since open would raise SIGBUS in the reads below */
+        mmb_status vs = mmb__ckpt_verify(ctx, &v->ck);
+        if (vs != MMB_OK) return vs;
+    }
     const mmb_vit_info *in = &v->info;
     int L = in->layers, deepest = 0, idx[MMB_MAX_TAPS], span[MMB_MAX_TAPS];
     for (int i = 0; i < n_taps; i++) {
