@@ -100,7 +100,7 @@ static mmb_status resolve(mmb_ctx *ctx, const char *path, char **final, struct s
             free(cur);
             return mmb__err(ctx, MMB_ERR_IO, "%s: too many levels of symbolic links", path);
         }
-        size_t cap = (size_t)st->st_size + 2 > 256 ? (size_t)st->st_size + 2 : 256;
+        size_t cap = (size_t)st->st_size + 2 > 4096 ? (size_t)st->st_size + 2 : 4096;  /* st_size 0: /proc */
         char *t = malloc(cap);
         ssize_t n = t ? readlink(cur, t, cap - 1) : -1;
         if (n < 0) {
