@@ -178,10 +178,22 @@ MMB_API const mmb_tensor *mmb_st_find(const mmb_st_file *f, const char *name);
 /* Returns the `__metadata__` string value for `key`, or NULL. */
 MMB_API const char *mmb_st_meta(const mmb_st_file *f, const char *key);
 
-/* Writes `n` tensors to `path` as safetensors: to `path`.tmp.PID first, then renamed over `path`,
- * so a failure never leaves a partial file at `path`. Returns MMB_OK, MMB_ERR_ARG for duplicate
- * or empty names, or MMB_ERR_IO. */
+/* Writes `n` tensors to `path` as safetensors, as mmb_file_write writes a file (a temporary file in
+ * the same directory, fsynced and renamed onto `path`, so a failure never leaves a partial file
+ * there; through symlinks; the replaced file's mode kept; a non-regular `path` refused). Returns
+ * MMB_OK, MMB_ERR_ARG for duplicate or empty names, or MMB_ERR_IO. */
 MMB_API mmb_status mmb_st_write(mmb_ctx *ctx, const char *path, const mmb_tensor *tensors, int n);
+
+/* Writes n bytes of data as the file `path`, the one way every output of the library and the CLI is
+ * written: symlinks are followed (the file they name is replaced, the links kept); a `path` that
+ * exists and is not a regular file (a FIFO, a device such as /dev/null, a socket, a directory) is
+ * refused with MMB_ERR_IO and left alone; the bytes go to a temporary file `.mmb-HOSTHASH-PID-XXXXXX`
+ * in the same directory, with the replaced file's mode (0666 & ~umask for a new file), which is
+ * fsynced, renamed onto `path`, and the directory fsynced. Every failure removes the temporary and
+ * leaves `path` as it was. Temporaries a killed writer of this host left in that directory (its PID
+ * no longer alive) are removed first. Returns MMB_OK, MMB_ERR_ARG (path NULL or empty, data NULL
+ * with n > 0), MMB_ERR_IO or MMB_ERR_NOMEM. */
+MMB_API mmb_status mmb_file_write(mmb_ctx *ctx, const char *path, const void *data, size_t n);
 
 /* As mmb_st_write, with the file's `__metadata__` holding the n_meta string pairs keys[i]: values[i]
  * (UTF-8; mmb_st_meta and safetensors' safe_open(...).metadata() read them back). Returns as

@@ -168,9 +168,36 @@ static void test_write_meta(void) {
     mmb_ctx_free(ctx);
 }
 
+/* mmb_file_write: the one writer's promises seen from the API (tests/oracle/test_hostile_outputs.py has the
+ * CLI's): bytes written, a FIFO refused and left a FIFO, a symlink written through, the mode kept. */
+static void test_file_write(void) {
+    mmb_ctx *ctx = NULL;
+    mmb_ctx_params cp = mmb_ctx_default_params();
+    cp.n_threads = 1;
+    CHECK(mmb_ctx_new(&cp, &ctx) == MMB_OK, "ctx");
+    const char *path = "api_test_file.txt", *fifo = "api_test_fifo", *link = "api_test_link";
+    remove(path), remove(fifo), remove(link);
+    CHECK(mmb_file_write(ctx, NULL, "x", 1) == MMB_ERR_ARG && mmb_file_write(ctx, path, NULL, 1) == MMB_ERR_ARG,
+          "bad arguments refused");
+    CHECK(mmb_file_write(ctx, path, "abc", 3) == MMB_OK, "write: %s", mmb_ctx_error(ctx));
+    struct stat st;
+    CHECK(stat(path, &st) == 0 && st.st_size == 3, "three bytes written");
+    CHECK(chmod(path, 0600) == 0 && symlink(path, link) == 0, "setup");
+    CHECK(mmb_file_write(ctx, link, "abcd", 4) == MMB_OK, "write through the link: %s", mmb_ctx_error(ctx));
+    CHECK(lstat(link, &st) == 0 && S_ISLNK(st.st_mode), "the link kept");
+    CHECK(stat(path, &st) == 0 && st.st_size == 4 && (st.st_mode & 07777) == 0600, "target replaced, mode kept");
+    CHECK(mkfifo(fifo, 0644) == 0, "mkfifo");
+    CHECK(mmb_file_write(ctx, fifo, "x", 1) == MMB_ERR_IO && strstr(mmb_ctx_error(ctx), "is a FIFO"),
+          "a FIFO refused: %s", mmb_ctx_error(ctx));
+    CHECK(lstat(fifo, &st) == 0 && S_ISFIFO(st.st_mode), "the FIFO left alone");
+    remove(path), remove(fifo), remove(link);
+    mmb_ctx_free(ctx);
+}
+
 int main(void) {
     test_fixed_values();
     test_roundtrip_and_example();
     test_write_meta();
+    test_file_write();
     return DONE("api");
 }

@@ -108,7 +108,8 @@ mmb_ctx *cli_ctx(const cli_ctx_opts *o);
 
 double cli_now(void);                  /* seconds, monotonic */
 
-/* Writes `text` to path; returns 0 or 1 after printing why. */
+/* Writes `text` to path as mmb_file_write does (through symlinks, mode kept, non-regular paths refused,
+ * fsynced, atomic); returns 0 or 1 after printing why. */
 int cli_write_text(const char *path, const char *text);
 
 /* Expands `in` into *out, a malloc'd array of malloc'd paths, *n of them: a directory becomes its

@@ -154,20 +154,17 @@ static void write_svg(FILE *f, const row *rows, int n, const char *title) {
     fprintf(f, "</svg>\n");
 }
 
-/* Writes path through fn, via a temporary file renamed into place. */
+/* Writes path through fn: the text made in memory, then written as every output is (cli_write_text). */
 static int write_out(const char *path, void (*fn)(FILE *, const row *, int, const char *), const row *rows, int n,
                      const char *title) {
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "w");
-    if (!f) { fprintf(stderr, "mmbridge: error: %s: %s\n", tmp, strerror(errno)); return 1; }
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f) return cli_fail(NULL, "out of memory");
     fn(f, rows, n, title);
-    if (fclose(f) != 0 || rename(tmp, path) != 0) {
-        fprintf(stderr, "mmbridge: error: %s: %s\n", path, strerror(errno));
-        remove(tmp);
-        return 1;
-    }
-    return 0;
+    int r = fclose(f) != 0 || !buf ? cli_fail(NULL, "out of memory") : cli_write_text(path, buf);
+    free(buf);
+    return r;
 }
 
 static void csv_fn(FILE *f, const row *rows, int n, const char *title) { (void)title; write_csv(f, rows, n); }

@@ -32,13 +32,13 @@ double cli_now(void) {
 }
 
 int cli_write_text(const char *path, const char *text) {
-    FILE *f = fopen(path, "w");
-    if (!f || fputs(text, f) < 0 || fclose(f) != 0) {
-        fprintf(stderr, "mmbridge: error: cannot write %s: %s\n", path, strerror(errno));
-        if (f) fclose(f);
-        return 1;
-    }
-    return 0;
+    mmb_ctx_params p = mmb_ctx_default_params();
+    p.n_threads = 1;
+    mmb_ctx *ctx = NULL;
+    if (mmb_ctx_new(&p, &ctx) != MMB_OK) return cli_fail(NULL, "cannot create a context");
+    int r = mmb_file_write(ctx, path, text, strlen(text)) != MMB_OK ? cli_fail(ctx, NULL) : 0;
+    mmb_ctx_free(ctx);
+    return r;
 }
 
 void cli_free_list(char **v, int n) {

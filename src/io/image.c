@@ -316,7 +316,7 @@ static void png_run(mmb_ctx *ctx, png_state *s, const char *name, int64_t max_pi
     s->st = MMB_OK;
 }
 
-/* Writing: libpng's simplified API into memory, then a temporary file renamed into place. */
+/* Writing: libpng's simplified API into memory, then the file written as every output is (mmb__out_write_all). */
 mmb_status mmb__png_write(mmb_ctx *ctx, const char *path, const unsigned char *rgb, int width, int height) {
     if (!path || !rgb || width < 1 || height < 1) return mmb__err(ctx, MMB_ERR_ARG, "mmb__png_write: bad argument");
     png_image im;
@@ -333,19 +333,7 @@ mmb_status mmb__png_write(mmb_ctx *ctx, const char *path, const unsigned char *r
     mmb_status st = MMB_OK;
     if (!png_image_write_to_memory(&im, buf, &n, 0, rgb, 0, NULL))
         st = mmb__err(ctx, MMB_ERR_IO, "%s: cannot encode the PNG: %s", path, im.message);
-    char *tmp = st == MMB_OK ? malloc(strlen(path) + 8) : NULL;
-    if (st == MMB_OK && !tmp) st = mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", path);
-    if (tmp) {
-        sprintf(tmp, "%s.tmp", path);
-        FILE *f = fopen(tmp, "wb");
-        bool ok = f && fwrite(buf, 1, n, f) == n;
-        if (f && fclose(f) != 0) ok = false;
-        if (!ok || rename(tmp, path) != 0) {
-            st = mmb__err(ctx, MMB_ERR_IO, "%s: cannot write: %s", path, strerror(errno));
-            remove(tmp);
-        }
-    }
-    free(tmp);
+    if (st == MMB_OK) st = mmb__out_write_all(ctx, path, buf, n);
     free(buf);
     return st;
 }

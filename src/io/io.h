@@ -4,6 +4,8 @@
 
 #include "tensor/tensor.h"
 
+#include <stdio.h>
+
 /* ---- io/safetensors.c ------------------------------------------------------------------------ */
 const char *mmb__st_path(const mmb_st_file *f);
 /* The key comparisons the header's duplicate-name check made while opening f (for tests that bound
@@ -105,8 +107,36 @@ mmb_status mmb__ckpt_floats(mmb_ctx *ctx, const mmb_ckpt *c, const char *name, i
 mmb_status mmb__ckpt_dwconv(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *name, int64_t C,
                             bool bias, float **w9, float **b);
 
+/* ---- io/out.c: every output file ------------------------------------------------------------ */
+/* An output being written: a temporary file beside the destination, renamed onto it at commit. */
+typedef struct mmb__out {
+    FILE *f;     /* write the contents here (stdio, binary) */
+    int fd;      /* f's descriptor */
+    char *path;  /* the destination, with symlinks followed: the file that the commit replaces */
+    char *tmp;   /* the temporary file: path's directory/.mmb-HOSTHASH-PID-XXXXXX */
+} mmb__out;
+
+/* Opens an output for path. Follows symlinks to the file they name (a dangling link: the file it
+ * names is created). Refuses with MMB_ERR_IO, naming the kind, a destination that exists and is not
+ * a regular file (FIFO, device, socket, directory): nothing there is touched. Creates the temporary
+ * in the destination's directory with the replaced file's mode (and owner, where the process may
+ * set it), or 0666 & ~umask for a new file, after removing the stale temporaries of dead writers of
+ * this host in that directory. Returns MMB_OK with *o ready, or MMB_ERR_ARG (no name) / MMB_ERR_IO
+ * / MMB_ERR_NOMEM with *o holding nothing (mmb__out_abort on it is a no-op). */
+mmb_status mmb__out_open(mmb_ctx *ctx, const char *path, mmb__out *o);
+/* Flushes and fsyncs o's temporary file, renames it onto o->path and fsyncs the directory; then
+ * releases o. Returns MMB_OK, or MMB_ERR_IO (a write error seen on o->f, a full disk, a failed
+ * rename: the temporary removed and the destination untouched; or a failed directory sync after
+ * the rename: the new file in place). o holds nothing afterwards, whatever the result. */
+mmb_status mmb__out_commit(mmb_ctx *ctx, mmb__out *o);
+/* Closes and removes o's temporary file, leaving the destination untouched, and releases o.
+ * Safe on an output already committed or aborted, or one whose mmb__out_open failed. */
+void mmb__out_abort(mmb__out *o);
+/* mmb__out_open, n bytes of data, mmb__out_commit: the whole file in one call. Returns as those. */
+mmb_status mmb__out_write_all(mmb_ctx *ctx, const char *path, const void *data, size_t n);
+
 /* ---- io/image.c ------------------------------------------------------------------------------- */
-/* Writes rgb (height x width x 3 bytes) as an 8-bit RGB PNG at path (a temporary file renamed into place).
+/* Writes rgb (height x width x 3 bytes) as an 8-bit RGB PNG at path (written as mmb__out_write_all writes).
  * Returns MMB_OK, MMB_ERR_ARG, MMB_ERR_IO or MMB_ERR_NOMEM. */
 mmb_status mmb__png_write(mmb_ctx *ctx, const char *path, const unsigned char *rgb, int width, int height);
 

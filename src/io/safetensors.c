@@ -351,29 +351,25 @@ mmb_status mmb_st_write_meta(mmb_ctx *ctx, const char *path, const mmb_tensor *t
     char *hdr = build_header(ts, n, keys, values, n_meta, &data_len);
     if (!hdr) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: cannot build the header", path);
     size_t hl = strlen(hdr), padded = (hl + 7) & ~(size_t)7;
-    char *tmp = malloc(strlen(path) + 32);
-    if (!tmp) { free(hdr); return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory", path); }
-    sprintf(tmp, "%s.tmp.%ld", path, (long)getpid());
-    FILE *fp = fopen(tmp, "wb");
-    mmb_status s = MMB_OK;
-    if (!fp) s = mmb__err(ctx, MMB_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
-    else {
-        unsigned char len8[8];
-        for (int i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)padded >> (8 * i));
-        bool ok = fwrite(len8, 1, 8, fp) == 8 && fwrite(hdr, 1, hl, fp) == hl;
-        for (size_t i = hl; i < padded && ok; i++) ok = fputc(' ', fp) != EOF;
-        for (int i = 0; i < n && ok; i++) {
-            size_t bytes = (size_t)mmb_tensor_numel(&ts[i]) * mmb_dtype_size(ts[i].dtype);
-            ok = bytes == 0 || fwrite(ts[i].data, 1, bytes, fp) == bytes;
-        }
-        ok = fflush(fp) == 0 && ok;
-        ok = fclose(fp) == 0 && ok;
-        if (!ok) s = mmb__err(ctx, MMB_ERR_IO, "%s: write failed: %s", tmp, strerror(errno));
-        else if (rename(tmp, path) != 0)
-            s = mmb__err(ctx, MMB_ERR_IO, "%s: cannot rename into place: %s", path, strerror(errno));
-        if (s != MMB_OK) unlink(tmp);
+    mmb__out o;
+    mmb_status s = mmb__out_open(ctx, path, &o);
+    if (s != MMB_OK) {
+        free(hdr);
+        return s;
     }
-    free(tmp);
+    unsigned char len8[8];
+    for (int i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)padded >> (8 * i));
+    bool ok = fwrite(len8, 1, 8, o.f) == 8 && fwrite(hdr, 1, hl, o.f) == hl;
+    for (size_t i = hl; i < padded && ok; i++) ok = fputc(' ', o.f) != EOF;
+    for (int i = 0; i < n && ok; i++) {
+        size_t bytes = (size_t)mmb_tensor_numel(&ts[i]) * mmb_dtype_size(ts[i].dtype);
+        ok = bytes == 0 || fwrite(ts[i].data, 1, bytes, o.f) == bytes;
+    }
+    if (!ok) {
+        s = mmb__err(ctx, MMB_ERR_IO, "%s: write failed: %s", path, strerror(errno));
+        mmb__out_abort(&o);
+    } else
+        s = mmb__out_commit(ctx, &o);
     free(hdr);
     return s;
 }

@@ -456,23 +456,24 @@ static mmb_status write_projector(trainer *t) {
     return s;
 }
 
-/* Copies file `name` of src into dst (a temporary name, then renamed). */
+/* Copies file `name` of src into dst, written as every output is (mmb__out_open / mmb__out_commit). */
 static mmb_status copy_file(mmb_ctx *ctx, const char *src, const char *dst, const char *name) {
-    char a[4200], b[4200], tmp[4300];
+    char a[4200], b[4200];
     snprintf(a, sizeof a, "%s/%s", src, name);
     snprintf(b, sizeof b, "%s/%s", dst, name);
-    snprintf(tmp, sizeof tmp, "%s.tmp", b);
-    FILE *in = NULL, *out = NULL;
+    FILE *in = NULL;
     mmb_status s = mmb__fopen_input(ctx, a, &in);  /* a FIFO, device or socket: refused at once */
-    if (s == MMB_OK && !(out = fopen(tmp, "wb"))) s = mmb__err(ctx, MMB_ERR_IO, "%s: %s", tmp, strerror(errno));
+    if (s != MMB_OK) return s;
+    mmb__out o;
+    s = mmb__out_open(ctx, b, &o);
     char buf[65536];
     size_t n;
     while (s == MMB_OK && (n = fread(buf, 1, sizeof buf, in)) > 0)
-        if (fwrite(buf, 1, n, out) != n) s = mmb__err(ctx, MMB_ERR_IO, "%s: write failed", tmp);
-    if (in) fclose(in);
-    if (out && fclose(out) != 0 && s == MMB_OK) s = mmb__err(ctx, MMB_ERR_IO, "%s: write failed", tmp);
-    if (s == MMB_OK && rename(tmp, b) != 0) s = mmb__err(ctx, MMB_ERR_IO, "%s: %s", b, strerror(errno));
-    if (s != MMB_OK && out) remove(tmp);
+        if (fwrite(buf, 1, n, o.f) != n) s = mmb__err(ctx, MMB_ERR_IO, "%s: write failed: %s", b, strerror(errno));
+    if (s == MMB_OK && ferror(in)) s = mmb__err(ctx, MMB_ERR_IO, "%s: read failed", a);
+    fclose(in);
+    if (s == MMB_OK) s = mmb__out_commit(ctx, &o);
+    else mmb__out_abort(&o);
     return s;
 }
 
@@ -534,20 +535,19 @@ static void read_curve(const trainer *t, double *loss, double *lr, int64_t n) {
 /* loss.csv and loss.png (the curve on a white 640 x 360 canvas, the loss axis from 0 to its maximum). */
 static mmb_status write_curve(trainer *t, const double *loss, const double *lr, int64_t n) {
     mmb_ctx *ctx = t->ctx;
-    char *path = out_path(t, "loss.csv"), *tmp = path ? malloc(strlen(path) + 8) : NULL;
-    if (!tmp) {
-        free(path);
-        return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    char *path = out_path(t, "loss.csv");
+    if (!path) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    mmb__out o;
+    mmb_status s = mmb__out_open(ctx, path, &o);
+    if (s == MMB_OK) {
+        bool ok = fprintf(o.f, "step,loss,lr\n") > 0;
+        for (int64_t i = 0; i < n && ok; i++) ok = fprintf(o.f, "%lld,%.9g,%.9g\n", (long long)(i + 1), loss[i], lr[i]) > 0;
+        if (ok) s = mmb__out_commit(ctx, &o);
+        else {
+            s = mmb__err(ctx, MMB_ERR_IO, "%s: write failed: %s", path, strerror(errno));
+            mmb__out_abort(&o);
+        }
     }
-    sprintf(tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "w");
-    mmb_status s = f ? MMB_OK : mmb__err(ctx, MMB_ERR_IO, "%s: %s", tmp, strerror(errno));
-    if (f) {
-        fprintf(f, "step,loss,lr\n");
-        for (int64_t i = 0; i < n; i++) fprintf(f, "%lld,%.9g,%.9g\n", (long long)(i + 1), loss[i], lr[i]);
-        if (fclose(f) != 0 || rename(tmp, path) != 0) s = mmb__err(ctx, MMB_ERR_IO, "%s: write failed", path);
-    }
-    free(tmp);
     free(path);
     const int W = 640, H = 360, M = 30;
     unsigned char *img = s == MMB_OK ? malloc((size_t)(W * H * 3)) : NULL;

@@ -97,7 +97,7 @@ def assert_fails(tmp_path, model, features, *words, out=None, tensor=None, names
         assert re.search(w, err, re.IGNORECASE), f"stderr does not match {w!r}:\n{err}"
     assert not out.exists(), f"{out} was written"
     if out.parent.is_dir():
-        left = [x.name for x in out.parent.iterdir() if ".tmp." in x.name]
+        left = [x.name for x in out.parent.iterdir() if ".tmp." in x.name or x.name.startswith(".mmb-")]
         assert not left, f"temporaries left behind: {left}"
     return err
 
