@@ -57,6 +57,9 @@ cc -std=c11 -Wall -Wextra -Werror tests/test_api.c -o "$prefix/api_installed" \
 echo "== memory (Release: ASan replaces malloc): peak RSS bound, no allocation in a warm forward"
 (cd build && ./test_memory)
 MMB_BIN="$PWD/build/mmbridge" python3 -m pytest tests/oracle/test_memory.py -q -p no:cacheprovider
+echo "== hostile inputs under an address-space cap (Release: the sanitizers' shadow memory allows none)"
+MMB_BIN="$PWD/build/mmbridge" python3 -m pytest -q -p no:cacheprovider tests/oracle/test_hostile_templates.py \
+  tests/oracle/test_hostile_inputs.py tests/oracle/test_hostile_outputs.py | tail -n 3
 
 echo "== benchmark smoke (Release)"
 ./build/bench_gemm --quick

@@ -29,6 +29,26 @@ def build_dir():
     return ROOT / "build"
 
 
+def sanitized():
+    """Whether the build under test is an ASan or TSan one (its CMakeCache says so)."""
+    cache = build_dir() / "CMakeCache.txt"
+    text = cache.read_text() if cache.exists() else ""
+    return "MMB_SANITIZE:BOOL=ON" in text or "MMB_TSAN:BOOL=ON" in text
+
+
+def address_space_limit(mem):
+    """A preexec_fn that caps the child's address space at mem bytes (RLIMIT_AS), or None for a sanitized build:
+    ASan and TSan reserve terabytes of shadow memory at start, which no such cap allows. tests/run_all.sh runs the
+    hostile-input tests against the Release build too, where the cap holds."""
+    if sanitized():
+        return None
+
+    def pre():
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    return pre
+
+
 def compile_driver(name, out_dir):
     """Compiles tests/oracle/{name}.c against the build's libmmbridge.a (sanitized when the build is) into
     out_dir; skips the test when the library is not built. Returns the executable's path."""

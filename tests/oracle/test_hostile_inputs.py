@@ -7,7 +7,6 @@ across shards), non-regular files in place of every input (FIFOs, devices, socke
 the integers a checkpoint supplies, and a mapped file truncated while open."""
 import json
 import os
-import resource
 import shutil
 import socket
 import struct
@@ -16,7 +15,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, VISION, TEXT, compile_driver, save_features
+from conftest import BIN, VISION, address_space_limit, compile_driver, save_features
 from test_llava_transformers import make_llava
 
 V = VISION["hidden_size"]
@@ -27,9 +26,7 @@ TIMEOUT = 120  # seconds: a bound far above any run here, far below "forever"
 
 
 def limited(mem=MEM):
-    def pre():
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-    return pre
+    return address_space_limit(mem)
 
 
 def hostile(args, *needles, timeout=TIMEOUT, mem=MEM, ok=False):

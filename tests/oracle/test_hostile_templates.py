@@ -7,13 +7,12 @@ timeout, under an address-space limit of 2 GiB. The limits are stated in src/tex
 docs/decisions.md. Integer arithmetic is compared with jinja2's ImmutableSandboxedEnvironment (what
 transformers renders with); results beyond 64 bits, where Jinja2 computes a Python big integer, are
 refused by mmbridge."""
-import resource
 import subprocess
 import time
 
 import pytest
 
-from conftest import BIN
+from conftest import BIN, address_space_limit
 from test_chat_template import CONVERSATIONS, make_dir, oracle, render
 
 AS_LIMIT = 2 << 30
@@ -21,8 +20,6 @@ TIMEOUT = 120
 N = 100_000
 
 
-def _limit_memory():
-    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
 
 
 def run_bounded(d):
@@ -30,7 +27,7 @@ def run_bounded(d):
     (d / "msgs.json").write_text('[{"role": "user", "content": "hi"}]')
     t0 = time.monotonic()
     p = subprocess.run([str(BIN), "tokenize", str(d), "--chat", str(d / "msgs.json")], capture_output=True,
-                       timeout=TIMEOUT, preexec_fn=_limit_memory)
+                       timeout=TIMEOUT, preexec_fn=address_space_limit(AS_LIMIT))
     return p.returncode, p.stderr.decode("utf-8", "replace"), time.monotonic() - t0
 
 
