@@ -1,6 +1,7 @@
 /* The public API's promises: fixed status values, NULL-safe frees, defaults, the safetensors
  * round trip, and outputs left untouched when a call fails. Also runs the header's usage example
  * on a checkpoint written here. */
+#define _POSIX_C_SOURCE 200809L /* symlink, lstat: also when built with plain -std=c11 (the install check) */
 #include "check.h"
 #include "mmbridge.h"
 
