@@ -4,6 +4,7 @@
 #include "internal.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -242,6 +243,64 @@ static void test_hooks_and_cache(void) {
     mmb_ctx_free(ctx);
 }
 
+/* ---- two threads, each with its own context and cache, sharing one model ---- */
+
+typedef struct shared_run {
+    const mmb_lm *lm;
+    const float *emb;
+    float *logits;       /* (7, V) */
+    mmb_status s;
+} shared_run;
+
+static void *run_shared(void *arg) {
+    shared_run *r = arg;
+    mmb_ctx_params cp = mmb_ctx_default_params();
+    cp.n_threads = 2;
+    mmb_ctx *ctx = NULL;
+    mmb_kv_cache *kv = NULL;
+    r->s = mmb_ctx_new(&cp, &ctx);
+    if (r->s == MMB_OK) r->s = mmb_kv_cache_new(ctx, r->lm, 16, &kv);
+    for (int rep = 0; rep < 4 && r->s == MMB_OK; rep++) { /* prefill, then decode steps, as a server's request */
+        mmb_kv_cache_reset(kv);
+        r->s = mmb_lm_forward(ctx, r->lm, kv, r->emb, 5, r->logits, 0);
+        for (int i = 5; i < 7 && r->s == MMB_OK; i++)
+            r->s = mmb_lm_forward(ctx, r->lm, kv, r->emb + i * D, 1, r->logits + i * V, 1);
+    }
+    mmb_kv_cache_free(kv);
+    mmb_ctx_free(ctx);
+    return NULL;
+}
+
+static void test_shared_model_two_contexts(void) {
+    mmb_ctx_params cp = mmb_ctx_default_params();
+    cp.n_threads = 1;
+    mmb_ctx *ctx = NULL;
+    mmb_lm *lm = NULL;
+    CHECK(mmb_ctx_new(&cp, &ctx) == MMB_OK, "ctx");
+    CHECK(write_ckpt(ctx, "test_lm_shared") == 0, "write");
+    CHECK(mmb_lm_open(ctx, "test_lm_shared", &lm) == MMB_OK, "%s", mmb_ctx_error(ctx));
+    if (!lm) { mmb_ctx_free(ctx); return; }
+    enum { T = 7 };
+    int32_t ids[T] = {3, 14, 15, 9, 26, 5, 35};
+    float emb[T * D], want[T * V], got[2][T * V];
+    CHECK(mmb_lm_embed(ctx, lm, ids, T, emb) == MMB_OK, "embed");
+    shared_run one = {lm, emb, want, MMB_OK};
+    run_shared(&one); /* the reference: the same calls alone */
+    CHECK(one.s == MMB_OK, "alone: %d", one.s);
+    pthread_t th[2];
+    shared_run r[2] = {{lm, emb, got[0], MMB_OK}, {lm, emb, got[1], MMB_OK}};
+    for (int i = 0; i < 2; i++) CHECK(pthread_create(&th[i], NULL, run_shared, &r[i]) == 0, "thread %d", i);
+    for (int i = 0; i < 2; i++) pthread_join(th[i], NULL);
+    for (int i = 0; i < 2; i++) {
+        CHECK(r[i].s == MMB_OK, "thread %d: status %d", i, r[i].s);
+        CHECK(maxdiff(got[i], want, T * V) == 0.0, "thread %d's logits differ from a run alone by %g", i,
+              maxdiff(got[i], want, T * V));
+    }
+    CHECK(maxdiff(want, want + V, V) > 0, "trivial logits");
+    mmb_lm_free(lm);
+    mmb_ctx_free(ctx);
+}
+
 static void test_sampler(void) {
     float lg[6] = {0.5f, 2.0f, 1.0f, 2.0f, -1.0f, 0.0f};
     mmb_sampler s = mmb_sampler_default();
@@ -283,6 +342,7 @@ int main(void) {
     test_wmat();
     test_wmat_t();
     test_hooks_and_cache();
+    test_shared_model_two_contexts();
     test_sampler();
     return DONE("test_lm");
 }
