@@ -63,6 +63,8 @@ typedef struct trainer {
     int64_t n, rows, in_w, d;  /* samples, image rows, projector in / out widths */
     int32_t bos;               /* the tokenizer's BOS when it puts one, else -1 */
     char *cache, *out, *dir;   /* cache dir, output dir, the images' directory */
+    mmb_st_file *shard;        /* the cache shard last read (samples come in order), or NULL */
+    int64_t shard_k;           /* its index */
     int64_t skipped, cached;
     mmb_conn_cfg cc;
 } trainer;
@@ -293,19 +295,24 @@ static mmb_status fill_cache(trainer *t) {
 
 /* ---- one step ------------------------------------------------------------------------------------------- */
 
-/* Sample i's projector input from its shard into x (rows, in_w). */
-static mmb_status cached_input(trainer *t, int64_t i, float *x) {
-    char *path = shard_path(t, i / SHARD), nm[24];
-    mmb_st_file *f = NULL;
-    mmb_status s = path ? mmb_st_open(t->ctx, path, &f) : mmb__err(t->ctx, MMB_ERR_NOMEM, "out of memory");
+/* Sample i's projector input (rows, in_w), in place in its shard's mapping (kept open until the next shard). */
+static mmb_status cached_input(trainer *t, int64_t i, const float **x) {
+    char nm[24];
+    mmb_status s = MMB_OK;
+    if (!t->shard || t->shard_k != i / SHARD) {
+        mmb_st_close(t->shard);
+        t->shard = NULL;
+        char *path = shard_path(t, i / SHARD);
+        s = path ? mmb_st_open(t->ctx, path, &t->shard) : mmb__err(t->ctx, MMB_ERR_NOMEM, "out of memory");
+        t->shard_k = i / SHARD;
+        free(path);
+    }
     snprintf(nm, sizeof nm, "%lld", (long long)i);
-    const mmb_tensor *ten = s == MMB_OK ? mmb_st_find(f, nm) : NULL;
+    const mmb_tensor *ten = s == MMB_OK ? mmb_st_find(t->shard, nm) : NULL;
     if (s == MMB_OK && (!ten || ten->dtype != MMB_F32 || mmb_tensor_numel(ten) != t->rows * t->in_w))
         s = mmb__err(t->ctx, MMB_ERR_FORMAT, "%s: tensor '%s' is missing or not [%lld, %lld] F32 (the cache "
-                     "changed under the run)", path, nm, (long long)t->rows, (long long)t->in_w);
-    if (s == MMB_OK) memcpy(x, ten->data, sizeof(float) * (size_t)(t->rows * t->in_w));
-    mmb_st_close(f);
-    free(path);
+                     "changed under the run)", mmb__st_path(t->shard), nm, (long long)t->rows, (long long)t->in_w);
+    if (s == MMB_OK) *x = ten->data;
     return s;
 }
 
@@ -334,16 +341,16 @@ static mmb_status micro_batch(trainer *t, const int64_t *idx, int n, double scal
         most = t->s[idx[k]].n_ids > most ? t->s[idx[k]].n_ids : most;
     }
     const int64_t R = t->rows, L = (t->bos >= 0) + R + most;
-    float *x = malloc(sizeof(float) * (size_t)(R * t->in_w)), *emb = malloc(sizeof(float) * (size_t)(L * t->d)),
-          *g = malloc(sizeof(float) * (size_t)(L * t->d));
+    float *emb = malloc(sizeof(float) * (size_t)(L * t->d)), *g = malloc(sizeof(float) * (size_t)(L * t->d));
+    const float *x = NULL;
     int32_t *lab = malloc(sizeof(int32_t) * (size_t)L);
-    mmb_status s = x && emb && g && lab ? MMB_OK : mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for a sample");
+    mmb_status s = emb && g && lab ? MMB_OK : mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for a sample");
     double sum = 0;
     for (int k = 0; k < n && s == MMB_OK; k++) {
         const sample *sm = &t->s[idx[k]];
         int64_t b = t->bos >= 0, n_pos = b + R + sm->n_ids, cnt = 0;
         if (b) s = mmb_lm_embed(ctx, lm, &t->bos, 1, emb);
-        if (s == MMB_OK) s = cached_input(t, idx[k], x);
+        if (s == MMB_OK) s = cached_input(t, idx[k], &x);
         if (s == MMB_OK) s = t->ops->forward(ctx, t->proj, x, R, emb + b * t->d);
         if (s == MMB_OK) s = mmb_lm_embed(ctx, lm, sm->ids, sm->n_ids, emb + (b + R) * t->d);
         for (int64_t i = 0; i < n_pos; i++) lab[i] = i < b + R ? IGNORE : sm->ids[i - b - R];
@@ -353,7 +360,6 @@ static mmb_status micro_batch(trainer *t, const int64_t *idx, int n, double scal
         sum += ls;
         *positions += n_pos;
     }
-    free(x);
     free(emb);
     free(g);
     free(lab);
@@ -581,6 +587,7 @@ static mmb_status write_curve(trainer *t, const double *loss, const double *lr, 
 /* ---- the run ---------------------------------------------------------------------------------------------- */
 
 static void trainer_free(trainer *t) {
+    mmb_st_close(t->shard);
     for (int64_t i = 0; t->s && i < t->n; i++) {
         free(t->s[i].image);
         free(t->s[i].ids);
