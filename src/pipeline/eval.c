@@ -141,7 +141,7 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
             if (s == MMB_OK && m->xattn)
                 s = mmb__xattn_feed(ctx, m->xattn, mmb_kv_cache_len(kv), ids ? ch->ids + off : NULL, piece, false);
             const bool image = ch->type == MMB_CHUNK_IMAGE && !m->xattn;
-            mmb__lm_rows rw = {image ? experts : NULL, image ? rope : NULL};
+            mmb__lm_rows rw = {image ? experts : NULL, image ? rope : NULL, NULL};
             for (int64_t k = 0; rw.expert && k < piece; k++) /* CogVLM: the last (eoi) is a text row's */
                 experts[k] = !(m->image_last_text && off + k == ch->n - 1);
             for (int64_t k = 0; rw.rope_pos && k < piece; k++) { /* first p, inner p + 1, last p + 2 */
