@@ -445,7 +445,8 @@ static mmb_status bind_qk_norm(mmb_ctx *ctx, mmb_lm *lm, int l, lm_layer *y) {
             if (t->ndim != 2 || t->shape[0] != n[i].heads || t->shape[1] != lm->hd)
                 return mmb__err(ctx, MMB_ERR_SHAPE, "%s: tensor '%s' is not [%lld, %lld] (heads, head_dim)",
                                 lm->ck.dir, nm, (long long)n[i].heads, (long long)lm->hd);
-            s = mmb__ckpt_vec(ctx, &lm->ck, nm, n[i].heads * lm->hd, dst[k]);
+            const int64_t shape[2] = {n[i].heads, lm->hd};
+            s = mmb__ckpt_floats(ctx, &lm->ck, nm, 2, shape, dst[k]);
         }
     }
     if (s == MMB_OK) lm->qk_params += 2 * (lm->H + lm->KVH) * lm->hd;
@@ -601,7 +602,7 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
 /* Where the text model's weights are: the prefix of its embed_tokens.weight, or NULL. */
 static const char *find_prefix(const mmb_ckpt *c) {
     static const char *const prefixes[] = {"model.language_model.", "language_model.model.", "language_model.",
-                                           "lang_encoder.model.", "model.text_model.", "model."};
+                                           "lang_encoder.model.", "model.text_model.", "text_model.model.", "model."};
     for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++) {
         char nm[64];
         snprintf(nm, sizeof nm, "%sembed_tokens.weight", prefixes[i]);
@@ -637,6 +638,13 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
     if ((s = mmb__lm_bind(ctx, lm, nm, lm->vocab + lm->embed_only, lm->d, &lm->embed)) != MMB_OK) goto fail;
     snprintf(nm, sizeof nm, "%sembed_tokens.additional_embedding.weight", lm->prefix);
     if (lm->extra && (s = mmb__lm_bind(ctx, lm, nm, lm->extra, lm->d, &lm->embed2)) != MMB_OK) goto fail;
+    bool top_tied = false; /* Janus: the top level ties (no lm_head in the file), its text_config says not */
+    mmb_status ts = MMB_OK;
+    if (!tied && !mmb__ckpt_find(&lm->ck, "lm_head.weight", NULL) &&
+        !mmb__ckpt_find(&lm->ck, "language_model.lm_head.weight", NULL) &&
+        !mmb__ckpt_find(&lm->ck, "text_model.lm_head.weight", NULL) &&
+        mmb__cfg_bool(ctx, &lm->ck, "tie_word_embeddings", &top_tied, &ts) && top_tied && !lm->extra)
+        tied = true;
     if (tied) {
         lm->head = lm->embed;
         lm->head.n = lm->vocab;
@@ -648,6 +656,7 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
             h2 = "lm_head.weight";
         }
         if (strcmp(lm->prefix, "lang_encoder.model.") == 0) h = "lang_encoder.lm_head.weight";
+        if (strcmp(lm->prefix, "text_model.model.") == 0) h = "text_model.lm_head.weight"; /* Emu3's saved layout */
         if (!mmb__ckpt_find(&lm->ck, h, NULL) && mmb__ckpt_find(&lm->ck, h2, NULL)) h = h2;
         if ((s = mmb__lm_bind(ctx, lm, h, lm->vocab, lm->d, &lm->head)) != MMB_OK) goto fail;
         snprintf(nm, sizeof nm, "%.*sadditional_fc.weight", (int)(strlen(h) - strlen("weight")), h);
