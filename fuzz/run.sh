@@ -4,6 +4,8 @@
 #   fuzz/run.sh [BUILD_DIR]        (default build-fuzz; needs clang)
 #   FUZZ_RUNS=N                    iterations per target (default 20000)
 #   FUZZ_MAX_LEN=N                 largest input (default 4096)
+#   FUZZ_TARGETS="a b"             the targets to run (default: all six)
+#   FUZZ_TIME=S                    also stop each target after S seconds (default: none)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=${1:-build-fuzz}
@@ -14,7 +16,8 @@ MAX_LEN=${FUZZ_MAX_LEN:-4096}
 # MMB_FUZZ builds the library with -fsanitize=fuzzer-no-link so libFuzzer sees its coverage.
 CC=${CC:-clang} cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DMMB_FUZZ=ON -DMMB_SANITIZE=ON \
     -DMMB_BUILD_BENCH=OFF -DMMB_BUILD_TESTS=OFF >/dev/null
-cmake --build "$BUILD" -j"$(nproc 2>/dev/null || echo 2)" --target fuzz_safetensors fuzz_config >/dev/null
+cmake --build "$BUILD" -j"$(nproc 2>/dev/null || echo 2)" --target fuzz_safetensors fuzz_config fuzz_chat fuzz_tokenizer fuzz_image \
+    fuzz_preprocessor >/dev/null
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mmb-fuzz.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -22,11 +25,12 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
 status=0
-for t in safetensors config; do
+for t in ${FUZZ_TARGETS:-safetensors config chat tokenizer image preprocessor}; do
     mkdir -p "$WORK/$t" "$WORK/$t-artifacts"
     cp "$ROOT/fuzz/corpus/$t/"* "$WORK/$t/"
     echo "== fuzz_$t: $RUNS runs, max_len $MAX_LEN"
-    if ! "$BUILD/fuzz_$t" -runs="$RUNS" -max_len="$MAX_LEN" -timeout=10 -rss_limit_mb=2048 \
+    if ! "$BUILD/fuzz_$t" -runs="$RUNS" -max_len="$MAX_LEN" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=1024 \
+            ${FUZZ_TIME:+-max_total_time=$FUZZ_TIME} \
             -artifact_prefix="$WORK/$t-artifacts/" "$WORK/$t" >"$WORK/$t.log" 2>&1; then
         tail -n 60 "$WORK/$t.log"
         mkdir -p "$BUILD/fuzz-crashes"

@@ -155,7 +155,6 @@ static mmb_status bind_gn(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, c
 }
 
 static mmb_status bind_res(mmb_ctx *ctx, const mmb_ckpt *c, const char *p, int64_t cin, int64_t cout, resblock *r) {
-    char q[512];
     r->cin = cin;
     r->cout = cout;
     mmb_status s = bind_gn(ctx, c, p, "norm1", cin, &r->n1);
@@ -164,7 +163,6 @@ static mmb_status bind_res(mmb_ctx *ctx, const mmb_ckpt *c, const char *p, int64
     if (s == MMB_OK) s = bind_conv(ctx, c, p, "conv2", cout, cout, 3, 1, PAD1, &r->c2);
     if (s != MMB_OK || cin == cout) return s;
     r->has_sc = true;
-    snprintf(q, sizeof q, "%s", p);
     if (present(c, p, "conv_shortcut")) return bind_conv(ctx, c, p, "conv_shortcut", cin, cout, 3, 1, PAD1, &r->sc);
     return bind_conv(ctx, c, p, "nin_shortcut", cin, cout, 1, 1, PAD0, &r->sc);
 }
