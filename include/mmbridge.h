@@ -824,6 +824,70 @@ MMB_API mmb_status mmb_chat_render_json(mmb_ctx *ctx, const mmb_tokenizer *t, co
                                         int add_generation_prompt, char **out);
 
 /* ---------------------------------------------------------------------------------------------
+ * VQ image tokenizers (fusion type D): an image to discrete codes and back
+ * ------------------------------------------------------------------------------------------- */
+
+/* A VQ-VAE image tokenizer: Chameleon's ChameleonVQVAE (encoder), Janus' JanusVQVAE (encoder and decoder), Emu3's
+ * Emu3VQVAE (encoder and decoder), as transformers runs them, weights from a checkpoint. */
+typedef struct mmb_vq mmb_vq;
+
+typedef struct mmb_vq_info {
+    const char *kind;           /* the VQ config's model_type: "chameleon_vqgan", "janus_vqgan", "emu3_vqgan" */
+    int64_t codebook_size;      /* codes (num_embeddings / codebook_size) */
+    int64_t embed_dim;          /* the width of one code */
+    int64_t latent_channels;
+    int downsample;             /* pixels per code side: 2^(levels - 1) */
+    int temporal;               /* Emu3's temporal_downsample_factor (frames an image is repeated into), else 1 */
+    int has_encoder, has_decoder;
+    int64_t encoder_params, decoder_params; /* quant_conv and the codebook with the encoder, post_quant_conv with
+                                               the decoder */
+    int resolution;             /* the config's image side (Chameleon's resolution), 0 when it names none */
+    int in_channels, out_channels;
+} mmb_vq_info;
+
+/* Opens the VQ tokenizer of checkpoint directory dir: a whole model's (config.json's vq_config, weights under
+ * model.vqmodel.* or vqmodel.*: ChameleonForConditionalGeneration, JanusForConditionalGeneration,
+ * Emu3ForConditionalGeneration) or a VQ model's own (ChameleonVQVAE, JanusVQVAE, Emu3VQVAE save_pretrained:
+ * model_type *_vqgan, weights unprefixed). Every weight's presence, dtype and shape is checked (a codebook of
+ * another width than embed_dim: MMB_ERR_SHAPE naming the tensor). Returns MMB_OK; MMB_ERR_UNSUPPORTED for another
+ * VQ model_type or settings this build does not run (double_latent, another attn_type); MMB_ERR_IO /
+ * MMB_ERR_FORMAT / MMB_ERR_MISSING / MMB_ERR_SHAPE with a message naming the file and tensor; MMB_ERR_NOMEM.
+ * Free with mmb_vq_free. */
+MMB_API mmb_status mmb_vq_open(mmb_ctx *ctx, const char *dir, mmb_vq **out);
+/* Frees it (NULL: nothing). A VQ a multimodal model owns (mmb_mllm_vq) is freed with the model. */
+MMB_API void mmb_vq_free(mmb_vq *vq);
+MMB_API mmb_status mmb_vq_get_info(const mmb_vq *vq, mmb_vq_info *out);
+
+/* pixels [n, 3, height, width] f32, as the model's image processor makes them -> codes [n, height / downsample,
+ * width / downsample] (the nearest codebook entry of each latent by squared L2 distance, |z|^2 + |e|^2 - 2 z.e as
+ * transformers computes it, the lowest index on ties as torch.argmin) and, when latents is not NULL, latents
+ * [n, embed_dim, height / downsample, width / downsample], the quant_conv output the codes are the nearest entries
+ * of. Returns MMB_OK; MMB_ERR_SHAPE for a side that is not a positive multiple of downsample; MMB_ERR_UNSUPPORTED
+ * for a VQ without an encoder; MMB_ERR_ARG for NULL pointers or n < 1; MMB_ERR_IO (a mapped file truncated);
+ * MMB_ERR_NOMEM. */
+MMB_API mmb_status mmb_vq_encode(mmb_ctx *ctx, const mmb_vq *vq, const float *pixels, int64_t n, int height,
+                                 int width, int32_t *codes, float *latents);
+/* codes [n, grid_h, grid_w] -> pixels [n, out_channels, grid_h * downsample, grid_w * downsample] f32: the
+ * decoder's output before the processor's postprocess (JanusVQVAE.decode, Emu3VQVAE.decode's first frame).
+ * Returns MMB_OK; MMB_ERR_ARG for a code outside [0, codebook_size) (naming its position), NULL pointers or a
+ * grid side < 1; MMB_ERR_SHAPE for a grid the model cannot take (Janus: its num_patches square);
+ * MMB_ERR_UNSUPPORTED for a VQ without a decoder; MMB_ERR_NOMEM. */
+MMB_API mmb_status mmb_vq_decode(mmb_ctx *ctx, const mmb_vq *vq, const int32_t *codes, int64_t n, int grid_h,
+                                 int grid_w, float *pixels);
+/* FLOPs (2 per multiply-add: the convolutions, attention and the code search) of one image of height x width
+ * through the encoder (decode 0) or of its codes through the decoder (decode 1); 0 for a part the VQ lacks. */
+MMB_API int64_t mmb_vq_flops(const mmb_vq *vq, int height, int width, int decode);
+
+/* The image processor's postprocess of decoded pixels [3, height, width] (JanusImageProcessor's, Emu3's:
+ * x * std + mean as normalize(-mean / std, 1 / std) in f32, then * (1 / rescale_factor) in double, clipped to
+ * [0, 255] and truncated to 8 bits) into *out (mmb_image_free it). Returns MMB_OK; MMB_ERR_ARG; MMB_ERR_NOMEM. */
+MMB_API mmb_status mmb_preprocess_postprocess(mmb_ctx *ctx, const mmb_preprocess *p, const float *pixels, int height,
+                                              int width, mmb_image *out);
+/* Writes img as an 8-bit RGB PNG to path, as every output is written (a temporary file renamed over it; a
+ * FIFO, device or directory refused). Returns MMB_OK, MMB_ERR_ARG or MMB_ERR_IO with a message. */
+MMB_API mmb_status mmb_image_write_png(mmb_ctx *ctx, const char *path, const mmb_image *img);
+
+/* ---------------------------------------------------------------------------------------------
  * The multimodal model: one checkpoint directory opened through the library's family table (its
  * vision path: processor, tower, taps, connector; its fusion; its language model and tokenizer where
  * the directory has them), with the whole job from image files and a prompt to streamed text done
@@ -935,6 +999,12 @@ typedef struct mmb_mllm_info {
      * for PEFT). */
     int expert_sets, adapter_layers;
     int64_t adapter_len, added_params, added_flops_per_token, adapter_flops_per_image;
+    /* Fusion D (the image as ids of the LLM's vocabulary), 0 otherwise: the VQ tokenizer's codebook entries and
+     * the pixels one code covers on a side; vq_encodes: it reads images (Chameleon, Emu3: tokens_per_image is the
+     * ids, and the positions, an image takes at the processor's size); vq_decodes: it turns ids into pixels (the
+     * model generates images: Janus, mmb_mllm_generate_image). */
+    int64_t vq_codebook;
+    int vq_downsample, vq_encodes, vq_decodes;
 } mmb_mllm_info;
 
 /* Fills *out; strings belong to the model. Returns MMB_OK or MMB_ERR_ARG for NULL pointers. */
@@ -948,6 +1018,8 @@ MMB_API const mmb_vit *mmb_mllm_vit(const mmb_mllm *m);
 MMB_API const mmb_lm *mmb_mllm_lm(const mmb_mllm *m);
 MMB_API const mmb_tokenizer *mmb_mllm_tokenizer(const mmb_mllm *m);
 MMB_API const mmb_preprocess *mmb_mllm_processor(const mmb_mllm *m);
+/* Fusion D: the model's VQ tokenizer (mmb_vq_encode / mmb_vq_decode), owned by the model; NULL otherwise. */
+MMB_API const mmb_vq *mmb_mllm_vq(const mmb_mllm *m);
 
 /* Encoding images: the processor, the tower and the connector in one pass. */
 typedef struct mmb_encode_out {
@@ -1137,6 +1209,62 @@ typedef struct mmb_gen_result {
  * mmb_mllm_eval (the prompt alone overflowing the cache is MMB_ERR_SHAPE) and mmb_sample. */
 MMB_API mmb_status mmb_mllm_generate(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mmb_chunks *prompt,
                                      const mmb_gen_params *p, mmb_gen_result *res);
+
+/* ---- image generation (fusion D written by the LLM: Janus, Janus-Pro) ---------------------------------- */
+
+typedef struct mmb_imagegen_params {
+    /* Classifier-free guidance. Janus: scores = uncond + guidance_scale * (cond - uncond), the unconditional prompt
+     * being the prompt with every id but bos and begin-of-image replaced by pad (its generate). Emu3: on the
+     * log-softmax of both (UnbatchedClassifierFreeGuidanceLogitsProcessor), the unconditional prompt being
+     * negative_ids. <= 0: the checkpoint's generation_config.json guidance_scale, else 5 (Janus) or 3 (Emu3's
+     * example); <= 1 after that: no guidance (the conditional scores alone, one sequence). */
+    float guidance_scale;
+    const int32_t *negative_ids;/* Emu3: the unconditional prompt (mmb_mllm_tokenize_image_prompt of the negative
+                                   text); NULL: its last id alone, as transformers' processor does without one */
+    int64_t n_negative;
+    int grid_h, grid_w;         /* Emu3: the codes to generate (rows, columns), as the prompt names them; the
+                                   prompt's must agree. 0: the model's (Janus: its fixed grid) */
+    mmb_sampler sampler;        /* how each image id is drawn from the guided scores (the default: argmax) */
+    mmb_progress_fn on_progress;/* phase "image": after each image id (done, total); NULL: none */
+    void *user;
+    const volatile int *abort;  /* checked before each id: raised, the call returns MMB_ERR_ABORTED */
+} mmb_imagegen_params;
+
+/* Returns the default: the model's guidance, greedy, no callbacks. */
+MMB_API mmb_imagegen_params mmb_imagegen_default_params(void);
+
+typedef struct mmb_imagegen_result {
+    int32_t *ids;               /* the image's codes, grid_h x grid_w row-major (n_ids) */
+    int64_t n_ids;
+    int grid_h, grid_w;
+    float *pixels;              /* [3, height, width]: the VQ decoder's output, before the processor's postprocess */
+    int height, width;
+    double prefill_s, decode_s, vq_s; /* wall time: both prompts, the ids, the VQ decoder */
+} mmb_imagegen_result;
+
+/* Frees what a result holds and zeroes it (NULL: nothing). */
+MMB_API void mmb_imagegen_result_free(mmb_imagegen_result *r);
+
+/* The prompt of an image generation as the model's processor makes it: text (MMB_TOKENIZE_CHAT: rendered as the
+ * user's turn with the generation prompt) followed by the begin-of-image token (JanusProcessor with
+ * generation_mode "image"), or the BOS, text and "<|image start|>{grid_h}*{grid_w}<|image token|>" (Emu3Processor
+ * with return_for_image_generation; a grid of 0 x 0: 90 x 90, its 518400-pixel 1:1 default), tokenized; *ids is
+ * malloc'd (the caller frees it), *n its length. Returns MMB_OK; MMB_ERR_UNSUPPORTED for a model that does not
+ * generate images; MMB_ERR_MISSING without a tokenizer, a chat template (CHAT) or a begin-of-image token; the
+ * tokenizer's statuses. */
+MMB_API mmb_status mmb_mllm_tokenize_image_prompt(mmb_ctx *ctx, const mmb_mllm *m, const char *text, int flags,
+                                                  int grid_h, int grid_w, int32_t **ids, int64_t *n);
+
+/* Generates an image from prompt ids[0, n) (mmb_mllm_tokenize_image_prompt's) as JanusForConditionalGeneration's
+ * generate(generation_mode="image"): the model's n_ids image ids one by one through its generation head, under
+ * classifier-free guidance, each fed back through its generation embeddings; then the VQ decoder. Both sequences
+ * get KV caches of their own, made and freed here. On success *out holds the ids and the pixels (free with
+ * mmb_imagegen_result_free). Returns MMB_OK; MMB_ERR_UNSUPPORTED for a model without image generation;
+ * MMB_ERR_ARG for NULL pointers, an empty prompt or ids outside the vocabulary; MMB_ERR_MISSING without the pad
+ * id that guidance needs; MMB_ERR_SHAPE when prompt and image exceed the context; MMB_ERR_ABORTED; MMB_ERR_NOMEM.
+ * *out is untouched on failure. */
+MMB_API mmb_status mmb_mllm_generate_image(mmb_ctx *ctx, mmb_mllm *m, const int32_t *ids, int64_t n,
+                                           const mmb_imagegen_params *p, mmb_imagegen_result *out);
 
 /* ---------------------------------------------------------------------------------------------------------
  * Stage-1 training: a LLaVA projector trained through the frozen tower and LLM (LLaVA's pretraining recipe).

@@ -236,6 +236,119 @@ static void test_pool(mmb_ctx *ctx) {
     CHECK(o[0] == 1.5f && fabsf(o[1] - 14.0f / 3.0f) < 1e-6f && o[2] == 12.0f, "pool bins %g %g %g", o[0], o[1], o[2]);
 }
 
+
+/* ---- tensor/conv2d.c: Conv2d through the GEMM (3x3 pad 1, Chameleon's pad (0,1,0,1) stride 2, 1x1, a
+ * rectangular kernel, several tiles), GroupNorm (+SiLU), nearest resize; threaded against the oracles. */
+
+static float *frands(unsigned *s, int64_t n) {
+    float *p = malloc((size_t)(n ? n : 1) * sizeof(float));
+    for (int64_t i = 0; i < n; i++) p[i] = frand(s);
+    return p;
+}
+
+static double max_abs(const float *a, int64_t n) {
+    double m = 0;
+    for (int64_t i = 0; i < n; i++) m = fmax(m, fabs((double)a[i]));
+    return m;
+}
+
+static void test_conv2d(mmb_ctx *ctx) {
+    const struct { int64_t B, H, W, cin, cout; int kh, kw, stride, pad[4]; } cases[] = {
+        {2, 7, 5, 3, 32, 3, 3, 1, {1, 1, 1, 1}},    /* conv_in */
+        {1, 8, 8, 32, 32, 3, 3, 2, {0, 0, 1, 1}},   /* Chameleon/Janus downsample */
+        {1, 9, 6, 16, 8, 3, 3, 2, {0, 0, 1, 1}},    /* odd sides */
+        {2, 6, 6, 32, 64, 1, 1, 1, {0, 0, 0, 0}},   /* nin_shortcut: a plain GEMM */
+        {1, 5, 7, 4, 6, 2, 3, 1, {1, 0, 0, 2}},     /* rectangular kernel, uneven padding */
+        {1, 48, 48, 64, 16, 3, 3, 1, {1, 1, 1, 1}}, /* 2304 pixels, K = 576: more than one im2col tile */
+    };
+    unsigned s = 11;
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        mmb_conv2d g = {.cin = cases[k].cin, .cout = cases[k].cout, .kh = cases[k].kh, .kw = cases[k].kw,
+                        .stride = cases[k].stride};
+        memcpy(g.pad, cases[k].pad, sizeof g.pad);
+        int64_t B = cases[k].B, H = cases[k].H, W = cases[k].W, K = g.cin * g.kh * g.kw;
+        int64_t Ho = mmb__conv2d_out_h(&g, H), Wo = mmb__conv2d_out_w(&g, W), m = B * Ho * Wo * g.cout;
+        float *x = frands(&s, B * H * W * g.cin), *w = frands(&s, g.cout * K), *b = frands(&s, g.cout);
+        float *got = malloc((size_t)m * sizeof(float)), *ref = malloc((size_t)m * sizeof(float));
+        float *scratch = malloc((mmb__conv2d_scratch(&g, B, H, W) + 1) * sizeof(float));
+        mmb_tensor wt = {.name = "w", .dtype = MMB_F32, .ndim = 2, .shape = {g.cout, K}, .data = w};
+        mmb_tensor bt = {.name = "b", .dtype = MMB_F32, .ndim = 1, .shape = {g.cout}, .data = b};
+        mmb_linear l;
+        CHECK(mmb__linear_init(ctx, &l, &wt, &bt) == MMB_OK, "conv2d linear");
+        mmb__conv2d_forward(ctx, got, x, &l, &g, B, H, W, scratch);
+        mmb__conv2d_forward_ref(ref, x, w, b, &g, B, H, W);
+        double d = max_diff(got, ref, m), mag = max_abs(ref, m);
+        CHECK(d <= 1e-5 * (1 + mag), "conv2d case %zu (%lldx%lld -> %lldx%lld): %g", k, (long long)H, (long long)W,
+              (long long)Ho, (long long)Wo, d);
+        if (k == 1) {  /* symmetric padding 1 instead of (0, 1, 0, 1): same output size, far off */
+            mmb_conv2d sym = g;
+            sym.pad[0] = sym.pad[1] = sym.pad[2] = sym.pad[3] = 1;
+            CHECK(mmb__conv2d_out_h(&sym, H) == Ho, "same size");
+            mmb__conv2d_forward_ref(got, x, w, b, &sym, B, H, W);
+            CHECK(max_diff(got, ref, m) > 0.1 * mag, "symmetric padding should differ: %g", max_diff(got, ref, m));
+        }
+        mmb__linear_free(&l);
+        free(x); free(w); free(b); free(got); free(ref); free(scratch);
+    }
+    mmb_conv2d g = {.cin = 1, .cout = 1, .kh = 3, .kw = 3, .stride = 2, .pad = {0, 0, 1, 1}};
+    CHECK(mmb__conv2d_out_h(&g, 8) == 4 && mmb__conv2d_out_w(&g, 9) == 4, "stride-2 output size");
+}
+
+static void test_groupnorm(mmb_ctx *ctx) {
+    const int64_t cases[][4] = {{2, 35, 64, 32}, {1, 1, 32, 32}, {1, 4096, 128, 32}, {3, 7, 24, 8}};
+    unsigned s = 13;
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++)
+        for (int silu = 0; silu < 2; silu++) {
+            int64_t B = cases[k][0], HW = cases[k][1], C = cases[k][2], n = B * HW * C;
+            int G = (int)cases[k][3];
+            CHECK(mmb__groupnorm_ok(C, G), "groupnorm ok");
+            float *x = frands(&s, n), *w = frands(&s, C), *b = frands(&s, C);
+            for (int64_t i = 0; i < n; i++) x[i] = 3.0f + 2.0f * x[i];  /* an offset mean, as activations have */
+            float *got = malloc((size_t)n * sizeof(float)), *ref = malloc((size_t)n * sizeof(float));
+            double *scr = malloc(mmb__groupnorm_scratch(mmb__pool_size(ctx->pool), G));
+            mmb__groupnorm_forward_mt(ctx, got, x, w, b, B, HW, C, G, 1e-6f, silu, scr);
+            mmb__groupnorm_forward_ref(ref, x, w, b, B, HW, C, G, 1e-6f, silu);
+            CHECK(max_diff(got, ref, n) <= 1e-5, "groupnorm %lldx%lldx%lld G %d silu %d: %g", (long long)B,
+                  (long long)HW, (long long)C, G, silu, max_diff(got, ref, n));
+            memcpy(got, x, (size_t)n * sizeof(float));  /* in place */
+            mmb__groupnorm_forward_mt(ctx, got, got, w, b, B, HW, C, G, 1e-6f, silu, scr);
+            CHECK(max_diff(got, ref, n) <= 1e-5, "groupnorm in place: %g", max_diff(got, ref, n));
+            if (G > 1 && HW > 1) {  /* LayerNorm over each pixel's channels (G = 1 per row) is far off */
+                mmb__layernorm_forward_ref(got, x, w, b, B * HW, C, 1e-6f);
+                if (silu) mmb__act_forward_ref(got, n, MMB_ACT_SILU);
+                CHECK(max_diff(got, ref, n) > 0.05, "per-pixel norm should differ: %g", max_diff(got, ref, n));
+            }
+            free(x); free(w); free(b); free(got); free(ref); free(scr);
+        }
+    CHECK(!mmb__groupnorm_ok(48, 32) && !mmb__groupnorm_ok(16, 32), "groupnorm refuses C not a multiple of G");
+}
+
+static void test_resize_nearest(mmb_ctx *ctx) {
+    const int64_t cases[][4] = {{4, 5, 8, 10}, {3, 3, 3, 3}, {5, 7, 3, 4}, {3, 4, 7, 9}, {2, 2, 5, 1}};
+    unsigned s = 17;
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        int64_t B = 2, H = cases[k][0], W = cases[k][1], Ho = cases[k][2], Wo = cases[k][3], C = 5;
+        int64_t m = B * Ho * Wo * C;
+        float *x = frands(&s, B * H * W * C), *got = malloc((size_t)m * sizeof(float));
+        float *ref = malloc((size_t)m * sizeof(float));
+        mmb__resize_nearest_mt(ctx, got, x, B, H, W, C, Ho, Wo);
+        mmb__resize_nearest_ref(ref, x, B, H, W, C, Ho, Wo);
+        CHECK(max_diff(got, ref, m) == 0, "resize %lldx%lld -> %lldx%lld", (long long)H, (long long)W,
+              (long long)Ho, (long long)Wo);
+        if (Ho == 2 * H && Wo == 2 * W) {
+            mmb__upsample2x_nearest_mt(ctx, got, x, B, H, W, C);
+            CHECK(max_diff(got, ref, m) == 0, "upsample 2x");
+            /* pixel (1, 1) of the output is input (0, 0), (2, 3) is (1, 1) */
+            CHECK(got[(1 * Wo + 1) * C] == x[0] && got[(2 * Wo + 3) * C + 4] == x[(1 * W + 1) * C + 4], "2x rule");
+        }
+        free(x); free(got); free(ref);
+    }
+    /* 3 -> 7: floor(dst * 3/7) = 0 0 0 1 1 2 2 */
+    float x[3] = {10, 20, 30}, o[7];
+    mmb__resize_nearest_ref(o, x, 1, 1, 3, 1, 1, 7);
+    CHECK(o[2] == 10 && o[3] == 20 && o[4] == 20 && o[5] == 30 && o[6] == 30, "3 -> 7 indices");
+}
+
 /* The channels-last convolution kernels (tensor/conv.c) on 1 and 3 threads. */
 static void test_conv(void) {
     for (int threads = 1; threads <= 3; threads += 2) {
@@ -243,6 +356,9 @@ static void test_conv(void) {
         if (!ctx) break;
         test_dwconv(ctx);
         test_pool(ctx);
+        test_conv2d(ctx);
+        test_groupnorm(ctx);
+        test_resize_nearest(ctx);
         mmb_ctx_free(ctx);
     }
 }

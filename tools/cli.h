@@ -154,6 +154,9 @@ int cli_info_run(mmb_ctx *ctx, const char *dir, const char *tower, const mmb_den
 #define CLI_MAX_STOPS 8
 typedef struct cli_gen {
     const char *model, *tower, *adapter, *prompt, *ids, *embeds, *logits;
+    const char *image_out, *image_ids; /* image generation (fusion D): the PNG, the codes' safetensors */
+    const char *negative, *grid;       /* Emu3: the negative prompt; the code grid "HxW" */
+    double guidance;
     const char *images[CLI_MAX_IMAGES];
     const char *stops[CLI_MAX_STOPS];
     int n_images, n_stops, raw, ignore_eos, print_ids;

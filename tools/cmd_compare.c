@@ -85,6 +85,7 @@ static int measure_model(mmb_ctx *ctx, const char *dir, int reps, int64_t grid, 
                 r->kv_bytes = 2 * (int64_t)in.adapter_layers * in.adapter_len * r->kv_width * (int64_t)sizeof(float);
             }
         }
+        if (in.fusion == MMB_FUSION_D) r->fusion = 'D'; /* ids: prefill positions and KV cache as C's */
         if (in.fusion == MMB_FUSION_A) { /* the image is one marker position; the gated layers pay for it */
             r->fusion = 'A';
             r->positions = 1;
@@ -215,6 +216,8 @@ int cmd_compare(int argc, char **argv) {
         "parameters the second sets add (no FLOPs per position: each runs one set); LLaMA-Adapter V2's\n"
         "image takes no position: it becomes the adapted layers' prompts, whose keys and values are\n"
         "computed once (K/V FLOPs, bytes) and which every text position attends (MFLOP/text pos).\n"
+        "Fusion D (Chameleon, Emu3): the image is ids of the LLM's vocabulary from a VQ tokenizer (its\n"
+        "row's FLOPs and latency are the VQ encoder's); the ids are prefill positions as C's tokens.\n"
         "Without --types, every registered connector that can be built from a config alone (--types\n"
         "all: also when MODELs are named) is measured with random weights on random features of\n"
         "--width channels on a --grid x --grid patch grid (CLS dropped), projecting to --llm-width.\n"
@@ -223,7 +226,7 @@ int cmd_compare(int argc, char **argv) {
         "columns are for its own LLM when the directory has one (a LLaVA's text_config and weights,\n"
         "IDEFICS' decoder), else for the --llm-* sizes; the LLM column says which.\n"
         "--csv writes both tables as one: connector, measured, params, gflop_per_image, visual_tokens,\n"
-        "llm_prefill_tflop, latency_ms, memory_mib, llm, then fusion (A, B or C), llm_positions,\n"
+        "llm_prefill_tflop, latency_ms, memory_mib, llm, then fusion (A, B, C or D), llm_positions,\n"
         "xattn_kv_flops_per_image (A, B's adapters; 0 for C), llm_kv_bytes_per_image, llm_flops_per_text_token,\n"
         "xattn_layers and xattn_params (0 for C); these last six exact integers.\n"
         "A row that cannot be measured (an unsupported checkpoint, an unknown type) is reported in the\n"

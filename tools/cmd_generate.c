@@ -98,6 +98,90 @@ static int prompt_chunks(mmb_ctx *ctx, mmb_mllm *m, const cli_gen *o, const mmb_
     return r;
 }
 
+/* A progress bar over the image ids, on stderr. */
+static void on_image_progress(void *user, const char *phase, int64_t done, int64_t total) {
+    (void)user;
+    (void)phase;
+    int w = 40, f = total > 0 ? (int)(done * w / total) : w;
+    fprintf(stderr, "\rimage: [%.*s%*s] %lld/%lld ids", f, "========================================", w - f, "",
+            (long long)done, (long long)total);
+    if (done == total) fputc('\n', stderr);
+}
+
+/* Image generation (fusion D, Janus): the prompt (--prompt through the chat template unless --raw, then the
+ * begin-of-image token; or --ids as they are), the ids under guidance with a progress bar, then --image-out (the
+ * processor's postprocess of the VQ decoder's pixels, as a PNG) and --image-ids. */
+static int generate_image(mmb_ctx *ctx, mmb_mllm *m, const cli_gen *o) {
+    int32_t *ids = NULL, *neg = NULL;
+    int64_t n = 0, nn = 0;
+    int r = 1, gh = 0, gw = 0;
+    char tail;
+    if (o->grid && (sscanf(o->grid, "%dx%d%c", &gh, &gw, &tail) != 2 || gh < 1 || gw < 1 || gh > 4096 || gw > 4096)) {
+        fprintf(stderr, "mmbridge: error: --image-grid '%s': want ROWSxCOLS, each in 1..4096\n", o->grid);
+        return 2;
+    }
+    const int flags = o->raw ? MMB_TOKENIZE_RAW : MMB_TOKENIZE_CHAT;
+    if (o->negative && mmb_mllm_tokenize_image_prompt(ctx, m, o->negative, flags, gh, gw, &neg, &nn) != MMB_OK)
+        return cli_fail(ctx, NULL);
+    if (o->prompt) {
+        if (mmb_mllm_tokenize_image_prompt(ctx, m, o->prompt, flags, gh, gw, &ids, &n) != MMB_OK) {
+            free(neg);
+            return cli_fail(ctx, NULL);
+        }
+    } else {
+        int64_t *ids64 = cli_int_list("--ids", o->ids, 0, INT32_MAX, &n);
+        if (!ids64 || !(ids = malloc(sizeof *ids * (size_t)(n ? n : 1)))) {
+            free(neg);
+            free(ids64);
+            return ids64 ? cli_fail(NULL, "out of memory") : 2;
+        }
+        for (int64_t i = 0; i < n; i++) ids[i] = (int32_t)ids64[i];
+        free(ids64);
+    }
+    mmb_imagegen_params p = mmb_imagegen_default_params();
+    p.guidance_scale = (float)o->guidance;
+    p.negative_ids = neg;
+    p.n_negative = nn;
+    p.grid_h = gh;
+    p.grid_w = gw;
+    p.sampler = o->smp;
+    p.on_progress = on_image_progress;
+    p.abort = &interrupted;
+    mmb_imagegen_result res = {0};
+    mmb_image img = {0};
+    mmb_status s = mmb_mllm_generate_image(ctx, m, ids, n, &p, &res);
+    if (s == MMB_ERR_ABORTED) {
+        fprintf(stderr, "\nstopped: interrupted (Ctrl-C)\n");
+        r = 130;
+        goto done;
+    }
+    if (s != MMB_OK) { cli_fail(ctx, NULL); goto done; }
+    if (o->image_ids) {
+        mmb_tensor t = {.name = "ids", .dtype = MMB_I32, .ndim = 2, .shape = {res.grid_h, res.grid_w}, .data = res.ids};
+        if (mmb_st_write(ctx, o->image_ids, &t, 1) != MMB_OK) { cli_fail(ctx, NULL); goto done; }
+    }
+    if (o->image_out && !mmb_mllm_processor(m)) {
+        cli_fail(NULL, "the model has no image processor (preprocessor_config.json) to postprocess the image with");
+        goto done;
+    }
+    if (o->image_out && (mmb_preprocess_postprocess(ctx, mmb_mllm_processor(m), res.pixels, res.height, res.width,
+                                                    &img) != MMB_OK ||
+                         mmb_image_write_png(ctx, o->image_out, &img) != MMB_OK)) {
+        cli_fail(ctx, NULL);
+        goto done;
+    }
+    fprintf(stderr, "image: %dx%d ids (%dx%d pixels); prompts %.3f s, ids %.3f s (%.1f ids/s), VQ decoder %.3f s; "
+            "%d thread(s)\n", res.grid_h, res.grid_w, res.width, res.height, res.prefill_s, res.decode_s,
+            (double)res.n_ids / (res.decode_s > 0 ? res.decode_s : 1e-9), res.vq_s, mmb_ctx_threads(ctx));
+    r = 0;
+done:
+    mmb_image_free(&img);
+    mmb_imagegen_result_free(&res);
+    free(ids);
+    free(neg);
+    return r;
+}
+
 int cli_generate_run(mmb_ctx *ctx, const cli_gen *o) {
     mmb_mllm *m = NULL;
     mmb_chunks *chunks = NULL;
@@ -116,6 +200,10 @@ int cli_generate_run(mmb_ctx *ctx, const cli_gen *o) {
     if (!in.has_lm) {
         fprintf(stderr, "mmbridge: error: %s: a %s model without a language model this build runs: nothing to "
                 "generate with\n", o->model, in.family);
+        goto done;
+    }
+    if (o->image_out || o->image_ids) {
+        r = generate_image(ctx, m, o);
         goto done;
     }
     for (int i = 0; i < o->n_images; i++)
@@ -219,6 +307,21 @@ int cmd_generate(int argc, char **argv) {
          "every decode step"},
         {.name = "--n-batch", .meta = "N", .type = CLI_INT, .dst = &o.n_batch, .lo = 0, .hi = 1 << 30,
          .help = "prompt positions per decoder call (default 0: each chunk in one call)"},
+        {.name = "--image-out", .meta = "PNG", .type = CLI_STR, .dst = &o.image_out,
+         .help = "generate an image instead of text (Janus, Emu3): the prompt, then the\n"
+         "model's image codes under classifier-free guidance, decoded by its VQ model\n"
+         "into PNG. With random weights the picture is noise"},
+        {.name = "--image-ids", .meta = "OUT", .type = CLI_STR, .dst = &o.image_ids,
+         .help = "with image generation: write 'ids' [grid_h, grid_w] I32, the image's codes"},
+        {.name = "--negative-prompt", .meta = "TEXT", .type = CLI_STR, .dst = &o.negative,
+         .help = "Emu3 image generation: the unconditional prompt of the guidance (default:\n"
+         "the prompt's last id alone, as transformers does without one)"},
+        {.name = "--image-grid", .meta = "HxW", .type = CLI_STR, .dst = &o.grid,
+         .help = "Emu3 image generation: rows and columns of codes (default 90x90, its\n"
+         "720x720 pixels)"},
+        {.name = "--guidance", .meta = "G", .type = CLI_NUM, .dst = &o.guidance, .lo = 0, .hi = 1e6,
+         .help = "classifier-free guidance scale of image generation (default: the model's\n"
+         "generation_config.json, else 5; 1: none)"},
         CLI_OPT_THREADS(&o.co.threads),
     };
     const cli_spec spec = {"generate", "MODEL [--image IMG]... (--prompt TEXT | --ids LIST | --embeds FILE)",
@@ -242,6 +345,15 @@ int cmd_generate(int argc, char **argv) {
     o.smp.seed = (uint64_t)seed;
     if ((!!o.prompt + !!o.ids + !!o.embeds) != 1) {
         fprintf(stderr, "mmbridge generate: needs one of --prompt, --ids, --embeds\n");
+        return 2;
+    }
+    if ((o.negative || o.grid) && !o.image_out && !o.image_ids) {
+        fprintf(stderr, "mmbridge generate: --negative-prompt and --image-grid go with --image-out or --image-ids\n");
+        return 2;
+    }
+    if ((o.image_out || o.image_ids) && (o.embeds || o.n_images || o.logits)) {
+        fprintf(stderr, "mmbridge generate: image generation (--image-out, --image-ids) takes --prompt or --ids, no "
+                "--image, --embeds or --logits\n");
         return 2;
     }
     if (o.embeds && o.n_images) {

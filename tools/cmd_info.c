@@ -75,6 +75,22 @@ static void print_lm(const mmb_mllm *m, const mmb_mllm_info *in) {
                (long long)in->xattn_params, (long long)in->xattn_flops_per_token, (long long)in->tokens_per_image,
                (long long)in->xattn_kv_bytes_per_image, (long long)in->xattn_kv_flops_per_image,
                (long long)in->tokens_per_image);
+    if (in->vq_codebook) { /* fusion D: ids against type C's continuous tokens at the same size */
+        int bits = 0;
+        while (((int64_t)1 << bits) < in->vq_codebook) bits++;
+        int side = in->image_size;
+        printf("VQ tokens:        %lld codes (%d bits an id), %d pixels per code side", (long long)in->vq_codebook,
+               bits, in->vq_downsample);
+        if (in->vq_encodes && side && in->tokens_per_image) {
+            int64_t c = (int64_t)(side / 14) * (side / 14); /* a CLIP ViT/14 at the same size, LLaVA's tower */
+            printf("; a %dx%d image is %lld ids (%.1f KiB) and as many LLM positions, where type C's ViT/14 at that "
+                   "size gives %lld continuous tokens (%.1f KiB of f32 embeddings of width %d)", side, side,
+                   (long long)in->tokens_per_image, (double)in->tokens_per_image * bits / 8192.0, (long long)c,
+                   (double)c * in->out_width * 4 / 1024.0, in->out_width);
+        }
+        if (in->vq_decodes) printf("; it decodes ids into pixels (image generation)");
+        printf("\n");
+    }
     if (in->expert_sets > 1)
         printf("expert sets:      %d weight sets per layer (image rows run the second), %lld parameters added over the "
                "plain LLM, no FLOPs per position added (each position runs one set)\n", in->expert_sets,

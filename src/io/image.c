@@ -502,3 +502,9 @@ mmb_status mmb_image_load(mmb_ctx *ctx, const char *path, int64_t max_pixels, mm
     free(buf);
     return st;
 }
+
+mmb_status mmb_image_write_png(mmb_ctx *ctx, const char *path, const mmb_image *img) {
+    if (!path || !img || !img->rgb || img->width < 1 || img->height < 1)
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_image_write_png: NULL argument or an empty image");
+    return mmb__png_write(ctx, path, img->rgb, img->width, img->height);
+}

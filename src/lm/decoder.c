@@ -32,6 +32,8 @@ typedef struct lm_layer {
     mmb_wmat q, k, v, o, gate, up, down;
     float *bq, *bk, *bv, *bo, *bgate, *bup, *bdown; /* f32 copies, or NULL */
     float *ln1, *ln2;                                /* input_layernorm, post_attention_layernorm (d) */
+    float *qn, *qnb, *kn, *knb;                      /* Chameleon's per-head q_norm / k_norm: weight and bias
+                                                        (H * hd, KVH * hd), or NULL */
     int64_t window;                                  /* sliding window (keys per query), 0 = none */
     bool replaced;                                   /* Mllama's cross-attention layer: a hook runs it whole */
     int64_t slot;                                    /* its keys and values in the cache: the layers before it
@@ -63,6 +65,8 @@ struct mmb_lm {
     lm_layer *layers;
     int experts;               /* weight sets per layer: 1, or 2 (type B: CogVLM, mPLUG-Owl2) */
     bool file_biases;          /* biases where the file has them (arch_defaults.file_biases) */
+    int64_t qk_params;         /* the q/k norms' parameters (Chameleon) */
+    bool swin;                 /* Chameleon's swin_norm: x += ln1(attn(x)), x += ln2(mlp(x)) (the norms after) */
     int64_t expert_params;     /* the second set's own parameters */
     mmb_lm_hook *hooks;        /* (L) or NULL */
     void **owned;              /* realigned copies of weights whose file offset was not aligned */
@@ -133,6 +137,9 @@ static const arch_defaults archs[] = {
     /* CogVLM2 (cogvlm2-llama3-chat-19B's remote code): Llama 3 8B + the visual expert; VisionExpertAttention
      * groups K/V by num_multi_query_heads and builds its rotary embedding with base=500000 in code */
     {"cogvlm2", 128256, 4096, 14336, 32, 32, 8, 8192, false, 500000.0, "num_multi_query_heads"},
+    /* ChameleonConfig: Llama with per-head q/k LayerNorms (layers.{l}.self_attn.{q,k}_norm) and swin_norm */
+    {"chameleon", 65536, 4096, 11008, 32, 32, 32, 4096, false, 0, NULL},
+    {"emu3_text_model", 184622, 4096, 14336, 32, 32, 8, 9216, false, 1000000.0, NULL}, /* Emu3TextConfig: Llama */
 };
 
 /* The defaults row for a config of model_type and architecture (either NULL); config: the one they came from. */
@@ -421,12 +428,41 @@ static mmb_status bind_set(mmb_ctx *ctx, mmb_lm *lm, int l, const layer_names *n
     return s;
 }
 
+/* Chameleon's q_norm and k_norm of layer l: weight and bias (H, hd) and (KVH, hd), f32 copies. */
+static mmb_status bind_qk_norm(mmb_ctx *ctx, mmb_lm *lm, int l, lm_layer *y) {
+    const struct { const char *name; int64_t heads; float **w, **b; } n[2] = {
+        {"q_norm", lm->H, &y->qn, &y->qnb}, {"k_norm", lm->KVH, &y->kn, &y->knb}};
+    mmb_status s = MMB_OK;
+    for (int i = 0; i < 2 && s == MMB_OK; i++) {
+        char nm[512];
+        const char *part[2] = {"weight", "bias"};
+        float **dst[2] = {n[i].w, n[i].b};
+        for (int k = 0; k < 2 && s == MMB_OK; k++) {
+            snprintf(nm, sizeof nm, "%slayers.%d.%sself_attn.%s.%s", lm->prefix, l, lm->infix, n[i].name, part[k]);
+            const mmb_tensor *t = mmb__ckpt_find(&lm->ck, nm, NULL);
+            if (!t)
+                return mmb__err(ctx, MMB_ERR_MISSING, "%s: tensor '%s' is missing", lm->ck.dir, nm);
+            if (t->ndim != 2 || t->shape[0] != n[i].heads || t->shape[1] != lm->hd)
+                return mmb__err(ctx, MMB_ERR_SHAPE, "%s: tensor '%s' is not [%lld, %lld] (heads, head_dim)",
+                                lm->ck.dir, nm, (long long)n[i].heads, (long long)lm->hd);
+            const int64_t shape[2] = {n[i].heads, lm->hd};
+            s = mmb__ckpt_floats(ctx, &lm->ck, nm, 2, shape, dst[k]);
+        }
+    }
+    if (s == MMB_OK) lm->qk_params += 2 * (lm->H + lm->KVH) * lm->hd;
+    return s;
+}
+
 static mmb_status bind_layer(mmb_ctx *ctx, mmb_lm *lm, int l, const layer_scheme *sc, bool qkv_bias, bool o_bias,
                              bool mlp_bias) {
     lm_layer *y = &lm->layers[l];
     int qb = qkv_bias ? BIAS_YES : BIAS_NO, ob = o_bias ? BIAS_YES : BIAS_NO, mb = mlp_bias ? BIAS_YES : BIAS_NO;
     if (sc->probe || lm->file_biases) qb = ob = mb = BIAS_IF_PRESENT;
     mmb_status s = bind_set(ctx, lm, l, &sc->set[0], NULL, qb, ob, mb, y);
+    char nm[512];
+    snprintf(nm, sizeof nm, "%slayers.%d.%sself_attn.q_norm.weight", lm->prefix, l, lm->infix);
+    if (s == MMB_OK && mmb__ckpt_find(&lm->ck, nm, NULL)) /* Chameleon: (heads, head_dim) weight and bias each */
+        s = bind_qk_norm(ctx, lm, l, y);
     if (s != MMB_OK || sc->sets < 2) return s;
     if (!(y->alt = calloc(1, sizeof *y->alt))) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     return bind_set(ctx, lm, l, &sc->set[1], y, qb, ob, mb, y->alt);
@@ -449,6 +485,10 @@ void mmb_lm_free(mmb_lm *lm) {
         free(y->pk);
         free(y->pv);
         free(y->pgate);
+        free(y->qn);
+        free(y->qnb);
+        free(y->kn);
+        free(y->knb);
     }
     for (int i = 0; i < lm->n_owned; i++) free(lm->owned[i]);
     free(lm->owned);
@@ -497,6 +537,7 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
     char b[160];
     if (r.s == MMB_OK) mmb__cfg_str(ctx, c, key(&r, "hidden_act", b, sizeof b), &act, &r.s);
     bool ab = cbool(&r, "attention_bias", false, NULL), mb = cbool(&r, "mlp_bias", false, NULL);
+    lm->swin = cbool(&r, "swin_norm", false, NULL);
     bool tie_present;
     *tied = cbool(&r, "tie_word_embeddings", false, &tie_present);
     if (!tie_present && *r.tp && r.s == MMB_OK) mmb__cfg_bool(ctx, c, "tie_word_embeddings", tied, &r.s);
@@ -561,7 +602,7 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
 /* Where the text model's weights are: the prefix of its embed_tokens.weight, or NULL. */
 static const char *find_prefix(const mmb_ckpt *c) {
     static const char *const prefixes[] = {"model.language_model.", "language_model.model.", "language_model.",
-                                           "lang_encoder.model.", "model."};
+                                           "lang_encoder.model.", "model.text_model.", "text_model.model.", "model."};
     for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++) {
         char nm[64];
         snprintf(nm, sizeof nm, "%sembed_tokens.weight", prefixes[i]);
@@ -597,6 +638,13 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
     if ((s = mmb__lm_bind(ctx, lm, nm, lm->vocab + lm->embed_only, lm->d, &lm->embed)) != MMB_OK) goto fail;
     snprintf(nm, sizeof nm, "%sembed_tokens.additional_embedding.weight", lm->prefix);
     if (lm->extra && (s = mmb__lm_bind(ctx, lm, nm, lm->extra, lm->d, &lm->embed2)) != MMB_OK) goto fail;
+    bool top_tied = false; /* Janus: the top level ties (no lm_head in the file), its text_config says not */
+    mmb_status ts = MMB_OK;
+    if (!tied && !mmb__ckpt_find(&lm->ck, "lm_head.weight", NULL) &&
+        !mmb__ckpt_find(&lm->ck, "language_model.lm_head.weight", NULL) &&
+        !mmb__ckpt_find(&lm->ck, "text_model.lm_head.weight", NULL) &&
+        mmb__cfg_bool(ctx, &lm->ck, "tie_word_embeddings", &top_tied, &ts) && top_tied && !lm->extra)
+        tied = true;
     if (tied) {
         lm->head = lm->embed;
         lm->head.n = lm->vocab;
@@ -608,6 +656,7 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
             h2 = "lm_head.weight";
         }
         if (strcmp(lm->prefix, "lang_encoder.model.") == 0) h = "lang_encoder.lm_head.weight";
+        if (strcmp(lm->prefix, "text_model.model.") == 0) h = "text_model.lm_head.weight"; /* Emu3's saved layout */
         if (!mmb__ckpt_find(&lm->ck, h, NULL) && mmb__ckpt_find(&lm->ck, h2, NULL)) h = h2;
         if ((s = mmb__lm_bind(ctx, lm, h, lm->vocab, lm->d, &lm->head)) != MMB_OK) goto fail;
         snprintf(nm, sizeof nm, "%.*sadditional_fc.weight", (int)(strlen(h) - strlen("weight")), h);
@@ -670,7 +719,7 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
     in->rms_eps = lm->eps;
     in->tied = tied;
     in->weight_dtype = lm->embed.dtype;
-    in->params = params + lm->expert_params;
+    in->params = params + lm->expert_params + lm->qk_params;
     in->bytes_per_token = bytes;
     *out = lm;
     return MMB_OK;
@@ -763,6 +812,7 @@ typedef struct fwd_job {
     float *x, *xn, *qkv, *att, *gu, *h, *cosb, *sinb, *logits;
     const uint8_t *expert;     /* (M) each row's weight set, or NULL: set 0 */
     int64_t head_rows;         /* rows of x the head reads: the last head_rows of the block */
+    float *hidden;             /* the last row's final-normed hidden state goes here (d), or NULL */
     float *scratch;            /* per thread: per_thread floats */
     size_t per_thread;
     int64_t wscr;              /* of which the products' share; the rest is attention scores */
@@ -822,6 +872,29 @@ MMB_SIMD_CLONES void mmb__lm_attend(float *out, float *lse, const float *q, cons
     if (lse) *lse = mx + logf(sum);
 }
 
+/* F.layer_norm over one head's hd values (eps 1e-5, as ChameleonLayerNorm), then * w + b, in place. */
+static void head_norm(float *x, const float *w, const float *b, int64_t hd) {
+    double mean = 0, var = 0;
+    for (int64_t e = 0; e < hd; e++) mean += x[e];
+    mean /= (double)hd;
+    for (int64_t e = 0; e < hd; e++) var += (x[e] - mean) * (x[e] - mean);
+    float rs = (float)(1.0 / sqrt(var / (double)hd + 1e-5));
+    for (int64_t e = 0; e < hd; e++) x[e] = ((float)(x[e] - mean) * rs) * w[e] + b[e];
+}
+
+/* swin_norm: x += rmsnorm(xn) for every row, xn holding the block's attention (which 0) or MLP (1) output;
+ * the norm is the layer's input (0) or post-attention (1) RMSNorm. */
+static void swin_add(fwd_job *j, int tid, int nth, const lm_layer *y, int which) {
+    int64_t lo, hi, d = j->lm->d;
+    mmb__split(j->M, tid, nth, &lo, &hi);
+    for (int64_t i = lo; i < hi; i++) {
+        float *t = j->xn + i * d, *x = j->x + i * d;
+        mmb__rmsnorm_forward(t, t, which ? y->ln2 : y->ln1, 1, d, j->lm->eps);
+        for (int64_t e = 0; e < d; e++) x[e] += t[e];
+    }
+    mmb__barrier_wait(&j->bar);
+}
+
 /* rotate_half RoPE in place on one head: x[i], x[i + hd/2] by the angle of frequency i. */
 static void rope_head(float *x, const float *c, const float *s, int64_t half) {
     for (int64_t i = 0; i < half; i++) {
@@ -838,13 +911,16 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
     const int64_t qd = H * hd, kd = KVH * hd, ldq = qd + 2 * kd, cap = j->kv->cap;
     const size_t at = (size_t)y->slot * (size_t)(KVH * cap * hd);
     float *Kc = j->kv->k + at, *Vc = j->kv->v + at;
-    rms_rows(j, tid, nth, y, 0, NULL, 0, M);
-    mmb__barrier_wait(&j->bar);
+    const float *in = lm->swin ? j->x : j->xn; /* swin_norm: the projections read the residual stream itself */
+    if (!lm->swin) {
+        rms_rows(j, tid, nth, y, 0, NULL, 0, M);
+        mmb__barrier_wait(&j->bar);
+    }
     for (int64_t r0 = 0, r1; r0 < M; r0 = r1) { /* each run of rows through its set's projections */
         const lm_layer *w = set_of(j, y, r0, M, &r1);
         float *q = j->qkv + r0 * ldq;
         mmb_wmat_out o[3] = {{&w->q, w->bq, q, ldq}, {&w->k, w->bk, q + qd, ldq}, {&w->v, w->bv, q + qd + kd, ldq}};
-        mm_units(j, tid, nth, j->xn + r0 * d, d, r1 - r0, o, 3, 0);
+        mm_units(j, tid, nth, in + r0 * d, d, r1 - r0, o, 3, 0);
     }
     mmb__barrier_wait(&j->bar);
     int64_t lo, hi;
@@ -852,6 +928,9 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
     for (int64_t it = lo; it < hi; it++) { /* RoPE on q and k heads; k and v into the cache */
         int64_t i = it / (H + KVH), hh = it % (H + KVH), pos = j->pos0 + i;
         float *row = j->qkv + i * ldq;
+        if (y->qn) /* Chameleon: each head's LayerNorm before RoPE */
+            head_norm(row + hh * hd, hh < H ? y->qn + hh * hd : y->kn + (hh - H) * hd,
+                      hh < H ? y->qnb + hh * hd : y->knb + (hh - H) * hd, hd);
         rope_head(row + hh * hd, j->cosb + i * half, j->sinb + i * half, half);
         if (hh >= H) {
             int64_t kh = hh - H;
@@ -878,8 +957,8 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
     mmb__barrier_wait(&j->bar);
     for (int64_t r0 = 0, r1; r0 < M; r0 = r1) {
         const lm_layer *w = set_of(j, y, r0, M, &r1);
-        mmb_wmat_out oo = {&w->o, w->bo, j->x + r0 * d, d};
-        mm_units(j, tid, nth, j->att + r0 * qd, qd, r1 - r0, &oo, 1, 1);
+        mmb_wmat_out oo = {&w->o, w->bo, (lm->swin ? j->xn : j->x) + r0 * d, d};
+        mm_units(j, tid, nth, j->att + r0 * qd, qd, r1 - r0, &oo, 1, !lm->swin);
         if (w->bo && y->pbias2) { /* PEFT's o_proj on the adapter's output adds the bias again */
             mmb__barrier_wait(&j->bar); /* the product's columns are split over the threads, these rows are not */
             mmb__split(r1 - r0, tid, nth, &lo, &hi);
@@ -888,14 +967,17 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
         }
     }
     mmb__barrier_wait(&j->bar);
+    if (lm->swin) swin_add(j, tid, nth, y, 0);
 }
 
 static void mlp_half(fwd_job *j, int tid, int nth, int l) {
     const mmb_lm *lm = j->lm;
     const lm_layer *y = &lm->layers[l];
     const int64_t M = j->M, d = lm->d, I = lm->I;
-    rms_rows(j, tid, nth, y, 1, NULL, 0, M);
-    mmb__barrier_wait(&j->bar);
+    if (!lm->swin) {
+        rms_rows(j, tid, nth, y, 1, NULL, 0, M);
+        mmb__barrier_wait(&j->bar);
+    }
     for (int64_t r0 = 0, r1; r0 < M; r0 = r1) {
         const lm_layer *w = set_of(j, y, r0, M, &r1);
         /* gate and up over the same columns on one thread, so SwiGLU needs no barrier */
@@ -904,8 +986,9 @@ static void mlp_half(fwd_job *j, int tid, int nth, int l) {
         int64_t n0 = lo * g, n1 = hi * g < I ? hi * g : I;
         if (n1 <= n0) continue;
         float *scr = j->scratch + j->per_thread * (size_t)tid, *gu = j->gu + r0 * 2 * I;
-        mmb__wmat_part(gu + n0, 2 * I, j->xn + r0 * d, d, Mr, &w->gate, w->bgate, n0, n1, 0, scr);
-        mmb__wmat_part(gu + I + n0, 2 * I, j->xn + r0 * d, d, Mr, &w->up, w->bup, n0, n1, 0, scr);
+        const float *in = (lm->swin ? j->x : j->xn) + r0 * d;
+        mmb__wmat_part(gu + n0, 2 * I, in, d, Mr, &w->gate, w->bgate, n0, n1, 0, scr);
+        mmb__wmat_part(gu + I + n0, 2 * I, in, d, Mr, &w->up, w->bup, n0, n1, 0, scr);
         for (int64_t m = 0; m < Mr; m++) {
             const float *gr = gu + m * 2 * I, *ur = gr + I;
             float *hr = j->h + (r0 + m) * I;
@@ -915,10 +998,11 @@ static void mlp_half(fwd_job *j, int tid, int nth, int l) {
     mmb__barrier_wait(&j->bar);
     for (int64_t r0 = 0, r1; r0 < M; r0 = r1) {
         const lm_layer *w = set_of(j, y, r0, M, &r1);
-        mmb_wmat_out o = {&w->down, w->bdown, j->x + r0 * d, d};
-        mm_units(j, tid, nth, j->h + r0 * I, I, r1 - r0, &o, 1, 1);
+        mmb_wmat_out o = {&w->down, w->bdown, (lm->swin ? j->xn : j->x) + r0 * d, d};
+        mm_units(j, tid, nth, j->h + r0 * I, I, r1 - r0, &o, 1, !lm->swin);
     }
     mmb__barrier_wait(&j->bar);
+    if (lm->swin) swin_add(j, tid, nth, y, 1);
 }
 
 static void head_step(fwd_job *j, int tid, int nth) {
@@ -926,6 +1010,8 @@ static void head_step(fwd_job *j, int tid, int nth) {
     int64_t r0 = j->M - j->head_rows;
     rms_rows(j, tid, nth, NULL, 0, lm->norm, r0, j->M);
     mmb__barrier_wait(&j->bar);
+    if (j->hidden && tid == 0) memcpy(j->hidden, j->xn + (j->M - 1) * lm->d, sizeof(float) * (size_t)lm->d);
+    if (!j->logits) return;
     const int64_t V = lm->vocab + lm->extra; /* IDEFICS' decoupled head: the additional logits after the others */
     mmb_wmat_out o[2] = {{&lm->head, NULL, j->logits, V}, {&lm->head2, NULL, j->logits + lm->vocab, V}};
     mm_units(j, tid, nth, j->xn + r0 * lm->d, lm->d, j->head_rows, o, lm->extra ? 2 : 1, 0);
@@ -1023,9 +1109,11 @@ mmb_status mmb__lm_forward_rows(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv
                 j.cosb[i * half + f] = cosf(a);
                 j.sinb[i * half + f] = sinf(a);
             }
-        bool head = logits && (!last_only || off + j.M == n);
-        j.head_rows = last_only ? 1 : j.M;
-        j.logits = head ? (last_only ? logits : logits + off * (lm->vocab + lm->extra)) : NULL;
+        const bool final = off + j.M == n, want_hidden = rows && rows->hidden && final;
+        bool head = (logits && (!last_only || final)) || want_hidden;
+        j.head_rows = last_only || !logits ? 1 : j.M;
+        j.logits = logits && head ? (last_only ? logits : logits + off * (lm->vocab + lm->extra)) : NULL;
+        j.hidden = want_hidden ? rows->hidden : NULL;
         int end = head ? L2 + 1 : L2;
         for (int st = 0; st < end && s == MMB_OK;) {
             hook_fn hk = hook_at(lm, st);
@@ -1126,6 +1214,7 @@ void mmb__lm_get_view(const mmb_lm *lm, mmb__lm_view *v) {
     *v = (mmb__lm_view){.d = lm->d, .I = lm->I, .H = lm->H, .KVH = lm->KVH, .hd = lm->hd, .vocab = lm->vocab,
                         .L = lm->L, .extra = lm->extra, .eps = lm->eps, .norm = lm->norm, .head = &lm->head,
                         .hooks = lm->hooks != NULL, .experts = lm->experts,
+                        .qk_norm_or_swin = lm->swin || lm->qk_params,
                         .n_replaced = lm->info.n_replaced, .max_positions = lm->info.max_positions};
 }
 

@@ -57,6 +57,8 @@ int64_t mmb__lm_expert_params(const mmb_lm *lm);
 typedef struct mmb__lm_rows {
     const uint8_t *expert;
     const int64_t *rope_pos;
+    float *hidden;  /* the last row's hidden state after the final RMSNorm (d_model floats), what a head other than
+                       lm_head reads (Janus' generation_head); logits may then be NULL */
 } mmb__lm_rows;
 /* mmb_lm_forward with per-row options (rows NULL: mmb_lm_forward). Same returns; MMB_ERR_ARG for an expert
  * value the model has no set for or a negative rope_pos (nothing evaluated). */
@@ -176,6 +178,7 @@ typedef struct mmb__lm_view {
     bool hooks;                  /* fusion-A / type-B hooks installed */
     int experts;                 /* weight sets per layer (2: type B's second set) */
     int n_replaced;              /* layers a hook runs instead (Mllama's cross-attention ones) */
+    bool qk_norm_or_swin;        /* Chameleon's per-head q/k LayerNorms or swin_norm */
     int64_t max_positions;
 } mmb__lm_view;
 typedef struct mmb__lm_layer_view {

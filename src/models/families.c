@@ -23,6 +23,10 @@ static const mmb__vit_part smolvlm_part = {.towers = "smolvlm", .conn = &mmb__co
                                            .conn_prefix = "connector.",
                                            .dtype_tensor = "modality_projection.proj.weight"};
 
+static const mmb__vq_part chameleon_part = {.token_prefix = "IMGIMG", .letters = true, .mask = true};
+static const mmb__vq_part emu3_part = {.token_prefix = "<|visual token ", .eol = "<|extra_200|>",
+                                       .text_config = true, .generates = true};
+
 /* A row for a tower alone: no connector, no LLM; any of its hidden states. */
 #define TOWER(family, archs, types, proc)                                                                          \
     {.name = family, .architectures = archs, .model_types = types, .layouts = "transformers", .tower = archs,        \
@@ -97,6 +101,24 @@ static const mmb__family rows[] = {
      .fusion = MMB_FUSION_B, .lm = "this config: Vicuna with the visual expert (model.layers.*: language_expert_* "
      "and vision_expert_* weight sets); CogVLM2 (num_multi_query_heads): Llama 3, grouped K/V, RoPE base 500000", .lm_runs = true, .image_expert = true, .image_one_position = true,
      .image_last_text = true, .image_first = true, .ops = &mmb__family_cogvlm},
+    {.name = "chameleon", .architectures = "ChameleonForConditionalGeneration", .model_types = "chameleon",
+     .layouts = "transformers", .tower = "vq_config: ChameleonVQVAE's encoder (model.vqmodel.*)",
+     .taps = "the VQ codes (nearest entry of quantize.embedding)", .connector = "vocabulary_map (IMGIMG* tokens)",
+     .processor = "ChameleonImageProcessor", .fusion = MMB_FUSION_D,
+     .lm = "this config: Llama with per-head q/k LayerNorms and swin_norm (model.*)", .lm_runs = true,
+     .image_marker = "<image>", .image_before = "<racm3:break>", .image_after = "<eoss>", .ops = &mmb__family_vq,
+     .part = &chameleon_part},
+    {.name = "emu3", .architectures = "Emu3ForConditionalGeneration", .model_types = "emu3", .layouts = "transformers",
+     .tower = "vq_config: Emu3VQVAE's encoder (model.vqmodel.*)", .taps = "the VQ codes, a row end after each row",
+     .connector = "vocabulary_map (<|visual token NNNNNN|>, <|extra_200|>)", .processor = "Emu3ImageProcessor",
+     .fusion = MMB_FUSION_D, .lm = "text_config: Llama (model.text_model.*)", .lm_runs = true,
+     .image_marker = "<image>", .image_before = "<|image start|>%h*%w<|image token|>",
+     .image_after = "<|extra_201|><|image end|>", .ops = &mmb__family_vq, .part = &emu3_part},
+    {.name = "janus", .architectures = "JanusForConditionalGeneration", .model_types = "janus", .layouts = "transformers",
+     .tower = "vq_config: JanusVQVAE's decoder (model.vqmodel.*); the SigLIP tower is not read",
+     .taps = "", .connector = "generation_head, generation_embeddings + generation_aligner",
+     .processor = "JanusImageProcessor (postprocess)", .fusion = MMB_FUSION_D,
+     .lm = "text_config: Llama (model.language_model.*)", .lm_runs = true, .ops = &mmb__family_janus},
     {.name = "llava", .architectures = "LlavaLlamaForCausalLM, LlavaMistralForCausalLM, LlavaQwenForCausalLM",
      .model_types = "llava_llama, llava_mistral, llava_qwen", .keys = "mm_projector_type, mm_hidden_size",
      .layout = MMB__LAYOUT_ORIGINAL, .layouts = "llava-original",

@@ -14,6 +14,22 @@ typedef struct mmb__family mmb__family;
 
 /* ---- a family's own code: tower and connector run as one model (mmb_model_encode) --------------- */
 
+/* What fusion D's image generation needs of the model. Janus (lm_head false): the ids an image is (grid_h x grid_w
+ * of them, from a codebook of `codebook`) through the family's gen_head and gen_embed, and the prompt's special
+ * ids generation_config.json gives (-1 where it names none): bos and boi (<begin_of_image>) stay in the
+ * unconditional prompt of classifier-free guidance, every other id becomes pad; guidance its guidance_scale (0:
+ * none named). Emu3 (lm_head true): the image is the LLM's own tokens, code k being vocabulary id img2bpe[k],
+ * each row of grid_w codes followed by eol; the grid is the caller's (n_ids and the grid 0). */
+typedef struct mmb__gen_info {
+    int64_t n_ids, codebook;
+    int grid_h, grid_w;
+    int32_t bos, pad, boi;
+    double guidance;
+    bool lm_head;
+    const int32_t *img2bpe;
+    int32_t eol;
+} mmb__gen_info;
+
 typedef struct mmb_family_ops {
     /* Builds the state of row f's model from c (which outlives it), checking every weight's presence, dtype
      * and shape, and fills *info: connector, activation, select_strategy and taps (when it reports them),
@@ -45,6 +61,22 @@ typedef struct mmb_family_ops {
     int64_t (*xattn_tokens)(const void *state);
     mmb_status (*encode_xattn)(mmb_ctx *ctx, const void *state, const float *pixels, int64_t batch, int height,
                                int width, float *out);
+    /* Fusion D (an image becomes ids of the LLM's vocabulary; encode is NULL): pixels (batch, 3, height, width)
+     * -> ids (batch, tokens(height, width)), the image's rows as token ids, which the LLM embeds. */
+    mmb_status (*encode_ids)(mmb_ctx *ctx, const void *state, const float *pixels, int64_t batch, int height,
+                             int width, int32_t *ids);
+    /* Optional, fusion D: the ids (*n of them, ascending) whose logits the model sets to the lowest float at every
+     * position (Chameleon's image tokens), or NULL. */
+    const int32_t *(*logit_mask)(const void *state, int64_t *n);
+    /* Optional, fusion D: the model's VQ tokenizer (vision/vq.c), or NULL. */
+    const mmb_vq *(*vq)(const void *state);
+    /* Optional, fusion D image generation (Janus): the image ids the LLM writes, grid_h x grid_w of them; the head
+     * over its final hidden states (rows, d_model) -> scores (rows, codebook); the embedding an id is read back
+     * through (ids (n) -> rows (n, d_model)); the VQ decoder (codes (grid_h, grid_w) -> pixels (3, H, W) as
+     * the processor's postprocess takes them) and that postprocess's mean and std (3 each). */
+    void (*gen_info)(const void *state, mmb__gen_info *out);
+    mmb_status (*gen_head)(mmb_ctx *ctx, const void *state, const float *hidden, int64_t rows, float *scores);
+    mmb_status (*gen_embed)(mmb_ctx *ctx, const void *state, const int32_t *ids, int64_t n, float *rows);
 } mmb_family_ops;
 
 /* models/vit_family.c: a ViT tower (vision/vit.c) whose last_hidden_state feeds a connector that reads its
@@ -69,6 +101,24 @@ extern const mmb_family_ops mmb__family_mplug_owl2;
 /* models/cogvlm.c: CogVLM's EVA2-CLIP tower (vision/cogvlm.c), its GLU adapter and the boi / eoi rows: an
  * image's rows are (boi, grid^2 patches, eoi) of the LLM's width. */
 extern const mmb_family_ops mmb__family_cogvlm;
+
+/* models/vq_family.c: fusion D understanding (Chameleon, Emu3): the VQ tokenizer's codes through config.json's
+ * vocabulary_map, as the row's mmb__vq_part says. */
+extern const mmb_family_ops mmb__family_vq;
+/* models/janus.c: Janus / Janus-Pro image generation: generation_head, generation_embeddings + generation_aligner,
+ * the VQ decoder. */
+extern const mmb_family_ops mmb__family_janus;
+
+/* What mmb__family_vq reads from its row (mmb__family.part). */
+typedef struct mmb__vq_part {
+    const char *token_prefix;   /* the image tokens' names start so: "IMGIMG", "<|visual token " */
+    bool letters;               /* Chameleon: the code spelled in letters A-J after the prefix, one character
+                                   after it; else Emu3's six digits at name[-8:-2] */
+    const char *eol;            /* the token after each row of codes (Emu3's "<|extra_200|>"), or NULL */
+    bool mask;                  /* the image tokens' logits are suppressed (Chameleon) */
+    bool text_config;           /* the LLM's sizes are under text_config (Emu3) */
+    bool generates;             /* the LLM writes images in these tokens, the VQ decodes them (Emu3) */
+} mmb__vq_part;
 
 /* What mmb__family_vit reads from its row (mmb__family.part). */
 typedef struct mmb__vit_part {
@@ -111,6 +161,10 @@ struct mmb__family {
     bool text_only;             /* a language model alone: no vision path (mmb_lm_open opens it) */
     const char *xattn;          /* fusion A: the gated cross-attention layers' kind (lm/xattn.c), or NULL */
     const char *image_marker;   /* the token that marks an image in the text when the config names none */
+    const char *image_before;   /* fusion D: the processor's text before each image's marker, "%h" and "%w" its
+                                   code grid's rows and columns (Emu3: "<|image start|>%h*%w<|image token|>"), or
+                                   NULL */
+    const char *image_after;    /* and after it (Chameleon: "<eoss>"), or NULL */
     const char *image_wrap;     /* the token around each image's marker (IDEFICS' <fake_token_around_image>:
                                    wrap marker wrap, or marker wrap after an image), or NULL */
     bool raw_bos;               /* a raw prompt without the BOS text gets it after its leading image markers, then

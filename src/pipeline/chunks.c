@@ -192,6 +192,54 @@ static mmb_status wrap_markers(mmb_ctx *ctx, const char *marker, const char *wra
     return MMB_OK;
 }
 
+/* Fusion D's processors (ChameleonProcessor, Emu3Processor) on a prompt with image markers: each marker k becomes
+ * before marker after, "%h" and "%w" in them the rows and columns of image k's code grid (its processed size over
+ * the VQ's downsampling). *text is replaced. */
+static mmb_status expand_markers(mmb_ctx *ctx, const mmb_mllm *m, const char *marker, const mmb_image *imgs,
+                                 int n_images, char **text) {
+    const char *before = m->image_before ? m->image_before : "", *after = m->image_after ? m->image_after : "";
+    mmb_model_info mi;
+    mmb_model_get_info(m->model, &mi);
+    size_t ml = strlen(marker), cap = strlen(*text) + 1, len = 0;
+    for (const char *q = strstr(*text, marker); q; q = strstr(q + ml, marker))
+        cap += 6 * (strlen(before) + strlen(after)); /* a 2-character %h or %w: at most 11 digits */
+    char *out = malloc(cap);
+    if (!out) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    int k = 0;
+    for (const char *p = *text;; k++) {
+        const char *q = strstr(p, marker), *e = q ? q : p + strlen(p);
+        memcpy(out + len, p, (size_t)(e - p));
+        len += (size_t)(e - p);
+        if (!q) break;
+        int oh = 0, ow = 0, f = mi.patch_size > 0 ? mi.patch_size : 1;
+        mmb_status s = k < n_images ? mmb_preprocess_output_size(ctx, &m->proc, imgs[k].height, imgs[k].width, &oh, &ow)
+                                    : MMB_OK;
+        if (s != MMB_OK) {
+            free(out);
+            return s;
+        }
+        for (int part = 0; part < 2; part++) {
+            for (const char *t = part ? after : before; *t; t++) {
+                if (t[0] == '%' && (t[1] == 'h' || t[1] == 'w')) {
+                    len += (size_t)sprintf(out + len, "%d", (t[1] == 'h' ? oh : ow) / f);
+                    t++;
+                } else {
+                    out[len++] = *t;
+                }
+            }
+            if (!part) {
+                memcpy(out + len, marker, ml);
+                len += ml;
+            }
+        }
+        p = q + ml;
+    }
+    out[len] = 0;
+    free(*text);
+    *text = out;
+    return MMB_OK;
+}
+
 /* MllamaProcessor's build_string_from_input: a prompt without the BOS text gets it after its leading image
  * markers (the tokenizer then adds its own in front). *text is replaced. */
 static mmb_status bos_after_images(mmb_ctx *ctx, const mmb_mllm *m, const char *marker, char **text) {
@@ -313,6 +361,10 @@ mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt
     }
     memcpy(text + lead, prompt, pl + 1);
     if (m->image_wrap && (s = wrap_markers(ctx, marker, m->image_wrap, &text)) != MMB_OK) {
+        free(text);
+        return s;
+    }
+    if ((m->image_before || m->image_after) && (s = expand_markers(ctx, m, marker, imgs, n_images, &text)) != MMB_OK) {
         free(text);
         return s;
     }

@@ -1,7 +1,7 @@
 /* Measuring a connector at any size: built from a synthetic checkpoint (random weights of the shapes
  * it asks for), run on random features, timed; and measuring a model as it is opened. What `mmbridge
  * compare` tabulates. */
-#include "internal.h"
+#include "pipeline.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -139,6 +139,8 @@ mmb_status mmb_model_measure(mmb_ctx *ctx, const mmb_model *m, int64_t grid, int
     mmb_vit_info vi = {0};
     if (v) mmb_vit_get_info(v, &vi);
     const bool tower = v || strcmp(mi.family, "llava") != 0;
+    const mmb_family_ops *fo = mmb__model_fam_ops(m, NULL);
+    const bool ids = fo && fo->encode_ids; /* fusion D: the VQ tokenizer's ids, timed as the vision path */
     if (!tower && mi.n_taps != 1)
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "a connector reading %d hidden states needs its vision tower to be "
                         "measured", mi.n_taps);
@@ -160,7 +162,8 @@ mmb_status mmb_model_measure(mmb_ctx *ctx, const mmb_model *m, int64_t grid, int
                        .taps = {tap < 0 ? tap + n_hidden : tap}, .data = {in}};
     for (int k = 0; k <= reps && s == MMB_OK; k++) {
         double t0 = mmb__now_s();
-        s = tower ? mmb_model_encode(ctx, m, in, 1, side, side, y, nout) : mmb_model_connect(ctx, m, &ft, y, nout);
+        s = ids ? mmb__model_encode_ids(ctx, m, in, 1, side, side, (int32_t *)(void *)y, (size_t)t)
+            : tower ? mmb_model_encode(ctx, m, in, 1, side, side, y, nout) : mmb_model_connect(ctx, m, &ft, y, nout);
         if (k) ts[k - 1] = mmb__now_s() - t0;
     }
     if (s == MMB_OK) {

@@ -5,6 +5,7 @@
  * the layers know which images it sees (generated tokens see what the prompt's last position saw). */
 #include "pipeline.h"
 
+#include <float.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -32,6 +33,14 @@ static mmb_status check_abort(mmb_ctx *ctx, const eval_job *j, int64_t done, int
 
 /* mmb_mllm_eval: the checks first (nothing evaluated when one fails), then chunk after chunk, each image
  * encoded just before its positions, in decoder calls of up to n_batch positions. */
+/* Fusion D: the logits the model suppresses at every position (Chameleon's image tokens) set to the lowest float,
+ * as its forward does; rows of vocab. */
+static void mask_logits(const mmb_mllm *m, float *lg, int64_t rows, int64_t vocab) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t k = 0; k < m->n_logit_mask; k++)
+            if (m->logit_mask[k] < vocab) lg[r * vocab + m->logit_mask[k]] = -FLT_MAX;
+}
+
 static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mmb_chunks *c, eval_job *j) {
     if (!m->lm) return mmb__err(ctx, MMB_ERR_MISSING, "%s: the model has no language model", m->dir);
     if (j->p.n_batch < 0) return mmb__err(ctx, MMB_ERR_ARG, "n_batch %lld is negative", (long long)j->p.n_batch);
@@ -55,7 +64,8 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
         if (ch->type == MMB_CHUNK_IMAGE && mmb__adapter_rows(m->adapter) && (cached || i))
             return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: chunk %d is an image; LLaMA-Adapter V2's one image comes "
                             "first in a conversation", m->dir, i);
-        if (ch->type == MMB_CHUNK_IMAGE && m->info.fusion != MMB_FUSION_C && !m->xattn && !m->image_expert &&
+        if (ch->type == MMB_CHUNK_IMAGE && m->info.fusion != MMB_FUSION_C && m->info.fusion != MMB_FUSION_D &&
+            !m->xattn && !m->image_expert &&
             !mmb__adapter_rows(m->adapter))
             return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: chunk %d is an image, but the model splices no images into "
                             "its LLM (fusion %s)", m->dir, i, mmb_fusion_name(m->info.fusion));
@@ -141,7 +151,7 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
             if (s == MMB_OK && m->xattn)
                 s = mmb__xattn_feed(ctx, m->xattn, mmb_kv_cache_len(kv), ids ? ch->ids + off : NULL, piece, false);
             const bool image = ch->type == MMB_CHUNK_IMAGE && !m->xattn;
-            mmb__lm_rows rw = {image ? experts : NULL, image ? rope : NULL};
+            mmb__lm_rows rw = {image ? experts : NULL, image ? rope : NULL, NULL};
             for (int64_t k = 0; rw.expert && k < piece; k++) /* CogVLM: the last (eoi) is a text row's */
                 experts[k] = !(m->image_last_text && off + k == ch->n - 1);
             for (int64_t k = 0; rw.rope_pos && k < piece; k++) { /* first p, inner p + 1, last p + 2 */
@@ -149,6 +159,7 @@ static mmb_status eval_run(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const mm
                 rope[k] = rope0 + (at == 0 ? 0 : at < ch->n - 1 ? 1 : ch->n > 2 ? 2 : 1);
             }
             if (s == MMB_OK) s = mmb__lm_forward_rows(ctx, m->lm, kv, x, piece, lg, !j->p.all_logits, &rw);
+            if (s == MMB_OK && lg) mask_logits(m, lg, j->p.all_logits ? piece : 1, vocab);
             j->prefill_s += mmb__now_s() - t0;
             off += piece;
             done += piece;
@@ -280,6 +291,7 @@ mmb_status mmb_mllm_generate(mmb_ctx *ctx, mmb_mllm *m, mmb_kv_cache *kv, const 
             (m->xattn && (s = mmb__xattn_feed(ctx, m->xattn, mmb_kv_cache_len(kv), &t, 1, true)) != MMB_OK) ||
             (s = mmb_lm_forward(ctx, m->lm, kv, e1, 1, lg, 1)) != MMB_OK)
             break;
+        mask_logits(m, lg, 1, vocab);
         last = lg;
         if (gp.on_logits) gp.on_logits(gp.user, lg, 1, vocab);
         if (gp.on_progress) gp.on_progress(gp.user, "decode", g + 1, gp.n_predict);

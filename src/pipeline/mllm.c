@@ -134,6 +134,22 @@ static void fill_info(mmb_mllm *m, const mmb__family *row) {
         mmb_lm_get_info(m->lm, &li);
         in->context = li.max_positions;
     }
+    const mmb_vq *vq = mmb_mllm_vq(m);
+    mmb_vq_info vi;
+    if (vq && mmb_vq_get_info(vq, &vi) == MMB_OK) {
+        in->vq_codebook = vi.codebook_size;
+        in->vq_downsample = vi.downsample;
+        const void *st = NULL;
+        const mmb_family_ops *fo = mmb__model_fam_ops(m->model, &st);
+        in->vq_encodes = fo->encode_ids != NULL;
+        in->vq_decodes = fo->gen_info != NULL && vi.has_decoder;
+    }
+}
+
+const mmb_vq *mmb_mllm_vq(const mmb_mllm *m) {
+    const void *st = NULL;
+    const mmb_family_ops *fo = m ? mmb__model_fam_ops(m->model, &st) : NULL;
+    return fo && fo->vq ? fo->vq(st) : NULL;
 }
 
 /* Opens what the family table's row for m->dir says the directory holds: a tower alone, a language model
@@ -221,6 +237,12 @@ static mmb_status build(mmb_ctx *ctx, mmb_mllm *m, const cJSON *cfg, const char 
             in->xattn_kv_bytes_per_image = xc.kv_bytes_per_image;
             in->xattn_kv_flops_per_image = xc.kv_flops_per_image;
         }
+        /* fusion D: the processor's text around each image, the logits the model suppresses */
+        const void *fst = NULL;
+        const mmb_family_ops *fo = mmb__model_fam_ops(m->model, &fst);
+        if (fo && fo->logit_mask) m->logit_mask = fo->logit_mask(fst, &m->n_logit_mask);
+        m->image_before = m->model ? row->image_before : NULL;
+        m->image_after = m->model ? row->image_after : NULL;
         /* fusion B: the LLM's own layers changed */
         m->image_expert = row->image_expert && m->model;
         m->image_one_position = row->image_one_position && m->model;
@@ -354,6 +376,28 @@ mmb_status mmb__mllm_preprocess(mmb_ctx *ctx, const mmb_mllm *m, const mmb_image
 
 mmb_status mmb__mllm_encode_pixels(mmb_ctx *ctx, const mmb_mllm *m, const float *pixels, int64_t batch, int h, int w,
                                    float *emb, size_t emb_count, const int *taps, int n_taps, float *const *hidden) {
+    const mmb_family_ops *fo = mmb__model_fam_ops(m->model, NULL);
+    if (fo && fo->encode_ids) { /* fusion D: the image's ids through the LLM's own embedding */
+        if (n_taps)
+            return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: a fusion-D model's VQ tokenizer exposes no hidden states",
+                            m->dir);
+        if (!m->lm)
+            return mmb__err(ctx, MMB_ERR_MISSING, "%s: a fusion-D model's image rows are its LLM's embeddings of the "
+                            "image's ids, and the LLM is not loaded", m->dir);
+        int64_t t = mmb_model_encode_tokens(ctx, m->model, h, w);
+        if (t < 0) return MMB_ERR_SHAPE;
+        mmb_lm_info li;
+        mmb_lm_get_info(m->lm, &li);
+        if (emb_count < (size_t)(batch * t * li.d_model))
+            return mmb__err(ctx, MMB_ERR_SHAPE, "output holds %zu floats, %lld needed", emb_count,
+                            (long long)(batch * t * li.d_model));
+        int32_t *ids = malloc(sizeof(int32_t) * (size_t)(batch * t));
+        if (!ids) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for %lld ids", (long long)(batch * t));
+        mmb_status s = mmb__model_encode_ids(ctx, m->model, pixels, batch, h, w, ids, (size_t)(batch * t));
+        if (s == MMB_OK) s = mmb_lm_embed(ctx, m->lm, ids, batch * t, emb);
+        free(ids);
+        return s;
+    }
     if (m->model)
         return mmb__model_encode_taps(ctx, m->model, pixels, batch, h, w, emb, emb_count, taps, n_taps, hidden);
     if (!m->vit) return no_vision(ctx, m);

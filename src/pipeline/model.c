@@ -590,6 +590,27 @@ mmb_status mmb__model_encode_xattn(mmb_ctx *ctx, const mmb_model *m, const float
 static mmb_status tower_taps(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, const int *taps,
                              int n_taps, float *const *hidden, mmb_features *out);
 
+const mmb_family_ops *mmb__model_fam_ops(const mmb_model *m, const void **state) {
+    if (!m || !m->fam) return NULL;
+    if (state) *state = m->fam_state;
+    return m->fam->ops;
+}
+
+mmb_status mmb__model_encode_ids(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
+                                 int width, int32_t *ids, size_t count) {
+    if (!ctx || !m || !pixels || !ids || batch < 1)
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb__model_encode_ids: NULL argument or batch < 1");
+    if (!m->fam || !m->fam->ops->encode_ids)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: the model's images are no vocabulary ids (fusion D)", m->ck.dir);
+    mmb_status vs = mmb__ckpt_verify(ctx, &m->ck);
+    if (vs != MMB_OK) return vs;
+    int64_t t = mmb_model_encode_tokens(ctx, m, height, width);
+    if (t < 0) return MMB_ERR_SHAPE;
+    if (count < (size_t)(batch * t))
+        return mmb__err(ctx, MMB_ERR_SHAPE, "output holds %zu ids, %lld needed", count, (long long)(batch * t));
+    return m->fam->ops->encode_ids(ctx, m->fam_state, pixels, batch, height, width, ids);
+}
+
 mmb_status mmb__model_encode_taps(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
                                   int width, float *out, size_t out_count, const int *taps, int n_taps,
                                   float *const *hidden) {
@@ -605,6 +626,10 @@ mmb_status mmb__model_encode_taps(mmb_ctx *ctx, const mmb_model *m, const float 
     if (t < 0) return m->fam || m->vit ? MMB_ERR_SHAPE : MMB_ERR_MISSING;
     size_t need = (size_t)(batch * t) * (size_t)m->info.out_width;
     if (out_count < need) return mmb__err(ctx, MMB_ERR_SHAPE, "output holds %zu floats, %zu needed", out_count, need);
+    if (m->fam && !m->fam->ops->encode)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: a %s model's image becomes ids of its LLM's vocabulary (fusion "
+                        "D), not embeddings of its own: the multimodal model embeds them (mmb_mllm_encode), and "
+                        "mmb_vq_encode gives the codes", m->ck.dir, m->fam->name);
     if (m->fam) return m->fam->ops->encode(ctx, m->fam_state, pixels, batch, height, width, out);
     mmb_features ft;
     mmb_status s = tower_taps(ctx, m, pixels, batch, taps, n_taps, hidden, &ft);

@@ -46,6 +46,14 @@ mmb_status mmb__model_encode_taps(mmb_ctx *ctx, const mmb_model *m, const float 
  * without a tower; the tower's statuses. */
 /* m's projector configuration (its type, key prefix, widths, activation), owned by m. */
 const mmb_conn_cfg *mmb__model_conn_cfg(const mmb_model *m);
+/* The family's own code of m (NULL for a LLaVA-path model) and, in *state (may be NULL), its state: for the
+ * optional ops the pipeline calls (fusion D's logit_mask, vq, gen_*). */
+const mmb_family_ops *mmb__model_fam_ops(const mmb_model *m, const void **state);
+/* Fusion D: pixels [batch, 3, height, width] -> ids [batch, mmb_model_encode_tokens] (count entries), the image as
+ * ids of the LLM's vocabulary (the family's encode_ids). Returns MMB_OK; MMB_ERR_UNSUPPORTED for a model whose
+ * images are no ids; MMB_ERR_SHAPE (a size the VQ refuses, count too small); the VQ's statuses. */
+mmb_status mmb__model_encode_ids(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
+                                 int width, int32_t *ids, size_t count);
 mmb_status mmb__model_projector_input(mmb_ctx *ctx, const mmb_model *m, const float *pixels, int64_t batch, int height,
                                       int width, float **x, int64_t *rows, mmb_conn_cfg *cc);
 
@@ -67,6 +75,10 @@ struct mmb_mllm {
     bool image_one_position;   /* fusion B: CogVLM's positions for an image's rows (the row's) */
     bool image_last_text;      /* fusion B: an image's last row through the text weight set (the row's, CogVLM) */
     const char *query_fmt;     /* the row's image_first (CogVLM): the chat mode's "%s" wrapper of the text, else NULL */
+    const int32_t *logit_mask; /* fusion D: ids whose logits are the lowest float at every position (Chameleon's
+                                  image tokens; the family's), n_logit_mask of them */
+    int64_t n_logit_mask;
+    const char *image_before, *image_after; /* fusion D: the row's text around each image marker */
     mmb_tokenizer *tok;
     mmb_preprocess proc;
     mmb_mllm_info info;

@@ -213,6 +213,57 @@ typedef enum mmb_se_kind {
 void mmb__se_forward(mmb_ctx *ctx, float *x, int64_t B, int64_t HW, const mmb_linear *fc1, const mmb_linear *fc2,
                      mmb_se_kind kind, float *scratch);
 
+/* ---- tensor/conv2d.c: dense convolution networks on NHWC maps (the VQ tokenizers) ------------------ */
+
+/* Maps are channels-last (B, H, W, C), row-major, C contiguous: rows = pixels. */
+/* A Conv2d's geometry: torch Conv2d(cin, cout, (kh, kw), stride) after F.pad with pad = {top, left, bottom,
+ * right} zeros (torch's padding=p is {p, p, p, p}; Chameleon's F.pad(0, 1, 0, 1) then stride 2 is {0, 0, 1, 1}).
+ * Its weight is torch's (cout, cin, kh, kw) read as it is stored, as an (cout, cin kh kw) mmb_linear
+ * (mmb__ckpt_conv binds it, mapped in place when f32): im2col rows are in (cin, ky, kx) order. */
+typedef struct mmb_conv2d {
+    int64_t cin, cout;
+    int kh, kw, stride;
+    int pad[4];
+} mmb_conv2d;
+/* Ho = (H + top + bottom - kh) / stride + 1 (0 when the padded map is smaller than the kernel); Wo likewise. */
+int64_t mmb__conv2d_out_h(const mmb_conv2d *g, int64_t H);
+int64_t mmb__conv2d_out_w(const mmb_conv2d *g, int64_t W);
+/* Floats of scratch mmb__conv2d_forward needs for a (B, H, W, cin) input: one tile of im2col rows (about 4 MiB,
+ * at least 64 rows, never more than the output's pixels), 0 for a 1x1 stride-1 unpadded conv (a plain GEMM). */
+size_t mmb__conv2d_scratch(const mmb_conv2d *g, int64_t B, int64_t H, int64_t W);
+/* x (B, H, W, cin), l the (cout, cin kh kw) layer with its bias -> out (B, Ho, Wo, cout); out must not alias x.
+ * Tiles of output pixels: im2col of the tile (threaded), then mmb__linear_forward (threaded). */
+void mmb__conv2d_forward(mmb_ctx *ctx, float *out, const float *x, const mmb_linear *l, const mmb_conv2d *g,
+                         int64_t B, int64_t H, int64_t W, float *scratch);
+/* The oracle: w torch's (cout, cin, kh, kw), bias (cout) or NULL; double accumulation, single-threaded. */
+void mmb__conv2d_forward_ref(float *out, const float *x, const float *w, const float *bias, const mmb_conv2d *g,
+                             int64_t B, int64_t H, int64_t W);
+/* Adds the conv's parameters and its FLOPs for one (H, W) image to *params, *flops. */
+void mmb__conv2d_cost(const mmb_linear *l, const mmb_conv2d *g, int64_t H, int64_t W, int64_t *params,
+                      int64_t *flops);
+
+/* torch GroupNorm(G, C, eps, affine) over x (B, HW, C) NHWC -> out (B, HW, C) (out may alias x): per image and
+ * group of C / G consecutive channels, mean and variance (biased) over HW x C/G values, accumulated in double in
+ * two passes; then y = (x - mean) / sqrt(var + eps) * w[c] + b[c] (w, b NULL: 1, 0), then y = y sigmoid(y) when
+ * silu (every ResNet block's norm-then-swish). mmb__groupnorm_ok: G divides C, G <= 256, C <= 4096. */
+bool mmb__groupnorm_ok(int64_t C, int G);
+void mmb__groupnorm_forward_ref(float *out, const float *x, const float *w, const float *b, int64_t B, int64_t HW,
+                                int64_t C, int G, float eps, bool silu);
+/* Bytes of scratch the threaded GroupNorm needs on nth threads (mmb__pool_size). */
+size_t mmb__groupnorm_scratch(int nth, int G);
+void mmb__groupnorm_forward_mt(mmb_ctx *ctx, float *out, const float *x, const float *w, const float *b, int64_t B,
+                               int64_t HW, int64_t C, int G, float eps, bool silu, double *scratch);
+
+/* x (B, H, W, C) -> out (B, Ho, Wo, C): torch F.interpolate(size=(Ho, Wo), mode="nearest"): source index
+ * min(floor(dst * (float)in / out), in - 1) per side (dst >> 1 at twice the size, as scale_factor=2.0 gives). */
+void mmb__resize_nearest_ref(float *out, const float *x, int64_t B, int64_t H, int64_t W, int64_t C, int64_t Ho,
+                             int64_t Wo);
+void mmb__resize_nearest_mt(mmb_ctx *ctx, float *out, const float *x, int64_t B, int64_t H, int64_t W, int64_t C,
+                            int64_t Ho, int64_t Wo);
+/* F.interpolate(scale_factor=2.0, mode="nearest"): out (B, 2H, 2W, C). */
+void mmb__upsample2x_nearest_mt(mmb_ctx *ctx, float *out, const float *x, int64_t B, int64_t H, int64_t W,
+                                int64_t C);
+
 /* ---- tensor/layers.c: composite layers ------------------------------------------------------- */
 
 /* A pre-norm MLP residual (transformer blocks, perceivers): x (rows, D) -> x + fc2(act(fc1(LN(x)))), in

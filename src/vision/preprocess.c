@@ -35,10 +35,12 @@
 static const double CLIP_MEAN[3] = {0.48145466, 0.4578275, 0.40821073};
 static const double CLIP_STD[3] = {0.26862954, 0.26130258, 0.27577711};
 
-typedef enum { KIND_CLIP, KIND_SIGLIP, KIND_LLAVA, KIND_BLIP, KIND_QWEN2VL, KIND_IDEFICS, KIND_MLLAMA } proc_kind;
+typedef enum { KIND_CLIP, KIND_SIGLIP, KIND_LLAVA, KIND_BLIP, KIND_QWEN2VL, KIND_IDEFICS, KIND_MLLAMA, KIND_EMU3, KIND_CHAMELEON,
+               KIND_JANUS } proc_kind;
 
 #define SUPPORTED_CLASSES "CLIPImageProcessor, SiglipImageProcessor, LlavaImageProcessor, BlipImageProcessor, " \
-                          "Qwen2VLImageProcessor, IdeficsImageProcessor and MllamaImageProcessor are"
+                          "Qwen2VLImageProcessor, IdeficsImageProcessor, MllamaImageProcessor, Emu3ImageProcessor, " \
+                          "ChameleonImageProcessor and JanusImageProcessor are"
 #define MAX_IMAGE_TILES 256  /* far above any checkpoint's (Llama 3.2: 4); bounds the canvas search */
 
 /* Maps a class name (with an optional Fast / Pil suffix) or a processor class to a kind. */
@@ -51,6 +53,9 @@ static bool kind_of(const char *type, proc_kind *k) {
         {"Qwen2VLImageProcessor", KIND_QWEN2VL}, {"Qwen2VLProcessor", KIND_QWEN2VL},
         {"IdeficsImageProcessor", KIND_IDEFICS}, {"IdeficsProcessor", KIND_IDEFICS},
         {"MllamaImageProcessor", KIND_MLLAMA}, {"MllamaProcessor", KIND_MLLAMA},
+        {"Emu3ImageProcessor", KIND_EMU3}, {"Emu3Processor", KIND_EMU3},
+        {"ChameleonImageProcessor", KIND_CHAMELEON}, {"ChameleonProcessor", KIND_CHAMELEON},
+        {"JanusImageProcessor", KIND_JANUS}, {"JanusProcessor", KIND_JANUS},
     };
     size_t n = strlen(type);
     if (n > 4 && !strcmp(type + n - 4, "Fast")) n -= 4;
@@ -76,7 +81,8 @@ static void defaults(proc_kind k, mmb_preprocess *p) {
     memset(p, 0, sizeof *p);
     static const char *names[] = {"CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor",
                                   "BlipImageProcessor", "Qwen2VLImageProcessor", "IdeficsImageProcessor",
-                                  "MllamaImageProcessor"};
+                                  "MllamaImageProcessor", "Emu3ImageProcessor", "ChameleonImageProcessor",
+                                  "JanusImageProcessor"};
     snprintf(p->type, sizeof p->type, "%s", names[k]);
     p->do_convert_rgb = 1;
     p->do_resize = 1;
@@ -84,12 +90,13 @@ static void defaults(proc_kind k, mmb_preprocess *p) {
     p->do_rescale = 1;
     p->rescale_factor = 1.0 / 255.0;
     p->do_normalize = 1;
-    if (k == KIND_QWEN2VL) {
-        /* size {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}: pixel counts; factor 14 * 2 */
+    if (k == KIND_QWEN2VL || k == KIND_EMU3) {
+        /* Qwen2-VL: size {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}: pixel counts; factor 14 * 2.
+         * Emu3: min_pixels 512 * 512, max_pixels 1024 * 1024, spatial_factor 8 (the same smart_resize) */
         p->size_mode = MMB_SIZE_SMART;
-        p->min_pixels = 56 * 56;
-        p->max_pixels = 28 * 28 * 1280;
-        p->resize_factor = 28;
+        p->min_pixels = k == KIND_EMU3 ? 512 * 512 : 56 * 56;
+        p->max_pixels = k == KIND_EMU3 ? 1024 * 1024 : 28 * 28 * 1280;
+        p->resize_factor = k == KIND_EMU3 ? 8 : 28;
         memcpy(p->image_mean, CLIP_MEAN, sizeof CLIP_MEAN);
         memcpy(p->image_std, CLIP_STD, sizeof CLIP_STD);
     } else if (k == KIND_MLLAMA) {
@@ -100,6 +107,13 @@ static void defaults(proc_kind k, mmb_preprocess *p) {
         p->max_image_tiles = 4;
         p->resample = MMB_RESAMPLE_BILINEAR;
         for (int c = 0; c < 3; c++) p->image_mean[c] = p->image_std[c] = 0.5;
+    } else if (k == KIND_JANUS) {
+        /* JanusImageProcessor: 384 x 384, CLIP's mean and std. Its resize (the longest side to 384, then a pad to
+         * the square with the mean colour) is not this one's: the family reads it for postprocess alone */
+        p->size_mode = MMB_SIZE_HEIGHT_WIDTH;
+        p->size_height = p->size_width = 384;
+        memcpy(p->image_mean, CLIP_MEAN, sizeof CLIP_MEAN);
+        memcpy(p->image_std, CLIP_STD, sizeof CLIP_STD);
     } else if (k == KIND_SIGLIP) {
         p->size_mode = MMB_SIZE_HEIGHT_WIDTH;
         p->size_height = p->size_width = 224;
@@ -116,6 +130,12 @@ static void defaults(proc_kind k, mmb_preprocess *p) {
         p->crop_height = p->crop_width = 224;
         memcpy(p->image_mean, CLIP_MEAN, sizeof CLIP_MEAN);
         memcpy(p->image_std, CLIP_STD, sizeof CLIP_STD);
+    }
+    if (k == KIND_CHAMELEON) { /* CLIP's steps: shortest edge 512, crop 512, Lanczos, * 0.0078, mean = std = 1 */
+        p->shortest_edge = p->crop_height = p->crop_width = 512;
+        p->resample = MMB_RESAMPLE_LANCZOS;
+        p->rescale_factor = 0.0078;
+        for (int c = 0; c < 3; c++) p->image_mean[c] = p->image_std[c] = 1.0;
     }
     pad_color_from_mean(p);
 }
@@ -238,8 +258,8 @@ static mmb_status get_triple(mmb_ctx *ctx, const char *file, const cJSON *o, con
 /* Qwen2VLImageProcessor's size: {shortest_edge: min pixels, longest_edge: max pixels} (the class's when
  * absent), each overridden by a top-level min_pixels / max_pixels key as its __init__ does; its resize
  * needs both. The resize factor is patch_size * merge_size. */
-static mmb_status parse_smart(mmb_ctx *ctx, const char *file, const cJSON *o, mmb_preprocess *p) {
-    const cJSON *j = get(o, "size");
+static mmb_status parse_smart(mmb_ctx *ctx, const char *file, const cJSON *o, bool emu3, mmb_preprocess *p) {
+    const cJSON *j = emu3 ? NULL : get(o, "size"); /* Emu3's size {min_pixels, max_pixels} repeats its keys */
     if (j && !cJSON_IsObject(j))
         return mmb__err(ctx, MMB_ERR_FORMAT, "%s: key 'size' is not an object {shortest_edge, longest_edge}", file);
     if (j) p->min_pixels = p->max_pixels = 0;
@@ -249,10 +269,10 @@ static mmb_status parse_smart(mmb_ctx *ctx, const char *file, const cJSON *o, mm
         if (dst && !cJSON_IsNull(e) && !as_int(e, 1, INT32_MAX, dst))
             return mmb__err(ctx, MMB_ERR_FORMAT, "%s: key 'size.%s' is not a positive integer", file, e->string);
     }
-    int patch = 14, merge = 2;
-    static const char *const keys[] = {"min_pixels", "max_pixels", "patch_size", "merge_size"};
+    int patch = emu3 ? p->resize_factor : 14, merge = emu3 ? 1 : 2; /* Emu3: spatial_factor, read as the patch */
+    const char *const keys[] = {"min_pixels", "max_pixels", emu3 ? "spatial_factor" : "patch_size", "merge_size"};
     int *dst[] = {&p->min_pixels, &p->max_pixels, &patch, &merge};
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < (emu3 ? 3 : 4); i++)
         if ((j = get(o, keys[i])) && !as_int(j, 1, i < 2 ? INT32_MAX : 4096, dst[i]))
             return mmb__err(ctx, MMB_ERR_FORMAT, "%s: key '%s' is not a positive integer%s", file, keys[i],
                             i < 2 ? "" : " up to 4096");
@@ -311,12 +331,14 @@ static mmb_status parse_config(mmb_ctx *ctx, const char *file, const cJSON *o, m
     if ((st = get_bool(ctx, file, o, "do_center_crop", &p->do_center_crop)) != MMB_OK) return st;
     if ((st = get_bool(ctx, file, o, "do_rescale", &p->do_rescale)) != MMB_OK) return st;
     if ((st = get_bool(ctx, file, o, "do_normalize", &p->do_normalize)) != MMB_OK) return st;
-    if (kind == KIND_QWEN2VL || kind == KIND_MLLAMA) p->do_center_crop = 0; /* their _preprocess has no crop step */
+    if (kind == KIND_QWEN2VL || kind == KIND_MLLAMA || kind == KIND_EMU3)
+        p->do_center_crop = 0; /* their _preprocess has no crop step */
     int do_pad = kind == KIND_MLLAMA ? 1 : p->do_pad; /* MllamaImageProcessor: do_pad True (the tiles) */
     if ((st = get_bool(ctx, file, o, "do_pad", &do_pad)) != MMB_OK) return st;
     const cJSON *j;
-    if (kind == KIND_QWEN2VL) {
-        if ((st = parse_smart(ctx, file, o, p)) != MMB_OK) return st;
+    if (kind == KIND_EMU3) do_pad = 0; /* its do_pad pads a batch to its largest image, not LLaVA's square */
+    if (kind == KIND_QWEN2VL || kind == KIND_EMU3) {
+        if ((st = parse_smart(ctx, file, o, kind == KIND_EMU3, p)) != MMB_OK) return st;
     } else if ((j = get(o, "size"))) {
         size_val v;
         if ((st = parse_size(ctx, file, "size", j, dts != 0, &v)) != MMB_OK) return st;
@@ -934,5 +956,31 @@ mmb_status mmb_preprocess_run(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_i
         for (size_t i = 0; i < plane; i++) dst[i] = lut[u8[3 * i + c]];
     }
     free(u8);
+    return MMB_OK;
+}
+
+mmb_status mmb_preprocess_postprocess(mmb_ctx *ctx, const mmb_preprocess *p, const float *pixels, int height,
+                                      int width, mmb_image *out) {
+    if (!p || !pixels || !out || height < 1 || width < 1 || (int64_t)height * width > MMB_IMAGE_DEFAULT_MAX_PIXELS)
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_preprocess_postprocess: NULL argument or a bad size");
+    const size_t hw = (size_t)height * (size_t)width;
+    unsigned char *rgb = malloc(hw * 3);
+    if (!rgb) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for a %dx%d image", width, height);
+    /* unnormalize: normalize(mean' = -mean / std, std' = 1 / std) in f32; rescale: * (1 / rescale_factor) in
+     * double, then f32; clip to [0, 255]; astype(uint8) truncates */
+    const double scale = p->do_rescale ? 1.0 / p->rescale_factor : 1.0;
+    for (int c = 0; c < 3; c++) {
+        const float m = (float)(-p->image_mean[c] / p->image_std[c]), sd = (float)(1.0 / p->image_std[c]);
+        for (size_t i = 0; i < hw; i++) {
+            float x = pixels[c * hw + i];
+            if (p->do_normalize) x = (x - m) / sd;
+            float y = p->do_rescale ? (float)((double)x * scale) : x;
+            y = !(y > 0.0f) ? 0.0f : y > 255.0f ? 255.0f : y; /* NaN: 0 */
+            rgb[i * 3 + (size_t)c] = (unsigned char)y;
+        }
+    }
+    out->width = width;
+    out->height = height;
+    out->rgb = rgb;
     return MMB_OK;
 }

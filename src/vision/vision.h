@@ -143,4 +143,28 @@ mmb_status mmb__cogvit_forward(mmb_ctx *ctx, const mmb_cogvit *v, const float *p
 mmb_status mmb__preprocess_u8(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_image *img, unsigned char **out,
                               int *h, int *w);
 
+
+/* ---- vision/vq.c: VQ-VAE image tokenizers (fusion type D) -------------------------------------------- */
+
+/* One kind of VQ model, told by its config's model_type. */
+typedef struct mmb__vq_kind {
+    const char *model_type;     /* "chameleon_vqgan", "janus_vqgan", "emu3_vqgan" */
+    /* Binds the weights under prefix (the VQ config's keys under cp: "vq_config." or "") of c (which outlives the
+     * state), checking every one; fills info's sizes and has_encoder / has_decoder. */
+    mmb_status (*load)(mmb_ctx *ctx, const mmb_ckpt *c, const char *prefix, const char *cp, void **state,
+                       mmb_vq_info *info);
+    /* mmb_vq_encode / mmb_vq_decode with their arguments checked; NULL: the kind has no such part. */
+    mmb_status (*encode)(mmb_ctx *ctx, const void *state, const float *pixels, int64_t batch, int height, int width,
+                         int32_t *codes, float *latents);
+    mmb_status (*decode)(mmb_ctx *ctx, const void *state, const int32_t *codes, int64_t batch, int gh, int gw,
+                         float *pixels);
+    /* FLOPs of one image of height x width (encode) or of its codes (decode 1), and in *params (may be NULL) the
+     * part's parameters (any size when only params are wanted). */
+    int64_t (*cost)(const void *state, int height, int width, int decode, int64_t *params);
+    void (*free)(void *state);
+} mmb__vq_kind;
+extern const mmb__vq_kind mmb__vq_chameleon, mmb__vq_janus;
+/* The VQ model of checkpoint c (borrowed: c outlives *out), as mmb_vq_open finds it. */
+mmb_status mmb__vq_open(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vq **out);
+
 #endif
