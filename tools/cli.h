@@ -136,6 +136,7 @@ typedef struct cli_enc {
     const char *model, *output, *pixels, *video, *tower;
     const char *const *inputs;  /* image files, directories, list files */
     int n_inputs, no_pool;
+    int vq, latents;            /* --vq: the VQ tokenizer's codes (fusion D) instead of embeddings; --latents too */
     int64_t frames, batch;      /* --video's frames (0: 8); images per forward pass */
     int taps[MMB_MAX_TAPS], n_taps;
     cli_ctx_opts co;
@@ -144,6 +145,12 @@ typedef struct cli_enc {
 
 /* Runs it, printing a line per batch and per image. Returns the exit status: 0, 1 or 2 (printed). */
 int cli_encode_run(mmb_ctx *ctx, const cli_enc *e);
+/* encode --vq (tools/cmd_vq.c): the model's VQ tokenizer on images (its processor) or --pixels: 'codes' [n, gh, gw]
+ * I32 (and 'latents' [n, embed_dim, gh, gw] F32 with --latents). Returns the exit status. */
+int cli_vq_encode(mmb_ctx *ctx, const cli_enc *e);
+/* Reads tensor 'pixel_values' [n, channels, H, W] (F32/F16/BF16; size > 0: H = W = size) of path into *px
+ * (malloc'd). Returns 0, or 1 after printing the error. */
+int cli_read_pixels(mmb_ctx *ctx, const char *path, int channels, int size, float **px, int64_t *n, int *h, int *w);
 
 /* Prints what `info` prints about `dir`. Returns the exit status: 0 or 1 (printed). */
 int cli_info_run(mmb_ctx *ctx, const char *dir, const char *tower, const mmb_dense_params *dense, int dtype,
@@ -180,5 +187,6 @@ int cmd_generate(int argc, char **argv);
 int cmd_train(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_demo(int argc, char **argv);
+int cmd_decode_vq(int argc, char **argv);
 
 #endif

@@ -55,6 +55,11 @@ static int parse_encode(int argc, char **argv, cli_enc *o, const char **pos) {
          "(the messages then go to standard error)"},
         {.name = "--batch", .meta = "N", .type = CLI_INT, .dst = &o->batch,
          .help = "images per forward pass (default 8); a progress line per batch", .lo = 1, .hi = 4096},
+        {.name = "--vq", .meta = NULL, .type = CLI_FLAG, .dst = &o->vq,
+         .help = "fusion D: write the VQ tokenizer's 'codes' [n, rows, cols] I32 instead of\n"
+         "embeddings (Chameleon, Emu3, Janus checkpoints or a VQ model's own directory)"},
+        {.name = "--latents", .meta = NULL, .type = CLI_FLAG, .dst = &o->latents,
+         .help = "with --vq: also 'latents' [n, embed_dim, rows, cols] F32, the quant_conv output"},
         {.name = "--pixels", .meta = "F", .type = CLI_STR, .dst = &o->pixels,
          .help = "read preprocessed 'pixel_values' [n, channels, size, size] from F instead\n"
          "of decoding images"},
@@ -107,6 +112,14 @@ static int parse_encode(int argc, char **argv, cli_enc *o, const char **pos) {
         fprintf(stderr, "mmbridge encode: needs -o and one of: images, --pixels, --video\n");
         return 2;
     }
+    if (o->latents && !o->vq) {
+        fprintf(stderr, "mmbridge encode: --latents goes with --vq\n");
+        return 2;
+    }
+    if (o->vq && (o->video || o->n_taps)) {
+        fprintf(stderr, "mmbridge encode: --vq takes images or --pixels, no --video or --taps\n");
+        return 2;
+    }
     if ((o->frames || o->no_pool) && !o->video) {
         fprintf(stderr, "mmbridge encode: --frames and --no-pool go with --video\n");
         return 2;
@@ -117,7 +130,7 @@ static int parse_encode(int argc, char **argv, cli_enc *o, const char **pos) {
 
 /* Reads pixel_values [n, C, H, W] (any float dtype) as f32 into *px; `size` > 0 requires H = W = size (a
  * tower's fixed input). Returns 0 or 1 (printed). */
-static int read_pixels(mmb_ctx *ctx, const char *path, int channels, int size, float **px, int64_t *n, int *h, int *w) {
+int cli_read_pixels(mmb_ctx *ctx, const char *path, int channels, int size, float **px, int64_t *n, int *h, int *w) {
     mmb_st_file *f = NULL;
     if (mmb_st_open(ctx, path, &f) != MMB_OK) return cli_fail(ctx, NULL);
     const mmb_tensor *t = mmb_st_find(f, "pixel_values");
@@ -242,6 +255,7 @@ static int encode_pixels(mmb_ctx *ctx, mmb_mllm *m, const cli_enc *e, const floa
 }
 
 int cli_encode_run(mmb_ctx *ctx, const cli_enc *e) {
+    if (e->vq) return cli_vq_encode(ctx, e);
     FILE *msg = strcmp(e->output, "-") ? stdout : stderr;
     mmb_mllm *m = NULL;
     char **paths = NULL, names[MMB_MAX_TAPS][32], **keys = NULL;
@@ -276,7 +290,7 @@ int cli_encode_run(mmb_ctx *ctx, const cli_enc *e) {
         goto done;
     }
     if (e->pixels) {
-        if (read_pixels(ctx, e->pixels, vi.channels ? vi.channels : 3, vi.image_size, &px, &n, &h, &w)) goto done;
+        if (cli_read_pixels(ctx, e->pixels, vi.channels ? vi.channels : 3, vi.image_size, &px, &n, &h, &w)) goto done;
     } else {
         if (e->video ? pick_frames(ctx, e, msg, &paths, &n)
                      : cli_expand_inputs(e->inputs, e->n_inputs, 0, &paths, &n_paths))

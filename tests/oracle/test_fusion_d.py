@@ -354,3 +354,99 @@ def test_janus_bad_input(tmp_path):
     fails(["generate", d, "--ids", "1,999999,3", "--image-ids", tmp_path / "o.safetensors"], "outside the vocabulary")
     fails(["generate", d, "--ids", "1,3", "--image", tmp_path / "x.png", "--image-out", tmp_path / "o.png"],
           "takes --prompt or --ids")
+
+
+# ---- the VQ tokenizers alone: encode --vq, decode-vq ------------------------------------------------------
+
+def save_pixels(path, px):
+    from safetensors.torch import save_file
+    save_file({"pixel_values": px.contiguous()}, str(path))
+
+
+def test_chameleon_vq_codes_and_latents(tmp_path):
+    from transformers import ChameleonVQVAE, ChameleonVQVAEConfig
+    torch.manual_seed(1)
+    vq = ChameleonVQVAE(ChameleonVQVAEConfig(embed_dim=16, num_embeddings=K, latent_channels=16, base_channels=32,
+                                             channel_multiplier=[1, 2, 2], resolution=32, num_res_blocks=2,
+                                             attn_resolutions=[16])).eval()
+    d = tmp_path / "vq"
+    vq.save_pretrained(d)
+    px = torch.rand(2, 3, 32, 48) * 2 - 1
+    save_pixels(tmp_path / "px.safetensors", px)
+    out = tmp_path / "codes.safetensors"
+    run("encode", d, "--vq", "--latents", "--pixels", tmp_path / "px.safetensors", "-o", out, "--threads", 2)
+    got = load_file(str(out))
+    with torch.no_grad():
+        ref = vq.encode(px)
+        lat = vq.quant_conv(vq.encoder(px))
+    assert got["codes"].shape == (2, 8, 12)
+    assert got["codes"].flatten().tolist() == ref.image_tokens.flatten().tolist()
+    assert scaled_err(got["latents"], lat) < 1e-4
+    # a wrong variant: symmetric padding before each stride-2 conv (padding=1 instead of F.pad(0, 1, 0, 1))
+    import torch.nn.functional as F
+    with torch.no_grad():
+        saved = [m.forward for m in vq.encoder.modules() if type(m).__name__.endswith("ConvDownsample")]
+        for m in vq.encoder.modules():
+            if type(m).__name__.endswith("ConvDownsample"):
+                m.forward = (lambda mod: lambda x: mod.conv(F.pad(x, (1, 1, 1, 1))[..., :-1, :-1]))(m)
+        wrong = vq.quant_conv(vq.encoder(px))
+        del saved
+    assert scaled_err(wrong, lat) > 1e-2
+    # bad input: a side that is not a multiple of the downsampling
+    save_pixels(tmp_path / "bad.safetensors", torch.rand(1, 3, 30, 32))
+    fails(["encode", d, "--vq", "--pixels", tmp_path / "bad.safetensors", "-o", out], "multiples of", "4")
+
+
+def test_chameleon_vq_inside_the_model_and_a_bad_codebook(tmp_path):
+    d, model, proc = make_chameleon(tmp_path)
+    imgs = images(tmp_path, 1, 32, seed=9)
+    out = tmp_path / "codes.safetensors"
+    run("encode", d, imgs[0], "--vq", "-o", out, "--threads", 2)  # through ChameleonImageProcessor
+    pv = proc.image_processor(images=[Image.open(imgs[0]).convert("RGB")], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        ref = model.model.vqmodel.encode(pv).image_tokens
+    assert load_file(str(out))["codes"].flatten().tolist() == ref.flatten().tolist()
+    fails(["decode-vq", d, out, "-o", tmp_path / "x.png"], "no decoder")
+    # a codebook of the wrong width
+    from safetensors.torch import save_file
+    w = load_file(str(d / "model.safetensors"))
+    w["model.vqmodel.quantize.embedding.weight"] = w["model.vqmodel.quantize.embedding.weight"][:, :8].contiguous()
+    save_file(w, str(d / "model.safetensors"), metadata={"format": "pt"})
+    fails(["encode", d, imgs[0], "--vq", "-o", out], "quantize.embedding.weight")
+
+
+def test_janus_vq_decode_and_bad_codes(tmp_path):
+    d, model, tok, ip = make_janus(tmp_path)
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 48, (2, 4, 4), generator=g, dtype=torch.int32)
+    from safetensors.torch import save_file
+    save_file({"codes": codes}, str(tmp_path / "codes.safetensors"))
+    png = tmp_path / "out.png"
+    run("decode-vq", d, tmp_path / "codes.safetensors", "-o", png, "--pixels-out", tmp_path / "raw.safetensors",
+        "--threads", 2)
+    with torch.no_grad():
+        dec = model.model.vqmodel.decode(codes.long().view(2, -1))
+    assert scaled_err(load_file(str(tmp_path / "raw.safetensors"))["pixels"], dec) < 1e-4
+    with torch.no_grad():  # a wrong variant: the codebook rows without get_codebook_entry's L2 normalisation
+        vqm = model.model.vqmodel
+        e = vqm.quantize.embedding(codes.long().view(2, -1)).view(2, 4, 4, -1).permute(0, 3, 1, 2)
+        wrong = vqm.decoder(vqm.post_quant_conv(e))
+    assert scaled_err(wrong, dec) > 1e-2
+    for i in range(2):
+        want = np.asarray(ip.postprocess([dec[i].float()], return_tensors="PIL.Image.Image")["pixel_values"][0])
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"out-{i}.png").convert("RGB")), want)
+    # the raw decoder output within 1e-4, through the encode-decode round trip of the C API's pixels
+    px = dec[:1].contiguous()
+    save_pixels(tmp_path / "px.safetensors", px)
+    run("encode", d, "--vq", "--latents", "--pixels", tmp_path / "px.safetensors", "-o", tmp_path / "c2.safetensors",
+        "--threads", 2)
+    got = load_file(str(tmp_path / "c2.safetensors"))
+    with torch.no_grad():
+        assert got["codes"].flatten().tolist() == model.model.vqmodel.encode(px).image_tokens.flatten().tolist()
+        lat = model.model.vqmodel.quant_conv(model.model.vqmodel.encoder(px))
+    assert scaled_err(got["latents"], lat) < 1e-4
+    # bad input: a code outside the codebook
+    bad = codes.clone()
+    bad[0, 1, 2] = 48
+    save_file({"codes": bad}, str(tmp_path / "bad.safetensors"))
+    fails(["decode-vq", d, tmp_path / "bad.safetensors", "-o", png], "outside the codebook", "position 6")
