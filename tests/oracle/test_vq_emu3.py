@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import run
 
 transformers = pytest.importorskip("transformers")
-from transformers import (Emu3Config, Emu3ForConditionalGeneration, Emu3VQVAE,  # noqa: E402
+from transformers import (Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3VQVAE,  # noqa: E402
                           Emu3VQVAEConfig)
 from transformers.models.emu3 import modeling_emu3  # noqa: E402
 
@@ -50,12 +51,18 @@ def make_vq(seed=0, **over):
     return m
 
 
+def save_vq(m, d):
+    """save_pretrained, plus the image processor decode-vq's postprocess reads."""
+    m.save_pretrained(d)
+    Emu3ImageProcessor(spatial_factor=2).save_pretrained(d)
+
+
 @pytest.fixture(scope="module")
 def vq(tmp_path_factory):
     """(model, standalone dir, full Emu3ForConditionalGeneration dir)."""
     m = make_vq()
     d = tmp_path_factory.mktemp("emu3vq")
-    m.save_pretrained(d / "vq")
+    save_vq(m, d / "vq")
     vocab = {f"<|visual token{i:06d}|>": 10 + i for i in range(VQ["codebook_size"])}
     vocab.update({"<|extra_200|>": 5, "<image>": 6})
     cfg = Emu3Config(vq_config=VQ, vocabulary_map=vocab,
@@ -66,6 +73,7 @@ def vq(tmp_path_factory):
     full = Emu3ForConditionalGeneration(cfg).eval()
     full.model.vqmodel.load_state_dict(m.state_dict())
     full.save_pretrained(d / "full")
+    Emu3ImageProcessor(spatial_factor=2).save_pretrained(d / "full")
     return m, d / "vq", d / "full", full
 
 
@@ -88,7 +96,7 @@ def torch_encode(m, x):
 def mmb_encode(model, x, tmp_path, check=True):
     pf, of = tmp_path / "pixels.safetensors", tmp_path / "codes.safetensors"
     save_file({"pixel_values": x.contiguous()}, str(pf))
-    p = run("encode", model, "--vq", "--pixels", pf, "-o", of, check=check)
+    p = run("encode", model, "--vq", "--latents", "--pixels", pf, "-o", of, "--threads", 2, check=check)
     if not check:
         return p
     t = load_file(str(of))
@@ -96,9 +104,10 @@ def mmb_encode(model, x, tmp_path, check=True):
 
 
 def mmb_decode(model, codes, tmp_path, check=True):
+    """decode-vq: the raw decoder output (--pixels-out); the PNGs go to tmp_path/out.png (out-{i}.png for several)."""
     cf, of = tmp_path / "in_codes.safetensors", tmp_path / "decoded.safetensors"
     save_file({"codes": torch.as_tensor(np.asarray(codes)).to(torch.int32).contiguous()}, str(cf))
-    p = run("decode-vq", model, "--codes", cf, "-o", of, check=check)
+    p = run("decode-vq", model, cf, "-o", tmp_path / "out.png", "--pixels-out", of, "--threads", 2, check=check)
     if not check:
         return p
     return load_file(str(of))["pixels"].numpy()
@@ -127,6 +136,12 @@ def test_decode_pixels(vq, tmp_path, which):
     got = mmb_decode(d_vq if which == "vq" else d_full, codes, tmp_path)
     assert got.shape == ref.shape == (2, 3, H, W)
     assert scaled_err(got, ref) < 1e-4, scaled_err(got, ref)
+    ip = Emu3ImageProcessor(spatial_factor=2)  # the PNGs: the processor's postprocess of transformers' output
+    for i in range(2):
+        want = np.asarray(ip.postprocess([torch.as_tensor(ref[i])], return_tensors="PIL.Image.Image")["pixel_values"][0])
+        png = np.asarray(Image.open(tmp_path / f"out-{i}.png").convert("RGB"))
+        assert png.shape == want.shape and np.abs(png.astype(int) - want).max() <= 1  # 1e-4 off may round apart
+        assert (png != want).mean() < 1e-3
     if which == "full":  # the same through Emu3Model.decode_image_tokens (BPE ids, an EOL column, 3 tail ids)
         vm = full.model.vocabulary_mapping
         bpe = vm.convert_img2bpe(torch.as_tensor(codes).flatten(0, 0).reshape(-1, codes.shape[-1]))
@@ -154,7 +169,7 @@ def test_square_and_single_image(vq, tmp_path):
 def test_other_temporal_factors(tmp_path, tdf):
     """temporal_downsample_factor 1 (no time_conv) and 2 (one), against transformers too."""
     m = make_vq(seed=11, temporal_downsample_factor=tdf)
-    m.save_pretrained(tmp_path / "m")
+    save_vq(m, tmp_path / "m")
     x = pixels(1, 32, 32, seed=9)
     codes, lat = torch_encode(m, x)
     got_codes, got_lat = mmb_encode(tmp_path / "m", x, tmp_path)
@@ -242,7 +257,8 @@ def test_codebook_of_the_wrong_width(vq, tmp_path):
     t = load_file(str(d_vq / "model.safetensors"))
     t["quantize.embedding.weight"] = t["quantize.embedding.weight"][:, :-1].contiguous()
     save_file(t, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    (bad / "config.json").write_text((d_vq / "config.json").read_text())
+    for f in ("config.json", "preprocessor_config.json"):
+        (bad / f).write_text((d_vq / f).read_text())
     p = mmb_encode(bad, pixels(1, 32, 32), tmp_path, check=False)
     assert p.returncode != 0 and "quantize.embedding.weight" in p.stderr, p.stderr
 
@@ -251,7 +267,7 @@ def test_embed_dim_not_latent_channels_refused(tmp_path):
     """torch's decoder cannot run such a model (it concatenates post_quant and quant); mmbridge refuses it at
     load, naming the keys."""
     m = make_vq(seed=2)
-    m.save_pretrained(tmp_path / "m")
+    save_vq(m, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["embed_dim"] = 4
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
