@@ -74,6 +74,14 @@ def vq(tmp_path_factory):
     full.model.vqmodel.load_state_dict(m.state_dict())
     full.save_pretrained(d / "full")
     Emu3ImageProcessor(spatial_factor=2).save_pretrained(d / "full")
+    # transformers 5 saves the whole model's VQ under vqmodel.*; older checkpoints have model.vqmodel.*
+    old = d / "full_old_layout"
+    old.mkdir()
+    t = load_file(str(d / "full" / "model.safetensors"))
+    save_file({("model." + k if k.startswith("vqmodel.") else k): v for k, v in t.items()},
+              str(old / "model.safetensors"), metadata={"format": "pt"})
+    for f in ("config.json", "preprocessor_config.json"):
+        (old / f).write_text((d / "full" / f).read_text())
     return m, d / "vq", d / "full", full
 
 
@@ -115,12 +123,13 @@ def mmb_decode(model, codes, tmp_path, check=True):
 
 # ---- tests --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("which", ["vq", "full"])
+@pytest.mark.parametrize("which", ["vq", "full", "full_old_layout"])
 def test_encode_codes_and_latents(vq, tmp_path, which):
     m, d_vq, d_full, _ = vq
     x = pixels()
     codes, lat = torch_encode(m, x)
-    got_codes, got_lat = mmb_encode(d_vq if which == "vq" else d_full, x, tmp_path)
+    got_codes, got_lat = mmb_encode({"vq": d_vq, "full": d_full, "full_old_layout": d_full.parent / which}[which], x,
+                                    tmp_path)
     assert got_codes.shape == codes.shape and got_lat.shape == lat.shape
     assert scaled_err(got_lat, lat) < 1e-4, scaled_err(got_lat, lat)
     np.testing.assert_array_equal(got_codes, codes)
