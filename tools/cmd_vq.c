@@ -102,13 +102,20 @@ int cmd_decode_vq(int argc, char **argv) {
     int32_t *codes = NULL;
     float *px = NULL;
     r = 1;
-    if (mmb_vq_open(ctx, pos[0], &vq) != MMB_OK || mmb_preprocess_load(ctx, pos[0], &proc) != MMB_OK ||
-        mmb_st_open(ctx, pos[1], &f) != MMB_OK) {
+    if (mmb_vq_open(ctx, pos[0], &vq) != MMB_OK || mmb_st_open(ctx, pos[1], &f) != MMB_OK) {
         cli_fail(ctx, NULL);
         goto done;
     }
     mmb_vq_info vi;
     mmb_vq_get_info(vq, &vi);
+    mmb_status ps = mmb_preprocess_load(ctx, pos[0], &proc);
+    if (ps == MMB_ERR_IO) { /* a VQ model's own directory has no processor: its family's class defaults */
+        const char *cls = !strcmp(vi.kind, "emu3_vqgan") ? "Emu3ImageProcessor" : "JanusImageProcessor";
+        fprintf(stderr, "mmbridge: note: %s has no preprocessor_config.json: postprocessing as %s's defaults\n",
+                pos[0], cls);
+        ps = mmb_preprocess_init(ctx, cls, &proc);
+    }
+    if (ps != MMB_OK) { cli_fail(ctx, NULL); goto done; }
     const mmb_tensor *t = mmb_st_find(f, "codes");
     if (!t || (t->ndim != 2 && t->ndim != 3) || (t->dtype != MMB_I32 && t->dtype != MMB_I64)) {
         fprintf(stderr, "mmbridge: error: %s: tensor 'codes' [n, rows, cols] (or [rows, cols]) I32/I64 is %s\n",

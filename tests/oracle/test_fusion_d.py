@@ -146,7 +146,12 @@ def test_chameleon_logits_and_greedy(tmp_path, swin):
 def test_chameleon_info_and_bad_vocabulary(tmp_path):
     d, model, proc = make_chameleon(tmp_path)
     p = run("info", d)
-    assert "chameleon" in p.stdout and "D" in p.stdout
+    side = (32 // 4)
+    assert "fusion:           D" in p.stdout
+    assert f"VQ tokens:        {K} codes" in p.stdout and f"is {side * side} ids" in p.stdout, p.stdout
+    c = run("compare", d, "--reps", 1)
+    row = next(l for l in c.stdout.splitlines() if l.startswith("| cham") and "| D " in l)
+    assert f"| {side * side:9d} |" in row  # the ids are prefill positions
     cfg = json.loads((d / "config.json").read_text())
     del cfg["vocabulary_map"][img_name(7)]
     (d / "config.json").write_text(json.dumps(cfg))
