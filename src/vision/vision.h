@@ -164,6 +164,8 @@ typedef struct mmb__vq_kind {
     void (*free)(void *state);
 } mmb__vq_kind;
 extern const mmb__vq_kind mmb__vq_chameleon, mmb__vq_janus;
+/* vision/vq_emu3.c: Emu3VQVAE, encoder and decoder (temporal Conv3d, SpatialNorm) */
+extern const mmb__vq_kind mmb__vq_emu3;
 /* The VQ model of checkpoint c (borrowed: c outlives *out), as mmb_vq_open finds it. */
 mmb_status mmb__vq_open(mmb_ctx *ctx, const mmb_ckpt *c, mmb_vq **out);
 

@@ -642,7 +642,7 @@ static int64_t vq2d_cost(const void *st, int height, int width, int decode, int6
 const mmb__vq_kind mmb__vq_chameleon = {"chameleon_vqgan", chameleon_load, vq2d_encode, NULL, vq2d_cost, vq2d_free};
 const mmb__vq_kind mmb__vq_janus = {"janus_vqgan", janus_load, vq2d_encode, vq2d_decode, vq2d_cost, vq2d_free};
 
-static const mmb__vq_kind *const kinds[] = {&mmb__vq_chameleon, &mmb__vq_janus};
+static const mmb__vq_kind *const kinds[] = {&mmb__vq_chameleon, &mmb__vq_janus, &mmb__vq_emu3};
 
 void mmb_vq_free(mmb_vq *vq) {
     if (!vq) return;

@@ -225,7 +225,7 @@ def test_emu3_logits_and_greedy(tmp_path):
         flat = torch.cat([m.convert_img2bpe(t).flatten() for t in toks])
         eol = flat == m.eol_token_id
         flat[eol] = m.img2bpe[0]
-        ids[ids == m.image_token_id] = flat
+        ids[ids == m.image_token_id] = flat.to(ids.dtype)
         wrong = model(input_ids=ids).logits[0].float()
     assert scaled_err(wrong, ref) > 1e-2
 
