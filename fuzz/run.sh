@@ -5,13 +5,14 @@
 #   FUZZ_RUNS=N                    iterations per target (default 20000)
 #   FUZZ_MAX_LEN=N                 largest input (default 4096)
 #   FUZZ_TARGETS="a b"             the targets to run (default: all six)
-#   FUZZ_TIME=S                    also stop each target after S seconds (default: none)
+#   FUZZ_TIME=S                    stop each target after S seconds at most (default 45)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=${1:-build-fuzz}
 case $BUILD in /*) ;; *) BUILD=$ROOT/$BUILD ;; esac
 RUNS=${FUZZ_RUNS:-20000}
 MAX_LEN=${FUZZ_MAX_LEN:-4096}
+TIME=${FUZZ_TIME:-45}
 
 # MMB_FUZZ builds the library with -fsanitize=fuzzer-no-link so libFuzzer sees its coverage.
 CC=${CC:-clang} cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DMMB_FUZZ=ON -DMMB_SANITIZE=ON \
@@ -28,9 +29,9 @@ status=0
 for t in ${FUZZ_TARGETS:-safetensors config chat tokenizer image preprocessor}; do
     mkdir -p "$WORK/$t" "$WORK/$t-artifacts"
     cp "$ROOT/fuzz/corpus/$t/"* "$WORK/$t/"
-    echo "== fuzz_$t: $RUNS runs, max_len $MAX_LEN"
+    echo "== fuzz_$t: $RUNS runs or $TIME s, max_len $MAX_LEN"
     if ! "$BUILD/fuzz_$t" -runs="$RUNS" -max_len="$MAX_LEN" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=1024 \
-            ${FUZZ_TIME:+-max_total_time=$FUZZ_TIME} \
+            -max_total_time="$TIME" \
             -artifact_prefix="$WORK/$t-artifacts/" "$WORK/$t" >"$WORK/$t.log" 2>&1; then
         tail -n 60 "$WORK/$t.log"
         mkdir -p "$BUILD/fuzz-crashes"

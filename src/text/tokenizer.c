@@ -841,9 +841,11 @@ mmb_status mmb_tokenizer_encode(mmb_ctx *ctx, const mmb_tokenizer *t, const char
         if (p->n == 0) continue;
         plist cur = {0};
         pl_push(&cur, p->s, p->n, -1, p->start);
+        ok = !cur.oom; /* each stage's list checked: a piece it failed to keep must not vanish from the next */
         for (int k = 0; ok && k < t->n_pre; k++) {
             plist nx = {0};
             for (int64_t j = 0; ok && j < cur.n; j++) ok = pretok_one(t, &t->pre[k], &cur.p[j], &nx);
+            ok = ok && !nx.oom;
             pl_free(&cur);
             cur = nx;
         }
