@@ -1,22 +1,12 @@
 /* libFuzzer target: the chat-template engine (text/chat.c). The input is split at its first NUL byte: the template
  * before it, the messages JSON after (absent or malformed: a fixed two-message conversation). Every render must
  * return a status, bounded in time and memory by the engine's own limits (depth, steps, output, arena). */
-#include "internal.h"
+#include "fuzz_util.h"
 
-#include <stdlib.h>
 #include <string.h>
 
-static mmb_ctx *g_ctx;
-
-static void cleanup(void) { mmb_ctx_free(g_ctx); }
-
 int LLVMFuzzerTestOneInput(const unsigned char *data, size_t size) {
-    if (!g_ctx) {
-        mmb_ctx_params p = mmb_ctx_default_params();
-        p.n_threads = 1;
-        if (mmb_ctx_new(&p, &g_ctx) != MMB_OK) abort();
-        atexit(cleanup);
-    }
+    mmb_ctx *ctx = fuzz_ctx();
     if (size > 1 << 16) return 0;
     char *buf = malloc(size + 1);
     if (!buf) return 0;
@@ -27,9 +17,9 @@ int LLVMFuzzerTestOneInput(const unsigned char *data, size_t size) {
     static const char *def = "[{\"role\": \"system\", \"content\": \"Be brief.\"}, {\"role\": \"user\", \"content\": "
                              "\"What is in <image> this picture?\"}, {\"role\": \"assistant\", \"content\": \"A cat.\"}]";
     char *out = NULL;
-    if (mmb_chat_render_json(g_ctx, NULL, buf, msgs && *msgs ? msgs : def, "{\"bos_token\": \"<s>\"}", 1, &out) != MMB_OK &&
+    if (mmb_chat_render_json(ctx, NULL, buf, msgs && *msgs ? msgs : def, "{\"bos_token\": \"<s>\"}", 1, &out) != MMB_OK &&
         msgs)
-        mmb_chat_render_json(g_ctx, NULL, buf, def, NULL, 0, &out);
+        mmb_chat_render_json(ctx, NULL, buf, def, NULL, 0, &out);
     free(out);
     free(buf);
     return 0;

@@ -3,16 +3,11 @@
  *         with special tokens is encoded and decoded back;
  *   odd   the rest is text, encoded (with and without special tokens) by a fixed byte-level BPE tokenizer made once
  *         per process (fuzz/corpus/tokenizer's seeds are of both kinds), and its ids decoded back. */
-#include "internal.h"
+#include "fuzz_util.h"
 
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
-static mmb_ctx *g_ctx;
 static mmb_tokenizer *g_tok;
-static char g_dir[64], g_file[96];
 
 /* A small byte-level BPE with a merge list and added special tokens, as `tokenizers` saves one. */
 static const char *FIXED =
@@ -23,28 +18,11 @@ static const char *FIXED =
     " \"model\": {\"type\": \"BPE\", \"dropout\": null, \"unk_token\": null, \"byte_fallback\": false, \"vocab\": %s,"
     " \"merges\": [\"\\u0120 t\", \"h e\", \"\\u0120t he\", \"a t\", \"c at\"]}}";
 
-static void write_file(const char *text, size_t n) {
-    FILE *f = fopen(g_file, "wb");
-    if (!f) abort();
-    if (n && fwrite(text, 1, n, f) != n) abort();
-    fclose(f);
-}
-
-static void cleanup(void) {
-    mmb_tokenizer_free(g_tok);
-    unlink(g_file);
-    rmdir(g_dir);
-    mmb_ctx_free(g_ctx);
-}
+static void free_tok(void) { mmb_tokenizer_free(g_tok); }
 
 /* The byte-level alphabet's 256 symbols as GPT-2 maps bytes, ids 0..255, then the merges' results. */
 static void setup(void) {
-    mmb_ctx_params p = mmb_ctx_default_params();
-    p.n_threads = 1;
-    if (mmb_ctx_new(&p, &g_ctx) != MMB_OK) abort();
-    snprintf(g_dir, sizeof g_dir, "/tmp/mmb_fuzz_tok_%ld_XXXXXX", (long)getpid());
-    if (!mkdtemp(g_dir)) abort();
-    snprintf(g_file, sizeof g_file, "%s/tokenizer.json", g_dir);
+    const char *dir = fuzz_dir("tok", "tokenizer.json");
     char *vocab = malloc(1 << 16), *o = vocab;
     o += sprintf(o, "{");
     for (int b = 0, n = 0; b < 256; b++) { /* bytes_to_unicode */
@@ -54,33 +32,33 @@ static void setup(void) {
     o += sprintf(o, ", \"\\u0120t\": 256, \"he\": 257, \"\\u0120the\": 258, \"at\": 259, \"cat\": 260, \"c\\u0120\": 261}");
     char *json = malloc(1 << 17);
     int n = snprintf(json, 1 << 17, FIXED, vocab);
-    write_file(json, (size_t)n);
+    fuzz_write(json, (size_t)n);
     free(vocab);
     free(json);
-    if (mmb_tokenizer_open(g_ctx, g_dir, &g_tok) != MMB_OK) abort();
-    atexit(cleanup);
+    if (mmb_tokenizer_open(fuzz_ctx(), dir, &g_tok) != MMB_OK) abort();
+    atexit(free_tok); /* runs before fuzz_util's cleanup, registered earlier */
 }
 
 static void roundtrip(const mmb_tokenizer *t, const char *text, size_t n, int special) {
     int32_t *ids = NULL;
     int64_t k = 0;
-    if (mmb_tokenizer_encode(g_ctx, t, text, n, special, &ids, &k) == MMB_OK) {
+    if (mmb_tokenizer_encode(fuzz_ctx(), t, text, n, special, &ids, &k) == MMB_OK) {
         char *back = NULL;
         size_t bn = 0;
-        if (mmb_tokenizer_decode(g_ctx, t, ids, k, 0, &back, &bn) == MMB_OK) free(back);
+        if (mmb_tokenizer_decode(fuzz_ctx(), t, ids, k, 0, &back, &bn) == MMB_OK) free(back);
     }
     free(ids);
 }
 
 int LLVMFuzzerTestOneInput(const unsigned char *data, size_t size) {
-    if (!g_ctx) setup();
+    if (!g_tok) setup();
     if (size < 1 || size > 1 << 17) return 0;
     const char *rest = (const char *)data + 1;
     size_t n = size - 1;
     if (data[0] % 2 == 0) {
-        write_file(rest, n);
+        fuzz_write(rest, n);
         mmb_tokenizer *t = NULL;
-        if (mmb_tokenizer_open(g_ctx, g_dir, &t) == MMB_OK) {
+        if (mmb_tokenizer_open(fuzz_ctx(), fuzz_dir("tok", "tokenizer.json"), &t) == MMB_OK) {
             static const char text[] = "<s>The cat sat on <image> the mat, caf\xc3\xa9 \xe2\x9c\x93 1234.";
             roundtrip(t, text, sizeof text - 1, 1);
             mmb_tokenizer_free(t);

@@ -232,8 +232,40 @@ static mmb_status read_cfg(mmb_ctx *ctx, const mmb_ckpt *c, const char *cp, cons
     return MMB_OK;
 }
 
+/* The middle of a net at width ch: mid.block_1, mid.attn_1 (where the checkpoint has it), mid.block_2. */
+static mmb_status bind_mid(mmb_ctx *ctx, const mmb_ckpt *c, const char *p, int64_t ch, net *n) {
+    char q[256];
+    snprintf(q, sizeof q, "%.96smid.block_1.", p);
+    mmb_status s = bind_res(ctx, c, q, ch, ch, &n->mid1);
+    snprintf(q, sizeof q, "%.96smid.attn_1.", p);
+    if (s == MMB_OK && (n->has_mida = present(c, q, "q"))) s = bind_att(ctx, c, q, ch, &n->mida);
+    snprintf(q, sizeof q, "%.96smid.block_2.", p);
+    if (s == MMB_OK) s = bind_res(ctx, c, q, ch, ch, &n->mid2);
+    return s;
+}
+
+/* Level {p}{part}.{i}: nb ResNet blocks from *ch to out channels (each with its attention where the checkpoint has
+ * one), then {rs}.conv when resample (3x3, stride and padding as given). *ch becomes out. */
+static mmb_status bind_level(mmb_ctx *ctx, const mmb_ckpt *c, const char *p, const char *part, int i, int nb,
+                             int64_t *ch, int64_t out, bool resample, const char *rs, int stride, const int pad[4],
+                             level *l) {
+    char q[256];
+    mmb_status s = MMB_OK;
+    l->nb = nb;
+    for (int j = 0; j < nb && s == MMB_OK; j++) {
+        snprintf(q, sizeof q, "%.96s%s.%d.block.%d.", p, part, i, j);
+        s = bind_res(ctx, c, q, *ch, out, &l->blk[j]);
+        *ch = out;
+        snprintf(q, sizeof q, "%.96s%s.%d.attn.%d.", p, part, i, j);
+        if (s == MMB_OK && (l->has_att[j] = present(c, q, "q"))) s = bind_att(ctx, c, q, out, &l->att[j]);
+    }
+    snprintf(q, sizeof q, "%.96s%s.%d.%s.", p, part, i, rs);
+    if (s == MMB_OK && (l->resample = resample)) s = bind_conv(ctx, c, q, "conv", out, out, 3, stride, pad, &l->rs);
+    return s;
+}
+
 static mmb_status bind_encoder(mmb_ctx *ctx, const mmb_ckpt *c, const char *pre, const vq_cfg *v, net *e) {
-    char p[96], q[256];
+    char p[96];
     snprintf(p, sizeof p, "%.64sencoder.", pre);
     e->cin = v->in_ch;
     e->cout = v->latent;
@@ -241,26 +273,11 @@ static mmb_status bind_encoder(mmb_ctx *ctx, const mmb_ckpt *c, const char *pre,
     int64_t ch = v->base, mx = ch;
     e->nl = v->levels;
     for (int i = 0; i < v->levels && s == MMB_OK; i++) {
-        level *l = &e->lv[i];
-        l->nb = v->nrb;
-        int64_t out = v->base * v->mult[i];
-        for (int j = 0; j < v->nrb && s == MMB_OK; j++) {
-            snprintf(q, sizeof q, "%.96sdown.%d.block.%d.", p, i, j);
-            s = bind_res(ctx, c, q, ch, out, &l->blk[j]);
-            ch = out;
-            snprintf(q, sizeof q, "%.96sdown.%d.attn.%d.", p, i, j);
-            if (s == MMB_OK && (l->has_att[j] = present(c, q, "q"))) s = bind_att(ctx, c, q, ch, &l->att[j]);
-        }
+        s = bind_level(ctx, c, p, "down", i, v->nrb, &ch, v->base * v->mult[i], i != v->levels - 1, "downsample", 2,
+                       PAD_DOWN, &e->lv[i]);
         mx = ch > mx ? ch : mx;
-        snprintf(q, sizeof q, "%.96sdown.%d.downsample.", p, i);
-        if (s == MMB_OK && (l->resample = i != v->levels - 1)) s = bind_conv(ctx, c, q, "conv", ch, ch, 3, 2, PAD_DOWN, &l->rs);
     }
-    snprintf(q, sizeof q, "%.96smid.block_1.", p);
-    if (s == MMB_OK) s = bind_res(ctx, c, q, ch, ch, &e->mid1);
-    snprintf(q, sizeof q, "%.96smid.attn_1.", p);
-    if (s == MMB_OK && (e->has_mida = present(c, q, "q"))) s = bind_att(ctx, c, q, ch, &e->mida);
-    snprintf(q, sizeof q, "%.96smid.block_2.", p);
-    if (s == MMB_OK) s = bind_res(ctx, c, q, ch, ch, &e->mid2);
+    if (s == MMB_OK) s = bind_mid(ctx, c, p, ch, e);
     if (s == MMB_OK) s = bind_gn(ctx, c, p, "norm_out", ch, &e->nout);
     if (s == MMB_OK) s = bind_conv(ctx, c, p, "conv_out", ch, v->latent, 3, 1, PAD1, &e->out);
     e->max_c = mx > v->latent ? mx : v->latent;
@@ -268,33 +285,18 @@ static mmb_status bind_encoder(mmb_ctx *ctx, const mmb_ckpt *c, const char *pre,
 }
 
 static mmb_status bind_decoder(mmb_ctx *ctx, const mmb_ckpt *c, const char *pre, const vq_cfg *v, net *d) {
-    char p[96], q[256];
+    char p[96];
     snprintf(p, sizeof p, "%.64sdecoder.", pre);
     d->cin = v->latent;
     d->cout = v->out_ch;
     int64_t ch = v->base * v->mult[v->levels - 1], mx = ch;
     mmb_status s = bind_conv(ctx, c, p, "conv_in", v->latent, ch, 3, 1, PAD1, &d->in);
-    snprintf(q, sizeof q, "%.96smid.block_1.", p);
-    if (s == MMB_OK) s = bind_res(ctx, c, q, ch, ch, &d->mid1);
-    snprintf(q, sizeof q, "%.96smid.attn_1.", p);
-    if (s == MMB_OK && (d->has_mida = present(c, q, "q"))) s = bind_att(ctx, c, q, ch, &d->mida);
-    snprintf(q, sizeof q, "%.96smid.block_2.", p);
-    if (s == MMB_OK) s = bind_res(ctx, c, q, ch, ch, &d->mid2);
+    if (s == MMB_OK) s = bind_mid(ctx, c, p, ch, d);
     d->nl = v->levels;
     for (int k = 0; k < v->levels && s == MMB_OK; k++) { /* up.k is level levels - 1 - k */
-        level *l = &d->lv[k];
-        l->nb = v->nrb + 1;
-        int64_t out = v->base * v->mult[v->levels - 1 - k];
-        for (int j = 0; j < l->nb && s == MMB_OK; j++) {
-            snprintf(q, sizeof q, "%.96sup.%d.block.%d.", p, k, j);
-            s = bind_res(ctx, c, q, ch, out, &l->blk[j]);
-            ch = out;
-            snprintf(q, sizeof q, "%.96sup.%d.attn.%d.", p, k, j);
-            if (s == MMB_OK && (l->has_att[j] = present(c, q, "q"))) s = bind_att(ctx, c, q, ch, &l->att[j]);
-        }
+        s = bind_level(ctx, c, p, "up", k, v->nrb + 1, &ch, v->base * v->mult[v->levels - 1 - k], k != v->levels - 1,
+                       "upsample", 1, PAD1, &d->lv[k]);
         mx = ch > mx ? ch : mx;
-        snprintf(q, sizeof q, "%.96sup.%d.upsample.", p, k);
-        if (s == MMB_OK && (l->resample = k != v->levels - 1)) s = bind_conv(ctx, c, q, "conv", ch, ch, 3, 1, PAD1, &l->rs);
     }
     if (s == MMB_OK) s = bind_gn(ctx, c, p, "norm_out", ch, &d->nout);
     if (s == MMB_OK) s = bind_conv(ctx, c, p, "conv_out", ch, v->out_ch, 3, 1, PAD1, &d->out);
