@@ -383,7 +383,8 @@ mmb_status mmb__mllm_encode_pixels(mmb_ctx *ctx, const mmb_mllm *m, const float 
                             m->dir);
         if (!m->lm)
             return mmb__err(ctx, MMB_ERR_MISSING, "%s: a fusion-D model's image rows are its LLM's embeddings of the "
-                            "image's ids, and the LLM is not loaded", m->dir);
+                            "image's ids, and the LLM is not loaded (`mmbridge encode --vq` writes the image's codes)",
+                            m->dir);
         int64_t t = mmb_model_encode_tokens(ctx, m->model, h, w);
         if (t < 0) return MMB_ERR_SHAPE;
         mmb_lm_info li;
