@@ -1095,6 +1095,18 @@ enum {
 MMB_API mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt, const mmb_image *imgs,
                                      int n_images, int flags, mmb_chunks **out);
 
+/* A conversation through the chat template (with the generation prompt), as an OpenAI-style chat request holds
+ * it: msgs[0, n_msgs) in order, each message's content holding the model's image marker once per image of that
+ * message; the markers of all messages together stand for imgs[0, n_images) in order (no marker is added).
+ * Each marker becomes what the family's processor writes for its image, then the conversation is rendered
+ * (mmb_chat_render) and tokenized as mmb_mllm_tokenize with MMB_TOKENIZE_CHAT does: one user message whose
+ * content holds the markers gives the same chunks as mmb_mllm_tokenize of that content. Returns MMB_OK and
+ * sets *out; MMB_ERR_ARG when markers and images disagree in number, for NULL pointers (a message's role or
+ * content too) or n_msgs < 1; MMB_ERR_UNSUPPORTED for a family whose prompt is one query around its image
+ * (CogVLM); otherwise as mmb_mllm_tokenize. Free with mmb_chunks_free. */
+MMB_API mmb_status mmb_mllm_tokenize_chat(mmb_ctx *ctx, const mmb_mllm *m, const mmb_chat_msg *msgs, int n_msgs,
+                                          const mmb_image *imgs, int n_images, mmb_chunks **out);
+
 /* As mmb_mllm_tokenize from token ids: each id equal to the model's image token becomes an image chunk
  * of the next of imgs[0, n_images). Returns as mmb_mllm_tokenize; MMB_ERR_ARG for an id outside the
  * vocabulary. */
@@ -1138,7 +1150,8 @@ typedef struct mmb_eval_params {
     int all_logits;
     mmb_progress_fn on_progress;/* NULL: none */
     void *user;
-    const volatile int *abort;  /* NULL, or checked between steps: non-zero stops with MMB_ERR_ABORTED */
+    const volatile int *abort;  /* NULL, or checked between steps: non-zero stops with MMB_ERR_ABORTED (read with a
+                                   relaxed atomic load: another thread raises it with __atomic_store_n) */
 } mmb_eval_params;
 
 /* Evaluates the chunks into kv, from position mmb_kv_cache_len(kv): text through the LLM's embeddings,

@@ -18,6 +18,10 @@ static const struct {
     {"generate", "MODEL [--image IMG]... --prompt TEXT", "image(s) + prompt -> the LLM -> text, streamed", cmd_generate},
     {"train", "MODEL --data JSON -o DIR", "stage-1 training: a LLaVA projector through the frozen tower and LLM",
      cmd_train},
+#ifdef MMB_HAVE_SERVE
+    {"serve", "MODEL [--port N]", "an HTTP server: OpenAI-style /v1/chat/completions and /v1/embeddings\n"
+     "(image embeddings or hidden states), /health, and a web page", cmd_serve},
+#endif
     {"tokenize", "DIR --text T", "encode / decode with a checkpoint's tokenizer, render its chat template",
      cmd_tokenize},
     {"demo", "DIR [IMAGE]", "write a random-weight LLaVA checkpoint (a LLaVA-1.5-7B-sized projector, a\n"

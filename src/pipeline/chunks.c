@@ -328,25 +328,64 @@ static mmb_status split_at_markers(mmb_ctx *ctx, const mmb_mllm *m, const char *
     return MMB_OK;
 }
 
+/* The checks every chat or raw tokenization starts with; the marker images stand for in *marker ("" for
+ * LLaMA-Adapter V2, whose images are no text). */
+static mmb_status tokenize_checks(mmb_ctx *ctx, const mmb_mllm *m, int n_images, int flags, const char **marker) {
+    mmb_status s = need_lm(ctx, m);
+    if (s != MMB_OK) return s;
+    if (!m->tok) return mmb__err(ctx, MMB_ERR_MISSING, "%s: no tokenizer: %s", m->dir, m->no_tok);
+    if (flags == MMB_TOKENIZE_CHAT && !m->info.has_chat_template && !m->query_fmt)
+        return mmb__err(ctx, MMB_ERR_MISSING, "%s: the tokenizer has no chat template (tokenize with "
+                        "MMB_TOKENIZE_RAW)", m->dir);
+    *marker = mmb__adapter_rows(m->adapter) ? "" : m->info.image_marker;
+    if (n_images && !**marker && !mmb__adapter_rows(m->adapter) && !m->query_fmt)
+        return mmb__err(ctx, MMB_ERR_MISSING, "%s: the model has no image marker (config.json names no image token, "
+                        "or the tokenizer has none with its id %d)", m->dir, (int)m->info.image_token);
+    return MMB_OK;
+}
+
+static int count_markers(const char *text, const char *marker) {
+    size_t ml = strlen(marker);
+    int k = 0;
+    for (const char *q = ml ? strstr(text, marker) : NULL; q; q = strstr(q + ml, marker)) k++;
+    return k;
+}
+
+/* *text (malloc'd) with each marker made what the family's processor writes for its image (imgs[0, n_images), in
+ * order): IDEFICS' wrap, the VQ families' text around it, Mllama's raw BOS after the images. *text is replaced. */
+static mmb_status family_markers(mmb_ctx *ctx, const mmb_mllm *m, const char *marker, const mmb_image *imgs,
+                                 int n_images, int raw, char **text) {
+    mmb_status s = MMB_OK;
+    if (m->image_wrap) s = wrap_markers(ctx, marker, m->image_wrap, text);
+    if (s == MMB_OK && (m->image_before || m->image_after)) s = expand_markers(ctx, m, marker, imgs, n_images, text);
+    if (s == MMB_OK && m->raw_bos && raw) s = bos_after_images(ctx, m, marker, text);
+    return s;
+}
+
+/* The final text (rendered or raw) into chunks: cut at a text marker, or tokenized whole and cut at the image
+ * token's ids. */
+static mmb_status text_to_chunks(mmb_ctx *ctx, const mmb_mllm *m, const char *in, const char *marker, int raw,
+                                 const mmb_image *imgs, int n_images, mmb_chunks **out) {
+    if (*marker && m->info.image_token < 0) return split_at_markers(ctx, m, in, marker, raw, imgs, n_images, out);
+    int32_t *ids = NULL;
+    int64_t n = 0;
+    mmb_status s = mmb_tokenizer_encode(ctx, m->tok, in, strlen(in), raw, &ids, &n);
+    if (s == MMB_OK) s = mmb_mllm_chunks_from_ids(ctx, m, ids, n, imgs, n_images, out);
+    free(ids);
+    return s;
+}
+
 mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt, const mmb_image *imgs,
                              int n_images, int flags, mmb_chunks **out) {
     if (!ctx || !m || !prompt || !out || n_images < 0 || (n_images && !imgs) ||
         (flags != MMB_TOKENIZE_RAW && flags != MMB_TOKENIZE_CHAT))
         return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_tokenize: NULL argument, a negative count or unknown flags");
-    mmb_status s = need_lm(ctx, m);
+    const char *marker = "";
+    mmb_status s = tokenize_checks(ctx, m, n_images, flags, &marker);
     if (s != MMB_OK) return s;
-    if (!m->tok) return mmb__err(ctx, MMB_ERR_MISSING, "%s: no tokenizer: %s", m->dir, m->no_tok);
     if (m->query_fmt) return image_first_prompt(ctx, m, prompt, imgs, n_images, flags, out);
-    if (flags == MMB_TOKENIZE_CHAT && !m->info.has_chat_template)
-        return mmb__err(ctx, MMB_ERR_MISSING, "%s: the tokenizer has no chat template (tokenize with "
-                        "MMB_TOKENIZE_RAW)", m->dir);
-    const char *marker = mmb__adapter_rows(m->adapter) ? "" : m->info.image_marker; /* V2: images are no text */
     size_t ml = strlen(marker);
-    if (n_images && !ml && !mmb__adapter_rows(m->adapter))
-        return mmb__err(ctx, MMB_ERR_MISSING, "%s: the model has no image marker (config.json names no image token, "
-                        "or the tokenizer has none with its id %d)", m->dir, (int)m->info.image_token);
-    int markers = 0;
-    for (const char *q = ml ? strstr(prompt, marker) : NULL; q; q = strstr(q + ml, marker)) markers++;
+    int markers = count_markers(prompt, marker);
     if (markers && markers != n_images)
         return mmb__err(ctx, MMB_ERR_ARG, "the prompt holds %d image marker(s) '%s' but %d image(s) were given",
                         markers, marker, n_images);
@@ -360,31 +399,51 @@ mmb_status mmb_mllm_tokenize(mmb_ctx *ctx, const mmb_mllm *m, const char *prompt
         text[(size_t)k * (ml + 1) + ml] = sep;
     }
     memcpy(text + lead, prompt, pl + 1);
-    if (m->image_wrap && (s = wrap_markers(ctx, marker, m->image_wrap, &text)) != MMB_OK) {
-        free(text);
-        return s;
-    }
-    if ((m->image_before || m->image_after) && (s = expand_markers(ctx, m, marker, imgs, n_images, &text)) != MMB_OK) {
-        free(text);
-        return s;
-    }
-    if (m->raw_bos && flags == MMB_TOKENIZE_RAW && (s = bos_after_images(ctx, m, marker, &text)) != MMB_OK) {
-        free(text);
-        return s;
-    }
-    if (flags == MMB_TOKENIZE_CHAT) {
+    s = family_markers(ctx, m, marker, imgs, n_images, flags == MMB_TOKENIZE_RAW, &text);
+    if (s == MMB_OK && flags == MMB_TOKENIZE_CHAT) {
         mmb_chat_msg msg = {"user", text};
         s = mmb_chat_render(ctx, m->tok, &msg, 1, 1, &rendered);
     }
-    int32_t *ids = NULL;
-    int64_t n = 0;
-    const char *in = rendered ? rendered : text;
-    if (s == MMB_OK && ml && m->info.image_token < 0) /* a text marker: the pieces between them, tokenized apart */
-        s = split_at_markers(ctx, m, in, marker, flags == MMB_TOKENIZE_RAW, imgs, n_images, out);
-    else if (s == MMB_OK) s = mmb_tokenizer_encode(ctx, m->tok, in, strlen(in), flags == MMB_TOKENIZE_RAW, &ids, &n);
-    if (s == MMB_OK && !(ml && m->info.image_token < 0)) s = mmb_mllm_chunks_from_ids(ctx, m, ids, n, imgs, n_images, out);
-    free(ids);
+    if (s == MMB_OK)
+        s = text_to_chunks(ctx, m, rendered ? rendered : text, marker, flags == MMB_TOKENIZE_RAW, imgs, n_images, out);
     free(rendered);
     free(text);
+    return s;
+}
+
+mmb_status mmb_mllm_tokenize_chat(mmb_ctx *ctx, const mmb_mllm *m, const mmb_chat_msg *msgs, int n_msgs,
+                                  const mmb_image *imgs, int n_images, mmb_chunks **out) {
+    if (!ctx || !m || !msgs || n_msgs < 1 || !out || n_images < 0 || (n_images && !imgs))
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_tokenize_chat: NULL argument or a count below one");
+    for (int i = 0; i < n_msgs; i++)
+        if (!msgs[i].role || !msgs[i].content)
+            return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_tokenize_chat: message %d has a NULL role or content", i);
+    const char *marker = "";
+    mmb_status s = tokenize_checks(ctx, m, n_images, MMB_TOKENIZE_CHAT, &marker);
+    if (s != MMB_OK) return s;
+    if (m->query_fmt)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: a %s prompt is one query with its image "
+                        "(build_conversation_input_ids): use mmb_mllm_tokenize", m->dir, m->info.family);
+    int total = 0;
+    for (int i = 0; i < n_msgs; i++) total += count_markers(msgs[i].content, marker);
+    if (total != n_images)
+        return mmb__err(ctx, MMB_ERR_ARG, "the messages hold %d image marker(s) '%s' but %d image(s) were given",
+                        total, marker, n_images);
+    mmb_chat_msg *conv = calloc((size_t)n_msgs, sizeof *conv);
+    char **texts = calloc((size_t)n_msgs, sizeof *texts), *rendered = NULL;
+    if (!conv || !texts) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    for (int i = 0, first = 0; i < n_msgs && s == MMB_OK; i++) {
+        int k = count_markers(msgs[i].content, marker);
+        if (!(texts[i] = strdup(msgs[i].content))) s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+        if (s == MMB_OK) s = family_markers(ctx, m, marker, imgs + first, k, 0, &texts[i]);
+        conv[i] = (mmb_chat_msg){msgs[i].role, texts[i]};
+        first += k;
+    }
+    if (s == MMB_OK) s = mmb_chat_render(ctx, m->tok, conv, n_msgs, 1, &rendered);
+    if (s == MMB_OK) s = text_to_chunks(ctx, m, rendered, marker, 0, imgs, n_images, out);
+    for (int i = 0; texts && i < n_msgs; i++) free(texts[i]);
+    free(texts);
+    free(conv);
+    free(rendered);
     return s;
 }

@@ -16,7 +16,8 @@ mmb_status mmb_mllm_kv_new(mmb_ctx *ctx, const mmb_mllm *m, int64_t max_tokens, 
     return mmb_kv_cache_new(ctx, m->lm, max_tokens, out);
 }
 
-static bool aborted(const volatile int *flag) { return flag && *flag; }
+/* A relaxed atomic load: the flag is raised from another thread (a server's, a signal handler's). */
+static bool aborted(const volatile int *flag) { return flag && __atomic_load_n(flag, __ATOMIC_RELAXED); }
 
 /* An evaluation: the caller's parameters, plus where the time goes. */
 typedef struct eval_job {

@@ -203,7 +203,7 @@ mmb_status mmb_mllm_generate_image(mmb_ctx *ctx, mmb_mllm *m, const int32_t *ids
     r.prefill_s = mmb__now_s() - t0;
     t0 = mmb__now_s();
     for (int64_t t = 0; t < T && s == MMB_OK; t++) {
-        if (gp.abort && *gp.abort) {
+        if (gp.abort && __atomic_load_n(gp.abort, __ATOMIC_RELAXED)) {
             s = mmb__err(ctx, MMB_ERR_ABORTED, "image generation aborted after %lld of %lld positions", (long long)t,
                          (long long)T);
             break;
