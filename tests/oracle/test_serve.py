@@ -345,6 +345,57 @@ def test_sigterm_mid_stream_stops_cleanly(llava, tmp_path):  # noqa: F811
     assert rest.endswith(b"data: [DONE]\n\n")
 
 
+class Chromium:
+    """Headless Chromium driven over its DevTools pipe (--remote-debugging-pipe: JSON messages ending in NUL on
+    fds 3 and 4), so the test waits for the page's own signal instead of guessing a time."""
+
+    def __init__(self, exe, profile):
+        to_chrome, self._w = os.pipe()
+        self._r, from_chrome = os.pipe()
+
+        def fds():
+            os.dup2(to_chrome, 3)
+            os.dup2(from_chrome, 4)
+        self.p = subprocess.Popen([exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                   "--no-first-run", f"--user-data-dir={profile}", "--remote-debugging-pipe",
+                                   "--window-size=1100,700", "about:blank"], preexec_fn=fds, pass_fds=(3, 4),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_chrome)
+        os.close(from_chrome)
+        self.n, self.buf = 0, b""
+        tid = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=tid, flatten=True)["sessionId"]
+
+    def call(self, method, session=None, **params):
+        self.n += 1
+        msg = {"id": self.n, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" not in self.buf:
+                chunk = os.read(self._r, 1 << 20)
+                assert chunk, "Chromium closed its pipe"
+                self.buf += chunk
+            raw, self.buf = self.buf.split(b"\0", 1)
+            r = json.loads(raw)
+            if r.get("id") == self.n:
+                assert "error" not in r, r
+                return r["result"]
+
+    def page(self, method, **params):
+        return self.call(method, session=self.session, **params)
+
+    def eval(self, expr):
+        return self.page("Runtime.evaluate", expression=expr, returnByValue=True)["result"].get("value")
+
+    def close(self):
+        self.p.kill()
+        self.p.wait()
+        os.close(self._w)
+        os.close(self._r)
+
+
 def test_web_page_in_headless_chromium(served, tmp_path):
     chrome = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if not chrome:
@@ -353,18 +404,22 @@ def test_web_page_in_headless_chromium(served, tmp_path):
     want = cli_generate(d, image)
     from urllib.parse import quote
     url = f"http://127.0.0.1:{s.port}/#key={quote(KEY)}&n={N_NEW}&q={quote(PROMPT)}&image={quote(data_url(image), safe='')}"
-    common = [chrome, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000",
-              "--window-size=1100,700"]
-    dom = subprocess.run(common + ["--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
-    assert 'data-state="done"' in dom, re.findall(r'data-state="\w+"|<div class="meta" id="status">.*?</div>', dom)
-    from html import unescape
-    answer = unescape(re.search(r'<div id="answer">(.*?)</div>', dom, re.S).group(1))
-    assert answer == want
-    per = (VISION["image_size"] // VISION["patch_size"]) ** 2
-    assert re.search(rf'<b id="shape">1 x {per} x {model.config.text_config.hidden_size}</b>', dom)
-    shot = tmp_path / "page.png"
-    subprocess.run(common + [f"--screenshot={shot}", url], capture_output=True, timeout=180)
+    b = Chromium(chrome, tmp_path / "profile")
+    try:
+        b.page("Page.enable")
+        b.page("Emulation.setDeviceMetricsOverride", width=1100, height=700, deviceScaleFactor=1, mobile=False)
+        b.page("Page.navigate", url=url)
+        deadline = time.time() + 240
+        while b.eval("document.body && document.body.dataset.state") not in ("done", "error") and time.time() < deadline:
+            time.sleep(0.2)
+        assert b.eval("document.body.dataset.state") == "done", b.eval("document.getElementById('status').textContent")
+        assert b.eval("document.getElementById('answer').textContent") == want
+        per = (VISION["image_size"] // VISION["patch_size"]) ** 2
+        assert b.eval("document.getElementById('shape').textContent") == f"1 x {per} x {model.config.text_config.hidden_size}"
+        shot = tmp_path / "page.png"
+        shot.write_bytes(base64.b64decode(b.page("Page.captureScreenshot", format="png")["data"]))
+    finally:
+        b.close()
     img = np.asarray(Image.open(shot).convert("RGB"))
     assert img.shape == (700, 1100, 3)
     # the page is drawn: the dark header band, the white cards on the grey ground, and the answer's text
@@ -372,3 +427,30 @@ def test_web_page_in_headless_chromium(served, tmp_path):
     keep = Path(os.environ.get("MMB_SCREENSHOT_DIR", tmp_path))
     keep.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, keep / "serve_page.png")
+
+
+def test_multi_turn_conversation_matches_transformers(served):
+    """A system message, a user turn with an image, the assistant's reply and a second user turn: the prompt is
+    transformers' apply_chat_template + processor, and the greedy answer is model.generate's."""
+    s, model, proc, d, image, tmp = served
+    conv = [{"role": "system", "content": "You look at pictures."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                         {"type": "text", "text": PROMPT}]},
+            {"role": "assistant", "content": "Noise."},
+            {"role": "user", "content": "And the colours?"}]
+    st, j = s.json("POST", "/v1/chat/completions", {"messages": conv, "temperature": 0, "max_tokens": N_NEW})
+    assert st == 200, j
+    ref_conv = [{"role": "system", "content": "You look at pictures."},
+                {"role": "user", "content": "<image>\n" + PROMPT},
+                {"role": "assistant", "content": "Noise."},
+                {"role": "user", "content": "And the colours?"}]
+    txt = proc.apply_chat_template(ref_conv, tokenize=False, add_generation_prompt=True)
+    inputs = proc(text=txt, images=Image.open(image).convert("RGB"), return_tensors="pt")
+    assert j["usage"]["prompt_tokens"] == inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        ref = model.generate(**inputs, do_sample=False, max_new_tokens=N_NEW, min_new_tokens=N_NEW, pad_token_id=0)
+    want = proc.tokenizer.decode(ref[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert j["choices"][0]["message"]["content"] == want
+    # a wrong variant: the last user turn alone is another prompt, and another answer
+    st, j1 = s.json("POST", "/v1/chat/completions", {"messages": conv[3:], "temperature": 0, "max_tokens": N_NEW})
+    assert j1["usage"]["prompt_tokens"] < j["usage"]["prompt_tokens"] - 4
