@@ -188,5 +188,6 @@ int cmd_train(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_demo(int argc, char **argv);
 int cmd_decode_vq(int argc, char **argv);
+int cmd_attention(int argc, char **argv);
 
 #endif
