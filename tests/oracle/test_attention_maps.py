@@ -159,3 +159,32 @@ def test_bad_input_writes_nothing(llava, tmp_path):
     save_file({"pixel_values": torch.zeros(1, 3, 28, 28)}, str(tmp_path / "px.safetensors"))
     fails(["attention", d, "--pixels", tmp_path / "px.safetensors", "-o", out], "pixel_values")
     assert not out.exists()
+
+
+def test_blip2_tower_and_a_family_model(tmp_path):
+    """A standalone Blip2VisionModel (CLS, one fused qkv with its q | 0 | v bias) gives its maps too; a whole
+    BLIP-2 model, whose tower runs inside its own encode, is refused with a message and nothing written."""
+    from transformers import Blip2VisionConfig, Blip2VisionModel
+    from test_blip2 import make_blip2
+    torch.manual_seed(1)
+    cfg = Blip2VisionConfig(**TOWER, qkv_bias=True, layer_norm_eps=1e-5, attn_implementation="eager")
+    tower = Blip2VisionModel(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in tower.named_parameters():
+            p.copy_((0.5 if "norm" in name else 0.0) + 0.3 * torch.randn(p.shape, generator=g))
+    tower.save_pretrained(tmp_path / "tower")
+    px = torch.randn(2, 3, TOWER["image_size"], TOWER["image_size"])
+    save_file({"pixel_values": px}, str(tmp_path / "px.safetensors"))
+    with torch.no_grad():
+        att = tower(pixel_values=px, output_attentions=True).attentions
+    ref = reference(att, True)
+    got, meta, _, _ = attention(tmp_path / "tower", tmp_path, "--pixels", tmp_path / "px.safetensors")
+    err = scaled_err(got, ref)
+    print(f"blip2 tower: {err:.2e}")
+    assert meta["family"] == "blip2" and err <= 1e-4
+    assert scaled_err(got, torch.roll(ref, 1, dims=1)) > 1e-2
+    make_blip2(tmp_path / "blip2")
+    out = tmp_path / "b.png"
+    fails(["attention", tmp_path / "blip2", "--pixels", tmp_path / "px.safetensors", "-o", out], "its own encode")
+    assert not out.exists()
