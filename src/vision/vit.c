@@ -12,6 +12,10 @@
  * position ids from bucketised fractional patch coordinates (bucket_ids); mmbridge runs them on full,
  * unpadded images of image_size only (patch attention mask all ones), where those ids are fixed and
  * the position table is permuted once at load.
+ *
+ * Attention maps (mmb_vit_attention): the same forward with a map pointer; each block, right after its qkv
+ * GEMM, computes the softmax rows it needs from that buffer (the CLS row, or every row summed) and averages
+ * them over heads (amap_layer). The plain forward passes NULL.
  */
 #include "vision/vision.h"
 
