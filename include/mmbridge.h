@@ -256,6 +256,23 @@ MMB_API mmb_status mmb_vit_forward(mmb_ctx *ctx, const mmb_vit *v, const float *
 MMB_API mmb_status mmb_vit_forward_groups(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch,
                                           const int *taps, const int *spans, int n_taps, float *const *outs);
 
+/* Attention maps (the Dense Connector paper's Figure 1): what each block's self-attention looks at. With
+ * A_l = softmax(q k^T / sqrt(head_dim)) of block l (l = 0 .. layers-1), [heads, tokens, tokens], q and k the
+ * block's projections (with their biases) of layer_norm1 of its input: transformers' output_attentions[l][b]
+ * (attn_implementation="eager"). Writes out [n, layers, patches] f32, patches = (image_size / patch_size)^2 in
+ * the patch grid's row-major order (image b, block l, patch p at out[(b * layers + l) * patches + p]):
+ *   a tower with a CLS token (has_cls: CLIP, BLIP-2, IDEFICS): out[b, l] = A_l[:, 0, 1:].mean(heads), the CLS
+ *     query's row without its own column (so a map sums to 1 - the CLS's attention to itself);
+ *   without one (SigLIP, Idefics2/3, SmolVLM): out[b, l] = A_l.mean(heads).mean(queries), each key's attention
+ *     averaged over every query (a map sums to 1).
+ * pixels [n, channels, height, width] are preprocessed as mmb_vit_forward's (height = width = image_size). The
+ * maps come from one forward through every block, computed from each block's q and k as it runs; the plain
+ * forward (mmb_vit_forward) does none of this work. Returns MMB_OK; MMB_ERR_ARG (NULL, n < 1); MMB_ERR_SHAPE
+ * (another size; count < n x layers x patches floats, the message saying how many); MMB_ERR_NOMEM. out is
+ * untouched on failure. From an mmb_mllm: mmb_mllm_attention, or mmb_mllm_vit and mmb_mllm_processor. */
+MMB_API mmb_status mmb_vit_attention(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t n, int height,
+                                     int width, float *out, size_t count);
+
 /* ---------------------------------------------------------------------------------------------
  * Models: a checkpoint directory (config.json + *.safetensors, sharded through
  * model.safetensors.index.json) with its connector and feature selection.
@@ -1066,6 +1083,17 @@ MMB_API mmb_status mmb_mllm_encode_pixels(mmb_ctx *ctx, mmb_mllm *m, const float
 MMB_API mmb_status mmb_mllm_encode_file(mmb_ctx *ctx, mmb_mllm *m, const char *path, mmb_encode_out *out);
 MMB_API mmb_status mmb_mllm_encode_bytes(mmb_ctx *ctx, mmb_mllm *m, const void *bytes, size_t n,
                                          mmb_encode_out *out);
+
+/* mmb_vit_attention on imgs[0, n) through m's image processor and tower (mmb_mllm_processor, mmb_mllm_vit):
+ * out [n, layers, patches] as documented there (layers and patches from mmb_vit_get_info of mmb_mllm_vit(m)),
+ * and, when pixels is not NULL, the processed pixel_values [n, 3, image_size, image_size] f32 the maps were
+ * computed on (pixel_count floats; mmb_preprocess_postprocess turns one into the picture the maps lie over).
+ * Returns MMB_OK; MMB_ERR_MISSING without a tower whose attention is exposed (a language model alone, or a
+ * family's model, whose tower runs inside mmb_model_encode) or without an image processor; MMB_ERR_SHAPE
+ * when out or pixels is too small (the message gives the floats needed) or the processor makes another size
+ * than the tower takes; MMB_ERR_ARG for NULL pointers or n < 1; MMB_ERR_NOMEM. Outputs untouched on failure. */
+MMB_API mmb_status mmb_mllm_attention(mmb_ctx *ctx, const mmb_mllm *m, const mmb_image *imgs, int n, float *out,
+                                      size_t count, float *pixels, size_t pixel_count);
 
 /* A prompt cut into chunks: runs of text token ids, and images (preprocessed when added, so their
  * positions are known before anything is encoded), as llama.cpp's mtmd_input_chunks. */

@@ -189,5 +189,6 @@ int cmd_tokenize(int argc, char **argv);
 int cmd_demo(int argc, char **argv);
 int cmd_decode_vq(int argc, char **argv);
 int cmd_serve(int argc, char **argv);
+int cmd_attention(int argc, char **argv);
 
 #endif

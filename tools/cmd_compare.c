@@ -4,6 +4,7 @@
  * cross-attention layers read them, mmb_mllm_info's xattn_* figures) and fusion B (a second weight set per
  * layer for C's positions, or adapter prompts: mmb_mllm_info's added_* and adapter_* figures). */
 #include "cli.h"
+#include "plot.h"
 
 #include <errno.h>
 #include <math.h>
@@ -155,6 +156,77 @@ static void write_svg(FILE *f, const row *rows, int n, const char *title) {
     fprintf(f, "</svg>\n");
 }
 
+/* The trade-off as a scatter (--png): x the connector's measured latency (ms per image), y the positions an
+ * image takes in the LLM's prefill (tokens per image), one labelled marker per row, axes with ticks. PNG_W x PNG_H
+ * pixels; the markers are discs of radius 4 in PNG_MARK, a colour nothing else uses (the tests count them). */
+#define PNG_W 800
+#define PNG_H 520
+static const unsigned char PNG_MARK[3] = {214, 39, 40};
+
+static int write_png(mmb_ctx *ctx, const char *path, const row *rows, int n, const char *title) {
+    static const unsigned char white[3] = {255, 255, 255}, black[3] = {0, 0, 0}, grid[3] = {225, 225, 225},
+                               text[3] = {60, 60, 60};
+    const int left = 64, right = 24, top = 44, bottom = 48, pw = PNG_W - left - right, ph = PNG_H - top - bottom;
+    double xmax = 0, ymax = 0;
+    for (int i = 0; i < n; i++) {
+        xmax = rows[i].seconds * 1e3 > xmax ? rows[i].seconds * 1e3 : xmax;
+        ymax = (double)rows[i].positions > ymax ? (double)rows[i].positions : ymax;
+    }
+    double x0, y0, xs = plot_ticks(0, xmax > 0 ? xmax * 1.08 : 1, 8, &x0), ys = plot_ticks(0, ymax > 0 ? ymax * 1.08 : 1, 6, &y0);
+    xmax = ceil((xmax > 0 ? xmax * 1.08 : 1) / xs - 1e-9) * xs;  /* the axes end on a tick */
+    ymax = ceil((ymax > 0 ? ymax * 1.08 : 1) / ys - 1e-9) * ys;
+    mmb_image c;
+    if (plot_new(&c, PNG_W, PNG_H, white)) return cli_fail(NULL, "out of memory");
+    char t[160];
+    snprintf(t, sizeof t, "%.128s", title);
+    plot_text(&c, 8, 6, t, 1, text);
+    plot_text(&c, 8, 22, "LLM prefill (tokens per image)", 1, black);
+    const char *xl = "connector latency (ms per image)";
+    plot_text(&c, left + (pw - plot_text_width(xl, 1)) / 2, PNG_H - 14, xl, 1, black);
+    for (double v = x0; v <= xmax + xs * 1e-6; v += xs) {
+        int px = left + (int)lround(v / xmax * pw);
+        plot_line(&c, px, top, px, top + ph, grid);
+        plot_line(&c, px, top + ph, px, top + ph + 4, black);
+        snprintf(t, sizeof t, "%g", fabs(v) < xs * 1e-6 ? 0.0 : v);
+        plot_text(&c, px - plot_text_width(t, 1) / 2, top + ph + 8, t, 1, black);
+    }
+    for (double v = y0; v <= ymax + ys * 1e-6; v += ys) {
+        int py = top + ph - (int)lround(v / ymax * ph);
+        plot_line(&c, left, py, left + pw, py, grid);
+        plot_line(&c, left - 4, py, left, py, black);
+        snprintf(t, sizeof t, "%g", fabs(v) < ys * 1e-6 ? 0.0 : v);
+        plot_text(&c, left - 7 - plot_text_width(t, 1), py - 3, t, 1, black);
+    }
+    plot_line(&c, left, top, left, top + ph, black);
+    plot_line(&c, left, top + ph, left + pw, top + ph, black);
+    int *xy = malloc(sizeof(int) * 6 * (size_t)(n > 0 ? n : 1)), *lab = xy + 2 * (n > 0 ? n : 1);
+    if (!xy) { mmb_image_free(&c); return cli_fail(NULL, "out of memory"); }
+    for (int i = 0; i < n; i++) { /* labels first, so no label covers a marker */
+        xy[2 * i] = left + (int)lround(rows[i].seconds * 1e3 / xmax * pw);
+        xy[2 * i + 1] = top + ph - (int)lround((double)rows[i].positions / ymax * ph);
+        const char *slash = strrchr(rows[i].name, '/');
+        snprintf(t, sizeof t, "%.28s", slash ? slash + 1 : rows[i].name);
+        int tw = plot_text_width(t, 1), tx = xy[2 * i] + 7, ty = xy[2 * i + 1] - 10;
+        if (tx + tw > PNG_W - 2) tx = xy[2 * i] - 7 - tw;
+        /* a label that would overlap an earlier one moves down a line at a time (a crowd of points stacks its
+         * labels), at most n lines */
+        for (int moved = 0, hit = 1; hit && moved <= n; moved++) {
+            hit = 0;
+            for (int k = 0; k < i && !hit; k++)
+                hit = tx < lab[4 * k] + lab[4 * k + 2] && lab[4 * k] < tx + tw && ty < lab[4 * k + 1] + 9 &&
+                      lab[4 * k + 1] < ty + 9;
+            if (hit) ty += 9;
+        }
+        lab[4 * i] = tx, lab[4 * i + 1] = ty, lab[4 * i + 2] = tw;
+        plot_text(&c, tx, ty, t, 1, text);
+    }
+    for (int i = 0; i < n; i++) plot_disc(&c, xy[2 * i], xy[2 * i + 1], 4, PNG_MARK);
+    free(xy);
+    int r = mmb_image_write_png(ctx, path, &c) != MMB_OK ? cli_fail(ctx, NULL) : 0;
+    mmb_image_free(&c);
+    return r;
+}
+
 /* Writes path through fn: the text made in memory, then written as every output is (cli_write_text). */
 static int write_out(const char *path, void (*fn)(FILE *, const row *, int, const char *), const row *rows, int n,
                      const char *title) {
@@ -172,7 +244,7 @@ static void csv_fn(FILE *f, const row *rows, int n, const char *title) { (void)t
 
 int cmd_compare(int argc, char **argv) {
     int64_t width = 1024, grid = 24, d = 4096, L = 32, ffn = 11008, reps = 5, threads = 0;
-    const char *types = NULL, *csv = NULL, *svg = NULL, *models[64], *cfgs[64];
+    const char *types = NULL, *csv = NULL, *svg = NULL, *png = NULL, *models[64], *cfgs[64];
     int n_models = 0, n_cfgs = 0;
     const cli_opt opts[] = {
         {.name = "--width", .meta = "C", .type = CLI_INT, .dst = &width,
@@ -196,6 +268,9 @@ int cmd_compare(int argc, char **argv) {
         {.name = "--csv", .meta = "F", .type = CLI_STR, .dst = &csv, .help = "also write both tables as one CSV"},
         {.name = "--svg", .meta = "F", .type = CLI_STR, .dst = &svg,
          .help = "also write a bar chart of latency and tokens"},
+        {.name = "--png", .meta = "F", .type = CLI_STR, .dst = &png,
+         .help = "also write a scatter (800x520 PNG) of connector latency (ms per image, x)\n"
+         "against the image's LLM prefill positions (tokens per image, y), a point per row"},
         CLI_OPT_THREADS(&threads),
     };
     const cli_spec spec = {"compare", "[MODEL...]",
@@ -231,7 +306,7 @@ int cmd_compare(int argc, char **argv) {
         "xattn_layers and xattn_params (0 for C); these last six exact integers.\n"
         "A row that cannot be measured (an unsupported checkpoint, an unknown type) is reported in the\n"
         "first table with its error, the others are still measured; the exit status is then 1 and\n"
-        "--csv / --svg are not written (a file is only written when it holds every row).\n",
+        "--csv / --svg / --png are not written (a file is only written when it holds every row).\n",
         opts, CLI_N(opts), models, 0, 64, &n_models};
     int r = cli_parse(&spec, argc, argv);
     if (r) return r == 1 ? 0 : r;
@@ -340,10 +415,11 @@ int cmd_compare(int argc, char **argv) {
     }
     int rc = failed ? 1 : 0;
     if (failed) fprintf(stderr, "mmbridge compare: %d of %d row(s) could not be measured%s\n", failed, n,
-                        csv || svg ? "; --csv / --svg not written" : "");
+                        csv || svg || png ? "; --csv / --svg / --png not written" : "");
     else {
         if (csv) rc |= write_out(csv, csv_fn, rows, n, title);
         if (svg) rc |= write_out(svg, write_svg, rows, n, title);
+        if (png) rc |= write_png(ctx, png, rows, n, title);
     }
     mmb_ctx_free(ctx);
     return rc;

@@ -14,6 +14,7 @@ static const struct {
      cmd_encode},
     {"compare", "[MODEL...]", "connectors' parameters, FLOPs, tokens, measured latency and memory, and\n"
      "what an image costs the LLM (fusion C: prefill, KV cache; A: gated layers)", cmd_compare},
+    {"attention", "MODEL IMAGE -o OUT.png", "a ViT's per-layer attention maps drawn over the image", cmd_attention},
     {"decode-vq", "MODEL CODES -o OUT.png", "fusion D: a VQ model's codes -> its decoder -> PNG", cmd_decode_vq},
     {"generate", "MODEL [--image IMG]... --prompt TEXT", "image(s) + prompt -> the LLM -> text, streamed", cmd_generate},
     {"train", "MODEL --data JSON -o DIR", "stage-1 training: a LLaVA projector through the frozen tower and LLM",

@@ -563,3 +563,42 @@ mmb_status mmb_mllm_encode_bytes(mmb_ctx *ctx, mmb_mllm *m, const void *bytes, s
     mmb_image_free(&img);
     return s;
 }
+
+/* ---- attention maps ------------------------------------------------------------------------------ */
+
+mmb_status mmb_mllm_attention(mmb_ctx *ctx, const mmb_mllm *m, const mmb_image *imgs, int n, float *out,
+                              size_t count, float *pixels, size_t pixel_count) {
+    if (!ctx || !m || !imgs || !out || n < 1)
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_mllm_attention: NULL argument or n < 1");
+    if (!m->vit) {
+        if (m->info.has_vision && m->model)
+            return mmb__err(ctx, MMB_ERR_MISSING, "%s: a %s model runs its tower inside its own encode: its "
+                            "attention maps are not exposed (a CLIP/SigLIP tower, alone or a LLaVA's, is)", m->dir,
+                            m->info.family);
+        return no_vision(ctx, m);
+    }
+    if (!m->info.has_processor) return mmb__err(ctx, MMB_ERR_MISSING, "%s: no image processor: %s", m->dir, m->no_proc);
+    mmb_vit_info vi;
+    mmb_vit_get_info(m->vit, &vi);
+    size_t one = (size_t)3 * (size_t)vi.image_size * (size_t)vi.image_size;
+    if (pixels && pixel_count < one * (size_t)n)
+        return mmb__err(ctx, MMB_ERR_SHAPE, "mmb_mllm_attention: the pixels output holds %zu floats, %zu needed",
+                        pixel_count, one * (size_t)n);
+    float *px = malloc(sizeof(float) * one * (size_t)n);
+    mmb_status s = px ? MMB_OK : mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for %d image(s)", n);
+    for (int i = 0; i < n && s == MMB_OK; i++) {
+        int h, w;
+        if ((s = mmb_preprocess_output_size(ctx, &m->proc, imgs[i].height, imgs[i].width, &h, &w)) != MMB_OK) break;
+        if (h != vi.image_size || w != vi.image_size) {
+            s = mmb__err(ctx, MMB_ERR_SHAPE, "%s: the image processor makes %dx%d pixels of image %d, but the vision "
+                         "tower takes %dx%d", m->dir, w, h, i, vi.image_size, vi.image_size);
+            break;
+        }
+        s = mmb_preprocess_run(ctx, &m->proc, &imgs[i], px + one * (size_t)i, one);
+    }
+    /* out is written only once the forward runs, which cannot fail then */
+    if (s == MMB_OK) s = mmb_vit_attention(ctx, m->vit, px, n, vi.image_size, vi.image_size, out, count);
+    if (s == MMB_OK && pixels) memcpy(pixels, px, sizeof(float) * one * (size_t)n);
+    free(px);
+    return s;
+}

@@ -12,6 +12,10 @@
  * position ids from bucketised fractional patch coordinates (bucket_ids); mmbridge runs them on full,
  * unpadded images of image_size only (patch attention mask all ones), where those ids are fixed and
  * the position table is permuted once at load.
+ *
+ * Attention maps (mmb_vit_attention): the same forward with a map pointer; each block, right after its qkv
+ * GEMM, computes the softmax rows it needs from that buffer (the CLS row, or every row summed) and averages
+ * them over heads (amap_layer). The plain forward passes NULL.
  */
 #include "vision/vision.h"
 
@@ -390,18 +394,90 @@ static void im2col(float *rows, const float *px, int64_t B, int C, int H, int p)
             }
 }
 
-/* One encoder block on x (B*T, D), in place. Buffers: xn, att (B*T, D), qkv (B*T, 3D), h (B*T, I). */
+/* The attention maps' pass (mmb_vit_attention): where block l's maps go, and its scratch. The forward
+ * computes them from the block's own q, k (its qkv buffer, after layer_norm1 and the projections' biases),
+ * so the pass runs the tower once; the plain forward passes NULL and does none of this. */
+typedef struct {
+    float *out;       /* (B, L, patches): block l's map of image b at out + (b L + l) patches */
+    float *part;      /* (units, T): each unit's sum of probability rows */
+    float *rows;      /* (nth, T): one score row per thread */
+    int64_t qb, nqb;  /* queries per unit, units per (image, head) */
+} amap;
+
+typedef struct {
+    const float *qkv;
+    const amap *am;
+    int64_t B, T, H, hd, D;
+    int cls;
+    float scale;
+} amap_job;
+
+/* Units (b, h, block of queries): each softmax row of its queries summed into part[u]. */
+static void amap_rows(void *arg, int tid, int nth) {
+    const amap_job *j = arg;
+    const amap *am = j->am;
+    int64_t T = j->T, D = j->D, hd = j->hd, units = j->B * j->H * am->nqb, lo, hi;
+    float *s = am->rows + (int64_t)tid * T;
+    mmb__split(units, tid, nth, &lo, &hi);
+    for (int64_t u = lo; u < hi; u++) {
+        int64_t b = u / (j->H * am->nqb), h = u / am->nqb % j->H, q0 = u % am->nqb * am->qb;
+        int64_t q1 = j->cls ? 1 : (q0 + am->qb < T ? q0 + am->qb : T);
+        float *acc = am->part + u * T;
+        memset(acc, 0, sizeof(float) * (size_t)T);
+        const float *base = j->qkv + b * T * 3 * D + h * hd;
+        for (int64_t i = q0; i < q1; i++) {
+            const float *q = base + i * 3 * D;
+            float mx = -INFINITY;
+            for (int64_t k = 0; k < T; k++) {
+                const float *kk = base + k * 3 * D + D;
+                float d = 0.0f;
+                for (int64_t c = 0; c < hd; c++) d += q[c] * kk[c];
+                s[k] = d * j->scale;
+                mx = s[k] > mx ? s[k] : mx;
+            }
+            double sum = 0.0;
+            for (int64_t k = 0; k < T; k++) sum += (s[k] = expf(s[k] - mx));
+            float inv = (float)(1.0 / sum);
+            for (int64_t k = 0; k < T; k++) acc[k] += s[k] * inv;
+        }
+    }
+}
+
+/* Block `layer`'s maps from its qkv (B*T, 3D): the units' rows, then their mean over heads (and queries). */
+static void amap_layer(mmb_ctx *ctx, const mmb_vit *v, const amap *am, const float *qkv, int64_t B, int layer) {
+    const mmb_vit_info *in = &v->info;
+    int64_t T = in->tokens, H = in->heads, P = T - in->has_cls, L = in->layers;
+    amap_job j = {.qkv = qkv, .am = am, .B = B, .T = T, .H = H, .hd = in->width / H, .D = in->width,
+                  .cls = in->has_cls, .scale = 1.0f / sqrtf((float)(in->width / H))};
+    mmb__pool_run(ctx->pool, amap_rows, &j);
+    double per = 1.0 / ((double)H * (in->has_cls ? 1.0 : (double)T));
+    for (int64_t b = 0; b < B; b++) {
+        float *o = am->out + (b * L + layer) * P;
+        for (int64_t p = 0; p < P; p++) {
+            double sum = 0.0;
+            for (int64_t u = b * H * am->nqb; u < (b + 1) * H * am->nqb; u++) sum += am->part[u * T + in->has_cls + p];
+            o[p] = (float)(sum * per);
+        }
+    }
+}
+
+/* One encoder block on x (B*T, D), in place. Buffers: xn, att (B*T, D), qkv (B*T, 3D), h (B*T, I).
+ * am (NULL in a plain forward): also the block's attention maps. */
 static void block_forward(mmb_ctx *ctx, const mmb_vit *v, const vit_layer *l, float *x, float *xn, float *qkv,
-                          float *att, float *h, float *asc, int64_t B) {
+                          float *att, float *h, float *asc, int64_t B, const amap *am, int layer) {
     const mmb_vit_info *in = &v->info;
     int64_t T = in->tokens, D = in->width, rows = B * T;
     mmb__layernorm_forward_mt(ctx, xn, x, l->ln1_w, l->ln1_b, rows, D, in->eps);
     mmb__linear_forward(ctx, qkv, xn, rows, &l->qkv);
+    if (am) amap_layer(ctx, v, am, qkv, B, layer);
     mmb__attention_forward(ctx, att, qkv, B, T, in->heads, D / in->heads, asc);
     mmb__linear_forward(ctx, xn, att, rows, &l->out);
     mmb__add_forward_mt(ctx, x, x, xn, rows * D);
     mmb__ffn_residual_forward(ctx, x, xn, h, rows, l->ln2_w, l->ln2_b, in->eps, &l->fc1, v->act, &l->fc2);
 }
+
+static mmb_status vit_run(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch, const int *taps,
+                          const int *spans, int n_taps, float *const *outs, float *maps);
 
 mmb_status mmb_vit_forward(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch, const int *taps,
                            int n_taps, float *const *outs) {
@@ -426,6 +502,28 @@ mmb_status mmb_vit_forward_groups(mmb_ctx *ctx, const mmb_vit *v, const float *p
                                   const int *taps, const int *spans, int n_taps, float *const *outs) {
     if (!ctx || !v || !pixels || !taps || !outs || batch < 1 || n_taps < 1 || n_taps > MMB_MAX_TAPS)
         return mmb__err(ctx, MMB_ERR_ARG, "mmb_vit_forward: bad arguments");
+    return vit_run(ctx, v, pixels, batch, taps, spans, n_taps, outs, NULL);
+}
+
+mmb_status mmb_vit_attention(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t n, int height, int width,
+                             float *out, size_t count) {
+    if (!ctx || !v || !pixels || !out || n < 1)
+        return mmb__err(ctx, MMB_ERR_ARG, "mmb_vit_attention: NULL argument or n < 1");
+    const mmb_vit_info *in = &v->info;
+    if (height != in->image_size || width != in->image_size)
+        return mmb__err(ctx, MMB_ERR_SHAPE, "mmb_vit_attention: pixels of %dx%d, but the vision tower takes %dx%d",
+                        width, height, in->image_size, in->image_size);
+    int64_t patches = in->tokens - in->has_cls;
+    uint64_t need = 0;
+    if (!mmb__mul_ok((uint64_t)n, (uint64_t)in->layers * (uint64_t)patches, &need) || count < need)
+        return mmb__err(ctx, MMB_ERR_SHAPE, "mmb_vit_attention: the output holds %zu floats; %lld image(s) x %d "
+                        "layers x %lld patches are needed", count, (long long)n, in->layers, (long long)patches);
+    if (in->layers < 1) return MMB_OK;
+    return vit_run(ctx, v, pixels, n, NULL, NULL, 0, NULL, out);
+}
+
+static mmb_status vit_run(mmb_ctx *ctx, const mmb_vit *v, const float *pixels, int64_t batch, const int *taps,
+                          const int *spans, int n_taps, float *const *outs, float *maps) {
     if (v->owns_ck) {  /* a file truncated since open would raise SIGBUS in the reads below */
         mmb_status vs = mmb__ckpt_verify(ctx, &v->ck);
         if (vs != MMB_OK) return vs;
@@ -441,6 +539,7 @@ mmb_status mmb_vit_forward_groups(mmb_ctx *ctx, const mmb_vit *v, const float *p
         idx[i] = t;
         deepest = t + span[i] - 1 > deepest ? t + span[i] - 1 : deepest;
     }
+    if (maps) deepest = L;  /* every block's maps */
     int64_t T = in->tokens, D = in->width, I = in->intermediate, rows = batch * T, g = in->image_size / in->patch_size;
     int64_t P = (int64_t)in->channels * in->patch_size * in->patch_size, npatch = batch * g * g;
     size_t f = sizeof(float);
@@ -448,6 +547,10 @@ mmb_status mmb_vit_forward_groups(mmb_ctx *ctx, const mmb_vit *v, const float *p
                   mmb__arena_piece(f * (size_t)(rows * D)) * 3 +                  /* x, xn, att */
                   mmb__arena_piece(f * (size_t)(rows * 3 * D)) + mmb__arena_piece(f * (size_t)(rows * I)) +
                   mmb__arena_piece(f * mmb__attention_scratch(mmb__pool_size(ctx->pool), D / in->heads));
+    amap am = {.out = maps, .qb = in->has_cls ? 1 : 32};
+    am.nqb = in->has_cls ? 1 : (T + am.qb - 1) / am.qb;
+    size_t part_n = (size_t)(batch * in->heads * am.nqb * T), rows_n = (size_t)(mmb__pool_size(ctx->pool) * T);
+    if (maps) need += mmb__arena_piece(f * part_n) + mmb__arena_piece(f * rows_n);
     mmb_status s = mmb__arena_reserve(ctx, &ctx->arena, need);
     if (s != MMB_OK) return s;
     mmb_arena *a = &ctx->arena;
@@ -457,6 +560,10 @@ mmb_status mmb_vit_forward_groups(mmb_ctx *ctx, const mmb_vit *v, const float *p
     float *att = mmb__arena_alloc(a, f * (size_t)(rows * D)), *qkv = mmb__arena_alloc(a, f * (size_t)(rows * 3 * D));
     float *h = mmb__arena_alloc(a, f * (size_t)(rows * I));
     float *asc = mmb__arena_alloc(a, f * mmb__attention_scratch(mmb__pool_size(ctx->pool), D / in->heads));
+    if (maps) {
+        am.part = mmb__arena_alloc(a, f * part_n);
+        am.rows = mmb__arena_alloc(a, f * rows_n);
+    }
 
     im2col(cols, pixels, batch, in->channels, in->image_size, in->patch_size);
     mmb__linear_forward(ctx, emb, cols, npatch, &v->patch);
@@ -483,7 +590,7 @@ mmb_status mmb_vit_forward_groups(mmb_ctx *ctx, const mmb_vit *v, const float *p
                 for (int64_t k = 0; k < rows * D; k++) outs[i][k] /= (float)span[i];
         }
         if (layer == deepest) break;
-        block_forward(ctx, v, &v->layers[layer], x, xn, qkv, att, h, asc, batch);
+        block_forward(ctx, v, &v->layers[layer], x, xn, qkv, att, h, asc, batch, maps ? &am : NULL, layer);
     }
     mmb__arena_reset(a);
     return MMB_OK;

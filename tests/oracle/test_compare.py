@@ -112,3 +112,53 @@ def test_bad_options(tmp_path):
         p = run("compare", *args, "--reps", 1, "--csv", tmp_path / "x.csv", check=False)
         assert p.returncode == code and msg in p.stderr, (args, p.stderr)
         assert not (tmp_path / "x.csv").exists()
+
+
+def marker_blobs(png, colour=(214, 39, 40)):
+    """The 4-connected blobs of exactly the marker colour in a PNG: a list of (pixel count, centre x, centre y)."""
+    import numpy as np
+    from PIL import Image
+    im = Image.open(png)
+    im.load()
+    assert im.format == "PNG"
+    mask = (np.asarray(im.convert("RGB")) == colour).all(-1)
+    seen, blobs = np.zeros_like(mask), []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        stack, pts = [(y0, x0)], []
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            pts.append((y, x))
+            for yy, xx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= yy < mask.shape[0] and 0 <= xx < mask.shape[1] and mask[yy, xx] and not seen[yy, xx]:
+                    seen[yy, xx] = True
+                    stack.append((yy, xx))
+        ys, xs = zip(*pts)
+        blobs.append((len(pts), sum(xs) / len(xs), sum(ys) / len(ys)))
+    return im.size, blobs
+
+
+def test_png_scatter(tmp_path):
+    """--png: an 800x520 PNG with one marker per row, placed by latency (x) and LLM prefill tokens (y); three
+    connectors whose token counts differ (64, 144, 16 on an 8x8 grid), so no two markers touch."""
+    p = run("compare", "--types", "identity,c-abs,ldpnet", "--width", 32, "--grid", 8, "--llm-width", 48, "--reps", 1,
+            "--threads", 2, "--csv", tmp_path / "c.csv", "--png", tmp_path / "c.png")
+    rows = list(csv.DictReader(open(tmp_path / "c.csv")))
+    size, blobs = marker_blobs(tmp_path / "c.png")
+    assert size == (800, 520)
+    assert len(blobs) == len(rows) == 3, (blobs, p.stdout)
+    assert all(20 <= n <= 120 for n, _, _ in blobs)  # each a disc of radius 4, whole
+    # the markers' heights follow the rows' token counts (more tokens higher up), their x the latencies
+    by_tokens = sorted(rows, key=lambda r: int(r["llm_positions"]))
+    by_y = sorted(blobs, key=lambda b: -b[2])
+    lat = [float(r["latency_ms"]) for r in by_tokens]
+    for i in range(3):
+        for j in range(3):
+            if lat[i] > lat[j] + 0.05 * max(lat):
+                assert by_y[i][1] > by_y[j][1], (lat, by_y)
+    assert len({round(b[2]) for b in blobs}) == 3
+    # a row that fails: no picture
+    p = run("compare", "--types", "identity,nope", "--reps", 1, "--png", tmp_path / "x.png", check=False)
+    assert p.returncode == 1 and "--png" in p.stderr and not (tmp_path / "x.png").exists()
