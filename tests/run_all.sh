@@ -38,6 +38,8 @@ TSAN_OPTIONS=halt_on_error=1:exitcode=66 ctest --test-dir build-tsan -R 'test_(a
 TSAN_OPTIONS=halt_on_error=1:exitcode=66 MMB_BIN="$PWD/build-tsan/mmbridge" python3 -m pytest -q -p no:cacheprovider \
   tests/oracle/test_decoder.py tests/oracle/test_llama_adapter.py tests/oracle/test_fusion_a.py \
   tests/oracle/test_cogvlm.py tests/oracle/test_mplug_owl2.py | tail -n 3
+TSAN_OPTIONS=halt_on_error=1:exitcode=66 MMB_BIN="$PWD/build-tsan/mmbridge" python3 -m pytest -q -p no:cacheprovider \
+  tests/oracle/test_serve.py -k "load or queue or sigterm or chat_streamed" | tail -n 3
 
 echo "== fuzzers (bounded)"
 bash fuzz/run.sh build-fuzz

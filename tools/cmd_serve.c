@@ -49,7 +49,7 @@ static int enqueue(server *h, sv_job *j, const char **why) {
     pthread_mutex_lock(&h->mu);
     int r = 0;
     if (h->stopping) *why = "the server is shutting down", r = 1;
-    else if (h->queued >= h->sv.cfg.queue) *why = "the queue is full; retry later", r = 1;
+    else if (h->queued >= h->sv.cfg.queue + h->sv.cfg.slots - h->busy) *why = "the queue is full; retry later", r = 1;
     else {
         pthread_mutex_lock(&j->mu);
         j->refs++;
@@ -63,6 +63,15 @@ static int enqueue(server *h, sv_job *j, const char **why) {
     }
     pthread_mutex_unlock(&h->mu);
     return r;
+}
+
+/* A slot's job is done: the slot is idle from now on (before the client hears of it). */
+static void slot_free(void *arg) {
+    slot *s = arg;
+    pthread_mutex_lock(&s->h->mu);
+    s->h->busy--;
+    s->h->served++;
+    pthread_mutex_unlock(&s->h->mu);
 }
 
 static void *slot_main(void *arg) {
@@ -81,11 +90,11 @@ static void *slot_main(void *arg) {
         h->queued--;
         h->busy++;
         h->running[k] = j;
+        j->on_done = slot_free;
+        j->on_done_user = s;
         pthread_mutex_unlock(&h->mu);
         sv_job_run(&h->sv, s->ctx, j);
         pthread_mutex_lock(&h->mu);
-        h->busy--;
-        h->served++;
         h->running[k] = NULL;
         pthread_mutex_unlock(&h->mu);
         sv_job_unref(j);
@@ -313,7 +322,7 @@ int cmd_serve(int argc, char **argv) {
         {.name = "--parallel", .meta = "N", .type = CLI_INT, .dst = &parallel, .lo = 1, .hi = 256,
          .help = "requests computed at once (slots), each with --threads / N threads (default 1)"},
         {.name = "--queue", .meta = "N", .type = CLI_INT, .dst = &queue, .lo = 0, .hi = 1 << 20,
-         .help = "requests waiting for a slot at most; more are refused with 503 (default 64)"},
+         .help = "requests waiting for a busy slot at most; more are refused with 503 (default 64)"},
         {.name = "--max-body", .meta = "BYTES", .type = CLI_INT, .dst = &max_body, .lo = 1024, .hi = (double)INT64_MAX / 2,
          .help = "largest request body, and largest image file read (default 32 MiB); above: 413"},
         {.name = "--max-pixels", .meta = "N", .type = CLI_INT, .dst = &max_pixels, .lo = 1, .hi = 178956970,

@@ -44,7 +44,7 @@ typedef struct sv_config {
     int port;
     int slots;                 /* requests computed at once, each on its own context */
     int threads;               /* compute threads in all; each slot gets threads / slots (at least 1) */
-    int queue;                 /* requests waiting for a slot at most; more get 503 */
+    int queue;                 /* requests waiting beyond the idle slots at most; more get 503 */
     int64_t max_body;          /* bytes of a request body */
     int64_t max_pixels;        /* pixels of one decoded image */
     int64_t max_tokens;        /* tokens one chat request generates at most (a request asking more gets this) */
@@ -82,6 +82,9 @@ struct sv_job {
     sv_buf err;                /* its JSON error body */
     sv_buf out;                /* SV_CHAT with stream: server-sent events as they come; otherwise the body */
     sv_job *next;              /* the queue */
+    void (*on_done)(void *);   /* called once, just before the job is marked done (the slot frees itself first, so
+                                  a client that sends its next request at once finds the slot idle) */
+    void *on_done_user;
     /* the request */
     char **urls;               /* image references: data URLs or paths */
     int n_urls;
@@ -93,7 +96,7 @@ struct sv_job {
     /* SV_CHAT */
     mmb_chat_msg *msgs;
     int n_msgs;
-    int stream, usage_in_stream;
+    int stream, usage_in_stream, ignore_eos;
     int64_t max_tokens;
     mmb_sampler smp;
     char **stops;

@@ -196,6 +196,7 @@ static int parse_chat(parse *p, const cJSON *root) {
         }
     }
     j->stream = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(root, "stream"));
+    j->ignore_eos = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(root, "ignore_eos")); /* llama.cpp's server's */
     const cJSON *so = cJSON_GetObjectItemCaseSensitive(root, "stream_options");
     j->usage_in_stream = j->stream && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(so, "include_usage"));
     return 0;
@@ -257,7 +258,14 @@ void sv_job_unref(sv_job *j) {
 /* ---- running ------------------------------------------------------------------------------------ */
 
 /* Ends the job with an error (before or after it started: a started stream gets it as an event). */
+static void done_hook(sv_job *j) {
+    void (*f)(void *) = j->on_done;
+    j->on_done = NULL;
+    if (f) f(j->on_done_user);
+}
+
 static void fail(sv_job *j, int http, const char *msg) {
+    done_hook(j);
     pthread_mutex_lock(&j->mu);
     if (j->state == SV_STARTED && j->stream) {
         sv_buf e = {0};
@@ -274,6 +282,7 @@ static void fail(sv_job *j, int http, const char *msg) {
 }
 
 static void finish(sv_job *j) {
+    done_hook(j);
     pthread_mutex_lock(&j->mu);
     if (j->out.oom) {
         j->http = 500;
@@ -547,6 +556,7 @@ static void run_chat(const sv_server *sv, mmb_ctx *ctx, sv_job *j, mmb_image *im
     mmb_gen_params gp = mmb_gen_default_params();
     gp.n_predict = n_predict;
     gp.sampler = j->smp;
+    gp.ignore_eos = j->ignore_eos;
     gp.on_token = on_piece;
     gp.user = &c;
     gp.abort = &j->abort;

@@ -454,3 +454,52 @@ def test_multi_turn_conversation_matches_transformers(served):
     # a wrong variant: the last user turn alone is another prompt, and another answer
     st, j1 = s.json("POST", "/v1/chat/completions", {"messages": conv[3:], "temperature": 0, "max_tokens": N_NEW})
     assert j1["usage"]["prompt_tokens"] < j["usage"]["prompt_tokens"] - 4
+
+
+def test_limits_pixels_and_tokens(llava, tmp_path):  # noqa: F811
+    """--max-pixels refuses a larger image before decoding it; --max-tokens caps what a request asks."""
+    model, proc, d, image = llava
+    (tmp_path / "allowed").mkdir()
+    s = start(d, tmp_path, "--max-pixels", "1000", "--max-tokens", "5")
+    try:
+        st, j = s.json("POST", "/v1/embeddings", {"input": data_url(image)})  # 45 x 37 = 1665 pixels
+        assert st == 400 and "pixels" in j["error"]["message"], j
+        small = tmp_path / "small.png"
+        Image.fromarray(np.random.RandomState(5).randint(0, 256, (30, 30, 3), dtype=np.uint8)).save(small)
+        st, j = s.json("POST", "/v1/chat/completions", chat_body(small, False, max_tokens=24))
+        assert st == 200 and j["usage"]["completion_tokens"] == 5 and j["choices"][0]["finish_reason"] == "length"
+    finally:
+        rc, log = stop(s)
+    assert rc == 0, log
+
+
+def test_queue_full_and_disconnect(llava, tmp_path):  # noqa: F811
+    """One slot and --queue 0: a second request while a long stream runs is refused with 503; the streaming client
+    going away aborts its generation and frees the slot."""
+    model, proc, d, image = llava
+    (tmp_path / "allowed").mkdir()
+    long = tmp_path / "long"  # the same model with a context long enough for a generation of minutes
+    shutil.copytree(d, long)
+    cfg = json.loads((long / "config.json").read_text())
+    cfg["text_config"]["max_position_embeddings"] = 200000
+    (long / "config.json").write_text(json.dumps(cfg))
+    s = start(long, tmp_path, "--parallel", "1", "--queue", "0", "--max-tokens", "100000")
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        c.request("POST", "/v1/chat/completions", json.dumps(chat_body(image, True, max_tokens=100000, ignore_eos=True)),
+                  {"Authorization": "Bearer " + KEY})
+        r = c.getresponse()
+        assert r.status == 200 and r.readline().startswith(b"data: ")
+        st, hd, data = s.request("POST", "/v1/embeddings", {"input": data_url(image)})
+        assert st == 503 and json.loads(data)["error"]["code"] == 503
+        assert s.json("GET", "/health", key=None)[1]["slots_busy"] == 1
+        c.close()  # the client goes away mid-stream
+        deadline = time.time() + 30
+        while s.json("GET", "/health", key=None)[1]["slots_busy"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert s.json("GET", "/health", key=None)[1]["slots_busy"] == 0
+        st, j = s.json("POST", "/v1/embeddings", {"input": data_url(image)})
+        assert st == 200
+    finally:
+        rc, log = stop(s)
+    assert rc == 0, log
