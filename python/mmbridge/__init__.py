@@ -373,8 +373,8 @@ class Model:
             if self._closed:
                 return
             self._closed = True
-            for a in list(self._aborts):
-                a.value = 1
+            for st in list(self._aborts):
+                st.abort.value = 1
             while self._active:
                 self._idle.wait()
             ctxs, self._all, self._spare = self._all, [], []
@@ -549,13 +549,32 @@ class _GenState:
     dropping the iterator closes it)."""
 
     def __init__(self) -> None:
-        self.q: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        # bounded: the C side runs at most this many pieces ahead of the reader
+        self.q: "queue.Queue[Any]" = queue.Queue(maxsize=_AHEAD)
         self.abort = c_int(0)
         self.ids: List[int] = []
         self.result: Optional[_lib.mmb_gen_result] = None
 
 
 _DONE = object()
+_AHEAD = 16
+
+
+def _put(st: _GenState, item: Any, always: bool = False) -> None:
+    """Queues item for the reader, waiting while the queue is full unless the generation was closed (then a
+    piece is dropped; the end marker and errors are always queued, the reader having stopped or draining)."""
+    while True:
+        try:
+            st.q.put(item, timeout=0.05)
+            return
+        except queue.Full:
+            if st.abort.value and not always:
+                return
+            if st.abort.value:
+                try:  # nobody reads any more: make room for the end marker
+                    st.q.get_nowait()
+                except queue.Empty:
+                    pass
 
 
 def _gen_worker(model: Model, st: _GenState, chunks: int, kv: int, gp: "_lib.mmb_gen_params",
@@ -567,9 +586,9 @@ def _gen_worker(model: Model, st: _GenState, chunks: int, kv: int, gp: "_lib.mmb
             try:
                 st.ids.append(int(tok))
                 if n:
-                    st.q.put(ctypes.string_at(piece, n).decode("utf-8", "replace"))
+                    _put(st, ctypes.string_at(piece, n).decode("utf-8", "replace"))
             except BaseException as e:  # an exception must not cross the C frames
-                st.q.put(e)
+                _put(st, e, always=True)
                 return 1
             return 1 if st.abort.value else 0
 
@@ -584,14 +603,14 @@ def _gen_worker(model: Model, st: _GenState, chunks: int, kv: int, gp: "_lib.mmb
         s = _L.mmb_mllm_generate(ctx, model._m, kv, chunks, byref(gp), byref(res))
         st.result = res
         if s and not (s == Status.ERR_ABORTED and st.abort.value):
-            st.q.put(_error(ctx, s))
+            _put(st, _error(ctx, s), always=True)
     except BaseException as e:
-        st.q.put(e)
+        _put(st, e, always=True)
     finally:
         _L.mmb_chunks_free(chunks)
         _L.mmb_kv_cache_free(kv)
         model._release()
-        st.q.put(_DONE)
+        _put(st, _DONE, always=True)
 
 
 class Generation(Iterator[str]):
@@ -602,7 +621,7 @@ class Generation(Iterator[str]):
     def __init__(self, model: Model, chunks: int, kv: int, gp: "_lib.mmb_gen_params", stops: List[bytes]):
         self._st = _GenState()
         self._done = False
-        model._aborts.add(self._st.abort)
+        model._aborts.add(self._st)
         self._thread = threading.Thread(target=_gen_worker, args=(model, self._st, chunks, kv, gp, stops),
                                         name="mmbridge-generate", daemon=True)
         self._thread.start()
