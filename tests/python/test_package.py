@@ -3,9 +3,10 @@
 Tiny random checkpoints come from transformers' save_pretrained (the oracle tests' helpers, tests/oracle). The
 library is the one MMBRIDGE_LIB names, else libmmbridge.so in the build directory ($MMB_BUILD_DIR, the directory
 of $MMB_BIN, else build/); the CLI is $MMB_BIN (else build/mmbridge). Without a built library the module is
-skipped. tests/run_all.sh runs it against the Release build: loading an ASan-built .so into Python needs libasan
-preloaded into the interpreter (LD_PRELOAD), whose leak checker then reports the interpreter's and torch's own
-allocations; MMB_PY_ASAN=1 runs it that way by hand (see tests/python/run_asan.sh).
+skipped. tests/run_all.sh runs it three times: against the ASan+UBSan build (an ASan-built .so loads into Python
+only with libasan and libubsan preloaded, LD_PRELOAD; memory errors and UB abort the run, leaks are not checked
+there, as the interpreter's and torch's own allocations would be reported: the C tests check the library's),
+against the Release build, and against the package `pip install .` made (MMB_PY_INSTALLED=1).
 
 Checked: encode equals `mmbridge encode` bit for bit and transformers within 1e-4 (a LLaVA: get_image_features; a
 CLIP tower alone: last_hidden_state); hidden_states against output_hidden_states and the CLI's --taps; paths,
@@ -25,8 +26,12 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# MMB_PY_INSTALLED=1: test the package as installed (pip install .; on sys.path, with its own library unless
+# MMBRIDGE_LIB says otherwise); else the source tree's python/mmbridge over the build directory's library.
+INSTALLED = os.environ.get("MMB_PY_INSTALLED") == "1"
 sys.path.insert(0, str(ROOT / "tests" / "oracle"))
-sys.path.insert(0, str(ROOT / "python"))
+if not INSTALLED:
+    sys.path.insert(0, str(ROOT / "python"))
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -42,11 +47,15 @@ def _library():
     return oc.build_dir() / "libmmbridge.so"
 
 
-LIB = _library()
-if not LIB.exists():
-    pytest.skip(f"{LIB} not built (set MMBRIDGE_LIB or MMB_BUILD_DIR)", allow_module_level=True)
-os.environ["MMBRIDGE_LIB"] = str(LIB)
+if not INSTALLED:
+    LIB = _library()
+    if not LIB.exists():
+        pytest.skip(f"{LIB} not built (set MMBRIDGE_LIB or MMB_BUILD_DIR)", allow_module_level=True)
+    os.environ["MMBRIDGE_LIB"] = str(LIB)
 import mmbridge  # noqa: E402
+
+if INSTALLED:
+    assert Path(mmbridge.__file__).resolve().parent != ROOT / "python" / "mmbridge", mmbridge.__file__
 
 from test_vit import TOWER, make_llava, randomize_norms  # noqa: E402
 
