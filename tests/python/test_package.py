@@ -225,6 +225,32 @@ def test_clip_tower_alone(tmp_path):
     assert np.array_equal(load_file(str(tmp_path / "o.safetensors"))["last_hidden_state"].numpy(), got)
 
 
+def test_images_of_different_token_counts(tmp_path):
+    """Qwen2-VL keeps each image's aspect: images of other sizes make other token counts, and encode returns one
+    [tokens_i, out_width] array per image (views of the one buffer the library wrote), each transformers'
+    get_image_features and what encoding that image alone gives, bit for bit."""
+    import test_qwen2vl as q
+    d = tmp_path / "qwen"
+    hf = q.make_model(d)
+    paths = [q.save_image(tmp_path / "a.png", 56, 84, 0), q.save_image(tmp_path / "b.png", 112, 56, 1)]
+    proc = q.processor(**q.PROC)
+    with mmbridge.Model(d, threads=THREADS) as m:
+        got = m.encode(paths)
+        alone = [m.encode(p) for p in paths]
+    assert isinstance(got, list) and len(got) == 2 and got[0].shape[0] != got[1].shape[0]
+    assert got[0].base is got[1].base and got[0].base is not None  # one buffer, no copy
+    for g, a, p in zip(got, alone, paths):
+        assert np.array_equal(g, a[0])
+        r = proc(Image.open(p), return_tensors="pt")
+        ref = q.reference(hf, r["pixel_values"], r["image_grid_thw"])[0]
+        e = err(g, ref)
+        print(f"qwen2-vl {p.name}: {g.shape[0]} tokens, scaled max err {e:.2e}")
+        assert g.shape == tuple(ref.shape) and e <= 1e-4
+    r0 = proc(Image.open(paths[0]), return_tensors="pt")
+    ref0 = q.reference(hf, r0["pixel_values"], r0["image_grid_thw"])[0]
+    assert err(got[1][:ref0.shape[0]], ref0) > 1e-2  # wrong variant: the other image's rows
+
+
 def test_reduced_precision_weights(llava, tmp_path):
     """dtype="bf16" is the CLI's --dtype bf16 bit for bit, close to f32 and not equal to it."""
     need_cli()
@@ -454,6 +480,13 @@ def test_generate_equals_cli_and_transformers(llava_lm, tmp_path):
     assert text == proc.tokenizer.decode(g.ids, skip_special_tokens=True)
     # wrong variant: the image flipped upside down gives other tokens
     assert other_ids != g.ids and other_text != text
+    # sampling: the package's text is the CLI's for the same temperature, top-k, top-p and seed
+    with mmbridge.Model(d, threads=THREADS) as m:
+        sampled = m.generate(image, PROMPT, max_tokens=N_NEW, ignore_eos=True, temperature=1.3, top_k=40,
+                             top_p=0.9, seed=5).text()
+    p = oc.run("generate", d, "--prompt", PROMPT, "--image", image, "-n", N_NEW, "--ignore-eos", "--threads", THREADS,
+               "--temp", 1.3, "--top-k", 40, "--top-p", 0.9, "--seed", 5)
+    assert p.stdout == sampled + "\n" and sampled != text
 
 
 def test_generate_options_errors_and_early_close(llava_lm):
