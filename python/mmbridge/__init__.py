@@ -590,7 +590,7 @@ def _gen_worker(model: Model, st: _GenState, chunks: int, kv: int, gp: "_lib.mmb
             except BaseException as e:  # an exception must not cross the C frames
                 _put(st, e, always=True)
                 return 1
-            return 1 if st.abort.value else 0
+            return 0  # closing sets the abort flag, which the library checks before each token
 
         cb = _lib.mmb_token_fn(on_token)
         gp.on_token = cb
