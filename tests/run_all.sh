@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 export PIP_BREAK_SYSTEM_PACKAGES=1
 jobs=$(nproc)
 
-python3 -c "import torch, transformers, safetensors, pytest, numpy, PIL, scikit_build_core" 2>/dev/null ||
+python3 -c "import torch, transformers, safetensors, pytest, numpy, PIL, scikit_build_core, mypy" 2>/dev/null ||
   python3 -m pip install -q -r tests/requirements.txt
 
 echo "== the include graph follows the layer order"
@@ -59,6 +59,8 @@ cc -std=c11 -Wall -Wextra -Werror tests/test_api.c -o "$prefix/api_installed" \
 (cd "$prefix" && LD_LIBRARY_PATH="$libdir" ./api_installed)
 "$prefix/bin/mmbridge" --version
 
+echo "== the Python package's type hints (mypy --strict)"
+python3 -m mypy --strict --no-error-summary python/mmbridge
 echo "== the Python package (tests/python) against the Release build"
 MMB_BIN="$PWD/build/mmbridge" python3 -m pytest tests/python -q -p no:cacheprovider | tail -n 3
 echo "== pip install . (scikit-build-core builds libmmbridge.so into the package), then its tests on that install"

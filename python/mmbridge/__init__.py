@@ -23,7 +23,7 @@ import threading
 import weakref
 from ctypes import byref, c_char_p, c_int, c_int64, c_void_p
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union, cast
 
 import numpy as np
 
@@ -49,7 +49,7 @@ ImageLike = Union[PathLike, bytes, bytearray, memoryview, np.ndarray, Any]
 
 def version() -> str:
     """The library's version ("MAJOR.MINOR.PATCH")."""
-    return _L.mmb_version().decode()
+    return str(_L.mmb_version().decode())
 
 
 def library_path() -> Optional[str]:
@@ -214,7 +214,8 @@ class _Slot:
 
 def _to_rgb_array(img: Any) -> np.ndarray:
     """A PIL image as transformers' convert_to_rgb gives it (non-RGB modes composited onto white), HxWx3 uint8."""
-    from PIL import Image
+    import importlib
+    Image: Any = importlib.import_module("PIL.Image")  # Pillow is needed only by callers who pass its images
     if img.mode != "RGB":
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255))
@@ -229,6 +230,11 @@ def _is_pil(x: Any) -> bool:
 
 def _is_single(x: Any) -> bool:
     return isinstance(x, (str, bytes, bytearray, memoryview, os.PathLike, np.ndarray)) or _is_pil(x)
+
+
+def _as_list(images: Any) -> List[Any]:
+    """One image or an iterable of them, as a list."""
+    return [images] if _is_single(images) else list(cast(Iterable[Any], images))
 
 
 class _Images:
@@ -339,6 +345,8 @@ class Model:
         if s:
             raise _BY_STATUS.get(s, Error)("mmb_ctx_new failed (no context, no message): " +
                                            _L.mmb_status_str(s).decode(), s)
+        if out.value is None:  # pragma: no cover (MMB_OK always sets it)
+            raise NoMemoryError("mmb_ctx_new returned no context", Status.ERR_NOMEM)
         with self._lock:
             self._all.append(out.value)
         return out.value
@@ -415,7 +423,7 @@ class Model:
         [H, W, 3]). Returns float32 [n, tokens, out_width], written by the library into the returned array's
         own buffer; when the images make different numbers of tokens (a model whose processor keeps the
         aspect), a list of [tokens_i, out_width] views of one buffer instead."""
-        lst = [images] if _is_single(images) else list(images)
+        lst = _as_list(images)
         if not lst:
             raise ArgumentError("encode: no images", Status.ERR_ARG)
         self._acquire()
@@ -454,7 +462,7 @@ class Model:
         pre_layrnorm, i = the output of block i, negative from the end, MMB_TAP_LAST = last_hidden_state) from
         one pass of the tower: {layer: float32 [n, vision_tokens, vision_width]}, keyed by the values given,
         each array the library's output buffer. The images must preprocess to one size."""
-        lst = [images] if _is_single(images) else list(images)
+        lst = _as_list(images)
         taps = [int(layers)] if isinstance(layers, (int, np.integer)) else [int(x) for x in layers]
         if not lst or not taps:
             raise ArgumentError("hidden_states: no images or no layers", Status.ERR_ARG)
@@ -500,16 +508,14 @@ class Model:
         The prompt is tokenized and its images decoded here (errors are raised by this call); the generation runs
         in a worker thread. Closing the iterator (close(), a `with` block, or dropping it) raises the library's
         abort flag, so the C side stops before its next token."""
-        if images is None:
-            lst: List[Any] = []
-        else:
-            lst = [images] if _is_single(images) else list(images)
+        lst = [] if images is None else _as_list(images)
         if not isinstance(prompt, str):
             raise TypeError("prompt: expected str")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         self._acquire()
         chunks = c_void_p()
         kv = c_void_p()
+        owned = True
         try:
             ctx = self._ctx()
             ims = _Images(ctx, lst)
@@ -532,12 +538,11 @@ class Model:
             gp.sampler.top_p = float(top_p)
             gp.sampler.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
             gp.ignore_eos = 1 if ignore_eos else 0
-            gen = Generation(self, chunks.value, kv.value, gp, [x.encode("utf-8") for x in stops])
-            chunks = kv = None  # the generation owns them now
+            gen = Generation(self, int(chunks.value or 0), int(kv.value or 0), gp, [x.encode("utf-8") for x in stops])
+            owned = False  # the generation frees them
         except BaseException:
-            if chunks is not None:
+            if owned:
                 _L.mmb_chunks_free(chunks)
-            if kv is not None:
                 _L.mmb_kv_cache_free(kv)
             self._release()
             raise
@@ -640,11 +645,11 @@ class Generation(Iterator[str]):
         if isinstance(item, BaseException):
             self.close()
             raise item
-        return item
+        return str(item)
 
     def text(self) -> str:
         """The rest of the text, joined."""
-        return "".join(self)
+        return "".join(list(self))
 
     def close(self) -> None:
         """Raises the abort flag and waits for the worker to stop (the C side stops before its next token)."""
@@ -671,7 +676,7 @@ class Generation(Iterator[str]):
 
     def _res(self, name: str) -> Any:
         r = self._st.result
-        return None if r is None else getattr(r, name)
+        return None if r is None else cast(Any, getattr(r, name))
 
     @property
     def stop(self) -> Optional[str]:
@@ -680,20 +685,25 @@ class Generation(Iterator[str]):
 
     @property
     def n_prompt(self) -> Optional[int]:
-        return self._res("n_prompt")
+        v = self._res("n_prompt")
+        return None if v is None else int(v)
 
     @property
     def n_generated(self) -> Optional[int]:
-        return self._res("n_generated")
+        v = self._res("n_generated")
+        return None if v is None else int(v)
 
     @property
     def encode_s(self) -> Optional[float]:
-        return self._res("encode_s")
+        v = self._res("encode_s")
+        return None if v is None else float(v)
 
     @property
     def prefill_s(self) -> Optional[float]:
-        return self._res("prefill_s")
+        v = self._res("prefill_s")
+        return None if v is None else float(v)
 
     @property
     def decode_s(self) -> Optional[float]:
-        return self._res("decode_s")
+        v = self._res("decode_s")
+        return None if v is None else float(v)

@@ -12,7 +12,7 @@ import os
 from ctypes import (CFUNCTYPE, POINTER, Structure, c_char_p, c_double, c_float, c_int, c_int32, c_int64,
                     c_size_t, c_uint64, c_void_p)
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, List, Tuple
 
 MMB_MAX_TAPS = 64
 MMB_TAP_LAST = 0x7FFFFFFF
@@ -94,7 +94,7 @@ _ctx_p = c_void_p
 _status = c_int
 
 # name: (restype, argtypes)
-_SIGNATURES = {
+_SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
     "mmb_version": (c_char_p, []),
     "mmb_status_str": (c_char_p, [c_int]),
     "mmb_ctx_default_params": (mmb_ctx_params, []),
@@ -124,20 +124,19 @@ _SIGNATURES = {
 }
 
 
-def _candidates() -> list:
-    here = Path(__file__).resolve().parent
-    out = []
+def _candidates() -> List[str]:
     env = os.environ.get("MMBRIDGE_LIB")
     if env:
         return [env]  # asked for explicitly: that one or nothing
-    out += [here / "libmmbridge.so", here / "libmmbridge.dylib"]
+    here = Path(__file__).resolve().parent
+    out = [str(here / "libmmbridge.so"), str(here / "libmmbridge.dylib")]
     found = ctypes.util.find_library("mmbridge")
     if found:
         out.append(found)
-    return [str(p) for p in out]
+    return out
 
 
-def _load() -> ctypes.CDLL:
+def _load() -> Tuple[ctypes.CDLL, str]:
     errors = []
     for path in _candidates():
         if os.sep in path and not os.path.exists(path):
@@ -152,11 +151,9 @@ def _load() -> ctypes.CDLL:
             fn = getattr(lib, name)
             fn.restype = res
             fn.argtypes = args
-        lib._mmb_path = path
-        return lib
+        return lib, path
     raise ImportError("mmbridge: cannot load libmmbridge (set MMBRIDGE_LIB to the path of libmmbridge.so, or "
                       "`pip install .` from the repository): " + "; ".join(errors or ["nothing found"]))
 
 
-lib: ctypes.CDLL = _load()
-path: Optional[str] = getattr(lib, "_mmb_path", None)
+lib, path = _load()
