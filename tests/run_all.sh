@@ -60,7 +60,7 @@ cc -std=c11 -Wall -Wextra -Werror tests/test_api.c -o "$prefix/api_installed" \
 "$prefix/bin/mmbridge" --version
 
 echo "== the Python package's type hints (mypy --strict)"
-python3 -m mypy --strict --no-error-summary python/mmbridge
+python3 -m mypy --strict --no-error-summary --cache-dir=/dev/null python/mmbridge
 echo "== the Python package (tests/python) against the Release build"
 MMB_BIN="$PWD/build/mmbridge" python3 -m pytest tests/python -q -p no:cacheprovider | tail -n 3
 echo "== pip install . (scikit-build-core builds libmmbridge.so into the package), then its tests on that install"
