@@ -251,6 +251,28 @@ def test_images_of_different_token_counts(tmp_path):
     assert err(got[1][:ref0.shape[0]], ref0) > 1e-2  # wrong variant: the other image's rows
 
 
+def test_original_layout_with_a_separate_tower(tmp_path):
+    """Original LLaVA (model.mm_projector.*) with vision_tower=: the CLI's --vision-tower output, bit for bit, and
+    the torch modules' within 1e-4."""
+    need_cli()
+    from test_vit import make_original_with_tower
+    tower, proj = make_original_with_tower(tmp_path)
+    proc = CLIPImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S})
+    proc.save_pretrained(tmp_path / "tower")
+    paths = write_images(tmp_path, [(50, 40), (44, 66)], 5)
+    with pytest.raises(mmbridge.Error, match="no vision tower"):  # the config only names its tower
+        mmbridge.Model(tmp_path / "llava").encode(paths)
+    with mmbridge.Model(tmp_path / "llava", threads=THREADS, vision_tower=tmp_path / "tower") as m:
+        got = m.encode(paths)
+    oc.run("encode", tmp_path / "llava", *paths, "--vision-tower", tmp_path / "tower", "-o", tmp_path / "o.st",
+           "--threads", THREADS)
+    assert np.array_equal(load_file(str(tmp_path / "o.st"))["embeddings"].numpy(), got)
+    with torch.no_grad():
+        hs = tower(pixel_values=pixels(proc, paths), output_hidden_states=True).hidden_states
+        ref, wrong = proj(hs[-2][:, 1:]), proj(hs[-1][:, 1:])
+    assert err(got, ref) <= 1e-4 and err(got, wrong) > 1e-2  # wrong variant: the last layer
+
+
 def test_reduced_precision_weights(llava, tmp_path):
     """dtype="bf16" is the CLI's --dtype bf16 bit for bit, close to f32 and not equal to it."""
     need_cli()
@@ -336,6 +358,9 @@ def test_bad_images_raise_and_the_model_keeps_working(model, llava, tmp_path):
         model.encode([paths[1], text])
     assert str(text) in e.value.message and e.value.status == mmbridge.Status.ERR_FORMAT, e.value.message
     assert str(e.value) == "malformed file: " + e.value.message  # mmb_status_str, then the library's message
+    if oc.BIN.exists():  # the message is the one the CLI prints for that file
+        p = oc.run("encode", llava[2], text, "-o", tmp_path / "o.safetensors", check=False)
+        assert p.returncode == 1 and p.stderr.strip() == "mmbridge: error: " + e.value.message, p.stderr
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(mmbridge.Error, match="empty.png"):
         model.encode(tmp_path / "empty.png")
