@@ -294,7 +294,8 @@ class _Images:
 class Model:
     """A checkpoint directory opened through the library's family table (mmb_mllm_open).
 
-    threads: worker threads of each context (None: the online CPUs). dtype: the weights' compute dtype,
+    threads: worker threads of each context (None: the online CPUs; each Python thread that calls the model gets
+    a context with this many, so with a pool of N Python threads, threads = CPUs / N avoids oversubscription). dtype: the weights' compute dtype,
     "f32" (exact), "bf16", "f16" or "int8" (mmb_ctx_params.weight_dtype). vision_tower: the CLIP/SigLIP
     directory of an original-layout LLaVA checkpoint. vision_only: do not open the LLM and tokenizer.
     Use as a context manager, or call close(); close() waits for calls in progress and stops generations.
