@@ -237,6 +237,8 @@ def test_images_of_different_token_counts(tmp_path):
     with mmbridge.Model(d, threads=THREADS) as m:
         got = m.encode(paths)
         alone = [m.encode(p) for p in paths]
+        with pytest.raises(mmbridge.UnsupportedError, match="hidden states are not exposed"):
+            m.hidden_states(paths[0], layers=[1])  # a family's tower and connector run as one
     assert isinstance(got, list) and len(got) == 2 and got[0].shape[0] != got[1].shape[0]
     assert got[0].base is got[1].base and got[0].base is not None  # one buffer, no copy
     for g, a, p in zip(got, alone, paths):
