@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test: the header as C11 and C++, the C unit tests under ASan+UBSan, the oracle tests
-# (pytest + transformers) against the sanitized CLI, the fuzzers for a bounded number of runs,
+# (pytest + transformers) against the sanitized CLI, the Python package (sanitized, Release, and as pip
+# installs it), the fuzzers for a bounded number of runs,
 # and a smoke run of the benchmarks. Python packages come from tests/requirements.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +9,7 @@ cd "$(dirname "$0")/.."
 export PIP_BREAK_SYSTEM_PACKAGES=1
 jobs=$(nproc)
 
-python3 -c "import torch, transformers, safetensors, pytest" 2>/dev/null ||
+python3 -c "import torch, transformers, safetensors, pytest, numpy, PIL, scikit_build_core, mypy" 2>/dev/null ||
   python3 -m pip install -q -r tests/requirements.txt
 
 echo "== the include graph follows the layer order"
@@ -30,6 +31,10 @@ bad=$(nm -g --defined-only build-asan/libmmbridge.so | awk '$2 ~ /[TDRB]/ {print
 
 echo "== oracle tests against transformers (sanitized CLI)"
 MMB_BIN="$PWD/build-asan/mmbridge" python3 -m pytest tests/oracle -q -rA -p no:cacheprovider | tail -n 60
+
+echo "== the Python package against the ASan+UBSan library (libasan preloaded into python; leaks: the C tests')"
+LD_PRELOAD="$(cc -print-file-name=libasan.so) $(cc -print-file-name=libubsan.so)" ASAN_OPTIONS=detect_leaks=0:exitcode=99 \
+  MMB_BIN="$PWD/build-asan/mmbridge" python3 -m pytest tests/python -q -p no:cacheprovider | tail -n 3
 
 echo "== ThreadSanitizer: the pool's jobs and the decoder's barriers (C tests and the CLI on the threaded paths)"
 cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMMB_TSAN=ON -DMMB_BUILD_BENCH=OFF >/dev/null
@@ -55,6 +60,18 @@ cc -std=c11 -Wall -Wextra -Werror tests/test_api.c -o "$prefix/api_installed" \
   $(PKG_CONFIG_PATH="$libdir/pkgconfig" pkg-config --cflags --libs mmbridge) -lm
 (cd "$prefix" && LD_LIBRARY_PATH="$libdir" ./api_installed)
 "$prefix/bin/mmbridge" --version
+
+echo "== the Python package's type hints (mypy --strict)"
+python3 -m mypy --strict --no-error-summary --cache-dir=/dev/null python/mmbridge
+echo "== the Python package (tests/python) against the Release build"
+MMB_BIN="$PWD/build/mmbridge" python3 -m pytest tests/python -q -p no:cacheprovider | tail -n 3
+echo "== pip install . (scikit-build-core builds libmmbridge.so into the package), then its tests on that install"
+python3 -m pip install -q --root-user-action=ignore --no-build-isolation --no-deps --target "$prefix/py" .
+test -f "$prefix/py/mmbridge/libmmbridge.so" -a -f "$prefix/py/mmbridge/py.typed"
+(cd "$prefix" && env -u MMBRIDGE_LIB PYTHONPATH="$prefix/py" python3 -c \
+  'import mmbridge, sys; assert mmbridge.library_path().startswith(sys.argv[1]), mmbridge.library_path(); print("mmbridge", mmbridge.version(), mmbridge.library_path())' "$prefix/py")
+env -u MMBRIDGE_LIB MMB_PY_INSTALLED=1 PYTHONPATH="$prefix/py" MMB_BIN="$PWD/build/mmbridge" \
+  python3 -m pytest tests/python -q -p no:cacheprovider | tail -n 3
 
 echo "== memory (Release: ASan replaces malloc): peak RSS bound, no allocation in a warm forward"
 (cd build && ./test_memory)
