@@ -92,4 +92,5 @@ python3 bench/bench_mllama.py --quick --dir build/bench-cache --append build/RES
 python3 bench/bench_train.py --quick --dir build/bench-cache --append build/RESULTS-quick.md >/dev/null
 python3 bench/bench_cogvlm.py --quick --dir build/bench-cache --append build/RESULTS-quick.md >/dev/null
 python3 bench/bench_vq.py --quick --dir build/bench-cache --append build/RESULTS-quick.md >/dev/null
+python3 bench/bench_server.py --quick --dir build/bench-cache --append build/RESULTS-quick.md >/dev/null
 echo "all tests passed"
