@@ -1296,6 +1296,7 @@ static _Noreturn void int_overflow(jctx *J, int line, const char *op) {
 static val repeat(jctx *J, val s, int64_t count, int line) {
     if (count < 0) count = 0;
     size_t unit = s.t == T_STR ? s.u.s.n : (size_t)s.u.l->n * sizeof(val);
+    if (!unit) count = 0; /* "" * 10**16: empty at once, not 10**16 empty copies */
     if (unit && (uint64_t)count > (JMAX_ARENA - J->arena) / unit)
         fail(J, MMB_ERR_FORMAT, line, "%s * %lld needs more than %zu MiB (the arena limit)", type_name(s), (long long)count, JMAX_ARENA >> 20);
     if (s.t == T_LIST) {
@@ -1645,9 +1646,10 @@ static val call_global(jctx *J, int fn, const expr *e, val *args, int line) {
     }
     case FN_RANGE: {
         int64_t a = 0, b = 0, s = 1;
-        for (int i = 0; i < e->nargs; i++) if (args[i].t != T_INT) fail(J, MMB_ERR_FORMAT, line, "range() takes integers");
-        if (e->nargs == 1) b = args[0].u.i;
-        else if (e->nargs >= 2) { a = args[0].u.i; b = args[1].u.i; if (e->nargs == 3) s = args[2].u.i; }
+        for (int i = 0; i < e->nargs; i++) /* a bool is an int, as in Python: range(True, 3) is [1, 2] */
+            if (args[i].t != T_INT && args[i].t != T_BOOL) fail(J, MMB_ERR_FORMAT, line, "range() takes integers");
+        if (e->nargs == 1) b = ival(args[0]);
+        else if (e->nargs >= 2) { a = ival(args[0]); b = ival(args[1]); if (e->nargs == 3) s = ival(args[2]); }
         if (s == 0 || e->nargs < 1 || e->nargs > 3) fail(J, MMB_ERR_FORMAT, line, "bad range() arguments");
         uint64_t len = 0; /* computed before anything is built; unsigned differences cannot overflow */
         if (s > 0 && a < b) len = ((uint64_t)b - (uint64_t)a - 1) / (uint64_t)s + 1;

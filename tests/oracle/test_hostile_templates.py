@@ -102,7 +102,11 @@ EXACT = ["9007199254740993 - 0", "9007199254740993 + 2", "9007199254740993 * 1",
          "7.5 // 2", "-7.5 % 2", "-7.5 // 2", "7 // 2.0", "1e308 * 10", "3 * 'ab'", "[1, 'a'] * 2", "-true",
          "true + true", "(-9) | abs", "9007199254740993 | string", "range(5, 100, 7) | list",
          "range(10, -10, -3) | list", "range(100000) | length", "[1, [2, 3]] == [1, [2, 3]]", "15 is divisibleby(-1)",
-         "'abcdef'[::9223372036854775807]", "'abcdef'[-9223372036854775807:9223372036854775807]"]
+         "'abcdef'[::9223372036854775807]", "'abcdef'[-9223372036854775807:9223372036854775807]",
+         # once a hang: 4.7e15 copies of nothing
+         "'' * 4777203685477580", "([] * 4777203685477580) | length", "4777203685477580 * ''",
+         # a bool is an int to range(), as in Python
+         "range(True, 3) | list", "range(false, true + 3, true) | list"]
 
 
 def test_exact_integers_match_jinja2(tmp_path):
