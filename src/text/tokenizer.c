@@ -350,6 +350,9 @@ static mmb_status matcher_load(mmb_ctx *ctx, const char *path, const char *what,
         if (!m->lit) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
         m->lit_len = strlen(m->lit);
         if (!m->lit_len) return mmb__err(ctx, MMB_ERR_FORMAT, "%s: %s: empty pattern", path, what);
+        /* a literal cutting a character in two would hand the regexes (run without a UTF check) broken text */
+        if (utf8_invalid_at(m->lit, m->lit_len) < m->lit_len)
+            return mmb__err(ctx, MMB_ERR_FORMAT, "%s: %s: the pattern is not valid UTF-8", path, what);
         return MMB_OK;
     }
     const cJSON *r = cJSON_GetObjectItemCaseSensitive(p, "Regex");
@@ -1217,11 +1220,15 @@ static mmb_status load_norm(loader *L, const cJSON *o) {
     } else if (!strcmp(ty, "Prepend")) {
         const char *p = jstr(o, "prepend");
         if (!p) return mmb__err(L->ctx, MMB_ERR_FORMAT, "%s: normalizer Prepend without \"prepend\"", L->path);
+        if (utf8_invalid_at(p, strlen(p)) < strlen(p))
+            return mmb__err(L->ctx, MMB_ERR_FORMAT, "%s: normalizer Prepend: \"prepend\" is not valid UTF-8", L->path);
         op->k = NORM_PREPEND;
         if (!(op->text = strdup(p))) return mmb__err(L->ctx, MMB_ERR_NOMEM, "out of memory");
     } else if (!strcmp(ty, "Replace")) {
         const char *c = jstr(o, "content");
         if (!c) return mmb__err(L->ctx, MMB_ERR_FORMAT, "%s: normalizer Replace without \"content\"", L->path);
+        if (utf8_invalid_at(c, strlen(c)) < strlen(c)) /* it goes into the text the regexes read unchecked */
+            return mmb__err(L->ctx, MMB_ERR_FORMAT, "%s: normalizer Replace: \"content\" is not valid UTF-8", L->path);
         op->k = NORM_REPLACE;
         t->n_norm++; /* owned from here on, freed with the tokenizer */
         if (!(op->text = strdup(c))) return mmb__err(L->ctx, MMB_ERR_NOMEM, "out of memory");
@@ -1243,7 +1250,7 @@ static bool copy_repl(const cJSON *o, char *dst) {
     const char *r = jstr(o, "replacement");
     if (!r) r = jstr(o, "str_rep");
     if (!r) r = "\xE2\x96\x81";
-    if (strlen(r) >= 8) return false;
+    if (strlen(r) >= 8 || utf8_invalid_at(r, strlen(r)) < strlen(r)) return false;
     strcpy(dst, r);
     return true;
 }
@@ -1293,7 +1300,7 @@ static mmb_status load_pre(loader *L, const cJSON *o) {
         op->use_regex = jbool(o, "use_regex", true);
     } else if (!strcmp(ty, "Metaspace")) {
         op->k = PRE_METASPACE;
-        if (!copy_repl(o, op->repl)) return mmb__err(L->ctx, MMB_ERR_FORMAT, "%s: Metaspace replacement too long", L->path);
+        if (!copy_repl(o, op->repl)) return mmb__err(L->ctx, MMB_ERR_FORMAT, "%s: Metaspace replacement too long or not valid UTF-8", L->path);
         op->scheme = parse_scheme(o);
         op->split = jbool(o, "split", true);
     } else {
@@ -1322,7 +1329,7 @@ static mmb_status load_dec(loader *L, const cJSON *o) {
         op->stop = b->valueint;
     } else if (!strcmp(ty, "Metaspace")) {
         op->k = DEC_METASPACE;
-        if (!copy_repl(o, op->strip)) return mmb__err(L->ctx, MMB_ERR_FORMAT, "%s: Metaspace replacement too long", L->path);
+        if (!copy_repl(o, op->strip)) return mmb__err(L->ctx, MMB_ERR_FORMAT, "%s: Metaspace replacement too long or not valid UTF-8", L->path);
         op->scheme = parse_scheme(o);
     } else if (!strcmp(ty, "Replace")) {
         const char *c = jstr(o, "content");

@@ -333,3 +333,28 @@ def test_truncated_while_open_is_caught(tmp_path, base, probe):
                        preexec_fn=limited())
     assert r.returncode == 3, (r.returncode, r.stderr)
     assert "truncated while open" in r.stderr and str(p) in r.stderr, r.stderr
+
+
+# Strings a tokenizer.json puts into the text its regexes then read without a UTF-8 check (PCRE2_NO_UTF_CHECK): raw
+# bytes that are not UTF-8 (JSON must be UTF-8; Python's json and the tokenizers library refuse such a file) once
+# made PCRE2 read past the text. Each is refused at open; the same string escaped as valid UTF-8 works.
+UTF8_PLACES = {
+    "replace_content": lambda bad: {"type": "Replace", "pattern": {"String": "a"}, "content": bad},
+    "replace_pattern": lambda bad: {"type": "Replace", "pattern": {"String": bad}, "content": "b"},
+    "prepend": lambda bad: {"type": "Prepend", "prepend": bad},
+}
+
+
+@pytest.mark.parametrize("place", list(UTF8_PLACES))
+def test_tokenizer_strings_not_utf8_refused(tmp_path, place):
+    from test_tokenizer import KINDS
+    for bad, ok in (("\udcff", False), ("\u00ff", True)):
+        d = tmp_path / ("ok" if ok else "bad")
+        d.mkdir()
+        KINDS["llama2"]().save(str(d / "tokenizer.json"))
+        j = json.loads((d / "tokenizer.json").read_text())
+        j["normalizer"] = {"type": "Sequence", "normalizers": [UTF8_PLACES[place]("MARK"), {"type": "NFC"}]}
+        text = json.dumps(j, ensure_ascii=False).replace("MARK", bad)
+        (d / "tokenizer.json").write_bytes(text.encode("utf-8", "surrogateescape"))  # \udcff -> the byte 0xFF
+        args = ["tokenize", d, "--text", "a cat \u00e9 a " * 20]
+        hostile(args, ok=True) if ok else hostile(args, "not valid UTF-8")
