@@ -484,37 +484,10 @@ def test_gil_released_during_compute(llava, monkeypatch):
 
 # ---- generate ------------------------------------------------------------------------------------------------
 
-from test_decoder import CHATML, randomize, text_config, tiny_tokenizer  # noqa: E402
+# llava_lm: (model, processor, directory, image path), test_mllm's random LLaVA with its tokenizer and LlavaProcessor
+# (ChatML template), whose image matters, saved by transformers
 from test_mllm import N_NEW, PROMPT, reference_inputs  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def llava_lm(tmp_path_factory):
-    """(model, processor, directory, image path): tests/oracle/test_mllm.py's random LLaVA with its tokenizer and
-    LlavaProcessor (ChatML template), whose image matters, saved by transformers."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
-    d = tmp_path_factory.mktemp("pkg-lm") / "llava"
-    vocab, img_tok = tiny_tokenizer(d)
-    torch.manual_seed(0)
-    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**oc.VISION), text_config=text_config("llama", vocab_size=vocab),
-                      image_token_index=img_tok, vision_feature_layer=-2, vision_feature_select_strategy="default")
-    model = LlavaForConditionalGeneration(cfg).eval()
-    randomize(model, 0)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in model.model.multi_modal_projector.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.generation_config.eos_token_id = None
-    model.save_pretrained(d, safe_serialization=True)
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"), eos_token="<|im_end|>")
-    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 28},
-                                                             crop_size={"height": 28, "width": 28}),
-                          tokenizer=tok, patch_size=oc.VISION["patch_size"], vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, chat_template=CHATML)
-    proc.save_pretrained(d)
-    path = d.parent / "img.png"
-    Image.fromarray(np.random.RandomState(3).randint(0, 256, (45, 37, 3), dtype=np.uint8)).save(path)
-    return model, proc, d, path
+from test_mllm import llava as llava_lm  # noqa: E402,F401 (the fixture)
 
 
 def test_generate_equals_cli_and_transformers(llava_lm, tmp_path):
