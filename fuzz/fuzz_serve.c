@@ -1,9 +1,11 @@
 /* libFuzzer target: mmbridge serve's request parser (tools/serve_api.c) and its base64 decoder (tools/serve_util.c).
  * The first byte picks the route (even: /v1/embeddings, odd: /v1/chat/completions); the rest is the body. Every
  * parse must give a job or an error body with a status in 400..599, never a crash or a leak; the base64 decoder
- * must accept exactly what a re-encode gives back. */
+ * must accept exactly what a re-encode gives back; the body's bytes read as f32s must print as JSON numbers that read
+ * back as themselves. */
 #include "../tools/serve.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,6 +32,15 @@ int LLVMFuzzerTestOneInput(const unsigned char *data, size_t size) {
         free(again);
         sv_free(&enc);
         free(dec);
+    }
+    for (size_t i = 1; i + 4 <= size; i += 4) { /* the JSON floats read back as the same f32 */
+        float f, g;
+        memcpy(&f, data + i, 4);
+        if (!isfinite(f)) continue;
+        char buf[32];
+        buf[sv_fmt_f32(buf, f)] = 0;
+        g = strtof(buf, NULL);
+        if (memcmp(&f, &g, 4)) abort();
     }
     return 0;
 }

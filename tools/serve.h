@@ -27,7 +27,10 @@ void sv_printf(sv_buf *b, const char *fmt, ...) __attribute__((format(printf, 2,
 void sv_free(sv_buf *b);
 /* s[0, n) as a JSON string literal, quotes included (control characters escaped; the bytes are UTF-8). */
 void sv_json_str(sv_buf *b, const char *s, size_t n);
-/* x[0, n) as a JSON array of numbers that read back as the same f32 ("%.9g"; non-finite values as null). */
+/* A finite f32 as at most 16 bytes of JSON number, 9 significant digits, that read back as the same f32; returns the
+ * bytes written (no NUL). */
+int sv_fmt_f32(char *p, float f);
+/* x[0, n) as a JSON array of numbers that read back as the same f32 (sv_fmt_f32; non-finite values as null). */
 void sv_json_floats(sv_buf *b, const float *x, size_t n);
 /* base64 (RFC 4648, padded) of p[0, n). */
 void sv_b64_encode(sv_buf *b, const void *p, size_t n);

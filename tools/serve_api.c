@@ -157,8 +157,7 @@ static int parse_chat(parse *p, const cJSON *root) {
             return bad(p, 400, "messages[%d]: 'role' is system, user or assistant", j->n_msgs);
         char *role = strdup(strcmp(r->valuestring, "developer") ? r->valuestring : "system"), *text = NULL;
         if (!role) return bad(p, 500, "out of memory");
-        j->msgs[j->n_msgs].role = role;
-        j->msgs[j->n_msgs].content = "";
+        j->msgs[j->n_msgs].role = role; /* content: NULL until parsed, then owned */
         if (parse_content(p, cJSON_GetObjectItemCaseSensitive(e, "content"), role, j->n_msgs, &text)) {
             j->n_msgs++;
             return 1;
@@ -243,7 +242,7 @@ void sv_job_unref(sv_job *j) {
     free(j->urls);
     for (int i = 0; i < j->n_msgs; i++) {
         free((char *)j->msgs[i].role);
-        if (*j->msgs[i].content) free((char *)j->msgs[i].content);
+        free((char *)j->msgs[i].content);
     }
     free(j->msgs);
     for (int i = 0; i < j->n_stops; i++) free(j->stops[i]);
