@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 typedef struct slot {
     struct server *h;
@@ -30,6 +31,7 @@ typedef struct server {
     pthread_cond_t cv;
     sv_job *head, *tail;
     int queued, busy, stopping;
+    int inflight;              /* requests begun and not completed: a stop waits for them (bounded) */
     int64_t served;
     slot *slots;
     sv_job **running;          /* per slot, for the abort at shutdown */
@@ -260,6 +262,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         if (!(r = calloc(1, sizeof *r))) return MHD_NO;
         r->t0 = cli_now();
         *con_cls = r;
+        pthread_mutex_lock(&h->mu);
+        h->inflight++;
+        pthread_mutex_unlock(&h->mu);
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
         if (cl && strtoll(cl, NULL, 10) > h->sv.cfg.max_body) r->too_big = 1;
         return MHD_YES;
@@ -278,10 +283,14 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 }
 
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, enum MHD_RequestTerminationCode code) {
-    (void)cls;
     (void)c;
+    server *h = cls;
     req *r = *con_cls;
     if (!r) return;
+    pthread_mutex_lock(&h->mu);
+    h->inflight--;
+    pthread_cond_broadcast(&h->cv);
+    pthread_mutex_unlock(&h->mu);
     if (r->job) {
         if (code != MHD_REQUEST_TERMINATED_COMPLETED_OK) __atomic_store_n(&r->job->abort, 1, __ATOMIC_RELAXED);
         sv_job_unref(r->job);
@@ -424,7 +433,7 @@ int cmd_serve(int argc, char **argv) {
     }
     struct MHD_Daemon *d = NULL;
     if (!rc) {
-        unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ERROR_LOG |
+        unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ERROR_LOG | MHD_USE_ITC |
                          (v6 ? MHD_USE_IPv6 : 0);
         d = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_request, &h, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
                              MHD_OPTION_CONNECTION_LIMIT, (unsigned)conns, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)timeout,
@@ -466,7 +475,18 @@ int cmd_serve(int argc, char **argv) {
     pthread_mutex_unlock(&h.mu);
     for (int i = 0; h.slots && i < parallel; i++)
         if (h.slots[i].started) pthread_join(h.slots[i].t, NULL);
-    if (d) MHD_stop_daemon(d);
+    if (d) { /* every job is done: let the connections send what they hold (10 s at most), then close them */
+        MHD_socket ls = MHD_quiesce_daemon(d);
+        if (ls != MHD_INVALID_SOCKET) close(ls);
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += 10;
+        pthread_mutex_lock(&h.mu);
+        while (h.inflight > 0 && pthread_cond_timedwait(&h.cv, &h.mu, &until) == 0) {
+        }
+        pthread_mutex_unlock(&h.mu);
+        MHD_stop_daemon(d);
+    }
     if (!rc) fprintf(stderr, "mmbridge serve: stopped after %lld request(s)\n", (long long)h.served);
     mmb_mllm_free(h.sv.m);
     for (int i = 0; h.slots && i < parallel; i++) mmb_ctx_free(h.slots[i].ctx);
