@@ -1,6 +1,7 @@
 /* mmbridge tokenize: a checkpoint's tokenizer and chat template from the command line (encode,
  * decode, streamed decode, chat rendering), for users and for tests/oracle/test_tokenizer.py. */
 #include "cli.h"
+#include "serve.h"
 
 #include <cjson/cJSON.h>
 #include <stdint.h>
@@ -90,8 +91,9 @@ static int batch_cmd(mmb_ctx *ctx, const mmb_tokenizer *t, const char *path, int
         fprintf(stderr, "mmbridge: error: %s is not a JSON list\n", path);
         return 1;
     }
-    int rc = 0;
-    cJSON *out = cJSON_CreateArray();
+    int rc = 0, count = 0;
+    sv_buf out = {0}; /* written here, not by cJSON, whose strings end at a NUL the text may hold */
+    sv_puts(&out, "[");
     cJSON_ArrayForEach(it, in) {
         if (!decode) {
             int32_t *ids = NULL;
@@ -112,8 +114,8 @@ static int batch_cmd(mmb_ctx *ctx, const mmb_tokenizer *t, const char *path, int
                 ids[k++] = (int32_t)d;
             }
             if (k != n || !cJSON_IsArray(it)) {
-                fprintf(stderr, "mmbridge: error: %s: item %d: not a list of token ids (0 to %d)\n", path,
-                        cJSON_GetArraySize(out), INT32_MAX);
+                fprintf(stderr, "mmbridge: error: %s: item %d: not a list of token ids (0 to %d)\n", path, count,
+                        INT32_MAX);
                 free(ids);
                 rc = 1;
                 break;
@@ -121,17 +123,16 @@ static int batch_cmd(mmb_ctx *ctx, const mmb_tokenizer *t, const char *path, int
             char *text = NULL;
             size_t len = 0;
             if (mmb_tokenizer_decode(ctx, t, ids, n, flag, &text, &len) != MMB_OK) { free(ids); rc = cli_fail(ctx, NULL); break; }
-            cJSON_AddItemToArray(out, cJSON_CreateString(text));
+            if (count++) sv_puts(&out, ",");
+            sv_json_str(&out, text, len);
             free(text);
             free(ids);
         }
     }
-    if (decode && rc == 0) {
-        char *o = cJSON_PrintUnformatted(out);
-        if (o) puts(o);
-        cJSON_free(o);
-    }
-    cJSON_Delete(out);
+    sv_puts(&out, "]");
+    if (decode && rc == 0 && out.oom) rc = cli_fail(NULL, "out of memory");
+    else if (decode && rc == 0) puts(out.p);
+    sv_free(&out);
     cJSON_Delete(in);
     return rc;
 }

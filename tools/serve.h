@@ -1,7 +1,7 @@
 /* mmbridge serve: the HTTP server's shared declarations. tools/serve_util.c holds the text builder, base64 and the
- * JSON writers; tools/serve_api.c the endpoints' work (requests parsed into jobs, jobs run on a slot's context,
- * results written as JSON or raw f32); tools/cmd_serve.c the HTTP side on libmicrohttpd, the queue and the slots;
- * tools/serve_page.c the web page. */
+ * JSON writers (built into every CLI: `tokenize --decode-batch` writes its JSON with them too); tools/serve_api.c
+ * the endpoints' work (requests parsed into jobs, jobs run on a slot's context, results written as JSON or raw
+ * f32); tools/cmd_serve.c the HTTP side on libmicrohttpd, the queue and the slots; tools/serve_page.c the page. */
 #ifndef MMB_SERVE_H
 #define MMB_SERVE_H
 

@@ -985,9 +985,10 @@ static bool decode_step(const mmb_tokenizer *t, const dec_op *op, const tlist *i
         matcher m = {(char *)op->strip, strlen(op->strip), NULL};
         for (int i = 0; i < in->n && ok; i++) {
             acc.n = 0;
-            ok = replace_all(&m, in->s[i].p, in->s[i].n, " ", &acc);
-            size_t a = (i == 0 && op->scheme != SCHEME_NEVER && acc.n && acc.p[0] == ' ') ? 1 : 0;
-            tl_push(out, acc.p + a, acc.n - a);
+            /* tokenizers' Metaspace decoder drops every replacement of the first token (not only a leading one:
+             * "e▁nai" decodes as "enai") unless the scheme is "never"; later ones become spaces */
+            ok = replace_all(&m, in->s[i].p, in->s[i].n, i == 0 && op->scheme != SCHEME_NEVER ? "" : " ", &acc);
+            tl_push(out, acc.p, acc.n);
         }
         break;
     }
@@ -1048,12 +1049,31 @@ mmb_status mmb_tokenizer_decode(mmb_ctx *ctx, const mmb_tokenizer *t, const int3
     return MMB_OK;
 }
 
+/* How many of ids[0, n) come before the trailing run of byte-fallback tokens ("<0xXX>" with a ByteFallback decoder;
+ * ids the decode drops do not end a run). tokenizers decodes such a run as a whole, its UTF-8 or one U+FFFD per byte
+ * when any of it is not, so no part of the run is final before the run ends. */
+static int64_t before_byte_run(const mmb_tokenizer *t, const int32_t *ids, int64_t n, int skip_special) {
+    bool fallback = false;
+    for (int k = 0; t->has_decoder && k < t->n_dec; k++) fallback |= t->dec[k].k == DEC_BYTEFALLBACK;
+    if (!fallback) return n;
+    int64_t k = n;
+    for (; k > 0; k--) {
+        int32_t id = ids[k - 1], a = id >= 0 && id < t->n_ids ? t->added_of[id] : -1;
+        if (id < 0 || id >= t->n_ids || (a >= 0 && skip_special && t->added[a].special)) continue;
+        const char *tx = a >= 0 ? t->added[a].content : t->vocab[id];
+        if (!tx) continue;
+        sbuf v = {.p = (char *)tx, .n = strlen(tx)};
+        if (byte_token(&v) < 0) break;
+    }
+    return k;
+}
+
 mmb_status mmb_tokenizer_decode_stream(mmb_ctx *ctx, const mmb_tokenizer *t, const int32_t *ids, int64_t n,
                                        int skip_special, int flush, size_t *emitted, char **text, size_t *len) {
     if (!t || !text || !len || !emitted || n < 0 || (!ids && n))
         return mmb__err(ctx, MMB_ERR_ARG, "mmb_tokenizer_decode_stream: NULL argument or n < 0");
     sbuf r = {0};
-    mmb_status s = decode_all(ctx, t, ids, n, skip_special, &r);
+    mmb_status s = decode_all(ctx, t, ids, flush ? n : before_byte_run(t, ids, n, skip_special), skip_special, &r);
     if (s != MMB_OK) return s;
     size_t end = r.n;
     if (!flush) {

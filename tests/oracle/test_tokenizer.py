@@ -7,6 +7,7 @@ ignore_merges, a BOS post-processor), a Llama-2-like SentencePiece BPE with byte
 transformers 5 writes for Llama. Every text of a corpus with Unicode, whitespace runs and special
 tokens must encode to the ids `tokenizers` gives, and decode to its text."""
 import json
+import re
 import subprocess
 
 import pytest
@@ -195,6 +196,24 @@ def test_stream_decode_is_valid_utf8_and_complete(tok_dir):
     pieces = [bytes.fromhex(x).decode("utf-8", errors="strict") for x in lines]
     assert "\ufffd" not in "".join(pieces)
     assert "".join(pieces) == tok.decode(ids, skip_special_tokens=False)
+
+
+def test_random_ids_decode_and_stream_as_tokenizers(tok_dir, tmp_path):
+    """Id lists no encoder would make (byte tokens that are not UTF-8, vocabulary pieces in any order): decode equals
+    tokenizers' decode, and the streamed pieces join to it. Two bugs these found: a run of byte-fallback tokens was
+    streamed before it ended (tokenizers turns the whole run into U+FFFD when any byte is wrong, so a complete
+    character already handed out became wrong), and Metaspace's decoder kept the inner spaces of the first token."""
+    import random
+    kind, tok, d = tok_dir
+    rs = random.Random(1)
+    byte_ids = [i for i in range(tok.get_vocab_size()) if re.fullmatch(r"<0x[0-9A-F]{2}>", tok.id_to_token(i) or "")]
+    lists = [[rs.choice(byte_ids) if byte_ids and rs.random() < 0.6 else rs.randrange(tok.get_vocab_size())
+              for _ in range(rs.randint(1, 12))] for _ in range(40)]
+    want = [tok.decode(ids, skip_special_tokens=False) for ids in lists]
+    assert decode_batch(d, lists, tmp_path) == want
+    for ids, w in zip(lists, want):
+        lines = run("tokenize", d, "--decode", ",".join(map(str, ids)), "--stream").stdout.split("\n")[:-1]
+        assert b"".join(bytes.fromhex(x) for x in lines).decode("utf-8", errors="strict") == w, ids
 
 
 @pytest.mark.parametrize("cls", ["PreTrainedTokenizerFast", "LlamaTokenizer"])
