@@ -776,7 +776,9 @@ MMB_API mmb_status mmb_tokenizer_decode(mmb_ctx *ctx, const mmb_tokenizer *t, co
  * caller frees) only the bytes past *emitted (the count already handed out; start at 0) that are
  * final: a trailing incomplete UTF-8 sequence, or a trailing run of U+FFFD that more byte tokens
  * may still complete, is held back until a later call completes it or until a call with flush != 0
- * (after the last token) hands out everything. Advances *emitted by *len. Printing each piece
+ * (after the last token) hands out everything; so is the text of a trailing run of byte-fallback
+ * tokens ("<0xXX>" with a ByteFallback decoder), which tokenizers decodes as a whole (one U+FFFD per
+ * byte when any of the run is not UTF-8), until a token after the run ends it. Advances *emitted by *len. Printing each piece
  * prints exactly mmb_tokenizer_decode's text for the final list. Returns as mmb_tokenizer_decode. */
 MMB_API mmb_status mmb_tokenizer_decode_stream(mmb_ctx *ctx, const mmb_tokenizer *t, const int32_t *ids, int64_t n,
                                                int skip_special, int flush, size_t *emitted, char **text,
@@ -1207,8 +1209,9 @@ typedef enum mmb_stop {
 } mmb_stop;
 
 /* Called with each generated token, the end-of-sequence one included: its id and the text it completes
- * (UTF-8, whole characters only; a byte token that starts a character comes with the one that ends it;
- * len 0 then), special tokens skipped; piece "" without a tokenizer. Return non-zero to stop. */
+ * (UTF-8, whole characters only; a byte token that starts a character comes with the one that ends it,
+ * a run of byte-fallback tokens with the token after it: len 0 then; mmb_tokenizer_decode_stream), special
+ * tokens skipped; piece "" without a tokenizer. Return non-zero to stop. */
 typedef int (*mmb_token_fn)(void *user, int32_t id, const char *piece, size_t len);
 
 typedef struct mmb_gen_params {
