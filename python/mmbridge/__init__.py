@@ -509,9 +509,33 @@ class Model:
         The prompt is tokenized and its images decoded here (errors are raised by this call); the generation runs
         in a worker thread. Closing the iterator (close(), a `with` block, or dropping it) raises the library's
         abort flag, so the C side stops before its next token."""
-        lst = [] if images is None else _as_list(images)
         if not isinstance(prompt, str):
             raise TypeError("prompt: expected str")
+        flags = _lib.MMB_TOKENIZE_CHAT if chat else _lib.MMB_TOKENIZE_RAW
+        return self._generate(images, lambda ctx, ims, n, out: _L.mmb_mllm_tokenize(
+            ctx, self._m, prompt.encode("utf-8"), ims, n, flags, out), max_tokens, temperature, top_k, top_p, seed,
+            stop, ignore_eos)
+
+    def chat(self, messages: Sequence[Dict[str, str]], images: Union[None, ImageLike, Iterable[ImageLike]] = None, *,
+             max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop: Union[None, str, Sequence[str]] = None, ignore_eos: bool = False) -> "Generation":
+        """As generate, for a whole conversation (what `mmbridge serve` answers): messages [{"role": "system" |
+        "user" | "assistant", "content": str}], each content holding the model's image marker once per image of
+        that message; the markers of all messages stand for `images` in order (none is added). The conversation
+        is rendered by the checkpoint's chat template with the generation prompt (mmb_mllm_tokenize_chat)."""
+        msgs = list(messages)
+        if not msgs or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and
+                               isinstance(m.get("content"), str) for m in msgs):
+            raise TypeError("messages: expected a non-empty list of {'role': str, 'content': str}")
+        arr = (_lib.mmb_chat_msg * len(msgs))(*[_lib.mmb_chat_msg(m["role"].encode("utf-8"),
+                                                                  m["content"].encode("utf-8")) for m in msgs])
+        return self._generate(images, lambda ctx, ims, n, out: _L.mmb_mllm_tokenize_chat(
+            ctx, self._m, arr, len(msgs), ims, n, out), max_tokens, temperature, top_k, top_p, seed, stop, ignore_eos)
+
+    def _generate(self, images: Union[None, ImageLike, Iterable[ImageLike]], tokenize: Any, max_tokens: int,
+                  temperature: float, top_k: int, top_p: float, seed: int, stop: Union[None, str, Sequence[str]],
+                  ignore_eos: bool) -> "Generation":
+        lst = [] if images is None else _as_list(images)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         self._acquire()
         chunks = c_void_p()
@@ -521,9 +545,7 @@ class Model:
             ctx = self._ctx()
             ims = _Images(ctx, lst)
             try:
-                flags = _lib.MMB_TOKENIZE_CHAT if chat else _lib.MMB_TOKENIZE_RAW
-                s = _L.mmb_mllm_tokenize(ctx, self._m, prompt.encode("utf-8"), ims.arr, len(lst), flags,
-                                         byref(chunks))
+                s = tokenize(ctx, ims.arr, len(lst), byref(chunks))
                 if s:
                     raise _error(ctx, s)
             finally:

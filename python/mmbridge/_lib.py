@@ -81,6 +81,10 @@ class mmb_gen_params(Structure):
                 ("user", c_void_p), ("abort", POINTER(c_int))]
 
 
+class mmb_chat_msg(Structure):
+    _fields_ = [("role", c_char_p), ("content", c_char_p)]
+
+
 class mmb_gen_result(Structure):
     _fields_ = [("stop", c_int), ("n_prompt", c_int64), ("n_generated", c_int64), ("encode_s", c_double),
                 ("prefill_s", c_double), ("decode_s", c_double)]
@@ -88,7 +92,8 @@ class mmb_gen_result(Structure):
 
 STRUCTS = {"mmb_ctx_params": mmb_ctx_params, "mmb_image": mmb_image, "mmb_dense_params": mmb_dense_params,
            "mmb_mllm_params": mmb_mllm_params, "mmb_mllm_info": mmb_mllm_info, "mmb_encode_out": mmb_encode_out,
-           "mmb_sampler": mmb_sampler, "mmb_gen_params": mmb_gen_params, "mmb_gen_result": mmb_gen_result}
+           "mmb_sampler": mmb_sampler, "mmb_gen_params": mmb_gen_params, "mmb_gen_result": mmb_gen_result,
+           "mmb_chat_msg": mmb_chat_msg}
 
 _ctx_p = c_void_p
 _status = c_int
@@ -113,6 +118,8 @@ _SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
     "mmb_mllm_encode": (_status, [_ctx_p, c_void_p, POINTER(mmb_image), c_int, POINTER(mmb_encode_out)]),
     "mmb_mllm_tokenize": (_status, [_ctx_p, c_void_p, c_char_p, POINTER(mmb_image), c_int, c_int,
                                     POINTER(c_void_p)]),
+    "mmb_mllm_tokenize_chat": (_status, [_ctx_p, c_void_p, POINTER(mmb_chat_msg), c_int, POINTER(mmb_image), c_int,
+                                         POINTER(c_void_p)]),
     "mmb_chunks_free": (None, [c_void_p]),
     "mmb_chunks_positions": (c_int64, [c_void_p]),
     "mmb_mllm_kv_new": (_status, [_ctx_p, c_void_p, c_int64, POINTER(c_void_p)]),

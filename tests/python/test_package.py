@@ -526,6 +526,34 @@ def test_generate_equals_cli_and_transformers(llava_lm, tmp_path):
     assert p.stdout == sampled + "\n" and sampled != text
 
 
+def test_chat_a_conversation_matches_transformers(llava_lm):
+    """chat(): a system turn, a user turn with the image, the assistant's answer, a second user turn, rendered by
+    the checkpoint's template: the prompt's ids and the greedy tokens are transformers' (apply_chat_template +
+    processor + generate); one user message equals generate() of its content."""
+    hf, proc, d, image = llava_lm
+    conv = [{"role": "system", "content": "You look at pictures."},
+            {"role": "user", "content": "<image>\n" + PROMPT},
+            {"role": "assistant", "content": "Noise."},
+            {"role": "user", "content": "And the colours?"}]
+    with mmbridge.Model(d, threads=THREADS) as m:
+        g = m.chat(conv, image, max_tokens=N_NEW, ignore_eos=True)
+        text = g.text()
+        single = m.chat([conv[1]], image, max_tokens=N_NEW, ignore_eos=True).text()
+        assert single == m.generate(image, PROMPT, max_tokens=N_NEW, ignore_eos=True).text()
+        with pytest.raises(mmbridge.ArgumentError, match="marker"):  # two markers, one image
+            m.chat([{"role": "user", "content": "<image> <image> hi"}], image)
+        with pytest.raises(TypeError):
+            m.chat([{"role": "user"}])
+    txt = proc.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    inputs = proc(text=txt, images=Image.open(image).convert("RGB"), return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    assert g.n_prompt == n
+    with torch.no_grad():
+        ref = hf.generate(**inputs, do_sample=False, max_new_tokens=N_NEW, min_new_tokens=N_NEW, pad_token_id=0)
+    assert g.ids == ref[0, n:].tolist()
+    assert text != single  # the wrong variant: the last turn alone is another prompt
+
+
 def test_generate_options_errors_and_early_close(llava_lm):
     hf, proc, d, image = llava_lm
     with mmbridge.Model(d, threads=THREADS) as m:
