@@ -478,6 +478,74 @@ MMB_API mmb_dense_params mmb_model_dense(const mmb_model *m);
 MMB_API mmb_status mmb_model_set_dense(mmb_ctx *ctx, mmb_model *m, const mmb_dense_params *p);
 
 /* ---------------------------------------------------------------------------------------------
+ * GGUF files (llama.cpp's format, versions 2 and 3), read-only and memory-mapped. The whole header is validated
+ * by mmb_gguf_open before anything is handed out: every string length, array count, dimension, type and offset
+ * against the bytes that remain, with overflow-safe arithmetic; unique keys and tensor names; general.alignment a
+ * power of two; each tensor inside the data section, aligned, not overlapping another.
+ */
+typedef struct mmb_gguf mmb_gguf;
+
+/* GGUF's value types (the numbers are the file's). */
+typedef enum mmb_gguf_type {
+    MMB_GGUF_UINT8 = 0, MMB_GGUF_INT8 = 1, MMB_GGUF_UINT16 = 2, MMB_GGUF_INT16 = 3, MMB_GGUF_UINT32 = 4,
+    MMB_GGUF_INT32 = 5, MMB_GGUF_FLOAT32 = 6, MMB_GGUF_BOOL = 7, MMB_GGUF_STRING = 8, MMB_GGUF_ARRAY = 9,
+    MMB_GGUF_UINT64 = 10, MMB_GGUF_INT64 = 11, MMB_GGUF_FLOAT64 = 12
+} mmb_gguf_type;
+
+/* A tensor of the file: a view into the map, valid until mmb_gguf_close. */
+typedef struct mmb_gguf_tensor {
+    const char *name;
+    int ggml_type;              /* ggml's type number: 0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 6 Q5_0, 7 Q5_1, 8 Q8_0,
+                                   10 Q2_K, 11 Q3_K, 12 Q4_K, 13 Q5_K, 14 Q6_K, 30 BF16, ... (mmb_ggml_type_name) */
+    int ndim;                   /* 1..4 */
+    int64_t shape[4];           /* row-major, outermost first: GGUF's ne[] reversed (ne[0], the row, is last) */
+    const void *data;           /* nbytes of ggml blocks */
+    size_t nbytes;
+} mmb_gguf_tensor;
+
+/* Opens and validates `path`. Returns MMB_OK and sets *out; MMB_ERR_IO (cannot open, map; not a regular file),
+ * MMB_ERR_FORMAT (no GGUF magic, truncated, a count or length the file cannot hold, an unknown value or ggml type,
+ * a row not a multiple of its type's block, a tensor outside the data section or misaligned or overlapping, a
+ * duplicate key or name, arrays nested deeper than 8), MMB_ERR_UNSUPPORTED (another version), MMB_ERR_ARG,
+ * MMB_ERR_NOMEM; messages name the file and the key or tensor. Free with mmb_gguf_close. */
+MMB_API mmb_status mmb_gguf_open(mmb_ctx *ctx, const char *path, mmb_gguf **out);
+MMB_API void mmb_gguf_close(mmb_gguf *g); /* NULL is a no-op; the file's views become invalid */
+
+/* The file's version (2 or 3), its keys and tensors (0 for NULL). */
+MMB_API int mmb_gguf_version(const mmb_gguf *g);
+MMB_API int64_t mmb_gguf_kv_count(const mmb_gguf *g);
+MMB_API int64_t mmb_gguf_tensor_count(const mmb_gguf *g);
+
+/* Key i's name (NULL out of range); the index of `key`, or -1. */
+MMB_API const char *mmb_gguf_key(const mmb_gguf *g, int64_t i);
+MMB_API int64_t mmb_gguf_find_key(const mmb_gguf *g, const char *key);
+
+/* Key i's type (-1 out of range); *elem (may be NULL) its element type (an array's, or the scalar's own) and *n
+ * (may be NULL) its element count (1 for a scalar). */
+MMB_API mmb_gguf_type mmb_gguf_kv_type(const mmb_gguf *g, int64_t i, mmb_gguf_type *elem, int64_t *n);
+
+/* Element k of key i (k 0 for a scalar; arrays of arrays have no elements here): as an integer (any integer or
+ * bool type; a UINT64 above INT64_MAX fails), as a double (any number), or as a string (its bytes in the map, not
+ * NUL-terminated, *len of them). The number getters return 1, or 0 with *out untouched for another type or k out of
+ * range; the string getter NULL. */
+MMB_API int mmb_gguf_get_int(const mmb_gguf *g, int64_t i, int64_t k, int64_t *out);
+MMB_API int mmb_gguf_get_float(const mmb_gguf *g, int64_t i, int64_t k, double *out);
+MMB_API const char *mmb_gguf_get_str(const mmb_gguf *g, int64_t i, int64_t k, size_t *len);
+
+/* Tensor i in file order (NULL out of range); the tensor called `name`, or NULL. */
+MMB_API const mmb_gguf_tensor *mmb_gguf_tensor_at(const mmb_gguf *g, int64_t i);
+MMB_API const mmb_gguf_tensor *mmb_gguf_find_tensor(const mmb_gguf *g, const char *name);
+
+/* A tensor's element count; ggml's name of a type ("Q4_K"; "?" for an unknown number, static). */
+MMB_API int64_t mmb_gguf_numel(const mmb_gguf_tensor *t);
+MMB_API const char *mmb_ggml_type_name(int ggml_type);
+
+/* Writes the tensor's mmb_gguf_numel(t) elements as f32 to out (count floats), as ggml's dequantize_row_* computes
+ * them (in f32): F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q4_K, Q5_K, Q6_K. Returns MMB_OK;
+ * MMB_ERR_UNSUPPORTED for another type; MMB_ERR_SHAPE when count is too small; MMB_ERR_ARG for NULL. */
+MMB_API mmb_status mmb_gguf_dequantize(mmb_ctx *ctx, const mmb_gguf_tensor *t, float *out, size_t count);
+
+/* ---------------------------------------------------------------------------------------------
  * Images: decoding to 8-bit RGB, and the Hugging Face image processors' preprocessing
  * (docs/preprocessing.md gives the semantics and the measured fidelity).
  */

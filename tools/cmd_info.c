@@ -133,6 +133,50 @@ int cli_info_run(mmb_ctx *ctx, const char *dir, const char *tower, const mmb_den
     return 0;
 }
 
+/* A GGUF file (its first four bytes "GGUF"): the version, every key (arrays: their type, length and first
+ * values) and every tensor (ggml type, row-major shape, bytes). Returns 0, or 1 after printing why. */
+static int gguf_info(mmb_ctx *ctx, const char *path) {
+    mmb_gguf *g = NULL;
+    if (mmb_gguf_open(ctx, path, &g) != MMB_OK) return cli_fail(ctx, NULL);
+    static const char *const tn[] = {"u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "str", "array", "u64", "i64", "f64"};
+    int64_t nk = mmb_gguf_kv_count(g), nt = mmb_gguf_tensor_count(g);
+    printf("GGUF v%d: %lld keys, %lld tensors\n", mmb_gguf_version(g), (long long)nk, (long long)nt);
+    for (int64_t i = 0; i < nk; i++) {
+        mmb_gguf_type elem;
+        int64_t n = 0, iv;
+        double fv;
+        size_t len;
+        mmb_gguf_type t = mmb_gguf_kv_type(g, i, &elem, &n);
+        printf("  %-40s ", mmb_gguf_key(g, i));
+        if (t == MMB_GGUF_ARRAY) printf("[%s x %lld] ", tn[elem], (long long)n);
+        for (int64_t k = 0; k < n && k < 6; k++) {
+            const char *sv = mmb_gguf_get_str(g, i, k, &len);
+            if (k) printf(", ");
+            if (sv) printf("\"%.*s\"", (int)(len > 60 ? 60 : len), sv);
+            else if (elem != MMB_GGUF_FLOAT32 && elem != MMB_GGUF_FLOAT64 && mmb_gguf_get_int(g, i, k, &iv)) printf("%lld", (long long)iv);
+            else if (mmb_gguf_get_float(g, i, k, &fv)) printf("%g", fv);
+            else printf("...");
+        }
+        printf("%s\n", n > 6 ? ", ..." : "");
+    }
+    for (int64_t i = 0; i < nt; i++) {
+        const mmb_gguf_tensor *t = mmb_gguf_tensor_at(g, i);
+        printf("  %-40s %-5s [", t->name, mmb_ggml_type_name(t->ggml_type));
+        for (int d = 0; d < t->ndim; d++) printf("%s%lld", d ? ", " : "", (long long)t->shape[d]);
+        printf("] %zu bytes\n", t->nbytes);
+    }
+    mmb_gguf_close(g);
+    return 0;
+}
+
+static int is_gguf(const char *path) {
+    FILE *f = fopen(path, "rb");
+    char m[4] = {0};
+    int yes = f && fread(m, 1, 4, f) == 4 && !memcmp(m, "GGUF", 4);
+    if (f) fclose(f);
+    return yes;
+}
+
 int cmd_info(int argc, char **argv) {
     const char *pos[1];
     cli_ctx_opts co = {0};
@@ -149,13 +193,14 @@ int cmd_info(int argc, char **argv) {
     const cli_spec spec = {"info", "MODEL",
         "Prints what MODEL is: its architecture, key layout and family; the connector (hidden layers read,\n"
         "as HF hidden_states indices, input and output widths, parameters, visual tokens and FLOPs per\n"
-        "image); the vision tower; the language model and tokenizer where the directory has them.\n",
+        "image); the vision tower; the language model and tokenizer where the directory has them.\n"
+        "MODEL may also be a GGUF file (llama.cpp's): its keys and tensors are listed.\n",
         opts, CLI_N(opts), pos, 1, 1, NULL};
     int r = cli_parse(&spec, argc, argv);
     if (r) return r == 1 ? 0 : r;
     mmb_ctx *ctx = cli_ctx(&co);
     if (!ctx) return 1;
-    r = cli_info_run(ctx, pos[0], tower, &dense, co.dtype, adapter);
+    r = is_gguf(pos[0]) ? gguf_info(ctx, pos[0]) : cli_info_run(ctx, pos[0], tower, &dense, co.dtype, adapter);
     mmb_ctx_free(ctx);
     return r;
 }
