@@ -38,7 +38,7 @@ def vision_config(kind):
     return CLIPVisionConfig(projection_dim=16, **common) if kind == "clip" else SiglipVisionConfig(**common)
 
 
-def make(d, family, arch="llama", layer=-2, strategy="default", seed=0):
+def make(d, family, arch="llama", layer=-2, strategy="default", seed=0, tower="clip"):
     """A random model, its tokenizer and processor saved in d; returns (model, processor)."""
     from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
                               LlavaNextProcessor, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
@@ -46,7 +46,7 @@ def make(d, family, arch="llama", layer=-2, strategy="default", seed=0):
     vocab, img_tok = tiny_tokenizer(d)
     torch.manual_seed(seed)
     if family == "next":
-        cfg = LlavaNextConfig(vision_config=vision_config("clip"), text_config=text_config(arch, vocab_size=vocab, max_position_embeddings=512),
+        cfg = LlavaNextConfig(vision_config=vision_config(tower), text_config=text_config(arch, vocab_size=vocab, max_position_embeddings=512),
                               image_token_index=img_tok, vision_feature_layer=layer,
                               vision_feature_select_strategy=strategy, image_grid_pinpoints=PINS)
         model = LlavaNextForConditionalGeneration(cfg).eval()
@@ -69,7 +69,8 @@ def make(d, family, arch="llama", layer=-2, strategy="default", seed=0):
         ip = LlavaNextImageProcessorPil(size={"shortest_edge": S}, crop_size={"height": S, "width": S},
                                         image_grid_pinpoints=PINS)
         proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH, chat_template=CHATML,
-                                  vision_feature_select_strategy=strategy, num_additional_image_tokens=1)
+                                  vision_feature_select_strategy=strategy,
+                                  num_additional_image_tokens=1 if tower == "clip" else 0)
     else:
         from transformers.processing_utils import ProcessorMixin
         ip = LlavaOnevisionImageProcessorPil(size={"height": S, "width": S}, image_grid_pinpoints=OV_PINS)
@@ -262,4 +263,38 @@ def test_bad_input(nxt, tmp_path):
     fails(["encode", bad2, path, "-o", out], "does not divide")
     assert not out.exists()
     fails(["generate", d, "--image", path, "--image", path, "--prompt", "<image> only one", "-n", "2", "--raw"],
-          "image")
+          "1 image marker(s)", "2 image(s)")
+
+
+@pytest.mark.parametrize("tower,layer,strategy,arch", [("clip", [-2, 0, 2], "default", "mistral"),
+                                                        ("siglip", -1, "full", "qwen2"),
+                                                        ("siglip", [1, -1], "full", "llama")])
+def test_feature_layers_and_strategies(tower, layer, strategy, arch, tmp_path):
+    """vision_feature_layer as an int or a list (concatenated on channels), the default (CLS dropped) and full
+    strategies, CLIP and SigLIP towers, the Llama, Mistral and Qwen2 decoders."""
+    d = tmp_path / "m"
+    model, proc = make(d, "next", arch=arch, layer=layer, strategy=strategy, tower=tower, seed=4)
+    for path in images(tmp_path, [(45, 97), (150, 40), (120, 118)], seed=5):
+        inputs, n, feats = ref_features(model, proc, path)
+        got = encode(d, path, tmp_path / "e.safetensors")
+        assert got.shape[0] == n == feats.shape[0]
+        assert scaled_err(got, feats) <= 1e-4, path.name
+
+
+def test_two_images_of_two_sizes_in_one_prompt(nxt, tmp_path):
+    """Each image of a prompt tiled and unpadded for its own size, in order; 24 greedy tokens and the logits."""
+    model, proc, d = nxt
+    paths = images(tmp_path, [(45, 97), (150, 40)], seed=12)
+    text = "<image>\n<image>\nCompare them."
+    logits_out = tmp_path / "logits.safetensors"
+    p = run("generate", d, "--image", paths[0], "--image", paths[1], "--prompt", text, "-n", str(N_NEW),
+            "--ignore-eos", "--print-ids", "--logits", logits_out)
+    got = [int(x) for x in p.stdout.split()]
+    templ = proc.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    inputs = proc(text=templ, images=[Image.open(x).convert("RGB") for x in paths], return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**inputs, do_sample=False, max_new_tokens=N_NEW, min_new_tokens=N_NEW, pad_token_id=0)
+        logits = model(**inputs).logits[0]
+    n = inputs["input_ids"].shape[1]
+    assert got == ref[0, n:].tolist()
+    assert scaled_err(load_file(str(logits_out))["logits"][:n], logits) <= 1e-4
