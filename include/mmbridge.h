@@ -587,8 +587,10 @@ typedef struct mmb_preprocess {
 
 /* Fills *out with the defaults of the transformers image processor class `type`
  * ("CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor", "BlipImageProcessor",
- * "Qwen2VLImageProcessor", "IdeficsImageProcessor" or "MllamaImageProcessor"; a "Fast" or "Pil" suffix is
- * accepted). Returns MMB_OK, MMB_ERR_UNSUPPORTED for another class, or MMB_ERR_ARG for NULL. */
+ * "Qwen2VLImageProcessor", "IdeficsImageProcessor", "MllamaImageProcessor", "LlavaNextImageProcessor" or
+ * "LlavaOnevisionImageProcessor" (MMB_SIZE_ANYRES with the class's pinpoints and tile; Emu3, Chameleon and Janus'
+ * too); a "Fast" or "Pil" suffix is accepted). Returns MMB_OK, MMB_ERR_UNSUPPORTED for another class, or
+ * MMB_ERR_ARG for NULL. */
 MMB_API mmb_status mmb_preprocess_init(mmb_ctx *ctx, const char *type, mmb_preprocess *out);
 
 /* Reads `model_dir`/preprocessor_config.json, or without one the image processor that transformers 5's

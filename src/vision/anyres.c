@@ -72,8 +72,16 @@ void mmb__anyres_unpad(int oh, int ow, int ch, int cw, int *top, int *rows, int 
 }
 
 mmb_status mmb__anyres_grid(mmb_ctx *ctx, const mmb_preprocess *p, int h, int w, int *bh, int *bw) {
-    if (p->size_mode != MMB_SIZE_ANYRES || p->n_pinpoints < 1 || p->tile_size < 1)
-        return mmb__err(ctx, MMB_ERR_ARG, "preprocess: not an AnyRes processor with image_grid_pinpoints");
+    if (p->size_mode != MMB_SIZE_ANYRES || p->n_pinpoints < 1 || p->n_pinpoints > MMB_MAX_PINPOINTS ||
+        p->tile_size < 1 || p->tile_size > 65536)
+        return mmb__err(ctx, MMB_ERR_ARG, "preprocess: an AnyRes processor needs 1..%d image_grid_pinpoints and a "
+                        "tile_size in 1..65536 (got %d and %d)", MMB_MAX_PINPOINTS, p->n_pinpoints, p->tile_size);
+    for (int i = 0; i < p->n_pinpoints; i++)
+        if (p->pinpoints[i][0] < p->tile_size || p->pinpoints[i][1] < p->tile_size || p->pinpoints[i][0] > 65536 ||
+            p->pinpoints[i][1] > 65536 || p->pinpoints[i][0] % p->tile_size || p->pinpoints[i][1] % p->tile_size)
+            return mmb__err(ctx, MMB_ERR_ARG, "preprocess: image_grid_pinpoints[%d] = [%d, %d] does not divide into "
+                            "tiles of %d (at most 65536 a side)", i, p->pinpoints[i][0], p->pinpoints[i][1],
+                            p->tile_size);
     mmb__anyres_best(h, w, p->pinpoints, p->n_pinpoints, bh, bw);
     return MMB_OK;
 }

@@ -165,6 +165,8 @@ mmb_status mmb_preprocess_init(mmb_ctx *ctx, const char *type, mmb_preprocess *o
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "image processor '%s' is not supported (" SUPPORTED_CLASSES ")",
                         type);
     defaults(k, out);
+    /* AnyRes: the class's tiles (the per-patch resize and crop are to the tile's size in both defaults) */
+    if (k == KIND_LLAVA_NEXT || k == KIND_LLAVA_ONEVISION) out->size_mode = MMB_SIZE_ANYRES;
     return MMB_OK;
 }
 
