@@ -170,7 +170,8 @@ static mmb_status ar_load(mmb_ctx *ctx, const mmb_ckpt *c, const mmb__family *fa
                      c->dir, (long long)a->ops->out_width(a->conn), (long long)d);
         goto fail;
     }
-    s = mmb__ckpt_vec(ctx, c, nested ? "model.image_newline" : "image_newline", d, &a->newline);
+    const char *nl = mmb__ckpt_find(c, "model.image_newline", NULL) ? "model.image_newline" : "image_newline";
+    s = mmb__ckpt_vec(ctx, c, nl, d, &a->newline);
     if (s != MMB_OK) goto fail;
     int64_t flops = 0;
     info->connector = a->ops->name;

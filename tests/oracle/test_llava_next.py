@@ -349,3 +349,34 @@ def test_onevision_bad_configs(ov, tmp_path):
         (bad / "config.json").write_text(json.dumps(cfg))
         fails(["encode", bad, path, "-o", out], needle)
         assert not out.exists()
+
+
+@pytest.mark.parametrize("layout", ["newer", "hub"])
+def test_key_layouts(layout, tmp_path):
+    """The in-memory names (model.*) and the hub's older files (vision_tower.vision_model.*, language_model.model.*,
+    image_newline: llava-hf/llava-v1.6-*): the same features and logits."""
+    import shutil
+    from safetensors.torch import save_file
+    from conftest import write_layout
+    d = tmp_path / "m"
+    model, proc = make(d, "next", seed=7)
+    write_layout(model, d, layout)
+    if layout == "hub":
+        sd = load_file(str(d / "model.safetensors"))
+        sd["image_newline"] = sd.pop("model.image_newline")
+        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    names = load_file(str(d / "model.safetensors")).keys()
+    assert any(k.startswith("model.vision_tower." if layout == "newer" else "vision_tower.vision_model.")
+               for k in names)
+    path = images(tmp_path, [(97, 45)])[0]
+    _, n, feats = ref_features(model, proc, path)
+    got = encode(d, path, tmp_path / "e.safetensors")
+    assert got.shape[0] == n and scaled_err(got, feats) <= 1e-4
+    logits_out = tmp_path / "logits.safetensors"
+    run("generate", d, "--image", path, "--prompt", PROMPT, "-n", "1", "--logits", logits_out)
+    templ = proc.apply_chat_template([{"role": "user", "content": "<image>\n" + PROMPT}], tokenize=False,
+                                     add_generation_prompt=True)
+    inputs = proc(text=templ, images=Image.open(path).convert("RGB"), return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+    assert scaled_err(load_file(str(logits_out))["logits"][:inputs["input_ids"].shape[1]], logits) <= 1e-4
