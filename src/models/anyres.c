@@ -229,10 +229,11 @@ static mmb_status plan(mmb_ctx *ctx, const ar_state *a, int h, int w, ar_plan *p
     return MMB_OK;
 }
 
-static int64_t ar_image_tokens(mmb_ctx *ctx, const void *st, int h, int w) {
+static int64_t ar_image_tokens(mmb_ctx *ctx, const void *st, int h, int w, int64_t *tiles) {
     const ar_state *a = st;
     ar_plan p;
     if (plan(ctx, a, h, w, &p) != MMB_OK) return -1;
+    if (tiles) *tiles = 1 + (int64_t)p.gh * p.gw;
     return a->per_tile + (int64_t)p.oh * (p.ow + 1);
 }
 

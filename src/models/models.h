@@ -80,9 +80,9 @@ typedef struct mmb_family_ops {
     /* Optional, AnyRes (LLaVA-NeXT, OneVision): an image's rows depend on its own size, not only on its pixels (the
      * unpadding). image_tokens: the rows an image of height x width makes; encode_image: its pixels as the
      * processor check_processor accepted makes them (mmb_preprocess_output_size's floats for that image) -> out
-     * (image_tokens rows, out_width). The pipeline then gives the image's size where it gives the pixels' elsewhere;
+     * (image_tokens rows, out_width); *tiles (when not NULL): the tower's passes, the base image's included. The pipeline then gives the image's size where it gives the pixels' elsewhere;
      * tokens and encode refuse pixels alone. */
-    int64_t (*image_tokens)(mmb_ctx *ctx, const void *state, int height, int width);
+    int64_t (*image_tokens)(mmb_ctx *ctx, const void *state, int height, int width, int64_t *tiles);
     mmb_status (*encode_image)(mmb_ctx *ctx, const void *state, const float *pixels, int height, int width,
                                float *out);
 } mmb_family_ops;

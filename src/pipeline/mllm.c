@@ -368,7 +368,7 @@ static mmb_status image_plan(mmb_ctx *ctx, const mmb_mllm *m, const mmb_image *i
     if (s == MMB_OK && ar) { /* the image's own size: its rows depend on it */
         *h = img->height;
         *w = img->width;
-        *tokens = ar->image_tokens(ctx, st, *h, *w);
+        *tokens = ar->image_tokens(ctx, st, *h, *w, NULL);
         return *tokens < 0 ? MMB_ERR_SHAPE : MMB_OK;
     }
     if (s != MMB_OK) return s;
@@ -404,7 +404,7 @@ mmb_status mmb__mllm_encode_pixels(mmb_ctx *ctx, const mmb_mllm *m, const float 
         if (n_taps)
             return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: a %s model's hidden states are not exposed", m->dir,
                             m->info.family);
-        const int64_t t = fo->image_tokens(ctx, fst, h, w);
+        const int64_t t = fo->image_tokens(ctx, fst, h, w, NULL);
         if (t < 0) return MMB_ERR_SHAPE;
         const size_t one = pixel_floats(m, h, w), rows = (size_t)t * (size_t)m->info.out_width;
         if (!one || emb_count / (size_t)batch < rows)

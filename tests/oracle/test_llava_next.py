@@ -239,10 +239,13 @@ def test_generate_matches_transformers(fam, driver, request, tmp_path):
     assert got["generated"].tolist() == ref[0, len(ids):].tolist()
 
 
-def test_info_and_cli_generate(nxt, tmp_path):
+def test_info_compare_and_cli_generate(nxt, tmp_path):
     model, proc, d = nxt
     p = run("info", d)
     assert "llava_next" in p.stdout, p.stdout
+    p = run("compare", d)  # measured on an image of the tower's size: its base tile and the 56x112 tiles
+    _, n, _ = ref_features(model, proc, images(tmp_path, [(S, S)])[0])
+    assert "tower+connector" in p.stdout and f"| {n:6d} |" in p.stdout, p.stdout
     path = images(tmp_path, [(45, 97)])[0]
     p = run("generate", d, "--image", path, "--prompt", PROMPT, "-n", "4")
     assert p.stdout.strip() or p.stderr
