@@ -335,6 +335,18 @@ def test_bare_pixels_and_bad_configs_are_refused(nxt, tmp_path):
         assert not out.exists()
 
 
+def test_video_is_refused(ov, tmp_path):
+    """OneVision's video path (2x2 bilinear pooling per frame) is not implemented: --video refuses, writing nothing,
+    rather than tiling each frame as an image."""
+    model, proc, d = ov
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    images(frames, [(40, 60)] * 3)
+    out = tmp_path / "o.safetensors"
+    fails(["encode", d, "--video", frames, "-o", out], "not implemented")
+    assert not out.exists()
+
+
 def test_onevision_bad_configs(ov, tmp_path):
     """OneVision: a vision_aspect_ratio other than anyres_max_N, and the default strategy on a tower without CLS
     (its tiles would not fill their grid), are refused."""
