@@ -589,11 +589,19 @@ typedef enum mmb_size_mode {
     MMB_SIZE_MAX_HEIGHT_WIDTH = 3, /* {"max_height", "max_width"}: fit inside, keeping aspect */
     MMB_SIZE_SMART = 4,            /* Qwen2-VL's smart_resize: both sides multiples of resize_factor, the
                                       aspect kept as closely as possible, min_pixels <= H * W <= max_pixels */
-    MMB_SIZE_TILES = 5             /* Mllama's tiling (MllamaImageProcessor): a canvas of rows x cols tiles of
+    MMB_SIZE_TILES = 5,            /* Mllama's tiling (MllamaImageProcessor): a canvas of rows x cols tiles of
                                       tile_size, rows * cols <= max_image_tiles, chosen as get_optimal_tiled_canvas
                                       does; the image resized into it keeping its aspect
                                       (get_image_size_fit_to_canvas), then zero-padded at the bottom and right */
+    MMB_SIZE_ANYRES = 6            /* LLaVA-NeXT / LLaVA-OneVision AnyRes (LlavaNextImageProcessor,
+                                      LlavaOnevisionImageProcessor): the base image resized to tile_size x
+                                      tile_size, then the image resized keeping its aspect into the best of
+                                      image_grid_pinpoints (select_best_resolution, get_patch_output_size), zeros
+                                      padded around it (centred) and split into tiles of tile_size */
 } mmb_size_mode;
+
+/* The most image_grid_pinpoints an AnyRes processor may list (OneVision's: 36). */
+#define MMB_MAX_PINPOINTS 64
 
 /* Resampling filters, numbered as PIL.Image.Resampling. */
 typedef enum mmb_resample {
@@ -612,7 +620,10 @@ typedef enum mmb_resample {
  * bottom and right, rescale, normalize, split into tiles; the output is the canvas's rows * cols tiles one
  * after another, row-major over the canvas, each [3, tile_size, tile_size]: f32 [rows * cols, 3, tile_size,
  * tile_size] (transformers' pixel_values[0, image, :rows * cols]), and mmb_preprocess_output_size gives
- * H = rows * tile_size, W = cols * tile_size (3 * H * W floats), from which rows and cols follow. */
+ * H = rows * tile_size, W = cols * tile_size (3 * H * W floats), from which rows and cols follow.
+ * MMB_SIZE_ANYRES: the base image then the tiles of the padded best resolution (row-major), each [3, tile_size,
+ * tile_size], as pixel_values[i, :1 + tiles]: mmb_preprocess_output_size gives H = (1 + tiles) * tile_size,
+ * W = tile_size (3 * H * W floats). The model's unpadding needs the image's own size besides. */
 typedef struct mmb_preprocess {
     char type[64];            /* "CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor",
                                  "Qwen2VLImageProcessor" */
@@ -635,13 +646,19 @@ typedef struct mmb_preprocess {
     int resize_factor;                 /* MMB_SIZE_SMART: patch_size * merge_size (28) */
     int max_image_tiles;               /* MMB_SIZE_TILES: at most this many tiles an image (Mllama: 4) */
     int tile_size;                     /* MMB_SIZE_TILES: a tile's side, size {height, width} (square; Mllama
-                                          560), also in size_height and size_width */
+                                          560), also in size_height and size_width; MMB_SIZE_ANYRES: the
+                                          processor's patch_size (crop_size height, else size's) */
+    int n_pinpoints;                   /* MMB_SIZE_ANYRES: image_grid_pinpoints, (height, width) each, every side
+                                          a positive multiple of tile_size */
+    int pinpoints[MMB_MAX_PINPOINTS][2];
 } mmb_preprocess;
 
 /* Fills *out with the defaults of the transformers image processor class `type`
  * ("CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor", "BlipImageProcessor",
- * "Qwen2VLImageProcessor", "IdeficsImageProcessor" or "MllamaImageProcessor"; a "Fast" or "Pil" suffix is
- * accepted). Returns MMB_OK, MMB_ERR_UNSUPPORTED for another class, or MMB_ERR_ARG for NULL. */
+ * "Qwen2VLImageProcessor", "IdeficsImageProcessor", "MllamaImageProcessor", "LlavaNextImageProcessor" or
+ * "LlavaOnevisionImageProcessor" (MMB_SIZE_ANYRES with the class's pinpoints and tile; Emu3, Chameleon and Janus'
+ * too); a "Fast" or "Pil" suffix is accepted). Returns MMB_OK, MMB_ERR_UNSUPPORTED for another class, or
+ * MMB_ERR_ARG for NULL. */
 MMB_API mmb_status mmb_preprocess_init(mmb_ctx *ctx, const char *type, mmb_preprocess *out);
 
 /* Reads `model_dir`/preprocessor_config.json, or without one the image processor that transformers 5's
@@ -654,7 +671,9 @@ MMB_API mmb_status mmb_preprocess_init(mmb_ctx *ctx, const char *type, mmb_prepr
  * Qwen2VLImageProcessor size {shortest_edge, longest_edge} as min / max pixels, overridden by the
  * min_pixels and max_pixels keys, and patch_size * merge_size as the resize factor; for
  * MllamaImageProcessor size {height, width} (equal: the tile size) and max_image_tiles (MMB_SIZE_TILES;
- * do_pad and do_resize false, which its class refuses too, are MMB_ERR_UNSUPPORTED).
+ * do_pad and do_resize false, which its class refuses too, are MMB_ERR_UNSUPPORTED); for
+ * LlavaNextImageProcessor and LlavaOnevisionImageProcessor image_grid_pinpoints (MMB_SIZE_ANYRES; a side that is
+ * not a multiple of the tile is MMB_ERR_FORMAT, a size or crop that would resize a tile MMB_ERR_UNSUPPORTED).
  * Returns MMB_OK and fills *out; MMB_ERR_IO (neither file); MMB_ERR_FORMAT (bad JSON, a key of the
  * wrong type or value, naming the file and the key); MMB_ERR_MISSING (no class key, do_center_crop
  * without crop_size, or a processor_config.json without an "image_processor" object);

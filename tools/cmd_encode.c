@@ -285,6 +285,12 @@ int cli_encode_run(mmb_ctx *ctx, const cli_enc *e) {
         r = 2;
         goto done;
     }
+    if (e->video && (!strcmp(in.family, "llava_next") || !strcmp(in.family, "llava_onevision"))) {
+        /* --video is the Dense Connector's (frames as images, max-pooled over time); theirs differs */
+        fprintf(stderr, "mmbridge: error: %s: --video on a %s model is not implemented (its video path pools each "
+                "frame 2x2 with one image_newline, not AnyRes tiles per frame)\n", e->model, in.family);
+        goto done;
+    }
     if (e->video && !model) {
         fprintf(stderr, "mmbridge: error: %s: --video needs a model with a connector\n", e->model);
         goto done;

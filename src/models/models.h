@@ -77,6 +77,14 @@ typedef struct mmb_family_ops {
     void (*gen_info)(const void *state, mmb__gen_info *out);
     mmb_status (*gen_head)(mmb_ctx *ctx, const void *state, const float *hidden, int64_t rows, float *scores);
     mmb_status (*gen_embed)(mmb_ctx *ctx, const void *state, const int32_t *ids, int64_t n, float *rows);
+    /* Optional, AnyRes (LLaVA-NeXT, OneVision): an image's rows depend on its own size, not only on its pixels (the
+     * unpadding). image_tokens: the rows an image of height x width makes; encode_image: its pixels as the
+     * processor check_processor accepted makes them (mmb_preprocess_output_size's floats for that image) -> out
+     * (image_tokens rows, out_width); *tiles (when not NULL): the tower's passes, the base image's included. The pipeline then gives the image's size where it gives the pixels' elsewhere;
+     * tokens and encode refuse pixels alone. */
+    int64_t (*image_tokens)(mmb_ctx *ctx, const void *state, int height, int width, int64_t *tiles);
+    mmb_status (*encode_image)(mmb_ctx *ctx, const void *state, const float *pixels, int height, int width,
+                               float *out);
 } mmb_family_ops;
 
 /* models/vit_family.c: a ViT tower (vision/vit.c) whose last_hidden_state feeds a connector that reads its
@@ -101,6 +109,10 @@ extern const mmb_family_ops mmb__family_mplug_owl2;
 /* models/cogvlm.c: CogVLM's EVA2-CLIP tower (vision/cogvlm.c), its GLU adapter and the boi / eoi rows: an
  * image's rows are (boi, grid^2 patches, eoi) of the LLM's width. */
 extern const mmb_family_ops mmb__family_cogvlm;
+
+/* models/anyres.c: LLaVA-NeXT and LLaVA-OneVision: the tower on the AnyRes tiles, LlavaMultiModalProjector,
+ * pack_image_features (unpad_image, OneVision's anyres_max_N downscale, image_newline). */
+extern const mmb_family_ops mmb__family_anyres;
 
 /* models/vq_family.c: fusion D understanding (Chameleon, Emu3): the VQ tokenizer's codes through config.json's
  * vocabulary_map, as the row's mmb__vq_part says. */

@@ -148,13 +148,19 @@ mmb_status mmb_model_measure(mmb_ctx *ctx, const mmb_model *m, int64_t grid, int
     const int side = v ? vi.image_size
                    : mi.image_size ? mi.image_size : (int)grid * (mi.patch_size ? mi.patch_size : 14);
     const int64_t tin = grid * grid + 1, w = tower ? 0 : mi.vision_width ? mi.vision_width : width;
-    const int64_t t = tower ? mmb_model_encode_tokens(ctx, m, side, side) : mmb_model_tokens_out(ctx, m, tin);
+    /* AnyRes (LLaVA-NeXT, OneVision): an image of the tower's size, its base and best resolution's tiles */
+    const void *fst = NULL;
+    const bool anyres = fo && fo->image_tokens && mmb__model_fam_ops(m, &fst);
+    int64_t tiles = 1;
+    const int64_t t = anyres ? fo->image_tokens(ctx, fst, side, side, &tiles)
+                    : tower ? mmb_model_encode_tokens(ctx, m, side, side) : mmb_model_tokens_out(ctx, m, tin);
     if (t < 0) return MMB_ERR_SHAPE;
-    const size_t nin = tower ? (size_t)3 * (size_t)side * (size_t)side : (size_t)(tin * w),
+    const size_t nin = tower ? (size_t)tiles * 3 * (size_t)side * (size_t)side : (size_t)(tin * w),
                  nout = (size_t)t * (size_t)mi.out_width;
     float *in = malloc(nin * sizeof(float)), *y = malloc(nout * sizeof(float) + 1);
     double *ts = malloc(sizeof(double) * (size_t)reps);
     mmb_status s = in && y && ts ? MMB_OK : mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+    if (s == MMB_OK && anyres) s = mmb__ckpt_verify(ctx, mmb__model_ckpt(m)); /* its encode_image maps no check */
     for (size_t i = 0; s == MMB_OK && i < nin; i++) in[i] = (float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f;
     /* The one hidden state read; a depth the checkpoint does not give is taken as just deep enough. */
     const int tap = mi.taps[0], n_hidden = mi.vision_layers ? mi.vision_layers + 1 : tap < 0 ? -tap : tap + 1;
@@ -162,13 +168,14 @@ mmb_status mmb_model_measure(mmb_ctx *ctx, const mmb_model *m, int64_t grid, int
                        .taps = {tap < 0 ? tap + n_hidden : tap}, .data = {in}};
     for (int k = 0; k <= reps && s == MMB_OK; k++) {
         double t0 = mmb__now_s();
-        s = ids ? mmb__model_encode_ids(ctx, m, in, 1, side, side, (int32_t *)(void *)y, (size_t)t)
+        s = anyres ? fo->encode_image(ctx, fst, in, side, side, y)
+            : ids ? mmb__model_encode_ids(ctx, m, in, 1, side, side, (int32_t *)(void *)y, (size_t)t)
             : tower ? mmb_model_encode(ctx, m, in, 1, side, side, y, nout) : mmb_model_connect(ctx, m, &ft, y, nout);
         if (k) ts[k - 1] = mmb__now_s() - t0;
     }
     if (s == MMB_OK) {
         *out = (mmb_connector_report){
-            .params = mi.params, .flops_per_image = mi.flops_per_image, .tokens_in = tower ? 0 : tin,
+            .params = mi.params, .flops_per_image = mi.flops_per_image * tiles, .tokens_in = tower ? 0 : tin,
             .tokens_out = t, .out_width = mi.out_width, .seconds = median(ts, reps),
             .weight_bytes = mi.params * (int64_t)sizeof(float),
             .activation_bytes = (int64_t)((nin + nout) * sizeof(float)), .with_tower = tower};

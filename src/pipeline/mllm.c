@@ -344,11 +344,33 @@ static int64_t tokens_for(mmb_ctx *ctx, const mmb_mllm *m, int h, int w) {
     return vi.tokens;
 }
 
+/* The AnyRes family ops (their images travel with their own size, models.h), or NULL. */
+static const mmb_family_ops *anyres_ops(const mmb_mllm *m, const void **st) {
+    const mmb_family_ops *fo = m->model ? mmb__model_fam_ops(m->model, st) : NULL;
+    return fo && fo->image_tokens ? fo : NULL;
+}
+
+/* The floats of one preprocessed image of h x w (an AnyRes model's: the image's own size). */
+static size_t pixel_floats(const mmb_mllm *m, int h, int w) {
+    const void *st;
+    int oh = h, ow = w;
+    if (anyres_ops(m, &st) && mmb_preprocess_output_size(NULL, &m->proc, h, w, &oh, &ow) != MMB_OK) return 0;
+    return (size_t)3 * (size_t)oh * (size_t)ow;
+}
+
 /* The size m's processor makes of img and the embeddings that gives. */
 static mmb_status image_plan(mmb_ctx *ctx, const mmb_mllm *m, const mmb_image *img, int *h, int *w, int64_t *tokens) {
     if (!m->info.has_vision) return no_vision(ctx, m);
     if (!m->info.has_processor) return mmb__err(ctx, MMB_ERR_MISSING, "%s: no image processor: %s", m->dir, m->no_proc);
+    const void *st;
+    const mmb_family_ops *ar = anyres_ops(m, &st);
     mmb_status s = mmb_preprocess_output_size(ctx, &m->proc, img->height, img->width, h, w);
+    if (s == MMB_OK && ar) { /* the image's own size: its rows depend on it */
+        *h = img->height;
+        *w = img->width;
+        *tokens = ar->image_tokens(ctx, st, *h, *w, NULL);
+        return *tokens < 0 ? MMB_ERR_SHAPE : MMB_OK;
+    }
     if (s != MMB_OK) return s;
     *tokens = tokens_for(ctx, m, *h, *w);
     return *tokens < 0 ? MMB_ERR_SHAPE : MMB_OK;
@@ -360,8 +382,8 @@ mmb_status mmb__mllm_preprocess(mmb_ctx *ctx, const mmb_mllm *m, const mmb_image
     int64_t t;
     mmb_status s = image_plan(ctx, m, img, &ih, &iw, &t);
     if (s != MMB_OK) return s;
-    size_t n = (size_t)3 * (size_t)ih * (size_t)iw;
-    float *px = malloc(n * sizeof(float));
+    size_t n = pixel_floats(m, ih, iw);
+    float *px = n ? malloc(n * sizeof(float)) : NULL;
     if (!px) return mmb__err(ctx, MMB_ERR_NOMEM, "%s: out of memory for %dx%d pixels", m->dir, iw, ih);
     if ((s = mmb_preprocess_run(ctx, &m->proc, img, px, n)) != MMB_OK) {
         free(px);
@@ -376,7 +398,23 @@ mmb_status mmb__mllm_preprocess(mmb_ctx *ctx, const mmb_mllm *m, const mmb_image
 
 mmb_status mmb__mllm_encode_pixels(mmb_ctx *ctx, const mmb_mllm *m, const float *pixels, int64_t batch, int h, int w,
                                    float *emb, size_t emb_count, const int *taps, int n_taps, float *const *hidden) {
-    const mmb_family_ops *fo = mmb__model_fam_ops(m->model, NULL);
+    const void *fst = NULL;
+    const mmb_family_ops *fo = mmb__model_fam_ops(m->model, &fst);
+    if (fo && fo->image_tokens) { /* AnyRes: h x w is the image's own size; pixels its tiles */
+        if (n_taps)
+            return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: a %s model's hidden states are not exposed", m->dir,
+                            m->info.family);
+        const int64_t t = fo->image_tokens(ctx, fst, h, w, NULL);
+        if (t < 0) return MMB_ERR_SHAPE;
+        const size_t one = pixel_floats(m, h, w), rows = (size_t)t * (size_t)m->info.out_width;
+        if (!one || emb_count / (size_t)batch < rows)
+            return mmb__err(ctx, MMB_ERR_SHAPE, "output holds %zu floats, %lld images of %zu needed", emb_count,
+                            (long long)batch, rows);
+        mmb_status vs = mmb__ckpt_verify(ctx, mmb__model_ckpt(m->model));
+        for (int64_t b = 0; b < batch && vs == MMB_OK; b++)
+            vs = fo->encode_image(ctx, fst, pixels + (size_t)b * one, h, w, emb + (size_t)b * rows);
+        return vs;
+    }
     if (fo && fo->encode_ids) { /* fusion D: the image's ids through the LLM's own embedding */
         if (n_taps)
             return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: a fusion-D model's VQ tokenizer exposes no hidden states",
@@ -476,7 +514,7 @@ static mmb_status encode_out(mmb_ctx *ctx, const mmb_mllm *m, const float *px, i
     for (int64_t i = 0, row = 0; i < n && s == MMB_OK && !same; row += tok[i], i++) {
         s = mmb__mllm_encode_pixels(ctx, m, px + off, 1, hw[2 * i], hw[2 * i + 1], emb + (size_t)row * (size_t)d,
                                     (size_t)(tok[i] * d), NULL, 0, NULL);
-        off += (size_t)3 * (size_t)hw[2 * i] * (size_t)hw[2 * i + 1];
+        off += pixel_floats(m, hw[2 * i], hw[2 * i + 1]);
     }
     if (s == MMB_OK) {
         if (out->embeddings) memcpy(out->embeddings, emb, ne * sizeof(float));
@@ -502,14 +540,14 @@ mmb_status mmb_mllm_encode(mmb_ctx *ctx, mmb_mllm *m, const mmb_image *imgs, int
     bool same = true;
     for (int i = 0; i < n && s == MMB_OK; i++) {
         if ((s = image_plan(ctx, m, &imgs[i], &hw[2 * i], &hw[2 * i + 1], &tok[i])) != MMB_OK) break;
-        npx += (size_t)3 * (size_t)hw[2 * i] * (size_t)hw[2 * i + 1];
+        npx += pixel_floats(m, hw[2 * i], hw[2 * i + 1]);
         same &= hw[2 * i] == hw[0] && hw[2 * i + 1] == hw[1];
     }
     if (s == MMB_OK && !(px = malloc(npx * sizeof(float))))
         s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory for %d image(s)", n);
     size_t off = 0;
     for (int i = 0; i < n && s == MMB_OK; i++) {
-        size_t one = (size_t)3 * (size_t)hw[2 * i] * (size_t)hw[2 * i + 1];
+        size_t one = pixel_floats(m, hw[2 * i], hw[2 * i + 1]);
         s = mmb_preprocess_run(ctx, &m->proc, &imgs[i], px + off, one);
         off += one;
     }

@@ -36,11 +36,12 @@ static const double CLIP_MEAN[3] = {0.48145466, 0.4578275, 0.40821073};
 static const double CLIP_STD[3] = {0.26862954, 0.26130258, 0.27577711};
 
 typedef enum { KIND_CLIP, KIND_SIGLIP, KIND_LLAVA, KIND_BLIP, KIND_QWEN2VL, KIND_IDEFICS, KIND_MLLAMA, KIND_EMU3, KIND_CHAMELEON,
-               KIND_JANUS } proc_kind;
+               KIND_JANUS, KIND_LLAVA_NEXT, KIND_LLAVA_ONEVISION } proc_kind;
 
 #define SUPPORTED_CLASSES "CLIPImageProcessor, SiglipImageProcessor, LlavaImageProcessor, BlipImageProcessor, " \
                           "Qwen2VLImageProcessor, IdeficsImageProcessor, MllamaImageProcessor, Emu3ImageProcessor, " \
-                          "ChameleonImageProcessor and JanusImageProcessor are"
+                          "ChameleonImageProcessor, JanusImageProcessor, LlavaNextImageProcessor and " \
+                          "LlavaOnevisionImageProcessor are"
 #define MAX_IMAGE_TILES 256  /* far above any checkpoint's (Llama 3.2: 4); bounds the canvas search */
 
 /* Maps a class name (with an optional Fast / Pil suffix) or a processor class to a kind. */
@@ -56,6 +57,8 @@ static bool kind_of(const char *type, proc_kind *k) {
         {"Emu3ImageProcessor", KIND_EMU3}, {"Emu3Processor", KIND_EMU3},
         {"ChameleonImageProcessor", KIND_CHAMELEON}, {"ChameleonProcessor", KIND_CHAMELEON},
         {"JanusImageProcessor", KIND_JANUS}, {"JanusProcessor", KIND_JANUS},
+        {"LlavaNextImageProcessor", KIND_LLAVA_NEXT}, {"LlavaNextProcessor", KIND_LLAVA_NEXT},
+        {"LlavaOnevisionImageProcessor", KIND_LLAVA_ONEVISION}, {"LlavaOnevisionProcessor", KIND_LLAVA_ONEVISION},
     };
     size_t n = strlen(type);
     if (n > 4 && !strcmp(type + n - 4, "Fast")) n -= 4;
@@ -82,7 +85,7 @@ static void defaults(proc_kind k, mmb_preprocess *p) {
     static const char *names[] = {"CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor",
                                   "BlipImageProcessor", "Qwen2VLImageProcessor", "IdeficsImageProcessor",
                                   "MllamaImageProcessor", "Emu3ImageProcessor", "ChameleonImageProcessor",
-                                  "JanusImageProcessor"};
+                                  "JanusImageProcessor", "LlavaNextImageProcessor", "LlavaOnevisionImageProcessor"};
     snprintf(p->type, sizeof p->type, "%s", names[k]);
     p->do_convert_rgb = 1;
     p->do_resize = 1;
@@ -131,6 +134,21 @@ static void defaults(proc_kind k, mmb_preprocess *p) {
         memcpy(p->image_mean, CLIP_MEAN, sizeof CLIP_MEAN);
         memcpy(p->image_std, CLIP_STD, sizeof CLIP_STD);
     }
+    if (k == KIND_LLAVA_NEXT) { /* LlavaNextImageProcessorPil: shortest_edge 224, crop 224, its 5 pinpoints */
+        static const int pins[5][2] = {{336, 672}, {672, 336}, {672, 672}, {1008, 336}, {336, 1008}};
+        p->n_pinpoints = 5;
+        memcpy(p->pinpoints, pins, sizeof pins);
+        p->tile_size = 224;
+    } else if (k == KIND_LLAVA_ONEVISION) { /* 384 x 384, no crop, the 6 x 6 grid of 384 multiples */
+        p->size_mode = MMB_SIZE_HEIGHT_WIDTH;
+        p->size_height = p->size_width = p->tile_size = 384;
+        p->do_center_crop = p->crop_height = p->crop_width = 0;
+        p->n_pinpoints = 36;
+        for (int i = 0; i < 36; i++) {
+            p->pinpoints[i][0] = 384 * (1 + i / 6);
+            p->pinpoints[i][1] = 384 * (1 + i % 6);
+        }
+    }
     if (k == KIND_CHAMELEON) { /* CLIP's steps: shortest edge 512, crop 512, Lanczos, * 0.0078, mean = std = 1 */
         p->shortest_edge = p->crop_height = p->crop_width = 512;
         p->resample = MMB_RESAMPLE_LANCZOS;
@@ -147,6 +165,8 @@ mmb_status mmb_preprocess_init(mmb_ctx *ctx, const char *type, mmb_preprocess *o
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "image processor '%s' is not supported (" SUPPORTED_CLASSES ")",
                         type);
     defaults(k, out);
+    /* AnyRes: the class's tiles (the per-patch resize and crop are to the tile's size in both defaults) */
+    if (k == KIND_LLAVA_NEXT || k == KIND_LLAVA_ONEVISION) out->size_mode = MMB_SIZE_ANYRES;
     return MMB_OK;
 }
 
@@ -304,6 +324,47 @@ static mmb_status parse_tiles(mmb_ctx *ctx, const char *file, const cJSON *o, in
     return MMB_OK;
 }
 
+/* LlavaNext / LlavaOnevision, after the common keys: the tile (patch_size: crop_size's height, else size's
+ * height, else shortest_edge), image_grid_pinpoints ([[height, width], ...], each side a positive multiple of the
+ * tile: divide_to_patches would cut partial tiles otherwise), and a per-patch resize and crop that keep a tile as
+ * it is (the base image is resized to size's (height, width), or (shortest_edge, shortest_edge)). */
+static mmb_status parse_anyres(mmb_ctx *ctx, const char *file, const cJSON *o, mmb_preprocess *p) {
+    int t = p->crop_height > 0 ? p->crop_height
+          : p->size_mode == MMB_SIZE_HEIGHT_WIDTH ? p->size_height : p->shortest_edge;
+    if (p->size_mode != MMB_SIZE_HEIGHT_WIDTH && p->size_mode != MMB_SIZE_SHORTEST_EDGE)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: %s's size must be {height, width} or {shortest_edge}", file,
+                        p->type);
+    const int bh = p->size_mode == MMB_SIZE_HEIGHT_WIDTH ? p->size_height : p->shortest_edge;
+    const int bw = p->size_mode == MMB_SIZE_HEIGHT_WIDTH ? p->size_width : p->shortest_edge;
+    if (t < 1 || bh != t || bw != t || !p->do_resize ||
+        (p->do_center_crop && (p->crop_height != t || p->crop_width != t)))
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s: %s with a tile of %d, a base image of %dx%d%s is not "
+                        "supported (the tile, size and crop_size must agree, do_resize true)", file, p->type, t, bw,
+                        bh, p->do_center_crop ? " and a crop" : "");
+    p->tile_size = t;
+    const cJSON *g = get(o, "image_grid_pinpoints");
+    if (g) {
+        int n = cJSON_GetArraySize(g);
+        if (!cJSON_IsArray(g) || n < 1 || n > MMB_MAX_PINPOINTS)
+            return mmb__err(ctx, MMB_ERR_FORMAT, "%s: key 'image_grid_pinpoints' is not a list of 1..%d "
+                            "[height, width] pairs", file, MMB_MAX_PINPOINTS);
+        int i = 0;
+        for (const cJSON *e = g->child; e; e = e->next, i++) {
+            if (!cJSON_IsArray(e) || cJSON_GetArraySize(e) != 2 || !as_int(e->child, 1, 1 << 16, &p->pinpoints[i][0]) ||
+                !as_int(e->child->next, 1, 1 << 16, &p->pinpoints[i][1]))
+                return mmb__err(ctx, MMB_ERR_FORMAT, "%s: image_grid_pinpoints[%d] is not a [height, width] pair of "
+                                "integers in 1..65536", file, i);
+        }
+        p->n_pinpoints = n;
+    }
+    for (int i = 0; i < p->n_pinpoints; i++)
+        if (p->pinpoints[i][0] % t || p->pinpoints[i][1] % t)
+            return mmb__err(ctx, MMB_ERR_FORMAT, "%s: image_grid_pinpoints[%d] = [%d, %d] does not divide into tiles "
+                            "of the patch size %d", file, i, p->pinpoints[i][0], p->pinpoints[i][1], t);
+    p->size_mode = MMB_SIZE_ANYRES;
+    return MMB_OK;
+}
+
 static mmb_status parse_config(mmb_ctx *ctx, const char *file, const cJSON *o, mmb_preprocess *p) {
     if (!cJSON_IsObject(o)) return mmb__err(ctx, MMB_ERR_FORMAT, "%s: not a JSON object", file);
     const char *type = NULL;
@@ -393,6 +454,8 @@ static mmb_status parse_config(mmb_ctx *ctx, const char *file, const cJSON *o, m
     pad_color_from_mean(p);
     if (kind == KIND_MLLAMA) {
         if ((st = parse_tiles(ctx, file, o, do_pad, p)) != MMB_OK) return st;
+    } else if (kind == KIND_LLAVA_NEXT || kind == KIND_LLAVA_ONEVISION) {
+        if ((st = parse_anyres(ctx, file, o, p)) != MMB_OK) return st;
     } else if (kind == KIND_LLAVA) {
         p->do_pad = do_pad;
     } else if (do_pad && get(o, "pad_size")) {
@@ -502,6 +565,8 @@ static mmb_status check_tiles(mmb_ctx *ctx, const mmb_preprocess *p) {
 /* The size the resize step produces from h x w (after padding), as PilBackend.resize computes it. */
 static mmb_status resize_size(mmb_ctx *ctx, const mmb_preprocess *p, int h, int w, int *oh, int *ow) {
     switch (p->size_mode) {
+    case MMB_SIZE_ANYRES: /* plan() sizes it before any resize */
+        return mmb__err(ctx, MMB_ERR_ARG, "preprocess: AnyRes is sized by its tiles");
     case MMB_SIZE_HEIGHT_WIDTH:
         return fits(ctx, "size {height, width}", p->size_height, p->size_width, oh, ow);
     case MMB_SIZE_SHORTEST_EDGE: {
@@ -633,6 +698,16 @@ static mmb_status plan(mmb_ctx *ctx, const mmb_preprocess *p, int h, int w, int 
                        int *oh, int *ow) {
     mmb_status st = check_params(ctx, p);
     if (st != MMB_OK) return st;
+    if (p->size_mode == MMB_SIZE_ANYRES) { /* (1 + tiles) tiles stacked; the canvas within the pixel limit */
+        int bh = 0, bw = 0;
+        if ((st = mmb__anyres_grid(ctx, p, h, w, &bh, &bw)) != MMB_OK) return st;
+        if ((st = check_pixels(ctx, "AnyRes canvas", bh, bw)) != MMB_OK) return st;
+        const int64_t n = 1 + (int64_t)(bh / p->tile_size) * (bw / p->tile_size);
+        if ((st = check_pixels(ctx, "AnyRes tiles", n * p->tile_size, p->tile_size)) != MMB_OK) return st;
+        *ph = *rh = *oh = (int)(n * p->tile_size);
+        *pw = *rw = *ow = p->tile_size;
+        return MMB_OK;
+    }
     *ph = h; *pw = w;
     if (p->do_pad) *ph = *pw = h > w ? h : w;
     if ((st = check_pixels(ctx, "padded", *ph, *pw)) != MMB_OK) return st;
@@ -844,6 +919,13 @@ done:
     return out;
 }
 
+unsigned char *mmb__resize_u8(mmb_ctx *ctx, const unsigned char *in, int in_h, int in_w, int out_h, int out_w,
+                              mmb_resample r) {
+    filter f;
+    if (!filter_of(r, &f)) return NULL;
+    return resize_u8(ctx, in, in_h, in_w, out_h, out_w, &f);
+}
+
 /* ---- the pipeline ------------------------------------------------------------------------------ */
 
 mmb_status mmb__preprocess_u8(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_image *img, unsigned char **out,
@@ -851,6 +933,9 @@ mmb_status mmb__preprocess_u8(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_i
     if (!p || !img || !out || !h_out || !w_out) return mmb__err(ctx, MMB_ERR_ARG, "preprocess: NULL argument");
     if (img->width < 1 || img->height < 1 || !img->rgb)
         return mmb__err(ctx, MMB_ERR_ARG, "preprocess: empty image (%dx%d)", img->height, img->width);
+    if (p->size_mode == MMB_SIZE_ANYRES)
+        return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "preprocess: an AnyRes processor's output is tiles of floats, "
+                        "not one 8-bit image");
     int h = img->height, w = img->width, ph, pw, rh, rw, oh, ow;
     mmb_status st = plan(ctx, p, h, w, &ph, &pw, &rh, &rw, &oh, &ow);
     if (st != MMB_OK) return st;
@@ -928,6 +1013,7 @@ mmb_status mmb_preprocess_run(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_i
     if (out_count / 3 < plane)
         return mmb__err(ctx, MMB_ERR_SHAPE, "mmb_preprocess_run: output holds %zu floats, [3, %d, %d] needs %zu",
                         out_count, oh, ow, 3 * plane);
+    if (p->size_mode == MMB_SIZE_ANYRES) return mmb__anyres_run(ctx, p, img, out, out_count);
     unsigned char *u8;
     int h, w;
     if ((st = mmb__preprocess_u8(ctx, p, img, &u8, &h, &w)) != MMB_OK) return st;

@@ -23,6 +23,25 @@ mmb_status mmb__vit_last_feats(mmb_ctx *ctx, const mmb_vit *v, const float *pixe
  * it to pooler_output alone). */
 void mmb__vit_post_norm(mmb_ctx *ctx, const mmb_vit *v, float *x, int64_t rows);
 
+/* ---- vision/anyres.c: LLaVA-NeXT's AnyRes arithmetic and image processor -------------------------- */
+
+/* select_best_resolution: the (height, width) of pins[0 .. n) that keeps most of an image of h x w, the least
+ * wasted on a tie (the first of equals). */
+void mmb__anyres_best(int h, int w, const int (*pins)[2], int n, int *bh, int *bw);
+/* get_patch_output_size: the size an image of h x w is resized to inside th x tw, keeping its aspect. */
+void mmb__anyres_fit(int h, int w, int th, int tw, int *nh, int *nw);
+/* unpad_image on a feature grid of ch x cw for an image of oh x ow: the rows [top, top + rows) and the columns
+ * [left, left + cols) it keeps (int(round(side * scale, 7)), padding floor-halved, as transformers). */
+void mmb__anyres_unpad(int oh, int ow, int ch, int cw, int *top, int *rows, int *left, int *cols);
+/* The best resolution of AnyRes processor p for an image of h x w (MMB_ERR_ARG: p is not one). */
+mmb_status mmb__anyres_grid(mmb_ctx *ctx, const mmb_preprocess *p, int h, int w, int *bh, int *bw);
+/* mmb_preprocess_run for MMB_SIZE_ANYRES (p checked, img non-empty). */
+mmb_status mmb__anyres_run(mmb_ctx *ctx, const mmb_preprocess *p, const mmb_image *img, float *out, size_t count);
+/* preprocess.c: Pillow's 8-bit resize of an RGB image with filter r; malloc'd out_h x out_w x 3, or NULL (out of
+ * memory, or a filter run refuses). */
+unsigned char *mmb__resize_u8(mmb_ctx *ctx, const unsigned char *in, int in_h, int in_w, int out_h, int out_w,
+                              mmb_resample r);
+
 /* ---- vision/qwen2vl.c: Qwen2-VL's tower, without its PatchMerger --------------------------------- */
 
 typedef struct mmb_q2vit mmb_q2vit;

@@ -56,13 +56,13 @@ int main(int argc, char **argv) {
         unsigned char *u8 = NULL;
         if ((s = mmb_preprocess_load(ctx, argv[a + 2 + i], &p)) != MMB_OK ||
             (s = mmb_preprocess_output_size(ctx, &p, img.height, img.width, &h, &w)) != MMB_OK ||
-            (s = mmb__preprocess_u8(ctx, &p, &img, &u8, &h, &w)) != MMB_OK) {
+            (p.size_mode != MMB_SIZE_ANYRES && (s = mmb__preprocess_u8(ctx, &p, &img, &u8, &h, &w)) != MMB_OK)) {
             rc = fail(ctx, s);
             break;
         }
         bufs[2 * i] = u8;
         snprintf(names[2 * i], sizeof names[0], "u8.%d", i);
-        t[nt++] = (mmb_tensor){names[2 * i], MMB_U8, 3, {h, w, 3}, u8};
+        if (u8) t[nt++] = (mmb_tensor){names[2 * i], MMB_U8, 3, {h, w, 3}, u8}; /* AnyRes: its tiles are floats */
         size_t n = (size_t)3 * h * w;
         float *px = malloc(n * sizeof(float));
         bufs[2 * i + 1] = px;
