@@ -841,6 +841,7 @@ int cli_extract_run(mmb_ctx *ctx, const cli_enc *e) {
         if (plan(&j, &todo, &n_todo, &images)) { setup_failed = 1; goto run; }
         j.prog_total = images;
     }
+    j.t0 = j.last_print = cli_now();  /* the rate counts encoding, not the model's load */
 run:
 #ifdef MMB_HAVE_MPI
     if (e->mpi) {
