@@ -145,6 +145,7 @@ typedef struct cli_enc {
     const char *manifest, *shard, *pool;
     int64_t shard_size, shard_k, shard_n;  /* --shard K/N (0/1 when not given) */
     int resume, skip_bad, format, mpi;     /* format: 0 safetensors, 1 clip-retrieval */
+    int no_partial;                        /* --no-partial: no per-batch pieces (resume redoes a shard) */
 } cli_enc;
 
 /* encode --manifest (tools/cmd_extract.c): the manifest's inputs in shards of e->shard_size, each shard written

@@ -93,6 +93,9 @@ static int parse_encode(int argc, char **argv, cli_enc *o, const char **pos) {
         {.name = "--skip-bad", .meta = NULL, .type = CLI_FLAG, .dst = &o->skip_bad,
          .help = "--manifest: record undecodable images (the sidecars, OUT/errors.jsonl) instead of\n"
          "stopping; a garbled tar is cut at its bad header"},
+        {.name = "--no-partial", .meta = NULL, .type = CLI_FLAG, .dst = &o->no_partial,
+         .help = "--manifest: do not keep each finished batch of an unfinished shard in\n"
+         "OUT/.partial/ (--resume then redoes a shard from its first image; half the writes)"},
         {.name = "--format", .meta = "F", .type = CLI_CHOICE, .dst = &o->format, .choices = "safetensors|clip-retrieval",
          .help = "--manifest: shard-K.safetensors, or clip-retrieval's img_emb/img_emb_K.npy +\n"
          "metadata/metadata_K.jsonl"},
@@ -140,8 +143,8 @@ static int parse_encode(int argc, char **argv, cli_enc *o, const char **pos) {
         fprintf(stderr, "mmbridge encode: needs -o and one of: images, --pixels, --video, --manifest\n");
         return 2;
     }
-    if (!o->manifest && (o->shard_size || o->shard || o->resume || o->skip_bad || o->format || o->pool || o->mpi)) {
-        fprintf(stderr, "mmbridge encode: --shard-size, --shard, --resume, --skip-bad, --format, --pool and --mpi "
+    if (!o->manifest && (o->shard_size || o->shard || o->resume || o->skip_bad || o->format || o->pool || o->mpi || o->no_partial)) {
+        fprintf(stderr, "mmbridge encode: --shard-size, --shard, --resume, --skip-bad, --no-partial, --format, --pool and --mpi "
                 "go with --manifest\n");
         return 2;
     }

@@ -12,6 +12,7 @@
 #include "cli.h"
 
 #include <cjson/cJSON.h>
+#include <dirent.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -256,10 +257,7 @@ static int encode_batch(job *j, shard_out *so, int64_t i0, int64_t i1) {
     for (int g = 0; g < ng; g++) mmb_image_free(&imgs[g]);
     free(imgs);
     free(idx);
-    if (!r) {
-        count(j, nb, so->n_failed - failed0);
-        test_hook(j, nb);
-    }
+    if (!r) count(j, nb, so->n_failed - failed0);
     return r;
 }
 
@@ -422,6 +420,157 @@ done:
     return r;
 }
 
+/* ---- partial shards: each batch also goes to OUT/.partial/shard-K/batch-B.safetensors (atomically), so --resume
+ * finishes a shard from its last whole batch instead of its first image; the pieces go once the shard is finished. */
+
+static void partial_dir(char *buf, size_t n, const job *j, int64_t k) {
+    snprintf(buf, n, "%s/.partial/shard-%06lld", j->e->output, (long long)k);
+}
+
+static void partial_remove(const job *j, int64_t k) {
+    char d[4608];
+    partial_dir(d, sizeof d, j, k);
+    DIR *dp = opendir(d);
+    if (!dp) return;
+    for (struct dirent *de; (de = readdir(dp));) {
+        if (strncmp(de->d_name, "batch-", 6) && strncmp(de->d_name, ".mmb-", 5)) continue;
+        char f[4864];
+        snprintf(f, sizeof f, "%s/%s", d, de->d_name);
+        unlink(f);
+    }
+    closedir(dp);
+    rmdir(d);
+}
+
+static size_t per_row(const job *j, const shard_out *so, int tap) {
+    if (tap < 0) return j->pool == MMB_POOL_NONE ? (size_t)so->tokens0 * (size_t)j->in.out_width : (size_t)j->in.out_width;
+    return j->pool == MMB_POOL_NONE ? (size_t)j->in.vision_tokens * (size_t)j->in.vision_width : (size_t)j->in.vision_width;
+}
+
+static void settings(const job *j, char *buf, size_t n) {
+    snprintf(buf, n, "%lld/%lld/%s/%s/%d", (long long)j->S, (long long)j->n, j->pool_name, j->format_name, j->e->n_taps);
+}
+
+/* Batch b (inputs [i0, i1), rows from row0, errors from err0) as a piece. */
+static int write_piece(job *j, shard_out *so, int64_t b, int64_t i0, int64_t i1, int64_t row0, int err0) {
+    char dir[4608], path[4700], set[128];
+    partial_dir(dir, sizeof dir, j, so->k);
+    if (mkdirs(dir)) return 1;
+    snprintf(path, sizeof path, "%s/batch-%06lld.safetensors", dir, (long long)b);
+    int64_t nr = so->rows - row0;
+    int n_meta = 2 * (int)nr + 5, r = 1, n_t = 0;
+    char **keys = calloc((size_t)n_meta, sizeof *keys), **vals = calloc((size_t)n_meta, sizeof *vals);
+    cJSON *errs = cJSON_CreateArray();
+    char *etext = NULL, names[MMB_MAX_TAPS][32];
+    mmb_tensor t[MMB_MAX_TAPS + 1];
+    if (!keys || !vals || !errs) { cli_fail(NULL, "out of memory"); goto done; }
+    for (int i = err0; i < cJSON_GetArraySize(so->errors); i++)
+        cJSON_AddItemToArray(errs, cJSON_Duplicate(cJSON_GetArrayItem(so->errors, i), 1));
+    if (!(etext = cJSON_PrintUnformatted(errs))) { cli_fail(NULL, "out of memory"); goto done; }
+    for (int i = 0; i < n_meta; i++)
+        if (!(keys[i] = malloc(32)) || !(vals[i] = malloc(128))) { cli_fail(NULL, "out of memory"); goto done; }
+    for (int64_t q = 0; q < nr; q++) {
+        snprintf(keys[2 * q], 32, "index.%lld", (long long)q);
+        snprintf(vals[2 * q], 128, "%lld", (long long)so->idx[row0 + q]);
+        snprintf(keys[2 * q + 1], 32, "tokens.%lld", (long long)q);
+        snprintf(vals[2 * q + 1], 128, "%lld", (long long)so->tok[row0 + q]);
+    }
+    int m = 2 * (int)nr;
+    settings(j, set, sizeof set);
+    snprintf(keys[m], 32, "first"), snprintf(vals[m], 128, "%lld", (long long)i0);
+    snprintf(keys[m + 1], 32, "end"), snprintf(vals[m + 1], 128, "%lld", (long long)i1);
+    snprintf(keys[m + 2], 32, "rows"), snprintf(vals[m + 2], 128, "%lld", (long long)nr);
+    snprintf(keys[m + 3], 32, "settings"), snprintf(vals[m + 3], 128, "%s", set);
+    snprintf(keys[m + 4], 32, "errors");
+    free(vals[m + 4]);
+    vals[m + 4] = etext;
+    etext = NULL;
+    if (nr > 0) {
+        size_t pe = per_row(j, so, -1);
+        t[n_t++] = (mmb_tensor){.name = "embeddings", .dtype = MMB_F32, .ndim = 1, .shape = {(int64_t)(pe * (size_t)nr)},
+                                .data = so->emb.v + pe * (size_t)row0};
+        for (int i = 0; i < j->e->n_taps; i++) {
+            size_t ph = per_row(j, so, i);
+            snprintf(names[i], sizeof names[i], "hidden.%d", i);
+            t[n_t++] = (mmb_tensor){.name = names[i], .dtype = MMB_F32, .ndim = 1, .shape = {(int64_t)(ph * (size_t)nr)},
+                                    .data = so->hid[i].v + ph * (size_t)row0};
+        }
+    }
+    if (mmb_st_write_meta(j->ctx, path, t, n_t, (const char *const *)keys, (const char *const *)vals, n_meta) != MMB_OK)
+        { cli_fail(j->ctx, NULL); goto done; }
+    r = 0;
+done:
+    free(etext);
+    cJSON_Delete(errs);
+    if (keys) cli_free_list(keys, n_meta);
+    if (vals) cli_free_list(vals, n_meta);
+    return r;
+}
+
+/* Reads the shard's pieces in order while each starts where the last ended: returns the input to go on from
+ * (so->begin when there is none); *b the next piece's number. Returns -1 after printing a fatal error. */
+static int64_t read_pieces(job *j, shard_out *so, int64_t *b) {
+    char dir[4608], path[4700], set[128];
+    partial_dir(dir, sizeof dir, j, so->k);
+    settings(j, set, sizeof set);
+    int64_t i0 = so->begin;
+    for (*b = 0;; (*b)++) {
+        snprintf(path, sizeof path, "%s/batch-%06lld.safetensors", dir, (long long)*b);
+        if (access(path, F_OK) != 0) break;
+        mmb_st_file *f = NULL;
+        if (mmb_st_open(j->ctx, path, &f) != MMB_OK) break;  /* unreadable: encoded again from here */
+        const char *first = mmb_st_meta(f, "first"), *end = mmb_st_meta(f, "end"), *rows = mmb_st_meta(f, "rows"),
+                   *st = mmb_st_meta(f, "settings"), *et = mmb_st_meta(f, "errors");
+        int64_t nr = rows ? atoll(rows) : -1, e = end ? atoll(end) : -1;
+        cJSON *errs = et ? cJSON_Parse(et) : NULL;
+        int ok = first && atoll(first) == i0 && e > i0 && e <= so->end && st && !strcmp(st, set) && nr >= 0 &&
+                 nr <= e - i0 && cJSON_IsArray(errs) && so->rows + nr <= so->end - so->begin;
+        int64_t idx[4096], tok[4096];
+        for (int64_t q = 0; ok && q < nr; q++) {
+            char key[32];
+            snprintf(key, sizeof key, "index.%lld", (long long)q);
+            const char *v = mmb_st_meta(f, key);
+            snprintf(key, sizeof key, "tokens.%lld", (long long)q);
+            const char *w = mmb_st_meta(f, key);
+            ok = v && w && q < 4096;
+            if (ok) idx[q] = atoll(v), tok[q] = atoll(w);
+        }
+        if (ok && nr > 0 && j->pool == MMB_POOL_NONE && so->rows == 0) so->tokens0 = tok[0];
+        const mmb_tensor *te = ok && nr > 0 ? mmb_st_find(f, "embeddings") : NULL;
+        ok = ok && (nr == 0 || (te && te->dtype == MMB_F32 && (size_t)mmb_tensor_numel(te) == per_row(j, so, -1) * (size_t)nr));
+        for (int i = 0; ok && nr > 0 && i < j->e->n_taps; i++) {
+            char nm[32];
+            snprintf(nm, sizeof nm, "hidden.%d", i);
+            const mmb_tensor *th = mmb_st_find(f, nm);
+            ok = th && th->dtype == MMB_F32 && (size_t)mmb_tensor_numel(th) == per_row(j, so, i) * (size_t)nr;
+        }
+        if (ok && nr > 0) {
+            if (push_rows(&so->emb, te->data, per_row(j, so, -1) * (size_t)nr)) ok = 0;
+            for (int i = 0; ok && i < j->e->n_taps; i++) {
+                char nm[32];
+                snprintf(nm, sizeof nm, "hidden.%d", i);
+                if (push_rows(&so->hid[i], mmb_st_find(f, nm)->data, per_row(j, so, i) * (size_t)nr)) ok = 0;
+            }
+        }
+        if (!ok) {
+            cJSON_Delete(errs);
+            mmb_st_close(f);
+            if (so->emb.n != (size_t)so->rows * per_row(j, so, -1)) return -1;  /* out of memory mid-way: printed */
+            break;
+        }
+        for (int64_t q = 0; q < nr; q++) so->idx[so->rows + q] = idx[q], so->tok[so->rows + q] = tok[q];
+        so->rows += nr;
+        int64_t nf = cJSON_GetArraySize(errs);
+        while (cJSON_GetArraySize(errs) > 0) cJSON_AddItemToArray(so->errors, cJSON_DetachItemFromArray(errs, 0));
+        so->n_failed += nf;
+        cJSON_Delete(errs);
+        mmb_st_close(f);
+        count(j, e - i0, nf);
+        i0 = e;
+    }
+    return i0;
+}
+
 static int do_shard(job *j, int64_t k) {
     shard_out so = {.k = k};
     double t0 = cli_now();
@@ -433,12 +582,24 @@ static int do_shard(job *j, int64_t k) {
         cli_fail(NULL, "out of memory");
         goto done;
     }
-    for (int64_t i0 = so.begin; i0 < so.end; i0 += j->batch) {
-        int64_t i1 = so.end - i0 < j->batch ? so.end : i0 + j->batch;
+    int64_t i0 = so.begin, b = 0;
+    if (j->e->resume) {
+        if ((i0 = read_pieces(j, &so, &b)) < 0) goto done;
+        if (i0 > so.begin)
+            printf("shard %lld: resumed at input %lld (%lld batch(es) read back)\n", (long long)k, (long long)i0,
+                   (long long)b);
+    } else
+        partial_remove(j, k);
+    for (; i0 < so.end; i0 += j->batch, b++) {
+        int64_t i1 = so.end - i0 < j->batch ? so.end : i0 + j->batch, row0 = so.rows;
+        int err0 = cJSON_GetArraySize(so.errors);
         if (encode_batch(j, &so, i0, i1)) goto done;
+        if (i1 < so.end && !j->e->no_partial && write_piece(j, &so, b, i0, i1, row0, err0)) goto done;
         if (j->service) j->service(j);
+        test_hook(j, i1 - i0);
     }
     if (write_shard(j, &so)) goto done;
+    partial_remove(j, k);
     printf("shard %lld: inputs %lld..%lld, %lld encoded, %lld failed, rank %d, %.0f ms\n", (long long)k,
            (long long)so.begin, (long long)so.end - 1, (long long)so.rows, (long long)so.n_failed, j->rank,
            (cli_now() - t0) * 1e3);
@@ -588,6 +749,11 @@ static int write_index(job *j) {
     }
     snprintf(path, sizeof path, "%s/index.json", j->e->output);
     if (cli_write_text(path, text)) goto done;
+    if (done == j->n_shards) {
+        char pd[4608];
+        snprintf(pd, sizeof pd, "%s/.partial", j->e->output);
+        rmdir(pd);  /* empty once every shard is finished */
+    }
     printf("index: %lld/%lld shards finished, %lld rows, %lld errors -> %s\n", (long long)done, (long long)j->n_shards,
            (long long)rows, (long long)n_err, path);
     r = 0;
@@ -613,6 +779,7 @@ static int plan(job *j, int64_t **todo, int64_t *n_todo, int64_t *images) {
         if (bad) return 1;
         if (o) {
             cJSON_Delete(o);
+            partial_remove(j, k);  /* pieces of a shard finished just before a kill */
             if (!j->e->resume) {
                 fprintf(stderr, "mmbridge: error: %s/shard-%06lld.json: shard %lld is already finished; pass --resume "
                         "to finish the job, or another -o directory\n", j->e->output, (long long)k, (long long)k);

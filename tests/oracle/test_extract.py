@@ -109,7 +109,7 @@ def rows_by_index(out):
 
 
 def no_partial_files(out):
-    left = [p for p in Path(out).rglob(".mmb-*")]
+    left = [p for p in Path(out).rglob(".mmb-*")] + [p for p in Path(out).rglob("*") if ".partial" in p.parts]
     assert not left, left
 
 
@@ -166,9 +166,13 @@ def test_kill_then_resume_single_process(tmp_path, tower):
     p = subprocess.run([str(BIN), "encode", str(d), "--manifest", str(m), "-o", str(out), *map(str, args)],
                        env=dict(os.environ, MMB_TEST_EXIT_AFTER="15"), capture_output=True, text=True)
     assert p.returncode == 3, p.stderr
-    assert [s["shard"] for s in sidecars(out)] == [0]   # shard 1 was at image 16 of 20: not finished
+    assert [s["shard"] for s in sidecars(out)] == [0]   # the hook stopped it 8 images into shard 1
     assert not (out / "shard-000001.json").exists() and not (out / "index.json").exists()
-    run("encode", d, "--manifest", m, "-o", out, *args, "--resume")
+    pieces = sorted(p.name for p in (out / ".partial" / "shard-000001").iterdir())
+    assert pieces == ["batch-000000.safetensors", "batch-000001.safetensors"], pieces
+    p = run("encode", d, "--manifest", m, "-o", out, *args, "--resume")
+    assert "shard 1: resumed at input 18 (2 batch(es) read back)" in p.stdout   # not encoded twice
+    assert "progress: 20/20 images" in p.stderr
     ref, got = rows_by_index(ref_out), rows_by_index(out)
     assert sorted(got) == list(range(30))
     for i in range(30):
@@ -208,8 +212,12 @@ def test_mpi_rank_killed_mid_shard_then_resume(tmp_path, tower):
     assert p.returncode != 0 and "MMB_TEST_EXIT_AFTER: rank 1 exits" in p.stderr, p.stderr
     done_before = [s["shard"] for s in sidecars(out)]
     assert len(done_before) < 6 and not (out / "index.json").exists()
+    partial = sorted(str(p.relative_to(out)) for p in (out / ".partial").rglob("batch-*"))
+    print("finished before the kill:", done_before, "pieces of unfinished shards:", partial)
     p = mpirun(3, *args, "-o", out, "--resume")
     assert f"{len(done_before)} finished shard(s) skipped" in p.stdout
+    # each batch piece left is read back, not encoded again
+    assert p.stdout.count("batch(es) read back") == len({q.split("/")[0] for q in partial}), p.stdout
     ref, got = rows_by_index(tmp_path / "single"), rows_by_index(out)
     assert sorted(got) == list(range(60))
     for i in range(60):
