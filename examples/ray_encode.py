@@ -16,67 +16,26 @@ manifest's inputs [k * shard_size, (k + 1) * shard_size). Each shard writes
 each through a temporary file and os.replace, so a killed actor leaves no partial shard; --resume skips finished
 ones. Undecodable images go to the sidecar's "errors" (and errors.jsonl) instead of stopping the job. index.json is
 written by the driver at the end. The manifest is a list of paths (one a line), JSON lines ({"path": ...}) or a
-webdataset .tar (members grouped by key, as webdataset does; read with Python's tarfile).
+webdataset .tar, read by the library's own reader (mmbridge.Manifest), as the CLI reads it.
 
 The C driver (`mpirun -np N mmbridge encode --mpi`) writes the same files; mixing the two on one directory works when
-the settings (shard size, pool, format) agree. Python's mean is numpy's float32 mean over tokens (pairwise), so its
-rows may differ from the CLI's (summed in double) in the last bits.
+the settings (shard size, pool, format) agree. The rows are the library's pooling of one image a forward: equal bit
+for bit to `mmbridge encode --manifest ... --format clip-retrieval --batch 1` at the same threads
+(tests/python/test_manifest.py runs encode_shard without Ray and compares).
 """
 import argparse
 import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
 
-IMAGE_EXTS = {"jpg", "jpeg", "png", "webp"}
-
 
 def read_manifest(path):
-    """[(name, loader)] where loader() returns the image's bytes, in manifest order."""
-    path = Path(path)
-    if path.suffix == ".tar":
-        return tar_inputs(path)
-    base = path.parent
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("{"):
-            rec = json.loads(line)
-            if "path" not in rec:
-                raise ValueError(f"{path}: only local paths are read (download URLs first, e.g. with img2dataset)")
-            line = rec["path"]
-        p = Path(line) if os.path.isabs(line) else base / line
-        out += tar_inputs(p, line) if p.suffix == ".tar" else [(line, lambda p=p: p.read_bytes())]
-    return out
-
-
-def tar_inputs(p, label=None):
-    label = label or str(p)
-    out, seen = [], set()
-    with tarfile.open(p) as t:
-        for m in t:
-            if not m.isfile():
-                continue
-            base = m.name.rsplit("/", 1)[-1]
-            if "." not in base:
-                continue
-            key = m.name[:len(m.name) - len(base)] + base.split(".", 1)[0]
-            ext = base.split(".", 1)[1].lower()
-            if ext in IMAGE_EXTS and key not in seen:
-                seen.add(key)
-                out.append((f"{label}#{m.name}", lambda p=p, off=m.offset_data, n=m.size: read_at(p, off, n)))
-    return out
-
-
-def read_at(p, off, n):
-    with open(p, "rb") as f:
-        f.seek(off)
-        return f.read(n)
+    """The manifest through the library's reader (mmbridge.Manifest: the CLI's, so the names and the order agree)."""
+    import mmbridge
+    return mmbridge.Manifest(path)
 
 
 def write_atomic(path, data: bytes):
@@ -102,6 +61,7 @@ class EncodeShards:
 
     def __init__(self, args, n_inputs):
         import mmbridge
+        self.mmbridge = mmbridge
         self.args, self.n = args, n_inputs
         self.inputs = read_manifest(args.manifest)
         self.model = mmbridge.Model(args.model, threads=args.threads)
@@ -114,28 +74,33 @@ class EncodeShards:
         return {"shard": np.array(done)}
 
     def encode_shard(self, k):
-        a = self.args
-        lo, hi = k * a.shard_size, min((k + 1) * a.shard_size, self.n)
+        a, mmb = self.args, self.mmbridge
         rows, meta, errors = [], [], []
-        for i in range(lo, hi):
-            name, load = self.inputs[i]
+        for i in mmb.shard_range(self.n, a.shard_size, k):
+            inp = self.inputs[i]
             try:
-                emb = self.model.encode([load()])
-                emb = emb[0] if isinstance(emb, list) else emb[0]
-            except Exception as e:  # mmbridge.Error: an undecodable image
-                errors.append({"input": name, "index": i, "message": str(e)})
+                emb = self.model.encode([self.inputs.read(i)])   # one image a forward, as the CLI's --batch 1
+                if isinstance(emb, list):                         # images of their own token counts (Qwen2-VL)
+                    emb = emb[0][None]
+            except mmb.Error as e:                                # an undecodable image, a URL
+                errors.append({"input": inp.name, "index": i, "message": str(e)})
                 continue
-            rows.append(emb.mean(0) if a.pool == "mean" else emb[0] if a.pool == "cls" else emb)
-            meta.append({"image_path": name, "manifest_index": i, "tokens": int(emb.shape[0])})
-        arr = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+            rows.append(mmb.pool_tokens(emb, a.pool)[0])          # the library's pooling: the CLI's rows
+            meta.append({"image_path": inp.name, "manifest_index": i, "tokens": int(emb.shape[1])})
+        w = self.model.info.out_width  # an empty shard keeps the CLI's shape: [0, width] or [0, 0, width]
+        arr = np.stack(rows).astype(np.float32) if rows else np.zeros((0, w) if a.pool != "none" else (0, 0, w),
+                                                                      np.float32)
         buf = io.BytesIO()
         np.lib.format.write_array(buf, arr, version=(1, 0))
         out = Path(a.output)
         files = [f"img_emb/img_emb_{k}.npy", f"metadata/metadata_{k}.jsonl"]
         write_atomic(out / files[0], buf.getvalue())
-        write_atomic(out / files[1], "".join(json.dumps(m) + "\n" for m in meta).encode())
+        # compact JSON lines, as the CLI writes them (cJSON_PrintUnformatted)
+        write_atomic(out / files[1], "".join(json.dumps(m, separators=(",", ":"), ensure_ascii=False) + "\n"
+                                             for m in meta).encode())
+        r = mmb.shard_range(self.n, a.shard_size, k)
         side = {"shard": k, "format": "clip-retrieval", "pool": a.pool, "shard_size": a.shard_size,
-                "n_inputs": self.n, "first": lo, "end": hi, "rows": len(rows), "files": files,
+                "n_inputs": self.n, "first": r.start, "end": r.stop, "rows": len(rows), "files": files,
                 "inputs": [{"name": m["image_path"], "index": m["manifest_index"], "tokens": m["tokens"]} for m in meta],
                 "errors": errors}
         write_atomic(out / f"shard-{k:06d}.json", json.dumps(side, indent=1).encode())  # last: the shard is done
@@ -155,8 +120,9 @@ def main():
 
     import ray
 
+    import mmbridge
     n = len(read_manifest(args.manifest))
-    n_shards = (n + args.shard_size - 1) // args.shard_size
+    n_shards = mmbridge.shard_count(n, args.shard_size)
     todo = [k for k in range(n_shards) if not (args.resume and finished(args.output, k))]
     print(f"{n} inputs, {n_shards} shards of {args.shard_size}; {len(todo)} to do")
     ray.init()

@@ -403,21 +403,13 @@ def test_clip_retrieval_layout_against_transformers(tmp_path):
     assert wrong > 1e-2
 
 
-def test_ray_example_is_valid_and_reads_manifests_alike(tmp_path, tower):
-    """examples/ray_encode.py compiles, and its manifest reader (Python's tarfile) lists a tar's inputs as the C reader
-    does (ray itself is not needed: it is imported only when the example runs)."""
-    import importlib.util
+def test_ray_example_is_valid():
+    """examples/ray_encode.py compiles and has its parts (ray is not a test dependency: the example imports it only in
+    main; tests/python/test_manifest.py runs its shard encoder without Ray against the CLI)."""
+    import ast
     import py_compile
     src = ROOT / "examples" / "ray_encode.py"
     py_compile.compile(str(src), doraise=True)
-    spec = importlib.util.spec_from_file_location("ray_encode", src)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    d, _, _ = tower
-    tar = tmp_path / "data.tar"
-    imgs = make_tar(tar, tarfile.GNU_FORMAT)
-    inputs = mod.read_manifest(tar)
-    assert [n for n, _ in inputs] == [f"{tar}#{k}" for k in imgs]
-    assert [load() for _, load in inputs] == list(imgs.values())
-    run("encode", d, "--manifest", tar, "-o", tmp_path / "o", "--shard-size", 3)
-    assert [i["name"] for s in sidecars(tmp_path / "o") for i in s["inputs"]] == [n for n, _ in inputs]
+    names = {n.name for n in ast.parse(src.read_text()).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert {"main", "EncodeShards", "read_manifest", "write_atomic", "finished"} <= names
+    assert "map_batches" in src.read_text()
