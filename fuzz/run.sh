@@ -18,7 +18,7 @@ TIME=${FUZZ_TIME:-45}
 CC=${CC:-clang} cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DMMB_FUZZ=ON -DMMB_SANITIZE=ON \
     -DMMB_BUILD_BENCH=OFF -DMMB_BUILD_TESTS=OFF >/dev/null
 cmake --build "$BUILD" -j"$(nproc 2>/dev/null || echo 2)" --target fuzz_safetensors fuzz_config fuzz_chat fuzz_tokenizer fuzz_image \
-    fuzz_preprocessor fuzz_serve fuzz_gguf >/dev/null
+    fuzz_preprocessor fuzz_serve fuzz_gguf fuzz_tar >/dev/null
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mmb-fuzz.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -26,7 +26,7 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
 status=0
-for t in ${FUZZ_TARGETS:-safetensors config chat tokenizer image preprocessor serve gguf}; do
+for t in ${FUZZ_TARGETS:-safetensors config chat tokenizer image preprocessor serve gguf tar}; do
     mkdir -p "$WORK/$t" "$WORK/$t-artifacts"
     cp "$ROOT/fuzz/corpus/$t/"* "$WORK/$t/"
     echo "== fuzz_$t: $RUNS runs or $TIME s, max_len $MAX_LEN"

@@ -1482,6 +1482,93 @@ typedef struct mmb_family_desc {
 MMB_API int mmb_family_count(void);
 MMB_API mmb_status mmb_family_get(int i, mmb_family_desc *out);
 
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Feature extraction at scale: manifests (path lists, JSON lines, webdataset tar shards read in place), the
+ * deterministic split of their inputs into fixed-size shards, pooling what is stored per image, and .npy files.
+ * `mmbridge encode --manifest` is a thin layer over these (docs/decisions.md "Sharded extraction").
+ */
+typedef struct mmb_manifest mmb_manifest;
+
+/* One input of a manifest. The strings belong to the manifest. */
+typedef struct mmb_input {
+    const char *name;    /* what outputs call it: the path as listed, the JSON line's "path" or "url", or
+                            "TAR#MEMBER" for a webdataset member (TAR as the manifest names it) */
+    const char *path;    /* the file to read: the image itself, or the tar holding it; NULL for a URL */
+    const char *url;     /* a JSON line's "url" (not fetched: mmb_manifest_read refuses it), else NULL */
+    int64_t index;       /* its position in the manifest, from 0 */
+    int64_t offset;      /* in a tar: the member's data offset; else 0 */
+    int64_t size;        /* in a tar: the member's size in bytes; else -1 (the whole file) */
+} mmb_input;
+
+/* Flags of mmb_manifest_open. */
+#define MMB_MANIFEST_SKIP_BAD 1  /* a tar whose header is garbled or truncated is cut there (its members before
+                                    it kept) and the problem kept as a warning, instead of failing */
+
+/* Opens the manifest at `path`, told by its name and contents:
+ *   a `.tar` file                  a webdataset shard: members grouped by key (the member path up to the first
+ *                                  '.' of its base name, as webdataset's __key__), one input per key that has an
+ *                                  image member (extension jpg, jpeg, png or webp; the first one in tar order);
+ *   a file whose first non-blank   JSON lines: one object a line with "path" (relative to the manifest's directory
+ *   character is '{'               unless absolute) or "url"; blank lines skipped;
+ *   any other file                 one path a line (relative to the manifest's directory unless absolute), blank
+ *                                  lines skipped; a listed path ending in `.tar` is a webdataset shard, expanded in
+ *                                  place.
+ * Tar headers are validated as untrusted input: each block's checksum, every numeric field (octal, or GNU base-256
+ * where non-negative and in range), the member's size and offset inside the file (overflow-checked), the name
+ * (NUL-terminated, with the ustar prefix, PAX `path` records and GNU long names); regular files are inputs,
+ * directories, links and other types are skipped; the archive ends at two zero blocks or at the end of the file.
+ * Returns MMB_OK; MMB_ERR_IO (unreadable); MMB_ERR_FORMAT (a bad JSON line, a line without "path" or "url", a
+ * garbled or truncated tar header, with the file, line or byte offset; unless flags has MMB_MANIFEST_SKIP_BAD for
+ * tars); MMB_ERR_MISSING (no input at all); MMB_ERR_ARG; MMB_ERR_NOMEM. */
+MMB_API mmb_status mmb_manifest_open(mmb_ctx *ctx, const char *path, int flags, mmb_manifest **out);
+
+/* As mmb_manifest_open on a tar held in memory (n bytes at data, not kept; the inputs' path is `name`): what the
+ * fuzzer drives. */
+MMB_API mmb_status mmb_manifest_from_tar(mmb_ctx *ctx, const void *data, size_t n, const char *name, int flags,
+                                         mmb_manifest **out);
+
+MMB_API void mmb_manifest_free(mmb_manifest *m);
+/* The number of inputs (>= 1), and input i (0 <= i < count; MMB_ERR_ARG otherwise). */
+MMB_API int64_t mmb_manifest_count(const mmb_manifest *m);
+MMB_API mmb_status mmb_manifest_get(const mmb_manifest *m, int64_t i, mmb_input *out);
+/* The problems MMB_MANIFEST_SKIP_BAD kept (a garbled tar cut short): their number, and the message of the i-th
+ * (NULL out of range). */
+MMB_API int mmb_manifest_warnings(const mmb_manifest *m);
+MMB_API const char *mmb_manifest_warning(const mmb_manifest *m, int i);
+
+/* Reads input i's encoded bytes into *bytes (malloc'd, the caller frees it) and *n: the file, or the tar member
+ * (read at its offset, checked against the file's current size). Returns MMB_OK; MMB_ERR_IO (unreadable, a tar
+ * that shrank); MMB_ERR_UNSUPPORTED (a URL: mmbridge does not download; img2dataset does); MMB_ERR_ARG;
+ * MMB_ERR_NOMEM. Messages start with the input's name. */
+MMB_API mmb_status mmb_manifest_read(mmb_ctx *ctx, const mmb_manifest *m, int64_t i, void **bytes, size_t *n);
+
+/* The split: n_inputs in shards of shard_size consecutive inputs in manifest order, shard k holding
+ * [k * shard_size, min((k + 1) * shard_size, n_inputs)). Returns the number of shards (>= 0), or -1 for
+ * n_inputs < 0 or shard_size < 1. mmb_shard_range gives shard k's [*begin, *end); MMB_ERR_ARG for k out of range.
+ * `--shard K/N` takes the shards whose index % N == K (mmb_shard_mine). */
+MMB_API int64_t mmb_shard_count(int64_t n_inputs, int64_t shard_size);
+MMB_API mmb_status mmb_shard_range(int64_t n_inputs, int64_t shard_size, int64_t k, int64_t *begin, int64_t *end);
+MMB_API int mmb_shard_mine(int64_t k, int64_t part, int64_t n_parts);
+
+/* What is stored per image. */
+typedef enum mmb_pooling {
+    MMB_POOL_NONE = 0,  /* all tokens: [tokens, width] */
+    MMB_POOL_MEAN = 1,  /* the mean over the tokens: [width] (summed in double, in token order) */
+    MMB_POOL_CLS = 2    /* the first token (CLIP's CLS; a connector's first output): [width] */
+} mmb_pooling;
+
+/* Pools x [n, tokens, width] into out: [n, width] for MEAN and CLS, a copy of x for NONE (out may equal x, and
+ * for MEAN and CLS out may alias x's start). out_count floats must fit. Returns MMB_OK; MMB_ERR_ARG (NULL pointers,
+ * n, tokens or width < 1, an unknown mode); MMB_ERR_SHAPE (out_count too small). */
+MMB_API mmb_status mmb_pool_tokens(mmb_ctx *ctx, mmb_pooling mode, const float *x, int64_t n, int64_t tokens,
+                                   int64_t width, float *out, size_t out_count);
+
+/* Writes data (ndim dims of shape, f32) as a NumPy .npy file, format version 1.0, dtype '<f4', C order, as
+ * mmb_file_write writes files (atomically). Returns MMB_OK; MMB_ERR_ARG (ndim not in [1, 8], a negative dim,
+ * NULL data with elements); MMB_ERR_IO; MMB_ERR_NOMEM. */
+MMB_API mmb_status mmb_npy_write(mmb_ctx *ctx, const char *path, const float *data, int ndim, const int64_t *shape);
+
 #ifdef __cplusplus
 }
 #endif

@@ -93,4 +93,5 @@ python3 bench/bench_train.py --quick --dir build/bench-cache --append build/RESU
 python3 bench/bench_cogvlm.py --quick --dir build/bench-cache --append build/RESULTS-quick.md >/dev/null
 python3 bench/bench_vq.py --quick --dir build/bench-cache --append build/RESULTS-quick.md >/dev/null
 python3 bench/bench_server.py --quick --dir build/bench-cache --append build/RESULTS-quick.md >/dev/null
+python3 bench/bench_extract.py --quick --dir build/bench-cache --append build/RESULTS-quick.md >/dev/null
 echo "all tests passed"

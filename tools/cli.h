@@ -141,7 +141,17 @@ typedef struct cli_enc {
     int taps[MMB_MAX_TAPS], n_taps;
     cli_ctx_opts co;
     mmb_dense_params dense;
+    /* --manifest: sharded extraction into the directory -o names (tools/cmd_extract.c) */
+    const char *manifest, *shard, *pool;
+    int64_t shard_size, shard_k, shard_n;  /* --shard K/N (0/1 when not given) */
+    int resume, skip_bad, format, mpi;     /* format: 0 safetensors, 1 clip-retrieval */
+    int no_partial;                        /* --no-partial: no per-batch pieces (resume redoes a shard) */
 } cli_enc;
+
+/* encode --manifest (tools/cmd_extract.c): the manifest's inputs in shards of e->shard_size, each shard written
+ * atomically with its sidecar, --resume, --skip-bad, --shard K/N, --mpi's work queue; index.json at the end.
+ * Returns the exit status. */
+int cli_extract_run(mmb_ctx *ctx, const cli_enc *e);
 
 /* Runs it, printing a line per batch and per image. Returns the exit status: 0, 1 or 2 (printed). */
 int cli_encode_run(mmb_ctx *ctx, const cli_enc *e);

@@ -47,7 +47,7 @@ static int write_output(mmb_ctx *ctx, const char *output, const mmb_tensor *t, i
 }
 
 static int parse_encode(int argc, char **argv, cli_enc *o, const char **pos) {
-    const char *taps = NULL;
+    const char *taps = NULL, *layers = NULL;
     int np = 0;
     const cli_opt opts[] = {
         {.name = "-o", .meta = "OUT", .type = CLI_STR, .dst = &o->output,
@@ -80,10 +80,37 @@ static int parse_encode(int argc, char **argv, cli_enc *o, const char **pos) {
          .help = "--video: frames to take (default 8)", .lo = 1, .hi = 256},
         {.name = "--no-pool", .meta = NULL, .type = CLI_FLAG, .dst = &o->no_pool,
          .help = "--video: keep every frame's tokens"},
+        {.name = "--manifest", .meta = "FILE", .type = CLI_STR, .dst = &o->manifest,
+         .help = "sharded extraction: the inputs are FILE's (a list of paths, one a line; JSON lines\n"
+         "with \"path\" or \"url\"; a webdataset .tar, or a list naming .tar shards), -o a directory\n"
+         "of shards of --shard-size images, each with a JSON sidecar, and index.json"},
+        {.name = "--shard-size", .meta = "N", .type = CLI_INT, .dst = &o->shard_size,
+         .help = "--manifest: images per shard (default 1000)", .lo = 1, .hi = 1 << 24},
+        {.name = "--shard", .meta = "K/N", .type = CLI_STR, .dst = &o->shard,
+         .help = "--manifest: only the shards whose index % N == K"},
+        {.name = "--resume", .meta = NULL, .type = CLI_FLAG, .dst = &o->resume,
+         .help = "--manifest: skip finished shards (file and sidecar in place), redo the rest"},
+        {.name = "--skip-bad", .meta = NULL, .type = CLI_FLAG, .dst = &o->skip_bad,
+         .help = "--manifest: record undecodable images (the sidecars, OUT/errors.jsonl) instead of\n"
+         "stopping; a garbled tar is cut at its bad header"},
+        {.name = "--no-partial", .meta = NULL, .type = CLI_FLAG, .dst = &o->no_partial,
+         .help = "--manifest: do not keep each finished batch of an unfinished shard in\n"
+         "OUT/.partial/ (--resume then redoes a shard from its first image; half the writes)"},
+        {.name = "--format", .meta = "F", .type = CLI_CHOICE, .dst = &o->format, .choices = "safetensors|clip-retrieval",
+         .help = "--manifest: shard-K.safetensors, or clip-retrieval's img_emb/img_emb_K.npy +\n"
+         "metadata/metadata_K.jsonl"},
+        {.name = "--pool", .meta = "P", .type = CLI_STR, .dst = &o->pool,
+         .help = "--manifest: what is stored per image: none (all tokens), mean, cls (the first\n"
+         "token); default none for safetensors, mean for clip-retrieval"},
+        {.name = "--layers", .meta = "LIST", .type = CLI_STR, .dst = &layers,
+         .help = "--taps by another name (hidden states stored beside the embeddings, pooled alike)"},
+        {.name = "--mpi", .meta = NULL, .type = CLI_FLAG, .dst = &o->mpi,
+         .help = "--manifest under mpirun: rank 0 hands out shards as ranks ask (a work queue),\n"
+         "every rank encodes, rank 0 prints the progress and writes index.json"},
         CLI_OPTS_CTX(&o->co),
         CLI_OPTS_DENSE(&o->dense),
     };
-    const cli_spec spec = {"encode", "MODEL (INPUT... | --pixels F | --video FRAMES) -o OUT",
+    const cli_spec spec = {"encode", "MODEL (INPUT... | --pixels F | --video FRAMES | --manifest FILE) -o OUT",
         "Runs the checkpoint's vision path (the library's mmb_mllm_encode): image -> processor -> vision\n"
         "tower -> feature selection -> connector (a family model: its own tower and connector), and writes\n"
         "'embeddings' [n_images, tokens, d_model] f32, with --taps' hidden states from the same tower\n"
@@ -107,11 +134,40 @@ static int parse_encode(int argc, char **argv, cli_enc *o, const char **pos) {
     o->model = pos[0];
     o->inputs = pos + 1;
     o->n_inputs = np - 1;
-    if (taps && parse_taps(taps, o)) return 2;
-    if (!o->output || (!!o->pixels + !!o->n_inputs + !!o->video) != 1) {
-        fprintf(stderr, "mmbridge encode: needs -o and one of: images, --pixels, --video\n");
+    if (taps && layers) {
+        fprintf(stderr, "mmbridge encode: --taps and --layers are one option: give one\n");
         return 2;
     }
+    if ((taps || layers) && parse_taps(taps ? taps : layers, o)) return 2;
+    if (!o->output || (!!o->pixels + !!o->n_inputs + !!o->video + !!o->manifest) != 1) {
+        fprintf(stderr, "mmbridge encode: needs -o and one of: images, --pixels, --video, --manifest\n");
+        return 2;
+    }
+    if (!o->manifest && (o->shard_size || o->shard || o->resume || o->skip_bad || o->format || o->pool || o->mpi || o->no_partial)) {
+        fprintf(stderr, "mmbridge encode: --shard-size, --shard, --resume, --skip-bad, --no-partial, --format, --pool and --mpi "
+                "go with --manifest\n");
+        return 2;
+    }
+    if (o->manifest && (o->vq || strcmp(o->output, "-") == 0)) {
+        fprintf(stderr, "mmbridge encode: --manifest writes a directory (-o DIR), of embeddings (no --vq)\n");
+        return 2;
+    }
+    o->shard_n = 1;
+    if (o->shard) {
+        long long k = -1, nn = 0;
+        char tail = 0;
+        if (sscanf(o->shard, "%lld/%lld%c", &k, &nn, &tail) != 2 || nn < 1 || k < 0 || k >= nn || nn > (1 << 24)) {
+            fprintf(stderr, "mmbridge encode: --shard: expected K/N with 0 <= K < N, got '%s'\n", o->shard);
+            return 2;
+        }
+        o->shard_k = k;
+        o->shard_n = nn;
+    }
+    if (o->pool && strcmp(o->pool, "none") && strcmp(o->pool, "mean") && strcmp(o->pool, "cls")) {
+        fprintf(stderr, "mmbridge encode: --pool: one of none, mean, cls; got '%s'\n", o->pool);
+        return 2;
+    }
+    if (!o->shard_size) o->shard_size = 1000;
     if (o->latents && !o->vq) {
         fprintf(stderr, "mmbridge encode: --latents goes with --vq\n");
         return 2;
@@ -255,6 +311,7 @@ static int encode_pixels(mmb_ctx *ctx, mmb_mllm *m, const cli_enc *e, const floa
 }
 
 int cli_encode_run(mmb_ctx *ctx, const cli_enc *e) {
+    if (e->manifest) return cli_extract_run(ctx, e);
     if (e->vq) return cli_vq_encode(ctx, e);
     FILE *msg = strcmp(e->output, "-") ? stdout : stderr;
     mmb_mllm *m = NULL;

@@ -32,7 +32,8 @@ from ._lib import MMB_TAP_LAST
 
 __all__ = ["Model", "Info", "Generation", "Error", "Status", "MMB_TAP_LAST", "version", "library_path",
            "FileError", "FormatError", "ShapeError", "MissingError", "UnsupportedError", "NoMemoryError",
-           "ArgumentError", "AbortedError", "NumericError", "ClosedError"]
+           "ArgumentError", "AbortedError", "NumericError", "ClosedError", "Manifest", "Input", "shard_count",
+           "shard_range", "shard_mine", "pool_tokens"]
 
 __version__ = "0.1.0"
 
@@ -730,3 +731,142 @@ class Generation(Iterator[str]):
     def decode_s(self) -> Optional[float]:
         v = self._res("decode_s")
         return None if v is None else float(v)
+
+
+# ---- sharded extraction: the library's manifests, split and pooling (mmb_manifest_*, mmb_shard_*, mmb_pool_tokens) --
+
+@dataclass(frozen=True)
+class Input:
+    """One input of a Manifest (mmb_input): its name in outputs, the file to read (the image, or the tar holding it;
+    None for a URL), the URL (or None), its manifest index, and in a tar the member's data offset and size (else 0
+    and -1)."""
+    name: str
+    path: Optional[str]
+    url: Optional[str]
+    index: int
+    offset: int
+    size: int
+
+
+def _text(b: Optional[bytes]) -> Optional[str]:
+    return b.decode("utf-8", "surrogateescape") if b is not None else None
+
+
+class Manifest:
+    """The inputs `mmbridge encode --manifest` reads, from the library's reader (mmb_manifest_open): a list of paths,
+    JSON lines ({"path"} or {"url"}), or a webdataset .tar read in place. skip_bad: a tar with a garbled header is cut
+    there (`warnings` says where) instead of raising FormatError. Use as a sequence of Input; read(i) gives input i's
+    encoded bytes (what Model.encode takes)."""
+
+    def __init__(self, path: PathLike, skip_bad: bool = False):
+        p = _L.mmb_ctx_default_params()
+        p.n_threads = 1
+        ctx = c_void_p()
+        s = _L.mmb_ctx_new(byref(p), byref(ctx))
+        if s or ctx.value is None:
+            raise _BY_STATUS.get(s, Error)("mmb_ctx_new failed", s)
+        self._ctx: Optional[int] = ctx.value
+        self._m: Optional[int] = None
+        out = c_void_p()
+        s = _L.mmb_manifest_open(self._ctx, os.fsencode(path), _lib.MMB_MANIFEST_SKIP_BAD if skip_bad else 0,
+                                 byref(out))
+        if s:
+            e = _error(self._ctx, s)
+            self.close()
+            raise e
+        self._m = out.value
+        self.warnings: List[str] = [_text(_L.mmb_manifest_warning(self._m, i)) or ""
+                                    for i in range(_L.mmb_manifest_warnings(self._m))]
+
+    def close(self) -> None:
+        if self._m is not None:
+            _L.mmb_manifest_free(self._m)
+            self._m = None
+        if self._ctx is not None:
+            _L.mmb_ctx_free(self._ctx)
+            self._ctx = None
+
+    def __enter__(self) -> "Manifest":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return int(_L.mmb_manifest_count(self._m)) if self._m is not None else 0
+
+    def __getitem__(self, i: int) -> Input:
+        if self._m is None:
+            raise ClosedError("the manifest is closed")
+        if i < 0:
+            i += len(self)
+        c = _lib.mmb_input()
+        if _L.mmb_manifest_get(self._m, i, byref(c)):
+            raise IndexError(i)
+        return Input(_text(c.name) or "", _text(c.path), _text(c.url), int(c.index), int(c.offset), int(c.size))
+
+    def __iter__(self) -> Iterator[Input]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def read(self, i: int) -> bytes:
+        """Input i's encoded bytes (the file, or the tar member read at its offset); a URL raises UnsupportedError."""
+        if self._m is None or self._ctx is None:
+            raise ClosedError("the manifest is closed")
+        buf, n = c_void_p(), ctypes.c_size_t()
+        s = _L.mmb_manifest_read(self._ctx, self._m, i, byref(buf), byref(n))
+        if s:
+            raise _error(self._ctx, s)
+        try:
+            return ctypes.string_at(buf.value, n.value) if n.value and buf.value is not None else b""
+        finally:
+            _lib.libc.free(buf)
+
+
+def shard_count(n_inputs: int, shard_size: int) -> int:
+    """The number of shards of shard_size inputs (mmb_shard_count); ValueError for n_inputs < 0 or shard_size < 1."""
+    n = int(_L.mmb_shard_count(n_inputs, shard_size))
+    if n < 0:
+        raise ValueError(f"shard_count({n_inputs}, {shard_size})")
+    return n
+
+
+def shard_range(n_inputs: int, shard_size: int, k: int) -> range:
+    """The manifest indices shard k holds (mmb_shard_range): range(k * shard_size, min((k + 1) * shard_size, n))."""
+    b, e = c_int64(), c_int64()
+    if _L.mmb_shard_range(n_inputs, shard_size, k, byref(b), byref(e)):
+        raise IndexError(k)
+    return range(b.value, e.value)
+
+
+def shard_mine(k: int, part: int, n_parts: int) -> bool:
+    """Whether `--shard part/n_parts` takes shard k (k % n_parts == part)."""
+    return bool(_L.mmb_shard_mine(k, part, n_parts))
+
+
+def pool_tokens(x: np.ndarray, mode: str) -> np.ndarray:
+    """What --pool stores per image, computed by the library (mmb_pool_tokens): x float32 [n, tokens, width] ->
+    [n, width] for "mean" (summed in double) and "cls" (the first token), a copy for "none"."""
+    modes = {"none": _lib.MMB_POOL_NONE, "mean": _lib.MMB_POOL_MEAN, "cls": _lib.MMB_POOL_CLS}
+    if mode not in modes:
+        raise ValueError(f"pool_tokens: mode {mode!r}: one of none, mean, cls")
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    if a.ndim != 3:
+        raise ValueError("pool_tokens: x must be [n, tokens, width]")
+    out = np.empty(a.shape if mode == "none" else (a.shape[0], a.shape[2]), np.float32)
+    p = _L.mmb_ctx_default_params()
+    p.n_threads = 1
+    ctx = c_void_p()
+    if _L.mmb_ctx_new(byref(p), byref(ctx)) or ctx.value is None:
+        raise NoMemoryError("mmb_ctx_new failed", Status.ERR_NOMEM)
+    try:
+        s = _L.mmb_pool_tokens(ctx.value, modes[mode], a.ctypes.data, a.shape[0], a.shape[1], a.shape[2],
+                               out.ctypes.data, out.size)
+        if s:
+            raise _error(ctx.value, s)
+    finally:
+        _L.mmb_ctx_free(ctx.value)
+    return out

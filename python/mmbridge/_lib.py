@@ -90,7 +90,15 @@ class mmb_gen_result(Structure):
                 ("prefill_s", c_double), ("decode_s", c_double)]
 
 
-STRUCTS = {"mmb_ctx_params": mmb_ctx_params, "mmb_image": mmb_image, "mmb_dense_params": mmb_dense_params,
+class mmb_input(Structure):
+    _fields_ = [("name", c_char_p), ("path", c_char_p), ("url", c_char_p), ("index", c_int64), ("offset", c_int64),
+                ("size", c_int64)]
+
+
+MMB_MANIFEST_SKIP_BAD = 1
+MMB_POOL_NONE, MMB_POOL_MEAN, MMB_POOL_CLS = 0, 1, 2
+
+STRUCTS = {"mmb_input": mmb_input, "mmb_ctx_params": mmb_ctx_params, "mmb_image": mmb_image, "mmb_dense_params": mmb_dense_params,
            "mmb_mllm_params": mmb_mllm_params, "mmb_mllm_info": mmb_mllm_info, "mmb_encode_out": mmb_encode_out,
            "mmb_sampler": mmb_sampler, "mmb_gen_params": mmb_gen_params, "mmb_gen_result": mmb_gen_result,
            "mmb_chat_msg": mmb_chat_msg}
@@ -128,6 +136,17 @@ _SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
     "mmb_sampler_default": (mmb_sampler, []),
     "mmb_mllm_generate": (_status, [_ctx_p, c_void_p, c_void_p, c_void_p, POINTER(mmb_gen_params),
                                     POINTER(mmb_gen_result)]),
+    "mmb_manifest_open": (_status, [_ctx_p, c_char_p, c_int, POINTER(c_void_p)]),
+    "mmb_manifest_free": (None, [c_void_p]),
+    "mmb_manifest_count": (c_int64, [c_void_p]),
+    "mmb_manifest_get": (_status, [c_void_p, c_int64, POINTER(mmb_input)]),
+    "mmb_manifest_warnings": (c_int, [c_void_p]),
+    "mmb_manifest_warning": (c_char_p, [c_void_p, c_int]),
+    "mmb_manifest_read": (_status, [_ctx_p, c_void_p, c_int64, POINTER(c_void_p), POINTER(c_size_t)]),
+    "mmb_shard_count": (c_int64, [c_int64, c_int64]),
+    "mmb_shard_range": (_status, [c_int64, c_int64, c_int64, POINTER(c_int64), POINTER(c_int64)]),
+    "mmb_shard_mine": (c_int, [c_int64, c_int64, c_int64]),
+    "mmb_pool_tokens": (_status, [_ctx_p, c_int, c_void_p, c_int64, c_int64, c_int64, c_void_p, c_size_t]),
 }
 
 
@@ -164,3 +183,8 @@ def _load() -> Tuple[ctypes.CDLL, str]:
 
 
 lib, path = _load()
+# free() for the buffers the library allocates for the caller (mmb_manifest_read): the process's own, which is the
+# one the library's malloc came from (ASan's when it is preloaded).
+libc = ctypes.CDLL(None)
+libc.free.restype = None
+libc.free.argtypes = [c_void_p]
