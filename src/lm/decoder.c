@@ -73,7 +73,8 @@ struct mmb_lm {
     int64_t qk_params;         /* the q/k norms' parameters (Chameleon) */
     bool swin;                 /* Chameleon's swin_norm: x += ln1(attn(x)), x += ln2(mlp(x)) (the norms after) */
     int64_t expert_params;     /* the second set's own parameters */
-    bool gemma;                /* Gemma 3: scaled embedding, (1 + w) norms, q/k norms, GeGLU, sandwich norms */
+    int gemma;                 /* 1: Gemma (scaled embedding, (1 + w) RMSNorms, GeGLU); 3: Gemma 3, which adds q/k
+                                  norms, the sandwich norms and local layers; 0: neither */
     float embed_scale;         /* sqrt(hidden_size) in float32 (Gemma3TextScaledWordEmbedding), 1 otherwise */
     float attn_scale;          /* query_pre_attn_scalar^-0.5 (Gemma 3); 0: head_dim^-0.5 */
     float attn_softcap, final_softcap; /* tanh soft-capping of the scores / logits, 0: none */
@@ -152,6 +153,7 @@ static const arch_defaults archs[] = {
     {"chameleon", 65536, 4096, 11008, 32, 32, 32, 4096, false, 0, NULL},
     {"emu3_text_model", 184622, 4096, 14336, 32, 32, 8, 9216, false, 1000000.0, NULL}, /* Emu3TextConfig: Llama */
     /* Gemma3TextConfig (gemma-3-4b's text model shape defaults to the 2B's class defaults) */
+    {"gemma", 256000, 3072, 24576, 28, 16, 16, 8192, false, 0, NULL}, /* GemmaConfig (PaliGemma's text model) */
     {"gemma3_text", 262208, 2304, 9216, 26, 8, 4, 131072, false, 1000000.0, NULL},
 };
 
@@ -189,7 +191,7 @@ static mmb_status read_rope(cfgr *r, const arch_defaults *ad, mmb_lm *lm) {
     }
     if (rp && !cJSON_IsObject(rp) && !cJSON_IsNull(rp))
         return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: '%s%s' is not an object", r->c->dir, r->tp, which);
-    if (lm->gemma) { /* Gemma 3: the local layers' base (rope_local_base_freq, or rope_parameters.sliding_attention) */
+    if (lm->gemma == 3) { /* Gemma 3: the local layers' base (rope_local_base_freq, or rope_parameters.sliding_attention) */
         lm->local_theta = cnum(r, "rope_local_base_freq", 10000.0);
         const cJSON *fa = cJSON_GetObjectItemCaseSensitive(rp, "full_attention"),
                     *sa = cJSON_GetObjectItemCaseSensitive(rp, "sliding_attention");
@@ -491,7 +493,7 @@ static mmb_status bind_layer(mmb_ctx *ctx, mmb_lm *lm, int l, const layer_scheme
     mmb_status s = bind_set(ctx, lm, l, &sc->set[0], NULL, qb, ob, mb, y);
     char nm[512];
     snprintf(nm, sizeof nm, "%slayers.%d.%sself_attn.q_norm.weight", lm->prefix, l, lm->infix);
-    if (s == MMB_OK && lm->gemma) { /* Gemma 3: q/k RMSNorms (head_dim) and the sandwich norms, all 1 + w */
+    if (s == MMB_OK && lm->gemma == 3) { /* Gemma 3: q/k RMSNorms (head_dim) and the sandwich norms, all 1 + w */
         y->post_attn = y->ln2;
         y->ln2 = NULL;
         const struct { const char *name; int64_t n; float **w; } g[] = {
@@ -508,6 +510,10 @@ static mmb_status bind_layer(mmb_ctx *ctx, mmb_lm *lm, int l, const layer_scheme
                 for (int64_t e = 0; e < len[i]; e++) all[i][e] = 1.0f + all[i][e];
             lm->qk_params += 2 * lm->hd + 2 * lm->d;
         }
+        return s;
+    }
+    if (s == MMB_OK && lm->gemma) { /* Gemma: (1 + w) RMSNorms */
+        for (int64_t e = 0; e < lm->d; e++) y->ln1[e] += 1.0f, y->ln2[e] += 1.0f;
         return s;
     }
     if (s == MMB_OK && mmb__ckpt_find(&lm->ck, nm, NULL)) /* Chameleon: (heads, head_dim) weight and bias each */
@@ -573,7 +579,7 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
     if (!ad)
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED,
                         "%s/config.json: unknown architecture '%s' (%smodel_type '%s'): the decoder runs Llama, "
-                        "Vicuna, Mistral, Qwen2 and Gemma 3 text models", c->dir, architecture, r.tp, mt ? mt : "");
+                        "Vicuna, Mistral, Qwen2, Gemma and Gemma 3 text models", c->dir, architecture, r.tp, mt ? mt : "");
     if (!(lm->architecture = strdup(architecture))) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     lm->info.arch = ad->name;
     lm->file_biases = ad->file_biases;
@@ -589,9 +595,16 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
     lm->extra = cint(&r, "additional_vocab_size", 0);
     const char *act = "silu";
     char b[160];
-    lm->gemma = strcmp(ad->name, "gemma3_text") == 0;
+    lm->gemma = strcmp(ad->name, "gemma3_text") == 0 ? 3 : strcmp(ad->name, "gemma") == 0 ? 1 : 0;
     lm->embed_scale = 1.0f;
-    if (lm->gemma) { /* Gemma 3: GeGLU (hidden_activation), query_pre_attn_scalar, soft-capping where set */
+    if (lm->gemma == 1) { /* Gemma: GeGLU; GemmaConfig turns the legacy "gelu" into the tanh approximation */
+        act = "gelu_pytorch_tanh";
+        if (r.s == MMB_OK) mmb__cfg_str(ctx, c, key(&r, "hidden_act", b, sizeof b), &act, &r.s);
+        if (r.s == MMB_OK && strcmp(act, "gelu_pytorch_tanh") != 0 && strcmp(act, "gelu") != 0)
+            return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: %shidden_act '%s': Gemma's MLP is GeGLU "
+                            "(gelu_pytorch_tanh)", c->dir, r.tp, act);
+        act = "silu";
+    } else if (lm->gemma) { /* Gemma 3: GeGLU (hidden_activation), query_pre_attn_scalar, soft-capping where set */
         act = "gelu_pytorch_tanh";
         if (r.s == MMB_OK) mmb__cfg_str(ctx, c, key(&r, "hidden_activation", b, sizeof b), &act, &r.s);
         double qs = cnum(&r, "query_pre_attn_scalar", 256), ac = cnum(&r, "attn_logit_softcapping", 0),
@@ -617,9 +630,9 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
     bool tie_present;
     *tied = cbool(&r, "tie_word_embeddings", lm->gemma, &tie_present);
     if (!tie_present && *r.tp && r.s == MMB_OK) mmb__cfg_bool(ctx, c, "tie_word_embeddings", tied, &r.s);
-    bool sw_on = strcmp(ad->name, "mistral") == 0 || lm->gemma || cbool(&r, "use_sliding_window", false, NULL);
+    bool sw_on = strcmp(ad->name, "mistral") == 0 || lm->gemma == 3 || cbool(&r, "use_sliding_window", false, NULL);
     int64_t sw = sw_on ? cint(&r, "sliding_window", strcmp(ad->name, "mistral") == 0 ? 0 : 4096) : 0;
-    int64_t swp = lm->gemma ? cint(&r, "sliding_window_pattern", 6) : 1;
+    int64_t swp = lm->gemma == 3 ? cint(&r, "sliding_window_pattern", 6) : 1;
     int64_t mwl = cint(&r, "max_window_layers", 28);
     if (r.s != MMB_OK) return r.s;
     if (strcmp(act, "silu") != 0 && strcmp(act, "swish") != 0)
@@ -629,7 +642,7 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
         lm->hd % 2 || lm->H % lm->KVH || lm->mpe < 1 || lm->L > 100000 || lm->extra < 0 || lm->extra > (1 << 20) ||
         lm->vocab + lm->extra > INT32_MAX ||
         !(lm->eps > 0) || lm->d > (1 << 20) || lm->H * lm->hd > (1 << 20) || lm->I > (1 << 22) || sw < 0 ||
-        swp < 1 || (lm->gemma && sw < 1))
+        swp < 1 || (lm->gemma == 3 && sw < 1))
         return mmb__err(ctx, MMB_ERR_FORMAT,
                         "%s/config.json: bad text model shape: vocab_size %lld, hidden_size %lld, intermediate_size "
                         "%lld, num_hidden_layers %lld, num_attention_heads %lld, %s %lld (must "
@@ -653,18 +666,18 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
     if (!(*windows = calloc((size_t)lm->L, sizeof **windows))) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     const cJSON *root = *r.tp ? tc : c->config;
     const cJSON *lt = cJSON_GetObjectItemCaseSensitive(root, "layer_types");
-    if (lm->gemma && lt && (!cJSON_IsArray(lt) || cJSON_GetArraySize(lt) != lm->L))
+    if (lm->gemma == 3 && lt && (!cJSON_IsArray(lt) || cJSON_GetArraySize(lt) != lm->L))
         return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: %slayer_types is not a list of %lld layer types", c->dir,
                         r.tp, (long long)lm->L);
     for (int64_t l = 0; sw && l < lm->L; l++) {
         const cJSON *e = cJSON_IsArray(lt) ? cJSON_GetArrayItem(lt, (int)l) : NULL;
-        if (lm->gemma && e && (!cJSON_IsString(e) || (strcmp(e->valuestring, "sliding_attention") != 0 &&
+        if (lm->gemma == 3 && e && (!cJSON_IsString(e) || (strcmp(e->valuestring, "sliding_attention") != 0 &&
                                                       strcmp(e->valuestring, "full_attention") != 0)))
             return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: %slayer_types[%lld] is not 'sliding_attention' or "
                             "'full_attention'", c->dir, r.tp, (long long)l);
         bool on = !qwen || (cJSON_IsString(e) ? strcmp(e->valuestring, "sliding_attention") == 0 : l >= mwl);
         /* Gemma 3 without layer_types: every sliding_window_pattern-th layer is global */
-        if (lm->gemma) on = e ? strcmp(e->valuestring, "sliding_attention") == 0 : (l + 1) % swp != 0;
+        if (lm->gemma == 3) on = e ? strcmp(e->valuestring, "sliding_attention") == 0 : (l + 1) % swp != 0;
         (*windows)[l] = on ? sw : 0;
     }
     /* Mllama: its cross-attention layers sit in the layer list (text_config.cross_attention_layers), and its
@@ -760,11 +773,11 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
     rope_inv_freq(lm, 0, lm->inv_freq);
     if (lm->gemma) { /* Gemma's final norm is 1 + w too; the local layers' RoPE has its own (default) base */
         for (int64_t e = 0; e < lm->d; e++) lm->norm[e] = 1.0f + lm->norm[e];
-        if (!(lm->inv_local = malloc(sizeof(float) * (size_t)(lm->hd / 2)))) {
+        if (lm->gemma == 3 && !(lm->inv_local = malloc(sizeof(float) * (size_t)(lm->hd / 2)))) {
             s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
             goto fail;
         }
-        for (int64_t i = 0; i < lm->hd / 2; i++)
+        for (int64_t i = 0; lm->inv_local && i < lm->hd / 2; i++)
             lm->inv_local[i] = 1.0f / powf((float)lm->local_theta, (float)(2 * i) / (float)lm->hd);
     }
     const layer_scheme *sc = &schemes[sizeof schemes / sizeof schemes[0] - 1];
@@ -786,7 +799,7 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
         }
         if ((s = bind_layer(ctx, lm, l, sc, qkv_bias, o_bias, mlp_bias)) != MMB_OK) goto fail;
         y->window = windows[l];
-        y->local = lm->gemma && windows[l] > 0;
+        y->local = lm->gemma == 3 && windows[l] > 0;
         y->slot = l - lm->info.n_replaced;
         const mmb_wmat *ws[] = {&y->q, &y->k, &y->v, &y->o, &y->gate, &y->up, &y->down};
         for (int i = 0; i < 7; i++) {
@@ -1087,7 +1100,7 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
     mmb__barrier_wait(&j->bar);
     for (int64_t r0 = 0, r1; r0 < M; r0 = r1) {
         const lm_layer *w = set_of(j, y, r0, M, &r1);
-        const bool apart = lm->swin || lm->gemma; /* the output normed before it is added */
+        const bool apart = lm->swin || lm->gemma == 3; /* the output normed before it is added */
         mmb_wmat_out oo = {&w->o, w->bo, (apart ? j->xn : j->x) + r0 * d, d};
         mm_units(j, tid, nth, j->att + r0 * qd, qd, r1 - r0, &oo, 1, !apart);
         if (w->bo && y->pbias2) { /* PEFT's o_proj on the adapter's output adds the bias again */
@@ -1099,7 +1112,7 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
     }
     mmb__barrier_wait(&j->bar);
     if (lm->swin) norm_add(j, tid, nth, y->ln1);
-    if (lm->gemma) norm_add(j, tid, nth, y->post_attn);
+    if (y->post_attn) norm_add(j, tid, nth, y->post_attn);
 }
 
 static void mlp_half(fwd_job *j, int tid, int nth, int l) {
@@ -1136,13 +1149,13 @@ static void mlp_half(fwd_job *j, int tid, int nth, int l) {
     mmb__barrier_wait(&j->bar);
     for (int64_t r0 = 0, r1; r0 < M; r0 = r1) {
         const lm_layer *w = set_of(j, y, r0, M, &r1);
-        const bool apart = lm->swin || lm->gemma;
+        const bool apart = lm->swin || lm->gemma == 3;
         mmb_wmat_out o = {&w->down, w->bdown, (apart ? j->xn : j->x) + r0 * d, d};
         mm_units(j, tid, nth, j->h + r0 * I, I, r1 - r0, &o, 1, !apart);
     }
     mmb__barrier_wait(&j->bar);
     if (lm->swin) norm_add(j, tid, nth, y->ln2);
-    if (lm->gemma) norm_add(j, tid, nth, y->post_ffn);
+    if (y->post_ffn) norm_add(j, tid, nth, y->post_ffn);
 }
 
 static void head_step(fwd_job *j, int tid, int nth) {

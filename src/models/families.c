@@ -140,10 +140,11 @@ static const mmb__family rows[] = {
     TOWER("idefics2", "Idefics2VisionTransformer", "idefics2_vision", "Idefics2ImageProcessor"),
     TOWER("idefics3", "Idefics3VisionTransformer", "idefics3_vision", "Idefics3ImageProcessor"),
     TOWER("smolvlm", "SmolVLMVisionTransformer", "smolvlm_vision", "SmolVLMImageProcessor"),
-    {.name = "text", .architectures = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM",
-     .model_types = "llama, mistral, qwen2, gemma3_text", .layouts = "transformers", .tower = "", .taps = "",
+    {.name = "text",
+     .architectures = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GemmaForCausalLM, Gemma3ForCausalLM",
+     .model_types = "llama, mistral, qwen2, gemma, gemma3_text", .layouts = "transformers", .tower = "", .taps = "",
      .connector = "", .processor = "", .fusion = MMB_FUSION_NONE,
-     .lm = "this config: Llama, Mistral, Qwen2, Gemma 3 (model.*)",
+     .lm = "this config: Llama, Mistral, Qwen2, Gemma, Gemma 3 (model.*)",
      .lm_runs = true, .text_only = true},
 };
 #define N_ROWS ((int)(sizeof rows / sizeof rows[0]))

@@ -113,3 +113,27 @@ def test_bad_config_refused(tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     fails(["generate", bad, "--ids", "1,2,3", "-n", 0, "--logits", out], "layer_types")
     assert not out.exists()
+
+
+def test_gemma_v1_decoder(tmp_path):
+    """The original Gemma (GemmaForCausalLM, PaliGemma's text model): scaled embedding, (1 + w) norms, GeGLU."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+    torch.manual_seed(0)
+    cfg = GemmaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=1, head_dim=16, vocab_size=256, max_position_embeddings=128,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = GemmaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(torch.rand(p.shape, generator=g) - 0.5 if "norm" in n else torch.randn(p.shape, generator=g) * 0.1)
+    model.generation_config.eos_token_id = None
+    d = tmp_path / "gemma"
+    model.save_pretrained(d, safe_serialization=True)
+    ids = ids_of(12)
+    got, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), "-n", 0)
+    err = scaled_err(got, ref_logits(model, ids))
+    print(f"gemma: scaled max err {err:.2e}")
+    assert err <= 1e-4
+    mine, _ = mmb_greedy(d, ids, 24)
+    assert mine == ref_greedy(model, ids, 24)
