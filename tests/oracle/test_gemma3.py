@@ -75,7 +75,8 @@ def test_pieces_decode_and_greedy(tmp_path):
 
 
 def test_wrong_variants_are_far(tmp_path):
-    model, d = make(tmp_path, seed=1)
+    model, d = make(tmp_path, seed=1, rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 500.0},
+                                                       "sliding_attention": {"rope_type": "default", "rope_theta": 30.0}})
     ids = ids_of(12)
     got, _ = mmb_logits(d, tmp_path, "--ids", csv(ids), "-n", 0)
     assert scaled_err(got, ref_logits(model, ids)) <= 1e-4
@@ -89,6 +90,10 @@ def test_wrong_variants_are_far(tmp_path):
         for n, p in m.named_parameters():
             if "norm" in n:
                 p.sub_(1.0)
+    assert scaled_err(got, ref_logits(m, ids)) > 1e-2
+    # the local layers on the global RoPE base
+    m = copy.deepcopy(model)
+    m.model.rotary_emb.sliding_attention_inv_freq.copy_(m.model.rotary_emb.full_attention_inv_freq)
     assert scaled_err(got, ref_logits(m, ids)) > 1e-2
     # full attention instead of the sliding window
     cfg = copy.deepcopy(model.config)
