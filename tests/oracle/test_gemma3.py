@@ -142,3 +142,66 @@ def test_gemma_v1_decoder(tmp_path):
     assert err <= 1e-4
     mine, _ = mmb_greedy(d, ids, 24)
     assert mine == ref_greedy(model, ids, 24)
+
+
+# ---- Gemma3ForConditionalGeneration: the SigLIP tower and Gemma3MultiModalProjector (encode) ----------------
+
+def make_mm(tmp_path, mm_tokens=4, seed=0):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+    torch.manual_seed(seed)
+    vc = SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=4, layer_norm_eps=1e-6)
+    tc = dict(SHAPE)
+    cfg = Gemma3Config(vision_config=vc, text_config=tc, mm_tokens_per_image=mm_tokens, image_token_index=255,
+                       boi_token_index=253, eoi_token_index=254)
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "multi_modal_projector" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    d = tmp_path / f"g3mm{mm_tokens}"
+    model.save_pretrained(d, safe_serialization=True)
+    return model, d
+
+
+@pytest.mark.parametrize("mm_tokens", [4, 16])
+def test_image_features(tmp_path, mm_tokens):
+    from safetensors.torch import save_file
+    model, d = make_mm(tmp_path, mm_tokens)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    px, out = tmp_path / "px.safetensors", tmp_path / "out.safetensors"
+    save_file({"pixel_values": pixels.contiguous()}, str(px))
+    run("encode", d, "--pixels", px, "-o", out)
+    got = load_file(str(out))["embeddings"]
+    with torch.no_grad():
+        ref = model.model.get_image_features(pixel_values=pixels).pooler_output
+    err = scaled_err(got, ref)
+    print(f"gemma3 image features ({mm_tokens} tokens): scaled max err {err:.2e}")
+    assert got.shape == ref.shape == (2, mm_tokens, SHAPE["hidden_size"]) and err <= 1e-4
+    # the projector's norm as w instead of 1 + w is far off
+    with torch.no_grad():
+        proj = model.model.multi_modal_projector
+        vis = model.model.vision_tower(pixel_values=pixels).last_hidden_state
+        proj.mm_soft_emb_norm.weight.sub_(1.0)
+        wrong = proj(vis)
+    assert scaled_err(got, wrong) > 1e-2
+
+
+def test_image_bad_config_refused(tmp_path):
+    _, d = make_mm(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["mm_tokens_per_image"] = 9  # a 3x3 pool does not divide the 8x8 grid
+    (bad / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "x.safetensors"
+    fails(["info", bad], "mm_tokens_per_image")
+    cfg["mm_tokens_per_image"] = 4
+    cfg["text_config"]["hidden_size"] = 32  # mm_input_projection_weight is [48, 64]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    px = tmp_path / "px.safetensors"
+    from safetensors.torch import save_file
+    save_file({"pixel_values": torch.zeros(1, 3, 32, 32)}, str(px))
+    fails(["encode", bad, "--pixels", px, "-o", out], "mm_input_projection_weight")
+    assert not out.exists()
