@@ -27,6 +27,10 @@ static const mmb__vit_part gemma3_part = {.towers = "siglip", .conn = &mmb__conn
                                           .conn_prefix = "multi_modal_projector.",
                                           .dtype_tensor = "mm_input_projection_weight"};
 
+static const mmb__vit_part paligemma_part = {.towers = "siglip", .conn = &mmb__conn_paligemma_proj,
+                                             .conn_prefix = "multi_modal_projector.",
+                                             .dtype_tensor = "linear.weight"};
+
 static const mmb__vq_part chameleon_part = {.token_prefix = "IMGIMG", .letters = true, .mask = true};
 static const mmb__vq_part emu3_part = {.token_prefix = "<|visual token ", .eol = "<|extra_200|>",
                                        .text_config = true, .generates = true};
@@ -74,6 +78,11 @@ static const mmb__family rows[] = {
      "mm_input_projection_weight)", .processor = "Gemma3ImageProcessor", .fusion = MMB_FUSION_C,
      .lm = "text_config: Gemma 3 (model.language_model.*; its bidirectional image mask not built: encode only)",
      .ops = &mmb__family_vit, .part = &gemma3_part},
+    {.name = "paligemma", .architectures = "PaliGemmaForConditionalGeneration", .model_types = "paligemma",
+     .layouts = "transformers", .tower = "vision_config: SiglipVisionModel", .taps = "last_hidden_state (post_layernorm)",
+     .connector = "paligemma_projector (multi_modal_projector.linear)", .processor = "SiglipImageProcessor",
+     .fusion = MMB_FUSION_C, .lm = "text_config: Gemma (its prefix-LM mask not built: encode only)",
+     .ops = &mmb__family_vit, .part = &paligemma_part},
     {.name = "qwen2_vl", .architectures = "Qwen2VLForConditionalGeneration, Qwen2VLModel", .model_types = "qwen2_vl",
      .layouts = "transformers", .tower = "vision_config: Qwen2VisionTransformer (2-D RoPE, sides multiples of 28)",
      .taps = "the last block's output", .connector = "patch_merger", .processor = "Qwen2VLImageProcessor",
