@@ -1,5 +1,5 @@
 /* The family table (src/models/families.c) and the connector registry, through the library: a checkpoint no
- * row claims (PaliGemma, an unknown architecture, a bare model_type) is refused with its architecture and the
+ * row claims (an unknown VLM, an unknown architecture, a bare model_type) is refused with its architecture and the
  * supported families; mmb_family_count / mmb_family_get list every row, and every row's architectures are
  * matched back to it; a tower alone matches its vision-only row and opens (mmb_vit_open) while
  * mmb_model_open refuses it; mmb_connector_names lists exactly the names the registered ops give. */
@@ -59,10 +59,10 @@ static void check_refused(mmb_ctx *ctx, const char *dir, const char *json, const
 }
 
 static void test_refusals(mmb_ctx *ctx) {
-    check_refused(ctx, "fam_paligemma",
-                  "{\"architectures\":[\"PaliGemmaForConditionalGeneration\"],\"model_type\":\"paligemma\","
+    check_refused(ctx, "fam_unknown_vl",
+                  "{\"architectures\":[\"UnknownVLForConditionalGeneration\"],\"model_type\":\"unknown_vl\","
                   "\"vision_config\":{\"model_type\":\"siglip_vision_model\"}}",
-                  "architecture 'PaliGemmaForConditionalGeneration' (model_type 'paligemma')");
+                  "architecture 'UnknownVLForConditionalGeneration' (model_type 'unknown_vl')");
     check_refused(ctx, "fam_unknown", "{\"architectures\":[\"FooBarForCausalLM\"]}",
                   "architecture 'FooBarForCausalLM' (model_type '')");
     check_refused(ctx, "fam_bare", "{\"model_type\":\"bogus\"}", "model_type 'bogus' (no architectures)");

@@ -90,6 +90,11 @@ extern const mmb_connector_ops mmb__conn_patch_merger;
  * mmb__conn_idefics_perceiver = IdeficsPerceiverResampler (perceiver_config; out width = in width). */
 extern const mmb_connector_ops mmb__conn_idefics2, mmb__conn_pixel_shuffle, mmb__conn_qformer,
     mmb__conn_idefics_perceiver;
+/* Gemma3MultiModalProjector (connectors/gemma3_proj.c): AvgPool2d to mm_tokens_per_image, Gemma RMSNorm, then
+ * x @ mm_input_projection_weight. */
+extern const mmb_connector_ops mmb__conn_gemma3_proj;
+/* PaliGemmaMultiModalProjector (connectors/paligemma_proj.c): one Linear with bias, {prefix}linear.*. */
+extern const mmb_connector_ops mmb__conn_paligemma_proj;
 
 /* OpenFlamingo's PerceiverResampler (connectors/perceiver.c) with its settings given by the family (the
  * open_flamingo checkpoint's "perceiver" section) rather than read from the LLaVA path's mm_perceiver_*

@@ -386,7 +386,7 @@ static mmb_status check_model(mmb_ctx *ctx, const mmb_lm *lm, const mmb__lm_view
     if (v->hooks) what = "fusion-A or type-B hooks are installed (gated cross-attention layers)";
     else if (v->n_replaced) what = "layers are replaced by cross-attention layers (Mllama)";
     else if (v->experts > 1) what = "the layers have a second expert weight set (CogVLM, mPLUG-Owl2)";
-    else if (v->qk_norm_or_swin) what = "the layers have Chameleon's q/k LayerNorms or swin_norm";
+    else if (v->qk_norm_or_swin) what = "the layers have Chameleon's q/k LayerNorms or swin_norm, or Gemma 3's norms";
     else if (v->extra) what = "the model has an additional vocabulary (IDEFICS' decoupled head)";
     for (int l = 0; !what && l < v->L; l++) {
         mmb__lm_layer_view y;

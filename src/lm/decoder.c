@@ -44,6 +44,11 @@ typedef struct lm_layer {
                                                         the per-head gate (H); NULL without one */
     int64_t plen;
     bool pbias2;                                     /* o_proj's bias added twice (PEFT) */
+    /* Gemma 3: the per-head q/k RMSNorms (hd each, stored 1 + w), the norms after attention and after the MLP
+       (d, 1 + w; ln2 is then pre_feedforward_layernorm), and whether the layer is a local (sliding) one, whose
+       RoPE is the local base's */
+    float *gqn, *gkn, *post_attn, *post_ffn;
+    bool local;
 } lm_layer;
 
 struct mmb_lm {
@@ -68,6 +73,13 @@ struct mmb_lm {
     int64_t qk_params;         /* the q/k norms' parameters (Chameleon) */
     bool swin;                 /* Chameleon's swin_norm: x += ln1(attn(x)), x += ln2(mlp(x)) (the norms after) */
     int64_t expert_params;     /* the second set's own parameters */
+    int gemma;                 /* 1: Gemma (scaled embedding, (1 + w) RMSNorms, GeGLU); 3: Gemma 3, which adds q/k
+                                  norms, the sandwich norms and local layers; 0: neither */
+    float embed_scale;         /* sqrt(hidden_size) in float32 (Gemma3TextScaledWordEmbedding), 1 otherwise */
+    float attn_scale;          /* query_pre_attn_scalar^-0.5 (Gemma 3); 0: head_dim^-0.5 */
+    float attn_softcap, final_softcap; /* tanh soft-capping of the scores / logits, 0: none */
+    double local_theta;        /* the local layers' RoPE base (rope_local_base_freq) */
+    float *inv_local;          /* (hd / 2) its frequencies, or NULL */
     mmb_lm_hook *hooks;        /* (L) or NULL */
     void **owned;              /* realigned copies of weights whose file offset was not aligned */
     int n_owned;
@@ -140,6 +152,9 @@ static const arch_defaults archs[] = {
     /* ChameleonConfig: Llama with per-head q/k LayerNorms (layers.{l}.self_attn.{q,k}_norm) and swin_norm */
     {"chameleon", 65536, 4096, 11008, 32, 32, 32, 4096, false, 0, NULL},
     {"emu3_text_model", 184622, 4096, 14336, 32, 32, 8, 9216, false, 1000000.0, NULL}, /* Emu3TextConfig: Llama */
+    /* Gemma3TextConfig (gemma-3-4b's text model shape defaults to the 2B's class defaults) */
+    {"gemma", 256000, 3072, 24576, 28, 16, 16, 8192, false, 0, NULL}, /* GemmaConfig (PaliGemma's text model) */
+    {"gemma3_text", 262208, 2304, 9216, 26, 8, 4, 131072, false, 1000000.0, NULL},
 };
 
 /* The defaults row for a config of model_type and architecture (either NULL); config: the one they came from. */
@@ -176,6 +191,23 @@ static mmb_status read_rope(cfgr *r, const arch_defaults *ad, mmb_lm *lm) {
     }
     if (rp && !cJSON_IsObject(rp) && !cJSON_IsNull(rp))
         return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: '%s%s' is not an object", r->c->dir, r->tp, which);
+    if (lm->gemma == 3) { /* Gemma 3: the local layers' base (rope_local_base_freq, or rope_parameters.sliding_attention) */
+        lm->local_theta = cnum(r, "rope_local_base_freq", 10000.0);
+        const cJSON *fa = cJSON_GetObjectItemCaseSensitive(rp, "full_attention"),
+                    *sa = cJSON_GetObjectItemCaseSensitive(rp, "sliding_attention");
+        if (cJSON_IsObject(sa)) {
+            const cJSON *t = cJSON_GetObjectItemCaseSensitive(sa, "rope_type"),
+                        *th = cJSON_GetObjectItemCaseSensitive(sa, "rope_theta");
+            if (cJSON_IsString(t) && strcmp(t->valuestring, "default") != 0)
+                return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: %s%s.sliding_attention: rope type '%s' is "
+                                "not supported (default only)", r->c->dir, r->tp, which, t->valuestring);
+            if (cJSON_IsNumber(th)) lm->local_theta = th->valuedouble;
+        }
+        if (!(lm->local_theta > 1.0) || !(lm->local_theta < 1e30))
+            return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: %sthe local RoPE base %g is not > 1", r->c->dir,
+                            r->tp, lm->local_theta);
+        if (cJSON_IsObject(fa) || cJSON_IsObject(sa)) rp = cJSON_IsObject(fa) ? fa : NULL;
+    }
     lm->theta = cnum(r, "rope_theta", ad->theta > 0 ? ad->theta : 10000.0);
     lm->factor = 1.0;
     lm->rope = ROPE_DEFAULT;
@@ -461,6 +493,29 @@ static mmb_status bind_layer(mmb_ctx *ctx, mmb_lm *lm, int l, const layer_scheme
     mmb_status s = bind_set(ctx, lm, l, &sc->set[0], NULL, qb, ob, mb, y);
     char nm[512];
     snprintf(nm, sizeof nm, "%slayers.%d.%sself_attn.q_norm.weight", lm->prefix, l, lm->infix);
+    if (s == MMB_OK && lm->gemma == 3) { /* Gemma 3: q/k RMSNorms (head_dim) and the sandwich norms, all 1 + w */
+        y->post_attn = y->ln2;
+        y->ln2 = NULL;
+        const struct { const char *name; int64_t n; float **w; } g[] = {
+            {"self_attn.q_norm", lm->hd, &y->gqn}, {"self_attn.k_norm", lm->hd, &y->gkn},
+            {"pre_feedforward_layernorm", lm->d, &y->ln2}, {"post_feedforward_layernorm", lm->d, &y->post_ffn}};
+        for (size_t i = 0; i < sizeof g / sizeof g[0] && s == MMB_OK; i++) {
+            snprintf(nm, sizeof nm, "%slayers.%d.%s%s.weight", lm->prefix, l, lm->infix, g[i].name);
+            s = mmb__ckpt_vec(ctx, &lm->ck, nm, g[i].n, g[i].w);
+        }
+        if (s == MMB_OK) {
+            float *all[] = {y->ln1, y->ln2, y->post_attn, y->post_ffn, y->gqn, y->gkn};
+            int64_t len[] = {lm->d, lm->d, lm->d, lm->d, lm->hd, lm->hd};
+            for (int i = 0; i < 6; i++)
+                for (int64_t e = 0; e < len[i]; e++) all[i][e] = 1.0f + all[i][e];
+            lm->qk_params += 2 * lm->hd + 2 * lm->d;
+        }
+        return s;
+    }
+    if (s == MMB_OK && lm->gemma) { /* Gemma: (1 + w) RMSNorms */
+        for (int64_t e = 0; e < lm->d; e++) y->ln1[e] += 1.0f, y->ln2[e] += 1.0f;
+        return s;
+    }
     if (s == MMB_OK && mmb__ckpt_find(&lm->ck, nm, NULL)) /* Chameleon: (heads, head_dim) weight and bias each */
         s = bind_qk_norm(ctx, lm, l, y);
     if (s != MMB_OK || sc->sets < 2) return s;
@@ -489,12 +544,17 @@ void mmb_lm_free(mmb_lm *lm) {
         free(y->qnb);
         free(y->kn);
         free(y->knb);
+        free(y->gqn);
+        free(y->gkn);
+        free(y->post_attn);
+        free(y->post_ffn);
     }
     for (int i = 0; i < lm->n_owned; i++) free(lm->owned[i]);
     free(lm->owned);
     free(lm->layers);
     free(lm->norm);
     free(lm->inv_freq);
+    free(lm->inv_local);
     free(lm->hooks);
     free(lm->architecture);
     free(lm->prefix);
@@ -519,7 +579,7 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
     if (!ad)
         return mmb__err(ctx, MMB_ERR_UNSUPPORTED,
                         "%s/config.json: unknown architecture '%s' (%smodel_type '%s'): the decoder runs Llama, "
-                        "Vicuna, Mistral and Qwen2 text models", c->dir, architecture, r.tp, mt ? mt : "");
+                        "Vicuna, Mistral, Qwen2, Gemma and Gemma 3 text models", c->dir, architecture, r.tp, mt ? mt : "");
     if (!(lm->architecture = strdup(architecture))) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     lm->info.arch = ad->name;
     lm->file_biases = ad->file_biases;
@@ -535,14 +595,44 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
     lm->extra = cint(&r, "additional_vocab_size", 0);
     const char *act = "silu";
     char b[160];
-    if (r.s == MMB_OK) mmb__cfg_str(ctx, c, key(&r, "hidden_act", b, sizeof b), &act, &r.s);
+    lm->gemma = strcmp(ad->name, "gemma3_text") == 0 ? 3 : strcmp(ad->name, "gemma") == 0 ? 1 : 0;
+    lm->embed_scale = 1.0f;
+    if (lm->gemma == 1) { /* Gemma: GeGLU; GemmaConfig turns the legacy "gelu" into the tanh approximation */
+        act = "gelu_pytorch_tanh";
+        if (r.s == MMB_OK) mmb__cfg_str(ctx, c, key(&r, "hidden_act", b, sizeof b), &act, &r.s);
+        if (r.s == MMB_OK && strcmp(act, "gelu_pytorch_tanh") != 0 && strcmp(act, "gelu") != 0)
+            return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: %shidden_act '%s': Gemma's MLP is GeGLU "
+                            "(gelu_pytorch_tanh)", c->dir, r.tp, act);
+        act = "silu";
+    } else if (lm->gemma) { /* Gemma 3: GeGLU (hidden_activation), query_pre_attn_scalar, soft-capping where set */
+        act = "gelu_pytorch_tanh";
+        if (r.s == MMB_OK) mmb__cfg_str(ctx, c, key(&r, "hidden_activation", b, sizeof b), &act, &r.s);
+        double qs = cnum(&r, "query_pre_attn_scalar", 256), ac = cnum(&r, "attn_logit_softcapping", 0),
+               fc = cnum(&r, "final_logit_softcapping", 0);
+        if (r.s != MMB_OK) return r.s;
+        if (!(qs > 0 && qs < 1e12) || !(ac >= 0 && ac < 1e12) || !(fc >= 0 && fc < 1e12))
+            return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: %squery_pre_attn_scalar %g (> 0), "
+                            "attn_logit_softcapping %g, final_logit_softcapping %g (>= 0)", c->dir, r.tp, qs, ac, fc);
+        if (strcmp(act, "gelu_pytorch_tanh") != 0)
+            return mmb__err(ctx, MMB_ERR_UNSUPPORTED, "%s/config.json: %shidden_activation '%s': Gemma 3's MLP is GeGLU "
+                            "(gelu_pytorch_tanh)", c->dir, r.tp, act);
+        lm->attn_scale = (float)pow(qs, -0.5);
+        /* Gemma3Attention reads attn_logit_softcapping but passes no softcap to its attention function (5.23):
+           the installed code runs uncapped scores, and so does this */
+        lm->attn_softcap = 0.0f;
+        (void)ac;
+        /* only Gemma3ForCausalLM caps its logits; Gemma3ForConditionalGeneration's lm_head does not */
+        lm->final_softcap = strcmp(architecture, "Gemma3ForCausalLM") == 0 ? (float)fc : 0.0f;
+        act = "silu";
+    } else if (r.s == MMB_OK) mmb__cfg_str(ctx, c, key(&r, "hidden_act", b, sizeof b), &act, &r.s);
     bool ab = cbool(&r, "attention_bias", false, NULL), mb = cbool(&r, "mlp_bias", false, NULL);
     lm->swin = cbool(&r, "swin_norm", false, NULL);
     bool tie_present;
-    *tied = cbool(&r, "tie_word_embeddings", false, &tie_present);
+    *tied = cbool(&r, "tie_word_embeddings", lm->gemma, &tie_present);
     if (!tie_present && *r.tp && r.s == MMB_OK) mmb__cfg_bool(ctx, c, "tie_word_embeddings", tied, &r.s);
-    bool sw_on = strcmp(ad->name, "mistral") == 0 || cbool(&r, "use_sliding_window", false, NULL);
+    bool sw_on = strcmp(ad->name, "mistral") == 0 || lm->gemma == 3 || cbool(&r, "use_sliding_window", false, NULL);
     int64_t sw = sw_on ? cint(&r, "sliding_window", strcmp(ad->name, "mistral") == 0 ? 0 : 4096) : 0;
+    int64_t swp = lm->gemma == 3 ? cint(&r, "sliding_window_pattern", 6) : 1;
     int64_t mwl = cint(&r, "max_window_layers", 28);
     if (r.s != MMB_OK) return r.s;
     if (strcmp(act, "silu") != 0 && strcmp(act, "swish") != 0)
@@ -551,16 +641,18 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
     if (lm->vocab < 1 || lm->d < 1 || lm->I < 1 || lm->L < 1 || lm->H < 1 || lm->KVH < 1 || lm->hd < 2 ||
         lm->hd % 2 || lm->H % lm->KVH || lm->mpe < 1 || lm->L > 100000 || lm->extra < 0 || lm->extra > (1 << 20) ||
         lm->vocab + lm->extra > INT32_MAX ||
-        !(lm->eps > 0) || lm->d > (1 << 20) || lm->H * lm->hd > (1 << 20) || lm->I > (1 << 22) || sw < 0)
+        !(lm->eps > 0) || lm->d > (1 << 20) || lm->H * lm->hd > (1 << 20) || lm->I > (1 << 22) || sw < 0 ||
+        swp < 1 || (lm->gemma == 3 && sw < 1))
         return mmb__err(ctx, MMB_ERR_FORMAT,
                         "%s/config.json: bad text model shape: vocab_size %lld, hidden_size %lld, intermediate_size "
                         "%lld, num_hidden_layers %lld, num_attention_heads %lld, %s %lld (must "
                         "divide the heads), head_dim %lld (even), max_position_embeddings %lld, rms_norm_eps %g, "
-                        "additional_vocab_size %lld", c->dir, (long long)lm->vocab, (long long)lm->d, (long long)lm->I,
+                        "additional_vocab_size %lld, sliding_window %lld, sliding_window_pattern %lld", c->dir, (long long)lm->vocab, (long long)lm->d, (long long)lm->I,
                         (long long)lm->L,
                         (long long)lm->H, ad->kv_key ? ad->kv_key : "num_key_value_heads", (long long)lm->KVH,
                         (long long)lm->hd, (long long)lm->mpe, (double)lm->eps,
-                        (long long)lm->extra);
+                        (long long)lm->extra, (long long)sw, (long long)swp);
+    if (lm->gemma) lm->embed_scale = (float)sqrt((double)lm->d);
     lm->orig_mpe = lm->mpe;
     read_special(lm, *r.tp ? tc : NULL);
     mmb_status s = read_rope(&r, ad, lm);
@@ -574,9 +666,18 @@ static mmb_status read_config(mmb_ctx *ctx, mmb_lm *lm, bool *qkv_bias, bool *o_
     if (!(*windows = calloc((size_t)lm->L, sizeof **windows))) return mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
     const cJSON *root = *r.tp ? tc : c->config;
     const cJSON *lt = cJSON_GetObjectItemCaseSensitive(root, "layer_types");
+    if (lm->gemma == 3 && lt && (!cJSON_IsArray(lt) || cJSON_GetArraySize(lt) != lm->L))
+        return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: %slayer_types is not a list of %lld layer types", c->dir,
+                        r.tp, (long long)lm->L);
     for (int64_t l = 0; sw && l < lm->L; l++) {
         const cJSON *e = cJSON_IsArray(lt) ? cJSON_GetArrayItem(lt, (int)l) : NULL;
+        if (lm->gemma == 3 && e && (!cJSON_IsString(e) || (strcmp(e->valuestring, "sliding_attention") != 0 &&
+                                                      strcmp(e->valuestring, "full_attention") != 0)))
+            return mmb__err(ctx, MMB_ERR_FORMAT, "%s/config.json: %slayer_types[%lld] is not 'sliding_attention' or "
+                            "'full_attention'", c->dir, r.tp, (long long)l);
         bool on = !qwen || (cJSON_IsString(e) ? strcmp(e->valuestring, "sliding_attention") == 0 : l >= mwl);
+        /* Gemma 3 without layer_types: every sliding_window_pattern-th layer is global */
+        if (lm->gemma == 3) on = e ? strcmp(e->valuestring, "sliding_attention") == 0 : (l + 1) % swp != 0;
         (*windows)[l] = on ? sw : 0;
     }
     /* Mllama: its cross-attention layers sit in the layer list (text_config.cross_attention_layers), and its
@@ -670,6 +771,15 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
         goto fail;
     }
     rope_inv_freq(lm, 0, lm->inv_freq);
+    if (lm->gemma) { /* Gemma's final norm is 1 + w too; the local layers' RoPE has its own (default) base */
+        for (int64_t e = 0; e < lm->d; e++) lm->norm[e] = 1.0f + lm->norm[e];
+        if (lm->gemma == 3 && !(lm->inv_local = malloc(sizeof(float) * (size_t)(lm->hd / 2)))) {
+            s = mmb__err(ctx, MMB_ERR_NOMEM, "out of memory");
+            goto fail;
+        }
+        for (int64_t i = 0; lm->inv_local && i < lm->hd / 2; i++)
+            lm->inv_local[i] = 1.0f / powf((float)lm->local_theta, (float)(2 * i) / (float)lm->hd);
+    }
     const layer_scheme *sc = &schemes[sizeof schemes / sizeof schemes[0] - 1];
     for (size_t i = 0; i + 1 < sizeof schemes / sizeof schemes[0]; i++) {
         int l0 = 0;
@@ -689,6 +799,7 @@ mmb_status mmb_lm_open(mmb_ctx *ctx, const char *dir, mmb_lm **out) {
         }
         if ((s = bind_layer(ctx, lm, l, sc, qkv_bias, o_bias, mlp_bias)) != MMB_OK) goto fail;
         y->window = windows[l];
+        y->local = lm->gemma == 3 && windows[l] > 0;
         y->slot = l - lm->info.n_replaced;
         const mmb_wmat *ws[] = {&y->q, &y->k, &y->v, &y->o, &y->gate, &y->up, &y->down};
         for (int i = 0; i < 7; i++) {
@@ -758,6 +869,8 @@ mmb_status mmb_lm_embed(mmb_ctx *ctx, const mmb_lm *lm, const int32_t *ids, int6
         int64_t row = second ? ids[i] - lm->vocab : ids[i];
         mmb_to_f32(out + i * lm->d, (const unsigned char *)e->data + (size_t)(row * lm->d) * mmb_dtype_size(e->dtype),
                    e->dtype, (size_t)lm->d);
+        if (lm->embed_scale != 1.0f) /* Gemma: embed_tokens(ids) * sqrt(hidden_size) */
+            for (int64_t c = 0; c < lm->d; c++) out[i * lm->d + c] *= lm->embed_scale;
     }
     return MMB_OK;
 }
@@ -810,6 +923,7 @@ typedef struct fwd_job {
     mmb_kv_cache *kv;
     int64_t M, pos0;           /* rows of this block, position of the first */
     float *x, *xn, *qkv, *att, *gu, *h, *cosb, *sinb, *logits;
+    float *cosl, *sinl;        /* Gemma 3's local layers' RoPE (their own base), or NULL */
     const uint8_t *expert;     /* (M) each row's weight set, or NULL: set 0 */
     int64_t head_rows;         /* rows of x the head reads: the last head_rows of the block */
     float *hidden;             /* the last row's final-normed hidden state goes here (d), or NULL */
@@ -882,17 +996,40 @@ static void head_norm(float *x, const float *w, const float *b, int64_t hd) {
     for (int64_t e = 0; e < hd; e++) x[e] = ((float)(x[e] - mean) * rs) * w[e] + b[e];
 }
 
-/* swin_norm: x += rmsnorm(xn) for every row, xn holding the block's attention (which 0) or MLP (1) output;
- * the norm is the layer's input (0) or post-attention (1) RMSNorm. */
-static void swin_add(fwd_job *j, int tid, int nth, const lm_layer *y, int which) {
+/* x += rmsnorm(xn) for every row with weight w, xn holding the block's attention or MLP output: swin_norm
+ * (the layer's input or post-attention RMSNorm) and Gemma 3's post-attention / post-feedforward norms. */
+static void norm_add(fwd_job *j, int tid, int nth, const float *w) {
     int64_t lo, hi, d = j->lm->d;
     mmb__split(j->M, tid, nth, &lo, &hi);
     for (int64_t i = lo; i < hi; i++) {
         float *t = j->xn + i * d, *x = j->x + i * d;
-        mmb__rmsnorm_forward(t, t, which ? y->ln2 : y->ln1, 1, d, j->lm->eps);
+        mmb__rmsnorm_forward(t, t, w, 1, d, j->lm->eps);
         for (int64_t e = 0; e < d; e++) x[e] += t[e];
     }
     mmb__barrier_wait(&j->bar);
+}
+
+/* Gemma 2/3's attention: softmax(cap * tanh(q K^T * scale / cap)) V over keys [k0, k1) (as mmb__lm_attend). */
+static void attend_capped(float *out, const float *q, const float *K, const float *V, int64_t ld, int64_t k0,
+                          int64_t k1, int64_t hd, float scale, float cap, float *sc) {
+    float mx = -INFINITY;
+    for (int64_t t = k0; t < k1; t++) {
+        const float *kr = K + t * ld;
+        float s = 0;
+        for (int64_t e = 0; e < hd; e++) s += q[e] * kr[e];
+        s = tanhf(s * scale / cap) * cap;
+        sc[t - k0] = s;
+        if (s > mx) mx = s;
+    }
+    float sum = 0;
+    for (int64_t t = k0; t < k1; t++) sum += sc[t - k0] = expf(sc[t - k0] - mx);
+    float inv = 1.0f / sum;
+    for (int64_t e = 0; e < hd; e++) out[e] = 0;
+    for (int64_t t = k0; t < k1; t++) {
+        const float *vr = V + t * ld;
+        float p = sc[t - k0] * inv;
+        for (int64_t e = 0; e < hd; e++) out[e] += p * vr[e];
+    }
 }
 
 /* rotate_half RoPE in place on one head: x[i], x[i + hd/2] by the angle of frequency i. */
@@ -931,7 +1068,10 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
         if (y->qn) /* Chameleon: each head's LayerNorm before RoPE */
             head_norm(row + hh * hd, hh < H ? y->qn + hh * hd : y->kn + (hh - H) * hd,
                       hh < H ? y->qnb + hh * hd : y->knb + (hh - H) * hd, hd);
-        rope_head(row + hh * hd, j->cosb + i * half, j->sinb + i * half, half);
+        if (y->gqn) /* Gemma 3: each head's RMSNorm (one weight for all heads) before RoPE */
+            mmb__rmsnorm_forward(row + hh * hd, row + hh * hd, hh < H ? y->gqn : y->gkn, 1, hd, lm->eps);
+        if (y->local) rope_head(row + hh * hd, j->cosl + i * half, j->sinl + i * half, half);
+        else rope_head(row + hh * hd, j->cosb + i * half, j->sinb + i * half, half);
         if (hh >= H) {
             int64_t kh = hh - H;
             memcpy(Kc + (kh * cap + pos) * hd, row + qd + kh * hd, sizeof(float) * (size_t)hd);
@@ -940,14 +1080,17 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
     }
     mmb__barrier_wait(&j->bar);
     float *sc = j->scratch + j->per_thread * (size_t)tid + j->wscr, *pa = sc + j->sc_len;
-    float scale = (float)(1.0 / sqrt((double)hd));
+    float scale = lm->attn_scale > 0 ? lm->attn_scale : (float)(1.0 / sqrt((double)hd));
     mmb__split(M * H, tid, nth, &lo, &hi);
     for (int64_t it = lo; it < hi; it++) {
         int64_t i = it / H, h = it % H, kh = h / (H / KVH), pos = j->pos0 + i;
         int64_t k0 = y->window && pos + 1 > y->window ? pos + 1 - y->window : 0;
         float *out = j->att + i * qd + h * hd;
         const float *q = j->qkv + i * ldq + h * hd;
-        mmb__lm_attend(out, NULL, q, Kc + kh * cap * hd, Vc + kh * cap * hd, hd, k0, pos + 1, hd, scale, sc);
+        if (lm->attn_softcap > 0)
+            attend_capped(out, q, Kc + kh * cap * hd, Vc + kh * cap * hd, hd, k0, pos + 1, hd, scale, lm->attn_softcap,
+                          sc);
+        else mmb__lm_attend(out, NULL, q, Kc + kh * cap * hd, Vc + kh * cap * hd, hd, k0, pos + 1, hd, scale, sc);
         if (y->plen) { /* LLaMA-Adapter: the prompt's own softmax, gated, added before o_proj */
             mmb__lm_attend(pa, NULL, q, y->pk + kh * y->plen * hd, y->pv + kh * y->plen * hd, hd, 0, y->plen, hd, scale,
                            sc);
@@ -957,8 +1100,9 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
     mmb__barrier_wait(&j->bar);
     for (int64_t r0 = 0, r1; r0 < M; r0 = r1) {
         const lm_layer *w = set_of(j, y, r0, M, &r1);
-        mmb_wmat_out oo = {&w->o, w->bo, (lm->swin ? j->xn : j->x) + r0 * d, d};
-        mm_units(j, tid, nth, j->att + r0 * qd, qd, r1 - r0, &oo, 1, !lm->swin);
+        const bool apart = lm->swin || lm->gemma == 3; /* the output normed before it is added */
+        mmb_wmat_out oo = {&w->o, w->bo, (apart ? j->xn : j->x) + r0 * d, d};
+        mm_units(j, tid, nth, j->att + r0 * qd, qd, r1 - r0, &oo, 1, !apart);
         if (w->bo && y->pbias2) { /* PEFT's o_proj on the adapter's output adds the bias again */
             mmb__barrier_wait(&j->bar); /* the product's columns are split over the threads, these rows are not */
             mmb__split(r1 - r0, tid, nth, &lo, &hi);
@@ -967,7 +1111,8 @@ static void attn_half(fwd_job *j, int tid, int nth, int l) {
         }
     }
     mmb__barrier_wait(&j->bar);
-    if (lm->swin) swin_add(j, tid, nth, y, 0);
+    if (lm->swin) norm_add(j, tid, nth, y->ln1);
+    if (y->post_attn) norm_add(j, tid, nth, y->post_attn);
 }
 
 static void mlp_half(fwd_job *j, int tid, int nth, int l) {
@@ -992,17 +1137,25 @@ static void mlp_half(fwd_job *j, int tid, int nth, int l) {
         for (int64_t m = 0; m < Mr; m++) {
             const float *gr = gu + m * 2 * I, *ur = gr + I;
             float *hr = j->h + (r0 + m) * I;
-            for (int64_t c = n0; c < n1; c++) hr[c] = gr[c] / (1.0f + expf(-gr[c])) * ur[c];
+            if (lm->gemma) /* GeGLU: gelu_pytorch_tanh(gate) * up */
+                for (int64_t c = n0; c < n1; c++) {
+                    float g = gr[c];
+                    hr[c] = 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * ur[c];
+                }
+            else
+                for (int64_t c = n0; c < n1; c++) hr[c] = gr[c] / (1.0f + expf(-gr[c])) * ur[c];
         }
     }
     mmb__barrier_wait(&j->bar);
     for (int64_t r0 = 0, r1; r0 < M; r0 = r1) {
         const lm_layer *w = set_of(j, y, r0, M, &r1);
-        mmb_wmat_out o = {&w->down, w->bdown, (lm->swin ? j->xn : j->x) + r0 * d, d};
-        mm_units(j, tid, nth, j->h + r0 * I, I, r1 - r0, &o, 1, !lm->swin);
+        const bool apart = lm->swin || lm->gemma == 3;
+        mmb_wmat_out o = {&w->down, w->bdown, (apart ? j->xn : j->x) + r0 * d, d};
+        mm_units(j, tid, nth, j->h + r0 * I, I, r1 - r0, &o, 1, !apart);
     }
     mmb__barrier_wait(&j->bar);
-    if (lm->swin) swin_add(j, tid, nth, y, 1);
+    if (lm->swin) norm_add(j, tid, nth, y->ln2);
+    if (y->post_ffn) norm_add(j, tid, nth, y->post_ffn);
 }
 
 static void head_step(fwd_job *j, int tid, int nth) {
@@ -1016,6 +1169,12 @@ static void head_step(fwd_job *j, int tid, int nth) {
     mmb_wmat_out o[2] = {{&lm->head, NULL, j->logits, V}, {&lm->head2, NULL, j->logits + lm->vocab, V}};
     mm_units(j, tid, nth, j->xn + r0 * lm->d, lm->d, j->head_rows, o, lm->extra ? 2 : 1, 0);
     mmb__barrier_wait(&j->bar);
+    if (lm->final_softcap > 0) { /* Gemma3ForCausalLM: cap * tanh(logits / cap) */
+        int64_t lo, hi, n = j->head_rows * V;
+        mmb__split(n, tid, nth, &lo, &hi);
+        for (int64_t i = lo; i < hi; i++) j->logits[i] = tanhf(j->logits[i] / lm->final_softcap) * lm->final_softcap;
+        mmb__barrier_wait(&j->bar);
+    }
 }
 
 static void fwd_worker(void *arg, int tid, int nth) {
@@ -1081,7 +1240,7 @@ mmb_status mmb__lm_forward_rows(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv
     size_t per = (size_t)(wscr + sc_len + (hd + 15) / 16 * 16);
     size_t sizes[] = {(size_t)(Mb * d), (size_t)(Mb * d), (size_t)(Mb * ldq), (size_t)(Mb * lm->H * hd),
                       (size_t)(Mb * 2 * I), (size_t)(Mb * I), (size_t)(Mb * half), (size_t)(Mb * half),
-                      per * (size_t)nth, (size_t)half};
+                      per * (size_t)nth, (size_t)half, (size_t)(Mb * half), (size_t)(Mb * half)};
     enum { NB = sizeof sizes / sizeof sizes[0] };
     size_t total = 0;
     for (int i = 0; i < NB; i++) total += mmb__arena_piece(sizes[i] * sizeof(float));
@@ -1094,6 +1253,7 @@ mmb_status mmb__lm_forward_rows(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv
                  .sc_len = sc_len};
     j.bar.n = nth;
     float *inv = buf[9];
+    if (lm->inv_local) j.cosl = buf[10], j.sinl = buf[11];
     if (lm->rope == ROPE_DYNAMIC) rope_inv_freq(lm, kv->len + n, inv);
     else memcpy(inv, lm->inv_freq, sizeof(float) * (size_t)half);
     const int L2 = (int)(2 * lm->L);
@@ -1108,6 +1268,11 @@ mmb_status mmb__lm_forward_rows(mmb_ctx *ctx, const mmb_lm *lm, mmb_kv_cache *kv
                 float a = (float)rp * inv[f];
                 j.cosb[i * half + f] = cosf(a);
                 j.sinb[i * half + f] = sinf(a);
+                if (j.cosl) {
+                    float al = (float)rp * lm->inv_local[f];
+                    j.cosl[i * half + f] = cosf(al);
+                    j.sinl[i * half + f] = sinf(al);
+                }
             }
         const bool final = off + j.M == n, want_hidden = rows && rows->hidden && final;
         bool head = (logits && (!last_only || final)) || want_hidden;
@@ -1214,7 +1379,7 @@ void mmb__lm_get_view(const mmb_lm *lm, mmb__lm_view *v) {
     *v = (mmb__lm_view){.d = lm->d, .I = lm->I, .H = lm->H, .KVH = lm->KVH, .hd = lm->hd, .vocab = lm->vocab,
                         .L = lm->L, .extra = lm->extra, .eps = lm->eps, .norm = lm->norm, .head = &lm->head,
                         .hooks = lm->hooks != NULL, .experts = lm->experts,
-                        .qk_norm_or_swin = lm->swin || lm->qk_params,
+                        .qk_norm_or_swin = lm->swin || lm->qk_params || lm->gemma,
                         .n_replaced = lm->info.n_replaced, .max_positions = lm->info.max_positions};
 }
 

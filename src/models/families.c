@@ -23,6 +23,14 @@ static const mmb__vit_part smolvlm_part = {.towers = "smolvlm", .conn = &mmb__co
                                            .conn_prefix = "connector.",
                                            .dtype_tensor = "modality_projection.proj.weight"};
 
+static const mmb__vit_part gemma3_part = {.towers = "siglip", .conn = &mmb__conn_gemma3_proj,
+                                          .conn_prefix = "multi_modal_projector.",
+                                          .dtype_tensor = "mm_input_projection_weight"};
+
+static const mmb__vit_part paligemma_part = {.towers = "siglip", .conn = &mmb__conn_paligemma_proj,
+                                             .conn_prefix = "multi_modal_projector.",
+                                             .dtype_tensor = "linear.weight"};
+
 static const mmb__vq_part chameleon_part = {.token_prefix = "IMGIMG", .letters = true, .mask = true};
 static const mmb__vq_part emu3_part = {.token_prefix = "<|visual token ", .eol = "<|extra_200|>",
                                        .text_config = true, .generates = true};
@@ -64,6 +72,17 @@ static const mmb__family rows[] = {
      .taps = "last_hidden_state (post_layernorm)", .connector = "pixel_shuffle (scale_factor + modality_projection)",
      .processor = "SmolVLMImageProcessor", .fusion = MMB_FUSION_C, .lm = "text_config: SmolLM2 (model.text_model.*)",
      .ops = &mmb__family_vit, .part = &smolvlm_part},
+    {.name = "gemma3", .architectures = "Gemma3ForConditionalGeneration", .model_types = "gemma3",
+     .layouts = "transformers", .tower = "vision_config: SiglipVisionModel (896 px)",
+     .taps = "last_hidden_state (post_layernorm)", .connector = "gemma3_projector (AvgPool2d, Gemma RMSNorm, "
+     "mm_input_projection_weight)", .processor = "Gemma3ImageProcessor", .fusion = MMB_FUSION_C,
+     .lm = "text_config: Gemma 3 (model.language_model.*; its bidirectional image mask not built: encode only)",
+     .ops = &mmb__family_vit, .part = &gemma3_part},
+    {.name = "paligemma", .architectures = "PaliGemmaForConditionalGeneration", .model_types = "paligemma",
+     .layouts = "transformers", .tower = "vision_config: SiglipVisionModel", .taps = "last_hidden_state (post_layernorm)",
+     .connector = "paligemma_projector (multi_modal_projector.linear)", .processor = "SiglipImageProcessor",
+     .fusion = MMB_FUSION_C, .lm = "text_config: Gemma (its prefix-LM mask not built: encode only)",
+     .ops = &mmb__family_vit, .part = &paligemma_part},
     {.name = "qwen2_vl", .architectures = "Qwen2VLForConditionalGeneration, Qwen2VLModel", .model_types = "qwen2_vl",
      .layouts = "transformers", .tower = "vision_config: Qwen2VisionTransformer (2-D RoPE, sides multiples of 28)",
      .taps = "the last block's output", .connector = "patch_merger", .processor = "Qwen2VLImageProcessor",
@@ -152,9 +171,11 @@ static const mmb__family rows[] = {
     TOWER("idefics2", "Idefics2VisionTransformer", "idefics2_vision", "Idefics2ImageProcessor"),
     TOWER("idefics3", "Idefics3VisionTransformer", "idefics3_vision", "Idefics3ImageProcessor"),
     TOWER("smolvlm", "SmolVLMVisionTransformer", "smolvlm_vision", "SmolVLMImageProcessor"),
-    {.name = "text", .architectures = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM",
-     .model_types = "llama, mistral, qwen2", .layouts = "transformers", .tower = "", .taps = "", .connector = "",
-     .processor = "", .fusion = MMB_FUSION_NONE, .lm = "this config: Llama, Mistral, Qwen2 (model.*)",
+    {.name = "text",
+     .architectures = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GemmaForCausalLM, Gemma3ForCausalLM",
+     .model_types = "llama, mistral, qwen2, gemma, gemma3_text", .layouts = "transformers", .tower = "", .taps = "",
+     .connector = "", .processor = "", .fusion = MMB_FUSION_NONE,
+     .lm = "this config: Llama, Mistral, Qwen2, Gemma, Gemma 3 (model.*)",
      .lm_runs = true, .text_only = true},
 };
 #define N_ROWS ((int)(sizeof rows / sizeof rows[0]))
